@@ -1,0 +1,19 @@
+"""rlkernels: fused, exact, memory-flat kernels for RL post-training of language models.
+
+The public API is exactly the one of SPEC.md; everything else is private.
+"""
+
+from ._version import __version__
+from ._checks import set_debug
+from .backends import available_backends, set_backend
+from .ops.linear import linear_grpo_loss, linear_token_logprobs
+from .ops.policy import grpo_loss, kl_penalty, policy_loss
+from .ops.vocab import (entropy, kl_divergence, sampling_support, sparse_kl, sparse_logprobs,
+                        token_logprobs)
+
+__all__ = [
+    "__version__", "available_backends", "set_backend", "set_debug",
+    "token_logprobs", "entropy", "sparse_logprobs", "sampling_support", "sparse_kl",
+    "kl_divergence", "kl_penalty", "policy_loss", "grpo_loss",
+    "linear_token_logprobs", "linear_grpo_loss",
+]

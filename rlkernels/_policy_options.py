@@ -1,0 +1,77 @@
+"""The settings of a clipped policy loss, validated once and carried as one frozen value.
+
+Custom ops only take primitive arguments, so :meth:`PolicyOptions.encode` turns the options
+into a mode string and a list of floats (constants for ``torch.compile``), and
+:meth:`PolicyOptions.decode` turns them back inside the op.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+from . import _checks
+
+LOSSES = ("ppo", "cispo", "reinforce")
+RATIO_LEVELS = ("token", "sequence")
+AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+KL_ESTIMATORS = ("k1", "abs", "k2", "k3", "low_var_kl", "k3+")
+
+
+@dataclass(frozen=True)
+class PolicyOptions:
+    loss: str = "ppo"
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: Optional[float] = None
+    delta: Optional[float] = None
+    ratio_level: str = "token"
+    agg: str = "token-mean"
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    entropy_coef: float = 0.0
+    log_ratio_clamp: float = 20.0
+
+    @classmethod
+    def from_kwargs(cls, *, loss="ppo", clip_low=0.2, clip_high=None, dual_clip=None,
+                    delta=None, ratio_level="token", agg="token-mean", kl_coef=0.0,
+                    kl_estimator="k3", entropy_coef=0.0, log_ratio_clamp=20.0
+                    ) -> "PolicyOptions":
+        """Validate the user's keyword arguments (each error names the argument)."""
+        _checks.choice("loss", loss, LOSSES)
+        clip_low = _checks.number("clip_low", clip_low, lo=0.0)
+        if clip_low > 1.0 and loss == "ppo":
+            raise ValueError(f"clip_low: expected a number in [0, 1] (the lower bound is "
+                             f"1 - clip_low), got {clip_low}")
+        clip_high = clip_low if clip_high is None else _checks.number("clip_high", clip_high,
+                                                                      lo=0.0)
+        if dual_clip is not None:
+            dual_clip = _checks.number("dual_clip", dual_clip, lo=1.0, lo_open=True)
+        if delta is not None:
+            delta = _checks.number("delta", delta)
+            if delta <= 1.0 + clip_high:
+                raise ValueError(f"delta: expected a number > 1 + clip_high = "
+                                 f"{1.0 + clip_high}, got {delta}")
+        _checks.choice("ratio_level", ratio_level, RATIO_LEVELS)
+        _checks.choice("agg", agg, AGGS)
+        kl_coef = _checks.number("kl_coef", kl_coef)
+        _checks.choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
+        entropy_coef = _checks.number("entropy_coef", entropy_coef)
+        log_ratio_clamp = _checks.positive("log_ratio_clamp", log_ratio_clamp)
+        return cls(loss, clip_low, clip_high, dual_clip, delta, ratio_level, agg, kl_coef,
+                   kl_estimator, entropy_coef, log_ratio_clamp)
+
+    def encode(self) -> Tuple[str, List[float]]:
+        modes = "|".join((self.loss, self.ratio_level, self.agg, self.kl_estimator))
+        nums = [self.clip_low, self.clip_high,
+                0.0 if self.dual_clip is None else self.dual_clip,
+                0.0 if self.delta is None else self.delta,
+                self.kl_coef, self.entropy_coef, self.log_ratio_clamp]
+        return modes, nums
+
+    @classmethod
+    def decode(cls, modes: str, nums: List[float]) -> "PolicyOptions":
+        loss, ratio_level, agg, kl_estimator = modes.split("|")
+        clip_low, clip_high, dual_clip, delta, kl_coef, entropy_coef, clamp = nums
+        return cls(loss, clip_low, clip_high, dual_clip or None, delta or None, ratio_level,
+                   agg, kl_coef, kl_estimator, entropy_coef, clamp)

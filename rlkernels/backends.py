@@ -1,0 +1,140 @@
+"""Backend registry: which implementations exist, which are usable here, which one runs.
+
+Three backends implement the same private kernel functions, one module per op family:
+
+* ``torch``  -> ``rlkernels.reference.<family>`` (always available, the ground truth)
+* ``triton`` -> ``rlkernels.triton.<family>``
+* ``cuda``   -> ``rlkernels.cuda.<family>`` (launchers for ``rlkernels._C``)
+
+A public op resolves its ``backend=`` argument once, in Python, to a concrete name that is
+then passed to the custom op as a string, so ``torch.compile`` sees a constant.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from functools import lru_cache
+from types import ModuleType
+from typing import Dict, Optional
+
+import torch
+
+BACKENDS = ("torch", "triton", "cuda")
+_PACKAGES = {"torch": "rlkernels.reference", "triton": "rlkernels.triton",
+             "cuda": "rlkernels.cuda"}
+
+# Fastest backend per op and device type, written from the committed benchmark results
+# (benchmarks/results/). Empty until a GPU run has measured something: "no benchmark, no claim".
+_AUTO_TABLE: Dict[tuple, str] = {}
+
+_default: Optional[str] = None
+
+
+def _triton_status() -> str:
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install
+        return f"triton is not importable ({type(exc).__name__}: {exc})"
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        return "ok"
+    return "triton is installed but no GPU is visible and TRITON_INTERPRET=1 is not set"
+
+
+def _cuda_status() -> str:
+    try:
+        from rlkernels.cuda import cuda_status
+    except Exception as exc:
+        return f"rlkernels.cuda failed to import ({type(exc).__name__}: {exc})"
+    return cuda_status()
+
+
+@lru_cache(maxsize=None)
+def _status(name: str) -> str:
+    if name == "torch":
+        return "ok"
+    if name == "triton":
+        return _triton_status()
+    return _cuda_status()
+
+
+def available_backends() -> Dict[str, str]:
+    """Map each backend name to ``"ok"`` or the reason it cannot be used in this process."""
+    return {name: _status(name) for name in BACKENDS}
+
+
+def _check_name(name, argument: str = "backend", allow_auto: bool = True) -> str:
+    options = BACKENDS + (("auto",) if allow_auto else ())
+    if not isinstance(name, str) or name not in options:
+        raise ValueError(f"{argument}: expected one of {', '.join(map(repr, options))}, "
+                         f"got {name!r}")
+    return name
+
+
+def set_backend(name: Optional[str]) -> None:
+    """Set the process-wide default backend (``None`` restores ``RLKERNELS_BACKEND`` or
+    ``"auto"``). An explicit backend that is unavailable raises ``RuntimeError`` now, not at
+    the first op."""
+    global _default
+    if name is not None:
+        _check_name(name)
+        if name != "auto" and _status(name) != "ok":
+            raise RuntimeError(f"backend {name!r} is not available: {_status(name)}")
+    _default = name
+
+
+def get_backend() -> str:
+    """The process default: ``set_backend``, else ``RLKERNELS_BACKEND``, else ``"auto"``."""
+    if _default is not None:
+        return _default
+    env = os.environ.get("RLKERNELS_BACKEND", "").strip()
+    if env:
+        return _check_name(env, "RLKERNELS_BACKEND")
+    return "auto"
+
+
+def _module(name: str, family: str) -> Optional[ModuleType]:
+    try:
+        return importlib.import_module(f"{_PACKAGES[name]}.{family}")
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith(_PACKAGES[name]):
+            return None  # the backend has no kernels for this family (yet)
+        raise
+
+
+def implements(name: str, family: str, op: str) -> bool:
+    """Whether backend ``name`` has kernels for ``op`` (its ``<op>_forward`` function)."""
+    if _status(name) != "ok":
+        return False
+    mod = _module(name, family)
+    return mod is not None and hasattr(mod, f"{op}_forward")
+
+
+def resolve(backend: Optional[str], family: str, op: str, device: torch.device) -> str:
+    """Turn the ``backend=`` argument into the concrete backend that runs ``op``."""
+    name = get_backend() if backend is None else _check_name(backend)
+    if name == "auto":
+        preferred = _AUTO_TABLE.get((op, device.type))
+        candidates = [preferred] if preferred else []
+        if device.type == "cuda":
+            candidates += ["triton", "cuda"]
+        for cand in candidates:
+            if implements(cand, family, op):
+                return cand
+        return "torch"
+    if _status(name) != "ok":
+        raise RuntimeError(f"backend {name!r} is not available: {_status(name)}")
+    if not implements(name, family, op):
+        raise RuntimeError(f"backend {name!r} has no implementation of {op} yet; "
+                           f"use backend='torch' or 'auto'")
+    if name != "torch" and device.type == "cpu" and name == "cuda":
+        raise RuntimeError(f"backend 'cuda' needs CUDA tensors, got tensors on {device}")
+    return name
+
+
+def kernel(name: str, family: str, fn: str):
+    """The function ``fn`` of backend ``name`` for op family ``family``."""
+    mod = _module(name, family)
+    if mod is None or not hasattr(mod, fn):
+        raise RuntimeError(f"backend {name!r} has no kernel {family}.{fn}")
+    return getattr(mod, fn)

@@ -1,0 +1,265 @@
+"""Advantage ops: functions that read rewards (and values), SPEC section 3.2.
+
+* :func:`group_advantages` (GRPO-family baselines) is a ``torch.library.custom_op``
+  (``rlkernels::group_advantages``) dispatched to a backend like the vocabulary ops. Its input
+  is detached: advantages are constants in the policy gradient, so the op has no autograd
+  formula.
+* :func:`masked_whiten`, :func:`gae` and :func:`discounted_returns` are composite PyTorch
+  functions with no backend choice; they trace under ``torch.compile`` as ordinary torch ops.
+
+None of them synchronises with the host (data checks such as NaN rewards run only in debug
+mode, :func:`rlkernels.set_debug`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .. import _checks, backends
+from ..reference import advantage as _ref
+from ._common import call, out_dtype
+
+Tensor = torch.Tensor
+_FAMILY = "advantage"
+
+METHODS = _ref.METHODS
+
+# Masks may be bool, integer (attention masks are often int64) or float.
+_MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+                *_checks.FLOAT_DTYPES)
+
+
+# ========================================================================= group_advantages
+
+@torch.library.custom_op("rlkernels::group_advantages", mutates_args=())
+def _group_advantages_op(rewards: Tensor, group_index: Optional[Tensor], group_size: int,
+                         method: str, eps: float, unbiased: bool, backend: str) -> Tensor:
+    return call(backend, _FAMILY, "group_advantages_forward", rewards, group_index, group_size,
+                method, eps, unbiased)
+
+
+@_group_advantages_op.register_fake
+def _(rewards, group_index, group_size, method, eps, unbiased, backend):
+    return rewards.new_empty(rewards.shape, dtype=out_dtype(rewards.dtype))
+
+
+@torch.compiler.assume_constant_result
+def _resolve(backend: Optional[str], op: str, device: torch.device) -> str:
+    """``backends.resolve`` as a compile-time constant.
+
+    ``backends.resolve`` imports backend modules (``importlib``), which Dynamo refuses to
+    trace; evaluated once at trace time, its result (a backend name) is a constant of the
+    graph, so ``torch.compile(fullgraph=True)`` sees no graph break. As with any Python-side
+    choice, changing the process default backend after compiling does not retrace.
+    """
+    return backends.resolve(backend, _FAMILY, op, device)
+
+
+def _check_no_nan(name: str, x: Tensor) -> None:
+    """Debug-mode only: ``x`` holds no NaN (costs a host synchronisation)."""
+    if not _checks.debug_enabled() or x.numel() == 0:
+        return
+    bad = torch.isnan(x)
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{name}: expected no NaN values, got {int(bad.sum())} NaN value(s) "
+                         f"(first at index {first})")
+
+
+def group_advantages(rewards: Tensor, *, group_size: Optional[int] = None,
+                     group_index: Optional[Tensor] = None, method: str = "grpo",
+                     eps: float = 1e-6, unbiased: bool = True,
+                     backend: Optional[str] = None) -> Tensor:
+    """Advantage of each reward relative to the other rewards of its group.
+
+    For reward ``r`` in group ``g`` with ``n_g`` members, mean ``mean_g``, sum ``sum_g`` and
+    standard deviation ``std_g``:
+
+    * ``"grpo"``:      ``(r - mean_g) / (std_g + eps)``
+    * ``"dr_grpo"``:   ``r - mean_g`` (Dr. GRPO: no division by the std)
+    * ``"rloo"``:      ``r - (sum_g - r) / (n_g - 1)``, i.e. ``r`` minus the mean of the *other*
+      members (leave-one-out baseline; equals ``n_g / (n_g - 1) (r - mean_g)``)
+    * ``"batch_std"``: ``(r - mean_g) / (std_B + eps)``, ``std_B`` over the whole batch
+      (group mean as the baseline, batch std as the scale, as in REINFORCE++-baseline)
+
+    ``unbiased`` picks the ``n - 1`` (default, like ``torch.std``) or ``n`` denominator in
+    every std. A group of one member gets advantage exactly 0 for every method (``r - r``: NaN
+    only if ``r`` is not finite); with ``batch_std`` and ``B == 1`` that is the only group.
+    A group whose rewards are all equal gets ``0 / (0 + eps) = 0`` with ``"grpo"`` (NaN if
+    ``eps == 0``).
+
+    Groups, exactly one of:
+
+    * ``group_size``: contiguous groups of equal size (``rewards[0:S]`` is group 0, ...), the
+      usual layout of ``n`` completions per prompt; ``B`` must be a multiple of it.
+    * ``group_index``: int32/int64 ``[B]`` ids (prompt ids, or strata for stratified
+      normalization), in any order, any group sizes, any values (negative included).
+
+    Both give bit-identical results for the same grouping. Statistics are computed in two
+    passes (mean first, then squared deviations), in a fixed order over each group's members
+    (the order they have in ``rewards``), so results are deterministic and batch invariant: a
+    group's advantages do not depend on the other groups in the call (except through
+    ``std_B`` with ``"batch_std"``). No host synchronisation, no data-dependent shapes.
+
+    NaN rewards raise ``ValueError`` in debug mode (:func:`rlkernels.set_debug`); otherwise a
+    NaN makes its own group NaN and leaves the other groups untouched (with ``"batch_std"`` it
+    makes ``std_B`` NaN, hence every group of two or more members).
+
+    Args:
+        rewards: ``[B]`` bf16/fp16/fp32/fp64 (``B = 0`` gives an empty result).
+        group_size: int ``>= 1``, or ``None`` when ``group_index`` is given.
+        group_index: int32/int64 ``[B]`` on the device of ``rewards``, or ``None``.
+        method: ``"grpo"``, ``"dr_grpo"``, ``"rloo"`` or ``"batch_std"``.
+        eps: finite ``>= 0``, added to the std (``"grpo"``, ``"batch_std"``).
+        unbiased: Bessel's correction in the std.
+        backend: ``"torch"``, ``"triton"``, ``"cuda"``, ``"auto"`` or ``None`` (process default).
+
+    Returns:
+        ``[B]`` fp32 (fp64 for fp64 rewards), computed in that precision. Not differentiable:
+        ``rewards`` is detached (advantages are constants in the policy gradient).
+    """
+    _checks.tensor("rewards", rewards, dtypes=_checks.FLOAT_DTYPES, ndim=1)
+    b = rewards.shape[0]
+    if (group_size is None) == (group_index is None):
+        got = "both" if group_size is not None else "neither"
+        raise ValueError("group_size, group_index: expected exactly one of them (contiguous "
+                         f"groups of group_size members, or a group id per reward), got {got}")
+    if group_size is not None:
+        _checks.integer("group_size", group_size, lo=1)
+        if b % group_size != 0:
+            raise ValueError(f"group_size: expected a divisor of the batch size B={b} "
+                             f"(contiguous groups of equal size), got {group_size}")
+        size = group_size
+    else:
+        _checks.indices("group_index", group_index)
+        _checks.shape("group_index", group_index, (b,), "one group id per reward")
+        _checks.same_device("rewards", rewards, group_index=group_index)
+        size = 0
+    _checks.choice("method", method, METHODS)
+    eps = _checks.positive("eps", eps, allow_zero=True)
+    _checks.flag("unbiased", unbiased)
+    _check_no_nan("rewards", rewards)
+    name = _resolve(backend, "group_advantages", rewards.device)
+    return _group_advantages_op(rewards.detach(), group_index, size, method, eps, unbiased,
+                                name)
+
+
+# ============================================================================ masked_whiten
+
+def _check_mask(name: str, mask, ref_name: str, ref: Tensor) -> Tensor:
+    _checks.tensor(name, mask, dtypes=_MASK_DTYPES)
+    _checks.shape(name, mask, ref.shape, f"the shape of {ref_name}")
+    _checks.same_device(ref_name, ref, **{name: mask})
+    return mask
+
+
+def masked_whiten(values: Tensor, mask: Tensor, *, shift_mean: bool = True, eps: float = 1e-8,
+                  unbiased: bool = True) -> Tensor:
+    """Whiten ``values`` with the mean and variance of its masked elements (whole tensor).
+
+    With ``w = mask`` (bool/int masks count as 0/1; float masks act as weights) and
+    ``c = sum(w)``::
+
+        mean = sum(w v) / max(c, 1)
+        var  = sum(w (v - mean)^2) / max(c - 1, 1)      # max(c, 1) when not unbiased
+        out  = (v - mean) * rsqrt(var + eps)            # + mean when shift_mean=False
+
+    Like TRL's and verl's ``masked_whiten``, every position is transformed: masked positions
+    are *not* zeroed (multiply by the mask if you need that), but their values take no part in
+    the statistics (a NaN there stays in its own position). TRL and verl raise when fewer than
+    two elements are selected; that test needs the data (a host synchronisation), so here the
+    clamped denominators keep the result finite instead: with no selected element
+    ``mean = var = 0`` (``out = v / sqrt(eps)``), with one ``var = 0``.
+
+    Args:
+        values: float tensor of any shape (bf16/fp16/fp32/fp64).
+        mask: same shape, bool, integer or float, same device.
+        shift_mean: ``False`` adds the mean back (scale only, as for PPO rewards).
+        eps: finite ``>= 0``, added to the variance.
+        unbiased: Bessel's correction (``c - 1``) in the variance.
+
+    Returns:
+        Same shape, fp32 (fp64 for fp64 values). Differentiable w.r.t. ``values`` through
+        autograd (composite torch ops; traces under ``torch.compile``).
+    """
+    _checks.tensor("values", values, dtypes=_checks.FLOAT_DTYPES)
+    _check_mask("mask", mask, "values", values)
+    _checks.flag("shift_mean", shift_mean)
+    eps = _checks.positive("eps", eps, allow_zero=True)
+    _checks.flag("unbiased", unbiased)
+    return _ref.masked_whiten(values, mask, shift_mean, eps, unbiased)
+
+
+# ====================================================================== gae / discounted returns
+
+def _check_sequences(rewards, mask, **others) -> None:
+    _checks.tensor("rewards", rewards, dtypes=_checks.FLOAT_DTYPES, ndim=2)
+    for name, x in others.items():
+        _checks.tensor(name, x, dtypes=_checks.FLOAT_DTYPES)
+        _checks.shape(name, x, rewards.shape, "the shape of rewards, [B, T]")
+        _checks.same_device("rewards", rewards, **{name: x})
+    _check_mask("mask", mask, "rewards", rewards)
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float = 1.0,
+        lam: float = 1.0) -> Tuple[Tensor, Tensor]:
+    """Generalized advantage estimation (GAE) with masked positions skipped, as verl's
+    ``compute_gae_advantage_return`` does for multi-turn rollouts.
+
+    A reverse scan over ``T`` from ``nextvalue = lastgae = 0``; at each ``t``::
+
+        delta     = r_t + gamma * nextvalue - v_t
+        lastgae_  = delta + gamma * lam * lastgae
+        nextvalue = m_t ? v_t      : nextvalue
+        lastgae   = m_t ? lastgae_ : lastgae
+
+    so a masked position (``mask == 0``: padding, or tool/observation tokens between turns) is
+    transparent: the scan carries its state across it and the next valid position bootstraps
+    from the next *valid* value. ``advantages_t = lastgae`` and ``returns = advantages + values``;
+    both are then exactly 0 at masked positions. The mask is read as valid/invalid (non-zero is
+    valid), so NaN or garbage in masked positions never leaks into valid ones. No whitening:
+    call :func:`masked_whiten` on the advantages if you want it (verl does).
+
+    Args:
+        rewards: ``[B, T]`` float (token-level rewards, usually the score on the last valid
+            token minus a KL penalty).
+        values: ``[B, T]`` float, the critic's values.
+        mask: ``[B, T]`` bool, integer or float (0/1), same device.
+        gamma: discount in ``[0, 1]``.
+        lam: GAE lambda in ``[0, 1]``.
+
+    Returns:
+        ``(advantages, returns)``, both ``[B, T]`` fp32 (fp64 if ``rewards`` or ``values`` is
+        fp64). Not differentiable: the inputs are detached (advantages and returns are
+        targets). Runs ``T`` small steps (a Python loop over time, no host synchronisation).
+    """
+    _check_sequences(rewards, mask, values=values)
+    gamma = _checks.number("gamma", gamma, lo=0.0, hi=1.0)
+    lam = _checks.number("lam", lam, lo=0.0, hi=1.0)
+    return _ref.gae(rewards.detach(), values.detach(), mask, gamma, lam)
+
+
+def discounted_returns(rewards: Tensor, mask: Tensor, *, gamma: float = 1.0) -> Tensor:
+    """Discounted return-to-go ``G_t = r_t + gamma * G_next`` with masked positions skipped.
+
+    ``G_next`` is the return at the next valid position (0 after the last one); masked
+    positions (``mask == 0``) carry the return through unchanged and output exactly 0. Equals
+    the returns of :func:`gae` with ``values = 0`` and ``lam = 1`` (REINFORCE / ReMax style
+    returns).
+
+    Args:
+        rewards: ``[B, T]`` float.
+        mask: ``[B, T]`` bool, integer or float (0/1; non-zero is valid), same device.
+        gamma: discount in ``[0, 1]``.
+
+    Returns:
+        ``[B, T]`` fp32 (fp64 for fp64 rewards). Not differentiable: ``rewards`` is detached.
+    """
+    _check_sequences(rewards, mask)
+    gamma = _checks.number("gamma", gamma, lo=0.0, hi=1.0)
+    return _ref.discounted_returns(rewards.detach(), mask, gamma)
+
+
+__all__ = ["group_advantages", "masked_whiten", "gae", "discounted_returns"]

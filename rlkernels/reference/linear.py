@@ -1,0 +1,108 @@
+"""Reference kernels of the fused lm_head ops (hidden states in).
+
+``z = (hidden @ weight^T + bias) / T`` is formed one row chunk at a time (about
+``CHUNK_ELEMENTS`` logits), in fp32 (fp64 for fp64), and handed to the vocabulary reference
+kernels; the ``[N, V]`` logits never exist. Backward recomputes each chunk's logits, forms
+``d z`` with the vocabulary backward, and accumulates ``d hidden = d z @ W``,
+``d W += d z^T @ hidden`` and ``d bias += sum(d z)`` in fp32.
+
+For exactness the reference keeps an fp32 copy of a half-precision ``weight`` and an fp32
+gradient accumulator (``2 V H`` floats); the fused kernels of other backends do not.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .._policy_options import PolicyOptions
+from . import compute_dtype, row_chunks
+from . import policy as _policy
+from . import vocab as _vocab
+
+Tensor = torch.Tensor
+
+
+def _logits_chunk(h: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
+    z = h @ w.T
+    return z + b if b is not None else z
+
+
+def linear_token_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                                  tokens: Tensor, temperature: float, ignore_index: int,
+                                  with_entropy: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """Returns ``(logp [N], entropy [N], lse [N])`` as ``token_logprobs`` of the logits."""
+    n, vocab = hidden.shape[0], weight.shape[0]
+    cdt = compute_dtype(hidden.dtype)
+    w = weight.to(cdt)
+    b = None if bias is None else bias.to(cdt)
+    outs = [hidden.new_empty(n, dtype=cdt) for _ in range(3)]
+    for rows in row_chunks(n, vocab):
+        z = _logits_chunk(hidden[rows].to(cdt), w, b)
+        chunk = _vocab.token_logprobs_forward(z, tokens[rows], temperature, ignore_index,
+                                              with_entropy)
+        for out, value in zip(outs, chunk):
+            out[rows] = value
+    return tuple(outs)
+
+
+def linear_token_logprobs_backward(grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor],
+                                   hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                                   tokens: Tensor, lse: Tensor, temperature: float,
+                                   ignore_index: int) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Gradients w.r.t. ``hidden``, ``weight`` and ``bias`` (``None`` without bias), each in the
+    dtype of its input."""
+    n, vocab = hidden.shape[0], weight.shape[0]
+    cdt = compute_dtype(hidden.dtype)
+    w = weight.to(cdt)
+    b = None if bias is None else bias.to(cdt)
+    grad_h = torch.empty_like(hidden)
+    grad_w = torch.zeros(weight.shape, dtype=cdt, device=weight.device)
+    grad_b = None if bias is None else torch.zeros(vocab, dtype=cdt, device=weight.device)
+    for rows in row_chunks(n, vocab):
+        h = hidden[rows].to(cdt)
+        z = _logits_chunk(h, w, b)
+        dz = _vocab.token_logprobs_backward(
+            None if grad_logp is None else grad_logp[rows],
+            None if grad_entropy is None else grad_entropy[rows],
+            z, tokens[rows], lse[rows], temperature, ignore_index)
+        grad_h[rows] = dz @ w
+        grad_w += dz.T @ h
+        if grad_b is not None:
+            grad_b += dz.sum(0)
+    return (grad_h, grad_w.to(weight.dtype),
+            None if grad_b is None else grad_b.to(bias.dtype))
+
+
+def linear_grpo_loss_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                             tokens: Tensor, old_logp: Tensor, advantages: Tensor,
+                             mask: Tensor, normalizer: Optional[Tensor],
+                             ref_logp: Optional[Tensor], is_weights: Optional[Tensor],
+                             temperature: float, o: PolicyOptions):
+    """``policy_loss`` of the log-probs and entropies of ``hidden @ weight^T``: returns
+    ``(loss, metrics, logp [B, T], entropy [B, T], lse [B*T])``."""
+    b, t = tokens.shape
+    logp, ent, lse = linear_token_logprobs_forward(hidden, weight, bias, tokens.reshape(-1),
+                                                   temperature, -100, True)
+    logp, ent = logp.view(b, t), ent.view(b, t)
+    loss, metrics = _policy.policy_loss_forward(logp, old_logp, advantages, mask, normalizer,
+                                                ref_logp, ent, is_weights, o)
+    return loss, metrics, logp, ent, lse
+
+
+def linear_grpo_loss_backward(grad_loss: Tensor, hidden: Tensor, weight: Tensor,
+                              bias: Optional[Tensor], tokens: Tensor, old_logp: Tensor,
+                              advantages: Tensor, mask: Tensor, normalizer: Optional[Tensor],
+                              ref_logp: Optional[Tensor], is_weights: Optional[Tensor],
+                              logp: Tensor, ent: Tensor, lse: Tensor, temperature: float,
+                              o: PolicyOptions):
+    """Gradients w.r.t. ``hidden``, ``weight``, ``bias``: the policy-loss gradients of the
+    per-token log-probs and entropies pushed through the lm_head backward."""
+    with_entropy = o.entropy_coef != 0.0
+    g_lp, g_ent = _policy.policy_loss_backward(grad_loss, logp, old_logp, advantages, mask,
+                                               normalizer, ref_logp,
+                                               ent if with_entropy else None, is_weights, o)
+    return linear_token_logprobs_backward(
+        g_lp.reshape(-1), None if g_ent is None else g_ent.reshape(-1), hidden, weight, bias,
+        tokens.reshape(-1), lse, temperature, -100)

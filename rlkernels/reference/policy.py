@@ -1,0 +1,239 @@
+"""Reference kernels of the policy-loss ops (log-probs in), and of ``grpo_loss``.
+
+The per-token loss and its aggregation are written once, as plain differentiable PyTorch
+(:func:`per_token_loss`, :func:`aggregate`); backward recomputes them and asks autograd for
+the gradient. Policy tensors are ``[B, T]``, so this costs nothing worth saving, and it keeps
+the ground truth a direct transcription of the formulas.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from .._policy_options import PolicyOptions
+from . import compute_dtype
+from . import vocab as _vocab
+
+Tensor = torch.Tensor
+
+METRICS = ("clipfrac", "clipfrac_high", "clipfrac_low", "dual_clipfrac", "approx_kl",
+           "ratio_mean", "ratio_max", "kl", "entropy")
+
+
+# ------------------------------------------------------------------------------ KL penalty
+
+def kl_penalty_forward(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
+    """Elementwise estimators of ``KL(pi || ref)`` from sampled-token log-probs,
+    ``d = logp - ref_logp``: k1 ``d``, abs ``|d|``, k2 ``d^2/2``, k3 ``exp(-d) + d - 1``
+    ("k3+" has the value of k3)."""
+    d = logp - ref_logp
+    if estimator == "k1":
+        return d
+    if estimator == "abs":
+        return d.abs()
+    if estimator == "k2":
+        return 0.5 * d * d
+    return torch.expm1(-d) + d  # k3, low_var_kl, k3+: exp(-d) - 1 + d without cancellation
+
+
+def kl_penalty_grad(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
+    """``d penalty / d logp`` (the gradient w.r.t. ``ref_logp`` is its negative).
+    "k3+" is straight-through: the value of k3 with the gradient of k2."""
+    d = logp - ref_logp
+    if estimator == "k1":
+        return torch.ones_like(d)
+    if estimator == "abs":
+        return torch.sign(d)
+    if estimator in ("k2", "k3+"):
+        return d
+    return -torch.expm1(-d)  # 1 - exp(-d)
+
+
+def kl_penalty_value(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
+    """Differentiable ``kl_penalty`` in plain autograd (for the policy-loss formulas)."""
+    value = kl_penalty_forward(logp, ref_logp, estimator)
+    if estimator == "k3+":
+        k2 = kl_penalty_forward(logp, ref_logp, "k2")
+        value = k2 + (value - k2).detach()
+    return value
+
+
+# ------------------------------------------------------------------------------ policy loss
+
+def per_token_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
+                   ref_logp: Optional[Tensor], entropy: Optional[Tensor],
+                   is_weights: Optional[Tensor], o: PolicyOptions
+                   ) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """Per-token loss ``[B, T]`` and the boolean/float per-token quantities of the metrics.
+
+    ``log r = clamp(logp - old_logp, +-log_ratio_clamp)``; for ``ratio_level="sequence"``
+    (GSPO) ``log r = sg(s) + logp - sg(logp)`` with ``s`` the masked mean of ``log r`` over
+    the sequence. Then
+
+    * ppo:       ``max(-A min(r, delta), -A clip(r, 1-clip_low, 1+clip_high))``, and where
+      ``A < 0`` with ``dual_clip = c``: ``min(that, -c A)``
+    * cispo:     ``-sg(clip(r, 0, 1+clip_high)) A logp``
+    * reinforce: ``-A logp``
+
+    times ``is_weights``, ``+ kl_coef kl_penalty(logp, ref_logp)``, ``- entropy_coef H``.
+    """
+    adv = advantages[:, None].expand_as(logp) if advantages.dim() == 1 else advantages
+    log_r = torch.clamp(logp - old_logp, -o.log_ratio_clamp, o.log_ratio_clamp)
+    if o.ratio_level == "sequence":
+        seq = (log_r * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
+        log_r = seq.detach()[:, None] + logp - logp.detach()
+    ratio = torch.exp(log_r)
+    lo, hi = 1.0 - o.clip_low, 1.0 + o.clip_high
+    r = ratio.detach()
+    zeros = torch.zeros_like(r, dtype=torch.bool)
+    high = low = dual = zeros
+    if o.loss == "ppo":
+        unclipped = ratio if o.delta is None else torch.clamp(ratio, max=o.delta)
+        pg = torch.maximum(-adv * unclipped, -adv * torch.clamp(ratio, lo, hi))
+        high, low = (adv > 0) & (r > hi), (adv < 0) & (r < lo)
+        if o.dual_clip is not None:
+            bound = -o.dual_clip * adv
+            dual = (adv < 0) & (pg.detach() > bound)
+            pg = torch.where(adv < 0, torch.minimum(pg, bound), pg)
+    elif o.loss == "cispo":
+        pg = -torch.clamp(r, 0.0, hi) * adv * logp
+        high = r > hi
+    else:
+        pg = -adv * logp
+    if is_weights is not None:
+        pg = pg * is_weights
+    loss = pg
+    kl = None
+    if ref_logp is not None:
+        kl = kl_penalty_value(logp, ref_logp, o.kl_estimator)
+        if o.kl_coef != 0.0:
+            loss = loss + o.kl_coef * kl
+    if entropy is not None and o.entropy_coef != 0.0:
+        loss = loss - o.entropy_coef * entropy
+    parts = {"clipfrac_high": high, "clipfrac_low": low, "dual_clipfrac": dual,
+             "approx_kl": -log_r.detach(), "ratio": r, "kl": kl, "entropy": entropy}
+    return loss, parts
+
+
+def aggregate(loss: Tensor, mask: Tensor, agg: str, normalizer: Optional[Tensor]) -> Tensor:
+    """Masked aggregation of ``[B, T]`` per-token losses into a scalar (see ``policy_loss``).
+
+    An empty denominator (no unmasked token or sequence) gives a loss of 0, not NaN.
+    """
+    masked = loss * mask
+    tokens_per_seq = mask.sum(-1)
+    nonempty = (tokens_per_seq > 0).to(loss.dtype)
+    if agg == "token-mean":
+        total, default = masked.sum(), mask.sum()
+    elif agg == "seq-mean-token-mean":
+        total = (masked.sum(-1) / tokens_per_seq.clamp_min(1e-30) * nonempty).sum()
+        default = nonempty.sum()
+    elif agg == "seq-mean-token-sum":
+        total, default = masked.sum(), nonempty.sum()
+    else:  # seq-mean-token-sum-norm (Dr. GRPO): a constant horizon T
+        total, default = masked.sum(), torch.tensor(float(loss.shape[-1]), dtype=loss.dtype,
+                                                   device=loss.device)
+    denom = default if normalizer is None else normalizer.to(loss.dtype)
+    return total / torch.where(denom > 0, denom, torch.ones_like(denom))
+
+
+def _masked_mean(x: Tensor, mask: Tensor, count: Tensor) -> Tensor:
+    return (x.to(mask.dtype) * mask).sum() / count
+
+
+def metrics_vector(parts: Dict[str, Tensor], mask: Tensor) -> Tensor:
+    """The ``METRICS`` as one fp32 vector: token-masked means (``ratio_max`` a masked max);
+    0 when no token is unmasked, and 0 for ``kl``/``entropy`` when not given."""
+    active = mask > 0
+    count = mask.sum().clamp_min(1e-30)
+    zero = torch.zeros((), dtype=mask.dtype, device=mask.device)
+    high, low = parts["clipfrac_high"], parts["clipfrac_low"]
+    ratio = parts["ratio"]
+    values = [
+        _masked_mean(high | low, mask, count),
+        _masked_mean(high, mask, count),
+        _masked_mean(low, mask, count),
+        _masked_mean(parts["dual_clipfrac"], mask, count),
+        _masked_mean(parts["approx_kl"], mask, count),
+        _masked_mean(ratio, mask, count),
+        torch.where(active, ratio.to(mask.dtype), zero).amax() if ratio.numel() else zero,
+        _masked_mean(parts["kl"].detach(), mask, count) if parts["kl"] is not None else zero,
+        _masked_mean(parts["entropy"].detach(), mask, count)
+        if parts["entropy"] is not None else zero,
+    ]
+    return torch.stack(values).to(torch.float32)
+
+
+def _prepared(logp: Tensor, others: List[Optional[Tensor]]) -> List[Optional[Tensor]]:
+    cdt = compute_dtype(logp.dtype)
+    return [None if x is None else x.to(cdt) for x in others]
+
+
+def policy_loss_forward(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
+                        normalizer: Optional[Tensor], ref_logp: Optional[Tensor],
+                        entropy: Optional[Tensor], is_weights: Optional[Tensor],
+                        o: PolicyOptions) -> Tuple[Tensor, Tensor]:
+    """Returns ``(loss [], metrics [len(METRICS)])``."""
+    lp, old, adv, m, ref, ent, isw = _prepared(
+        logp, [logp, old_logp, advantages, mask, ref_logp, entropy, is_weights])
+    loss, parts = per_token_loss(lp, old, adv, m, ref, ent, isw, o)
+    return aggregate(loss, m, o.agg, normalizer), metrics_vector(parts, m)
+
+
+def policy_loss_backward(grad_loss: Tensor, logp: Tensor, old_logp: Tensor,
+                         advantages: Tensor, mask: Tensor, normalizer: Optional[Tensor],
+                         ref_logp: Optional[Tensor], entropy: Optional[Tensor],
+                         is_weights: Optional[Tensor], o: PolicyOptions
+                         ) -> Tuple[Tensor, Optional[Tensor]]:
+    """Gradients of the loss w.r.t. ``logp`` and ``entropy`` (``None`` if not given): the
+    vector-Jacobian product of the recomputed formulas. (``torch.func.vjp``, not
+    ``torch.autograd.grad``: inside a custom op autograd recording is switched off.)"""
+    lp, old, adv, m, ref, ent, isw = _prepared(
+        logp, [logp, old_logp, advantages, mask, ref_logp, entropy, is_weights])
+
+    def loss_of(lp_, *ent_):
+        per_token, _ = per_token_loss(lp_, old, adv, m, ref, ent_[0] if ent_ else None, isw, o)
+        return aggregate(per_token, m, o.agg, normalizer)
+
+    primals = (lp,) if ent is None else (lp, ent)
+    value, vjp = torch.func.vjp(loss_of, *primals)
+    grads = vjp(grad_loss.to(value.dtype))
+    g_ent = None if entropy is None else grads[1].to(entropy.dtype)
+    return grads[0].to(logp.dtype), g_ent
+
+
+# -------------------------------------------------------------------------------- grpo loss
+
+def grpo_loss_forward(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages: Tensor,
+                      mask: Tensor, normalizer: Optional[Tensor], ref_logp: Optional[Tensor],
+                      is_weights: Optional[Tensor], temperature: float, o: PolicyOptions
+                      ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``policy_loss(token_logprobs(logits, tokens), ...)``: returns
+    ``(loss, metrics, logp [B, T], entropy [B, T], lse [B*T])``; the entropy is always
+    computed (it feeds the ``entropy`` metric) and enters the loss with ``entropy_coef``."""
+    b, t = tokens.shape
+    logp, ent, lse = _vocab.token_logprobs_forward(logits, tokens.reshape(-1), temperature,
+                                                   -100, True)
+    logp, ent = logp.view(b, t), ent.view(b, t)
+    loss, metrics = policy_loss_forward(logp, old_logp, advantages, mask, normalizer,
+                                        ref_logp, ent, is_weights, o)
+    return loss, metrics, logp, ent, lse
+
+
+def grpo_loss_backward(grad_loss: Tensor, logits: Tensor, tokens: Tensor, old_logp: Tensor,
+                       advantages: Tensor, mask: Tensor, normalizer: Optional[Tensor],
+                       ref_logp: Optional[Tensor], is_weights: Optional[Tensor],
+                       logp: Tensor, ent: Tensor, lse: Tensor, temperature: float,
+                       o: PolicyOptions, inplace: bool) -> Tensor:
+    """``d loss / d logits``: the policy-loss gradients w.r.t. the per-token log-probs and
+    entropies, pushed through the vocabulary backward in one pass. ``inplace`` writes the
+    gradient into ``logits`` (whose values are consumed row chunk by row chunk)."""
+    with_entropy = o.entropy_coef != 0.0
+    g_lp, g_ent = policy_loss_backward(grad_loss, logp, old_logp, advantages, mask,
+                                       normalizer, ref_logp, ent if with_entropy else None,
+                                       is_weights, o)
+    return _vocab.token_logprobs_backward(
+        g_lp.reshape(-1), None if g_ent is None else g_ent.reshape(-1), logits,
+        tokens.reshape(-1), lse, temperature, -100, out=logits if inplace else None)
