@@ -111,12 +111,22 @@ def implements(name: str, family: str, op: str) -> bool:
 
 
 def resolve(backend: Optional[str], family: str, op: str, device: torch.device) -> str:
-    """Turn the ``backend=`` argument into the concrete backend that runs ``op``."""
+    """Turn the ``backend=`` argument into the concrete backend that runs ``op``.
+
+    Under ``torch.compile`` the answer is computed once at trace time and baked into the
+    graph as a constant (Dynamo cannot trace the imports below): a later ``set_backend``
+    does not retrace a function that was already compiled.
+    """
+    return _resolve(backend, family, op, device.type)
+
+
+@torch.compiler.assume_constant_result
+def _resolve(backend: Optional[str], family: str, op: str, device_type: str) -> str:
     name = get_backend() if backend is None else _check_name(backend)
     if name == "auto":
-        preferred = _AUTO_TABLE.get((op, device.type))
+        preferred = _AUTO_TABLE.get((op, device_type))
         candidates = [preferred] if preferred else []
-        if device.type == "cuda":
+        if device_type == "cuda":
             candidates += ["triton", "cuda"]
         for cand in candidates:
             if implements(cand, family, op):
@@ -127,8 +137,8 @@ def resolve(backend: Optional[str], family: str, op: str, device: torch.device) 
     if not implements(name, family, op):
         raise RuntimeError(f"backend {name!r} has no implementation of {op} yet; "
                            f"use backend='torch' or 'auto'")
-    if name != "torch" and device.type == "cpu" and name == "cuda":
-        raise RuntimeError(f"backend 'cuda' needs CUDA tensors, got tensors on {device}")
+    if name == "cuda" and device_type != "cuda":
+        raise RuntimeError(f"backend 'cuda' needs CUDA tensors, got tensors on {device_type}")
     return name
 
 

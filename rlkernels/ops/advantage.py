@@ -45,18 +45,6 @@ def _(rewards, group_index, group_size, method, eps, unbiased, backend):
     return rewards.new_empty(rewards.shape, dtype=out_dtype(rewards.dtype))
 
 
-@torch.compiler.assume_constant_result
-def _resolve(backend: Optional[str], op: str, device: torch.device) -> str:
-    """``backends.resolve`` as a compile-time constant.
-
-    ``backends.resolve`` imports backend modules (``importlib``), which Dynamo refuses to
-    trace; evaluated once at trace time, its result (a backend name) is a constant of the
-    graph, so ``torch.compile(fullgraph=True)`` sees no graph break. As with any Python-side
-    choice, changing the process default backend after compiling does not retrace.
-    """
-    return backends.resolve(backend, _FAMILY, op, device)
-
-
 def _check_no_nan(name: str, x: Tensor) -> None:
     """Debug-mode only: ``x`` holds no NaN (costs a host synchronisation)."""
     if not _checks.debug_enabled() or x.numel() == 0:
@@ -141,7 +129,7 @@ def group_advantages(rewards: Tensor, *, group_size: Optional[int] = None,
     eps = _checks.positive("eps", eps, allow_zero=True)
     _checks.flag("unbiased", unbiased)
     _check_no_nan("rewards", rewards)
-    name = _resolve(backend, "group_advantages", rewards.device)
+    name = backends.resolve(backend, _FAMILY, "group_advantages", rewards.device)
     return _group_advantages_op(rewards.detach(), group_index, size, method, eps, unbiased,
                                 name)
 

@@ -1,0 +1,304 @@
+"""``rlkernels verify``: every op on every available backend against the fp64 reference.
+
+Each case builds its inputs from a fixed seed in the tested dtype, runs the op and the
+gradient of a random projection of its outputs, and compares with the ``torch`` backend on
+the same values in fp64 (SPEC section 5): outputs within ``atol = rtol = 1e-5``; gradients
+within ``2 eps(dtype) max|g_ref| + 1e-7``. Inputs cover peaked and flat rows, ``-inf``
+columns, padding tokens and odd vocabulary sizes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from . import backends
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class Row:
+    op: str
+    backend: str
+    dtype: str
+    out_err: float
+    out_rel: float
+    grad_err: float
+    ok: bool
+    note: str = ""
+
+
+def _logits(n: int, vocab: int, dtype: torch.dtype, seed: int) -> Tensor:
+    """Rows cycling through: random, peaked (one logit +30), flat, with -inf columns."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, vocab, generator=g) * 2.0
+    for i in range(n):
+        kind = i % 4
+        if kind == 1:
+            x[i, (7 * i) % vocab] += 30.0
+        elif kind == 2:
+            x[i] = 0.5
+        elif kind == 3 and vocab > 2:
+            x[i, 1::3] = -math.inf
+    return x.to(dtype)
+
+
+def _tokens(logits: Tensor, seed: int, pad_every: int = 5) -> Tensor:
+    """Ids that avoid -inf columns (so gradients stay finite), with some padding (-100)."""
+    n, vocab = logits.shape
+    g = torch.Generator().manual_seed(seed)
+    tok = torch.randint(0, vocab, (n,), generator=g)
+    finite = torch.isfinite(logits.float())
+    for i in range(n):
+        if not finite[i, tok[i]]:
+            tok[i] = int(finite[i].nonzero()[0])
+    tok[::pad_every] = -100
+    return tok
+
+
+def _project(outputs: List[Tensor], seed: int) -> Tensor:
+    """A random linear functional of the (finite part of the) outputs, for gradients."""
+    g = torch.Generator().manual_seed(seed)
+    total = 0.0
+    for out in outputs:
+        w = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
+        total = total + torch.where(torch.isfinite(out), out * w, 0.0).sum()
+    return total
+
+
+def _vocab_cases(vocab: int, n: int) -> Dict[str, Callable]:
+    import rlkernels as rk
+
+    def token_logprobs(dtype, backend, ref):
+        x = _logits(n, vocab, dtype, 1)
+        tok = _tokens(x, 2)
+        x = (x.double() if ref else x).requires_grad_(True)
+        lp, h = rk.token_logprobs(x, tok, temperature=0.9, return_entropy=True,
+                                  backend=backend)
+        return [lp, h], [x]
+
+    def entropy(dtype, backend, ref):
+        x = _logits(n, vocab, dtype, 3)
+        x = (x.double() if ref else x).requires_grad_(True)
+        return [rk.entropy(x, backend=backend)], [x]
+
+    def sparse_logprobs(dtype, backend, ref):
+        x = _logits(n, vocab, dtype, 4)
+        k = min(vocab, 5)
+        idx = torch.argsort(x.float(), dim=-1, descending=True, stable=True)[:, :k].clone()
+        idx[::3, -1] = -1
+        x = (x.double() if ref else x).requires_grad_(True)
+        full, tail = rk.sparse_logprobs(x, idx, return_tail=True, backend=backend)
+        sup = rk.sparse_logprobs(x, idx, normalize="support", backend=backend)
+        return [full, tail, sup], [x]
+
+    def sparse_kl(dtype, backend, ref):
+        x = _logits(n, vocab, dtype, 5)
+        teacher = _logits(n, vocab, torch.float32, 6)
+        k = min(vocab, 4)
+        t_logp, idx = torch.log_softmax(teacher.float(), -1).topk(k, dim=-1)
+        x = (x.double() if ref else x).requires_grad_(True)
+        return [rk.sparse_kl(x, idx, t_logp, backend=backend)], [x]
+
+    def kl_divergence(dtype, backend, ref):
+        x, y = _logits(n, vocab, dtype, 7), _logits(n, vocab, dtype, 8)
+        y = torch.where(torch.isfinite(x.float()), y, x)  # -inf at the same columns
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[::4] = True
+        if ref:
+            x, y = x.double(), y.double()
+        x, y = x.requires_grad_(True), y.requires_grad_(True)
+        outs = [rk.kl_divergence(x, y, kind=kind, ignore_mask=mask, backend=backend)
+                for kind in ("reverse", "forward", "jsd")]
+        return outs, [x, y]
+
+    def grpo_loss(dtype, backend, ref):
+        b, t = 2, max(n // 2, 1)
+        x = _logits(b * t, vocab, dtype, 9)
+        tok = _tokens(x, 10).view(b, t)
+        x = (x.double() if ref else x).view(b, t, vocab).requires_grad_(True)
+        g = torch.Generator().manual_seed(11)
+        # rollout log-probs near the current ones, as in training (ratios near 1)
+        with torch.no_grad():
+            cur = rk.token_logprobs(x.detach().double(), tok, temperature=0.9, backend="torch")
+        old = (cur + 0.2 * torch.randn(b, t, generator=g, dtype=torch.float64)).float()
+        adv = torch.randn(b, generator=g)
+        mask = tok != -100
+        ref_lp = (cur - 0.1).float()
+        if ref:
+            old, adv, ref_lp = old.double(), adv.double(), ref_lp.double()
+        loss, m = rk.grpo_loss(x, tok, old, adv, mask, ref_logp=ref_lp, kl_coef=0.05,
+                               entropy_coef=0.01, temperature=0.9, backend=backend)
+        return [loss, m["clipfrac"], m["entropy"]], [x]
+
+    return {"token_logprobs": token_logprobs, "entropy": entropy,
+            "sparse_logprobs": sparse_logprobs, "sparse_kl": sparse_kl,
+            "kl_divergence": kl_divergence, "grpo_loss": grpo_loss}
+
+
+def _other_cases(quick: bool) -> Dict[str, Callable]:
+    import rlkernels as rk
+    b, t, h, vocab = 4, 6, 16, (37 if quick else 1031)
+
+    def policy_inputs(dtype, ref):
+        g = torch.Generator().manual_seed(12)
+        logp = (-torch.rand(b, t, generator=g) * 3).to(dtype)
+        old = logp.float() + 0.3 * torch.randn(b, t, generator=g)
+        adv = torch.randn(b, generator=g)
+        ent = torch.rand(b, t, generator=g).to(dtype)
+        mask = torch.rand(b, t, generator=g) > 0.2
+        cast = (lambda z: z.double()) if ref else (lambda z: z)
+        return (cast(logp).requires_grad_(True), cast(old), cast(adv), mask,
+                cast(ent).requires_grad_(True))
+
+    def policy_loss(dtype, backend, ref):
+        logp, old, adv, mask, ent = policy_inputs(dtype, ref)
+        loss, m = rk.policy_loss(logp, old, adv, mask, clip_high=0.28, dual_clip=3.0,
+                                 ref_logp=old - 0.05, kl_coef=0.1, entropy=ent,
+                                 entropy_coef=0.01, backend=backend)
+        return [loss] + list(m.values()), [logp, ent]
+
+    def kl_penalty(dtype, backend, ref):
+        logp, old, _, _, _ = policy_inputs(dtype, ref)
+        return [rk.kl_penalty(logp, old, estimator=e) for e in ("k1", "k2", "k3")], [logp]
+
+    def group_advantages(dtype, backend, ref):
+        g = torch.Generator().manual_seed(13)
+        r = torch.randint(0, 3, (24,), generator=g).to(dtype)
+        r = r.double() if ref else r
+        idx = torch.randperm(24, generator=g) % 5
+        return [rk.group_advantages(r, group_size=4, method=m, backend=backend)
+                for m in ("grpo", "rloo", "dr_grpo", "batch_std")] + \
+               [rk.group_advantages(r, group_index=idx, backend=backend)], []
+
+    def gae(dtype, backend, ref):
+        g = torch.Generator().manual_seed(14)
+        r, v = torch.randn(b, t, generator=g), torch.randn(b, t, generator=g)
+        mask = torch.rand(b, t, generator=g) > 0.2
+        if ref:
+            r, v = r.double(), v.double()
+        adv, ret = rk.gae(r, v, mask, gamma=0.99, lam=0.95)
+        return [adv, ret, rk.discounted_returns(r, mask, gamma=0.9),
+                rk.masked_whiten(adv, mask)], []
+
+    def linear(dtype, backend, ref):
+        g = torch.Generator().manual_seed(15)
+        hid = torch.randn(b, t, h, generator=g).to(dtype)
+        w = (torch.randn(vocab, h, generator=g) / 4).to(dtype)
+        tok = torch.randint(0, vocab, (b, t), generator=g)
+        tok[0, :2] = -100
+        if ref:
+            hid, w = hid.double(), w.double()
+        hid, w = hid.requires_grad_(True), w.requires_grad_(True)
+        lp, ent = rk.linear_token_logprobs(hid, w, tok, return_entropy=True, backend=backend)
+        old = (lp.detach().float() + 0.1).to(lp.dtype)
+        loss, _ = rk.linear_grpo_loss(hid, w, tok, old, torch.linspace(-1, 1, b).to(lp.dtype),
+                                      tok != -100, entropy_coef=0.01, backend=backend)
+        return [lp, ent, loss], [hid, w]
+
+    return {"policy_loss": policy_loss, "kl_penalty": kl_penalty,
+            "group_advantages": group_advantages, "gae+returns+whiten": gae,
+            "linear_token_logprobs+linear_grpo_loss": linear}
+
+
+# Which backend-dispatched op a case exercises (for availability); None = torch only.
+_DISPATCH = {"token_logprobs": ("vocab", "token_logprobs"), "entropy": ("vocab", "token_logprobs"),
+             "sparse_logprobs": ("vocab", "sparse_logprobs"), "sparse_kl": ("vocab", "sparse_kl"),
+             "kl_divergence": ("vocab", "kl_divergence"), "grpo_loss": ("policy", "grpo_loss"),
+             "policy_loss": ("policy", "policy_loss"),
+             "group_advantages": ("advantage", "group_advantages"),
+             "linear_token_logprobs+linear_grpo_loss": ("linear", "linear_token_logprobs")}
+
+
+def _errors(outs: List[Tensor], refs: List[Tensor]):
+    abs_err = rel_err = 0.0
+    ok = True
+    for o, r in zip(outs, refs):
+        o, r = o.detach().double(), r.detach().double()
+        same_inf = (torch.isinf(r) & (o == r)) | (torch.isnan(r) & torch.isnan(o))
+        diff = torch.where(same_inf, 0.0, (o - r).abs())
+        diff = torch.nan_to_num(diff, nan=math.inf)
+        scale = torch.where(same_inf, 1.0, r.abs())
+        if diff.numel():
+            abs_err = max(abs_err, float(diff.max()))
+            big = scale > 1e-3  # relative error is only meaningful away from zero
+            if bool(big.any()):
+                rel_err = max(rel_err, float((diff[big] / scale[big]).max()))
+            ok &= bool((diff <= 1e-5 + 1e-5 * scale).all())
+    return abs_err, rel_err, ok
+
+
+def _grad_errors(grads: List[Tensor], refs: List[Tensor], dtype: torch.dtype):
+    worst, ok = 0.0, True
+    for g, r in zip(grads, refs):
+        g, r = g.double(), r.double()
+        if not g.numel():
+            continue
+        tol = 2 * torch.finfo(dtype).eps * float(r.abs().max()) + 1e-7
+        err = float(torch.nan_to_num((g - r).abs(), nan=math.inf).max())
+        worst = max(worst, err)
+        ok &= err <= tol
+    return worst, ok
+
+
+def _run(case: Callable, dtype, backend: str, ref: bool):
+    outs, inputs = case(dtype, backend, ref)
+    grads = []
+    if inputs:
+        grads = torch.autograd.grad(_project(outs, 99), inputs, allow_unused=True)
+        grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
+    return outs, grads
+
+
+def check(name: str, case: Callable, backend: str, dtype: torch.dtype) -> Row:
+    dname = str(dtype).replace("torch.", "")
+    try:
+        outs, grads = _run(case, dtype, backend, ref=False)
+        ref_outs, ref_grads = _run(case, dtype, "torch", ref=True)
+        out_err, out_rel, ok_out = _errors(outs, ref_outs)
+        grad_err, ok_grad = _grad_errors(grads, ref_grads, dtype)
+        return Row(name, backend, dname, out_err, out_rel, grad_err, ok_out and ok_grad)
+    except Exception as exc:  # a crash is a failure with its reason, not a traceback
+        return Row(name, backend, dname, math.nan, math.nan, math.nan, False,
+                   f"{type(exc).__name__}: {exc}")
+
+
+def run(backend: Optional[str] = None, quick: bool = False, device: str = "cpu") -> List[Row]:
+    """All rows of the verification table (``device`` is for future GPU runs)."""
+    status = backends.available_backends()
+    names = [backend] if backend else [b for b, s in status.items() if s == "ok"]
+    vocab_sizes = (7, 1031) if quick else (7, 1031, 50257)
+    dtypes = (torch.float32,) if quick else (torch.float32, torch.bfloat16)
+    rows: List[Row] = []
+    for b in names:
+        if status.get(b) != "ok":
+            rows.append(Row("*", b, "-", math.nan, math.nan, math.nan, False,
+                            f"unavailable: {status.get(b)}"))
+            continue
+        cases = {}
+        for vocab in vocab_sizes:
+            n = 8 if vocab < 10000 else 4
+            cases.update({f"{k} V={vocab}": v for k, v in _vocab_cases(vocab, n).items()})
+        cases.update(_other_cases(quick))
+        for name, case in cases.items():
+            family_op = _DISPATCH.get(name.split(" V=")[0])
+            if b != "torch" and (family_op is None
+                                 or not backends.implements(b, *family_op)):
+                continue  # torch-only op, or not implemented by this backend yet
+            for dtype in dtypes:
+                rows.append(check(name, case, b, dtype))
+    return rows
+
+
+def format_table(rows: List[Row]) -> str:
+    head = f"{'op':44} {'backend':8} {'dtype':9} {'max abs':>10} {'max rel':>10} " \
+           f"{'grad err':>10}  result"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r.op:44} {r.backend:8} {r.dtype:9} {r.out_err:10.2e} {r.out_rel:10.2e} "
+                     f"{r.grad_err:10.2e}  {'PASS' if r.ok else 'FAIL'} {r.note}".rstrip())
+    return "\n".join(lines)
