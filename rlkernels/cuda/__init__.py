@@ -1,0 +1,11 @@
+"""Launchers for rlkernels._C, the hand-written CUDA C++ backend (`cuda`).
+
+Each launcher validates tensors, allocates outputs and passes raw device pointers, sizes and
+the current CUDA stream to the extension. Importing this package never raises; without a built
+extension or a GPU, `cuda_status()` says why the backend is unavailable.
+"""
+
+from rlkernels.cuda._loader import cuda_status, extension_info, load_extension
+from rlkernels.cuda.policy import kl_penalty_forward
+
+__all__ = ["cuda_status", "extension_info", "kl_penalty_forward", "load_extension"]
