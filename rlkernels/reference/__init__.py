@@ -14,12 +14,17 @@ import torch
 CHUNK_ELEMENTS = 1 << 22
 
 
+def rows_per_chunk(vocab: int) -> int:
+    """Rows of ``vocab`` logits that make one chunk of about ``CHUNK_ELEMENTS``."""
+    return max(1, CHUNK_ELEMENTS // max(vocab, 1))
+
+
 def row_chunks(n_rows: int, vocab: int):
     """Slices that cover ``range(n_rows)`` with about ``CHUNK_ELEMENTS`` logits each.
 
     Results never depend on the chunking: every reduction is along the vocabulary of one row.
     """
-    step = max(1, CHUNK_ELEMENTS // max(vocab, 1))
+    step = rows_per_chunk(vocab)
     for start in range(0, n_rows, step):
         yield slice(start, min(start + step, n_rows))
 

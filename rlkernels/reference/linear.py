@@ -17,15 +17,29 @@ from typing import Optional, Tuple
 import torch
 
 from .._policy_options import PolicyOptions
-from . import compute_dtype, row_chunks
+from . import compute_dtype, row_chunks, rows_per_chunk
 from . import policy as _policy
 from . import vocab as _vocab
 
 Tensor = torch.Tensor
 
 
-def _logits_chunk(h: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
-    z = h @ w.T
+def _rows_matmul(a: Tensor, b: Tensor, rows: int) -> Tensor:
+    """``a @ b`` computed as a product of exactly ``rows`` rows (``a`` zero-padded).
+
+    A CPU GEMM picks its blocking, and with it the rounding of each dot product, from the
+    shape: padding every call to one shape makes a row's result independent of how many
+    other rows share its chunk (batch invariance, SPEC section 1).
+    """
+    if a.shape[0] == rows:
+        return a @ b
+    padded = a.new_zeros(rows, a.shape[1])
+    padded[:a.shape[0]] = a
+    return (padded @ b)[:a.shape[0]]
+
+
+def _logits_chunk(h: Tensor, w: Tensor, b: Optional[Tensor], rows: int) -> Tensor:
+    z = _rows_matmul(h, w.T, rows)
     return z + b if b is not None else z
 
 
@@ -38,8 +52,9 @@ def linear_token_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Optional
     w = weight.to(cdt)
     b = None if bias is None else bias.to(cdt)
     outs = [hidden.new_empty(n, dtype=cdt) for _ in range(3)]
+    step = rows_per_chunk(vocab)
     for rows in row_chunks(n, vocab):
-        z = _logits_chunk(hidden[rows].to(cdt), w, b)
+        z = _logits_chunk(hidden[rows].to(cdt), w, b, step)
         chunk = _vocab.token_logprobs_forward(z, tokens[rows], temperature, ignore_index,
                                               with_entropy)
         for out, value in zip(outs, chunk):
@@ -60,14 +75,15 @@ def linear_token_logprobs_backward(grad_logp: Optional[Tensor], grad_entropy: Op
     grad_h = torch.empty_like(hidden)
     grad_w = torch.zeros(weight.shape, dtype=cdt, device=weight.device)
     grad_b = None if bias is None else torch.zeros(vocab, dtype=cdt, device=weight.device)
+    step = rows_per_chunk(vocab)
     for rows in row_chunks(n, vocab):
         h = hidden[rows].to(cdt)
-        z = _logits_chunk(h, w, b)
+        z = _logits_chunk(h, w, b, step)
         dz = _vocab.token_logprobs_backward(
             None if grad_logp is None else grad_logp[rows],
             None if grad_entropy is None else grad_entropy[rows],
             z, tokens[rows], lse[rows], temperature, ignore_index)
-        grad_h[rows] = dz @ w
+        grad_h[rows] = _rows_matmul(dz, w, step)
         grad_w += dz.T @ h
         if grad_b is not None:
             grad_b += dz.sum(0)

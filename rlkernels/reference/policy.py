@@ -82,7 +82,8 @@ def per_token_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Ten
     adv = advantages[:, None].expand_as(logp) if advantages.dim() == 1 else advantages
     log_r = torch.clamp(logp - old_logp, -o.log_ratio_clamp, o.log_ratio_clamp)
     if o.ratio_level == "sequence":
-        seq = (log_r * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
+        count = mask.sum(-1)
+        seq = torch.where(count > 0, (log_r * mask).sum(-1) / count, 0.0)
         log_r = seq.detach()[:, None] + logp - logp.detach()
     ratio = torch.exp(log_r)
     lo, hi = 1.0 - o.clip_low, 1.0 + o.clip_high

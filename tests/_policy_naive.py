@@ -1,0 +1,203 @@
+"""Naive fp64 formulas for the policy-loss tests (SPEC 3.3 / 3.4), independent of rlkernels.
+
+Written from SPEC.md section 3.3 in the style of verl's ``compute_policy_loss`` /
+``agg_loss`` / ``kl_penalty`` and TRL's GRPO loss: plain differentiable PyTorch, so autograd
+gives the naive gradients (straight-through terms with ``x - x.detach()``). Aggregations and
+masked means are written with Python loops over sequences on purpose: a second opinion that
+shares no code (and little structure) with ``rlkernels.reference``. Everything expects fp64
+tensors; the shapes in the tests are tiny.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import pytest
+import torch
+
+from rlkernels import backends
+
+Tensor = torch.Tensor
+# Where the ops under test run (as tests/conftest.py's `device` fixture); the naive formulas
+# always run on the CPU.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+METRIC_KEYS = ("clipfrac", "clipfrac_high", "clipfrac_low", "dual_clipfrac", "approx_kl",
+               "ratio_mean", "ratio_max")
+
+
+# ================================================================================ KL penalty
+
+def kl(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
+    """verl's ``kl_penalty``: k1 = d, abs = |d|, k2 = d^2 / 2 (mse), k3 = low_var_kl =
+    ``ratio - log ratio - 1`` with ``ratio = exp(ref - logp)``; "k3+" = the value of k3 with
+    the gradient of k2 (``k2 - sg(k2) + sg(k3)``)."""
+    d = logp - ref_logp
+    if estimator == "k1":
+        return d
+    if estimator == "abs":
+        return d.abs()
+    if estimator == "k2":
+        return 0.5 * d.square()
+    ratio = torch.exp(ref_logp - logp)
+    k3 = ratio - (ref_logp - logp) - 1.0
+    if estimator in ("k3", "low_var_kl"):
+        return k3
+    assert estimator == "k3+", estimator
+    k2 = 0.5 * d.square()
+    return k2 - k2.detach() + k3.detach()
+
+
+# =============================================================================== policy loss
+
+def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Weighted mean ``sum(m x) / sum(m)`` over all tokens; 0 when ``sum(m) == 0``."""
+    num = torch.zeros((), dtype=torch.float64)
+    den = 0.0
+    for b in range(x.shape[0]):
+        for t in range(x.shape[1]):
+            w = float(mask[b, t])
+            if w != 0.0:
+                num = num + w * x[b, t].double()
+                den += w
+    return num / den if den > 0 else num * 0.0
+
+
+def aggregate(loss: Tensor, mask: Tensor, agg: str, normalizer=None) -> Tensor:
+    """verl ``agg_loss`` with an optional global ``normalizer``; empty denominators give 0."""
+    B, T = loss.shape
+    mask = mask.double()
+    norm = None if normalizer is None else float(normalizer)
+    seq_sums, seq_counts = [], []
+    for b in range(B):
+        seq_sums.append((loss[b] * mask[b]).sum())
+        seq_counts.append(float(mask[b].sum()))
+    zero = (loss * 0.0).sum()  # keeps the graph connected when nothing is valid
+    total = sum(seq_sums, zero)
+    nonempty = sum(1 for c in seq_counts if c > 0)
+    if agg == "token-mean":
+        den = sum(seq_counts) if norm is None else norm
+        num = total
+    elif agg == "seq-mean-token-mean":
+        num = sum((s / c for s, c in zip(seq_sums, seq_counts) if c > 0), zero)
+        den = nonempty if norm is None else norm
+    elif agg == "seq-mean-token-sum":
+        num, den = total, (nonempty if norm is None else norm)
+    elif agg == "seq-mean-token-sum-norm":
+        num, den = total, (T if norm is None else norm)
+    else:
+        raise AssertionError(agg)
+    return num / den if den > 0 else num * 0.0
+
+
+def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *,
+                loss: str = "ppo", clip_low: float = 0.2, clip_high: Optional[float] = None,
+                dual_clip: Optional[float] = None, delta: Optional[float] = None,
+                ratio_level: str = "token", agg: str = "token-mean", normalizer=None,
+                ref_logp: Optional[Tensor] = None, kl_coef: float = 0.0,
+                kl_estimator: str = "k3", entropy: Optional[Tensor] = None,
+                entropy_coef: float = 0.0, is_weights: Optional[Tensor] = None,
+                log_ratio_clamp: float = 20.0):
+    """Returns ``(loss, metrics)`` as SPEC 3.3, in fp64; differentiable w.r.t. ``logp`` and
+    ``entropy`` through plain autograd."""
+    clip_high = clip_low if clip_high is None else clip_high
+    mask = mask.double()
+    A = advantages.double()
+    if A.dim() == 1:
+        A = A[:, None].expand_as(logp)
+    log_r = torch.clamp(logp - old_logp, min=-log_ratio_clamp, max=log_ratio_clamp)
+    if ratio_level == "sequence":  # GSPO: s_b = masked mean of log r, straight-through per token
+        rows = []
+        for b in range(logp.shape[0]):
+            c = mask[b].sum()
+            s = (log_r[b] * mask[b]).sum() / c if float(c) > 0 else log_r[b].sum() * 0.0
+            rows.append(s.detach() + logp[b] - logp[b].detach())
+        log_r = torch.stack(rows)
+    ratio = torch.exp(log_r)
+    r = ratio.detach()
+    lo, hi = 1.0 - clip_low, 1.0 + clip_high
+    false = torch.zeros_like(r, dtype=torch.bool)
+    high = low = dual = false
+    if loss == "ppo":
+        unclipped = ratio if delta is None else torch.clamp(ratio, max=delta)  # TRL's delta
+        pg1 = -A * unclipped
+        pg2 = -A * torch.clamp(ratio, lo, hi)
+        pg = torch.maximum(pg1, pg2)
+        high = (pg2 > pg1) & (A > 0)
+        low = (pg2 > pg1) & (A < 0)
+        if dual_clip is not None:
+            pg3 = -A * dual_clip
+            dual = (pg.detach() > pg3) & (A < 0)
+            pg = torch.where(A < 0, torch.minimum(pg, pg3), pg)
+    elif loss == "cispo":
+        pg = -torch.clamp(r, 0.0, hi) * A * logp
+        high = r > hi
+    elif loss == "reinforce":
+        pg = -A * logp
+    else:
+        raise AssertionError(loss)
+    if is_weights is not None:
+        pg = pg * is_weights.double()
+    per_token = pg
+    kl_val = None
+    if ref_logp is not None:
+        kl_val = kl(logp, ref_logp.double(), kl_estimator)
+        per_token = per_token + kl_coef * kl_val
+    if entropy is not None:
+        per_token = per_token - entropy_coef * entropy
+    value = aggregate(per_token, mask, agg, normalizer)
+
+    m: Dict[str, Tensor] = {
+        "clipfrac": _masked_mean((high | low).double(), mask),
+        "clipfrac_high": _masked_mean(high.double(), mask),
+        "clipfrac_low": _masked_mean(low.double(), mask),
+        "dual_clipfrac": _masked_mean(dual.double(), mask),
+        "approx_kl": _masked_mean(-log_r.detach(), mask),
+        "ratio_mean": _masked_mean(r, mask),
+        "ratio_max": max((float(r[b, t]) for b in range(r.shape[0]) for t in range(r.shape[1])
+                          if float(mask[b, t]) > 0), default=0.0),
+    }
+    m["ratio_max"] = torch.tensor(m["ratio_max"], dtype=torch.float64)
+    if kl_val is not None:
+        m["kl"] = _masked_mean(kl_val.detach(), mask)
+    if entropy is not None:
+        m["entropy"] = _masked_mean(entropy.detach().double(), mask)
+    return value, m
+
+
+# ===================================================================== log-probs from logits
+
+def logprobs_entropy(logits: Tensor, tokens: Tensor, temperature: float = 1.0,
+                     ignore_index: int = -100):
+    """``log_softmax(logits / T)`` at the tokens and ``-sum p log p`` per row (fp64, autograd);
+    padding positions give 0 for both."""
+    z = logits.double() / temperature
+    logsm = torch.log_softmax(z, dim=-1)
+    valid = tokens != ignore_index
+    safe = torch.where(valid, tokens, torch.zeros_like(tokens)).long()
+    lp = logsm.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    p = logsm.exp()
+    ent = -(p * torch.where(p > 0, logsm, torch.zeros_like(logsm))).sum(-1)
+    zero = torch.zeros_like(lp)
+    return torch.where(valid, lp, zero), torch.where(valid, ent, zero)
+
+
+def grpo_loss(logits: Tensor, tokens: Tensor, old_logp, advantages, mask, *,
+              temperature: float = 1.0, entropy_coef: float = 0.0, **options):
+    """``policy_loss(log_softmax(logits / T)[tokens], entropy=H)`` (the fused GRPO loss)."""
+    lp, ent = logprobs_entropy(logits, tokens, temperature)
+    return policy_loss(lp, old_logp.double(), advantages, mask, entropy=ent,
+                       entropy_coef=entropy_coef, **options)
+
+
+def needs(backend: str, family: str, op: str) -> None:
+    """Skip when ``backend`` has no kernels for ``op`` (of ``family``) yet."""
+    if not backends.implements(backend, family, op):
+        pytest.skip(f"backend {backend!r} has no {op} kernels yet")
+
+
+def grad_bound(g: Tensor, g_ref: Tensor) -> None:
+    """SPEC 5: ``|g - g_ref| <= 2 eps(dtype) max|g_ref| + 1e-7`` elementwise."""
+    eps = torch.finfo(g.dtype).eps
+    tol = 2 * eps * g_ref.abs().max().item() + 1e-7
+    err = (g.double().cpu() - g_ref.double().cpu()).abs().max().item()
+    assert err <= tol, f"gradient error {err:.3e} > {tol:.3e} ({g.dtype})"
