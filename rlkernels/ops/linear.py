@@ -52,23 +52,25 @@ def _linear_token_logprobs_op(hidden: Tensor, weight: Tensor, bias: Optional[Ten
 @_linear_token_logprobs_op.register_fake
 def _(hidden, weight, bias, tokens, temperature, ignore_index, with_entropy, backend):
     dt = out_dtype(hidden.dtype)
-    return tuple(hidden.new_empty(hidden.shape[0], dtype=dt) for _ in range(3))
+    n = hidden.shape[0]
+    return (hidden.new_empty(n, dtype=dt), hidden.new_empty(n, dtype=dt),
+            hidden.new_empty(n, 2, dtype=dt))
 
 
 @torch.library.custom_op("rlkernels::linear_token_logprobs_backward", mutates_args=())
 def _linear_token_logprobs_backward_op(grad_logp: Optional[Tensor],
                                        grad_entropy: Optional[Tensor], hidden: Tensor,
                                        weight: Tensor, bias: Optional[Tensor], tokens: Tensor,
-                                       lse: Tensor, temperature: float, ignore_index: int,
+                                       stats: Tensor, temperature: float, ignore_index: int,
                                        backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     grads = call(backend, _FAMILY, "linear_token_logprobs_backward", grad_logp, grad_entropy,
-                 hidden, weight, bias, tokens, lse, temperature, ignore_index)
+                 hidden, weight, bias, tokens, stats, temperature, ignore_index)
     return _grads_or_empty(grads, hidden, weight, bias)
 
 
 @_linear_token_logprobs_backward_op.register_fake
-def _(grad_logp, grad_entropy, hidden, weight, bias, tokens, lse, temperature, ignore_index,
-      backend):
+def _(grad_logp, grad_entropy, hidden, weight, bias, tokens, stats, temperature,
+      ignore_index, backend):
     return _fake_grads(hidden, weight, bias)
 
 
@@ -83,10 +85,10 @@ def _linear_token_logprobs_setup(ctx, inputs, output):
 def _linear_token_logprobs_grad(ctx, grad_logp, grad_entropy, _grad_lse):
     if not any(ctx.needs_input_grad[:3]):
         return (None,) * 8
-    hidden, weight, bias, tokens, lse = ctx.saved_tensors
+    hidden, weight, bias, tokens, stats = ctx.saved_tensors
     grads = _linear_token_logprobs_backward_op(
         grad_logp, grad_entropy if ctx.with_entropy else None, hidden, weight, bias, tokens,
-        lse, *ctx.args)
+        stats, *ctx.args)
     return _input_grads(ctx, grads, 2, 8)
 
 
@@ -156,7 +158,7 @@ def _(hidden, weight, bias, tokens, *args):
     dt = out_dtype(hidden.dtype)
     return (hidden.new_empty((), dtype=dt), hidden.new_empty(len(METRICS), dtype=torch.float32),
             hidden.new_empty(tokens.shape, dtype=dt), hidden.new_empty(tokens.shape, dtype=dt),
-            hidden.new_empty(hidden.shape[0], dtype=dt))
+            hidden.new_empty(hidden.shape[0], 2, dtype=dt))
 
 
 @torch.library.custom_op("rlkernels::linear_grpo_loss_backward", mutates_args=())
@@ -165,12 +167,12 @@ def _linear_grpo_loss_backward_op(grad_loss: Tensor, hidden: Tensor, weight: Ten
                                   advantages: Tensor, mask: Tensor,
                                   normalizer: Optional[Tensor], ref_logp: Optional[Tensor],
                                   is_weights: Optional[Tensor], logp: Tensor, ent: Tensor,
-                                  lse: Tensor, temperature: float, modes: str,
+                                  stats: Tensor, temperature: float, modes: str,
                                   nums: List[float], backend: str
                                   ) -> Tuple[Tensor, Tensor, Tensor]:
     grads = call(backend, _FAMILY, "linear_grpo_loss_backward", grad_loss, hidden, weight,
                  bias, tokens, old_logp, advantages, mask, normalizer, ref_logp, is_weights,
-                 logp, ent, lse, temperature, PolicyOptions.decode(modes, nums))
+                 logp, ent, stats, temperature, PolicyOptions.decode(modes, nums))
     return _grads_or_empty(grads, hidden, weight, bias)
 
 

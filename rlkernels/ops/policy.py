@@ -303,7 +303,7 @@ def _(logits, tokens, old_logp, advantages, mask, normalizer, ref_logp, is_weigh
     return (logits.new_empty((), dtype=dt),
             logits.new_empty(len(_ref.METRICS), dtype=torch.float32),
             logits.new_empty(tokens.shape, dtype=dt), logits.new_empty(tokens.shape, dtype=dt),
-            logits.new_empty(logits.shape[0], dtype=dt))
+            logits.new_empty(logits.shape[0], 2, dtype=dt))
 
 
 @torch.library.custom_op("rlkernels::grpo_loss_backward", mutates_args=())
@@ -311,10 +311,10 @@ def _grpo_loss_backward_op(grad_loss: Tensor, logits: Tensor, tokens: Tensor,
                            old_logp: Tensor, advantages: Tensor, mask: Tensor,
                            normalizer: Optional[Tensor], ref_logp: Optional[Tensor],
                            is_weights: Optional[Tensor], logp: Tensor, ent: Tensor,
-                           lse: Tensor, temperature: float, modes: str, nums: List[float],
+                           stats: Tensor, temperature: float, modes: str, nums: List[float],
                            backend: str) -> Tensor:
     return call(backend, _FAMILY, "grpo_loss_backward", grad_loss, logits, tokens, old_logp,
-                advantages, mask, normalizer, ref_logp, is_weights, logp, ent, lse,
+                advantages, mask, normalizer, ref_logp, is_weights, logp, ent, stats,
                 temperature, PolicyOptions.decode(modes, nums), False)
 
 
@@ -328,10 +328,10 @@ def _grpo_loss_backward_inplace_op(grad_loss: Tensor, logits: Tensor, tokens: Te
                                    old_logp: Tensor, advantages: Tensor, mask: Tensor,
                                    normalizer: Optional[Tensor], ref_logp: Optional[Tensor],
                                    is_weights: Optional[Tensor], logp: Tensor, ent: Tensor,
-                                   lse: Tensor, temperature: float, modes: str,
+                                   stats: Tensor, temperature: float, modes: str,
                                    nums: List[float], backend: str) -> None:
     call(backend, _FAMILY, "grpo_loss_backward", grad_loss, logits, tokens, old_logp,
-         advantages, mask, normalizer, ref_logp, is_weights, logp, ent, lse, temperature,
+         advantages, mask, normalizer, ref_logp, is_weights, logp, ent, stats, temperature,
          PolicyOptions.decode(modes, nums), True)
 
 
@@ -343,9 +343,9 @@ def _(*args):
 def _grpo_loss_setup(ctx, inputs, output):
     (logits, tokens, old_logp, advantages, mask, normalizer, ref_logp, is_weights,
      temperature, modes, nums, backend, inplace_backward) = inputs
-    _, _, logp, ent, lse = output
+    _, _, logp, ent, stats = output
     ctx.save_for_backward(logits, tokens, old_logp, advantages, mask, normalizer, ref_logp,
-                          is_weights, logp, ent, lse)
+                          is_weights, logp, ent, stats)
     ctx.args = (temperature, modes, nums, backend)
     ctx.inplace = inplace_backward
     ctx.mark_non_differentiable(*output[1:])

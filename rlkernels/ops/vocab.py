@@ -36,19 +36,19 @@ def _(logits, tokens, temperature, ignore_index, with_entropy, backend):
     n = logits.shape[0]
     dt = out_dtype(logits.dtype)
     return (logits.new_empty(n, dtype=dt), logits.new_empty(n, dtype=dt),
-            logits.new_empty(n, dtype=dt))
+            logits.new_empty(n, 2, dtype=dt))
 
 
 @torch.library.custom_op("rlkernels::token_logprobs_backward", mutates_args=())
 def _token_logprobs_backward_op(grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor],
-                                logits: Tensor, tokens: Optional[Tensor], lse: Tensor,
+                                logits: Tensor, tokens: Optional[Tensor], stats: Tensor,
                                 temperature: float, ignore_index: int, backend: str) -> Tensor:
     return call(backend, _FAMILY, "token_logprobs_backward", grad_logp, grad_entropy, logits,
-                tokens, lse, temperature, ignore_index)
+                tokens, stats, temperature, ignore_index)
 
 
 @_token_logprobs_backward_op.register_fake
-def _(grad_logp, grad_entropy, logits, tokens, lse, temperature, ignore_index, backend):
+def _(grad_logp, grad_entropy, logits, tokens, stats, temperature, ignore_index, backend):
     return torch.empty_like(logits)
 
 
@@ -59,14 +59,14 @@ def _token_logprobs_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(output[2])
 
 
-def _token_logprobs_grad(ctx, grad_logp, grad_entropy, _grad_lse):
-    logits, tokens, lse = ctx.saved_tensors
+def _token_logprobs_grad(ctx, grad_logp, grad_entropy, _grad_stats):
+    logits, tokens, stats = ctx.saved_tensors
     temperature, ignore_index, with_entropy, backend = ctx.args
     if not ctx.needs_input_grad[0]:
         return None, None, None, None, None, None
     grad = _token_logprobs_backward_op(
         grad_logp if tokens is not None else None, grad_entropy if with_entropy else None,
-        logits, tokens, lse, temperature, ignore_index, backend)
+        logits, tokens, stats, temperature, ignore_index, backend)
     return grad, None, None, None, None, None
 
 
@@ -146,38 +146,38 @@ def _(logits, indices, temperature, normalize, with_tail, backend):
     dt = out_dtype(logits.dtype)
     n = logits.shape[0]
     return (logits.new_empty(indices.shape, dtype=dt), logits.new_empty(n, dtype=dt),
-            logits.new_empty(n, dtype=dt))
+            logits.new_empty(n, 2, dtype=dt))
 
 
 @torch.library.custom_op("rlkernels::sparse_logprobs_backward", mutates_args=())
 def _sparse_logprobs_backward_op(grad_logp: Tensor, grad_tail: Optional[Tensor],
                                  logits: Tensor, indices: Tensor, logp: Tensor, tail: Tensor,
-                                 lse: Tensor, temperature: float, normalize: str,
+                                 stats: Tensor, temperature: float, normalize: str,
                                  backend: str) -> Tensor:
     return call(backend, _FAMILY, "sparse_logprobs_backward", grad_logp, grad_tail, logits,
-                indices, logp, tail, lse, temperature, normalize)
+                indices, logp, tail, stats, temperature, normalize)
 
 
 @_sparse_logprobs_backward_op.register_fake
-def _(grad_logp, grad_tail, logits, indices, logp, tail, lse, temperature, normalize, backend):
+def _(grad_logp, grad_tail, logits, indices, logp, tail, stats, temperature, normalize, backend):
     return torch.empty_like(logits)
 
 
 def _sparse_logprobs_setup(ctx, inputs, output):
     logits, indices, temperature, normalize, with_tail, backend = inputs
-    logp, tail, lse = output
-    ctx.save_for_backward(logits, indices, logp, tail, lse)
+    logp, tail, stats = output
+    ctx.save_for_backward(logits, indices, logp, tail, stats)
     ctx.args = (temperature, normalize, with_tail, backend)
-    ctx.mark_non_differentiable(lse)
+    ctx.mark_non_differentiable(stats)
 
 
-def _sparse_logprobs_grad(ctx, grad_logp, grad_tail, _grad_lse):
+def _sparse_logprobs_grad(ctx, grad_logp, grad_tail, _grad_stats):
     if not ctx.needs_input_grad[0]:
         return None, None, None, None, None, None
-    logits, indices, logp, tail, lse = ctx.saved_tensors
+    logits, indices, logp, tail, stats = ctx.saved_tensors
     temperature, normalize, with_tail, backend = ctx.args
     grad = _sparse_logprobs_backward_op(grad_logp, grad_tail if with_tail else None, logits,
-                                        indices, logp, tail, lse, temperature, normalize,
+                                        indices, logp, tail, stats, temperature, normalize,
                                         backend)
     return grad, None, None, None, None, None
 
@@ -245,8 +245,8 @@ def sampling_support(logits: Tensor, *, top_k: Optional[int] = None,
     Follows the order of vLLM and Hugging Face samplers: temperature, then top-k, then top-p
     on the distribution renormalized over the top-k. Ids are sorted by decreasing probability
     (ties by increasing id); an id is in the top-p support iff the probability of the ids
-    ranked above it is ``< top_p`` (so the most likely id always is). Ids with probability 0
-    (``-inf`` logits) are never in the support.
+    ranked above it is ``< top_p`` (so the most likely id always is); ``top_p=1.0`` keeps every
+    id. Ids with probability 0 (``-inf`` logits) are never in the support.
 
     Returns ``[..., K]`` int64, padded with ``-1``, ready for
     ``sparse_logprobs(..., normalize="support")``. ``K = min(top_k, V)`` when ``top_k`` is
@@ -279,19 +279,20 @@ def _sparse_kl_op(logits: Tensor, indices: Tensor, target_logprobs: Tensor, temp
 def _(logits, indices, target_logprobs, temperature, with_tail, backend):
     dt = out_dtype(logits.dtype)
     n = logits.shape[0]
-    return tuple(logits.new_empty(n, dtype=dt) for _ in range(3))
+    return (logits.new_empty(n, dtype=dt), logits.new_empty(n, dtype=dt),
+            logits.new_empty(n, 2, dtype=dt))
 
 
 @torch.library.custom_op("rlkernels::sparse_kl_backward", mutates_args=())
 def _sparse_kl_backward_op(grad_kl: Tensor, logits: Tensor, indices: Tensor,
-                           target_logprobs: Tensor, s_tail: Tensor, lse: Tensor,
+                           target_logprobs: Tensor, s_tail: Tensor, stats: Tensor,
                            temperature: float, with_tail: bool, backend: str) -> Tensor:
     return call(backend, _FAMILY, "sparse_kl_backward", grad_kl, logits, indices,
-                target_logprobs, s_tail, lse, temperature, with_tail)
+                target_logprobs, s_tail, stats, temperature, with_tail)
 
 
 @_sparse_kl_backward_op.register_fake
-def _(grad_kl, logits, indices, target_logprobs, s_tail, lse, temperature, with_tail, backend):
+def _(grad_kl, logits, indices, target_logprobs, s_tail, stats, temperature, with_tail, backend):
     return torch.empty_like(logits)
 
 
@@ -302,12 +303,12 @@ def _sparse_kl_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1], output[2])
 
 
-def _sparse_kl_grad(ctx, grad_kl, _g_tail, _g_lse):
+def _sparse_kl_grad(ctx, grad_kl, _g_tail, _g_stats):
     if not ctx.needs_input_grad[0]:
         return None, None, None, None, None, None
-    logits, indices, target_logprobs, s_tail, lse = ctx.saved_tensors
+    logits, indices, target_logprobs, s_tail, stats = ctx.saved_tensors
     temperature, with_tail, backend = ctx.args
-    grad = _sparse_kl_backward_op(grad_kl, logits, indices, target_logprobs, s_tail, lse,
+    grad = _sparse_kl_backward_op(grad_kl, logits, indices, target_logprobs, s_tail, stats,
                                   temperature, with_tail, backend)
     return grad, None, None, None, None, None
 
@@ -325,6 +326,8 @@ def sparse_kl(logits: Tensor, indices: Tensor, target_logprobs: Tensor, *,
     ``indices``, ``s = softmax(logits / temperature)`` is the student over all ``V`` columns,
     ``t_tail = max(1 - sum_k t_k, 0)`` and ``s_tail`` the student mass outside the ids.
     ``0 log 0 = 0``; slots with id ``-1`` are ignored (their target value is not read).
+    When the ids cover every column there is no tail bucket: ``t_tail`` is taken as 0 (its
+    value would only be the rounding of the targets, against a student tail of mass 0).
     Temperature applies to the student logits only.
 
     Shapes: ``logits [..., V]``, ``indices [..., K]``, ``target_logprobs [..., K]`` float ->
@@ -362,23 +365,24 @@ def _kl_divergence_op(logits: Tensor, ref_logits: Tensor, ignore_mask: Optional[
 def _(logits, ref_logits, ignore_mask, kind, beta, temperature, backend):
     dt = out_dtype(logits.dtype)
     n = logits.shape[0]
-    return tuple(logits.new_empty(n, dtype=dt) for _ in range(3))
+    return (logits.new_empty(n, dtype=dt), logits.new_empty(n, 2, dtype=dt),
+            logits.new_empty(n, 2, dtype=dt))
 
 
 @torch.library.custom_op("rlkernels::kl_divergence_backward", mutates_args=())
 def _kl_divergence_backward_op(grad_kl: Tensor, logits: Tensor, ref_logits: Tensor,
-                               ignore_mask: Optional[Tensor], lse_p: Tensor, lse_q: Tensor,
+                               ignore_mask: Optional[Tensor], stats_p: Tensor, stats_q: Tensor,
                                kind: str, beta: float, temperature: float,
                                need_ref_grad: bool, backend: str) -> Tuple[Tensor, Tensor]:
     grad_z, grad_w = call(backend, _FAMILY, "kl_divergence_backward", grad_kl, logits,
-                          ref_logits, ignore_mask, lse_p, lse_q, kind, beta, temperature,
+                          ref_logits, ignore_mask, stats_p, stats_q, kind, beta, temperature,
                           need_ref_grad)
     # custom ops cannot return None: an empty tensor stands for "not asked for"
     return grad_z, grad_w if grad_w is not None else ref_logits.new_empty(0)
 
 
 @_kl_divergence_backward_op.register_fake
-def _(grad_kl, logits, ref_logits, ignore_mask, lse_p, lse_q, kind, beta, temperature,
+def _(grad_kl, logits, ref_logits, ignore_mask, stats_p, stats_q, kind, beta, temperature,
       need_ref_grad, backend):
     return (torch.empty_like(logits),
             torch.empty_like(ref_logits) if need_ref_grad else ref_logits.new_empty(0))
@@ -395,10 +399,10 @@ def _kl_divergence_grad(ctx, grad_kl, _g1, _g2):
     need_z, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if not (need_z or need_w):
         return (None,) * 7
-    logits, ref_logits, ignore_mask, lse_p, lse_q = ctx.saved_tensors
+    logits, ref_logits, ignore_mask, stats_p, stats_q = ctx.saved_tensors
     kind, beta, temperature, backend = ctx.args
     grad_z, grad_w = _kl_divergence_backward_op(grad_kl, logits, ref_logits, ignore_mask,
-                                                lse_p, lse_q, kind, beta, temperature,
+                                                stats_p, stats_q, kind, beta, temperature,
                                                 need_w, backend)
     return (grad_z if need_z else None, grad_w if need_w else None) + (None,) * 5
 

@@ -46,12 +46,13 @@ def _logits_chunk(h: Tensor, w: Tensor, b: Optional[Tensor], rows: int) -> Tenso
 def linear_token_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                                   tokens: Tensor, temperature: float, ignore_index: int,
                                   with_entropy: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """Returns ``(logp [N], entropy [N], lse [N])`` as ``token_logprobs`` of the logits."""
+    """Returns ``(logp [N], entropy [N], stats [N, 2])`` as ``token_logprobs`` of the logits."""
     n, vocab = hidden.shape[0], weight.shape[0]
     cdt = compute_dtype(hidden.dtype)
     w = weight.to(cdt)
     b = None if bias is None else bias.to(cdt)
-    outs = [hidden.new_empty(n, dtype=cdt) for _ in range(3)]
+    outs = [hidden.new_empty(n, dtype=cdt), hidden.new_empty(n, dtype=cdt),
+            hidden.new_empty(n, 2, dtype=cdt)]
     step = rows_per_chunk(vocab)
     for rows in row_chunks(n, vocab):
         z = _logits_chunk(hidden[rows].to(cdt), w, b, step)
@@ -64,7 +65,7 @@ def linear_token_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Optional
 
 def linear_token_logprobs_backward(grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor],
                                    hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
-                                   tokens: Tensor, lse: Tensor, temperature: float,
+                                   tokens: Tensor, stats: Tensor, temperature: float,
                                    ignore_index: int) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """Gradients w.r.t. ``hidden``, ``weight`` and ``bias`` (``None`` without bias), each in the
     dtype of its input."""
@@ -82,7 +83,7 @@ def linear_token_logprobs_backward(grad_logp: Optional[Tensor], grad_entropy: Op
         dz = _vocab.token_logprobs_backward(
             None if grad_logp is None else grad_logp[rows],
             None if grad_entropy is None else grad_entropy[rows],
-            z, tokens[rows], lse[rows], temperature, ignore_index)
+            z, tokens[rows], stats[rows], temperature, ignore_index)
         grad_h[rows] = _rows_matmul(dz, w, step)
         grad_w += dz.T @ h
         if grad_b is not None:
@@ -97,21 +98,21 @@ def linear_grpo_loss_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tens
                              ref_logp: Optional[Tensor], is_weights: Optional[Tensor],
                              temperature: float, o: PolicyOptions):
     """``policy_loss`` of the log-probs and entropies of ``hidden @ weight^T``: returns
-    ``(loss, metrics, logp [B, T], entropy [B, T], lse [B*T])``."""
+    ``(loss, metrics, logp [B, T], entropy [B, T], stats [B*T, 2])``."""
     b, t = tokens.shape
-    logp, ent, lse = linear_token_logprobs_forward(hidden, weight, bias, tokens.reshape(-1),
+    logp, ent, stats = linear_token_logprobs_forward(hidden, weight, bias, tokens.reshape(-1),
                                                    temperature, -100, True)
     logp, ent = logp.view(b, t), ent.view(b, t)
     loss, metrics = _policy.policy_loss_forward(logp, old_logp, advantages, mask, normalizer,
                                                 ref_logp, ent, is_weights, o)
-    return loss, metrics, logp, ent, lse
+    return loss, metrics, logp, ent, stats
 
 
 def linear_grpo_loss_backward(grad_loss: Tensor, hidden: Tensor, weight: Tensor,
                               bias: Optional[Tensor], tokens: Tensor, old_logp: Tensor,
                               advantages: Tensor, mask: Tensor, normalizer: Optional[Tensor],
                               ref_logp: Optional[Tensor], is_weights: Optional[Tensor],
-                              logp: Tensor, ent: Tensor, lse: Tensor, temperature: float,
+                              logp: Tensor, ent: Tensor, stats: Tensor, temperature: float,
                               o: PolicyOptions):
     """Gradients w.r.t. ``hidden``, ``weight``, ``bias``: the policy-loss gradients of the
     per-token log-probs and entropies pushed through the lm_head backward."""
@@ -121,4 +122,4 @@ def linear_grpo_loss_backward(grad_loss: Tensor, hidden: Tensor, weight: Tensor,
                                                ent if with_entropy else None, is_weights, o)
     return linear_token_logprobs_backward(
         g_lp.reshape(-1), None if g_ent is None else g_ent.reshape(-1), hidden, weight, bias,
-        tokens.reshape(-1), lse, temperature, -100)
+        tokens.reshape(-1), stats, temperature, -100)

@@ -212,21 +212,21 @@ def grpo_loss_forward(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantag
                       is_weights: Optional[Tensor], temperature: float, o: PolicyOptions
                       ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``policy_loss(token_logprobs(logits, tokens), ...)``: returns
-    ``(loss, metrics, logp [B, T], entropy [B, T], lse [B*T])``; the entropy is always
+    ``(loss, metrics, logp [B, T], entropy [B, T], stats [B*T, 2])``; the entropy is always
     computed (it feeds the ``entropy`` metric) and enters the loss with ``entropy_coef``."""
     b, t = tokens.shape
-    logp, ent, lse = _vocab.token_logprobs_forward(logits, tokens.reshape(-1), temperature,
+    logp, ent, stats = _vocab.token_logprobs_forward(logits, tokens.reshape(-1), temperature,
                                                    -100, True)
     logp, ent = logp.view(b, t), ent.view(b, t)
     loss, metrics = policy_loss_forward(logp, old_logp, advantages, mask, normalizer,
                                         ref_logp, ent, is_weights, o)
-    return loss, metrics, logp, ent, lse
+    return loss, metrics, logp, ent, stats
 
 
 def grpo_loss_backward(grad_loss: Tensor, logits: Tensor, tokens: Tensor, old_logp: Tensor,
                        advantages: Tensor, mask: Tensor, normalizer: Optional[Tensor],
                        ref_logp: Optional[Tensor], is_weights: Optional[Tensor],
-                       logp: Tensor, ent: Tensor, lse: Tensor, temperature: float,
+                       logp: Tensor, ent: Tensor, stats: Tensor, temperature: float,
                        o: PolicyOptions, inplace: bool) -> Tensor:
     """``d loss / d logits``: the policy-loss gradients w.r.t. the per-token log-probs and
     entropies, pushed through the vocabulary backward in one pass. ``inplace`` writes the
@@ -237,4 +237,4 @@ def grpo_loss_backward(grad_loss: Tensor, logits: Tensor, tokens: Tensor, old_lo
                                        is_weights, o)
     return _vocab.token_logprobs_backward(
         g_lp.reshape(-1), None if g_ent is None else g_ent.reshape(-1), logits,
-        tokens.reshape(-1), lse, temperature, -100, out=logits if inplace else None)
+        tokens.reshape(-1), stats, temperature, -100, out=logits if inplace else None)

@@ -2,11 +2,16 @@
 
 Every function takes 2-d ``[N, V]`` logits (the public layer flattens leading dims) and works
 on row chunks of about ``CHUNK_ELEMENTS`` logits, in fp32 (fp64 for fp64 inputs). With
-``z = logits / T``, ``lse = logsumexp(z)`` and ``p = softmax(z)``:
+``z = logits / T``, ``p = softmax(z)`` and the saved per-row statistics ``stats = (m, log s)``
+with ``m = max(z)`` and ``s = sum exp(z - m)`` (so ``lse = m + log s``):
 
 * log-prob of token ``y``:      ``z_y - lse``;          d/dz = ``onehot(y) - p``
 * entropy:                      ``lse - sum(p z)``;     d/dz = ``-p (z - sum(p z))``
 * every gradient w.r.t. logits carries the ``1/T`` factor and has the dtype of the logits.
+
+Why ``(m, log s)`` rather than one fp32 ``lse``: ``log p = (z - m) - log s`` keeps the
+precision that ``z - lse`` loses when ``|lse|`` is large (an fp32 ``lse`` of 30 is only known
+to 2e-6), so backward recomputes ``p`` to within the rounding of fp32.
 
 Terms ``p * x`` are taken as 0 where ``p == 0`` so that ``-inf`` columns (masked vocabulary)
 contribute nothing instead of ``0 * -inf = nan``.
@@ -35,18 +40,61 @@ def _xlogy0(p: Tensor, x: Tensor) -> Tensor:
     return torch.where(p > 0, p * x, torch.zeros((), dtype=p.dtype, device=p.device))
 
 
+def _row_sum(x: Tensor, keepdim: bool = False) -> Tensor:
+    """Sum over the last dim of ``x [rows, L]`` in an order that does not depend on ``rows``.
+
+    On CPU, a reduction with a single output element is split across threads (a two-pass
+    reduction), so a lone row would be summed in another order than the same row inside a
+    batch. Reducing a broadcast 2-row view keeps the serial per-row order (batch invariance,
+    SPEC section 1); it allocates nothing.
+    """
+    if x.shape[0] == 1 and x.device.type == "cpu":
+        return x.expand(2, *x.shape[1:]).sum(-1, keepdim=keepdim)[:1]
+    return x.sum(-1, keepdim=keepdim)
+
+
+def _row_lse(x: Tensor, keepdim: bool = False) -> Tensor:
+    """``logsumexp`` over the last dim, batch-invariant like :func:`_row_sum`."""
+    if x.shape[0] == 1 and x.device.type == "cpu":
+        return torch.logsumexp(x.expand(2, *x.shape[1:]), dim=-1, keepdim=keepdim)[:1]
+    return torch.logsumexp(x, dim=-1, keepdim=keepdim)
+
+
 def _softmax_stats(z: Tensor) -> Tuple[Tensor, Tensor]:
-    """Per-row ``lse`` and ``sum(p z)`` computed on max-shifted logits for accuracy.
+    """Per-row ``stats`` and entropy, computed on max-shifted logits for accuracy.
 
     ``lse - sum(p z) = log(sum exp(z - m)) - sum(p (z - m))``: shifting by the row max ``m``
     keeps the entropy exact on peaked rows, where ``lse`` and ``sum(p z)`` nearly cancel.
     """
-    m = z.amax(dim=-1, keepdim=True)
-    zs = z - m
-    lse_s = torch.logsumexp(zs, dim=-1, keepdim=True)
-    p = torch.exp(zs - lse_s)
-    entropy = lse_s[:, 0] - _xlogy0(p, zs).sum(-1)
-    return (lse_s + m)[:, 0], entropy
+    stats = _row_stats(z)
+    zs, log_s = _shifted(z, stats)
+    p = torch.exp(zs - log_s)
+    entropy = log_s[:, 0] - _row_sum(_xlogy0(p, zs))
+    return stats, entropy
+
+
+def _max_and_log_rest(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(m, log s)`` with ``m = max(x)`` and ``log s = log sum exp(x - m)`` per row.
+
+    ``s = 1 + rest`` where ``rest`` sums every column but one arg-max; ``log s =
+    log1p(rest)`` keeps ``1 - p_max = -expm1(-log s)`` exact on peaked rows, where
+    ``log(s)`` of an fp32 ``s ~ 1`` would round ``rest`` to a multiple of 1.2e-7.
+    A row of only ``-inf`` gives ``m = -inf`` and ``log s = 0`` (an empty sum).
+    """
+    m = x.amax(dim=-1, keepdim=True)
+    e = torch.exp(x - torch.where(m == -math.inf, 0.0, m))
+    e.scatter_(1, e.argmax(dim=-1, keepdim=True), 0.0)
+    return m, torch.log1p(_row_sum(e, keepdim=True))
+
+
+def _row_stats(z: Tensor) -> Tensor:
+    """``[rows, 2]``: the row max ``m`` and ``log s = log sum exp(z - m)``."""
+    return torch.cat(_max_and_log_rest(z), dim=-1)
+
+
+def _shifted(z: Tensor, stats: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(z - m, log s)`` with ``log s`` as a ``[rows, 1]`` column: ``log p = zs - log s``."""
+    return z - stats[:, :1], stats[:, 1:]
 
 
 # --------------------------------------------------------------------- token log-probs / entropy
@@ -54,7 +102,7 @@ def _softmax_stats(z: Tensor) -> Tuple[Tensor, Tensor]:
 def token_logprobs_forward(logits: Tensor, tokens: Optional[Tensor], temperature: float,
                            ignore_index: int, with_entropy: bool
                            ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Returns ``(logp [N], entropy [N], lse [N])``.
+    """Returns ``(logp [N], entropy [N], stats [N, 2])``.
 
     ``tokens=None`` computes entropy only (``logp`` is all zeros). Rows whose token equals
     ``ignore_index`` get 0 for both outputs; ``entropy`` is all zeros unless ``with_entropy``.
@@ -63,39 +111,45 @@ def token_logprobs_forward(logits: Tensor, tokens: Optional[Tensor], temperature
     cdt = compute_dtype(logits.dtype)
     logp = logits.new_zeros(n, dtype=cdt)
     ent = logits.new_zeros(n, dtype=cdt)
-    lse = logits.new_empty(n, dtype=cdt)
+    stats = logits.new_empty(n, 2, dtype=cdt)
     for rows in row_chunks(n, vocab):
         z = _scaled(logits, rows, temperature)
         if with_entropy:
-            lse[rows], ent[rows] = _softmax_stats(z)
+            stats[rows], ent[rows] = _softmax_stats(z)
         else:
-            lse[rows] = torch.logsumexp(z, dim=-1)
+            stats[rows] = _row_stats(z)
         if tokens is not None:
             tok = tokens[rows].long()
             valid = tok != ignore_index
-            z_tok = z.gather(1, torch.where(valid, tok, 0)[:, None])[:, 0]
-            logp[rows] = torch.where(valid, z_tok - lse[rows], 0.0)
+            z_tok = z.gather(1, torch.where(valid, tok, 0)[:, None])
+            zs_tok, log_s = _shifted(z_tok, stats[rows])
+            logp[rows] = torch.where(valid, (zs_tok - log_s)[:, 0], 0.0)
             if with_entropy:
                 ent[rows] = torch.where(valid, ent[rows], 0.0)
-    return logp, ent, lse
+    return logp, ent, stats
 
 
-def _token_logprobs_grad_chunk(z: Tensor, tok: Optional[Tensor], lse: Tensor,
+def _token_logprobs_grad_chunk(z: Tensor, tok: Optional[Tensor], stats: Tensor,
                                g_logp: Optional[Tensor], g_ent: Optional[Tensor]) -> Tensor:
     """``d loss / d z`` for one chunk (without the ``1/T`` factor)."""
-    p = torch.exp(z - lse[:, None])
+    zs, log_s = _shifted(z, stats)
+    p = torch.exp(zs - log_s)
     grad = torch.zeros_like(z)
     if g_logp is not None:
         grad -= g_logp[:, None] * p
-        grad.scatter_add_(1, tok[:, None], g_logp[:, None])
+        # the token's column: g (1 - p_y) = -g expm1(log p_y), not g - g p_y, which loses
+        # every digit of 1 - p_y when the row is peaked on its token (p_y ~ 1)
+        logp_y = zs.gather(1, tok[:, None]) - log_s
+        grad.scatter_(1, tok[:, None], -g_logp[:, None] * torch.expm1(logp_y))
     if g_ent is not None:
-        sum_pz = _xlogy0(p, z).sum(-1, keepdim=True)
-        grad -= g_ent[:, None] * _xlogy0(p, z - sum_pz)
+        # z - sum(p z) on max-shifted logits: exact where a peaked row makes both ~ max(z)
+        sum_pz = _row_sum(_xlogy0(p, zs), keepdim=True)
+        grad -= g_ent[:, None] * _xlogy0(p, zs - sum_pz)
     return grad
 
 
 def token_logprobs_backward(grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor],
-                            logits: Tensor, tokens: Optional[Tensor], lse: Tensor,
+                            logits: Tensor, tokens: Optional[Tensor], stats: Tensor,
                             temperature: float, ignore_index: int,
                             out: Optional[Tensor] = None) -> Tensor:
     """Gradient w.r.t. ``logits`` (``out`` may be ``logits`` itself, for in-place backward).
@@ -119,7 +173,10 @@ def token_logprobs_backward(grad_logp: Optional[Tensor], grad_entropy: Optional[
         if grad_entropy is not None:
             g_h = grad_entropy[rows].to(cdt)
             g_h = torch.where(valid, g_h, 0.0) if tokens is not None else g_h
-        g = _token_logprobs_grad_chunk(z, tok, lse[rows], g_lp, g_h)
+        g = _token_logprobs_grad_chunk(z, tok, stats[rows], g_lp, g_h)
+        if tokens is not None:
+            # exactly 0 on padding rows, even when their logits are -inf or NaN
+            g = torch.where(valid[:, None], g, 0.0)
         grad[rows] = g / temperature if temperature != 1.0 else g
     return grad
 
@@ -135,16 +192,17 @@ def _membership(z: Tensor, idx: Tensor, valid: Tensor) -> Tensor:
     return member.bool()
 
 
-def _log_tail(z: Tensor, member: Tensor, lse: Tensor) -> Tensor:
+def _log_tail(z: Tensor, member: Tensor, stats: Tensor) -> Tensor:
     """log of the probability mass outside the ids: ``logsumexp(z[not member]) - lse``."""
-    outside = z.masked_fill(member, -math.inf)
-    return torch.logsumexp(outside, dim=-1) - lse
+    zs, log_s = _shifted(z, stats)
+    m_out, log_s_out = _max_and_log_rest(zs.masked_fill(member, -math.inf))
+    return (m_out + log_s_out - log_s)[:, 0]
 
 
 def sparse_logprobs_forward(logits: Tensor, indices: Tensor, temperature: float,
                             normalize: str, with_tail: bool
                             ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Returns ``(logp [N, K], tail [N], lse [N])``.
+    """Returns ``(logp [N, K], tail [N], stats [N, 2])``.
 
     ``normalize="full"``: ``z_k - lse``; ``"support"``: ``z_k - logsumexp_{valid k} z_k``.
     Slots with id -1 give ``-inf``. ``tail`` (only when ``with_tail``) is the log of the
@@ -154,26 +212,27 @@ def sparse_logprobs_forward(logits: Tensor, indices: Tensor, temperature: float,
     cdt = compute_dtype(logits.dtype)
     logp = logits.new_empty(indices.shape, dtype=cdt)
     tail = logits.new_zeros(n, dtype=cdt)
-    lse = logits.new_empty(n, dtype=cdt)
+    stats = logits.new_empty(n, 2, dtype=cdt)
     for rows in row_chunks(n, vocab):
         z = _scaled(logits, rows, temperature)
         idx = indices[rows].long()
         valid = idx >= 0
         idx = torch.where(valid, idx, 0)
-        lse[rows] = torch.logsumexp(z, dim=-1)
+        stats[rows] = _row_stats(z)
         z_k = z.gather(1, idx).masked_fill(~valid, -math.inf)
         if normalize == "full":
-            norm = lse[rows]
+            zs_k, log_s = _shifted(z_k, stats[rows])
+            values = zs_k - log_s
         else:
-            norm = torch.logsumexp(z_k, dim=-1)
-        logp[rows] = torch.where(valid, z_k - norm[:, None], -math.inf)
+            values = z_k - _row_lse(z_k, keepdim=True)
+        logp[rows] = torch.where(valid, values, -math.inf)
         if with_tail:
-            tail[rows] = _log_tail(z, _membership(z, idx, valid), lse[rows])
-    return logp, tail, lse
+            tail[rows] = _log_tail(z, _membership(z, idx, valid), stats[rows])
+    return logp, tail, stats
 
 
 def sparse_logprobs_backward(grad_logp: Tensor, grad_tail: Optional[Tensor], logits: Tensor,
-                             indices: Tensor, logp: Tensor, tail: Tensor, lse: Tensor,
+                             indices: Tensor, logp: Tensor, tail: Tensor, stats: Tensor,
                              temperature: float, normalize: str) -> Tensor:
     """Gradient w.r.t. ``logits``.
 
@@ -190,18 +249,19 @@ def sparse_logprobs_backward(grad_logp: Tensor, grad_tail: Optional[Tensor], log
         valid = idx >= 0
         idx = torch.where(valid, idx, 0)
         g_k = torch.where(valid, grad_logp[rows].to(cdt), 0.0)
-        p = torch.exp(z - lse[rows, None])
+        zs, log_s = _shifted(z, stats[rows])
+        p = torch.exp(zs - log_s)
         g = torch.zeros_like(z)
         if normalize == "full":
-            g -= p * g_k.sum(-1, keepdim=True)
+            g -= p * _row_sum(g_k, keepdim=True)
         else:
             s_k = torch.exp(logp[rows])  # 0 on unused slots
-            g_k = g_k - s_k * g_k.sum(-1, keepdim=True)
+            g_k = g_k - s_k * _row_sum(g_k, keepdim=True)
         g.scatter_add_(1, idx, g_k)
         if grad_tail is not None:
             g_t = grad_tail[rows].to(cdt)[:, None]
             outside = ~_membership(z, idx, valid) & (z > -math.inf)
-            q = torch.where(outside, torch.exp(z - lse[rows, None] - tail[rows, None]), 0.0)
+            q = torch.where(outside, torch.exp(zs - log_s - tail[rows, None]), 0.0)
             g += g_t * (q - p)
         grad[rows] = g / temperature if temperature != 1.0 else g
     return grad
@@ -211,7 +271,7 @@ def sparse_logprobs_backward(grad_logp: Tensor, grad_tail: Optional[Tensor], log
 
 def sparse_kl_forward(logits: Tensor, indices: Tensor, target_logprobs: Tensor,
                       temperature: float, with_tail: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """Returns ``(kl [N], student log tail [N], lse [N])``.
+    """Returns ``(kl [N], student log tail [N], stats [N, 2])``.
 
     ``sum_k t_k (log t_k - log s_k) [+ t_tail (log t_tail - log s_tail)]`` with
     ``t_tail = max(1 - sum_k t_k, 0)``, ``s_tail`` the student mass outside the ids, and
@@ -221,27 +281,32 @@ def sparse_kl_forward(logits: Tensor, indices: Tensor, target_logprobs: Tensor,
     cdt = compute_dtype(logits.dtype)
     kl = logits.new_empty(n, dtype=cdt)
     s_tail = logits.new_zeros(n, dtype=cdt)
-    lse = logits.new_empty(n, dtype=cdt)
+    stats = logits.new_empty(n, 2, dtype=cdt)
     for rows in row_chunks(n, vocab):
         z = _scaled(logits, rows, temperature)
         idx = indices[rows].long()
         valid = idx >= 0
         idx = torch.where(valid, idx, 0)
-        lse[rows] = torch.logsumexp(z, dim=-1)
+        stats[rows] = _row_stats(z)
         t_log = target_logprobs[rows].to(cdt)
         t = torch.where(valid, torch.exp(t_log), 0.0)
-        s_log = z.gather(1, idx) - lse[rows, None]
-        value = _xlogy0(t, t_log - s_log).sum(-1)
+        zs_k, log_s = _shifted(z.gather(1, idx), stats[rows])
+        s_log = zs_k - log_s
+        value = _row_sum(_xlogy0(t, t_log - s_log))
         if with_tail:
-            s_tail[rows] = _log_tail(z, _membership(z, idx, valid), lse[rows])
-            t_tail = (1.0 - t.sum(-1)).clamp_min(0.0)
+            member = _membership(z, idx, valid)
+            s_tail[rows] = _log_tail(z, member, stats[rows])
+            t_tail = (1.0 - _row_sum(t)).clamp_min(0.0)
+            # ids covering every column: the tail bucket is empty and 1 - sum t_k is only the
+            # rounding of the targets (it would meet s_tail = -inf and give inf)
+            t_tail = torch.where(member.all(-1), 0.0, t_tail)
             value = value + _xlogy0(t_tail, torch.log(t_tail) - s_tail[rows])
         kl[rows] = value
-    return kl, s_tail, lse
+    return kl, s_tail, stats
 
 
 def sparse_kl_backward(grad_kl: Tensor, logits: Tensor, indices: Tensor,
-                       target_logprobs: Tensor, s_tail: Tensor, lse: Tensor,
+                       target_logprobs: Tensor, s_tail: Tensor, stats: Tensor,
                        temperature: float, with_tail: bool) -> Tensor:
     """Gradient w.r.t. ``logits``:
     ``g (p (sum_k t_k + t_tail) - scatter(t_k) - t_tail 1[j outside] q_j)``."""
@@ -255,14 +320,17 @@ def sparse_kl_backward(grad_kl: Tensor, logits: Tensor, indices: Tensor,
         idx = torch.where(valid, idx, 0)
         g_row = grad_kl[rows].to(cdt)[:, None]
         t = torch.where(valid, torch.exp(target_logprobs[rows].to(cdt)), 0.0)
-        p = torch.exp(z - lse[rows, None])
-        mass = t.sum(-1, keepdim=True)
+        zs, log_s = _shifted(z, stats[rows])
+        p = torch.exp(zs - log_s)
+        mass = _row_sum(t, keepdim=True)
         g = torch.zeros_like(z)
         g.scatter_add_(1, idx, -t)
         if with_tail:
+            member = _membership(z, idx, valid)
             t_tail = (1.0 - mass).clamp_min(0.0)
-            outside = ~_membership(z, idx, valid) & (z > -math.inf)
-            q = torch.where(outside, torch.exp(z - lse[rows, None] - s_tail[rows, None]), 0.0)
+            t_tail = torch.where(member.all(-1, keepdim=True), 0.0, t_tail)  # as in forward
+            outside = ~member & (z > -math.inf)
+            q = torch.where(outside, torch.exp(zs - log_s - s_tail[rows, None]), 0.0)
             g -= t_tail * q
             mass = mass + t_tail
         g += p * mass
@@ -283,19 +351,19 @@ def _kl_terms(logp: Tensor, logq: Tensor, kind: str, beta: float, need_grads: bo
     """
     p, q = logp.exp(), logq.exp()
     if kind == "reverse":
-        kl = _xlogy0(p, logp - logq).sum(-1)
+        kl = _row_sum(_xlogy0(p, logp - logq))
         if not need_grads:
             return kl, None, None
         return kl, _softmax_vjp(p, logp - logq), q - p
     if kind == "forward":
-        kl = _xlogy0(q, logq - logp).sum(-1)
+        kl = _row_sum(_xlogy0(q, logq - logp))
         if not need_grads:
             return kl, None, None
         return kl, p - q, _softmax_vjp(q, logq - logp)
     # m = beta p + (1 - beta) q, in log space so that tiny masses keep their precision
     logm = torch.logaddexp(logp + _log(beta), logq + _log(1.0 - beta))
     a_p, a_q = beta * (logp - logm), (1.0 - beta) * (logq - logm)
-    kl = _xlogy0(p, a_p).sum(-1) + _xlogy0(q, a_q).sum(-1)
+    kl = _row_sum(_xlogy0(p, a_p)) + _row_sum(_xlogy0(q, a_q))
     if not need_grads:
         return kl, None, None
     return kl, _softmax_vjp(p, a_p), _softmax_vjp(q, a_q)
@@ -305,7 +373,7 @@ def _softmax_vjp(r: Tensor, a: Tensor) -> Tensor:
     """``r (a - sum(r a))``: the gradient w.r.t. ``x`` of a loss with ``dL/d log r = a``
     through ``r = softmax(x)``, with ``0 * a = 0`` where ``r == 0``."""
     ra = _xlogy0(r, a)
-    return ra - r * ra.sum(-1, keepdim=True)
+    return ra - r * _row_sum(ra, keepdim=True)
 
 
 def _log(x: float) -> float:
@@ -315,30 +383,34 @@ def _log(x: float) -> float:
 def kl_divergence_forward(logits: Tensor, ref_logits: Tensor, ignore_mask: Optional[Tensor],
                           kind: str, beta: float, temperature: float
                           ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Returns ``(kl [N], lse_p [N], lse_q [N])``; rows with ``ignore_mask`` give 0."""
+    """Returns ``(kl [N], stats_p [N, 2], stats_q [N, 2])``; ``ignore_mask`` rows give 0."""
     n, vocab = logits.shape
     cdt = compute_dtype(logits.dtype)
     kl = logits.new_empty(n, dtype=cdt)
-    lse_p = logits.new_empty(n, dtype=cdt)
-    lse_q = logits.new_empty(n, dtype=cdt)
+    stats_p = logits.new_empty(n, 2, dtype=cdt)
+    stats_q = logits.new_empty(n, 2, dtype=cdt)
     for rows in row_chunks(n, vocab):
         z = _scaled(logits, rows, temperature)
         w = _scaled(ref_logits, rows, temperature)
-        lse_p[rows] = torch.logsumexp(z, dim=-1)
-        lse_q[rows] = torch.logsumexp(w, dim=-1)
-        logp, logq = z - lse_p[rows, None], w - lse_q[rows, None]
+        stats_p[rows], stats_q[rows] = _row_stats(z), _row_stats(w)
+        logp, logq = _log_softmax(z, stats_p[rows]), _log_softmax(w, stats_q[rows])
         kl[rows] = _kl_terms(logp, logq, kind, beta, False)[0]
     if ignore_mask is not None:
         kl = torch.where(ignore_mask, 0.0, kl)
-    return kl, lse_p, lse_q
+    return kl, stats_p, stats_q
+
+
+def _log_softmax(z: Tensor, stats: Tensor) -> Tensor:
+    zs, log_s = _shifted(z, stats)
+    return zs - log_s
 
 
 def kl_divergence_backward(grad_kl: Tensor, logits: Tensor, ref_logits: Tensor,
-                           ignore_mask: Optional[Tensor], lse_p: Tensor, lse_q: Tensor,
+                           ignore_mask: Optional[Tensor], stats_p: Tensor, stats_q: Tensor,
                            kind: str, beta: float, temperature: float, need_ref_grad: bool
                            ) -> Tuple[Tensor, Optional[Tensor]]:
     """Gradients w.r.t. ``logits`` and (if ``need_ref_grad``) ``ref_logits``, recomputing
-    both softmaxes from the saved log-sum-exps (formulas in :func:`_kl_terms`), times
+    both softmaxes from the saved row statistics (formulas in :func:`_kl_terms`), times
     ``1/T``; ``ignore_mask`` rows receive exactly 0."""
     n, vocab = logits.shape
     cdt = compute_dtype(logits.dtype)
@@ -350,14 +422,15 @@ def kl_divergence_backward(grad_kl: Tensor, logits: Tensor, ref_logits: Tensor,
     for rows in row_chunks(n, vocab):
         z = _scaled(logits, rows, temperature)
         w = _scaled(ref_logits, rows, temperature)
-        logp, logq = z - lse_p[rows, None], w - lse_q[rows, None]
+        logp, logq = _log_softmax(z, stats_p[rows]), _log_softmax(w, stats_q[rows])
         _, d_z, d_w = _kl_terms(logp, logq, kind, beta, True)
         g = g_all[rows, None] / temperature
-        grad_z[rows] = g * d_z
+        keep = None if ignore_mask is None else ~ignore_mask[rows, None]
+        # where(): exactly 0 on ignored rows, even when their logits are -inf or NaN
+        grad_z[rows] = g * d_z if keep is None else torch.where(keep, g * d_z, 0.0)
         if grad_w is not None:
-            grad_w[rows] = g * d_w
+            grad_w[rows] = g * d_w if keep is None else torch.where(keep, g * d_w, 0.0)
     return grad_z, grad_w
-
 
 
 # ------------------------------------------------------------------------- sampling support
@@ -377,7 +450,10 @@ def sampling_support(logits: Tensor, top_k: Optional[int], top_p: Optional[float
         vals, order = torch.sort(z, dim=-1, descending=True, stable=True)
         vals, order = vals[:, :width], order[:, :width]
         keep = vals > -math.inf
-        if top_p is not None:
+        # top_p = 1 keeps every id of non-zero probability (every finite logit), as vLLM and
+        # HF do; the fp32 running sum below can reach 1.0 early on peaked rows and would drop
+        # ids of tiny but non-zero probability
+        if top_p is not None and top_p < 1.0:
             probs = torch.softmax(vals, dim=-1)
             mass_above = torch.cumsum(probs, dim=-1) - probs
             keep &= mass_above < top_p
