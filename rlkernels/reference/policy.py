@@ -118,26 +118,41 @@ def per_token_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Ten
     return loss, parts
 
 
+def _denominator(mask: Tensor, agg: str, normalizer: Optional[Tensor]) -> Tensor:
+    """The divisor of ``agg`` (``normalizer`` when given); an empty one counts as 1."""
+    if normalizer is not None:
+        denom = normalizer.to(mask.dtype)
+    elif agg == "token-mean":
+        denom = mask.sum()
+    elif agg in ("seq-mean-token-mean", "seq-mean-token-sum"):
+        denom = (mask.sum(-1) > 0).to(mask.dtype).sum()
+    else:  # seq-mean-token-sum-norm (Dr. GRPO): a constant horizon T
+        denom = torch.tensor(float(mask.shape[-1]), dtype=mask.dtype, device=mask.device)
+    return torch.where(denom > 0, denom, torch.ones_like(denom))
+
+
 def aggregate(loss: Tensor, mask: Tensor, agg: str, normalizer: Optional[Tensor]) -> Tensor:
     """Masked aggregation of ``[B, T]`` per-token losses into a scalar (see ``policy_loss``).
 
     An empty denominator (no unmasked token or sequence) gives a loss of 0, not NaN.
     """
-    masked = loss * mask
-    tokens_per_seq = mask.sum(-1)
-    nonempty = (tokens_per_seq > 0).to(loss.dtype)
-    if agg == "token-mean":
-        total, default = masked.sum(), mask.sum()
-    elif agg == "seq-mean-token-mean":
-        total = (masked.sum(-1) / tokens_per_seq.clamp_min(1e-30) * nonempty).sum()
-        default = nonempty.sum()
-    elif agg == "seq-mean-token-sum":
-        total, default = masked.sum(), nonempty.sum()
-    else:  # seq-mean-token-sum-norm (Dr. GRPO): a constant horizon T
-        total, default = masked.sum(), torch.tensor(float(loss.shape[-1]), dtype=loss.dtype,
-                                                   device=loss.device)
-    denom = default if normalizer is None else normalizer.to(loss.dtype)
-    return total / torch.where(denom > 0, denom, torch.ones_like(denom))
+    masked = torch.where(mask != 0, loss * mask, 0.0)
+    if agg == "seq-mean-token-mean":
+        tokens_per_seq = mask.sum(-1)
+        total = torch.where(tokens_per_seq > 0, masked.sum(-1) / tokens_per_seq, 0.0).sum()
+    else:
+        total = masked.sum()
+    return total / _denominator(mask, agg, normalizer)
+
+
+def aggregate_weights(mask: Tensor, agg: str, normalizer: Optional[Tensor]) -> Tensor:
+    """``d aggregate / d loss``, per token ``[B, T]``: ``m / denom``, and for
+    ``seq-mean-token-mean`` also divided by the sequence's token count."""
+    weights = mask / _denominator(mask, agg, normalizer)
+    if agg == "seq-mean-token-mean":
+        tokens_per_seq = mask.sum(-1, keepdim=True)
+        weights = torch.where(tokens_per_seq > 0, weights / tokens_per_seq, 0.0)
+    return weights
 
 
 def _masked_mean(x: Tensor, mask: Tensor, count: Tensor) -> Tensor:
@@ -188,21 +203,73 @@ def policy_loss_backward(grad_loss: Tensor, logp: Tensor, old_logp: Tensor,
                          ref_logp: Optional[Tensor], entropy: Optional[Tensor],
                          is_weights: Optional[Tensor], o: PolicyOptions
                          ) -> Tuple[Tensor, Optional[Tensor]]:
-    """Gradients of the loss w.r.t. ``logp`` and ``entropy`` (``None`` if not given): the
-    vector-Jacobian product of the recomputed formulas. (``torch.func.vjp``, not
-    ``torch.autograd.grad``: inside a custom op autograd recording is switched off.)"""
+    """Gradients of the loss w.r.t. ``logp`` and ``entropy`` (``None`` if not given).
+
+    ``d loss / d L_t = c_t`` (:func:`aggregate_weights`), and with ``A`` the advantage, ``r``
+    the ratio and ``w`` the importance weight:
+
+    * ``d L_t / d H_t = -entropy_coef``
+    * ``d L_t / d logp_t = w dpg_t + kl_coef dKL_t/dlogp_t`` where ``dpg_t`` is
+      ppo: ``dpg/dr * r * dlog r/dlogp`` (``dlog r/dlogp`` is 1 inside the log-ratio clamp,
+      and always 1 for the GSPO straight-through), with ``dpg/dr = -A`` on the active branch
+      of the max and 0 on a clipped one (half each on an exact tie, like ``torch.maximum``),
+      and 0 where the dual-clip bound is active; cispo: ``-clip(r, 0, 1 + clip_high) A``;
+      reinforce: ``-A``.
+
+    Masked tokens (``c_t = 0``) receive exactly 0.
+    """
     lp, old, adv, m, ref, ent, isw = _prepared(
         logp, [logp, old_logp, advantages, mask, ref_logp, entropy, is_weights])
+    c = grad_loss.to(lp.dtype) * aggregate_weights(m, o.agg, normalizer)
+    a = adv[:, None].expand_as(lp) if adv.dim() == 1 else adv
+    g = _policy_grad(lp, old, a, m, o)
+    if isw is not None:
+        g = g * isw
+    if ref is not None and o.kl_coef != 0.0:
+        g = g + o.kl_coef * kl_penalty_grad(lp, ref, o.kl_estimator)
+    g_lp = torch.where(c != 0, c * g, 0.0)
+    g_ent = None
+    if entropy is not None:
+        g_ent = torch.where(c != 0, -o.entropy_coef * c, 0.0).to(entropy.dtype)
+    return g_lp.to(logp.dtype), g_ent
 
-    def loss_of(lp_, *ent_):
-        per_token, _ = per_token_loss(lp_, old, adv, m, ref, ent_[0] if ent_ else None, isw, o)
-        return aggregate(per_token, m, o.agg, normalizer)
 
-    primals = (lp,) if ent is None else (lp, ent)
-    value, vjp = torch.func.vjp(loss_of, *primals)
-    grads = vjp(grad_loss.to(value.dtype))
-    g_ent = None if entropy is None else grads[1].to(entropy.dtype)
-    return grads[0].to(logp.dtype), g_ent
+def _half_where_tied(x: Tensor, y: Tensor, if_greater: Tensor, if_less: Tensor) -> Tensor:
+    """The gradient routing of ``max(x, y)``-style selections (``torch.maximum``)."""
+    return torch.where(x > y, if_greater, torch.where(x < y, if_less,
+                                                      0.5 * (if_greater + if_less)))
+
+
+def _policy_grad(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor,
+                 o: PolicyOptions) -> Tensor:
+    """``d pg_t / d logp_t`` of the policy term (before ``is_weights``)."""
+    if o.loss == "reinforce":
+        return -adv
+    d = logp - old_logp
+    c = o.log_ratio_clamp
+    log_r = torch.clamp(d, -c, c)
+    if o.ratio_level == "sequence":
+        count = mask.sum(-1, keepdim=True)
+        log_r = torch.where(count > 0, (log_r * mask).sum(-1, keepdim=True) / count, 0.0)
+        log_r = log_r.expand_as(logp)
+        dlog_r = torch.ones_like(logp)  # straight-through: sg(seq) + logp - sg(logp)
+    else:
+        dlog_r = ((d >= -c) & (d <= c)).to(logp.dtype)
+    r = torch.exp(log_r)
+    hi = 1.0 + o.clip_high
+    if o.loss == "cispo":
+        return -torch.clamp(r, 0.0, hi) * adv
+    lo = 1.0 - o.clip_low
+    unclipped = r if o.delta is None else torch.clamp(r, max=o.delta)
+    d_unclipped = -adv * (1.0 if o.delta is None else (r <= o.delta).to(r.dtype))
+    d_clipped = -adv * ((r >= lo) & (r <= hi)).to(r.dtype)
+    pg1, pg2 = -adv * unclipped, -adv * torch.clamp(r, lo, hi)
+    dpg = _half_where_tied(pg1, pg2, d_unclipped, d_clipped)
+    if o.dual_clip is not None:
+        pg, bound = torch.maximum(pg1, pg2), -o.dual_clip * adv
+        dual = _half_where_tied(pg, bound, torch.zeros_like(dpg), dpg)
+        dpg = torch.where(adv < 0, dual, dpg)
+    return dpg * r * dlog_r
 
 
 # -------------------------------------------------------------------------------- grpo loss

@@ -333,13 +333,6 @@ def test_grpo_compile_matches_eager(backend):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "backward traced inside the compiled graph (torch._dynamo trace_autograd_ops=True): on "
-    "the first call AOTAutograd runs the graph under _AnalyzeCustomOpInputOutputMode (its "
-    "custom-op aliasing check) and the reference policy backward, which calls torch.func.vjp "
-    "inside the rlkernels::grpo_loss_backward custom op, fails with 'Cannot access data "
-    "pointer of Tensor that doesn't have storage' (passes with "
-    "torch._functorch.config.check_custom_op_aliasing=False)"))
 def test_grpo_compile_with_backward_in_graph(backend):
     logits, args, kw = _compile_inputs()
 

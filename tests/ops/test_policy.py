@@ -544,11 +544,6 @@ def test_policy_loss_compiles(backend):
     assert torch.equal(loss_c, loss_e) and torch.equal(cf_c, cf_e) and torch.equal(g_c, g_e)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "backward traced inside the compiled graph (torch._dynamo trace_autograd_ops=True): "
-    "AOTAutograd's first-call custom-op aliasing check (_AnalyzeCustomOpInputOutputMode) "
-    "breaks torch.func.vjp inside rlkernels::policy_loss_backward: 'Cannot access data "
-    "pointer of Tensor that doesn't have storage'"))
 def test_policy_loss_compile_with_backward_in_graph(backend):
     inp = make_inputs(seed=17)
 
