@@ -183,6 +183,13 @@ def token_logprobs_backward(grad_logp: Optional[Tensor], grad_entropy: Optional[
 
 # --------------------------------------------------------------------------- sparse log-probs
 
+def _ids(indices: Tensor, rows: slice) -> Tuple[Tensor, Tensor]:
+    """The chunk's ids as int64 with unused slots (-1) sent to column 0, and their mask."""
+    idx = indices[rows].long()
+    valid = idx >= 0
+    return torch.where(valid, idx, 0), valid
+
+
 def _membership(z: Tensor, idx: Tensor, valid: Tensor) -> Tensor:
     """Bool ``[rows, V]``: column j is one of the row's valid ids (duplicates allowed)."""
     member = torch.zeros(z.shape, dtype=torch.int8, device=z.device)
@@ -215,9 +222,7 @@ def sparse_logprobs_forward(logits: Tensor, indices: Tensor, temperature: float,
     stats = logits.new_empty(n, 2, dtype=cdt)
     for rows in row_chunks(n, vocab):
         z = _scaled(logits, rows, temperature)
-        idx = indices[rows].long()
-        valid = idx >= 0
-        idx = torch.where(valid, idx, 0)
+        idx, valid = _ids(indices, rows)
         stats[rows] = _row_stats(z)
         z_k = z.gather(1, idx).masked_fill(~valid, -math.inf)
         if normalize == "full":
@@ -245,9 +250,7 @@ def sparse_logprobs_backward(grad_logp: Tensor, grad_tail: Optional[Tensor], log
     grad = torch.empty_like(logits)
     for rows in row_chunks(n, vocab):
         z = _scaled(logits, rows, temperature)
-        idx = indices[rows].long()
-        valid = idx >= 0
-        idx = torch.where(valid, idx, 0)
+        idx, valid = _ids(indices, rows)
         g_k = torch.where(valid, grad_logp[rows].to(cdt), 0.0)
         zs, log_s = _shifted(z, stats[rows])
         p = torch.exp(zs - log_s)
@@ -284,9 +287,7 @@ def sparse_kl_forward(logits: Tensor, indices: Tensor, target_logprobs: Tensor,
     stats = logits.new_empty(n, 2, dtype=cdt)
     for rows in row_chunks(n, vocab):
         z = _scaled(logits, rows, temperature)
-        idx = indices[rows].long()
-        valid = idx >= 0
-        idx = torch.where(valid, idx, 0)
+        idx, valid = _ids(indices, rows)
         stats[rows] = _row_stats(z)
         t_log = target_logprobs[rows].to(cdt)
         t = torch.where(valid, torch.exp(t_log), 0.0)
@@ -315,9 +316,7 @@ def sparse_kl_backward(grad_kl: Tensor, logits: Tensor, indices: Tensor,
     grad = torch.empty_like(logits)
     for rows in row_chunks(n, vocab):
         z = _scaled(logits, rows, temperature)
-        idx = indices[rows].long()
-        valid = idx >= 0
-        idx = torch.where(valid, idx, 0)
+        idx, valid = _ids(indices, rows)
         g_row = grad_kl[rows].to(cdt)[:, None]
         t = torch.where(valid, torch.exp(target_logprobs[rows].to(cdt)), 0.0)
         zs, log_s = _shifted(z, stats[rows])
