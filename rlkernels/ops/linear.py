@@ -54,7 +54,7 @@ def _(hidden, weight, bias, tokens, temperature, ignore_index, with_entropy, bac
     dt = out_dtype(hidden.dtype)
     n = hidden.shape[0]
     return (hidden.new_empty(n, dtype=dt), hidden.new_empty(n, dtype=dt),
-            hidden.new_empty(n, 2, dtype=dt))
+            hidden.new_empty(n, 3, dtype=dt))
 
 
 @torch.library.custom_op("rlkernels::linear_token_logprobs_backward", mutates_args=())
@@ -158,7 +158,7 @@ def _(hidden, weight, bias, tokens, *args):
     dt = out_dtype(hidden.dtype)
     return (hidden.new_empty((), dtype=dt), hidden.new_empty(len(METRICS), dtype=torch.float32),
             hidden.new_empty(tokens.shape, dtype=dt), hidden.new_empty(tokens.shape, dtype=dt),
-            hidden.new_empty(hidden.shape[0], 2, dtype=dt))
+            hidden.new_empty(hidden.shape[0], 3, dtype=dt))
 
 
 @torch.library.custom_op("rlkernels::linear_grpo_loss_backward", mutates_args=())

@@ -303,7 +303,7 @@ def _(logits, tokens, old_logp, advantages, mask, normalizer, ref_logp, is_weigh
     return (logits.new_empty((), dtype=dt),
             logits.new_empty(len(_ref.METRICS), dtype=torch.float32),
             logits.new_empty(tokens.shape, dtype=dt), logits.new_empty(tokens.shape, dtype=dt),
-            logits.new_empty(logits.shape[0], 2, dtype=dt))
+            logits.new_empty(logits.shape[0], 3, dtype=dt))
 
 
 @torch.library.custom_op("rlkernels::grpo_loss_backward", mutates_args=())

@@ -36,7 +36,7 @@ def _(logits, tokens, temperature, ignore_index, with_entropy, backend):
     n = logits.shape[0]
     dt = out_dtype(logits.dtype)
     return (logits.new_empty(n, dtype=dt), logits.new_empty(n, dtype=dt),
-            logits.new_empty(n, 2, dtype=dt))
+            logits.new_empty(n, 3, dtype=dt))
 
 
 @torch.library.custom_op("rlkernels::token_logprobs_backward", mutates_args=())
@@ -146,7 +146,7 @@ def _(logits, indices, temperature, normalize, with_tail, backend):
     dt = out_dtype(logits.dtype)
     n = logits.shape[0]
     return (logits.new_empty(indices.shape, dtype=dt), logits.new_empty(n, dtype=dt),
-            logits.new_empty(n, 2, dtype=dt))
+            logits.new_empty(n, 3, dtype=dt))
 
 
 @torch.library.custom_op("rlkernels::sparse_logprobs_backward", mutates_args=())
@@ -280,7 +280,7 @@ def _(logits, indices, target_logprobs, temperature, with_tail, backend):
     dt = out_dtype(logits.dtype)
     n = logits.shape[0]
     return (logits.new_empty(n, dtype=dt), logits.new_empty(n, dtype=dt),
-            logits.new_empty(n, 2, dtype=dt))
+            logits.new_empty(n, 3, dtype=dt))
 
 
 @torch.library.custom_op("rlkernels::sparse_kl_backward", mutates_args=())
@@ -365,8 +365,8 @@ def _kl_divergence_op(logits: Tensor, ref_logits: Tensor, ignore_mask: Optional[
 def _(logits, ref_logits, ignore_mask, kind, beta, temperature, backend):
     dt = out_dtype(logits.dtype)
     n = logits.shape[0]
-    return (logits.new_empty(n, dtype=dt), logits.new_empty(n, 2, dtype=dt),
-            logits.new_empty(n, 2, dtype=dt))
+    return (logits.new_empty(n, dtype=dt), logits.new_empty(n, 3, dtype=dt),
+            logits.new_empty(n, 3, dtype=dt))
 
 
 @torch.library.custom_op("rlkernels::kl_divergence_backward", mutates_args=())

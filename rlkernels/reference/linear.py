@@ -46,13 +46,13 @@ def _logits_chunk(h: Tensor, w: Tensor, b: Optional[Tensor], rows: int) -> Tenso
 def linear_token_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                                   tokens: Tensor, temperature: float, ignore_index: int,
                                   with_entropy: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """Returns ``(logp [N], entropy [N], stats [N, 2])`` as ``token_logprobs`` of the logits."""
+    """Returns ``(logp [N], entropy [N], stats [N, 3])`` as ``token_logprobs`` of the logits."""
     n, vocab = hidden.shape[0], weight.shape[0]
     cdt = compute_dtype(hidden.dtype)
     w = weight.to(cdt)
     b = None if bias is None else bias.to(cdt)
     outs = [hidden.new_empty(n, dtype=cdt), hidden.new_empty(n, dtype=cdt),
-            hidden.new_empty(n, 2, dtype=cdt)]
+            hidden.new_empty(n, 3, dtype=cdt)]
     step = rows_per_chunk(vocab)
     for rows in row_chunks(n, vocab):
         z = _logits_chunk(hidden[rows].to(cdt), w, b, step)
@@ -98,7 +98,7 @@ def linear_grpo_loss_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tens
                              ref_logp: Optional[Tensor], is_weights: Optional[Tensor],
                              temperature: float, o: PolicyOptions):
     """``policy_loss`` of the log-probs and entropies of ``hidden @ weight^T``: returns
-    ``(loss, metrics, logp [B, T], entropy [B, T], stats [B*T, 2])``."""
+    ``(loss, metrics, logp [B, T], entropy [B, T], stats [B*T, 3])``."""
     b, t = tokens.shape
     logp, ent, stats = linear_token_logprobs_forward(hidden, weight, bias, tokens.reshape(-1),
                                                    temperature, -100, True)

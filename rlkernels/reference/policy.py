@@ -279,7 +279,7 @@ def grpo_loss_forward(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantag
                       is_weights: Optional[Tensor], temperature: float, o: PolicyOptions
                       ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``policy_loss(token_logprobs(logits, tokens), ...)``: returns
-    ``(loss, metrics, logp [B, T], entropy [B, T], stats [B*T, 2])``; the entropy is always
+    ``(loss, metrics, logp [B, T], entropy [B, T], stats [B*T, 3])``; the entropy is always
     computed (it feeds the ``entropy`` metric) and enters the loss with ``entropy_coef``."""
     b, t = tokens.shape
     logp, ent, stats = _vocab.token_logprobs_forward(logits, tokens.reshape(-1), temperature,

@@ -2,8 +2,10 @@
 
 Every function takes 2-d ``[N, V]`` logits (the public layer flattens leading dims) and works
 on row chunks of about ``CHUNK_ELEMENTS`` logits, in fp32 (fp64 for fp64 inputs). With
-``z = logits / T``, ``p = softmax(z)`` and the saved per-row statistics ``stats = (m, log s)``
-with ``m = max(z)`` and ``s = sum exp(z - m)`` (so ``lse = m + log s``):
+``z = logits / T``, ``p = softmax(z)`` and the saved per-row statistics
+``stats = (m, log s, sum p (z - m))`` with ``m = max(z)`` and ``s = sum exp(z - m)`` (so
+``lse = m + log s``; the third column is what a one-pass backward needs besides ``p``, here
+``sum p (z - m)`` for the entropy, 0 when not computed; see each op):
 
 * log-prob of token ``y``:      ``z_y - lse``;          d/dz = ``onehot(y) - p``
 * entropy:                      ``lse - sum(p z)``;     d/dz = ``-p (z - sum(p z))``
@@ -69,8 +71,8 @@ def _softmax_stats(z: Tensor) -> Tuple[Tensor, Tensor]:
     stats = _row_stats(z)
     zs, log_s = _shifted(z, stats)
     p = torch.exp(zs - log_s)
-    entropy = log_s[:, 0] - _row_sum(_xlogy0(p, zs))
-    return stats, entropy
+    stats[:, 2] = _row_sum(_xlogy0(p, zs))
+    return stats, log_s[:, 0] - stats[:, 2]
 
 
 def _max_and_log_rest(x: Tensor) -> Tuple[Tensor, Tensor]:
@@ -88,13 +90,15 @@ def _max_and_log_rest(x: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 def _row_stats(z: Tensor) -> Tensor:
-    """``[rows, 2]``: the row max ``m`` and ``log s = log sum exp(z - m)``."""
-    return torch.cat(_max_and_log_rest(z), dim=-1)
+    """``[rows, 3]``: the row max ``m``, ``log s = log sum exp(z - m)`` and 0 (the slot for an
+    op's backward sum)."""
+    m, log_s = _max_and_log_rest(z)
+    return torch.cat([m, log_s, torch.zeros_like(m)], dim=-1)
 
 
 def _shifted(z: Tensor, stats: Tensor) -> Tuple[Tensor, Tensor]:
     """``(z - m, log s)`` with ``log s`` as a ``[rows, 1]`` column: ``log p = zs - log s``."""
-    return z - stats[:, :1], stats[:, 1:]
+    return z - stats[:, :1], stats[:, 1:2]
 
 
 # --------------------------------------------------------------------- token log-probs / entropy
@@ -102,7 +106,7 @@ def _shifted(z: Tensor, stats: Tensor) -> Tuple[Tensor, Tensor]:
 def token_logprobs_forward(logits: Tensor, tokens: Optional[Tensor], temperature: float,
                            ignore_index: int, with_entropy: bool
                            ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Returns ``(logp [N], entropy [N], stats [N, 2])``.
+    """Returns ``(logp [N], entropy [N], stats [N, 3])``.
 
     ``tokens=None`` computes entropy only (``logp`` is all zeros). Rows whose token equals
     ``ignore_index`` get 0 for both outputs; ``entropy`` is all zeros unless ``with_entropy``.
@@ -111,7 +115,7 @@ def token_logprobs_forward(logits: Tensor, tokens: Optional[Tensor], temperature
     cdt = compute_dtype(logits.dtype)
     logp = logits.new_zeros(n, dtype=cdt)
     ent = logits.new_zeros(n, dtype=cdt)
-    stats = logits.new_empty(n, 2, dtype=cdt)
+    stats = logits.new_empty(n, 3, dtype=cdt)
     for rows in row_chunks(n, vocab):
         z = _scaled(logits, rows, temperature)
         if with_entropy:
@@ -209,7 +213,7 @@ def _log_tail(z: Tensor, member: Tensor, stats: Tensor) -> Tensor:
 def sparse_logprobs_forward(logits: Tensor, indices: Tensor, temperature: float,
                             normalize: str, with_tail: bool
                             ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Returns ``(logp [N, K], tail [N], stats [N, 2])``.
+    """Returns ``(logp [N, K], tail [N], stats [N, 3])``.
 
     ``normalize="full"``: ``z_k - lse``; ``"support"``: ``z_k - logsumexp_{valid k} z_k``.
     Slots with id -1 give ``-inf``. ``tail`` (only when ``with_tail``) is the log of the
@@ -219,7 +223,7 @@ def sparse_logprobs_forward(logits: Tensor, indices: Tensor, temperature: float,
     cdt = compute_dtype(logits.dtype)
     logp = logits.new_empty(indices.shape, dtype=cdt)
     tail = logits.new_zeros(n, dtype=cdt)
-    stats = logits.new_empty(n, 2, dtype=cdt)
+    stats = logits.new_empty(n, 3, dtype=cdt)
     for rows in row_chunks(n, vocab):
         z = _scaled(logits, rows, temperature)
         idx, valid = _ids(indices, rows)
@@ -274,7 +278,7 @@ def sparse_logprobs_backward(grad_logp: Tensor, grad_tail: Optional[Tensor], log
 
 def sparse_kl_forward(logits: Tensor, indices: Tensor, target_logprobs: Tensor,
                       temperature: float, with_tail: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """Returns ``(kl [N], student log tail [N], stats [N, 2])``.
+    """Returns ``(kl [N], student log tail [N], stats [N, 3])``.
 
     ``sum_k t_k (log t_k - log s_k) [+ t_tail (log t_tail - log s_tail)]`` with
     ``t_tail = max(1 - sum_k t_k, 0)``, ``s_tail`` the student mass outside the ids, and
@@ -284,7 +288,7 @@ def sparse_kl_forward(logits: Tensor, indices: Tensor, target_logprobs: Tensor,
     cdt = compute_dtype(logits.dtype)
     kl = logits.new_empty(n, dtype=cdt)
     s_tail = logits.new_zeros(n, dtype=cdt)
-    stats = logits.new_empty(n, 2, dtype=cdt)
+    stats = logits.new_empty(n, 3, dtype=cdt)
     for rows in row_chunks(n, vocab):
         z = _scaled(logits, rows, temperature)
         idx, valid = _ids(indices, rows)
@@ -341,7 +345,9 @@ def sparse_kl_backward(grad_kl: Tensor, logits: Tensor, indices: Tensor,
 # ------------------------------------------------------------------------------ KL divergence
 
 def _kl_terms(logp: Tensor, logq: Tensor, kind: str, beta: float, need_grads: bool):
-    """Per-chunk ``(kl, dKL/dz, dKL/dw)`` from ``log p = log softmax(z)``, ``log q``.
+    """Per-chunk ``(kl, dKL/dz, dKL/dw, sums)`` from ``log p = log softmax(z)``, ``log q``;
+    ``sums [rows, 2]`` are the row sums a one-pass backward needs: ``sum p a_p`` and
+    ``sum q a_q`` (``KL`` and 0 for reverse, 0 and ``KL`` for forward).
 
     reverse ``KL(p||q)``: ``dz = p (log p - log q - KL)``, ``dw = q - p``
     forward ``KL(q||p)``: ``dz = p - q``,                  ``dw = q (log q - log p - KL)``
@@ -351,21 +357,24 @@ def _kl_terms(logp: Tensor, logq: Tensor, kind: str, beta: float, need_grads: bo
     p, q = logp.exp(), logq.exp()
     if kind == "reverse":
         kl = _row_sum(_xlogy0(p, logp - logq))
+        sums = torch.stack([kl, torch.zeros_like(kl)], dim=-1)
         if not need_grads:
-            return kl, None, None
-        return kl, _softmax_vjp(p, logp - logq), q - p
+            return kl, None, None, sums
+        return kl, _softmax_vjp(p, logp - logq), q - p, sums
     if kind == "forward":
         kl = _row_sum(_xlogy0(q, logq - logp))
+        sums = torch.stack([torch.zeros_like(kl), kl], dim=-1)
         if not need_grads:
-            return kl, None, None
-        return kl, p - q, _softmax_vjp(q, logq - logp)
+            return kl, None, None, sums
+        return kl, p - q, _softmax_vjp(q, logq - logp), sums
     # m = beta p + (1 - beta) q, in log space so that tiny masses keep their precision
     logm = torch.logaddexp(logp + _log(beta), logq + _log(1.0 - beta))
     a_p, a_q = beta * (logp - logm), (1.0 - beta) * (logq - logm)
-    kl = _row_sum(_xlogy0(p, a_p)) + _row_sum(_xlogy0(q, a_q))
+    sums = torch.stack([_row_sum(_xlogy0(p, a_p)), _row_sum(_xlogy0(q, a_q))], dim=-1)
+    kl = sums[:, 0] + sums[:, 1]
     if not need_grads:
-        return kl, None, None
-    return kl, _softmax_vjp(p, a_p), _softmax_vjp(q, a_q)
+        return kl, None, None, sums
+    return kl, _softmax_vjp(p, a_p), _softmax_vjp(q, a_q), sums
 
 
 def _softmax_vjp(r: Tensor, a: Tensor) -> Tensor:
@@ -382,18 +391,21 @@ def _log(x: float) -> float:
 def kl_divergence_forward(logits: Tensor, ref_logits: Tensor, ignore_mask: Optional[Tensor],
                           kind: str, beta: float, temperature: float
                           ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Returns ``(kl [N], stats_p [N, 2], stats_q [N, 2])``; ``ignore_mask`` rows give 0."""
+    """Returns ``(kl [N], stats_p [N, 3], stats_q [N, 3])``; ``ignore_mask`` rows give 0.
+
+    The third columns hold ``sum p a_p`` and ``sum q a_q`` of :func:`_kl_terms`."""
     n, vocab = logits.shape
     cdt = compute_dtype(logits.dtype)
     kl = logits.new_empty(n, dtype=cdt)
-    stats_p = logits.new_empty(n, 2, dtype=cdt)
-    stats_q = logits.new_empty(n, 2, dtype=cdt)
+    stats_p = logits.new_empty(n, 3, dtype=cdt)
+    stats_q = logits.new_empty(n, 3, dtype=cdt)
     for rows in row_chunks(n, vocab):
         z = _scaled(logits, rows, temperature)
         w = _scaled(ref_logits, rows, temperature)
         stats_p[rows], stats_q[rows] = _row_stats(z), _row_stats(w)
         logp, logq = _log_softmax(z, stats_p[rows]), _log_softmax(w, stats_q[rows])
-        kl[rows] = _kl_terms(logp, logq, kind, beta, False)[0]
+        kl[rows], _, _, sums = _kl_terms(logp, logq, kind, beta, False)
+        stats_p[rows, 2], stats_q[rows, 2] = sums[:, 0], sums[:, 1]
     if ignore_mask is not None:
         kl = torch.where(ignore_mask, 0.0, kl)
     return kl, stats_p, stats_q
@@ -422,7 +434,7 @@ def kl_divergence_backward(grad_kl: Tensor, logits: Tensor, ref_logits: Tensor,
         z = _scaled(logits, rows, temperature)
         w = _scaled(ref_logits, rows, temperature)
         logp, logq = _log_softmax(z, stats_p[rows]), _log_softmax(w, stats_q[rows])
-        _, d_z, d_w = _kl_terms(logp, logq, kind, beta, True)
+        _, d_z, d_w, _ = _kl_terms(logp, logq, kind, beta, True)
         g = g_all[rows, None] / temperature
         keep = None if ignore_mask is None else ~ignore_mask[rows, None]
         # where(): exactly 0 on ignored rows, even when their logits are -inf or NaN
