@@ -11,6 +11,7 @@ columns, padding tokens and odd vocabulary sizes.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
@@ -266,7 +267,10 @@ def _run(case: Callable, dtype, backend: str, ref: bool):
 def check(name: str, case: Callable, backend: str, dtype: torch.dtype) -> Row:
     dname = str(dtype).replace("torch.", "")
     try:
-        outs, grads = _run(case, dtype, backend, ref=False)
+        with warnings.catch_warnings():
+            # the Triton interpreter evaluates masked-off lanes (-inf - -inf) in numpy
+            warnings.simplefilter("ignore", RuntimeWarning)
+            outs, grads = _run(case, dtype, backend, ref=False)
         ref_outs, ref_grads = _run(case, dtype, "torch", ref=True)
         out_err, out_rel, ok_out = _errors(outs, ref_outs)
         grad_err, ok_grad = _grad_errors(grads, ref_grads, dtype, _GRAD_FACTOR.get(name, 2.0))

@@ -137,6 +137,9 @@ def _resolve(backend: Optional[str], family: str, op: str, device_type: str) -> 
     if not implements(name, family, op):
         raise RuntimeError(f"backend {name!r} has no implementation of {op} yet; "
                            f"use backend='torch' or 'auto'")
+    if name == "triton" and device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("backend 'triton' got CPU tensors: Triton kernels run on GPUs, or on "
+                           "CPU only under TRITON_INTERPRET=1 (tests)")
     if name == "cuda" and device_type != "cuda":
         raise RuntimeError(f"backend 'cuda' needs CUDA tensors, got tensors on {device_type}")
     return name

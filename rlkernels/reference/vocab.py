@@ -38,8 +38,8 @@ def _scaled(logits: Tensor, rows: slice, temperature: float) -> Tensor:
 
 
 def _xlogy0(p: Tensor, x: Tensor) -> Tensor:
-    """``p * x`` with the convention ``0 * anything = 0``."""
-    return torch.where(p > 0, p * x, torch.zeros((), dtype=p.dtype, device=p.device))
+    """``p * x`` with the convention ``0 * anything = 0`` (a NaN ``p`` stays NaN)."""
+    return torch.where(p == 0, torch.zeros((), dtype=p.dtype, device=p.device), p * x)
 
 
 def _row_sum(x: Tensor, keepdim: bool = False) -> Tensor:
@@ -97,8 +97,12 @@ def _row_stats(z: Tensor) -> Tensor:
 
 
 def _shifted(z: Tensor, stats: Tensor) -> Tuple[Tensor, Tensor]:
-    """``(z - m, log s)`` with ``log s`` as a ``[rows, 1]`` column: ``log p = zs - log s``."""
-    return z - stats[:, :1], stats[:, 1:2]
+    """``(z - m, log s)`` with ``log s`` as a ``[rows, 1]`` column: ``log p = zs - log s``.
+
+    A row of only ``-inf`` (``m = -inf``) is shifted by 0: its probabilities are 0 and its
+    log-probs ``-inf`` (SPEC: a ``-inf`` logit has log-prob ``-inf``), not NaN."""
+    m = stats[:, :1]
+    return z - torch.where(m == -math.inf, 0.0, m), stats[:, 1:2]
 
 
 # --------------------------------------------------------------------- token log-probs / entropy

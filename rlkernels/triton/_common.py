@@ -1,0 +1,200 @@
+"""Shared pieces of the triton backend: launch helpers (block sizes, dtypes, strides, device
+guard, fp32 hyper-parameters) and small ``@triton.jit`` math helpers.
+
+Numerics conventions shared by every kernel (SPEC section 1, DESIGN section 4):
+
+* math in fp32, or fp64 for fp64 logits (``IS_FP64`` constexpr, compute dtype ``CDT``);
+* hyper-parameters reach the kernels as fp32 scalars: a float ``c`` travels as the pair
+  ``hi = fp32(c)``, ``lo = fp32(c - hi)`` (:func:`split`), so that fp64 kernels see ``c`` to
+  ~48 bits while fp32 kernels use ``hi`` only; never as a Python float that Inductor could
+  turn into an fp64 kernel argument;
+* row offsets are int64 (``row.to(tl.int64) * stride``): ``N * V > 2**31`` works;
+* ``log1p`` / ``expm1`` are written here (series near 0, the plain formula elsewhere) rather
+  than taken from libdevice: the interpreter has no libdevice, and the series do not depend on
+  how accurate the GPU's ``log`` is near 1 (which decides the precision of ``1 - p_max`` on
+  peaked rows).
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+# Largest vocabulary block one program handles per loop step (a power of two). 4096 fp32
+# values are 16 per thread at 8 warps; the tests shrink it to get many blocks per row.
+BLOCK_V_MAX = 4096
+# Smallest block: keeps tl.arange ranges comfortably above degenerate sizes (V = 1, 7, ...).
+BLOCK_V_MIN = 16
+
+
+def block_v(vocab: int, dtype: torch.dtype = torch.float32) -> int:
+    """``min(next_pow2(V), BLOCK_V_MAX)`` (at least ``BLOCK_V_MIN``); a quarter of that for
+    fp64, whose values take two registers each (the fp64 JSD kernels spill at 4096)."""
+    cap = BLOCK_V_MAX if dtype != torch.float64 else max(BLOCK_V_MAX // 4, BLOCK_V_MIN)
+    return max(BLOCK_V_MIN, min(triton.next_power_of_2(max(vocab, 1)), cap))
+
+
+def num_warps(block: int) -> int:
+    """Warps for a one-row-per-program kernel streaming ``block`` columns per step."""
+    if block <= 512:
+        return 2
+    if block <= 1024:
+        return 4
+    if block <= 4096:
+        return 8
+    return 16
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp64 inputs compute (and return per-row outputs) in fp64, everything else in fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tl_compute_dtype(dtype: torch.dtype):
+    """The ``tl`` dtype of :func:`compute_dtype`."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def split(value: float) -> Tuple[float, float]:
+    """``value`` as two fp32 numbers ``(hi, lo)`` with ``hi + lo ~ value`` to ~48 bits.
+
+    Infinite values give ``(value, 0.0)``. Both are Python floats that are exactly
+    representable in fp32, so the kernel sees the same numbers natively and in the
+    interpreter.
+    """
+    hi = float(np.float32(value))
+    if not np.isfinite(hi):
+        return hi, 0.0
+    return hi, float(np.float32(value - hi))
+
+
+def unit_stride(x: torch.Tensor) -> torch.Tensor:
+    """``x [N, V]`` with stride 1 along ``V`` (a copy only when it is not); rows may keep any
+    stride."""
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+
+
+def row_stride(x: torch.Tensor) -> int:
+    """Stride between rows of ``x [N, V]`` (any value when ``N <= 1``)."""
+    return x.stride(0) if x.dim() == 2 else 0
+
+
+def device_guard(t: torch.Tensor):
+    """Launch on ``t``'s GPU (Triton launches on the current device). On CPU (the
+    interpreter runs the kernels with numpy), silence numpy's floating-point warnings: the
+    kernels compute values like ``0 * -inf`` in lanes that a ``where`` then discards."""
+    if t.is_cuda:
+        return torch.cuda.device(t.device)
+    return np.errstate(invalid="ignore", divide="ignore", over="ignore")
+
+
+# ----------------------------------------------------------------------------- jit helpers
+
+@triton.jit
+def mul_hl(x, hi, lo, IS_FP64: tl.constexpr):
+    """``x * c`` for ``c = hi + lo`` (see :func:`split`); fp32 kernels use ``hi`` only.
+    Non-finite ``x`` skips the ``lo`` term (``inf * 0`` would be NaN)."""
+    r = x * hi
+    if IS_FP64:
+        r = r + tl.where(tl.abs(x) < float("inf"), x * lo, 0.0)
+    return r
+
+
+@triton.jit
+def const_hl(like, hi, lo, IS_FP64: tl.constexpr):
+    """The scalar ``hi + lo`` in the dtype of ``like`` (fp64 kernels add ``lo``)."""
+    r = tl.zeros([], like.dtype) + hi
+    if IS_FP64:
+        r = r + lo
+    return r
+
+
+@triton.jit
+def log1p(x, IS_FP64: tl.constexpr):
+    """``log(1 + x)`` for ``x >= 0`` (fine for ``x > -0.2``), accurate to a few ulps.
+
+    ``|x| <= 1/4``: ``2 atanh(s)``, ``s = x / (2 + x)``, by its odd series in ``s`` (``s^2 <=
+    1/81``: 4 terms for fp32, 9 for fp64); above: ``log(u)`` with ``u = 1 + x`` corrected for
+    the rounding of ``u``.
+    """
+    small = tl.abs(x) <= 0.25
+    s = x / (2.0 + x)
+    s2 = s * s
+    if IS_FP64:
+        acc = tl.zeros_like(s2) + 1.0 / 19.0
+        for k in tl.static_range(8, -1, -1):
+            acc = acc * s2 + 1.0 / (2 * k + 1)
+    else:
+        acc = tl.zeros_like(s2) + 1.0 / 9.0
+        for k in tl.static_range(3, -1, -1):
+            acc = acc * s2 + 1.0 / (2 * k + 1)
+    series = 2.0 * s * acc
+    u = tl.where(small, 1.0, 1.0 + x)
+    direct = tl.log(u) - tl.where(u < float("inf"), ((u - 1.0) - x) / u, 0.0)
+    return tl.where(small, series, direct)
+
+
+@triton.jit
+def expm1(x, IS_FP64: tl.constexpr):
+    """``exp(x) - 1``, accurate to a few ulps: Taylor series in Horner form for ``|x| <=
+    1/2`` (9 terms for fp32, 16 for fp64), ``exp(x) - 1`` (no cancellation) beyond."""
+    small = tl.abs(x) <= 0.5
+    xs = tl.where(small, x, 0.0)
+    acc = tl.zeros_like(xs) + 1.0
+    if IS_FP64:
+        for k in tl.static_range(16, 1, -1):
+            acc = 1.0 + acc * xs * (1.0 / k)
+    else:
+        for k in tl.static_range(9, 1, -1):
+            acc = 1.0 + acc * xs * (1.0 / k)
+    return tl.where(small, xs * acc, tl.exp(x) - 1.0)
+
+
+@triton.jit
+def logaddexp(a, b, IS_FP64: tl.constexpr):
+    """``log(exp(a) + exp(b))``; ``-inf`` when both are ``-inf``."""
+    mx = tl.maximum(a, b)
+    mn = tl.minimum(a, b)
+    mx_ref = tl.where(mx == float("-inf"), 0.0, mx)
+    return mx + log1p(tl.exp(mn - mx_ref), IS_FP64)
+
+
+@triton.jit
+def xmul0(p, x):
+    """``p * x`` with ``0 * anything = 0`` (``-inf`` columns contribute nothing); a NaN ``p``
+    stays NaN."""
+    return tl.where(p == 0.0, 0.0, p * x)
+
+
+@triton.jit
+def online_block(z, offs, m, rest, s1, WITH_S1: tl.constexpr):
+    """Fold one block ``z`` of a row into the running statistics ``(m, rest, s1)``.
+
+    ``m`` is the running max (from ``-inf``), ``rest`` the sum of ``exp(z - m)`` over every
+    column seen but ONE arg-max (so that ``log s = log1p(rest)`` keeps ``1 - p_max`` exact),
+    ``s1 = sum exp(z - m) (z - m)`` over every column (for the entropy; only when
+    ``WITH_S1``). When the block holds a new max ``bm > m``, the old arg-max becomes an
+    ordinary column (``+ exp(m - bm)``), and the block's first arg-max is left out of the
+    block sum; otherwise every column of the block counts (ties with ``m`` count 1 each).
+    Nothing is ever subtracted. ``exp(-inf - -inf)`` is avoided by shifting with 0 while the
+    max is still ``-inf``; NaN logits propagate through the sums.
+    """
+    # the block max and its first index, in one reduction
+    bm, bi = tl.max(z, 0, return_indices=True, return_indices_tie_break_left=True)
+    m_new = tl.maximum(m, bm)
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    scale = tl.exp(m - m_ref)  # 1 when the max did not change, 0 while m = -inf
+    e = tl.exp(z - m_ref)
+    is_new = bm > m
+    if WITH_S1:
+        # sum e (z - m) moves with the max: exp(m - m')(S1 + (m - m') S0), S0 = 1 + rest
+        d = tl.where(m == float("-inf"), 0.0, m - m_ref)
+        s1 = scale * (s1 + d * (1.0 + rest)) + tl.sum(xmul0(e, z - m_ref), 0)
+    skip_col = tl.where(is_new, bi, -1)  # the column left out of the block sum, if any
+    rest = (rest * scale + tl.where(is_new, scale, 0.0)
+            + tl.sum(tl.where(offs == skip_col, 0.0, e), 0))
+    return m_new, rest, s1

@@ -1,0 +1,519 @@
+"""Triton kernels of ``sparse_logprobs`` and ``sparse_kl`` (SPEC section 3.1).
+
+The four launchers at the bottom have exactly the signatures and outputs of the reference
+functions in :mod:`rlkernels.reference.vocab` (read their docstrings for the semantics).
+
+Design (one program per row, fixed reduction order: deterministic and batch invariant)
+-------------------------------------------------------------------------------------
+* **Forward**, one read of the row in ``BLOCK_V`` column blocks with an online softmax of
+  ``z = x * (1/T)`` (fp32, fp64 for fp64 logits). The row statistics are ``(m, log s)`` with
+  ``log s = log1p(rest)``, ``rest`` the sum over every column but one arg-max of
+  ``exp(z - m)``: a block whose max ``bm`` beats ``m`` rescales ``rest`` by ``exp(m - bm)``,
+  adds the old max's own ``exp(m - bm)`` and the block's terms without its first arg-max; any
+  other block adds its terms. Nothing ever subtracts 1 from a sum, so ``1 - p_max`` keeps its
+  digits on peaked rows. For the tail, a second online ``(max, rest)`` pair runs over the
+  columns outside the row's id set in the same pass; the tail is then
+  ``(m_out - m) + log1p(rest_out) - log s`` (the reference's ``_log_tail``), the log of a sum
+  of the outside columns, never ``log(1 - sum)``.
+* **Membership without a [BLOCK_V, K] comparison.** The launcher sorts each row's ids
+  (unused slots last) and finds, with ``searchsorted``, the slice of the sorted ids that falls
+  into each column block (``seg [N, n_blocks + 1]``). A block compares its columns only with
+  its own ids, ``KC`` at a time: ``O(V * KC + BLOCK_V * K)`` comparisons per row instead of
+  ``O(V * K)``, whatever ``K`` is (a top-p support can hold thousands of ids). Duplicated ids
+  are adjacent in the sorted order and simply match the same column.
+* **Gathered values**: ``z`` at each valid id is loaded directly (int64 addresses) after the
+  row pass, ``K`` at most ``BLOCK_K`` at a time (any ``K`` works). "support" normalizes with
+  the same online ``(max, log1p(rest))`` pair over the valid slots, so that ``1 - s_k`` of a
+  peaked support survives into the backward.
+* **Backward**, one pass over the row recomputing ``p = exp((z - m) - log s)``; the per-column
+  sum of the slot terms at the ids is built inside the block from the sorted ids (and the
+  permutation back to the slots), so every gradient element is written exactly once, by one
+  program, with no atomics. Cancellation-prone differences are rewritten exactly:
+  ``g_c - p G = -g_c expm1(log p) - p (G - g_c)`` (a row peaked on its only id),
+  ``q - p = -q expm1(tail)`` outside the ids, ``g_k - s_k G = -g_k expm1(log s_k) -
+  s_k (G - g_k)`` under "support".
+
+``log1p`` and ``expm1`` are written with ``exp``, ``log`` and series (the Triton interpreter
+has no libdevice): accurate to a few ulps in fp32 and fp64.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+Tensor = torch.Tensor
+
+# Sorted-id value of an unused slot (or an id outside [0, V)): larger than any column.
+_SENTINEL = 2 ** 31 - 1
+_SENTINEL_C = tl.constexpr(_SENTINEL)
+_MODE_FULL, _MODE_SUPPORT, _MODE_KL = 0, 1, 2
+
+
+# ============================================================================ device helpers
+
+@triton.jit
+def _scaled(x_row, cols, mask, inv_t32, inv_t64, CDT: tl.constexpr):
+    """``z = x * (1/T)`` in the compute dtype; masked columns read as ``-inf``."""
+    x = tl.load(x_row + cols, mask=mask, other=float("-inf"))
+    if CDT == tl.float64:
+        z = x.to(tl.float64) * inv_t64
+    else:
+        z = x.to(tl.float32) * inv_t32
+    return z
+
+
+@triton.jit
+def _online(m, rest, z, lanes):
+    """One block of the online ``(max, rest)`` update (see the module docstring)."""
+    bm = tl.max(z, axis=0)
+    am = tl.argmax(z, axis=0)  # first arg-max of the block
+    new = bm > m
+    m_new = tl.maximum(m, bm)
+    ms = tl.where(m_new == float("-inf"), 0.0, m_new)  # an all -inf prefix: exp(-inf) = 0
+    e = tl.exp(z - ms)
+    e = tl.where(lanes == am, tl.where(new, 0.0, e), e)
+    alpha = tl.exp(m - ms)  # 0 when m = -inf
+    rest = tl.where(new, rest * alpha + alpha, rest) + tl.sum(e, axis=0)
+    return m_new, rest
+
+
+@triton.jit
+def _log1p(r, NT: tl.constexpr):
+    """``log(1 + r)`` for ``r >= 0``: ``2 atanh(u)``, ``u = r / (2 + r) <= 1/3``, as a series
+    for ``r < 1`` (``NT`` terms), ``log(1 + r)`` above (no cancellation there)."""
+    small = r < 1.0
+    rs = tl.where(small, r, 0.0)
+    u = rs / (rs + 2.0)
+    u2 = u * u
+    one = u2 * 0.0 + 1.0
+    acc = one / (2 * NT + 1)
+    for i in tl.static_range(NT):
+        acc = acc * u2 + one / (2 * (NT - 1 - i) + 1)
+    return tl.where(small, 2.0 * u * acc, tl.log(1.0 + r))
+
+
+@triton.jit
+def _expm1(x, ex, NT: tl.constexpr):
+    """``exp(x) - 1`` given ``ex = exp(x)``: a Taylor series (``NT`` terms) for ``|x| < 1/2``,
+    ``ex - 1`` elsewhere (relative error < 3 eps there)."""
+    small = tl.abs(x) < 0.5
+    xs = tl.where(small, x, 0.0)
+    acc = xs * 0.0 + 1.0
+    for i in tl.static_range(NT - 1):
+        acc = 1.0 + xs * acc / (NT - i)
+    return tl.where(small, xs * acc, ex - 1.0)
+
+
+@triton.jit
+def _block_ids(cols, sid_row, kk, hi, KC: tl.constexpr):
+    """Sorted ids ``kk .. kk + KC`` (those below ``hi``): their mask, and the
+    ``[BLOCK_V, KC]`` match of the block's columns with them."""
+    koffs = kk + tl.arange(0, KC)
+    kmask = koffs < hi
+    ids = tl.load(sid_row + koffs, mask=kmask, other=-1)
+    return koffs, kmask, cols[:, None] == ids[None, :]
+
+
+@triton.jit
+def _n_distinct(sid_row, K, V, BLOCK_K: tl.constexpr):
+    """Number of distinct valid ids of the row (from its sorted ids): ``V`` iff they cover
+    every column."""
+    cnt = tl.zeros([], tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        koffs = k0 + tl.arange(0, BLOCK_K)
+        cur = tl.load(sid_row + koffs, mask=koffs < K, other=_SENTINEL_C)
+        prev = tl.load(sid_row + koffs - 1, mask=(koffs < K) & (koffs > 0), other=-1)
+        cnt += tl.sum(((cur < V) & (cur != prev)).to(tl.int32), axis=0)
+    return cnt
+
+
+@triton.jit
+def _slot_ids(idx_row, koffs, K, V):
+    """``(ids, valid, in_range)`` of slots ``koffs``: ``valid`` is ``id >= 0`` (the reference's
+    rule), ``in_range`` also guards the gather address against ids past ``V``."""
+    kmask = koffs < K
+    ids = tl.load(idx_row + koffs, mask=kmask, other=-1).to(tl.int64)
+    valid = kmask & (ids >= 0)
+    return ids, valid, valid & (ids < V)
+
+
+# ================================================================================== forward
+
+@triton.jit
+def _sparse_fwd_kernel(
+    x_ptr, stride_x, V,
+    idx_ptr, stride_idx, K,
+    sid_ptr, seg_ptr, stride_seg,
+    tgt_ptr, stride_tgt,
+    out_ptr, stride_out, tail_ptr, stats_ptr,
+    inv_t32: tl.float32, inv_t64: tl.float64,
+    MODE: tl.constexpr, WITH_TAIL: tl.constexpr, CDT: tl.constexpr, NT: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, KC: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    lanes = tl.arange(0, BLOCK_V)
+
+    m = tl.full([], float("-inf"), CDT)
+    rest = tl.zeros([], CDT)
+    m_out = tl.full([], float("-inf"), CDT)
+    rest_out = tl.zeros([], CDT)
+    n_blocks = tl.cdiv(V, BLOCK_V)
+    if WITH_TAIL:
+        sid_row = sid_ptr + row * K
+        seg_row = seg_ptr + row * stride_seg
+        lo = tl.load(seg_row)
+    for b in range(0, n_blocks):
+        cols = b * BLOCK_V + lanes
+        z = _scaled(x_row, cols, cols < V, inv_t32, inv_t64, CDT)
+        m, rest = _online(m, rest, z, lanes)
+        if WITH_TAIL:
+            hi = tl.load(seg_row + b + 1)
+            member = tl.zeros([BLOCK_V], tl.int32)
+            for kk in range(lo, hi, KC):
+                koffs, kmask, eq = _block_ids(cols, sid_row, kk, hi, KC)
+                member = tl.maximum(member, tl.max(eq.to(tl.int32), axis=1))
+            z_out = tl.where(member > 0, float("-inf"), z)
+            m_out, rest_out = _online(m_out, rest_out, z_out, lanes)
+            lo = hi
+
+    log_s = _log1p(rest, NT)
+    tl.store(stats_ptr + row * 3, m)
+    tl.store(stats_ptr + row * 3 + 1, log_s)
+    tl.store(stats_ptr + row * 3 + 2, tl.zeros([], CDT))
+    if WITH_TAIL:
+        # the reference's _log_tail: (m_out - m) is the max of the shifted outside columns
+        tail = (m_out - m) + _log1p(rest_out, NT) - log_s
+    else:
+        tail = tl.zeros([], CDT)
+    tl.store(tail_ptr + row, tail)
+
+    idx_row = idx_ptr + row * stride_idx
+    if MODE == 0:  # full: (z_k - m) - log s
+        out_row = out_ptr + row * stride_out
+        for k0 in range(0, K, BLOCK_K):
+            koffs = k0 + tl.arange(0, BLOCK_K)
+            ids, valid, inr = _slot_ids(idx_row, koffs, K, V)
+            zk = _scaled(x_row, ids, inr, inv_t32, inv_t64, CDT)
+            vals = tl.where(valid, (zk - m) - log_s, float("-inf"))
+            tl.store(out_row + koffs, vals, mask=koffs < K)
+    elif MODE == 1:  # support: z_k - logsumexp over the valid slots, as (mk, log1p(rest))
+        out_row = out_ptr + row * stride_out
+        klanes = tl.arange(0, BLOCK_K)
+        mk = tl.full([], float("-inf"), CDT)
+        rk = tl.zeros([], CDT)
+        for k0 in range(0, K, BLOCK_K):
+            koffs = k0 + klanes
+            ids, valid, inr = _slot_ids(idx_row, koffs, K, V)
+            zk = _scaled(x_row, ids, inr, inv_t32, inv_t64, CDT)
+            mk, rk = _online(mk, rk, zk, klanes)
+        # log1p: log s_k = (z_k - mk) - log1p(rest) keeps 1 - s_k exact on a peaked support
+        log_sk = _log1p(rk, NT)
+        for k0 in range(0, K, BLOCK_K):
+            koffs = k0 + klanes
+            ids, valid, inr = _slot_ids(idx_row, koffs, K, V)
+            zk = _scaled(x_row, ids, inr, inv_t32, inv_t64, CDT)
+            vals = tl.where(valid, (zk - mk) - log_sk, float("-inf"))
+            tl.store(out_row + koffs, vals, mask=koffs < K)
+    else:  # sparse KL: sum_k t_k (log t_k - log s_k) [+ the tail bucket]
+        tgt_row = tgt_ptr + row * stride_tgt
+        kl = tl.zeros([], CDT)
+        mass = tl.zeros([], CDT)
+        for k0 in range(0, K, BLOCK_K):
+            koffs = k0 + tl.arange(0, BLOCK_K)
+            ids, valid, inr = _slot_ids(idx_row, koffs, K, V)
+            zk = _scaled(x_row, ids, inr, inv_t32, inv_t64, CDT)
+            # unused slots' targets are never read (they may be NaN)
+            t_log = tl.load(tgt_row + koffs, mask=valid, other=0.0).to(CDT)
+            t = tl.where(valid, tl.exp(t_log), 0.0)
+            s_log = (zk - m) - log_s
+            kl += tl.sum(tl.where(t > 0, t * (t_log - s_log), 0.0), axis=0)
+            mass += tl.sum(t, axis=0)
+        if WITH_TAIL:
+            t_tail = tl.maximum(1.0 - mass, 0.0)
+            # ids covering every column: no tail bucket (1 - sum t is only rounding)
+            t_tail = tl.where(_n_distinct(sid_row, K, V, BLOCK_K) >= V, 0.0, t_tail)
+            kl += tl.where(t_tail > 0, t_tail * (tl.log(t_tail) - tail), 0.0)
+        tl.store(out_ptr + row, kl)
+
+
+# ================================================================================= backward
+
+@triton.jit
+def _sparse_bwd_kernel(
+    x_ptr, stride_x, V, grad_ptr, stride_grad,
+    idx_ptr, stride_idx, K,
+    sid_ptr, perm_ptr, seg_ptr, stride_seg,
+    gk_ptr, stride_gk, lp_ptr, stride_lp,
+    tail_ptr, gtail_ptr, gkl_ptr, stats_ptr,
+    inv_t32: tl.float32, inv_t64: tl.float64,
+    MODE: tl.constexpr, WITH_TAIL: tl.constexpr, CDT: tl.constexpr, NT: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, KC: tl.constexpr,
+):
+    """``gk_ptr``: ``grad_logp`` (MODE 0/1) or ``target_logprobs`` (MODE 2); ``lp_ptr``: the
+    forward's log-probs (MODE 1). ``WITH_TAIL``: a tail gradient (MODE 0/1) or the tail bucket
+    (MODE 2)."""
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    g_row_ptr = grad_ptr + row * stride_grad
+    idx_row = idx_ptr + row * stride_idx
+    gk_row = gk_ptr + row * stride_gk
+    sid_row = sid_ptr + row * K
+    perm_row = perm_ptr + row * K
+    seg_row = seg_ptr + row * stride_seg
+    lanes = tl.arange(0, BLOCK_V)
+    m = tl.load(stats_ptr + row * 3).to(CDT)
+    log_s = tl.load(stats_ptr + row * 3 + 1).to(CDT)
+
+    # row sums over the valid slots: G = sum g_k, or the teacher mass sum t_k
+    total = tl.zeros([], CDT)
+    for k0 in range(0, K, BLOCK_K):
+        koffs = k0 + tl.arange(0, BLOCK_K)
+        ids, valid, inr = _slot_ids(idx_row, koffs, K, V)
+        v = tl.load(gk_row + koffs, mask=valid, other=0.0).to(CDT)
+        if MODE == 2:
+            v = tl.where(valid, tl.exp(v), 0.0)
+        total += tl.sum(v, axis=0)
+
+    # tail terms on the outside columns, with q = exp(log p - tail) <= 1 (softmax over them):
+    #   sparse_logprobs: g_t (q - p) = q * c_out, c_out = -g_t expm1(tail) (q - p = q (1 - e^tail))
+    #   sparse_kl:       p coef - t_tail q
+    # (p expm1(-tail) would overflow where the outside mass is below e^-88 in fp32)
+    tail_v = tl.zeros([], CDT)
+    g_t = tl.zeros([], CDT)
+    c_out = tl.zeros([], CDT)
+    t_tail = tl.zeros([], CDT)
+    coef = total               # KL: p * coef at every column
+    g_kl = tl.zeros([], CDT)
+    if WITH_TAIL:
+        tail_v = tl.load(tail_ptr + row).to(CDT)
+    if MODE == 2:
+        g_kl = tl.load(gkl_ptr + row).to(CDT)
+        if WITH_TAIL:
+            t_tail = tl.maximum(1.0 - total, 0.0)
+            t_tail = tl.where(_n_distinct(sid_row, K, V, BLOCK_K) >= V, 0.0, t_tail)
+            coef = total + t_tail
+    elif WITH_TAIL:
+        g_t = tl.load(gtail_ptr + row).to(CDT)
+        c_out = -g_t * _expm1(tail_v, tl.exp(tail_v), NT)
+
+    lo = tl.load(seg_row)
+    n_blocks = tl.cdiv(V, BLOCK_V)
+    for b in range(0, n_blocks):
+        cols = b * BLOCK_V + lanes
+        z = _scaled(x_row, cols, cols < V, inv_t32, inv_t64, CDT)
+        lp = (z - m) - log_s
+        p = tl.exp(lp)
+        hi = tl.load(seg_row + b + 1)
+        scat = tl.zeros([BLOCK_V], CDT)
+        member = tl.zeros([BLOCK_V], tl.int32)
+        for kk in range(lo, hi, KC):
+            koffs, kmask, eq = _block_ids(cols, sid_row, kk, hi, KC)
+            pos = tl.load(perm_row + koffs, mask=kmask, other=0)  # the ids' slots
+            v = tl.load(gk_row + pos, mask=kmask, other=0.0).to(CDT)
+            if MODE == 1:
+                # support: g_k - s_k G = -g_k expm1(log s_k) - s_k (G - g_k)
+                lpk = tl.load(lp_ptr + row * stride_lp + pos, mask=kmask, other=0.0).to(CDT)
+                sk = tl.exp(lpk)
+                v = -v * _expm1(lpk, sk, NT) - sk * (total - v)
+            elif MODE == 2:
+                v = tl.exp(v)
+            v = tl.where(kmask, v, 0.0)
+            scat += tl.sum(tl.where(eq, v[None, :], 0.0), axis=1)
+            if WITH_TAIL:
+                member = tl.maximum(member, tl.max(eq.to(tl.int32), axis=1))
+        lo = hi
+
+        if MODE == 0:
+            # g_c - p G = g_c (1 - p) - p (G - g_c), 1 - p = -expm1(log p): exact on a peak
+            g = -scat * _expm1(lp, p, NT) - p * (total - scat)
+        elif MODE == 1:
+            g = scat
+        else:
+            g = p * coef - scat
+        if WITH_TAIL:
+            # no outside column is finite when the tail is -inf (q is then never used)
+            outside = (member == 0) & (z > float("-inf"))
+            q = tl.exp(lp - tail_v)
+            if MODE == 2:
+                g = tl.where(outside, p * coef - t_tail * q, g)
+            else:
+                g += tl.where(outside, q * c_out, -g_t * p)
+        if MODE == 2:
+            g = g * g_kl
+        if CDT == tl.float64:
+            g = g * inv_t64
+        else:
+            g = g * inv_t32
+        tl.store(g_row_ptr + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < V)
+
+
+# ================================================================================ launchers
+
+def _cdt(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tl_cdt(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _series_terms(dtype: torch.dtype) -> int:
+    # expm1 on |x| < 1/2: 0.5^n / n! < eps; log1p: u^2 <= 1/9 per term
+    return 17 if dtype == torch.float64 else 10
+
+
+# Block sizes: not tuned on a GPU yet. Compiled for sm_90 (ptxas -v), BLOCK_V=1024, KC=4,
+# 8 warps use 48 (forward) / 97 (backward) registers and no spills; BLOCK_V=2048, KC=8 took
+# up to 254 in the backward (the [BLOCK_V, KC] id match is the register-hungry part).
+def _default_block_v(vocab: int) -> int:
+    """Depends on ``V`` only (batch invariance)."""
+    return min(1024, triton.next_power_of_2(max(vocab, 1)))
+
+
+def _num_warps(block_v: int) -> int:
+    return 8 if block_v >= 1024 else 4
+
+
+_MAX_BLOCK_K = 1024  # ids gathered at once; a larger K loops (tests lower it)
+
+
+def _block_k(k: int) -> int:
+    return min(_MAX_BLOCK_K, max(16, triton.next_power_of_2(max(k, 1))))
+
+
+def _kc(k: int) -> int:
+    return min(4, max(2, triton.next_power_of_2(max(k, 1))))
+
+
+def _rows2d(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _sorted_segments(indices: Tensor, vocab: int, block_v: int
+                     ) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(sorted ids int32 [N, K], their slots int32 [N, K], seg int32 [N, n_blocks + 1])``:
+    unused slots (and ids outside ``[0, V)``) sort last as ``_SENTINEL``; the sorted ids of
+    column block ``b`` are ``seg[:, b] .. seg[:, b + 1]``."""
+    n, _ = indices.shape
+    ok = (indices >= 0) & (indices < vocab)
+    ids = torch.where(ok, indices, torch.full_like(indices, _SENTINEL)).to(torch.int32)
+    sid, perm = torch.sort(ids, dim=1, stable=True)
+    n_blocks = triton.cdiv(vocab, block_v)
+    bounds = torch.arange(n_blocks + 1, device=indices.device, dtype=torch.int32) * block_v
+    bounds = bounds.expand(n, n_blocks + 1).contiguous()
+    seg = torch.searchsorted(sid.contiguous(), bounds, out_int32=True)
+    return sid.contiguous(), perm.to(torch.int32).contiguous(), seg
+
+
+def _forward(logits: Tensor, indices: Tensor, target: Optional[Tensor], temperature: float,
+             mode: int, with_tail: bool, block_v: Optional[int]
+             ) -> Tuple[Tensor, Tensor, Tensor]:
+    n, vocab = logits.shape
+    k = indices.shape[1]
+    cdt = _cdt(logits.dtype)
+    out = logits.new_empty((n,) if mode == _MODE_KL else (n, k), dtype=cdt)
+    tail = logits.new_zeros(n, dtype=cdt)
+    stats = logits.new_zeros(n, 3, dtype=cdt)
+    if n == 0:
+        return out, tail, stats
+    block_v = block_v or _default_block_v(vocab)
+    logits = _rows2d(logits)
+    indices = indices.contiguous()
+    if with_tail:
+        sid, _, seg = _sorted_segments(indices, vocab, block_v)
+    else:
+        sid = seg = indices  # unused
+    tgt = target.contiguous() if target is not None else out
+    _sparse_fwd_kernel[(n,)](
+        logits, logits.stride(0), vocab,
+        indices, indices.stride(0), k,
+        sid, seg, seg.stride(0),
+        tgt, tgt.stride(0) if target is not None else 0,
+        out, out.stride(0) if mode != _MODE_KL else 1, tail, stats,
+        1.0 / temperature, 1.0 / temperature,
+        MODE=mode, WITH_TAIL=with_tail, CDT=_tl_cdt(logits.dtype),
+        NT=_series_terms(logits.dtype), BLOCK_V=block_v, BLOCK_K=_block_k(k), KC=_kc(k),
+        num_warps=_num_warps(block_v))
+    return out, tail, stats
+
+
+def _backward(logits: Tensor, indices: Tensor, gk: Optional[Tensor], lp: Optional[Tensor],
+              tail: Optional[Tensor], g_tail: Optional[Tensor], g_kl: Optional[Tensor],
+              stats: Tensor, temperature: float, mode: int, with_tail: bool,
+              block_v: Optional[int]) -> Tensor:
+    n, vocab = logits.shape
+    k = indices.shape[1]
+    cdt = _cdt(logits.dtype)
+    grad = torch.empty((n, vocab), dtype=logits.dtype, device=logits.device)
+    if n == 0:
+        return grad
+    block_v = block_v or _default_block_v(vocab)
+    logits = _rows2d(logits)
+    indices = indices.contiguous()
+    sid, perm, seg = _sorted_segments(indices, vocab, block_v)
+    if gk is None:  # no gradient reached the log-probs
+        gk = torch.zeros(n, k, dtype=cdt, device=logits.device)
+    gk = gk.contiguous()
+    lp = gk if lp is None else lp.contiguous()
+    stats = stats.contiguous()
+    tail = stats if tail is None else tail.contiguous()
+    g_tail = stats if g_tail is None else g_tail.contiguous()
+    g_kl = stats if g_kl is None else g_kl.contiguous()
+    _sparse_bwd_kernel[(n,)](
+        logits, logits.stride(0), vocab, grad, grad.stride(0),
+        indices, indices.stride(0), k,
+        sid, perm, seg, seg.stride(0),
+        gk, gk.stride(0), lp, lp.stride(0),
+        tail, g_tail, g_kl, stats,
+        1.0 / temperature, 1.0 / temperature,
+        MODE=mode, WITH_TAIL=with_tail, CDT=_tl_cdt(logits.dtype),
+        NT=_series_terms(logits.dtype), BLOCK_V=block_v, BLOCK_K=_block_k(k), KC=_kc(k),
+        num_warps=_num_warps(block_v))
+    return grad
+
+
+# ------------------------------------------------------------------ the backend's functions
+
+def sparse_logprobs_forward(logits: Tensor, indices: Tensor, temperature: float,
+                            normalize: str, with_tail: bool, *, block_v: Optional[int] = None
+                            ) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(logp [N, K], tail [N], stats [N, 3])``, as
+    :func:`rlkernels.reference.vocab.sparse_logprobs_forward`. ``block_v`` (a power of two)
+    overrides the column block, for tests."""
+    mode = _MODE_FULL if normalize == "full" else _MODE_SUPPORT
+    return _forward(logits, indices, None, temperature, mode, with_tail, block_v)
+
+
+def sparse_logprobs_backward(grad_logp: Optional[Tensor], grad_tail: Optional[Tensor],
+                             logits: Tensor, indices: Tensor, logp: Tensor, tail: Tensor,
+                             stats: Tensor, temperature: float, normalize: str, *,
+                             block_v: Optional[int] = None) -> Tensor:
+    """Gradient w.r.t. ``logits``, as :func:`rlkernels.reference.vocab.sparse_logprobs_backward`
+    (``grad_tail=None``: no tail term)."""
+    mode = _MODE_FULL if normalize == "full" else _MODE_SUPPORT
+    return _backward(logits, indices, grad_logp, logp if mode == _MODE_SUPPORT else None,
+                     tail, grad_tail, None, stats, temperature, mode, grad_tail is not None,
+                     block_v)
+
+
+def sparse_kl_forward(logits: Tensor, indices: Tensor, target_logprobs: Tensor,
+                      temperature: float, with_tail: bool, *, block_v: Optional[int] = None
+                      ) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(kl [N], student log tail [N], stats [N, 3])``, as
+    :func:`rlkernels.reference.vocab.sparse_kl_forward`."""
+    return _forward(logits, indices, target_logprobs, temperature, _MODE_KL, with_tail,
+                    block_v)
+
+
+def sparse_kl_backward(grad_kl: Tensor, logits: Tensor, indices: Tensor,
+                       target_logprobs: Tensor, s_tail: Tensor, stats: Tensor,
+                       temperature: float, with_tail: bool, *,
+                       block_v: Optional[int] = None) -> Tensor:
+    """Gradient w.r.t. ``logits``, as :func:`rlkernels.reference.vocab.sparse_kl_backward`."""
+    return _backward(logits, indices, target_logprobs, None, s_tail, None, grad_kl, stats,
+                     temperature, _MODE_KL, with_tail, block_v)

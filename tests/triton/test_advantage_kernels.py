@@ -1,0 +1,308 @@
+"""Kernel-level tests of the triton ``group_advantages`` kernel
+(``rlkernels.triton.advantage``) against the reference function
+(``rlkernels.reference.advantage.group_advantages_forward``); ``tests/ops/test_advantage.py``
+checks the public op on the torch backend against naive formulas.
+
+Both ways of grouping are covered for every method: contiguous groups, and ``group_index``
+ids (permuted, uneven group sizes, singletons, negative / large ids, int32 and int64, NaN
+rewards), plus the properties the kernel promises: the two paths bit-identical for the same
+grouping, a group's result independent of the other groups, two runs bit-identical.
+
+Shapes: B=24 (6 groups of 4) for the grid; a group of 300 members, larger than the 128
+members the kernel sums per step (the chunk loop); B=1500 > 1024 for the batch_std passes;
+B=0 and B=1. The interpreter runs one program per group slot, so the batches stay small;
+the ``gpu`` tests cover 8192 rewards and CUDA-graph capture.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import rlkernels
+from rlkernels.reference import advantage as ref
+
+if rlkernels.available_backends()["triton"] != "ok":
+    pytest.skip(f"triton backend unavailable: {rlkernels.available_backends()['triton']}",
+                allow_module_level=True)
+
+from rlkernels.triton import advantage as ta  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+DEV = "cuda" if HAS_CUDA else "cpu"
+METHODS = ("grpo", "dr_grpo", "rloo", "batch_std")
+
+
+def rewards_of(n, *, seed=0, dtype=torch.float32, device=DEV):
+    """Random rewards, not on a grid: sums round, so the summation order shows."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, generator=g, dtype=torch.float64).to(dtype).to(device)
+
+
+def mixed_ids(seed=0, device=DEV):
+    """Groups of 1, 2, 3, 5, 8 and 1 members under unsorted negative / large ids, shuffled."""
+    ids = [-7] + [3] * 2 + [10 ** 12] * 3 + [-2] * 5 + [42] * 8 + [0]
+    random.Random(seed).shuffle(ids)
+    return torch.tensor(ids, dtype=torch.int64, device=device)
+
+
+def both(rewards, group_index, group_size, method, eps=1e-6, unbiased=True):
+    got = ta.group_advantages_forward(rewards, group_index, group_size, method, eps, unbiased)
+    want = ref.group_advantages_forward(rewards, group_index, group_size, method, eps,
+                                        unbiased)
+    return got, want
+
+
+def assert_close(got, want):
+    assert got.dtype == want.dtype and got.shape == want.shape
+    tol = 1e-12 if got.dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol, equal_nan=True)
+
+
+def bit_equal(a, b):
+    view = {4: torch.int32, 8: torch.int64}[a.element_size()]
+    return a.dtype == b.dtype and torch.equal(a.view(view), b.view(view))
+
+
+# ================================================================================ contiguous
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("unbiased", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_contiguous_matches_reference(method, unbiased, dtype):
+    # 6 groups of 4; group 2 has identical rewards (std 0: exactly 0 with grpo)
+    x = rewards_of(24, seed=1, dtype=dtype)
+    x[8:12] = 0.5
+    got, want = both(x, None, 4, method, unbiased=unbiased)
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_close(got, want)
+    assert (got[8:12] == 0).all()
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("size", [1, 300])
+def test_contiguous_singletons_and_long_groups(method, size):
+    """Groups of one member (r - r = 0 for every method) and a group of 300 members, summed
+    in 3 chunks of 128 (the last partial)."""
+    x = rewards_of(2 * size, seed=2, dtype=torch.float64)
+    got, want = both(x, None, size, method)
+    assert_close(got, want)
+    if size == 1:
+        assert (got == 0).all()
+
+
+# ============================================================================= group_index
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("unbiased", [True, False])
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_index_matches_reference(method, unbiased, index_dtype):
+    ids = mixed_ids(seed=3)
+    if index_dtype == torch.int32:  # the same grouping under other (int32) labels
+        ids = (ids % 997 - 500).to(torch.int32)
+        assert ids.unique().numel() == 6
+    x = rewards_of(ids.numel(), seed=4)
+    got, want = both(x, ids, 0, method, unbiased=unbiased)
+    assert_close(got, want)
+    for gid in ids.unique():
+        members = ids == gid
+        if members.sum() == 1:
+            assert (got[members] == 0).all()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_index_long_group_and_large_batch(method):
+    """1500 rewards (more than one 1024-element step of the batch_std passes): one group of
+    300 members spread over the batch, 100 groups of 12 interleaved with it."""
+    g = torch.Generator().manual_seed(5)
+    ids = torch.cat([torch.full((300,), -1), torch.arange(1200) // 12])
+    ids = ids[torch.randperm(1500, generator=g)].to(DEV)
+    x = rewards_of(1500, seed=6)
+    got, want = both(x, ids, 0, method)
+    assert_close(got, want)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_nan_rewards(method):
+    """A NaN reward poisons its own group only (every group with batch_std, whose batch std
+    is NaN); a NaN in a singleton group is NaN (r - r), not 0."""
+    x = rewards_of(12, seed=7)
+    x[5] = float("nan")
+    x[11] = float("nan")
+    ids = torch.tensor([2, 2, 2, 2, 5, 5, 5, 5, -1, -1, -1, 9], device=DEV)
+    for group_index, size in ((ids, 0), (None, 4)):
+        got, want = both(x, group_index, size, method)
+        assert_close(got, want)
+        assert torch.isnan(got[4:8]).all() and torch.isnan(got[11])
+        if method != "batch_std":
+            assert not torch.isnan(got[:4]).any()
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_paths_bit_identical(method, dtype):
+    """The same grouping through group_size and through any relabeling of group_index
+    (sorted or not, negative, int32) gives the same bits; so does a permuted layout for the
+    members of each group taken in the same order."""
+    x = rewards_of(40, seed=8, dtype=dtype)  # 5 groups of 8
+    contiguous = ta.group_advantages_forward(x, None, 8, method, 1e-6, True)
+    ids = torch.arange(40, device=DEV) // 8
+    for relabel in (ids, ids.to(torch.int32), 1000 - 37 * ids, ids - 4, (ids * 7919) % 5):
+        out = ta.group_advantages_forward(x, relabel, 0, method, 1e-6, True)
+        assert bit_equal(out, contiguous)
+    # interleave the groups (each group's members keep their relative order)
+    order = torch.arange(40, device=DEV).view(5, 8).t().reshape(-1)
+    out = ta.group_advantages_forward(x[order], ids[order], 0, method, 1e-6, True)
+    assert bit_equal(out, contiguous[order])
+    # and twice the same call: the same bits
+    again = ta.group_advantages_forward(x[order], ids[order], 0, method, 1e-6, True)
+    assert bit_equal(again, out)
+
+
+@pytest.mark.parametrize("method", ["grpo", "dr_grpo", "rloo"])
+def test_batch_invariance(method):
+    """A group's advantages do not depend on the other groups of the call (both paths)."""
+    group = rewards_of(8, seed=9)
+    alone = ta.group_advantages_forward(group, None, 8, method, 1e-6, True)
+    batch = torch.cat([rewards_of(16, seed=10), group, rewards_of(8, seed=11)])
+    out = ta.group_advantages_forward(batch, None, 8, method, 1e-6, True)
+    assert bit_equal(out[16:24], alone)
+    ids = torch.tensor([4, -3] * 8 + [7] * 8 + [0] * 8, device=DEV)
+    out = ta.group_advantages_forward(batch, ids, 0, method, 1e-6, True)
+    assert bit_equal(out[16:24], alone)
+
+
+@pytest.mark.parametrize("programs", [1, 3])
+def test_batch_std_strided_programs(monkeypatch, programs):
+    """batch_std runs few programs, each looping over its group slots (pid, pid + P, ...)."""
+    monkeypatch.setattr(ta, "_CPU_PROGRAMS", programs)
+    x = rewards_of(20, seed=12)
+    ids = mixed_ids(seed=13)[:20]
+    for group_index, size in ((ids, 0), (None, 5)):
+        got, want = both(x, group_index, size, "batch_std", unbiased=False)
+        assert_close(got, want)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_edge_batches(method):
+    for dtype, out_dtype in ((torch.float32, torch.float32), (torch.float16, torch.float32),
+                             (torch.float64, torch.float64)):
+        empty = torch.empty(0, dtype=dtype, device=DEV)
+        for group_index, size in ((None, 4), (torch.empty(0, dtype=torch.int64, device=DEV), 0)):
+            out = ta.group_advantages_forward(empty, group_index, size, method, 1e-6, True)
+            assert out.shape == (0,) and out.dtype == out_dtype
+    one = rewards_of(1, seed=14)
+    for group_index, size in ((None, 1), (torch.tensor([3], device=DEV), 0)):
+        got, want = both(one, group_index, size, method)
+        assert_close(got, want)
+        assert got.item() == 0.0
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # eps = 0: x / 0 and 0 / 0
+@pytest.mark.parametrize("eps", [0.0, 0.3])
+def test_eps(eps):
+    x = rewards_of(12, seed=15, dtype=torch.float64)
+    x[:3] = 1.25  # std 0: 0 / (0 + eps) = 0 for eps > 0, NaN for eps = 0, as the reference
+    for method in ("grpo", "batch_std"):
+        got, want = both(x, None, 3, method, eps=eps)
+        assert_close(got, want)
+
+
+def test_strided_rewards():
+    """Rewards read through their stride (every other element of a wider tensor)."""
+    wide = rewards_of(48, seed=17)
+    ids = torch.tensor([3, 1, 2] * 8, device=DEV)
+    for group_index, size in ((ids, 0), (None, 6)):
+        got = ta.group_advantages_forward(wide[::2], group_index, size, "grpo", 1e-6, True)
+        want = ta.group_advantages_forward(wide[::2].contiguous(), group_index, size, "grpo",
+                                           1e-6, True)
+        assert bit_equal(got, want)
+
+
+def test_through_the_public_op():
+    """group_advantages(backend="triton") dispatches to this kernel."""
+    x = rewards_of(16, seed=16)
+    ids = torch.tensor([1, 2] * 8, device=DEV)
+    for kwargs in (dict(group_size=4), dict(group_index=ids)):
+        out = rlkernels.group_advantages(x, backend="triton", **kwargs)
+        want = rlkernels.group_advantages(x, backend="torch", **kwargs)
+        assert_close(out, want)
+
+
+# ============================================================================ GPU build
+
+_BUILD_SCRIPT = r"""
+import triton, triton.language as tl
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+from rlkernels.triton import advantage as ta
+
+fn = ta._group_advantages_kernel
+for method in (0, 3):
+    for cdt, ft in ((tl.float32, "*fp32"), (tl.float64, "*fp64")):
+        consts = dict(CDT=cdt, INDEXED=method == 0, METHOD=method, UNBIASED=True, EPS=1e-6,
+                      IEEE_DIV=cdt == tl.float32, BLOCK=ta._BLOCK, BATCH_BLOCK=1024)
+        types = dict(x_ptr="*bf16", perm_ptr="*i64", starts_ptr="*i64", out_ptr=ft)
+        sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
+        triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": 4})
+print("built")
+"""
+
+
+def test_kernel_builds_for_sm90(tmp_path):
+    """The interpreter compiles nothing: build the kernel for sm_90 (PTX and cubin with
+    Triton's bundled ptxas, no GPU needed) in a subprocess without TRITON_INTERPRET."""
+    import os
+    import subprocess
+    import sys
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", _BUILD_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0 and "built" in proc.stdout, proc.stderr[-3000:]
+
+
+# ================================================================================== GPU
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", METHODS)
+def test_gpu_large_and_deterministic(method):
+    """512 prompts x 16 completions, grouped by shuffled prompt ids and contiguously."""
+    x = rewards_of(8192, seed=20, device="cuda")
+    ids = (torch.arange(8192) // 16)[torch.randperm(8192,
+                                                    generator=torch.Generator().manual_seed(21))]
+    ids = ids.cuda()
+    for group_index, size in ((ids, 0), (None, 16)):
+        got = ta.group_advantages_forward(x, group_index, size, method, 1e-6, True)
+        want = ref.group_advantages_forward(x.double(), group_index, size, method, 1e-6, True)
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+        again = ta.group_advantages_forward(x, group_index, size, method, 1e-6, True)
+        assert bit_equal(got, again)
+    contiguous = ta.group_advantages_forward(x, None, 16, method, 1e-6, True)
+    relabeled = ta.group_advantages_forward(x, torch.arange(8192, device="cuda") // 16 - 7, 0,
+                                            method, 1e-6, True)
+    assert bit_equal(contiguous, relabeled)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_capture():
+    """The index path (sort, search, kernel) captured in a CUDA graph: no host sync."""
+    x = rewards_of(8192, seed=22, device="cuda")
+    ids = (torch.arange(8192, device="cuda") * 7919) % 600
+    ta.group_advantages_forward(x, ids, 0, "grpo", 1e-6, True)  # compile before capture
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = ta.group_advantages_forward(x, ids, 0, "grpo", 1e-6, True)
+    torch.cuda.current_stream().wait_stream(stream)
+    x.copy_(rewards_of(8192, seed=23, device="cuda"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert bit_equal(out, ta.group_advantages_forward(x, ids, 0, "grpo", 1e-6, True))
