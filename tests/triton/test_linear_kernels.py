@@ -1,0 +1,350 @@
+"""Kernel-level tests of the fused lm_head kernels (``rlkernels.triton.linear``) for what the
+generic backend tests of ``tests/ops/test_linear.py`` do not reach: how the logits are tiled
+(row blocks, vocabulary tiles, H chunks) and streamed.
+
+Reference: :mod:`rlkernels.reference.linear` in fp64 on the same (exactly representable)
+values. Outputs within ``atol = rtol = 1e-5`` (1e-12 for fp64); gradients within ``(2 + H)
+eps(dtype) max|g_ref| + 1e-7`` (the bound the project uses for GEMM-derived logits, see
+``tests/ops/test_linear.py::linear_grad_bound``).
+
+On CPU the kernels run in the Triton interpreter with tiny shapes; ``blocks=(BLOCK_N,
+BLOCK_V, BLOCK_H)`` forces small tiles. Shapes, each for a reason:
+
+* H = 13, V = 37, N = 15: nothing a multiple of a block (one partial tile of everything);
+* H = 40, V = 300, N = 20 with blocks (16, 64, 16): 5 vocabulary tiles (the last has 44
+  columns), 3 H chunks (the last has 8), 2 row blocks (the last has 4 rows);
+* designed inputs: a bias ramp putting the row max in a later vocabulary tile, one weight row
+  scaled up (peaked rows, on the last tile), a bias column at -1e4, padding tokens (one
+  padding row of hidden holding NaN: never read), tokens 0 and V - 1.
+
+The ``gpu`` tests (skipped without CUDA) run N = 16384, H = 3584, V = 151936 in bf16: a few
+rows against the reference, and the peak extra memory below 1 GiB.
+"""
+
+import pytest
+import torch
+
+import rlkernels
+
+if rlkernels.available_backends()["triton"] != "ok":
+    pytest.skip(f"triton backend unavailable: {rlkernels.available_backends()['triton']}",
+                allow_module_level=True)
+
+from rlkernels._policy_options import PolicyOptions  # noqa: E402
+from rlkernels.reference import linear as ref  # noqa: E402
+from rlkernels.triton import linear as tk  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+DEV = "cuda" if HAS_CUDA else "cpu"
+F64 = torch.float64
+SMALL = (16, 64, 16)  # BLOCK_N, BLOCK_V, BLOCK_H
+SHAPES = {"13x37": (15, 13, 37, None), "40x300": (20, 40, 300, SMALL)}
+
+
+def make(n, h, v, *, seed=0, designed=True, dtype=torch.float32):
+    """fp64 tensors holding values exactly representable in ``dtype``."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g, dtype=F64)
+    weight = torch.randn(v, h, generator=g, dtype=F64) / h ** 0.5 * 2.0
+    bias = 0.5 * torch.randn(v, generator=g, dtype=F64)
+    tokens = torch.randint(0, v, (n,), generator=g)
+    tokens[1] = -100
+    tokens[n - 2] = -100
+    if designed:
+        bias += torch.linspace(-3.0, 3.0, v, dtype=F64)  # the row max tends to a later tile
+        weight[v - 2] *= 4.0  # peaked rows (h . w[V-2] large) on the last tile
+        bias[5] = -1e4  # a column with ~0 probability
+        tokens[0] = v - 1
+        tokens[2] = 0
+        tokens[3] = v - 2
+        tokens[4] = 5
+    hidden, weight, bias = (x.to(dtype).double() for x in (hidden, weight, bias))
+    return hidden, weight, bias, tokens
+
+
+def run_fwd(h, w, b, tok, dtype, t=1.0, ent=True, blocks=None):
+    return tk.linear_token_logprobs_forward(h.to(DEV, dtype), w.to(DEV, dtype),
+                                            None if b is None else b.to(DEV, dtype),
+                                            tok.to(DEV), t, -100, ent, blocks=blocks)
+
+
+def run_bwd(g_lp, g_h, h, w, b, tok, stats, dtype, t=1.0, blocks=None, **kw):
+    cdt = F64 if dtype == F64 else torch.float32
+    return tk.linear_token_logprobs_backward(
+        None if g_lp is None else g_lp.to(DEV, cdt), None if g_h is None else g_h.to(DEV, cdt),
+        h.to(DEV, dtype), w.to(DEV, dtype), None if b is None else b.to(DEV, dtype),
+        tok.to(DEV), stats, t, -100, blocks=blocks, **kw)
+
+
+def close_values(out, out_ref, live, dtype):
+    tol = 1e-12 if dtype == F64 else 1e-5
+    for x, r in zip(out[:2], out_ref[:2]):
+        assert x.dtype == (F64 if dtype == F64 else torch.float32)
+        torch.testing.assert_close(x.cpu().double(), r, atol=tol, rtol=tol)
+    # stats: padding rows are 0 here (never read), arbitrary in the reference
+    torch.testing.assert_close(out[2].cpu().double()[live], out_ref[2][live], atol=tol,
+                               rtol=tol)
+    assert (out[2].cpu()[~live] == 0).all()
+
+
+def grad_bound(g, g_ref, dim):
+    eps = torch.finfo(g.dtype).eps
+    tol = (2 + dim) * eps * g_ref.abs().max().item() + 1e-7
+    err = (g.cpu().double() - g_ref).abs().max().item()
+    assert err <= tol, f"gradient error {err:.3e} > {tol:.3e} ({g.dtype})"
+
+
+def upstream(n, seed=0):
+    g = torch.Generator().manual_seed(100 + seed)
+    return torch.randn(n, generator=g, dtype=F64), torch.randn(n, generator=g, dtype=F64)
+
+
+# ============================================================================ values + grads
+
+def test_designed_inputs_hit_the_cases():
+    """The designed rows do what the module docstring says (pure torch, no kernel)."""
+    n, dim, v, blocks = SHAPES["40x300"]
+    h, w, b, tok = make(n, dim, v)
+    z = h @ w.T + b
+    p = torch.softmax(z, 1)
+    assert (z.argmax(1) >= 2 * blocks[1]).sum() >= n // 2  # the max in a later tile
+    assert (p.max(1).values > 0.999).any()  # peaked rows
+    assert (z.argmax(1) == v - 2).any()  # peaked on the scaled-up weight row
+    assert (p[:, 5] < 1e-300).all()  # the -1e4 bias column
+
+
+
+CASES = [
+    # (shape, dtype, with_bias, entropy, temperature, designed)
+    ("13x37", torch.float32, True, True, 1.0, True),
+    ("13x37", torch.float32, False, False, 0.7, False),
+    ("13x37", torch.bfloat16, True, True, 0.7, True),
+    ("13x37", F64, True, True, 0.7, True),
+    ("40x300", torch.float32, True, True, 0.7, True),
+    ("40x300", torch.float32, False, True, 1.0, True),
+    ("40x300", torch.bfloat16, False, False, 1.0, True),
+    ("40x300", torch.bfloat16, True, True, 1.0, False),
+]
+
+
+@pytest.mark.parametrize("shape,dtype,with_bias,entropy,temperature,designed", CASES,
+                         ids=lambda x: str(x).replace("torch.", ""))
+def test_matches_reference(shape, dtype, with_bias, entropy, temperature, designed):
+    n, dim, v, blocks = SHAPES[shape]
+    h, w, b, tok = make(n, dim, v, designed=designed, dtype=dtype)
+    b = b if with_bias else None
+    live = tok != -100
+    out = run_fwd(h, w, b, tok, dtype, temperature, entropy, blocks)
+    out_ref = ref.linear_token_logprobs_forward(h, w, b, tok, temperature, -100, entropy)
+    close_values(out, out_ref, live, dtype)
+    assert (out[0].cpu()[~live] == 0).all() and (out[1].cpu()[~live] == 0).all()
+    if not entropy:
+        assert (out[1] == 0).all() and (out[2][:, 2] == 0).all()
+    g_lp, g_h = upstream(n)
+    grads = run_bwd(g_lp, g_h if entropy else None, h, w, b, tok, out[2], dtype, temperature,
+                    blocks)
+    grads_ref = ref.linear_token_logprobs_backward(g_lp, g_h if entropy else None, h, w, b,
+                                                   tok, out_ref[2], temperature, -100)
+    assert (grads[2] is None) == (b is None)
+    for g, g_r in zip(grads, grads_ref):
+        if g is None:
+            continue
+        assert g.dtype == dtype
+        if dtype == F64:
+            torch.testing.assert_close(g.cpu(), g_r, atol=1e-12, rtol=1e-10)
+        else:
+            grad_bound(g, g_r, dim)
+    assert (grads[0].cpu()[~live] == 0).all()  # padding rows of d hidden
+
+
+@pytest.mark.parametrize("which", ["logp", "entropy"])
+def test_one_upstream_gradient(which):
+    """Backward with only ``grad_logp`` or only ``grad_entropy``."""
+    n, dim, v, blocks = SHAPES["40x300"]
+    h, w, b, tok = make(n, dim, v, seed=1)
+    out = run_fwd(h, w, b, tok, torch.float32, 0.7, True, blocks)
+    out_ref = ref.linear_token_logprobs_forward(h, w, b, tok, 0.7, -100, True)
+    g_lp, g_h = upstream(n, 1)
+    g_lp, g_h = (g_lp, None) if which == "logp" else (None, g_h)
+    grads = run_bwd(g_lp, g_h, h, w, b, tok, out[2], torch.float32, 0.7, blocks)
+    grads_ref = ref.linear_token_logprobs_backward(g_lp, g_h, h, w, b, tok, out_ref[2], 0.7,
+                                                   -100)
+    for g, g_r in zip(grads, grads_ref):
+        grad_bound(g, g_r, dim)
+
+
+def test_padding_rows_not_read_and_int32_tokens():
+    """A padding row of hidden holding NaN changes nothing (it is never loaded); int32 ids
+    give the same bits as int64."""
+    n, dim, v, blocks = SHAPES["40x300"]
+    h, w, b, tok = make(n, dim, v, seed=2)
+    out = run_fwd(h, w, b, tok, torch.float32, 1.0, True, blocks)
+    g_lp, g_h = upstream(n, 2)
+    grads = run_bwd(g_lp, g_h, h, w, b, tok, out[2], torch.float32, 1.0, blocks)
+    h_nan = h.clone()
+    h_nan[1] = float("nan")  # tokens[1] is padding
+    out_nan = run_fwd(h_nan, w, b, tok.int(), torch.float32, 1.0, True, blocks)
+    grads_nan = run_bwd(g_lp, g_h, h_nan, w, b, tok.int(), out_nan[2], torch.float32, 1.0,
+                        blocks)
+    for x, y in zip(out + grads, out_nan + grads_nan):
+        assert torch.equal(x, y)
+
+
+def test_all_padding_rows():
+    n, dim, v, blocks = SHAPES["13x37"]
+    h, w, b, tok = make(n, dim, v)
+    tok[:] = -100
+    out = run_fwd(h, w, b, tok, torch.float32)
+    assert all((x == 0).all() for x in out)
+    g_lp, g_h = upstream(n)
+    grads = run_bwd(g_lp, g_h, h, w, b, tok, out[2], torch.float32)
+    assert all((g == 0).all() for g in grads)
+
+
+def test_weight_slices_bit_identical():
+    """bf16 weights: the fp32 d weight scratch in 64-column slices (5 slices) gives the same
+    bits as one slice (each vocabulary tile is owned by one program either way)."""
+    n, dim, v, blocks = SHAPES["40x300"]
+    h, w, b, tok = make(n, dim, v, seed=3, dtype=torch.bfloat16)
+    out = run_fwd(h, w, b, tok, torch.bfloat16, 1.0, True, blocks)
+    g_lp, g_h = upstream(n, 3)
+    one = run_bwd(g_lp, g_h, h, w, b, tok, out[2], torch.bfloat16, 1.0, blocks)
+    many = run_bwd(g_lp, g_h, h, w, b, tok, out[2], torch.bfloat16, 1.0, blocks,
+                   scratch_elements=64 * dim)
+    for x, y in zip(one, many):
+        assert torch.equal(x, y)
+
+
+# ============================================================ determinism, batch invariance
+
+def test_deterministic():
+    n, dim, v, blocks = SHAPES["40x300"]
+    h, w, b, tok = make(n, dim, v, seed=4)
+    g_lp, g_h = upstream(n, 4)
+    runs = []
+    for _ in range(2):
+        out = run_fwd(h, w, b, tok, torch.float32, 0.7, True, blocks)
+        runs.append(out + run_bwd(g_lp, g_h, h, w, b, tok, out[2], torch.float32, 0.7, blocks))
+    for x, y in zip(*runs):
+        assert torch.equal(x, y)
+
+
+def test_batch_invariant():
+    """Each row alone gives the bits it has inside the batch (block sizes never depend on N)."""
+    n, dim, v, _ = SHAPES["40x300"]
+    h, w, b, tok = make(n, dim, v, seed=5)
+    batch = run_fwd(h, w, b, tok, torch.float32, 0.7, True)
+    for i in (0, 3, 17, n - 1):
+        alone = run_fwd(h[i:i + 1], w, b, tok[i:i + 1], torch.float32, 0.7, True)
+        for x, y in zip(batch, alone):
+            assert torch.equal(x[i:i + 1], y)
+
+
+# ========================================================================= linear_grpo_loss
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kw", [dict(), dict(loss="cispo", clip_high=0.28, entropy_coef=0.02,
+                                             kl_coef=0.1, agg="seq-mean-token-sum")],
+                         ids=["ppo", "cispo-kl-entropy"])
+def test_linear_grpo_loss(dtype, kw):
+    bsz, t, dim, v = 3, 5, 13, 37
+    # plain random rows: a designed token at logit -1e4 has log-prob -1e4, whose fp32 ulp
+    # (1e-3) alone moves the ratio exp(logp - old) by 1e-3 (the designed rows are covered
+    # by test_matches_reference)
+    h, w, b, tok = make(bsz * t, dim, v, seed=6, designed=False, dtype=dtype)
+    tok = tok.view(bsz, t)
+    g = torch.Generator().manual_seed(7)
+    lp_ref = ref.linear_token_logprobs_forward(h, w, b, tok.reshape(-1), 0.8, -100, False)[0]
+    old = torch.where(tok == -100, 0.0,
+                      lp_ref.view(bsz, t) + 0.3 * torch.randn(bsz, t, generator=g, dtype=F64))
+    old = old.float()
+    adv = torch.randn(bsz, generator=g).float()
+    mask = (torch.rand(bsz, t, generator=g) > 0.2) | (torch.arange(t) == 0)
+    ref_logp = (old + 0.2 * torch.randn(bsz, t, generator=g)).float()
+    o = PolicyOptions.from_kwargs(**kw)
+    ref_in = ref_logp if o.kl_coef else None
+    args = (tok, old, adv, mask, None, ref_in, None, 0.8, o)
+    out = tk.linear_grpo_loss_forward(h.to(DEV, dtype), w.to(DEV, dtype), b.to(DEV, dtype),
+                                      *[x.to(DEV) if isinstance(x, torch.Tensor) else x
+                                        for x in args])
+    out_ref = ref.linear_grpo_loss_forward(h, w, b, tok, old.double(), adv.double(), mask,
+                                           None, None if ref_in is None else ref_in.double(),
+                                           None, 0.8, o)
+    loss, metrics = out[0].cpu(), out[1].cpu()
+    torch.testing.assert_close(loss.double(), out_ref[0].double(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(metrics.double(), out_ref[1].double(), atol=1e-5, rtol=1e-5)
+    grad_loss = torch.ones((), dtype=out[0].dtype, device=DEV)
+    grads = tk.linear_grpo_loss_backward(
+        grad_loss, h.to(DEV, dtype), w.to(DEV, dtype), b.to(DEV, dtype), tok.to(DEV),
+        old.to(DEV), adv.to(DEV), mask.to(DEV), None,
+        None if ref_in is None else ref_in.to(DEV), None, *out[2:], 0.8, o)
+    grads_ref = ref.linear_grpo_loss_backward(
+        torch.ones((), dtype=F64), h, w, b, tok, old.double(), adv.double(), mask, None,
+        None if ref_in is None else ref_in.double(), None, *out_ref[2:], 0.8, o)
+    for gr, g_r in zip(grads, grads_ref):
+        assert gr.dtype == dtype
+        grad_bound(gr, g_r, dim)
+    assert (grads[0].cpu()[tok.reshape(-1) == -100] == 0).all()
+
+
+# ======================================================================================= gpu
+
+def _gpu_inputs(n=16384, dim=3584, v=151936):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(n, dim, generator=g, device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(v, dim, generator=g, device="cuda") / dim ** 0.5 * 2.0).bfloat16()
+    tok = torch.randint(0, v, (n,), generator=g, device="cuda")
+    tok[::97] = -100
+    return h, w, tok
+
+
+@pytest.mark.gpu
+def test_gpu_large_rows_match_reference():
+    h, w, tok = _gpu_inputs()
+    out = tk.linear_token_logprobs_forward(h, w, None, tok, 1.0, -100, True)
+    rows = torch.tensor([0, 1, 97, 5000, 16383], device="cuda")
+    out_ref = ref.linear_token_logprobs_forward(h[rows].double(), w.double(), None, tok[rows],
+                                                1.0, -100, True)
+    for x, r in zip(out[:2], out_ref[:2]):
+        torch.testing.assert_close(x[rows].double(), r, atol=1e-4, rtol=1e-4)
+    g_lp = torch.randn(h.shape[0], device="cuda")
+    g_h = torch.randn(h.shape[0], device="cuda")
+    gh, gw, _ = tk.linear_token_logprobs_backward(g_lp, g_h, h, w, None, tok, out[2], 1.0, -100)
+    # d hidden of a row depends on that row only
+    gh_ref = ref.linear_token_logprobs_backward(g_lp[rows], g_h[rows], h[rows].float(),
+                                                w.float(), None, tok[rows],
+                                                out[2][rows].float(), 1.0, -100)[0]
+    eps = torch.finfo(torch.bfloat16).eps
+    err = (gh[rows].float() - gh_ref).abs().max().item()
+    assert err <= 2 * eps * gh_ref.abs().max().item() + 1e-6
+    assert torch.isfinite(gw).all()
+
+
+@pytest.mark.gpu
+def test_gpu_peak_memory_under_1gib():
+    h, w, tok = _gpu_inputs()
+    g_lp = torch.randn(h.shape[0], device="cuda")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = tk.linear_token_logprobs_forward(h, w, None, tok, 1.0, -100, True)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - base < 2 ** 30
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    grads = tk.linear_token_logprobs_backward(g_lp, None, h, w, None, tok, out[2], 1.0, -100)
+    torch.cuda.synchronize()
+    outputs = sum(g.numel() * g.element_size() for g in grads if g is not None)
+    assert torch.cuda.max_memory_allocated() - base - outputs < 2 ** 30
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic_and_batch_invariant():
+    h, w, tok = _gpu_inputs(n=4096)
+    a = tk.linear_token_logprobs_forward(h, w, None, tok, 1.0, -100, True)
+    b = tk.linear_token_logprobs_forward(h, w, None, tok, 1.0, -100, True)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    for i in (0, 1234, 4095):
+        alone = tk.linear_token_logprobs_forward(h[i:i + 1], w, None, tok[i:i + 1], 1.0, -100,
+                                                 True)
+        assert all(torch.equal(x[i:i + 1], y) for x, y in zip(a, alone))
