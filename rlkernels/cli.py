@@ -1,7 +1,7 @@
-"""The ``rlkernels`` command line: ``info``, ``verify`` (SPEC section 4).
+"""The ``rlkernels`` command line: ``info``, ``verify``, ``bench`` (SPEC section 4).
 
-``bench`` and ``train`` are listed by ``--help`` as not available in this version, so that a
-user who types them gets a clear message instead of an argparse error.
+``train`` is listed by ``--help`` as not available in this version, so that a
+user who types it gets a clear message instead of an argparse error.
 """
 
 from __future__ import annotations
@@ -56,6 +56,16 @@ def _verify(args) -> int:
     return 1 if failed else 0
 
 
+def _bench(args) -> int:
+    from rlkernels._bench import run_bench
+
+    run_bench(args.op, peers=args.peers, out=args.out, quick=args.quick,
+              providers=[p for p in (args.providers or "").split(",") if p] or None,
+              modes=[m for m in args.modes.split(",") if m], budget_s=args.budget_s,
+              plots=not args.no_plots, log=lambda line: print(line, flush=True))
+    return 0
+
+
 def _not_yet(name: str):
     def run(_args) -> int:
         print(f"rlkernels {name}: not available in this version yet", file=sys.stderr)
@@ -76,9 +86,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="small shapes and fp32 only (under a minute on 2 CPU cores)")
     p.set_defaults(func=_verify)
-    for name, text in (("bench", "microbenchmarks (not available yet)"),
-                       ("train", "the reference GRPO trainer (not available yet)")):
-        sub.add_parser(name, help=text).set_defaults(func=_not_yet(name))
+    p = sub.add_parser("bench", help="benchmarks: median/p20/p80 ms, %% of the measured "
+                       "roofline, peak memory, vs naive torch, torch.compile and peers; "
+                       "CSV + markdown + PNG")
+    from rlkernels._bench.cases import OPS as _BENCH_OPS
+    p.add_argument("--op", nargs="+", choices=list(_BENCH_OPS), metavar="OP",
+                   help="ops to run (default: all): " + ", ".join(_BENCH_OPS))
+    p.add_argument("--peers", action="store_true",
+                   help="include peers (TRL, verl, flash-attn, Liger, CCE) that import")
+    p.add_argument("--out", metavar="DIR",
+                   help="output folder (default: benchmarks/results/<gpu-or-cpu>/)")
+    p.add_argument("--quick", action="store_true", default=None,
+                   help="tiny shapes (the default on CPU)")
+    p.add_argument("--full", dest="quick", action="store_false",
+                   help="the full shape grid (the default on a GPU)")
+    p.add_argument("--providers", help="comma-separated providers to run (default: all "
+                   "rlkernels backends, torch-naive, torch-compile, and peers with --peers)")
+    p.add_argument("--modes", default="fwd,fwd+bwd", help="fwd, fwd+bwd or both (default)")
+    p.add_argument("--budget-s", type=float, help="time budget for the whole run; shapes "
+                   "past each op's share are recorded as skipped")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.set_defaults(func=_bench)
+    sub.add_parser("train", help="the reference GRPO trainer (not available yet)"
+                   ).set_defaults(func=_not_yet("train"))
     return parser
 
 

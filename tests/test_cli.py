@@ -66,7 +66,7 @@ def test_verify_unavailable_backend_exits_1(capsys):
     assert "not available" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["bench", "train"])
+@pytest.mark.parametrize("command", ["train"])
 def test_future_commands_say_not_available(command, capsys):
     assert main([command]) == 2
     assert "not available" in capsys.readouterr().err

@@ -1,0 +1,11 @@
+"""Benchmarks of the vocab ops: `rlkernels bench --op <the vocab ops>` (see rlkernels/_bench).
+
+    python benchmarks/bench_vocab.py [--peers] [--out DIR] [--quick | --full] [--budget-s S]
+"""
+
+import sys
+
+from rlkernels._bench.runner import main_family
+
+if __name__ == "__main__":
+    sys.exit(main_family("vocab"))
