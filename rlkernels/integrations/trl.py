@@ -1,0 +1,165 @@
+"""One-line use of rlkernels inside TRL: ``patch()`` / ``unpatch()``.
+
+``patch()`` replaces, in ``trl.trainer.utils`` and in every already-imported ``trl.*`` module
+that holds a reference to them (``from .utils import selective_log_softmax``):
+
+* ``selective_log_softmax(logits, index, temperature=1.0, row_mask=None)`` ->
+  :func:`rlkernels.token_logprobs` for an index of shape ``(...)`` and
+  :func:`rlkernels.sparse_logprobs` (``normalize="full"``) for ``(..., K)``;
+* ``entropy_from_logits(logits, chunk_size=128)`` -> :func:`rlkernels.entropy`
+  (``chunk_size`` is accepted and ignored: rlkernels bounds its memory itself);
+* ``selective_log_softmax_and_entropy(logits, index, entropy_requires_grad=True,
+  temperature=1.0, row_mask=None)`` -> one ``token_logprobs(..., return_entropy=True)`` pass;
+* ``_ChunkedLogProbFunction`` (TRL >= 1.x: the fused LM head that ``GRPOTrainer`` installs with
+  ``add_fused_lm_head``) -> :func:`rlkernels.linear_token_logprobs`, for the outputs rlkernels
+  computes (``log_probs``, ``entropy``) and models without logit soft-capping / scaling; any
+  other request goes to TRL's own function unchanged.
+
+``unpatch()`` puts the original objects back (identity, not copies), including in ``trl``
+modules imported after ``patch()``.
+
+Semantics and dtypes, kept exactly as TRL's:
+
+* Outputs have TRL's dtype: the dtype of ``logits`` (TRL's torch fallback computes
+  ``log_softmax`` in the logits dtype, so bf16 logits give bf16 log-probs). rlkernels computes
+  in fp32 and casts the result back, so a bf16 result is the correctly rounded value (TRL's bf16
+  path may differ from it by one bf16 ulp). The fused LM head returns fp32 like TRL's.
+* ``temperature`` is fused (``z = logits / T`` in fp32; TRL divides in the logits dtype).
+* ``row_mask``: positions where it is 0 give 0, as in TRL.
+* Every index is a real token: rlkernels' padding convention (``ignore_index=-100`` gives 0) is
+  switched off by passing an ``ignore_index`` that no index can equal, so an index of -100
+  fails like in TRL instead of silently giving 0.
+* Inputs rlkernels does not take (an index whose leading dims differ from the logits', an
+  integer dtype other than int32/int64, logits that are not floating point) are passed to
+  TRL's original function.
+"""
+
+from typing import Optional
+
+import torch
+
+import rlkernels
+
+from . import _ModulePatcher
+
+__all__ = ["patch", "unpatch", "is_patched", "selective_log_softmax", "entropy_from_logits",
+           "selective_log_softmax_and_entropy"]
+
+_NO_IGNORE = -(2 ** 62)  # an ignore_index no vocabulary id can equal
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INTS = (torch.int32, torch.int64)
+_patcher = _ModulePatcher("trl")
+
+
+def _original(name):
+    orig = _patcher.originals.get(name)
+    if orig is None:
+        import trl.trainer.utils as tu
+        orig = getattr(tu, name)
+    return orig
+
+
+def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, temperature: float = 1.0,
+                          row_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """TRL's ``selective_log_softmax`` on rlkernels: ``log_softmax(logits / T)`` gathered at
+    ``index`` (shape ``(...)`` or ``(..., K)``), in the dtype of ``logits``."""
+    if temperature <= 0:
+        raise ValueError("temperature must be positive")
+    if logits.dtype not in _FLOATS or index.dtype not in _INTS:
+        return _original("selective_log_softmax")(logits, index, temperature, row_mask)
+    if index.ndim == logits.ndim - 1 and index.shape == logits.shape[:-1]:
+        out = rlkernels.token_logprobs(logits, index, temperature=temperature,
+                                       ignore_index=_NO_IGNORE)
+    elif index.ndim == logits.ndim and index.shape[:-1] == logits.shape[:-1]:
+        out = rlkernels.sparse_logprobs(logits, index, temperature=temperature, normalize="full")
+    else:
+        return _original("selective_log_softmax")(logits, index, temperature, row_mask)
+    out = out.to(logits.dtype)
+    if row_mask is not None:
+        out = out.masked_fill(row_mask == 0, 0.0)
+    return out
+
+
+def entropy_from_logits(logits: torch.Tensor, chunk_size: int = 128) -> torch.Tensor:
+    """TRL's ``entropy_from_logits`` on rlkernels (``chunk_size`` ignored), in the dtype of
+    ``logits``."""
+    if logits.dtype not in _FLOATS:
+        return _original("entropy_from_logits")(logits, chunk_size)
+    return rlkernels.entropy(logits).to(logits.dtype)
+
+
+def selective_log_softmax_and_entropy(logits: torch.Tensor, index: torch.Tensor,
+                                      entropy_requires_grad: bool = True,
+                                      temperature: float = 1.0,
+                                      row_mask: Optional[torch.Tensor] = None):
+    """TRL's ``selective_log_softmax_and_entropy``: both outputs from one pass over the logits."""
+    if temperature <= 0:
+        raise ValueError("temperature must be positive")
+    if (logits.dtype not in _FLOATS or index.dtype not in _INTS
+            or index.shape != logits.shape[:-1]):
+        return _original("selective_log_softmax_and_entropy")(
+            logits, index, entropy_requires_grad, temperature, row_mask)
+    logp, ent = rlkernels.token_logprobs(logits, index, temperature=temperature,
+                                         ignore_index=_NO_IGNORE, return_entropy=True)
+    logp, ent = logp.to(logits.dtype), ent.to(logits.dtype)
+    if not entropy_requires_grad:
+        ent = ent.detach()
+    if row_mask is not None:
+        logp = logp.masked_fill(row_mask == 0, 0.0)
+        ent = ent.masked_fill(row_mask == 0, 0.0)
+    return logp, ent
+
+
+class ChunkedLogProbFunction:
+    """Stand-in for ``trl.kernels.ChunkedLogProbFunction`` (``.apply`` with the same arguments).
+
+    Returns ``(log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1)`` fp32 ``[N]``, the
+    last three ``None``; the projection runs in the autocast dtype when autocast is on (as in
+    TRL), in the dtype of ``hidden`` otherwise, with fp32 accumulation and no ``[N, V]`` logits.
+    """
+
+    @staticmethod
+    def apply(hidden, weight, bias, targets, temperature, chunk_size,
+              final_logit_softcapping=None, logit_scale=1.0, outputs=("log_probs",)):
+        extra = set(outputs) - {"log_probs", "entropy"}
+        if final_logit_softcapping is not None or logit_scale != 1.0 or extra:
+            return _original("_ChunkedLogProbFunction").apply(
+                hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping,
+                logit_scale, outputs)
+        device = hidden.device.type
+        dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+                 else hidden.dtype)
+        with torch.autocast(device, enabled=False):
+            res = rlkernels.linear_token_logprobs(
+                hidden.to(dtype), weight.to(dtype), targets, temperature=temperature,
+                bias=None if bias is None else bias.to(dtype), ignore_index=_NO_IGNORE,
+                return_entropy="entropy" in outputs)
+        logp, ent = res if "entropy" in outputs else (res, None)
+        return logp.float(), None if ent is None else ent.float(), None, None, None
+
+
+def _pairs():
+    import trl.trainer.utils as tu
+    names = {"selective_log_softmax": selective_log_softmax,
+             "entropy_from_logits": entropy_from_logits,
+             "selective_log_softmax_and_entropy": selective_log_softmax_and_entropy,
+             "_ChunkedLogProbFunction": ChunkedLogProbFunction}
+    return {n: (getattr(tu, n), r) for n, r in names.items() if hasattr(tu, n)}
+
+
+def patch() -> None:
+    """Route TRL's log-prob / entropy helpers and fused LM head through rlkernels. Idempotent.
+
+    Also patches the name ``ChunkedLogProbFunction`` wherever a ``trl`` module holds TRL's
+    class (e.g. ``trl.kernels``)."""
+    import trl.trainer.utils  # noqa: F401  (imports the trainers' helpers)
+    _patcher.patch(_pairs())
+
+
+def unpatch() -> None:
+    """Restore TRL's original objects exactly. A no-op when not patched."""
+    _patcher.unpatch()
+
+
+def is_patched() -> bool:
+    return _patcher.active
