@@ -14,6 +14,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from .. import _checks, backends
+from .. import distributed as _dist
 from ..reference import vocab as _ref
 from ._common import call, check_tokens_for, no_process_group, out_dtype, rows
 
@@ -73,6 +74,51 @@ def _token_logprobs_grad(ctx, grad_logp, grad_entropy, _grad_stats):
 _token_logprobs_op.register_autograd(_token_logprobs_grad, setup_context=_token_logprobs_setup)
 
 
+# vocabulary parallelism (SPEC section 3.5): the forward combines the shards' row statistics
+# with collectives (rlkernels.distributed); backward is the plain local backward op above, fed
+# with the global statistics and the shard-local tokens: no communication.
+
+@torch.library.custom_op("rlkernels::token_logprobs_vp", mutates_args=())
+def _token_logprobs_vp_op(logits: Tensor, tokens: Optional[Tensor], temperature: float,
+                          ignore_index: int, with_entropy: bool, group: int, backend: str
+                          ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    forward = backends.kernel(backend, _FAMILY, "token_logprobs_forward")
+    return _dist.token_logprobs_forward(forward, logits, tokens, temperature, ignore_index,
+                                        with_entropy, _dist.group_of(group))
+
+
+@_token_logprobs_vp_op.register_fake
+def _(logits, tokens, temperature, ignore_index, with_entropy, group, backend):
+    n = logits.shape[0]
+    dt = out_dtype(logits.dtype)
+    local_tokens = logits.new_empty(n if tokens is not None else 0, dtype=torch.int64)
+    return (logits.new_empty(n, dtype=dt), logits.new_empty(n, dtype=dt),
+            logits.new_empty(n, 3, dtype=dt), local_tokens)
+
+
+def _token_logprobs_vp_setup(ctx, inputs, output):
+    logits, tokens, temperature, ignore_index, with_entropy, group, backend = inputs
+    ctx.save_for_backward(logits, output[3] if tokens is not None else None, output[2])
+    ctx.args = (temperature, ignore_index, with_entropy, backend)
+    ctx.mark_non_differentiable(output[2], output[3])
+
+
+def _token_logprobs_vp_grad(ctx, grad_logp, grad_entropy, _grad_stats, _grad_tokens):
+    if not ctx.needs_input_grad[0]:
+        return (None,) * 7
+    logits, local_tokens, stats = ctx.saved_tensors
+    temperature, ignore_index, with_entropy, backend = ctx.args
+    grad = _token_logprobs_backward_op(
+        grad_logp if local_tokens is not None else None,
+        grad_entropy if with_entropy else None,
+        logits, local_tokens, stats, temperature, ignore_index, backend)
+    return (grad,) + (None,) * 6
+
+
+_token_logprobs_vp_op.register_autograd(_token_logprobs_vp_grad,
+                                        setup_context=_token_logprobs_vp_setup)
+
+
 def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
                    ignore_index: int = -100, return_entropy: bool = False,
                    backend: Optional[str] = None, process_group=None
@@ -90,7 +136,13 @@ def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
         temperature: ``> 0``; gradients include the ``1/temperature`` factor.
         return_entropy: also return the entropy of each row.
         backend: ``"torch"``, ``"triton"``, ``"cuda"``, ``"auto"`` or ``None`` (process default).
-        process_group: vocabulary parallelism (not supported yet; must be ``None``).
+        process_group: a ``torch.distributed`` ``ProcessGroup`` for vocabulary (tensor)
+            parallelism: ``logits`` is then this rank's contiguous vocabulary shard (ranks in
+            group order; shard sizes may differ), ``tokens`` are global ids, and every rank
+            gets the outputs of the unsharded op. The forward pass runs three collectives on
+            the group (shard sizes, row maxima, one all-reduce of the row sums); backward
+            computes this rank's gradient shard locally, with no communication. Every rank
+            must call the op with the same rows, tokens and arguments.
 
     Returns:
         ``logp [...]`` fp32 (fp64 for fp64 logits), or ``(logp, entropy)``. A token whose logit
@@ -102,11 +154,20 @@ def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
     t = _checks.positive("temperature", temperature)
     _checks.integer("ignore_index", ignore_index)
     _checks.flag("return_entropy", return_entropy)
-    no_process_group(process_group)
-    _checks.token_range("tokens", tokens, logits.shape[-1], ignore_index)
+    if process_group is not None:
+        handle = _dist.register_group(process_group)
+        if _checks.debug_enabled():
+            _dist.check_global_tokens("tokens", tokens, logits.shape[-1], ignore_index,
+                                      process_group)
+    else:
+        _checks.token_range("tokens", tokens, logits.shape[-1], ignore_index)
     name = backends.resolve(backend, _FAMILY, "token_logprobs", logits.device)
-    logp, ent, _ = _token_logprobs_op(rows(logits), tokens.reshape(-1), t, ignore_index,
-                                      return_entropy, name)
+    if process_group is not None:
+        logp, ent, _, _ = _token_logprobs_vp_op(rows(logits), tokens.reshape(-1), t,
+                                                ignore_index, return_entropy, handle, name)
+    else:
+        logp, ent, _ = _token_logprobs_op(rows(logits), tokens.reshape(-1), t, ignore_index,
+                                          return_entropy, name)
     shape = tokens.shape
     if return_entropy:
         return logp.view(shape), ent.view(shape)
@@ -120,11 +181,16 @@ def entropy(logits: Tensor, *, temperature: float = 1.0, backend: Optional[str] 
     ``H = logsumexp(z) - sum_j softmax(z)_j z_j`` with ``z = logits / temperature``
     (``-inf`` columns contribute 0). Returns ``[...]`` fp32 (fp64 for fp64 logits),
     differentiable w.r.t. ``logits``: ``dH/dz = -p (z - sum(p z))``, times ``1/T``.
+    ``process_group``: vocabulary parallelism, as in :func:`token_logprobs` (``logits`` is this
+    rank's shard; every rank gets the entropy of the whole vocabulary).
     """
     _checks.logits("logits", logits)
     t = _checks.positive("temperature", temperature)
-    no_process_group(process_group)
+    handle = _dist.register_group(process_group) if process_group is not None else None
     name = backends.resolve(backend, _FAMILY, "token_logprobs", logits.device)
+    if handle is not None:
+        _, ent, _, _ = _token_logprobs_vp_op(rows(logits), None, t, -100, True, handle, name)
+        return ent.view(logits.shape[:-1])
     _, ent, _ = _token_logprobs_op(rows(logits), None, t, -100, True, name)
     return ent.view(logits.shape[:-1])
 

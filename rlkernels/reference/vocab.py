@@ -138,8 +138,15 @@ def token_logprobs_forward(logits: Tensor, tokens: Optional[Tensor], temperature
 
 
 def _token_logprobs_grad_chunk(z: Tensor, tok: Optional[Tensor], stats: Tensor,
-                               g_logp: Optional[Tensor], g_ent: Optional[Tensor]) -> Tensor:
-    """``d loss / d z`` for one chunk (without the ``1/T`` factor)."""
+                               g_logp: Optional[Tensor], g_ent: Optional[Tensor],
+                               inside: Optional[Tensor] = None) -> Tensor:
+    """``d loss / d z`` for one chunk (without the ``1/T`` factor).
+
+    ``inside`` (bool ``[rows]``, default all True): rows whose token is one of the chunk's
+    columns. Elsewhere (a vocabulary shard that does not hold the token, ``tok`` then 0)
+    there is no one-hot term, only ``-g p``. The entropy term reads ``sum p (z - m)`` from
+    ``stats[:, 2]`` (the forward's value, or the all-shard value under vocabulary
+    parallelism)."""
     zs, log_s = _shifted(z, stats)
     p = torch.exp(zs - log_s)
     grad = torch.zeros_like(z)
@@ -148,10 +155,13 @@ def _token_logprobs_grad_chunk(z: Tensor, tok: Optional[Tensor], stats: Tensor,
         # the token's column: g (1 - p_y) = -g expm1(log p_y), not g - g p_y, which loses
         # every digit of 1 - p_y when the row is peaked on its token (p_y ~ 1)
         logp_y = zs.gather(1, tok[:, None]) - log_s
-        grad.scatter_(1, tok[:, None], -g_logp[:, None] * torch.expm1(logp_y))
+        tok_grad = -g_logp[:, None] * torch.expm1(logp_y)
+        if inside is not None:
+            tok_grad = torch.where(inside[:, None], tok_grad, grad.gather(1, tok[:, None]))
+        grad.scatter_(1, tok[:, None], tok_grad)
     if g_ent is not None:
         # z - sum(p z) on max-shifted logits: exact where a peaked row makes both ~ max(z)
-        sum_pz = _row_sum(_xlogy0(p, zs), keepdim=True)
+        sum_pz = stats[:, 2:3]
         grad -= g_ent[:, None] * _xlogy0(p, zs - sum_pz)
     return grad
 
@@ -163,25 +173,30 @@ def token_logprobs_backward(grad_logp: Optional[Tensor], grad_entropy: Optional[
     """Gradient w.r.t. ``logits`` (``out`` may be ``logits`` itself, for in-place backward).
 
     ``g (onehot(y) - p) - g_H p (z - sum(p z))``, times ``1/T``; rows whose token is
-    ``ignore_index`` receive exactly 0.
+    ``ignore_index`` receive exactly 0. ``sum(p z)`` is read from ``stats[:, 2]`` (so the
+    forward must have computed the entropy when ``grad_entropy`` is given). A token outside
+    ``[0, V)`` that is not ``ignore_index`` (vocabulary parallelism: the token lies in another
+    rank's shard, ``stats`` are the all-shard statistics) gives no one-hot term, only
+    ``-g p``.
     """
     n, vocab = logits.shape
     cdt = compute_dtype(logits.dtype)
     grad = torch.empty_like(logits) if out is None else out
     for rows in row_chunks(n, vocab):
         z = _scaled(logits, rows, temperature)
-        tok = g_lp = g_h = None
+        tok = g_lp = g_h = inside = None
         if tokens is not None:
             tok = tokens[rows].long()
             valid = tok != ignore_index
-            tok = torch.where(valid, tok, 0)
+            inside = valid & (tok >= 0) & (tok < vocab)
+            tok = torch.where(inside, tok, 0)
         if grad_logp is not None:
             g_lp = grad_logp[rows].to(cdt)
             g_lp = torch.where(valid, g_lp, 0.0) if tokens is not None else g_lp
         if grad_entropy is not None:
             g_h = grad_entropy[rows].to(cdt)
             g_h = torch.where(valid, g_h, 0.0) if tokens is not None else g_h
-        g = _token_logprobs_grad_chunk(z, tok, stats[rows], g_lp, g_h)
+        g = _token_logprobs_grad_chunk(z, tok, stats[rows], g_lp, g_h, inside)
         if tokens is not None:
             # exactly 0 on padding rows, even when their logits are -inf or NaN
             g = torch.where(valid[:, None], g, 0.0)

@@ -1,0 +1,307 @@
+"""Vocabulary (tensor) parallelism (SPEC section 3.5, issue #9) on CPU with gloo.
+
+2 and 3 processes hold unequal contiguous shards of a 37-column vocabulary; ``token_logprobs``
+(with and without the entropy) and ``entropy`` with ``process_group`` must give, on every rank,
+the values of the unsharded op on the concatenated logits, and every rank's gradient shard must
+be the matching slice of the unsharded gradient (SPEC section 5 tolerances; fp64 to 1e-10).
+Rows: normal, peaked (also on the token), flat, scattered -inf columns, a row whose whole
+shard is -inf, a row of only -inf, a max tied across shards, padding, tokens in every shard
+a token whose logit is -inf and a NaN. Backward must not communicate (collectives are patched to
+raise during backward), and a naive autograd through ``all_reduce`` is shown to be wrong.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import rlkernels
+
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()),
+    reason="torch.distributed with gloo is not available on this platform")
+
+V = 37
+SPLITS = {2: [20, 17], 3: [13, 11, 13]}
+N_ROWS = 12
+
+
+# ----------------------------------------------------------------------------- test data
+
+def _logits(dtype: torch.dtype, sizes) -> torch.Tensor:
+    """``[2, 6, V]`` logits (identical on every rank) with the rows the module doc lists."""
+    g = torch.Generator().manual_seed(1234)
+    x = torch.randn(N_ROWS, V, generator=g, dtype=torch.float64) * 2.0
+    s0 = sizes[0]
+    x[1, s0 + 2] += 35.0                       # peaked in shard 1 (token elsewhere)
+    x[2] = 0.0                                 # flat
+    x[3, ::5] = -math.inf                      # scattered -inf columns
+    x[4, :s0] = -math.inf                      # the whole shard 0 is -inf; max elsewhere
+    x[5, V - 1] += 30.0                        # peaked on its token, in the last shard
+    x[6, 4] = -math.inf                        # the token's logit is -inf
+    x[7] = -math.inf                           # a row of only -inf
+    x[8, 3] = x[8, V - 3] = x[8].max() + 5.0   # the max tied across two shards
+    x[9, s0:] = -math.inf                      # only shard 0 is finite
+    x[10, 1] += 25.0                           # peaked in shard 0
+    x[11, 5] = math.nan                        # NaN propagates to its row only
+    return x.to(dtype).view(2, 6, V)
+
+
+def _tokens(sizes) -> torch.Tensor:
+    s0, s1 = sizes[0], sizes[0] + sizes[1]
+    tok = [3, s0 + 1, V - 2, 7, s0 + 3, V - 1, 4, 0, s1 - 1, -100, 1, s0]
+    return torch.tensor(tok, dtype=torch.int64).view(2, 6)
+
+
+def _tols(dtype):
+    if dtype == torch.float64:
+        return dict(atol=1e-10, rtol=1e-10), 1e-10
+    return dict(atol=1e-5, rtol=1e-5), None
+
+
+def _check_values(got, ref, dtype, what):
+    tol, _ = _tols(dtype)
+    torch.testing.assert_close(got, ref, equal_nan=True, msg=lambda m: f"{what}: {m}", **tol)
+
+
+def _check_grad(got, ref, dtype, what):
+    """SPEC 5: ``|g - g_ref| <= 2 eps(dtype) max|g_ref| + 1e-7`` (1e-10 in fp64)."""
+    _, abs64 = _tols(dtype)
+    assert got.dtype == ref.dtype and got.shape == ref.shape, what
+    assert torch.equal(got.isnan(), ref.isnan()), f"{what}: NaN pattern differs"
+    ok = ~ref.isnan()
+    scale = ref[ok].abs().max().item() if ok.any() else 0.0
+    bound = abs64 if abs64 is not None else 2 * torch.finfo(dtype).eps * scale + 1e-7
+    err = (got[ok] - ref[ok]).abs().max().item() if ok.any() else 0.0
+    assert err <= bound, f"{what}: max gradient error {err:.3g} > {bound:.3g}"
+
+
+class _NoCollectives:
+    """Make every collective raise inside the block: backward must not communicate."""
+
+    NAMES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast",
+             "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "barrier")
+
+    def __enter__(self):
+        self.saved = {n: getattr(dist, n) for n in self.NAMES if hasattr(dist, n)}
+
+        def boom(*args, **kwargs):
+            raise AssertionError("a collective was called in backward")
+        for n in self.saved:
+            setattr(dist, n, boom)
+
+    def __exit__(self, *exc):
+        for n, f in self.saved.items():
+            setattr(dist, n, f)
+
+
+# ------------------------------------------------------------------------------- workers
+
+def _run_cases(rank: int, world: int, backend: str, dtypes) -> None:
+    sizes = SPLITS[world]
+    lo = sum(sizes[:rank])
+    hi = lo + sizes[rank]
+    pg = dist.group.WORLD
+    g = torch.Generator().manual_seed(99)
+    for dtype in dtypes:
+        full = _logits(dtype, sizes)
+        tok = _tokens(sizes)
+        g_lp = torch.randn(2, 6, generator=g, dtype=torch.float64)
+        g_h = torch.randn(2, 6, generator=g, dtype=torch.float64)
+        for temperature in (1.0, 0.7):
+            for ent_on in (False, True):
+                what = f"rank {rank}/{world} {backend} {dtype} T={temperature} entropy={ent_on}"
+                # the unsharded op, on the concatenated logits
+                xf = full.clone().requires_grad_(True)
+                ref = rlkernels.token_logprobs(xf, tok, temperature=temperature,
+                                               return_entropy=ent_on, backend=backend)
+                ref = ref if ent_on else (ref,)
+                # this rank's shard
+                xs = full[..., lo:hi].clone().requires_grad_(True)
+                out = rlkernels.token_logprobs(xs, tok, temperature=temperature,
+                                               return_entropy=ent_on, backend=backend,
+                                               process_group=pg)
+                out = out if ent_on else (out,)
+                for name, a, b in zip(("logp", "entropy"), out, ref):
+                    _check_values(a, b, dtype, f"{what} {name}")
+                ups = [g_lp.to(ref[0].dtype), g_h.to(ref[0].dtype)][:len(ref)]
+                (grad_ref,) = torch.autograd.grad(ref, xf, ups)
+                with _NoCollectives():
+                    (grad,) = torch.autograd.grad(out, xs, ups)
+                _check_grad(grad, grad_ref[..., lo:hi], dtype, f"{what} grad")
+                # padding rows: exactly zero
+                assert bool((grad[tok == -100] == 0).all()), f"{what}: padding gradient"
+
+            # entropy(): no tokens
+            xf = full.clone().requires_grad_(True)
+            ref_h = rlkernels.entropy(xf, temperature=temperature, backend=backend)
+            xs = full[..., lo:hi].clone().requires_grad_(True)
+            h = rlkernels.entropy(xs, temperature=temperature, backend=backend,
+                                  process_group=pg)
+            what = f"rank {rank}/{world} {backend} {dtype} T={temperature} entropy()"
+            _check_values(h, ref_h, dtype, what)
+            up = g_h.to(ref_h.dtype)
+            (grad_ref,) = torch.autograd.grad(ref_h, xf, up)
+            with _NoCollectives():
+                (grad,) = torch.autograd.grad(h, xs, up)
+            _check_grad(grad, grad_ref[..., lo:hi], dtype, f"{what} grad")
+
+
+def _naive_is_wrong(rank: int, world: int) -> None:
+    """Autograd through a differentiable all_reduce of the local sums double counts: its
+    gradient is not the unsharded one; ours is, and its softmax part sums to 0 over shards."""
+    import torch.distributed.nn.functional as dfn
+
+    sizes = SPLITS[world]
+    lo = sum(sizes[:rank])
+    hi = lo + sizes[rank]
+    g = torch.Generator().manual_seed(7)
+    full = torch.randn(4, V, generator=g, dtype=torch.float64)
+    tok = torch.tensor([1, sizes[0] + 1, V - 1, 5])
+    up = torch.ones(4, dtype=torch.float64)
+
+    xf = full.clone().requires_grad_(True)
+    (grad_ref,) = torch.autograd.grad(rlkernels.token_logprobs(xf, tok, backend="torch"), xf, up)
+
+    xs = full[:, lo:hi].clone().requires_grad_(True)
+    sum_exp = dfn.all_reduce(torch.exp(xs).sum(-1))
+    loc = tok - lo
+    mine = (loc >= 0) & (loc < hi - lo)
+    z_y = dfn.all_reduce(torch.where(mine, xs.gather(1, loc.clamp(0, hi - lo - 1)[:, None])[:, 0],
+                                     0.0))
+    naive = z_y - torch.log(sum_exp)
+    torch.testing.assert_close(naive, rlkernels.token_logprobs(full, tok, backend="torch"))
+    (grad_naive,) = torch.autograd.grad(naive, xs, up)
+    assert not torch.allclose(grad_naive, grad_ref[:, lo:hi], atol=1e-6), \
+        "the naive autograd-through-all_reduce gradient unexpectedly matched"
+
+    xs = full[:, lo:hi].clone().requires_grad_(True)
+    lp = rlkernels.token_logprobs(xs, tok, backend="torch", process_group=dist.group.WORLD)
+    (grad,) = torch.autograd.grad(lp, xs, up)
+    torch.testing.assert_close(grad, grad_ref[:, lo:hi], atol=1e-12, rtol=1e-12)
+    total = grad.sum(-1)
+    dist.all_reduce(total)
+    torch.testing.assert_close(total, torch.zeros(4, dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+def _opcheck(rank: int, world: int) -> None:
+    """The custom op's schema, fake kernel and autograd registration (every rank runs the
+    same sequence of calls, so the collectives inside stay matched)."""
+    from rlkernels import distributed as rd
+
+    sizes = SPLITS[world]
+    lo = sum(sizes[:rank])
+    x = _logits(torch.float32, sizes).view(N_ROWS, V)[:, lo:lo + sizes[rank]]
+    x = torch.where(x.isnan(), 0.0, x)   # opcheck compares outputs without equal_nan
+    handle = rd.register_group(dist.group.WORLD)
+    op = torch.ops.rlkernels.token_logprobs_vp.default
+    tok = _tokens(sizes).view(-1)
+    torch.library.opcheck(op, (x.clone().requires_grad_(True), tok, 0.7, -100, True, handle,
+                               "torch"))
+    torch.library.opcheck(op, (x.clone().requires_grad_(True), None, 1.0, -100, True, handle,
+                               "torch"))
+
+
+def _debug_token_range(rank: int, world: int) -> None:
+    """Debug mode checks tokens against the global vocabulary: ids of other shards pass, an
+    id past the last shard raises on every rank."""
+    x = torch.randn(3, SPLITS[world][rank], dtype=torch.float64)
+    pg = dist.group.WORLD
+    rlkernels.set_debug(True)
+    try:
+        rlkernels.token_logprobs(x, torch.tensor([0, V - 1, -100]), process_group=pg)
+        with pytest.raises(ValueError, match=rf"tokens: expected ids in \[0, {V}\) or -100, "
+                                             rf"got {V}"):
+            rlkernels.token_logprobs(x, torch.tensor([0, V, -100]), process_group=pg)
+    finally:
+        rlkernels.set_debug(False)
+
+
+def _worker(rank: int, world: int, store_path: str, backend: str, dtypes) -> None:
+    torch.set_num_threads(1)
+    if sys.platform.startswith("linux"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")   # loopback only
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank,
+                            world_size=world)
+    try:
+        _run_cases(rank, world, backend, dtypes)
+        if backend == "torch":
+            _naive_is_wrong(rank, world)
+            _opcheck(rank, world)
+            _debug_token_range(rank, world)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(world: int, backend: str, dtypes) -> None:
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory(prefix="rlkernels-vp-") as tmp:
+        store = os.path.join(tmp, "store")
+        mp.spawn(_worker, args=(world, store, backend, dtypes), nprocs=world, join=True)
+
+
+# --------------------------------------------------------------------------------- tests
+
+def _available(name: str) -> bool:
+    return rlkernels.available_backends()[name] == "ok"
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_vocab_parallel_torch(world):
+    _spawn(world, "torch", (torch.float32, torch.float64))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_vocab_parallel_triton(world):
+    if not _available("triton"):
+        pytest.skip(f"triton: {rlkernels.available_backends()['triton']}")
+    _spawn(world, "triton", (torch.float32, torch.float64))
+
+
+def test_process_group_type_checked():
+    x = torch.randn(3, 5)
+    tok = torch.tensor([0, 1, 2])
+    with pytest.raises(TypeError, match=r"process_group: expected a torch.distributed "
+                                        r"ProcessGroup \(or None\), got object"):
+        rlkernels.token_logprobs(x, tok, process_group=object())
+    with pytest.raises(TypeError, match=r"process_group: expected a torch.distributed "
+                                        r"ProcessGroup"):
+        rlkernels.entropy(x, process_group="world")
+
+
+def test_sentinel_token_outside_shard():
+    """A token id outside ``[0, V)`` that is not ``ignore_index`` (the sentinel for "held by
+    another shard") gives no one-hot term, only ``-g p``, in every backend that runs here;
+    padding rows stay exactly 0."""
+    from rlkernels import backends
+    from rlkernels.reference import vocab as ref
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 9, generator=g, dtype=torch.float64)
+    x[1, 2] = -math.inf
+    stats = ref.token_logprobs_forward(x, None, 0.7, -100, True)[2]
+    g_lp = torch.randn(4, generator=g, dtype=torch.float64)
+    g_h = torch.randn(4, generator=g, dtype=torch.float64)
+    p = torch.softmax(x / 0.7, -1)
+    zs = x / 0.7 - stats[:, :1]
+    ent_term = torch.where(p == 0, 0.0, p * (zs - stats[:, 2:3]))
+    expect = (-g_lp[:, None] * p - g_h[:, None] * ent_term) / 0.7
+    expect[3] = 0.0
+    for sentinel in (9, 10):
+        tok = torch.tensor([sentinel, sentinel, sentinel, -100])
+        for name in ("torch", "triton"):
+            if not _available(name):
+                continue
+            fn = backends.kernel(name, "vocab", "token_logprobs_backward")
+            got = fn(g_lp, g_h, x, tok, stats, 0.7, -100)
+            torch.testing.assert_close(got, expect, atol=1e-12, rtol=1e-12,
+                                       msg=lambda m: f"{name}, sentinel {sentinel}: {m}")
+            assert bool((got[3] == 0).all())
