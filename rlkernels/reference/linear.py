@@ -16,6 +16,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .._fused import fused_forward, row_grads
 from .._policy_options import PolicyOptions
 from . import compute_dtype, row_chunks, rows_per_chunk
 from . import policy as _policy
@@ -99,13 +100,11 @@ def linear_grpo_loss_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tens
                              temperature: float, o: PolicyOptions):
     """``policy_loss`` of the log-probs and entropies of ``hidden @ weight^T``: returns
     ``(loss, metrics, logp [B, T], entropy [B, T], stats [B*T, 3])``."""
-    b, t = tokens.shape
-    logp, ent, stats = linear_token_logprobs_forward(hidden, weight, bias, tokens.reshape(-1),
-                                                   temperature, -100, True)
-    logp, ent = logp.view(b, t), ent.view(b, t)
-    loss, metrics = _policy.policy_loss_forward(logp, old_logp, advantages, mask, normalizer,
-                                                ref_logp, ent, is_weights, o)
-    return loss, metrics, logp, ent, stats
+    return fused_forward(
+        lambda tok: linear_token_logprobs_forward(hidden, weight, bias, tok, temperature, -100,
+                                                  True),
+        _policy.policy_loss_forward, tokens, old_logp, advantages, mask, normalizer, ref_logp,
+        is_weights, o)
 
 
 def linear_grpo_loss_backward(grad_loss: Tensor, hidden: Tensor, weight: Tensor,
@@ -116,10 +115,7 @@ def linear_grpo_loss_backward(grad_loss: Tensor, hidden: Tensor, weight: Tensor,
                               o: PolicyOptions):
     """Gradients w.r.t. ``hidden``, ``weight``, ``bias``: the policy-loss gradients of the
     per-token log-probs and entropies pushed through the lm_head backward."""
-    with_entropy = o.entropy_coef != 0.0
-    g_lp, g_ent = _policy.policy_loss_backward(grad_loss, logp, old_logp, advantages, mask,
-                                               normalizer, ref_logp,
-                                               ent if with_entropy else None, is_weights, o)
-    return linear_token_logprobs_backward(
-        g_lp.reshape(-1), None if g_ent is None else g_ent.reshape(-1), hidden, weight, bias,
-        tokens.reshape(-1), stats, temperature, -100)
+    g_lp, g_ent = row_grads(_policy.policy_loss_backward, grad_loss, logp, ent, old_logp,
+                            advantages, mask, normalizer, ref_logp, is_weights, o)
+    return linear_token_logprobs_backward(g_lp, g_ent, hidden, weight, bias,
+                                          tokens.reshape(-1), stats, temperature, -100)

@@ -12,6 +12,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from .._fused import fused_forward, row_grads
 from .._policy_options import PolicyOptions
 from . import compute_dtype
 from . import vocab as _vocab
@@ -281,13 +282,10 @@ def grpo_loss_forward(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantag
     """``policy_loss(token_logprobs(logits, tokens), ...)``: returns
     ``(loss, metrics, logp [B, T], entropy [B, T], stats [B*T, 3])``; the entropy is always
     computed (it feeds the ``entropy`` metric) and enters the loss with ``entropy_coef``."""
-    b, t = tokens.shape
-    logp, ent, stats = _vocab.token_logprobs_forward(logits, tokens.reshape(-1), temperature,
-                                                   -100, True)
-    logp, ent = logp.view(b, t), ent.view(b, t)
-    loss, metrics = policy_loss_forward(logp, old_logp, advantages, mask, normalizer,
-                                        ref_logp, ent, is_weights, o)
-    return loss, metrics, logp, ent, stats
+    return fused_forward(
+        lambda tok: _vocab.token_logprobs_forward(logits, tok, temperature, -100, True),
+        policy_loss_forward, tokens, old_logp, advantages, mask, normalizer, ref_logp,
+        is_weights, o)
 
 
 def grpo_loss_backward(grad_loss: Tensor, logits: Tensor, tokens: Tensor, old_logp: Tensor,
@@ -298,10 +296,7 @@ def grpo_loss_backward(grad_loss: Tensor, logits: Tensor, tokens: Tensor, old_lo
     """``d loss / d logits``: the policy-loss gradients w.r.t. the per-token log-probs and
     entropies, pushed through the vocabulary backward in one pass. ``inplace`` writes the
     gradient into ``logits`` (whose values are consumed row chunk by row chunk)."""
-    with_entropy = o.entropy_coef != 0.0
-    g_lp, g_ent = policy_loss_backward(grad_loss, logp, old_logp, advantages, mask,
-                                       normalizer, ref_logp, ent if with_entropy else None,
-                                       is_weights, o)
-    return _vocab.token_logprobs_backward(
-        g_lp.reshape(-1), None if g_ent is None else g_ent.reshape(-1), logits,
-        tokens.reshape(-1), stats, temperature, -100, out=logits if inplace else None)
+    g_lp, g_ent = row_grads(policy_loss_backward, grad_loss, logp, ent, old_logp, advantages,
+                            mask, normalizer, ref_logp, is_weights, o)
+    return _vocab.token_logprobs_backward(g_lp, g_ent, logits, tokens.reshape(-1), stats,
+                                          temperature, -100, out=logits if inplace else None)

@@ -52,6 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._fused import fused_forward, row_grads
 from .._policy_options import PolicyOptions
 from ._common import (compute_dtype, device_guard, expm1, log1p, mul_hl, split,
                       tl_compute_dtype, xmul0)
@@ -424,13 +425,11 @@ def linear_grpo_loss_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tens
                              temperature: float, o: PolicyOptions):
     """``(loss, metrics, logp [B, T], entropy [B, T], stats [B*T, 3])``: the fused lm_head
     forward kernel (log-probs and entropies) then the policy kernel."""
-    b, t = tokens.shape
-    logp, ent, stats = linear_token_logprobs_forward(hidden, weight, bias, tokens.reshape(-1),
-                                                     temperature, -100, True)
-    logp, ent = logp.view(b, t), ent.view(b, t)
-    loss, metrics = policy_loss_forward(logp, old_logp, advantages, mask, normalizer,
-                                        ref_logp, ent, is_weights, o)
-    return loss, metrics, logp, ent, stats
+    return fused_forward(
+        lambda tok: linear_token_logprobs_forward(hidden, weight, bias, tok, temperature, -100,
+                                                  True),
+        policy_loss_forward, tokens, old_logp, advantages, mask, normalizer, ref_logp,
+        is_weights, o)
 
 
 def linear_grpo_loss_backward(grad_loss: Tensor, hidden: Tensor, weight: Tensor,
@@ -441,13 +440,10 @@ def linear_grpo_loss_backward(grad_loss: Tensor, hidden: Tensor, weight: Tensor,
                               o: PolicyOptions):
     """``(d hidden, d weight, d bias or None)``: the policy kernel's gradients w.r.t. the
     log-probs (and entropies when ``entropy_coef != 0``) through the lm_head backward."""
-    with_entropy = o.entropy_coef != 0.0
-    g_lp, g_ent = policy_loss_backward(grad_loss, logp, old_logp, advantages, mask,
-                                       normalizer, ref_logp, ent if with_entropy else None,
-                                       is_weights, o)
-    return linear_token_logprobs_backward(
-        g_lp.reshape(-1), None if g_ent is None else g_ent.reshape(-1), hidden, weight, bias,
-        tokens.reshape(-1), stats, temperature, -100)
+    g_lp, g_ent = row_grads(policy_loss_backward, grad_loss, logp, ent, old_logp,
+                            advantages, mask, normalizer, ref_logp, is_weights, o)
+    return linear_token_logprobs_backward(g_lp, g_ent, hidden, weight, bias,
+                                          tokens.reshape(-1), stats, temperature, -100)
 
 
 # NOTE (GPU work left, issue #5): all of this was verified in the interpreter only.

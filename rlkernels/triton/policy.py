@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from .._fused import fused_forward, row_grads
 from .._policy_options import PolicyOptions
 
 Tensor = torch.Tensor
@@ -531,13 +532,10 @@ def grpo_loss_forward(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantag
     kernel (log-probs and entropies in one pass over the logits) then the policy kernel."""
     from .vocab import token_logprobs_forward
 
-    b, t = tokens.shape
-    logp, ent, stats = token_logprobs_forward(logits, tokens.reshape(-1), temperature, -100,
-                                              True)
-    logp, ent = logp.view(b, t), ent.view(b, t)
-    loss, metrics = policy_loss_forward(logp, old_logp, advantages, mask, normalizer,
-                                        ref_logp, ent, is_weights, o)
-    return loss, metrics, logp, ent, stats
+    return fused_forward(
+        lambda tok: token_logprobs_forward(logits, tok, temperature, -100, True),
+        policy_loss_forward, tokens, old_logp, advantages, mask, normalizer, ref_logp,
+        is_weights, o)
 
 
 def grpo_loss_backward(grad_loss: Tensor, logits: Tensor, tokens: Tensor, old_logp: Tensor,
@@ -550,10 +548,7 @@ def grpo_loss_backward(grad_loss: Tensor, logits: Tensor, tokens: Tensor, old_lo
     one pass; ``inplace`` writes them into ``logits``."""
     from .vocab import token_logprobs_backward
 
-    with_entropy = o.entropy_coef != 0.0
-    g_lp, g_ent = policy_loss_backward(grad_loss, logp, old_logp, advantages, mask,
-                                       normalizer, ref_logp, ent if with_entropy else None,
-                                       is_weights, o)
-    return token_logprobs_backward(
-        g_lp.reshape(-1), None if g_ent is None else g_ent.reshape(-1), logits,
-        tokens.reshape(-1), stats, temperature, -100, out=logits if inplace else None)
+    g_lp, g_ent = row_grads(policy_loss_backward, grad_loss, logp, ent, old_logp, advantages,
+                            mask, normalizer, ref_logp, is_weights, o)
+    return token_logprobs_backward(g_lp, g_ent, logits, tokens.reshape(-1), stats, temperature,
+                                   -100, out=logits if inplace else None)
