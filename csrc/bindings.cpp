@@ -3,10 +3,52 @@
 // pybind11 turns std::invalid_argument into ValueError and std::runtime_error into
 // RuntimeError.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <array>
 
 #include "rlkernels.h"
 
 namespace py = pybind11;
+
+namespace {
+
+using Ptrs7 = std::array<std::uintptr_t, 7>;
+using Strides14 = std::array<int64_t, 14>;
+using Modes11 = std::array<int, 11>;
+using Nums7 = std::array<double, 7>;
+
+// Python passes the policy tensors as tuples (pointers, strides) and the options as codes;
+// pack them into the plain structs of rlkernels.h.
+rlk::PolicyTensors policy_tensors(const Ptrs7& p, const Strides14& s, int64_t B, int64_t T) {
+  return rlk::PolicyTensors{p[0], p[1], p[2], p[3], p[4], p[5], p[6],
+                            s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7],
+                            s[8], s[9], s[10], s[11], s[12], s[13], B, T};
+}
+
+rlk::PolicyParams policy_params(const Modes11& m, const Nums7& x) {
+  return rlk::PolicyParams{m[0], m[1], m[2], m[3], m[4], m[5], m[6], m[7], m[8], m[9], m[10],
+                           x[0], x[1], x[2], x[3], x[4], x[5], x[6]};
+}
+
+void policy_loss_forward_py(const Ptrs7& ptrs, const Strides14& strides, int64_t B, int64_t T,
+                            const Modes11& modes, const Nums7& nums, std::uintptr_t normalizer,
+                            std::uintptr_t partials, std::uintptr_t loss,
+                            std::uintptr_t metrics, int dtype, std::uintptr_t stream) {
+  rlk::policy_loss_forward(policy_tensors(ptrs, strides, B, T), policy_params(modes, nums),
+                           normalizer, partials, loss, metrics, dtype, stream);
+}
+
+void policy_loss_backward_py(const Ptrs7& ptrs, const Strides14& strides, int64_t B,
+                             int64_t T, const Modes11& modes, const Nums7& nums,
+                             std::uintptr_t normalizer, std::uintptr_t grad_loss,
+                             std::uintptr_t workspace, std::uintptr_t g_lp,
+                             std::uintptr_t g_ent, int dtype, std::uintptr_t stream) {
+  rlk::policy_loss_backward(policy_tensors(ptrs, strides, B, T), policy_params(modes, nums),
+                            normalizer, grad_loss, workspace, g_lp, g_ent, dtype, stream);
+}
+
+}  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() =
@@ -58,4 +100,64 @@ PYBIND11_MODULE(_C, m) {
         "(0 = float32, 3 = float64; out has the same dtype). Math in the input precision.\n"
         "stream: cudaStream_t as int (0 = legacy default stream); runs asynchronously on the\n"
         "current device. Raises ValueError on bad codes, RuntimeError on CUDA errors.");
+
+  // ---- vocab.cu ----
+  m.def("token_logprobs_forward", &rlk::token_logprobs_forward, py::arg("logits"),
+        py::arg("stride_x"), py::arg("tokens"), py::arg("stride_tok"), py::arg("logp"),
+        py::arg("ent"), py::arg("stats"), py::arg("n"), py::arg("vocab"), py::arg("dtype"),
+        py::arg("inv_temperature"), py::arg("ignore_index"), py::arg("with_entropy"),
+        py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+        "Per-row log-prob of the token, entropy and stats (m, log1p rest, sum p (z - m)) of "
+        "softmax(logits * inv_temperature); one block per row. tokens = 0: entropy only. "
+        "See csrc/rlkernels.h.");
+  m.def("token_logprobs_backward", &rlk::token_logprobs_backward, py::arg("grad_logp"),
+        py::arg("stride_glp"), py::arg("grad_entropy"), py::arg("stride_gh"),
+        py::arg("logits"), py::arg("stride_x"), py::arg("tokens"), py::arg("stride_tok"),
+        py::arg("stats"), py::arg("stride_s0"), py::arg("stride_s1"), py::arg("out"),
+        py::arg("stride_out"), py::arg("n"), py::arg("vocab"), py::arg("dtype"),
+        py::arg("inv_temperature"), py::arg("ignore_index"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>(),
+        "Gradient of token_logprobs / entropy w.r.t. the logits (out may be logits: in "
+        "place). See csrc/rlkernels.h.");
+  m.def("kl_divergence_forward", &rlk::kl_divergence_forward, py::arg("logits"),
+        py::arg("stride_x"), py::arg("ref_logits"), py::arg("stride_y"),
+        py::arg("ignore_mask"), py::arg("stride_mask"), py::arg("kl"), py::arg("stats_p"),
+        py::arg("stats_q"), py::arg("n"), py::arg("vocab"), py::arg("dtype"), py::arg("kind"),
+        py::arg("beta"), py::arg("inv_temperature"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>(),
+        "Per-row KL (kind 0 reverse, 1 forward, 2 jsd) and both rows' stats. See "
+        "csrc/rlkernels.h.");
+  m.def("kl_divergence_backward", &rlk::kl_divergence_backward, py::arg("grad_kl"),
+        py::arg("stride_g"), py::arg("logits"), py::arg("stride_x"), py::arg("ref_logits"),
+        py::arg("stride_y"), py::arg("ignore_mask"), py::arg("stride_mask"),
+        py::arg("stats_p"), py::arg("sp0"), py::arg("sp1"), py::arg("stats_q"),
+        py::arg("sq0"), py::arg("sq1"), py::arg("grad_x"), py::arg("stride_gx"),
+        py::arg("grad_y"), py::arg("stride_gy"), py::arg("n"), py::arg("vocab"),
+        py::arg("dtype"), py::arg("kind"), py::arg("beta"), py::arg("inv_temperature"),
+        py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+        "Gradients of kl_divergence w.r.t. logits and (grad_y != 0) ref_logits.");
+
+  // ---- advantage.cu ----
+  m.def("group_advantages_forward", &rlk::group_advantages_forward, py::arg("rewards"),
+        py::arg("stride"), py::arg("perm"), py::arg("starts"), py::arg("out"),
+        py::arg("workspace"), py::arg("b"), py::arg("group_size"), py::arg("slots"),
+        py::arg("dtype"), py::arg("method"), py::arg("unbiased"), py::arg("eps"),
+        py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+        "GRPO-family advantages, one warp per group (method 0 grpo, 1 dr_grpo, 2 rloo, "
+        "3 batch_std). See csrc/rlkernels.h.");
+
+  // ---- policy.cu: policy_loss ----
+  m.def("policy_loss_forward", &policy_loss_forward_py, py::arg("ptrs"), py::arg("strides"),
+        py::arg("B"), py::arg("T"), py::arg("modes"), py::arg("nums"), py::arg("normalizer"),
+        py::arg("partials"), py::arg("loss"), py::arg("metrics"), py::arg("dtype"),
+        py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+        "policy_loss forward. ptrs: (logp, old_logp, adv, mask, ref_logp, entropy, "
+        "is_weights); strides: their (row, column) strides; modes: (loss, seq, agg, "
+        "kl_estimator, has_ref, has_ent, has_w, has_dual, has_delta, use_kl, use_ent); nums: "
+        "(lo, hi, dual_clip, delta, kl_coef, entropy_coef, log_ratio_clamp).");
+  m.def("policy_loss_backward", &policy_loss_backward_py, py::arg("ptrs"), py::arg("strides"),
+        py::arg("B"), py::arg("T"), py::arg("modes"), py::arg("nums"), py::arg("normalizer"),
+        py::arg("grad_loss"), py::arg("workspace"), py::arg("g_lp"), py::arg("g_ent"),
+        py::arg("dtype"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+        "policy_loss backward: gradients w.r.t. logp and (g_ent != 0) entropy.");
 }

@@ -59,6 +59,358 @@ void launch_kl(const T* logp, const T* ref, T* out, int64_t n, bool clamp, doubl
   RLK_CHECK_LAUNCH();
 }
 
+// ================================================================================ policy_loss
+//
+// Three steps, each deterministic (fixed reduction trees, no atomics) and batch invariant (a
+// row's partial sums do not depend on the other rows):
+//   forward:  policy_rows_kernel (one block per sequence: its masked sums) ->
+//             policy_finalize_kernel (one block: fixed-order sums over the rows -> loss,
+//             metrics);
+//   backward: policy_seq_kernel (one block per sequence: token count, GSPO log-ratio) ->
+//             policy_denom_kernel (one block: the denominator of the aggregation) ->
+//             policy_grad_kernel (elementwise gradients).
+// Inputs arrive in the compute dtype A (fp32, fp64 for fp64 logp; the launcher converts),
+// with (row, column) strides; advantages [B] come with a column stride of 0.
+
+constexpr int kRowThreads = 256;
+constexpr int kFinalThreads = 1024;
+constexpr int kPartials = 11;  // per-row sums, see policy_rows_kernel
+
+// Field order of the per-row partials (fwd) and of the metrics (reference/policy.py METRICS).
+enum Partial : int {
+  kPLoss = 0, kPTokens, kPHigh, kPLow, kPDual, kPAkl, kPRatio, kPKl, kPEnt, kPRmax, kPRnan
+};
+
+// NaN-propagating max / min / clamp (torch.maximum / torch.minimum / torch.clamp).
+template <class A> __device__ __forceinline__ A max_nan(A a, A b) { return (a > b || a != a) ? a : b; }
+template <class A> __device__ __forceinline__ A min_nan(A a, A b) { return (a < b || a != a) ? a : b; }
+template <class A> __device__ __forceinline__ A clamp_nan(A x, A lo, A hi) {
+  return x < lo ? lo : (x > hi ? hi : x);
+}
+
+template <class A>
+__device__ __forceinline__ A kl_value_rt(A d, int est) {
+  switch (est) {
+    case kKlK1: return d;
+    case kKlAbs: return d < A(0) ? -d : d;
+    case kKlK2: return A(0.5) * d * d;
+    default: return d_expm1(-d) + d;  // k3, k3+ (value of k3)
+  }
+}
+
+// d penalty / d logp; "k3+" (code 4) is straight-through: the gradient of k2.
+template <class A>
+__device__ __forceinline__ A kl_grad_rt(A d, int est) {
+  switch (est) {
+    case kKlK1: return A(1);
+    case kKlAbs: return d > A(0) ? A(1) : (d < A(0) ? A(-1) : (d == d ? A(0) : d));
+    case kKlK3: return -d_expm1(-d);
+    default: return d;  // k2, k3+
+  }
+}
+
+template <class A>
+__device__ __forceinline__ A at(const A* p, int64_t b, int64_t t, int64_t sb, int64_t st) {
+  return p[b * sb + t * st];
+}
+
+// Sum of m * clamp(logp - old, +-clamp) and of m over a row, block-wide (every thread gets
+// them). The GSPO sequence log-ratio is their quotient (0 for a row without valid token).
+template <class A>
+__device__ void row_log_ratio(const PolicyTensors& pt, const PolicyParams& pp, int64_t b,
+                              bool with_log_r, A* scratch, A& seq, A& count) {
+  const A* lp = reinterpret_cast<const A*>(pt.logp);
+  const A* old = reinterpret_cast<const A*>(pt.old_logp);
+  const A* mk = reinterpret_cast<const A*>(pt.mask);
+  const A lim = A(pp.log_ratio_clamp);
+  A s = A(0), c = A(0);
+  for (int64_t t = threadIdx.x; t < pt.T; t += blockDim.x) {
+    const A m = at(mk, b, t, pt.mask_sb, pt.mask_st);
+    if (with_log_r) {
+      const A d = at(lp, b, t, pt.logp_sb, pt.logp_st) - at(old, b, t, pt.old_sb, pt.old_st);
+      s += clamp_nan(d, -lim, lim) * m;
+    }
+    c += m;
+  }
+  s = block_sum(s, scratch);
+  count = block_sum(c, scratch);
+  seq = count > A(0) ? s / count : A(0);
+}
+
+// Forward partials of sequence b (reference/policy.py per_token_loss + aggregate +
+// metrics_vector), with L the per-token loss:
+//   log r = clamp(logp - old, +-c) (GSPO: the sequence's masked mean of it), r = exp(log r)
+//   ppo:       pg = max(-A min(r, delta), -A clip(r, lo, hi)); where A < 0 with dual clip c:
+//              min(pg, -c A)
+//   cispo:     pg = -clip(r, 0, hi) A logp;   reinforce: pg = -A logp
+//   L = pg w + kl_coef kl(logp - ref) - ent_coef H
+// partials[b] = (sum where(m != 0, L m), sum m, sum high m, sum low m, sum dual m,
+//                sum -log r m, sum r m, sum kl m, sum H m, max over m > 0 of r, any NaN r).
+template <class A>
+__global__ void __launch_bounds__(kRowThreads)
+    policy_rows_kernel(PolicyTensors pt, PolicyParams pp, A* __restrict__ partials) {
+  __shared__ A scratch[32];
+  const int64_t b = blockIdx.x;
+  const A* lp = reinterpret_cast<const A*>(pt.logp);
+  const A* old = reinterpret_cast<const A*>(pt.old_logp);
+  const A* adv = reinterpret_cast<const A*>(pt.adv);
+  const A* mk = reinterpret_cast<const A*>(pt.mask);
+  const A* ref = reinterpret_cast<const A*>(pt.ref_logp);
+  const A* ent = reinterpret_cast<const A*>(pt.entropy);
+  const A* isw = reinterpret_cast<const A*>(pt.is_weights);
+  const A lo = A(pp.lo), hi = A(pp.hi), lim = A(pp.log_ratio_clamp);
+  const A neg_dual = A(-pp.dual_clip), delta = A(pp.delta);
+  const A kl_coef = A(pp.kl_coef), ent_coef = A(pp.entropy_coef);
+  A seq = A(0), count_unused = A(0);
+  if (pp.seq) row_log_ratio<A>(pt, pp, b, true, scratch, seq, count_unused);
+  A acc[kPartials];
+#pragma unroll
+  for (int k = 0; k < kPartials; ++k) acc[k] = A(0);
+  for (int64_t t = threadIdx.x; t < pt.T; t += blockDim.x) {
+    const A l = at(lp, b, t, pt.logp_sb, pt.logp_st);
+    const A a = at(adv, b, t, pt.adv_sb, pt.adv_st);
+    const A m = at(mk, b, t, pt.mask_sb, pt.mask_st);
+    const A log_r = pp.seq ? seq
+                           : clamp_nan(l - at(old, b, t, pt.old_sb, pt.old_st), -lim, lim);
+    const A r = d_exp(log_r);
+    bool high = false, low = false, dual = false;
+    A pg;
+    if (pp.loss == 0) {  // ppo
+      const A unclipped = pp.has_delta ? min_nan(r, delta) : r;
+      pg = max_nan(-a * unclipped, -a * clamp_nan(r, lo, hi));
+      high = a > A(0) && r > hi;
+      low = a < A(0) && r < lo;
+      if (pp.has_dual) {
+        const A bound = neg_dual * a;
+        dual = a < A(0) && pg > bound;
+        if (a < A(0)) pg = min_nan(pg, bound);
+      }
+    } else if (pp.loss == 1) {  // cispo
+      pg = -clamp_nan(r, A(0), hi) * a * l;
+      high = r > hi;
+    } else {  // reinforce
+      pg = -a * l;
+    }
+    if (pp.has_w) pg = pg * at(isw, b, t, pt.w_sb, pt.w_st);
+    A loss = pg;
+    if (pp.has_ref) {
+      const A kl = kl_value_rt(l - at(ref, b, t, pt.ref_sb, pt.ref_st), pp.kl_estimator);
+      if (pp.use_kl) loss = loss + kl_coef * kl;
+      acc[kPKl] += kl * m;
+    }
+    if (pp.has_ent) {
+      const A h = at(ent, b, t, pt.ent_sb, pt.ent_st);
+      if (pp.use_ent) loss = loss - ent_coef * h;
+      acc[kPEnt] += h * m;
+    }
+    acc[kPLoss] += m != A(0) ? loss * m : A(0);
+    acc[kPTokens] += m;
+    acc[kPHigh] += A(high) * m;
+    acc[kPLow] += A(low) * m;
+    acc[kPDual] += A(dual) * m;
+    acc[kPAkl] += -log_r * m;
+    acc[kPRatio] += r * m;
+    const A active_r = m > A(0) ? r : A(0);
+    acc[kPRmax] = acc[kPRmax] > active_r ? acc[kPRmax] : active_r;  // NaN tracked apart
+    if (active_r != active_r) acc[kPRnan] = A(1);
+  }
+  A* out = partials + b * kPartials;
+  for (int k = 0; k < kPartials; ++k) {
+    A v;
+    if (k == kPRmax) {
+      v = block_reduce(acc[k], [](A x, A y) { return x > y ? x : y; }, A(0), scratch);
+    } else if (k == kPRnan) {
+      v = block_reduce(acc[k], [](A x, A y) { return x > y ? x : y; }, A(0), scratch);
+    } else {
+      v = block_sum(acc[k], scratch);
+    }
+    if (threadIdx.x == 0) out[k] = v;
+  }
+}
+
+// Sums the row partials in a fixed order and writes
+//   loss = total / denom, total = sum_b row_loss (seq-mean-token-mean: sum over non-empty
+//   rows of row_loss / row_tokens); denom = normalizer, or sum m (token-mean), or the number
+//   of non-empty rows (seq-mean-*), or T (seq-mean-token-sum-norm); 0 counts as 1;
+//   metrics[9] (fp32) = masked sums / max(sum m, 1e-30), ratio_max, NaN if any active r is.
+template <class A>
+__global__ void __launch_bounds__(kFinalThreads)
+    policy_finalize_kernel(const A* __restrict__ partials, int64_t B, int64_t T, int agg,
+                           const A* __restrict__ normalizer, A* __restrict__ loss,
+                           float* __restrict__ metrics) {
+  __shared__ A scratch[32];
+  A total = A(0), tokens = A(0), nonempty = A(0), rmax = A(0), rnan = A(0);
+  A sums[7] = {A(0), A(0), A(0), A(0), A(0), A(0), A(0)};  // high low dual akl r kl ent
+  for (int64_t b = threadIdx.x; b < B; b += blockDim.x) {
+    const A* p = partials + b * kPartials;
+    const A n = p[kPTokens];
+    total += agg == 1 ? (n > A(0) ? p[kPLoss] / n : A(0)) : p[kPLoss];
+    tokens += n;
+    nonempty += n > A(0) ? A(1) : A(0);
+    for (int k = 0; k < 7; ++k) sums[k] += p[kPHigh + k];
+    rmax = rmax > p[kPRmax] ? rmax : p[kPRmax];
+    rnan = rnan > p[kPRnan] ? rnan : p[kPRnan];
+  }
+  auto mx = [](A x, A y) { return x > y ? x : y; };
+  total = block_sum(total, scratch);
+  tokens = block_sum(tokens, scratch);
+  nonempty = block_sum(nonempty, scratch);
+  for (int k = 0; k < 7; ++k) sums[k] = block_sum(sums[k], scratch);
+  rmax = block_reduce(rmax, mx, A(0), scratch);
+  rnan = block_reduce(rnan, mx, A(0), scratch);
+  if (threadIdx.x != 0) return;
+  A denom;
+  if (normalizer != nullptr) denom = *normalizer;
+  else if (agg == 0) denom = tokens;
+  else if (agg == 3) denom = A(T);
+  else denom = nonempty;
+  denom = denom > A(0) ? denom : A(1);
+  *loss = total / denom;
+  const A count = tokens > A(1e-30) ? tokens : A(1e-30);
+  const A high = sums[0], low = sums[1];
+  metrics[0] = static_cast<float>((high + low) / count);
+  metrics[1] = static_cast<float>(high / count);
+  metrics[2] = static_cast<float>(low / count);
+  for (int k = 2; k < 5; ++k) metrics[k + 1] = static_cast<float>(sums[k] / count);  // dual akl r
+  metrics[6] = rnan != A(0) ? NAN : static_cast<float>(rmax);
+  metrics[7] = static_cast<float>(sums[5] / count);  // kl
+  metrics[8] = static_cast<float>(sums[6] / count);  // entropy
+}
+
+// Backward step 1: per sequence, (token count, GSPO log-ratio) -> seqstat[b, 2].
+template <class A>
+__global__ void __launch_bounds__(kRowThreads)
+    policy_seq_kernel(PolicyTensors pt, PolicyParams pp, A* __restrict__ seqstat) {
+  __shared__ A scratch[32];
+  const int64_t b = blockIdx.x;
+  A seq, count;
+  row_log_ratio<A>(pt, pp, b, pp.seq != 0, scratch, seq, count);
+  if (threadIdx.x == 0) {
+    seqstat[b * 2] = count;
+    seqstat[b * 2 + 1] = seq;
+  }
+}
+
+// Backward step 2: the denominator of the aggregation (as in policy_finalize_kernel).
+template <class A>
+__global__ void __launch_bounds__(kFinalThreads)
+    policy_denom_kernel(const A* __restrict__ seqstat, int64_t B, int64_t T, int agg,
+                        const A* __restrict__ normalizer, A* __restrict__ denom_out) {
+  __shared__ A scratch[32];
+  A tokens = A(0), nonempty = A(0);
+  for (int64_t b = threadIdx.x; b < B; b += blockDim.x) {
+    tokens += seqstat[b * 2];
+    nonempty += seqstat[b * 2] > A(0) ? A(1) : A(0);
+  }
+  tokens = block_sum(tokens, scratch);
+  nonempty = block_sum(nonempty, scratch);
+  if (threadIdx.x != 0) return;
+  A denom;
+  if (normalizer != nullptr) denom = *normalizer;
+  else if (agg == 0) denom = tokens;
+  else if (agg == 3) denom = A(T);
+  else denom = nonempty;
+  *denom_out = denom > A(0) ? denom : A(1);
+}
+
+// Backward step 3, per token (reference/policy.py policy_loss_backward / _policy_grad):
+//   c = g_loss m / denom (seq-mean-token-mean: also / the row's token count, 0 if none)
+//   reinforce: g = -A;  cispo: g = -clip(r, 0, hi) A;
+//   ppo: g = dpg r dlog_r, dpg = -A on the active branch of the max (the unclipped one capped
+//        by delta: 0 above delta; the clipped one: 0 outside [lo, hi]), half each on a tie;
+//        with dual clip where A < 0: 0 where the bound is active, half on a tie;
+//        dlog_r = 1 inside the log-ratio clamp (inclusive) and for GSPO, else 0
+//   g = g w + kl_coef dkl/dlogp;  g_lp = c != 0 ? c g : 0;  g_ent = c != 0 ? -ent_coef c : 0.
+template <class A>
+__global__ void __launch_bounds__(kRowThreads)
+    policy_grad_kernel(PolicyTensors pt, PolicyParams pp, const A* __restrict__ grad_loss,
+                       const A* __restrict__ seqstat, const A* __restrict__ denom_ptr,
+                       A* __restrict__ g_lp, A* __restrict__ g_ent) {
+  const A* lp = reinterpret_cast<const A*>(pt.logp);
+  const A* old = reinterpret_cast<const A*>(pt.old_logp);
+  const A* adv = reinterpret_cast<const A*>(pt.adv);
+  const A* mk = reinterpret_cast<const A*>(pt.mask);
+  const A* ref = reinterpret_cast<const A*>(pt.ref_logp);
+  const A* isw = reinterpret_cast<const A*>(pt.is_weights);
+  const A lo = A(pp.lo), hi = A(pp.hi), lim = A(pp.log_ratio_clamp);
+  const A neg_dual = A(-pp.dual_clip), delta = A(pp.delta);
+  const A kl_coef = A(pp.kl_coef), neg_ent_coef = A(-pp.entropy_coef);
+  const A denom = *denom_ptr;
+  const A g_loss = *grad_loss;
+  const int64_t n = pt.B * pt.T;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += stride) {
+    const int64_t b = i / pt.T, t = i - b * pt.T;
+    const A m = at(mk, b, t, pt.mask_sb, pt.mask_st);
+    A weight = m / denom;
+    if (pp.agg == 1) {
+      const A n_seq = seqstat[b * 2];
+      weight = n_seq > A(0) ? weight / n_seq : A(0);
+    }
+    const A c = g_loss * weight;
+    const A l = at(lp, b, t, pt.logp_sb, pt.logp_st);
+    const A a = at(adv, b, t, pt.adv_sb, pt.adv_st);
+    A g;
+    if (pp.loss == 2) {  // reinforce
+      g = -a;
+    } else {
+      A log_r, dlog_r;
+      if (pp.seq) {
+        log_r = seqstat[b * 2 + 1];
+        dlog_r = A(1);  // straight-through: sg(seq) + logp - sg(logp)
+      } else {
+        const A d = l - at(old, b, t, pt.old_sb, pt.old_st);
+        log_r = clamp_nan(d, -lim, lim);
+        dlog_r = (d >= -lim && d <= lim) ? A(1) : A(0);
+      }
+      const A r = d_exp(log_r);
+      if (pp.loss == 1) {  // cispo
+        g = -clamp_nan(r, A(0), hi) * a;
+      } else {  // ppo
+        const A unclipped = pp.has_delta ? min_nan(r, delta) : r;
+        const A d_unclipped = pp.has_delta ? -a * A(r <= delta) : -a;
+        const A d_clipped = -a * A(r >= lo && r <= hi);
+        const A pg1 = -a * unclipped, pg2 = -a * clamp_nan(r, lo, hi);
+        A dpg = pg1 > pg2 ? d_unclipped
+                          : (pg1 < pg2 ? d_clipped : A(0.5) * (d_unclipped + d_clipped));
+        if (pp.has_dual && a < A(0)) {
+          const A pg = max_nan(pg1, pg2), bound = neg_dual * a;
+          dpg = pg > bound ? A(0) : (pg < bound ? dpg : A(0.5) * (A(0) + dpg));
+        }
+        g = dpg * r * dlog_r;
+      }
+    }
+    if (pp.has_w) g = g * at(isw, b, t, pt.w_sb, pt.w_st);
+    if (pp.use_kl) g = g + kl_coef * kl_grad_rt(l - at(ref, b, t, pt.ref_sb, pt.ref_st),
+                                                pp.kl_estimator);
+    g_lp[i] = c != A(0) ? c * g : A(0);
+    if (g_ent != nullptr) g_ent[i] = c != A(0) ? neg_ent_coef * c : A(0);
+  }
+}
+
+void check_policy(const PolicyTensors& pt, const PolicyParams& pp, const char* op) {
+  const std::string name(op);
+  RLK_CHECK_ARG(pt.B >= 0 && pt.T >= 0 && pt.B <= 0x7fffffffLL,
+                name + ": B must be in [0, 2**31) and T >= 0, got B=" + std::to_string(pt.B) +
+                    ", T=" + std::to_string(pt.T));
+  RLK_CHECK_ARG(pp.loss >= 0 && pp.loss <= 2,
+                name + ": loss code must be 0 (ppo), 1 (cispo) or 2 (reinforce), got " +
+                    std::to_string(pp.loss));
+  RLK_CHECK_ARG(pp.agg >= 0 && pp.agg <= 3,
+                name + ": agg code must be in [0, 3], got " + std::to_string(pp.agg));
+  RLK_CHECK_ARG(pp.kl_estimator >= 0 && pp.kl_estimator <= 4,
+                name + ": kl_estimator code must be in [0, 4], got " +
+                    std::to_string(pp.kl_estimator));
+  RLK_CHECK_ARG(pt.logp != 0 && pt.old_logp != 0 && pt.adv != 0 && pt.mask != 0,
+                name + ": null device pointer");
+  RLK_CHECK_ARG(!pp.has_ref || pt.ref_logp != 0, name + ": has_ref without ref_logp");
+  RLK_CHECK_ARG(!pp.has_ent || pt.entropy != 0, name + ": has_ent without entropy");
+  RLK_CHECK_ARG(!pp.has_w || pt.is_weights != 0, name + ": has_w without is_weights");
+  RLK_CHECK_ARG(!pp.use_kl || pp.has_ref, name + ": use_kl needs ref_logp");
+  RLK_CHECK_ARG(!pp.use_ent || pp.has_ent, name + ": use_ent needs entropy");
+}
+
 }  // namespace
 
 void kl_penalty_forward(std::uintptr_t logp, std::uintptr_t ref_logp, std::uintptr_t out,
@@ -83,6 +435,60 @@ void kl_penalty_forward(std::uintptr_t logp, std::uintptr_t ref_logp, std::uintp
       case kKlK2: launch_kl<T, kKlK2>(lp, rp, op, n, clamp, clamp_lo, clamp_hi, s); break;
       default: launch_kl<T, kKlK3>(lp, rp, op, n, clamp, clamp_lo, clamp_hi, s); break;
     }
+  });
+}
+
+}  // namespace rlk
+
+namespace rlk {
+
+void policy_loss_forward(const PolicyTensors& pt, const PolicyParams& pp,
+                         std::uintptr_t normalizer, std::uintptr_t partials,
+                         std::uintptr_t loss, std::uintptr_t metrics, int dtype,
+                         std::uintptr_t stream) {
+  check_policy(pt, pp, "policy_loss_forward");
+  dispatch_float_double(dtype, "policy_loss_forward", [&](auto tag) {
+    using A = typename decltype(tag)::type;
+    RLK_CHECK_ARG(loss != 0 && metrics != 0 && (pt.B == 0 || partials != 0),
+                  "policy_loss_forward: null device pointer");
+    const cudaStream_t s = as_stream(stream);
+    if (pt.B > 0) {
+      policy_rows_kernel<A><<<static_cast<unsigned>(pt.B), kRowThreads, 0, s>>>(
+          pt, pp, as_ptr<A>(partials));
+      RLK_CHECK_LAUNCH();
+    }
+    // Also for B == 0: the loss is 0 and the metrics 0, written on the device.
+    policy_finalize_kernel<A><<<1, kFinalThreads, 0, s>>>(
+        as_cptr<A>(partials), pt.B, pt.T, pp.agg, as_cptr<A>(normalizer), as_ptr<A>(loss),
+        as_ptr<float>(metrics));
+    RLK_CHECK_LAUNCH();
+  });
+}
+
+void policy_loss_backward(const PolicyTensors& pt, const PolicyParams& pp,
+                          std::uintptr_t normalizer, std::uintptr_t grad_loss,
+                          std::uintptr_t workspace, std::uintptr_t g_lp, std::uintptr_t g_ent,
+                          int dtype, std::uintptr_t stream) {
+  check_policy(pt, pp, "policy_loss_backward");
+  dispatch_float_double(dtype, "policy_loss_backward", [&](auto tag) {
+    using A = typename decltype(tag)::type;
+    if (pt.B * pt.T == 0) return;
+    RLK_CHECK_ARG(grad_loss != 0 && workspace != 0 && g_lp != 0,
+                  "policy_loss_backward: null device pointer");
+    const cudaStream_t s = as_stream(stream);
+    // workspace: [B, 2] per-sequence (count, log-ratio), then the denominator
+    A* seqstat = as_ptr<A>(workspace);
+    A* denom = seqstat + 2 * pt.B;
+    policy_seq_kernel<A><<<static_cast<unsigned>(pt.B), kRowThreads, 0, s>>>(pt, pp, seqstat);
+    RLK_CHECK_LAUNCH();
+    policy_denom_kernel<A><<<1, kFinalThreads, 0, s>>>(seqstat, pt.B, pt.T, pp.agg,
+                                                       as_cptr<A>(normalizer), denom);
+    RLK_CHECK_LAUNCH();
+    const unsigned grid = grid_for_elementwise(pt.B * pt.T, kRowThreads);
+    policy_grad_kernel<A><<<grid, kRowThreads, 0, s>>>(pt, pp, as_cptr<A>(grad_loss), seqstat,
+                                                       denom, as_ptr<A>(g_lp),
+                                                       as_ptr<A>(g_ent));
+    RLK_CHECK_LAUNCH();
   });
 }
 

@@ -26,4 +26,93 @@ void kl_penalty_forward(std::uintptr_t logp, std::uintptr_t ref_logp, std::uintp
                         int64_t n, int dtype, int estimator, bool clamp, double clamp_lo,
                         double clamp_hi, std::uintptr_t stream);
 
+
+// ---- vocab.cu: ops on logits [n, vocab] ---------------------------------------------------
+// Common conventions: logits rows have unit column stride and row stride `stride_x`
+// (elements); `dtype` is the logits' code (0 fp32, 1 fp16, 2 bf16, 3 fp64); per-row outputs,
+// stats and upstream gradients are in the accumulation type (fp64 for fp64 logits, else
+// fp32); tokens are int64; stats outputs are contiguous [n, 3]; gradients have the logits'
+// dtype. A pointer of 0 means "absent" where noted.
+
+// logp[n], ent[n], stats[n, 3] = (max z, log1p(rest), sum p (z - m) or 0); z = x * inv_t.
+// tokens == 0: entropy only (logp written 0). with_entropy == false: ent and stats[:, 2] = 0.
+void token_logprobs_forward(std::uintptr_t logits, int64_t stride_x, std::uintptr_t tokens,
+                            int64_t stride_tok, std::uintptr_t logp, std::uintptr_t ent,
+                            std::uintptr_t stats, int64_t n, int64_t vocab, int dtype,
+                            double inv_temperature, int64_t ignore_index, bool with_entropy,
+                            std::uintptr_t stream);
+
+// out[n, vocab] (row stride stride_out; may equal logits for an in-place backward) =
+// d(sum g_lp logp + g_h H)/d logits. grad_logp / grad_entropy may be 0 (absent);
+// grad_logp needs tokens.
+void token_logprobs_backward(std::uintptr_t grad_logp, int64_t stride_glp,
+                             std::uintptr_t grad_entropy, int64_t stride_gh,
+                             std::uintptr_t logits, int64_t stride_x, std::uintptr_t tokens,
+                             int64_t stride_tok, std::uintptr_t stats, int64_t stride_s0,
+                             int64_t stride_s1, std::uintptr_t out, int64_t stride_out,
+                             int64_t n, int64_t vocab, int dtype, double inv_temperature,
+                             int64_t ignore_index, std::uintptr_t stream);
+
+// kind: 0 reverse KL(p||q), 1 forward KL(q||p), 2 jsd(beta). ignore_mask: uint8 [n] or 0.
+void kl_divergence_forward(std::uintptr_t logits, int64_t stride_x, std::uintptr_t ref_logits,
+                           int64_t stride_y, std::uintptr_t ignore_mask, int64_t stride_mask,
+                           std::uintptr_t kl, std::uintptr_t stats_p, std::uintptr_t stats_q,
+                           int64_t n, int64_t vocab, int dtype, int kind, double beta,
+                           double inv_temperature, std::uintptr_t stream);
+
+// grad_y == 0: no gradient for ref_logits.
+void kl_divergence_backward(std::uintptr_t grad_kl, int64_t stride_g, std::uintptr_t logits,
+                            int64_t stride_x, std::uintptr_t ref_logits, int64_t stride_y,
+                            std::uintptr_t ignore_mask, int64_t stride_mask,
+                            std::uintptr_t stats_p, int64_t sp0, int64_t sp1,
+                            std::uintptr_t stats_q, int64_t sq0, int64_t sq1,
+                            std::uintptr_t grad_x, int64_t stride_gx, std::uintptr_t grad_y,
+                            int64_t stride_gy, int64_t n, int64_t vocab, int dtype, int kind,
+                            double beta, double inv_temperature, std::uintptr_t stream);
+
+// ---- advantage.cu -------------------------------------------------------------------------
+// out[b] (accumulation type) = advantages of rewards[b] (stride `stride`, any float dtype).
+// Contiguous groups: perm = starts = 0, slots = b / group_size. group_index path: perm [b]
+// (stable sort of the ids), starts [slots + 1] (first sorted position of each slot, b past
+// the last group). method: 0 grpo, 1 dr_grpo, 2 rloo, 3 batch_std (needs a workspace of one
+// element of the accumulation type).
+void group_advantages_forward(std::uintptr_t rewards, int64_t stride, std::uintptr_t perm,
+                              std::uintptr_t starts, std::uintptr_t out,
+                              std::uintptr_t workspace, int64_t b, int64_t group_size,
+                              int64_t slots, int dtype, int method, bool unbiased, double eps,
+                              std::uintptr_t stream);
+
+// ---- policy.cu: policy_loss ----------------------------------------------------------------
+// Every tensor in the compute dtype (fp32, or fp64: dtype 0 or 3), [B, T] addressed as
+// p[b * sb + t * st] (advantages [B]: st = 0). Absent optional tensors: pointer 0.
+struct PolicyTensors {
+  std::uintptr_t logp, old_logp, adv, mask, ref_logp, entropy, is_weights;
+  int64_t logp_sb, logp_st, old_sb, old_st, adv_sb, adv_st, mask_sb, mask_st;
+  int64_t ref_sb, ref_st, ent_sb, ent_st, w_sb, w_st;
+  int64_t B, T;
+};
+
+// loss: 0 ppo, 1 cispo, 2 reinforce. agg: 0 token-mean, 1 seq-mean-token-mean,
+// 2 seq-mean-token-sum, 3 seq-mean-token-sum-norm. kl_estimator: 0 k1, 1 abs, 2 k2, 3 k3,
+// 4 k3+ (value of k3, gradient of k2). lo = 1 - clip_low, hi = 1 + clip_high.
+struct PolicyParams {
+  int loss, seq, agg, kl_estimator;
+  int has_ref, has_ent, has_w, has_dual, has_delta, use_kl, use_ent;
+  double lo, hi, dual_clip, delta, kl_coef, entropy_coef, log_ratio_clamp;
+};
+
+// loss (one element) and metrics (9 fp32, reference/policy.py METRICS order); partials: a
+// workspace of B * 11 elements; normalizer: one element or 0.
+void policy_loss_forward(const PolicyTensors& pt, const PolicyParams& pp,
+                         std::uintptr_t normalizer, std::uintptr_t partials,
+                         std::uintptr_t loss, std::uintptr_t metrics, int dtype,
+                         std::uintptr_t stream);
+
+// g_lp, g_ent (0 = not wanted): contiguous [B, T]; grad_loss: one element; workspace:
+// 2 * B + 1 elements.
+void policy_loss_backward(const PolicyTensors& pt, const PolicyParams& pp,
+                          std::uintptr_t normalizer, std::uintptr_t grad_loss,
+                          std::uintptr_t workspace, std::uintptr_t g_lp, std::uintptr_t g_ent,
+                          int dtype, std::uintptr_t stream);
+
 }  // namespace rlk

@@ -3,6 +3,11 @@
 Each launcher validates tensors, allocates outputs and passes raw device pointers, sizes and
 the current CUDA stream to the extension. Importing this package never raises; without a built
 extension or a GPU, `cuda_status()` says why the backend is unavailable.
+
+Families (the registry, rlkernels/backends.py, finds ``<op>_forward`` in
+``rlkernels.cuda.<family>``): vocab (token_logprobs + entropy, kl_divergence), advantage
+(group_advantages), policy (policy_loss, grpo_loss, and the elementwise kl_penalty_forward).
+The kernels are compiled but have NOT yet been run on a GPU.
 """
 
 from rlkernels.cuda._loader import cuda_status, extension_info, load_extension

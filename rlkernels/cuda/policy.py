@@ -97,3 +97,176 @@ def kl_penalty_forward(
             _DTYPE_CODES[logp.dtype], KL_ESTIMATORS[estimator], do_clamp, lo, hi, stream,
         )
     return out
+
+
+# ============================================================================== policy_loss
+
+# Codes of csrc/rlkernels.h (PolicyParams).
+_LOSSES = {"ppo": 0, "cispo": 1, "reinforce": 2}
+_AGGS = {"token-mean": 0, "seq-mean-token-mean": 1, "seq-mean-token-sum": 2,
+         "seq-mean-token-sum-norm": 3}
+_KLS = {"k1": 0, "abs": 1, "k2": 2, "k3": 3, "low_var_kl": 3, "k3+": 4}
+N_METRICS = 9  # rlkernels.reference.policy.METRICS
+_N_PARTIALS = 11  # csrc/policy.cu kPartials
+
+
+def _policy_inputs(logp, old_logp, advantages, mask, normalizer, ref_logp, entropy,
+                   is_weights):
+    """Check the [B, T] inputs and bring them to the compute dtype (a copy only when the
+    dtype differs; [B, T] tensors are small next to logits). Returns (cdt, tensors, strides,
+    normalizer)."""
+    _check_cuda_tensor("logp", logp, _FLOAT_DTYPES)
+    if logp.dim() != 2:
+        raise ValueError(f"logp: expected a 2-d tensor [B, T], got shape {tuple(logp.shape)}")
+    b, t = logp.shape
+    if b >= 2 ** 31:
+        raise ValueError(f"logp: expected fewer than 2**31 rows, got {b}")
+    cdt = torch.float64 if logp.dtype == torch.float64 else torch.float32
+    out = {"logp": logp.to(cdt)}
+    for name, x, dtypes in (("old_logp", old_logp, _FLOAT_DTYPES),
+                            ("mask", mask, _FLOAT_DTYPES + _MASK_INT_DTYPES),
+                            ("ref_logp", ref_logp, _FLOAT_DTYPES),
+                            ("entropy", entropy, _FLOAT_DTYPES),
+                            ("is_weights", is_weights, _FLOAT_DTYPES)):
+        if x is None:
+            out[name] = None
+            continue
+        _check_cuda_tensor(name, x, dtypes)
+        _check_same(name, x, logp, (b, t))
+        out[name] = x.to(cdt)
+    _check_cuda_tensor("advantages", advantages, _FLOAT_DTYPES)
+    if advantages.device != logp.device:
+        raise ValueError(f"advantages: expected device {logp.device}, got {advantages.device}")
+    if tuple(advantages.shape) not in ((b,), (b, t)):
+        raise ValueError(f"advantages: expected shape ({b},) or ({b}, {t}), got "
+                         f"{tuple(advantages.shape)}")
+    adv = advantages.to(cdt)
+    adv_strides = (adv.stride(0), 0) if adv.dim() == 1 else (adv.stride(0), adv.stride(1))
+    out["adv"] = adv
+    norm = None
+    if normalizer is not None:
+        _check_cuda_tensor("normalizer", normalizer, _FLOAT_DTYPES + _MASK_INT_DTYPES)
+        if normalizer.numel() != 1:
+            raise ValueError(f"normalizer: expected one element, got shape "
+                             f"{tuple(normalizer.shape)}")
+        norm = normalizer.reshape(1).to(cdt)
+
+    def strides(x):
+        return (0, 0) if x is None else (x.stride(0), x.stride(1))
+
+    order = ("logp", "old_logp", "adv", "mask", "ref_logp", "entropy", "is_weights")
+    ptrs = tuple(0 if out[k] is None else out[k].data_ptr() for k in order)
+    st = (*strides(out["logp"]), *strides(out["old_logp"]), *adv_strides,
+          *strides(out["mask"]), *strides(out["ref_logp"]), *strides(out["entropy"]),
+          *strides(out["is_weights"]))
+    return cdt, out, ptrs, st, norm
+
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_MASK_INT_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _check_same(name, x, logp, shape):
+    if x.device != logp.device:
+        raise ValueError(f"{name}: expected device {logp.device} (that of logp), got {x.device}")
+    if tuple(x.shape) != shape:
+        raise ValueError(f"{name}: expected shape {shape} (that of logp), got {tuple(x.shape)}")
+
+
+def _policy_codes(o, has_ref: bool, has_ent: bool, has_w: bool):
+    if o.loss not in _LOSSES or o.agg not in _AGGS or o.kl_estimator not in _KLS:
+        raise ValueError(f"policy options: unknown loss/agg/kl_estimator in {o!r}")
+    if o.ratio_level not in ("token", "sequence"):
+        raise ValueError(f"ratio_level: expected 'token' or 'sequence', got {o.ratio_level!r}")
+    has_dual = o.loss == "ppo" and o.dual_clip is not None
+    has_delta = o.loss == "ppo" and o.delta is not None
+    modes = (_LOSSES[o.loss], int(o.ratio_level == "sequence"), _AGGS[o.agg],
+             _KLS[o.kl_estimator], int(has_ref), int(has_ent), int(has_w), int(has_dual),
+             int(has_delta), int(has_ref and o.kl_coef != 0.0),
+             int(has_ent and o.entropy_coef != 0.0))
+    nums = (1.0 - o.clip_low, 1.0 + o.clip_high, float(o.dual_clip or 0.0),
+            float(o.delta or 0.0), float(o.kl_coef), float(o.entropy_coef),
+            float(o.log_ratio_clamp))
+    return modes, nums
+
+
+def policy_loss_forward(logp, old_logp, advantages, mask, normalizer, ref_logp, entropy,
+                        is_weights, o):
+    """Returns ``(loss [], metrics [9] fp32)`` as the reference: a per-sequence kernel (one
+    block per row: its masked sums) and a one-block kernel that sums the rows in a fixed
+    order (deterministic, no atomics)."""
+    C = _extension()
+    cdt, t, ptrs, strides, norm = _policy_inputs(logp, old_logp, advantages, mask, normalizer,
+                                                 ref_logp, entropy, is_weights)
+    b, tt = logp.shape
+    modes, nums = _policy_codes(o, ref_logp is not None, entropy is not None,
+                                is_weights is not None)
+    loss = torch.empty((), dtype=cdt, device=logp.device)
+    metrics = torch.empty(N_METRICS, dtype=torch.float32, device=logp.device)
+    partials = torch.empty(max(b, 1), _N_PARTIALS, dtype=cdt, device=logp.device)
+    with torch.cuda.device(logp.device):
+        C.policy_loss_forward(ptrs, strides, b, tt, modes, nums,
+                              0 if norm is None else norm.data_ptr(), partials.data_ptr(),
+                              loss.data_ptr(), metrics.data_ptr(), _DTYPE_CODES[cdt],
+                              torch.cuda.current_stream(logp.device).cuda_stream)
+    return loss, metrics
+
+
+def policy_loss_backward(grad_loss, logp, old_logp, advantages, mask, normalizer, ref_logp,
+                         entropy, is_weights, o):
+    """Gradients w.r.t. ``logp`` (its dtype) and ``entropy`` (its dtype, ``None`` when not
+    given), contiguous ``[B, T]``."""
+    C = _extension()
+    cdt, t, ptrs, strides, norm = _policy_inputs(logp, old_logp, advantages, mask, normalizer,
+                                                 ref_logp, entropy, is_weights)
+    b, tt = logp.shape
+    _check_cuda_tensor("grad_loss", grad_loss, _FLOAT_DTYPES)
+    if grad_loss.numel() != 1:
+        raise ValueError(f"grad_loss: expected one element, got shape {tuple(grad_loss.shape)}")
+    modes, nums = _policy_codes(o, ref_logp is not None, entropy is not None,
+                                is_weights is not None)
+    g_lp = torch.empty((b, tt), dtype=cdt, device=logp.device)
+    g_ent = None if entropy is None else torch.empty((b, tt), dtype=cdt, device=logp.device)
+    if b * tt > 0:
+        g = grad_loss.reshape(1).to(cdt)
+        workspace = torch.empty(2 * b + 1, dtype=cdt, device=logp.device)
+        with torch.cuda.device(logp.device):
+            C.policy_loss_backward(ptrs, strides, b, tt, modes, nums,
+                                   0 if norm is None else norm.data_ptr(), g.data_ptr(),
+                                   workspace.data_ptr(), g_lp.data_ptr(),
+                                   0 if g_ent is None else g_ent.data_ptr(), _DTYPE_CODES[cdt],
+                                   torch.cuda.current_stream(logp.device).cuda_stream)
+    g_lp = g_lp.to(logp.dtype)
+    if g_ent is not None:
+        g_ent = g_ent.to(entropy.dtype)
+    return g_lp, g_ent
+
+
+# =============================================================================== grpo loss
+
+def grpo_loss_forward(logits, tokens, old_logp, advantages, mask, normalizer, ref_logp,
+                      is_weights, temperature, o):
+    """``(loss, metrics, logp [B, T], entropy [B, T], stats [B*T, 3])``: the vocabulary
+    kernel (log-probs and entropies in one pass over the logits) then the policy kernels
+    (the composition of rlkernels/_fused.py, shared by every backend)."""
+    from .._fused import fused_forward
+    from .vocab import token_logprobs_forward
+
+    return fused_forward(
+        lambda tok: token_logprobs_forward(logits, tok, temperature, -100, True),
+        policy_loss_forward, tokens, old_logp, advantages, mask, normalizer, ref_logp,
+        is_weights, o)
+
+
+def grpo_loss_backward(grad_loss, logits, tokens, old_logp, advantages, mask, normalizer,
+                       ref_logp, is_weights, logp, ent, stats, temperature, o, inplace):
+    """``d loss / d logits``: the policy gradients w.r.t. the log-probs (and entropies when
+    ``entropy_coef != 0``) pushed through the vocabulary backward kernel in one pass;
+    ``inplace`` writes them into ``logits``."""
+    from .._fused import row_grads
+    from .vocab import token_logprobs_backward
+
+    g_lp, g_ent = row_grads(policy_loss_backward, grad_loss, logp, ent, old_logp, advantages,
+                            mask, normalizer, ref_logp, is_weights, o)
+    return token_logprobs_backward(g_lp, g_ent, logits, tokens.reshape(-1), stats, temperature,
+                                   -100, out=logits if inplace else None)

@@ -1,0 +1,79 @@
+"""Shared checks and helpers of the launchers in rlkernels/cuda/ (private).
+
+Every launcher: checks its tensors (CUDA device, dtype, shape) with errors that name the
+argument, the expected and the received value; allocates outputs on the tensors' device;
+launches on that device (``torch.cuda.device`` guard) and on its current stream.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from rlkernels.cuda._loader import cuda_status, load_extension
+
+Tensor = torch.Tensor
+
+# torch dtype -> dtype code of csrc/common.cuh (rlk::DType).
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+FLOAT_DTYPES = tuple(DTYPE_CODES)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def extension():
+    """rlkernels._C, or RuntimeError saying why the cuda backend is unavailable."""
+    module = load_extension()
+    if module is None:
+        raise RuntimeError(f"the cuda backend is unavailable: {cuda_status()}")
+    return module
+
+
+def check_cuda_tensor(name: str, t: object, dtypes: Tuple[torch.dtype, ...],
+                      ndim: Optional[int] = None, like: Optional[Tensor] = None) -> Tensor:
+    """``t`` is a CUDA tensor of one of ``dtypes`` (with ``ndim`` dims, on ``like``'s
+    device)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.device.type != "cuda":
+        raise ValueError(
+            f"{name}: expected a CUDA tensor for the cuda backend, got device {t.device}"
+        )
+    if t.dtype not in dtypes:
+        names = ", ".join(str(d) for d in dtypes)
+        raise TypeError(f"{name}: expected dtype in ({names}), got {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-d tensor, got shape {tuple(t.shape)}")
+    if like is not None and t.device != like.device:
+        raise ValueError(f"{name}: expected device {like.device}, got {t.device}")
+    return t
+
+
+def check_shape(name: str, t: Tensor, shape: Tuple[int, ...]) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp64 inputs compute (and return per-row outputs) in fp64, everything else in fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def unit_stride(x: Tensor) -> Tensor:
+    """``x [N, V]`` with stride 1 along ``V`` (a copy only when it is not); rows keep any
+    stride."""
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+
+
+def row_stride(x: Tensor) -> int:
+    return x.stride(0) if x.dim() == 2 and x.shape[0] > 1 else x.shape[-1]
+
+
+def ptr(t: Optional[Tensor]) -> int:
+    """Device address, 0 for an absent tensor."""
+    return 0 if t is None else t.data_ptr()
+
+
+def stream_of(t: Tensor) -> int:
+    """The current CUDA stream of ``t``'s device, as an integer (cudaStream_t)."""
+    return torch.cuda.current_stream(t.device).cuda_stream

@@ -1,0 +1,201 @@
+"""Launchers for csrc/vocab.cu: ``token_logprobs`` (with entropy) and ``kl_divergence``.
+
+Same signatures, outputs and saved row statistics as :mod:`rlkernels.reference.vocab`
+(which states the math) and :mod:`rlkernels.triton.vocab`, so the ops layer calls them the
+same way. One CUDA block per row; see the kernels' comments for the formulas.
+
+Status: compiled, NOT yet run on a GPU (no GPU on the development machine); the parity tests
+in tests/ops and tests/cuda check them on the first GPU run.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from ._common import (DTYPE_CODES, FLOAT_DTYPES, INDEX_DTYPES, check_cuda_tensor, check_shape,
+                      compute_dtype, extension, ptr, row_stride, stream_of, unit_stride)
+
+Tensor = torch.Tensor
+
+_KINDS = {"reverse": 0, "forward": 1, "jsd": 2}
+
+
+def _check_logits(name: str, logits: Tensor) -> Tuple[int, int]:
+    check_cuda_tensor(name, logits, FLOAT_DTYPES, ndim=2)
+    n, vocab = logits.shape
+    if vocab == 0:
+        raise ValueError(f"{name}: expected a vocabulary of V >= 1 columns, got V = 0")
+    if n >= 2 ** 31:
+        raise ValueError(f"{name}: expected fewer than 2**31 rows, got {n}")
+    return n, vocab
+
+
+def _check_temperature(temperature: float) -> float:
+    t = float(temperature)
+    if not (t > 0 and math.isfinite(t)):
+        raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
+    return t
+
+
+def _tokens(tokens: Optional[Tensor], n: int, like: Tensor) -> Optional[Tensor]:
+    if tokens is None:
+        return None
+    check_cuda_tensor("tokens", tokens, INDEX_DTYPES, ndim=1, like=like)
+    check_shape("tokens", tokens, (n,))
+    return tokens.to(torch.int64)  # the kernels read int64 ids (a copy only for int32)
+
+
+def _row_vector(name: str, t: Optional[Tensor], n: int, cdt: torch.dtype,
+                like: Tensor) -> Optional[Tensor]:
+    if t is None:
+        return None
+    check_cuda_tensor(name, t, FLOAT_DTYPES, ndim=1, like=like)
+    check_shape(name, t, (n,))
+    return t.to(cdt)
+
+
+# ================================================================== token_logprobs / entropy
+
+def token_logprobs_forward(logits: Tensor, tokens: Optional[Tensor], temperature: float,
+                           ignore_index: int, with_entropy: bool
+                           ) -> Tuple[Tensor, Tensor, Tensor]:
+    """Returns ``(logp [N], entropy [N], stats [N, 3])`` like the reference (fp32, fp64 for
+    fp64 logits). ``tokens=None``: entropy only, ``logp`` all 0. Padding rows (token ==
+    ignore_index): 0 outputs, ``stats`` row 0 (never read)."""
+    C = extension()
+    n, vocab = _check_logits("logits", logits)
+    t = _check_temperature(temperature)
+    x = unit_stride(logits)
+    cdt = compute_dtype(x.dtype)
+    tok = _tokens(tokens, n, x)
+    logp = torch.empty(n, dtype=cdt, device=x.device)
+    ent = torch.empty(n, dtype=cdt, device=x.device)
+    stats = torch.empty(n, 3, dtype=cdt, device=x.device)
+    if n == 0:
+        return logp, ent, stats
+    with torch.cuda.device(x.device):
+        C.token_logprobs_forward(
+            x.data_ptr(), row_stride(x), ptr(tok), 0 if tok is None else tok.stride(0),
+            logp.data_ptr(), ent.data_ptr(), stats.data_ptr(), n, vocab, DTYPE_CODES[x.dtype],
+            1.0 / t, int(ignore_index), bool(with_entropy), stream_of(x))
+    return logp, ent, stats
+
+
+def token_logprobs_backward(grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor],
+                            logits: Tensor, tokens: Optional[Tensor], stats: Tensor,
+                            temperature: float, ignore_index: int,
+                            out: Optional[Tensor] = None) -> Tensor:
+    """Gradient w.r.t. ``logits`` in its dtype: ``(g (onehot(y) - p) - g_H p (z - sum p z))
+    / T``, exactly 0 on padding rows. ``out`` may be ``logits`` itself (in-place backward)."""
+    C = extension()
+    n, vocab = _check_logits("logits", logits)
+    t = _check_temperature(temperature)
+    x = unit_stride(logits)
+    cdt = compute_dtype(x.dtype)
+    tok = _tokens(tokens, n, x)
+    if tok is None:
+        grad_logp = None  # no token, no log-prob term (as the other backends)
+    glp = _row_vector("grad_logp", grad_logp, n, cdt, x)
+    gh = _row_vector("grad_entropy", grad_entropy, n, cdt, x)
+    check_cuda_tensor("stats", stats, (cdt,), ndim=2, like=x)
+    check_shape("stats", stats, (n, 3))
+    if out is None:
+        out = torch.empty((n, vocab), dtype=logits.dtype, device=logits.device)
+    else:
+        check_cuda_tensor("out", out, (logits.dtype,), ndim=2, like=x)
+        check_shape("out", out, (n, vocab))
+    if n == 0:
+        return out
+    # the kernel writes unit-stride rows; anything else goes through a temporary
+    dst = out if (out.stride(-1) == 1 or vocab == 1) else torch.empty_like(x)
+    with torch.cuda.device(x.device):
+        C.token_logprobs_backward(
+            ptr(glp), 0 if glp is None else glp.stride(0), ptr(gh),
+            0 if gh is None else gh.stride(0), x.data_ptr(), row_stride(x), ptr(tok),
+            0 if tok is None else tok.stride(0), stats.data_ptr(), stats.stride(0),
+            stats.stride(1), dst.data_ptr(), row_stride(dst), n, vocab, DTYPE_CODES[x.dtype],
+            1.0 / t, int(ignore_index), stream_of(x))
+    if dst is not out:
+        out.copy_(dst)
+    return out
+
+
+# ============================================================================= kl_divergence
+
+def _check_pair(logits: Tensor, ref_logits: Tensor, ignore_mask: Optional[Tensor], kind: str,
+                beta: float) -> Tuple[int, int, Optional[Tensor]]:
+    n, vocab = _check_logits("logits", logits)
+    check_cuda_tensor("ref_logits", ref_logits, (logits.dtype,), ndim=2, like=logits)
+    check_shape("ref_logits", ref_logits, (n, vocab))
+    if kind not in _KINDS:
+        raise ValueError(f"kind: expected one of {sorted(_KINDS)}, got {kind!r}")
+    if not 0.0 <= float(beta) <= 1.0:
+        raise ValueError(f"beta: expected a number in [0, 1], got {beta!r}")
+    mask = None
+    if ignore_mask is not None:
+        check_cuda_tensor("ignore_mask", ignore_mask, (torch.bool,), ndim=1, like=logits)
+        check_shape("ignore_mask", ignore_mask, (n,))
+        mask = ignore_mask.view(torch.uint8)
+    return n, vocab, mask
+
+
+def kl_divergence_forward(logits: Tensor, ref_logits: Tensor, ignore_mask: Optional[Tensor],
+                          kind: str, beta: float, temperature: float
+                          ) -> Tuple[Tensor, Tensor, Tensor]:
+    """Returns ``(kl [N], stats_p [N, 3], stats_q [N, 3])`` like the reference; the third
+    columns hold ``sum p a_p`` and ``sum q a_q``. ``ignore_mask`` rows: 0, not read."""
+    C = extension()
+    n, vocab, mask = _check_pair(logits, ref_logits, ignore_mask, kind, beta)
+    t = _check_temperature(temperature)
+    x, y = unit_stride(logits), unit_stride(ref_logits)
+    cdt = compute_dtype(x.dtype)
+    kl = torch.empty(n, dtype=cdt, device=x.device)
+    stats_p = torch.empty(n, 3, dtype=cdt, device=x.device)
+    stats_q = torch.empty(n, 3, dtype=cdt, device=x.device)
+    if n == 0:
+        return kl, stats_p, stats_q
+    with torch.cuda.device(x.device):
+        C.kl_divergence_forward(
+            x.data_ptr(), row_stride(x), y.data_ptr(), row_stride(y), ptr(mask),
+            0 if mask is None else mask.stride(0), kl.data_ptr(), stats_p.data_ptr(),
+            stats_q.data_ptr(), n, vocab, DTYPE_CODES[x.dtype], _KINDS[kind], float(beta),
+            1.0 / t, stream_of(x))
+    return kl, stats_p, stats_q
+
+
+def kl_divergence_backward(grad_kl: Tensor, logits: Tensor, ref_logits: Tensor,
+                           ignore_mask: Optional[Tensor], stats_p: Tensor, stats_q: Tensor,
+                           kind: str, beta: float, temperature: float, need_ref_grad: bool
+                           ) -> Tuple[Tensor, Optional[Tensor]]:
+    """Gradients w.r.t. ``logits`` and (if ``need_ref_grad``) ``ref_logits``, in their
+    dtype, one pass over the row pair; ``ignore_mask`` rows receive exactly 0."""
+    C = extension()
+    n, vocab, mask = _check_pair(logits, ref_logits, ignore_mask, kind, beta)
+    t = _check_temperature(temperature)
+    x, y = unit_stride(logits), unit_stride(ref_logits)
+    cdt = compute_dtype(x.dtype)
+    g = _row_vector("grad_kl", grad_kl, n, cdt, x)
+    for name, s in (("stats_p", stats_p), ("stats_q", stats_q)):
+        check_cuda_tensor(name, s, (cdt,), ndim=2, like=x)
+        check_shape(name, s, (n, 3))
+    grad_z = torch.empty((n, vocab), dtype=logits.dtype, device=logits.device)
+    grad_w = (torch.empty((n, vocab), dtype=ref_logits.dtype, device=ref_logits.device)
+              if need_ref_grad else None)
+    if n == 0:
+        return grad_z, grad_w
+    with torch.cuda.device(x.device):
+        C.kl_divergence_backward(
+            g.data_ptr(), g.stride(0), x.data_ptr(), row_stride(x), y.data_ptr(),
+            row_stride(y), ptr(mask), 0 if mask is None else mask.stride(0),
+            stats_p.data_ptr(), stats_p.stride(0), stats_p.stride(1), stats_q.data_ptr(),
+            stats_q.stride(0), stats_q.stride(1), grad_z.data_ptr(), row_stride(grad_z),
+            ptr(grad_w), 0 if grad_w is None else row_stride(grad_w), n, vocab,
+            DTYPE_CODES[x.dtype], _KINDS[kind], float(beta), 1.0 / t, stream_of(x))
+    return grad_z, grad_w
+
+
+__all__ = ["token_logprobs_forward", "token_logprobs_backward", "kl_divergence_forward",
+           "kl_divergence_backward"]
