@@ -3,7 +3,9 @@
 #
 #   bash benchmarks/gpu_run.sh OUTDIR [STEPS] [BENCH_ARGS...]
 #
-# STEPS (comma list, default all): setup,info,verify,gputests,bench
+# STEPS (comma list, default all): setup,info,verify,gputests,cudatests,memcheck,bench
+# (cudatests: the parity tests of tests/ops and tests/cuda on backend=cuda; memcheck:
+# compute-sanitizer --tool memcheck over a small cuda parity subset)
 # BENCH_ARGS go to `rlkernels bench` (default: --peers --budget-s 330).
 # Each step is logged to OUTDIR/<step>.log; a failing step is recorded, the next one runs.
 # One device call may run 10 minutes: the default steps fit; for the whole grid run two calls
@@ -13,7 +15,7 @@
 # (the device tool brings back at most 8 files).
 set -u
 OUTDIR=${1:?usage: gpu_run.sh OUTDIR [STEPS] [BENCH_ARGS...]}
-STEPS=${2:-setup,info,verify,gputests,bench}
+STEPS=${2:-setup,info,verify,gputests,cudatests,memcheck,bench}
 shift; shift 2>/dev/null || true
 BENCH_ARGS=("$@")
 [ ${#BENCH_ARGS[@]} -eq 0 ] && BENCH_ARGS=(--peers --budget-s 330)
@@ -52,6 +54,14 @@ step setup 300 setup
 step info 60 $PY -m rlkernels info
 step verify 240 $PY -m rlkernels verify
 step gputests 300 $PY -m pytest -q -m gpu tests -x -p no:cacheprovider
+step cudatests 300 $PY -m pytest -q tests/ops tests/cuda -k cuda -p no:cacheprovider
+if command -v compute-sanitizer >/dev/null 2>&1; then
+  step memcheck 300 compute-sanitizer --tool memcheck --error-exitcode 1 $PY -m pytest -q \
+    -p no:cacheprovider tests/cuda/test_cuda_vocab.py tests/cuda/test_cuda_advantage_policy.py \
+    -k "token_logprobs_matches_reference and 1031 or sliced or inplace_backward or kl_divergence_matches_reference and 1031 and jsd or group_advantages_index or grpo_loss_matches"
+else
+  echo "=== memcheck: compute-sanitizer not found, skipped" | tee -a "$SUMMARY"
+fi
 step bench 540 $PY -m rlkernels bench --out "$OUTDIR/results" "${BENCH_ARGS[@]}"
 
 echo "total $(( $(date +%s) - T0 )) s" | tee -a "$SUMMARY"
