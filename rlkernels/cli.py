@@ -1,7 +1,6 @@
-"""The ``rlkernels`` command line: ``info``, ``verify``, ``bench`` (SPEC section 4).
+"""The ``rlkernels`` command line: ``info``, ``verify``, ``bench``, ``train`` (SPEC section 4).
 
-``train`` is listed by ``--help`` as not available in this version, so that a
-user who types it gets a clear message instead of an argparse error.
+``train`` runs the reference GRPO trainer (:mod:`rlkernels.trainer`).
 """
 
 from __future__ import annotations
@@ -66,11 +65,88 @@ def _bench(args) -> int:
     return 0
 
 
-def _not_yet(name: str):
-    def run(_args) -> int:
-        print(f"rlkernels {name}: not available in this version yet", file=sys.stderr)
-        return 2
-    return run
+def _train(args) -> int:
+    import dataclasses
+    import json
+    import os
+
+    from rlkernels.trainer import COMPARE_TOLERANCE, TrainConfig, train
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+    if cfg.out is None:
+        cfg.out = os.path.join("runs", f"{cfg.task}-{cfg.ops}")
+    result = train(cfg)
+    if result["out"]:
+        with open(os.path.join(result["out"], "config.json"), "w") as f:
+            json.dump(result["config"], f, indent=2)
+        print(f"metrics: {os.path.join(result['out'], 'metrics.jsonl')}"
+              + (f" | curve: {result['curve']}" if result["curve"] else ""))
+    records = result["records"]
+    if records:
+        k = max(1, len(records) // 10)
+        first = sum(r["reward"] for r in records[:k]) / k
+        last = sum(r["reward"] for r in records[-k:]) / k
+        print(f"mean reward: first {k} steps {first:.3f} -> last {k} steps {last:.3f}")
+    if cfg.ops == "compare":
+        worst = {key: max(r[f"diff_{key}"] for r in records) for key in COMPARE_TOLERANCE}
+        print("compare (max over steps, tolerance): " + ", ".join(
+            f"{key} {worst[key]:.2e} ({COMPARE_TOLERANCE[key]:.0e})" for key in worst))
+        print("compare: PASS" if result["ok"] else "compare: FAIL (beyond tolerance)")
+    return 0 if result["ok"] else 1
+
+
+def _add_train_parser(sub) -> None:
+    from rlkernels.trainer import TrainConfig
+    from rlkernels.trainer.tasks import TASKS
+
+    d = TrainConfig()
+    p = sub.add_parser("train", help="the reference GRPO trainer on a built-in tiny model/task",
+                       description="GRPO on a task with a verifiable reward, the RL math done "
+                       "by rlkernels (--ops kernels), by plain PyTorch (--ops torch), or both "
+                       "on the same rollouts (--ops compare, exit 1 if they disagree).")
+    p.add_argument("--task", choices=sorted(TASKS), help=f"default {d.task}")
+    p.add_argument("--steps", type=int, help=f"GRPO steps (default {d.steps})")
+    p.add_argument("--ops", choices=("torch", "kernels", "compare"),
+                   help=f"who does the RL math (default {d.ops})")
+    p.add_argument("--fused-head", action="store_true", default=None,
+                   help="kernels: linear_grpo_loss from hidden states, no logits")
+    p.add_argument("--backend", choices=("torch", "triton", "cuda", "auto"),
+                   help="rlkernels backend (default auto)")
+    p.add_argument("--model", metavar="PATH", help="a local Hugging Face model folder "
+                   "(default: a tiny random model with a character tokenizer)")
+    p.add_argument("--arch", choices=("qwen2", "llama"), help="tiny model architecture")
+    p.add_argument("--hidden-size", type=int, help=f"tiny model width (default "
+                   f"{d.hidden_size})")
+    p.add_argument("--layers", type=int, help=f"tiny model depth (default {d.layers})")
+    p.add_argument("--digits", type=int, help="addition: digits per operand (default 1)")
+    p.add_argument("--prompts", type=int, help=f"prompts per step (default {d.prompts})")
+    p.add_argument("--group-size", type=int, help=f"samples per prompt (default "
+                   f"{d.group_size})")
+    p.add_argument("--max-new-tokens", type=int, help="default: longest answer + 2")
+    p.add_argument("--temperature", type=float, help="sampling and log-prob temperature")
+    p.add_argument("--top-k", type=int, help="sampler top-k (default off)")
+    p.add_argument("--top-p", type=float, help="sampler top-p (default 1.0, off)")
+    p.add_argument("--lr", type=float, help=f"AdamW learning rate (default {d.lr})")
+    p.add_argument("--ppo-epochs", type=int, help="passes over each rollout (default 1)")
+    p.add_argument("--minibatches", type=int, help="optimizer steps per pass (default 1)")
+    p.add_argument("--clip-low", type=float, help=f"default {d.clip_low}")
+    p.add_argument("--clip-high", type=float, help=f"default {d.clip_high}")
+    p.add_argument("--kl-coef", type=float, help=f"KL to the initial model (default "
+                   f"{d.kl_coef})")
+    p.add_argument("--kl-estimator", choices=("k1", "k2", "k3"), help="default k3")
+    p.add_argument("--entropy-coef", type=float, help=f"default {d.entropy_coef}")
+    p.add_argument("--agg", choices=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                                     "seq-mean-token-sum-norm"), help=f"default {d.agg}")
+    p.add_argument("--adv-method", choices=("grpo", "dr_grpo", "rloo", "batch_std"),
+                   help=f"default {d.adv_method}")
+    p.add_argument("--seed", type=int, help="default 0")
+    p.add_argument("--device", help="default cuda when available, else cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default float32")
+    p.add_argument("--out", metavar="DIR", help="metrics.jsonl, curve.png, config.json "
+                   "(default runs/<task>-<ops>)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    p.set_defaults(func=_train)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,8 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "past each op's share are recorded as skipped")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.set_defaults(func=_bench)
-    sub.add_parser("train", help="the reference GRPO trainer (not available yet)"
-                   ).set_defaults(func=_not_yet("train"))
+    _add_train_parser(sub)
     return parser
 
 
