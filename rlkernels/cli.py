@@ -116,6 +116,9 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--model", metavar="PATH", help="a local Hugging Face model folder "
                    "(default: a tiny random model with a character tokenizer)")
     p.add_argument("--arch", choices=("qwen2", "llama"), help="tiny model architecture")
+    p.add_argument("--size", choices=("tiny", "qwen2.5-0.5b"), help="random model preset: "
+                   "tiny (default) or the shape of Qwen2.5-0.5B with its 151936-token "
+                   "vocabulary (for memory and step-time measurements)")
     p.add_argument("--hidden-size", type=int, help=f"tiny model width (default "
                    f"{d.hidden_size})")
     p.add_argument("--layers", type=int, help=f"tiny model depth (default {d.layers})")

@@ -25,11 +25,34 @@ def attention_implementation(device: torch.device) -> str:
     return "sdpa"
 
 
+#: ``--size`` presets of the random model: ``tiny`` learns the tasks on a CPU in minutes;
+#: ``qwen2.5-0.5b`` has the shape of Qwen2.5-0.5B (its 151936-token vocabulary included: the
+#: character ids come first, the other ids decode as "\ufffd") to measure memory and step time.
+SIZES = {
+    "tiny": dict(hidden_size=None, layers=None, heads=4, kv_heads=2, intermediate_size=None,
+                 vocab_size=None, tie=False),
+    "qwen2.5-0.5b": dict(hidden_size=896, layers=24, heads=14, kv_heads=2,
+                         intermediate_size=4864, vocab_size=151936, tie=True),
+}
+
+
 def build_tiny_model(arch: str, vocab_size: int, tokenizer, device: torch.device,
-                     hidden_size: int = 64, layers: int = 2, heads: int = 4,
-                     max_positions: int = 128, dtype: torch.dtype = torch.float32):
-    """A random ``arch`` ("qwen2" or "llama") causal LM; the caller seeds the RNG first."""
+                     hidden_size: int = 64, layers: int = 2,
+                     max_positions: int = 128, dtype: torch.dtype = torch.float32,
+                     size: str = "tiny"):
+    """A random ``arch`` ("qwen2" or "llama") causal LM; the caller seeds the RNG first.
+    ``size="tiny"`` uses ``hidden_size``/``layers``; another :data:`SIZES` preset overrides
+    them (and ``vocab_size``, which must hold the tokenizer's ids)."""
     import transformers
+
+    if size not in SIZES:
+        raise ValueError(f"size: expected one of {sorted(SIZES)}, got {size!r}")
+    preset = SIZES[size]
+    hidden_size = preset["hidden_size"] or hidden_size
+    layers = preset["layers"] or layers
+    heads, kv_heads = preset["heads"], preset["kv_heads"]
+    intermediate = preset["intermediate_size"] or 2 * hidden_size
+    vocab_size = max(vocab_size, preset["vocab_size"] or 0)
 
     configs = {"qwen2": transformers.Qwen2Config, "llama": transformers.LlamaConfig}
     if arch not in configs:
@@ -37,10 +60,10 @@ def build_tiny_model(arch: str, vocab_size: int, tokenizer, device: torch.device
     if hidden_size % heads:
         raise ValueError(f"hidden_size: expected a multiple of heads={heads}, got {hidden_size}")
     config = configs[arch](
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate,
         num_hidden_layers=layers, num_attention_heads=heads,
-        num_key_value_heads=max(1, heads // 2), max_position_embeddings=max_positions,
-        tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
+        num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
+        tie_word_embeddings=preset["tie"], pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     config._attn_implementation = attention_implementation(device)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)

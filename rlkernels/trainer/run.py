@@ -43,6 +43,7 @@ class TrainConfig:
     backend: Optional[str] = None      # rlkernels backend for --ops kernels (None: auto)
     model: Optional[str] = None        # local Hugging Face model folder
     arch: str = "qwen2"
+    size: str = "tiny"                 # random-model preset (model.SIZES)
     hidden_size: int = 64
     layers: int = 2
     prompts: int = 16                  # prompts per step (per rank)
@@ -114,7 +115,7 @@ def _policy(cfg: TrainConfig, device: torch.device):
         return model, HFTokenizer(hf_tok)
     tok = CharTokenizer()
     return build_tiny_model(cfg.arch, tok.vocab_size, tok, device, cfg.hidden_size,
-                            cfg.layers, dtype=dtype), tok
+                            cfg.layers, dtype=dtype, size=cfg.size), tok
 
 
 def _reduce_mean(values: Dict[str, float], group, world: int) -> Dict[str, float]:
@@ -163,13 +164,15 @@ def train(cfg: TrainConfig) -> Dict:
     bar = Progress(cfg.steps, enabled=cfg.progress and rank == 0)
     ok = True
     for step in range(cfg.steps):
-        start = time.perf_counter()
         if device.type == "cuda":
+            torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
         pairs = sample_prompts(cfg.task, cfg.prompts, rng, cfg.digits)
         gen = models[paths[0]].eval()
         batch, _ = loop.rollout(gen, tok, pairs, cfg.group_size, max_new_tokens=max_new,
                                 temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+        rollout_s = time.perf_counter() - start
         results = {}
         for p in paths:
             m = models[p].train()
@@ -191,7 +194,8 @@ def train(cfg: TrainConfig) -> Dict:
         stats["loss"] = summed["loss"] * world  # ranks hold parts of one sum
         n_tokens = int(batch.attention_mask.sum()) * world * (1 + cfg.ppo_epochs)
         record = {"step": step, **stats, "tokens_per_s": n_tokens / elapsed,
-                  "peak_mem_gb": peak_memory_gb(device), "time_s": elapsed}
+                  "peak_mem_gb": peak_memory_gb(device), "time_s": elapsed,
+                  "rollout_s": rollout_s, "update_s": elapsed - rollout_s}
         if cfg.ops == "compare":
             diffs = _compare(results, batch.mask)
             record.update(diffs)

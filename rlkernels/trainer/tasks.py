@@ -21,7 +21,9 @@ __all__ = ["CharTokenizer", "HFTokenizer", "TASKS", "char_reward", "sample_promp
 
 class CharTokenizer:
     """One id per character of a fixed alphabet, plus ``<pad>`` (0), ``<bos>`` (1) and
-    ``<eos>`` (2). ``encode`` prepends ``<bos>``; ``decode`` drops special ids."""
+    ``<eos>`` (2). ``encode`` prepends ``<bos>``. ``decode`` writes any other id, special ones
+    included, as ``"\ufffd"``: a completion that emits ``<pad>`` must not read as a shorter
+    (and better-rewarded) answer."""
 
     ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz+-=#>:? "
 
@@ -39,7 +41,7 @@ class CharTokenizer:
         return [self.bos_token_id] + [self._ids[c] for c in text]
 
     def decode(self, ids: Sequence[int]) -> str:
-        return "".join(self._chars.get(int(i), "") for i in ids)
+        return "".join(self._chars.get(int(i), "\ufffd") for i in ids)
 
 
 class HFTokenizer:
@@ -61,7 +63,8 @@ class HFTokenizer:
         return ([self.bos_token_id] if self.bos_token_id is not None else []) + ids
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+        # special tokens stay visible: they must not shorten a completion for the reward
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
 def _addition(rng: random.Random, digits: int) -> Tuple[str, str]:

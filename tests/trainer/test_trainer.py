@@ -27,7 +27,9 @@ from rlkernels.trainer.tasks import CharTokenizer, char_reward, sample_prompts  
 def test_char_tokenizer_round_trip_and_unknown_characters():
     tok = CharTokenizer()
     ids = tok.encode("12+34=")
-    assert ids[0] == tok.bos_token_id and tok.decode(ids) == "12+34="
+    assert ids[0] == tok.bos_token_id and tok.decode(ids[1:]) == "12+34="
+    # a generated <pad> or <bos> is not "nothing": it must cost reward like any wrong character
+    assert char_reward(tok.decode([tok._ids["7"], tok.pad_token_id]), "7") == 0.5
     with pytest.raises(ValueError, match=r"\['A'\].*not in the alphabet"):
         tok.encode("A")
 
