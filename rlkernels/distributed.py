@@ -1,4 +1,5 @@
-"""Vocabulary (tensor) parallelism: combining per-shard row statistics with ``torch.distributed``.
+"""Vocabulary (tensor) parallelism: combining per-shard row statistics with ``torch.distributed``
+(SPEC section 3.5).
 
 With the lm_head sharded over the vocabulary (Megatron style), rank ``r`` of the process group
 holds the logits of a contiguous vocabulary slice; ranks in group order hold consecutive
@@ -34,6 +35,47 @@ formula restricted to its columns, computed by the backend's own backward kernel
 communication** (a token held by another rank is passed as the sentinel ``V_local``, "valid
 row, no one-hot column here"). Differentiating *through* collectives instead would be wrong:
 the gradient of an all-reduced log-sum-exp reaches every rank once per rank.
+
+``linear_token_logprobs`` (:func:`linear_token_logprobs_forward`): ``weight [V_local, H]``
+(and ``bias``) is this rank's shard of the lm_head and ``hidden`` is replicated. The backend's
+fused kernel gives the shard's row statistics and, for a token it holds, ``log p_local = (z_y
+- m_r) - log s_r``, so ``z_y - M = log p_local + log s_r + (m_r - M)`` replaces the gathered
+logit of step 3 (no logit is ever materialized). Backward: ``d weight`` and ``d bias`` are
+this rank's shards, local; ``d hidden = sum_r d z_r W_r`` runs over every shard, so it is the
+one quantity that needs communication: ONE ``all_reduce(SUM)`` of ``d hidden`` in backward
+(:func:`all_reduce_sum`), after which every rank holds the unsharded ``d hidden`` (skipped
+when ``hidden`` needs no gradient).
+
+``grpo_loss`` / ``linear_grpo_loss``: the per-token log-probs and entropies above are those
+of the unsharded op on every rank, so the policy loss (a function of per-token values only)
+is computed identically, and redundantly, on every rank. Its per-token gradients ``g_lp``,
+``g_H`` are then pushed through the local backward: ``d z = g_lp (onehot(y) - p) - g_H p (z -
+sum p z)`` on this shard's columns.
+
+``kl_divergence`` (:func:`kl_divergence_forward`), ``p = softmax(z)``, ``q = softmax(w)``,
+both shards holding the same columns. Every kind is a sum over columns of a per-column term
+``t_j = p_j a_p,j + q_j a_q,j`` that depends only on ``log p_j``, ``log q_j`` (``a_p = log p -
+log q``, ``a_q = 0`` for reverse; ``a_p = 0``, ``a_q = log q - log p`` for forward; ``a_p =
+beta (log p - log m)``, ``a_q = (1 - beta) (log q - log m)``, ``log m = logaddexp(log beta +
+log p, log(1 - beta) + log q)`` for jsd). With the global ``log p_j = (z_j - M_p) - log s_p``
+(likewise ``q``), ``KL = sum_r sum_{j in r} t_j`` splits exactly over shards:
+
+1. each shard's ``(m, log s)`` of ``z`` and of ``w`` (``token_logprobs_forward`` with no
+   tokens); one ``all_gather`` of both maxima and one ``all_reduce`` of both ``REST`` give the
+   global ``(M_p, log s_p)`` and ``(M_q, log s_q)``, as in step 2 and 3 above;
+2. the backend's ``kl_divergence_partial_forward`` (the second pass of the unsharded kernel,
+   on the given statistics) sums ``S_p = sum p a_p`` and ``S_q = sum q a_q`` over this shard's
+   columns; one ``all_reduce`` gives the global sums and ``KL = S_p + S_q``.
+
+Each column's term is computed exactly as the unsharded op computes it; only the order of the
+sums changes. (A one-pass form, rescaling each shard's own-normalized KL with the chain rule
+``KL(p||q) = sum_r P_r (KL(p_r||q_r) + log(P_r / Q_r))``, would save the second pass but has
+no counterpart for the JSD, whose mixture weights change per shard.) Backward needs ``log p``,
+``log q`` and the row sums of the softmax VJPs, ``sum p a_p = S_p`` and ``sum q a_q = S_q``:
+the global values are saved in the third columns of ``stats_p`` / ``stats_q``, and the
+backend's backward kernel computes ``d z = p (a_p - S_p)`` (reverse, jsd) or ``p - q``
+(forward), ``d w = q (a_q - S_q)`` (forward, jsd) or ``q - p`` (reverse) locally, with no
+communication.
 
 Custom ops cannot take a ``ProcessGroup`` argument, so the public functions register the group
 here and pass an int handle (:func:`register_group`, :func:`group_of`).
@@ -120,6 +162,78 @@ def _scaled_token_logit(logits: Tensor, loc: Tensor, temperature: float, cdt) ->
     return z / temperature if temperature != 1.0 else z
 
 
+def _global_max(m_r: Tensor, group) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(M, is_owner, shift)`` for local row maxima ``m_r [..., N]``: the all-shard max, whether
+    this rank is the row's owner (the first rank at the max, the same on every rank), and
+    ``M`` with ``-inf`` replaced by 0 (the shift of a row of only ``-inf``). One all_gather."""
+    maxima = _all_gather(m_r, group)                                   # [W, ..., N]
+    big_m = maxima.amax(dim=0)
+    owner = (maxima == big_m).to(torch.int8).argmax(dim=0)
+    shift = torch.where(big_m == -math.inf, 0.0, big_m)
+    return big_m, owner == _dist().get_rank(group), shift
+
+
+def _shard_mass(m_r: Tensor, log_s_r: Tensor, shift: Tensor, is_owner: Tensor
+                ) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(rest term, mass, live)`` of one shard: ``mass = exp(m_r - M) s_r`` (0 for a shard of
+    only ``-inf``); the rest term is what the shard adds to ``REST``: ``expm1(log s_r)`` on
+    the owner (its arg-max column is the one left out), ``mass`` elsewhere."""
+    live = m_r != -math.inf
+    mass = torch.where(live, torch.exp(m_r - shift) * torch.exp(log_s_r), 0.0)
+    return torch.where(is_owner, torch.expm1(log_s_r), mass), mass, live
+
+
+def _combine(local: Tensor, token_rel: Optional[Callable[[Tensor], Tensor]],
+             mine: Optional[Tensor], valid: Optional[Tensor], with_entropy: bool, group
+             ) -> Tuple[Tensor, Tensor, Tensor]:
+    """Steps 2 and 3 of the module docstring from this shard's row statistics ``local [N,
+    3]``: ``(logp, entropy, stats)`` as :func:`token_logprobs_forward`.
+
+    ``token_rel(shift)`` gives ``z_y - shift`` on the rows whose token this shard holds
+    (``mine``); ``valid`` marks non-padding rows. Without ``token_rel`` (no tokens) ``logp``
+    is all zeros and every row's entropy is kept."""
+    dist = _dist()
+    m_r, log_s_r, sum_pzs_r = local[:, 0], local[:, 1], local[:, 2]
+    big_m, is_owner, shift = _global_max(m_r, group)
+    rest, mass, live = _shard_mass(m_r, log_s_r, shift, is_owner)
+    zero = torch.zeros_like(rest)
+    s1 = torch.where(live, mass * (sum_pzs_r + (m_r - shift)), 0.0) if with_entropy else zero
+    if token_rel is not None:
+        y_rel = torch.where(mine, token_rel(shift), 0.0)
+        holders = mine.to(rest.dtype)
+    else:
+        y_rel = holders = zero
+    buf = torch.stack([rest, s1, y_rel, holders], dim=1)
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+    rest, s1, y_rel, holders = buf.unbind(1)
+
+    log_s = torch.log1p(rest)
+    sum_pzs = s1 / (1.0 + rest) if with_entropy else zero
+    ent = log_s - sum_pzs if with_entropy else zero.clone()
+    stats = torch.stack([big_m, log_s, sum_pzs], dim=1)
+    if token_rel is None:
+        return zero.clone(), ent, stats
+    # no holder: a token id outside the whole vocabulary reads as NaN (as the triton kernel)
+    logp = torch.where(holders > 0, y_rel - log_s, math.nan)
+    return torch.where(valid, logp, 0.0), torch.where(valid, ent, 0.0), stats
+
+
+def _split_tokens(tokens: Tensor, vocab: int, ignore_index: int, group
+                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(valid, mine, loc, local_tokens)``: non-padding rows, rows whose token this shard
+    holds, the token in this shard's ids, and the ids backward reads (``loc`` where held,
+    the sentinel ``V_local`` (``V_local + 1`` when that is ``ignore_index``) elsewhere,
+    ``ignore_index`` on padding)."""
+    offset, _ = shard_layout(vocab, group, tokens.device)
+    tok = tokens.long()
+    valid = tok != ignore_index
+    loc = tok - offset
+    mine = valid & (loc >= 0) & (loc < vocab)
+    sentinel = vocab if vocab != ignore_index else vocab + 1
+    local_tokens = torch.where(valid, torch.where(mine, loc, sentinel), ignore_index)
+    return valid, mine, loc, local_tokens
+
+
 def token_logprobs_forward(local_forward: Callable, logits: Tensor, tokens: Optional[Tensor],
                            temperature: float, ignore_index: int, with_entropy: bool, group
                            ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -132,53 +246,96 @@ def token_logprobs_forward(local_forward: Callable, logits: Tensor, tokens: Opti
     1`` when that is ``ignore_index``) where another shard holds the token, ``ignore_index``
     on padding rows; an empty tensor when ``tokens`` is None. The module docstring states the
     algorithm."""
-    dist = _dist()
-    n, vocab = logits.shape
+    vocab = logits.shape[1]
     _, _, local = local_forward(logits, None, temperature, ignore_index, with_entropy)
-    cdt = local.dtype
-    m_r, log_s_r, sum_pzs_r = local[:, 0], local[:, 1], local[:, 2]
-
-    offset, _ = shard_layout(vocab, group, logits.device)
-    rank = dist.get_rank(group)
-    maxima = _all_gather(m_r, group)                                   # [W, N]
-    big_m = maxima.amax(dim=0)
-    owner = (maxima == big_m).to(torch.int8).argmax(dim=0)            # first rank at the max
-    is_owner = owner == rank
-    shift = torch.where(big_m == -math.inf, 0.0, big_m)
-    live = m_r != -math.inf                     # a shard of only -inf contributes nothing
-    mass = torch.where(live, torch.exp(m_r - shift) * torch.exp(log_s_r), 0.0)
-    rest = torch.where(is_owner, torch.expm1(log_s_r), mass)
-    zero = torch.zeros_like(rest)
-    if with_entropy:
-        s1 = torch.where(live, mass * (sum_pzs_r + (m_r - shift)), 0.0)
-    else:
-        s1 = zero
-    if tokens is not None:
-        tok = tokens.long()
-        valid = tok != ignore_index
-        loc = tok - offset
-        mine = valid & (loc >= 0) & (loc < vocab)
-        z_y = _scaled_token_logit(logits, torch.where(mine, loc, 0), temperature, cdt)
-        z_y = torch.where(mine, z_y, 0.0)
-        holders = mine.to(cdt)
-    else:
-        z_y = holders = zero
-    buf = torch.stack([rest, s1, z_y, holders], dim=1)
-    dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
-    rest, s1, z_y, holders = buf.unbind(1)
-
-    log_s = torch.log1p(rest)
-    sum_pzs = s1 / (1.0 + rest) if with_entropy else zero
-    ent = log_s - sum_pzs if with_entropy else zero.clone()
-    stats = torch.stack([big_m, log_s, sum_pzs], dim=1)
     if tokens is None:
-        return zero.clone(), ent, stats, tokens_placeholder(logits)
-    logp = torch.where(holders > 0, (z_y - shift) - log_s, math.nan)
-    logp = torch.where(valid, logp, 0.0)
-    ent = torch.where(valid, ent, 0.0)
-    sentinel = vocab if vocab != ignore_index else vocab + 1
-    local_tokens = torch.where(valid, torch.where(mine, loc, sentinel), ignore_index)
+        _, ent, stats = _combine(local, None, None, None, with_entropy, group)
+        return torch.zeros_like(ent), ent, stats, tokens_placeholder(logits)
+    valid, mine, loc, local_tokens = _split_tokens(tokens, vocab, ignore_index, group)
+
+    def token_rel(shift):
+        return _scaled_token_logit(logits, torch.where(mine, loc, 0), temperature,
+                                   local.dtype) - shift
+
+    logp, ent, stats = _combine(local, token_rel, mine, valid, with_entropy, group)
     return logp, ent, stats, local_tokens
+
+
+def linear_token_logprobs_forward(local_forward: Callable, hidden: Tensor, weight: Tensor,
+                                  bias: Optional[Tensor], tokens: Tensor, temperature: float,
+                                  ignore_index: int, with_entropy: bool, group
+                                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`token_logprobs_forward` of the logits ``hidden @ weight^T + bias``, with
+    ``weight [V_local, H]`` (and ``bias [V_local]``) this rank's lm_head shard.
+
+    ``local_forward`` is the backend's ``linear_token_logprobs_forward``; it is given every
+    non-padding row a token of this shard (its own, or column 0 when another shard holds it)
+    so that it computes the statistics of every row and the holder's ``log p_local = (z_y -
+    m_r) - log s_r``, from which ``z_y - M = log p_local + log s_r + (m_r - M)`` (with
+    ``m_r = -inf`` read as 0, as the kernel's own shift) without materializing a logit."""
+    vocab = weight.shape[0]
+    valid, mine, loc, local_tokens = _split_tokens(tokens, vocab, ignore_index, group)
+    fwd_tokens = torch.where(valid, torch.where(mine, loc, 0), ignore_index)
+    logp_r, _, local = local_forward(hidden, weight, bias, fwd_tokens, temperature,
+                                     ignore_index, with_entropy)
+    m_r = local[:, 0]
+    m_eff = torch.where(m_r == -math.inf, 0.0, m_r)
+
+    def token_rel(shift):
+        return logp_r + local[:, 1] + (m_eff - shift)
+
+    logp, ent, stats = _combine(local, token_rel, mine, valid, with_entropy, group)
+    return logp, ent, stats, local_tokens
+
+
+def global_row_stats(locals_: Tuple[Tensor, ...], group) -> Tuple[Tensor, ...]:
+    """The all-shard ``(M, log s, 0)`` ``[N, 3]`` of several row-statistics tensors of the same
+    rows at once (one all_gather, one all_reduce for all of them)."""
+    dist = _dist()
+    local = torch.stack(locals_)                                       # [K, N, 3]
+    big_m, is_owner, shift = _global_max(local[..., 0], group)          # [K, N]
+    rest, _, _ = _shard_mass(local[..., 0], local[..., 1], shift, is_owner)
+    dist.all_reduce(rest, op=dist.ReduceOp.SUM, group=group)
+    log_s = torch.log1p(rest)
+    out = torch.stack([big_m, log_s, torch.zeros_like(log_s)], dim=-1)
+    return tuple(out.unbind(0))
+
+
+def kl_divergence_forward(local_forward: Callable, partial_forward: Callable, logits: Tensor,
+                          ref_logits: Tensor, ignore_mask: Optional[Tensor], kind: str,
+                          beta: float, temperature: float, group
+                          ) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(kl [N], stats_p [N, 3], stats_q [N, 3])`` of the unsharded ``kl_divergence`` on
+    every rank; ``logits`` and ``ref_logits`` are this rank's shards (the same columns).
+
+    ``local_forward`` is the backend's ``token_logprobs_forward`` (row statistics of each
+    shard), ``partial_forward`` its ``kl_divergence_partial_forward`` (this shard's part of the
+    KL sums, given the global statistics). The saved statistics are global: ``(M, log s)``
+    of each distribution and the all-shard sums ``sum p a_p``, ``sum q a_q``, which is what
+    the backward kernel reads; the algorithm is in the module docstring."""
+    dist = _dist()
+    _, _, loc_p = local_forward(logits, None, temperature, -100, False)
+    _, _, loc_q = local_forward(ref_logits, None, temperature, -100, False)
+    stats_p, stats_q = global_row_stats((loc_p, loc_q), group)
+    _, part_p, part_q = partial_forward(logits, ref_logits, ignore_mask, stats_p, stats_q,
+                                        kind, beta, temperature)
+    sums = torch.stack([part_p[:, 2], part_q[:, 2]], dim=1)
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+    stats_p = torch.cat([stats_p[:, :2], sums[:, :1]], dim=1)
+    stats_q = torch.cat([stats_q[:, :2], sums[:, 1:]], dim=1)
+    # kl = sum p a_p + sum q a_q for every kind (one of the two is 0 for reverse / forward)
+    kl = sums[:, 0] + sums[:, 1]
+    if ignore_mask is not None:
+        kl = torch.where(ignore_mask, 0.0, kl)
+    return kl, stats_p, stats_q
+
+
+def all_reduce_sum(x: Tensor, group) -> Tensor:
+    """``x`` summed over the ranks of ``group``, in place (the one reduction of a backward: the
+    gradient of the replicated ``hidden`` of the lm_head ops)."""
+    dist = _dist()
+    dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+    return x
 
 
 def tokens_placeholder(logits: Tensor) -> Tensor:
@@ -187,4 +344,5 @@ def tokens_placeholder(logits: Tensor) -> Tensor:
 
 
 __all__ = ["check_group", "register_group", "group_of", "shard_layout", "check_global_tokens",
-           "token_logprobs_forward"]
+           "token_logprobs_forward", "linear_token_logprobs_forward", "global_row_stats",
+           "kl_divergence_forward", "all_reduce_sum"]

@@ -24,13 +24,6 @@ def call(backend: str, family: str, fn: str, *args):
     return backends.kernel(backend, family, fn)(*args)
 
 
-def no_process_group(process_group) -> None:
-    if process_group is not None:
-        raise NotImplementedError(
-            "process_group: vocabulary (tensor) parallelism is not supported by this version "
-            "of rlkernels yet; pass process_group=None with the full vocabulary")
-
-
 def check_tokens_for(name: str, tokens, logits_name: str, logits: Tensor) -> Tensor:
     """``tokens`` has the leading shape of ``logits`` and an integer dtype."""
     _checks.indices(name, tokens)

@@ -8,8 +8,10 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 
 from .. import _checks, backends
+from .. import distributed as _dist
+from .._fused import fused_forward
 from .._policy_options import PolicyOptions
-from ._common import call, check_tokens_for, no_process_group, out_dtype
+from ._common import call, check_tokens_for, out_dtype
 from .policy import _fused_policy_inputs, _metrics_dict
 from ..reference.policy import METRICS
 
@@ -96,6 +98,80 @@ _linear_token_logprobs_op.register_autograd(_linear_token_logprobs_grad,
                                             setup_context=_linear_token_logprobs_setup)
 
 
+# vocabulary parallelism (SPEC 3.5): weight / bias are this rank's vocabulary shard and hidden
+# is replicated. Forward: per-shard statistics combined by collectives
+# (rlkernels.distributed). Backward: the plain backward kernels with the shard-local tokens
+# and the global statistics give this rank's d weight / d bias shards and its part of d
+# hidden; the one collective of backward sums d hidden over the ranks (see
+# linear_token_logprobs).
+
+@torch.library.custom_op("rlkernels::linear_token_logprobs_vp", mutates_args=())
+def _linear_token_logprobs_vp_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                                 tokens: Tensor, temperature: float, ignore_index: int,
+                                 with_entropy: bool, group: int, backend: str
+                                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _dist.linear_token_logprobs_forward(
+        backends.kernel(backend, _FAMILY, "linear_token_logprobs_forward"), hidden, weight,
+        bias, tokens, temperature, ignore_index, with_entropy, _dist.group_of(group))
+
+
+@_linear_token_logprobs_vp_op.register_fake
+def _(hidden, weight, bias, tokens, temperature, ignore_index, with_entropy, group, backend):
+    dt = out_dtype(hidden.dtype)
+    n = hidden.shape[0]
+    return (hidden.new_empty(n, dtype=dt), hidden.new_empty(n, dtype=dt),
+            hidden.new_empty(n, 3, dtype=dt), hidden.new_empty(n, dtype=torch.int64))
+
+
+@torch.library.custom_op("rlkernels::linear_token_logprobs_vp_backward", mutates_args=())
+def _linear_token_logprobs_vp_backward_op(
+        grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor], hidden: Tensor,
+        weight: Tensor, bias: Optional[Tensor], local_tokens: Tensor, stats: Tensor,
+        temperature: float, ignore_index: int, group: int, reduce_hidden: bool, backend: str
+        ) -> Tuple[Tensor, Tensor, Tensor]:
+    grads = call(backend, _FAMILY, "linear_token_logprobs_backward", grad_logp, grad_entropy,
+                 hidden, weight, bias, local_tokens, stats, temperature, ignore_index)
+    return _reduce_hidden_grad(grads, hidden, weight, bias, group, reduce_hidden)
+
+
+@_linear_token_logprobs_vp_backward_op.register_fake
+def _(grad_logp, grad_entropy, hidden, weight, bias, *args):
+    return _fake_grads(hidden, weight, bias)
+
+
+def _reduce_hidden_grad(grads, hidden, weight, bias, group: int, reduce_hidden: bool):
+    """This rank's ``d hidden`` is the sum over its vocabulary columns only: the all-shard
+    ``d hidden`` is its sum over the ranks (skipped when ``hidden`` needs no gradient)."""
+    g_h, g_w, g_b = _grads_or_empty(grads, hidden, weight, bias)
+    if reduce_hidden:
+        g_h = _dist.all_reduce_sum(g_h.contiguous(), _dist.group_of(group))
+    return g_h, g_w, g_b
+
+
+def _linear_token_logprobs_vp_setup(ctx, inputs, output):
+    hidden, weight, bias, tokens, temperature, ignore_index, with_entropy, group, backend = \
+        inputs
+    ctx.save_for_backward(hidden, weight, bias, output[3], output[2])
+    ctx.args = (temperature, ignore_index, group)
+    ctx.backend = backend
+    ctx.with_entropy = with_entropy
+    ctx.mark_non_differentiable(output[2], output[3])
+
+
+def _linear_token_logprobs_vp_grad(ctx, grad_logp, grad_entropy, _grad_stats, _grad_tokens):
+    if not any(ctx.needs_input_grad[:3]):
+        return (None,) * 9
+    hidden, weight, bias, local_tokens, stats = ctx.saved_tensors
+    grads = _linear_token_logprobs_vp_backward_op(
+        grad_logp, grad_entropy if ctx.with_entropy else None, hidden, weight, bias,
+        local_tokens, stats, *ctx.args, ctx.needs_input_grad[0], ctx.backend)
+    return _input_grads(ctx, grads, 2, 9)
+
+
+_linear_token_logprobs_vp_op.register_autograd(_linear_token_logprobs_vp_grad,
+                                               setup_context=_linear_token_logprobs_vp_setup)
+
+
 def _check_linear(hidden, weight, bias) -> None:
     _checks.tensor("hidden", hidden, dtypes=_checks.FLOAT_DTYPES, min_ndim=1)
     _checks.tensor("weight", weight, dtypes=_checks.FLOAT_DTYPES, ndim=2)
@@ -111,6 +187,21 @@ def _check_linear(hidden, weight, bias) -> None:
         _checks.shape("bias", bias, (weight.shape[0],), "[V], one per row of weight")
 
 
+def _check_group_tokens(process_group, tokens: Tensor, weight: Tensor,
+                        ignore_index: int) -> Optional[int]:
+    """The group's handle (None without a group), and the token-range check: against the
+    global vocabulary under a group (debug mode only: it needs a collective and a host
+    sync), else against ``weight``."""
+    if process_group is None:
+        _checks.token_range("tokens", tokens, weight.shape[0], ignore_index)
+        return None
+    handle = _dist.register_group(process_group)
+    if _checks.debug_enabled():
+        _dist.check_global_tokens("tokens", tokens, weight.shape[0], ignore_index,
+                                  process_group)
+    return handle
+
+
 def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *,
                           bias: Optional[Tensor] = None, temperature: float = 1.0,
                           ignore_index: int = -100, return_entropy: bool = False,
@@ -123,15 +214,35 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *,
     outputs and options as :func:`token_logprobs` (temperature, padding, entropy on request).
     Differentiable w.r.t. ``hidden``, ``weight`` and ``bias`` (gradients in their dtype,
     accumulated in fp32).
+
+    ``process_group``: vocabulary (tensor) parallelism (SPEC 3.5). ``weight [V_local, H]``
+    and ``bias [V_local]`` are this rank's contiguous shard of the lm_head rows (ranks in
+    group order, sizes may differ), ``hidden`` is the same on every rank and ``tokens`` are
+    global ids. Every rank gets the outputs of the unsharded op (forward: three collectives,
+    see :mod:`rlkernels.distributed`). Backward: with ``d z`` the gradient w.r.t. this
+    shard's logits (computed locally from the saved global statistics), ``d weight = d z^T
+    hidden`` and ``d bias = sum_rows d z`` are this rank's shards, computed without
+    communication; ``d hidden = sum_ranks d z_r W_r`` spans every shard, so backward runs
+    ONE ``all_reduce`` (sum) of ``d hidden`` on the group, and every rank receives the
+    unsharded ``d hidden`` (the only communication in backward; none when ``hidden`` needs
+    no gradient). This is the gradient of the unsharded op: do not also sum it over the
+    group yourself (e.g. by feeding ``hidden`` through Megatron's
+    ``copy_to_tensor_model_parallel_region``, whose backward is that same all-reduce).
+    Every rank must call the op with the same rows, tokens and arguments.
     """
     _check_linear(hidden, weight, bias)
     check_tokens_for("tokens", tokens, "hidden", hidden)
     t = _checks.positive("temperature", temperature)
     _checks.integer("ignore_index", ignore_index)
     _checks.flag("return_entropy", return_entropy)
-    no_process_group(process_group)
-    _checks.token_range("tokens", tokens, weight.shape[0], ignore_index)
+    handle = _check_group_tokens(process_group, tokens, weight, ignore_index)
     name = backends.resolve(backend, _FAMILY, "linear_token_logprobs", hidden.device)
+    if handle is not None:
+        logp, ent, _, _ = _linear_token_logprobs_vp_op(
+            hidden.reshape(-1, hidden.shape[-1]), weight, bias, tokens.reshape(-1), t,
+            ignore_index, return_entropy, handle, name)
+        shape = tokens.shape
+        return (logp.view(shape), ent.view(shape)) if return_entropy else logp.view(shape)
     logp, ent, _ = _linear_token_logprobs_op(hidden.reshape(-1, hidden.shape[-1]), weight,
                                              bias, tokens.reshape(-1), t, ignore_index,
                                              return_entropy, name)
@@ -198,11 +309,88 @@ _linear_grpo_loss_op.register_autograd(_linear_grpo_loss_grad,
                                        setup_context=_linear_grpo_loss_setup)
 
 
+# vocabulary parallelism: the same composition with the log-probs of
+# _linear_token_logprobs_vp_op's forward; backward as the unsharded op's, then the sum of
+# d hidden over the group (as in linear_token_logprobs).
+
+@torch.library.custom_op("rlkernels::linear_grpo_loss_vp", mutates_args=())
+def _linear_grpo_loss_vp_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                            tokens: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
+                            normalizer: Optional[Tensor], ref_logp: Optional[Tensor],
+                            is_weights: Optional[Tensor], temperature: float, modes: str,
+                            nums: List[float], group: int, backend: str
+                            ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    linear_forward = backends.kernel(backend, _FAMILY, "linear_token_logprobs_forward")
+    local = {}
+
+    def logprobs(flat_tokens):
+        logp, ent, stats, local["tokens"] = _dist.linear_token_logprobs_forward(
+            linear_forward, hidden, weight, bias, flat_tokens, temperature, -100, True,
+            _dist.group_of(group))
+        return logp, ent, stats
+
+    out = fused_forward(logprobs, backends.kernel(backend, "policy", "policy_loss_forward"),
+                        tokens, old_logp, advantages, mask, normalizer, ref_logp, is_weights,
+                        PolicyOptions.decode(modes, nums))
+    return (*out, local["tokens"].view(tokens.shape))
+
+
+@_linear_grpo_loss_vp_op.register_fake
+def _(hidden, weight, bias, tokens, *args):
+    dt = out_dtype(hidden.dtype)
+    return (hidden.new_empty((), dtype=dt), hidden.new_empty(len(METRICS), dtype=torch.float32),
+            hidden.new_empty(tokens.shape, dtype=dt), hidden.new_empty(tokens.shape, dtype=dt),
+            hidden.new_empty(hidden.shape[0], 3, dtype=dt),
+            hidden.new_empty(tokens.shape, dtype=torch.int64))
+
+
+@torch.library.custom_op("rlkernels::linear_grpo_loss_vp_backward", mutates_args=())
+def _linear_grpo_loss_vp_backward_op(grad_loss: Tensor, hidden: Tensor, weight: Tensor,
+                                     bias: Optional[Tensor], local_tokens: Tensor,
+                                     old_logp: Tensor, advantages: Tensor, mask: Tensor,
+                                     normalizer: Optional[Tensor], ref_logp: Optional[Tensor],
+                                     is_weights: Optional[Tensor], logp: Tensor, ent: Tensor,
+                                     stats: Tensor, temperature: float, modes: str,
+                                     nums: List[float], group: int, reduce_hidden: bool,
+                                     backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    grads = call(backend, _FAMILY, "linear_grpo_loss_backward", grad_loss, hidden, weight,
+                 bias, local_tokens, old_logp, advantages, mask, normalizer, ref_logp,
+                 is_weights, logp, ent, stats, temperature, PolicyOptions.decode(modes, nums))
+    return _reduce_hidden_grad(grads, hidden, weight, bias, group, reduce_hidden)
+
+
+@_linear_grpo_loss_vp_backward_op.register_fake
+def _(grad_loss, hidden, weight, bias, *args):
+    return _fake_grads(hidden, weight, bias)
+
+
+def _linear_grpo_loss_vp_setup(ctx, inputs, output):
+    # the shard-local tokens (output 5) replace the global ones (input 3) for backward
+    ctx.save_for_backward(*inputs[:3], output[5], *inputs[4:10], *output[2:5])
+    temperature, modes, nums, group, backend = inputs[10:]
+    ctx.args = (temperature, modes, nums, group)
+    ctx.backend = backend
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _linear_grpo_loss_vp_grad(ctx, grad_loss, *_unused):
+    if not any(ctx.needs_input_grad[:3]):
+        return (None,) * 15
+    grads = _linear_grpo_loss_vp_backward_op(grad_loss, *ctx.saved_tensors, *ctx.args,
+                                             ctx.needs_input_grad[0], ctx.backend)
+    return _input_grads(ctx, grads, 2, 15)
+
+
+_linear_grpo_loss_vp_op.register_autograd(_linear_grpo_loss_vp_grad,
+                                          setup_context=_linear_grpo_loss_vp_setup)
+
+
 def linear_grpo_loss(hidden: Tensor, weight: Tensor, tokens: Tensor, old_logp: Tensor,
                      advantages: Tensor, mask: Tensor, *, bias: Optional[Tensor] = None,
                      temperature: float = 1.0, ref_logp: Optional[Tensor] = None,
                      entropy_coef: float = 0.0, backend: Optional[str] = None,
-                     **policy_loss_options) -> Tuple[Tensor, Dict[str, Tensor]]:
+                     process_group=None, **policy_loss_options
+                     ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """:func:`grpo_loss` from hidden states and the lm_head, never materializing the logits.
 
     ``hidden [B, T, H]``, ``weight [V, H]``, ``bias [V]`` or ``None``, ``tokens [B, T]``
@@ -210,6 +398,12 @@ def linear_grpo_loss(hidden: Tensor, weight: Tensor, tokens: Tensor, old_logp: T
     :func:`policy_loss`. The entropy is always computed (``metrics["entropy"]``) and enters
     the loss as ``- entropy_coef * H``. Returns ``(loss, metrics)``; differentiable w.r.t.
     ``hidden``, ``weight`` and ``bias``.
+
+    ``process_group``: vocabulary (tensor) parallelism, as in :func:`linear_token_logprobs`
+    (``weight`` / ``bias`` are this rank's shard, every other input is the same on every
+    rank): the loss and metrics are the unsharded ones on every rank; ``d weight`` and ``d
+    bias`` are this rank's shards, computed locally; ``d hidden`` is the unsharded gradient
+    on every rank, summed over the group by the one all-reduce of backward.
     """
     _check_linear(hidden, weight, bias)
     if hidden.dim() != 3:
@@ -217,12 +411,19 @@ def linear_grpo_loss(hidden: Tensor, weight: Tensor, tokens: Tensor, old_logp: T
                          f"{tuple(hidden.shape)}")
     check_tokens_for("tokens", tokens, "hidden", hidden)
     t = _checks.positive("temperature", temperature)
-    _checks.token_range("tokens", tokens, weight.shape[0], -100)
+    handle = _check_group_tokens(process_group, tokens, weight, -100)
     opts, norm, is_weights = _fused_policy_inputs("linear_grpo_loss", policy_loss_options,
                                                   tokens, old_logp, advantages, mask,
                                                   ref_logp, entropy_coef)
     name = backends.resolve(backend, _FAMILY, "linear_grpo_loss", hidden.device)
     modes, nums = opts.encode()
+    if handle is not None:
+        value, metrics, _, _, _, _ = _linear_grpo_loss_vp_op(
+            hidden.reshape(-1, hidden.shape[-1]), weight, bias, tokens, old_logp.detach(),
+            advantages.detach(), mask.detach(), norm,
+            None if ref_logp is None else ref_logp.detach(),
+            None if is_weights is None else is_weights.detach(), t, modes, nums, handle, name)
+        return value, _metrics_dict(metrics, ref_logp is not None, True)
     value, metrics, _, _, _ = _linear_grpo_loss_op(
         hidden.reshape(-1, hidden.shape[-1]), weight, bias, tokens, old_logp.detach(),
         advantages.detach(), mask.detach(), norm,

@@ -8,6 +8,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from .. import _checks, backends
+from .. import distributed as _dist
+from .._fused import fused_forward
 from .._policy_options import KL_ESTIMATORS, PolicyOptions
 from ..reference import policy as _ref
 from ._common import call, check_tokens_for, out_dtype, rows
@@ -366,10 +368,65 @@ def _grpo_loss_grad(ctx, grad_loss, *_unused):
 _grpo_loss_op.register_autograd(_grpo_loss_grad, setup_context=_grpo_loss_setup)
 
 
+# vocabulary parallelism (SPEC 3.5): the forward is the same composition with the log-probs
+# and entropies of rlkernels.distributed (collectives on the group); backward is the plain
+# backward op above with the shard-local tokens and the global statistics: no communication.
+
+@torch.library.custom_op("rlkernels::grpo_loss_vp", mutates_args=())
+def _grpo_loss_vp_op(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages: Tensor,
+                     mask: Tensor, normalizer: Optional[Tensor], ref_logp: Optional[Tensor],
+                     is_weights: Optional[Tensor], temperature: float, modes: str,
+                     nums: List[float], group: int, backend: str, inplace_backward: bool
+                     ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    vocab_forward = backends.kernel(backend, "vocab", "token_logprobs_forward")
+    local = {}
+
+    def logprobs(flat_tokens):
+        logp, ent, stats, local["tokens"] = _dist.token_logprobs_forward(
+            vocab_forward, logits, flat_tokens, temperature, -100, True,
+            _dist.group_of(group))
+        return logp, ent, stats
+
+    out = fused_forward(logprobs, backends.kernel(backend, _FAMILY, "policy_loss_forward"),
+                        tokens, old_logp, advantages, mask, normalizer, ref_logp, is_weights,
+                        PolicyOptions.decode(modes, nums))
+    return (*out, local["tokens"].view(tokens.shape))
+
+
+@_grpo_loss_vp_op.register_fake
+def _(logits, tokens, old_logp, advantages, mask, normalizer, ref_logp, is_weights,
+      temperature, modes, nums, group, backend, inplace_backward):
+    dt = out_dtype(logits.dtype)
+    return (logits.new_empty((), dtype=dt),
+            logits.new_empty(len(_ref.METRICS), dtype=torch.float32),
+            logits.new_empty(tokens.shape, dtype=dt), logits.new_empty(tokens.shape, dtype=dt),
+            logits.new_empty(logits.shape[0], 3, dtype=dt),
+            logits.new_empty(tokens.shape, dtype=torch.int64))
+
+
+def _grpo_loss_vp_setup(ctx, inputs, output):
+    (logits, tokens, old_logp, advantages, mask, normalizer, ref_logp, is_weights,
+     temperature, modes, nums, group, backend, inplace_backward) = inputs
+    _, _, logp, ent, stats, local_tokens = output
+    # the backward of the unsharded op, with the tokens in this shard's ids
+    ctx.save_for_backward(logits, local_tokens, old_logp, advantages, mask, normalizer,
+                          ref_logp, is_weights, logp, ent, stats)
+    ctx.args = (temperature, modes, nums, backend)
+    ctx.inplace = inplace_backward
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _grpo_loss_vp_grad(ctx, grad_loss, *_unused):
+    return _grpo_loss_grad(ctx, grad_loss) + (None,)
+
+
+_grpo_loss_vp_op.register_autograd(_grpo_loss_vp_grad, setup_context=_grpo_loss_vp_setup)
+
+
 def grpo_loss(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages: Tensor,
               mask: Tensor, *, temperature: float = 1.0, ref_logp: Optional[Tensor] = None,
               entropy_coef: float = 0.0, inplace_backward: bool = False,
-              backend: Optional[str] = None, **policy_loss_options
+              backend: Optional[str] = None, process_group=None, **policy_loss_options
               ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """``policy_loss(token_logprobs(logits, tokens, temperature=T), ...)`` fused: one pass over
     the logits forward, one backward pass that writes ``d logits`` directly.
@@ -386,6 +443,14 @@ def grpo_loss(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages: Tens
     allocating a new ``[B, T, V]`` tensor: the logits are destroyed by ``backward()``, so
     they must not be used afterwards (nor be a leaf whose ``.grad`` you keep).
 
+    ``process_group``: vocabulary parallelism (SPEC 3.5), as in :func:`token_logprobs`:
+    ``logits`` is this rank's vocabulary shard, ``tokens`` are global ids, every other input
+    is the same on every rank. The per-token log-probs and entropies are the unsharded ones
+    (collectives in forward), so the loss and metrics are those of the unsharded op on every
+    rank; backward writes this rank's shard of ``d logits`` locally, ``d logits = (d loss /
+    d logp) (onehot(y) - p) - (d loss / d H) p (z - sum p z)`` (over ``T``) with the global
+    softmax statistics, with no communication.
+
     Returns ``(loss, metrics)`` as :func:`policy_loss`.
     """
     _checks.logits("logits", logits)
@@ -395,12 +460,25 @@ def grpo_loss(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages: Tens
     check_tokens_for("tokens", tokens, "logits", logits)
     t = _checks.positive("temperature", temperature)
     _checks.flag("inplace_backward", inplace_backward)
-    _checks.token_range("tokens", tokens, logits.shape[-1], -100)
+    handle = None
+    if process_group is not None:
+        handle = _dist.register_group(process_group)
+        if _checks.debug_enabled():
+            _dist.check_global_tokens("tokens", tokens, logits.shape[-1], -100, process_group)
+    else:
+        _checks.token_range("tokens", tokens, logits.shape[-1], -100)
     opts, norm, is_weights = _fused_policy_inputs("grpo_loss", policy_loss_options, tokens,
                                                   old_logp, advantages, mask, ref_logp,
                                                   entropy_coef)
     name = backends.resolve(backend, _FAMILY, "grpo_loss", logits.device)
     modes, nums = opts.encode()
+    if handle is not None:
+        value, metrics, _, _, _, _ = _grpo_loss_vp_op(
+            rows(logits), tokens, old_logp.detach(), advantages.detach(), mask.detach(), norm,
+            None if ref_logp is None else ref_logp.detach(),
+            None if is_weights is None else is_weights.detach(), t, modes, nums, handle, name,
+            inplace_backward)
+        return value, _metrics_dict(metrics, ref_logp is not None, True)
     value, metrics, _, _, _ = _grpo_loss_op(
         rows(logits), tokens, old_logp.detach(), advantages.detach(), mask.detach(), norm,
         None if ref_logp is None else ref_logp.detach(),

@@ -16,7 +16,7 @@ import torch
 from .. import _checks, backends
 from .. import distributed as _dist
 from ..reference import vocab as _ref
-from ._common import call, check_tokens_for, no_process_group, out_dtype, rows
+from ._common import call, check_tokens_for, out_dtype, rows
 
 Tensor = torch.Tensor
 _FAMILY = "vocab"
@@ -476,6 +476,43 @@ def _kl_divergence_grad(ctx, grad_kl, _g1, _g2):
 _kl_divergence_op.register_autograd(_kl_divergence_grad, setup_context=_kl_divergence_setup)
 
 
+# vocabulary parallelism: global statistics and KL sums by collectives in forward
+# (rlkernels.distributed.kl_divergence_forward); backward is the plain local backward op
+# above, fed with the global statistics: no communication.
+
+@torch.library.custom_op("rlkernels::kl_divergence_vp", mutates_args=())
+def _kl_divergence_vp_op(logits: Tensor, ref_logits: Tensor, ignore_mask: Optional[Tensor],
+                         kind: str, beta: float, temperature: float, group: int, backend: str
+                         ) -> Tuple[Tensor, Tensor, Tensor]:
+    return _dist.kl_divergence_forward(
+        backends.kernel(backend, _FAMILY, "token_logprobs_forward"),
+        backends.kernel(backend, _FAMILY, "kl_divergence_partial_forward"),
+        logits, ref_logits, ignore_mask, kind, beta, temperature, _dist.group_of(group))
+
+
+@_kl_divergence_vp_op.register_fake
+def _(logits, ref_logits, ignore_mask, kind, beta, temperature, group, backend):
+    dt = out_dtype(logits.dtype)
+    n = logits.shape[0]
+    return (logits.new_empty(n, dtype=dt), logits.new_empty(n, 3, dtype=dt),
+            logits.new_empty(n, 3, dtype=dt))
+
+
+def _kl_divergence_vp_setup(ctx, inputs, output):
+    logits, ref_logits, ignore_mask, kind, beta, temperature, group, backend = inputs
+    ctx.save_for_backward(logits, ref_logits, ignore_mask, output[1], output[2])
+    ctx.args = (kind, beta, temperature, backend)
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _kl_divergence_vp_grad(ctx, grad_kl, _g1, _g2):
+    return _kl_divergence_grad(ctx, grad_kl, _g1, _g2) + (None,)
+
+
+_kl_divergence_vp_op.register_autograd(_kl_divergence_vp_grad,
+                                       setup_context=_kl_divergence_vp_setup)
+
+
 def kl_divergence(logits: Tensor, ref_logits: Tensor, *, kind: str = "reverse",
                   beta: float = 0.5, temperature: float = 1.0,
                   ignore_mask: Optional[Tensor] = None, backend: Optional[str] = None,
@@ -494,6 +531,14 @@ def kl_divergence(logits: Tensor, ref_logits: Tensor, *, kind: str = "reverse",
 
     Shapes: both logits ``[..., V]`` of the same dtype -> ``[...]`` fp32 (fp64 for fp64).
     Differentiable w.r.t. both inputs (gradients in their dtype); no ``[N, V]`` temporary.
+
+    ``process_group``: vocabulary parallelism (SPEC 3.5). ``logits`` and ``ref_logits`` are
+    this rank's shard of the same vocabulary columns (ranks in group order, sizes may
+    differ); every rank gets the KL of the whole vocabulary. Forward runs three collectives
+    (row maxima, softmax normalizers, KL sums; the decomposition is in
+    :mod:`rlkernels.distributed`); backward computes this rank's gradient shards locally
+    from the saved global statistics, with no communication. Every rank must call the op
+    with the same rows and arguments.
     """
     _checks.logits("logits", logits)
     _checks.logits("ref_logits", ref_logits)
@@ -503,7 +548,7 @@ def kl_divergence(logits: Tensor, ref_logits: Tensor, *, kind: str = "reverse",
     _checks.choice("kind", kind, _KL_KINDS)
     beta = _checks.number("beta", beta, lo=0.0, hi=1.0)
     t = _checks.positive("temperature", temperature)
-    no_process_group(process_group)
+    handle = _dist.register_group(process_group) if process_group is not None else None
     mask = None
     if ignore_mask is not None:
         _checks.tensor("ignore_mask", ignore_mask, dtypes=(torch.bool,))
@@ -511,7 +556,11 @@ def kl_divergence(logits: Tensor, ref_logits: Tensor, *, kind: str = "reverse",
         _checks.same_device("logits", logits, ignore_mask=ignore_mask)
         mask = ignore_mask.reshape(-1)
     name = backends.resolve(backend, _FAMILY, "kl_divergence", logits.device)
-    kl, _, _ = _kl_divergence_op(rows(logits), rows(ref_logits), mask, kind, beta, t, name)
+    if handle is not None:
+        kl, _, _ = _kl_divergence_vp_op(rows(logits), rows(ref_logits), mask, kind, beta, t,
+                                        handle, name)
+    else:
+        kl, _, _ = _kl_divergence_op(rows(logits), rows(ref_logits), mask, kind, beta, t, name)
     return kl.view(logits.shape[:-1])
 
 

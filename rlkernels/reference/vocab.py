@@ -363,10 +363,13 @@ def sparse_kl_backward(grad_kl: Tensor, logits: Tensor, indices: Tensor,
 
 # ------------------------------------------------------------------------------ KL divergence
 
-def _kl_terms(logp: Tensor, logq: Tensor, kind: str, beta: float, need_grads: bool):
+def _kl_terms(logp: Tensor, logq: Tensor, kind: str, beta: float, need_grads: bool,
+              saved: Optional[Tensor] = None):
     """Per-chunk ``(kl, dKL/dz, dKL/dw, sums)`` from ``log p = log softmax(z)``, ``log q``;
     ``sums [rows, 2]`` are the row sums a one-pass backward needs: ``sum p a_p`` and
-    ``sum q a_q`` (``KL`` and 0 for reverse, 0 and ``KL`` for forward).
+    ``sum q a_q`` (``KL`` and 0 for reverse, 0 and ``KL`` for forward). Backward passes the
+    ``sums`` saved by forward as ``saved`` (they are all-shard sums under vocabulary
+    parallelism, where the chunk holds only this shard's columns).
 
     reverse ``KL(p||q)``: ``dz = p (log p - log q - KL)``, ``dw = q - p``
     forward ``KL(q||p)``: ``dz = p - q``,                  ``dw = q (log q - log p - KL)``
@@ -375,17 +378,19 @@ def _kl_terms(logp: Tensor, logq: Tensor, kind: str, beta: float, need_grads: bo
     """
     p, q = logp.exp(), logq.exp()
     if kind == "reverse":
-        kl = _row_sum(_xlogy0(p, logp - logq))
+        a_p = logp - logq
+        kl = _row_sum(_xlogy0(p, a_p))
         sums = torch.stack([kl, torch.zeros_like(kl)], dim=-1)
         if not need_grads:
             return kl, None, None, sums
-        return kl, _softmax_vjp(p, logp - logq), q - p, sums
+        return kl, _softmax_vjp(p, a_p, None if saved is None else saved[:, :1]), q - p, sums
     if kind == "forward":
-        kl = _row_sum(_xlogy0(q, logq - logp))
+        a_q = logq - logp
+        kl = _row_sum(_xlogy0(q, a_q))
         sums = torch.stack([torch.zeros_like(kl), kl], dim=-1)
         if not need_grads:
             return kl, None, None, sums
-        return kl, p - q, _softmax_vjp(q, logq - logp), sums
+        return kl, p - q, _softmax_vjp(q, a_q, None if saved is None else saved[:, 1:]), sums
     # m = beta p + (1 - beta) q, in log space so that tiny masses keep their precision
     logm = torch.logaddexp(logp + _log(beta), logq + _log(1.0 - beta))
     a_p, a_q = beta * (logp - logm), (1.0 - beta) * (logq - logm)
@@ -393,14 +398,17 @@ def _kl_terms(logp: Tensor, logq: Tensor, kind: str, beta: float, need_grads: bo
     kl = sums[:, 0] + sums[:, 1]
     if not need_grads:
         return kl, None, None, sums
-    return kl, _softmax_vjp(p, a_p), _softmax_vjp(q, a_q), sums
+    if saved is None:
+        saved = sums
+    return kl, _softmax_vjp(p, a_p, saved[:, :1]), _softmax_vjp(q, a_q, saved[:, 1:]), sums
 
 
-def _softmax_vjp(r: Tensor, a: Tensor) -> Tensor:
+def _softmax_vjp(r: Tensor, a: Tensor, sum_ra: Optional[Tensor] = None) -> Tensor:
     """``r (a - sum(r a))``: the gradient w.r.t. ``x`` of a loss with ``dL/d log r = a``
-    through ``r = softmax(x)``, with ``0 * a = 0`` where ``r == 0``."""
+    through ``r = softmax(x)``, with ``0 * a = 0`` where ``r == 0``; ``sum_ra [rows, 1]``
+    is the row sum when known (saved by forward), else it is summed here."""
     ra = _xlogy0(r, a)
-    return ra - r * _row_sum(ra, keepdim=True)
+    return ra - r * (_row_sum(ra, keepdim=True) if sum_ra is None else sum_ra)
 
 
 def _log(x: float) -> float:
@@ -413,6 +421,22 @@ def kl_divergence_forward(logits: Tensor, ref_logits: Tensor, ignore_mask: Optio
     """Returns ``(kl [N], stats_p [N, 3], stats_q [N, 3])``; ``ignore_mask`` rows give 0.
 
     The third columns hold ``sum p a_p`` and ``sum q a_q`` of :func:`_kl_terms`."""
+    return _kl_forward(logits, ref_logits, ignore_mask, None, None, kind, beta, temperature)
+
+
+def kl_divergence_partial_forward(logits: Tensor, ref_logits: Tensor,
+                                  ignore_mask: Optional[Tensor], stats_p: Tensor,
+                                  stats_q: Tensor, kind: str, beta: float, temperature: float
+                                  ) -> Tuple[Tensor, Tensor, Tensor]:
+    """:func:`kl_divergence_forward` with the softmax statistics given: ``log p = (z - M) -
+    log s`` from columns 0 and 1 of ``stats_p`` (``stats_q`` for ``q``) instead of this
+    tensor's own. Vocabulary parallelism: with the all-shard statistics, the outputs are this
+    shard's part of the KL sums (its columns' terms), summed over shards by the caller."""
+    return _kl_forward(logits, ref_logits, ignore_mask, stats_p, stats_q, kind, beta,
+                       temperature)
+
+
+def _kl_forward(logits, ref_logits, ignore_mask, given_p, given_q, kind, beta, temperature):
     n, vocab = logits.shape
     cdt = compute_dtype(logits.dtype)
     kl = logits.new_empty(n, dtype=cdt)
@@ -421,7 +445,10 @@ def kl_divergence_forward(logits: Tensor, ref_logits: Tensor, ignore_mask: Optio
     for rows in row_chunks(n, vocab):
         z = _scaled(logits, rows, temperature)
         w = _scaled(ref_logits, rows, temperature)
-        stats_p[rows], stats_q[rows] = _row_stats(z), _row_stats(w)
+        if given_p is None:
+            stats_p[rows], stats_q[rows] = _row_stats(z), _row_stats(w)
+        else:
+            stats_p[rows], stats_q[rows] = given_p[rows].to(cdt), given_q[rows].to(cdt)
         logp, logq = _log_softmax(z, stats_p[rows]), _log_softmax(w, stats_q[rows])
         kl[rows], _, _, sums = _kl_terms(logp, logq, kind, beta, False)
         stats_p[rows, 2], stats_q[rows, 2] = sums[:, 0], sums[:, 1]
@@ -440,8 +467,9 @@ def kl_divergence_backward(grad_kl: Tensor, logits: Tensor, ref_logits: Tensor,
                            kind: str, beta: float, temperature: float, need_ref_grad: bool
                            ) -> Tuple[Tensor, Optional[Tensor]]:
     """Gradients w.r.t. ``logits`` and (if ``need_ref_grad``) ``ref_logits``, recomputing
-    both softmaxes from the saved row statistics (formulas in :func:`_kl_terms`), times
-    ``1/T``; ``ignore_mask`` rows receive exactly 0."""
+    both softmaxes from the saved row statistics and reading the saved sums ``sum p a_p``,
+    ``sum q a_q`` from their third columns (formulas in :func:`_kl_terms`), times ``1/T``;
+    ``ignore_mask`` rows receive exactly 0."""
     n, vocab = logits.shape
     cdt = compute_dtype(logits.dtype)
     g_all = grad_kl.to(cdt)
@@ -453,7 +481,8 @@ def kl_divergence_backward(grad_kl: Tensor, logits: Tensor, ref_logits: Tensor,
         z = _scaled(logits, rows, temperature)
         w = _scaled(ref_logits, rows, temperature)
         logp, logq = _log_softmax(z, stats_p[rows]), _log_softmax(w, stats_q[rows])
-        _, d_z, d_w, _ = _kl_terms(logp, logq, kind, beta, True)
+        saved = torch.stack([stats_p[rows, 2], stats_q[rows, 2]], dim=-1).to(logp.dtype)
+        _, d_z, d_w, _ = _kl_terms(logp, logq, kind, beta, True, saved)
         g = g_all[rows, None] / temperature
         keep = None if ignore_mask is None else ~ignore_mask[rows, None]
         # where(): exactly 0 on ignored rows, even when their logits are -inf or NaN

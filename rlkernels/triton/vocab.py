@@ -18,7 +18,8 @@ on ``N``: batch invariance and determinism without atomics), looping over the vo
   (z - m) - log s`` and so the complete first pass (a one-pass form that rescales ``sum p (z -
   w)`` online would lose digits to cancellation, and none exists for the JSD). It saves
   ``stats_p[:, 2] = sum p a_p`` and ``stats_q[:, 2] = sum q a_q`` as the reference does, so
-  backward is ONE pass over the pair.
+  backward is ONE pass over the pair. ``kl_divergence_partial_forward`` runs the second pass
+  only, on statistics it is given (vocabulary parallelism: the all-shard ones).
 
 Rows whose token is ``ignore_index`` (or whose ``ignore_mask`` is True) are not read at all:
 their outputs are 0, their saved statistics are 0 (backward never reads them), and backward
@@ -232,7 +233,11 @@ def token_logprobs_backward(grad_logp: Optional[Tensor], grad_entropy: Optional[
 
 @triton.jit
 def _kl_logs(z, w, m_p, ls_p, m_q, ls_q):
-    """``log p``, ``log q`` of a block from the saved row statistics."""
+    """``log p``, ``log q`` of a block from the saved row statistics; a row of only ``-inf``
+    (``m = -inf``) is shifted by 0, as the reference does: its log-probs are ``-inf`` and
+    its terms 0, not NaN."""
+    m_p = tl.where(m_p == float("-inf"), 0.0, m_p)
+    m_q = tl.where(m_q == float("-inf"), 0.0, m_q)
     return (z - m_p) - ls_p, (w - m_q) - ls_q
 
 
@@ -247,9 +252,10 @@ def _jsd_a(logp, logq, beta, omb, lb, l1b, IS_FP64: tl.constexpr):
 @triton.jit
 def _kl_fwd_kernel(
         x_ptr, stride_x, y_ptr, stride_y, mask_ptr, stride_mask, kl_ptr, sp_ptr, sq_ptr,
+        gp_ptr, gq_ptr,
         V, inv_t_hi, inv_t_lo, beta_hi, beta_lo, omb_hi, omb_lo, lb_hi, lb_lo, l1b_hi, l1b_lo,
-        KIND: tl.constexpr, HAS_MASK: tl.constexpr, IS_FP64: tl.constexpr,
-        CDT: tl.constexpr, BLOCK_V: tl.constexpr):
+        KIND: tl.constexpr, HAS_MASK: tl.constexpr, GIVEN_STATS: tl.constexpr,
+        IS_FP64: tl.constexpr, CDT: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     if HAS_MASK:
         skip = tl.load(mask_ptr + row * stride_mask) != 0
@@ -265,23 +271,30 @@ def _kl_fwd_kernel(
         xbase = x_ptr + row * stride_x
         ybase = y_ptr + row * stride_y
         offs = tl.arange(0, BLOCK_V)
-        # pass 1: (max, log1p rest) of both rows
-        m_p = tl.full([], float("-inf"), CDT)
-        m_q = tl.full([], float("-inf"), CDT)
-        r_p = zero
-        r_q = zero
-        unused = zero
-        for start in range(0, V, BLOCK_V):
-            cols = start + offs
-            inb = cols < V
-            z = mul_hl(tl.load(xbase + cols, mask=inb, other=float("-inf")).to(CDT),
-                       inv_t_hi, inv_t_lo, IS_FP64)
-            w = mul_hl(tl.load(ybase + cols, mask=inb, other=float("-inf")).to(CDT),
-                       inv_t_hi, inv_t_lo, IS_FP64)
-            m_p, r_p, unused = online_block(z, offs, m_p, r_p, unused, False)
-            m_q, r_q, unused = online_block(w, offs, m_q, r_q, unused, False)
-        ls_p = log1p(r_p, IS_FP64)
-        ls_q = log1p(r_q, IS_FP64)
+        if GIVEN_STATS:
+            # vocabulary parallelism: the all-shard (max, log s) of both rows are given
+            m_p = tl.load(gp_ptr + row * 3).to(CDT)
+            ls_p = tl.load(gp_ptr + row * 3 + 1).to(CDT)
+            m_q = tl.load(gq_ptr + row * 3).to(CDT)
+            ls_q = tl.load(gq_ptr + row * 3 + 1).to(CDT)
+        else:
+            # pass 1: (max, log1p rest) of both rows
+            m_p = tl.full([], float("-inf"), CDT)
+            m_q = tl.full([], float("-inf"), CDT)
+            r_p = zero
+            r_q = zero
+            unused = zero
+            for start in range(0, V, BLOCK_V):
+                cols = start + offs
+                inb = cols < V
+                z = mul_hl(tl.load(xbase + cols, mask=inb, other=float("-inf")).to(CDT),
+                           inv_t_hi, inv_t_lo, IS_FP64)
+                w = mul_hl(tl.load(ybase + cols, mask=inb, other=float("-inf")).to(CDT),
+                           inv_t_hi, inv_t_lo, IS_FP64)
+                m_p, r_p, unused = online_block(z, offs, m_p, r_p, unused, False)
+                m_q, r_q, unused = online_block(w, offs, m_q, r_q, unused, False)
+            ls_p = log1p(r_p, IS_FP64)
+            ls_q = log1p(r_q, IS_FP64)
         # pass 2: the KL sums, from log p and log q (needs the whole of pass 1)
         beta = const_hl(zero, beta_hi, beta_lo, IS_FP64)
         omb = const_hl(zero, omb_hi, omb_lo, IS_FP64)
@@ -394,6 +407,21 @@ def kl_divergence_forward(logits: Tensor, ref_logits: Tensor, ignore_mask: Optio
     """Returns ``(kl [N], stats_p [N, 3], stats_q [N, 3])`` like the reference; the third
     columns hold ``sum p a_p`` and ``sum q a_q``. ``ignore_mask`` rows: kl 0, stats 0 (never
     read), the rows are not read."""
+    return _kl_forward(logits, ref_logits, ignore_mask, None, None, kind, beta, temperature)
+
+
+def kl_divergence_partial_forward(logits: Tensor, ref_logits: Tensor,
+                                  ignore_mask: Optional[Tensor], stats_p: Tensor,
+                                  stats_q: Tensor, kind: str, beta: float, temperature: float
+                                  ) -> Tuple[Tensor, Tensor, Tensor]:
+    """:func:`kl_divergence_forward` with ``(max, log s)`` of both rows given (columns 0, 1 of
+    ``stats_p`` / ``stats_q``): only the second pass runs. Vocabulary parallelism: with the
+    all-shard statistics the outputs are this shard's part of the KL sums."""
+    return _kl_forward(logits, ref_logits, ignore_mask, stats_p, stats_q, kind, beta,
+                       temperature)
+
+
+def _kl_forward(logits, ref_logits, ignore_mask, given_p, given_q, kind, beta, temperature):
     n, vocab = logits.shape
     x, y = unit_stride(logits), unit_stride(ref_logits)
     cdt = compute_dtype(x.dtype)
@@ -404,13 +432,17 @@ def kl_divergence_forward(logits: Tensor, ref_logits: Tensor, ignore_mask: Optio
         return kl, stats_p, stats_q
     has_mask = ignore_mask is not None
     mask = ignore_mask.view(torch.uint8) if has_mask else kl
+    given = given_p is not None
+    gp = given_p.to(cdt).contiguous() if given else kl   # a dummy pointer when not given
+    gq = given_q.to(cdt).contiguous() if given else kl
     block = block_v(vocab, x.dtype)
     with device_guard(x):
         _kl_fwd_kernel[(n,)](
             x, row_stride(x), y, row_stride(y), mask, mask.stride(0) if has_mask else 0,
-            kl, stats_p, stats_q, vocab, *split(1.0 / temperature), *_beta_args(beta),
-            KIND=_KINDS[kind], HAS_MASK=has_mask, IS_FP64=cdt == torch.float64,
-            CDT=tl_compute_dtype(cdt), BLOCK_V=block, num_warps=num_warps(block))
+            kl, stats_p, stats_q, gp, gq, vocab, *split(1.0 / temperature),
+            *_beta_args(beta), KIND=_KINDS[kind], HAS_MASK=has_mask, GIVEN_STATS=given,
+            IS_FP64=cdt == torch.float64, CDT=tl_compute_dtype(cdt), BLOCK_V=block,
+            num_warps=num_warps(block))
     return kl, stats_p, stats_q
 
 
@@ -452,5 +484,6 @@ from ._sparse import (sparse_kl_backward, sparse_kl_forward,  # noqa: E402
                       sparse_logprobs_backward, sparse_logprobs_forward)
 
 __all__ = ["token_logprobs_forward", "token_logprobs_backward", "kl_divergence_forward",
-           "kl_divergence_backward", "sparse_logprobs_forward", "sparse_logprobs_backward",
-           "sparse_kl_forward", "sparse_kl_backward"]
+           "kl_divergence_partial_forward", "kl_divergence_backward",
+           "sparse_logprobs_forward", "sparse_logprobs_backward", "sparse_kl_forward",
+           "sparse_kl_backward"]

@@ -70,14 +70,22 @@ def _check_values(got, ref, dtype, what):
     torch.testing.assert_close(got, ref, equal_nan=True, msg=lambda m: f"{what}: {m}", **tol)
 
 
-def _check_grad(got, ref, dtype, what):
-    """SPEC 5: ``|g - g_ref| <= 2 eps(dtype) max|g_ref| + 1e-7`` (1e-10 in fp64)."""
+def _check_grad(got, ref, dtype, what, whole=None, base=None):
+    """SPEC 5: ``|g - g_ref| <= 2 eps(dtype) max|g_ref| + 1e-7`` (1e-10 in fp64); the max
+    over ``whole`` (the unsharded gradient) when given, else over ``ref``. ``base``: the
+    unsharded op of the same backend and dtype, whose own error against ``whole`` (twice it)
+    is allowed where it exceeds that bound: sharding must not make a backend worse."""
     _, abs64 = _tols(dtype)
     assert got.dtype == ref.dtype and got.shape == ref.shape, what
     assert torch.equal(got.isnan(), ref.isnan()), f"{what}: NaN pattern differs"
     ok = ~ref.isnan()
     scale = ref[ok].abs().max().item() if ok.any() else 0.0
+    if whole is not None:
+        scale = whole[~whole.isnan()].abs().max().item()
     bound = abs64 if abs64 is not None else 2 * torch.finfo(dtype).eps * scale + 1e-7
+    if base is not None:
+        fin = ~whole.isnan()
+        bound = max(bound, 2 * (base.double()[fin] - whole.double()[fin]).abs().max().item())
     err = (got[ok] - ref[ok]).abs().max().item() if ok.any() else 0.0
     assert err <= bound, f"{what}: max gradient error {err:.3g} > {bound:.3g}"
 
@@ -153,6 +161,237 @@ def _run_cases(rank: int, world: int, backend: str, dtypes) -> None:
             _check_grad(grad, grad_ref[..., lo:hi], dtype, f"{what} grad")
 
 
+class _OnlyHiddenReduce(_NoCollectives):
+    """Backward of the lm_head ops: exactly ``expected`` all_reduce calls (the sum of ``d
+    hidden``), and no other collective."""
+
+    def __init__(self, expected: int):
+        self.expected = expected
+
+    def __enter__(self):
+        super().__enter__()
+        self.calls = 0
+        real = self.saved["all_reduce"]
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return real(*args, **kwargs)
+        dist.all_reduce = counted
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        if exc[0] is None:
+            assert self.calls == self.expected, \
+                f"{self.calls} all_reduce calls in backward, expected {self.expected}"
+
+
+def _shard(rank: int, world: int):
+    sizes = SPLITS[world]
+    lo = sum(sizes[:rank])
+    return sizes, lo, lo + sizes[rank]
+
+
+def _kl_cases(rank: int, world: int, backend: str, dtypes) -> None:
+    """kl_divergence, every kind, both gradients, an ignored row, -inf columns in both."""
+    sizes, lo, hi = _shard(rank, world)
+    g = torch.Generator().manual_seed(5)
+    mask = torch.zeros(2, 6, dtype=torch.bool)
+    mask[1, 3] = True                                   # row 9: ignored
+    for dtype in dtypes:
+        z = _logits(dtype, sizes)
+        # -inf where z is -inf (0 log 0 columns); rows peaked where z is
+        w = (z.double() * 0.5 + torch.randn(z.shape, generator=g, dtype=torch.float64))
+        w = w.to(dtype)
+        up = torch.randn(2, 6, generator=g, dtype=torch.float64)
+        for kind, beta, temperature in (("reverse", 0.5, 1.0), ("forward", 0.5, 0.7),
+                                         ("jsd", 0.3, 1.0)):
+            what = f"rank {rank}/{world} {backend} {dtype} kl {kind} T={temperature}"
+            # SPEC 5: the reference is the torch backend in fp64 on the same values
+            zf = z.double().requires_grad_(True)
+            wf = w.double().requires_grad_(True)
+            ref = rlkernels.kl_divergence(zf, wf, kind=kind, beta=beta,
+                                          temperature=temperature, ignore_mask=mask,
+                                          backend="torch")
+            zs = z[..., lo:hi].clone().requires_grad_(True)
+            ws = w[..., lo:hi].clone().requires_grad_(True)
+            out = rlkernels.kl_divergence(zs, ws, kind=kind, beta=beta,
+                                          temperature=temperature, ignore_mask=mask,
+                                          backend=backend, process_group=dist.group.WORLD)
+            _check_values(out, ref.to(out.dtype), dtype, what)
+            gz_ref, gw_ref = torch.autograd.grad(ref, (zf, wf), up)
+            # the unsharded op of this backend (the triton kernels round a little more than
+            # the SPEC bound on the peaked rows at T = 0.7)
+            zb, wb = z.clone().requires_grad_(True), w.clone().requires_grad_(True)
+            base = rlkernels.kl_divergence(zb, wb, kind=kind, beta=beta,
+                                           temperature=temperature, ignore_mask=mask,
+                                           backend=backend)
+            gz_base, gw_base = torch.autograd.grad(base, (zb, wb), up.to(base.dtype))
+            with _NoCollectives():
+                gz, gw = torch.autograd.grad(out, (zs, ws), up.to(out.dtype))
+            _check_grad(gz, gz_ref[..., lo:hi].to(dtype), dtype, f"{what} d logits", gz_ref,
+                        gz_base)
+            _check_grad(gw, gw_ref[..., lo:hi].to(dtype), dtype, f"{what} d ref_logits",
+                        gw_ref, gw_base)
+            assert bool((gz[mask] == 0).all() and (gw[mask] == 0).all()), f"{what}: ignored row"
+
+
+def _policy_inputs(g, tok, logp=None):
+    """``(old_logp, advantages, mask, ref_logp)``; near ``logp`` when given (ratios around 1,
+    some clipped; a far ``ref_logp`` would make the k3 penalty ``exp(ref - logp)`` huge)."""
+    b, t = tok.shape
+    base = torch.full((b, t), -3.0, dtype=torch.float64) if logp is None else logp.double()
+    old = base + 0.3 * torch.randn(b, t, generator=g, dtype=torch.float64)
+    ref_lp = base + 0.3 * torch.randn(b, t, generator=g, dtype=torch.float64)
+    adv = torch.randn(b, generator=g, dtype=torch.float64)
+    return old, adv, (tok != -100), ref_lp
+
+
+def _grpo_cases(rank: int, world: int, backend: str, dtypes) -> None:
+    """grpo_loss: loss, metrics and d logits shard (with the entropy term and a KL term)."""
+    sizes, lo, hi = _shard(rank, world)
+    g = torch.Generator().manual_seed(6)
+    tok = _tokens(sizes)
+    for dtype in dtypes:
+        z = _logits(dtype, sizes)
+        # finite log-probs (the loss sums every row): no NaN row, no -inf token; -inf columns
+        # and whole -inf shards stay (rows 3, 4, 9)
+        for row in (0, 1, 5):
+            z[1, row] = torch.randn(V, generator=g).to(dtype)
+        # the policy inputs in the dtype of the run; the fp64 reference reads the same values
+        old, adv, mask, ref_lp = (x.to(dtype) if x.is_floating_point() else x
+                                  for x in _policy_inputs(g, tok, rlkernels.token_logprobs(
+                                      z.double(), tok, temperature=0.7, backend="torch")))
+        for inplace, opts in ((False, dict(entropy_coef=0.01, kl_coef=0.1, ref_logp=ref_lp,
+                                            temperature=0.7)),
+                              (True, dict(agg="seq-mean-token-mean", clip_high=0.3,
+                                          temperature=0.7))):
+            what = f"rank {rank}/{world} {backend} {dtype} grpo_loss {sorted(opts)}"
+            zf = z.double().requires_grad_(True)
+            opts64 = {k: v.double() if torch.is_tensor(v) else v for k, v in opts.items()}
+            loss_ref, m_ref = rlkernels.grpo_loss(zf, tok, old.double(), adv.double(), mask,
+                                                  backend="torch", **opts64)
+            (g_ref,) = torch.autograd.grad(loss_ref, zf)
+            leaf = z[..., lo:hi].clone().requires_grad_(True)
+            zs = leaf * 1.0 if inplace else leaf   # in-place backward overwrites a non-leaf
+            loss, m = rlkernels.grpo_loss(zs, tok, old, adv, mask, backend=backend,
+                                          inplace_backward=inplace,
+                                          process_group=dist.group.WORLD, **opts)
+            _check_values(loss, loss_ref.to(loss.dtype), dtype, f"{what} loss")
+            assert m.keys() == m_ref.keys(), what
+            for k in m:
+                _check_values(m[k], m_ref[k], dtype, f"{what} metric {k}")
+            zb = z.clone().requires_grad_(True)      # the unsharded op of this backend
+            (g_base,) = torch.autograd.grad(
+                rlkernels.grpo_loss(zb, tok, old, adv, mask, backend=backend, **opts)[0], zb)
+            with _NoCollectives():
+                (grad,) = torch.autograd.grad(loss, leaf)
+            _check_grad(grad, g_ref[..., lo:hi].to(dtype), dtype, f"{what} d logits", g_ref,
+                        g_base)
+            assert bool((grad[tok == -100] == 0).all()), f"{what}: padding gradient"
+
+
+def _linear_data(g, sizes, dtype, with_bias):
+    """``hidden [2, 6, H]``, ``weight [V, H]``, ``bias [V]``: peaked rows (a large weight row
+    aligned with a hidden row), ``-inf`` bias columns (masked vocabulary, one of them a
+    token's), and tokens in every shard plus padding."""
+    h_dim = 8
+    hidden = torch.randn(2, 6, h_dim, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, h_dim, generator=g, dtype=torch.float64)
+    weight[sizes[0] + 2] = hidden[0, 1] * 4.0                  # row 1 peaked in shard 1
+    weight[V - 1] = hidden[0, 5] * 4.0                         # row 5 peaked on its token
+    bias = None
+    if with_bias:
+        bias = torch.randn(V, generator=g, dtype=torch.float64)
+        # -inf columns in every shard; one is row 7's token 0 (log-prob -inf)
+        bias[[0, 9, sizes[0] + 4, V - 5]] = -math.inf
+    tok = _tokens(sizes)
+    return (hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), tok)
+
+
+def _check_linear_grads(got, ref, whole, dtype, what):
+    """Against the unsharded op (``ref`` its slices for this shard, ``whole`` its gradients):
+    in fp32 the bound of tests/ops/test_linear.py for H-term dot products, in fp64 1e-10
+    relative to the largest gradient."""
+    for name, a, b, c in zip(("d hidden", "d weight", "d bias"), got, ref, whole):
+        if b is None:
+            continue
+        assert a.dtype == dtype and a.shape == b.shape, f"{what} {name}"
+        scale = c.abs().max().item()
+        err = (a.double() - b).abs().max().item()
+        if dtype == torch.float64:
+            tol = 1e-10 * max(1.0, scale)
+        else:
+            tol = (2 + 8) * torch.finfo(dtype).eps * scale + 1e-7
+        assert err <= tol, f"{what} {name}: error {err:.3g} > {tol:.3g}"
+
+
+def _linear_cases(rank: int, world: int, backend: str, dtypes) -> None:
+    """linear_token_logprobs and linear_grpo_loss: d weight / d bias shards locally, d hidden
+    the unsharded gradient on every rank by exactly one all_reduce (none without it)."""
+    sizes, lo, hi = _shard(rank, world)
+    g = torch.Generator().manual_seed(8)
+    pg = dist.group.WORLD
+    for dtype in dtypes:
+        for with_bias in ((True, False) if backend == "torch" else (True,)):
+            hidden, weight, bias, tok = _linear_data(g, sizes, dtype, with_bias)
+            up = torch.randn(2, 2, 6, generator=g, dtype=torch.float64)
+            tok_finite = tok.clone()
+            tok_finite[1, 1] = 2           # the loss sums every row: no -inf log-prob there
+            # values exact in the run's dtype (the fp64 reference reads the same values)
+            old, adv, mask, ref_lp = (
+                x.to(dtype).double() if x.is_floating_point() else x
+                for x in _policy_inputs(g, tok, rlkernels.linear_token_logprobs(
+                    hidden.double(), weight.double(), tok_finite,
+                    bias=None if bias is None else bias.double(), backend="torch")))
+            what = f"rank {rank}/{world} {backend} {dtype} bias={with_bias}"
+
+            def full(f, d):
+                leaves = [x.to(d).clone().requires_grad_(True) for x in (hidden, weight)]
+                if bias is not None:
+                    leaves.append(bias.to(d).clone().requires_grad_(True))
+                return leaves, f(*leaves[:2], bias=leaves[2] if bias is not None else None)
+
+            def shard(f, with_hidden_grad=True):
+                leaves = [hidden.clone().requires_grad_(with_hidden_grad),
+                          weight[lo:hi].clone().requires_grad_(True)]
+                if bias is not None:
+                    leaves.append(bias[lo:hi].clone().requires_grad_(True))
+                return leaves, f(*leaves[:2], bias=leaves[2] if bias is not None else None,
+                                 process_group=pg)
+
+            ops = {
+                "linear_token_logprobs": (
+                    lambda h, w, **kw: torch.stack(rlkernels.linear_token_logprobs(
+                        h, w, tok, temperature=0.7, return_entropy=True, backend=backend,
+                        **kw)),
+                    lambda out: (out * up.to(out.dtype)).sum()),
+                "linear_grpo_loss": (
+                    lambda h, w, **kw: rlkernels.linear_grpo_loss(
+                        h, w, tok_finite, old, adv, mask, ref_logp=ref_lp, kl_coef=0.1,
+                        entropy_coef=0.01, backend=backend, **kw)[0],
+                    lambda out: out),
+            }
+            for name, (f, reduce) in ops.items():
+                # against the unsharded op in the same dtype: an fp32 lm_head on peaked rows
+                # (logits ~30, rounded to ~2e-6) is itself far from fp64 there; what sharding
+                # may change is only the order of the sums
+                leaves_ref, ref_val = full(f, dtype)
+                grads_ref = torch.autograd.grad(reduce(ref_val), leaves_ref)
+                ref_w = [grads_ref[0], grads_ref[1][lo:hi]] + \
+                        ([grads_ref[2][lo:hi]] if bias is not None else [])
+                leaves, out = shard(f)
+                _check_values(out, ref_val.detach(), dtype, f"{what} {name}")
+                with _OnlyHiddenReduce(1):
+                    grads = torch.autograd.grad(reduce(out), leaves)
+                _check_linear_grads(grads, ref_w, grads_ref, dtype, f"{what} {name}")
+                # the lm_head shard alone: no communication at all
+                leaves, out = shard(f, with_hidden_grad=False)
+                with _NoCollectives():
+                    grads = torch.autograd.grad(reduce(out), leaves[1:])
+                _check_linear_grads([None] + list(grads), [None] + ref_w[1:], grads_ref,
+                                    dtype, f"{what} {name} (no d hidden)")
+
+
 def _naive_is_wrong(rank: int, world: int) -> None:
     """Autograd through a differentiable all_reduce of the local sums double counts: its
     gradient is not the unsharded one; ours is, and its softmax part sums to 0 over shards."""
@@ -206,6 +445,16 @@ def _opcheck(rank: int, world: int) -> None:
                                "torch"))
     torch.library.opcheck(op, (x.clone().requires_grad_(True), None, 1.0, -100, True, handle,
                                "torch"))
+    y = (x * 0.5).detach()
+    torch.library.opcheck(torch.ops.rlkernels.kl_divergence_vp.default,
+                          (x.clone().requires_grad_(True), y.requires_grad_(True), None, "jsd",
+                           0.3, 0.7, handle, "torch"))
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(N_ROWS, 5, generator=g).requires_grad_(True)
+    weight = torch.randn(sizes[rank], 5, generator=g).requires_grad_(True)
+    bias = torch.randn(sizes[rank], generator=g).requires_grad_(True)
+    torch.library.opcheck(torch.ops.rlkernels.linear_token_logprobs_vp.default,
+                          (hidden, weight, bias, tok, 0.7, -100, True, handle, "torch"))
 
 
 def _debug_token_range(rank: int, world: int) -> None:
@@ -231,6 +480,11 @@ def _worker(rank: int, world: int, store_path: str, backend: str, dtypes) -> Non
                             world_size=world)
     try:
         _run_cases(rank, world, backend, dtypes)
+        # the triton interpreter is slow: its new-op cases run in fp32 only
+        new_dtypes = dtypes if backend == "torch" else (torch.float32,)
+        _kl_cases(rank, world, backend, new_dtypes)
+        _grpo_cases(rank, world, backend, new_dtypes)
+        _linear_cases(rank, world, backend, new_dtypes)
         if backend == "torch":
             _naive_is_wrong(rank, world)
             _opcheck(rank, world)

@@ -399,8 +399,10 @@ def test_linear_errors():
     with pytest.raises(TypeError, match=r"linear_grpo_loss: unexpected keyword argument\(s\) "
                                         r"inplace_backward"):
         linear_grpo_loss(hd, w, tok, *pol, inplace_backward=True)
-    with pytest.raises(NotImplementedError, match=r"process_group"):
-        linear_token_logprobs(hd, w, tok, process_group=object())
+    for f, args in ((linear_token_logprobs, ()), (linear_grpo_loss, pol)):
+        with pytest.raises(TypeError, match=r"process_group: expected a torch.distributed "
+                                            r"ProcessGroup \(or None\), got object"):
+            f(hd, w, tok, *args, process_group=object())
 
 
 def test_public_names():

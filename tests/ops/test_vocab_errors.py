@@ -283,17 +283,14 @@ def test_sampling_support_bad_top_p(top_p, err, msg):
 
 # ------------------------------------------------------------------ process_group, backend
 
-def test_process_group_not_supported():
-    with pytest.raises(NotImplementedError, match=r"process_group: vocabulary \(tensor\) "
-                                                  r"parallelism is not supported"):
-        rlkernels.kl_divergence(X, X, process_group=object())
-
-
-@pytest.mark.parametrize("op", ["token_logprobs", "entropy"])
+@pytest.mark.parametrize("op", ["token_logprobs", "entropy", "kl_divergence", "grpo_loss"])
 def test_process_group_type(op):
+    pol = (torch.zeros(2, 3), torch.zeros(2), torch.ones(2, 3, dtype=torch.bool))
     call = {
         "token_logprobs": lambda: rlkernels.token_logprobs(X, TOK, process_group=object()),
         "entropy": lambda: rlkernels.entropy(X, process_group=object()),
+        "kl_divergence": lambda: rlkernels.kl_divergence(X, X, process_group=object()),
+        "grpo_loss": lambda: rlkernels.grpo_loss(X, TOK, *pol, process_group=object()),
     }[op]
     with pytest.raises(TypeError, match=r"process_group: expected a torch.distributed "
                                         r"ProcessGroup \(or None\), got object"):
