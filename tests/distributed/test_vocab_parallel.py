@@ -8,6 +8,12 @@ Rows: normal, peaked (also on the token), flat, scattered -inf columns, a row wh
 shard is -inf, a row of only -inf, a max tied across shards, padding, tokens in every shard
 a token whose logit is -inf and a NaN. Backward must not communicate (collectives are patched to
 raise during backward), and a naive autograd through ``all_reduce`` is shown to be wrong.
+
+The same workers check ``kl_divergence`` (every kind, both gradients, an ignored row),
+``grpo_loss`` (entropy and KL terms, in-place backward) and the lm_head ops
+``linear_token_logprobs`` / ``linear_grpo_loss`` (weight and bias shards, ``-inf`` bias
+columns): values and gradients against the unsharded op; the lm_head backward runs exactly one
+all_reduce (the sum of ``d hidden``), none when ``hidden`` needs no gradient.
 """
 
 from __future__ import annotations
@@ -331,65 +337,65 @@ def _linear_cases(rank: int, world: int, backend: str, dtypes) -> None:
     sizes, lo, hi = _shard(rank, world)
     g = torch.Generator().manual_seed(8)
     pg = dist.group.WORLD
-    for dtype in dtypes:
-        for with_bias in ((True, False) if backend == "torch" else (True,)):
-            hidden, weight, bias, tok = _linear_data(g, sizes, dtype, with_bias)
-            up = torch.randn(2, 2, 6, generator=g, dtype=torch.float64)
-            tok_finite = tok.clone()
-            tok_finite[1, 1] = 2           # the loss sums every row: no -inf log-prob there
-            # values exact in the run's dtype (the fp64 reference reads the same values)
-            old, adv, mask, ref_lp = (
-                x.to(dtype).double() if x.is_floating_point() else x
-                for x in _policy_inputs(g, tok, rlkernels.linear_token_logprobs(
-                    hidden.double(), weight.double(), tok_finite,
-                    bias=None if bias is None else bias.double(), backend="torch")))
-            what = f"rank {rank}/{world} {backend} {dtype} bias={with_bias}"
+    # with a bias in the first dtype, without in the second (time: these run in subprocesses)
+    for dtype, with_bias in zip(dtypes, (True, False)):
+        hidden, weight, bias, tok = _linear_data(g, sizes, dtype, with_bias)
+        up = torch.randn(2, 2, 6, generator=g, dtype=torch.float64)
+        tok_finite = tok.clone()
+        tok_finite[1, 1] = 2           # the loss sums every row: no -inf log-prob there
+        # values exact in the run's dtype (the fp64 reference reads the same values)
+        old, adv, mask, ref_lp = (
+            x.to(dtype).double() if x.is_floating_point() else x
+            for x in _policy_inputs(g, tok, rlkernels.linear_token_logprobs(
+                hidden.double(), weight.double(), tok_finite,
+                bias=None if bias is None else bias.double(), backend="torch")))
+        what = f"rank {rank}/{world} {backend} {dtype} bias={with_bias}"
 
-            def full(f, d):
-                leaves = [x.to(d).clone().requires_grad_(True) for x in (hidden, weight)]
-                if bias is not None:
-                    leaves.append(bias.to(d).clone().requires_grad_(True))
-                return leaves, f(*leaves[:2], bias=leaves[2] if bias is not None else None)
+        def full(f, d):
+            leaves = [x.to(d).clone().requires_grad_(True) for x in (hidden, weight)]
+            if bias is not None:
+                leaves.append(bias.to(d).clone().requires_grad_(True))
+            return leaves, f(*leaves[:2], bias=leaves[2] if bias is not None else None)
 
-            def shard(f, with_hidden_grad=True):
-                leaves = [hidden.clone().requires_grad_(with_hidden_grad),
-                          weight[lo:hi].clone().requires_grad_(True)]
-                if bias is not None:
-                    leaves.append(bias[lo:hi].clone().requires_grad_(True))
-                return leaves, f(*leaves[:2], bias=leaves[2] if bias is not None else None,
-                                 process_group=pg)
+        def shard(f, with_hidden_grad=True):
+            leaves = [hidden.clone().requires_grad_(with_hidden_grad),
+                      weight[lo:hi].clone().requires_grad_(True)]
+            if bias is not None:
+                leaves.append(bias[lo:hi].clone().requires_grad_(True))
+            return leaves, f(*leaves[:2], bias=leaves[2] if bias is not None else None,
+                             process_group=pg)
 
-            ops = {
-                "linear_token_logprobs": (
-                    lambda h, w, **kw: torch.stack(rlkernels.linear_token_logprobs(
-                        h, w, tok, temperature=0.7, return_entropy=True, backend=backend,
-                        **kw)),
-                    lambda out: (out * up.to(out.dtype)).sum()),
-                "linear_grpo_loss": (
-                    lambda h, w, **kw: rlkernels.linear_grpo_loss(
-                        h, w, tok_finite, old, adv, mask, ref_logp=ref_lp, kl_coef=0.1,
-                        entropy_coef=0.01, backend=backend, **kw)[0],
-                    lambda out: out),
-            }
-            for name, (f, reduce) in ops.items():
-                # against the unsharded op in the same dtype: an fp32 lm_head on peaked rows
-                # (logits ~30, rounded to ~2e-6) is itself far from fp64 there; what sharding
-                # may change is only the order of the sums
-                leaves_ref, ref_val = full(f, dtype)
-                grads_ref = torch.autograd.grad(reduce(ref_val), leaves_ref)
-                ref_w = [grads_ref[0], grads_ref[1][lo:hi]] + \
-                        ([grads_ref[2][lo:hi]] if bias is not None else [])
-                leaves, out = shard(f)
-                _check_values(out, ref_val.detach(), dtype, f"{what} {name}")
-                with _OnlyHiddenReduce(1):
-                    grads = torch.autograd.grad(reduce(out), leaves)
-                _check_linear_grads(grads, ref_w, grads_ref, dtype, f"{what} {name}")
-                # the lm_head shard alone: no communication at all
-                leaves, out = shard(f, with_hidden_grad=False)
-                with _NoCollectives():
-                    grads = torch.autograd.grad(reduce(out), leaves[1:])
-                _check_linear_grads([None] + list(grads), [None] + ref_w[1:], grads_ref,
-                                    dtype, f"{what} {name} (no d hidden)")
+        ops = {
+            "linear_token_logprobs": (
+                lambda h, w, **kw: torch.stack(rlkernels.linear_token_logprobs(
+                    h, w, tok, temperature=0.7, return_entropy=True, backend=backend,
+                    **kw)),
+                lambda out: (out * up.to(out.dtype)).sum()),
+            "linear_grpo_loss": (
+                lambda h, w, **kw: rlkernels.linear_grpo_loss(
+                    h, w, tok_finite, old, adv, mask, ref_logp=ref_lp, kl_coef=0.1,
+                    entropy_coef=0.01, backend=backend, **kw)[0],
+                lambda out: out),
+        }
+        for name, (f, reduce) in ops.items():
+            # against the unsharded op in the same dtype: an fp32 lm_head on peaked rows
+            # (logits ~30, rounded to ~2e-6) is itself far from fp64 there; what sharding
+            # may change is only the order of the sums
+            leaves_ref, ref_val = full(f, dtype)
+            grads_ref = torch.autograd.grad(reduce(ref_val), leaves_ref)
+            ref_w = [grads_ref[0], grads_ref[1][lo:hi]] + \
+                    ([grads_ref[2][lo:hi]] if bias is not None else [])
+            leaves, out = shard(f)
+            _check_values(out, ref_val.detach(), dtype, f"{what} {name}")
+            with _OnlyHiddenReduce(1):
+                grads = torch.autograd.grad(reduce(out), leaves)
+            _check_linear_grads(grads, ref_w, grads_ref, dtype, f"{what} {name}")
+            # the lm_head shard alone: no communication at all
+            leaves, out = shard(f, with_hidden_grad=False)
+            with _NoCollectives():
+                grads = torch.autograd.grad(reduce(out), leaves[1:])
+            _check_linear_grads([None] + list(grads), [None] + ref_w[1:], grads_ref,
+                                dtype, f"{what} {name} (no d hidden)")
 
 
 def _naive_is_wrong(rank: int, world: int) -> None:
