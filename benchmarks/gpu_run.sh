@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_run.sh OUTDIR [STEPS] [BENCH_ARGS...]
 #
-# STEPS (comma list, default all): setup,info,verify,gputests,cudatests,memcheck,bench
+# STEPS (comma list, default all): setup,info,verify,gputests,cudatests,memcheck,bench,trainer
 # (cudatests: the parity tests of tests/ops and tests/cuda on backend=cuda; memcheck:
 # compute-sanitizer --tool memcheck over a small cuda parity subset)
 # BENCH_ARGS go to `rlkernels bench` (default: --peers --budget-s 330).
@@ -15,7 +15,7 @@
 # (the device tool brings back at most 8 files).
 set -u
 OUTDIR=${1:?usage: gpu_run.sh OUTDIR [STEPS] [BENCH_ARGS...]}
-STEPS=${2:-setup,info,verify,gputests,cudatests,memcheck,bench}
+STEPS=${2:-setup,info,verify,gputests,cudatests,memcheck,bench,trainer}
 shift; shift 2>/dev/null || true
 BENCH_ARGS=("$@")
 [ ${#BENCH_ARGS[@]} -eq 0 ] && BENCH_ARGS=(--peers --budget-s 330)
@@ -63,12 +63,15 @@ else
   echo "=== memcheck: compute-sanitizer not found, skipped" | tee -a "$SUMMARY"
 fi
 step bench 540 $PY -m rlkernels bench --out "$OUTDIR/results" "${BENCH_ARGS[@]}"
+# issue 6: one GRPO step of a Qwen2.5-0.5B-shaped model (V=151936, 16k tokens, bf16),
+# peak memory and step time with --ops torch vs kernels (trainer.md / trainer.json)
+step trainer 420 $PY benchmarks/bench_trainer.py --out "$OUTDIR/results"
 
 echo "total $(( $(date +%s) - T0 )) s" | tee -a "$SUMMARY"
 tar -czf /tmp/gpu_run.tar.gz -C "$OUTDIR" . && mv /tmp/gpu_run.tar.gz "$OUTDIR/"
 if [ -n "${OUT:-}" ] && [ "$OUT" != "$OUTDIR" ]; then
   cp "$OUTDIR/gpu_run.tar.gz" "$SUMMARY" "$OUT/" 2>/dev/null
-  for f in "$OUTDIR"/results/*.csv "$OUTDIR"/results/*.md; do
+  for f in "$OUTDIR"/results/*.csv "$OUTDIR"/results/*.md "$OUTDIR"/results/trainer.json; do
     [ -f "$f" ] && cp "$f" "$OUT/"
   done
 fi
