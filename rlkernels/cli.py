@@ -77,6 +77,8 @@ def _train(args) -> int:
     if cfg.out is None:
         cfg.out = os.path.join("runs", f"{cfg.task}-{cfg.ops}")
     result = train(cfg)
+    if result["rank"] != 0:  # under torchrun, rank 0 reports
+        return 0 if result["ok"] else 1
     if result["out"]:
         with open(os.path.join(result["out"], "config.json"), "w") as f:
             json.dump(result["config"], f, indent=2)

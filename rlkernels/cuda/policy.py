@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from rlkernels.cuda._common import check_cuda_tensor
 from rlkernels.cuda._loader import cuda_status, load_extension
 
 # Estimator name -> code of _C.kl_penalty_forward (csrc/rlkernels.h). "low_var_kl" is verl's
@@ -24,19 +25,6 @@ def _extension():
     if module is None:
         raise RuntimeError(f"the cuda backend is unavailable: {cuda_status()}")
     return module
-
-
-def _check_cuda_tensor(name: str, t: object, dtypes: tuple[torch.dtype, ...]) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.device.type != "cuda":
-        raise ValueError(
-            f"{name}: expected a CUDA tensor for the cuda backend, got device {t.device}"
-        )
-    if t.dtype not in dtypes:
-        names = ", ".join(str(d) for d in dtypes)
-        raise TypeError(f"{name}: expected dtype in ({names}), got {t.dtype}")
-    return t
 
 
 def kl_penalty_forward(
@@ -56,8 +44,8 @@ def kl_penalty_forward(
     asynchronously on the current stream of the tensors' device.
     """
     C = _extension()
-    _check_cuda_tensor("logp", logp, (torch.float32, torch.float64))
-    _check_cuda_tensor("ref_logp", ref_logp, (torch.float32, torch.float64))
+    check_cuda_tensor("logp", logp, (torch.float32, torch.float64))
+    check_cuda_tensor("ref_logp", ref_logp, (torch.float32, torch.float64))
     if ref_logp.dtype != logp.dtype:
         raise TypeError(
             f"ref_logp: expected dtype {logp.dtype} (that of logp), got {ref_logp.dtype}"
@@ -115,7 +103,7 @@ def _policy_inputs(logp, old_logp, advantages, mask, normalizer, ref_logp, entro
     """Check the [B, T] inputs and bring them to the compute dtype (a copy only when the
     dtype differs; [B, T] tensors are small next to logits). Returns (cdt, tensors, strides,
     normalizer)."""
-    _check_cuda_tensor("logp", logp, _FLOAT_DTYPES)
+    check_cuda_tensor("logp", logp, _FLOAT_DTYPES)
     if logp.dim() != 2:
         raise ValueError(f"logp: expected a 2-d tensor [B, T], got shape {tuple(logp.shape)}")
     b, t = logp.shape
@@ -131,10 +119,10 @@ def _policy_inputs(logp, old_logp, advantages, mask, normalizer, ref_logp, entro
         if x is None:
             out[name] = None
             continue
-        _check_cuda_tensor(name, x, dtypes)
+        check_cuda_tensor(name, x, dtypes)
         _check_same(name, x, logp, (b, t))
         out[name] = x.to(cdt)
-    _check_cuda_tensor("advantages", advantages, _FLOAT_DTYPES)
+    check_cuda_tensor("advantages", advantages, _FLOAT_DTYPES)
     if advantages.device != logp.device:
         raise ValueError(f"advantages: expected device {logp.device}, got {advantages.device}")
     if tuple(advantages.shape) not in ((b,), (b, t)):
@@ -145,7 +133,7 @@ def _policy_inputs(logp, old_logp, advantages, mask, normalizer, ref_logp, entro
     out["adv"] = adv
     norm = None
     if normalizer is not None:
-        _check_cuda_tensor("normalizer", normalizer, _FLOAT_DTYPES + _MASK_INT_DTYPES)
+        check_cuda_tensor("normalizer", normalizer, _FLOAT_DTYPES + _MASK_INT_DTYPES)
         if normalizer.numel() != 1:
             raise ValueError(f"normalizer: expected one element, got shape "
                              f"{tuple(normalizer.shape)}")
@@ -220,7 +208,7 @@ def policy_loss_backward(grad_loss, logp, old_logp, advantages, mask, normalizer
     cdt, t, ptrs, strides, norm = _policy_inputs(logp, old_logp, advantages, mask, normalizer,
                                                  ref_logp, entropy, is_weights)
     b, tt = logp.shape
-    _check_cuda_tensor("grad_loss", grad_loss, _FLOAT_DTYPES)
+    check_cuda_tensor("grad_loss", grad_loss, _FLOAT_DTYPES)
     if grad_loss.numel() != 1:
         raise ValueError(f"grad_loss: expected one element, got shape {tuple(grad_loss.shape)}")
     modes, nums = _policy_codes(o, ref_logp is not None, entropy is not None,

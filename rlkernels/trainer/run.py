@@ -209,7 +209,7 @@ def train(cfg: TrainConfig) -> Dict:
                  f"{' --fused-head' if cfg.fused_head else ''} ({cfg.prompts}x{cfg.group_size}"
                  f" samples/step, world {world})")
         curve = plot_curve(log.records, os.path.join(out, "curve.png"), title)
-    return {"records": log.records, "ok": ok, "out": out, "curve": curve,
+    return {"records": log.records, "ok": ok, "out": out, "curve": curve, "rank": rank,
             "config": dataclasses.asdict(cfg)}
 
 
