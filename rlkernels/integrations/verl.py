@@ -20,11 +20,15 @@ Where verl and rlkernels differ, the function bridges to verl's behaviour (each 
   to clamped elements). Outputs have the inputs' dtype (rlkernels returns fp32).
 * ``agg_loss``: plain torch (a reduction; nothing to fuse). Denominators as recent verl
   (non-empty sequences for the ``seq-mean-*`` modes); an all-masked batch gives 0 instead of
-  NaN, like every rlkernels aggregation.
+  NaN, like every rlkernels aggregation. ``"seq-mean-token-sum-norm"`` is the token sum over
+  ``T`` (verl <= 0.8) unless :func:`patch` found verl >= 0.9 (mean over non-empty sequences,
+  then over ``T``). Checked against verl 0.9.1 in tests/integrations/test_verl_real.py.
 * ``compute_policy_loss_vanilla``: :func:`rlkernels.policy_loss` with ``loss="ppo"``,
   ``dual_clip=clip_ratio_c``, ``log_ratio_clamp=20``; verl's metrics are rlkernels'
   ``clipfrac`` (``pg_clipfrac``), ``approx_kl`` (``ppo_kl``) and ``dual_clipfrac``
-  (``pg_clipfrac_lower``). verl divides masked means by ``mask.sum() + 1e-8``; rlkernels by
+  (``pg_clipfrac_lower``); ``config.global_batch_info`` is honoured. It returns verl <= 0.5's
+  4-tuple; :func:`compute_policy_loss_vanilla_metrics` returns verl >= 0.6's
+  ``(loss, metrics dict)`` and is what :func:`patch` installs there. verl divides masked means by ``mask.sum() + 1e-8``; rlkernels by
   ``mask.sum()`` (a relative difference below 1e-8).
 * ``compute_grpo_outcome_advantage`` / ``compute_rloo_outcome_advantage``:
   :func:`rlkernels.group_advantages` with ``group_index`` (ids of any hashable type, e.g. a
@@ -45,6 +49,7 @@ from . import _ModulePatcher
 
 __all__ = ["logprobs_from_logits", "entropy_from_logits", "kl_penalty", "agg_loss",
            "compute_policy_loss", "compute_policy_loss_vanilla",
+           "compute_policy_loss_vanilla_metrics",
            "compute_grpo_outcome_advantage", "compute_rloo_outcome_advantage",
            "patch", "unpatch", "is_patched"]
 
@@ -103,13 +108,20 @@ def kl_penalty(logprob: torch.Tensor, ref_logprob: torch.Tensor, kl_penalty: str
     return forward.to(dtype)
 
 
+# verl >= 0.9 averages "seq-mean-token-sum-norm" over the non-empty sequences before dividing by
+# the scale factor; earlier verl divides the total token sum. patch() probes the installed verl and
+# sets this; without patch() the earlier formula is used.
+_NORM_SEQ_MEAN = False
+
+
 def agg_loss(loss_mat: torch.Tensor, loss_mask: torch.Tensor, loss_agg_mode: str,
              dp_size: int = 1, batch_num_tokens=None, global_batch_size=None,
              loss_scale_factor=None) -> torch.Tensor:
-    """verl's loss aggregation over ``[B, T]``: ``"token-mean"``, ``"seq-mean-token-sum"``,
-    ``"seq-mean-token-mean"``, ``"seq-mean-token-sum-norm"`` (sum / ``loss_scale_factor`` or
-    ``T``). ``batch_num_tokens`` / ``global_batch_size`` replace the local token / sequence
-    count, times ``dp_size``, as in verl."""
+    """verl's loss aggregation over ``[B, T]``: ``"token-mean"``, ``"token-sum"``,
+    ``"seq-mean-token-sum"``, ``"seq-mean-token-mean"``, ``"seq-mean-token-sum-norm"`` (token
+    sum, averaged over non-empty sequences with verl >= 0.9 (see :func:`patch`), then divided by
+    ``loss_scale_factor`` or ``T``). ``batch_num_tokens`` / ``global_batch_size`` replace the
+    local token / sequence count, times ``dp_size``, as in verl (required when ``dp_size > 1``)."""
     mask = loss_mask.to(loss_mat.dtype)
     masked = loss_mat * mask
 
@@ -117,20 +129,32 @@ def agg_loss(loss_mat: torch.Tensor, loss_mask: torch.Tensor, loss_agg_mode: str
         den = torch.as_tensor(den, dtype=num.dtype, device=num.device)
         return torch.where(den != 0, num / torch.where(den != 0, den, 1), num.new_zeros(()))
 
+    def need(value, what):
+        if value is None and dp_size > 1:
+            raise ValueError(f"{what} is required when dp_size > 1")
+
     if loss_agg_mode == "token-mean":
+        need(batch_num_tokens, "(global) batch_num_tokens")
         den = mask.sum() if batch_num_tokens is None else batch_num_tokens
         return div(masked.sum(), den) * dp_size
-    if loss_agg_mode in ("seq-mean-token-sum", "seq-mean-token-mean"):
+    if loss_agg_mode == "token-sum":
+        return masked.sum() * dp_size
+    norm = loss_agg_mode == "seq-mean-token-sum-norm"
+    if norm and not _NORM_SEQ_MEAN:
+        den = loss_mask.shape[-1] if loss_scale_factor is None else loss_scale_factor
+        return masked.sum() / den
+    if norm or loss_agg_mode in ("seq-mean-token-sum", "seq-mean-token-mean"):
+        need(global_batch_size, "global_batch_size")
         counts = mask.sum(-1)
         seq = masked.sum(-1)
         if loss_agg_mode == "seq-mean-token-mean":
             seq = seq / (counts + 1e-8)
         seq_mask = (counts > 0).to(seq.dtype)
         den = seq_mask.sum() if global_batch_size is None else global_batch_size
-        return div((seq * seq_mask).sum(), den) * dp_size
-    if loss_agg_mode == "seq-mean-token-sum-norm":
-        den = loss_mask.shape[-1] if loss_scale_factor is None else loss_scale_factor
-        return masked.sum() / den
+        loss = div((seq * seq_mask).sum(), den) * dp_size
+        if norm:
+            loss = loss / (loss_mask.shape[-1] if loss_scale_factor is None else loss_scale_factor)
+        return loss
     raise ValueError(f"Invalid loss_agg_mode: {loss_agg_mode}")
 
 
@@ -145,15 +169,44 @@ def _cfg(config, name, default):
         else value
 
 
+def _agg_spec(mode, mask, dp_size=1, batch_num_tokens=None, global_batch_size=None,
+              loss_scale_factor=None):
+    """(agg, normalizer) for rlkernels.policy_loss that reproduce :func:`agg_loss`."""
+    if mode not in ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",
+                    "seq-mean-token-sum-norm"):
+        raise ValueError(f"Invalid loss_agg_mode: {mode}")
+    if dp_size == 1 and batch_num_tokens is None and global_batch_size is None \
+            and loss_scale_factor is None and mode != "token-sum" \
+            and not (mode == "seq-mean-token-sum-norm" and _NORM_SEQ_MEAN):
+        return mode, None
+    if mode == "token-mean":
+        if batch_num_tokens is None and dp_size > 1:
+            raise ValueError("(global) batch_num_tokens is required when dp_size > 1")
+        n = mask.sum() if batch_num_tokens is None else batch_num_tokens
+        return "token-mean", n / dp_size
+    if mode == "token-sum":
+        return "token-mean", 1.0 / dp_size
+    factor = mask.shape[-1] if loss_scale_factor is None else loss_scale_factor
+    if mode == "seq-mean-token-sum-norm" and not _NORM_SEQ_MEAN:
+        return mode, factor
+    if global_batch_size is None and dp_size > 1:
+        raise ValueError("global_batch_size is required when dp_size > 1")
+    g = (mask.sum(-1) > 0).sum() if global_batch_size is None else global_batch_size
+    if mode == "seq-mean-token-sum-norm":
+        return "seq-mean-token-sum", g * factor / dp_size
+    return mode, g / dp_size
+
+
 def _ppo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, clip_low, clip_high,
-         clip_ratio_c, rollout_is_weights=None):
+         clip_ratio_c, rollout_is_weights=None, batch_info=None):
     if not clip_ratio_c > 1.0:
         raise ValueError("The lower bound of the clip_ratio_c for dual-clip PPO should be greater "
                          f"than 1.0, but get the value: {clip_ratio_c}.")
+    agg, normalizer = _agg_spec(loss_agg_mode, response_mask, **dict(batch_info or {}))
     loss, m = rlkernels.policy_loss(
         log_prob, old_log_prob, advantages, response_mask, loss="ppo", clip_low=clip_low,
-        clip_high=clip_high, dual_clip=clip_ratio_c, agg=loss_agg_mode, log_ratio_clamp=20.0,
-        is_weights=rollout_is_weights)
+        clip_high=clip_high, dual_clip=clip_ratio_c, agg=agg, normalizer=normalizer,
+        log_ratio_clamp=20.0, is_weights=rollout_is_weights)
     return loss, m["clipfrac"], m["approx_kl"], m["dual_clipfrac"]
 
 
@@ -168,16 +221,40 @@ def compute_policy_loss_vanilla(old_log_prob: torch.Tensor, log_prob: torch.Tens
     """verl's vanilla PPO policy loss with dual clip: ``(pg_loss, pg_clipfrac, ppo_kl,
     pg_clipfrac_lower)``. Clip settings come from ``config`` (verl's actor config, attributes
     or a mapping: ``clip_ratio``, ``clip_ratio_low``, ``clip_ratio_high``, ``clip_ratio_c``)
-    when given, else from the keyword arguments; a missing low/high side means ``clip_ratio``."""
+    when given, else from the keyword arguments; a missing low/high side means ``clip_ratio``.
+    ``config.global_batch_info`` (verl's ``dp_size``, ``batch_num_tokens``,
+    ``global_batch_size``, ``loss_scale_factor``) goes to the aggregation as in verl.
+
+    This is the 4-tuple form of verl <= 0.5; verl >= 0.6 returns ``(pg_loss, metrics)`` with
+    ``metrics`` a dict of floats: :func:`compute_policy_loss_vanilla_metrics`, which
+    :func:`patch` installs when the installed verl uses that form."""
+    batch_info = None
     if config is not None:
         clip_ratio = _cfg(config, "clip_ratio", clip_ratio)
         clip_ratio_low = _cfg(config, "clip_ratio_low", clip_ratio_low)
         clip_ratio_high = _cfg(config, "clip_ratio_high", clip_ratio_high)
         clip_ratio_c = _cfg(config, "clip_ratio_c", clip_ratio_c)
+        batch_info = _cfg(config, "global_batch_info", None)
     low = clip_ratio if clip_ratio_low is None else clip_ratio_low
     high = clip_ratio if clip_ratio_high is None else clip_ratio_high
     return _ppo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, low, high,
-                clip_ratio_c, rollout_is_weights)
+                clip_ratio_c, rollout_is_weights, batch_info)
+
+
+def compute_policy_loss_vanilla_metrics(old_log_prob: torch.Tensor, log_prob: torch.Tensor,
+                                        advantages: torch.Tensor, response_mask: torch.Tensor,
+                                        loss_agg_mode: str = "token-mean", config: Any = None,
+                                        rollout_is_weights: Optional[torch.Tensor] = None,
+                                        **kwargs) -> Tuple[torch.Tensor, dict]:
+    """:func:`compute_policy_loss_vanilla` in the form of verl >= 0.6 (the policy-loss registry
+    signature): ``(pg_loss, {"actor/pg_clipfrac": float, "actor/ppo_kl": float,
+    "actor/pg_clipfrac_lower": float})``."""
+    loss, clipfrac, ppo_kl, lower = compute_policy_loss_vanilla(
+        old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+        rollout_is_weights, **kwargs)
+    return loss, {"actor/pg_clipfrac": clipfrac.detach().item(),
+                  "actor/ppo_kl": ppo_kl.detach().item(),
+                  "actor/pg_clipfrac_lower": lower.detach().item()}
 
 
 def compute_policy_loss(old_log_prob, log_prob, advantages, response_mask, cliprange=None,
@@ -254,24 +331,56 @@ def _registries():
             if isinstance(getattr(mod, n, None), dict)]
 
 
+def _returns_metrics_dict(fn) -> bool:
+    import inspect
+    try:
+        ann = inspect.signature(fn).return_annotation
+    except (TypeError, ValueError):
+        return False
+    return "dict" in str(ann).lower()
+
+
+def _norm_seq_mean(verl_agg_loss) -> bool:
+    """Whether verl's "seq-mean-token-sum-norm" averages over sequences (verl >= 0.9)."""
+    try:
+        v = verl_agg_loss(torch.ones(2, 1), torch.ones(2, 1), "seq-mean-token-sum-norm")
+        return abs(float(v) - 1.0) < 1e-6  # earlier verl: 2
+    except Exception:
+        return False
+
+
 def patch() -> None:
     """Replace verl's functions (module attributes in every imported ``verl.*`` module and the
     entries of its policy-loss / advantage registries) with these. Raises ``ImportError`` when
-    verl is not importable. Idempotent."""
+    verl is not importable. Idempotent. Follows the installed verl where versions differ: the
+    vanilla loss returns verl's metrics dict when verl's does
+    (:func:`compute_policy_loss_vanilla_metrics`), and ``"seq-mean-token-sum-norm"`` averages
+    over sequences when verl's does (verl >= 0.9)."""
+    global _NORM_SEQ_MEAN
     import importlib
+    if _patcher.active:
+        return
     here = globals()
     pairs = {}
     for modname, names in _TARGETS.items():
         mod = importlib.import_module(modname)
         for name in names:
             if hasattr(mod, name):
-                pairs[name] = (getattr(mod, name), here[name])
+                orig = getattr(mod, name)
+                repl = here[name]
+                if name == "compute_policy_loss_vanilla" and _returns_metrics_dict(orig):
+                    repl = compute_policy_loss_vanilla_metrics
+                if name == "agg_loss":
+                    _NORM_SEQ_MEAN = _norm_seq_mean(orig)
+                pairs[name] = (orig, repl)
     _patcher.patch(pairs, _registries)
 
 
 def unpatch() -> None:
     """Restore verl's original functions exactly. A no-op when not patched."""
+    global _NORM_SEQ_MEAN
     _patcher.unpatch(_registries)
+    _NORM_SEQ_MEAN = False
 
 
 def is_patched() -> bool:
