@@ -83,7 +83,8 @@ def _train(args) -> int:
         with open(os.path.join(result["out"], "config.json"), "w") as f:
             json.dump(result["config"], f, indent=2)
         print(f"metrics: {os.path.join(result['out'], 'metrics.jsonl')}"
-              + (f" | curve: {result['curve']}" if result["curve"] else ""))
+              + (f" | curve: {result['curve']}" if result["curve"] else
+                 " | curve: skipped (matplotlib is not installed: pip install matplotlib)"))
     records = result["records"]
     if records:
         k = max(1, len(records) // 10)
