@@ -104,19 +104,6 @@ void dispatch_float_double(int dtype, const char* op, F&& f) {
   }
 }
 
-template <class F>
-void dispatch_floating(int dtype, const char* op, F&& f) {
-  switch (static_cast<DType>(dtype)) {
-    case DType::kFloat32: f(TypeTag<float>{}); return;
-    case DType::kFloat16: f(TypeTag<__half>{}); return;
-    case DType::kBFloat16: f(TypeTag<__nv_bfloat16>{}); return;
-    case DType::kFloat64: f(TypeTag<double>{}); return;
-    default:
-      throw std::invalid_argument(std::string("rlkernels._C.") + op + ": unknown dtype code " +
-                                  std::to_string(dtype));
-  }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Reductions and launch helpers.
 // ---------------------------------------------------------------------------------------------

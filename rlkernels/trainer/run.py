@@ -185,13 +185,11 @@ def train(cfg: TrainConfig) -> Dict:
             results[p] = (adv, old, steps)
         elapsed = time.perf_counter() - start
         records = results[paths[0]][2]
-        summed = _reduce_mean({"loss": sum(r["loss"] for r in records) / len(records)},
-                              group, world)
         stats = _reduce_mean({**_mean(records),
                               "reward": float(batch.rewards.mean()),
                               "completion_len": float(batch.mask.sum(-1).float().mean())},
                              group, world)
-        stats["loss"] = summed["loss"] * world  # ranks hold parts of one sum
+        stats["loss"] *= world  # ranks hold parts of one sum: the mean times world is the sum
         n_tokens = int(batch.attention_mask.sum()) * world * (1 + cfg.ppo_epochs)
         record = {"step": step, **stats, "tokens_per_s": n_tokens / elapsed,
                   "peak_mem_gb": peak_memory_gb(device), "time_s": elapsed,
