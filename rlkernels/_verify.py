@@ -183,9 +183,10 @@ def _other_cases(quick: bool) -> Dict[str, Callable]:
         mask = torch.rand(b, t, generator=g) > 0.2
         if ref:
             r, v = r.double(), v.double()
-        adv, ret = rk.gae(r, v, mask, gamma=0.99, lam=0.95)
-        return [adv, ret, rk.discounted_returns(r, mask, gamma=0.9),
-                rk.masked_whiten(adv, mask)], []
+        adv, ret = rk.gae(r, v, mask, gamma=0.99, lam=0.95, backend=backend)
+        v = v.requires_grad_(True)
+        return [adv, ret, rk.discounted_returns(r, mask, gamma=0.9, backend=backend),
+                rk.masked_whiten(v, mask, backend=backend)], [v]
 
     def linear(dtype, backend, ref):
         g = torch.Generator().manual_seed(15)
@@ -213,6 +214,7 @@ _DISPATCH = {"token_logprobs": ("vocab", "token_logprobs"), "entropy": ("vocab",
              "kl_divergence": ("vocab", "kl_divergence"), "grpo_loss": ("policy", "grpo_loss"),
              "policy_loss": ("policy", "policy_loss"),
              "group_advantages": ("advantage", "group_advantages"),
+             "gae+returns+whiten": ("advantage", "gae"),
              "linear_token_logprobs+linear_grpo_loss": ("linear", "linear_token_logprobs")}
 
 

@@ -1,11 +1,14 @@
 """Advantage ops: functions that read rewards (and values), SPEC section 3.2.
 
-* :func:`group_advantages` (GRPO-family baselines) is a ``torch.library.custom_op``
-  (``rlkernels::group_advantages``) dispatched to a backend like the vocabulary ops. Its input
-  is detached: advantages are constants in the policy gradient, so the op has no autograd
-  formula.
-* :func:`masked_whiten`, :func:`gae` and :func:`discounted_returns` are composite PyTorch
-  functions with no backend choice; they trace under ``torch.compile`` as ordinary torch ops.
+Each is a ``torch.library.custom_op`` (namespace ``rlkernels``) dispatched to a backend like
+the vocabulary ops (SPEC section 2: every op takes ``backend``):
+
+* :func:`group_advantages` (GRPO-family baselines), :func:`gae` and
+  :func:`discounted_returns` take detached inputs: advantages and returns are targets, so the
+  ops have no autograd formula. The ``torch`` backend of the last two is a loop over ``T``
+  (``T`` small launches); ``triton`` runs one launch, a chunked scan per row.
+* :func:`masked_whiten` is differentiable: a forward custom op that saves 4 statistics and a
+  backward custom op (the formula is in the reference's ``masked_whiten_backward``).
 
 None of them synchronises with the host (data checks such as NaN rewards run only in debug
 mode, :func:`rlkernels.set_debug`).
@@ -27,6 +30,9 @@ _FAMILY = "advantage"
 METHODS = _ref.METHODS
 
 # Masks may be bool, integer (attention masks are often int64) or float.
+# masked_whiten_forward's saved statistics: (count, mean, rstd, sum of w (v - mean))
+_WHITEN_STATS = 4
+
 _MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
                 *_checks.FLOAT_DTYPES)
 
@@ -143,8 +149,52 @@ def _check_mask(name: str, mask, ref_name: str, ref: Tensor) -> Tensor:
     return mask
 
 
+@torch.library.custom_op("rlkernels::masked_whiten", mutates_args=())
+def _masked_whiten_op(values: Tensor, mask: Tensor, shift_mean: bool, eps: float,
+                      unbiased: bool, backend: str) -> Tuple[Tensor, Tensor]:
+    return call(backend, _FAMILY, "masked_whiten_forward", values, mask, shift_mean, eps,
+                unbiased)
+
+
+@_masked_whiten_op.register_fake
+def _(values, mask, shift_mean, eps, unbiased, backend):
+    cdt = out_dtype(values.dtype)
+    return (values.new_empty(values.shape, dtype=cdt),
+            values.new_empty((_WHITEN_STATS,), dtype=cdt))
+
+
+@torch.library.custom_op("rlkernels::masked_whiten_backward", mutates_args=())
+def _masked_whiten_backward_op(grad_out: Tensor, values: Tensor, mask: Tensor, stats: Tensor,
+                               shift_mean: bool, unbiased: bool, backend: str) -> Tensor:
+    grad = call(backend, _FAMILY, "masked_whiten_backward", grad_out, values, mask, stats,
+                shift_mean, unbiased)
+    return grad.to(values.dtype)
+
+
+@_masked_whiten_backward_op.register_fake
+def _(grad_out, values, mask, stats, shift_mean, unbiased, backend):
+    return torch.empty_like(values)
+
+
+def _masked_whiten_setup(ctx, inputs, output):
+    values, mask, shift_mean, _eps, unbiased, backend = inputs
+    ctx.save_for_backward(values, mask, output[1])
+    ctx.options = (shift_mean, unbiased, backend)
+
+
+def _masked_whiten_grad(ctx, grad_out, _grad_stats):
+    values, mask, stats = ctx.saved_tensors
+    shift_mean, unbiased, backend = ctx.options
+    grad = _masked_whiten_backward_op(grad_out.contiguous(), values, mask, stats, shift_mean,
+                                      unbiased, backend)
+    return grad, None, None, None, None, None
+
+
+_masked_whiten_op.register_autograd(_masked_whiten_grad, setup_context=_masked_whiten_setup)
+
+
 def masked_whiten(values: Tensor, mask: Tensor, *, shift_mean: bool = True, eps: float = 1e-8,
-                  unbiased: bool = True) -> Tensor:
+                  unbiased: bool = True, backend: Optional[str] = None) -> Tensor:
     """Whiten ``values`` with the mean and variance of its masked elements (whole tensor).
 
     With ``w = mask`` (bool/int masks count as 0/1; float masks act as weights) and
@@ -167,17 +217,19 @@ def masked_whiten(values: Tensor, mask: Tensor, *, shift_mean: bool = True, eps:
         shift_mean: ``False`` adds the mean back (scale only, as for PPO rewards).
         eps: finite ``>= 0``, added to the variance.
         unbiased: Bessel's correction (``c - 1``) in the variance.
+        backend: ``"torch"``, ``"triton"``, ``"cuda"``, ``"auto"`` or ``None`` (process default).
 
     Returns:
-        Same shape, fp32 (fp64 for fp64 values). Differentiable w.r.t. ``values`` through
-        autograd (composite torch ops; traces under ``torch.compile``).
+        Same shape, fp32 (fp64 for fp64 values). Differentiable w.r.t. ``values``; traces
+        under ``torch.compile``.
     """
     _checks.tensor("values", values, dtypes=_checks.FLOAT_DTYPES)
     _check_mask("mask", mask, "values", values)
     _checks.flag("shift_mean", shift_mean)
     eps = _checks.positive("eps", eps, allow_zero=True)
     _checks.flag("unbiased", unbiased)
-    return _ref.masked_whiten(values, mask, shift_mean, eps, unbiased)
+    name = backends.resolve(backend, _FAMILY, "masked_whiten", values.device)
+    return _masked_whiten_op(values, mask, shift_mean, eps, unbiased, name)[0]
 
 
 # ====================================================================== gae / discounted returns
@@ -191,8 +243,31 @@ def _check_sequences(rewards, mask, **others) -> None:
     _check_mask("mask", mask, "rewards", rewards)
 
 
+@torch.library.custom_op("rlkernels::gae", mutates_args=())
+def _gae_op(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float,
+            backend: str) -> Tuple[Tensor, Tensor]:
+    return call(backend, _FAMILY, "gae_forward", rewards, values, mask, gamma, lam)
+
+
+@_gae_op.register_fake
+def _(rewards, values, mask, gamma, lam, backend):
+    cdt = torch.float64 if torch.float64 in (rewards.dtype, values.dtype) else torch.float32
+    return (rewards.new_empty(rewards.shape, dtype=cdt),
+            rewards.new_empty(rewards.shape, dtype=cdt))
+
+
+@torch.library.custom_op("rlkernels::discounted_returns", mutates_args=())
+def _discounted_returns_op(rewards: Tensor, mask: Tensor, gamma: float, backend: str) -> Tensor:
+    return call(backend, _FAMILY, "discounted_returns_forward", rewards, mask, gamma)
+
+
+@_discounted_returns_op.register_fake
+def _(rewards, mask, gamma, backend):
+    return rewards.new_empty(rewards.shape, dtype=out_dtype(rewards.dtype))
+
+
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float = 1.0,
-        lam: float = 1.0) -> Tuple[Tensor, Tensor]:
+        lam: float = 1.0, backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
     """Generalized advantage estimation (GAE) with masked positions skipped, as verl's
     ``compute_gae_advantage_return`` does for multi-turn rollouts.
 
@@ -217,19 +292,23 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float = 1.0,
         mask: ``[B, T]`` bool, integer or float (0/1), same device.
         gamma: discount in ``[0, 1]``.
         lam: GAE lambda in ``[0, 1]``.
+        backend: ``"torch"`` (a loop of ``T`` small steps), ``"triton"`` (one launch),
+            ``"cuda"``, ``"auto"`` or ``None`` (process default).
 
     Returns:
         ``(advantages, returns)``, both ``[B, T]`` fp32 (fp64 if ``rewards`` or ``values`` is
         fp64). Not differentiable: the inputs are detached (advantages and returns are
-        targets). Runs ``T`` small steps (a Python loop over time, no host synchronisation).
+        targets). No host synchronisation.
     """
     _check_sequences(rewards, mask, values=values)
     gamma = _checks.number("gamma", gamma, lo=0.0, hi=1.0)
     lam = _checks.number("lam", lam, lo=0.0, hi=1.0)
-    return _ref.gae(rewards.detach(), values.detach(), mask, gamma, lam)
+    name = backends.resolve(backend, _FAMILY, "gae", rewards.device)
+    return _gae_op(rewards.detach(), values.detach(), mask, gamma, lam, name)
 
 
-def discounted_returns(rewards: Tensor, mask: Tensor, *, gamma: float = 1.0) -> Tensor:
+def discounted_returns(rewards: Tensor, mask: Tensor, *, gamma: float = 1.0,
+                       backend: Optional[str] = None) -> Tensor:
     """Discounted return-to-go ``G_t = r_t + gamma * G_next`` with masked positions skipped.
 
     ``G_next`` is the return at the next valid position (0 after the last one); masked
@@ -241,13 +320,15 @@ def discounted_returns(rewards: Tensor, mask: Tensor, *, gamma: float = 1.0) -> 
         rewards: ``[B, T]`` float.
         mask: ``[B, T]`` bool, integer or float (0/1; non-zero is valid), same device.
         gamma: discount in ``[0, 1]``.
+        backend: as for :func:`gae`.
 
     Returns:
         ``[B, T]`` fp32 (fp64 for fp64 rewards). Not differentiable: ``rewards`` is detached.
     """
     _check_sequences(rewards, mask)
     gamma = _checks.number("gamma", gamma, lo=0.0, hi=1.0)
-    return _ref.discounted_returns(rewards.detach(), mask, gamma)
+    name = backends.resolve(backend, _FAMILY, "discounted_returns", rewards.device)
+    return _discounted_returns_op(rewards.detach(), mask, gamma, name)
 
 
 __all__ = ["group_advantages", "masked_whiten", "gae", "discounted_returns"]

@@ -3,8 +3,11 @@
 * :func:`group_advantages_forward` normalizes each reward against the other rewards of its
   group (GRPO, Dr. GRPO, RLOO, batch-std). It is the ``torch`` backend of the
   ``rlkernels::group_advantages`` custom op.
-* :func:`masked_whiten`, :func:`gae` and :func:`discounted_returns` are plain composite
-  functions (no backend choice): the public layer validates and calls them directly.
+* :func:`gae` and :func:`discounted_returns` (Python loops over ``T``) are the ``torch``
+  backend of the ``rlkernels::gae`` / ``rlkernels::discounted_returns`` custom ops, under
+  the registry names :func:`gae_forward` and :func:`discounted_returns_forward`.
+* :func:`masked_whiten_forward` / :func:`masked_whiten_backward` are the ``torch`` backend of
+  ``rlkernels::masked_whiten`` (the backward formula written out).
 
 Everything is computed in fp32 (fp64 for fp64 inputs), without host synchronisations and
 without data-dependent shapes, so the code is CUDA-graph capturable.
@@ -129,27 +132,60 @@ def group_advantages_forward(rewards: Tensor, group_index: Optional[Tensor], gro
 
 # ------------------------------------------------------------------------------- whitening
 
-def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool, eps: float,
-                  unbiased: bool) -> Tensor:
+def masked_whiten_forward(values: Tensor, mask: Tensor, shift_mean: bool, eps: float,
+                          unbiased: bool) -> Tuple[Tensor, Tensor]:
     """``(v - mean) * rsqrt(var + eps)`` (``+ mean`` when not ``shift_mean``) over the masked
     elements of the whole tensor; every position is transformed.
 
     With ``w = mask`` (as weights) and ``c = sum(w)``: ``mean = sum(w v) / max(c, 1)``,
     ``var = sum(w (v - mean)^2) / max(c - 1, 1)`` (``max(c, 1)`` when not ``unbiased``).
     Positions where ``mask == 0`` take no part in the statistics (a NaN there does not leak).
+    Returns ``(out, stats)``, ``stats = (c, mean, rstd, S)`` with ``S = sum(w (v - mean))``
+    over the valid positions, for :func:`masked_whiten_backward`.
     """
     cdt = compute_dtype(values.dtype)
     v = values.to(cdt)
     valid = mask != 0
-    w = mask.to(cdt)
-    zero = torch.zeros((), dtype=cdt, device=v.device)
+    w = torch.where(valid, mask.to(cdt), 0.0)
     count = w.sum()
-    mean = torch.where(valid, w * v, zero).sum() / torch.clamp(count, min=1)
+    mean = torch.where(valid, w * v, 0.0).sum() / torch.clamp(count, min=1)
     dev = v - mean
     denom = torch.clamp(count - 1 if unbiased else count, min=1)
-    var = torch.where(valid, w * dev * dev, zero).sum() / denom
-    out = dev * torch.rsqrt(var + eps)
-    return out + mean if not shift_mean else out
+    var = torch.where(valid, w * dev * dev, 0.0).sum() / denom
+    rstd = torch.rsqrt(var + eps)
+    out = dev * rstd
+    out = out + mean if not shift_mean else out
+    stats = torch.stack([count, mean, rstd, torch.where(valid, w * dev, 0.0).sum()])
+    return out, stats
+
+
+def masked_whiten_backward(grad_out: Tensor, values: Tensor, mask: Tensor, stats: Tensor,
+                           shift_mean: bool, unbiased: bool) -> Tensor:
+    """The gradient of :func:`masked_whiten_forward`'s ``out`` w.r.t. ``values``.
+
+    With ``w`` the mask weights at valid positions (0 elsewhere), ``c1 = max(count, 1)``,
+    ``den = max(count - 1, 1)`` (``max(count, 1)`` when not ``unbiased``), ``d = v - mean``,
+    ``r = rstd``, ``S = sum(w d)`` (0 unless ``0 < count < 1``), and over every position
+    ``G = sum(g)``, ``D = sum(g d)``::
+
+        grad_j = g_j r + (w_j / c1) G ([not shift_mean] - r) - r^3 D (w_j d_j - S w_j / c1) / den
+
+    (``d out_i / d mean = -r`` plus 1 without ``shift_mean``; ``d var / d v_j =
+    2 (w_j d_j - S w_j / c1) / den``; ``d r / d var = -r^3 / 2``.)
+    """
+    cdt = stats.dtype
+    count, mean, rstd, s = stats.unbind()
+    g = grad_out.to(cdt)
+    dev = values.to(cdt) - mean
+    valid = mask != 0
+    w = torch.where(valid, mask.to(cdt), 0.0)
+    c1 = torch.clamp(count, min=1)
+    denom = torch.clamp(count - 1 if unbiased else count, min=1)
+    dmean = w / c1
+    k_mean = g.sum() * ((0.0 if shift_mean else 1.0) - rstd)
+    k_var = -rstd ** 3 * (g * dev).sum()
+    dvar = torch.where(valid, (w * dev - s * dmean) / denom, 0.0)
+    return g * rstd + dmean * k_mean + dvar * k_var
 
 
 # ----------------------------------------------------------------------- GAE and returns
@@ -203,3 +239,8 @@ def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
         ret = torch.where(valid[t], r[t] + gamma * ret, ret)
         out[t] = torch.where(valid[t], ret, zero)
     return out.t().contiguous()
+
+
+# The registry (rlkernels/backends.py) finds an op's kernel of a backend as ``<op>_forward``.
+gae_forward = gae
+discounted_returns_forward = discounted_returns

@@ -182,3 +182,299 @@ def group_advantages_forward(rewards: Tensor, group_index: Optional[Tensor], gro
             EPS=float(eps), IEEE_DIV=cdt == torch.float32, BLOCK=_BLOCK,
             BATCH_BLOCK=min(_BATCH_BLOCK, triton.next_power_of_2(b)), num_warps=4)
     return out
+
+
+# ===================================================================== GAE, discounted returns
+#
+# Both are reverse scans over T with masked positions transparent. Each step is an affine map
+# of a small state, applied at the valid positions (the identity at masked ones), so a chunk
+# of BLOCK_T steps composes with ``tl.associative_scan`` instead of T dependent steps; the
+# state is carried from one chunk to the next (one program per row, chunks from the end of
+# the row). Columns are loaded in reverse (lane i holds time ``t_end - i``) so the scan is a
+# forward scan whose combine is "apply the earlier lane's map first": the well-defined
+# ordering of ``tl.associative_scan`` (no ``reverse=True``).
+#
+# GAE state ``(nextvalue, lastgae)``; a valid step ``t``:
+#     nextvalue' = v_t
+#     lastgae'   = gamma * nextvalue + gamma lam * lastgae + (r_t - v_t)
+# A composite of such steps keeps the shape ``nv' = k ? c1 : nv`` (``k``: a valid step was
+# applied), ``lg' = m21 nv + m22 lg + c2`` (a masked step: ``k = 0, m22 = 1``, the rest 0);
+# composing ``e`` after ``p`` is written out in _gae_combine.
+# The selects (instead of multiplying by a 0/1 factor) keep an infinite value where the
+# sequential reference keeps it, instead of turning ``0 * inf`` into NaN.
+
+@triton.jit
+def _gae_combine(k_p, c1_p, m21_p, m22_p, c2_p, k_e, c1_e, m21_e, m22_e, c2_e):
+    """``e o p`` for maps ``nv' = k ? c1 : nv``, ``lg' = m21 nv + m22 lg + c2``:
+    ``lg'' = m21_e nv' + m22_e lg' + c2_e`` with ``nv' = k_p ? c1_p : nv``, ``lg'`` of p."""
+    k = k_p | k_e
+    c1 = tl.where(k_e, c1_e, c1_p)
+    # the nv coefficient of e reaches p's output: through c1_p when p had a valid step
+    m21 = tl.where(k_p, m22_e * m21_p, m21_e + m22_e * m21_p)
+    c2 = tl.where(k_p, m21_e * c1_p, 0.0) + m22_e * c2_p + c2_e
+    return k, c1, m21, m22_e * m22_p, c2
+
+
+@triton.jit
+def _gae_kernel(r_ptr, r_s0, r_s1, v_ptr, v_s0, v_s1, m_ptr, m_s0, m_s1, adv_ptr, ret_ptr,
+                T, gamma, gamma_lam, CDT: tl.constexpr, BLOCK_T: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    lanes = tl.arange(0, BLOCK_T)
+    nv = tl.zeros([], CDT)  # state after the already processed (later) chunks
+    lg = tl.zeros([], CDT)
+    for c in range(0, tl.cdiv(T, BLOCK_T)):
+        t = (T - 1 - c * BLOCK_T - lanes).to(tl.int64)  # lane i: time t_end - i
+        inb = t >= 0
+        r = tl.load(r_ptr + row * r_s0 + t * r_s1, mask=inb, other=0).to(CDT)
+        v = tl.load(v_ptr + row * v_s0 + t * v_s1, mask=inb, other=0).to(CDT)
+        ok = (tl.load(m_ptr + row * m_s0 + t * m_s1, mask=inb, other=0) != 0) & inb
+        zero = tl.zeros([BLOCK_T], CDT)
+        k, c1, m21, m22, c2 = tl.associative_scan(
+            (ok, tl.where(ok, v, zero), tl.where(ok, zero + gamma, zero),
+             tl.where(ok, zero + gamma_lam, zero + 1.0), tl.where(ok, r - v, zero)),
+            0, _gae_combine)
+        nv_t = tl.where(k, c1, nv)
+        lg_t = tl.where(k, m21 * nv + m22 * lg + c2, lg)
+        adv = tl.where(ok, lg_t, zero)
+        tl.store(adv_ptr + row * T + t, adv, mask=inb)
+        tl.store(ret_ptr + row * T + t, tl.where(ok, adv + v, zero), mask=inb)
+        # the last lane holds the composite of the whole chunk: the carry
+        last = lanes == BLOCK_T - 1
+        nv = tl.sum(tl.where(last, nv_t, zero), 0)
+        lg = tl.sum(tl.where(last, lg_t, zero), 0)
+
+
+@triton.jit
+def _returns_combine(a_p, b_p, a_e, b_e):
+    """``e o p`` for maps ``G' = a G + b``."""
+    return a_e * a_p, a_e * b_p + b_e
+
+
+@triton.jit
+def _returns_kernel(r_ptr, r_s0, r_s1, m_ptr, m_s0, m_s1, out_ptr, T, gamma,
+                    CDT: tl.constexpr, BLOCK_T: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    lanes = tl.arange(0, BLOCK_T)
+    ret = tl.zeros([], CDT)
+    for c in range(0, tl.cdiv(T, BLOCK_T)):
+        t = (T - 1 - c * BLOCK_T - lanes).to(tl.int64)
+        inb = t >= 0
+        r = tl.load(r_ptr + row * r_s0 + t * r_s1, mask=inb, other=0).to(CDT)
+        ok = (tl.load(m_ptr + row * m_s0 + t * m_s1, mask=inb, other=0) != 0) & inb
+        zero = tl.zeros([BLOCK_T], CDT)
+        a, b = tl.associative_scan((tl.where(ok, zero + gamma, zero + 1.0),
+                                    tl.where(ok, r, zero)), 0, _returns_combine)
+        g_t = a * ret + b
+        tl.store(out_ptr + row * T + t, tl.where(ok, g_t, zero), mask=inb)
+        ret = tl.sum(tl.where(lanes == BLOCK_T - 1, g_t, zero), 0)
+
+
+_SCAN_BLOCK = 1024  # time steps per chunk (a power of two; fewer for short rows)
+
+
+def _scan_block(steps: int) -> int:
+    return max(16, min(_SCAN_BLOCK, triton.next_power_of_2(max(steps, 1))))
+
+
+def gae_forward(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float):
+    """``(advantages, returns)`` ``[B, T]``, as :func:`rlkernels.reference.advantage.gae`;
+    one launch, one program per row."""
+    cdt = torch.float64 if torch.float64 in (rewards.dtype, values.dtype) else torch.float32
+    b, steps = rewards.shape
+    adv = torch.empty((b, steps), dtype=cdt, device=rewards.device)
+    ret = torch.empty_like(adv)
+    if b == 0 or steps == 0:
+        return adv, ret
+    guard = torch.cuda.device(rewards.device) if rewards.is_cuda else contextlib.nullcontext()
+    with guard:
+        _gae_kernel[(b,)](rewards, *rewards.stride(), values, *values.stride(), mask,
+                          *mask.stride(), adv, ret, steps, float(gamma), float(gamma * lam),
+                          CDT=_TL_DTYPES[cdt], BLOCK_T=_scan_block(steps), num_warps=4)
+    return adv, ret
+
+
+def discounted_returns_forward(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
+    """``[B, T]`` return-to-go, as :func:`rlkernels.reference.advantage.discounted_returns`;
+    one launch, one program per row."""
+    cdt = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    b, steps = rewards.shape
+    out = torch.empty((b, steps), dtype=cdt, device=rewards.device)
+    if b == 0 or steps == 0:
+        return out
+    guard = torch.cuda.device(rewards.device) if rewards.is_cuda else contextlib.nullcontext()
+    with guard:
+        _returns_kernel[(b,)](rewards, *rewards.stride(), mask, *mask.stride(), out, steps,
+                              float(gamma), CDT=_TL_DTYPES[cdt], BLOCK_T=_scan_block(steps),
+                              num_warps=4)
+    return out
+
+
+# ============================================================================ masked_whiten
+#
+# Whole-tensor masked statistics, deterministic: each of P programs reduces a fixed strided
+# set of BLOCK-element blocks into one partial; every program of the next launch adds the P
+# partials in the same order (P is small), so all programs see the same bits. Forward: (1)
+# partial count and sum(w v); (2) mean, partial sum(w d^2) and sum(w d) with d = v - mean (two
+# passes, as the reference); (3) rstd and the output. Backward: (1) partial sum(g) and
+# sum(g d); (2) the gradient. The formulas are in masked_whiten_backward's docstring.
+
+_WHITEN_BLOCK = 1024
+
+
+@triton.jit
+def _whiten_sums(ws_ptr, P, PB: tl.constexpr, CDT: tl.constexpr):
+    """The sums over programs of the two partials in ``ws [2, P]``."""
+    offs = tl.arange(0, PB)
+    a = tl.load(ws_ptr + offs, mask=offs < P, other=0).to(CDT)
+    b = tl.load(ws_ptr + P + offs, mask=offs < P, other=0).to(CDT)
+    return tl.sum(a, 0), tl.sum(b, 0)
+
+
+@triton.jit
+def _whiten_fwd_kernel(v_ptr, m_ptr, out_ptr, ws1_ptr, ws2_ptr, stats_ptr, n, eps,
+                       STAGE: tl.constexpr, SHIFT: tl.constexpr, UNBIASED: tl.constexpr,
+                       CDT: tl.constexpr, IEEE_DIV: tl.constexpr, BLOCK: tl.constexpr,
+                       PB: tl.constexpr):
+    pid = tl.program_id(0)
+    P = tl.num_programs(0)
+    lanes = tl.arange(0, BLOCK)
+    if STAGE > 0:
+        count, swv = _whiten_sums(ws1_ptr, P, PB, CDT)
+        mean = tl.fdiv(swv, tl.maximum(count, 1.0), ieee_rounding=IEEE_DIV)
+    if STAGE == 2:
+        swdd, swd = _whiten_sums(ws2_ptr, P, PB, CDT)
+        denom = count - 1.0 if UNBIASED else count
+        var = tl.fdiv(swdd, tl.maximum(denom, 1.0), ieee_rounding=IEEE_DIV)
+        rstd = tl.fdiv(tl.full([], 1.0, CDT), _sqrt(var + eps, CDT), ieee_rounding=IEEE_DIV)
+    acc_a = tl.zeros([BLOCK], CDT)
+    acc_b = tl.zeros([BLOCK], CDT)
+    for start in range(pid * BLOCK, n, P * BLOCK):
+        offs = start + lanes.to(tl.int64)
+        inb = offs < n
+        v = tl.load(v_ptr + offs, mask=inb, other=0).to(CDT)
+        if STAGE == 2:
+            out = (v - mean) * rstd
+            if not SHIFT:
+                out = out + mean
+            tl.store(out_ptr + offs, out, mask=inb)
+        else:
+            m = tl.load(m_ptr + offs, mask=inb, other=0)
+            ok = (m != 0) & inb
+            w = m.to(CDT)
+            if STAGE == 0:
+                acc_a += tl.where(ok, w, 0.0)
+                acc_b += tl.where(ok, w * v, 0.0)
+            else:
+                d = v - mean
+                acc_a += tl.where(ok, w * d * d, 0.0)
+                acc_b += tl.where(ok, w * d, 0.0)
+    if STAGE == 0:
+        tl.store(ws1_ptr + pid, tl.sum(acc_a, 0))
+        tl.store(ws1_ptr + P + pid, tl.sum(acc_b, 0))
+    elif STAGE == 1:
+        tl.store(ws2_ptr + pid, tl.sum(acc_a, 0))
+        tl.store(ws2_ptr + P + pid, tl.sum(acc_b, 0))
+    else:
+        if pid == 0:
+            tl.store(stats_ptr, count)
+            tl.store(stats_ptr + 1, mean)
+            tl.store(stats_ptr + 2, rstd)
+            tl.store(stats_ptr + 3, swd)
+
+
+@triton.jit
+def _whiten_bwd_kernel(g_ptr, v_ptr, m_ptr, stats_ptr, ws_ptr, grad_ptr, n,
+                       STAGE: tl.constexpr, SHIFT: tl.constexpr, UNBIASED: tl.constexpr,
+                       CDT: tl.constexpr, IEEE_DIV: tl.constexpr, BLOCK: tl.constexpr,
+                       PB: tl.constexpr):
+    pid = tl.program_id(0)
+    P = tl.num_programs(0)
+    lanes = tl.arange(0, BLOCK)
+    count = tl.load(stats_ptr).to(CDT)
+    mean = tl.load(stats_ptr + 1).to(CDT)
+    rstd = tl.load(stats_ptr + 2).to(CDT)
+    swd = tl.load(stats_ptr + 3).to(CDT)
+    if STAGE == 1:
+        sg, sgd = _whiten_sums(ws_ptr, P, PB, CDT)
+        c1 = tl.maximum(count, 1.0)
+        denom = tl.maximum(count - 1.0 if UNBIASED else count, 1.0)
+        # d out_i / d mean summed against g: G (not SHIFT: + G); the rstd path: -rstd^3 / 2
+        # times sum(g d) times d var / d v_j = (2 w_j d_j - 2 swd w_j / c1) / denom
+        k_mean = sg * ((0.0 if SHIFT else 1.0) - rstd)
+        k_var = -rstd * rstd * rstd * sgd
+    acc_a = tl.zeros([BLOCK], CDT)
+    acc_b = tl.zeros([BLOCK], CDT)
+    for start in range(pid * BLOCK, n, P * BLOCK):
+        offs = start + lanes.to(tl.int64)
+        inb = offs < n
+        g = tl.load(g_ptr + offs, mask=inb, other=0).to(CDT)
+        v = tl.load(v_ptr + offs, mask=inb, other=0).to(CDT)
+        d = v - mean
+        if STAGE == 0:
+            acc_a += g
+            acc_b += tl.where(inb, g * d, 0.0)
+        else:
+            m = tl.load(m_ptr + offs, mask=inb, other=0)
+            ok = (m != 0) & inb
+            w = m.to(CDT)
+            dm = tl.where(ok, tl.fdiv(w, c1, ieee_rounding=IEEE_DIV), 0.0)
+            dvar = tl.where(ok, tl.fdiv(w * d - swd * dm, denom, ieee_rounding=IEEE_DIV), 0.0)
+            grad = g * rstd + dm * k_mean + dvar * k_var
+            tl.store(grad_ptr + offs, grad, mask=inb)
+    if STAGE == 0:
+        tl.store(ws_ptr + pid, tl.sum(acc_a, 0))
+        tl.store(ws_ptr + P + pid, tl.sum(acc_b, 0))
+
+
+def _whiten_programs(n: int, x: Tensor) -> int:
+    blocks = triton.cdiv(n, _WHITEN_BLOCK)
+    limit = 2 * _num_sms(x.device.index or 0) if x.is_cuda else 4
+    return max(1, min(blocks, limit))
+
+
+def _flat(x: Tensor) -> Tensor:
+    return x.reshape(-1).contiguous()
+
+
+def masked_whiten_forward(values: Tensor, mask: Tensor, shift_mean: bool, eps: float,
+                          unbiased: bool):
+    """``(out, stats)``: ``out`` as :func:`rlkernels.reference.advantage.masked_whiten_forward`,
+    ``stats = (count, mean, rstd, sum(w (v - mean)))`` for the backward. Three launches."""
+    cdt = torch.float64 if values.dtype == torch.float64 else torch.float32
+    v, m = _flat(values), _flat(mask)
+    n = v.numel()
+    out = torch.empty(values.shape, dtype=cdt, device=v.device)
+    stats = torch.zeros(4, dtype=cdt, device=v.device)
+    p = _whiten_programs(n, v)
+    ws1 = torch.empty(2 * p, dtype=cdt, device=v.device)
+    ws2 = torch.empty_like(ws1)
+    guard = torch.cuda.device(v.device) if v.is_cuda else contextlib.nullcontext()
+    with guard:
+        for stage in range(3):
+            _whiten_fwd_kernel[(p,)](
+                v, m, out, ws1, ws2, stats, n, float(eps), STAGE=stage,
+                SHIFT=bool(shift_mean), UNBIASED=bool(unbiased), CDT=_TL_DTYPES[cdt],
+                IEEE_DIV=cdt == torch.float32, BLOCK=_WHITEN_BLOCK,
+                PB=triton.next_power_of_2(p), num_warps=4)
+    return out, stats
+
+
+def masked_whiten_backward(grad_out: Tensor, values: Tensor, mask: Tensor, stats: Tensor,
+                           shift_mean: bool, unbiased: bool) -> Tensor:
+    """The gradient w.r.t. ``values`` of :func:`masked_whiten_forward`'s ``out``: the formula
+    of :func:`rlkernels.reference.advantage.masked_whiten_backward`. Two launches; fp32 (fp64
+    for fp64 values), the public op casts it to ``values.dtype``."""
+    cdt = stats.dtype
+    g, v, m = _flat(grad_out), _flat(values), _flat(mask)
+    n = v.numel()
+    grad = torch.empty(values.shape, dtype=cdt, device=v.device)
+    p = _whiten_programs(n, v)
+    ws = torch.empty(2 * p, dtype=cdt, device=v.device)
+    guard = torch.cuda.device(v.device) if v.is_cuda else contextlib.nullcontext()
+    with guard:
+        for stage in range(2):
+            _whiten_bwd_kernel[(p,)](
+                g, v, m, stats, ws, grad, n, STAGE=stage, SHIFT=bool(shift_mean),
+                UNBIASED=bool(unbiased), CDT=_TL_DTYPES[cdt], IEEE_DIV=cdt == torch.float32,
+                BLOCK=_WHITEN_BLOCK, PB=triton.next_power_of_2(p), num_warps=4)
+    return grad

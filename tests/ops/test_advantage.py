@@ -373,12 +373,13 @@ def numpy_whiten(values, mask, shift_mean=True, eps=1e-8, unbiased=True):
 @pytest.mark.parametrize("unbiased", [True, False])
 @pytest.mark.parametrize("shift_mean", [True, False])
 @pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64, torch.float32])
-def test_masked_whiten_matches_numpy(shift_mean, unbiased, mask_dtype):
+def test_masked_whiten_matches_numpy(backend, shift_mean, unbiased, mask_dtype):
     gen = torch.Generator().manual_seed(22)
     values = torch.randn(4, 9, generator=gen) * 3 + 1
     mask = torch.rand(4, 9, generator=gen) > 0.4
     mask[1] = False  # an all-masked row: the statistics are global
-    out = masked_whiten(values, mask.to(mask_dtype), shift_mean=shift_mean, unbiased=unbiased)
+    out = masked_whiten(values, mask.to(mask_dtype), shift_mean=shift_mean, unbiased=unbiased,
+                        backend=backend)
     assert out.dtype == torch.float32 and out.shape == values.shape
     ref = numpy_whiten(values, mask, shift_mean=shift_mean, unbiased=unbiased)
     torch.testing.assert_close(out.double(), ref, **TOL)
@@ -389,40 +390,70 @@ def test_masked_whiten_matches_numpy(shift_mean, unbiased, mask_dtype):
         assert abs(sel.var(unbiased=unbiased).item() - 1) < 1e-4
 
 
-def test_masked_whiten_float_weights_and_masked_nan():
+def test_masked_whiten_float_weights_and_masked_nan(backend):
     gen = torch.Generator().manual_seed(23)
     values = torch.randn(30, generator=gen, dtype=torch.float64)
     weights = torch.rand(30, generator=gen, dtype=torch.float64)
     weights[::3] = 0
-    out = masked_whiten(values, weights)
+    out = masked_whiten(values, weights, backend=backend)
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, numpy_whiten(values, weights), atol=1e-12, rtol=1e-12)
     # garbage at masked positions stays there: it does not enter the statistics
     dirty = values.clone()
     dirty[0] = float("nan")
-    out2 = masked_whiten(dirty, weights)
+    out2 = masked_whiten(dirty, weights, backend=backend)
     assert torch.isnan(out2[0]) and torch.equal(out2[1:], out[1:])
 
 
-def test_masked_whiten_degenerate_counts_are_finite():
+def test_masked_whiten_degenerate_counts_are_finite(backend):
     values = torch.tensor([1.0, 2.0, 3.0])
-    out = masked_whiten(values, torch.zeros(3, dtype=torch.bool))  # mean = var = 0
+    out = masked_whiten(values, torch.zeros(3, dtype=torch.bool), backend=backend)  # 0, 0
     torch.testing.assert_close(out, values / math.sqrt(1e-8))
-    out = masked_whiten(values, torch.tensor([False, True, False]))  # mean = 2, var = 0
+    out = masked_whiten(values, torch.tensor([False, True, False]), backend=backend)  # 2, 0
     torch.testing.assert_close(out, (values - 2) / math.sqrt(1e-8))
     assert out[1] == 0
+    assert masked_whiten(torch.zeros(0, 3), torch.zeros(0, 3), backend=backend).shape == (0, 3)
 
 
-def test_masked_whiten_gradient():
+def test_masked_whiten_gradient(backend):
     gen = torch.Generator().manual_seed(24)
     values = torch.randn(3, 4, generator=gen, dtype=torch.float64, requires_grad=True)
     mask = torch.rand(3, 4, generator=gen) > 0.3
+    weights = torch.rand(3, 4, generator=gen, dtype=torch.float64) * mask / 8  # sum < 1
     for shift_mean in (True, False):
-        assert torch.autograd.gradcheck(
-            lambda v: masked_whiten(v, mask, shift_mean=shift_mean, eps=1e-6), (values,))
+        for unbiased in (True, False):
+            for m in (mask, weights, torch.zeros_like(mask), mask & (torch.arange(4) == 1)):
+                assert torch.autograd.gradcheck(
+                    lambda v: masked_whiten(v, m, shift_mean=shift_mean, eps=1e-6,
+                                            unbiased=unbiased, backend=backend), (values,))
     v32 = values.detach().float().requires_grad_()
-    masked_whiten(v32, mask).sum().backward()
+    masked_whiten(v32, mask, backend=backend).sum().backward()
     assert v32.grad.dtype == torch.float32
+    vb = values.detach().bfloat16().requires_grad_()
+    masked_whiten(vb, mask, backend=backend).sum().backward()
+    assert vb.grad.dtype == torch.bfloat16
+
+
+def test_masked_whiten_kernels_match_reference_at_size(backend):
+    """Many blocks and programs (the partial sums cross programs), fp32 values and gradient
+    against the fp64 composite reference; deterministic (bit-identical twice)."""
+    gen = torch.Generator().manual_seed(28)
+    values = torch.randn(5, 2000, generator=gen, dtype=torch.float64) * 2 + 0.5
+    mask = torch.rand(5, 2000, generator=gen) > 0.3
+    g = torch.randn(5, 2000, generator=gen, dtype=torch.float64)
+    v64 = values.clone().requires_grad_()
+    ref = masked_whiten(v64, mask, shift_mean=False, backend="torch")
+    ref.backward(g)
+    runs = []
+    for _ in range(2):
+        v32 = values.float().requires_grad_()
+        out = masked_whiten(v32, mask, shift_mean=False, backend=backend)
+        out.backward(g.float())
+        runs.append((out, v32.grad))
+    torch.testing.assert_close(runs[0][0].double(), ref.detach(), **TOL)
+    bound = 2 * torch.finfo(torch.float32).eps * float(v64.grad.abs().max()) + 1e-7
+    assert float((runs[0][1].double() - v64.grad).abs().max()) <= bound * 10
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
 
 
 # ================================================================== gae / discounted returns
@@ -442,12 +473,12 @@ def multi_turn_mask():
 
 @pytest.mark.parametrize("gamma,lam", [(1.0, 1.0), (0.99, 0.95), (0.5, 0.0), (0.0, 1.0)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_gae_matches_naive(gamma, lam, dtype):
+def test_gae_matches_naive(backend, gamma, lam, dtype):
     gen = torch.Generator().manual_seed(25)
     rewards = torch.randn(5, 12, generator=gen).to(dtype)
     values = torch.randn(5, 12, generator=gen).to(dtype)
     mask = multi_turn_mask()
-    adv, ret = gae(rewards, values, mask, gamma=gamma, lam=lam)
+    adv, ret = gae(rewards, values, mask, gamma=gamma, lam=lam, backend=backend)
     assert adv.dtype == dtype and ret.dtype == dtype and adv.shape == (5, 12)
     ref_adv, ref_ret = naive_gae(rewards, values, mask, gamma, lam)
     torch.testing.assert_close(adv.double(), ref_adv, **TOL)
@@ -456,35 +487,94 @@ def test_gae_matches_naive(gamma, lam, dtype):
     assert torch.equal(adv[~mask], zeros) and torch.equal(ret[~mask], zeros)
 
 
-def test_gae_mask_dtypes_and_masked_garbage():
+def test_gae_mask_dtypes_and_masked_garbage(backend):
     gen = torch.Generator().manual_seed(26)
     rewards = torch.randn(5, 12, generator=gen)
     values = torch.randn(5, 12, generator=gen)
     mask = multi_turn_mask()
-    adv, ret = gae(rewards, values, mask, gamma=0.9, lam=0.8)
-    for m in (mask.long(), mask.float()):
-        a, r = gae(rewards, values, m, gamma=0.9, lam=0.8)
+    adv, ret = gae(rewards, values, mask, gamma=0.9, lam=0.8, backend=backend)
+    for m in (mask.long(), mask.float(), mask.to(torch.uint8)):
+        a, r = gae(rewards, values, m, gamma=0.9, lam=0.8, backend=backend)
         assert torch.equal(a, adv) and torch.equal(r, ret)
     dirty_r, dirty_v = rewards.clone(), values.clone()
     dirty_r[~mask] = float("nan")
     dirty_v[~mask] = float("inf")
-    a, r = gae(dirty_r, dirty_v, mask, gamma=0.9, lam=0.8)
+    a, r = gae(dirty_r, dirty_v, mask, gamma=0.9, lam=0.8, backend=backend)
     assert torch.equal(a, adv) and torch.equal(r, ret)
+    g = discounted_returns(rewards, mask, gamma=0.9, backend=backend)
+    assert torch.equal(discounted_returns(dirty_r, mask, gamma=0.9, backend=backend), g)
 
 
-def test_gae_special_cases():
+def test_gae_nan_stays_in_its_row_and_earlier_times(backend):
+    """A NaN reward at a valid position reaches the earlier valid positions of its row (the
+    scan runs backwards), not the later ones and not the other rows."""
+    gen = torch.Generator().manual_seed(29)
+    rewards = torch.randn(3, 40, generator=gen)
+    values = torch.randn(3, 40, generator=gen)
+    mask = torch.ones(3, 40, dtype=torch.bool)
+    rewards[1, 25] = float("nan")
+    adv, ret = gae(rewards, values, mask, gamma=0.9, lam=0.9, backend=backend)
+    assert torch.isnan(adv[1, :26]).all() and not torch.isnan(adv[1, 26:]).any()
+    assert not torch.isnan(adv[0]).any() and not torch.isnan(adv[2]).any()
+    out = discounted_returns(rewards, mask, gamma=0.9, backend=backend)
+    assert torch.isnan(out[1, :26]).all() and not torch.isnan(out[1, 26:]).any()
+
+
+@pytest.mark.parametrize("steps", [1, 15, 16, 17, 1000, 2500])
+def test_gae_long_rows_and_strides(backend, steps):
+    """Rows longer than one scan chunk (the state crosses chunks), lengths around the block
+    sizes, non-contiguous inputs (a transposed view and a strided slice)."""
+    gen = torch.Generator().manual_seed(30 + steps)
+    rewards = torch.randint(-8, 9, (steps, 4), generator=gen).double().div(8).t()
+    values = torch.randint(-8, 9, (4, 2 * steps), generator=gen).double().div(8)[:, ::2]
+    mask = torch.rand(4, steps, generator=gen) > 0.25
+    mask[0] = True
+    mask[3, steps // 2:] = False  # trailing padding
+    for gamma, lam in ((0.999, 0.95), (1.0, 1.0)):
+        adv, ret = gae(rewards.float(), values.float(), mask, gamma=gamma, lam=lam,
+                       backend=backend)
+        ref_adv, ref_ret = naive_gae(rewards, values, mask, gamma, lam)
+        scale = max(1.0, float(ref_adv.abs().max()))
+        torch.testing.assert_close(adv.double(), ref_adv, atol=1e-5 * scale, rtol=1e-5)
+        torch.testing.assert_close(ret.double(), ref_ret, atol=1e-5 * scale, rtol=1e-5)
+        adv64, ret64 = gae(rewards, values, mask, gamma=gamma, lam=lam, backend=backend)
+        torch.testing.assert_close(adv64, ref_adv, atol=1e-10 * scale, rtol=1e-10)
+        g = discounted_returns(rewards.float(), mask, gamma=gamma, backend=backend)
+        ref_g = naive_returns(rewards, mask, gamma)
+        scale = max(1.0, float(ref_g.abs().max()))
+        torch.testing.assert_close(g.double(), ref_g, atol=1e-5 * scale, rtol=1e-5)
+
+
+def test_gae_bf16_inputs_and_mixed_dtypes(backend):
+    gen = torch.Generator().manual_seed(31)
+    rewards = torch.randint(-8, 9, (3, 20), generator=gen).div(8)
+    values = torch.randint(-8, 9, (3, 20), generator=gen).div(8)
+    mask = torch.rand(3, 20, generator=gen) > 0.3
+    ref_adv, _ = naive_gae(rewards.double(), values.double(), mask, 0.95, 0.9)
+    adv, _ = gae(rewards.bfloat16(), values.half(), mask, gamma=0.95, lam=0.9, backend=backend)
+    assert adv.dtype == torch.float32
+    torch.testing.assert_close(adv.double(), ref_adv, **TOL)
+    adv, _ = gae(rewards, values.double(), mask, gamma=0.95, lam=0.9, backend=backend)
+    assert adv.dtype == torch.float64
+
+
+def test_gae_special_cases(backend):
     rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
     mask = torch.tensor([[True, True, True, False]])
     # values 0, gamma = lam = 1: advantages are the reverse cumulative sums of the rewards
-    adv, ret = gae(rewards, torch.zeros(1, 4), mask)
+    adv, ret = gae(rewards, torch.zeros(1, 4), mask, backend=backend)
     assert torch.equal(adv, torch.tensor([[1.0, 1.0, 1.0, 0.0]])) and torch.equal(ret, adv)
     # lam = 0: one-step TD errors
     values = torch.tensor([[0.5, 0.25, 0.75, 9.0]])
-    adv, _ = gae(rewards, values, mask, gamma=1.0, lam=0.0)
+    adv, _ = gae(rewards, values, mask, gamma=1.0, lam=0.0, backend=backend)
     assert torch.equal(adv, torch.tensor([[0.25 - 0.5, 0.75 - 0.25, 1.0 - 0.75, 0.0]]))
-    # empty T
-    adv, ret = gae(torch.zeros(2, 0), torch.zeros(2, 0), torch.zeros(2, 0, dtype=torch.bool))
-    assert adv.shape == (2, 0) and ret.shape == (2, 0)
+    # empty T and empty B
+    for shape in ((2, 0), (0, 3)):
+        adv, ret = gae(torch.zeros(shape), torch.zeros(shape), torch.zeros(shape, dtype=bool),
+                       backend=backend)
+        assert adv.shape == shape and ret.shape == shape
+        assert discounted_returns(torch.zeros(shape), torch.zeros(shape, dtype=bool),
+                                  backend=backend).shape == shape
 
 
 def test_gae_not_differentiable():
@@ -494,18 +584,18 @@ def test_gae_not_differentiable():
 
 
 @pytest.mark.parametrize("gamma", [1.0, 0.9, 0.0])
-def test_discounted_returns_matches_naive(gamma):
+def test_discounted_returns_matches_naive(backend, gamma):
     gen = torch.Generator().manual_seed(27)
     rewards = torch.randn(5, 12, generator=gen)
     mask = multi_turn_mask()
-    out = discounted_returns(rewards, mask, gamma=gamma)
+    out = discounted_returns(rewards, mask, gamma=gamma, backend=backend)
     assert out.dtype == torch.float32 and out.shape == (5, 12)
     torch.testing.assert_close(out.double(), naive_returns(rewards, mask, gamma), **TOL)
     assert torch.equal(out[~mask], torch.zeros(int((~mask).sum())))
     # = the returns of gae with values 0 and lam 1
-    _, ret = gae(rewards, torch.zeros_like(rewards), mask, gamma=gamma, lam=1.0)
-    assert torch.equal(out, ret)
-    out64 = discounted_returns(rewards.double(), mask.float(), gamma=gamma)
+    _, ret = gae(rewards, torch.zeros_like(rewards), mask, gamma=gamma, lam=1.0, backend=backend)
+    torch.testing.assert_close(out, ret, atol=1e-6, rtol=1e-6)
+    out64 = discounted_returns(rewards.double(), mask.float(), gamma=gamma, backend=backend)
     assert out64.dtype == torch.float64
     torch.testing.assert_close(out64, naive_returns(rewards, mask, gamma), atol=1e-12,
                                rtol=1e-12)

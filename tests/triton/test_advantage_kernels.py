@@ -306,3 +306,62 @@ def test_gpu_cuda_graph_capture():
     graph.replay()
     torch.cuda.synchronize()
     assert bit_equal(out, ta.group_advantages_forward(x, ids, 0, "grpo", 1e-6, True))
+
+
+# ========================================================== gae, returns, masked_whiten (GPU)
+# The CPU parity of these kernels runs in tests/ops/test_advantage.py (the ``backend``
+# fixture includes triton through the interpreter).
+
+def _sequences(b, t, seed, device):
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randint(-8, 9, (b, t), generator=g).double().div(8)
+    v = torch.randint(-8, 9, (b, t), generator=g).double().div(8)
+    m = torch.rand(b, t, generator=g) > 0.2
+    m[:, t - t // 5:] = False  # trailing padding
+    return r.to(device), v.to(device), m.to(device)
+
+
+@pytest.mark.gpu
+def test_gpu_gae_returns_whiten_large_and_deterministic():
+    """512 x 4096 (several scan chunks per row) against the fp64 reference; two runs give the
+    same bits; a row alone gives the bits it has inside the batch."""
+    r, v, m = _sequences(512, 4096, 24, "cuda")
+    adv, ret = ta.gae_forward(r.float(), v.float(), m, 0.999, 0.95)
+    adv64, ret64 = ref.gae_forward(r, v, m, 0.999, 0.95)
+    scale = float(adv64.abs().max())
+    torch.testing.assert_close(adv.double(), adv64, atol=1e-5 * scale, rtol=1e-5)
+    torch.testing.assert_close(ret.double(), ret64, atol=1e-5 * scale, rtol=1e-5)
+    again = ta.gae_forward(r.float(), v.float(), m, 0.999, 0.95)
+    assert bit_equal(adv, again[0]) and bit_equal(ret, again[1])
+    alone = ta.gae_forward(r[300:301].float(), v[300:301].float(), m[300:301], 0.999, 0.95)
+    assert bit_equal(alone[0], adv[300:301])
+    g = ta.discounted_returns_forward(r.float(), m, 0.99)
+    g64 = ref.discounted_returns_forward(r, m, 0.99)
+    torch.testing.assert_close(g.double(), g64, atol=1e-5 * float(g64.abs().max()), rtol=1e-5)
+    out, stats = ta.masked_whiten_forward(adv, m, True, 1e-8, True)
+    out64, _ = ref.masked_whiten_forward(adv.double(), m, True, 1e-8, True)
+    torch.testing.assert_close(out.double(), out64, atol=1e-5, rtol=1e-5)
+    assert bit_equal(out, ta.masked_whiten_forward(adv, m, True, 1e-8, True)[0])
+
+
+@pytest.mark.gpu
+def test_gpu_gae_whiten_cuda_graph_capture():
+    r, v, m = _sequences(64, 700, 25, "cuda")
+    r, v = r.float(), v.float()
+
+    def step():
+        adv, _ = ta.gae_forward(r, v, m, 0.99, 0.95)
+        out, stats = ta.masked_whiten_forward(adv, m, True, 1e-8, True)
+        return adv, out, ta.masked_whiten_backward(out, adv, m, stats, True, True)
+
+    eager = step()  # compiles the kernels outside the capture
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert all(bit_equal(a, b) for a, b in zip(eager, captured))
