@@ -136,6 +136,12 @@ def _make_adv(s, device, dtype, gen):
     return {"rewards": _rand((s["B"],), device, gen)}
 
 
+def _make_gae(s, device, dtype, gen):
+    shape = (s["B"], s["T"])
+    return {"rewards": _rand(shape, device, gen), "values": _rand(shape, device, gen),
+            "mask": _mask(shape, device, gen)}
+
+
 POLICY_FULL = [{"B": 128, "T": 4096}, {"B": 512, "T": 4096}, {"B": 1024, "T": 8192}]
 POLICY_QUICK = [{"B": 4, "T": 64}]
 GRPO_FULL = [{"B": n // 1024, "T": 1024, "V": v} for n in (4096, 16384, 32768)
@@ -200,6 +206,10 @@ OPS: Dict[str, OpSpec] = {o.name: o for o in [
     OpSpec("group_advantages", "advantage", "advantage", "group_advantages", _make_adv, (),
            lambda s, m, b: 8 * s["B"], full=ADV_FULL, quick=ADV_QUICK, modes=("fwd",),
            note="method='grpo', contiguous groups of G"),
+    OpSpec("gae", "advantage", "advantage", "gae", _make_gae, (),
+           lambda s, m, b: s["B"] * s["T"] * (4 + 4 + 1 + 4 + 4), full=POLICY_FULL,
+           quick=POLICY_QUICK, modes=("fwd",), note="gamma 1, lam 0.95; (advantages, returns); verl's function also whitens "
+                "the advantages (its err column compares whitened values)"),
     OpSpec("linear_token_logprobs", "linear", "linear", "linear_token_logprobs", _make_linear,
            ("hidden", "weight"), _linear_bytes, _linear_flops, full=LINEAR_FULL,
            quick=LINEAR_QUICK),

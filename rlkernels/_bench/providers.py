@@ -84,6 +84,21 @@ def naive_group_advantages(rewards, group_size, eps=1e-6):
     return ((r - mean) / (std + eps)).view(-1)
 
 
+def naive_gae(rewards, values, mask, gamma=1.0, lam=0.95):
+    """The loop trainers run (TRL's PPO trainer, verl): T steps of [B] tensors."""
+    m = mask.to(rewards.dtype)
+    nextvalues = lastgae = torch.zeros_like(rewards[:, 0])
+    out = []
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
+        cand = delta + gamma * lam * lastgae
+        nextvalues = values[:, t] * m[:, t] + (1 - m[:, t]) * nextvalues
+        lastgae = cand * m[:, t] + (1 - m[:, t]) * lastgae
+        out.append(lastgae)
+    adv = torch.stack(out[::-1], dim=1) * m  # rlkernels' outputs are 0 at masked positions
+    return adv, (adv + values) * m
+
+
 NAIVE: Dict[str, Fn] = {
     "token_logprobs": lambda d, s: naive_token_logprobs(d["logits"], d["tokens"]),
     "token_logprobs_entropy": lambda d, s: naive_token_logprobs_entropy(d["logits"],
@@ -98,6 +113,7 @@ NAIVE: Dict[str, Fn] = {
     "policy_loss": lambda d, s: naive_policy_loss(d["logp"], d["old_logp"], d["advantages"],
                                                   d["mask"]),
     "group_advantages": lambda d, s: naive_group_advantages(d["rewards"], s["G"]),
+    "gae": lambda d, s: naive_gae(d["rewards"], d["values"], d["mask"]),
     "linear_token_logprobs": lambda d, s: naive_token_logprobs(d["hidden"] @ d["weight"].T,
                                                                d["tokens"]),
     "linear_grpo_loss": lambda d, s: naive_policy_loss(
@@ -141,6 +157,8 @@ def _rlkernels_fn(op: str, backend: str) -> Fn:
                                                    d["mask"], backend=b)[0],
         "group_advantages": lambda d, s: rk.group_advantages(d["rewards"], group_size=s["G"],
                                                              backend=b),
+        "gae": lambda d, s: rk.gae(d["rewards"], d["values"], d["mask"], gamma=1.0, lam=0.95,
+                                   backend=b),
         "linear_token_logprobs": lambda d, s: rk.linear_token_logprobs(
             d["hidden"], d["weight"], d["tokens"], backend=b),
         "linear_grpo_loss": lambda d, s: rk.linear_grpo_loss(
@@ -198,6 +216,12 @@ def _verl(op: str) -> Fn:
         return lambda d, s: naive_policy_loss(
             lfl(d["logits"].flatten(0, 1), d["tokens"].flatten(), inplace_backward=False
                 ).view_as(d["old_logp"]), d["old_logp"], d["advantages"], d["mask"])
+    if op == "gae":
+        gae = getattr(_import("verl.trainer.ppo.core_algos"), "compute_gae_advantage_return",
+                      None)
+        if gae:
+            return lambda d, s: gae(d["rewards"], d["values"], d["mask"].to(d["rewards"].dtype),
+                                    1.0, 0.95)
     raise Skip(f"verl has no function for {op}")
 
 
