@@ -1,7 +1,8 @@
-// Advantage family (ops that read rewards): group_advantages. Python launcher:
-// rlkernels/cuda/advantage.py. Formulas: rlkernels/ops/advantage.py (group_advantages).
+// Advantage family (ops that read rewards): group_advantages, gae, discounted_returns and
+// masked_whiten (forward and backward). Python launchers: rlkernels/cuda/advantage.py.
+// Formulas: rlkernels/reference/advantage.py.
 //
-// One warp per group slot. Members are visited in their original order (the launcher gives
+// group_advantages: one warp per group slot. Members are visited in their original order (the launcher gives
 // a stable sort `perm` of the ids for arbitrary group_index, identity for contiguous groups),
 // member k by lane k % 32, then a fixed shuffle tree: a group's result is deterministic, does
 // not depend on the other groups in the call (except through the batch std), and is
@@ -93,6 +94,316 @@ __global__ void __launch_bounds__(kWarp)
   }
 }
 
+
+// ============================================================== gae / discounted returns
+//
+// Both are reverse scans over T in which a masked step is the identity:
+//   discounted returns: G_t = r_t + gamma G_{t+1}                       (valid t)
+//   gae:                N_t = v_t                  (value at the next valid step: nv_t = N_{t+1})
+//                       L_t = delta_t + gamma lam L_{t+1},  delta_t = r_t + gamma nv_t - v_t
+// Layout: one warp per row (kScanWarps rows per block), the row walked from its end in chunks
+// of 32 * kScanK steps; lane l owns the kScanK consecutive steps [l kScanK, (l + 1) kScanK)
+// of a chunk. Per chunk: each lane composes its steps serially, the 32 lane summaries are
+// combined by a reverse inclusive shuffle scan (Hillis-Steele, log2(32) steps), the exclusive
+// prefix applied to the carry from the later chunks gives each lane its starting state, and
+// the lane walks its steps again to write the outputs. Why this and not one thread per row:
+// B is often small (tens of rows) and T long (thousands of steps); a warp per row keeps T / 32
+// dependent steps instead of T, and its loads are contiguous across the lanes.
+// Summaries (the identity at masked and out-of-range steps; selects, never 0 * x, so an inf
+// or NaN at a masked position stays out as in the sequential reference):
+//   next-value scan: (h, val) = "a valid step exists; the value at the first one";
+//                    earlier o later = h_earlier ? earlier : later;
+//   affine scan:     L -> d + a L;  earlier o later = (a_e a_l, d_e + a_e d_l).
+// Fixed shuffle order: deterministic, and a row's result does not depend on B.
+
+constexpr int kScanWarps = 4;
+constexpr int kScanK = 4;
+constexpr int kScanChunk = 32 * kScanK;
+
+template <class A>
+struct Affine {
+  A a, d;  // L -> d + a L
+};
+
+// Reverse inclusive scan over the lanes: lane l gets f_l o f_{l+1} o ... o f_31.
+template <class A>
+__device__ __forceinline__ Affine<A> warp_affine_rscan(Affine<A> f, int lane) {
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const A oa = __shfl_down_sync(kFullMask, f.a, off);
+    const A od = __shfl_down_sync(kFullMask, f.d, off);
+    if (lane + off < 32) {
+      f.d = f.d + f.a * od;
+      f.a = f.a * oa;
+    }
+  }
+  return f;
+}
+
+// Reverse inclusive scan of (h, val): lane l gets the value at the first valid step in lanes
+// l..31 (h = 0 when there is none).
+template <class A>
+__device__ __forceinline__ void warp_first_rscan(int& h, A& val, int lane) {
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const int oh = __shfl_down_sync(kFullMask, h, off);
+    const A ov = __shfl_down_sync(kFullMask, val, off);
+    if (lane + off < 32 && !h) {
+      h = oh;
+      val = ov;
+    }
+  }
+}
+
+// kGae: out0 = advantages, out1 = returns; else out0 = discounted returns (v unused).
+// Outputs are contiguous [B, T]; inputs have any (row, step) strides.
+template <class T, bool kGae>
+__global__ void __launch_bounds__(kScanWarps * 32)
+    reverse_scan_kernel(const T* __restrict__ r, int64_t r_sb, int64_t r_st,
+                        const T* __restrict__ v, int64_t v_sb, int64_t v_st,
+                        const uint8_t* __restrict__ mask, int64_t m_sb, int64_t m_st,
+                        acc_t<T>* __restrict__ out0, acc_t<T>* __restrict__ out1, int64_t rows,
+                        int64_t steps, acc_t<T> gamma, acc_t<T> c) {
+  using A = acc_t<T>;
+  const int lane = threadIdx.x & 31;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kScanWarps + (threadIdx.x >> 5);
+  if (row >= rows) return;  // warp-uniform: no shuffle is left half-done
+  const T* rr = r + row * r_sb;
+  const T* vr = kGae ? v + row * v_sb : nullptr;
+  const uint8_t* mr = mask + row * m_sb;
+  A* o0 = out0 + row * steps;
+  A* o1 = kGae ? out1 + row * steps : nullptr;
+  A carry_n = A(0);  // value at the first valid step of the later chunks (0 after the row)
+  A carry_l = A(0);  // L (or G) at the first step of the later chunks
+  for (int64_t chunk = (steps + kScanChunk - 1) / kScanChunk - 1; chunk >= 0; --chunk) {
+    const int64_t t0 = chunk * kScanChunk + lane * kScanK;
+    bool ok[kScanK];
+    A rv[kScanK], vv[kScanK], d[kScanK];
+#pragma unroll
+    for (int k = 0; k < kScanK; ++k) {
+      const int64_t t = t0 + k;
+      ok[k] = t < steps && mr[t * m_st] != 0;
+      rv[k] = ok[k] ? to_acc(rr[t * r_st]) : A(0);  // masked steps are never read
+      vv[k] = (kGae && ok[k]) ? to_acc(vr[t * v_st]) : A(0);
+    }
+    if (kGae) {
+      // next-value scan: the value at the first valid step after each step
+      int h = 0;
+      A first = A(0);
+#pragma unroll
+      for (int k = kScanK - 1; k >= 0; --k) {
+        if (ok[k]) {
+          h = 1;
+          first = vv[k];
+        }
+      }
+      warp_first_rscan(h, first, lane);
+      const int eh = __shfl_down_sync(kFullMask, h, 1);
+      const A ev = __shfl_down_sync(kFullMask, first, 1);
+      const int h0 = __shfl_sync(kFullMask, h, 0);
+      const A v0 = __shfl_sync(kFullMask, first, 0);
+      A nv = (lane < 31 && eh) ? ev : carry_n;
+#pragma unroll
+      for (int k = kScanK - 1; k >= 0; --k) {
+        d[k] = rv[k] + gamma * nv - vv[k];  // delta (used at valid steps only)
+        if (ok[k]) nv = vv[k];
+      }
+      carry_n = h0 ? v0 : carry_n;
+    } else {
+#pragma unroll
+      for (int k = 0; k < kScanK; ++k) d[k] = rv[k];
+    }
+    // affine scan: this lane's map, then the lanes' prefix, then the walk
+    Affine<A> f{A(1), A(0)};
+#pragma unroll
+    for (int k = kScanK - 1; k >= 0; --k) {
+      if (ok[k]) {
+        f.d = d[k] + c * f.d;
+        f.a = c * f.a;
+      }
+    }
+    f = warp_affine_rscan(f, lane);
+    const A ea = __shfl_down_sync(kFullMask, f.a, 1);
+    const A ed = __shfl_down_sync(kFullMask, f.d, 1);
+    const A a0 = __shfl_sync(kFullMask, f.a, 0);
+    const A d0 = __shfl_sync(kFullMask, f.d, 0);
+    A l = lane < 31 ? ed + ea * carry_l : carry_l;
+#pragma unroll
+    for (int k = kScanK - 1; k >= 0; --k) {
+      const int64_t t = t0 + k;
+      if (ok[k]) l = d[k] + c * l;
+      if (t < steps) {
+        o0[t] = ok[k] ? l : A(0);
+        if (kGae) o1[t] = ok[k] ? l + vv[k] : A(0);
+      }
+    }
+    carry_l = d0 + a0 * carry_l;
+  }
+}
+
+// ============================================================================ masked_whiten
+//
+// Whole-tensor statistics over n elements with weights w (a bool mask: 1 / 0; else the mask
+// in the accumulation type; w == 0 takes no part, so a NaN value there never leaks):
+//   c = sum w,  C1 = max(c, 1),  mean = sum w v / C1,  dev = v - mean,
+//   D = max(c - 1 (unbiased) or c, 1),  var = sum w dev^2 / D,  r = 1 / sqrt(var + eps),
+//   out = dev r (+ mean when not shift_mean).
+// Deterministic two-stage reductions, no atomics: `blocks` (a function of n only) blocks
+// accumulate grid-stride partials; each block of the next kernel re-reduces the few partials
+// itself in one fixed tree (all blocks get the same bits), which saves a finalize launch.
+// Partials: ws[b * 4 + 0..1] = (sum w, sum w v), ws[b * 4 + 2..3] = (sum w dev^2, sum w dev).
+// stats (4 elements) = (c, mean, r, S = sum w dev): what backward needs (S is not 0 when
+// 0 < c < 1, because of max(c, 1)).
+
+constexpr int kWhitenThreads = 256;
+constexpr int kWhitenFields = 4;
+constexpr int kWhitenMaxBlocks = 1024;  // partials re-reduced by one block of threads
+
+template <class A>
+__device__ __forceinline__ A weight_at(const uint8_t* mb, const A* mw, int64_t i) {
+  return mb != nullptr ? (mb[i] != 0 ? A(1) : A(0)) : mw[i];
+}
+
+// Sum of field f of the partials of every block, in a fixed order (every thread gets it).
+template <class A>
+__device__ __forceinline__ A sum_partials(const A* ws, int fields, int f, A* scratch) {
+  A s = A(0);
+  for (int b = threadIdx.x; b < static_cast<int>(gridDim.x); b += blockDim.x) s += ws[b * fields + f];
+  return block_sum(s, scratch);
+}
+
+template <class A>
+__device__ __forceinline__ A clamp_min1(A x) { return x < A(1) ? A(1) : x; }  // keeps NaN
+
+template <class T>
+__global__ void __launch_bounds__(kWhitenThreads)
+    whiten_sums_kernel(const T* __restrict__ v, const uint8_t* __restrict__ mb,
+                       const acc_t<T>* __restrict__ mw, int64_t n, acc_t<T>* __restrict__ ws) {
+  using A = acc_t<T>;
+  __shared__ A scratch[32];
+  A c = A(0), s = A(0);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const A w = weight_at(mb, mw, i);
+    if (w != A(0)) {
+      c += w;
+      s += w * to_acc(v[i]);
+    }
+  }
+  c = block_sum(c, scratch);
+  s = block_sum(s, scratch);
+  if (threadIdx.x == 0) {
+    ws[blockIdx.x * kWhitenFields + 0] = c;
+    ws[blockIdx.x * kWhitenFields + 1] = s;
+  }
+}
+
+template <class T>
+__global__ void __launch_bounds__(kWhitenThreads)
+    whiten_dev_kernel(const T* __restrict__ v, const uint8_t* __restrict__ mb,
+                      const acc_t<T>* __restrict__ mw, int64_t n, acc_t<T>* __restrict__ ws) {
+  using A = acc_t<T>;
+  __shared__ A scratch[32];
+  const A c = sum_partials(ws, kWhitenFields, 0, scratch);
+  const A mean = sum_partials(ws, kWhitenFields, 1, scratch) / clamp_min1(c);
+  A q = A(0), sd = A(0);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const A w = weight_at(mb, mw, i);
+    if (w != A(0)) {
+      const A dv = to_acc(v[i]) - mean;
+      q += w * dv * dv;
+      sd += w * dv;
+    }
+  }
+  q = block_sum(q, scratch);
+  sd = block_sum(sd, scratch);
+  // every block has read the pass-1 fields above; only fields 2..3 are written here
+  if (threadIdx.x == 0) {
+    ws[blockIdx.x * kWhitenFields + 2] = q;
+    ws[blockIdx.x * kWhitenFields + 3] = sd;
+  }
+}
+
+template <class T>
+__global__ void __launch_bounds__(kWhitenThreads)
+    whiten_apply_kernel(const T* __restrict__ v, int64_t n, const acc_t<T>* __restrict__ ws,
+                        acc_t<T>* __restrict__ out, acc_t<T>* __restrict__ stats,
+                        bool shift_mean, bool unbiased, acc_t<T> eps) {
+  using A = acc_t<T>;
+  __shared__ A scratch[32];
+  const A c = sum_partials(ws, kWhitenFields, 0, scratch);
+  const A mean = sum_partials(ws, kWhitenFields, 1, scratch) / clamp_min1(c);
+  const A q = sum_partials(ws, kWhitenFields, 2, scratch);
+  const A sd = sum_partials(ws, kWhitenFields, 3, scratch);
+  const A var = q / clamp_min1(unbiased ? c - A(1) : c);
+  const A rstd = A(1) / d_sqrt(var + eps);
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    stats[0] = c;
+    stats[1] = mean;
+    stats[2] = rstd;
+    stats[3] = sd;
+  }
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const A o = (to_acc(v[i]) - mean) * rstd;
+    out[i] = shift_mean ? o : o + mean;
+  }
+}
+
+// Backward partials: ws[b * 2 + 0..1] = (G = sum g, H = sum g dev) over every element (every
+// output depends on mean and r); g == 0 contributes 0 to H even where dev is NaN.
+template <class T>
+__global__ void __launch_bounds__(kWhitenThreads)
+    whiten_bwd_sums_kernel(const acc_t<T>* __restrict__ g, const T* __restrict__ v, int64_t n,
+                           const acc_t<T>* __restrict__ stats, acc_t<T>* __restrict__ ws) {
+  using A = acc_t<T>;
+  __shared__ A scratch[32];
+  const A mean = stats[1];
+  A sg = A(0), sh = A(0);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const A gi = g[i];
+    sg += gi;
+    sh += xmul0(gi, to_acc(v[i]) - mean);
+  }
+  sg = block_sum(sg, scratch);
+  sh = block_sum(sh, scratch);
+  if (threadIdx.x == 0) {
+    ws[blockIdx.x * 2 + 0] = sg;
+    ws[blockIdx.x * 2 + 1] = sh;
+  }
+}
+
+// grad_j = r g_j - w_j [ G (r - ns) / C1 + (r^3 H / D) (dev_j - S / C1) ]   (w_j != 0)
+//        = r g_j                                                            (w_j == 0)
+// with ns = 1 when not shift_mean (the added mean), else 0; see the launcher's docstring.
+template <class T>
+__global__ void __launch_bounds__(kWhitenThreads)
+    whiten_bwd_apply_kernel(const acc_t<T>* __restrict__ g, const T* __restrict__ v,
+                            const uint8_t* __restrict__ mb, const acc_t<T>* __restrict__ mw,
+                            int64_t n, const acc_t<T>* __restrict__ stats,
+                            const acc_t<T>* __restrict__ ws, T* __restrict__ grad,
+                            bool shift_mean, bool unbiased) {
+  using A = acc_t<T>;
+  __shared__ A scratch[32];
+  const A sg = sum_partials(ws, 2, 0, scratch);
+  const A sh = sum_partials(ws, 2, 1, scratch);
+  const A c = stats[0], mean = stats[1], rstd = stats[2], sd = stats[3];
+  const A c1 = clamp_min1(c);
+  const A dd = clamp_min1(unbiased ? c - A(1) : c);
+  const A k_mean = sg * (shift_mean ? rstd : rstd - A(1)) / c1;
+  const A k_var = rstd * rstd * rstd * sh / dd;
+  const A s_mean = sd / c1;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const A w = weight_at(mb, mw, i);
+    A gr = rstd * g[i];
+    if (w != A(0)) gr -= w * (k_mean + k_var * ((to_acc(v[i]) - mean) - s_mean));
+    grad[i] = from_acc<T>(gr);
+  }
+}
+
 }  // namespace
 
 void group_advantages_forward(std::uintptr_t rewards, int64_t stride, std::uintptr_t perm,
@@ -131,6 +442,114 @@ void group_advantages_forward(std::uintptr_t rewards, int64_t stride, std::uintp
     group_advantages_kernel<T><<<static_cast<unsigned>(slots), kWarp, 0, s>>>(
         x, stride, as_cptr<int64_t>(perm), as_cptr<int64_t>(starts), group_size, as_ptr<A>(out),
         method, unbiased, static_cast<A>(eps), ws);
+    RLK_CHECK_LAUNCH();
+  });
+}
+
+void gae_forward(std::uintptr_t rewards, int64_t r_sb, int64_t r_st, std::uintptr_t values,
+                 int64_t v_sb, int64_t v_st, std::uintptr_t mask, int64_t m_sb, int64_t m_st,
+                 std::uintptr_t advantages, std::uintptr_t returns, int64_t b, int64_t t,
+                 int dtype, double gamma, double lam, std::uintptr_t stream) {
+  RLK_CHECK_ARG(b >= 0 && b <= 0x7fffffffLL,
+                "gae_forward: b must be in [0, 2**31), got " + std::to_string(b));
+  RLK_CHECK_ARG(t >= 0, "gae_forward: t must be >= 0, got " + std::to_string(t));
+  dispatch_logits(dtype, "gae_forward", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = acc_t<T>;
+    if (b == 0 || t == 0) return;
+    RLK_CHECK_ARG(rewards != 0 && values != 0 && mask != 0 && advantages != 0 && returns != 0,
+                  "gae_forward: null device pointer");
+    const unsigned grid = static_cast<unsigned>((b + kScanWarps - 1) / kScanWarps);
+    reverse_scan_kernel<T, true><<<grid, kScanWarps * 32, 0, as_stream(stream)>>>(
+        as_cptr<T>(rewards), r_sb, r_st, as_cptr<T>(values), v_sb, v_st,
+        as_cptr<uint8_t>(mask), m_sb, m_st, as_ptr<A>(advantages), as_ptr<A>(returns), b, t,
+        static_cast<A>(gamma), static_cast<A>(gamma * lam));
+    RLK_CHECK_LAUNCH();
+  });
+}
+
+void discounted_returns_forward(std::uintptr_t rewards, int64_t r_sb, int64_t r_st,
+                                std::uintptr_t mask, int64_t m_sb, int64_t m_st,
+                                std::uintptr_t out, int64_t b, int64_t t, int dtype,
+                                double gamma, std::uintptr_t stream) {
+  RLK_CHECK_ARG(b >= 0 && b <= 0x7fffffffLL,
+                "discounted_returns_forward: b must be in [0, 2**31), got " + std::to_string(b));
+  RLK_CHECK_ARG(t >= 0, "discounted_returns_forward: t must be >= 0, got " + std::to_string(t));
+  dispatch_logits(dtype, "discounted_returns_forward", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = acc_t<T>;
+    if (b == 0 || t == 0) return;
+    RLK_CHECK_ARG(rewards != 0 && mask != 0 && out != 0,
+                  "discounted_returns_forward: null device pointer");
+    const unsigned grid = static_cast<unsigned>((b + kScanWarps - 1) / kScanWarps);
+    reverse_scan_kernel<T, false><<<grid, kScanWarps * 32, 0, as_stream(stream)>>>(
+        as_cptr<T>(rewards), r_sb, r_st, nullptr, 0, 0, as_cptr<uint8_t>(mask), m_sb, m_st,
+        as_ptr<A>(out), nullptr, b, t, static_cast<A>(gamma), static_cast<A>(gamma));
+    RLK_CHECK_LAUNCH();
+  });
+}
+
+namespace {
+void check_whiten_args(const char* op, int64_t n, int blocks, std::uintptr_t mask_u8,
+                       std::uintptr_t mask_w) {
+  RLK_CHECK_ARG(n >= 0, std::string(op) + ": n must be >= 0, got " + std::to_string(n));
+  RLK_CHECK_ARG(blocks >= 1 && blocks <= kWhitenMaxBlocks,
+                std::string(op) + ": blocks must be in [1, " + std::to_string(kWhitenMaxBlocks) +
+                    "], got " + std::to_string(blocks));
+  RLK_CHECK_ARG(n == 0 || (mask_u8 == 0) != (mask_w == 0),
+                std::string(op) + ": exactly one of mask_u8 and mask_w must be given");
+}
+}  // namespace
+
+void masked_whiten_forward(std::uintptr_t values, std::uintptr_t mask_u8, std::uintptr_t mask_w,
+                           std::uintptr_t out, std::uintptr_t stats, std::uintptr_t workspace,
+                           int64_t n, int blocks, int dtype, bool shift_mean, double eps,
+                           bool unbiased, std::uintptr_t stream) {
+  check_whiten_args("masked_whiten_forward", n, blocks, mask_u8, mask_w);
+  dispatch_logits(dtype, "masked_whiten_forward", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = acc_t<T>;
+    RLK_CHECK_ARG(stats != 0 && workspace != 0 && (n == 0 || (values != 0 && out != 0)),
+                  "masked_whiten_forward: null device pointer");
+    const cudaStream_t s = as_stream(stream);
+    const T* v = as_cptr<T>(values);
+    const uint8_t* mb = as_cptr<uint8_t>(mask_u8);
+    const A* mw = as_cptr<A>(mask_w);
+    A* ws = as_ptr<A>(workspace);
+    // n == 0 still runs (one block, empty loops): stats = (0, 0, 1 / sqrt(eps), 0)
+    whiten_sums_kernel<T><<<blocks, kWhitenThreads, 0, s>>>(v, mb, mw, n, ws);
+    RLK_CHECK_LAUNCH();
+    whiten_dev_kernel<T><<<blocks, kWhitenThreads, 0, s>>>(v, mb, mw, n, ws);
+    RLK_CHECK_LAUNCH();
+    whiten_apply_kernel<T><<<blocks, kWhitenThreads, 0, s>>>(
+        v, n, ws, as_ptr<A>(out), as_ptr<A>(stats), shift_mean, unbiased, static_cast<A>(eps));
+    RLK_CHECK_LAUNCH();
+  });
+}
+
+void masked_whiten_backward(std::uintptr_t grad_out, std::uintptr_t values,
+                            std::uintptr_t mask_u8, std::uintptr_t mask_w, std::uintptr_t stats,
+                            std::uintptr_t workspace, std::uintptr_t grad_values, int64_t n,
+                            int blocks, int dtype, bool shift_mean, bool unbiased,
+                            std::uintptr_t stream) {
+  check_whiten_args("masked_whiten_backward", n, blocks, mask_u8, mask_w);
+  dispatch_logits(dtype, "masked_whiten_backward", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = acc_t<T>;
+    if (n == 0) return;
+    RLK_CHECK_ARG(grad_out != 0 && values != 0 && stats != 0 && workspace != 0 &&
+                      grad_values != 0,
+                  "masked_whiten_backward: null device pointer");
+    const cudaStream_t s = as_stream(stream);
+    const A* g = as_cptr<A>(grad_out);
+    const T* v = as_cptr<T>(values);
+    const A* st = as_cptr<A>(stats);
+    A* ws = as_ptr<A>(workspace);
+    whiten_bwd_sums_kernel<T><<<blocks, kWhitenThreads, 0, s>>>(g, v, n, st, ws);
+    RLK_CHECK_LAUNCH();
+    whiten_bwd_apply_kernel<T><<<blocks, kWhitenThreads, 0, s>>>(
+        g, v, as_cptr<uint8_t>(mask_u8), as_cptr<A>(mask_w), n, st, ws, as_ptr<T>(grad_values),
+        shift_mean, unbiased);
     RLK_CHECK_LAUNCH();
   });
 }

@@ -137,6 +137,24 @@ PYBIND11_MODULE(_C, m) {
         py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
         "Gradients of kl_divergence w.r.t. logits and (grad_y != 0) ref_logits.");
 
+  m.def("sparse_forward", &rlk::sparse_forward, py::arg("logits"), py::arg("stride_x"),
+        py::arg("indices"), py::arg("si0"), py::arg("si1"), py::arg("target"), py::arg("st0"),
+        py::arg("st1"), py::arg("out"), py::arg("so0"), py::arg("tail"), py::arg("stats"),
+        py::arg("n"), py::arg("vocab"), py::arg("k"), py::arg("dtype"), py::arg("mode"),
+        py::arg("with_tail"), py::arg("inv_temperature"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>(),
+        "sparse_logprobs (mode 0 full, 1 support) / sparse_kl (mode 2) forward, one block "
+        "per row. See csrc/rlkernels.h.");
+  m.def("sparse_backward", &rlk::sparse_backward, py::arg("logits"), py::arg("stride_x"),
+        py::arg("grad"), py::arg("stride_g"), py::arg("indices"), py::arg("si0"),
+        py::arg("si1"), py::arg("sorted_ids"), py::arg("perm"), py::arg("gk"), py::arg("sg0"),
+        py::arg("sg1"), py::arg("lp"), py::arg("sl0"), py::arg("sl1"), py::arg("tail"),
+        py::arg("grad_tail"), py::arg("grad_kl"), py::arg("stats"), py::arg("ss0"),
+        py::arg("ss1"), py::arg("n"), py::arg("vocab"), py::arg("k"), py::arg("dtype"),
+        py::arg("mode"), py::arg("with_tail"), py::arg("inv_temperature"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>(),
+        "Gradient of sparse_logprobs / sparse_kl w.r.t. the logits. See csrc/rlkernels.h.");
+
   // ---- advantage.cu ----
   m.def("group_advantages_forward", &rlk::group_advantages_forward, py::arg("rewards"),
         py::arg("stride"), py::arg("perm"), py::arg("starts"), py::arg("out"),
@@ -145,6 +163,31 @@ PYBIND11_MODULE(_C, m) {
         py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
         "GRPO-family advantages, one warp per group (method 0 grpo, 1 dr_grpo, 2 rloo, "
         "3 batch_std). See csrc/rlkernels.h.");
+
+  m.def("gae_forward", &rlk::gae_forward, py::arg("rewards"), py::arg("r_sb"),
+        py::arg("r_st"), py::arg("values"), py::arg("v_sb"), py::arg("v_st"), py::arg("mask"),
+        py::arg("m_sb"), py::arg("m_st"), py::arg("advantages"), py::arg("returns"),
+        py::arg("b"), py::arg("t"), py::arg("dtype"), py::arg("gamma"), py::arg("lam"),
+        py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+        "GAE over [b, t]: one warp per row, a reverse scan in chunks. See csrc/rlkernels.h.");
+  m.def("discounted_returns_forward", &rlk::discounted_returns_forward, py::arg("rewards"),
+        py::arg("r_sb"), py::arg("r_st"), py::arg("mask"), py::arg("m_sb"), py::arg("m_st"),
+        py::arg("out"), py::arg("b"), py::arg("t"), py::arg("dtype"), py::arg("gamma"),
+        py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+        "Discounted return-to-go over [b, t] (masked steps skipped). See csrc/rlkernels.h.");
+  m.def("masked_whiten_forward", &rlk::masked_whiten_forward, py::arg("values"),
+        py::arg("mask_u8"), py::arg("mask_w"), py::arg("out"), py::arg("stats"),
+        py::arg("workspace"), py::arg("n"), py::arg("blocks"), py::arg("dtype"),
+        py::arg("shift_mean"), py::arg("eps"), py::arg("unbiased"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>(),
+        "Masked whitening with whole-tensor statistics (two-stage deterministic sums); "
+        "stats = (count, mean, rstd, sum w (v - mean)). See csrc/rlkernels.h.");
+  m.def("masked_whiten_backward", &rlk::masked_whiten_backward, py::arg("grad_out"),
+        py::arg("values"), py::arg("mask_u8"), py::arg("mask_w"), py::arg("stats"),
+        py::arg("workspace"), py::arg("grad_values"), py::arg("n"), py::arg("blocks"),
+        py::arg("dtype"), py::arg("shift_mean"), py::arg("unbiased"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>(),
+        "Gradient of masked_whiten w.r.t. values from the forward's stats.");
 
   // ---- policy.cu: policy_loss ----
   m.def("policy_loss_forward", &policy_loss_forward_py, py::arg("ptrs"), py::arg("strides"),

@@ -70,6 +70,31 @@ void kl_divergence_backward(std::uintptr_t grad_kl, int64_t stride_g, std::uintp
                             int64_t stride_gy, int64_t n, int64_t vocab, int dtype, int kind,
                             double beta, double inv_temperature, std::uintptr_t stream);
 
+// sparse_logprobs (mode 0 full, 1 support) and sparse_kl (mode 2) over logits [n, vocab] and
+// ids indices int64 [n, k] (strides si0, si1; -1 = unused slot). Forward: out = log-probs
+// [n, k] (row stride so0, unit column stride) or kl [n] (so0 ignored); tail [n] (0 unless
+// with_tail); stats [n, 3] = (m, log1p(rest), 0); target: teacher log-probs [n, k] (kl only,
+// accumulation type, strides st0, st1).
+void sparse_forward(std::uintptr_t logits, int64_t stride_x, std::uintptr_t indices, int64_t si0,
+                    int64_t si1, std::uintptr_t target, int64_t st0, int64_t st1,
+                    std::uintptr_t out, int64_t so0, std::uintptr_t tail, std::uintptr_t stats,
+                    int64_t n, int64_t vocab, int64_t k, int dtype, int mode, bool with_tail,
+                    double inv_temperature, std::uintptr_t stream);
+
+// Backward: grad [n, vocab] (logits' dtype, row stride stride_g). sorted_ids / perm: int32
+// contiguous [n, k], each row's ids sorted stably (unused and out-of-range ids as 2**31 - 1)
+// and their slots. gk: grad_logp (modes 0, 1; 0 = absent) or the targets (mode 2); lp: the
+// forward's log-probs (mode 1); tail: the forward's tail; grad_tail (modes 0, 1 with
+// with_tail) and grad_kl (mode 2): [n] in the accumulation type.
+void sparse_backward(std::uintptr_t logits, int64_t stride_x, std::uintptr_t grad,
+                     int64_t stride_g, std::uintptr_t indices, int64_t si0, int64_t si1,
+                     std::uintptr_t sorted_ids, std::uintptr_t perm, std::uintptr_t gk,
+                     int64_t sg0, int64_t sg1, std::uintptr_t lp, int64_t sl0, int64_t sl1,
+                     std::uintptr_t tail, std::uintptr_t grad_tail, std::uintptr_t grad_kl,
+                     std::uintptr_t stats, int64_t ss0, int64_t ss1, int64_t n, int64_t vocab,
+                     int64_t k, int dtype, int mode, bool with_tail, double inv_temperature,
+                     std::uintptr_t stream);
+
 // ---- advantage.cu -------------------------------------------------------------------------
 // out[b] (accumulation type) = advantages of rewards[b] (stride `stride`, any float dtype).
 // Contiguous groups: perm = starts = 0, slots = b / group_size. group_index path: perm [b]
@@ -81,6 +106,37 @@ void group_advantages_forward(std::uintptr_t rewards, int64_t stride, std::uintp
                               std::uintptr_t workspace, int64_t b, int64_t group_size,
                               int64_t slots, int dtype, int method, bool unbiased, double eps,
                               std::uintptr_t stream);
+
+// Reverse scans over [b, t] (rewards, values: dtype code `dtype`, any (row, step) strides;
+// mask: uint8, non-zero = valid, any strides). Outputs contiguous [b, t] in the accumulation
+// type, exactly 0 at masked steps. gae: advantages and returns (advantages + values).
+void gae_forward(std::uintptr_t rewards, int64_t r_sb, int64_t r_st, std::uintptr_t values,
+                 int64_t v_sb, int64_t v_st, std::uintptr_t mask, int64_t m_sb, int64_t m_st,
+                 std::uintptr_t advantages, std::uintptr_t returns, int64_t b, int64_t t,
+                 int dtype, double gamma, double lam, std::uintptr_t stream);
+
+void discounted_returns_forward(std::uintptr_t rewards, int64_t r_sb, int64_t r_st,
+                                std::uintptr_t mask, int64_t m_sb, int64_t m_st,
+                                std::uintptr_t out, int64_t b, int64_t t, int dtype,
+                                double gamma, std::uintptr_t stream);
+
+// masked_whiten over n contiguous values (dtype code `dtype`); the mask is either uint8
+// (mask_u8, weights 0/1) or weights in the accumulation type (mask_w); the other pointer is 0.
+// out: n elements, stats: 4 = (count, mean, rstd, sum w (v - mean)), both in the accumulation
+// type; workspace: blocks * 4 elements; blocks in [1, 1024] (a function of n only, chosen
+// by the caller: determinism).
+void masked_whiten_forward(std::uintptr_t values, std::uintptr_t mask_u8, std::uintptr_t mask_w,
+                           std::uintptr_t out, std::uintptr_t stats, std::uintptr_t workspace,
+                           int64_t n, int blocks, int dtype, bool shift_mean, double eps,
+                           bool unbiased, std::uintptr_t stream);
+
+// grad_values (values' dtype) from grad_out (accumulation type, contiguous) and the forward's
+// stats; workspace: blocks * 2 elements.
+void masked_whiten_backward(std::uintptr_t grad_out, std::uintptr_t values,
+                            std::uintptr_t mask_u8, std::uintptr_t mask_w, std::uintptr_t stats,
+                            std::uintptr_t workspace, std::uintptr_t grad_values, int64_t n,
+                            int blocks, int dtype, bool shift_mean, bool unbiased,
+                            std::uintptr_t stream);
 
 // ---- policy.cu: policy_loss ----------------------------------------------------------------
 // Every tensor in the compute dtype (fp32, or fp64: dtype 0 or 3), [B, T] addressed as

@@ -1,5 +1,5 @@
-// Vocabulary family (ops that read logits [N, V]): token_logprobs (+ entropy) and
-// kl_divergence, forward and backward. Python launchers: rlkernels/cuda/vocab.py. The math is
+// Vocabulary family (ops that read logits [N, V]): token_logprobs (+ entropy),
+// kl_divergence, sparse_logprobs and sparse_kl, forward and backward. Python launchers: rlkernels/cuda/vocab.py. The math is
 // stated in rlkernels/reference/vocab.py; this file states how it is streamed.
 //
 // Layout of every kernel: one block per row (grid = N), so a row's result never depends on N
@@ -342,6 +342,239 @@ __global__ void __launch_bounds__(kMaxThreads)
   });
 }
 
+// ============================================================== sparse_logprobs / sparse_kl
+//
+// One block per row, z = x / T, row statistics (m, log s) of the whole row as above. Modes:
+//   kFull:    logp_k = (z_k - m) - log s                        (full-vocabulary log-probs)
+//   kSupport: logp_k = (z_k - m_K) - log1p(rest_K)              (softmax over the valid slots)
+//   kKl:      kl = sum_k t_k (log t_k - logp_k) [+ t_tail (log t_tail - tail)],
+//             t_k = exp(target_k), t_tail = max(1 - sum t_k, 0), 0 when the ids cover V
+// Slot k is valid iff its id is >= 0 (-1: unused slot, output -inf); a valid id >= V (only
+// reachable with debug checks off) reads as a -inf logit and is a member of no column.
+// tail = log of the full-vocabulary mass outside the row's distinct valid ids, from its own
+// online (max, rest) over those columns (never log(1 - sum): exact on peaked rows).
+// Membership (forward): a bitmap of the ids in shared memory, kSparseSegCols columns at a
+// time (one segment covers V <= 262144; a larger V re-reads the ids once per segment).
+// Backward: a dense pass writes every column's non-member gradient; after a barrier, the
+// first slot of each run of equal ids in the row's sorted ids (sorted by the launcher, stable,
+// so duplicate ids sum in slot order: deterministic) overwrites its column with the member
+// gradient. Every value comes from one thread in a fixed order: no atomics.
+
+enum SparseMode : int { kSparseFull = 0, kSparseSupport = 1, kSparseKl = 2 };
+constexpr int kSparseWords = 8192;                   // 32 KiB of bitmap
+constexpr int64_t kSparseSegCols = 32 * kSparseWords;
+constexpr int32_t kSparseSentinel = 0x7fffffff;      // sorted id of an unused / bad slot
+
+template <class A>
+__device__ __forceinline__ A log_tail_of(const SoftmaxState<A>& out, A ms, A log_s) {
+  // (max outside - m) + log1p(rest outside) - log s; -inf when no outside column is finite
+  return (out.m - ms) + d_log1p(out.rest) - log_s;
+}
+
+template <class T, int kMode, bool kTail>
+__global__ void __launch_bounds__(kMaxThreads)
+    sparse_fwd_kernel(const T* __restrict__ x, int64_t stride_x, int64_t V,
+                      const int64_t* __restrict__ idx, int64_t si0, int64_t si1, int64_t K,
+                      const acc_t<T>* __restrict__ tgt, int64_t st0, int64_t st1,
+                      acc_t<T>* __restrict__ out, int64_t so0, acc_t<T>* __restrict__ tail,
+                      acc_t<T>* __restrict__ stats, acc_t<T> inv_t) {
+  using A = acc_t<T>;
+  __shared__ SoftmaxState<A> scratch[32];
+  __shared__ A sum_scratch[32];
+  __shared__ long long count_scratch[32];
+  __shared__ uint32_t bits[kTail ? kSparseWords : 1];
+  const int64_t row = blockIdx.x;
+  const T* xr = x + row * stride_x;
+  const int64_t* ir = idx + row * si0;
+  SoftmaxState<A> st = softmax_empty<A>(), so = softmax_empty<A>();
+  long long distinct = 0;
+  if (!kTail) {
+    for_each_col(xr, V, [&](int64_t, A v) { softmax_add<false>(st, v * inv_t); });
+  } else {
+    for (int64_t s0 = 0; s0 < V; s0 += kSparseSegCols) {
+      const int64_t len = V - s0 < kSparseSegCols ? V - s0 : kSparseSegCols;
+      const int words = static_cast<int>((len + 31) / 32);
+      for (int w = threadIdx.x; w < words; w += blockDim.x) bits[w] = 0u;
+      __syncthreads();
+      for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
+        const int64_t id = ir[k * si1] - s0;
+        if (id >= 0 && id < len) atomicOr(&bits[id >> 5], 1u << (id & 31));  // integer OR
+      }
+      __syncthreads();
+      if (kMode == kSparseKl) {
+        long long c = 0;
+        for (int w = threadIdx.x; w < words; w += blockDim.x) c += __popc(bits[w]);
+        distinct += block_sum(c, count_scratch);
+      }
+      for_each_col(xr + s0, len, [&](int64_t j, A v) {
+        const A z = v * inv_t;
+        softmax_add<false>(st, z);
+        if (!((bits[j >> 5] >> (j & 31)) & 1u)) softmax_add<false>(so, z);
+      });
+      __syncthreads();  // the next segment clears the bitmap
+    }
+  }
+  st = softmax_block_reduce<false>(st, scratch);
+  if (kTail) so = softmax_block_reduce<false>(so, scratch);
+  const A ms = shift_of(st.m), log_s = d_log1p(st.rest);
+  const A tail_v = kTail ? log_tail_of(so, ms, log_s) : A(0);
+  if (threadIdx.x == 0) {
+    stats[row * 3] = st.m;
+    stats[row * 3 + 1] = log_s;
+    stats[row * 3 + 2] = A(0);
+    tail[row] = tail_v;
+  }
+  auto z_at = [&](int64_t id) {
+    return id < V ? to_acc(xr[id]) * inv_t : neg_inf<A>();
+  };
+  if (kMode == kSparseFull) {
+    for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
+      const int64_t id = ir[k * si1];
+      out[row * so0 + k] = id >= 0 ? (z_at(id) - ms) - log_s : neg_inf<A>();
+    }
+  } else if (kMode == kSparseSupport) {
+    SoftmaxState<A> sk = softmax_empty<A>();
+    for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
+      const int64_t id = ir[k * si1];
+      if (id >= 0) softmax_add<false>(sk, z_at(id));
+    }
+    sk = softmax_block_reduce<false>(sk, scratch);
+    // log1p(rest): 1 - s_k of a peaked support keeps its digits (backward uses expm1 of it)
+    const A mk = shift_of(sk.m), log_sk = d_log1p(sk.rest);
+    for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
+      const int64_t id = ir[k * si1];
+      out[row * so0 + k] = id >= 0 ? (z_at(id) - mk) - log_sk : neg_inf<A>();
+    }
+  } else {
+    A acc = A(0), mass = A(0);
+    for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
+      const int64_t id = ir[k * si1];
+      if (id < 0) continue;  // an unused slot's target is never read (it may be NaN)
+      const A t_log = tgt[row * st0 + k * st1];
+      const A t = d_exp(t_log);
+      acc += xmul0(t, t_log - ((z_at(id) - ms) - log_s));
+      mass += t;
+    }
+    acc = block_sum(acc, sum_scratch);
+    mass = block_sum(mass, sum_scratch);
+    if (threadIdx.x == 0) {
+      if (kTail) {
+        A t_tail = A(1) - mass;
+        t_tail = t_tail < A(0) ? A(0) : t_tail;  // keeps NaN
+        if (distinct >= V) t_tail = A(0);        // no column outside the ids: no tail bucket
+        acc += xmul0(t_tail, d_log(t_tail) - tail_v);
+      }
+      out[row] = acc;
+    }
+  }
+}
+
+// Backward. gk: grad_logp (full, support; 0 = no gradient) or the targets (kl), [N, K] with
+// strides; lp: the forward's log-probs (support); sid / perm: the row's ids sorted (stable,
+// unused and out-of-range ids as kSparseSentinel, last) and their slots, contiguous [N, K].
+// With p = exp(lp_j), lp_j = (z_j - m) - log s, q = exp(lp_j - tail) (0 at -inf columns),
+// G = sum over the valid slots of g_k, and over a column's slots (a run of sid) scat:
+//   full:    member -scat expm1(lp) - p (G - scat)  [= scat - p G];     other: -p G
+//            tail: member -g_t p;  other + q c_out, c_out = -g_t expm1(tail)  [= g_t (q - p)]
+//   support: member scat of (-g_k expm1(lp_k) - s_k (G - g_k)) [= g_k - s_k G]; other 0;
+//            tail terms as for full
+//   kl:      g_kl (p coef - scat_t) (member),  g_kl (p coef - t_tail q) (other),
+//            coef = sum t_k + t_tail
+// all times 1/T. The rewrites keep 1 - p on a peak and q - p outside the ids exact.
+template <class T, int kMode, bool kTail>
+__global__ void __launch_bounds__(kMaxThreads)
+    sparse_bwd_kernel(const T* __restrict__ x, int64_t stride_x, T* __restrict__ grad,
+                      int64_t stride_g, int64_t V, const int64_t* __restrict__ idx, int64_t si0,
+                      int64_t si1, int64_t K, const int32_t* __restrict__ sid,
+                      const int32_t* __restrict__ perm, const acc_t<T>* __restrict__ gk,
+                      int64_t sg0, int64_t sg1, const acc_t<T>* __restrict__ lp, int64_t sl0,
+                      int64_t sl1, const acc_t<T>* __restrict__ tail_in,
+                      const acc_t<T>* __restrict__ g_tail, const acc_t<T>* __restrict__ g_kl,
+                      const acc_t<T>* __restrict__ stats, int64_t ss0, int64_t ss1,
+                      acc_t<T> inv_t) {
+  using A = acc_t<T>;
+  __shared__ A sum_scratch[32];
+  __shared__ long long count_scratch[32];
+  const int64_t row = blockIdx.x;
+  const T* xr = x + row * stride_x;
+  T* gr = grad + row * stride_g;
+  const int64_t* ir = idx + row * si0;
+  const int32_t* sr = sid + row * K;
+  const int32_t* pr = perm + row * K;
+  const A* gkr = gk != nullptr ? gk + row * sg0 : nullptr;
+  auto slot_value = [&](int64_t k) {  // g_k, or t_k for kl (valid slots only)
+    if (gkr == nullptr) return A(0);
+    const A val = gkr[k * sg1];
+    return kMode == kSparseKl ? d_exp(val) : val;
+  };
+  A total = A(0);
+  for (int64_t k = threadIdx.x; k < K; k += blockDim.x)
+    if (ir[k * si1] >= 0) total += slot_value(k);
+  total = block_sum(total, sum_scratch);
+  const A ms = shift_of(stats[row * ss0]);
+  const A log_s = stats[row * ss0 + ss1];
+  const A tail_v = kTail ? tail_in[row] : A(0);
+  A c_out = A(0), gt = A(0), t_tail = A(0), coef = total, gkl = A(1);
+  if (kMode == kSparseKl) {
+    gkl = g_kl[row];
+    if (kTail) {
+      long long c = 0;  // distinct valid ids: the run starts of the sorted ids
+      for (int64_t i = threadIdx.x; i < K; i += blockDim.x)
+        c += sr[i] != kSparseSentinel && (i == 0 || sr[i - 1] != sr[i]);
+      const long long distinct = block_sum(c, count_scratch);
+      t_tail = A(1) - total;
+      t_tail = t_tail < A(0) ? A(0) : t_tail;
+      if (distinct >= V) t_tail = A(0);
+      coef = total + t_tail;
+    }
+  } else if (kTail) {
+    gt = g_tail[row];
+    c_out = -gt * d_expm1(tail_v);
+  }
+  auto q_of = [&](A z, A l) { return z == neg_inf<A>() ? A(0) : d_exp(l - tail_v); };
+  map_row(xr, gr, V, [&](int64_t, A v) {
+    const A z = v * inv_t;
+    const A l = (z - ms) - log_s;
+    const A p = d_exp(l);
+    A g;
+    if (kMode == kSparseKl) {
+      g = p * coef;
+      if (kTail) g -= t_tail * q_of(z, l);
+      g *= gkl;
+    } else {
+      g = kMode == kSparseFull ? -p * total : A(0);
+      if (kTail) g += q_of(z, l) * c_out;
+    }
+    return g * inv_t;
+  });
+  __syncthreads();  // the dense values of the member columns are written: overwrite them
+  for (int64_t i = threadIdx.x; i < K; i += blockDim.x) {
+    const int32_t j = sr[i];
+    if (j == kSparseSentinel || (i > 0 && sr[i - 1] == j)) continue;
+    A scat = A(0);
+    for (int64_t r = i; r < K && sr[r] == j; ++r) {
+      const int64_t k = pr[r];
+      A val = slot_value(k);
+      if (kMode == kSparseSupport) {
+        const A lpk = lp[row * sl0 + k * sl1];
+        val = -val * d_expm1(lpk) - d_exp(lpk) * (total - val);
+      }
+      scat += val;
+    }
+    const A z = to_acc(xr[j]) * inv_t;
+    const A l = (z - ms) - log_s;
+    const A p = d_exp(l);
+    A g;
+    if (kMode == kSparseKl) {
+      g = (p * coef - scat) * gkl;
+    } else {
+      g = kMode == kSparseFull ? -scat * d_expm1(l) - p * (total - scat) : scat;
+      if (kTail) g -= gt * p;
+    }
+    gr[j] = from_acc<T>(g * inv_t);
+  }
+}
+
 cudaStream_t checked_stream(std::uintptr_t s) { return as_stream(s); }
 
 }  // namespace
@@ -507,6 +740,87 @@ void kl_divergence_backward(std::uintptr_t grad_kl, int64_t stride_g, std::uintp
     else if (kind == kForward) { if (need_w) RLK_KL_BWD(kForward, true); else RLK_KL_BWD(kForward, false); }
     else { if (need_w) RLK_KL_BWD(kJsd, true); else RLK_KL_BWD(kJsd, false); }
 #undef RLK_KL_BWD
+    RLK_CHECK_LAUNCH();
+  });
+}
+
+void sparse_forward(std::uintptr_t logits, int64_t stride_x, std::uintptr_t indices, int64_t si0,
+                    int64_t si1, std::uintptr_t target, int64_t st0, int64_t st1,
+                    std::uintptr_t out, int64_t so0, std::uintptr_t tail, std::uintptr_t stats,
+                    int64_t n, int64_t vocab, int64_t k, int dtype, int mode, bool with_tail,
+                    double inv_temperature, std::uintptr_t stream) {
+  RLK_CHECK_ARG(n >= 0 && n <= 0x7fffffffLL,
+                "sparse_forward: n must be in [0, 2**31), got " + std::to_string(n));
+  RLK_CHECK_ARG(vocab >= 1 && vocab < 0x7fffffffLL,
+                "sparse_forward: vocab must be in [1, 2**31 - 1), got " + std::to_string(vocab));
+  RLK_CHECK_ARG(k >= 0, "sparse_forward: k must be >= 0, got " + std::to_string(k));
+  RLK_CHECK_ARG(mode >= 0 && mode <= 2, "sparse_forward: mode code must be 0 (full), "
+                                        "1 (support) or 2 (kl), got " + std::to_string(mode));
+  dispatch_logits(dtype, "sparse_forward", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = acc_t<T>;
+    if (n == 0) return;
+    RLK_CHECK_ARG(logits != 0 && (k == 0 || indices != 0) && tail != 0 && stats != 0 &&
+                      (out != 0 || k == 0) && (mode != kSparseKl || target != 0 || k == 0),
+                  "sparse_forward: null device pointer");
+    const int threads = row_threads(vocab, VecWidth<T>::value, kMaxThreads);
+    const cudaStream_t s = checked_stream(stream);
+    const dim3 grid(static_cast<unsigned>(n));
+#define RLK_SPARSE_FWD(MODE, TAIL)                                                             \
+  sparse_fwd_kernel<T, MODE, TAIL><<<grid, threads, 0, s>>>(                                   \
+      as_cptr<T>(logits), stride_x, vocab, as_cptr<int64_t>(indices), si0, si1, k,             \
+      as_cptr<A>(target), st0, st1, as_ptr<A>(out), so0, as_ptr<A>(tail), as_ptr<A>(stats),    \
+      static_cast<A>(inv_temperature))
+    if (mode == kSparseFull) { if (with_tail) RLK_SPARSE_FWD(kSparseFull, true); else RLK_SPARSE_FWD(kSparseFull, false); }
+    else if (mode == kSparseSupport) { if (with_tail) RLK_SPARSE_FWD(kSparseSupport, true); else RLK_SPARSE_FWD(kSparseSupport, false); }
+    else { if (with_tail) RLK_SPARSE_FWD(kSparseKl, true); else RLK_SPARSE_FWD(kSparseKl, false); }
+#undef RLK_SPARSE_FWD
+    RLK_CHECK_LAUNCH();
+  });
+}
+
+void sparse_backward(std::uintptr_t logits, int64_t stride_x, std::uintptr_t grad,
+                     int64_t stride_g, std::uintptr_t indices, int64_t si0, int64_t si1,
+                     std::uintptr_t sorted_ids, std::uintptr_t perm, std::uintptr_t gk,
+                     int64_t sg0, int64_t sg1, std::uintptr_t lp, int64_t sl0, int64_t sl1,
+                     std::uintptr_t tail, std::uintptr_t grad_tail, std::uintptr_t grad_kl,
+                     std::uintptr_t stats, int64_t ss0, int64_t ss1, int64_t n, int64_t vocab,
+                     int64_t k, int dtype, int mode, bool with_tail, double inv_temperature,
+                     std::uintptr_t stream) {
+  RLK_CHECK_ARG(n >= 0 && n <= 0x7fffffffLL,
+                "sparse_backward: n must be in [0, 2**31), got " + std::to_string(n));
+  RLK_CHECK_ARG(vocab >= 1 && vocab < 0x7fffffffLL,
+                "sparse_backward: vocab must be in [1, 2**31 - 1), got " + std::to_string(vocab));
+  RLK_CHECK_ARG(k >= 0, "sparse_backward: k must be >= 0, got " + std::to_string(k));
+  RLK_CHECK_ARG(mode >= 0 && mode <= 2, "sparse_backward: mode code must be 0 (full), "
+                                        "1 (support) or 2 (kl), got " + std::to_string(mode));
+  dispatch_logits(dtype, "sparse_backward", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = acc_t<T>;
+    if (n == 0) return;
+    RLK_CHECK_ARG(logits != 0 && grad != 0 && stats != 0 &&
+                      (k == 0 || (indices != 0 && sorted_ids != 0 && perm != 0)),
+                  "sparse_backward: null device pointer");
+    RLK_CHECK_ARG(mode != kSparseSupport || k == 0 || lp != 0,
+                  "sparse_backward: support mode needs the forward's log-probs (lp)");
+    RLK_CHECK_ARG(mode != kSparseKl || (grad_kl != 0 && (k == 0 || gk != 0)),
+                  "sparse_backward: kl mode needs grad_kl and the targets (gk)");
+    RLK_CHECK_ARG(!with_tail || (tail != 0 && (mode == kSparseKl || grad_tail != 0)),
+                  "sparse_backward: with_tail needs tail (and grad_tail unless kl)");
+    const int threads = row_threads(vocab, VecWidth<T>::value, kMaxThreads);
+    const cudaStream_t s = checked_stream(stream);
+    const dim3 grid(static_cast<unsigned>(n));
+#define RLK_SPARSE_BWD(MODE, TAIL)                                                             \
+  sparse_bwd_kernel<T, MODE, TAIL><<<grid, threads, 0, s>>>(                                   \
+      as_cptr<T>(logits), stride_x, as_ptr<T>(grad), stride_g, vocab,                          \
+      as_cptr<int64_t>(indices), si0, si1, k, as_cptr<int32_t>(sorted_ids),                    \
+      as_cptr<int32_t>(perm), as_cptr<A>(gk), sg0, sg1, as_cptr<A>(lp), sl0, sl1,              \
+      as_cptr<A>(tail), as_cptr<A>(grad_tail), as_cptr<A>(grad_kl), as_cptr<A>(stats), ss0,    \
+      ss1, static_cast<A>(inv_temperature))
+    if (mode == kSparseFull) { if (with_tail) RLK_SPARSE_BWD(kSparseFull, true); else RLK_SPARSE_BWD(kSparseFull, false); }
+    else if (mode == kSparseSupport) { if (with_tail) RLK_SPARSE_BWD(kSparseSupport, true); else RLK_SPARSE_BWD(kSparseSupport, false); }
+    else { if (with_tail) RLK_SPARSE_BWD(kSparseKl, true); else RLK_SPARSE_BWD(kSparseKl, false); }
+#undef RLK_SPARSE_BWD
     RLK_CHECK_LAUNCH();
   });
 }

@@ -5,8 +5,9 @@ the current CUDA stream to the extension. Importing this package never raises; w
 extension or a GPU, `cuda_status()` says why the backend is unavailable.
 
 Families (the registry, rlkernels/backends.py, finds ``<op>_forward`` in
-``rlkernels.cuda.<family>``): vocab (token_logprobs + entropy, kl_divergence), advantage
-(group_advantages), policy (policy_loss, grpo_loss, and the elementwise kl_penalty_forward).
+``rlkernels.cuda.<family>``): vocab (token_logprobs + entropy, kl_divergence,
+sparse_logprobs, sparse_kl), advantage (group_advantages, gae, discounted_returns,
+masked_whiten), policy (policy_loss, grpo_loss, and the elementwise kl_penalty_forward).
 The kernels are compiled but have NOT yet been run on a GPU.
 """
 

@@ -1,6 +1,11 @@
-"""Launcher for csrc/advantage.cu: ``group_advantages`` (same signature and output as
-:mod:`rlkernels.reference.advantage`). One warp per group, members in their original order:
-deterministic, and bit-identical for contiguous groups and ``group_index``.
+"""Launchers for csrc/advantage.cu, with the signatures and outputs of
+:mod:`rlkernels.reference.advantage`:
+
+* ``group_advantages_forward``: one warp per group, members in their original order:
+  deterministic, and bit-identical for contiguous groups and ``group_index``;
+* ``gae_forward``, ``discounted_returns_forward``: reverse scans over ``T``, one warp per row;
+* ``masked_whiten_forward`` / ``masked_whiten_backward``: whole-tensor masked statistics with
+  deterministic two-stage sums (no atomics).
 
 Status: compiled, NOT yet run on a GPU.
 """
@@ -8,12 +13,12 @@ Status: compiled, NOT yet run on a GPU.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
 from ._common import (DTYPE_CODES, FLOAT_DTYPES, INDEX_DTYPES, check_cuda_tensor, check_shape,
-                      compute_dtype, extension, stream_of)
+                      compute_dtype, extension, ptr, stream_of)
 
 Tensor = torch.Tensor
 
@@ -67,4 +72,187 @@ def group_advantages_forward(rewards: Tensor, group_index: Optional[Tensor], gro
     return out
 
 
-__all__ = ["group_advantages_forward"]
+# ===================================================================== gae, discounted returns
+
+# Masks may be bool, integer or float (non-zero = valid), as in rlkernels/ops/advantage.py.
+MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+               *FLOAT_DTYPES)
+
+
+def _number(name: str, x) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{name}: expected a float, got {type(x).__name__} {x!r}")
+    return float(x)
+
+
+def _mask(name: str, mask, ref_name: str, ref: Tensor) -> Tensor:
+    check_cuda_tensor(name, mask, MASK_DTYPES, like=ref)
+    if tuple(mask.shape) != tuple(ref.shape):
+        raise ValueError(f"{name}: expected shape {tuple(ref.shape)} (that of {ref_name}), "
+                         f"got {tuple(mask.shape)}")
+    return mask
+
+
+def _valid_u8(mask: Tensor) -> Tensor:
+    """``mask != 0`` as a uint8 view (strides kept; a new tensor only for non-bool masks)."""
+    valid = mask if mask.dtype == torch.bool else mask != 0
+    return valid.view(torch.uint8)
+
+
+def _rows_steps(name: str, t: Tensor) -> Tuple[int, int]:
+    b, steps = t.shape
+    if b >= 2 ** 31:
+        raise ValueError(f"{name}: expected fewer than 2**31 rows, got {b}")
+    return b, steps
+
+
+def gae_forward(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float
+                ) -> Tuple[Tensor, Tensor]:
+    """``(advantages, returns)`` ``[B, T]``, as :func:`rlkernels.reference.advantage.gae`:
+    at a valid step ``delta = r_t + gamma * nextvalue - v_t``, ``lastgae = delta + gamma lam
+    lastgae``, ``nextvalue = v_t``; masked steps are skipped (the state passes through) and
+    output exactly 0; ``returns = advantages + values``. fp32 (fp64 when an input is fp64).
+
+    Kernel: one warp per row, a reverse scan of the affine map ``L -> delta + gamma lam L``
+    (and of "value at the next valid step") in chunks of 128 steps; any strides.
+    Status: compiled, NOT yet run on a GPU.
+    """
+    C = extension()
+    check_cuda_tensor("rewards", rewards, FLOAT_DTYPES, ndim=2)
+    check_cuda_tensor("values", values, FLOAT_DTYPES, ndim=2, like=rewards)
+    check_shape("values", values, tuple(rewards.shape))
+    valid = _valid_u8(_mask("mask", mask, "rewards", rewards))
+    g, lam = _number("gamma", gamma), _number("lam", lam)
+    b, steps = _rows_steps("rewards", rewards)
+    cdt = torch.float64 if torch.float64 in (rewards.dtype, values.dtype) else torch.float32
+    r, v = rewards, values
+    if r.dtype != v.dtype:  # one storage dtype per kernel: convert the pair to the math dtype
+        r, v = r.to(cdt), v.to(cdt)
+    adv = torch.empty((b, steps), dtype=cdt, device=r.device)
+    ret = torch.empty((b, steps), dtype=cdt, device=r.device)
+    if b == 0 or steps == 0:
+        return adv, ret
+    with torch.cuda.device(r.device):
+        C.gae_forward(r.data_ptr(), r.stride(0), r.stride(1), v.data_ptr(), v.stride(0),
+                      v.stride(1), valid.data_ptr(), valid.stride(0), valid.stride(1),
+                      adv.data_ptr(), ret.data_ptr(), b, steps, DTYPE_CODES[r.dtype], g, lam,
+                      stream_of(r))
+    return adv, ret
+
+
+def discounted_returns_forward(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
+    """``[B, T]``, as :func:`rlkernels.reference.advantage.discounted_returns`:
+    ``G_t = r_t + gamma G_{t'}`` with ``t'`` the next valid step, exactly 0 at masked steps.
+    fp32 (fp64 for fp64 rewards). Same kernel as :func:`gae_forward` (one warp per row).
+    Status: compiled, NOT yet run on a GPU.
+    """
+    C = extension()
+    check_cuda_tensor("rewards", rewards, FLOAT_DTYPES, ndim=2)
+    valid = _valid_u8(_mask("mask", mask, "rewards", rewards))
+    g = _number("gamma", gamma)
+    b, steps = _rows_steps("rewards", rewards)
+    out = torch.empty((b, steps), dtype=compute_dtype(rewards.dtype), device=rewards.device)
+    if b == 0 or steps == 0:
+        return out
+    r = rewards
+    with torch.cuda.device(r.device):
+        C.discounted_returns_forward(r.data_ptr(), r.stride(0), r.stride(1), valid.data_ptr(),
+                                     valid.stride(0), valid.stride(1), out.data_ptr(), b, steps,
+                                     DTYPE_CODES[r.dtype], g, stream_of(r))
+    return out
+
+
+# ============================================================================ masked_whiten
+
+WHITEN_STATS = 4  # (count, mean, rstd, sum w (v - mean))
+_WHITEN_MAX_BLOCKS = 1024  # csrc/advantage.cu kWhitenMaxBlocks
+_WHITEN_PER_BLOCK = 2048   # elements per block of 256 threads before a new block is added
+
+
+def _whiten_blocks(n: int) -> int:
+    """Blocks of the two-stage sums: a function of ``n`` only (determinism)."""
+    return max(1, min(_WHITEN_MAX_BLOCKS, -(-n // _WHITEN_PER_BLOCK)))
+
+
+def _whiten_inputs(values: Tensor, mask: Tensor, cdt: torch.dtype):
+    """Flat contiguous values, and the mask as (uint8 or None, weights in cdt or None)."""
+    v = values.contiguous()
+    if mask.dtype == torch.bool:
+        return v, mask.contiguous().view(torch.uint8), None
+    return v, None, mask.to(cdt).contiguous()
+
+
+def masked_whiten_forward(values: Tensor, mask: Tensor, shift_mean: bool, eps: float,
+                          unbiased: bool) -> Tuple[Tensor, Tensor]:
+    """``(out, stats)``: ``out`` as :func:`rlkernels.reference.advantage.masked_whiten`
+    (values' shape, fp32; fp64 for fp64 values) and ``stats = (c, mean, rstd, S)`` (4
+    elements, same dtype) for the backward.
+
+    With ``w = mask`` as weights (bool: 0/1; an element with ``w == 0`` takes no part, so a
+    NaN there does not leak): ``c = sum w``, ``mean = sum w v / max(c, 1)``,
+    ``dev = v - mean``, ``var = sum w dev^2 / max(c - 1 (unbiased) or c, 1)``,
+    ``rstd = 1 / sqrt(var + eps)``, ``out = dev rstd`` (``+ mean`` when not ``shift_mean``),
+    ``S = sum w dev`` (0 up to rounding when ``c >= 1``, not when ``0 < c < 1``).
+    A float mask is converted to the math dtype first (an entry that underflows to 0 there
+    counts as masked). Three launches, deterministic (no atomics).
+    Status: compiled, NOT yet run on a GPU.
+    """
+    C = extension()
+    check_cuda_tensor("values", values, FLOAT_DTYPES)
+    _mask("mask", mask, "values", values)
+    eps = _number("eps", eps)
+    cdt = compute_dtype(values.dtype)
+    v, mb, mw = _whiten_inputs(values, mask, cdt)
+    n = v.numel()
+    blocks = _whiten_blocks(n)
+    out = torch.empty(values.shape, dtype=cdt, device=values.device)
+    stats = torch.empty(WHITEN_STATS, dtype=cdt, device=values.device)
+    workspace = torch.empty(blocks, 4, dtype=cdt, device=values.device)
+    with torch.cuda.device(values.device):
+        C.masked_whiten_forward(v.data_ptr(), ptr(mb), ptr(mw), out.data_ptr(), stats.data_ptr(),
+                                workspace.data_ptr(), n, blocks, DTYPE_CODES[v.dtype],
+                                bool(shift_mean), eps, bool(unbiased), stream_of(v))
+    return out, stats
+
+
+def masked_whiten_backward(grad_out: Tensor, values: Tensor, mask: Tensor, stats: Tensor,
+                           shift_mean: bool, unbiased: bool) -> Tensor:
+    """Gradient w.r.t. ``values`` (values' dtype) of :func:`masked_whiten_forward`, from its
+    ``stats = (c, mean, r, S)``. With ``g = grad_out``, ``C1 = max(c, 1)``,
+    ``D = max(c - 1 (unbiased) or c, 1)``, ``G = sum_i g_i``, ``H = sum_i g_i dev_i`` (over
+    every element; a term with ``g_i = 0`` counts 0 even where ``dev_i`` is NaN) and
+    ``ns = 1`` when not ``shift_mean`` (else 0)::
+
+        grad_j = r g_j - w_j [ G (r - ns) / C1 + (r^3 H / D) (dev_j - S / C1) ]
+
+    (the second term only where ``w_j != 0``). Derivation: ``d mean / d v_j = w_j / C1``,
+    ``d var / d v_j = 2 w_j (dev_j - S / C1) / D``, ``d r / d v_j = -r^3 / 2 d var / d v_j``;
+    ``c`` (so ``C1``, ``D``) does not depend on ``v``. Two launches, deterministic.
+    Status: compiled, NOT yet run on a GPU.
+    """
+    C = extension()
+    check_cuda_tensor("values", values, FLOAT_DTYPES)
+    _mask("mask", mask, "values", values)
+    cdt = compute_dtype(values.dtype)
+    check_cuda_tensor("grad_out", grad_out, FLOAT_DTYPES, like=values)
+    check_shape("grad_out", grad_out, tuple(values.shape))
+    check_cuda_tensor("stats", stats, (cdt,), ndim=1, like=values)
+    check_shape("stats", stats, (WHITEN_STATS,))
+    v, mb, mw = _whiten_inputs(values, mask, cdt)
+    g = grad_out.to(cdt).contiguous()
+    n = v.numel()
+    grad = torch.empty(values.shape, dtype=values.dtype, device=values.device)
+    if n == 0:
+        return grad
+    blocks = _whiten_blocks(n)
+    workspace = torch.empty(blocks, 2, dtype=cdt, device=values.device)
+    with torch.cuda.device(values.device):
+        C.masked_whiten_backward(g.data_ptr(), v.data_ptr(), ptr(mb), ptr(mw),
+                                 stats.contiguous().data_ptr(), workspace.data_ptr(),
+                                 grad.data_ptr(), n, blocks, DTYPE_CODES[v.dtype],
+                                 bool(shift_mean), bool(unbiased), stream_of(v))
+    return grad
+
+
+__all__ = ["group_advantages_forward", "gae_forward", "discounted_returns_forward",
+           "masked_whiten_forward", "masked_whiten_backward"]
