@@ -339,7 +339,6 @@ def sparse_kl_forward(logits: Tensor, indices: Tensor, target_logprobs: Tensor,
     cover every column), ``0 log 0 = 0``; unused slots' targets are never read.
     Status: compiled, NOT yet run on a GPU.
     """
-    check_cuda_tensor("target_logprobs", target_logprobs, FLOAT_DTYPES, ndim=2)
     return _sparse_forward(logits, indices, target_logprobs, temperature, _MODE_KL, with_tail)
 
 
@@ -350,8 +349,6 @@ def sparse_kl_backward(grad_kl: Tensor, logits: Tensor, indices: Tensor,
     ``g (p (sum t_k + t_tail) - scatter(t_k) - t_tail 1[outside] q) / T``.
     Status: compiled, NOT yet run on a GPU.
     """
-    check_cuda_tensor("target_logprobs", target_logprobs, FLOAT_DTYPES, ndim=2)
-    check_cuda_tensor("grad_kl", grad_kl, FLOAT_DTYPES, ndim=1)
     return _sparse_backward(logits, indices, target_logprobs, None,
                             s_tail if with_tail else None, None, grad_kl, stats, temperature,
                             _MODE_KL, with_tail)

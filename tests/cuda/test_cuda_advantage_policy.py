@@ -1,4 +1,5 @@
-"""The cuda backend's group_advantages (csrc/advantage.cu) and policy_loss / grpo_loss
+"""The cuda backend's group_advantages, gae, discounted_returns and masked_whiten
+(csrc/advantage.cu) and policy_loss / grpo_loss
 (csrc/policy.cu + the vocab kernels) against the torch reference on a GPU: every method and
 option family, determinism, CUDA-graph capture. Without a GPU only the argument checks run.
 """
@@ -72,6 +73,193 @@ def test_group_advantages_mixed_groups_and_determinism(method):
     torch.testing.assert_close(out.double().cpu(), ref, rtol=2e-5, atol=2e-5, equal_nan=True)
     assert bit_equal(out, rlkernels.group_advantages(r, group_index=gi, method=method,
                                                      backend="cuda"))
+
+
+# ================================================================ gae / discounted_returns
+
+def _scan_inputs(b, t, dtype, seed=0, quarters=False):
+    """rewards, values [B, T] and a mask with gaps (multi-turn: tool tokens masked), an
+    all-masked row, a row masked at its end (padding) and one at its start."""
+    g = torch.Generator().manual_seed(seed)
+    if quarters:  # multiples of 1/4: sums of a few thousand of them are exact in fp32
+        r = torch.randint(-8, 9, (b, t), generator=g).double() / 4
+        v = torch.randint(-8, 9, (b, t), generator=g).double() / 4
+    else:
+        r = torch.randn(b, t, generator=g, dtype=torch.float64)
+        v = torch.randn(b, t, generator=g, dtype=torch.float64)
+    mask = torch.rand(b, t, generator=g) > 0.25
+    if b > 1:
+        mask[1] = False
+    if b > 2:
+        mask[2, t // 2:] = False
+    if b > 3:
+        mask[3, : t // 3] = False
+    return r.to(dtype).cuda(), v.to(dtype).cuda(), mask.cuda()
+
+
+def _scan_tol(dtype):
+    return dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5,
+                                                                             atol=1e-5)
+
+
+@gpu_cuda
+@pytest.mark.parametrize("gamma,lam", [(1.0, 1.0), (0.99, 0.95), (0.5, 0.0)])
+@pytest.mark.parametrize("shape", [(4, 1), (5, 37), (6, 128), (7, 1000)])  # T=1; T < one
+# chunk of 128 steps; exactly one chunk; several chunks and a partial one
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_gae_and_returns_match_reference(dtype, shape, gamma, lam):
+    from rlkernels.reference import advantage as ref
+
+    r, v, mask = _scan_inputs(*shape, dtype, seed=shape[1], quarters=gamma == 1.0)
+    adv, ret = ca.gae_forward(r, v, mask, gamma, lam)
+    adv_r, ret_r = ref.gae(r.double().cpu(), v.double().cpu(), mask.cpu(), gamma, lam)
+    assert adv.dtype == ret.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(adv.double().cpu(), adv_r, **_scan_tol(dtype))
+    torch.testing.assert_close(ret.double().cpu(), ret_r, **_scan_tol(dtype))
+    assert (adv[~mask] == 0).all() and (ret[~mask] == 0).all()
+    g = ca.discounted_returns_forward(r, mask, gamma)
+    g_r = ref.discounted_returns(r.double().cpu(), mask.cpu(), gamma)
+    torch.testing.assert_close(g.double().cpu(), g_r, **_scan_tol(dtype))
+    assert (g[~mask] == 0).all()
+
+
+@gpu_cuda
+def test_gae_masks_strides_and_nan():
+    from rlkernels.reference import advantage as ref
+
+    r, v, mask = _scan_inputs(6, 300, torch.float32, seed=3)
+    # NaN and inf at masked positions must not leak (masked steps are never read)
+    r = torch.where(mask, r, float("nan"))
+    v = torch.where(mask, v, float("inf"))
+    # non-contiguous inputs: transposed storage, a column slice; int and float masks
+    r_nc = r.t().contiguous().t()
+    v_nc = torch.cat([v, torch.zeros_like(v)], dim=1)[:, :300]
+    for m in (mask, mask.to(torch.int64), mask.to(torch.float32) * 0.5,
+              mask.t().contiguous().t()):
+        adv, ret = ca.gae_forward(r_nc, v_nc, m, 0.99, 0.95)
+        adv_r, ret_r = ref.gae(r.double().cpu(), v.double().cpu(), mask.cpu(), 0.99, 0.95)
+        torch.testing.assert_close(adv.double().cpu(), adv_r, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ret.double().cpu(), ret_r, rtol=1e-5, atol=1e-5)
+    # mixed dtypes: fp64 values make the outputs fp64
+    adv64, _ = ca.gae_forward(r, v.double(), mask, 0.99, 0.95)
+    assert adv64.dtype == torch.float64
+    # a NaN at a valid position propagates backwards only (as the sequential reference)
+    r2 = torch.where(mask, r, 0.0)
+    r2[0, 150] = float("nan")
+    mask[0, 150] = True
+    adv, _ = ca.gae_forward(r2, torch.where(mask, v, 0.0), mask, 1.0, 1.0)
+    assert adv[0, :151][mask[0, :151]].isnan().all()
+    assert not adv[0, 151:].isnan().any()
+
+
+@gpu_cuda
+def test_gae_large_deterministic_batch_invariant():
+    from rlkernels.reference import advantage as ref
+
+    r, v, mask = _scan_inputs(1024, 4096, torch.float32, seed=5)  # 4M steps
+    a1, t1 = ca.gae_forward(r, v, mask, 0.99, 0.95)
+    a2, t2 = ca.gae_forward(r, v, mask, 0.99, 0.95)
+    assert bit_equal(a1, a2) and bit_equal(t1, t2)
+    rows = [0, 1, 2, 3, 517, 1023]
+    adv_r, _ = ref.gae(r[rows].double().cpu(), v[rows].double().cpu(), mask[rows].cpu(), 0.99,
+                       0.95)
+    torch.testing.assert_close(a1[rows].double().cpu(), adv_r, rtol=1e-5, atol=1e-5)
+    one, _ = ca.gae_forward(r[517:518].clone(), v[517:518].clone(), mask[517:518].clone(),
+                            0.99, 0.95)
+    assert bit_equal(one, a1[517:518])
+    g1 = ca.discounted_returns_forward(r, mask, 0.99)
+    assert bit_equal(g1, ca.discounted_returns_forward(r, mask, 0.99))
+
+
+@gpu_cuda
+def test_scans_empty_shapes():
+    for b, t in ((0, 5), (3, 0)):
+        r = torch.zeros(b, t, device="cuda")
+        adv, ret = ca.gae_forward(r, r, r != 0, 0.9, 0.9)
+        assert adv.shape == ret.shape == (b, t)
+        assert ca.discounted_returns_forward(r, r != 0, 0.9).shape == (b, t)
+
+
+# ============================================================================ masked_whiten
+
+def _whiten_case(kind, n=1000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(n, generator=g, dtype=torch.float64) * 3 + 1
+    keep = torch.rand(n, generator=g) > 0.3
+    if kind == "bool":
+        m = keep
+    elif kind == "int":
+        m = keep.to(torch.int64)
+    elif kind == "float":
+        m = torch.rand(n, generator=g, dtype=torch.float64) * 2 * keep
+    elif kind == "tiny":  # float weights summing to less than 1: max(c, 1) matters
+        m = torch.rand(n, generator=g, dtype=torch.float64) * (0.5 / n) * keep
+    elif kind == "all_masked":
+        m = torch.zeros(n, dtype=torch.bool)
+    else:  # one valid element
+        m = torch.zeros(n, dtype=torch.bool)
+        m[n // 2] = True
+    return v, m
+
+
+@gpu_cuda
+@pytest.mark.parametrize("unbiased", [True, False])
+@pytest.mark.parametrize("shift_mean", [True, False])
+@pytest.mark.parametrize("kind", ["bool", "int", "float", "tiny", "all_masked", "one"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_masked_whiten_matches_autograd_reference(dtype, kind, shift_mean, unbiased):
+    from rlkernels.reference import advantage as ref
+
+    v64, m = _whiten_case(kind, seed=len(kind))
+    v64 = v64.view(10, 100)  # any shape: treated as flat
+    m = m.view(10, 100)
+    v = v64.to(dtype).cuda()
+    mc = m.cuda() if m.dtype != torch.float64 else m.to(dtype).cuda()
+    out, stats = ca.masked_whiten_forward(v, mc, shift_mean, 1e-8, unbiased)
+    x = v.double().cpu().requires_grad_(True)
+    out_r, stats_r = ref.masked_whiten_forward(x, mc.cpu(), shift_mean, 1e-8, unbiased)
+    tol = _scan_tol(dtype)
+    torch.testing.assert_close(out.double().cpu(), out_r.detach(), **tol)
+    torch.testing.assert_close(stats.double().cpu(), stats_r.detach(),
+                               rtol=tol["rtol"], atol=max(tol["atol"], 1e-6))
+    g = torch.randn(10, 100, dtype=torch.float64)
+    (g_r,) = torch.autograd.grad(out_r, x, g)
+    grad = ca.masked_whiten_backward(g.to(out.dtype).cuda(), v, mc, stats, shift_mean,
+                                     unbiased)
+    assert grad.dtype == dtype
+    scale = float(g_r.abs().max())
+    torch.testing.assert_close(grad.double().cpu(), g_r,
+                               rtol=tol["rtol"], atol=tol["atol"] * max(scale, 1.0))
+
+
+@gpu_cuda
+def test_masked_whiten_nan_outside_mask_large_and_deterministic():
+    from rlkernels.reference import advantage as ref
+
+    n = 3_000_000  # many blocks: the two-stage sums
+    g = torch.Generator().manual_seed(1)
+    v = (torch.randn(n, generator=g) * 2 + 0.5).cuda()
+    m = (torch.rand(n, generator=g) > 0.5).cuda()
+    v = torch.where(m, v, float("nan"))  # NaN where masked: must not leak into the stats
+    out, stats = ca.masked_whiten_forward(v, m, True, 1e-8, True)
+    assert torch.isfinite(stats).all() and torch.isfinite(out[m]).all()
+    out2, stats2 = ca.masked_whiten_forward(v, m, True, 1e-8, True)
+    assert bit_equal(out, out2) and bit_equal(stats, stats2)
+    out_r, stats_r = ref.masked_whiten_forward(v.double(), m, True, 1e-8, True)
+    torch.testing.assert_close(out[m].double(), out_r[m], rtol=1e-5, atol=1e-5)
+    go = torch.where(m, torch.randn(n, device="cuda"), 0.0)  # the usual masked loss
+    grad = ca.masked_whiten_backward(go, v, m, stats, True, True)
+    assert torch.isfinite(grad[m]).all() and (grad[~m] == 0).all()
+    assert bit_equal(grad, ca.masked_whiten_backward(go, v, m, stats, True, True))
+
+
+@gpu_cuda
+def test_masked_whiten_empty():
+    v = torch.zeros(0, 3, device="cuda")
+    out, stats = ca.masked_whiten_forward(v, v != 0, True, 1e-8, True)
+    assert out.shape == (0, 3)
+    torch.testing.assert_close(stats.cpu(), torch.tensor([0.0, 0.0, 1e4, 0.0]))
+    assert ca.masked_whiten_backward(v, v, v != 0, stats, True, True).shape == (0, 3)
 
 
 # ============================================================================== policy_loss
@@ -202,6 +390,13 @@ def test_launchers_reject_cpu_tensors():
         pytest.skip("rlkernels._C not built")
     with pytest.raises(ValueError, match="rewards: expected a CUDA tensor"):
         ca.group_advantages_forward(torch.zeros(4), None, 2, "grpo", 1e-6, True)
+    r = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="rewards: expected a CUDA tensor"):
+        ca.gae_forward(r, r, r != 0, 0.99, 0.95)
+    with pytest.raises(ValueError, match="rewards: expected a CUDA tensor"):
+        ca.discounted_returns_forward(r, r != 0, 0.99)
+    with pytest.raises(ValueError, match="values: expected a CUDA tensor"):
+        ca.masked_whiten_forward(r, r != 0, True, 1e-8, True)
     from rlkernels._policy_options import PolicyOptions
 
     x = torch.zeros(2, 3)

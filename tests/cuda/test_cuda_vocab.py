@@ -1,7 +1,9 @@
 """The cuda backend's vocabulary kernels (csrc/vocab.cu) against the torch reference in fp64
 (SPEC section 5) on a GPU: peaked, flat, -inf and padded rows, odd and realistic V, every
 dtype, temperature, in-place backward, determinism, batch invariance, CUDA-graph capture,
-N * V > 2**31. On a machine without GPU only the argument checks run (the rest skip).
+N * V > 2**31; sparse_logprobs / sparse_kl (full, support, tail, duplicate ids, -1 slots,
+V above one segment of the membership bitmap). On a machine without GPU only the argument
+checks run (the rest skip).
 
 The parametrized parity tests of tests/ops also run on backend="cuda" on a GPU (the
 `backend` fixture of tests/conftest.py includes it), for every op the backend implements.
@@ -14,7 +16,8 @@ import rlkernels
 import rlkernels.reference.vocab
 from _cuda_gpu import HAS_GPU, gpu_cuda
 from _naive import (LOW_DTYPES, assert_grad_close, assert_values_close, bit_equal,
-                    fp32_floor, make_logits, make_tokens, row_weight)
+                    fp32_floor, make_indices, make_logits, make_targets, make_tokens,
+                    row_weight)
 from rlkernels.cuda import vocab as cv
 
 # V, each for a reason: 1 (degenerate), 7 (below one 16-byte chunk, odd), 1031 (just above
@@ -208,6 +211,190 @@ def test_kl_divergence_matches_reference(dtype, vocab, kind, beta):
     assert (gx[mask] == 0).all() and (gy[mask] == 0).all()
 
 
+# ==================================================================== sparse_logprobs / kl
+
+def _sparse_grad_close(g, g_ref, dtype, x, temperature, upstream, what):
+    """SPEC section 5 gradient bound (plus the fp32 floor for fp32 logits; fp64: 64 ulp)."""
+    if dtype == torch.float64:
+        g64, r64 = g.double().cpu(), g_ref.double().cpu()
+        assert torch.isfinite(g64).all(), f"{what}: non-finite gradient"
+        tol = 64 * torch.finfo(torch.float64).eps * (float(r64.abs().max()) + 1.0)
+        assert float((g64 - r64).abs().max()) <= tol, what
+        return
+    floor = fp32_floor(x, temperature=temperature, upstream=upstream)
+    assert_grad_close(g, g_ref, dtype, floor if dtype == torch.float32 else 0.0, what=what)
+
+
+def _values_close(out, ref, dtype, what):
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32), what
+    assert_values_close(out, ref, atol=tol, rtol=tol, what=what)
+
+
+def _upstream(*ws):
+    total = 0.0
+    for w in ws:
+        a = torch.nan_to_num(w.double().abs(), nan=0.0)
+        a = a.sum(-1) if a.dim() == 2 else a
+        total += float(a.max()) if a.numel() else 0.0
+    return total
+
+
+def _slot_grads(idx, seed, cdt):
+    """Random upstream gradients of the slots, NaN at unused slots (never read)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(idx.shape, generator=g, dtype=torch.float64).to(cdt).to(idx.device)
+    return torch.where(idx >= 0, w, float("nan"))
+
+
+def _check_sparse_logprobs(x, idx, temperature, normalize, with_tail, what=""):
+    dtype = x.dtype
+    cdt = torch.float64 if dtype == torch.float64 else torch.float32
+    what = f"{what} {dtype} {normalize} tail={with_tail}"
+    lp, tail, stats = cv.sparse_logprobs_forward(x, idx, temperature, normalize, with_tail)
+    x64 = x.double()
+    lp_r, tail_r, stats_r = rlkernels.reference.vocab.sparse_logprobs_forward(
+        x64, idx, temperature, normalize, with_tail)
+    _values_close(lp, lp_r, dtype, f"{what} logp")
+    _values_close(tail, tail_r, dtype, f"{what} tail")
+    _values_close(stats, stats_r, dtype, f"{what} stats")
+    assert (lp[idx < 0] == float("-inf")).all()
+    g = _slot_grads(idx, 7, cdt)
+    gt = _weights(x.shape[0], 8, x.device).to(cdt) if with_tail else None
+    grad = cv.sparse_logprobs_backward(g, gt, x, idx, lp, tail, stats, temperature, normalize)
+    grad_r = rlkernels.reference.vocab.sparse_logprobs_backward(
+        torch.where(idx >= 0, g, 0.0).double(), None if gt is None else gt.double(), x64, idx,
+        lp_r, tail_r, stats_r, temperature, normalize)
+    up = _upstream(torch.where(idx >= 0, g, 0.0)) + (0.0 if gt is None else _upstream(gt))
+    _sparse_grad_close(grad, grad_r, dtype, x, temperature, up, f"{what} grad")
+    return lp, tail, stats, grad
+
+
+def _check_sparse_kl(x, idx, target, temperature, with_tail, what=""):
+    dtype = x.dtype
+    what = f"{what} {dtype} kl tail={with_tail}"
+    kl, s_tail, stats = cv.sparse_kl_forward(x, idx, target, temperature, with_tail)
+    x64 = x.double()
+    kl_r, s_tail_r, stats_r = rlkernels.reference.vocab.sparse_kl_forward(
+        x64, idx, target.double(), temperature, with_tail)
+    _values_close(kl, kl_r, dtype, f"{what} kl")
+    _values_close(s_tail, s_tail_r, dtype, f"{what} s_tail")
+    g = _weights(x.shape[0], 9, x.device).to(kl.dtype)
+    grad = cv.sparse_kl_backward(g, x, idx, target, s_tail, stats, temperature, with_tail)
+    grad_r = rlkernels.reference.vocab.sparse_kl_backward(
+        g.double(), x64, idx, target.double(), s_tail_r, stats_r, temperature, with_tail)
+    _sparse_grad_close(grad, grad_r, dtype, x, temperature, _upstream(g), f"{what} grad")
+    return kl, s_tail, stats, grad
+
+
+# V: 7 (below one 16-byte chunk), 50257 (odd: unaligned rows in bf16), 151936 (aligned, the
+# vector path), 300007 (> 262144 columns: two segments of the membership bitmap).
+SPARSE_VOCABS = [7, 50257, 151936, 300007]
+SPARSE_DTYPES = [torch.float32, torch.bfloat16, torch.float64]
+
+
+@gpu_cuda
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("normalize", ["full", "support"])
+@pytest.mark.parametrize("vocab", SPARSE_VOCABS)
+@pytest.mark.parametrize("dtype", SPARSE_DTYPES, ids=str)
+def test_sparse_logprobs_matches_reference(dtype, vocab, normalize, temperature):
+    # mixed rows: normal, peaked (+20..40), flat, a third of the columns -inf; every other
+    # row ends in a -1 slot (padding)
+    x = make_logits(6, vocab, dtype, seed=vocab, device="cuda")
+    idx = make_indices(x, 20, seed=vocab)
+    for with_tail in (True, False):
+        _check_sparse_logprobs(x, idx, temperature, normalize, with_tail, what=f"V={vocab}")
+
+
+@gpu_cuda
+@pytest.mark.parametrize("vocab", SPARSE_VOCABS)
+@pytest.mark.parametrize("dtype", SPARSE_DTYPES, ids=str)
+def test_sparse_kl_matches_reference(dtype, vocab):
+    x = make_logits(6, vocab, dtype, seed=100 + vocab, device="cuda")
+    idx = make_indices(x, 20, seed=vocab)
+    cdt = torch.float64 if dtype == torch.float64 else torch.float32
+    target = make_targets(x.cpu(), idx.cpu(), seed=vocab, dtype=cdt).cuda()
+    assert target[idx < 0].isnan().all()  # unused slots' targets are never read
+    for with_tail in (True, False):
+        _check_sparse_kl(x, idx, target, 0.8, with_tail, what=f"V={vocab}")
+
+
+@gpu_cuda
+@pytest.mark.parametrize("dtype", SPARSE_DTYPES, ids=str)
+def test_sparse_duplicates_full_cover_and_edge_ids(dtype):
+    """Duplicate ids (the reference sums their slots), ids covering every column (tail -inf,
+    no KL tail bucket), an all -1 row, K = 1, and a peaked row whose only id is the peak."""
+    x = make_logits(5, 7, dtype, kind="peaked", seed=3, device="cuda")
+    idx = torch.tensor([[3, 1, 3, -1, 1, 6, 0],
+                        [0, 1, 2, 3, 4, 5, 6],
+                        [-1, -1, -1, -1, -1, -1, -1],
+                        [5, 5, 5, 5, 5, 5, 5],
+                        [int(x[4].float().argmax())] + [-1] * 6], device="cuda")
+    for normalize in ("full", "support"):
+        for with_tail in (True, False):
+            _check_sparse_logprobs(x, idx, 1.0, normalize, with_tail, what="edge")
+            _check_sparse_logprobs(x, idx[:, :1].contiguous(), 1.0, normalize, with_tail,
+                                   what="K=1")
+    cdt = torch.float64 if dtype == torch.float64 else torch.float32
+    t = torch.log_softmax(torch.randn(5, 7, dtype=torch.float64), -1).to(cdt).cuda()
+    target = torch.where(idx >= 0, t.gather(1, idx.clamp_min(0)), float("nan"))
+    for with_tail in (True, False):
+        _check_sparse_kl(x, idx, target, 1.0, with_tail, what="edge")
+
+
+@gpu_cuda
+def test_sparse_strided_inputs_and_int32_ids():
+    full = make_logits(6, 1040, torch.bfloat16, seed=5, device="cuda")
+    x = full[:, 3:1034]  # row stride != V, rows not 16-byte aligned
+    idx = make_indices(x, 33, seed=5, dtype=torch.int32)
+    idx_t = idx.t().contiguous().t()  # column-major ids: other strides, same values
+    a = _check_sparse_logprobs(x, idx_t, 0.9, "support", True, what="strided")
+    b = cv.sparse_logprobs_forward(x.contiguous(), idx.long(), 0.9, "support", True)
+    assert all(bit_equal(u, v) for u, v in zip(a[:3], b))
+
+
+@gpu_cuda
+def test_sparse_determinism_and_batch_invariance():
+    x = make_logits(9, 50257, torch.bfloat16, seed=11, device="cuda")
+    idx = make_indices(x, 64, seed=11)
+    target = make_targets(x.cpu(), idx.cpu(), seed=11).cuda()
+    a = cv.sparse_logprobs_forward(x, idx, 0.7, "full", True)
+    b = cv.sparse_logprobs_forward(x, idx, 0.7, "full", True)
+    assert all(bit_equal(u, v) for u, v in zip(a, b))
+    g = _slot_grads(idx, 1, torch.float32)
+    gt = torch.randn(9, device="cuda")
+    ga = cv.sparse_logprobs_backward(g, gt, x, idx, *a, 0.7, "full")
+    assert bit_equal(ga, cv.sparse_logprobs_backward(g, gt, x, idx, *a, 0.7, "full"))
+    k1 = cv.sparse_kl_forward(x, idx, target, 0.7, True)
+    assert all(bit_equal(u, v) for u, v in zip(k1, cv.sparse_kl_forward(x, idx, target, 0.7,
+                                                                        True)))
+    for r in (0, 4, 8):
+        alone = cv.sparse_logprobs_forward(x[r:r + 1].clone(), idx[r:r + 1], 0.7, "full", True)
+        assert all(bit_equal(full[r:r + 1], one) for full, one in zip(a, alone)), r
+
+
+@gpu_cuda
+def test_sparse_through_public_op():
+    x = make_logits(8, 1031, torch.float32, seed=2, device="cuda").view(2, 4, 1031)
+    idx = make_indices(x, 16, seed=2)
+    xc = x.clone().requires_grad_(True)
+    lp, tail = rlkernels.sparse_logprobs(xc, idx, normalize="support", return_tail=True,
+                                         backend="cuda")
+    x64 = x.double().requires_grad_(True)
+    lp64, tail64 = rlkernels.sparse_logprobs(x64, idx, normalize="support", return_tail=True,
+                                             backend="torch")
+    assert_values_close(lp, lp64, what="logp")
+    assert_values_close(tail, tail64, what="tail")
+    w = torch.randn(idx.shape, device="cuda")
+    loss = (torch.where(idx >= 0, lp, 0.0) * w).sum() + tail.sum()
+    loss64 = (torch.where(idx >= 0, lp64, 0.0) * w.double()).sum() + tail64.sum()
+    (g,) = torch.autograd.grad(loss, xc)
+    (g64,) = torch.autograd.grad(loss64, x64)
+    floor = fp32_floor(x, upstream=_upstream(w.view(-1, 16)) + 1.0)
+    assert_grad_close(g, g64, torch.float32, floor, what="grad")
+
+
 # --------------------------------------------------------------------------- any machine
 
 @pytest.mark.skipif(HAS_GPU, reason="checks the CPU-tensor error")
@@ -224,6 +411,11 @@ def test_launchers_reject_cpu_tensors():
         cv.kl_divergence_forward(x, x, None, "reverse", 0.5, 1.0)
     with pytest.raises(TypeError, match="logits: expected a torch.Tensor"):
         cv.token_logprobs_forward([1.0], tok, 1.0, -100, False)
+    idx = torch.zeros(2, 3, dtype=torch.int64)
+    with pytest.raises(ValueError, match="logits: expected a CUDA tensor"):
+        cv.sparse_logprobs_forward(x, idx, 1.0, "full", False)
+    with pytest.raises(ValueError, match="logits: expected a CUDA tensor"):
+        cv.sparse_kl_forward(x, idx, torch.zeros(2, 3), 1.0, True)
 
 
 def test_backend_cuda_on_cpu_tensors_raises():
