@@ -156,9 +156,11 @@ __device__ __forceinline__ void warp_first_rscan(int& h, A& val, int lane) {
 }
 
 // kGae: out0 = advantages, out1 = returns; else out0 = discounted returns (v unused).
-// Outputs are contiguous [B, T]; inputs have any (row, step) strides.
+// Outputs are contiguous [B, T]; inputs have any (row, step) strides. The launch bounds' 8
+// blocks per SM (<= 64 registers) stop ptxas from picking 32 registers and spilling (it did
+// for the fp16 gae variant with the bare bound).
 template <class T, bool kGae>
-__global__ void __launch_bounds__(kScanWarps * 32)
+__global__ void __launch_bounds__(kScanWarps * 32, 8)
     reverse_scan_kernel(const T* __restrict__ r, int64_t r_sb, int64_t r_st,
                         const T* __restrict__ v, int64_t v_sb, int64_t v_st,
                         const uint8_t* __restrict__ mask, int64_t m_sb, int64_t m_st,
