@@ -166,7 +166,8 @@ def masked_whiten_backward(grad_out: Tensor, values: Tensor, mask: Tensor, stats
     With ``w`` the mask weights at valid positions (0 elsewhere), ``c1 = max(count, 1)``,
     ``den = max(count - 1, 1)`` (``max(count, 1)`` when not ``unbiased``), ``d = v - mean``,
     ``r = rstd``, ``S = sum(w d)`` (0 unless ``0 < count < 1``), and over every position
-    ``G = sum(g)``, ``D = sum(g d)``::
+    ``G = sum(g)``, ``D = sum(g d)`` (terms with ``g = 0`` count 0, so a NaN value at a masked
+    position whose output gets no gradient leaves the other gradients finite)::
 
         grad_j = g_j r + (w_j / c1) G ([not shift_mean] - r) - r^3 D (w_j d_j - S w_j / c1) / den
 
@@ -183,7 +184,8 @@ def masked_whiten_backward(grad_out: Tensor, values: Tensor, mask: Tensor, stats
     denom = torch.clamp(count - 1 if unbiased else count, min=1)
     dmean = w / c1
     k_mean = g.sum() * ((0.0 if shift_mean else 1.0) - rstd)
-    k_var = -rstd ** 3 * (g * dev).sum()
+    # a position with g = 0 adds nothing, even where its value is NaN (a masked position)
+    k_var = -rstd ** 3 * torch.where(g != 0, g * dev, 0.0).sum()
     dvar = torch.where(valid, (w * dev - s * dmean) / denom, 0.0)
     return g * rstd + dmean * k_mean + dvar * k_var
 

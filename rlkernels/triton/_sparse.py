@@ -183,6 +183,8 @@ def _sparse_fwd_kernel(
 
     log_s = _log1p(rest, NT)
     tl.store(stats_ptr + row * 3, m)
+    # a row of only -inf is shifted by 0, as the reference does: -inf log-probs, not NaN
+    m = tl.where(m == float("-inf"), 0.0, m)
     tl.store(stats_ptr + row * 3 + 1, log_s)
     tl.store(stats_ptr + row * 3 + 2, tl.zeros([], CDT))
     if WITH_TAIL:
@@ -267,6 +269,7 @@ def _sparse_bwd_kernel(
     seg_row = seg_ptr + row * stride_seg
     lanes = tl.arange(0, BLOCK_V)
     m = tl.load(stats_ptr + row * 3).to(CDT)
+    m = tl.where(m == float("-inf"), 0.0, m)  # a row of only -inf: shifted by 0 (forward)
     log_s = tl.load(stats_ptr + row * 3 + 1).to(CDT)
 
     # row sums over the valid slots: G = sum g_k, or the teacher mass sum t_k

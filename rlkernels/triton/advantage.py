@@ -412,7 +412,7 @@ def _whiten_bwd_kernel(g_ptr, v_ptr, m_ptr, stats_ptr, ws_ptr, grad_ptr, n,
         d = v - mean
         if STAGE == 0:
             acc_a += g
-            acc_b += tl.where(inb, g * d, 0.0)
+            acc_b += tl.where(g != 0, g * d, 0.0)  # g = 0 adds 0, even for a NaN v
         else:
             m = tl.load(m_ptr + offs, mask=inb, other=0)
             ok = (m != 0) & inb

@@ -434,6 +434,24 @@ def test_masked_whiten_gradient(backend):
     assert vb.grad.dtype == torch.bfloat16
 
 
+def test_masked_whiten_masked_nan_does_not_poison_the_gradient(backend):
+    """A NaN value at a masked position whose output gets no gradient (a loss that selects
+    out the masked positions) leaves every other gradient as with a finite value there."""
+    gen = torch.Generator().manual_seed(32)
+    values = torch.randn(40, generator=gen)
+    mask = torch.rand(40, generator=gen) > 0.3
+    mask[3] = False
+    grads = []
+    for bad in (float("nan"), 123.0):
+        v = values.clone()
+        v[3] = bad
+        v.requires_grad_(True)
+        torch.where(mask, masked_whiten(v, mask, backend=backend), 0.0).square().sum().backward()
+        grads.append(v.grad)
+    assert torch.isfinite(grads[0]).all()
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+
+
 def test_masked_whiten_kernels_match_reference_at_size(backend):
     """Many blocks and programs (the partial sums cross programs), fp32 values and gradient
     against the fp64 composite reference; deterministic (bit-identical twice)."""

@@ -473,6 +473,33 @@ def test_strided_inputs_and_missing_grad():
     assert bit_equal(gn, gz)
 
 
+def test_row_of_only_minus_inf_matches_the_reference():
+    """A row of only -inf (m = -inf) is shifted by 0 as the reference does: -inf log-probs
+    and tail (not -inf - -inf = NaN), the reference's gradients, and the other rows intact."""
+    x = make_logits(3, 50, torch.float32, seed=41)
+    x[1] = -math.inf
+    x[2, ::2] = -math.inf
+    idx = torch.tensor([[3, 17, 40, -1], [0, 5, 9, 49], [1, 2, 3, 30]])
+    tgt = torch.log_softmax(torch.randn(3, 4, generator=torch.Generator().manual_seed(43)), -1)
+    g = torch.randn(3, 4, generator=torch.Generator().manual_seed(44))
+    gt = torch.randn(3, generator=torch.Generator().manual_seed(45))
+    for normalize in ("full", "support"):
+        got = sp.sparse_logprobs_forward(x, idx, 1.0, normalize, True)
+        want = ref.sparse_logprobs_forward(x, idx, 1.0, normalize, True)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, equal_nan=True)
+        gg = sp.sparse_logprobs_backward(g, gt, x, idx, *got, 1.0, normalize)
+        gw = ref.sparse_logprobs_backward(g, gt, x, idx, *want, 1.0, normalize)
+        torch.testing.assert_close(gg, gw, equal_nan=True)
+    got = sp.sparse_kl_forward(x, idx, tgt, 1.0, True)
+    want = ref.sparse_kl_forward(x, idx, tgt, 1.0, True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, equal_nan=True)
+    torch.testing.assert_close(sp.sparse_kl_backward(gt, x, idx, tgt, got[1], got[2], 1.0, True),
+                               ref.sparse_kl_backward(gt, x, idx, tgt, want[1], want[2], 1.0,
+                                                      True), equal_nan=True)
+
+
 def test_nan_stays_in_its_row():
     x = _logits(3, 100, torch.float32, seed=30)
     idx = make_indices(x, 5, seed=6, unused=False)
