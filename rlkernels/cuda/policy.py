@@ -9,23 +9,13 @@ from __future__ import annotations
 
 import torch
 
+from rlkernels.cuda._common import DTYPE_CODES as _DTYPE_CODES
 from rlkernels.cuda._common import check_cuda_tensor
-from rlkernels.cuda._loader import cuda_status, load_extension
+from rlkernels.cuda._common import extension as _extension
 
 # Estimator name -> code of _C.kl_penalty_forward (csrc/rlkernels.h). "low_var_kl" is verl's
 # name for k3; "k3+" has the value of k3 (it differs from k3 only in its gradient).
 KL_ESTIMATORS = {"k1": 0, "abs": 1, "k2": 2, "k3": 3, "low_var_kl": 3, "k3+": 3}
-
-# torch dtype -> dtype code of csrc/common.cuh (rlk::DType).
-_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
-
-
-def _extension():
-    module = load_extension()
-    if module is None:
-        raise RuntimeError(f"the cuda backend is unavailable: {cuda_status()}")
-    return module
-
 
 def kl_penalty_forward(
     logp: torch.Tensor,
