@@ -220,9 +220,10 @@ class Bench:
             self.log(f"  {op:24} {mode:8} {label:24} {name:17} {status}")
             self._free()
             return
-        pct = self.roof.pct(min_bytes, flops, t.median_ms)
+        # 3 significant digits, not 2 decimals: a slow provider on a tiny CPU shape stays > 0
+        pct = float(f"{self.roof.pct(min_bytes, flops, t.median_ms):.3g}")
         add = lambda metric, value, unit: self.add(op, mode, label, name, "ok", metric, value,
-                                                    unit, round(pct, 2))
+                                                    unit, pct)
         add("median_ms", t.median_ms, "ms")
         add("p20_ms", t.p20_ms, "ms")
         add("p80_ms", t.p80_ms, "ms")
