@@ -23,13 +23,14 @@ computes it once (two passes over the batch), so that method runs at most one pr
 
 from __future__ import annotations
 
-import contextlib
 from functools import lru_cache
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from ._common import device_guard
 
 Tensor = torch.Tensor
 
@@ -174,8 +175,7 @@ def group_advantages_forward(rewards: Tensor, group_index: Optional[Tensor], gro
         # starts[g] = first sorted position of run g; B for every g past the last run
         starts = torch.searchsorted(run, torch.arange(b + 1, device=x.device))
         slots, indexed = b, True
-    guard = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-    with guard:
+    with device_guard(x):
         _group_advantages_kernel[(_programs(slots, method, x),)](
             x, x.stride(0), perm, starts, out, b, group_size, slots, CDT=_TL_DTYPES[cdt],
             INDEXED=indexed, METHOD=_METHODS[method], UNBIASED=bool(unbiased),
@@ -285,8 +285,7 @@ def gae_forward(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam
     ret = torch.empty_like(adv)
     if b == 0 or steps == 0:
         return adv, ret
-    guard = torch.cuda.device(rewards.device) if rewards.is_cuda else contextlib.nullcontext()
-    with guard:
+    with device_guard(rewards):
         _gae_kernel[(b,)](rewards, *rewards.stride(), values, *values.stride(), mask,
                           *mask.stride(), adv, ret, steps, float(gamma), float(gamma * lam),
                           CDT=_TL_DTYPES[cdt], BLOCK_T=_scan_block(steps), num_warps=4)
@@ -301,8 +300,7 @@ def discounted_returns_forward(rewards: Tensor, mask: Tensor, gamma: float) -> T
     out = torch.empty((b, steps), dtype=cdt, device=rewards.device)
     if b == 0 or steps == 0:
         return out
-    guard = torch.cuda.device(rewards.device) if rewards.is_cuda else contextlib.nullcontext()
-    with guard:
+    with device_guard(rewards):
         _returns_kernel[(b,)](rewards, *rewards.stride(), mask, *mask.stride(), out, steps,
                               float(gamma), CDT=_TL_DTYPES[cdt], BLOCK_T=_scan_block(steps),
                               num_warps=4)
@@ -448,8 +446,7 @@ def masked_whiten_forward(values: Tensor, mask: Tensor, shift_mean: bool, eps: f
     p = _whiten_programs(n, v)
     ws1 = torch.empty(2 * p, dtype=cdt, device=v.device)
     ws2 = torch.empty_like(ws1)
-    guard = torch.cuda.device(v.device) if v.is_cuda else contextlib.nullcontext()
-    with guard:
+    with device_guard(v):
         for stage in range(3):
             _whiten_fwd_kernel[(p,)](
                 v, m, out, ws1, ws2, stats, n, float(eps), STAGE=stage,
@@ -470,8 +467,7 @@ def masked_whiten_backward(grad_out: Tensor, values: Tensor, mask: Tensor, stats
     grad = torch.empty(values.shape, dtype=cdt, device=v.device)
     p = _whiten_programs(n, v)
     ws = torch.empty(2 * p, dtype=cdt, device=v.device)
-    guard = torch.cuda.device(v.device) if v.is_cuda else contextlib.nullcontext()
-    with guard:
+    with device_guard(v):
         for stage in range(2):
             _whiten_bwd_kernel[(p,)](
                 g, v, m, stats, ws, grad, n, STAGE=stage, SHIFT=bool(shift_mean),
