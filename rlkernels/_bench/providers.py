@@ -168,7 +168,10 @@ def _rlkernels_fn(op: str, backend: str) -> Fn:
     return table[op]
 
 
-def _rlkernels(backend: str) -> Callable[[str], Fn]:
+def _rlkernels(backend: str, linear_gemms: Optional[str] = None) -> Callable[[str], Fn]:
+    """``linear_gemms`` ("triton" / "cublas"): which GEMMs the triton linear backward uses
+    (``rlkernels.triton.linear._BWD_GEMMS``), set before every call of the linear ops: the
+    runner times one provider at a time, forward and backward inside one call."""
     def build(op: str) -> Fn:
         from rlkernels import backends
         from .cases import OPS
@@ -178,7 +181,17 @@ def _rlkernels(backend: str) -> Callable[[str], Fn]:
         spec = OPS[op]
         if not backends.implements(backend, spec.backend_family, spec.backend_op):
             raise Skip(f"backend {backend!r} has no {spec.backend_op} kernels yet")
-        return _rlkernels_fn(op, backend)
+        fn = _rlkernels_fn(op, backend)
+        if linear_gemms is None or spec.family != "linear":
+            if linear_gemms == "cublas":
+                raise Skip("only the linear ops have a cuBLAS variant")
+            return fn
+        from rlkernels.triton import linear
+
+        def run(d, s):
+            linear._BWD_GEMMS = linear_gemms
+            return fn(d, s)
+        return run
     return build
 
 
@@ -315,7 +328,9 @@ def _wrap(fn: Callable[[str], Fn]) -> Callable[[str], Fn]:
 
 PROVIDERS: List[Provider] = [
     Provider("rlkernels-torch", "rlkernels", _rlkernels("torch")),
-    Provider("rlkernels-triton", "rlkernels", _rlkernels("triton")),
+    Provider("rlkernels-triton", "rlkernels", _rlkernels("triton", "triton")),
+    Provider("rlkernels-triton-cublas", "rlkernels", _rlkernels("triton", "cublas"),
+             "linear ops: the triton kernels with the backward's two GEMMs through cuBLAS"),
     Provider("rlkernels-cuda", "rlkernels", _rlkernels("cuda")),
     Provider("torch-naive", "baseline", _wrap(_naive),
              "log_softmax(fp32) + gather; entropy from softmax; [N, V] intermediates"),

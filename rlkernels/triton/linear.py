@@ -1,7 +1,7 @@
 """Triton kernels of the fused lm_head ops (hidden states in): ``linear_token_logprobs`` and
 ``linear_grpo_loss``. Same launcher signatures, outputs and row statistics as
-:mod:`rlkernels.reference.linear` (which states the math); no buffer of more than one tile of
-logits ever exists.
+:mod:`rlkernels.reference.linear` (which states the math); no ``[N, V]`` buffer: the forward
+holds one tile of logits, the backward one vocabulary slice of ``d z`` (at most 256 MiB).
 
 Logits ``z = (hidden @ weight^T + bias) / T`` are formed tile by tile: a ``[BLOCK_N, BLOCK_V]``
 tile is ``tl.dot`` of ``BLOCK_H`` chunks of ``hidden`` rows and ``weight`` rows accumulated in
@@ -16,20 +16,25 @@ uses atomics (bit-identical reruns).
   :func:`._common.online_block` (here along axis 1 of a 2-d tile, :func:`_online_tile`),
   running max from ``-inf``, ``rest`` over every column but ONE arg-max, and the token's logit
   picked when its column falls in the tile. Saves ``stats = (m, log1p(rest), sum p (z - m))``.
-* Backward, two kernels, each owning what it writes (deterministic, no float atomics):
+* Backward (:func:`linear_token_logprobs_backward`), per vocabulary slice of ``span`` columns
+  (sized so that the slice's ``d z [N, span]`` takes at most 256 MiB), three launches, each
+  program owning what it writes (deterministic, no float atomics):
 
-  - :func:`_bwd_hidden_kernel`: one program per row block; for each vocabulary tile it
-    recomputes the logit tile, forms ``d z`` in registers from the saved ``stats``, and adds
-    ``d z @ W_tile`` to its rows of an fp32 ``d hidden`` accumulator (``grad_hidden`` itself
-    for fp32 / fp64 inputs, else an fp32 ``[N, H]`` scratch, cast at the end);
-  - :func:`_bwd_weight_kernel`: one program per vocabulary tile; for each row block it
-    recomputes the logit tile and ``d z``, adds ``d z^T @ h_block`` to its rows of an fp32
-    ``d weight`` accumulator and keeps ``sum_rows d z`` (``d bias``) in registers. For fp32 /
-    fp64 weights the accumulator is ``grad_weight`` itself; for bf16 / fp16 it is an fp32
-    scratch covering at most ``_SCRATCH_ELEMENTS`` (256 MiB) of ``[V, H]`` at a time: the
-    launcher walks the vocabulary in slices of that many columns, casting each slice into
-    ``grad_weight`` (peak extra memory at N=16384, H=3584, V=151936 bf16: ~235 MiB for ``d
-    hidden`` + <= 256 MiB for the ``d weight`` slice, well under 1 GiB).
+  - :func:`_dz_kernel`: recomputes the logit tiles of the slice (the forward's GEMM) and
+    writes ``d z`` from the saved ``stats``: bf16 for bf16 inputs (so that both GEMMs below
+    run on bf16 tensor cores, the rounding autograd applies to materialized bf16 logits),
+    fp32 for fp32 / fp16 inputs (fp16 would flush the ~1e-9 entries of a loss averaged over
+    many tokens), fp64 for fp64; with a bias, fp32 column sums per row block;
+  - :func:`_gemm_kernel` twice: ``d hidden += d z @ W[slice]`` (an fp32 ``[N, H]``
+    accumulator across slices; the last slice writes ``grad_hidden`` in its dtype) and
+    ``d weight[slice] = d z^T @ hidden`` (complete over every row in one K loop, written
+    in the weight's dtype: no ``[V, H]`` fp32 buffer).
+
+  Peak extra memory at N=16384, H=3584, V=151936 bf16: 256 MiB (``d z``) + 224 MiB
+  (``d hidden`` accumulator), under the 1 GiB target. Slices split the ``d hidden`` GEMM's
+  K at multiples of its block, so the bits do not depend on the slice width (hence on N).
+  The GEMMs can also run through cuBLAS (``gemms="cublas"``, for the measurement issue #5
+  asks for; not batch invariant).
 
   ``d z = (g_lp (onehot - p) - g_H p ((z - m) - sum p (z - m))) / T``; the token column uses
   ``-g_lp expm1(log p_y)`` (exact on peaked rows). Padding rows (``tokens == ignore_index``):
@@ -37,11 +42,12 @@ uses atomics (bit-identical reruns).
   so they contribute exactly 0 to every gradient.
 
 dtypes: fp32 / bf16 / fp16 inputs compute in fp32 (bf16 / fp16 operands go to ``tl.dot``
-natively on a GPU, whose products are exact in fp32); fp64 inputs compute in fp64 throughout
-(``tl.dot`` on fp64).
+natively on a GPU, whose products are exact in fp32; the backward GEMMs take ``d z`` rounded
+to bf16 for bf16 inputs, see above); fp64 inputs compute in fp64 throughout (``tl.dot`` on
+fp64).
 
 Not measured yet (needs a GPU, see the NOTE at the end of the file): block sizes, the
-vocabulary-split forward grid, and the alternative backward "chunked ``d z`` + cuBLAS GEMMs".
+vocabulary-split forward grid, and the Triton against the cuBLAS backward GEMMs.
 """
 
 from __future__ import annotations
@@ -59,9 +65,6 @@ from ._common import (compute_dtype, device_guard, expm1, log1p, mul_hl, split,
 from .policy import policy_loss_backward, policy_loss_forward
 
 Tensor = torch.Tensor
-
-# fp32 elements of the d weight scratch (bf16 / fp16 weights) per launch: 256 MiB.
-_SCRATCH_ELEMENTS = 1 << 26
 
 
 # ================================================================================ jit helpers
@@ -208,89 +211,89 @@ def _fwd_kernel(h_ptr, stride_h, w_ptr, stride_w, b_ptr, tok_ptr, logp_ptr, ent_
 
 
 @triton.jit
-def _bwd_hidden_kernel(glp_ptr, gh_ptr, h_ptr, stride_h, w_ptr, stride_w, b_ptr, tok_ptr,
-                       stats_ptr, stride_s0, stride_s1, dh_ptr, stride_dh,
-                       N, V, H, inv_t_hi, inv_t_lo, ignore_index,
-                       HAS_BIAS: tl.constexpr, HAS_GLP: tl.constexpr, HAS_GH: tl.constexpr,
-                       UPCAST: tl.constexpr, IS_FP64: tl.constexpr, CDT: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
-    """``dh[rows] += d z_tile @ W_tile`` over every vocabulary tile (``dh`` zeroed, fp32 or
-    fp64); this program owns its rows of ``dh``."""
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_in = rows < N
-    r64 = rows.to(tl.int64)
-    tok, live, m, log_s, sum_pzs, g_lp, g_h = _row_grad_inputs(
-        glp_ptr, gh_ptr, tok_ptr, stats_ptr, stride_s0, stride_s1, rows, row_in, ignore_index,
-        inv_t_hi, inv_t_lo, HAS_GLP, HAS_GH, IS_FP64, CDT)
-    offs = tl.arange(0, BLOCK_V)
-    offs_h = tl.arange(0, BLOCK_H)
-    for start in range(0, V, BLOCK_V):
-        cols = start + offs
-        col_ok = cols < V
-        c64 = cols.to(tl.int64)
-        z = _logits_tile(h_ptr, stride_h, w_ptr, stride_w, b_ptr, rows, live, cols, col_ok, H,
-                         inv_t_hi, inv_t_lo, HAS_BIAS, UPCAST, IS_FP64, CDT, BLOCK_N, BLOCK_V,
-                         BLOCK_H)
-        dz = _dz_tile(z, cols, col_ok, tok, live, m, log_s, sum_pzs, g_lp, g_h, HAS_GLP,
-                      HAS_GH, IS_FP64)
-        for k in range(0, H, BLOCK_H):
-            ks = k + offs_h
-            km = ks < H
-            w = tl.load(w_ptr + c64[:, None] * stride_w + ks[None, :],
-                        mask=col_ok[:, None] & km[None, :], other=0.0).to(CDT)
-            ptrs = dh_ptr + r64[:, None] * stride_dh + ks[None, :]
-            pmask = row_in[:, None] & km[None, :]
-            acc = tl.load(ptrs, mask=pmask, other=0.0)
-            acc = tl.dot(dz, w, acc, input_precision="ieee", out_dtype=CDT)
-            tl.store(ptrs, acc, mask=pmask)
+def _grouped(pid, n_a, n_b, GROUP: tl.constexpr):
+    """Tile ``(i, j)`` of program ``pid`` in an ``n_a x n_b`` grid, walked ``GROUP`` tiles of
+    ``i`` at a time so that programs running together share operand tiles in L2."""
+    width = GROUP * n_b
+    first = (pid // width) * GROUP
+    size = tl.minimum(n_a - first, GROUP)
+    return first + (pid % width) % size, (pid % width) // size
 
 
 @triton.jit
-def _bwd_weight_kernel(glp_ptr, gh_ptr, h_ptr, stride_h, w_ptr, stride_w, b_ptr, tok_ptr,
-                       stats_ptr, stride_s0, stride_s1, dw_ptr, stride_dw, db_ptr,
-                       N, V, H, v0, inv_t_hi, inv_t_lo, ignore_index,
-                       HAS_BIAS: tl.constexpr, HAS_GLP: tl.constexpr, HAS_GH: tl.constexpr,
-                       UPCAST: tl.constexpr, IS_FP64: tl.constexpr, CDT: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
-    """``dw[tile] += d z_tile^T @ h_block`` over every row block (``dw`` zeroed, fp32 or fp64,
-    row ``j`` of ``dw`` is vocabulary column ``v0 + j``) and ``db[tile] = sum_rows d z``; this
-    program owns its vocabulary tile."""
-    pid = tl.program_id(0)
-    offs = tl.arange(0, BLOCK_V)
-    cols = v0 + pid * BLOCK_V + offs
-    col_ok = cols < V
-    local64 = (pid * BLOCK_V + offs).to(tl.int64)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_h = tl.arange(0, BLOCK_H)
-    db = tl.zeros([BLOCK_V], CDT)
-    for r0 in range(0, N, BLOCK_N):
-        rows = r0 + offs_n
-        row_in = rows < N
-        r64 = rows.to(tl.int64)
-        tok, live, m, log_s, sum_pzs, g_lp, g_h = _row_grad_inputs(
-            glp_ptr, gh_ptr, tok_ptr, stats_ptr, stride_s0, stride_s1, rows, row_in,
-            ignore_index, inv_t_hi, inv_t_lo, HAS_GLP, HAS_GH, IS_FP64, CDT)
-        z = _logits_tile(h_ptr, stride_h, w_ptr, stride_w, b_ptr, rows, live, cols, col_ok, H,
-                         inv_t_hi, inv_t_lo, HAS_BIAS, UPCAST, IS_FP64, CDT, BLOCK_N, BLOCK_V,
-                         BLOCK_H)
-        dz = _dz_tile(z, cols, col_ok, tok, live, m, log_s, sum_pzs, g_lp, g_h, HAS_GLP,
-                      HAS_GH, IS_FP64)
-        if HAS_BIAS:
-            db += tl.sum(dz, 0)
-        dzt = tl.trans(dz)
-        for k in range(0, H, BLOCK_H):
-            ks = k + offs_h
-            km = ks < H
-            h = tl.load(h_ptr + r64[:, None] * stride_h + ks[None, :],
-                        mask=live[:, None] & km[None, :], other=0.0).to(CDT)
-            ptrs = dw_ptr + local64[:, None] * stride_dw + ks[None, :]
-            pmask = col_ok[:, None] & km[None, :]
-            acc = tl.load(ptrs, mask=pmask, other=0.0)
-            acc = tl.dot(dzt, h, acc, input_precision="ieee", out_dtype=CDT)
-            tl.store(ptrs, acc, mask=pmask)
+def _dz_kernel(glp_ptr, gh_ptr, h_ptr, stride_h, w_ptr, stride_w, b_ptr, tok_ptr,
+               stats_ptr, stride_s0, stride_s1, dz_ptr, stride_dz, dbp_ptr, stride_dbp,
+               N, H, v0, cnt, inv_t_hi, inv_t_lo, ignore_index,
+               HAS_BIAS: tl.constexpr, HAS_GLP: tl.constexpr, HAS_GH: tl.constexpr,
+               UPCAST: tl.constexpr, IS_FP64: tl.constexpr, CDT: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+               GROUP: tl.constexpr):
+    """``dz[:, j] = d z[:, v0 + j]`` for ``j < cnt`` (one ``[BLOCK_N, BLOCK_V]`` tile per
+    program, stored in ``dz``'s dtype) and, with a bias, this row block's fp32 column sums of
+    ``d z`` into row ``pid_n`` of ``dbp``. Padding rows get exact zeros."""
+    pid_n, pid_v = _grouped(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(cnt, BLOCK_V),
+                            GROUP)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_in = rows < N
+    local = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_ok = local < cnt
+    cols = v0 + local
+    tok, live, m, log_s, sum_pzs, g_lp, g_h = _row_grad_inputs(
+        glp_ptr, gh_ptr, tok_ptr, stats_ptr, stride_s0, stride_s1, rows, row_in, ignore_index,
+        inv_t_hi, inv_t_lo, HAS_GLP, HAS_GH, IS_FP64, CDT)
+    z = _logits_tile(h_ptr, stride_h, w_ptr, stride_w, b_ptr, rows, live, cols, col_ok, H,
+                     inv_t_hi, inv_t_lo, HAS_BIAS, UPCAST, IS_FP64, CDT, BLOCK_N, BLOCK_V,
+                     BLOCK_H)
+    dz = _dz_tile(z, cols, col_ok, tok, live, m, log_s, sum_pzs, g_lp, g_h, HAS_GLP, HAS_GH,
+                  IS_FP64)
+    l64 = local.to(tl.int64)
+    tl.store(dz_ptr + rows.to(tl.int64)[:, None] * stride_dz + l64[None, :],
+             dz.to(dz_ptr.dtype.element_ty), mask=row_in[:, None] & col_ok[None, :])
     if HAS_BIAS:
-        tl.store(db_ptr + cols.to(tl.int64), db, mask=col_ok)
+        tl.store(dbp_ptr + pid_n.to(tl.int64) * stride_dbp + l64, tl.sum(dz, 0), mask=col_ok)
+
+
+@triton.jit
+def _gemm_kernel(a_ptr, stride_am, stride_ak, b_ptr, stride_bk, stride_bn, cin_ptr, c_ptr,
+                 stride_c, tok_ptr, ignore_index, M, NC, K,
+                 ACC_IN: tl.constexpr, SKIP_PADDING_K: tl.constexpr, CAST: tl.constexpr,
+                 CDT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_NC: tl.constexpr,
+                 BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
+    """``c = (cin if ACC_IN else 0) + a @ b`` for ``a [M, K]``, ``b [K, NC]`` (any strides),
+    accumulated in ``CDT`` over ``K`` in ``BLOCK_K`` steps from 0 up (so splitting ``K`` at
+    multiples of ``BLOCK_K`` across calls with ``ACC_IN`` gives the same bits), stored in
+    ``c``'s dtype. ``SKIP_PADDING_K``: ``K`` indexes token rows, and the rows of ``b`` whose
+    token is ``ignore_index`` are never read (read as 0: NaN hidden there is harmless).
+    ``CAST``: both operands go to ``CDT`` before the dot (interpreter, fp16, mixed dtypes)."""
+    pid_m, pid_n = _grouped(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(NC, BLOCK_NC),
+                            GROUP)
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rn = (pid_n * BLOCK_NC + tl.arange(0, BLOCK_NC)).to(tl.int64)
+    m_ok = rm < M
+    n_ok = rn < NC
+    offs_k = tl.arange(0, BLOCK_K)
+    c_offs = rm[:, None] * stride_c + rn[None, :]
+    c_mask = m_ok[:, None] & n_ok[None, :]
+    if ACC_IN:  # cin may be c itself: each program reads and writes only its own tile
+        acc = tl.load(cin_ptr + c_offs, mask=c_mask, other=0.0).to(CDT)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_NC], CDT)
+    for k in range(0, K, BLOCK_K):
+        ks = (k + offs_k).to(tl.int64)
+        k_ok = ks < K
+        a = tl.load(a_ptr + rm[:, None] * stride_am + ks[None, :] * stride_ak,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b_mask = k_ok[:, None] & n_ok[None, :]
+        if SKIP_PADDING_K:
+            tok = tl.load(tok_ptr + ks, mask=k_ok, other=ignore_index)
+            b_mask = b_mask & (tok != ignore_index)[:, None]
+        b = tl.load(b_ptr + ks[:, None] * stride_bk + rn[None, :] * stride_bn, mask=b_mask,
+                    other=0.0)
+        if CAST:
+            a = a.to(CDT)
+            b = b.to(CDT)
+        acc = tl.dot(a, b, acc, input_precision="ieee", out_dtype=CDT)
+    tl.store(c_ptr + c_offs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
 # ================================================================================== launchers
@@ -305,7 +308,11 @@ def _blocks(hidden: Tensor, vocab: int, dim: int) -> Tuple[int, int, int, int]:
         return 16, fit(vocab, 64), fit(dim, 64), 4
     if hidden.dtype == torch.float64:
         return 32, fit(vocab, 64), fit(dim, 32), 4
-    # untuned first guess (see the NOTE at the end of the file)
+    # untuned first guesses (see the NOTE at the end of the file), free of register spills
+    # in benchmarks/sm90_compile.py; fp32 "ieee" dots keep their operands in registers, hence
+    # the shorter H chunk
+    if hidden.dtype == torch.float32:
+        return 64, fit(vocab, 128), fit(dim, 32), 8
     return 64, fit(vocab, 128), fit(dim, 64), 8
 
 
@@ -351,26 +358,107 @@ def linear_token_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Optional
     return logp, ent, stats
 
 
+def _dz_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype ``d z`` is stored in between the kernels. bf16 inputs: bf16, so that both
+    backward GEMMs run on bf16 tensor cores (fp32 accumulation), the rounding autograd applies
+    to materialized bf16 logits (relative ``2**-9`` per element of ``d z``, inside SPEC 5's
+    bf16 gradient bound). fp16 is NOT rounded to fp16: ``d z`` of ~1e-9 (a loss normalized over
+    many tokens times a flat row's probabilities) would flush to zero and a large upstream
+    gradient overflow, so fp16 keeps fp32 (like fp32 and fp64 inputs, which keep their own)."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else compute_dtype(dtype)
+
+
+def _gemm_blocks(hidden: Tensor) -> Tuple[int, int, int, int, int]:
+    """``(BLOCK_M, BLOCK_NC, BLOCK_K, num_warps, num_stages)`` of the two backward GEMMs; from
+    the dtype and the device only (batch invariance)."""
+    if not hidden.is_cuda:  # the interpreter: several tiles with tails at the tests' shapes
+        return 16, 16, 16, 4, 1
+    if hidden.dtype == torch.float64:
+        return 32, 32, 16, 4, 2
+    # untuned first guesses (NOTE at the end), free of spills in benchmarks/sm90_compile.py
+    if hidden.dtype == torch.bfloat16:  # bf16 tensor cores
+        return 128, 128, 64, 8, 3
+    if hidden.dtype == torch.float16:  # fp16 operands converted to fp32 in registers
+        return 32, 64, 16, 4, 3
+    return 64, 64, 32, 4, 3  # fp32 "ieee" dots
+
+
+def _bwd_gemms(dz: Tensor, cnt: int, w_slice: Tensor, h: Tensor, tok: Tensor,
+               ignore_index: int, dh_in: Optional[Tensor], dh_out: Tensor, dw_out: Tensor,
+               gb: Tuple[int, int, int, int, int]) -> None:
+    """``dh_out = (dh_in or 0) + dz[:, :cnt] @ w_slice`` and ``dw_out = dz[:, :cnt]^T @ h``
+    (padding rows of ``h`` never read), with :func:`_gemm_kernel`."""
+    n, dim = h.shape
+    bm, bnc, bk, warps, stages = gb
+    cdt = compute_dtype(h.dtype)
+    cast = (not h.is_cuda) or dz.dtype != h.dtype
+    meta = dict(CAST=cast, CDT=tl_compute_dtype(cdt), BLOCK_M=bm, BLOCK_NC=bnc, BLOCK_K=bk,
+                GROUP=8, num_warps=warps, num_stages=stages)
+    cols_h = triton.cdiv(dim, bnc)
+    _gemm_kernel[(triton.cdiv(n, bm) * cols_h,)](
+        dz, dz.stride(0), 1, w_slice, _rstride(w_slice), 1,
+        dh_out if dh_in is None else dh_in, dh_out, dim, tok, int(ignore_index), n, dim, cnt,
+        ACC_IN=dh_in is not None, SKIP_PADDING_K=False, **meta)
+    _gemm_kernel[(triton.cdiv(cnt, bm) * cols_h,)](
+        dz, 1, dz.stride(0), h, _rstride(h), 1, dw_out, dw_out, dim, tok, int(ignore_index),
+        cnt, dim, n, ACC_IN=False, SKIP_PADDING_K=True, **meta)
+
+
+def _bwd_gemms_cublas(dz: Tensor, cnt: int, w_slice: Tensor, h: Tensor, tok: Tensor,
+                      ignore_index: int, dh_in: Optional[Tensor], dh_out: Tensor,
+                      dw_out: Tensor, h_live: Tensor) -> None:
+    """:func:`_bwd_gemms` through ``torch.mm`` / ``torch.addmm`` (cuBLAS on a GPU, fp32
+    outputs of bf16 products through ``out_dtype``), the alternative issue #5 asks to measure
+    (``h_live``: ``h`` with padding rows zeroed). Not the default: cuBLAS picks its algorithm
+    (split-K included) from the shape, so a row's ``d hidden`` may change with ``N``."""
+    d = dz[:, :cnt]
+    cdt = compute_dtype(h.dtype)
+    native = h.is_cuda and d.dtype == h.dtype
+    if native and d.dtype != cdt:
+        part = torch.mm(d, w_slice, out_dtype=cdt)
+        dw = torch.mm(d.t(), h_live, out_dtype=cdt)
+    else:
+        part = d.to(cdt) @ w_slice.to(cdt)
+        dw = d.t().to(cdt) @ h_live.to(cdt)
+    dh_out.copy_(part if dh_in is None else dh_in + part)
+    dw_out.copy_(dw)
+
+
+# d z is materialized one vocabulary slice [N, span] at a time, at most this many bytes
+_DZ_BYTES = 1 << 28
+# which GEMMs the backward uses: "triton" (default; batch invariant) or "cublas" (benchmarks)
+_BWD_GEMMS = "triton"
+
+
 def linear_token_logprobs_backward(grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor],
                                    hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                                    tokens: Tensor, stats: Tensor, temperature: float,
                                    ignore_index: int, *, blocks: Optional[Tuple] = None,
-                                   scratch_elements: int = _SCRATCH_ELEMENTS
+                                   dz_bytes: int = _DZ_BYTES, gemms: Optional[str] = None
                                    ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """``(d hidden, d weight, d bias or None)``, each in the dtype of its input, accumulated in
-    fp32 (fp64 for fp64) without atomics. ``scratch_elements`` bounds the fp32 ``d weight``
-    slice of half-precision weights (tests shrink it to force several slices)."""
+    fp32 (fp64 for fp64) without atomics.
+
+    Per vocabulary slice of ``span`` columns (a multiple of every K block, sized so that the
+    slice of ``d z`` takes at most ``dz_bytes``): :func:`_dz_kernel` writes ``d z [N, span]``
+    (in :func:`_dz_dtype`), then ``d hidden += d z @ W[slice]`` (an fp32 ``[N, H]``
+    accumulator across slices; the last slice writes ``grad_hidden`` in its dtype) and
+    ``d weight[slice] = d z^T @ hidden`` (complete over all rows in one GEMM, written in the
+    weight's dtype: no ``[V, H]`` fp32 buffer). ``d bias`` sums fp32 per-row-block partials.
+    Peak extra memory at N=16384, H=3584, V=151936 bf16: 256 MiB of ``d z`` + 224 MiB of
+    ``d hidden`` accumulator + 8 MiB of bias partials. ``gemms`` (default ``_BWD_GEMMS``)
+    picks the GEMMs' implementation: ``"triton"`` or ``"cublas"``."""
     n, dim = hidden.shape
     vocab = weight.shape[0]
     cdt = compute_dtype(hidden.dtype)
+    gemms = _BWD_GEMMS if gemms is None else gemms
+    if gemms not in ("triton", "cublas"):
+        raise ValueError(f"gemms: expected 'triton' or 'cublas', got {gemms!r}")
     has_glp = grad_logp is not None
     has_gh = grad_entropy is not None
-    grad_b = None if bias is None else torch.empty(vocab, dtype=cdt, device=weight.device)
     if n == 0 or not (has_glp or has_gh):
-        if grad_b is not None:
-            grad_b.zero_()
         return (torch.zeros_like(hidden), torch.zeros_like(weight),
-                None if grad_b is None else grad_b.to(bias.dtype))
+                None if bias is None else torch.zeros_like(bias))
     h, w, b = _prep(hidden, weight, bias)
     tok = tokens.contiguous()
     glp = grad_logp.contiguous() if has_glp else stats
@@ -378,41 +466,47 @@ def linear_token_logprobs_backward(grad_logp: Optional[Tensor], grad_entropy: Op
     bn, bv, bh, warps = _blocks(hidden, vocab, dim)
     if blocks is not None:
         bn, bv, bh = blocks
+    gb = _gemm_blocks(hidden)
     hi, lo = split(1.0 / temperature)
+    dzt = _dz_dtype(hidden.dtype)
+    # slices split K of the d hidden GEMM at multiples of its BLOCK_K: same bits for any span
+    step = max(bv, gb[2])
+    span = max(step, dz_bytes // (dzt.itemsize * n) // step * step)
+    span = min(span, triton.cdiv(vocab, step) * step)
+    n_slices = triton.cdiv(vocab, span)
+    row_blocks = triton.cdiv(n, bn)
+    dz = torch.empty((n, span), dtype=dzt, device=hidden.device)
+    dbp = (torch.empty((row_blocks, span), dtype=cdt, device=hidden.device)
+           if b is not None else None)
+    grad_h = torch.empty_like(hidden, memory_format=torch.contiguous_format)
+    grad_w = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    grad_b = None if b is None else torch.empty(vocab, dtype=cdt, device=weight.device)
+    # d hidden accumulates in grad_h itself for fp32 / fp64, else in an fp32 buffer
+    dh_acc = grad_h if (hidden.dtype == cdt or n_slices == 1) else torch.empty(
+        (n, dim), dtype=cdt, device=hidden.device)
+    h_live = (torch.where((tok != ignore_index)[:, None], h, 0).contiguous()
+              if gemms == "cublas" else None)
     meta = dict(HAS_BIAS=b is not None, HAS_GLP=has_glp, HAS_GH=has_gh, UPCAST=not h.is_cuda,
                 IS_FP64=cdt == torch.float64, CDT=tl_compute_dtype(cdt), BLOCK_N=bn,
-                BLOCK_V=bv, BLOCK_H=bh, num_warps=warps)
-    # d hidden: accumulated in place when hidden is fp32 / fp64, else in an fp32 scratch
-    dh = torch.zeros((n, dim), dtype=cdt, device=hidden.device)
-    # d weight: the same, one vocabulary slice of at most scratch_elements at a time
-    direct_w = weight.dtype == cdt
-    grad_w = (torch.zeros((vocab, dim), dtype=cdt, device=weight.device) if direct_w
-              else torch.empty_like(weight, memory_format=torch.contiguous_format))
-    span = vocab if direct_w else max(bv, (scratch_elements // max(dim, 1)) // bv * bv)
-    scratch = None
+                BLOCK_V=bv, BLOCK_H=bh, GROUP=8, num_warps=warps)
     with device_guard(h):
-        _bwd_hidden_kernel[(triton.cdiv(n, bn),)](
-            glp, gh, h, _rstride(h), w, _rstride(w), w if b is None else b, tok,
-            stats, stats.stride(0), stats.stride(1), dh, dim,
-            n, vocab, dim, hi, lo, int(ignore_index), **meta)
-        for v0 in range(0, vocab, span):
+        for i, v0 in enumerate(range(0, vocab, span)):
             cnt = min(span, vocab - v0)
-            if direct_w:
-                acc = grad_w
-            else:
-                if scratch is None:
-                    scratch = torch.empty((min(span, vocab), dim), dtype=cdt,
-                                          device=weight.device)
-                acc = scratch[:cnt]
-                acc.zero_()
-            _bwd_weight_kernel[(triton.cdiv(cnt, bv),)](
+            _dz_kernel[(row_blocks * triton.cdiv(cnt, bv),)](
                 glp, gh, h, _rstride(h), w, _rstride(w), w if b is None else b, tok,
-                stats, stats.stride(0), stats.stride(1), acc, dim,
-                grad_b if grad_b is not None else dh,
-                n, vocab, dim, v0, hi, lo, int(ignore_index), **meta)
-            if not direct_w:
-                grad_w[v0:v0 + cnt].copy_(acc)
-    grad_h = dh if hidden.dtype == cdt else dh.to(hidden.dtype)
+                stats, stats.stride(0), stats.stride(1), dz, span,
+                dz if dbp is None else dbp, span, n, dim, v0, cnt, hi, lo, int(ignore_index),
+                **meta)
+            if dim > 0:
+                dh_out = grad_h if i == n_slices - 1 else dh_acc
+                args = (dz, cnt, w[v0:v0 + cnt], h, tok, ignore_index,
+                        None if i == 0 else dh_acc, dh_out, grad_w[v0:v0 + cnt])
+                if gemms == "cublas":
+                    _bwd_gemms_cublas(*args, h_live)
+                else:
+                    _bwd_gemms(*args, gb)
+            if grad_b is not None:
+                torch.sum(dbp[:, :cnt], 0, out=grad_b[v0:v0 + cnt])
     return (grad_h, grad_w, None if grad_b is None else grad_b.to(bias.dtype))
 
 
@@ -446,13 +540,13 @@ def linear_grpo_loss_backward(grad_loss: Tensor, hidden: Tensor, weight: Tensor,
                                           tokens.reshape(-1), stats, temperature, -100)
 
 
-# NOTE (GPU work left, issue #5): all of this was verified in the interpreter only.
-# * Block sizes / num_warps / num_stages are an untuned guess; autotune keyed on (H, V, dtype)
+# NOTE (GPU work left, issue #5): all of this was verified in the interpreter only, and the
+# sm_90 compile (benchmarks/sm90_compile.py) shows no register spills.
+# * Block sizes / num_warps / num_stages are untuned guesses; autotune keyed on (H, V, dtype)
 #   only (never N, for batch invariance).
 # * Forward: a vocabulary-split grid (row block x V split) with a deterministic merge of the
 #   per-split (m, rest, S1, z_y) would fill the GPU when N / BLOCK_N is small.
-# * Backward: the d z @ W and d z^T @ h products run as fp32 "ieee" dots (no tensor cores for
-#   bf16 weights): measure a bf16x3 / tf32x3 split, and the alternative "chunked d z (fp32,
-#   a few thousand rows) + cuBLAS GEMMs into fp32 accumulators"; keep the faster. The
-#   read-modify-write of the fp32 accumulators per (row block, vocabulary tile) is memory
-#   traffic that a larger BLOCK_N (or holding dz for several row blocks) would cut.
+# * Backward: four GEMMs' worth in all (forward, the recompute in _dz_kernel, d hidden,
+#   d weight) plus ~3 bytes per logit of d z traffic and the fp32 d hidden read-modify-write
+#   once per slice; measure Triton against cuBLAS GEMMs (gemms="cublas") and the slice size.
+# * fp32 / fp16 inputs run "ieee" fp32 dots (no tensor cores): measure "tf32x3".
