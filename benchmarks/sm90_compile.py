@@ -358,6 +358,7 @@ def all_cases(quick: bool):
     for h in (2048, 3584, 4096):
         cases += linear_cases(n, h, v, bf16, grpo=h == 4096)
     cases += linear_cases(n, 4096, v, fp32) + linear_cases(n, 4096, v, fp64)
+    cases += linear_cases(n, 4096, v, torch.float16)
     return cases
 
 
