@@ -11,11 +11,13 @@ loaded as 0. Offsets are int64. Block sizes depend only on ``H``, ``V``, the dty
 device, never on ``N``: a row's results do not depend on the batch (SPEC 1), and no kernel
 uses atomics (bit-identical reruns).
 
-* Forward (:func:`_fwd_kernel`): one program per block of ``BLOCK_N`` rows, looping over the
-  vocabulary in ``BLOCK_V`` tiles; per row the online ``(m, rest, S1)`` update of
-  :func:`._common.online_block` (here along axis 1 of a 2-d tile, :func:`_online_tile`),
-  running max from ``-inf``, ``rest`` over every column but ONE arg-max, and the token's logit
-  picked when its column falls in the tile. Saves ``stats = (m, log1p(rest), sum p (z - m))``.
+* Forward (:func:`_fwd_kernel`): one program per (block of ``BLOCK_N`` rows, vocabulary
+  split of 16384 columns on a GPU), looping over its split in ``BLOCK_V`` tiles; per row the
+  online ``(m, rest, S1)`` update of :func:`._common.online_block` (here along axis 1 of a
+  2-d tile, :func:`_online_tile`), running max from ``-inf``, ``rest`` over every column but
+  ONE arg-max, and the token's logit picked when its column falls in the tile. With several
+  splits (a function of V only) :func:`_fwd_merge_kernel` merges them in split order. Saves
+  ``stats = (m, log1p(rest), sum p (z - m))``.
 * Backward (:func:`linear_token_logprobs_backward`), per vocabulary slice of ``span`` columns
   (sized so that the slice's ``d z [N, span]`` takes at most 256 MiB), three launches, each
   program owning what it writes (deterministic, no float atomics):
@@ -47,7 +49,7 @@ to bf16 for bf16 inputs, see above); fp64 inputs compute in fp64 throughout (``t
 fp64).
 
 Not measured yet (needs a GPU, see the NOTE at the end of the file): block sizes, the
-vocabulary-split forward grid, and the Triton against the cuBLAS backward GEMMs.
+forward's split width, and the Triton against the cuBLAS backward GEMMs.
 """
 
 from __future__ import annotations
@@ -167,35 +169,15 @@ def _dz_tile(z, cols, col_ok, tok, live, m, log_s, sum_pzs, g_lp, g_h,
 # ==================================================================================== kernels
 
 @triton.jit
-def _fwd_kernel(h_ptr, stride_h, w_ptr, stride_w, b_ptr, tok_ptr, logp_ptr, ent_ptr, stats_ptr,
-                N, V, H, inv_t_hi, inv_t_lo, ignore_index,
-                HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, UPCAST: tl.constexpr,
-                IS_FP64: tl.constexpr, CDT: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_in = rows < N
+def _fwd_finish(rows, row_in, live, m, rest, s1, z_y, logp_ptr, ent_ptr, stats_ptr,
+                WITH_ENTROPY: tl.constexpr, IS_FP64: tl.constexpr, CDT: tl.constexpr):
+    """Store a row block's log-prob, entropy and ``stats = (m, log1p(rest), sum p (z - m))``
+    from its running ``(m, rest, S1)`` and token logit (0 everywhere on padding rows)."""
     r64 = rows.to(tl.int64)
-    tok = tl.load(tok_ptr + r64, mask=row_in, other=ignore_index).to(tl.int64)
-    live = row_in & (tok != ignore_index)
-    offs = tl.arange(0, BLOCK_V)
-    m = tl.full([BLOCK_N], float("-inf"), CDT)
-    rest = tl.zeros([BLOCK_N], CDT)
-    s1 = tl.zeros([BLOCK_N], CDT)
-    z_y = tl.zeros([BLOCK_N], CDT)
-    for start in range(0, V, BLOCK_V):
-        cols = start + offs
-        col_ok = cols < V
-        z = _logits_tile(h_ptr, stride_h, w_ptr, stride_w, b_ptr, rows, live, cols, col_ok, H,
-                         inv_t_hi, inv_t_lo, HAS_BIAS, UPCAST, IS_FP64, CDT, BLOCK_N, BLOCK_V,
-                         BLOCK_H)
-        m, rest, s1 = _online_tile(z, offs, m, rest, s1, WITH_ENTROPY)
-        # the token's logit, when its column is in this tile (exactly one tile has it)
-        z_y += tl.sum(tl.where(cols[None, :] == tok[:, None], z, 0.0), 1)
     log_s = log1p(rest, IS_FP64)
     m_shift = tl.where(m == float("-inf"), 0.0, m)
     logp = (z_y - m_shift) - log_s
-    zero = tl.zeros([BLOCK_N], CDT)
+    zero = tl.zeros(m.shape, CDT)
     if WITH_ENTROPY:
         # sum p (z - m) = S1 / S0, S0 = 1 + rest; H = log s - S1 / S0 (two terms >= 0)
         sum_pzs = s1 / (1.0 + rest)
@@ -208,6 +190,92 @@ def _fwd_kernel(h_ptr, stride_h, w_ptr, stride_w, b_ptr, tok_ptr, logp_ptr, ent_
     tl.store(stats_ptr + r64 * 3, tl.where(live, m, zero), mask=row_in)
     tl.store(stats_ptr + r64 * 3 + 1, tl.where(live, log_s, zero), mask=row_in)
     tl.store(stats_ptr + r64 * 3 + 2, tl.where(live, sum_pzs, zero), mask=row_in)
+
+
+@triton.jit
+def _fwd_kernel(h_ptr, stride_h, w_ptr, stride_w, b_ptr, tok_ptr, logp_ptr, ent_ptr, stats_ptr,
+                part_ptr, N, V, H, split_cols, inv_t_hi, inv_t_lo, ignore_index,
+                HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, UPCAST: tl.constexpr,
+                IS_FP64: tl.constexpr, CDT: tl.constexpr, SPLIT: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Program ``(i, j)``: rows ``i * BLOCK_N + [0, BLOCK_N)`` over vocabulary split ``j``
+    (columns ``[j * split_cols, (j + 1) * split_cols)``). Without ``SPLIT`` (one split) it
+    stores the outputs; with ``SPLIT`` the split's ``(m, rest, S1, z_y)`` go to ``part [4,
+    splits, N]`` for :func:`_fwd_merge_kernel`."""
+    pid = tl.program_id(0)
+    sid = tl.program_id(1)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_in = rows < N
+    r64 = rows.to(tl.int64)
+    tok = tl.load(tok_ptr + r64, mask=row_in, other=ignore_index).to(tl.int64)
+    live = row_in & (tok != ignore_index)
+    offs = tl.arange(0, BLOCK_V)
+    m = tl.full([BLOCK_N], float("-inf"), CDT)
+    rest = tl.zeros([BLOCK_N], CDT)
+    s1 = tl.zeros([BLOCK_N], CDT)
+    z_y = tl.zeros([BLOCK_N], CDT)
+    v_lo = sid * split_cols
+    v_hi = tl.minimum(V, v_lo + split_cols)
+    for start in range(v_lo, v_hi, BLOCK_V):
+        cols = start + offs
+        col_ok = cols < v_hi
+        z = _logits_tile(h_ptr, stride_h, w_ptr, stride_w, b_ptr, rows, live, cols, col_ok, H,
+                         inv_t_hi, inv_t_lo, HAS_BIAS, UPCAST, IS_FP64, CDT, BLOCK_N, BLOCK_V,
+                         BLOCK_H)
+        m, rest, s1 = _online_tile(z, offs, m, rest, s1, WITH_ENTROPY)
+        # the token's logit, when its column is in this tile (exactly one tile has it)
+        z_y += tl.sum(tl.where(cols[None, :] == tok[:, None], z, 0.0), 1)
+    if SPLIT:
+        base = part_ptr + sid.to(tl.int64) * N + r64
+        plane = tl.num_programs(1).to(tl.int64) * N
+        tl.store(base, m, mask=row_in)
+        tl.store(base + plane, rest, mask=row_in)
+        tl.store(base + 2 * plane, s1, mask=row_in)
+        tl.store(base + 3 * plane, z_y, mask=row_in)
+    else:
+        _fwd_finish(rows, row_in, live, m, rest, s1, z_y, logp_ptr, ent_ptr, stats_ptr,
+                    WITH_ENTROPY, IS_FP64, CDT)
+
+
+@triton.jit
+def _fwd_merge_kernel(part_ptr, tok_ptr, logp_ptr, ent_ptr, stats_ptr, N, splits,
+                      ignore_index, WITH_ENTROPY: tl.constexpr, IS_FP64: tl.constexpr,
+                      CDT: tl.constexpr, BLOCK: tl.constexpr):
+    """Merge the per-split ``(m_s, rest_s, S1_s, z_y_s)`` of ``BLOCK`` rows, splits in order
+    (deterministic): ``M = max m_s``; the owner is the first split at ``M`` (its arg-max is
+    the column left out of ``REST``); ``REST = rest_owner + sum_others e_s (1 + rest_s)``,
+    ``S1 = sum_s e_s (S1_s + (m_s - M)(1 + rest_s))`` with ``e_s = exp(m_s - M)``, splits of
+    only ``-inf`` adding 0; ``z_y = sum_s z_y_s`` (one split holds the token)."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    row_in = rows < N
+    r64 = rows.to(tl.int64)
+    tok = tl.load(tok_ptr + r64, mask=row_in, other=ignore_index)
+    live = row_in & (tok != ignore_index)
+    n64 = tl.zeros([BLOCK], tl.int64) + N  # 64-bit offsets: splits * N may pass 2**31
+    plane = n64 * splits
+    big_m = tl.full([BLOCK], float("-inf"), CDT)
+    owner = tl.zeros([BLOCK], tl.int32)
+    for sid in range(0, splits):
+        m_s = tl.load(part_ptr + sid * n64 + r64, mask=row_in, other=float("-inf"))
+        owner = tl.where(m_s > big_m, sid, owner)
+        big_m = tl.maximum(big_m, m_s)
+    shift = tl.where(big_m == float("-inf"), 0.0, big_m)
+    rest = tl.zeros([BLOCK], CDT)
+    s1 = tl.zeros([BLOCK], CDT)
+    z_y = tl.zeros([BLOCK], CDT)
+    for sid in range(0, splits):
+        base = part_ptr + sid * n64 + r64
+        m_s = tl.load(base, mask=row_in, other=float("-inf"))
+        rest_s = tl.load(base + plane, mask=row_in, other=0.0)
+        ok = m_s != float("-inf")
+        d = tl.where(ok, m_s - shift, 0.0)
+        e = tl.where(ok, tl.exp(d), 0.0)
+        rest += tl.where(owner == sid, rest_s, e * (1.0 + rest_s))
+        if WITH_ENTROPY:
+            s1 += e * (tl.load(base + 2 * plane, mask=row_in, other=0.0) + d * (1.0 + rest_s))
+        z_y += tl.load(base + 3 * plane, mask=row_in, other=0.0)
+    _fwd_finish(rows, row_in, live, big_m, rest, s1, z_y, logp_ptr, ent_ptr, stats_ptr,
+                WITH_ENTROPY, IS_FP64, CDT)
 
 
 @triton.jit
@@ -327,13 +395,23 @@ def _rstride(x: Tensor) -> int:
     return x.stride(0) if x.shape[0] > 1 else x.shape[1]
 
 
+# the forward splits the vocabulary into pieces of this many columns (GPU): with V=151936 ten
+# programs per row block, so that a few thousand rows already fill the GPU; a function of V
+# only, never of N (batch invariance)
+_SPLIT_COLS = 16384
+
+
 def linear_token_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                                   tokens: Tensor, temperature: float, ignore_index: int,
-                                  with_entropy: bool, *, blocks: Optional[Tuple] = None
+                                  with_entropy: bool, *, blocks: Optional[Tuple] = None,
+                                  split_cols: Optional[int] = None
                                   ) -> Tuple[Tensor, Tensor, Tensor]:
     """``(logp [N], entropy [N], stats [N, 3])`` of ``(hidden @ weight^T + bias) / T``, like
     the reference (fp32; fp64 for fp64 inputs). Padding rows: 0 outputs and 0 stats.
-    ``blocks=(BLOCK_N, BLOCK_V, BLOCK_H)`` overrides the block sizes (tests)."""
+    ``blocks=(BLOCK_N, BLOCK_V, BLOCK_H)`` overrides the block sizes and ``split_cols`` the
+    vocabulary split (tests; rounded up to a multiple of ``BLOCK_V``). With more than one
+    split, each (row block, split) program writes its running statistics to an fp32
+    ``[4, splits, N]`` buffer that :func:`_fwd_merge_kernel` merges."""
     n, dim = hidden.shape
     vocab = weight.shape[0]
     cdt = compute_dtype(hidden.dtype)
@@ -347,14 +425,25 @@ def linear_token_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Optional
     bn, bv, bh, warps = _blocks(hidden, vocab, dim)
     if blocks is not None:
         bn, bv, bh = blocks
+    if split_cols is None:
+        split_cols = _SPLIT_COLS if hidden.is_cuda else vocab
+    split_cols = triton.cdiv(max(1, min(split_cols, vocab)), bv) * bv
+    splits = triton.cdiv(vocab, split_cols)
+    part = hidden.new_empty((4, splits, n), dtype=cdt) if splits > 1 else logp
     hi, lo = split(1.0 / temperature)
+    flags = dict(WITH_ENTROPY=bool(with_entropy), IS_FP64=cdt == torch.float64,
+                 CDT=tl_compute_dtype(cdt))
     with device_guard(h):
-        _fwd_kernel[(triton.cdiv(n, bn),)](
-            h, _rstride(h), w, _rstride(w), w if b is None else b, tok, logp, ent, stats,
-            n, vocab, dim, hi, lo, int(ignore_index),
-            HAS_BIAS=b is not None, WITH_ENTROPY=bool(with_entropy),
-            UPCAST=not h.is_cuda, IS_FP64=cdt == torch.float64, CDT=tl_compute_dtype(cdt),
-            BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, num_warps=warps)
+        _fwd_kernel[(triton.cdiv(n, bn), splits)](
+            h, _rstride(h), w, _rstride(w), w if b is None else b, tok, logp, ent, stats, part,
+            n, vocab, dim, split_cols, hi, lo, int(ignore_index),
+            HAS_BIAS=b is not None, UPCAST=not h.is_cuda, SPLIT=splits > 1,
+            BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, num_warps=warps, **flags)
+        if splits > 1:
+            block = 256 if h.is_cuda else 16
+            _fwd_merge_kernel[(triton.cdiv(n, block),)](
+                part, tok, logp, ent, stats, n, splits, int(ignore_index), BLOCK=block,
+                num_warps=4, **flags)
     return logp, ent, stats
 
 
@@ -544,8 +633,8 @@ def linear_grpo_loss_backward(grad_loss: Tensor, hidden: Tensor, weight: Tensor,
 # sm_90 compile (benchmarks/sm90_compile.py) shows no register spills.
 # * Block sizes / num_warps / num_stages are untuned guesses; autotune keyed on (H, V, dtype)
 #   only (never N, for batch invariance).
-# * Forward: a vocabulary-split grid (row block x V split) with a deterministic merge of the
-#   per-split (m, rest, S1, z_y) would fill the GPU when N / BLOCK_N is small.
+# * Forward: the split width (_SPLIT_COLS) trades grid size (small N) against the partial
+#   statistics' traffic and L2 reuse of the weight tiles.
 # * Backward: four GEMMs' worth in all (forward, the recompute in _dz_kernel, d hidden,
 #   d weight) plus ~3 bytes per logit of d z traffic and the fp32 d hidden read-modify-write
 #   once per slice; measure Triton against cuBLAS GEMMs (gemms="cublas") and the slice size.

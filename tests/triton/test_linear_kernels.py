@@ -62,10 +62,10 @@ def make(n, h, v, *, seed=0, designed=True, dtype=torch.float32):
     return hidden, weight, bias, tokens
 
 
-def run_fwd(h, w, b, tok, dtype, t=1.0, ent=True, blocks=None):
+def run_fwd(h, w, b, tok, dtype, t=1.0, ent=True, blocks=None, **kw):
     return tk.linear_token_logprobs_forward(h.to(DEV, dtype), w.to(DEV, dtype),
                                             None if b is None else b.to(DEV, dtype),
-                                            tok.to(DEV), t, -100, ent, blocks=blocks)
+                                            tok.to(DEV), t, -100, ent, blocks=blocks, **kw)
 
 
 def run_bwd(g_lp, g_h, h, w, b, tok, stats, dtype, t=1.0, blocks=None, **kw):
@@ -156,6 +156,76 @@ def test_matches_reference(shape, dtype, with_bias, entropy, temperature, design
         else:
             grad_bound(g, g_r, dim)
     assert (grads[0].cpu()[~live] == 0).all()  # padding rows of d hidden
+
+
+@pytest.mark.parametrize("split_cols", [64, 128, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_vocabulary_split_forward(split_cols, dtype):
+    """The forward over vocabulary splits (5 splits of 64 columns, 3 of 128 with a short last
+    one; 1 rounds up to one tile per split) merged by ``_fwd_merge_kernel``: the reference's
+    values, and gradients from the merged ``stats``. Columns 64-127 are ``-inf`` (a split of
+    only ``-inf`` when splits are 64 wide) and one token sits there (log-prob ``-inf``); the
+    designed rows put the max in a later split than the first."""
+    n, dim, v, blocks = SHAPES["40x300"]
+    h, w, b, tok = make(n, dim, v, seed=9, dtype=dtype)
+    b[64:128] = float("-inf")
+    tok[6] = 100
+    live = tok != -100
+    out = run_fwd(h, w, b, tok, dtype, 0.7, True, blocks, split_cols=split_cols)
+    out_ref = ref.linear_token_logprobs_forward(h, w, b, tok, 0.7, -100, True)
+    assert out[0][6].item() == float("-inf") and out_ref[0][6].item() == float("-inf")
+    fin = torch.isfinite(out_ref[0])
+    close_values([out[0].cpu()[fin], out[1].cpu()[fin], out[2]],
+                 [out_ref[0][fin], out_ref[1][fin], out_ref[2]], live, dtype)
+    g_lp, g_h = upstream(n, 9)
+    g_lp[6] = 0.0  # d/dz of a -inf log-prob: 0 * inf
+    grads = run_bwd(g_lp, g_h, h, w, b, tok, out[2], dtype, 0.7, blocks)
+    grads_ref = ref.linear_token_logprobs_backward(g_lp, g_h, h, w, b, tok, out_ref[2], 0.7,
+                                                   -100)
+    for g, g_r in zip(grads, grads_ref):
+        if dtype == F64:
+            torch.testing.assert_close(g.cpu(), g_r, atol=1e-12, rtol=1e-10)
+        else:
+            grad_bound(g, g_r, dim)
+
+
+def test_merge_kernel_propagates_nan_per_row():
+    """``_fwd_merge_kernel`` on hand-made per-split statistics of the logits ``z``: a NaN
+    statistic of one row (what a NaN logit gives its split) reaches that row only; the other
+    rows get the reference values. (A NaN hidden state cannot be run end to end here: the
+    interpreter's arg-max raises on an all-NaN row.)"""
+    g = torch.Generator().manual_seed(11)
+    n, v, splits = 6, 30, 3
+    z = 3.0 * torch.randn(n, v, generator=g, dtype=F64)
+    z[2, 10:20] = float("-inf")  # one split of only -inf in row 2
+    tok = torch.randint(0, v, (n,), generator=g)
+    part = torch.zeros(4, splits, n, dtype=F64)
+    for s in range(splits):
+        zs = z[:, s * 10:(s + 1) * 10]
+        m = zs.amax(1)
+        sh = torch.where(m == float("-inf"), 0.0, m)
+        e = torch.exp(zs - sh[:, None])
+        part[0, s] = m
+        part[1, s] = e.sum(1) - (m != float("-inf")).double()  # rest: all but one arg-max
+        part[2, s] = torch.where(e > 0, e * (zs - sh[:, None]), 0.0).sum(1)
+        held = (tok >= s * 10) & (tok < (s + 1) * 10)
+        part[3, s] = torch.where(held, z.gather(1, tok[:, None])[:, 0], 0.0)
+    part[1, 1, 4] = float("nan")
+    logp, ent, stats = (torch.empty(n, dtype=F64), torch.empty(n, dtype=F64),
+                        torch.empty(n, 3, dtype=F64))
+    args = [x.to(DEV) for x in (part, tok, logp, ent, stats)]
+    with tk.device_guard(args[0]):
+        tk._fwd_merge_kernel[(1,)](*args, n, splits, -100, WITH_ENTROPY=True, IS_FP64=True,
+                                   CDT=tk.tl.float64, BLOCK=8)
+    logp, ent = args[2].cpu(), args[3].cpu()
+    lsm = torch.log_softmax(z, 1)
+    p = lsm.exp()
+    for r in range(n):
+        if r == 4:
+            assert torch.isnan(logp[r]) and torch.isnan(ent[r])
+            continue
+        assert abs(logp[r] - lsm[r, tok[r]]) < 1e-12
+        assert abs(ent[r] + torch.where(p[r] > 0, p[r] * lsm[r], 0.0).sum()) < 1e-12
 
 
 @pytest.mark.parametrize("which", ["logp", "entropy"])
