@@ -496,21 +496,22 @@ def _bwd_gemms(dz: Tensor, cnt: int, w_slice: Tensor, h: Tensor, tok: Tensor,
 def _bwd_gemms_cublas(dz: Tensor, cnt: int, w_slice: Tensor, h: Tensor, tok: Tensor,
                       ignore_index: int, dh_in: Optional[Tensor], dh_out: Tensor,
                       dw_out: Tensor, h_live: Tensor) -> None:
-    """:func:`_bwd_gemms` through ``torch.mm`` / ``torch.addmm`` (cuBLAS on a GPU, fp32
-    outputs of bf16 products through ``out_dtype``), the alternative issue #5 asks to measure
-    (``h_live``: ``h`` with padding rows zeroed). Not the default: cuBLAS picks its algorithm
-    (split-K included) from the shape, so a row's ``d hidden`` may change with ``N``."""
+    """:func:`_bwd_gemms` through ``torch.mm`` (cuBLAS on a GPU; the fp32 ``d hidden`` part of
+    bf16 products through ``out_dtype``), the alternative issue #5 asks to measure (``h_live``:
+    ``h`` with padding rows zeroed). Not the default: cuBLAS picks its algorithm (split-K
+    included) from the shape, so a row's ``d hidden`` may change with ``N``."""
     d = dz[:, :cnt]
     cdt = compute_dtype(h.dtype)
-    native = h.is_cuda and d.dtype == h.dtype
-    if native and d.dtype != cdt:
-        part = torch.mm(d, w_slice, out_dtype=cdt)
-        dw = torch.mm(d.t(), h_live, out_dtype=cdt)
-    else:
+    if d.dtype == h.dtype and (h.is_cuda or d.dtype == cdt):
+        part = torch.mm(d, w_slice, out_dtype=cdt) if d.dtype != cdt else d @ w_slice
+        torch.mm(d.t(), h_live, out=dw_out)  # fp32 accumulation inside, one rounding out
+    else:  # fp16 (d z in fp32) and the interpreter's bf16: fp32 products
         part = d.to(cdt) @ w_slice.to(cdt)
-        dw = d.t().to(cdt) @ h_live.to(cdt)
-    dh_out.copy_(part if dh_in is None else dh_in + part)
-    dw_out.copy_(dw)
+        dw_out.copy_(d.t().to(cdt) @ h_live.to(cdt))
+    if dh_in is None:
+        dh_out.copy_(part)
+    else:
+        torch.add(dh_in, part, out=dh_out)
 
 
 # d z is materialized one vocabulary slice [N, span] at a time, at most this many bytes
@@ -573,8 +574,7 @@ def linear_token_logprobs_backward(grad_logp: Optional[Tensor], grad_entropy: Op
     # d hidden accumulates in grad_h itself for fp32 / fp64, else in an fp32 buffer
     dh_acc = grad_h if (hidden.dtype == cdt or n_slices == 1) else torch.empty(
         (n, dim), dtype=cdt, device=hidden.device)
-    h_live = (torch.where((tok != ignore_index)[:, None], h, 0).contiguous()
-              if gemms == "cublas" else None)
+    h_live = torch.where((tok != ignore_index)[:, None], h, 0) if gemms == "cublas" else None
     meta = dict(HAS_BIAS=b is not None, HAS_GLP=has_glp, HAS_GH=has_gh, UPCAST=not h.is_cuda,
                 IS_FP64=cdt == torch.float64, CDT=tl_compute_dtype(cdt), BLOCK_N=bn,
                 BLOCK_V=bv, BLOCK_H=bh, GROUP=8, num_warps=warps)
