@@ -437,3 +437,12 @@ def test_gpu_deterministic_and_batch_invariant():
         alone = tk.linear_token_logprobs_forward(h[i:i + 1], w, None, tok[i:i + 1], 1.0, -100,
                                                  True)
         assert all(torch.equal(x[i:i + 1], y) for x, y in zip(a, alone))
+
+
+def test_unknown_backward_gemms_named_in_error():
+    n, dim, v, blocks = SHAPES["13x37"]
+    h, w, b, tok = make(n, dim, v)
+    out = run_fwd(h, w, b, tok, torch.float32)
+    g_lp, _ = upstream(n)
+    with pytest.raises(ValueError, match=r"gemms: expected 'triton' or 'cublas', got 'cutlass'"):
+        run_bwd(g_lp, None, h, w, b, tok, out[2], torch.float32, gemms="cutlass")
