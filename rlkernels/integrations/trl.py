@@ -26,9 +26,14 @@ Semantics and dtypes, kept exactly as TRL's:
   path may differ from it by one bf16 ulp). The fused LM head returns fp32 like TRL's.
 * ``temperature`` is fused (``z = logits / T`` in fp32; TRL divides in the logits dtype).
 * ``row_mask``: positions where it is 0 give 0, as in TRL.
-* Every index is a real token: rlkernels' padding convention (``ignore_index=-100`` gives 0) is
-  switched off by passing an ``ignore_index`` that no index can equal, so an index of -100
-  fails like in TRL instead of silently giving 0.
+* Every index is a real token, as in TRL (whose ``torch.gather`` raises on an id outside
+  ``[0, V)``): rlkernels' padding conventions (``ignore_index=-100`` gives 0 in
+  ``token_logprobs``, ``-1`` marks an unused slot in ``sparse_logprobs``) are switched off, and
+  an id outside ``[0, V)`` (``-100`` and ``-1`` included), for an index of shape ``(...)`` or
+  ``(..., K)``, raises ``ValueError`` naming the id instead of giving 0 or ``-inf``. On a CPU
+  tensor, or with ``rlkernels.set_debug(True)``, this check runs on the host; on a GPU it is a
+  device-side assertion (``torch._assert_async``: no host sync, and like TRL's ``gather`` on a
+  GPU, a bad id aborts the CUDA context).
 * Inputs rlkernels does not take (an index whose leading dims differ from the logits', an
   integer dtype other than int32/int64, logits that are not floating point) are passed to
   TRL's original function.
@@ -40,6 +45,7 @@ import torch
 
 import rlkernels
 
+from .. import _checks
 from . import _ModulePatcher
 
 __all__ = ["patch", "unpatch", "is_patched", "selective_log_softmax", "entropy_from_logits",
@@ -59,6 +65,23 @@ def _original(name):
     return orig
 
 
+def _check_ids(index: torch.Tensor, vocab: int) -> None:
+    """TRL gathers every id of ``index``: any id outside ``[0, vocab)`` is an error, never a
+    padding slot (see the module docstring for where the check runs)."""
+    if index.numel() == 0:
+        return
+    if index.device.type == "cpu" or _checks.debug_enabled():
+        bad = (index < 0) | (index >= vocab)
+        if bool(bad.any()):
+            raise ValueError(f"index: expected ids in [0, {vocab}) (TRL's selective_log_softmax "
+                             f"has no padding id), got {int(index[bad].flatten()[0])} "
+                             f"({int(bad.sum())} id(s) out of range)")
+    else:
+        torch._assert_async(((index >= 0) & (index < vocab)).all(),
+                            f"index: expected ids in [0, {vocab}) (TRL's selective_log_softmax "
+                            f"has no padding id)")
+
+
 def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, temperature: float = 1.0,
                           row_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """TRL's ``selective_log_softmax`` on rlkernels: ``log_softmax(logits / T)`` gathered at
@@ -68,9 +91,11 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, temperature
     if logits.dtype not in _FLOATS or index.dtype not in _INTS:
         return _original("selective_log_softmax")(logits, index, temperature, row_mask)
     if index.ndim == logits.ndim - 1 and index.shape == logits.shape[:-1]:
+        _check_ids(index, logits.shape[-1])
         out = rlkernels.token_logprobs(logits, index, temperature=temperature,
                                        ignore_index=_NO_IGNORE)
     elif index.ndim == logits.ndim and index.shape[:-1] == logits.shape[:-1]:
+        _check_ids(index, logits.shape[-1])
         out = rlkernels.sparse_logprobs(logits, index, temperature=temperature, normalize="full")
     else:
         return _original("selective_log_softmax")(logits, index, temperature, row_mask)
@@ -99,6 +124,7 @@ def selective_log_softmax_and_entropy(logits: torch.Tensor, index: torch.Tensor,
             or index.shape != logits.shape[:-1]):
         return _original("selective_log_softmax_and_entropy")(
             logits, index, entropy_requires_grad, temperature, row_mask)
+    _check_ids(index, logits.shape[-1])
     logp, ent = rlkernels.token_logprobs(logits, index, temperature=temperature,
                                          ignore_index=_NO_IGNORE, return_entropy=True)
     logp, ent = logp.to(logits.dtype), ent.to(logits.dtype)

@@ -47,6 +47,26 @@ def test_values_match(patched, dtype, temperature):
     torch.testing.assert_close(ge, we, **tol)
 
 
+@pytest.mark.parametrize("bad", [-100, -1, 41])
+@pytest.mark.parametrize("topk", [False, True])
+def test_out_of_range_ids_raise_like_trl(patched, bad, topk):
+    # TRL gathers every id (no padding id): -100 and -1 raise there, so they must here too,
+    # for a (...) index and a (..., K) one (sparse_logprobs' -1 "unused slot" must not leak)
+    logits = torch.randn(2, 3, 41)
+    idx = torch.randint(0, 41, (2, 3, 4) if topk else (2, 3))
+    idx[1, 2] = bad
+    with pytest.raises(RuntimeError):
+        patched["selective_log_softmax"](logits, idx)
+    msg = rf"index: expected ids in \[0, 41\) .*got {bad} \({4 if topk else 1} id\(s\) out of range\)"
+    with pytest.raises(ValueError, match=msg):
+        tu.selective_log_softmax(logits, idx)
+    with pytest.raises(ValueError, match=msg):
+        tu.selective_log_softmax(logits, idx, row_mask=torch.ones(idx.shape, dtype=torch.bool))
+    if not topk:
+        with pytest.raises(ValueError, match=msg):
+            tu.selective_log_softmax_and_entropy(logits, idx)
+
+
 def test_gradients_match(patched):
     logits = torch.randn(2, 5, 33, dtype=torch.float64, requires_grad=True)
     idx = torch.randint(0, 33, (2, 5))
