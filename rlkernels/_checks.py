@@ -2,8 +2,9 @@
 
 Each check raises before any work starts, with a message that names the argument, what was
 expected and what was received (SPEC section 1, "Errors"). Checks that need the data itself
-(token ranges, NaN rewards) only run in debug mode (:func:`rlkernels.set_debug`), because on
-a GPU they would force a host synchronisation.
+(token ranges, NaN rewards) run in debug mode (:func:`rlkernels.set_debug`), because on a GPU
+they would force a host synchronisation; the id-range checks also run, always, on plain CPU
+tensors, where reading the data costs no synchronisation (:func:`data_checks`).
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ _debug = os.environ.get("RLKERNELS_DEBUG", "0") not in ("", "0", "false", "False
 def set_debug(enabled: bool = True) -> None:
     """Turn data-dependent checks on or off (token ranges, NaN rewards, duplicate ids).
 
-    They cost a host synchronisation each, so they are off by default; ``RLKERNELS_DEBUG=1``
-    turns them on for the whole process.
+    On a GPU they cost a host synchronisation each, so they are off by default;
+    ``RLKERNELS_DEBUG=1`` turns them on for the whole process. Token and index ranges of CPU
+    tensors are checked whatever this setting (:func:`data_checks`).
     """
     global _debug
     _debug = bool(enabled)
@@ -134,9 +136,22 @@ def flag(name: str, value) -> bool:
     return value
 
 
+def data_checks(x: torch.Tensor) -> bool:
+    """Whether a check that reads the values of ``x`` runs: in debug mode, and always for a
+    plain CPU tensor (no device to synchronise with). Skipped for CPU tensors that cannot be
+    read eagerly: while ``torch.compile`` / ``torch.export`` traces, under ``torch.func``
+    transforms, and for tensor subclasses (fake tensors)."""
+    if _debug:
+        return True
+    return (x.device.type == "cpu" and type(x) is torch.Tensor
+            and not torch.compiler.is_compiling()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(x))
+
+
 def token_range(name: str, tokens: torch.Tensor, vocab: int, ignore_index: int | None) -> None:
-    """Debug-mode only: every token is in ``[0, vocab)`` or equals ``ignore_index``."""
-    if not _debug or tokens.numel() == 0:
+    """Every token is in ``[0, vocab)`` or equals ``ignore_index``; checked when
+    :func:`data_checks` says so (debug mode, or CPU tensors)."""
+    if tokens.numel() == 0 or not data_checks(tokens):
         return
     bad = (tokens < 0) | (tokens >= vocab)
     if ignore_index is not None:

@@ -259,7 +259,7 @@ def _check_indices(logits: Tensor, indices) -> Tensor:
     _checks.shape("indices", indices, (*logits.shape[:-1], indices.shape[-1]),
                   "the leading dims of logits plus K ids")
     _checks.same_device("logits", logits, indices=indices)
-    if _checks.debug_enabled() and indices.numel():
+    if indices.numel() and _checks.data_checks(indices):
         vocab = logits.shape[-1]
         bad = (indices < -1) | (indices >= vocab)
         if bool(bad.any()):

@@ -370,10 +370,73 @@ def test_debug_index_out_of_range(op, bad_id):
     call(bad)
 
 
-def test_no_range_check_outside_debug_mode():
-    """Without debug mode an out-of-range id is not checked (no host sync): the reference
-    raises from torch's gather instead of returning a silent wrong answer."""
+def _token_ops():
+    """Every public op that takes vocabulary ids, with otherwise valid arguments; ``tok`` is
+    ``[2, 3]`` (the sparse ops get a ``[2, 3, 4]`` support whose first id is ``tok``)."""
+    hidden, weight = torch.zeros(2, 3, 5), torch.zeros(7, 5)
+    old, adv, mask = torch.zeros(2, 3), torch.zeros(2), torch.ones(2, 3, dtype=torch.bool)
+
+    def support(tok):
+        idx = IDX.clone()
+        idx[..., 0] = tok
+        return idx
+    return {
+        "token_logprobs": lambda tok: rlkernels.token_logprobs(X, tok),
+        "grpo_loss": lambda tok: rlkernels.grpo_loss(X, tok, old, adv, mask),
+        "linear_token_logprobs": lambda tok: rlkernels.linear_token_logprobs(hidden, weight,
+                                                                             tok),
+        "linear_grpo_loss": lambda tok: rlkernels.linear_grpo_loss(hidden, weight, tok, old,
+                                                                   adv, mask),
+        "sparse_logprobs": lambda tok: rlkernels.sparse_logprobs(X, support(tok)),
+        "sparse_kl": lambda tok: rlkernels.sparse_kl(X, support(tok), TGT),
+    }
+
+
+@pytest.mark.parametrize("op", list(_token_ops()))
+@pytest.mark.parametrize("bad_id", [7, -2])
+def test_cpu_ids_out_of_range_raise_without_debug_mode(op, bad_id, backend):
+    """On CPU tensors the range check reads no device memory, so it runs outside debug mode
+    too: the SPEC error, not torch's ``index 7 is out of bounds`` or a wrong answer."""
+    if backend == "cuda":
+        pytest.skip("the cuda backend takes CUDA tensors")
+    from rlkernels import _checks
+    assert not _checks.debug_enabled()
+    rlkernels.set_backend(backend)
     bad = TOK.clone()
-    bad[1, 2] = 7
-    with pytest.raises(RuntimeError):
-        rlkernels.token_logprobs(X, bad, backend="torch")
+    bad[1, 2] = bad_id
+    if op.startswith("sparse"):
+        msg = f"indices: expected ids in [0, 7) or -1 for an unused slot, got {bad_id}"
+    else:
+        msg = f"tokens: expected ids in [0, 7) or -100, got {bad_id} (1 id(s) out of range)"
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        _token_ops()[op](bad)
+    good = TOK.clone()
+    good[0, 0] = -1 if op.startswith("sparse") else -100
+    _token_ops()[op](good)
+
+
+def test_range_checks_read_no_device_data_outside_debug_mode():
+    """Outside debug mode only plain CPU tensors are read (no host sync on a GPU); debug mode
+    reads every tensor. A meta tensor stands in for a CUDA one here."""
+    from rlkernels import _checks
+    cpu, meta = torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long, device="meta")
+    assert _checks.data_checks(cpu) and not _checks.data_checks(meta)
+    seen = []
+    torch.func.vmap(lambda t: seen.append(_checks.data_checks(t)) or t)(
+        torch.zeros(2, 3, dtype=torch.long))
+    assert seen == [False]
+    rlkernels.set_debug(True)
+    assert _checks.data_checks(meta)
+
+
+def test_cpu_range_check_under_compile_and_vmap():
+    """The CPU check steps aside where the data cannot be read eagerly: torch.compile
+    (fullgraph, no graph break) and torch.func.vmap still run."""
+    tok = TOK.clone()
+    tok[0, 1] = 5
+    eager = rlkernels.token_logprobs(X, tok, backend="torch")
+    compiled = torch.compile(lambda x, t: rlkernels.token_logprobs(x, t, backend="torch"),
+                             fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(X, tok), eager)
+    mapped = torch.func.vmap(lambda x, t: rlkernels.token_logprobs(x, t, backend="torch"))
+    torch.testing.assert_close(mapped(X, tok), eager)
