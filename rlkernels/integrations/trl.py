@@ -10,10 +10,11 @@ that holds a reference to them (``from .utils import selective_log_softmax``):
   (``chunk_size`` is accepted and ignored: rlkernels bounds its memory itself);
 * ``selective_log_softmax_and_entropy(logits, index, entropy_requires_grad=True,
   temperature=1.0, row_mask=None)`` -> one ``token_logprobs(..., return_entropy=True)`` pass;
-* ``_ChunkedLogProbFunction`` (TRL >= 1.x: the fused LM head that ``GRPOTrainer`` installs with
-  ``add_fused_lm_head``) -> :func:`rlkernels.linear_token_logprobs`, for the outputs rlkernels
-  computes (``log_probs``, ``entropy``) and models without logit soft-capping / scaling; any
-  other request goes to TRL's own function unchanged.
+* ``_ChunkedLogProbFunction`` (TRL >= 1.x: the fused LM head that ``GRPOTrainer``, the SFT, DPO
+  and KTO trainers install with ``add_fused_lm_head``) -> rlkernels' lm_head kernels
+  (:class:`ChunkedLogProbFunction`), for every output TRL offers (``log_probs``, ``entropy``,
+  ``log_sum_sq_probs``, ``mean_logits``, ``is_top1``) and option (``final_logit_softcapping``,
+  ``logit_scale``, temperature): TRL's own kernel is never called.
 
 ``unpatch()`` puts the original objects back (identity, not copies), including in ``trl``
 modules imported after ``patch()``.
@@ -46,6 +47,7 @@ import torch
 import rlkernels
 
 from .. import _checks
+from ..ops.linear import _linear_token_stats
 from . import _ModulePatcher
 
 __all__ = ["patch", "unpatch", "is_patched", "selective_log_softmax", "entropy_from_logits",
@@ -136,32 +138,45 @@ def selective_log_softmax_and_entropy(logits: torch.Tensor, index: torch.Tensor,
     return logp, ent
 
 
-class ChunkedLogProbFunction:
-    """Stand-in for ``trl.kernels.ChunkedLogProbFunction`` (``.apply`` with the same arguments).
+# TRL's ``trl.kernels.chunked_logprob.OPTIONAL_OUTPUTS``: its default ``outputs``
+_TRL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
-    Returns ``(log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1)`` fp32 ``[N]``, the
-    last three ``None``; the projection runs in the autocast dtype when autocast is on (as in
-    TRL), in the dtype of ``hidden`` otherwise, with fp32 accumulation and no ``[N, V]`` logits.
+
+class ChunkedLogProbFunction:
+    """Stand-in for ``trl.kernels.ChunkedLogProbFunction`` (``.apply`` with the same arguments
+    and defaults), on :func:`rlkernels.ops.linear._linear_token_stats`; never TRL's kernel.
+
+    Returns ``(log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1)`` ``[N]`` (fp32,
+    ``is_top1`` bool), an output ``None`` when its name is not in ``outputs`` (``log_probs`` is
+    always computed; by default, as in TRL, every output is). Logits: ``z = c tanh(s y / c) /
+    T`` with ``y = hidden @ weight^T + bias``, ``s = logit_scale`` and ``c =
+    final_logit_softcapping`` (``z = s y / T`` when it is ``None``; TRL reads a cap of 0 as 1,
+    and so does this). ``log_sum_sq_probs = log sum_v p_v^2``, ``mean_logits`` the mean of ``z``
+    over the vocabulary, ``is_top1`` whether the target is the first arg-max of ``z``; only
+    ``log_probs`` and ``entropy`` carry gradients, as in TRL. The projection runs in the
+    autocast dtype when autocast is on (as in TRL), in the dtype of ``hidden`` otherwise, with
+    fp32 accumulation and no ``[N, V]`` logits (``chunk_size`` is accepted and ignored).
     """
 
     @staticmethod
     def apply(hidden, weight, bias, targets, temperature, chunk_size,
-              final_logit_softcapping=None, logit_scale=1.0, outputs=("log_probs",)):
-        extra = set(outputs) - {"log_probs", "entropy"}
-        if final_logit_softcapping is not None or logit_scale != 1.0 or extra:
-            return _original("_ChunkedLogProbFunction").apply(
-                hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping,
-                logit_scale, outputs)
+              final_logit_softcapping=None, logit_scale=1.0, outputs=_TRL_OUTPUTS):
         device = hidden.device.type
         dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
                  else hidden.dtype)
+        softcap = (None if final_logit_softcapping is None
+                   else final_logit_softcapping or 1.0)
+        extras = any(name in outputs for name in _TRL_OUTPUTS[1:])
         with torch.autocast(device, enabled=False):
-            res = rlkernels.linear_token_logprobs(
+            res = _linear_token_stats(
                 hidden.to(dtype), weight.to(dtype), targets, temperature=temperature,
                 bias=None if bias is None else bias.to(dtype), ignore_index=_NO_IGNORE,
-                return_entropy="entropy" in outputs)
-        logp, ent = res if "entropy" in outputs else (res, None)
-        return logp.float(), None if ent is None else ent.float(), None, None, None
+                return_entropy="entropy" in outputs, logit_scale=logit_scale, softcap=softcap,
+                extras=extras)
+        names = ("log_probs", *_TRL_OUTPUTS)
+        return tuple(None if x is None or (name != "log_probs" and name not in outputs)
+                     else x if x.dtype == torch.bool else x.float()
+                     for name, x in zip(names, res))
 
 
 def _pairs():

@@ -250,6 +250,127 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *,
     return (logp.view(shape), ent.view(shape)) if return_entropy else logp.view(shape)
 
 
+# ==================================================== _linear_token_stats (private: the TRL head)
+
+@torch.library.custom_op("rlkernels::linear_token_stats", mutates_args=())
+def _linear_token_stats_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                           tokens: Tensor, temperature: float, ignore_index: int,
+                           with_entropy: bool, logit_scale: float, softcap: Optional[float],
+                           extras: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return call(backend, _FAMILY, "linear_token_stats_forward", hidden, weight, bias, tokens,
+                temperature, ignore_index, with_entropy, logit_scale, softcap, extras)
+
+
+@_linear_token_stats_op.register_fake
+def _(hidden, weight, bias, tokens, temperature, ignore_index, with_entropy, logit_scale,
+      softcap, extras, backend):
+    dt = out_dtype(hidden.dtype)
+    n = hidden.shape[0]
+    return (hidden.new_empty(n, dtype=dt), hidden.new_empty(n, dtype=dt),
+            hidden.new_empty(n, 3, dtype=dt), hidden.new_empty(n, 3, dtype=dt))
+
+
+@torch.library.custom_op("rlkernels::linear_token_stats_backward", mutates_args=())
+def _linear_token_stats_backward_op(grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor],
+                                    hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                                    tokens: Tensor, stats: Tensor, temperature: float,
+                                    ignore_index: int, logit_scale: float,
+                                    softcap: Optional[float], backend: str
+                                    ) -> Tuple[Tensor, Tensor, Tensor]:
+    grads = call(backend, _FAMILY, "linear_token_stats_backward", grad_logp, grad_entropy,
+                 hidden, weight, bias, tokens, stats, temperature, ignore_index, logit_scale,
+                 softcap)
+    return _grads_or_empty(grads, hidden, weight, bias)
+
+
+@_linear_token_stats_backward_op.register_fake
+def _(grad_logp, grad_entropy, hidden, weight, bias, *args):
+    return _fake_grads(hidden, weight, bias)
+
+
+def _linear_token_stats_setup(ctx, inputs, output):
+    (hidden, weight, bias, tokens, temperature, ignore_index, with_entropy, logit_scale,
+     softcap, _extras, backend) = inputs
+    ctx.save_for_backward(hidden, weight, bias, tokens, output[2])
+    ctx.args = (temperature, ignore_index, logit_scale, softcap, backend)
+    ctx.with_entropy = with_entropy
+    ctx.mark_non_differentiable(output[2], output[3])
+
+
+def _linear_token_stats_grad(ctx, grad_logp, grad_entropy, _grad_stats, _grad_extra):
+    if not any(ctx.needs_input_grad[:3]):
+        return (None,) * 11
+    hidden, weight, bias, tokens, stats = ctx.saved_tensors
+    grads = _linear_token_stats_backward_op(
+        grad_logp, grad_entropy if ctx.with_entropy else None, hidden, weight, bias, tokens,
+        stats, *ctx.args)
+    return _input_grads(ctx, grads, 2, 11)
+
+
+_linear_token_stats_op.register_autograd(_linear_token_stats_grad,
+                                         setup_context=_linear_token_stats_setup)
+
+
+def _linear_token_stats(hidden: Tensor, weight: Tensor, tokens: Tensor, *,
+                        bias: Optional[Tensor] = None, temperature: float = 1.0,
+                        ignore_index: int = -100, return_entropy: bool = False,
+                        logit_scale: float = 1.0, softcap: Optional[float] = None,
+                        extras: bool = False, backend: Optional[str] = None
+                        ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor],
+                                   Optional[Tensor]]:
+    """:func:`linear_token_logprobs` for lm_heads with a pre-softmax map, plus the per-row
+    statistics TRL's fused lm_head reports (``trl.kernels.ChunkedLogProbFunction``).
+
+    Logits: ``y = hidden @ weight^T + bias``, ``u = logit_scale * y``, ``z = c tanh(u / c)``
+    with a soft cap ``c = softcap`` (``z = u`` without), then ``z / T`` (TRL's order: scale,
+    cap, temperature). Returns ``(logp, entropy, log_sum_sq_probs, mean_logits, is_top1)``,
+    each ``[...]`` (fp32; fp64 for fp64 inputs; ``is_top1`` bool), ``None`` where not asked
+    for (``entropy`` without ``return_entropy``, the last three without ``extras``), with
+    ``p = softmax(z / T)``:
+
+    * ``log_sum_sq_probs = log sum_j p_j^2``;
+    * ``mean_logits = (1/V) sum_j z_j / T`` (over all ``V`` columns; ``-inf`` with a ``-inf``
+      column);
+    * ``is_top1``: the token is the arg-max of ``z``, ties going to the FIRST maximal column
+      (``torch.argmax``), so a tie with an earlier column is not a top-1 hit.
+
+    Padding rows (``tokens == ignore_index``) give 0 / False everywhere. ``logp`` and
+    ``entropy`` are differentiable w.r.t. ``hidden``, ``weight``, ``bias`` (the chain rule
+    through the map: ``dz/dy = logit_scale (1 - tanh(u / c)^2)``); the three extra statistics
+    are not (TRL does not differentiate them either)."""
+    _check_linear(hidden, weight, bias)
+    check_tokens_for("tokens", tokens, "hidden", hidden)
+    t = _checks.positive("temperature", temperature)
+    _checks.integer("ignore_index", ignore_index)
+    _checks.flag("return_entropy", return_entropy)
+    _checks.flag("extras", extras)
+    scale = _finite("logit_scale", logit_scale)
+    if softcap is not None:
+        softcap = _finite("softcap", softcap)
+        if softcap == 0.0:
+            raise ValueError("softcap: expected None or a nonzero float (the cap c of "
+                             "c * tanh(u / c)), got 0.0")
+    _checks.token_range("tokens", tokens, weight.shape[0], ignore_index)
+    name = backends.resolve(backend, _FAMILY, "linear_token_stats", hidden.device)
+    logp, ent, _, extra = _linear_token_stats_op(
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias, tokens.reshape(-1), t,
+        ignore_index, return_entropy, scale, softcap, extras, name)
+    shape = tokens.shape
+    if not extras:
+        return logp.view(shape), ent.view(shape) if return_entropy else None, None, None, None
+    return (logp.view(shape), ent.view(shape) if return_entropy else None,
+            extra[:, 0].view(shape), extra[:, 1].view(shape), (extra[:, 2] != 0).view(shape))
+
+
+def _finite(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
+    value = float(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{name}: expected a finite float, got {value}")
+    return value
+
+
 # ========================================================================= linear_grpo_loss
 
 @torch.library.custom_op("rlkernels::linear_grpo_loss", mutates_args=())

@@ -6,6 +6,12 @@ kernels; the ``[N, V]`` logits never exist. Backward recomputes each chunk's log
 ``d z`` with the vocabulary backward, and accumulates ``d hidden = d z @ W``,
 ``d W += d z^T @ hidden`` and ``d bias += sum(d z)`` in fp32.
 
+Models whose lm_head output goes through a scale and a soft cap before the softmax (Gemma's
+``final_logit_softcapping``, ``logit_scale``) use the ``linear_token_stats`` kernels: the map
+of :func:`_head_map` is applied to each chunk before the vocabulary kernels, and its derivative
+multiplies ``d z`` in backward. They also give the extra per-row statistics of
+:func:`_extra_stats` (what TRL's fused lm_head reports for its metrics).
+
 For exactness the reference keeps an fp32 copy of a half-precision ``weight`` and an fp32
 gradient accumulator (``2 V H`` floats); the fused kernels of other backends do not.
 """
@@ -44,32 +50,69 @@ def _logits_chunk(h: Tensor, w: Tensor, b: Optional[Tensor], rows: int) -> Tenso
     return z + b if b is not None else z
 
 
-def linear_token_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
-                                  tokens: Tensor, temperature: float, ignore_index: int,
-                                  with_entropy: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """Returns ``(logp [N], entropy [N], stats [N, 3])`` as ``token_logprobs`` of the logits."""
+def _head_map(y: Tensor, logit_scale: float, softcap: Optional[float]):
+    """The elementwise map some models apply to the lm_head output before the softmax:
+    ``u = logit_scale * y``, then with a soft cap ``c``: ``c * tanh(u / c)`` (Gemma 2/3),
+    else ``u``. Returns ``(f(y), f'(y))``; ``f'(y) = logit_scale * (1 - tanh(u / c)^2)``."""
+    u = y * logit_scale if logit_scale != 1.0 else y
+    if softcap is None:
+        return u, None
+    t = torch.tanh(u / softcap)
+    return softcap * t, logit_scale * (1.0 - t * t)
+
+
+def _extra_stats(z: Tensor, tok: Tensor, temperature: float, ignore_index: int) -> Tensor:
+    """``[rows, 3]``: ``log sum_j p_j^2``, ``mean_j z_j / T`` over all ``V`` columns and
+    ``1.0`` where the token is the arg-max of the row (the FIRST maximum, as ``argmax``: a tie
+    with an earlier column does not count), with ``p = softmax(z / T)``; 0 on padding rows."""
+    zt = _vocab._scaled(z, slice(None), temperature)
+    log_sum_sq = torch.logsumexp(2 * zt, -1) - 2 * torch.logsumexp(zt, -1)
+    top1 = (zt.argmax(-1) == tok).to(zt.dtype)
+    out = torch.stack([log_sum_sq, zt.mean(-1), top1], 1)
+    return torch.where((tok == ignore_index)[:, None], 0.0, out)
+
+
+def linear_token_stats_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                               tokens: Tensor, temperature: float, ignore_index: int,
+                               with_entropy: bool, logit_scale: float, softcap: Optional[float],
+                               extras: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``token_logprobs`` of the logits ``z = f(hidden @ weight^T + bias)`` (``f``: see
+    :func:`_head_map`; the temperature divides ``f``'s output). Returns ``(logp [N], entropy
+    [N], stats [N, 3], extra [N, 3])``; ``extra`` (:func:`_extra_stats`) is all zeros unless
+    ``extras``."""
     n, vocab = hidden.shape[0], weight.shape[0]
     cdt = compute_dtype(hidden.dtype)
     w = weight.to(cdt)
     b = None if bias is None else bias.to(cdt)
     outs = [hidden.new_empty(n, dtype=cdt), hidden.new_empty(n, dtype=cdt),
-            hidden.new_empty(n, 3, dtype=cdt)]
+            hidden.new_empty(n, 3, dtype=cdt), hidden.new_zeros(n, 3, dtype=cdt)]
     step = rows_per_chunk(vocab)
     for rows in row_chunks(n, vocab):
-        z = _logits_chunk(hidden[rows].to(cdt), w, b, step)
+        z, _ = _head_map(_logits_chunk(hidden[rows].to(cdt), w, b, step), logit_scale, softcap)
         chunk = _vocab.token_logprobs_forward(z, tokens[rows], temperature, ignore_index,
                                               with_entropy)
         for out, value in zip(outs, chunk):
             out[rows] = value
+        if extras:
+            outs[3][rows] = _extra_stats(z, tokens[rows].long(), temperature, ignore_index)
     return tuple(outs)
 
 
-def linear_token_logprobs_backward(grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor],
-                                   hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
-                                   tokens: Tensor, stats: Tensor, temperature: float,
-                                   ignore_index: int) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+def linear_token_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                                  tokens: Tensor, temperature: float, ignore_index: int,
+                                  with_entropy: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """Returns ``(logp [N], entropy [N], stats [N, 3])`` as ``token_logprobs`` of the logits."""
+    return linear_token_stats_forward(hidden, weight, bias, tokens, temperature, ignore_index,
+                                      with_entropy, 1.0, None, False)[:3]
+
+
+def linear_token_stats_backward(grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor],
+                                hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                                tokens: Tensor, stats: Tensor, temperature: float,
+                                ignore_index: int, logit_scale: float, softcap: Optional[float]
+                                ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """Gradients w.r.t. ``hidden``, ``weight`` and ``bias`` (``None`` without bias), each in the
-    dtype of its input."""
+    dtype of its input: ``d y = d z * f'(y)`` (chain rule through :func:`_head_map`)."""
     n, vocab = hidden.shape[0], weight.shape[0]
     cdt = compute_dtype(hidden.dtype)
     w = weight.to(cdt)
@@ -80,17 +123,31 @@ def linear_token_logprobs_backward(grad_logp: Optional[Tensor], grad_entropy: Op
     step = rows_per_chunk(vocab)
     for rows in row_chunks(n, vocab):
         h = hidden[rows].to(cdt)
-        z = _logits_chunk(h, w, b, step)
+        z, dzdy = _head_map(_logits_chunk(h, w, b, step), logit_scale, softcap)
         dz = _vocab.token_logprobs_backward(
             None if grad_logp is None else grad_logp[rows],
             None if grad_entropy is None else grad_entropy[rows],
             z, tokens[rows], stats[rows], temperature, ignore_index)
+        if dzdy is not None:
+            dz = dz * dzdy
+        elif logit_scale != 1.0:
+            dz = dz * logit_scale
         grad_h[rows] = _rows_matmul(dz, w, step)
         grad_w += dz.T @ h
         if grad_b is not None:
             grad_b += dz.sum(0)
     return (grad_h, grad_w.to(weight.dtype),
             None if grad_b is None else grad_b.to(bias.dtype))
+
+
+def linear_token_logprobs_backward(grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor],
+                                   hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                                   tokens: Tensor, stats: Tensor, temperature: float,
+                                   ignore_index: int) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Gradients w.r.t. ``hidden``, ``weight`` and ``bias`` (``None`` without bias), each in the
+    dtype of its input."""
+    return linear_token_stats_backward(grad_logp, grad_entropy, hidden, weight, bias, tokens,
+                                       stats, temperature, ignore_index, 1.0, None)
 
 
 def linear_grpo_loss_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],

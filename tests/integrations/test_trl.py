@@ -93,6 +93,90 @@ def test_fused_lm_head_matches(patched):
         torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
 
 
+def _head_inputs(bias):
+    # V=29 (odd, one column past a power of two less one); rows 0-1 peaked (one hidden row
+    # aligned with a weight row, scaled up); weight row 11 duplicates row 4, so a row whose
+    # arg-max is column 4 ties at 11 (is_top1 counts the FIRST maximum only)
+    torch.manual_seed(0)
+    h = torch.randn(9, 16)
+    w = torch.randn(29, 16)
+    w[11] = w[4]
+    h[0] = 6 * w[4]
+    h[1] = 6 * w[4]
+    h[2] = 8 * w[17]
+    t = torch.randint(0, 29, (9,))
+    t[0], t[1], t[2] = 4, 11, 17
+    b = torch.randn(29) if bias else None
+    if bias:
+        b[11] = b[4]
+    return h, w, b, t
+
+
+_ALL = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+
+
+@pytest.mark.parametrize("softcap,scale", [(None, 1.0), (None, 0.5), (3.0, 1.0), (2.5, 0.7),
+                                           (0.0, 1.0)])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_lm_head_every_output_and_option(patched, monkeypatch, softcap, scale,
+                                               temperature, bias):
+    h, w, b, t = _head_inputs(bias)
+    ins = [x.clone().requires_grad_() if x is not None else None for x in (h, w, b)]
+    ref = [x.clone().requires_grad_() if x is not None else None for x in (h, w, b)]
+    want = patched["_ChunkedLogProbFunction"].apply(*ref, t, temperature, 8, softcap, scale)
+
+    def no_fallback(*a, **k):
+        raise AssertionError("the patched head called TRL's kernel")
+    monkeypatch.setattr(patched["_ChunkedLogProbFunction"], "apply", no_fallback)
+    got = tu._ChunkedLogProbFunction.apply(*ins, t, temperature, 8, softcap, scale)
+    assert len(got) == 5
+    for name, g, x in zip(("log_probs",) + _ALL, got, want):
+        assert g is not None, name
+        assert g.dtype == x.dtype and g.shape == x.shape, name
+        if name == "is_top1":
+            assert torch.equal(g, x), (g, x)
+        else:
+            torch.testing.assert_close(g, x, atol=1e-5, rtol=1e-5, msg=name)
+    assert got[4][0] and not got[4][1]  # the tie at column 11 is not a hit
+    g_lp, g_h = torch.randn(9), torch.randn(9)
+    params = [x for x in ins if x is not None]
+    gg = torch.autograd.grad((got[0] * g_lp).sum() + (got[1] * g_h).sum(), params)
+    gw = torch.autograd.grad((want[0] * g_lp).sum() + (want[1] * g_h).sum(),
+                             [x for x in ref if x is not None])
+    for name, a, c in zip(("hidden", "weight", "bias"), gg, gw):
+        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("outputs", [("log_probs",), ("log_probs", "entropy"),
+                                     ("log_probs", "entropy", "mean_logits"),
+                                     ("log_probs", "entropy", "is_top1"), ("log_sum_sq_probs",)])
+def test_fused_lm_head_outputs_subsets(patched, outputs):
+    h, w, b, t = _head_inputs(True)
+    hg = h.clone().requires_grad_()
+    got = tu._ChunkedLogProbFunction.apply(hg, w, b, t, 1.0, 8, None, 1.0, outputs)
+    want = patched["_ChunkedLogProbFunction"].apply(h, w, b, t, 1.0, 8, None, 1.0, outputs)
+    for g, x in zip(got, want):
+        assert (g is None) == (x is None)
+        if x is not None:
+            assert g.dtype == x.dtype
+            torch.testing.assert_close(g.float(), x.float(), atol=1e-5, rtol=1e-5)
+    # only the log-probs reach the graph when entropy is not asked for
+    got[0].sum().backward()
+    assert hg.grad is not None
+
+
+def test_fused_lm_head_default_outputs_are_trls(patched):
+    # TRL's default `outputs` is every output: the stand-in must not default to log_probs only
+    h, w, b, t = _head_inputs(False)
+    got = tu._ChunkedLogProbFunction.apply(h, w, None, t, 1.0, 4096)
+    want = patched["_ChunkedLogProbFunction"].apply(h, w, None, t, 1.0, 4096)
+    assert all(x is not None for x in want)
+    for g, x in zip(got, want):
+        assert g is not None
+        torch.testing.assert_close(g.float(), x.float(), atol=1e-5, rtol=1e-5)
+
+
 def test_patch_covers_late_imports_and_restores():
     import importlib
     import sys
