@@ -114,7 +114,8 @@ __device__ __forceinline__ A at(const A* p, int64_t b, int64_t t, int64_t sb, in
   return p[b * sb + t * st];
 }
 
-// Sum of m * clamp(logp - old, +-clamp) and of m over a row, block-wide (every thread gets
+// Sum of m * clamp(logp - old, +-clamp) over the unmasked tokens (m != 0; a select, so that
+// NaN at a masked position stays out) and of m over a row, block-wide (every thread gets
 // them). The GSPO sequence log-ratio is their quotient (0 for a row without valid token).
 template <class A>
 __device__ void row_log_ratio(const PolicyTensors& pt, const PolicyParams& pp, int64_t b,
@@ -128,7 +129,7 @@ __device__ void row_log_ratio(const PolicyTensors& pt, const PolicyParams& pp, i
     const A m = at(mk, b, t, pt.mask_sb, pt.mask_st);
     if (with_log_r) {
       const A d = at(lp, b, t, pt.logp_sb, pt.logp_st) - at(old, b, t, pt.old_sb, pt.old_st);
-      s += clamp_nan(d, -lim, lim) * m;
+      s += m != A(0) ? clamp_nan(d, -lim, lim) * m : A(0);
     }
     c += m;
   }
@@ -146,6 +147,8 @@ __device__ void row_log_ratio(const PolicyTensors& pt, const PolicyParams& pp, i
 //   L = pg w + kl_coef kl(logp - ref) - ent_coef H
 // partials[b] = (sum where(m != 0, L m), sum m, sum high m, sum low m, sum dual m,
 //                sum -log r m, sum r m, sum kl m, sum H m, max over m > 0 of r, any NaN r).
+// Every masked sum selects (m != 0 ? x m : 0) rather than multiplying: NaN or inf at a masked
+// position (NaN * 0 is NaN) must not reach the loss or a metric.
 template <class A>
 __global__ void __launch_bounds__(kRowThreads)
     policy_rows_kernel(PolicyTensors pt, PolicyParams pp, A* __restrict__ partials) {
@@ -196,20 +199,20 @@ __global__ void __launch_bounds__(kRowThreads)
     if (pp.has_ref) {
       const A kl = kl_value_rt(l - at(ref, b, t, pt.ref_sb, pt.ref_st), pp.kl_estimator);
       if (pp.use_kl) loss = loss + kl_coef * kl;
-      acc[kPKl] += kl * m;
+      acc[kPKl] += m != A(0) ? kl * m : A(0);
     }
     if (pp.has_ent) {
       const A h = at(ent, b, t, pt.ent_sb, pt.ent_st);
       if (pp.use_ent) loss = loss - ent_coef * h;
-      acc[kPEnt] += h * m;
+      acc[kPEnt] += m != A(0) ? h * m : A(0);
     }
     acc[kPLoss] += m != A(0) ? loss * m : A(0);
     acc[kPTokens] += m;
     acc[kPHigh] += A(high) * m;
     acc[kPLow] += A(low) * m;
     acc[kPDual] += A(dual) * m;
-    acc[kPAkl] += -log_r * m;
-    acc[kPRatio] += r * m;
+    acc[kPAkl] += m != A(0) ? -log_r * m : A(0);
+    acc[kPRatio] += m != A(0) ? r * m : A(0);
     const A active_r = m > A(0) ? r : A(0);
     acc[kPRmax] = acc[kPRmax] > active_r ? acc[kPRmax] : active_r;  // NaN tracked apart
     if (active_r != active_r) acc[kPRnan] = A(1);

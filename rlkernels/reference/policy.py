@@ -84,7 +84,7 @@ def per_token_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Ten
     log_r = torch.clamp(logp - old_logp, -o.log_ratio_clamp, o.log_ratio_clamp)
     if o.ratio_level == "sequence":
         count = mask.sum(-1)
-        seq = torch.where(count > 0, (log_r * mask).sum(-1) / count, 0.0)
+        seq = torch.where(count > 0, _masked(log_r, mask).sum(-1) / count, 0.0)
         log_r = seq.detach()[:, None] + logp - logp.detach()
     ratio = torch.exp(log_r)
     lo, hi = 1.0 - o.clip_low, 1.0 + o.clip_high
@@ -137,7 +137,7 @@ def aggregate(loss: Tensor, mask: Tensor, agg: str, normalizer: Optional[Tensor]
 
     An empty denominator (no unmasked token or sequence) gives a loss of 0, not NaN.
     """
-    masked = torch.where(mask != 0, loss * mask, 0.0)
+    masked = _masked(loss, mask)
     if agg == "seq-mean-token-mean":
         tokens_per_seq = mask.sum(-1)
         total = torch.where(tokens_per_seq > 0, masked.sum(-1) / tokens_per_seq, 0.0).sum()
@@ -156,13 +156,20 @@ def aggregate_weights(mask: Tensor, agg: str, normalizer: Optional[Tensor]) -> T
     return weights
 
 
+def _masked(x: Tensor, mask: Tensor) -> Tensor:
+    """``m x`` where ``m != 0``, an exact 0 elsewhere: a select, not a product, so that NaN or
+    inf at a masked position never reaches a sum (``NaN * 0`` is NaN)."""
+    return torch.where(mask != 0, x.to(mask.dtype) * mask, 0.0)
+
+
 def _masked_mean(x: Tensor, mask: Tensor, count: Tensor) -> Tensor:
-    return (x.to(mask.dtype) * mask).sum() / count
+    return _masked(x, mask).sum() / count
 
 
 def metrics_vector(parts: Dict[str, Tensor], mask: Tensor) -> Tensor:
     """The ``METRICS`` as one fp32 vector: token-masked means (``ratio_max`` a masked max);
-    0 when no token is unmasked, and 0 for ``kl``/``entropy`` when not given."""
+    0 when no token is unmasked, and 0 for ``kl``/``entropy`` when not given. Masked
+    positions are selected away, so their values (NaN, inf) never reach a metric."""
     active = mask > 0
     count = mask.sum().clamp_min(1e-30)
     zero = torch.zeros((), dtype=mask.dtype, device=mask.device)
@@ -251,7 +258,8 @@ def _policy_grad(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor,
     log_r = torch.clamp(d, -c, c)
     if o.ratio_level == "sequence":
         count = mask.sum(-1, keepdim=True)
-        log_r = torch.where(count > 0, (log_r * mask).sum(-1, keepdim=True) / count, 0.0)
+        total = _masked(log_r, mask).sum(-1, keepdim=True)
+        log_r = torch.where(count > 0, total / count, 0.0)
         log_r = log_r.expand_as(logp)
         dlog_r = torch.ones_like(logp)  # straight-through: sg(seq) + logp - sg(logp)
     else:

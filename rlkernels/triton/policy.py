@@ -128,7 +128,7 @@ def _seq_stats(lp_ptr, old_ptr, m_ptr, r64, rin, T, lp_sb, lp_st, old_sb, old_st
             old = tl.load(old_ptr + r64 * old_sb + c64 * old_st, mask=inb, other=0).to(CDT)
             log_r = tl.maximum(lp - old, -lim, propagate_nan=tl.PropagateNan.ALL)
             log_r = tl.minimum(log_r, lim, propagate_nan=tl.PropagateNan.ALL)
-            acc_s += log_r * m
+            acc_s += tl.where(m != 0, log_r * m, 0.0)
         acc_c += m
     count = tl.sum(acc_c, axis=1)
     nonzero = tl.where(count > 0, count, 1.0)
@@ -157,7 +157,9 @@ def _policy_fwd_kernel(
     delta = tl.full([], DELTA, CDT)
     kl_coef = tl.full([], KL_COEF, CDT)
     ent_coef = tl.full([], ENT_COEF, CDT)
-    # masked metric sums (x * m) over all tiles, and the masked max of the ratio
+    # masked metric sums over all tiles, and the masked max of the ratio; every masked sum is
+    # where(m != 0, x * m, 0), a select, so that NaN or inf at a masked position (NaN * 0 is
+    # NaN) never reaches a metric or the loss
     s_high = tl.zeros([ROWS, BLOCK_T], CDT)
     s_low = tl.zeros([ROWS, BLOCK_T], CDT)
     s_dual = tl.zeros([ROWS, BLOCK_T], CDT)
@@ -231,20 +233,20 @@ def _policy_fwd_kernel(
                 kl = _kl_value(lp - ref, KL)
                 if USE_KL:
                     loss = loss + kl_coef * kl
-                s_kl += kl * m
+                s_kl += tl.where(m != 0, kl * m, 0.0)
             if HAS_ENT:
                 ent = tl.load(ent_ptr + r64 * ent_sb + c64 * ent_st, mask=inb,
                               other=0).to(CDT)
                 if USE_ENT:
                     loss = loss - ent_coef * ent
-                s_ent += ent * m
+                s_ent += tl.where(m != 0, ent * m, 0.0)
             row_loss += tl.where(m != 0, loss * m, 0.0)
             row_m += m
             s_high += high.to(CDT) * m
             s_low += low.to(CDT) * m
             s_dual += dual.to(CDT) * m
-            s_akl += -log_r * m
-            s_r += r * m
+            s_akl += tl.where(m != 0, -log_r * m, 0.0)
+            s_r += tl.where(m != 0, r * m, 0.0)
             active_r = tl.where(m > 0, r, 0.0)
             r_max = tl.maximum(r_max, active_r)
             r_nan = r_nan | (active_r != active_r).to(tl.int32)

@@ -382,6 +382,55 @@ def test_grpo_loss_matches_composition(inplace):
         assert float((xi.grad.double() - g_r).abs().max()) <= tol
 
 
+@gpu_cuda
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("opts", [dict(dual_clip=1.5), dict(loss="cispo", clip_high=0.28),
+                                  dict(loss="cispo", cispo_clip_low=True),
+                                  dict(ratio_level="sequence", agg="seq-mean-token-mean")],
+                         ids=str)
+def test_policy_and_grpo_masked_positions_reach_no_metric(opts, poison):
+    """Issue 16: NaN / +-inf at masked positions of every [B, T] input (and NaN logits in
+    masked rows of grpo_loss) change neither the loss, nor a gradient, nor a metric."""
+    logp, old, adv, mask, ref, ent, w = _policy_inputs(adv_2d=True)
+    mask[0, :3] = False
+    masked = ~mask
+
+    def dirty(x):
+        return torch.where(masked, torch.full_like(x, poison), x)
+
+    kw = dict(opts, kl_coef=0.1, entropy_coef=0.01)
+    out = []
+    for inputs in ((logp, old, adv, ref, ent, w), tuple(map(dirty, (logp, old, adv, ref, ent,
+                                                                     w)))):
+        lp, o, a, r, e, iw = inputs
+        lp = lp.clone().requires_grad_(True)
+        e = e.clone().requires_grad_(True)
+        loss, metrics = rlkernels.policy_loss(lp, o, a, mask, ref_logp=r, entropy=e,
+                                              is_weights=iw, backend="cuda", **kw)
+        out.append((loss, metrics, *torch.autograd.grad(loss, (lp, e))))
+    (l0, m0, g0, e0), (l1, m1, g1, e1) = out
+    assert bit_equal(l0, l1) and bit_equal(g0, g1) and bit_equal(e0, e1)
+    for k in m0:
+        assert torch.isfinite(m1[k]) and bit_equal(m0[k], m1[k]), k
+    # the fused path: NaN logits in masked rows, poisoned old/ref/advantages/is_weights
+    b, t = mask.shape
+    x = make_logits(b * t, 97, torch.float32, seed=5, device="cuda").view(b, t, 97)
+    tok = make_tokens(x, pad_every=0)
+    res = []
+    for xs, (o, a, r, iw) in ((x, (old, adv, ref, w)),
+                              (torch.where(masked[..., None], float("nan"), x),
+                               tuple(map(dirty, (old, adv, ref, w))))):
+        xs = xs.clone().requires_grad_(True)
+        loss, metrics = rlkernels.grpo_loss(xs, tok, o, a, mask, ref_logp=r, is_weights=iw,
+                                            backend="cuda", **kw)
+        res.append((loss, metrics, torch.autograd.grad(loss, xs)[0]))
+    (l0, m0, g0), (l1, m1, g1) = res
+    assert bit_equal(l0, l1)
+    for k in m0:
+        assert torch.isfinite(m1[k]) and bit_equal(m0[k], m1[k]), k
+    assert bit_equal(g0[mask], g1[mask])
+
+
 # --------------------------------------------------------------------------- any machine
 
 @pytest.mark.skipif(HAS_GPU, reason="checks the CPU-tensor error")

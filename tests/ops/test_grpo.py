@@ -254,6 +254,31 @@ def test_grpo_all_masked(backend):
     assert all(v.item() == 0.0 for v in metrics.values())
 
 
+@pytest.mark.parametrize("case", ["ppo-asym-dual", "cispo", "gspo"])
+def test_grpo_masked_positions_reach_no_metric(backend, case):
+    """Issue 16: NaN logits in masked rows (so NaN log-probs and entropies there) and NaN at
+    the masked positions of old_logp, ref_logp, [B, T] advantages and is_weights change
+    neither the loss, nor a metric, nor the gradient of an unmasked row."""
+    inp = make_inputs(seed=26, adv="BT")
+    masked = ~inp["mask"]
+    assert masked.any()
+    dirty = dict(inp)
+    dirty["logits"] = torch.where(masked[..., None], float("nan"), inp["logits"])
+    for k in ("old_logp", "ref_logp", "advantages", "is_weights"):
+        dirty[k] = torch.where(masked, float("nan"), inp[k])
+    results = []
+    for data in (inp, dirty):
+        kw = dict(CASES[case], ref_logp=data["ref_logp"], kl_coef=0.1,
+                  is_weights=data["is_weights"], entropy_coef=0.01)
+        results.append(fused(data, backend, **kw))
+    (loss, metrics, g), (loss_d, metrics_d, g_d) = results
+    assert torch.equal(loss_d, loss)
+    for k, v in metrics_d.items():
+        assert torch.isfinite(v) and torch.equal(v, metrics[k]), (k, v, metrics[k])
+    keep = inp["mask"].cpu()
+    assert torch.equal(g_d[keep], g[keep])
+
+
 def test_grpo_unknown_keyword():
     inp = make_inputs()
     with pytest.raises(TypeError, match=r"grpo_loss: unexpected keyword argument\(s\) clip_ratio"):

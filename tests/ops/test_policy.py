@@ -227,6 +227,47 @@ def test_policy_loss_all_masked(backend, agg, normalizer):
         assert v.item() == 0.0, k
 
 
+def poison_masked(inp, value):
+    """A copy of ``inp`` with ``value`` at every masked position of every ``[B, T]`` input
+    (``logp``, ``old_logp``, ``ref_logp``, ``entropy``, ``is_weights``, ``[B, T]``
+    advantages): issue 16, masked values must not reach the loss, a gradient or a metric."""
+    out = dict(inp)
+    masked = inp["mask"] == 0
+    for k in ("logp", "old_logp", "ref_logp", "entropy", "is_weights", "advantages"):
+        if inp[k].shape == masked.shape:
+            out[k] = torch.where(masked, torch.full_like(inp[k], value), inp[k])
+    return out
+
+
+MASKED_CASES = {
+    "ppo-dual": dict(dual_clip=1.5, clip_high=0.28),
+    "cispo": dict(loss="cispo", clip_high=0.28),
+    "reinforce": dict(loss="reinforce", agg="seq-mean-token-sum"),
+    "gspo": dict(ratio_level="sequence", clip_low=0.03, clip_high=0.04,
+                 agg="seq-mean-token-mean"),
+}
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("case", list(MASKED_CASES))
+def test_masked_positions_reach_no_metric(backend, case, poison):
+    """NaN / +-inf at masked positions of every [B, T] input: loss, gradients and every
+    metric equal those of the same inputs with finite values there (bit for bit: a masked
+    position contributes an exact 0 to every sum)."""
+    inp = make_inputs(B=3, T=5, seed=21, adv="BT", empty_row=True)
+    opts = dict(use_ref=True, use_entropy=True, use_isw=True, kl_coef=0.1, entropy_coef=0.01,
+                **MASKED_CASES[case])
+    clean, _ = run_both(inp, backend, **opts)
+    dirty, _ = run_both(poison_masked(inp, poison), backend, **opts)
+    assert set(dirty[1]) == set(clean[1]) == set(naive.METRIC_KEYS) | {"kl", "entropy"}
+    for k, v in dirty[1].items():
+        assert torch.isfinite(v), (k, v)
+        assert torch.equal(v, clean[1][k]), (k, v, clean[1][k])
+    assert torch.equal(dirty[0], clean[0])
+    for g, g_clean in zip(dirty[2], clean[2]):
+        assert torch.equal(g, g_clean)
+
+
 @pytest.mark.parametrize("agg", AGGS)
 def test_policy_loss_float_mask_weights(backend, agg):
     """Float masks are weights: doubling every weight changes nothing for the means."""
