@@ -6,6 +6,11 @@ the same values in fp64 (SPEC section 5): outputs within ``atol = rtol = 1e-5``;
 within ``2 eps(dtype) max|g_ref| + 1e-7`` (``(2 + H) eps`` for the linear ops, whose logits
 are an fp32 GEMM of ``H`` terms). Inputs cover peaked and flat rows, ``-inf``
 columns, padding tokens and odd vocabulary sizes.
+
+Each backend runs its cases on the GPU when torch sees one (``torch`` on CPU), and is reported
+as checked (passed / failed rows) or skipped with the reason it is unavailable. Without a GPU,
+:func:`check_triton_interpreted` checks ``triton`` through the Triton interpreter in a
+subprocess (``rlkernels verify --interpret``).
 """
 
 from __future__ import annotations
@@ -67,25 +72,25 @@ def _project(outputs: List[Tensor], seed: int) -> Tensor:
     g = torch.Generator().manual_seed(seed)
     total = 0.0
     for out in outputs:
-        w = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
+        w = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.device, out.dtype)
         total = total + torch.where(torch.isfinite(out), out * w, 0.0).sum()
     return total
 
 
-def _vocab_cases(vocab: int, n: int) -> Dict[str, Callable]:
+def _vocab_cases(vocab: int, n: int, dev: str = "cpu") -> Dict[str, Callable]:
     import rlkernels as rk
 
     def token_logprobs(dtype, backend, ref):
         x = _logits(n, vocab, dtype, 1)
-        tok = _tokens(x, 2)
-        x = (x.double() if ref else x).requires_grad_(True)
+        tok = _tokens(x, 2).to(dev)
+        x = (x.double() if ref else x).to(dev).requires_grad_(True)
         lp, h = rk.token_logprobs(x, tok, temperature=0.9, return_entropy=True,
                                   backend=backend)
         return [lp, h], [x]
 
     def entropy(dtype, backend, ref):
         x = _logits(n, vocab, dtype, 3)
-        x = (x.double() if ref else x).requires_grad_(True)
+        x = (x.double() if ref else x).to(dev).requires_grad_(True)
         return [rk.entropy(x, backend=backend)], [x]
 
     def sparse_logprobs(dtype, backend, ref):
@@ -93,7 +98,8 @@ def _vocab_cases(vocab: int, n: int) -> Dict[str, Callable]:
         k = min(vocab, 5)
         idx = torch.argsort(x.float(), dim=-1, descending=True, stable=True)[:, :k].clone()
         idx[::3, -1] = -1
-        x = (x.double() if ref else x).requires_grad_(True)
+        idx = idx.to(dev)
+        x = (x.double() if ref else x).to(dev).requires_grad_(True)
         full, tail = rk.sparse_logprobs(x, idx, return_tail=True, backend=backend)
         sup = rk.sparse_logprobs(x, idx, normalize="support", backend=backend)
         return [full, tail, sup], [x]
@@ -103,7 +109,8 @@ def _vocab_cases(vocab: int, n: int) -> Dict[str, Callable]:
         teacher = _logits(n, vocab, torch.float32, 6)
         k = min(vocab, 4)
         t_logp, idx = torch.log_softmax(teacher.float(), -1).topk(k, dim=-1)
-        x = (x.double() if ref else x).requires_grad_(True)
+        t_logp, idx = t_logp.to(dev), idx.to(dev)
+        x = (x.double() if ref else x).to(dev).requires_grad_(True)
         return [rk.sparse_kl(x, idx, t_logp, backend=backend)], [x]
 
     def kl_divergence(dtype, backend, ref):
@@ -113,7 +120,7 @@ def _vocab_cases(vocab: int, n: int) -> Dict[str, Callable]:
         mask[::4] = True
         if ref:
             x, y = x.double(), y.double()
-        x, y = x.requires_grad_(True), y.requires_grad_(True)
+        x, y, mask = x.to(dev).requires_grad_(True), y.to(dev).requires_grad_(True), mask.to(dev)
         outs = [rk.kl_divergence(x, y, kind=kind, ignore_mask=mask, backend=backend)
                 for kind in ("reverse", "forward", "jsd")]
         return outs, [x, y]
@@ -121,14 +128,14 @@ def _vocab_cases(vocab: int, n: int) -> Dict[str, Callable]:
     def grpo_loss(dtype, backend, ref):
         b, t = 2, max(n // 2, 1)
         x = _logits(b * t, vocab, dtype, 9)
-        tok = _tokens(x, 10).view(b, t)
-        x = (x.double() if ref else x).view(b, t, vocab).requires_grad_(True)
+        tok = _tokens(x, 10).view(b, t).to(dev)
+        x = (x.double() if ref else x).view(b, t, vocab).to(dev).requires_grad_(True)
         g = torch.Generator().manual_seed(11)
         # rollout log-probs near the current ones, as in training (ratios near 1)
         with torch.no_grad():
             cur = rk.token_logprobs(x.detach().double(), tok, temperature=0.9, backend="torch")
-        old = (cur + 0.2 * torch.randn(b, t, generator=g, dtype=torch.float64)).float()
-        adv = torch.randn(b, generator=g)
+        old = (cur + 0.2 * torch.randn(b, t, generator=g, dtype=torch.float64).to(dev)).float()
+        adv = torch.randn(b, generator=g).to(dev)
         mask = tok != -100
         ref_lp = (cur - 0.1).float()
         if ref:
@@ -142,7 +149,7 @@ def _vocab_cases(vocab: int, n: int) -> Dict[str, Callable]:
             "kl_divergence": kl_divergence, "grpo_loss": grpo_loss}
 
 
-def _other_cases(quick: bool) -> Dict[str, Callable]:
+def _other_cases(quick: bool, dev: str = "cpu") -> Dict[str, Callable]:
     import rlkernels as rk
     b, t, h, vocab = 4, 6, _LINEAR_H, (37 if quick else 1031)
 
@@ -153,8 +160,8 @@ def _other_cases(quick: bool) -> Dict[str, Callable]:
         adv = torch.randn(b, generator=g)
         ent = torch.rand(b, t, generator=g).to(dtype)
         mask = torch.rand(b, t, generator=g) > 0.2
-        cast = (lambda z: z.double()) if ref else (lambda z: z)
-        return (cast(logp).requires_grad_(True), cast(old), cast(adv), mask,
+        cast = (lambda z: z.double().to(dev)) if ref else (lambda z: z.to(dev))
+        return (cast(logp).requires_grad_(True), cast(old), cast(adv), mask.to(dev),
                 cast(ent).requires_grad_(True))
 
     def policy_loss(dtype, backend, ref):
@@ -171,8 +178,8 @@ def _other_cases(quick: bool) -> Dict[str, Callable]:
     def group_advantages(dtype, backend, ref):
         g = torch.Generator().manual_seed(13)
         r = torch.randint(0, 3, (24,), generator=g).to(dtype)
-        r = r.double() if ref else r
-        idx = torch.randperm(24, generator=g) % 5
+        r = (r.double() if ref else r).to(dev)
+        idx = (torch.randperm(24, generator=g) % 5).to(dev)
         return [rk.group_advantages(r, group_size=4, method=m, backend=backend)
                 for m in ("grpo", "rloo", "dr_grpo", "batch_std")] + \
                [rk.group_advantages(r, group_index=idx, backend=backend)], []
@@ -180,9 +187,10 @@ def _other_cases(quick: bool) -> Dict[str, Callable]:
     def gae(dtype, backend, ref):
         g = torch.Generator().manual_seed(14)
         r, v = torch.randn(b, t, generator=g), torch.randn(b, t, generator=g)
-        mask = torch.rand(b, t, generator=g) > 0.2
+        mask = (torch.rand(b, t, generator=g) > 0.2).to(dev)
         if ref:
             r, v = r.double(), v.double()
+        r, v = r.to(dev), v.to(dev)
         adv, ret = rk.gae(r, v, mask, gamma=0.99, lam=0.95, backend=backend)
         v = v.requires_grad_(True)
         return [adv, ret, rk.discounted_returns(r, mask, gamma=0.9, backend=backend),
@@ -194,12 +202,14 @@ def _other_cases(quick: bool) -> Dict[str, Callable]:
         w = (torch.randn(vocab, h, generator=g) / 4).to(dtype)
         tok = torch.randint(0, vocab, (b, t), generator=g)
         tok[0, :2] = -100
+        tok = tok.to(dev)
         if ref:
             hid, w = hid.double(), w.double()
-        hid, w = hid.requires_grad_(True), w.requires_grad_(True)
+        hid, w = hid.to(dev).requires_grad_(True), w.to(dev).requires_grad_(True)
         lp, ent = rk.linear_token_logprobs(hid, w, tok, return_entropy=True, backend=backend)
         old = (lp.detach().float() + 0.1).to(lp.dtype)
-        loss, _ = rk.linear_grpo_loss(hid, w, tok, old, torch.linspace(-1, 1, b).to(lp.dtype),
+        adv = torch.linspace(-1, 1, b).to(lp.dtype).to(dev)
+        loss, _ = rk.linear_grpo_loss(hid, w, tok, old, adv,
                                       tok != -100, entropy_coef=0.01, backend=backend)
         return [lp, ent, loss], [hid, w]
 
@@ -282,31 +292,99 @@ def check(name: str, case: Callable, backend: str, dtype: torch.dtype) -> Row:
                    f"{type(exc).__name__}: {exc}")
 
 
-def run(backend: Optional[str] = None, quick: bool = False, device: str = "cpu") -> List[Row]:
-    """All rows of the verification table (``device`` is for future GPU runs)."""
-    status = backends.available_backends()
-    names = [backend] if backend else [b for b, s in status.items() if s == "ok"]
+def device_for(backend: str) -> str:
+    """Where a backend's cases run: on the GPU for ``triton`` and ``cuda`` when torch sees one,
+    else on CPU (``torch`` always runs on CPU; ``triton`` on CPU needs ``TRITON_INTERPRET=1``)."""
+    return "cuda" if backend != "torch" and torch.cuda.is_available() else "cpu"
+
+
+def check_backend(backend: str, quick: bool = False):
+    """``(rows, uncovered)``: one row per case and dtype, and the case names this backend has
+    no implementation of (they are checked on ``torch`` only)."""
+    dev = device_for(backend)
     vocab_sizes = (7, 1031) if quick else (7, 1031, 50257)
     dtypes = (torch.float32,) if quick else (torch.float32, torch.bfloat16)
+    cases = {}
+    for vocab in vocab_sizes:
+        n = 8 if vocab < 10000 else 4
+        cases.update({f"{k} V={vocab}": v for k, v in _vocab_cases(vocab, n, dev).items()})
+    cases.update(_other_cases(quick, dev))
+    rows: List[Row] = []
+    uncovered: List[str] = []
+    for name, case in cases.items():
+        family_op = _DISPATCH.get(name.split(" V=")[0])
+        if backend != "torch" and (family_op is None
+                                   or not backends.implements(backend, *family_op)):
+            if name.split(" V=")[0] not in uncovered:
+                uncovered.append(name.split(" V=")[0])
+            continue
+        for dtype in dtypes:
+            rows.append(check(name, case, backend, dtype))
+    return rows, uncovered
+
+
+def run(backend: Optional[str] = None, quick: bool = False) -> List[Row]:
+    """All rows of the verification table, for ``backend`` or every available backend."""
+    status = backends.available_backends()
+    names = [backend] if backend else [b for b, s in status.items() if s == "ok"]
     rows: List[Row] = []
     for b in names:
         if status.get(b) != "ok":
             rows.append(Row("*", b, "-", math.nan, math.nan, math.nan, False,
                             f"unavailable: {status.get(b)}"))
             continue
-        cases = {}
-        for vocab in vocab_sizes:
-            n = 8 if vocab < 10000 else 4
-            cases.update({f"{k} V={vocab}": v for k, v in _vocab_cases(vocab, n).items()})
-        cases.update(_other_cases(quick))
-        for name, case in cases.items():
-            family_op = _DISPATCH.get(name.split(" V=")[0])
-            if b != "torch" and (family_op is None
-                                 or not backends.implements(b, *family_op)):
-                continue  # torch-only op, or not implemented by this backend yet
-            for dtype in dtypes:
-                rows.append(check(name, case, b, dtype))
+        rows += check_backend(b, quick)[0]
     return rows
+
+
+def check_triton_interpreted(timeout_s: float = 600.0):
+    """``(rows, uncovered)`` of the ``triton`` backend on the quick shapes, run through the
+    Triton interpreter on CPU in a subprocess with ``TRITON_INTERPRET=1`` (the variable must
+    be set before triton is imported, so it cannot be switched on in this process). A crash or
+    timeout of the subprocess is one failed row with the reason."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, "-c", "from rlkernels._verify import _interpreted_child; "
+           "_interpreted_child()"]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        reason = f"the interpreter run took over {timeout_s:.0f} s"
+    else:
+        lines = proc.stdout.strip().splitlines()
+        if proc.returncode == 0 and lines:
+            result = json.loads(lines[-1])
+            return [Row(**r) for r in result["rows"]], result["uncovered"]
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        reason = f"the interpreter run exited with {proc.returncode}: {tail}"
+    return [Row("*", "triton", "-", math.nan, math.nan, math.nan, False, reason)], []
+
+
+def _interpreted_child() -> None:
+    """The subprocess of :func:`check_triton_interpreted`: one JSON line on stdout."""
+    import dataclasses
+    import json
+
+    status = backends.available_backends()["triton"]
+    if status != "ok":
+        raise SystemExit(f"triton backend unavailable under TRITON_INTERPRET=1: {status}")
+    rows, uncovered = check_backend("triton", quick=True)
+    print(json.dumps({"rows": [dataclasses.asdict(r) for r in rows], "uncovered": uncovered}))
+
+
+def backend_line(name: str, rows: List[Row], uncovered: List[str], note: str = "") -> str:
+    """``checked: N passed[, M failed]`` for one backend's rows."""
+    failed = sum(not r.ok for r in rows)
+    text = f"checked: {len(rows) - failed} passed" + (f", {failed} failed" if failed else "")
+    if note:
+        text += f" ({note})"
+    if uncovered:
+        text += f"; not implemented by {name}, checked on torch only: {', '.join(uncovered)}"
+    return text
 
 
 def format_table(rows: List[Row]) -> str:

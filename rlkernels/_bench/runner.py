@@ -3,13 +3,15 @@
     rlkernels bench [--op OP ...] [--peers] [--out DIR] [--quick] [--providers a,b]
                     [--modes fwd,fwd+bwd] [--budget-s S]
 
-Output files, named by the UTC time of the run (``STAMP`` = ``YYYY-MM-DD_HHMMSS``):
+Output files, named by the UTC time of the run (``STAMP`` = ``YYYY-MM-DD_HHMMSS``), in ``DIR``
+(default ``rlkernels-bench/<gpu-or-cpu>/`` under the current directory):
 
 * ``DIR/STAMP.csv``: one row per (op, mode, shape, provider, metric), with the device,
   torch / triton / rlkernels versions, git commit and date on every row;
 * ``DIR/STAMP.md``: one table per op and mode (rows shapes, columns providers, cells
   ``median ms (% of roofline)``), the skipped providers with their reasons;
-* ``DIR/STAMP-summary.md``: one line per op at its largest shape (for the top README);
+* ``DIR/STAMP-summary.md``: one line per op at its largest shape (for a README), pointing to
+  ``STAMP.md`` for the full tables;
 * ``DIR/STAMP-<op>.png``: median time per provider and shape (when matplotlib imports).
 """
 
@@ -311,12 +313,13 @@ def markdown(rows: List[dict], meta: dict, roof: Roofline) -> str:
     return "\n".join(lines)
 
 
-def summary(rows: List[dict], meta: dict) -> str:
+def summary(rows: List[dict], meta: dict, tables: str) -> str:
     """One line per op and mode at the largest measured shape: best rlkernels provider vs
-    torch-naive and the best peer (median ms, % roofline)."""
+    torch-naive and the best peer (median ms, % roofline). ``tables``: the name of the file
+    with the full tables, written next to the summary."""
     lines = [f"Benchmarks ({meta['date'][:10]}, {meta['device']}, median ms and % of the "
-             "measured roofline at the largest shape; full tables in "
-             "benchmarks/results/README.md):", "",
+             f"measured roofline at the largest shape; full tables in {tables}, next to "
+             "this file):", "",
              "| op | mode | shape | rlkernels (best) | torch naive | torch.compile | best peer |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     med = [r for r in rows if r["metric"] == "median_ms" and r["status"] == "ok"
@@ -416,7 +419,7 @@ def run_bench(ops: Optional[Sequence[str]] = None, *, peers: bool = False,
         if m not in cases.MODES:
             raise ValueError(f"modes: expected some of {cases.MODES}, got {m!r}")
     plist = prov.providers(list(providers) if providers else None, peers=peers)
-    out = out or os.path.join("benchmarks", "results", device_slug(device))
+    out = out or os.path.join("rlkernels-bench", device_slug(device))
     os.makedirs(out, exist_ok=True)
     start = time.monotonic()
     stamp = time.strftime("%Y-%m-%d_%H%M%S", time.gmtime())
@@ -448,11 +451,12 @@ def run_bench(ops: Optional[Sequence[str]] = None, *, peers: bool = False,
         f.write(f"# rlkernels bench, {meta['device']}\n\n" + markdown(bench.rows, meta, roof))
     sum_path = os.path.join(out, f"{stamp}-summary.md")
     with open(sum_path, "w") as f:
-        f.write(summary(bench.rows, meta))
+        f.write(summary(bench.rows, meta, os.path.basename(md_path)))
     pngs = plot(bench.rows, out, stamp) if plots else []
-    log(f"wrote {csv_path}, {md_path}, {sum_path}" + (f", {len(pngs)} plots" if pngs else
-                                                      " (no plots: matplotlib missing)"
-                                                      if plots else ""))
+    names = ", ".join(os.path.basename(p) for p in (csv_path, md_path, sum_path))
+    log(f"wrote into {os.path.abspath(out)}: {names}"
+        + (f", {len(pngs)} plots" if pngs else
+           " (no plots: matplotlib missing)" if plots else ""))
     log(f"total {time.monotonic() - start:.1f} s")
     return {"csv": csv_path, "md": md_path, "summary": sum_path, "plots": pngs,
             "rows": bench.rows, "roofline": roof}
