@@ -98,3 +98,23 @@ def test_unknown_provider_and_op_raise(tmp_path):
         providers.providers(["nope"])
     with pytest.raises(ValueError, match="op"):
         run_bench(["nope"], out=str(tmp_path))
+
+
+def test_default_out_dir_and_summary_link(tmp_path, monkeypatch, capsys):
+    """Without --out the files go to rlkernels-bench/<device>/ under the current directory
+    (no benchmarks/results/ tree created in a stranger's folder), and the summary names a
+    tables file that exists next to it."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--op", "group_advantages", "--quick", "--providers", "torch-naive",
+                 "--modes", "fwd", "--no-plots"]) == 0
+    assert os.listdir(tmp_path) == ["rlkernels-bench"]
+    out_dir = tmp_path / "rlkernels-bench" / "cpu"
+    files = sorted(os.listdir(out_dir))
+    summaries = [f for f in files if f.endswith("-summary.md")]
+    assert len(files) == 3 and len(summaries) == 1
+    tables = summaries[0].replace("-summary.md", ".md")
+    assert tables in files
+    text = open(out_dir / summaries[0]).read()
+    assert f"full tables in {tables}, next to this file" in text
+    assert "benchmarks/results" not in text
+    assert f"wrote into {out_dir}: " in capsys.readouterr().out
