@@ -143,7 +143,7 @@ __device__ void row_log_ratio(const PolicyTensors& pt, const PolicyParams& pp, i
 //   log r = clamp(logp - old, +-c) (GSPO: the sequence's masked mean of it), r = exp(log r)
 //   ppo:       pg = max(-A min(r, delta), -A clip(r, lo, hi)); where A < 0 with dual clip c:
 //              min(pg, -c A)
-//   cispo:     pg = -clip(r, 0, hi) A logp;   reinforce: pg = -A logp
+//   cispo:     pg = -clip(r, lo, hi) A logp (lo = 0 for TRL's form);   reinforce: pg = -A logp
 //   L = pg w + kl_coef kl(logp - ref) - ent_coef H
 // partials[b] = (sum where(m != 0, L m), sum m, sum high m, sum low m, sum dual m,
 //                sum -log r m, sum r m, sum kl m, sum H m, max over m > 0 of r, any NaN r).
@@ -188,9 +188,10 @@ __global__ void __launch_bounds__(kRowThreads)
         dual = a < A(0) && pg > bound;
         if (a < A(0)) pg = min_nan(pg, bound);
       }
-    } else if (pp.loss == 1) {  // cispo
-      pg = -clamp_nan(r, A(0), hi) * a * l;
+    } else if (pp.loss == 1) {  // cispo (lo = 0 unless the ratio is also clamped below)
+      pg = -clamp_nan(r, lo, hi) * a * l;
       high = r > hi;
+      low = r < lo;
     } else {  // reinforce
       pg = -a * l;
     }
@@ -318,7 +319,7 @@ __global__ void __launch_bounds__(kFinalThreads)
 
 // Backward step 3, per token (reference/policy.py policy_loss_backward / _policy_grad):
 //   c = g_loss m / denom (seq-mean-token-mean: also / the row's token count, 0 if none)
-//   reinforce: g = -A;  cispo: g = -clip(r, 0, hi) A;
+//   reinforce: g = -A;  cispo: g = -clip(r, lo, hi) A (lo = 0 for TRL's form);
 //   ppo: g = dpg r dlog_r, dpg = -A on the active branch of the max (the unclipped one capped
 //        by delta: 0 above delta; the clipped one: 0 outside [lo, hi]), half each on a tie;
 //        with dual clip where A < 0: 0 where the bound is active, half on a tie;
@@ -369,7 +370,7 @@ __global__ void __launch_bounds__(kRowThreads)
       }
       const A r = d_exp(log_r);
       if (pp.loss == 1) {  // cispo
-        g = -clamp_nan(r, A(0), hi) * a;
+        g = -clamp_nan(r, lo, hi) * a;
       } else {  // ppo
         const A unclipped = pp.has_delta ? min_nan(r, delta) : r;
         const A d_unclipped = pp.has_delta ? -a * A(r <= delta) : -a;

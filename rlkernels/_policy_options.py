@@ -31,16 +31,22 @@ class PolicyOptions:
     kl_estimator: str = "k3"
     entropy_coef: float = 0.0
     log_ratio_clamp: float = 20.0
+    # cispo: clamp the ratio below at 1 - clip_low too (verl's form; TRL's has no lower bound)
+    cispo_clip_low: bool = False
 
     @classmethod
     def from_kwargs(cls, *, loss="ppo", clip_low=0.2, clip_high=None, dual_clip=None,
                     delta=None, ratio_level="token", agg="token-mean", kl_coef=0.0,
-                    kl_estimator="k3", entropy_coef=0.0, log_ratio_clamp=20.0
-                    ) -> "PolicyOptions":
+                    kl_estimator="k3", entropy_coef=0.0, log_ratio_clamp=20.0,
+                    cispo_clip_low=False) -> "PolicyOptions":
         """Validate the user's keyword arguments (each error names the argument)."""
         _checks.choice("loss", loss, LOSSES)
+        _checks.flag("cispo_clip_low", cispo_clip_low)
+        if cispo_clip_low and loss != "cispo":
+            raise ValueError(f"cispo_clip_low: expected False unless loss='cispo' (it clamps "
+                             f"cispo's ratio below), got True with loss={loss!r}")
         clip_low = _checks.number("clip_low", clip_low, lo=0.0)
-        if clip_low > 1.0 and loss == "ppo":
+        if clip_low > 1.0 and (loss == "ppo" or cispo_clip_low):
             raise ValueError(f"clip_low: expected a number in [0, 1] (the lower bound is "
                              f"1 - clip_low), got {clip_low}")
         clip_high = clip_low if clip_high is None else _checks.number("clip_high", clip_high,
@@ -59,10 +65,19 @@ class PolicyOptions:
         entropy_coef = _checks.number("entropy_coef", entropy_coef)
         log_ratio_clamp = _checks.positive("log_ratio_clamp", log_ratio_clamp)
         return cls(loss, clip_low, clip_high, dual_clip, delta, ratio_level, agg, kl_coef,
-                   kl_estimator, entropy_coef, log_ratio_clamp)
+                   kl_estimator, entropy_coef, log_ratio_clamp, cispo_clip_low)
+
+    @property
+    def ratio_floor(self) -> float:
+        """The lower clamp of the ratio in the policy term: ``1 - clip_low`` for ppo and for
+        cispo with ``cispo_clip_low``, 0 for cispo without it (``r >= 0`` anyway)."""
+        if self.loss == "ppo" or self.cispo_clip_low:
+            return 1.0 - self.clip_low
+        return 0.0
 
     def encode(self) -> Tuple[str, List[float]]:
-        modes = "|".join((self.loss, self.ratio_level, self.agg, self.kl_estimator))
+        modes = "|".join((self.loss, self.ratio_level, self.agg, self.kl_estimator,
+                          "cispo_clip_low" if self.cispo_clip_low else ""))
         nums = [self.clip_low, self.clip_high,
                 0.0 if self.dual_clip is None else self.dual_clip,
                 0.0 if self.delta is None else self.delta,
@@ -71,7 +86,7 @@ class PolicyOptions:
 
     @classmethod
     def decode(cls, modes: str, nums: List[float]) -> "PolicyOptions":
-        loss, ratio_level, agg, kl_estimator = modes.split("|")
+        loss, ratio_level, agg, kl_estimator, cispo_clip_low = modes.split("|")
         clip_low, clip_high, dual_clip, delta, kl_coef, entropy_coef, clamp = nums
         return cls(loss, clip_low, clip_high, dual_clip or None, delta or None, ratio_level,
-                   agg, kl_coef, kl_estimator, entropy_coef, clamp)
+                   agg, kl_coef, kl_estimator, entropy_coef, clamp, bool(cispo_clip_low))

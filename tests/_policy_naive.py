@@ -96,7 +96,7 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
                 ref_logp: Optional[Tensor] = None, kl_coef: float = 0.0,
                 kl_estimator: str = "k3", entropy: Optional[Tensor] = None,
                 entropy_coef: float = 0.0, is_weights: Optional[Tensor] = None,
-                log_ratio_clamp: float = 20.0):
+                log_ratio_clamp: float = 20.0, cispo_clip_low: bool = False):
     """Returns ``(loss, metrics)`` as SPEC 3.3, in fp64; differentiable w.r.t. ``logp`` and
     ``entropy`` through plain autograd."""
     clip_high = clip_low if clip_high is None else clip_high
@@ -128,9 +128,11 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
             pg3 = -A * dual_clip
             dual = (pg.detach() > pg3) & (A < 0)
             pg = torch.where(A < 0, torch.minimum(pg, pg3), pg)
-    elif loss == "cispo":
-        pg = -torch.clamp(r, 0.0, hi) * A * logp
+    elif loss == "cispo":  # TRL: no lower bound; verl (cispo_clip_low): 1 - clip_low
+        clipped = torch.clamp(r, lo, hi) if cispo_clip_low else torch.clamp(r, max=hi)
+        pg = -clipped * A * logp
         high = r > hi
+        low = (r < lo) if cispo_clip_low else false
     elif loss == "reinforce":
         pg = -A * logp
     else:

@@ -162,7 +162,8 @@ def _policy_codes(o, has_ref: bool, has_ent: bool, has_w: bool):
              _KLS[o.kl_estimator], int(has_ref), int(has_ent), int(has_w), int(has_dual),
              int(has_delta), int(has_ref and o.kl_coef != 0.0),
              int(has_ent and o.entropy_coef != 0.0))
-    nums = (1.0 - o.clip_low, 1.0 + o.clip_high, float(o.dual_clip or 0.0),
+    # lo: the ratio's lower clamp (ppo; cispo with cispo_clip_low; 0 for TRL's cispo)
+    nums = (float(o.ratio_floor), 1.0 + o.clip_high, float(o.dual_clip or 0.0),
             float(o.delta or 0.0), float(o.kl_coef), float(o.entropy_coef),
             float(o.log_ratio_clamp))
     return modes, nums

@@ -145,7 +145,8 @@ _policy_loss_op.register_autograd(_policy_loss_grad, setup_context=_policy_loss_
 
 
 _POLICY_ARGS = ("loss", "clip_low", "clip_high", "dual_clip", "delta", "ratio_level", "agg",
-                "normalizer", "kl_coef", "kl_estimator", "is_weights", "log_ratio_clamp")
+                "normalizer", "kl_coef", "kl_estimator", "is_weights", "log_ratio_clamp",
+                "cispo_clip_low")
 
 
 def _check_policy_inputs(logp: Tensor, old_logp, advantages, mask, ref_logp, entropy,
@@ -227,8 +228,8 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
                 ref_logp: Optional[Tensor] = None, kl_coef: float = 0.0,
                 kl_estimator: str = "k3", entropy: Optional[Tensor] = None,
                 entropy_coef: float = 0.0, is_weights: Optional[Tensor] = None,
-                log_ratio_clamp: float = 20.0, backend: Optional[str] = None
-                ) -> Tuple[Tensor, Dict[str, Tensor]]:
+                log_ratio_clamp: float = 20.0, cispo_clip_low: bool = False,
+                backend: Optional[str] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
     """Clipped policy-gradient loss (PPO / GSPO / CISPO / REINFORCE) with KL and entropy terms.
 
     ``log r = clamp(logp - old_logp, -log_ratio_clamp, log_ratio_clamp)``;
@@ -240,7 +241,9 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
       means ``clip_low``; ``delta`` caps the unclipped ``r`` from above (two-sided clip,
       ``delta > 1 + clip_high``); ``dual_clip=c > 1`` bounds the loss by ``-c A`` where
       ``A < 0``.
-    * ``"cispo"``: ``-sg(clip(r, 0, 1 + clip_high)) A logp``.
+    * ``"cispo"``: ``-sg(clip(r, 0, 1 + clip_high)) A logp`` (MiniMax-M1 / TRL: no lower
+      bound, ``clip_low`` unused); with ``cispo_clip_low=True``
+      ``-sg(clip(r, 1 - clip_low, 1 + clip_high)) A logp`` (verl's ``cispo``).
     * ``"reinforce"``: ``-A logp`` (ratios only through ``is_weights``).
 
     times ``is_weights`` (constant rollout-correction weights), ``+ kl_coef *
@@ -252,16 +255,24 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
     ``"seq-mean-token-sum"`` ``sum(m L) / (normalizer or number of non-empty sequences)``;
     ``"seq-mean-token-sum-norm"`` (Dr. GRPO) ``sum(m L) / (normalizer or T)``. Pass a global
     token or sequence count as ``normalizer`` (number or 0-dim tensor) to make the loss
-    invariant to micro-batching and data parallelism. An empty denominator gives 0.
+    invariant to micro-batching and data parallelism. An empty denominator gives 0. TRL's
+    and Liger's ``"grpo"`` loss divide the token means by ``B``, empty sequences included:
+    ``agg="seq-mean-token-mean", normalizer=B`` reproduces it.
 
     Returns ``(loss, metrics)``: a 0-dim fp32 loss (fp64 for fp64 ``logp``) and a dict of
     0-dim fp32 tensors (no host sync), token-masked means: ``clipfrac`` (the clipped term is
     active: ``A > 0 and r > 1 + clip_high`` or ``A < 0 and r < 1 - clip_low``;
-    for cispo: ``r > 1 + clip_high``; 0 for reinforce), ``clipfrac_high``, ``clipfrac_low``,
+    for cispo: ``r > 1 + clip_high`` or, with ``cispo_clip_low``, ``r < 1 - clip_low``,
+    whatever the sign of ``A``; 0 for reinforce), ``clipfrac_high``, ``clipfrac_low``,
     ``dual_clipfrac``, ``approx_kl`` (mean of ``-log r``), ``ratio_mean``, ``ratio_max`` (a
     masked max), and ``kl`` (mean penalty, with ``ref_logp``) and ``entropy`` (with
-    ``entropy``). Gradient flows to ``logp`` and ``entropy``; every other input is a
-    constant.
+    ``entropy``). Every metric is a masked statistic: values at masked positions (NaN, inf)
+    are selected away and never reach a metric, the loss or a gradient. Gradient flows to
+    ``logp`` and ``entropy``; every other input is a constant.
+
+    The entropy term is aggregated with ``agg`` like the rest of the loss (verl's actor does
+    the same); TRL adds its bonus as a plain token mean whatever the loss type. The two agree
+    for ``agg="token-mean"``; see docs/math.md for TRL's and Liger's forms.
 
     Shapes: ``logp, old_logp, mask, ref_logp, entropy, is_weights`` ``[B, T]``;
     ``advantages`` ``[B]`` or ``[B, T]``; ``mask`` bool or float (weights).
@@ -272,7 +283,7 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
     opts = _options(dict(loss=loss, clip_low=clip_low, clip_high=clip_high,
                          dual_clip=dual_clip, delta=delta, ratio_level=ratio_level, agg=agg,
                          kl_coef=kl_coef, kl_estimator=kl_estimator,
-                         log_ratio_clamp=log_ratio_clamp),
+                         log_ratio_clamp=log_ratio_clamp, cispo_clip_low=cispo_clip_low),
                     entropy_coef, ref_logp, entropy is not None)
     name = backends.resolve(backend, _FAMILY, "policy_loss", logp.device)
     modes, nums = opts.encode()
@@ -437,7 +448,8 @@ def grpo_loss(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages: Tens
     as ``metrics["entropy"]`` and enters the loss as ``- entropy_coef * H``.
     ``policy_loss_options`` are the keyword options of :func:`policy_loss` (``loss``,
     ``clip_low``, ``clip_high``, ``dual_clip``, ``delta``, ``ratio_level``, ``agg``,
-    ``normalizer``, ``kl_coef``, ``kl_estimator``, ``is_weights``, ``log_ratio_clamp``).
+    ``normalizer``, ``kl_coef``, ``kl_estimator``, ``is_weights``, ``log_ratio_clamp``,
+    ``cispo_clip_low``).
 
     ``inplace_backward=True`` writes the gradient into the storage of ``logits`` instead of
     allocating a new ``[B, T, V]`` tensor: the logits are destroyed by ``backward()``, so

@@ -75,7 +75,8 @@ def per_token_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Ten
 
     * ppo:       ``max(-A min(r, delta), -A clip(r, 1-clip_low, 1+clip_high))``, and where
       ``A < 0`` with ``dual_clip = c``: ``min(that, -c A)``
-    * cispo:     ``-sg(clip(r, 0, 1+clip_high)) A logp``
+    * cispo:     ``-sg(clip(r, 0, 1+clip_high)) A logp`` (TRL); with ``cispo_clip_low``
+      ``-sg(clip(r, 1-clip_low, 1+clip_high)) A logp`` (verl)
     * reinforce: ``-A logp``
 
     times ``is_weights``, ``+ kl_coef kl_penalty(logp, ref_logp)``, ``- entropy_coef H``.
@@ -100,8 +101,9 @@ def per_token_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Ten
             dual = (adv < 0) & (pg.detach() > bound)
             pg = torch.where(adv < 0, torch.minimum(pg, bound), pg)
     elif o.loss == "cispo":
-        pg = -torch.clamp(r, 0.0, hi) * adv * logp
-        high = r > hi
+        floor = o.ratio_floor
+        pg = -torch.clamp(r, floor, hi) * adv * logp
+        high, low = r > hi, r < floor
     else:
         pg = -adv * logp
     if is_weights is not None:
@@ -221,7 +223,8 @@ def policy_loss_backward(grad_loss: Tensor, logp: Tensor, old_logp: Tensor,
       ppo: ``dpg/dr * r * dlog r/dlogp`` (``dlog r/dlogp`` is 1 inside the log-ratio clamp,
       and always 1 for the GSPO straight-through), with ``dpg/dr = -A`` on the active branch
       of the max and 0 on a clipped one (half each on an exact tie, like ``torch.maximum``),
-      and 0 where the dual-clip bound is active; cispo: ``-clip(r, 0, 1 + clip_high) A``;
+      and 0 where the dual-clip bound is active; cispo: ``-clip(r, f, 1 + clip_high) A``
+      (``f = 1 - clip_low`` with ``cispo_clip_low``, else 0);
       reinforce: ``-A``.
 
     Masked tokens (``c_t = 0``) receive exactly 0.
@@ -267,7 +270,7 @@ def _policy_grad(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor,
     r = torch.exp(log_r)
     hi = 1.0 + o.clip_high
     if o.loss == "cispo":
-        return -torch.clamp(r, 0.0, hi) * adv
+        return -torch.clamp(r, o.ratio_floor, hi) * adv
     lo = 1.0 - o.clip_low
     unclipped = r if o.delta is None else torch.clamp(r, max=o.delta)
     d_unclipped = -adv * (1.0 if o.delta is None else (r <= o.delta).to(r.dtype))

@@ -218,10 +218,11 @@ def _policy_fwd_kernel(
                     dual = (a < 0) & (pg > bound)
                     bounded = tl.minimum(pg, bound, propagate_nan=tl.PropagateNan.ALL)
                     pg = tl.where(a < 0, bounded, pg)
-            elif LOSS == 1:  # cispo
-                weight = tl.clamp(r, 0.0, hi, propagate_nan=tl.PropagateNan.ALL)
+            elif LOSS == 1:  # cispo; lo is 0 unless cispo_clip_low (ratio_floor)
+                weight = tl.clamp(r, lo, hi, propagate_nan=tl.PropagateNan.ALL)
                 pg = -weight * a * lp
                 high = r > hi
+                low = r < lo
             else:  # reinforce
                 pg = -a * lp
             if HAS_W:
@@ -378,7 +379,7 @@ def _policy_bwd_kernel(
                 else:
                     r = tl.exp(log_r)
                 if LOSS == 1:  # cispo: the clipped ratio is a constant factor of -A logp
-                    weight_r = tl.clamp(r, 0.0, hi, propagate_nan=tl.PropagateNan.ALL)
+                    weight_r = tl.clamp(r, lo, hi, propagate_nan=tl.PropagateNan.ALL)
                     g = -weight_r * a
                 else:  # ppo
                     if HAS_DELTA:
@@ -456,7 +457,7 @@ def _mode_args(o: PolicyOptions, cdt: torch.dtype, device: torch.device) -> dict
         AGG=_AGGS[o.agg], KL=_KLS[o.kl_estimator],
         HAS_DUAL=o.loss == "ppo" and o.dual_clip is not None,
         HAS_DELTA=o.loss == "ppo" and o.delta is not None,
-        LO=float(1.0 - o.clip_low), HI=float(1.0 + o.clip_high),
+        LO=float(o.ratio_floor), HI=float(1.0 + o.clip_high),
         DUAL=float(o.dual_clip or 0.0), DELTA=float(o.delta or 0.0),
         KL_COEF=float(o.kl_coef), ENT_COEF=float(o.entropy_coef),
         CLAMP=float(o.log_ratio_clamp), IEEE_DIV=cdt == torch.float32,

@@ -107,6 +107,7 @@ CASES = {
     "ppo-asym-dual": dict(clip_high=0.28, dual_clip=2.0),
     "ppo-delta-isw": dict(delta=1.5, is_weights="isw"),
     "cispo": dict(loss="cispo", clip_high=0.28),
+    "cispo-clip-low": dict(loss="cispo", clip_high=0.28, cispo_clip_low=True),
     "reinforce": dict(loss="reinforce", agg="seq-mean-token-sum"),
     "gspo": dict(ratio_level="sequence", clip_low=0.03, clip_high=0.04,
                  agg="seq-mean-token-mean"),
@@ -254,7 +255,7 @@ def test_grpo_all_masked(backend):
     assert all(v.item() == 0.0 for v in metrics.values())
 
 
-@pytest.mark.parametrize("case", ["ppo-asym-dual", "cispo", "gspo"])
+@pytest.mark.parametrize("case", ["ppo-asym-dual", "cispo-clip-low", "gspo"])
 def test_grpo_masked_positions_reach_no_metric(backend, case):
     """Issue 16: NaN logits in masked rows (so NaN log-probs and entropies there) and NaN at
     the masked positions of old_logp, ref_logp, [B, T] advantages and is_weights change

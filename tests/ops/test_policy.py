@@ -129,9 +129,12 @@ CASES = {
     "ppo-delta": dict(clip_high=0.28, delta=1.4),
     "ppo-dual-delta": dict(clip_high=0.28, delta=1.4, dual_clip=1.5),
     "cispo": dict(loss="cispo", clip_high=0.28),
+    "cispo-clip-low": dict(loss="cispo", clip_low=0.2, clip_high=0.28, cispo_clip_low=True),
     "reinforce": dict(loss="reinforce"),
     "gspo": dict(ratio_level="sequence", clip_low=0.03, clip_high=0.04),
     "gspo-cispo": dict(ratio_level="sequence", loss="cispo", clip_high=0.04),
+    "gspo-cispo-clip-low": dict(ratio_level="sequence", loss="cispo", clip_low=0.03,
+                                clip_high=0.04, cispo_clip_low=True),
     "log-ratio-clamp": dict(log_ratio_clamp=0.3),
     "gspo-log-ratio-clamp": dict(ratio_level="sequence", log_ratio_clamp=0.3),
 }
@@ -242,6 +245,7 @@ def poison_masked(inp, value):
 MASKED_CASES = {
     "ppo-dual": dict(dual_clip=1.5, clip_high=0.28),
     "cispo": dict(loss="cispo", clip_high=0.28),
+    "cispo-clip-low": dict(loss="cispo", clip_high=0.28, cispo_clip_low=True),
     "reinforce": dict(loss="reinforce", agg="seq-mean-token-sum"),
     "gspo": dict(ratio_level="sequence", clip_low=0.03, clip_high=0.04,
                  agg="seq-mean-token-mean"),
@@ -660,6 +664,12 @@ ERRORS = [
     ("logp-int", dict(logp=torch.zeros(2, 3, dtype=torch.int64)), TypeError,
      r"logp: expected dtype in \(bfloat16, float16, float32, float64\), got int64"),
     ("clip_low-str", dict(clip_low="0.2"), TypeError, r"clip_low: expected a float, got str"),
+    ("cispo_clip_low-ppo", dict(cispo_clip_low=True), ValueError,
+     r"cispo_clip_low: expected False unless loss='cispo' .*got True with loss='ppo'"),
+    ("cispo_clip_low-int", dict(loss="cispo", cispo_clip_low=1), TypeError,
+     r"cispo_clip_low: expected a bool, got int"),
+    ("clip_low-above-1-cispo-clip-low", dict(loss="cispo", clip_low=1.5, cispo_clip_low=True),
+     ValueError, r"clip_low: expected a number in \[0, 1\].*got 1.5"),
 ]
 
 
@@ -678,6 +688,27 @@ def test_clip_low_above_one_allowed_for_cispo():
     logp, old, adv, mask = _args()
     loss, _ = policy_loss(logp, old, adv, mask, loss="cispo", clip_low=1.5)
     assert torch.isfinite(loss)
+
+
+def test_cispo_clip_low_is_verls_lower_clamp(backend):
+    """Issue 16: verl's cispo clamps the ratio below at 1 - clip_low, TRL's (the default)
+    does not. With ratios far below 1 - clip_low the two losses differ; the lower clamp
+    shows in clipfrac_low and in the gradient (-clip(r) A, a constant factor)."""
+    inp = make_inputs(seed=31, spread=1.0)
+    opts = dict(loss="cispo", clip_low=0.2, clip_high=0.28)
+    trl, trl_n = run_both(inp, backend, **opts)
+    verl, verl_n = run_both(inp, backend, cispo_clip_low=True, **opts)
+    assert_same(trl, trl_n)
+    assert_same(verl, verl_n)
+    r = torch.exp(inp["logp"] - inp["old_logp"]).cpu()
+    low = (r < 0.8) & inp["mask"].cpu()
+    assert low.any()
+    assert trl[1]["clipfrac_low"].item() == 0.0
+    assert verl[1]["clipfrac_low"].item() == pytest.approx(
+        low.sum().item() / inp["mask"].sum().item(), rel=1e-6)
+    assert abs(verl[0].item() - trl[0].item()) > 1e-3
+    torch.testing.assert_close(verl[2][0][~low], trl[2][0][~low], atol=1e-15, rtol=1e-13)
+    assert not torch.equal(verl[2][0][low], trl[2][0][low])
 
 
 @pytest.mark.parametrize("clamp,match", [
