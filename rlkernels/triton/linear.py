@@ -62,7 +62,7 @@ import triton.language as tl
 
 from .._fused import fused_forward, row_grads
 from .._policy_options import PolicyOptions
-from ._common import (compute_dtype, device_guard, expm1, log1p, mul_hl, split,
+from ._common import (compute_dtype, const_hl, device_guard, expm1, log1p, mul_hl, split,
                       tl_compute_dtype, xmul0)
 from .policy import policy_loss_backward, policy_loss_forward
 
@@ -72,12 +72,32 @@ Tensor = torch.Tensor
 # ================================================================================ jit helpers
 
 @triton.jit
+def _head_map(y, fm, MAP: tl.constexpr, IS_FP64: tl.constexpr):
+    """``(f(y), f'(y))`` of the pre-softmax map (``MAP`` 1: ``u = s y``; 2: then ``c tanh(u /
+    c)``), ``fm = (s_hi, s_lo, c_hi, c_lo, 1/c hi, 1/c lo)`` (:func:`._common.split` pairs).
+    ``tanh(x) = sign(x) (1 - e) / (1 + e)`` with ``e = exp(-2|x|)``, ``1 - e`` by ``expm1``
+    (no cancellation near 0), and ``1 - tanh^2 = 4 e / (1 + e)^2`` (none near saturation)."""
+    u = mul_hl(y, fm[0], fm[1], IS_FP64)
+    d = const_hl(u, fm[0], fm[1], IS_FP64)
+    if MAP == 2:
+        x = mul_hl(u, fm[4], fm[5], IS_FP64)
+        em1 = expm1(-2.0 * tl.abs(x), IS_FP64)
+        e = em1 + 1.0
+        t = tl.where(x < 0, em1, -em1) / (2.0 + em1)
+        u = mul_hl(t, fm[2], fm[3], IS_FP64)
+        d = d * (4.0 * e / ((1.0 + e) * (1.0 + e)))
+    return u, d
+
+
+@triton.jit
 def _logits_tile(h_ptr, stride_h, w_ptr, stride_w, b_ptr, rows, row_ok, cols, col_ok, H,
-                 inv_t_hi, inv_t_lo, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
-                 IS_FP64: tl.constexpr, CDT: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
-    """``z = (h[rows] @ w[cols]^T + b[cols]) / T`` as a ``[BLOCK_N, BLOCK_V]`` tile in ``CDT``;
-    ``-inf`` in columns past ``V``. Rows with ``row_ok`` False load hidden as 0."""
+                 inv_t_hi, inv_t_lo, fm, HAS_BIAS: tl.constexpr, MAP: tl.constexpr,
+                 UPCAST: tl.constexpr, IS_FP64: tl.constexpr, CDT: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    """``(z, f'(y))``: ``z = f(y) / T``, ``y = h[rows] @ w[cols]^T + b[cols]``, as a
+    ``[BLOCK_N, BLOCK_V]`` tile in ``CDT``, ``-inf`` in columns past ``V`` (``f`` the identity
+    when ``MAP`` is 0, else :func:`_head_map`; ``f'`` is ``y`` itself, unused, when ``MAP`` is
+    0). Rows with ``row_ok`` False load hidden as 0."""
     offs_h = tl.arange(0, BLOCK_H)
     r64 = rows.to(tl.int64)
     c64 = cols.to(tl.int64)
@@ -96,15 +116,22 @@ def _logits_tile(h_ptr, stride_h, w_ptr, stride_w, b_ptr, rows, row_ok, cols, co
     if HAS_BIAS:
         b = tl.load(b_ptr + c64, mask=col_ok, other=0.0).to(CDT)
         acc = acc + b[None, :]
+    dfdy = acc
+    if MAP != 0:
+        acc, dfdy = _head_map(acc, fm, MAP, IS_FP64)
     z = mul_hl(acc, inv_t_hi, inv_t_lo, IS_FP64)
-    return tl.where(col_ok[None, :], z, float("-inf"))
+    return tl.where(col_ok[None, :], z, float("-inf")), dfdy
 
 
 @triton.jit
-def _online_tile(z, offs, m, rest, s1, WITH_S1: tl.constexpr):
+def _online_tile(z, offs, start, m, rest, s1, rest2, amax, WITH_S1: tl.constexpr,
+                 EXTRAS: tl.constexpr):
     """:func:`._common.online_block` for every row of a 2-d tile ``z [BLOCK_N, BLOCK_V]``
     (``m``, ``rest``, ``s1`` are ``[BLOCK_N]``): fold the tile into the running max, the sum
-    of ``exp(z - m)`` over every column but ONE arg-max, and ``sum exp(z - m) (z - m)``."""
+    of ``exp(z - m)`` over every column but ONE arg-max, and ``sum exp(z - m) (z - m)``.
+    ``EXTRAS``: also ``rest2``, the sum of ``exp(2 (z - m))`` over the same columns, and
+    ``amax``, the column of the row's first maximum (``start`` is the tile's first column;
+    a later tile takes over only with a strictly larger max)."""
     bm, bi = tl.max(z, 1, return_indices=True, return_indices_tie_break_left=True)
     m_new = tl.maximum(m, bm)
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -116,9 +143,14 @@ def _online_tile(z, offs, m, rest, s1, WITH_S1: tl.constexpr):
         d = tl.where(m == float("-inf"), 0.0, m - m_ref)
         s1 = scale * (s1 + d * (1.0 + rest)) + tl.sum(xmul0(e, zs), 1)
     skip_col = tl.where(is_new, bi, -1)  # the column left out of the tile sum, if any
-    rest = (rest * scale + tl.where(is_new, scale, 0.0)
-            + tl.sum(tl.where(offs[None, :] == skip_col[:, None], 0.0, e), 1))
-    return m_new, rest, s1
+    skip = offs[None, :] == skip_col[:, None]
+    rest = (rest * scale + tl.where(is_new, scale, 0.0) + tl.sum(tl.where(skip, 0.0, e), 1))
+    if EXTRAS:
+        scale2 = scale * scale
+        rest2 = (rest2 * scale2 + tl.where(is_new, scale2, 0.0)
+                 + tl.sum(tl.where(skip, 0.0, e * e), 1))
+        amax = tl.where(is_new, start + bi, amax)
+    return m_new, rest, s1, rest2, amax
 
 
 @triton.jit
@@ -169,10 +201,13 @@ def _dz_tile(z, cols, col_ok, tok, live, m, log_s, sum_pzs, g_lp, g_h,
 # ==================================================================================== kernels
 
 @triton.jit
-def _fwd_finish(rows, row_in, live, m, rest, s1, z_y, logp_ptr, ent_ptr, stats_ptr,
-                WITH_ENTROPY: tl.constexpr, IS_FP64: tl.constexpr, CDT: tl.constexpr):
+def _fwd_finish(rows, row_in, live, m, rest, s1, z_y, rest2, zsum, hit, V, logp_ptr, ent_ptr,
+                stats_ptr, extra_ptr, WITH_ENTROPY: tl.constexpr, EXTRAS: tl.constexpr,
+                IS_FP64: tl.constexpr, CDT: tl.constexpr):
     """Store a row block's log-prob, entropy and ``stats = (m, log1p(rest), sum p (z - m))``
-    from its running ``(m, rest, S1)`` and token logit (0 everywhere on padding rows)."""
+    from its running ``(m, rest, S1)`` and token logit (0 everywhere on padding rows);
+    ``EXTRAS``: ``extra = (log sum p^2, mean z, token is the first arg-max)`` from ``rest2``,
+    the row sum ``zsum`` and ``hit``, with ``sum p^2 = (1 + rest2) / (1 + rest)^2``."""
     r64 = rows.to(tl.int64)
     log_s = log1p(rest, IS_FP64)
     m_shift = tl.where(m == float("-inf"), 0.0, m)
@@ -190,18 +225,27 @@ def _fwd_finish(rows, row_in, live, m, rest, s1, z_y, logp_ptr, ent_ptr, stats_p
     tl.store(stats_ptr + r64 * 3, tl.where(live, m, zero), mask=row_in)
     tl.store(stats_ptr + r64 * 3 + 1, tl.where(live, log_s, zero), mask=row_in)
     tl.store(stats_ptr + r64 * 3 + 2, tl.where(live, sum_pzs, zero), mask=row_in)
+    if EXTRAS:
+        log_sum_sq = log1p(rest2, IS_FP64) - 2.0 * log_s
+        tl.store(extra_ptr + r64 * 3, tl.where(live, log_sum_sq, zero), mask=row_in)
+        tl.store(extra_ptr + r64 * 3 + 1, tl.where(live, zsum / V, zero), mask=row_in)
+        tl.store(extra_ptr + r64 * 3 + 2, tl.where(live, hit, zero), mask=row_in)
 
 
 @triton.jit
 def _fwd_kernel(h_ptr, stride_h, w_ptr, stride_w, b_ptr, tok_ptr, logp_ptr, ent_ptr, stats_ptr,
-                part_ptr, N, V, H, split_cols, inv_t_hi, inv_t_lo, ignore_index,
-                HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, UPCAST: tl.constexpr,
-                IS_FP64: tl.constexpr, CDT: tl.constexpr, SPLIT: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+                extra_ptr, part_ptr, N, V, H, split_cols, inv_t_hi, inv_t_lo, ignore_index,
+                s_hi, s_lo, c_hi, c_lo, ic_hi, ic_lo,
+                HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, MAP: tl.constexpr,
+                EXTRAS: tl.constexpr, UPCAST: tl.constexpr, IS_FP64: tl.constexpr,
+                CDT: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
     """Program ``(i, j)``: rows ``i * BLOCK_N + [0, BLOCK_N)`` over vocabulary split ``j``
     (columns ``[j * split_cols, (j + 1) * split_cols)``). Without ``SPLIT`` (one split) it
-    stores the outputs; with ``SPLIT`` the split's ``(m, rest, S1, z_y)`` go to ``part [4,
-    splits, N]`` for :func:`_fwd_merge_kernel`."""
+    stores the outputs; with ``SPLIT`` the split's ``(m, rest, S1, z_y)`` (and with
+    ``EXTRAS`` ``(rest2, zsum, hit)``) go to ``part [4 or 7, splits, N]`` for
+    :func:`_fwd_merge_kernel`. ``MAP`` and ``s_hi .. ic_lo``: the pre-softmax map
+    (:func:`_head_map`); ``EXTRAS``: the statistics of ``extra`` (:func:`_fwd_finish`)."""
     pid = tl.program_id(0)
     sid = tl.program_id(1)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -214,17 +258,25 @@ def _fwd_kernel(h_ptr, stride_h, w_ptr, stride_w, b_ptr, tok_ptr, logp_ptr, ent_
     rest = tl.zeros([BLOCK_N], CDT)
     s1 = tl.zeros([BLOCK_N], CDT)
     z_y = tl.zeros([BLOCK_N], CDT)
+    rest2 = tl.zeros([BLOCK_N], CDT)
+    zsum = tl.zeros([BLOCK_N], CDT)
+    amax = tl.full([BLOCK_N], -1, tl.int64)
+    fm = (s_hi, s_lo, c_hi, c_lo, ic_hi, ic_lo)
     v_lo = sid * split_cols
     v_hi = tl.minimum(V, v_lo + split_cols)
     for start in range(v_lo, v_hi, BLOCK_V):
         cols = start + offs
         col_ok = cols < v_hi
-        z = _logits_tile(h_ptr, stride_h, w_ptr, stride_w, b_ptr, rows, live, cols, col_ok, H,
-                         inv_t_hi, inv_t_lo, HAS_BIAS, UPCAST, IS_FP64, CDT, BLOCK_N, BLOCK_V,
-                         BLOCK_H)
-        m, rest, s1 = _online_tile(z, offs, m, rest, s1, WITH_ENTROPY)
+        z, _ = _logits_tile(h_ptr, stride_h, w_ptr, stride_w, b_ptr, rows, live, cols, col_ok,
+                            H, inv_t_hi, inv_t_lo, fm, HAS_BIAS, MAP, UPCAST, IS_FP64, CDT,
+                            BLOCK_N, BLOCK_V, BLOCK_H)
+        m, rest, s1, rest2, amax = _online_tile(z, offs, start, m, rest, s1, rest2, amax,
+                                                WITH_ENTROPY, EXTRAS)
         # the token's logit, when its column is in this tile (exactly one tile has it)
         z_y += tl.sum(tl.where(cols[None, :] == tok[:, None], z, 0.0), 1)
+        if EXTRAS:  # a -inf column makes the mean -inf, as the mean of the logits is
+            zsum += tl.sum(tl.where(col_ok[None, :], z, 0.0), 1)
+    hit = (amax == tok).to(CDT)
     if SPLIT:
         base = part_ptr + sid.to(tl.int64) * N + r64
         plane = tl.num_programs(1).to(tl.int64) * N
@@ -232,20 +284,26 @@ def _fwd_kernel(h_ptr, stride_h, w_ptr, stride_w, b_ptr, tok_ptr, logp_ptr, ent_
         tl.store(base + plane, rest, mask=row_in)
         tl.store(base + 2 * plane, s1, mask=row_in)
         tl.store(base + 3 * plane, z_y, mask=row_in)
+        if EXTRAS:
+            tl.store(base + 4 * plane, rest2, mask=row_in)
+            tl.store(base + 5 * plane, zsum, mask=row_in)
+            tl.store(base + 6 * plane, hit, mask=row_in)
     else:
-        _fwd_finish(rows, row_in, live, m, rest, s1, z_y, logp_ptr, ent_ptr, stats_ptr,
-                    WITH_ENTROPY, IS_FP64, CDT)
+        _fwd_finish(rows, row_in, live, m, rest, s1, z_y, rest2, zsum, hit, V, logp_ptr,
+                    ent_ptr, stats_ptr, extra_ptr, WITH_ENTROPY, EXTRAS, IS_FP64, CDT)
 
 
 @triton.jit
-def _fwd_merge_kernel(part_ptr, tok_ptr, logp_ptr, ent_ptr, stats_ptr, N, splits,
-                      ignore_index, WITH_ENTROPY: tl.constexpr, IS_FP64: tl.constexpr,
-                      CDT: tl.constexpr, BLOCK: tl.constexpr):
+def _fwd_merge_kernel(part_ptr, tok_ptr, logp_ptr, ent_ptr, stats_ptr, extra_ptr, N, V,
+                      splits, ignore_index, WITH_ENTROPY: tl.constexpr, EXTRAS: tl.constexpr,
+                      IS_FP64: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr):
     """Merge the per-split ``(m_s, rest_s, S1_s, z_y_s)`` of ``BLOCK`` rows, splits in order
     (deterministic): ``M = max m_s``; the owner is the first split at ``M`` (its arg-max is
     the column left out of ``REST``); ``REST = rest_owner + sum_others e_s (1 + rest_s)``,
     ``S1 = sum_s e_s (S1_s + (m_s - M)(1 + rest_s))`` with ``e_s = exp(m_s - M)``, splits of
-    only ``-inf`` adding 0; ``z_y = sum_s z_y_s`` (one split holds the token)."""
+    only ``-inf`` adding 0; ``z_y = sum_s z_y_s`` (one split holds the token). ``EXTRAS``:
+    ``REST2`` as ``REST`` with ``e_s^2`` and ``rest2_s``, ``zsum = sum_s zsum_s`` and ``hit``
+    the owner's (the row's first arg-max is its owner's first arg-max)."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     row_in = rows < N
     r64 = rows.to(tl.int64)
@@ -263,6 +321,9 @@ def _fwd_merge_kernel(part_ptr, tok_ptr, logp_ptr, ent_ptr, stats_ptr, N, splits
     rest = tl.zeros([BLOCK], CDT)
     s1 = tl.zeros([BLOCK], CDT)
     z_y = tl.zeros([BLOCK], CDT)
+    rest2 = tl.zeros([BLOCK], CDT)
+    zsum = tl.zeros([BLOCK], CDT)
+    hit = tl.zeros([BLOCK], CDT)
     for sid in range(0, splits):
         base = part_ptr + sid * n64 + r64
         m_s = tl.load(base, mask=row_in, other=float("-inf"))
@@ -274,8 +335,13 @@ def _fwd_merge_kernel(part_ptr, tok_ptr, logp_ptr, ent_ptr, stats_ptr, N, splits
         if WITH_ENTROPY:
             s1 += e * (tl.load(base + 2 * plane, mask=row_in, other=0.0) + d * (1.0 + rest_s))
         z_y += tl.load(base + 3 * plane, mask=row_in, other=0.0)
-    _fwd_finish(rows, row_in, live, big_m, rest, s1, z_y, logp_ptr, ent_ptr, stats_ptr,
-                WITH_ENTROPY, IS_FP64, CDT)
+        if EXTRAS:
+            rest2_s = tl.load(base + 4 * plane, mask=row_in, other=0.0)
+            rest2 += tl.where(owner == sid, rest2_s, e * e * (1.0 + rest2_s))
+            zsum += tl.load(base + 5 * plane, mask=row_in, other=0.0)
+            hit = tl.where(owner == sid, tl.load(base + 6 * plane, mask=row_in, other=0.0), hit)
+    _fwd_finish(rows, row_in, live, big_m, rest, s1, z_y, rest2, zsum, hit, V, logp_ptr,
+                ent_ptr, stats_ptr, extra_ptr, WITH_ENTROPY, EXTRAS, IS_FP64, CDT)
 
 
 @triton.jit
@@ -292,13 +358,16 @@ def _grouped(pid, n_a, n_b, GROUP: tl.constexpr):
 def _dz_kernel(glp_ptr, gh_ptr, h_ptr, stride_h, w_ptr, stride_w, b_ptr, tok_ptr,
                stats_ptr, stride_s0, stride_s1, dz_ptr, stride_dz, dbp_ptr, stride_dbp,
                N, H, v0, cnt, inv_t_hi, inv_t_lo, ignore_index,
+               s_hi, s_lo, c_hi, c_lo, ic_hi, ic_lo, MAP: tl.constexpr,
                HAS_BIAS: tl.constexpr, HAS_GLP: tl.constexpr, HAS_GH: tl.constexpr,
                UPCAST: tl.constexpr, IS_FP64: tl.constexpr, CDT: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                GROUP: tl.constexpr):
     """``dz[:, j] = d z[:, v0 + j]`` for ``j < cnt`` (one ``[BLOCK_N, BLOCK_V]`` tile per
     program, stored in ``dz``'s dtype) and, with a bias, this row block's fp32 column sums of
-    ``d z`` into row ``pid_n`` of ``dbp``. Padding rows get exact zeros."""
+    ``d z`` into row ``pid_n`` of ``dbp``. Padding rows get exact zeros. With a pre-softmax
+    map (``MAP``, :func:`_head_map`) ``d z`` here is the gradient w.r.t. ``y``: times
+    ``f'(y)``."""
     pid_n, pid_v = _grouped(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(cnt, BLOCK_V),
                             GROUP)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -309,11 +378,13 @@ def _dz_kernel(glp_ptr, gh_ptr, h_ptr, stride_h, w_ptr, stride_w, b_ptr, tok_ptr
     tok, live, m, log_s, sum_pzs, g_lp, g_h = _row_grad_inputs(
         glp_ptr, gh_ptr, tok_ptr, stats_ptr, stride_s0, stride_s1, rows, row_in, ignore_index,
         inv_t_hi, inv_t_lo, HAS_GLP, HAS_GH, IS_FP64, CDT)
-    z = _logits_tile(h_ptr, stride_h, w_ptr, stride_w, b_ptr, rows, live, cols, col_ok, H,
-                     inv_t_hi, inv_t_lo, HAS_BIAS, UPCAST, IS_FP64, CDT, BLOCK_N, BLOCK_V,
-                     BLOCK_H)
+    z, dfdy = _logits_tile(h_ptr, stride_h, w_ptr, stride_w, b_ptr, rows, live, cols, col_ok,
+                           H, inv_t_hi, inv_t_lo, (s_hi, s_lo, c_hi, c_lo, ic_hi, ic_lo),
+                           HAS_BIAS, MAP, UPCAST, IS_FP64, CDT, BLOCK_N, BLOCK_V, BLOCK_H)
     dz = _dz_tile(z, cols, col_ok, tok, live, m, log_s, sum_pzs, g_lp, g_h, HAS_GLP, HAS_GH,
                   IS_FP64)
+    if MAP != 0:  # dz is 0 on padding rows and tail columns, f'(y) finite there
+        dz = dz * dfdy
     l64 = local.to(tl.int64)
     tl.store(dz_ptr + rows.to(tl.int64)[:, None] * stride_dz + l64[None, :],
              dz.to(dz_ptr.dtype.element_ty), mask=row_in[:, None] & col_ok[None, :])
@@ -401,25 +472,50 @@ def _rstride(x: Tensor) -> int:
 _SPLIT_COLS = 16384
 
 
-def linear_token_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
-                                  tokens: Tensor, temperature: float, ignore_index: int,
-                                  with_entropy: bool, *, blocks: Optional[Tuple] = None,
-                                  split_cols: Optional[int] = None
-                                  ) -> Tuple[Tensor, Tensor, Tensor]:
-    """``(logp [N], entropy [N], stats [N, 3])`` of ``(hidden @ weight^T + bias) / T``, like
-    the reference (fp32; fp64 for fp64 inputs). Padding rows: 0 outputs and 0 stats.
-    ``blocks=(BLOCK_N, BLOCK_V, BLOCK_H)`` overrides the block sizes and ``split_cols`` the
-    vocabulary split (tests; rounded up to a multiple of ``BLOCK_V``). With more than one
-    split, each (row block, split) program writes its running statistics to an fp32
-    ``[4, splits, N]`` buffer that :func:`_fwd_merge_kernel` merges."""
+def _map_args(logit_scale: float, softcap: Optional[float]):
+    """``(MAP, (s_hi, s_lo, c_hi, c_lo, 1/c hi, 1/c lo))`` of :func:`_head_map`: ``MAP`` 0 (no
+    map: the default path compiles without it), 1 (scale) or 2 (scale and soft cap). The
+    values are runtime arguments (no recompilation per value)."""
+    mode = 0 if softcap is None and logit_scale == 1.0 else (1 if softcap is None else 2)
+    cap = 1.0 if softcap is None else float(softcap)
+    return mode, (*split(float(logit_scale)), *split(cap), *split(1.0 / cap))
+
+
+def linear_token_stats_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                               tokens: Tensor, temperature: float, ignore_index: int,
+                               with_entropy: bool, logit_scale: float, softcap: Optional[float],
+                               extras: bool, *, blocks: Optional[Tuple] = None,
+                               split_cols: Optional[int] = None
+                               ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`_forward` with ``extra`` all zeros unless ``extras`` (a custom op's outputs are
+    distinct tensors)."""
+    logp, ent, stats, extra = _forward(hidden, weight, bias, tokens, temperature, ignore_index,
+                                       with_entropy, logit_scale, softcap, extras, blocks,
+                                       split_cols)
+    return logp, ent, stats, torch.zeros_like(stats) if extra is None else extra
+
+
+def _forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tokens: Tensor,
+             temperature: float, ignore_index: int, with_entropy: bool, logit_scale: float,
+             softcap: Optional[float], extras: bool, blocks: Optional[Tuple],
+             split_cols: Optional[int]) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """``(logp [N], entropy [N], stats [N, 3], extra [N, 3])`` of ``f(hidden @ weight^T +
+    bias) / T``, like :func:`rlkernels.reference.linear.linear_token_stats_forward` (fp32;
+    fp64 for fp64 inputs; ``f`` is :func:`_head_map`; ``extra`` is ``None`` unless ``extras``).
+    Padding rows: 0 outputs and 0 stats. ``blocks=(BLOCK_N, BLOCK_V, BLOCK_H)`` overrides the
+    block sizes and ``split_cols`` the vocabulary split (tests; rounded up to a multiple of
+    ``BLOCK_V``). With more than one split, each (row block, split) program writes its
+    running statistics to an fp32 ``[4, splits, N]`` buffer (``[7, ...]`` with ``extras``)
+    that :func:`_fwd_merge_kernel` merges."""
     n, dim = hidden.shape
     vocab = weight.shape[0]
     cdt = compute_dtype(hidden.dtype)
     logp = hidden.new_empty(n, dtype=cdt)
     ent = hidden.new_empty(n, dtype=cdt)
     stats = hidden.new_empty(n, 3, dtype=cdt)
+    extra = hidden.new_empty(n, 3, dtype=cdt) if extras else None
     if n == 0:
-        return logp, ent, stats
+        return logp, ent, stats, extra
     h, w, b = _prep(hidden, weight, bias)
     tok = tokens.contiguous()
     bn, bv, bh, warps = _blocks(hidden, vocab, dim)
@@ -429,22 +525,38 @@ def linear_token_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Optional
         split_cols = _SPLIT_COLS if hidden.is_cuda else vocab
     split_cols = triton.cdiv(max(1, min(split_cols, vocab)), bv) * bv
     splits = triton.cdiv(vocab, split_cols)
-    part = hidden.new_empty((4, splits, n), dtype=cdt) if splits > 1 else logp
+    part = (hidden.new_empty((7 if extras else 4, splits, n), dtype=cdt) if splits > 1
+            else logp)
     hi, lo = split(1.0 / temperature)
-    flags = dict(WITH_ENTROPY=bool(with_entropy), IS_FP64=cdt == torch.float64,
-                 CDT=tl_compute_dtype(cdt))
+    mode, fm = _map_args(logit_scale, softcap)
+    flags = dict(WITH_ENTROPY=bool(with_entropy), EXTRAS=bool(extras),
+                 IS_FP64=cdt == torch.float64, CDT=tl_compute_dtype(cdt))
     with device_guard(h):
         _fwd_kernel[(triton.cdiv(n, bn), splits)](
-            h, _rstride(h), w, _rstride(w), w if b is None else b, tok, logp, ent, stats, part,
-            n, vocab, dim, split_cols, hi, lo, int(ignore_index),
-            HAS_BIAS=b is not None, UPCAST=not h.is_cuda, SPLIT=splits > 1,
+            h, _rstride(h), w, _rstride(w), w if b is None else b, tok, logp, ent, stats,
+            stats if extra is None else extra, part, n, vocab, dim, split_cols, hi, lo,
+            int(ignore_index), *fm,
+            HAS_BIAS=b is not None, MAP=mode, UPCAST=not h.is_cuda, SPLIT=splits > 1,
             BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, num_warps=warps, **flags)
         if splits > 1:
             block = 256 if h.is_cuda else 16
             _fwd_merge_kernel[(triton.cdiv(n, block),)](
-                part, tok, logp, ent, stats, n, splits, int(ignore_index), BLOCK=block,
-                num_warps=4, **flags)
-    return logp, ent, stats
+                part, tok, logp, ent, stats, stats if extra is None else extra, n, vocab,
+                splits, int(ignore_index),
+                BLOCK=block, num_warps=4, **flags)
+    return logp, ent, stats, extra
+
+
+def linear_token_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                                  tokens: Tensor, temperature: float, ignore_index: int,
+                                  with_entropy: bool, *, blocks: Optional[Tuple] = None,
+                                  split_cols: Optional[int] = None
+                                  ) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(logp [N], entropy [N], stats [N, 3])`` of ``(hidden @ weight^T + bias) / T``, like
+    the reference (fp32; fp64 for fp64 inputs): :func:`linear_token_stats_forward` without a
+    map or the extra statistics."""
+    return _forward(hidden, weight, bias, tokens, temperature, ignore_index, with_entropy, 1.0,
+                    None, False, blocks, split_cols)[:3]
 
 
 def _dz_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -524,10 +636,12 @@ def linear_token_logprobs_backward(grad_logp: Optional[Tensor], grad_entropy: Op
                                    hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                                    tokens: Tensor, stats: Tensor, temperature: float,
                                    ignore_index: int, *, blocks: Optional[Tuple] = None,
-                                   dz_bytes: int = _DZ_BYTES, gemms: Optional[str] = None
+                                   dz_bytes: int = _DZ_BYTES, gemms: Optional[str] = None,
+                                   logit_scale: float = 1.0, softcap: Optional[float] = None
                                    ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """``(d hidden, d weight, d bias or None)``, each in the dtype of its input, accumulated in
-    fp32 (fp64 for fp64) without atomics.
+    fp32 (fp64 for fp64) without atomics. ``logit_scale`` / ``softcap``: the pre-softmax map
+    of :func:`_head_map` (``d y = d z f'(y)``, formed in :func:`_dz_kernel`).
 
     Per vocabulary slice of ``span`` columns (a multiple of every K block, sized so that the
     slice of ``d z`` takes at most ``dz_bytes``): :func:`_dz_kernel` writes ``d z [N, span]``
@@ -558,6 +672,7 @@ def linear_token_logprobs_backward(grad_logp: Optional[Tensor], grad_entropy: Op
         bn, bv, bh = blocks
     gb = _gemm_blocks(hidden)
     hi, lo = split(1.0 / temperature)
+    mode, fm = _map_args(logit_scale, softcap)
     dzt = _dz_dtype(hidden.dtype)
     # slices split K of the d hidden GEMM at multiples of its BLOCK_K: same bits for any span
     step = max(bv, gb[2])
@@ -585,7 +700,7 @@ def linear_token_logprobs_backward(grad_logp: Optional[Tensor], grad_entropy: Op
                 glp, gh, h, _rstride(h), w, _rstride(w), w if b is None else b, tok,
                 stats, stats.stride(0), stats.stride(1), dz, span,
                 dz if dbp is None else dbp, span, n, dim, v0, cnt, hi, lo, int(ignore_index),
-                **meta)
+                *fm, MAP=mode, **meta)
             if dim > 0:
                 dh_out = grad_h if i == n_slices - 1 else dh_acc
                 args = (dz, cnt, w[v0:v0 + cnt], h, tok, ignore_index,
@@ -597,6 +712,18 @@ def linear_token_logprobs_backward(grad_logp: Optional[Tensor], grad_entropy: Op
             if grad_b is not None:
                 torch.sum(dbp[:, :cnt], 0, out=grad_b[v0:v0 + cnt])
     return (grad_h, grad_w, None if grad_b is None else grad_b.to(bias.dtype))
+
+
+def linear_token_stats_backward(grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor],
+                                hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                                tokens: Tensor, stats: Tensor, temperature: float,
+                                ignore_index: int, logit_scale: float, softcap: Optional[float],
+                                **kw) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """The backward of :func:`linear_token_stats_forward`:
+    :func:`linear_token_logprobs_backward` through the map (``kw``: its test options)."""
+    return linear_token_logprobs_backward(grad_logp, grad_entropy, hidden, weight, bias, tokens,
+                                          stats, temperature, ignore_index,
+                                          logit_scale=logit_scale, softcap=softcap, **kw)
 
 
 # =========================================================================== linear_grpo_loss

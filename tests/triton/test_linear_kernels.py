@@ -215,8 +215,8 @@ def test_merge_kernel_propagates_nan_per_row():
                         torch.empty(n, 3, dtype=F64))
     args = [x.to(DEV) for x in (part, tok, logp, ent, stats)]
     with tk.device_guard(args[0]):
-        tk._fwd_merge_kernel[(1,)](*args, n, splits, -100, WITH_ENTROPY=True, IS_FP64=True,
-                                   CDT=tk.tl.float64, BLOCK=8)
+        tk._fwd_merge_kernel[(1,)](*args, args[4], n, v, splits, -100, WITH_ENTROPY=True,
+                                   EXTRAS=False, IS_FP64=True, CDT=tk.tl.float64, BLOCK=8)
     logp, ent = args[2].cpu(), args[3].cpu()
     lsm = torch.log_softmax(z, 1)
     p = lsm.exp()
