@@ -446,3 +446,106 @@ def test_unknown_backward_gemms_named_in_error():
     g_lp, _ = upstream(n)
     with pytest.raises(ValueError, match=r"gemms: expected 'triton' or 'cublas', got 'cutlass'"):
         run_bwd(g_lp, None, h, w, b, tok, out[2], torch.float32, gemms="cutlass")
+
+
+# ============================================== pre-softmax map + extra statistics (the TRL head)
+
+def check_extras(extra, extra_ref, z_ref, live, dtype):
+    """``extra = (log sum p^2, mean z, is_top1)`` against the reference; ``is_top1`` only on
+    rows whose top two logits differ by more than the compute dtype's rounding (a closer pair
+    is a tie in fp32, and ties go to the first column)."""
+    tol = 1e-12 if dtype == F64 else 1e-5
+    x = extra.cpu().double()
+    torch.testing.assert_close(x[:, :2], extra_ref[:, :2], atol=tol, rtol=tol)
+    top2 = z_ref.topk(2, 1).values
+    clear = live & (top2[:, 0] - top2[:, 1] > 1e-4 * top2[:, 0].abs().clamp(min=1))
+    assert torch.equal(x[clear, 2], extra_ref[clear, 2])
+    assert set(x[:, 2].tolist()) <= {0.0, 1.0}
+    assert (x[~live] == 0).all()
+
+
+MAP_CASES = [
+    # (shape, dtype, logit_scale, softcap, split_cols)
+    ("13x37", torch.float32, 1.0, None, None),  # extras only
+    ("13x37", F64, 0.7, 2.5, None),  # Gemma-like soft cap, fp64 exactness of the map
+    ("40x300", torch.float32, 1.3, 3.0, None),  # 5 vocabulary tiles
+    ("40x300", torch.float32, 0.5, None, 64),  # scale only, 5 splits merged
+    ("40x300", F64, 1.3, 3.0, 64),
+]
+
+
+@pytest.mark.parametrize("shape,dtype,scale,softcap,split_cols", MAP_CASES,
+                         ids=lambda x: str(x).replace("torch.", ""))
+def test_stats_map_and_extras_match_reference(shape, dtype, scale, softcap, split_cols):
+    """``linear_token_stats_forward`` / ``_backward`` with a pre-softmax map and the extra
+    statistics against the fp64 reference: values (``log sum p^2``, mean logit, arg-max hit)
+    with and without vocabulary splits, and gradients chained through the map."""
+    n, dim, v, blocks = SHAPES[shape]
+    h, w, b, tok = make(n, dim, v, seed=3, dtype=dtype)
+    z_ref = ref._head_map(h @ w.T + b, scale, softcap)[0] / 0.7
+    tok[5:8] = z_ref[5:8].argmax(1)  # rows whose token is the top-1
+    live = tok != -100
+    out = tk.linear_token_stats_forward(h.to(DEV, dtype), w.to(DEV, dtype), b.to(DEV, dtype),
+                                        tok.to(DEV), 0.7, -100, True, scale, softcap, True,
+                                        blocks=blocks, split_cols=split_cols)
+    out_ref = ref.linear_token_stats_forward(h, w, b, tok, 0.7, -100, True, scale, softcap,
+                                             True)
+    close_values(out, out_ref, live, dtype)
+    check_extras(out[3], out_ref[3], z_ref, live, dtype)
+    assert (out_ref[3][5:8, 2] == 1).all()
+    g_lp, g_h = upstream(n, 3)
+    grads = tk.linear_token_stats_backward(
+        g_lp.to(DEV, out[0].dtype), g_h.to(DEV, out[0].dtype), h.to(DEV, dtype),
+        w.to(DEV, dtype), b.to(DEV, dtype), tok.to(DEV), out[2], 0.7, -100, scale, softcap,
+        blocks=blocks)
+    grads_ref = ref.linear_token_stats_backward(g_lp, g_h, h, w, b, tok, out_ref[2], 0.7, -100,
+                                                scale, softcap)
+    for g, g_r in zip(grads, grads_ref):
+        if dtype == F64:
+            torch.testing.assert_close(g.cpu(), g_r, atol=1e-12, rtol=1e-10)
+        else:
+            grad_bound(g, g_r, dim)
+
+
+@pytest.mark.parametrize("split_cols", [None, 64])
+def test_is_top1_ties_go_to_the_first_column(split_cols):
+    """Weight row 200 duplicates row 10 (different vocabulary tiles, and splits when 64 wide):
+    a row peaked on them has its arg-max at 10, so token 10 is a top-1 hit and token 200 is
+    not; likewise the -inf split (64-127 when 64 wide) must not own the row."""
+    n, dim, v, blocks = SHAPES["40x300"]
+    h, w, b, tok = make(n, dim, v, seed=5, designed=False)
+    b[64:128] = float("-inf")
+    w[200], b[200] = w[10], b[10]
+    h[0] = h[3] = 3.0 * w[10]
+    tok[0], tok[3] = 10, 200
+    extra = tk.linear_token_stats_forward(h.to(DEV, torch.float32), w.to(DEV, torch.float32),
+                                          b.to(DEV, torch.float32), tok.to(DEV), 1.0, -100,
+                                          False, 1.0, None, True, blocks=blocks,
+                                          split_cols=split_cols)[3].cpu()
+    extra_ref = ref.linear_token_stats_forward(h, w, b, tok, 1.0, -100, False, 1.0, None,
+                                               True)[3]
+    assert extra[0, 2] == 1.0 and extra[3, 2] == 0.0
+    assert extra_ref[0, 2] == 1.0 and extra_ref[3, 2] == 0.0
+    assert (extra[tok != -100, 1] == float("-inf")).all()  # the mean of a row with -inf
+
+
+def test_default_path_has_no_map_or_extras():
+    """The public forward compiles the kernels without the map and the extra statistics
+    (``MAP=0``, ``EXTRAS=False``), so the default path does no extra work."""
+    seen = []
+    orig = tk._fwd_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*a, **kw):
+                seen.append((kw["MAP"], kw["EXTRAS"]))
+                return orig[grid](*a, **kw)
+            return launch
+    n, dim, v, blocks = SHAPES["13x37"]
+    h, w, b, tok = make(n, dim, v)
+    tk._fwd_kernel = Spy()
+    try:
+        run_fwd(h, w, b, tok, torch.float32, 1.0, True, blocks)
+    finally:
+        tk._fwd_kernel = orig
+    assert seen == [(0, False)]
