@@ -12,6 +12,9 @@ Environment knobs:
   CMAKE_GENERATOR            CMake generator (default: Ninja when found, else Unix Makefiles).
   CUDA_HOME / CUDA_PATH      where to look for bin/nvcc when it is not on PATH.
 A build failure with nvcc present fails the install (set RLKERNELS_BUILD_CUDA=0 to skip _C).
+
+pip hides a build's output unless it fails or runs with -v; compiling _C takes about 2 minutes,
+so the build also writes a one-line notice straight to the terminal when there is one.
 """
 
 from __future__ import annotations
@@ -34,6 +37,19 @@ DEFAULT_ARCHS = "80;90a"
 def _log(msg: str) -> None:
     # stderr, flushed: pip shows it with `pip install -v`, and always when the build fails.
     print(f"rlkernels setup: {msg}", file=sys.stderr, flush=True)
+
+
+BUILD_NOTICE = ("rlkernels: compiling the CUDA extension rlkernels._C with nvcc, about 2 minutes "
+                "(pip shows the compiler output with -v; RLKERNELS_BUILD_CUDA=0 skips it)")
+
+
+def _notice(msg: str, tty: str = "/dev/tty") -> None:
+    """``msg`` on the terminal itself, which pip does not capture; on stderr without one."""
+    try:
+        with open(tty, "w") as f:
+            f.write(f"\n{msg}\n")
+    except OSError:  # no controlling terminal (CI, Windows)
+        _log(msg)
 
 
 def find_nvcc() -> str | None:
@@ -84,6 +100,7 @@ class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
         if not isinstance(ext, CMakeExtension):
             return super().build_extension(ext)
+        _notice(BUILD_NOTICE)
         try:
             self._build_cmake(ext)
         except Exception as exc:
@@ -185,7 +202,8 @@ def _extensions() -> list[Extension]:
     return [CMakeExtension("rlkernels._C", nvcc)]
 
 
-setup(
-    ext_modules=_extensions(),
-    cmdclass={"build_ext": CMakeBuild},
-)
+if __name__ == "__main__":  # pip's build backend runs this file as __main__
+    setup(
+        ext_modules=_extensions(),
+        cmdclass={"build_ext": CMakeBuild},
+    )
