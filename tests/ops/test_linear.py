@@ -345,6 +345,98 @@ def test_linear_batch_invariance_bitwise(backend):
     assert torch.equal(alone, together)
 
 
+# ===================================== _linear_token_stats (private: TRL's fused lm_head)
+
+from rlkernels.ops.linear import _linear_token_stats  # noqa: E402
+
+
+def naive_stats(h, w, b, tok, temperature, scale, softcap):
+    """The five outputs on explicitly formed fp64 logits ``z = f(h W^T + b) / T``."""
+    y = scale * (h @ w.T + b)
+    z = (softcap * torch.tanh(y / softcap) if softcap is not None else y) / temperature
+    lsm = torch.log_softmax(z, -1)
+    valid = tok != -100
+    safe = torch.where(valid, tok, 0)
+    lp = torch.where(valid, lsm.gather(-1, safe[..., None])[..., 0], 0.0)
+    ent = torch.where(valid, -(lsm.exp() * lsm).sum(-1), 0.0)
+    lss = torch.where(valid, torch.logsumexp(2 * lsm, -1), 0.0)
+    mean = torch.where(valid, z.mean(-1), 0.0)
+    top1 = valid & (z.argmax(-1) == tok)
+    return lp, ent, lss, mean, top1
+
+
+@pytest.mark.parametrize("scale,softcap", [(1.0, None), (0.6, None), (1.0, 2.0), (1.7, 1.5)])
+def test_linear_token_stats_matches_logits(backend, scale, softcap):
+    """The private op behind TRL's fused lm_head: every output, and the gradients of the
+    log-probs and entropy through the scale and soft cap, against the fp64 formulas on
+    explicit logits (Gemma-like caps that saturate some logits)."""
+    inp = make_inputs(21, scale=2.0)
+    inp["tokens"][1, 0:3] = (scale * (inp["hidden"][1, 0:3] @ inp["weight"].T
+                                      + inp["bias"])).argmax(-1)  # top-1 hits
+    h, w, b = leaves(inp, F64, True, DEV)
+    out = _linear_token_stats(h, w, inp["tokens"].to(DEV), bias=b, temperature=0.8,
+                              return_entropy=True, logit_scale=scale, softcap=softcap,
+                              extras=True, backend=backend)
+    hr, wr, br = leaves(inp, F64, True)
+    want = naive_stats(hr, wr, br, inp["tokens"], 0.8, scale, softcap)
+    for name, x, r in zip(("logp", "entropy", "log_sum_sq", "mean", "top1"), out, want):
+        assert x.shape == (B, T), name
+        if name == "top1":
+            assert x.dtype == torch.bool and torch.equal(x.cpu(), r), (x, r)
+        else:
+            assert x.dtype == F64, name
+            torch.testing.assert_close(x.detach().cpu(), r.detach(), atol=1e-10, rtol=1e-10,
+                                       msg=name)
+    assert out[4].sum() >= 3
+    assert not out[2].requires_grad and not out[3].requires_grad
+    g_lp, g_h = upstreams(21, (B, T))
+    got = grads_of((out[0], out[1]), (h, w, b), (g_lp.to(DEV), g_h.to(DEV)))
+    ref = grads_of((want[0], want[1]), (hr, wr, br), (g_lp, g_h))
+    for x, r in zip(got, ref):
+        torch.testing.assert_close(x, r, atol=1e-10, rtol=1e-10)
+
+
+def test_linear_token_stats_outputs_on_request(backend):
+    inp = on(DEV, make_inputs(22))
+    out = _linear_token_stats(inp["hidden"], inp["weight"], inp["tokens"], backend=backend)
+    assert out[0] is not None and all(x is None for x in out[1:])
+    torch.testing.assert_close(out[0], linear_token_logprobs(
+        inp["hidden"], inp["weight"], inp["tokens"], backend=backend))
+    out = _linear_token_stats(inp["hidden"], inp["weight"], inp["tokens"], extras=True,
+                              backend=backend)
+    assert out[1] is None and all(x is not None for x in out[2:])
+
+
+def test_linear_token_stats_gradcheck(backend):
+    inp = on(DEV, make_inputs(23, b=2, t=2, h=3, v=5, scale=3.0))
+
+    def f(h, w, b):
+        return _linear_token_stats(h, w, inp["tokens"], bias=b, temperature=0.8,
+                                   return_entropy=True, logit_scale=1.3, softcap=2.0,
+                                   backend=backend)[:2]
+
+    args = [inp[k].clone().requires_grad_(True) for k in ("hidden", "weight", "bias")]
+    assert torch.autograd.gradcheck(f, tuple(args))
+
+
+def test_linear_token_stats_errors():
+    inp = make_inputs(24)
+    args = (inp["hidden"], inp["weight"], inp["tokens"])
+    with pytest.raises(ValueError, match=r"softcap: expected None or a nonzero float \(the cap "
+                                         r"c of c \* tanh\(u / c\)\), got 0.0"):
+        _linear_token_stats(*args, softcap=0.0)
+    with pytest.raises(ValueError, match=r"softcap: expected a finite float, got inf"):
+        _linear_token_stats(*args, softcap=float("inf"))
+    with pytest.raises(ValueError, match=r"logit_scale: expected a finite float, got nan"):
+        _linear_token_stats(*args, logit_scale=float("nan"))
+    with pytest.raises(TypeError, match=r"logit_scale: expected a float, got str"):
+        _linear_token_stats(*args, logit_scale="2")
+    with pytest.raises(TypeError, match=r"extras: expected a bool, got str"):
+        _linear_token_stats(*args, extras="yes")
+    with pytest.raises(ValueError, match=r"hidden: expected a last dimension of 13"):
+        _linear_token_stats(inp["hidden"][..., :12], *args[1:])
+
+
 # ================================================================================ opcheck
 
 def test_linear_opcheck():
@@ -357,6 +449,9 @@ def test_linear_opcheck():
                           (h, w, b, tokens.reshape(-1), 0.8, -100, True, "torch"))
     torch.library.opcheck(torch.ops.rlkernels.linear_token_logprobs.default,
                           (h, w, None, tokens.reshape(-1), 1.0, -100, False, "torch"))
+    torch.library.opcheck(torch.ops.rlkernels.linear_token_stats.default,
+                          (h, w, b, tokens.reshape(-1), 0.8, -100, True, 1.3, 2.0, True,
+                           "torch"))
     from rlkernels._policy_options import PolicyOptions
     modes, nums = PolicyOptions.from_kwargs(entropy_coef=0.01).encode()
     torch.library.opcheck(torch.ops.rlkernels.linear_grpo_loss.default,
