@@ -3,6 +3,7 @@
 From ``verl.utils.torch_functional``: :func:`logprobs_from_logits`, :func:`entropy_from_logits`.
 From ``verl.trainer.ppo.core_algos``: :func:`kl_penalty`, :func:`agg_loss`,
 :func:`compute_policy_loss_vanilla` (and the older :func:`compute_policy_loss`),
+:func:`compute_policy_loss_cispo`, :func:`compute_gae_advantage_return`,
 :func:`compute_grpo_outcome_advantage`, :func:`compute_rloo_outcome_advantage`.
 :func:`patch` swaps verl's objects for these when verl is importable; :func:`unpatch` undoes it.
 
@@ -20,16 +21,37 @@ Where verl and rlkernels differ, the function bridges to verl's behaviour (each 
   to clamped elements). Outputs have the inputs' dtype (rlkernels returns fp32).
 * ``agg_loss``: plain torch (a reduction; nothing to fuse). Denominators as recent verl
   (non-empty sequences for the ``seq-mean-*`` modes); an all-masked batch gives 0 instead of
-  NaN, like every rlkernels aggregation. ``"seq-mean-token-sum-norm"`` is the token sum over
-  ``T`` (verl <= 0.8) unless :func:`patch` found verl >= 0.9 (mean over non-empty sequences,
-  then over ``T``). Checked against verl 0.9.1 in tests/integrations/test_verl_real.py.
+  NaN, like every rlkernels aggregation. Values at masked positions are selected away before
+  any sum in every mode (verl 0.9.1 does so for ``token-mean`` / ``token-sum`` only; its
+  ``seq-mean-*`` modes let a NaN at a masked position of a non-empty sequence through).
+  ``"seq-mean-token-sum-norm"`` depends on the verl version: the token sum over ``T`` for
+  verl <= 0.8, the mean over non-empty sequences of the token sums, over ``T``, for
+  verl >= 0.9. ``verl_version=`` chooses explicitly; by default :data:`VERL_VERSION`, the
+  installed verl's version read once at import from its package metadata (verl itself is not
+  imported), or the newest form when verl is not installed. :func:`patch` changes nothing
+  here, so results never depend on whether it ran. Checked against verl 0.9.1 in
+  tests/integrations/test_verl_real.py.
 * ``compute_policy_loss_vanilla``: :func:`rlkernels.policy_loss` with ``loss="ppo"``,
   ``dual_clip=clip_ratio_c``, ``log_ratio_clamp=20``; verl's metrics are rlkernels'
   ``clipfrac`` (``pg_clipfrac``), ``approx_kl`` (``ppo_kl``) and ``dual_clipfrac``
   (``pg_clipfrac_lower``); ``config.global_batch_info`` is honoured. It returns verl <= 0.5's
   4-tuple; :func:`compute_policy_loss_vanilla_metrics` returns verl >= 0.6's
-  ``(loss, metrics dict)`` and is what :func:`patch` installs there. verl divides masked means by ``mask.sum() + 1e-8``; rlkernels by
-  ``mask.sum()`` (a relative difference below 1e-8).
+  ``(loss, metrics dict)`` and is what :func:`patch` installs there. verl divides masked
+  means by ``mask.sum() + 1e-8``; rlkernels by ``mask.sum()`` (a relative difference below
+  1e-8).
+* ``compute_policy_loss_cispo``: :func:`rlkernels.policy_loss` with ``loss="cispo"`` and
+  ``cispo_clip_low=True``: verl clamps the ratio to ``[1 - clip_ratio_low,
+  1 + clip_ratio_high]`` (rlkernels' default cispo, TRL's form, has no lower bound).
+  ``pg_clipfrac`` is the share of clamped ratios on either side (rlkernels' ``clipfrac``),
+  ``pg_clipfrac_lower`` is 0 as in verl.
+* ``compute_gae_advantage_return``: :func:`rlkernels.gae` (masked positions skipped), then
+  verl's values at masked positions: verl carries the running advantage through a masked
+  position (it equals the advantage of the next valid position, 0 after the last), where
+  :func:`rlkernels.gae` outputs 0; ``returns = advantages + values`` everywhere, then
+  :func:`rlkernels.masked_whiten` (eps 1e-8) of the advantages, as verl. verl raises when
+  fewer than two positions are valid; here the result stays finite
+  (:func:`rlkernels.masked_whiten`). Values at masked positions never reach a valid
+  position (verl's ``x * mask + ...`` lets a NaN value there through).
 * ``compute_grpo_outcome_advantage`` / ``compute_rloo_outcome_advantage``:
   :func:`rlkernels.group_advantages` with ``group_index`` (ids of any hashable type, e.g. a
   numpy array of strings, are mapped to ints). verl gives a singleton group mean 0 and std 1
@@ -49,9 +71,10 @@ from . import _ModulePatcher
 
 __all__ = ["logprobs_from_logits", "entropy_from_logits", "kl_penalty", "agg_loss",
            "compute_policy_loss", "compute_policy_loss_vanilla",
-           "compute_policy_loss_vanilla_metrics",
+           "compute_policy_loss_vanilla_metrics", "compute_policy_loss_cispo",
+           "compute_gae_advantage_return",
            "compute_grpo_outcome_advantage", "compute_rloo_outcome_advantage",
-           "patch", "unpatch", "is_patched"]
+           "VERL_VERSION", "patch", "unpatch", "is_patched"]
 
 _patcher = _ModulePatcher("verl")
 
@@ -108,22 +131,54 @@ def kl_penalty(logprob: torch.Tensor, ref_logprob: torch.Tensor, kl_penalty: str
     return forward.to(dtype)
 
 
-# verl >= 0.9 averages "seq-mean-token-sum-norm" over the non-empty sequences before dividing by
-# the scale factor; earlier verl divides the total token sum. patch() probes the installed verl and
-# sets this; without patch() the earlier formula is used.
-_NORM_SEQ_MEAN = False
+def _parse_version(version) -> Tuple[int, int]:
+    """``(major, minor)`` of a version string such as ``"0.9.1"`` or ``"0.10.0.dev0"``."""
+    parts = str(version).split(".")
+    try:
+        return int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or 0)
+    except (IndexError, ValueError):
+        raise ValueError(f"verl_version: expected a version string such as '0.9.1', "
+                         f"got {version!r}") from None
+
+
+def _installed_verl_version() -> Optional[str]:
+    import importlib.metadata
+    try:
+        return importlib.metadata.version("verl")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+# The installed verl's version, read once at import from its package metadata (verl is not
+# imported); None when verl is not installed. It selects the verl-version-dependent formulas
+# (agg_loss's "seq-mean-token-sum-norm") unless a call passes verl_version= explicitly.
+VERL_VERSION: Optional[str] = _installed_verl_version()
+
+
+def _norm_seq_mean(verl_version) -> bool:
+    """Whether "seq-mean-token-sum-norm" averages the token sums over the non-empty sequences
+    before dividing by the scale factor (verl >= 0.9) or divides the total token sum (verl <=
+    0.8). Without a version (verl not installed): the newest form."""
+    version = VERL_VERSION if verl_version is None else verl_version
+    return version is None or _parse_version(version) >= (0, 9)
 
 
 def agg_loss(loss_mat: torch.Tensor, loss_mask: torch.Tensor, loss_agg_mode: str,
              dp_size: int = 1, batch_num_tokens=None, global_batch_size=None,
-             loss_scale_factor=None) -> torch.Tensor:
+             loss_scale_factor=None, *, verl_version: Optional[str] = None) -> torch.Tensor:
     """verl's loss aggregation over ``[B, T]``: ``"token-mean"``, ``"token-sum"``,
     ``"seq-mean-token-sum"``, ``"seq-mean-token-mean"``, ``"seq-mean-token-sum-norm"`` (token
-    sum, averaged over non-empty sequences with verl >= 0.9 (see :func:`patch`), then divided by
+    sum, averaged over non-empty sequences with verl >= 0.9, then divided by
     ``loss_scale_factor`` or ``T``). ``batch_num_tokens`` / ``global_batch_size`` replace the
-    local token / sequence count, times ``dp_size``, as in verl (required when ``dp_size > 1``)."""
+    local token / sequence count, times ``dp_size``, as in verl (required when ``dp_size > 1``).
+
+    Values at masked positions (``loss_mask == 0``; NaN or inf included) never reach the
+    result, in every mode. ``verl_version`` (e.g. ``"0.8.5"``) picks the version-dependent
+    formula; ``None`` means :data:`VERL_VERSION` (the installed verl, else the newest form)."""
+    norm_seq_mean = _norm_seq_mean(verl_version)
     mask = loss_mask.to(loss_mat.dtype)
-    masked = loss_mat * mask
+    # a select, not a product: NaN * 0 is NaN
+    masked = torch.where(loss_mask != 0, loss_mat * mask, torch.zeros_like(loss_mat))
 
     def div(num, den):
         den = torch.as_tensor(den, dtype=num.dtype, device=num.device)
@@ -140,7 +195,7 @@ def agg_loss(loss_mat: torch.Tensor, loss_mask: torch.Tensor, loss_agg_mode: str
     if loss_agg_mode == "token-sum":
         return masked.sum() * dp_size
     norm = loss_agg_mode == "seq-mean-token-sum-norm"
-    if norm and not _NORM_SEQ_MEAN:
+    if norm and not norm_seq_mean:
         den = loss_mask.shape[-1] if loss_scale_factor is None else loss_scale_factor
         return masked.sum() / den
     if norm or loss_agg_mode in ("seq-mean-token-sum", "seq-mean-token-mean"):
@@ -177,7 +232,7 @@ def _agg_spec(mode, mask, dp_size=1, batch_num_tokens=None, global_batch_size=No
         raise ValueError(f"Invalid loss_agg_mode: {mode}")
     if dp_size == 1 and batch_num_tokens is None and global_batch_size is None \
             and loss_scale_factor is None and mode != "token-sum" \
-            and not (mode == "seq-mean-token-sum-norm" and _NORM_SEQ_MEAN):
+            and not (mode == "seq-mean-token-sum-norm" and _norm_seq_mean(None)):
         return mode, None
     if mode == "token-mean":
         if batch_num_tokens is None and dp_size > 1:
@@ -187,7 +242,7 @@ def _agg_spec(mode, mask, dp_size=1, batch_num_tokens=None, global_batch_size=No
     if mode == "token-sum":
         return "token-mean", 1.0 / dp_size
     factor = mask.shape[-1] if loss_scale_factor is None else loss_scale_factor
-    if mode == "seq-mean-token-sum-norm" and not _NORM_SEQ_MEAN:
+    if mode == "seq-mean-token-sum-norm" and not _norm_seq_mean(None):
         return mode, factor
     if global_batch_size is None and dp_size > 1:
         raise ValueError("global_batch_size is required when dp_size > 1")
@@ -267,6 +322,70 @@ def compute_policy_loss(old_log_prob, log_prob, advantages, response_mask, clipr
                 clip_ratio_c)
 
 
+def compute_policy_loss_cispo(old_log_prob: torch.Tensor, log_prob: torch.Tensor,
+                              advantages: torch.Tensor, response_mask: torch.Tensor,
+                              loss_agg_mode: str = "token-mean", config: Any = None,
+                              rollout_is_weights: Optional[torch.Tensor] = None
+                              ) -> Tuple[torch.Tensor, dict]:
+    """verl's CISPO loss (its policy-loss registry's ``"cispo"``): with ``r = exp(clamp(logp -
+    old_logp, -20, 20))``, ``-sg(clip(r, 1 - clip_ratio_low, 1 + clip_ratio_high)) A logp``
+    per token, times ``rollout_is_weights``, aggregated by :func:`agg_loss`. Clip settings come
+    from ``config`` (verl's actor config: ``clip_ratio``, ``clip_ratio_low``,
+    ``clip_ratio_high``, ``global_batch_info``); a missing low/high side means ``clip_ratio``.
+    Returns ``(pg_loss, {"actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"})``
+    (floats; ``pg_clipfrac`` counts ratios clamped on either side, ``pg_clipfrac_lower`` is 0
+    as in verl). This is :func:`rlkernels.policy_loss` with ``loss="cispo",
+    cispo_clip_low=True`` (rlkernels' default cispo has no lower clamp)."""
+    if config is None:
+        raise ValueError("config: expected verl's actor config (clip_ratio, clip_ratio_low, "
+                         "clip_ratio_high), got None")
+    clip_ratio = _cfg(config, "clip_ratio", 0.2)
+    low = _cfg(config, "clip_ratio_low", None)
+    high = _cfg(config, "clip_ratio_high", None)
+    low = clip_ratio if low is None else low
+    high = clip_ratio if high is None else high
+    batch_info = _cfg(config, "global_batch_info", None)
+    agg, normalizer = _agg_spec(loss_agg_mode, response_mask, **dict(batch_info or {}))
+    loss, m = rlkernels.policy_loss(
+        log_prob, old_log_prob, advantages, response_mask, loss="cispo", clip_low=low,
+        clip_high=high, cispo_clip_low=low <= 1.0,  # a floor below 0 clamps nothing (r >= 0)
+        agg=agg, normalizer=normalizer, log_ratio_clamp=20.0, is_weights=rollout_is_weights)
+    return loss, {"actor/pg_clipfrac": m["clipfrac"].detach().item(),
+                  "actor/ppo_kl": m["approx_kl"].detach().item(),
+                  "actor/pg_clipfrac_lower": 0.0}
+
+
+def _at_next_valid(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``x`` at the first valid position at or after each position of its row (0 after the
+    last): the value a reverse scan carries through masked positions. No host sync."""
+    b, t = x.shape
+    pos = torch.arange(t, device=x.device).expand(b, t)
+    nxt = torch.where(valid, pos, t).flip(-1).cummin(-1).values.flip(-1)
+    return torch.cat([x, x.new_zeros(b, 1)], -1).gather(-1, nxt)
+
+
+def compute_gae_advantage_return(token_level_rewards: torch.Tensor, values: torch.Tensor,
+                                 response_mask: torch.Tensor, gamma, lam
+                                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """verl's GAE (its advantage registry's ``"gae"``): ``(advantages, returns)`` ``[B, T]``.
+
+    A reverse scan with masked positions (``response_mask == 0``, e.g. observation tokens)
+    skipped, as :func:`rlkernels.gae`; at a masked position verl's scan output is the running
+    value it carries, i.e. the advantage of the next valid position (0 after the last one),
+    and so it is here. ``returns = advantages + values`` at every position, then the
+    advantages are whitened over the valid positions (``masked_whiten``, eps 1e-8), every
+    position transformed, as verl. Values at masked positions never reach a valid position.
+    Computed in fp32 (fp64 for fp64 inputs), returned in the inputs' dtype."""
+    with torch.no_grad():
+        dtype = torch.result_type(token_level_rewards, values)
+        adv, _ = rlkernels.gae(token_level_rewards, values, response_mask, gamma=float(gamma),
+                               lam=float(lam))
+        adv = _at_next_valid(adv, response_mask != 0)
+        returns = adv + values.to(adv.dtype)
+        adv = rlkernels.masked_whiten(adv, response_mask, eps=1e-8)
+    return adv.to(dtype), returns.to(dtype)
+
+
 def _group_ids(index, device):
     if isinstance(index, torch.Tensor):
         ids = index.reshape(-1).to(torch.int64)
@@ -318,7 +437,8 @@ def compute_rloo_outcome_advantage(token_level_rewards: torch.Tensor,
 _TARGETS = {
     "verl.utils.torch_functional": ("logprobs_from_logits", "entropy_from_logits"),
     "verl.trainer.ppo.core_algos": ("kl_penalty", "agg_loss", "compute_policy_loss",
-                                    "compute_policy_loss_vanilla",
+                                    "compute_policy_loss_vanilla", "compute_policy_loss_cispo",
+                                    "compute_gae_advantage_return",
                                     "compute_grpo_outcome_advantage",
                                     "compute_rloo_outcome_advantage"),
 }
@@ -340,23 +460,12 @@ def _returns_metrics_dict(fn) -> bool:
     return "dict" in str(ann).lower()
 
 
-def _norm_seq_mean(verl_agg_loss) -> bool:
-    """Whether verl's "seq-mean-token-sum-norm" averages over sequences (verl >= 0.9)."""
-    try:
-        v = verl_agg_loss(torch.ones(2, 1), torch.ones(2, 1), "seq-mean-token-sum-norm")
-        return abs(float(v) - 1.0) < 1e-6  # earlier verl: 2
-    except Exception:
-        return False
-
-
 def patch() -> None:
     """Replace verl's functions (module attributes in every imported ``verl.*`` module and the
     entries of its policy-loss / advantage registries) with these. Raises ``ImportError`` when
-    verl is not importable. Idempotent. Follows the installed verl where versions differ: the
-    vanilla loss returns verl's metrics dict when verl's does
-    (:func:`compute_policy_loss_vanilla_metrics`), and ``"seq-mean-token-sum-norm"`` averages
-    over sequences when verl's does (verl >= 0.9)."""
-    global _NORM_SEQ_MEAN
+    verl is not importable. Idempotent. The vanilla loss returns verl's metrics dict when
+    verl's does (:func:`compute_policy_loss_vanilla_metrics`). Numerical results do not depend
+    on whether ``patch()`` ran: the version-dependent formulas follow :data:`VERL_VERSION`."""
     import importlib
     if _patcher.active:
         return
@@ -370,17 +479,13 @@ def patch() -> None:
                 repl = here[name]
                 if name == "compute_policy_loss_vanilla" and _returns_metrics_dict(orig):
                     repl = compute_policy_loss_vanilla_metrics
-                if name == "agg_loss":
-                    _NORM_SEQ_MEAN = _norm_seq_mean(orig)
                 pairs[name] = (orig, repl)
     _patcher.patch(pairs, _registries)
 
 
 def unpatch() -> None:
     """Restore verl's original functions exactly. A no-op when not patched."""
-    global _NORM_SEQ_MEAN
     _patcher.unpatch(_registries)
-    _NORM_SEQ_MEAN = False
 
 
 def is_patched() -> bool:

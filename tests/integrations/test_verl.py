@@ -36,7 +36,10 @@ def naive_kl(lp, ref, name):
     return f
 
 
-def naive_agg(L, m, mode):
+def naive_agg(L, m, mode, norm_seq_mean=True):
+    """verl's agg_loss; "seq-mean-token-sum-norm": verl >= 0.9 (norm_seq_mean) averages the
+    token sums over the non-empty sequences, then divides by T; verl <= 0.8 divides the total
+    token sum by T."""
     if mode == "token-mean":
         return (L * m).sum() / m.sum()
     if mode == "seq-mean-token-sum":
@@ -48,6 +51,11 @@ def naive_agg(L, m, mode):
         s = (L * m).sum(-1) / (c + 1e-8)
         sm = (c > 0).float()
         return (s * sm).sum() / sm.sum()
+    assert mode == "seq-mean-token-sum-norm", mode
+    if norm_seq_mean:
+        s = (L * m).sum(-1)
+        sm = (m.sum(-1) > 0).float()
+        return (s * sm).sum() / sm.sum() / m.shape[-1]
     return (L * m).sum() / m.shape[-1]
 
 
@@ -63,7 +71,7 @@ def naive_ppo(old, lp, A, m, mode, cl, ch, c):
     c2 = torch.min(l3, c1)
     lower = _masked_mean(torch.gt(c1, l3).float() * (A < 0).float(), m)
     L = torch.where(A < 0, c2, c1)
-    return naive_agg(L, m, mode), clipfrac, ppo_kl, lower
+    return naive_agg(L, m, mode, rv._norm_seq_mean(None)), clipfrac, ppo_kl, lower
 
 
 def naive_grpo(rew, m, index, eps=1e-6, norm=True):
@@ -143,15 +151,153 @@ def test_kl_penalty_unknown():
 MODES = ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 
 
+@pytest.mark.parametrize("version", ["0.8.5", "0.9.1"])
 @pytest.mark.parametrize("mode", MODES)
-def test_agg_loss(mode):
+def test_agg_loss(mode, version):
     L = torch.randn(5, 7, dtype=torch.float64)
     m = (torch.rand(5, 7) > 0.4).double()
     m[2] = 0  # an empty sequence
-    torch.testing.assert_close(rv.agg_loss(L, m, mode), naive_agg(L, m, mode))
+    want = naive_agg(L, m, mode, norm_seq_mean=version >= "0.9")
+    torch.testing.assert_close(rv.agg_loss(L, m, mode, verl_version=version), want)
     assert rv.agg_loss(L, torch.zeros_like(m), mode) == 0  # all-masked: 0 (verl: NaN)
     with pytest.raises(ValueError):
         rv.agg_loss(L, m, "bogus")
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("mode", MODES + ["token-sum"])
+def test_agg_loss_masked_values_never_reach_the_result(mode, poison):
+    """Issue 16: NaN / inf at masked positions (of non-empty and of empty sequences) leave
+    every mode's result unchanged, for 0/1, bool and weight masks."""
+    g = torch.Generator().manual_seed(11)
+    L = torch.randn(5, 7, generator=g, dtype=torch.float64)
+    m = (torch.rand(5, 7, generator=g) > 0.4).double()
+    m[2] = 0
+    m[0, :2] = 0
+    for mask in (m, m.bool(), m * (0.5 + torch.rand(5, 7, generator=g, dtype=torch.float64))):
+        dirty = torch.where(mask != 0, L, torch.full_like(L, poison))
+        for kw in ({}, dict(dp_size=2, batch_num_tokens=40, global_batch_size=8)):
+            want = rv.agg_loss(L, mask, mode, **kw)
+            got = rv.agg_loss(dirty, mask, mode, **kw)
+            assert torch.isfinite(got) and torch.equal(got, want), (mode, got, want)
+
+
+def test_agg_loss_verl_version(monkeypatch):
+    """The version-dependent mode follows verl_version=, else VERL_VERSION (read once at
+    import from the installed verl's metadata; the newest form without verl)."""
+    L = torch.randn(4, 6, dtype=torch.float64)
+    m = torch.ones(4, 6, dtype=torch.float64)
+    m[1] = 0
+    old = rv.agg_loss(L, m, "seq-mean-token-sum-norm", verl_version="0.8.5")
+    new = rv.agg_loss(L, m, "seq-mean-token-sum-norm", verl_version="0.9.1")
+    torch.testing.assert_close(old, (L * m).sum() / 6)
+    torch.testing.assert_close(new, (L * m).sum() / 3 / 6)
+    torch.testing.assert_close(rv.agg_loss(L, m, "seq-mean-token-sum-norm",
+                                           verl_version="0.10.0.dev0"), new)
+    default = new if rv._norm_seq_mean(None) else old
+    torch.testing.assert_close(rv.agg_loss(L, m, "seq-mean-token-sum-norm"), default)
+    import importlib.metadata
+    try:
+        assert rv.VERL_VERSION == importlib.metadata.version("verl")
+    except importlib.metadata.PackageNotFoundError:
+        assert rv.VERL_VERSION is None
+    for installed, want in (("0.8.2", old), ("0.9.0", new), (None, new)):
+        monkeypatch.setattr(rv, "VERL_VERSION", installed)
+        torch.testing.assert_close(rv.agg_loss(L, m, "seq-mean-token-sum-norm"), want)
+    with pytest.raises(ValueError, match="verl_version: expected a version string"):
+        rv.agg_loss(L, m, "seq-mean-token-sum-norm", verl_version="latest")
+
+
+def naive_cispo(old, lp, A, m, mode, low, high):
+    """verl 0.9's compute_policy_loss_cispo: -sg(clip(r, 1 - low, 1 + high)) A logp."""
+    nk = torch.clamp(lp - old, -20, 20)
+    r = torch.exp(nk)
+    clipped = torch.clamp(r, 1 - low, 1 + high)
+    L = -clipped.detach() * A * lp
+    return (naive_agg(L, m, mode, rv._norm_seq_mean(None)),
+            _masked_mean((r != clipped).float(), m), _masked_mean(-nk, m))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("clips", [(0.2, 0.28), (None, 0.5), (1.5, 0.2)])
+def test_policy_loss_cispo(mode, clips):
+    """Issue 16: the bridge's cispo clamps the ratio below at 1 - clip_ratio_low, as verl."""
+    g = torch.Generator().manual_seed(12)
+    B, T = 5, 8
+    old = torch.randn(B, T, generator=g, dtype=torch.float64) * 0.5 - 2
+    lp = old + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.8
+    A = torch.randn(B, T, generator=g, dtype=torch.float64)
+    m = (torch.rand(B, T, generator=g) > 0.3).double()
+    m[3] = 0
+    low, high = clips
+    cfg = {"clip_ratio": 0.2, "clip_ratio_low": low, "clip_ratio_high": high}
+    x = lp.clone().requires_grad_(True)
+    y = lp.clone().requires_grad_(True)
+    loss, metrics = rv.compute_policy_loss_cispo(old, x, A, m, mode, cfg)
+    want, clipfrac, ppo_kl = naive_cispo(old, y, A, m, mode, 0.2 if low is None else low, high)
+    # verl's masked means divide by count + 1e-8: a relative difference up to 1e-8
+    torch.testing.assert_close(loss, want, atol=1e-9, rtol=1e-7)
+    assert metrics["actor/pg_clipfrac"] == pytest.approx(clipfrac.item(), rel=1e-6)
+    assert metrics["actor/ppo_kl"] == pytest.approx(ppo_kl.item(), rel=1e-6)
+    assert metrics["actor/pg_clipfrac_lower"] == 0.0
+    loss.backward()
+    want.backward()
+    torch.testing.assert_close(x.grad, y.grad, atol=1e-9, rtol=1e-7)
+    if low == 0.2:  # the lower clamp is active here: rlkernels' default (TRL's) cispo differs
+        trl, _ = rv.rlkernels.policy_loss(lp, old, A, m, loss="cispo", clip_high=high,
+                                          agg="token-mean")
+        assert mode != "token-mean" or abs(trl.item() - loss.item()) > 1e-3
+    with pytest.raises(ValueError, match="config: expected verl's actor config"):
+        rv.compute_policy_loss_cispo(old, lp, A, m, mode)
+
+
+def naive_gae(rew, values, m, gamma, lam):
+    """verl 0.9's compute_gae_advantage_return (a loop over T that carries nextvalues and
+    lastgaelam through masked positions), then verl's masked_whiten."""
+    nextvalues, lastgaelam, out = 0.0, 0.0, []
+    for t in reversed(range(rew.shape[-1])):
+        delta = rew[:, t] + gamma * nextvalues - values[:, t]
+        new = delta + gamma * lam * lastgaelam
+        nextvalues = values[:, t] * m[:, t] + (1 - m[:, t]) * nextvalues
+        lastgaelam = new * m[:, t] + (1 - m[:, t]) * lastgaelam
+        out.append(lastgaelam)
+    adv = torch.stack(out[::-1], dim=1)
+    returns = adv + values
+    mean = (adv * m).sum() / (m.sum() + 1e-8)
+    var = ((adv - mean) ** 2 * m).sum() / (m.sum() + 1e-8) * m.sum() / (m.sum() - 1)
+    return (adv - mean) * torch.rsqrt(var + 1e-8), returns
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 1.0), (0.99, 0.95), (0.5, 0.0)])
+def test_gae_advantage_return(gamma, lam):
+    """Issue 16: verl's GAE carries the running advantage through masked positions (rlkernels'
+    gae outputs 0 there); the bridge follows verl at every position."""
+    g = torch.Generator().manual_seed(13)
+    B, T = 4, 9
+    rew = torch.randn(B, T, generator=g, dtype=torch.float64)
+    values = torch.randn(B, T, generator=g, dtype=torch.float64)
+    m = (torch.rand(B, T, generator=g) > 0.35).double()
+    m[0, 3:6] = 0  # observation tokens between two turns
+    m[1, -3:] = 0  # padding at the end: 0 after the last valid position
+    m[2, 0] = 0
+    adv, ret = rv.compute_gae_advantage_return(rew, values, m, gamma, lam)
+    want_adv, want_ret = naive_gae(rew, values, m, gamma, lam)
+    assert adv.dtype == ret.dtype == torch.float64
+    # verl's masked_whiten divides by count + 1e-8: a relative difference up to 1e-8
+    torch.testing.assert_close(adv, want_adv, atol=1e-8, rtol=1e-7)
+    torch.testing.assert_close(ret, want_ret, atol=1e-12, rtol=1e-10)
+    raw, _ = rv.rlkernels.gae(rew, values, m, gamma=gamma, lam=lam)
+    assert (raw[m == 0] == 0).all() and (want_ret[m == 0] != values[m == 0]).any()
+    # values and rewards at masked positions never reach a valid position
+    dirty_v = torch.where(m != 0, values, float("nan"))
+    dirty_r = torch.where(m != 0, rew, float("inf"))
+    adv2, ret2 = rv.compute_gae_advantage_return(dirty_r, dirty_v, m, gamma, lam)
+    valid = m != 0
+    torch.testing.assert_close(adv2[valid], adv[valid], atol=0, rtol=0)
+    torch.testing.assert_close(ret2[valid], ret[valid], atol=0, rtol=0)
+    f32 = rv.compute_gae_advantage_return(rew.float(), values.float(), m.bool(), gamma, lam)
+    assert f32[0].dtype == torch.float32
+    torch.testing.assert_close(f32[0].double(), want_adv, atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -232,8 +378,10 @@ def test_patch_with_a_stand_in_verl(monkeypatch):
               "compute_rloo_outcome_advantage"):
         setattr(ca, n, (lambda *a, **k: None))
     ca.compute_policy_loss_vanilla = f_pl
-    ca.POLICY_LOSS_REGISTRY = {"vanilla": f_pl}
-    ca.ADV_ESTIMATOR_REGISTRY = {"grpo": ca.compute_grpo_outcome_advantage}
+    ca.compute_policy_loss_cispo = f_cispo = (lambda *a, **k: None)
+    ca.compute_gae_advantage_return = f_gae = (lambda *a, **k: None)
+    ca.POLICY_LOSS_REGISTRY = {"vanilla": f_pl, "cispo": f_cispo}
+    ca.ADV_ESTIMATOR_REGISTRY = {"grpo": ca.compute_grpo_outcome_advantage, "gae": f_gae}
     user = types.ModuleType("verl.workers.actor")
     user.logprobs_from_logits = f_lp
     mods = {"verl": types.ModuleType("verl"), "verl.utils": types.ModuleType("verl.utils"),
@@ -244,8 +392,15 @@ def test_patch_with_a_stand_in_verl(monkeypatch):
     for k, v in mods.items():
         monkeypatch.setitem(sys.modules, k, v)
     grpo = ca.compute_grpo_outcome_advantage
+    L = torch.randn(3, 4, dtype=torch.float64)
+    m = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.float64)
+    before = [rv.agg_loss(L, m, mode) for mode in MODES]
     rv.patch()
     try:
+        # issue 16: results never depend on whether patch() ran
+        assert all(torch.equal(rv.agg_loss(L, m, mode), b) for mode, b in zip(MODES, before))
+        assert ca.POLICY_LOSS_REGISTRY["cispo"] is rv.compute_policy_loss_cispo
+        assert ca.ADV_ESTIMATOR_REGISTRY["gae"] is rv.compute_gae_advantage_return
         assert tf.logprobs_from_logits is rv.logprobs_from_logits
         assert user.logprobs_from_logits is rv.logprobs_from_logits
         assert ca.POLICY_LOSS_REGISTRY["vanilla"] is rv.compute_policy_loss_vanilla
@@ -256,7 +411,9 @@ def test_patch_with_a_stand_in_verl(monkeypatch):
     assert tf.logprobs_from_logits is f_lp and user.logprobs_from_logits is f_lp
     assert ca.POLICY_LOSS_REGISTRY["vanilla"] is f_pl
     assert ca.ADV_ESTIMATOR_REGISTRY["grpo"] is grpo and ca.compute_grpo_outcome_advantage is grpo
+    assert ca.POLICY_LOSS_REGISTRY["cispo"] is f_cispo and ca.ADV_ESTIMATOR_REGISTRY["gae"] is f_gae
     assert not rv.is_patched()
+    assert all(torch.equal(rv.agg_loss(L, m, mode), b) for mode, b in zip(MODES, before))
 
 
 def test_patch_without_verl():

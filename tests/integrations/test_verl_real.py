@@ -18,16 +18,24 @@ from rlkernels.integrations import verl as rv  # noqa: E402
 V = {n: getattr(vtf, n) for n in ("logprobs_from_logits", "entropy_from_logits")}
 V.update({n: getattr(vca, n) for n in (
     "kl_penalty", "agg_loss", "compute_policy_loss", "compute_policy_loss_vanilla",
+    "compute_policy_loss_cispo", "compute_gae_advantage_return",
     "compute_grpo_outcome_advantage", "compute_rloo_outcome_advantage")})
-NORM_SEQ_MEAN = rv._norm_seq_mean(V["agg_loss"])  # verl >= 0.9
+
+
+def _verl_norm_seq_mean() -> bool:
+    """Whether the installed verl's "seq-mean-token-sum-norm" averages over sequences (>= 0.9),
+    probed from its behaviour: two sequences of one token of loss 1 give 1, earlier verl 2."""
+    v = V["agg_loss"](torch.ones(2, 1), torch.ones(2, 1), "seq-mean-token-sum-norm")
+    return abs(float(v) - 1.0) < 1e-6
+
+
+NORM_SEQ_MEAN = _verl_norm_seq_mean()
 MODES = ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",
          "seq-mean-token-sum-norm"]
 
 
 @pytest.fixture(autouse=True)
-def _follow_installed_verl(monkeypatch):
-    """The installed verl's "seq-mean-token-sum-norm" formula, as patch() would select it."""
-    monkeypatch.setattr(rv, "_NORM_SEQ_MEAN", NORM_SEQ_MEAN)
+def _unpatch():
     yield
     rv.unpatch()
 
@@ -143,15 +151,39 @@ def test_agg_loss_errors():
             rv.agg_loss(L, m, mode, dp_size=2)
 
 
-def test_norm_mode_probe():
-    """verl 0.9 averages seq-mean-token-sum-norm over sequences; patch() detects it."""
+def test_norm_mode_follows_the_installed_verl_with_or_without_patch():
+    """Issue 16: the version-dependent mode follows the installed verl's version, read at
+    import (VERL_VERSION), whether or not patch() ran; verl_version= overrides it."""
     L, m = _loss_and_mask()
+    assert rv._norm_seq_mean(None) == NORM_SEQ_MEAN
+    want = V["agg_loss"](L, m, "seq-mean-token-sum-norm")
+    before = rv.agg_loss(L, m, "seq-mean-token-sum-norm")
+    close(before, want)
     rv.patch()
-    assert rv._NORM_SEQ_MEAN == NORM_SEQ_MEAN
+    assert torch.equal(rv.agg_loss(L, m, "seq-mean-token-sum-norm"), before)
+    close(vca.agg_loss(L, m, "seq-mean-token-sum-norm"), want)
     rv.unpatch()
-    assert rv._NORM_SEQ_MEAN is False  # the unpatched default: verl <= 0.8's total sum / T
-    torch.testing.assert_close(rv.agg_loss(L, m, "seq-mean-token-sum-norm"),
+    assert torch.equal(rv.agg_loss(L, m, "seq-mean-token-sum-norm"), before)
+    torch.testing.assert_close(rv.agg_loss(L, m, "seq-mean-token-sum-norm", verl_version="0.8"),
                                (L * m).sum() / m.shape[-1])
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+@pytest.mark.parametrize("mode", MODES)
+def test_agg_loss_masked_values(mode, poison):
+    """Issue 16: NaN / inf at masked positions never reach the bridge's result. verl 0.9.1
+    selects them away in token-mean / token-sum (equal results); its seq-mean-* modes multiply
+    by the mask first and let them through (documented difference: the bridge stays finite,
+    equal to verl on the clean inputs)."""
+    L, m = _loss_and_mask()
+    dirty = torch.where(m != 0, L, torch.full_like(L, poison))
+    got = rv.agg_loss(dirty, m, mode)
+    close(got, V["agg_loss"](L, m, mode))
+    want = V["agg_loss"](dirty, m, mode)
+    if mode in ("token-mean", "token-sum"):
+        close(got, want)
+    else:
+        assert not torch.isfinite(want)
 
 
 # ---------------------------------------------------------------- vanilla PPO loss
@@ -241,6 +273,60 @@ def test_policy_loss_deprecated_signature(mode):
         close(g, w, atol=1e-6)
 
 
+# ---------------------------------------------------------------- cispo
+def _actor_cfg(low, high, info=None):
+    from verl.workers.config import ActorConfig
+    return ActorConfig(strategy="fsdp", clip_ratio=0.2, clip_ratio_low=low, clip_ratio_high=high,
+                       rollout_n=1, ppo_micro_batch_size_per_gpu=1,
+                       global_batch_info=info or {})
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("clips", [(0.2, 0.28), (0.5, 0.2), (1.2, 0.3)])
+@pytest.mark.parametrize("info", [None, dict(dp_size=2, batch_num_tokens=61, global_batch_size=11,
+                                              loss_scale_factor=12)])
+def test_policy_loss_cispo(mode, clips, info):
+    """Issue 16: verl's cispo clamps the ratio below at 1 - clip_ratio_low; the bridge too."""
+    old, lp, A, m = _ppo_inputs()
+    lp = lp.clone()
+    lp[2, :4] = old[2, :4] - 1.0  # ratio 0.37: below every lower bound but the last
+    cfg = _actor_cfg(*clips, info)
+    x, y = lp.clone().requires_grad_(True), lp.clone().requires_grad_(True)
+    got, got_m = rv.compute_policy_loss_cispo(old, x, A, m, mode, cfg)
+    want, want_m = V["compute_policy_loss_cispo"](old, y, A, m, mode, cfg)
+    close(got, want, atol=1e-6)
+    assert got_m == pytest.approx(want_m, rel=1e-5, abs=1e-7)
+    got.backward()
+    want.backward()
+    close(x.grad, y.grad, atol=1e-7)
+    w = torch.rand(lp.shape, generator=torch.Generator().manual_seed(7)) * 2
+    close(rv.compute_policy_loss_cispo(old, lp, A, m, mode, cfg, w)[0],
+          V["compute_policy_loss_cispo"](old, lp, A, m, mode, cfg, w)[0], atol=1e-6)
+
+
+# ---------------------------------------------------------------- GAE
+@pytest.mark.parametrize("gamma,lam", [(1.0, 1.0), (0.99, 0.95), (0.7, 0.0)])
+def test_gae_advantage_return(gamma, lam):
+    """Issue 16: verl carries the running advantage through masked positions (rlkernels' gae
+    gives 0 there); the bridge matches verl at every position, masked ones included."""
+    g = torch.Generator().manual_seed(8)
+    B, T = 6, 11
+    rew = torch.randn(B, T, generator=g)
+    values = torch.randn(B, T, generator=g)
+    m = (torch.rand(B, T, generator=g) > 0.3).float()
+    m[0, 3:7] = 0  # observation tokens between two turns
+    m[1, -4:] = 0  # padding
+    m[2, :2] = 0
+    got = rv.compute_gae_advantage_return(rew, values, m, gamma, lam)
+    want = V["compute_gae_advantage_return"](rew, values, m, gamma, lam)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype
+        close(a, b, atol=2e-6)
+    # verl takes gamma / lam as tensors too
+    close(rv.compute_gae_advantage_return(rew, values, m.bool(), torch.tensor(gamma),
+                                          torch.tensor(lam))[0], want[0], atol=2e-6)
+
+
 # ---------------------------------------------------------------- outcome advantages
 def _rewards(seed=6):
     g = torch.Generator().manual_seed(seed)
@@ -286,7 +372,8 @@ def test_patch_and_unpatch_real_verl():
     import sys
     fn_targets = {vtf: ("logprobs_from_logits", "entropy_from_logits"),
                   vca: ("kl_penalty", "agg_loss", "compute_policy_loss",
-                        "compute_policy_loss_vanilla", "compute_grpo_outcome_advantage",
+                        "compute_policy_loss_vanilla", "compute_policy_loss_cispo",
+                        "compute_gae_advantage_return", "compute_grpo_outcome_advantage",
                         "compute_rloo_outcome_advantage")}
     # every verl.* module attribute that is one of the originals, and the registries
     refs = [(mod, key, val) for name, mod in list(sys.modules.items())
@@ -310,6 +397,8 @@ def test_patch_and_unpatch_real_verl():
         for mod, key, val in refs:  # copies in other verl modules (e.g. the actor) as well
             assert getattr(mod, key) is not val, (mod.__name__, key)
         assert vca.POLICY_LOSS_REGISTRY["vanilla"] is rv.compute_policy_loss_vanilla_metrics
+        assert vca.POLICY_LOSS_REGISTRY["cispo"] is rv.compute_policy_loss_cispo
+        assert vca.ADV_ESTIMATOR_REGISTRY["gae"] is rv.compute_gae_advantage_return
         assert vca.ADV_ESTIMATOR_REGISTRY["grpo"] is rv.compute_grpo_outcome_advantage
         assert vca.ADV_ESTIMATOR_REGISTRY["rloo"] is rv.compute_rloo_outcome_advantage
         # verl's own lookups return the replacements and work in verl's calling convention
@@ -324,7 +413,7 @@ def test_patch_and_unpatch_real_verl():
         assert vca.get_adv_estimator_fn("grpo") is rv.compute_grpo_outcome_advantage
         # unaffected entries stay verl's
         for k in pl:
-            if k != "vanilla":
+            if k not in ("vanilla", "cispo"):
                 assert vca.POLICY_LOSS_REGISTRY[k] is pl[k]
         rv.patch()  # idempotent
     finally:
