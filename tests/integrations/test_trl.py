@@ -57,7 +57,8 @@ def test_out_of_range_ids_raise_like_trl(patched, bad, topk):
     idx[1, 2] = bad
     with pytest.raises(RuntimeError):
         patched["selective_log_softmax"](logits, idx)
-    msg = rf"index: expected ids in \[0, 41\) .*got {bad} \({4 if topk else 1} id\(s\) out of range\)"
+    n_bad = 4 if topk else 1
+    msg = rf"index: expected ids in \[0, 41\) .*got {bad} \({n_bad} id\(s\) out of range\)"
     with pytest.raises(ValueError, match=msg):
         tu.selective_log_softmax(logits, idx)
     with pytest.raises(ValueError, match=msg):
@@ -94,15 +95,15 @@ def test_fused_lm_head_matches(patched):
 
 
 def _head_inputs(bias):
-    # V=29 (odd, one column past a power of two less one); rows 0-1 peaked (one hidden row
-    # aligned with a weight row, scaled up); weight row 11 duplicates row 4, so a row whose
-    # arg-max is column 4 ties at 11 (is_top1 counts the FIRST maximum only)
+    # V=29 (odd); rows 0-2 peaked (a hidden row aligned with a weight row, scaled up); weight
+    # row 11 duplicates row 4, so rows 0-1, whose arg-max is column 4, tie at 11 (is_top1
+    # counts the FIRST maximum only)
     torch.manual_seed(0)
     h = torch.randn(9, 16)
     w = torch.randn(29, 16)
-    w[11] = w[4]
-    h[0] = 6 * w[4]
-    h[1] = 6 * w[4]
+    # small integers: h[0] . w[4] is exact in any GEMM, so columns 4 and 11 tie exactly
+    w[4] = w[11] = torch.randint(-2, 3, (16,)).float()
+    h[0] = h[1] = 2 * w[4]
     h[2] = 8 * w[17]
     t = torch.randint(0, 29, (9,))
     t[0], t[1], t[2] = 4, 11, 17
@@ -146,6 +147,31 @@ def test_fused_lm_head_every_output_and_option(patched, monkeypatch, softcap, sc
                              [x for x in ref if x is not None])
     for name, a, c in zip(("hidden", "weight", "bias"), gg, gw):
         torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("softcap,scale", [(None, 1.0), (2.5, 0.7)])
+def test_fused_lm_head_triton_backend(patched, softcap, scale):
+    # the same parity with rlkernels' Triton kernels (the interpreter on CPU)
+    import rlkernels
+    if rlkernels.available_backends()["triton"] != "ok":
+        pytest.skip("triton backend unavailable")
+    h, w, b, t = _head_inputs(True)
+    ins = [x.clone().requires_grad_() for x in (h, w, b)]
+    ref = [x.clone().requires_grad_() for x in (h, w, b)]
+    want = patched["_ChunkedLogProbFunction"].apply(*ref, t, 0.7, 8, softcap, scale)
+    rlkernels.set_backend("triton")
+    got = tu._ChunkedLogProbFunction.apply(*ins, t, 0.7, 8, softcap, scale)
+    assert got[4][0] and not got[4][1]
+    for name, g, x in zip(("log_probs",) + _ALL, got, want):
+        if name == "is_top1":
+            assert torch.equal(g, x), (g, x)
+        else:
+            torch.testing.assert_close(g, x, atol=1e-5, rtol=1e-5, msg=name)
+    g_lp, g_h = torch.randn(9), torch.randn(9)
+    gg = torch.autograd.grad((got[0] * g_lp).sum() + (got[1] * g_h).sum(), ins)
+    gw = torch.autograd.grad((want[0] * g_lp).sum() + (want[1] * g_h).sum(), ref)
+    for a, c in zip(gg, gw):
+        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("outputs", [("log_probs",), ("log_probs", "entropy"),

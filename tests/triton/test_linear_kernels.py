@@ -515,8 +515,10 @@ def test_is_top1_ties_go_to_the_first_column(split_cols):
     n, dim, v, blocks = SHAPES["40x300"]
     h, w, b, tok = make(n, dim, v, seed=5, designed=False)
     b[64:128] = float("-inf")
-    w[200], b[200] = w[10], b[10]
-    h[0] = h[3] = 3.0 * w[10]
+    # small integers: h[0] . w[10] is exact in any GEMM, so columns 10 and 200 tie exactly
+    w[10] = w[200] = torch.randint(-2, 3, (dim,), generator=torch.Generator().manual_seed(5))
+    b[10] = b[200] = 0.5
+    h[0] = h[3] = w[10]
     tok[0], tok[3] = 10, 200
     extra = tk.linear_token_stats_forward(h.to(DEV, torch.float32), w.to(DEV, torch.float32),
                                           b.to(DEV, torch.float32), tok.to(DEV), 1.0, -100,
