@@ -281,9 +281,12 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float = 1.0,
     so a masked position (``mask == 0``: padding, or tool/observation tokens between turns) is
     transparent: the scan carries its state across it and the next valid position bootstraps
     from the next *valid* value. ``advantages_t = lastgae`` and ``returns = advantages + values``;
-    both are then exactly 0 at masked positions. The mask is read as valid/invalid (non-zero is
-    valid), so NaN or garbage in masked positions never leaks into valid ones. No whitening:
-    call :func:`masked_whiten` on the advantages if you want it (verl does).
+    both are then exactly 0 at masked positions (verl's loop leaves its carried ``lastgae``
+    there, i.e. the advantage of the next valid position:
+    ``rlkernels.integrations.verl.compute_gae_advantage_return`` reproduces verl; see
+    docs/math.md). The mask is read as valid/invalid (non-zero is valid), so NaN or garbage in
+    masked positions never leaks into valid ones. No whitening: call :func:`masked_whiten` on
+    the advantages if you want it (verl does).
 
     Args:
         rewards: ``[B, T]`` float (token-level rewards, usually the score on the last valid
@@ -312,7 +315,8 @@ def discounted_returns(rewards: Tensor, mask: Tensor, *, gamma: float = 1.0,
     """Discounted return-to-go ``G_t = r_t + gamma * G_next`` with masked positions skipped.
 
     ``G_next`` is the return at the next valid position (0 after the last one); masked
-    positions (``mask == 0``) carry the return through unchanged and output exactly 0. Equals
+    positions (``mask == 0``) carry the return through unchanged and output exactly 0 (not the
+    carried value; docs/math.md says how to get it). Equals
     the returns of :func:`gae` with ``values = 0`` and ``lam = 1`` (REINFORCE / ReMax style
     returns).
 

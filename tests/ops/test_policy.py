@@ -711,6 +711,49 @@ def test_cispo_clip_low_is_verls_lower_clamp(backend):
     assert not torch.equal(verl[2][0][low], trl[2][0][low])
 
 
+def test_grpo_divisor_of_trl_and_liger_through_normalizer(backend):
+    """docs/math.md, issue 16: seq-mean-token-mean averages over the non-empty sequences
+    (verl); TRL's and Liger's "grpo" average over all B sequences (an empty one counts 0):
+    normalizer=B reproduces theirs."""
+    inp = make_inputs(seed=32, empty_row=True)
+    B = inp["logp"].shape[0]
+    lp, adv, m = inp["logp"].cpu(), inp["advantages"].cpu(), inp["mask"].cpu().double()
+    per_token = -adv[:, None] * lp  # reinforce: the per-token loss in closed form
+    trl = ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+    verl = ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)).sum() / (m.sum(-1) > 0).sum()
+    args = (inp["logp"], inp["old_logp"], inp["advantages"], inp["mask"])
+    ours, _ = policy_loss(*args, loss="reinforce", agg="seq-mean-token-mean", backend=backend)
+    theirs, _ = policy_loss(*args, loss="reinforce", agg="seq-mean-token-mean", normalizer=B,
+                            backend=backend)
+    torch.testing.assert_close(ours.cpu(), verl, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(theirs.cpu(), trl, atol=1e-12, rtol=1e-12)
+    assert abs(ours.item() - theirs.item()) > 1e-3
+
+
+@pytest.mark.parametrize("agg", AGGS)
+def test_entropy_bonus_is_aggregated_like_the_loss(backend, agg):
+    """docs/math.md, issue 16: the entropy term enters the per-token loss, so it is aggregated
+    with ``agg`` (verl's actor: ``pg_loss - coef * agg_loss(entropy)``); TRL subtracts
+    ``coef *`` the masked token mean of the entropy whatever its loss type. They agree for
+    token-mean; TRL's form is ``policy_loss(..., entropy_coef=0) - coef * token_mean(H)``."""
+    inp = make_inputs(seed=33, empty_row=True)
+    coef = 0.5
+    args = (inp["logp"], inp["old_logp"], inp["advantages"], inp["mask"])
+    base, _ = policy_loss(*args, agg=agg, backend=backend)
+    ent = inp["entropy"]
+    with_bonus, _ = policy_loss(*args, agg=agg, entropy=ent, entropy_coef=coef, backend=backend)
+    m = inp["mask"].double()
+    verl_bonus = naive.aggregate(ent.cpu(), m.cpu(), agg)
+    trl_bonus = (ent * m).sum() / m.sum().clamp(min=1.0)
+    torch.testing.assert_close((with_bonus - base).cpu(), -coef * verl_bonus, atol=1e-12,
+                               rtol=1e-10)
+    if agg == "token-mean":
+        torch.testing.assert_close((with_bonus - base).cpu(), -coef * trl_bonus.cpu(),
+                                   atol=1e-12, rtol=1e-10)
+    else:
+        assert abs(verl_bonus.item() - trl_bonus.item()) > 1e-3
+
+
 @pytest.mark.parametrize("clamp,match", [
     ((1.0, -1.0), r"clamp: expected lo <= hi, got \(1.0, -1.0\)"),
     ((0.0, 1.0, 2.0), r"clamp: expected None or a pair \(lo, hi\), got \(0.0, 1.0, 2.0\)"),
