@@ -224,7 +224,8 @@ def _add_train_parser(sub, common: argparse.ArgumentParser) -> None:
     from rlkernels.trainer.tasks import TASKS
 
     d = TrainConfig()
-    p = sub.add_parser("train", parents=[common], help="the reference GRPO trainer on a built-in tiny model/task",
+    p = sub.add_parser("train", parents=[common],
+                       help="the reference GRPO trainer on a built-in tiny model/task",
                        description="GRPO on a task with a verifiable reward, the RL math done "
                        "by rlkernels (--ops kernels), by plain PyTorch (--ops torch), or both "
                        "on the same rollouts (--ops compare, exit 1 if they disagree).")
@@ -289,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", parents=[common], help="versions, devices, backends and why any "
                    "is unavailable").set_defaults(func=_info)
-    p = sub.add_parser("verify", parents=[common], help="every op x every available backend vs the fp64 "
+    p = sub.add_parser("verify", parents=[common],
+                       help="every op x every available backend vs the fp64 "
                        "reference; per backend: checked or skipped with the reason; exit 1 "
                        "on any failure")
     p.add_argument("--backend", choices=("torch", "triton", "cuda"),
@@ -301,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "interpreter (quick shapes, in a subprocess with TRITON_INTERPRET=1; "
                    "about half a minute on 2 CPU cores)")
     p.set_defaults(func=_verify)
-    p = sub.add_parser("bench", parents=[common], help="benchmarks: median/p20/p80 ms, %% of the measured "
+    p = sub.add_parser("bench", parents=[common],
+                       help="benchmarks: median/p20/p80 ms, %% of the measured "
                        "roofline, peak memory, vs naive torch, torch.compile and peers; "
                        "CSV + markdown + PNG")
     from rlkernels._bench.cases import OPS as _BENCH_OPS

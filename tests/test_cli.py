@@ -207,3 +207,21 @@ def test_python_dash_m_entry_point():
     out = subprocess.run([sys.executable, "-m", "rlkernels", "info"], capture_output=True,
                          text=True, check=True).stdout
     assert "backends:" in out
+
+
+def test_verify_runs_gpu_backends_on_the_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert [_verify.device_for(b) for b in ("torch", "triton", "cuda")] == ["cpu", "cuda",
+                                                                             "cuda"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert {_verify.device_for(b) for b in ("torch", "triton", "cuda")} == {"cpu"}
+
+
+def test_verify_cases_put_every_tensor_on_the_device():
+    """The meta device stands in for a GPU: a case that left one input on CPU would raise
+    the ops' device-mismatch error, and outputs and gradients must land on the device."""
+    cases = {**_verify._vocab_cases(7, 8, "meta"), **_verify._other_cases(True, "meta")}
+    for name, case in cases.items():
+        for ref in (False, True):
+            outs, grads = _verify._run(case, torch.float32, "torch", ref)
+            assert {t.device.type for t in outs + list(grads)} == {"meta"}, (name, ref)

@@ -40,7 +40,8 @@ def test_building_the_extension_starts_with_the_notice(setup_py, monkeypatch):
     from setuptools import Distribution
     said, built = [], []
     monkeypatch.setattr(setup_py, "_notice", said.append)
-    monkeypatch.setattr(setup_py.CMakeBuild, "_build_cmake", lambda self, ext: built.append(said[:]))
+    monkeypatch.setattr(setup_py.CMakeBuild, "_build_cmake",
+                        lambda self, ext: built.append(said[:]))
     cmd = setup_py.CMakeBuild(Distribution())
     cmd.build_extension(setup_py.CMakeExtension("rlkernels._C", "/usr/bin/nvcc"))
     assert built == [[setup_py.BUILD_NOTICE]]
