@@ -62,6 +62,13 @@ def _info(_args) -> int:
     return 0
 
 
+def _interpret_hint(name: str, status: dict) -> str:
+    """For an unavailable triton backend that is installed: how to check it on CPU."""
+    if name != "triton" or status[name].startswith("triton is not importable"):
+        return ""
+    return "; rlkernels verify --interpret checks it on CPU through the Triton interpreter"
+
+
 def _verify(args) -> int:
     from rlkernels import _verify as verify
     from rlkernels import backends
@@ -75,7 +82,7 @@ def _verify(args) -> int:
     interpret = args.interpret and status["triton"] != "ok" and "triton" in names
     if args.backend and status[args.backend] != "ok" and not interpret:
         raise UserError(f"--backend: backend {args.backend!r} is not available: "
-                        f"{status[args.backend]}")
+                        f"{status[args.backend]}{_interpret_hint(args.backend, status)}")
     start = time.perf_counter()
     rows: list = []
     lines = []
@@ -89,10 +96,7 @@ def _verify(args) -> int:
             got, uncovered = verify.check_backend(name, args.quick)
             note = f"on {verify.device_for(name)}"
         else:
-            hint = ("; rlkernels verify --interpret checks it on CPU through the Triton "
-                    "interpreter" if name == "triton"
-                    and not status[name].startswith("triton is not importable") else "")
-            lines.append(f"  {name:7} skipped: {status[name]}{hint}")
+            lines.append(f"  {name:7} skipped: {status[name]}{_interpret_hint(name, status)}")
             continue
         rows += got
         lines.append(f"  {name:7} {verify.backend_line(name, got, uncovered, note)}")

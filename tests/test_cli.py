@@ -118,6 +118,13 @@ def test_verify_interpret_failure_is_a_failed_row(cpu_only, monkeypatch, capsys)
     assert "\n  triton  checked: 0 passed, 1 failed (Triton interpreter on CPU" in out
 
 
+def test_verify_unavailable_triton_points_to_interpret(cpu_only, capsys):
+    assert main(["verify", "--backend", "triton"]) == 2
+    assert capsys.readouterr().err == (
+        f"rlkernels verify: error: --backend: backend 'triton' is not available: {_NO_TRITON}; "
+        "rlkernels verify --interpret checks it on CPU through the Triton interpreter\n")
+
+
 def test_verify_interpret_with_another_backend_is_a_user_error(capsys):
     assert main(["verify", "--interpret", "--backend", "torch"]) == 2
     assert capsys.readouterr().err == ("rlkernels verify: error: --interpret: checks the "
