@@ -1,0 +1,253 @@
+"""Host overhead of rlkernels' own Python per public op (validation, dispatch, custom-op and
+autograd plumbing), on CPU, one thread, tiny shapes.
+
+    python benchmarks/host_overhead.py [--backend torch] [--repeat 7] [--number 200] [--md]
+
+For each public op the script first runs the public call once with every backend kernel
+function wrapped by a recorder (the outermost calls into ``rlkernels.reference.*``,
+``rlkernels.triton.*`` or ``rlkernels.cuda.*`` functions, with their exact arguments), then
+times
+
+* ``public``: the public call (forward), or the public call plus ``torch.autograd.backward``
+  on its differentiable outputs with precomputed upstream gradients (forward+backward);
+* ``direct``: the recorded kernel calls replayed on the same argument objects, in order;
+
+and prints ``overhead = public - direct`` in microseconds. Each time is the minimum over
+``--repeat`` blocks of the mean of ``--number`` calls (the minimum is the estimate least
+disturbed by other processes). The recording is generic, so the script measures whatever
+plumbing the ops have, without knowing each kernel's signature. Goal (issue 19): at most 30 us
+forward and 60 us forward+backward of overhead per op.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import importlib
+import inspect
+import pkgutil
+import sys
+import time
+from typing import Callable, Dict, List, Tuple
+
+import torch
+
+import rlkernels as rk
+
+_BACKEND_PACKAGES = ("rlkernels.reference", "rlkernels.triton", "rlkernels.cuda")
+
+
+# ------------------------------------------------------------------------------- recording
+
+class _Recorder:
+    """Wraps the public functions of the backend modules; records the outermost calls."""
+
+    def __init__(self):
+        self.calls: List[Tuple[Callable, tuple, dict]] = []
+        self.depth = 0
+        self.active = False
+
+    def wrap(self, fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def recorded(*args, **kwargs):
+            if not self.active:
+                return fn(*args, **kwargs)
+            outer = self.depth == 0
+            if outer:
+                self.calls.append((fn, args, kwargs))
+            self.depth += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.depth -= 1
+        recorded.__wrapped_kernel__ = fn
+        return recorded
+
+
+def _backend_modules():
+    for pkg_name in _BACKEND_PACKAGES:
+        try:
+            pkg = importlib.import_module(pkg_name)
+        except Exception:  # the cuda launchers may not import without _C; triton without triton
+            continue
+        yield pkg
+        for info in pkgutil.iter_modules(pkg.__path__):
+            try:
+                yield importlib.import_module(f"{pkg_name}.{info.name}")
+            except Exception:
+                continue
+
+
+@contextlib.contextmanager
+def _recording(rec: _Recorder):
+    """Patch every plain function defined in a backend module (names not starting with
+    ``_``, plus the private ones: launchers may be private) with the recorder."""
+    patched = []
+    for mod in _backend_modules():
+        for name, obj in list(vars(mod).items()):
+            if (inspect.isfunction(obj) and obj.__module__ == mod.__name__
+                    and not name.startswith("__")):
+                patched.append((mod, name, obj))
+                setattr(mod, name, rec.wrap(obj))
+    rec.active = True
+    try:
+        yield
+    finally:
+        rec.active = False
+        for mod, name, obj in patched:
+            setattr(mod, name, obj)
+
+
+# ---------------------------------------------------------------------------------- timing
+
+def _time_us(fn: Callable[[], object], repeat: int, number: int) -> float:
+    fn()  # warm caches (custom-op dispatch tables, lru caches)
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / number)
+    return best * 1e6
+
+
+def _differentiable(out) -> List[torch.Tensor]:
+    """The outputs that carry a gradient (metrics dicts and int outputs are skipped)."""
+    if isinstance(out, torch.Tensor):
+        return [out] if out.requires_grad else []
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _differentiable(o)]
+    return []
+
+
+# ----------------------------------------------------------------------------------- cases
+
+B, T, V, H, K = 4, 32, 64, 16, 8  # the issue's tiny shapes (B=4, T=32, V=64)
+
+
+def _cases(backend: str) -> Dict[str, Callable[[bool], Callable[[], object]]]:
+    """op name -> make(grad) -> a zero-argument public call on fixed inputs."""
+    g = torch.Generator().manual_seed(0)
+
+    def randn(*shape, grad=False, dtype=torch.float32):
+        x = torch.randn(*shape, generator=g, dtype=dtype)
+        return x.requires_grad_(grad)
+
+    tokens = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.rand(B, T, generator=g) < 0.9
+    old = randn(B, T) - 2
+    adv = randn(B)
+    ids = torch.randint(0, V, (B, T, K), generator=g)
+    teacher = torch.randn(B, T, K, generator=g).log_softmax(-1)
+    rewards = randn(B * 2)
+    bk = dict(backend=backend)
+
+    def logits(grad):
+        return randn(B, T, V, grad=grad)
+
+    return {
+        "token_logprobs": lambda grad: functools.partial(
+            rk.token_logprobs, logits(grad), tokens, **bk),
+        "token_logprobs+entropy": lambda grad: functools.partial(
+            rk.token_logprobs, logits(grad), tokens, return_entropy=True, **bk),
+        "entropy": lambda grad: functools.partial(rk.entropy, logits(grad), **bk),
+        "sparse_logprobs": lambda grad: functools.partial(
+            rk.sparse_logprobs, logits(grad), ids, **bk),
+        "sparse_kl": lambda grad: functools.partial(
+            rk.sparse_kl, logits(grad), ids, teacher, **bk),
+        "kl_divergence": lambda grad: functools.partial(
+            rk.kl_divergence, logits(grad), logits(False), **bk),
+        "kl_penalty": lambda grad: functools.partial(
+            rk.kl_penalty, randn(B, T, grad=grad) - 2, old),
+        "policy_loss": lambda grad: functools.partial(
+            rk.policy_loss, randn(B, T, grad=grad) - 2, old, adv, mask, **bk),
+        "policy_loss+kl+entropy": lambda grad: functools.partial(
+            rk.policy_loss, randn(B, T, grad=grad) - 2, old, adv, mask, ref_logp=old,
+            kl_coef=0.1, entropy=randn(B, T, grad=grad), entropy_coef=0.01, **bk),
+        "grpo_loss": lambda grad: functools.partial(
+            rk.grpo_loss, logits(grad), tokens, old, adv, mask, **bk),
+        "linear_token_logprobs": lambda grad: functools.partial(
+            rk.linear_token_logprobs, randn(B, T, H, grad=grad), randn(V, H, grad=grad),
+            tokens, **bk),
+        "linear_grpo_loss": lambda grad: functools.partial(
+            rk.linear_grpo_loss, randn(B, T, H, grad=grad), randn(V, H, grad=grad), tokens,
+            old, adv, mask, **bk),
+        "group_advantages": lambda grad: functools.partial(
+            rk.group_advantages, rewards, group_size=2, **bk),
+        "masked_whiten": lambda grad: functools.partial(
+            rk.masked_whiten, randn(B, T, grad=grad), mask),
+        "gae": lambda grad: functools.partial(rk.gae, randn(B, T), randn(B, T), mask,
+                                              gamma=0.99, lam=0.95),
+        "discounted_returns": lambda grad: functools.partial(
+            rk.discounted_returns, randn(B, T), mask, gamma=0.99),
+    }
+
+
+def measure(op: str, make, grad: bool, repeat: int, number: int) -> Dict[str, float]:
+    call = make(grad)
+    out = call()
+    outs = _differentiable(out) if grad else []
+    if grad and not outs:
+        return {}  # the op has no gradient (group_advantages, gae, ...)
+    grads = [torch.ones_like(o) for o in outs]
+
+    def public():
+        res = call()
+        if grad:
+            torch.autograd.backward(_differentiable(res), grads)
+
+    rec = _Recorder()
+    with _recording(rec):
+        public()
+    calls = list(rec.calls)
+
+    def direct():
+        for fn, args, kwargs in calls:
+            fn(*args, **kwargs)
+
+    t_pub = _time_us(public, repeat, number)
+    t_dir = _time_us(direct, repeat, number)
+    return {"public_us": t_pub, "direct_us": t_dir, "overhead_us": t_pub - t_dir,
+            "kernel_calls": len(calls)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--backend", default="torch")
+    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--number", type=int, default=200)
+    ap.add_argument("--ops", default="", help="comma list of case names (default: all)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    cases = _cases(args.backend)
+    wanted = [o for o in args.ops.split(",") if o] or list(cases)
+    unknown = sorted(set(wanted) - set(cases))
+    if unknown:
+        print(f"host_overhead: error: --ops: unknown {unknown}; known: {sorted(cases)}",
+              file=sys.stderr)
+        return 2
+    print(f"torch {torch.__version__}, backend {args.backend}, 1 thread, B={B} T={T} V={V} "
+          f"H={H} K={K}; min over {args.repeat} blocks of {args.number} calls; us per call")
+    print("| op | fwd public | fwd direct | fwd overhead | fwd+bwd public | fwd+bwd direct "
+          "| fwd+bwd overhead |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    worst = {"fwd": 0.0, "fwd+bwd": 0.0}
+    for op in wanted:
+        cells = []
+        for mode, grad in (("fwd", False), ("fwd+bwd", True)):
+            r = measure(op, cases[op], grad, args.repeat, args.number)
+            if not r:
+                cells += ["", "", "n/a"]
+                continue
+            worst[mode] = max(worst[mode], r["overhead_us"])
+            cells += [f"{r['public_us']:.0f}", f"{r['direct_us']:.0f}",
+                      f"{r['overhead_us']:.0f}"]
+        print(f"| {op} | " + " | ".join(cells) + " |", flush=True)
+    print(f"worst overhead: fwd {worst['fwd']:.0f} us (goal <= 30), "
+          f"fwd+bwd {worst['fwd+bwd']:.0f} us (goal <= 60)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
