@@ -344,9 +344,9 @@ def _linear_token_stats(hidden: Tensor, weight: Tensor, tokens: Tensor, *,
     _checks.integer("ignore_index", ignore_index)
     _checks.flag("return_entropy", return_entropy)
     _checks.flag("extras", extras)
-    scale = _finite("logit_scale", logit_scale)
+    scale = _checks.number("logit_scale", logit_scale)
     if softcap is not None:
-        softcap = _finite("softcap", softcap)
+        softcap = _checks.number("softcap", softcap)
         if softcap == 0.0:
             raise ValueError("softcap: expected None or a nonzero float (the cap c of "
                              "c * tanh(u / c)), got 0.0")
@@ -360,15 +360,6 @@ def _linear_token_stats(hidden: Tensor, weight: Tensor, tokens: Tensor, *,
         return logp.view(shape), ent.view(shape) if return_entropy else None, None, None, None
     return (logp.view(shape), ent.view(shape) if return_entropy else None,
             extra[:, 0].view(shape), extra[:, 1].view(shape), (extra[:, 2] != 0).view(shape))
-
-
-def _finite(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
-    value = float(value)
-    if value != value or value in (float("inf"), float("-inf")):
-        raise ValueError(f"{name}: expected a finite float, got {value}")
-    return value
 
 
 # ========================================================================= linear_grpo_loss

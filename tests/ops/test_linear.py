@@ -425,9 +425,9 @@ def test_linear_token_stats_errors():
     with pytest.raises(ValueError, match=r"softcap: expected None or a nonzero float \(the cap "
                                          r"c of c \* tanh\(u / c\)\), got 0.0"):
         _linear_token_stats(*args, softcap=0.0)
-    with pytest.raises(ValueError, match=r"softcap: expected a finite float, got inf"):
+    with pytest.raises(ValueError, match=r"softcap: expected a finite number, got inf"):
         _linear_token_stats(*args, softcap=float("inf"))
-    with pytest.raises(ValueError, match=r"logit_scale: expected a finite float, got nan"):
+    with pytest.raises(ValueError, match=r"logit_scale: expected a finite number, got nan"):
         _linear_token_stats(*args, logit_scale=float("nan"))
     with pytest.raises(TypeError, match=r"logit_scale: expected a float, got str"):
         _linear_token_stats(*args, logit_scale="2")
