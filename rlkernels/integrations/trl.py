@@ -10,8 +10,8 @@ that holds a reference to them (``from .utils import selective_log_softmax``):
   (``chunk_size`` is accepted and ignored: rlkernels bounds its memory itself);
 * ``selective_log_softmax_and_entropy(logits, index, entropy_requires_grad=True,
   temperature=1.0, row_mask=None)`` -> one ``token_logprobs(..., return_entropy=True)`` pass;
-* ``_ChunkedLogProbFunction`` (TRL >= 1.x: the fused LM head that ``GRPOTrainer``, the SFT, DPO
-  and KTO trainers install with ``add_fused_lm_head``) -> rlkernels' lm_head kernels
+* ``_ChunkedLogProbFunction`` (TRL >= 1.x: the fused LM head that the GRPO, RLOO, SFT, DPO and
+  KTO trainers install with ``add_fused_lm_head``) -> rlkernels' lm_head kernels
   (:class:`ChunkedLogProbFunction`), for every output TRL offers (``log_probs``, ``entropy``,
   ``log_sum_sq_probs``, ``mean_logits``, ``is_top1``) and option (``final_logit_softcapping``,
   ``logit_scale``, temperature): TRL's own kernel is never called.
@@ -35,9 +35,9 @@ Semantics and dtypes, kept exactly as TRL's:
   tensor, or with ``rlkernels.set_debug(True)``, this check runs on the host; on a GPU it is a
   device-side assertion (``torch._assert_async``: no host sync, and like TRL's ``gather`` on a
   GPU, a bad id aborts the CUDA context).
-* Inputs rlkernels does not take (an index whose leading dims differ from the logits', an
-  integer dtype other than int32/int64, logits that are not floating point) are passed to
-  TRL's original function.
+* Inputs the log-prob helpers do not take (an index whose leading dims differ from the
+  logits', an integer dtype other than int32/int64, logits that are not floating point) are
+  passed to TRL's original function.
 """
 
 from typing import Optional

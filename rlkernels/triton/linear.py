@@ -43,6 +43,14 @@ uses atomics (bit-identical reruns).
   0 outputs, 0 statistics, and their hidden rows are never loaded (NaN there is harmless),
   so they contribute exactly 0 to every gradient.
 
+The private ``linear_token_stats`` kernels (TRL's fused lm_head, see
+:func:`rlkernels.ops.linear._linear_token_stats`) are the same kernels with two constexpr
+options the public path compiles without: ``MAP`` (:func:`_head_map`: ``logit_scale`` and a soft
+cap applied to each logit tile before ``1/T``; backward multiplies ``d z`` by the map's
+derivative in :func:`_dz_kernel`) and ``EXTRAS`` (per row, ``rest2`` = the ``rest`` of
+``exp(2 (z - m))``, the sum of ``z`` and the first arg-max, merged across splits like ``rest``;
+stored as ``extra = (log sum p^2, mean z, is_top1)``).
+
 dtypes: fp32 / bf16 / fp16 inputs compute in fp32 (bf16 / fp16 operands go to ``tl.dot``
 natively on a GPU, whose products are exact in fp32; the backward GEMMs take ``d z`` rounded
 to bf16 for bf16 inputs, see above); fp64 inputs compute in fp64 throughout (``tl.dot`` on
