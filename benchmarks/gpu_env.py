@@ -92,8 +92,8 @@ def main(argv=None) -> int:
           f"({roof.gemm_dtype} {roof.gemm_n}^3), {time.perf_counter() - t:.1f} s")
     with open(args.out, "w") as f:
         json.dump(env, f, indent=1)
-    print(f"NOTE: {env['device']}: copy {roof.copy_gbps:.0f} GB/s, GEMM "
-          f"{roof.gemm_tflops:.1f} TFLOP/s")
+    print(f"NOTE: {env['device']}: copy {roof.copy_gbps:.4g} GB/s, GEMM "
+          f"{roof.gemm_tflops:.4g} TFLOP/s")
     return 0
 
 

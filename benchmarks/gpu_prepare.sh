@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prepare the one GPU call (DESIGN section 7), here, on CPU, before asking for a machine.
 #
-#   bash benchmarks/gpu_prepare.sh
+#   bash benchmarks/gpu_prepare.sh            # build, download, check, print the call
+#   bash benchmarks/gpu_prepare.sh --check    # only check the carry and print the call
 #
 # 1. builds rlkernels/_C for the device (Python 3.12, x86-64, sm_90a) with this machine's
 #    nvcc into .gpu/ (git-ignored), so the check imports it instead of building (70-100 s);
@@ -26,6 +27,8 @@ ARCHS=${RLKERNELS_CUDA_ARCHS:-90a}
 VENV=${GPU_PREPARE_VENV:-$HOME/.cache/rlkernels-gpu-prepare/py312}
 PEERS=(liger-kernel==0.8.5 cut-cross-entropy==25.1.1 trl==1.16.0 datasets==5.2.0
        dill==0.4.1 multiprocess==0.70.19)
+CHECK_ONLY=0
+[ "${1:-}" = --check ] && CHECK_ONLY=1 && GPU_PREPARE_SKIP_BUILD=1 && GPU_PREPARE_SKIP_WHEELS=1
 mkdir -p "$CARRY/wheels"
 
 die() { echo "gpu_prepare: $*" >&2; exit 1; }
@@ -54,8 +57,11 @@ if [ "${GPU_PREPARE_SKIP_BUILD:-0}" != 1 ]; then
   cmake --build "$BUILD" --parallel "${MAX_JOBS:-2}"
 fi
 SO=$(ls "$CARRY"/_C.cpython-312-x86_64-linux-gnu.so 2>/dev/null || true)
-[ -n "$SO" ] || die "$CARRY/ holds no _C.cpython-312-x86_64-linux-gnu.so (run without GPU_PREPARE_SKIP_BUILD)"
-{
+if [ -z "$SO" ]; then
+  [ "$CHECK_ONLY" = 1 ] || die "$CARRY/ holds no _C.cpython-312-x86_64-linux-gnu.so (run without GPU_PREPARE_SKIP_BUILD)"
+  echo "gpu_prepare: warning: no $CARRY/_C.cpython-312-x86_64-linux-gnu.so: the check would build _C on the device (70-100 s)"
+fi
+[ "$CHECK_ONLY" = 1 ] || {
   echo "commit $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo +dirty)"
   echo "archs $ARCHS"
   echo "nvcc $(nvcc --version 2>/dev/null | grep -o 'release [0-9.]*' || echo unknown)"

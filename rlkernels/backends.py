@@ -24,9 +24,22 @@ BACKENDS = ("torch", "triton", "cuda")
 _PACKAGES = {"torch": "rlkernels.reference", "triton": "rlkernels.triton",
              "cuda": "rlkernels.cuda"}
 
-# Fastest backend per op and device type, written from the committed benchmark results
-# (benchmarks/results/). Empty until a GPU run has measured something: "no benchmark, no claim".
-_AUTO_TABLE: Dict[tuple, str] = {}
+
+def _load_auto_table() -> Dict[tuple, str]:
+    """Fastest backend per ``(op, device type)``: ``rlkernels/_auto_table.py``, which
+    ``benchmarks/gpu_ingest.py`` writes from the committed benchmark results
+    (benchmarks/results/). Empty while no GPU run has measured anything: "no benchmark, no
+    claim" (``auto`` then takes triton, then cuda, on GPUs and torch elsewhere)."""
+    try:
+        from rlkernels._auto_table import TABLE
+    except ModuleNotFoundError as exc:
+        if exc.name == "rlkernels._auto_table":
+            return {}
+        raise
+    return {key: name for key, name in TABLE.items() if name in BACKENDS}
+
+
+_AUTO_TABLE: Dict[tuple, str] = _load_auto_table()
 
 _default: Optional[str] = None
 
