@@ -419,6 +419,25 @@ def test_linear_token_stats_gradcheck(backend):
     assert torch.autograd.gradcheck(f, tuple(args))
 
 
+def test_linear_token_stats_compiles():
+    """``torch.compile(fullgraph=True)`` on the CPU path: same values and gradients."""
+    inp = make_inputs(25)
+    h, w, b = leaves(inp, torch.float32, True)
+
+    def f(h, w, b):
+        lp, ent, lss, mean, top1 = _linear_token_stats(
+            h, w, inp["tokens"], bias=b, temperature=0.9, return_entropy=True,
+            logit_scale=0.5, softcap=3.0, extras=True, backend="torch")
+        return lp.sum() + ent.sum(), lss, mean, top1
+
+    got, want = torch.compile(f, fullgraph=True)(h, w, b), f(h, w, b)
+    for x, r in zip(got, want):
+        torch.testing.assert_close(x, r)
+    for x, r in zip(torch.autograd.grad(got[0], (h, w, b)),
+                    torch.autograd.grad(want[0], (h, w, b))):
+        torch.testing.assert_close(x, r)
+
+
 def test_linear_token_stats_errors():
     inp = make_inputs(24)
     args = (inp["hidden"], inp["weight"], inp["tokens"])
