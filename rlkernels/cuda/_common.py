@@ -60,8 +60,9 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def unit_stride(x: Tensor) -> Tensor:
-    """``x [N, V]`` with stride 1 along ``V`` (a copy only when it is not); rows keep any
-    stride."""
+    """``x [N, V]`` with stride 1 along ``V``: returned as is (any row stride, any storage
+    offset: the kernels take pointer + row stride and check alignment per row); a copy only
+    for a column-strided ``x`` (an N x V temporary)."""
     return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
 
 

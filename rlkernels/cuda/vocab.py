@@ -5,6 +5,13 @@ Same signatures, outputs and saved row statistics as :mod:`rlkernels.reference.v
 (which states the math) and :mod:`rlkernels.triton.vocab`, so the ops layer calls them the
 same way. One CUDA block per row; see the kernels' comments for the formulas.
 
+Inputs: ``logits [N, V]`` may be any 2-D view with unit column stride (``logits[:, :-1]``,
+``logits[..., :V]`` of a wider buffer, any storage offset): it reaches the kernels as its
+pointer and row stride, no copy, and each row's 16-byte alignment is decided on the device
+from its own address (the chunk layout, hence every bit of the result, does not depend on
+it). A column-strided tensor (``stride(-1) != 1``) is still copied to unit stride by
+``unit_stride`` (an N x V temporary: the one case SPEC's "no [N, V] intermediates" is not met).
+
 Status: compiled, NOT yet run on a GPU (no GPU on the development machine); the parity tests
 in tests/ops and tests/cuda check them on the first GPU run.
 """

@@ -395,6 +395,199 @@ def test_sparse_through_public_op():
     assert_grad_close(g, g64, torch.float32, floor, what="grad")
 
 
+# ==================================== issue 18: hot loops (ex2, chunk-level rescale), strides
+
+def _three_views(dtype, n, vocab, seed, kind="mixed"):
+    """The same logits as (contiguous, a row-strided view at a storage offset that breaks
+    16-byte alignment, a column-strided view). The strided view is logits[:, 3:3 + V] of a
+    wider buffer whose other columns are NaN: any read outside the view poisons the result.
+    The column-strided one (a transpose of a transpose) is copied by the launchers."""
+    base = make_logits(n, vocab, dtype, kind=kind, seed=seed, device="cuda")
+    wide = torch.full((n, vocab + 11), float("nan"), dtype=dtype, device="cuda")
+    wide[:, 3:3 + vocab] = base
+    sliced = wide[:, 3:3 + vocab]
+    col = base.t().contiguous().t()
+    assert sliced.stride() == (vocab + 11, 1) and col.stride(0) == 1
+    return base, sliced, col
+
+
+def _all_bit_equal(a, b):
+    return all(bit_equal(u, v) for u, v in zip(a, b))
+
+
+@gpu_cuda
+@pytest.mark.parametrize("vocab", [7, 1031, 50257, 151936])
+@pytest.mark.parametrize("dtype", LOW_DTYPES + (torch.float64,), ids=str)
+def test_strided_views_give_the_same_bits(dtype, vocab):
+    # The chunk layout depends on V and the block size only, never on the address, so a
+    # row-strided, misaligned view must give bit-identical outputs and gradients, without a
+    # copy (the NaN columns around the view would show up) and without reading past its rows.
+    n = 6
+    base, sliced, col = _three_views(dtype, n, vocab, seed=vocab)
+    tok = make_tokens(base, pad_every=4)
+    ref = cv.token_logprobs_forward(base, tok, 0.8, -100, True)
+    for x in (sliced, col):
+        out = cv.token_logprobs_forward(x, tok, 0.8, -100, True)
+        assert _all_bit_equal(out, ref)
+        g = cv.token_logprobs_backward(out[0] + 1, out[1] - 1, x, tok, out[2], 0.8, -100)
+        assert bit_equal(g, cv.token_logprobs_backward(ref[0] + 1, ref[1] - 1, base, tok,
+                                                       ref[2], 0.8, -100))
+    y = make_logits(n, vocab, dtype, kind="normal", seed=vocab + 1, device="cuda")
+    y = torch.where(torch.isinf(base), base, y)
+    for kind in ("reverse", "forward", "jsd"):
+        kref = cv.kl_divergence_forward(base, y, None, kind, 0.3, 0.9)
+        kv = cv.kl_divergence_forward(sliced, y, None, kind, 0.3, 0.9)
+        assert _all_bit_equal(kv, kref), kind
+        gk = torch.linspace(-1, 1, n, device="cuda", dtype=kv[0].dtype)
+        assert _all_bit_equal(
+            cv.kl_divergence_backward(gk, sliced, y, None, kv[1], kv[2], kind, 0.3, 0.9, True),
+            cv.kl_divergence_backward(gk, base, y, None, kref[1], kref[2], kind, 0.3, 0.9,
+                                      True)), kind
+    if vocab >= 7:
+        idx = make_indices(base, 5, seed=vocab)
+        for normalize in ("full", "support"):
+            a = cv.sparse_logprobs_forward(base, idx, 0.8, normalize, True)
+            b = cv.sparse_logprobs_forward(sliced, idx, 0.8, normalize, True)
+            assert _all_bit_equal(a, b), normalize
+
+
+@gpu_cuda
+def test_row_slice_through_the_public_op():
+    # logits[:, :-1] (a slice along T) reaches the kernels as a row stride, no copy needed
+    x = make_logits(3 * 9, 1031, torch.bfloat16, seed=4, device="cuda").view(3, 9, 1031)
+    tok = make_tokens(x.view(-1, 1031), pad_every=5).view(3, 9)
+    a = rlkernels.token_logprobs(x[:, :-1], tok[:, 1:], return_entropy=True, backend="cuda")
+    b = rlkernels.token_logprobs(x[:, :-1].contiguous(), tok[:, 1:].contiguous(),
+                                 return_entropy=True, backend="cuda")
+    assert _all_bit_equal(a, b)
+
+
+@gpu_cuda
+@pytest.mark.parametrize("kind", ["masked", "peaked_masked", "flat", "peaked"])
+@pytest.mark.parametrize("dtype", LOW_DTYPES, ids=str)
+def test_row_kinds_low_precision(dtype, kind):
+    # -inf columns (the entropy sum's 0 * -inf case), ties at the maximum (flat rows: every
+    # column counts as the maximum), peaked rows (1 - p_max exact), in every storage dtype
+    x = make_logits(6, 50257, dtype, kind=kind, seed=21, device="cuda")
+    tok = make_tokens(x, pad_every=4)
+    _check(x, tok, 1.0)
+    _check(x, tok, 0.6)
+
+
+@gpu_cuda
+def test_ties_at_the_maximum_and_peaked_exactness():
+    vocab = 1031
+    x = 3.0 * torch.randn(4, vocab, dtype=torch.float64)
+    x[0, [5, 77, 900, 1030]] = 20.0          # four-way tie at the maximum
+    x[1] = 0.0                                # every column tied
+    x[2, 17] = 40.0 + x[2].max()              # peaked: 1 - p_max ~ 1e-15 relative to 1
+    x[3, 3] = 25.0 + x[3].max()
+    x32 = x.float().cuda()
+    tok = torch.tensor([77, 500, 17, 3], device="cuda")
+    lp, h, stats = cv.token_logprobs_forward(x32, tok, 1.0, -100, True)
+    lp64, h64, _ = rlkernels.reference.vocab.token_logprobs_forward(x32.double(), tok, 1.0,
+                                                                    -100, True)
+    assert_values_close(lp, lp64, what="logp")
+    assert_values_close(h, h64, what="entropy")
+    # peaked rows: logp of the peak and the entropy are tiny; exact means relatively exact
+    for r in (2, 3):
+        assert abs(float(lp[r]) / float(lp64[r]) - 1) < 1e-4, (r, float(lp[r]), float(lp64[r]))
+        assert abs(float(h[r]) / float(h64[r]) - 1) < 1e-3, (r, float(h[r]), float(h64[r]))
+    g = cv.token_logprobs_backward(torch.ones(4, device="cuda"), None, x32, tok, stats, 1.0,
+                                   -100)
+    x64 = x32.double().requires_grad_(True)
+    (g64,) = torch.autograd.grad(rlkernels.token_logprobs(x64, tok, backend="torch").sum(),
+                                 x64)
+    for r in (2, 3):  # g (1 - p_y) at the peak, relatively exact
+        y = int(tok[r])
+        assert abs(float(g[r, y]) / float(g64[r, y]) - 1) < 1e-4
+
+
+@gpu_cuda
+def test_zero_upstream_rows_are_not_read():
+    # a row whose upstream gradient is exactly 0 gets exactly 0 without reading its logits:
+    # NaN logits there give 0, not NaN; the other rows are unchanged
+    x = make_logits(6, 1031, torch.bfloat16, seed=6, device="cuda")
+    tok = make_tokens(x)
+    lp, h, stats = cv.token_logprobs_forward(x, tok, 1.0, -100, True)
+    g_lp, g_h = torch.randn_like(lp), torch.randn_like(h)
+    g_lp[[1, 4]] = 0.0
+    g_h[[1, 4]] = 0.0
+    ref = cv.token_logprobs_backward(g_lp, g_h, x, tok, stats, 1.0, -100)
+    xn = x.clone()
+    xn[[1, 4]] = float("nan")
+    g = cv.token_logprobs_backward(g_lp, g_h, xn, tok, stats, 1.0, -100)
+    assert (g[[1, 4]] == 0).all() and bit_equal(g, ref)
+    y = make_logits(6, 1031, torch.bfloat16, kind="normal", seed=7, device="cuda")
+    kl, sp, sq = cv.kl_divergence_forward(x, y, None, "reverse", 0.5, 1.0)
+    gk = torch.ones_like(kl)
+    gk[2] = 0.0
+    ref = cv.kl_divergence_backward(gk, x, y, None, sp, sq, "reverse", 0.5, 1.0, True)
+    got = cv.kl_divergence_backward(gk, xn.index_fill(0, torch.tensor([2], device="cuda"),
+                                                      float("nan")), y, None, sp, sq,
+                                    "reverse", 0.5, 1.0, True)
+    assert (got[0][2] == 0).all() and (got[1][2] == 0).all()
+    keep = [0, 3, 5]
+    assert bit_equal(got[0][keep], ref[0][keep]) and bit_equal(got[1][keep], ref[1][keep])
+
+
+@gpu_cuda
+def test_out_of_range_token_reads_nothing():
+    # with debug checks off the launchers take any id: outside [0, V) the row's log-prob is
+    # NaN (forward) / it has no one-hot term (backward), nothing outside the row is read
+    x = make_logits(4, 1031, torch.float32, seed=8, device="cuda")
+    tok = torch.tensor([5, 1031, -7, 2**40], device="cuda")
+    lp, h, stats = cv.token_logprobs_forward(x, tok, 1.0, -100, True)
+    assert torch.isfinite(lp[0]) and torch.isnan(lp[1:]).all() and torch.isfinite(h).all()
+    g = cv.token_logprobs_backward(torch.ones(4, device="cuda"), None, x, tok, stats, 1.0,
+                                   -100)
+    p = torch.softmax(x.double(), -1)
+    torch.testing.assert_close(g[1:].double(), -p[1:], rtol=1e-5, atol=1e-7)
+
+
+@gpu_cuda
+@pytest.mark.parametrize("dtype", LOW_DTYPES, ids=str)
+def test_kl_one_pass_exact_cases(dtype):
+    x = make_logits(6, 50257, dtype, seed=12, device="cuda")
+    for kind in ("reverse", "forward"):
+        kl, _, _ = cv.kl_divergence_forward(x, x.clone(), None, kind, 0.5, 0.7)
+        assert (kl == 0).all(), (kind, kl)  # p == q: exactly 0, no cancellation residue
+    y = x.clone()
+    y[0, int(x[0].float().argmax())] = float("-inf")  # q = 0 where p > 0: KL(p || q) = inf
+    kl, _, _ = cv.kl_divergence_forward(x, y, None, "reverse", 0.5, 1.0)
+    assert kl[0] == float("inf") and torch.isfinite(kl[1:]).all()
+
+
+@gpu_cuda
+def test_sparse_tail_far_below_the_maximum():
+    # every column outside the ids 120 below the maximum (beyond fp32's exp2 range relative to
+    # it): the kernel's second pass for such rows gives the reference's tail, not -inf
+    vocab = 50257
+    x = torch.randn(3, vocab, dtype=torch.float64) - 120.0
+    idx = torch.tensor([[0, 1, 2, 3], [10, 20, 30, -1], [5, 6, 7, 8]])
+    for r in range(3):
+        x[r, idx[r][idx[r] >= 0]] = torch.randn(int((idx[r] >= 0).sum()), dtype=torch.float64)
+    x32, idx = x.float().cuda(), idx.cuda()
+    for normalize in ("full", "support"):
+        _check_sparse_logprobs(x32, idx, 1.0, normalize, True, what="far tail")
+    t = torch.log_softmax(x32.double(), -1).gather(1, idx.clamp_min(0)).float()
+    t = torch.where(idx >= 0, t, float("nan"))
+    _check_sparse_kl(x32, idx, t, 1.0, True, what="far tail")
+
+
+@gpu_cuda
+def test_kl_more_than_2_31_elements():
+    n, vocab = 14200, 151936  # N * V = 2.16e9 > 2**31
+    if torch.cuda.get_device_properties(0).total_memory < 24 * 2**30:
+        pytest.skip("needs a GPU with >= 24 GiB")
+    x = torch.randn(n, vocab, device="cuda", dtype=torch.bfloat16)
+    y = torch.randn(n, vocab, device="cuda", dtype=torch.bfloat16)
+    kl, _, _ = cv.kl_divergence_forward(x, y, None, "reverse", 0.5, 1.0)
+    rows = torch.tensor([0, n // 2, n - 1], device="cuda")
+    kl64 = rlkernels.kl_divergence(x[rows].double(), y[rows].double(), backend="torch")
+    torch.testing.assert_close(kl[rows].double(), kl64, rtol=1e-5, atol=1e-5)
+
+
 # --------------------------------------------------------------------------- any machine
 
 @pytest.mark.skipif(HAS_GPU, reason="checks the CPU-tensor error")
