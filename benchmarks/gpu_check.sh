@@ -12,9 +12,9 @@
 #   2 ext       120  the carried .gpu/_C*.so (build only if it does not import), peer wheels
 #   3 parity    100  every public op x {triton, cuda} vs fp64 reference    -> parity.csv
 #   4 tests     110  pytest -m gpu, -n workers, --timeout 60, no -x        -> tests.log
-#   5 memcheck   50  compute-sanitizer on benchmarks/gpu_sanitize.py       -> sanitizer.log
-#     racecheck  35  (PYTORCH_NO_CUDA_MEMORY_CACHING=1, rlkernels' kernels only)
-#     synccheck  25
+#   5 sanitizers 90  compute-sanitizer memcheck, racecheck and synccheck at once, each on
+#                    benchmarks/gpu_sanitize.py (PYTORCH_NO_CUDA_MEMORY_CACHING=1, rlkernels'
+#                    kernels only), lines prefixed with the tool      -> sanitizer.log
 #   6 headline  150  one realistic shape per op, all providers, fwd and fwd+bwd -> bench.csv
 #   7 trainer   150  one GRPO step of a Qwen2.5-0.5B-shaped model           -> trainer.json
 #     grid     rest  the wider benchmark grid, largest shapes first         -> bench.csv
@@ -71,7 +71,6 @@ step_ext() {
   cat "$WORK/info.txt"
   if [ "$s" != ok ] && [ "$DRY" != 1 ]; then
     echo "carried _C does not serve ($s): building for sm_90a"
-    $PY -m pip install -q --no-index pybind11 2>/dev/null
     cmake -S . -B "$WORK/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$(command -v $PY)" \
       -Dpybind11_DIR="$($PY -m pybind11 --cmakedir)" -DCMAKE_CUDA_ARCHITECTURES=90a \
       -DRLKERNELS_OUTPUT_DIR="$ROOT/rlkernels" >/dev/null && cmake --build "$WORK/build" --parallel 16 || rc=1
@@ -99,19 +98,30 @@ step_tests() {
   return $rc
 }
 
-sanitize() {  # sanitize TOOL
+sanitize() {  # sanitize TOOL: its lines, prefixed "[TOOL] ", then "[TOOL] rc=N"
   local filter=()
   compute-sanitizer --help 2>/dev/null | grep -q -- "--kernel-name " && filter=(--kernel-name kns=rlk)
-  echo "== compute-sanitizer --tool $1 ${filter[*]}"
+  echo "compute-sanitizer --tool $1 ${filter[*]} $PY benchmarks/gpu_sanitize.py"
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$1" --error-exitcode 9 \
     --print-limit 30 "${filter[@]}" $PY benchmarks/gpu_sanitize.py
-  local rc=$?
-  echo "NOTE: $1 rc=$rc$(grep -o 'ERROR SUMMARY: [0-9]* error[s]*' "$OUT/sanitizer.log" | tail -1 | sed 's/^/, /')"
-  return $rc
+  echo "rc=$?"
 }
-step_memcheck() { sanitize memcheck; }
-step_racecheck() { sanitize racecheck; }
-step_synccheck() { sanitize synccheck; }
+step_sanitizers() {  # the three tools in parallel: independent processes, no timings taken
+  local t
+  for t in memcheck racecheck synccheck; do
+    sanitize "$t" 2>&1 | sed -u "s/^/[$t] /" &
+  done
+  wait
+  local note="" bad=0 rc sum
+  for t in memcheck racecheck synccheck; do
+    rc=$(grep "^\[$t\] rc=" "$OUT/sanitizer.log" | tail -1 | cut -d= -f2)
+    sum=$(grep "^\[$t\]" "$OUT/sanitizer.log" | grep -o 'ERROR SUMMARY: [0-9]*' | tail -1 | grep -o '[0-9]*$')
+    note="$note$t rc=${rc:-?} (${sum:-?} errors); "
+    [ "${rc:-1}" = 0 ] || bad=1
+  done
+  echo "NOTE: $note$(grep -h '^\[memcheck\] NOTE: ' "$OUT/sanitizer.log" | tail -1 | cut -c18-)"
+  return $bad
+}
 
 step_headline() {
   $PY benchmarks/gpu_bench.py --preset headline --csv "$OUT/bench.csv" --env "$OUT/env.json" \
@@ -121,7 +131,7 @@ step_headline() {
 step_trainer() {
   local args=(--out "$WORK/trainer")
   [ "$DRY" = 1 ] && args+=(--size tiny --dtype float32 --steps 1 --tokens 64 --prompts 2
-                           --group-size 2 --configs torch,kernels)
+                           --group-size 2 --configs kernels)
   $PY benchmarks/bench_trainer.py "${args[@]}"
   local rc=$?
   [ -f "$WORK/trainer/trainer.json" ] && cp "$WORK/trainer/trainer.json" "$OUT/trainer.json"
@@ -141,13 +151,13 @@ fi
 # ---- the driver ------------------------------------------------------------------------------
 
 DEADLINE_S=${GPU_CHECK_DEADLINE_S:-$([ "$DRY" = 1 ] && echo 290 || echo 480)}
-STEPS=${GPU_CHECK_STEPS:-env,ext,parity,tests,memcheck,racecheck,synccheck,headline,trainer,grid}
+STEPS=${GPU_CHECK_STEPS:-env,ext,parity,tests,sanitizers,headline,trainer,grid}
 # name:cap:cap in a dry run:log file (cap 0: whatever time is left)
 ALL=(env:25:30:check.log ext:120:40:check.log parity:100:90:check.log tests:110:60:tests.log
-     memcheck:50:0:sanitizer.log racecheck:35:0:sanitizer.log synccheck:25:0:sanitizer.log
+     sanitizers:90:0:sanitizer.log
      headline:150:90:check.log trainer:150:50:check.log grid:0:0:check.log)
 RESERVE=$([ "$DRY" = 1 ] && echo 90 || echo 120)  # kept for the headline by every step before it
-GPU_STEPS=" memcheck racecheck synccheck "
+GPU_STEPS=" sanitizers "
 rm -rf "$WORK"; mkdir -p "$WORK"
 T0=$(date +%s)
 ROWS=()
@@ -178,7 +188,7 @@ for spec in "${ALL[@]}"; do
   left=$(( DEADLINE_S - elapsed ))
   if [ "$DRY" = 1 ] && [[ "$GPU_STEPS" == *" $name "* ]]; then
     n=$($PY benchmarks/gpu_sanitize.py --list 2>&1 | tee -a "$OUT/check.log" | grep -o '^[0-9]*')
-    ROWS+=("| $name | skipped | 0 | dry run: no GPU (the driver would call ${n:-?} entry points) |")
+    ROWS+=("| $name | skipped | 0 | dry run: no GPU (the driver covers ${n:-?} _C entry points) |")
     summary; continue
   fi
   if [ "$DRY" != 1 ] && [[ "$GPU_STEPS" == *" $name "* ]] && ! command -v compute-sanitizer >/dev/null; then

@@ -22,7 +22,6 @@ import argparse
 import csv
 import json
 import os
-import re
 import shutil
 import sys
 from collections import Counter, defaultdict
@@ -56,7 +55,8 @@ def bench_rows(path: str) -> List[dict]:
     return rows
 
 
-def auto_table(rows: List[dict], parity: List[dict], device_type: str) -> Dict[Tuple[str, str], str]:
+def auto_table(rows: List[dict], parity: List[dict],
+               device_type: str) -> Dict[Tuple[str, str], str]:
     """``{(op, device_type): backend}`` from the measured rows.
 
     For each op the dispatcher knows (the bench cases' ``backend_op``), every measured cell

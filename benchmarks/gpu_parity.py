@@ -21,9 +21,10 @@ within ``2 k eps(dtype) max|g_ref| + 1e-7`` (SPEC's ``2 eps`` per output: autogr
 gradients, and where they cancel the sum keeps their rounding). The linear ops' logits are
 themselves an fp32 GEMM of H terms (the reference's are fp64), so at H=3584 their outputs get
 ``1e-4`` and their gradients ``4 k eps(dtype) max|g_ref|`` (the triton backward rounds ``d z``
-to bf16 for bf16 inputs, README); every row reports the measured errors either way. Ops without ``backend=``
-(``kl_penalty``, ``sampling_support``) are checked once on the torch backend, on the device.
-A backend that is unavailable, or lacks an op, gives a ``skipped`` line with the reason.
+to bf16 for bf16 inputs, README); every row reports the measured errors either way.
+``kl_penalty`` has no ``backend=``: it is checked once, torch on the device;
+``sampling_support`` (no ``backend=`` either) gets a ``skipped`` line. A backend that is
+unavailable, or lacks an op, gives a ``skipped`` line with the reason.
 
 ``--dry`` (the CPU rehearsal): the same cases at tiny shapes on CPU, triton through the
 interpreter (``TRITON_INTERPRET=1``), cuda lines skipped. Exit status 1 when any line is FAIL
@@ -501,8 +502,9 @@ def run_cases(cases: List[Case], out: str, device, log=print) -> Tuple[int, int,
             dt = time.perf_counter() - t0
             w.row(**base, backend=b, seconds=f"{dt:.2f}", **{k: _fmt(v) for k, v in res.items()})
             counts["PASS" if res["status"] == "PASS" else "FAIL"] += 1
-            log(f"{case.name:44} {b:7} {dname:9} {res['status']:5} out {_fmt(res.get('out_abs', ''))}"
-                f" grad {_fmt(res.get('grad_err', ''))} ({dt:.1f} s) {res.get('note', '')}")
+            log(f"{case.name:44} {b:7} {dname:9} {res['status']:5} "
+                f"out {_fmt(res.get('out_abs', ''))} grad {_fmt(res.get('grad_err', ''))} "
+                f"({dt:.1f} s) {res.get('note', '')}")
         del ref
         if device.type == "cuda":
             torch.cuda.empty_cache()

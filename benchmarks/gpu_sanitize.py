@@ -159,7 +159,7 @@ def main(argv=None) -> int:
     from rlkernels.cuda import cuda_status, load_extension
 
     if cuda_status() != "ok":
-        print(f"cuda backend unavailable: {cuda_status()}")
+        print(f"NOTE: cuda backend unavailable: {cuda_status()}")
         return 2
     if os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING") != "1":
         print("warning: PYTORCH_NO_CUDA_MEMORY_CACHING=1 is not set: memcheck misses "

@@ -26,7 +26,7 @@ from rlkernels import backends
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
-STEPS = ("env", "ext", "parity", "tests", "memcheck", "racecheck", "synccheck", "headline",
+STEPS = ("env", "ext", "parity", "tests", "sanitizers", "headline",
          "trainer", "grid")
 sys.path.insert(0, str(BENCH))
 
