@@ -242,6 +242,25 @@ def test_policy_loss_dual_clip_metrics_nonzero():
     assert metrics2 == pytest.approx(metrics, rel=1e-5, abs=1e-7)
 
 
+@pytest.mark.parametrize("mode", ["token-mean", "token-sum"])
+def test_policy_loss_vanilla_nan_at_masked_positions(mode):
+    """Issue 16: NaN log-probs at masked positions: verl's ppo_kl stays finite and so does the
+    bridge's (it used to be NaN); the loss and gradient equal verl's."""
+    old, lp, A, m = _ppo_inputs()
+    lp = torch.where(m != 0, lp, torch.full_like(lp, float("nan")))
+    old = torch.where(m != 0, old, torch.full_like(old, float("nan")))
+    cfg = _cfg(0.2, 0.28, 3.0)
+    x, y = lp.clone().requires_grad_(True), lp.clone().requires_grad_(True)
+    want, want_m = V["compute_policy_loss_vanilla"](old, y, A, m, mode, cfg)
+    got, got_m = rv.compute_policy_loss_vanilla_metrics(old, x, A, m, mode, cfg)
+    assert all(np.isfinite(v) for v in want_m.values())
+    assert got_m == pytest.approx(want_m, rel=1e-5, abs=1e-7)
+    close(got, want, atol=1e-6)
+    got.backward()
+    want.backward()
+    close(x.grad, y.grad.nan_to_num(), atol=1e-7)  # verl's masked gradient is NaN * 0
+
+
 def test_policy_loss_rollout_is_weights():
     old, lp, A, m = _ppo_inputs()
     w = torch.rand(lp.shape, generator=torch.Generator().manual_seed(5)) * 2
