@@ -38,8 +38,9 @@ Method and assumptions (state them with every number):
    (compilers put the likely side in line and move rare sides such as "a new row max:
    rescale" out of line; an ``if`` body without ``else`` is counted, so a rare one
    over-counts). Where an alignment test sits inside the loop and the layout path took the
-   scalar side, the walk is redone towards the 16-byte accesses. A nested loop's body on that path counts once. A Triton loop is straight
-   line code (predication), so its path is the whole body. Bytes, ``BAR``, ``SHFL``, ``MUFU``
+   scalar side, the walk is redone towards the 16-byte accesses. A nested loop's body on
+   that path counts once. A Triton loop is straight line code (predication), so its path is
+   the whole body. Bytes, ``BAR``, ``SHFL``, ``MUFU``
    are counted on the same path; ``NOP`` is not counted.
 4. **The ratio** of a loop is its issue time over the DRAM time of the bytes it moves::
 

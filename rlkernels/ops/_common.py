@@ -9,9 +9,32 @@ from .. import _checks, backends
 Tensor = torch.Tensor
 
 
-def rows(x: Tensor) -> Tensor:
-    """``[..., V] -> [N, V]``: a view when the leading dims merge, else one copy."""
-    return x.reshape(-1, x.shape[-1])
+def rows(x: Tensor, strided: bool = False) -> Tensor:
+    """``[..., V] -> [N, V]``: a view when the leading dims merge. Otherwise, with
+    ``strided`` (the backend's kernels read rows through two strides), a ``[A, B, V]`` view
+    when the leading dims merge into two: ``logits[:, :-1]`` of ``[B, T, V]`` logits (the
+    TRL / verl call) reaches the kernels without a copy. Else one copy."""
+    v = x.shape[-1]
+    if x.dim() == 2:
+        return x
+    try:
+        return x.view(-1, v)
+    except RuntimeError:
+        pass
+    if strided:
+        for split in range(1, x.dim() - 1):
+            try:
+                return x.view(*_merged(x.shape[:split]), *_merged(x.shape[split:-1]), v)
+            except RuntimeError:
+                continue
+    return x.reshape(-1, v)
+
+
+def _merged(shape) -> tuple:
+    n = 1
+    for d in shape:
+        n *= d
+    return (n,)
 
 
 def out_dtype(dtype: torch.dtype) -> torch.dtype:

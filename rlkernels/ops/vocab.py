@@ -22,6 +22,21 @@ Tensor = torch.Tensor
 _FAMILY = "vocab"
 
 
+def _n_rows(logits: Tensor) -> int:
+    """Rows of the ``[N, V]`` or ``[A, B, V]`` logits a custom op receives (see ``rows``)."""
+    n = 1
+    for d in logits.shape[:-1]:
+        n *= d
+    return n
+
+
+def _rows_for(logits: Tensor, backend: str) -> Tensor:
+    """``rows(logits)``, as a two-stride ``[A, B, V]`` view instead of a copy when the
+    backend's kernels read such rows (its module says ``STRIDED_ROWS = True``)."""
+    module = backends._module(backend, _FAMILY)
+    return rows(logits, strided=bool(getattr(module, "STRIDED_ROWS", False)))
+
+
 # =============================================================== token_logprobs / entropy
 
 @torch.library.custom_op("rlkernels::token_logprobs", mutates_args=())
@@ -34,7 +49,7 @@ def _token_logprobs_op(logits: Tensor, tokens: Optional[Tensor], temperature: fl
 
 @_token_logprobs_op.register_fake
 def _(logits, tokens, temperature, ignore_index, with_entropy, backend):
-    n = logits.shape[0]
+    n = _n_rows(logits)
     dt = out_dtype(logits.dtype)
     return (logits.new_empty(n, dtype=dt), logits.new_empty(n, dtype=dt),
             logits.new_empty(n, 3, dtype=dt))
@@ -89,7 +104,7 @@ def _token_logprobs_vp_op(logits: Tensor, tokens: Optional[Tensor], temperature:
 
 @_token_logprobs_vp_op.register_fake
 def _(logits, tokens, temperature, ignore_index, with_entropy, group, backend):
-    n = logits.shape[0]
+    n = _n_rows(logits)
     dt = out_dtype(logits.dtype)
     local_tokens = logits.new_empty(n if tokens is not None else 0, dtype=torch.int64)
     return (logits.new_empty(n, dtype=dt), logits.new_empty(n, dtype=dt),
@@ -166,8 +181,8 @@ def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
         logp, ent, _, _ = _token_logprobs_vp_op(rows(logits), tokens.reshape(-1), t,
                                                 ignore_index, return_entropy, handle, name)
     else:
-        logp, ent, _ = _token_logprobs_op(rows(logits), tokens.reshape(-1), t, ignore_index,
-                                          return_entropy, name)
+        logp, ent, _ = _token_logprobs_op(_rows_for(logits, name), tokens.reshape(-1), t,
+                                          ignore_index, return_entropy, name)
     shape = tokens.shape
     if return_entropy:
         return logp.view(shape), ent.view(shape)
@@ -191,7 +206,7 @@ def entropy(logits: Tensor, *, temperature: float = 1.0, backend: Optional[str] 
     if handle is not None:
         _, ent, _, _ = _token_logprobs_vp_op(rows(logits), None, t, -100, True, handle, name)
         return ent.view(logits.shape[:-1])
-    _, ent, _ = _token_logprobs_op(rows(logits), None, t, -100, True, name)
+    _, ent, _ = _token_logprobs_op(_rows_for(logits, name), None, t, -100, True, name)
     return ent.view(logits.shape[:-1])
 
 
@@ -210,7 +225,7 @@ def _sparse_logprobs_op(logits: Tensor, indices: Tensor, temperature: float, nor
 @_sparse_logprobs_op.register_fake
 def _(logits, indices, temperature, normalize, with_tail, backend):
     dt = out_dtype(logits.dtype)
-    n = logits.shape[0]
+    n = _n_rows(logits)
     return (logits.new_empty(indices.shape, dtype=dt), logits.new_empty(n, dtype=dt),
             logits.new_empty(n, 3, dtype=dt))
 
@@ -298,8 +313,8 @@ def sparse_logprobs(logits: Tensor, indices: Tensor, *, temperature: float = 1.0
     _checks.flag("return_tail", return_tail)
     name = backends.resolve(backend, _FAMILY, "sparse_logprobs", logits.device)
     k = indices.shape[-1]
-    logp, tail, _ = _sparse_logprobs_op(rows(logits), indices.reshape(-1, k), t, normalize,
-                                        return_tail, name)
+    logp, tail, _ = _sparse_logprobs_op(_rows_for(logits, name), indices.reshape(-1, k), t,
+                                        normalize, return_tail, name)
     logp = logp.view(indices.shape)
     return (logp, tail.view(logits.shape[:-1])) if return_tail else logp
 
@@ -344,7 +359,7 @@ def _sparse_kl_op(logits: Tensor, indices: Tensor, target_logprobs: Tensor, temp
 @_sparse_kl_op.register_fake
 def _(logits, indices, target_logprobs, temperature, with_tail, backend):
     dt = out_dtype(logits.dtype)
-    n = logits.shape[0]
+    n = _n_rows(logits)
     return (logits.new_empty(n, dtype=dt), logits.new_empty(n, dtype=dt),
             logits.new_empty(n, 3, dtype=dt))
 
@@ -409,7 +424,7 @@ def sparse_kl(logits: Tensor, indices: Tensor, target_logprobs: Tensor, *,
     _checks.flag("tail", tail)
     name = backends.resolve(backend, _FAMILY, "sparse_kl", logits.device)
     k = indices.shape[-1]
-    kl, _, _ = _sparse_kl_op(rows(logits), indices.reshape(-1, k),
+    kl, _, _ = _sparse_kl_op(_rows_for(logits, name), indices.reshape(-1, k),
                              target_logprobs.detach().reshape(-1, k), t, tail, name)
     return kl.view(logits.shape[:-1])
 
@@ -430,7 +445,7 @@ def _kl_divergence_op(logits: Tensor, ref_logits: Tensor, ignore_mask: Optional[
 @_kl_divergence_op.register_fake
 def _(logits, ref_logits, ignore_mask, kind, beta, temperature, backend):
     dt = out_dtype(logits.dtype)
-    n = logits.shape[0]
+    n = _n_rows(logits)
     return (logits.new_empty(n, dtype=dt), logits.new_empty(n, 3, dtype=dt),
             logits.new_empty(n, 3, dtype=dt))
 
@@ -493,7 +508,7 @@ def _kl_divergence_vp_op(logits: Tensor, ref_logits: Tensor, ignore_mask: Option
 @_kl_divergence_vp_op.register_fake
 def _(logits, ref_logits, ignore_mask, kind, beta, temperature, group, backend):
     dt = out_dtype(logits.dtype)
-    n = logits.shape[0]
+    n = _n_rows(logits)
     return (logits.new_empty(n, dtype=dt), logits.new_empty(n, 3, dtype=dt),
             logits.new_empty(n, 3, dtype=dt))
 
@@ -560,7 +575,8 @@ def kl_divergence(logits: Tensor, ref_logits: Tensor, *, kind: str = "reverse",
         kl, _, _ = _kl_divergence_vp_op(rows(logits), rows(ref_logits), mask, kind, beta, t,
                                         handle, name)
     else:
-        kl, _, _ = _kl_divergence_op(rows(logits), rows(ref_logits), mask, kind, beta, t, name)
+        kl, _, _ = _kl_divergence_op(_rows_for(logits, name), _rows_for(ref_logits, name),
+                                     mask, kind, beta, t, name)
     return kl.view(logits.shape[:-1])
 
 

@@ -78,6 +78,26 @@ def unit_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
 
 
+def n_rows(x: torch.Tensor) -> int:
+    """Rows of ``x [..., V]`` (the product of its leading dims)."""
+    n = 1
+    for d in x.shape[:-1]:
+        n *= d
+    return n
+
+
+def row_layout(x: torch.Tensor) -> Tuple[int, int, int]:
+    """``(inner, stride_outer, stride_inner)`` of ``x [N, V]`` or ``[A, B, V]``: row ``r``
+    starts ``(r // inner) * stride_outer + (r % inner) * stride_inner`` elements after
+    ``x``'s pointer (:func:`row_offset`). A ``[B, T - 1, V]`` slice of ``[B, T, V]`` logits
+    (``logits[:, :-1]``) is read in place this way, with no copy. ``inner == 1`` for 2-D
+    ``x``: Triton specializes an int argument equal to 1 as a constant, so a 2-D row costs
+    one multiply, as before."""
+    if x.dim() == 3:
+        return max(x.shape[1], 1), x.stride(0), x.stride(1)
+    return 1, row_stride(x), 0
+
+
 def row_stride(x: torch.Tensor) -> int:
     """Stride between rows of ``x [N, V]`` (any value when ``N <= 1``)."""
     return x.stride(0) if x.dim() == 2 else 0
@@ -93,6 +113,12 @@ def device_guard(t: torch.Tensor):
 
 
 # ----------------------------------------------------------------------------- jit helpers
+
+@triton.jit
+def row_offset(row, inner, stride_outer, stride_inner):
+    """Element offset of row ``row`` (int64) in the layout of :func:`row_layout`."""
+    return (row // inner) * stride_outer + (row % inner) * stride_inner
+
 
 @triton.jit
 def mul_hl(x, hi, lo, IS_FP64: tl.constexpr):
@@ -198,3 +224,74 @@ def online_block(z, offs, m, rest, s1, WITH_S1: tl.constexpr):
     rest = (rest * scale + tl.where(is_new, scale, 0.0)
             + tl.sum(tl.where(offs == skip_col, 0.0, e), 0))
     return m_new, rest, s1
+
+
+# ------------------------------------------------------- per-lane online softmax (hot loops)
+#
+# The streaming loops keep the softmax statistics PER LANE (one state per element of the
+# [BLOCK_V] block, carried across loop steps) and reduce across lanes once per row, after the
+# loop: no block reduction (barriers, shuffles) inside the loop. A lane's state is
+#   m: the max of its raw logits x (not z = x / T: the saved row max is then exactly
+#      max(z) as every kernel computes z, which keeps p_max = 1 - rest exact in backward),
+#   r: sum of 2^{(x - m) c} over its columns but ONE arg-max (c = log2(e) / T), so that
+#      log s = log1p(rest) keeps 1 - p_max exact (nothing is ever subtracted),
+#   t: sum of 2^{(x - m) c} (x - m) c over its columns (entropy; <= 0, log2 units),
+# updated per element without a branch: with d = (x - m) c,
+#   new = d > 0;  e = 2^{-|d|};  s = new ? e : 1
+#   r' = r s + e                     (new: (r + 1) e, the old max becomes an ordinary column)
+#   t' = t s + d (new ? -r' : e)     (new: e (t - d (r + 1)); otherwise t + e d)
+#   m' = max(m, x)
+# A lane starts at m = LANE_FLOOR (finite, so that -inf columns give e = 0 and no NaN); a
+# NaN logit makes r NaN. Logits at or below LANE_FLOOR count as -inf.
+LANE_FLOOR = -1.0e30
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def exp2_(x, IS_FP64: tl.constexpr):
+    """``2^x``: the MUFU ``ex2`` in fp32; ``exp(x ln 2)`` in fp64."""
+    if IS_FP64:
+        return tl.exp(x * 0.6931471805599453)
+    else:
+        return tl.exp2(x)
+
+
+@triton.jit
+def lane_step(x, m, r, t, c, WITH_T: tl.constexpr, IS_FP64: tl.constexpr):
+    """Fold one block of raw logits ``x`` into the per-lane state ``(m, r, t)`` (the comment
+    above); ``c = log2(e) / T``."""
+    d = (x - m) * c
+    new = d > 0.0
+    e = exp2_(-tl.abs(d), IS_FP64)
+    s = tl.where(new, e, 1.0)
+    r = r * s + e
+    if WITH_T:
+        # -inf columns: e = 0 and d = -inf; the floor keeps 0 * d = 0
+        t = t * s + tl.maximum(d, -3.0e38) * tl.where(new, -r, e)
+    m = tl.maximum(m, x)
+    return m, r, t
+
+
+@triton.jit
+def lane_merge(m, r, t, lanes, c, BLOCK: tl.constexpr, WITH_T: tl.constexpr,
+               IS_FP64: tl.constexpr):
+    """The row's ``(max raw logit, rest, T)`` from the per-lane states, ``rest`` as in
+    :func:`online_block` (every column but one arg-max: the first lane holding the max keeps
+    its arg-max out, every other lane's arg-max becomes ordinary), ``T = sum 2^{(x - M) c}
+    (x - M) c`` (log2 units, <= 0). A row with no column above ``LANE_FLOOR`` (all ``-inf``)
+    gives ``(-inf, 0, 0)``."""
+    big = tl.max(m, 0)
+    first = tl.min(tl.where(m == big, lanes, BLOCK), 0)
+    dm = (m - big) * c
+    sc = exp2_(dm, IS_FP64)  # 0 for lanes that saw no finite column
+    rest = tl.sum(r * sc + tl.where(lanes == first, 0.0, sc), 0)
+    tt = rest * 0.0
+    if WITH_T:
+        # a lane's terms move to the row max: sc (t + dm (r + 1))
+        tt = tl.sum(tl.where(sc == 0.0, 0.0, sc * (t + dm * (r + 1.0))), 0)
+    empty = big <= -1.0e30
+    big = tl.where(empty, float("-inf"), big)
+    rest = tl.where(empty, 0.0, rest)
+    tt = tl.where(empty, 0.0, tt)
+    return big, rest, tt

@@ -45,6 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import n_rows, row_layout, row_offset
+
 Tensor = torch.Tensor
 
 # Sorted-id value of an unused slot (or an id outside [0, V)): larger than any column.
@@ -145,7 +147,7 @@ def _slot_ids(idx_row, koffs, K, V):
 
 @triton.jit
 def _sparse_fwd_kernel(
-    x_ptr, stride_x, V,
+    x_ptr, inner_x, stride_x, stride_x1, V,
     idx_ptr, stride_idx, K,
     sid_ptr, seg_ptr, stride_seg,
     tgt_ptr, stride_tgt,
@@ -155,7 +157,7 @@ def _sparse_fwd_kernel(
     BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, KC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * stride_x
+    x_row = x_ptr + row_offset(row, inner_x, stride_x, stride_x1)
     lanes = tl.arange(0, BLOCK_V)
 
     m = tl.full([], float("-inf"), CDT)
@@ -247,7 +249,7 @@ def _sparse_fwd_kernel(
 
 @triton.jit
 def _sparse_bwd_kernel(
-    x_ptr, stride_x, V, grad_ptr, stride_grad,
+    x_ptr, inner_x, stride_x, stride_x1, V, grad_ptr, stride_grad,
     idx_ptr, stride_idx, K,
     sid_ptr, perm_ptr, seg_ptr, stride_seg,
     gk_ptr, stride_gk, lp_ptr, stride_lp,
@@ -260,7 +262,7 @@ def _sparse_bwd_kernel(
     forward's log-probs (MODE 1). ``WITH_TAIL``: a tail gradient (MODE 0/1) or the tail bucket
     (MODE 2)."""
     row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * stride_x
+    x_row = x_ptr + row_offset(row, inner_x, stride_x, stride_x1)
     g_row_ptr = grad_ptr + row * stride_grad
     idx_row = idx_ptr + row * stride_idx
     gk_row = gk_ptr + row * stride_gk
@@ -394,6 +396,8 @@ def _kc(k: int) -> int:
 
 
 def _rows2d(t: Tensor) -> Tensor:
+    """``t`` with unit stride along its last dim (a copy only when it has not); its rows
+    may have any layout :func:`._common.row_layout` describes."""
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
@@ -416,7 +420,7 @@ def _sorted_segments(indices: Tensor, vocab: int, block_v: int
 def _forward(logits: Tensor, indices: Tensor, target: Optional[Tensor], temperature: float,
              mode: int, with_tail: bool, block_v: Optional[int]
              ) -> Tuple[Tensor, Tensor, Tensor]:
-    n, vocab = logits.shape
+    vocab, n = logits.shape[-1], n_rows(logits)
     k = indices.shape[1]
     cdt = _cdt(logits.dtype)
     out = logits.new_empty((n,) if mode == _MODE_KL else (n, k), dtype=cdt)
@@ -433,7 +437,7 @@ def _forward(logits: Tensor, indices: Tensor, target: Optional[Tensor], temperat
         sid = seg = indices  # unused
     tgt = target.contiguous() if target is not None else out
     _sparse_fwd_kernel[(n,)](
-        logits, logits.stride(0), vocab,
+        logits, *row_layout(logits), vocab,
         indices, indices.stride(0), k,
         sid, seg, seg.stride(0),
         tgt, tgt.stride(0) if target is not None else 0,
@@ -449,10 +453,10 @@ def _backward(logits: Tensor, indices: Tensor, gk: Optional[Tensor], lp: Optiona
               tail: Optional[Tensor], g_tail: Optional[Tensor], g_kl: Optional[Tensor],
               stats: Tensor, temperature: float, mode: int, with_tail: bool,
               block_v: Optional[int]) -> Tensor:
-    n, vocab = logits.shape
+    vocab, n = logits.shape[-1], n_rows(logits)
     k = indices.shape[1]
     cdt = _cdt(logits.dtype)
-    grad = torch.empty((n, vocab), dtype=logits.dtype, device=logits.device)
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     if n == 0:
         return grad
     block_v = block_v or _default_block_v(vocab)
@@ -468,7 +472,7 @@ def _backward(logits: Tensor, indices: Tensor, gk: Optional[Tensor], lp: Optiona
     g_tail = stats if g_tail is None else g_tail.contiguous()
     g_kl = stats if g_kl is None else g_kl.contiguous()
     _sparse_bwd_kernel[(n,)](
-        logits, logits.stride(0), vocab, grad, grad.stride(0),
+        logits, *row_layout(logits), vocab, grad, vocab,  # grad: contiguous
         indices, indices.stride(0), k,
         sid, perm, seg, seg.stride(0),
         gk, gk.stride(0), lp, lp.stride(0),

@@ -7,19 +7,24 @@ on ``N``: batch invariance and determinism without atomics), looping over the vo
 ``BLOCK_V`` columns (a power of two, :func:`._common.block_v`); columns past ``V`` load as
 ``-inf``; row offsets are int64.
 
-* ``token_logprobs`` forward: ONE pass over the row. An online softmax keeps the running max
-  ``m``, ``rest`` (every column but one arg-max, :func:`._common.online_block`) and, with the
-  entropy, ``S1 = sum exp(z - m) (z - m)``. It saves ``stats = (m, log1p(rest), S1 / (1 +
-  rest))`` (the last is ``sum p (z - m)``, 0 without the entropy), and reads the token's logit
+* ``token_logprobs`` forward: ONE pass over the row with per-lane online statistics
+  (:func:`._common.lane_step`: each element of the block keeps its own running max, ``rest``
+  and, with the entropy, ``S1``; no block reduction inside the loop; one ``ex2`` per
+  element with ``log2(e) / T`` folded into one multiply) merged once per row
+  (:func:`._common.lane_merge`). It saves ``stats = (m, log1p(rest), S1 / (1 + rest))``
+  (the last is ``sum p (z - m)``, 0 without the entropy), and reads the token's logit
   directly. Backward: ONE pass, reading the row and writing the gradient once (in place when
   ``out`` is ``logits``).
-* ``kl_divergence`` forward: TWO passes over the row pair (``logits``, ``ref_logits``): the
-  first computes the statistics of both rows, the second the KL sums, which need ``log p =
-  (z - m) - log s`` and so the complete first pass (a one-pass form that rescales ``sum p (z -
-  w)`` online would lose digits to cancellation, and none exists for the JSD). It saves
-  ``stats_p[:, 2] = sum p a_p`` and ``stats_q[:, 2] = sum q a_q`` as the reference does, so
-  backward is ONE pass over the pair. ``kl_divergence_partial_forward`` runs the second pass
-  only, on statistics it is given (vocabulary parallelism: the all-shard ones).
+* ``kl_divergence`` forward, reverse and forward KL: ONE pass over the row pair
+  (``KL(a || b) = sum a (z_a - z_b) - lse_a + lse_b`` with the first sum rescaled online like
+  the softmax sums; docs/math.md). JSD: TWO passes, the first for the statistics of both rows
+  (per lane), the second for the terms, which need ``log p`` and ``log q`` normalized (no
+  one-pass form exists: docs/math.md). The saved ``stats_p[:, 2] = sum p a_p`` and
+  ``stats_q[:, 2] = sum q a_q`` are the reference's, so backward is ONE pass over the pair.
+  ``kl_divergence_partial_forward`` runs the second pass only, on statistics it is given
+  (vocabulary parallelism: the all-shard ones).
+* Rows: ``[N, V]`` with any row stride, or ``[A, B, V]`` views (``logits[:, :-1]``) read
+  through two strides (:func:`._common.row_layout`), never copied.
 
 Rows whose token is ``ignore_index`` (or whose ``ignore_mask`` is True) are not read at all:
 their outputs are 0, their saved statistics are 0 (backward never reads them), and backward
@@ -36,21 +41,26 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (block_v, compute_dtype, const_hl, device_guard, expm1, log1p,
-                      logaddexp, mul_hl, num_warps, online_block, row_stride, split,
-                      tl_compute_dtype, unit_stride, xmul0)
+from ._common import (LOG2E, block_v, compute_dtype, const_hl, device_guard, exp2_, expm1,
+                      lane_merge, lane_step, log1p, logaddexp, mul_hl, n_rows, num_warps,
+                      row_layout, row_offset, split, tl_compute_dtype,
+                      unit_stride, xmul0)
 
 Tensor = torch.Tensor
 
 _KINDS = {"reverse": 0, "forward": 1, "jsd": 2}
+
+# The launchers read [A, B, V] logits through two row strides (_common.row_layout): the op
+# layer hands them logits[:, :-1] as a view, not a copy.
+STRIDED_ROWS = True
 
 
 # ================================================================== token_logprobs / entropy
 
 @triton.jit
 def _token_logprobs_fwd_kernel(
-        x_ptr, stride_x, tok_ptr, stride_tok, logp_ptr, ent_ptr, stats_ptr,
-        V, inv_t_hi, inv_t_lo, ignore_index,
+        x_ptr, inner_x, stride_x, stride_x1, tok_ptr, stride_tok, logp_ptr, ent_ptr, stats_ptr,
+        V, inv_t_hi, inv_t_lo, c_hi, c_lo, ignore_index,
         HAS_TOKENS: tl.constexpr, WITH_ENTROPY: tl.constexpr, IS_FP64: tl.constexpr,
         CDT: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -69,23 +79,31 @@ def _token_logprobs_fwd_kernel(
         tl.store(stats_ptr + row * 3 + 1, zero)
         tl.store(stats_ptr + row * 3 + 2, zero)
     else:
-        base = x_ptr + row * stride_x
+        base = x_ptr + row_offset(row, inner_x, stride_x, stride_x1)
         offs = tl.arange(0, BLOCK_V)
-        m = tl.full([], float("-inf"), CDT)
-        rest = tl.zeros([], CDT)
-        s1 = tl.zeros([], CDT)
-        for start in range(0, V, BLOCK_V):
-            cols = start + offs
+        c = const_hl(zero, c_hi, c_lo, IS_FP64)  # log2(e) / T
+        # per-lane statistics (_common.lane_step): no block reduction inside the loop
+        m = tl.full([BLOCK_V], -1.0e30, CDT)
+        r = tl.zeros([BLOCK_V], CDT)
+        t = tl.zeros([BLOCK_V], CDT)
+        # full blocks without a mask, then the partial last block (masked: -inf past V)
+        v_full = V - V % BLOCK_V
+        for start in range(0, v_full, BLOCK_V):
+            x = tl.load(base + start + offs).to(CDT)
+            m, r, t = lane_step(x, m, r, t, c, WITH_ENTROPY, IS_FP64)
+        if v_full < V:
+            cols = v_full + offs
             x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(CDT)
-            z = mul_hl(x, inv_t_hi, inv_t_lo, IS_FP64)
-            m, rest, s1 = online_block(z, offs, m, rest, s1, WITH_ENTROPY)
+            m, r, t = lane_step(x, m, r, t, c, WITH_ENTROPY, IS_FP64)
+        mx, rest, s1 = lane_merge(m, r, t, offs, c, BLOCK_V, WITH_ENTROPY, IS_FP64)
+        m = mul_hl(mx, inv_t_hi, inv_t_lo, IS_FP64)  # max z, rounded as every z is
         log_s = log1p(rest, IS_FP64)
         tl.store(stats_ptr + row * 3, m)
         tl.store(stats_ptr + row * 3 + 1, log_s)
         if WITH_ENTROPY:
-            # sum p (z - m) = S1 / S0 with S0 = 1 + rest; S1 <= 0, so H = log s - S1 / S0
-            # adds two non-negative terms (exact on peaked rows)
-            sum_pzs = s1 / (1.0 + rest)
+            # sum p (z - m) = ln 2 S1 / S0 with S0 = 1 + rest (S1 in log2 units); S1 <= 0,
+            # so H = log s - S1 / S0 adds two non-negative terms (exact on peaked rows)
+            sum_pzs = s1 / (1.0 + rest) * 0.6931471805599453
             tl.store(stats_ptr + row * 3 + 2, sum_pzs)
             tl.store(ent_ptr + row, log_s - sum_pzs)
         else:
@@ -105,23 +123,33 @@ def _token_logprobs_fwd_kernel(
 
 @triton.jit
 def _token_logprobs_bwd_kernel(
-        glp_ptr, stride_glp, gh_ptr, stride_gh, x_ptr, stride_x, tok_ptr, stride_tok,
-        stats_ptr, stride_s0, stride_s1, out_ptr, stride_out,
+        glp_ptr, stride_glp, gh_ptr, stride_gh, x_ptr, inner_x, stride_x, stride_x1,
+        tok_ptr, stride_tok, stats_ptr, stride_s0, stride_s1,
+        out_ptr, inner_out, stride_out, stride_out1,
         V, inv_t_hi, inv_t_lo, ignore_index,
         HAS_TOKENS: tl.constexpr, HAS_GLP: tl.constexpr, HAS_GH: tl.constexpr,
         IS_FP64: tl.constexpr, CDT: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
+    skip = row < 0
     if HAS_TOKENS:
         tok = tl.load(tok_ptr + row * stride_tok).to(tl.int64)
         skip = tok == ignore_index
     else:
         tok = -1
-        skip = False
-    base = x_ptr + row * stride_x
-    obase = out_ptr + row * stride_out
+    if HAS_GLP or HAS_GH:
+        # upstream gradients all exactly 0 (a masked position of a loss): the gradient row
+        # is exactly 0 and the logits are not read (they may hold anything)
+        up_zero = row >= 0
+        if HAS_GLP:
+            up_zero = up_zero & (tl.load(glp_ptr + row * stride_glp) == 0)
+        if HAS_GH:
+            up_zero = up_zero & (tl.load(gh_ptr + row * stride_gh) == 0)
+        skip = skip | up_zero
+    base = x_ptr + row_offset(row, inner_x, stride_x, stride_x1)
+    obase = out_ptr + row_offset(row, inner_out, stride_out, stride_out1)
     offs = tl.arange(0, BLOCK_V)
     if skip:
-        # padding: an exactly-zero gradient row, the logits are not read
+        # padding or zero upstream: an exactly-zero gradient row, the logits are not read
         for start in range(0, V, BLOCK_V):
             cols = start + offs
             tl.store(obase + cols, tl.zeros([BLOCK_V], CDT).to(out_ptr.dtype.element_ty),
@@ -147,19 +175,38 @@ def _token_logprobs_bwd_kernel(
         if HAS_GH:
             g_h = mul_hl(tl.load(gh_ptr + row * stride_gh).to(CDT), inv_t_hi, inv_t_lo,
                          IS_FP64)
-        for start in range(0, V, BLOCK_V):
+        # full blocks without a mask, then the partial last block
+        v_full = V - V % BLOCK_V
+        for start in range(0, v_full, BLOCK_V):
             cols = start + offs
+            x = tl.load(base + cols).to(CDT)
+            g = _tok_grad(x, cols, tok, tok_grad, g_lp, g_h, m, log_s, sum_pzs, inv_t_hi,
+                          inv_t_lo, HAS_GLP, HAS_GH, IS_FP64, CDT)
+            tl.store(obase + cols, g.to(out_ptr.dtype.element_ty))
+        if v_full < V:
+            cols = v_full + offs
             inb = cols < V
             x = tl.load(base + cols, mask=inb, other=float("-inf")).to(CDT)
-            zs = mul_hl(x, inv_t_hi, inv_t_lo, IS_FP64) - m
-            p = tl.exp(zs - log_s)
-            g = tl.zeros([BLOCK_V], CDT)
-            if HAS_GLP:
-                g = tl.where(cols == tok, tok_grad, -g_lp * p)
-            if HAS_GH:
-                # d H / d z = -p (z - sum p z), on max-shifted logits
-                g = g - g_h * xmul0(p, zs - sum_pzs)
+            g = _tok_grad(x, cols, tok, tok_grad, g_lp, g_h, m, log_s, sum_pzs, inv_t_hi,
+                          inv_t_lo, HAS_GLP, HAS_GH, IS_FP64, CDT)
             tl.store(obase + cols, g.to(out_ptr.dtype.element_ty), mask=inb)
+
+
+@triton.jit
+def _tok_grad(x, cols, tok, tok_grad, g_lp, g_h, m, log_s, sum_pzs, inv_t_hi, inv_t_lo,
+              HAS_GLP: tl.constexpr, HAS_GH: tl.constexpr, IS_FP64: tl.constexpr,
+              CDT: tl.constexpr):
+    """The gradient of one block of a row: ``g_lp (onehot - p) - g_h p (z - sum p z)``
+    (the token's own column from the exact ``tok_grad``)."""
+    zs = mul_hl(x, inv_t_hi, inv_t_lo, IS_FP64) - m
+    p = tl.exp(zs - log_s)
+    g = tl.zeros(x.shape, CDT)
+    if HAS_GLP:
+        g = tl.where(cols == tok, tok_grad, -g_lp * p)
+    if HAS_GH:
+        # d H / d z = -p (z - sum p z), on max-shifted logits
+        g = g - g_h * xmul0(p, zs - sum_pzs)
+    return g
 
 
 def token_logprobs_forward(logits: Tensor, tokens: Optional[Tensor], temperature: float,
@@ -168,7 +215,7 @@ def token_logprobs_forward(logits: Tensor, tokens: Optional[Tensor], temperature
     """Returns ``(logp [N], entropy [N], stats [N, 3])`` like the reference (fp32, fp64 for
     fp64 logits). ``tokens=None``: entropy only, every row computed, ``logp`` all 0. Padding
     rows: 0 outputs, ``stats`` row 0 (never read)."""
-    n, vocab = logits.shape
+    vocab, n = logits.shape[-1], n_rows(logits)
     x = unit_stride(logits)
     cdt = compute_dtype(x.dtype)
     logp = x.new_empty(n, dtype=cdt)
@@ -182,8 +229,8 @@ def token_logprobs_forward(logits: Tensor, tokens: Optional[Tensor], temperature
     tok = tokens if has_tokens else logp  # a dummy pointer, never read
     with device_guard(x):
         _token_logprobs_fwd_kernel[(n,)](
-            x, row_stride(x), tok, tok.stride(0) if has_tokens else 0, logp, ent, stats,
-            vocab, hi, lo, int(ignore_index),
+            x, *row_layout(x), tok, tok.stride(0) if has_tokens else 0, logp, ent, stats,
+            vocab, hi, lo, *split(LOG2E / temperature), int(ignore_index),
             HAS_TOKENS=has_tokens, WITH_ENTROPY=bool(with_entropy),
             IS_FP64=cdt == torch.float64, CDT=tl_compute_dtype(cdt), BLOCK_V=block,
             num_warps=num_warps(block))
@@ -195,13 +242,15 @@ def token_logprobs_backward(grad_logp: Optional[Tensor], grad_entropy: Optional[
                             temperature: float, ignore_index: int,
                             out: Optional[Tensor] = None) -> Tensor:
     """Gradient w.r.t. ``logits`` in its dtype: ``(g (onehot(y) - p) - g_H p (z - sum p z))
-    / T``, exactly 0 on padding rows. ``out`` may be ``logits`` itself (in-place backward:
-    each program reads a block of its row before it writes it)."""
-    n, vocab = logits.shape
+    / T``, exactly 0 on padding rows and on rows whose given upstream gradients are all
+    exactly 0 (masked positions of a loss): those rows are not read, so NaN / inf there does
+    not leak into the gradient. ``out`` may be ``logits`` itself (in-place backward: each
+    program reads a block of its row before it writes it)."""
+    vocab, n = logits.shape[-1], n_rows(logits)
     x = unit_stride(logits)
     cdt = compute_dtype(x.dtype)
     if out is None:
-        out = torch.empty((n, vocab), dtype=logits.dtype, device=logits.device)
+        out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     if n == 0:
         return out
     # the kernel writes unit-stride rows; anything else goes through a temporary
@@ -218,8 +267,8 @@ def token_logprobs_backward(grad_logp: Optional[Tensor], grad_entropy: Optional[
     with device_guard(x):
         _token_logprobs_bwd_kernel[(n,)](
             glp, glp.stride(0) if has_glp else 0, gh, gh.stride(0) if has_gh else 0,
-            x, row_stride(x), tok, tok.stride(0) if has_tokens else 0,
-            stats, stats.stride(0), stats.stride(1), dst, row_stride(dst),
+            x, *row_layout(x), tok, tok.stride(0) if has_tokens else 0,
+            stats, stats.stride(0), stats.stride(1), dst, *row_layout(dst),
             vocab, hi, lo, int(ignore_index),
             HAS_TOKENS=has_tokens, HAS_GLP=has_glp, HAS_GH=has_gh,
             IS_FP64=cdt == torch.float64, CDT=tl_compute_dtype(cdt), BLOCK_V=block,
@@ -250,12 +299,49 @@ def _jsd_a(logp, logq, beta, omb, lb, l1b, IS_FP64: tl.constexpr):
 
 
 @triton.jit
+def _kl_lane_step(xa, xb, m_a, r_a, acc, m_b, r_b, c, IS_FP64: tl.constexpr):
+    """One block of the one-pass KL: per-lane (max, rest) of both rows (_common.lane_step)
+    and ``acc = sum 2^{(x_a - m_a) c} (x_a - x_b)`` over the weighting row ``a``, rescaled
+    with its running max (a column with weight 0 adds 0, whatever ``x_a - x_b`` is)."""
+    d = (xa - m_a) * c
+    new = d > 0.0
+    e = exp2_(-tl.abs(d), IS_FP64)
+    s = tl.where(new, e, 1.0)
+    r_a = r_a * s + e
+    acc = acc * s + xmul0(tl.where(new, 1.0, e), xa - xb)
+    m_a = tl.maximum(m_a, xa)
+    m_b, r_b, _ = lane_step(xb, m_b, r_b, r_b, c, False, IS_FP64)
+    return m_a, r_a, acc, m_b, r_b
+
+
+@triton.jit
+def _kl_pass1(xbase, ybase, offs, V, c, IS_FP64: tl.constexpr, CDT: tl.constexpr,
+              BLOCK_V: tl.constexpr):
+    """Per-lane (max, rest) of both rows of a pair (the first pass of the two-pass JSD)."""
+    m_p = tl.full([BLOCK_V], -1.0e30, CDT)
+    r_p = tl.zeros([BLOCK_V], CDT)
+    m_q = tl.full([BLOCK_V], -1.0e30, CDT)
+    r_q = tl.zeros([BLOCK_V], CDT)
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs
+        inb = cols < V
+        x = tl.load(xbase + cols, mask=inb, other=float("-inf")).to(CDT)
+        y = tl.load(ybase + cols, mask=inb, other=float("-inf")).to(CDT)
+        m_p, r_p, _ = lane_step(x, m_p, r_p, r_p, c, False, IS_FP64)
+        m_q, r_q, _ = lane_step(y, m_q, r_q, r_q, c, False, IS_FP64)
+    return m_p, r_p, m_q, r_q
+
+
+@triton.jit
 def _kl_fwd_kernel(
-        x_ptr, stride_x, y_ptr, stride_y, mask_ptr, stride_mask, kl_ptr, sp_ptr, sq_ptr,
+        x_ptr, inner_x, stride_x, stride_x1, y_ptr, inner_y, stride_y, stride_y1,
+        mask_ptr, stride_mask, kl_ptr, sp_ptr, sq_ptr,
         gp_ptr, gq_ptr,
-        V, inv_t_hi, inv_t_lo, beta_hi, beta_lo, omb_hi, omb_lo, lb_hi, lb_lo, l1b_hi, l1b_lo,
+        V, inv_t_hi, inv_t_lo, c_hi, c_lo, beta_hi, beta_lo, omb_hi, omb_lo, lb_hi, lb_lo,
+        l1b_hi, l1b_lo,
         KIND: tl.constexpr, HAS_MASK: tl.constexpr, GIVEN_STATS: tl.constexpr,
-        IS_FP64: tl.constexpr, CDT: tl.constexpr, BLOCK_V: tl.constexpr):
+        ONE_PASS: tl.constexpr, IS_FP64: tl.constexpr, CDT: tl.constexpr,
+        BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     if HAS_MASK:
         skip = tl.load(mask_ptr + row * stride_mask) != 0
@@ -268,22 +354,94 @@ def _kl_fwd_kernel(
             tl.store(sp_ptr + row * 3 + j, zero)
             tl.store(sq_ptr + row * 3 + j, zero)
     else:
-        xbase = x_ptr + row * stride_x
-        ybase = y_ptr + row * stride_y
+        xbase = x_ptr + row_offset(row, inner_x, stride_x, stride_x1)
+        ybase = y_ptr + row_offset(row, inner_y, stride_y, stride_y1)
         offs = tl.arange(0, BLOCK_V)
-        if GIVEN_STATS:
-            # vocabulary parallelism: the all-shard (max, log s) of both rows are given
-            m_p = tl.load(gp_ptr + row * 3).to(CDT)
-            ls_p = tl.load(gp_ptr + row * 3 + 1).to(CDT)
-            m_q = tl.load(gq_ptr + row * 3).to(CDT)
-            ls_q = tl.load(gq_ptr + row * 3 + 1).to(CDT)
+        c = const_hl(zero, c_hi, c_lo, IS_FP64)  # log2(e) / T
+        if ONE_PASS:
+            # reverse / forward KL in one pass over the pair (docs/math.md): with p the
+            # weighting row a (q for "forward") and b the other,
+            #   KL = sum p (z_a - z_b) - lse_a + lse_b,
+            # sum p (z_a - z_b) = A / S_a, A = sum 2^{(x_a - m_a) c} (x_a - x_b) accumulated per
+            # lane and rescaled with a's running max, like the sums of _common.lane_step
+            if KIND == 0:
+                abase = xbase
+                bbase = ybase
+            else:
+                abase = ybase
+                bbase = xbase
+            m_a = tl.full([BLOCK_V], -1.0e30, CDT)
+            r_a = tl.zeros([BLOCK_V], CDT)
+            m_b = tl.full([BLOCK_V], -1.0e30, CDT)
+            r_b = tl.zeros([BLOCK_V], CDT)
+            acc = tl.zeros([BLOCK_V], CDT)
+            v_full = V - V % BLOCK_V
+            for start in range(0, v_full, BLOCK_V):
+                xa = tl.load(abase + start + offs).to(CDT)
+                xb = tl.load(bbase + start + offs).to(CDT)
+                m_a, r_a, acc, m_b, r_b = _kl_lane_step(xa, xb, m_a, r_a, acc, m_b, r_b, c,
+                                                        IS_FP64)
+            if v_full < V:
+                cols = v_full + offs
+                inb = cols < V
+                xa = tl.load(abase + cols, mask=inb, other=float("-inf")).to(CDT)
+                xb = tl.load(bbase + cols, mask=inb, other=float("-inf")).to(CDT)
+                m_a, r_a, acc, m_b, r_b = _kl_lane_step(xa, xb, m_a, r_a, acc, m_b, r_b, c,
+                                                        IS_FP64)
+            big_a = tl.max(m_a, 0)
+            sc = exp2_((m_a - big_a) * c, IS_FP64)
+            a_sum = tl.sum(xmul0(sc, acc), 0)
+            big_a, rest_a, _ = lane_merge(m_a, r_a, r_a, offs, c, BLOCK_V, False, IS_FP64)
+            big_b, rest_b, _ = lane_merge(m_b, r_b, r_b, offs, c, BLOCK_V, False, IS_FP64)
+            ls_a = log1p(rest_a, IS_FP64)
+            ls_b = log1p(rest_b, IS_FP64)
+            # sum p ((x_a - M_a) - (x_b - M_b)) / T - log s_a + log s_b; a row of only -inf is
+            # shifted by 0 (as _kl_logs does)
+            sa = tl.where(big_a == float("-inf"), zero, big_a)
+            sb = tl.where(big_b == float("-inf"), zero, big_b)
+            kl = mul_hl(a_sum / (1.0 + rest_a) - (sa - sb), inv_t_hi, inv_t_lo, IS_FP64)
+            kl = (kl - ls_a) + ls_b
+            kl = tl.where(big_a == float("-inf"), zero, kl)  # p = 0 everywhere: no terms
+            m_a = mul_hl(big_a, inv_t_hi, inv_t_lo, IS_FP64)
+            m_b = mul_hl(big_b, inv_t_hi, inv_t_lo, IS_FP64)
+            tl.store(kl_ptr + row, kl)
+            if KIND == 0:
+                tl.store(sp_ptr + row * 3, m_a)
+                tl.store(sp_ptr + row * 3 + 1, ls_a)
+                tl.store(sp_ptr + row * 3 + 2, kl)
+                tl.store(sq_ptr + row * 3, m_b)
+                tl.store(sq_ptr + row * 3 + 1, ls_b)
+                tl.store(sq_ptr + row * 3 + 2, zero)
+            else:
+                tl.store(sp_ptr + row * 3, m_b)
+                tl.store(sp_ptr + row * 3 + 1, ls_b)
+                tl.store(sp_ptr + row * 3 + 2, zero)
+                tl.store(sq_ptr + row * 3, m_a)
+                tl.store(sq_ptr + row * 3 + 1, ls_a)
+                tl.store(sq_ptr + row * 3 + 2, kl)
         else:
-            # pass 1: (max, log1p rest) of both rows
-            m_p = tl.full([], float("-inf"), CDT)
-            m_q = tl.full([], float("-inf"), CDT)
-            r_p = zero
-            r_q = zero
-            unused = zero
+            if GIVEN_STATS:
+                # vocabulary parallelism: the all-shard (max, log s) of both rows are given
+                m_p = tl.load(gp_ptr + row * 3).to(CDT)
+                ls_p = tl.load(gp_ptr + row * 3 + 1).to(CDT)
+                m_q = tl.load(gq_ptr + row * 3).to(CDT)
+                ls_q = tl.load(gq_ptr + row * 3 + 1).to(CDT)
+            else:
+                # pass 1: (max, log1p rest) of both rows, per lane (_common.lane_step)
+                m_p, r_p, m_q, r_q = _kl_pass1(xbase, ybase, offs, V, c, IS_FP64, CDT, BLOCK_V)
+                m_p, rest_p, _ = lane_merge(m_p, r_p, r_p, offs, c, BLOCK_V, False, IS_FP64)
+                m_q, rest_q, _ = lane_merge(m_q, r_q, r_q, offs, c, BLOCK_V, False, IS_FP64)
+                m_p = mul_hl(m_p, inv_t_hi, inv_t_lo, IS_FP64)  # max z, rounded as every z is
+                m_q = mul_hl(m_q, inv_t_hi, inv_t_lo, IS_FP64)
+                ls_p = log1p(rest_p, IS_FP64)
+                ls_q = log1p(rest_q, IS_FP64)
+            # pass 2: the KL sums, from log p and log q (needs the whole of pass 1)
+            beta = const_hl(zero, beta_hi, beta_lo, IS_FP64)
+            omb = const_hl(zero, omb_hi, omb_lo, IS_FP64)
+            lb = const_hl(zero, lb_hi, lb_lo, IS_FP64)
+            l1b = const_hl(zero, l1b_hi, l1b_lo, IS_FP64)
+            acc_p = zero
+            acc_q = zero
             for start in range(0, V, BLOCK_V):
                 cols = start + offs
                 inb = cols < V
@@ -291,45 +449,28 @@ def _kl_fwd_kernel(
                            inv_t_hi, inv_t_lo, IS_FP64)
                 w = mul_hl(tl.load(ybase + cols, mask=inb, other=float("-inf")).to(CDT),
                            inv_t_hi, inv_t_lo, IS_FP64)
-                m_p, r_p, unused = online_block(z, offs, m_p, r_p, unused, False)
-                m_q, r_q, unused = online_block(w, offs, m_q, r_q, unused, False)
-            ls_p = log1p(r_p, IS_FP64)
-            ls_q = log1p(r_q, IS_FP64)
-        # pass 2: the KL sums, from log p and log q (needs the whole of pass 1)
-        beta = const_hl(zero, beta_hi, beta_lo, IS_FP64)
-        omb = const_hl(zero, omb_hi, omb_lo, IS_FP64)
-        lb = const_hl(zero, lb_hi, lb_lo, IS_FP64)
-        l1b = const_hl(zero, l1b_hi, l1b_lo, IS_FP64)
-        acc_p = zero
-        acc_q = zero
-        for start in range(0, V, BLOCK_V):
-            cols = start + offs
-            inb = cols < V
-            z = mul_hl(tl.load(xbase + cols, mask=inb, other=float("-inf")).to(CDT),
-                       inv_t_hi, inv_t_lo, IS_FP64)
-            w = mul_hl(tl.load(ybase + cols, mask=inb, other=float("-inf")).to(CDT),
-                       inv_t_hi, inv_t_lo, IS_FP64)
-            logp, logq = _kl_logs(z, w, m_p, ls_p, m_q, ls_q)
-            if KIND == 0:
-                acc_p += tl.sum(xmul0(tl.exp(logp), logp - logq), 0)
-            elif KIND == 1:
-                acc_q += tl.sum(xmul0(tl.exp(logq), logq - logp), 0)
-            else:
-                a_p, a_q = _jsd_a(logp, logq, beta, omb, lb, l1b, IS_FP64)
-                acc_p += tl.sum(xmul0(tl.exp(logp), a_p), 0)
-                acc_q += tl.sum(xmul0(tl.exp(logq), a_q), 0)
-        tl.store(kl_ptr + row, acc_p + acc_q)
-        tl.store(sp_ptr + row * 3, m_p)
-        tl.store(sp_ptr + row * 3 + 1, ls_p)
-        tl.store(sp_ptr + row * 3 + 2, acc_p)
-        tl.store(sq_ptr + row * 3, m_q)
-        tl.store(sq_ptr + row * 3 + 1, ls_q)
-        tl.store(sq_ptr + row * 3 + 2, acc_q)
+                logp, logq = _kl_logs(z, w, m_p, ls_p, m_q, ls_q)
+                if KIND == 0:
+                    acc_p += tl.sum(xmul0(tl.exp(logp), logp - logq), 0)
+                elif KIND == 1:
+                    acc_q += tl.sum(xmul0(tl.exp(logq), logq - logp), 0)
+                else:
+                    a_p, a_q = _jsd_a(logp, logq, beta, omb, lb, l1b, IS_FP64)
+                    acc_p += tl.sum(xmul0(tl.exp(logp), a_p), 0)
+                    acc_q += tl.sum(xmul0(tl.exp(logq), a_q), 0)
+            tl.store(kl_ptr + row, acc_p + acc_q)
+            tl.store(sp_ptr + row * 3, m_p)
+            tl.store(sp_ptr + row * 3 + 1, ls_p)
+            tl.store(sp_ptr + row * 3 + 2, acc_p)
+            tl.store(sq_ptr + row * 3, m_q)
+            tl.store(sq_ptr + row * 3 + 1, ls_q)
+            tl.store(sq_ptr + row * 3 + 2, acc_q)
 
 
 @triton.jit
 def _kl_bwd_kernel(
-        g_ptr, stride_g, x_ptr, stride_x, y_ptr, stride_y, mask_ptr, stride_mask,
+        g_ptr, stride_g, x_ptr, inner_x, stride_x, stride_x1, y_ptr, inner_y, stride_y,
+        stride_y1, mask_ptr, stride_mask,
         sp_ptr, stride_sp0, stride_sp1, sq_ptr, stride_sq0, stride_sq1,
         gx_ptr, stride_gx, gy_ptr, stride_gy,
         V, inv_t_hi, inv_t_lo, beta_hi, beta_lo, omb_hi, omb_lo, lb_hi, lb_lo, l1b_hi, l1b_lo,
@@ -353,8 +494,8 @@ def _kl_bwd_kernel(
                 tl.store(gybase + cols, tl.zeros([BLOCK_V], CDT).to(gy_ptr.dtype.element_ty),
                          mask=inb)
     else:
-        xbase = x_ptr + row * stride_x
-        ybase = y_ptr + row * stride_y
+        xbase = x_ptr + row_offset(row, inner_x, stride_x, stride_x1)
+        ybase = y_ptr + row_offset(row, inner_y, stride_y, stride_y1)
         zero = tl.zeros([], CDT)
         g = mul_hl(tl.load(g_ptr + row * stride_g).to(CDT), inv_t_hi, inv_t_lo, IS_FP64)
         m_p = tl.load(sp_ptr + row * stride_sp0).to(CDT)
@@ -422,7 +563,7 @@ def kl_divergence_partial_forward(logits: Tensor, ref_logits: Tensor,
 
 
 def _kl_forward(logits, ref_logits, ignore_mask, given_p, given_q, kind, beta, temperature):
-    n, vocab = logits.shape
+    vocab, n = logits.shape[-1], n_rows(logits)
     x, y = unit_stride(logits), unit_stride(ref_logits)
     cdt = compute_dtype(x.dtype)
     kl = x.new_empty(n, dtype=cdt)
@@ -438,9 +579,10 @@ def _kl_forward(logits, ref_logits, ignore_mask, given_p, given_q, kind, beta, t
     block = block_v(vocab, x.dtype)
     with device_guard(x):
         _kl_fwd_kernel[(n,)](
-            x, row_stride(x), y, row_stride(y), mask, mask.stride(0) if has_mask else 0,
+            x, *row_layout(x), y, *row_layout(y), mask, mask.stride(0) if has_mask else 0,
             kl, stats_p, stats_q, gp, gq, vocab, *split(1.0 / temperature),
-            *_beta_args(beta), KIND=_KINDS[kind], HAS_MASK=has_mask, GIVEN_STATS=given,
+            *split(LOG2E / temperature), *_beta_args(beta), KIND=_KINDS[kind],
+            HAS_MASK=has_mask, GIVEN_STATS=given, ONE_PASS=kind != "jsd" and not given,
             IS_FP64=cdt == torch.float64, CDT=tl_compute_dtype(cdt), BLOCK_V=block,
             num_warps=num_warps(block))
     return kl, stats_p, stats_q
@@ -451,12 +593,13 @@ def kl_divergence_backward(grad_kl: Tensor, logits: Tensor, ref_logits: Tensor,
                            kind: str, beta: float, temperature: float, need_ref_grad: bool
                            ) -> Tuple[Tensor, Optional[Tensor]]:
     """Gradients w.r.t. ``logits`` and (if ``need_ref_grad``) ``ref_logits``, in their
-    dtypes, one pass over the row pair; ``ignore_mask`` rows receive exactly 0."""
-    n, vocab = logits.shape
+    dtypes, one pass over the row pair; ``ignore_mask`` rows receive exactly 0. The
+    gradients are contiguous, of the inputs' shapes."""
+    vocab, n = logits.shape[-1], n_rows(logits)
     x, y = unit_stride(logits), unit_stride(ref_logits)
     cdt = compute_dtype(x.dtype)
-    grad_z = torch.empty((n, vocab), dtype=logits.dtype, device=logits.device)
-    grad_w = (torch.empty((n, vocab), dtype=ref_logits.dtype, device=ref_logits.device)
+    grad_z = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    grad_w = (torch.empty(ref_logits.shape, dtype=ref_logits.dtype, device=ref_logits.device)
               if need_ref_grad else None)
     if n == 0:
         return grad_z, grad_w
@@ -466,11 +609,11 @@ def kl_divergence_backward(grad_kl: Tensor, logits: Tensor, ref_logits: Tensor,
     block = block_v(vocab, x.dtype)
     with device_guard(x):
         _kl_bwd_kernel[(n,)](
-            grad_kl, grad_kl.stride(0), x, row_stride(x), y, row_stride(y),
+            grad_kl, grad_kl.stride(0), x, *row_layout(x), y, *row_layout(y),
             mask, mask.stride(0) if has_mask else 0,
             stats_p, stats_p.stride(0), stats_p.stride(1),
             stats_q, stats_q.stride(0), stats_q.stride(1),
-            grad_z, row_stride(grad_z), gw, row_stride(gw),
+            grad_z, vocab, gw, vocab,  # both contiguous
             vocab, *split(1.0 / temperature), *_beta_args(beta),
             KIND=_KINDS[kind], HAS_MASK=has_mask, NEED_W=bool(need_ref_grad),
             IS_FP64=cdt == torch.float64, CDT=tl_compute_dtype(cdt), BLOCK_V=block,

@@ -271,6 +271,33 @@ def test_custom_ignore_index_and_out_of_range_token(small_blocks):
     assert (grad[2] == 0).all()
 
 
+@pytest.mark.parametrize("which", ["logp", "entropy", "both"])
+def test_zero_upstream_rows_are_not_read(small_blocks, which):
+    """A row whose given upstream gradients are all exactly 0 (a masked position of a loss)
+    gets an exactly-zero gradient row without being read: NaN / inf logits there do not turn
+    into NaN (0 * NaN), and the other rows are unchanged (issue 18)."""
+    x = _designed(50)
+    tok = _tokens(x, pad=())
+    x[1] = float("nan")
+    x[2, 5] = float("inf")
+    _, _, stats = tv.token_logprobs_forward(x, tok, 0.7, -100, True)
+    g_lp = _upstream(x.shape[0], 3) if which != "entropy" else None
+    g_h = _upstream(x.shape[0], 4) if which != "logp" else None
+    for g in (g_lp, g_h):
+        if g is not None:
+            g[[1, 2]] = 0.0
+    if which == "both":
+        g_h[4] = 0.0  # one of two upstreams 0: the row is computed
+    grad = tv.token_logprobs_backward(g_lp, g_h, x, tok, stats, 0.7, -100)
+    assert (grad[[1, 2]] == 0).all()
+    keep = [i for i in range(x.shape[0]) if i not in (1, 2)]
+    clean = x.clone()
+    clean[[1, 2]] = 0.0
+    ref_grad = tv.token_logprobs_backward(g_lp, g_h, clean, tok, stats, 0.7, -100)
+    assert bit_equal(grad[keep], ref_grad[keep])
+    assert torch.isfinite(grad[keep]).all() and grad[4].abs().sum() > 0
+
+
 def test_nan_and_all_inf_rows_stay_in_their_row(small_blocks):
     """A NaN logit makes its row's outputs NaN and nothing else; a row of only -inf (not
     padding) gives the reference's answers (entropy 0, log-prob -inf)."""
