@@ -63,6 +63,12 @@ __device__ __forceinline__ float uexp(float x) {
   return y;
 }
 __device__ __forceinline__ double uexp(double x) { return exp(x); }
+// log2 for the JSD's log m (fp32 only): lg2.approx.ftz.f32, absolute error about 2^-22
+__device__ __forceinline__ float ulog2(float x) {
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
 template <class A> struct Unit { static constexpr double ln_base = 0.6931471805599453; };
 template <> struct Unit<double> { static constexpr double ln_base = 1.0; };
 inline double scale_of(int dtype, double inv_t) {
@@ -204,7 +210,7 @@ __device__ __forceinline__ void zero_row(T* row, int V) {
   acc_t<T> z[N];
 #pragma unroll
   for (int k = 0; k < N; ++k) z[k] = acc_t<T>(0);
-  const int chunks = (V + N - 1) / N;
+  const int chunks = (V - 1) / N + 1;  // V >= 1; no int overflow near 2^31
   for (int c = threadIdx.x; c < chunks; c += blockDim.x) store_chunk(row, c, V, al, z);
 }
 
@@ -607,16 +613,36 @@ __global__ void __launch_bounds__(kMaxThreads)
   const A m_p = shift_of(rp.m) * inv_t, m_q = shift_of(rq.m) * inv_t;
   const A beta = A(c.beta), omb = A(c.omb), lb = A(c.log_beta), l1b = A(c.log_omb);
   A acc_p = A(0), acc_q = A(0);
-  for_each_chunk2(xr, yr, static_cast<int>(V), [&](int, const Chunk<T>& a, const Chunk<T>& b) {
+  if constexpr (std::is_same_v<A, float>) {
+    // log2 units: l = log2 p, log2 m = lg2(beta p + (1 - beta) q); the sums
+    // sum p (log2 p - log2 m) are scaled by beta ln 2 (and (1 - beta) ln 2) at the end. A
+    // column with p = 0 adds 0 (the difference is clamped finite, NaN included).
+    const ProbOf<A> pp = prob_of(inv_t, m_p, ls_p), pq = prob_of(inv_t, m_q, ls_q);
+    for_each_chunk2(xr, yr, static_cast<int>(V), [&](int, const Chunk<T>& a, const Chunk<T>& b) {
 #pragma unroll
-    for (int k = 0; k < N; ++k) {
-      A pa, qa, p, q;
-      kl_column<kKind>((a.v[k] * inv_t - m_p) - ls_p, (b.v[k] * inv_t - m_q) - ls_q, beta,
-                       omb, lb, l1b, pa, qa, p, q);
-      acc_p += pa;
-      acc_q += qa;
-    }
-  });
+      for (int k = 0; k < N; ++k) {
+        const A lp = fma(pp.zs(a.v[k]), pp.unit, -pp.lsu);
+        const A lq = fma(pq.zs(b.v[k]), pq.unit, -pq.lsu);
+        const A p = uexp(lp), q = uexp(lq);
+        const A lm = ulog2(fma(beta, p, omb * q));
+        acc_p = fma(p, vmax(lp - lm, lowest<A>()), acc_p);
+        acc_q = fma(q, vmax(lq - lm, lowest<A>()), acc_q);
+      }
+    });
+    acc_p *= beta * A(Unit<A>::ln_base);
+    acc_q *= omb * A(Unit<A>::ln_base);
+  } else {
+    for_each_chunk2(xr, yr, static_cast<int>(V), [&](int, const Chunk<T>& a, const Chunk<T>& b) {
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        A pa, qa, p, q;
+        kl_column<kKind>((a.v[k] * inv_t - m_p) - ls_p, (b.v[k] * inv_t - m_q) - ls_q, beta,
+                         omb, lb, l1b, pa, qa, p, q);
+        acc_p += pa;
+        acc_q += qa;
+      }
+    });
+  }
   acc_p = block_sum(acc_p, sum_scratch);
   acc_q = block_sum(acc_q, sum_scratch);
   if (threadIdx.x == 0) {
@@ -664,6 +690,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   const ProbOf<A> pp = prob_of(inv_t, shift_of(sp[row * sp0]), ls_p);
   const ProbOf<A> pq = prob_of(inv_t, shift_of(sq[row * sq0]), ls_q);
   const A beta = A(c.beta), omb = A(c.omb), lb = A(c.log_beta), l1b = A(c.log_omb);
+  [[maybe_unused]] const A bl = beta * A(Unit<A>::ln_base), obl = omb * A(Unit<A>::ln_base);
   const bool agx = aligned16(gxr), agy = kNeedW && aligned16(gyr);
   for_each_chunk2(xr, yr, static_cast<int>(V), [&](int ci, const Chunk<T>& a, const Chunk<T>& b) {
     A dzs[N], dws[N];
@@ -671,7 +698,14 @@ __global__ void __launch_bounds__(kMaxThreads)
     for (int k = 0; k < N; ++k) {
       const A zp = pp.zs(a.v[k]), zq = pq.zs(b.v[k]);
       A dz, dw;
-      if (kKind == kJsd) {
+      if constexpr (kKind == kJsd && std::is_same_v<A, float>) {
+        // as the forward's second pass, in log2 units: dz = p (beta ln2 (l_p - l_m) - sum_p)
+        const A lp = fma(zp, pp.unit, -pp.lsu), lq = fma(zq, pq.unit, -pq.lsu);
+        const A p = uexp(lp), q = uexp(lq);
+        const A lm = ulog2(fma(beta, p, omb * q));
+        dz = p * fma(bl, vmax(lp - lm, lowest<A>()), -sum_p);
+        dw = q * fma(obl, vmax(lq - lm, lowest<A>()), -sum_q);
+      } else if constexpr (kKind == kJsd) {
         A pa, qa, p, q;
         kl_column<kKind>(zp - ls_p, zq - ls_q, beta, omb, lb, l1b, pa, qa, p, q);
         dz = pa - p * sum_p;
@@ -680,7 +714,7 @@ __global__ void __launch_bounds__(kMaxThreads)
         const A p = pp.p(zp), q = pq.p(zq);
         // log p - log q, finite wherever the factor in front is nonzero (else its 0 wins)
         const A lr = (zp - ls_p) - (zq - ls_q);
-        if (kKind == kReverse) {
+        if constexpr (kKind == kReverse) {
           dz = xmul0(p, lr - sum_p);
           dw = q - p;
         } else {
