@@ -208,7 +208,10 @@ def ingest(src: str, results: str, readme: Optional[str], auto_path: Optional[st
     put(f"{stamp}.md", f"# rlkernels GPU check, {env['device']}, {env['date']}\n\n"
         f"{check}\n{parity_section(parity)}\n{trainer_section(os.path.join(src, 'trainer.json'))}"
         f"\n{runner.markdown(rows, meta, roof) if rows else ''}\n")
-    written += runner.plot(rows, out_dir, stamp) if rows else []
+    pngs = runner.plot(rows, out_dir, stamp) if rows else []
+    if rows and not pngs:
+        log("warning: no PNG plots (matplotlib is not importable here: pip install matplotlib)")
+    written += pngs
     rel = os.path.relpath(os.path.join(out_dir, f"{stamp}.md"), os.path.dirname(
         os.path.abspath(readme)) if readme else ROOT)
     table_text = summary + f"\nCheck, parity and all tables: [{rel}]({rel}).\n"
