@@ -46,6 +46,13 @@ namespace rlk {
 namespace {
 
 constexpr int kMaxThreads = 512;
+// Threads per block (one row): 512, 256 for fp64 logits, whose kernels need more than the 64
+// registers ptxas grants a 512-thread block (the inline double exp spilled at 512). A function
+// of the dtype only, so a row's reduction order still depends on V alone.
+template <class T>
+constexpr int max_threads() {
+  return sizeof(T) == 8 ? 256 : kMaxThreads;
+}
 
 // m shifted by 0 when a row is all -inf: its probabilities are 0, its log-probs -inf (not NaN).
 template <class A>
@@ -398,7 +405,7 @@ __device__ __forceinline__ ProbOf<A> prob_of(A inv_t, A m, A log_s) {
 // outputs 0, stats 0 (backward never reads them). A token outside [0, V) reads nothing and
 // gives NaN (only reachable with debug checks off).
 template <class T, bool kWithEnt, bool kHasTok>
-__global__ void __launch_bounds__(kMaxThreads)
+__global__ void __launch_bounds__(max_threads<T>())
     token_logprobs_fwd_kernel(const T* __restrict__ x, int64_t stride_x,
                               const int64_t* __restrict__ tok, int64_t stride_tok,
                               acc_t<T>* __restrict__ logp, acc_t<T>* __restrict__ ent,
@@ -450,7 +457,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 // gradient of a term that does not enter the loss). A token outside [0, V) (vocabulary
 // parallelism: another rank's column) gives no one-hot term. kHasGlp needs tokens.
 template <class T, bool kHasGlp, bool kHasGh>
-__global__ void __launch_bounds__(kMaxThreads)
+__global__ void __launch_bounds__(max_threads<T>())
     token_logprobs_bwd_kernel(const acc_t<T>* glp, int64_t stride_glp, const acc_t<T>* gh,
                               int64_t stride_gh, const T* x, int64_t stride_x,
                               const int64_t* tok, int64_t stride_tok, bool has_tok,
@@ -551,7 +558,7 @@ __device__ __forceinline__ void kl_column(A logp, A logq, A beta, A omb, A lb, A
 // backward needs: KL itself on r's side, 0 on the other for reverse / forward).
 // ignore_mask rows: 0 everywhere, not read.
 template <class T, int kKind>
-__global__ void __launch_bounds__(kMaxThreads)
+__global__ void __launch_bounds__(max_threads<T>())
     kl_fwd_kernel(const T* __restrict__ x, int64_t stride_x, const T* __restrict__ y,
                   int64_t stride_y, const uint8_t* __restrict__ mask, int64_t stride_mask,
                   acc_t<T>* __restrict__ kl, acc_t<T>* __restrict__ sp,
@@ -663,7 +670,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 // (r (a - sum r a), with the row sums saved by forward). 16-byte stores where the output row
 // is aligned. ignore_mask rows, and rows with grad_kl exactly 0, get exactly 0 unread.
 template <class T, int kKind, bool kNeedW>
-__global__ void __launch_bounds__(kMaxThreads)
+__global__ void __launch_bounds__(max_threads<T>())
     kl_bwd_kernel(const acc_t<T>* __restrict__ grad, int64_t stride_g, const T* __restrict__ x,
                   int64_t stride_x, const T* __restrict__ y, int64_t stride_y,
                   const uint8_t* __restrict__ mask, int64_t stride_mask,
@@ -766,7 +773,7 @@ __device__ __forceinline__ A log_tail_of(const Run<A>& out, A log_s) {
 }
 
 template <class T, int kMode, bool kTail>
-__global__ void __launch_bounds__(kMaxThreads)
+__global__ void __launch_bounds__(max_threads<T>())
     sparse_fwd_kernel(const T* __restrict__ x, int64_t stride_x, int64_t V,
                       const int64_t* __restrict__ idx, int64_t si0, int64_t si1, int64_t K,
                       const acc_t<T>* __restrict__ tgt, int64_t st0, int64_t st1,
@@ -940,7 +947,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 //            coef = sum t_k + t_tail
 // all times 1/T. The rewrites keep 1 - p on a peak and q - p outside the ids exact.
 template <class T, int kMode, bool kTail>
-__global__ void __launch_bounds__(kMaxThreads)
+__global__ void __launch_bounds__(max_threads<T>())
     sparse_bwd_kernel(const T* __restrict__ x, int64_t stride_x, T* __restrict__ grad,
                       int64_t stride_g, int64_t V, const int64_t* __restrict__ idx, int64_t si0,
                       int64_t si1, int64_t K, const int32_t* __restrict__ sid,
@@ -1074,7 +1081,7 @@ void token_logprobs_forward(std::uintptr_t logits, int64_t stride_x, std::uintpt
     if (n == 0) return;
     RLK_CHECK_ARG(logits != 0 && logp != 0 && ent != 0 && stats != 0,
                   "token_logprobs_forward: null device pointer");
-    const int threads = row_threads(vocab, VecWidth<T>::value, kMaxThreads);
+    const int threads = row_threads(vocab, VecWidth<T>::value, max_threads<T>());
     const cudaStream_t s = checked_stream(stream);
     const T* x = as_cptr<T>(logits);
     const int64_t* tk = as_cptr<int64_t>(tokens);
@@ -1123,7 +1130,7 @@ void token_logprobs_backward(std::uintptr_t grad_logp, int64_t stride_glp,
     if (n == 0) return;
     RLK_CHECK_ARG(logits != 0 && stats != 0 && out != 0,
                   "token_logprobs_backward: null device pointer");
-    const int threads = row_threads(vocab, VecWidth<T>::value, kMaxThreads);
+    const int threads = row_threads(vocab, VecWidth<T>::value, max_threads<T>());
     const cudaStream_t s = checked_stream(stream);
     const A* glp = as_cptr<A>(grad_logp);
     const A* gh = as_cptr<A>(grad_entropy);
@@ -1167,7 +1174,7 @@ void kl_divergence_forward(std::uintptr_t logits, int64_t stride_x, std::uintptr
     if (n == 0) return;
     RLK_CHECK_ARG(logits != 0 && ref_logits != 0 && kl != 0 && stats_p != 0 && stats_q != 0,
                   "kl_divergence_forward: null device pointer");
-    const int threads = row_threads(vocab, VecWidth<T>::value, kMaxThreads);
+    const int threads = row_threads(vocab, VecWidth<T>::value, max_threads<T>());
     const cudaStream_t s = checked_stream(stream);
     const dim3 grid(static_cast<unsigned>(n));
 #define RLK_KL_FWD(KIND)                                                                      \
@@ -1209,7 +1216,7 @@ void kl_divergence_backward(std::uintptr_t grad_kl, int64_t stride_g, std::uintp
     RLK_CHECK_ARG(grad_kl != 0 && logits != 0 && ref_logits != 0 && stats_p != 0 &&
                       stats_q != 0 && grad_x != 0,
                   "kl_divergence_backward: null device pointer");
-    const int threads = row_threads(vocab, VecWidth<T>::value, kMaxThreads);
+    const int threads = row_threads(vocab, VecWidth<T>::value, max_threads<T>());
     const cudaStream_t s = checked_stream(stream);
     const dim3 grid(static_cast<unsigned>(n));
 #define RLK_KL_BWD(KIND, NEED_W)                                                              \
@@ -1246,7 +1253,7 @@ void sparse_forward(std::uintptr_t logits, int64_t stride_x, std::uintptr_t indi
     RLK_CHECK_ARG(logits != 0 && (k == 0 || indices != 0) && tail != 0 && stats != 0 &&
                       (out != 0 || k == 0) && (mode != kSparseKl || target != 0 || k == 0),
                   "sparse_forward: null device pointer");
-    const int threads = row_threads(vocab, VecWidth<T>::value, kMaxThreads);
+    const int threads = row_threads(vocab, VecWidth<T>::value, max_threads<T>());
     const cudaStream_t s = checked_stream(stream);
     const dim3 grid(static_cast<unsigned>(n));
 #define RLK_SPARSE_FWD(MODE, TAIL)                                                             \
@@ -1290,7 +1297,7 @@ void sparse_backward(std::uintptr_t logits, int64_t stride_x, std::uintptr_t gra
                   "sparse_backward: kl mode needs grad_kl and the targets (gk)");
     RLK_CHECK_ARG(!with_tail || (tail != 0 && (mode == kSparseKl || grad_tail != 0)),
                   "sparse_backward: with_tail needs tail (and grad_tail unless kl)");
-    const int threads = row_threads(vocab, VecWidth<T>::value, kMaxThreads);
+    const int threads = row_threads(vocab, VecWidth<T>::value, max_threads<T>());
     const cudaStream_t s = checked_stream(stream);
     const dim3 grid(static_cast<unsigned>(n));
 #define RLK_SPARSE_BWD(MODE, TAIL)                                                             \
