@@ -28,8 +28,10 @@ Method and assumptions (state them with every number):
    kernel has none, its loops with any global access. Loops that only store (the padding
    rows' zero fill) are left out when a loop that loads exists; so is a loop nested in
    another (its instructions are on the outer loop's path), and a loop with fewer than a
-   third of the common-path instructions of the kernel's largest one: that is per-row work (the
-   sparse kernels' loops over a row's K ids run once at ``K <= BLOCK_K``), not a stream.
+   third of the common-path instructions of the kernel's largest one that loads a different
+   number of bytes per iteration: that is per-row work (the sparse kernels' loops over a
+   row's K ids run once at ``K <= BLOCK_K``), not a stream; a cheap first pass over the same
+   inputs (same bytes) stays.
    The JSON lists every loop, so these choices can be checked. The loops of a misaligned
    row (scalar accesses) are reported (``misaligned`` column) but not in the ratio, which is
    the aligned common case.
@@ -52,9 +54,10 @@ Method and assumptions (state them with every number):
    stores in it. Above 1 the loop is instruction bound even if every SM issues every cycle;
    a kernel needs well under 1 (the brief: at most 0.5) to sustain ~90% of the bandwidth,
    since warps also stall and the issue slots are shared with address arithmetic. A
-   kernel's ratio is the sum over its hot loops (a second pass over the same inputs adds
-   its issue time but, read from DRAM again, also its bytes: the sum compares the issue time
-   of all passes with the DRAM time of the one read the op needs). ``passes`` counts the
+   kernel's ratio is the issue time of all its hot loops over the DRAM time of all the bytes
+   they move (issue 18's convention: a two-pass kernel gets the mean of its passes, and
+   ``passes`` says that it reads its input twice; a main loop and its remainder loop are
+   weighted by their bytes per iteration, not by their trip counts). ``passes`` counts the
    hot loops that load.
 5. **MUFU** (``ex2``, ``lg2``, ``rcp``) issue from a 16 lanes/cycle/SM unit: the ``mufu``
    column is that pipe's time over the DRAM time, ``M x 3.0e12 / (16 x 132 x 1.98e9 x B)``.
@@ -406,8 +409,9 @@ def hot_loops(loops: List[Loop]) -> Tuple[List[Loop], List[Loop]]:
     if moving:
         # per-row work, not a stream: loops far smaller than the largest (the loops over a
         # row's K ids, one iteration when K <= BLOCK_K)
-        big = max(lp.instr for lp in moving)
-        moving = [lp for lp in moving if 3 * lp.instr >= big]
+        big = max(moving, key=lambda lp: lp.instr)
+        moving = [lp for lp in moving
+                  if 3 * lp.instr >= big.instr or lp.load_b == big.load_b]
     vec = [lp for lp in moving if lp.vector]
     hot = vec or moving
     if any(lp.load_b for lp in hot):
@@ -454,8 +458,10 @@ def analyze(code: List[Instr], row: Row) -> Row:
     row.passes = sum(1 for lp in hot if lp.load_b)
     for name in ("instr", "load_b", "store_b", "bar", "shfl", "mufu", "hgmma"):
         setattr(row, name, sum(getattr(lp, name) for lp in hot))
-    row.ratio = sum(lp.ratio for lp in hot) if hot else float("nan")
-    row.mufu_ratio = sum(lp.mufu_ratio for lp in hot) if hot else float("nan")
+    # issue time of all hot loops over the DRAM time of all they move (two passes over the
+    # same row: the mean; a main loop and its remainder loop: weighted by bytes per iteration)
+    row.ratio = issue_dram_ratio(row.instr, row.load_b + row.store_b) if hot else float("nan")
+    row.mufu_ratio = mufu_dram_ratio(row.mufu, row.load_b + row.store_b) if hot else float("nan")
     if scalar:
         row.misaligned_ratio = max(lp.ratio for lp in scalar)
     row.loops = [dict(asdict(lp), ratio=round(lp.ratio, 3), hot=lp in hot,
@@ -606,7 +612,7 @@ def _template_params(source: str) -> Dict[str, List[str]]:
     ``__global__`` function of a CUDA source."""
     out = {}
     pat = re.compile(r"template\s*<([^>]*)>\s*__global__\s+void\s+"
-                     r"(?:__launch_bounds__\([^)]*\)\s*)?(\w+)\s*\(", re.S)
+                     r"(?:__launch_bounds__\((?:[^()]|\([^()]*\))*\)\s*)?(\w+)\s*\(", re.S)
     for m in pat.finditer(source):
         out[m.group(2)] = [p.split()[-1] for p in m.group(1).split(",")]
     return out
@@ -670,8 +676,13 @@ def cuda_rows(source: Path, dtype: str, pattern: Optional[str],
             subprocess.run(["tar", "-x", "-C", str(out)], input=tar, check=True)
             source = out / rel / source.name
         cubin = Path(tmp) / "k.cubin"
-        subprocess.run([nvcc, "-std=c++17", "-O3", "-lineinfo", "-arch=sm_90a", "-cubin",
-                        f"-I{source.parent}", "-o", str(cubin), str(source)], check=True)
+        proc = subprocess.run([nvcc, "-std=c++17", "-O3", "-lineinfo", "-arch=sm_90a",
+                               "-cubin", f"-I{source.parent}", "-o", str(cubin), str(source)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            err = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            return [(Row("cuda", "(all)", "-", source.name, "", dtype, "",
+                          error="nvcc failed: " + " | ".join(err)[:400]), "")]
         sass, usage = _sass_of_file(cubin)
         params = _template_params(source.read_text())
     funcs = parse_sass(sass)

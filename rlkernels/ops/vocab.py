@@ -33,8 +33,13 @@ def _n_rows(logits: Tensor) -> int:
 def _rows_for(logits: Tensor, backend: str) -> Tensor:
     """``rows(logits)``, as a two-stride ``[A, B, V]`` view instead of a copy when the
     backend's kernels read such rows (its module says ``STRIDED_ROWS = True``)."""
-    module = backends._module(backend, _FAMILY)
-    return rows(logits, strided=bool(getattr(module, "STRIDED_ROWS", False)))
+    return rows(logits, strided=_strided_rows(backend))
+
+
+@torch.compiler.assume_constant_result
+def _strided_rows(backend: str) -> bool:
+    # a constant under torch.compile: Dynamo cannot trace the module import
+    return bool(getattr(backends._module(backend, _FAMILY), "STRIDED_ROWS", False))
 
 
 # =============================================================== token_logprobs / entropy

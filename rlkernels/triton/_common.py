@@ -252,7 +252,8 @@ LN2 = 0.6931471805599453
 def exp2_(x, IS_FP64: tl.constexpr):
     """``2^x``: the MUFU ``ex2`` in fp32; ``exp(x ln 2)`` in fp64."""
     if IS_FP64:
-        return tl.exp(x * 0.6931471805599453)
+        # an fp64 constant: a bare Python float would be an fp32 one
+        return tl.exp(x * tl.full([], 0.6931471805599453, tl.float64))
     else:
         return tl.exp2(x)
 

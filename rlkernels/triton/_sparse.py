@@ -5,22 +5,22 @@ functions in :mod:`rlkernels.reference.vocab` (read their docstrings for the sem
 
 Design (one program per row, fixed reduction order: deterministic and batch invariant)
 -------------------------------------------------------------------------------------
-* **Forward**, one read of the row in ``BLOCK_V`` column blocks with an online softmax of
-  ``z = x * (1/T)`` (fp32, fp64 for fp64 logits). The row statistics are ``(m, log s)`` with
-  ``log s = log1p(rest)``, ``rest`` the sum over every column but one arg-max of
-  ``exp(z - m)``: a block whose max ``bm`` beats ``m`` rescales ``rest`` by ``exp(m - bm)``,
-  adds the old max's own ``exp(m - bm)`` and the block's terms without its first arg-max; any
-  other block adds its terms. Nothing ever subtracts 1 from a sum, so ``1 - p_max`` keeps its
-  digits on peaked rows. For the tail, a second online ``(max, rest)`` pair runs over the
-  columns outside the row's id set in the same pass; the tail is then
-  ``(m_out - m) + log1p(rest_out) - log s`` (the reference's ``_log_tail``), the log of a sum
-  of the outside columns, never ``log(1 - sum)``.
-* **Membership without a [BLOCK_V, K] comparison.** The launcher sorts each row's ids
-  (unused slots last) and finds, with ``searchsorted``, the slice of the sorted ids that falls
-  into each column block (``seg [N, n_blocks + 1]``). A block compares its columns only with
-  its own ids, ``KC`` at a time: ``O(V * KC + BLOCK_V * K)`` comparisons per row instead of
-  ``O(V * K)``, whatever ``K`` is (a top-p support can hold thousands of ids). Duplicated ids
-  are adjacent in the sorted order and simply match the same column.
+* **Forward**, one read of the row in ``BLOCK_V`` column blocks (4096) with per-lane online
+  statistics of the raw logits (:func:`._common.lane_step`: no block reduction inside the
+  loop), merged once per row into ``(m, log s)`` with ``log s = log1p(rest)``, ``rest`` the
+  sum over every column but one arg-max of ``exp(z - m)``: nothing ever subtracts 1 from a
+  sum, so ``1 - p_max`` keeps its digits on peaked rows. With the tail, the stream skips the
+  row's id columns (each block compares its columns with its own sorted ids, one id at a
+  time: ``seg [N, n_blocks + 1]`` from ``searchsorted`` gives each block's slice), which
+  gives the outside part ``(m_out, rest_out)`` directly; the distinct valid ids' columns
+  are gathered after the pass and merged in (two positive parts, the part holding the max
+  keeps its arg-max out). The tail is ``(m_out - m) + log1p(rest_out) - log s`` (the
+  reference's ``_log_tail``), the log of a sum of the outside columns, never
+  ``log(1 - sum)``.
+* **Membership in the backward without a [BLOCK_V, K] comparison.** A block compares its
+  columns only with its own ids, ``KC`` at a time: ``O(V * KC + BLOCK_V * K)`` comparisons
+  per row instead of ``O(V * K)``, whatever ``K`` is (a top-p support can hold thousands of
+  ids). Duplicated ids are adjacent in the sorted order and simply match the same column.
 * **Gathered values**: ``z`` at each valid id is loaded directly (int64 addresses) after the
   row pass, ``K`` at most ``BLOCK_K`` at a time (any ``K`` works). "support" normalizes with
   the same online ``(max, log1p(rest))`` pair over the valid slots, so that ``1 - s_k`` of a
@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import n_rows, row_layout, row_offset
+from ._common import lane_merge, lane_step, n_rows, row_layout, row_offset
 
 Tensor = torch.Tensor
 
@@ -159,29 +159,59 @@ def _sparse_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row_offset(row, inner_x, stride_x, stride_x1)
     lanes = tl.arange(0, BLOCK_V)
+    if CDT == tl.float64:
+        c = inv_t64 * tl.full([], 1.4426950408889634, tl.float64)
+    else:
+        c = inv_t32 * 1.4426950408889634  # log2(e) / T
 
-    m = tl.full([], float("-inf"), CDT)
-    rest = tl.zeros([], CDT)
-    m_out = tl.full([], float("-inf"), CDT)
-    rest_out = tl.zeros([], CDT)
+    # one pass over the row with per-lane statistics (_common.lane_step), no block reduction
+    # in the loop; with the tail, over the columns OUTSIDE the row's ids only (the ids' own
+    # columns are gathered after the pass and merged in: a sum of two positive parts)
+    m_l = tl.full([BLOCK_V], -1.0e30, CDT)
+    r_l = tl.zeros([BLOCK_V], CDT)
     n_blocks = tl.cdiv(V, BLOCK_V)
     if WITH_TAIL:
         sid_row = sid_ptr + row * K
         seg_row = seg_ptr + row * stride_seg
         lo = tl.load(seg_row)
     for b in range(0, n_blocks):
-        cols = b * BLOCK_V + lanes
-        z = _scaled(x_row, cols, cols < V, inv_t32, inv_t64, CDT)
-        m, rest = _online(m, rest, z, lanes)
+        cols = (b * BLOCK_V + lanes).to(tl.int32)
+        x = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(CDT)
         if WITH_TAIL:
+            # the block's sorted ids, one at a time (about K BLOCK_V / V of them)
             hi = tl.load(seg_row + b + 1)
-            member = tl.zeros([BLOCK_V], tl.int32)
-            for kk in range(lo, hi, KC):
-                koffs, kmask, eq = _block_ids(cols, sid_row, kk, hi, KC)
-                member = tl.maximum(member, tl.max(eq.to(tl.int32), axis=1))
-            z_out = tl.where(member > 0, float("-inf"), z)
-            m_out, rest_out = _online(m_out, rest_out, z_out, lanes)
+            for kk in range(lo, hi):
+                x = tl.where(cols == tl.load(sid_row + kk).to(tl.int32), float("-inf"), x)
             lo = hi
+        m_l, r_l, _ = lane_step(x, m_l, r_l, r_l, c, False, CDT == tl.float64)
+    mx, rest, _ = lane_merge(m_l, r_l, r_l, lanes, c, BLOCK_V, False, CDT == tl.float64)
+    if CDT == tl.float64:
+        m = mx * inv_t64  # max z, rounded as every z is
+    else:
+        m = mx * inv_t32
+    if WITH_TAIL:
+        m_out = m
+        rest_out = rest
+        # the distinct valid ids' columns (sorted: a repeated id follows itself)
+        klanes = tl.arange(0, BLOCK_K)
+        m_id = tl.full([], float("-inf"), CDT)
+        r_id = tl.zeros([], CDT)
+        for k0 in range(0, K, BLOCK_K):
+            koffs = k0 + klanes
+            sk = tl.load(sid_row + koffs, mask=koffs < K, other=_SENTINEL_C)
+            prev = tl.load(sid_row + koffs - 1, mask=(koffs < K) & (koffs > 0), other=-1)
+            keep = (sk < V) & (sk != prev)
+            zk = _scaled(x_row, sk.to(tl.int64), keep, inv_t32, inv_t64, CDT)
+            m_id, r_id = _online(m_id, r_id, zk, klanes)
+        # merge (max, rest) of the two parts; the part holding the max keeps its arg-max
+        # out (the outside part first on a tie), nothing is subtracted
+        m = tl.maximum(m_out, m_id)
+        ms = tl.where(m == float("-inf"), 0.0, m)
+        a_out = tl.exp(m_out - ms)
+        a_id = tl.exp(m_id - ms)
+        rest = tl.where(m_out >= m_id, rest_out + (r_id + 1.0) * a_id,
+                        (rest_out + 1.0) * a_out + r_id)
+        rest = tl.where(m == float("-inf"), 0.0, rest)
 
     log_s = _log1p(rest, NT)
     tl.store(stats_ptr + row * 3, m)
@@ -380,6 +410,14 @@ def _default_block_v(vocab: int) -> int:
     return min(1024, triton.next_power_of_2(max(vocab, 1)))
 
 
+# The forward streams with per-lane statistics and compares each column with the block's ids
+# one at a time: a 4096-column block (16 columns a thread at 8 warps) costs no more registers
+# than the backward's 1024, and amortizes the per-block work.
+def _default_block_v_fwd(vocab: int) -> int:
+    """Depends on ``V`` only (batch invariance)."""
+    return min(4096, triton.next_power_of_2(max(vocab, 1)))
+
+
 def _num_warps(block_v: int) -> int:
     return 8 if block_v >= 1024 else 4
 
@@ -428,7 +466,7 @@ def _forward(logits: Tensor, indices: Tensor, target: Optional[Tensor], temperat
     stats = logits.new_zeros(n, 3, dtype=cdt)
     if n == 0:
         return out, tail, stats
-    block_v = block_v or _default_block_v(vocab)
+    block_v = block_v or _default_block_v_fwd(vocab)
     logits = _rows2d(logits)
     indices = indices.contiguous()
     if with_tail:

@@ -103,7 +103,7 @@ def _token_logprobs_fwd_kernel(
         if WITH_ENTROPY:
             # sum p (z - m) = ln 2 S1 / S0 with S0 = 1 + rest (S1 in log2 units); S1 <= 0,
             # so H = log s - S1 / S0 adds two non-negative terms (exact on peaked rows)
-            sum_pzs = s1 / (1.0 + rest) * 0.6931471805599453
+            sum_pzs = s1 / (1.0 + rest) * tl.full([], 0.6931471805599453, CDT)
             tl.store(stats_ptr + row * 3 + 2, sum_pzs)
             tl.store(ent_ptr + row, log_s - sum_pzs)
         else:

@@ -377,3 +377,26 @@ def test_grpo_compile_with_backward_in_graph(backend):
 
 def test_public_name():
     assert rlkernels.grpo_loss is grpo_loss
+
+
+@pytest.mark.parametrize("entropy_coef", [0.0, 0.02])
+def test_grpo_masked_rows_are_not_read_in_backward(entropy_coef):
+    """Issue 18: a masked position's upstream gradients are exactly 0, so the triton backward
+    writes a zero gradient row without reading its logits; NaN / inf there (garbage in a
+    padded position) gives a finite loss and an exactly-zero gradient row, and every other
+    row is unchanged."""
+    naive.needs("triton", "policy", "grpo_loss")
+    inp = make_inputs(seed=5)
+    mask = inp["mask"].clone()
+    mask[0, 3] = False
+    mask[2, 4] = False
+    inp = dict(inp, mask=mask)
+    _, _, g_clean = fused(inp, "triton", entropy_coef=entropy_coef)
+    dirty = inp["logits"].clone()
+    dirty[0, 3] = float("nan")
+    dirty[2, 4, 7] = float("inf")
+    loss, _, g = fused(dict(inp, logits=dirty), "triton", entropy_coef=entropy_coef)
+    assert torch.isfinite(loss)
+    assert (g[0, 3] == 0).all() and (g[2, 4] == 0).all()
+    keep = mask.cpu().clone()
+    assert torch.equal(g[keep], g_clean[keep])
