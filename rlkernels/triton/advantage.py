@@ -19,6 +19,11 @@ same grouping, and a group's result does not depend on the other groups in the c
 float atomics: deterministic. ``batch_std`` needs the std of the whole batch: each program
 computes it once (two passes over the batch), so that method runs at most one program per SM
 (one on the CPU) instead of one per group.
+
+Float hyper-parameters (``eps``, ``gamma``, ``gamma * lam``) are runtime kernel arguments
+annotated ``tl.float64`` (a plain Python float would reach the kernel as fp32 and be rounded
+before an fp64 computation), rounded to the compute dtype in the kernel as PyTorch rounds a
+Python scalar: a new value compiles nothing.
 """
 
 from __future__ import annotations
@@ -53,8 +58,8 @@ def _sqrt(x, CDT: tl.constexpr):
 
 @triton.jit
 def _group_advantages_kernel(x_ptr, x_stride, perm_ptr, starts_ptr, out_ptr, B, S, n_slots,
-                             CDT: tl.constexpr, INDEXED: tl.constexpr, METHOD: tl.constexpr,
-                             UNBIASED: tl.constexpr, EPS: tl.constexpr,
+                             eps_f: tl.float64, CDT: tl.constexpr, INDEXED: tl.constexpr,
+                             METHOD: tl.constexpr, UNBIASED: tl.constexpr,
                              IEEE_DIV: tl.constexpr, BLOCK: tl.constexpr,
                              BATCH_BLOCK: tl.constexpr):
     # Hot loops are written inline: the interpreter (CPU tests) pays ~1 ms per call of a
@@ -62,7 +67,7 @@ def _group_advantages_kernel(x_ptr, x_stride, perm_ptr, starts_ptr, out_ptr, B, 
     # (Triton's fp32 "/" is the approximate div.full.f32), "/" for fp64 (div.rn.f64).
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
-    eps = tl.full([], EPS, CDT)
+    eps = tl.full([], eps_f, CDT)
     if METHOD == 3:
         # the std of the whole batch, two passes (mean first), once per program
         acc = tl.zeros([BATCH_BLOCK], CDT)
@@ -177,9 +182,9 @@ def group_advantages_forward(rewards: Tensor, group_index: Optional[Tensor], gro
         slots, indexed = b, True
     with device_guard(x):
         _group_advantages_kernel[(_programs(slots, method, x),)](
-            x, x.stride(0), perm, starts, out, b, group_size, slots, CDT=_TL_DTYPES[cdt],
-            INDEXED=indexed, METHOD=_METHODS[method], UNBIASED=bool(unbiased),
-            EPS=float(eps), IEEE_DIV=cdt == torch.float32, BLOCK=_BLOCK,
+            x, x.stride(0), perm, starts, out, b, group_size, slots, float(eps),
+            CDT=_TL_DTYPES[cdt], INDEXED=indexed, METHOD=_METHODS[method],
+            UNBIASED=bool(unbiased), IEEE_DIV=cdt == torch.float32, BLOCK=_BLOCK,
             BATCH_BLOCK=min(_BATCH_BLOCK, triton.next_power_of_2(b)), num_warps=4)
     return out
 
@@ -217,9 +222,12 @@ def _gae_combine(k_p, c1_p, m21_p, m22_p, c2_p, k_e, c1_e, m21_e, m22_e, c2_e):
 
 @triton.jit
 def _gae_kernel(r_ptr, r_s0, r_s1, v_ptr, v_s0, v_s1, m_ptr, m_s0, m_s1, adv_ptr, ret_ptr,
-                T, gamma, gamma_lam, CDT: tl.constexpr, BLOCK_T: tl.constexpr):
+                T, gamma_f: tl.float64, gamma_lam_f: tl.float64, CDT: tl.constexpr,
+                BLOCK_T: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     lanes = tl.arange(0, BLOCK_T)
+    gamma = tl.full([], gamma_f, CDT)
+    gamma_lam = tl.full([], gamma_lam_f, CDT)
     nv = tl.zeros([], CDT)  # state after the already processed (later) chunks
     lg = tl.zeros([], CDT)
     for c in range(0, tl.cdiv(T, BLOCK_T)):
@@ -251,10 +259,11 @@ def _returns_combine(a_p, b_p, a_e, b_e):
 
 
 @triton.jit
-def _returns_kernel(r_ptr, r_s0, r_s1, m_ptr, m_s0, m_s1, out_ptr, T, gamma,
+def _returns_kernel(r_ptr, r_s0, r_s1, m_ptr, m_s0, m_s1, out_ptr, T, gamma_f: tl.float64,
                     CDT: tl.constexpr, BLOCK_T: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     lanes = tl.arange(0, BLOCK_T)
+    gamma = tl.full([], gamma_f, CDT)
     ret = tl.zeros([], CDT)
     for c in range(0, tl.cdiv(T, BLOCK_T)):
         t = (T - 1 - c * BLOCK_T - lanes).to(tl.int64)
@@ -329,8 +338,8 @@ def _whiten_sums(ws_ptr, P, PB: tl.constexpr, CDT: tl.constexpr):
 
 
 @triton.jit
-def _whiten_fwd_kernel(v_ptr, m_ptr, out_ptr, ws1_ptr, ws2_ptr, stats_ptr, n, eps,
-                       STAGE: tl.constexpr, SHIFT: tl.constexpr, UNBIASED: tl.constexpr,
+def _whiten_fwd_kernel(v_ptr, m_ptr, out_ptr, ws1_ptr, ws2_ptr, stats_ptr, n,
+                       eps_f: tl.float64, STAGE: tl.constexpr, SHIFT: tl.constexpr, UNBIASED: tl.constexpr,
                        CDT: tl.constexpr, IEEE_DIV: tl.constexpr, BLOCK: tl.constexpr,
                        PB: tl.constexpr):
     pid = tl.program_id(0)
@@ -343,6 +352,7 @@ def _whiten_fwd_kernel(v_ptr, m_ptr, out_ptr, ws1_ptr, ws2_ptr, stats_ptr, n, ep
         swdd, swd = _whiten_sums(ws2_ptr, P, PB, CDT)
         denom = count - 1.0 if UNBIASED else count
         var = tl.fdiv(swdd, tl.maximum(denom, 1.0), ieee_rounding=IEEE_DIV)
+        eps = tl.full([], eps_f, CDT)
         rstd = tl.fdiv(tl.full([], 1.0, CDT), _sqrt(var + eps, CDT), ieee_rounding=IEEE_DIV)
     acc_a = tl.zeros([BLOCK], CDT)
     acc_b = tl.zeros([BLOCK], CDT)

@@ -2,34 +2,41 @@
 
 They follow :mod:`rlkernels.reference.policy` formula by formula; read that file first.
 
-``policy_loss_forward`` is one launch of one program. It walks the ``[B, T]`` tensors in
-tiles of ``ROWS x BLOCK_T`` (a few whole rows at a time, ``T`` in chunks) and accumulates in
-the compute dtype (fp32, fp64 for fp64 ``logp``) the per-sequence masked sums the aggregation
-needs and the masked sums of every metric; the loss is divided by the denominator of
-``aggregate`` at the end. With ``ratio_level="sequence"`` (GSPO) each row tile is read twice:
-first the masked mean of the clamped log-ratio of each sequence, then the per-token terms.
-One program means a fixed summation order (deterministic, no float atomics) and no second
-launch for a cross-program reduction.
+``policy_loss_forward`` is two launches. The first has one program per row tile (``ROWS``
+whole rows, ``T`` in chunks of ``BLOCK_T``; tiles shrink down to one row until there are at
+least ``_MIN_PROGRAMS`` of them) and writes the tile's partial sums in the compute dtype
+(fp32, fp64 for fp64 ``logp``): the numerator of ``aggregate`` (per-sequence token means
+first for ``seq-mean-token-mean``), the token and non-empty-sequence counts and the masked
+sums of every metric (and the masked max of the ratio). With ``ratio_level="sequence"``
+(GSPO) each row is read twice: first the masked mean of the clamped log-ratio of each
+sequence, then the per-token terms. The second launch, one program, adds the partials in
+program order (blocks of ``_PB`` lanes, then a tree sum of the block: a fixed order, so the
+result is deterministic without float atomics) and divides by the denominator.
 
-``policy_loss_backward`` is one launch of ``P`` programs, each owning the row tiles
-``pid, pid + P, ...``: a token's gradient only needs its own sequence (GSPO mean, token
-count) and the global denominator of ``aggregate``. When the denominator is a count of the
-whole batch (``token-mean``, ``seq-mean-*`` without ``normalizer``) every program counts it
-from the mask itself: a read of the mask per program instead of a second launch. The
-gradient is the analytic one of ``_policy_grad`` / ``aggregate_weights``: ties of max/min
-split the gradient half/half, ``d log r / d logp`` is 1 inside the clamp range (inclusive)
-and always 1 for the GSPO straight-through, masked tokens get exactly 0.
+``policy_loss_backward`` has one program per row tile too. When it needs row statistics
+(the GSPO log-ratio, the token count of each sequence for ``seq-mean-token-mean``) or a
+count over the whole batch for the denominator (``token-mean``, ``seq-mean-*`` without
+``normalizer``), a first launch computes them per tile with the forward's own reductions
+(``_seq_stats``: the same bits), and every program of the second adds the tiles' counts in
+the same fixed order. The gradient is the analytic one of ``_policy_grad`` /
+``aggregate_weights``: ties of max/min split the gradient half/half, ``d log r / d logp`` is
+1 inside the clamp range (inclusive) and always 1 for the GSPO straight-through, masked
+tokens get exactly 0.
 
-Options reach the kernels as ``tl.constexpr`` (modes, flags and the float hyper-parameters,
-which are rounded to the compute dtype inside the kernel exactly like PyTorch rounds a
-Python scalar against an fp32 tensor), never as runtime Python floats. Absent optional
-tensors are replaced by a dummy pointer behind a constexpr flag.
+Modes and flags reach the kernels as ``tl.constexpr``; the float hyper-parameters
+(``clip_low``/``clip_high`` bounds, ``dual_clip``, ``delta``, ``kl_coef``, ``entropy_coef``,
+``log_ratio_clamp``) are runtime fp64 arguments (annotated ``tl.float64``, so that Triton
+passes all 53 bits whatever the compute dtype) rounded to the compute dtype in the kernel,
+exactly like PyTorch rounds a Python scalar against an fp32 tensor: a schedule of
+coefficients (KL or entropy annealing, adaptive clipping) compiles nothing new. A zero
+coefficient drops its term through a runtime select (the reference skips it: ``0 * inf``
+would be NaN). Absent optional tensors are replaced by a dummy pointer behind a constexpr
+flag.
 """
 
 from __future__ import annotations
 
 import contextlib
-from functools import lru_cache
 from typing import Optional, Tuple
 
 import torch
@@ -53,9 +60,11 @@ _KLS = {"k1": 0, "abs": 1, "k2": 2, "k3": 3, "low_var_kl": 3, "k3+": 4}
 # otherwise; 1024 keeps the ~10 tile accumulators of the forward in registers.
 _TILE = 1024
 _MIN_BLOCK_T = 16
-# Backward programs on the CPU (the interpreter runs them one after the other, and each one
-# re-counts the denominator); on a GPU one per SM. Tests raise it to exercise the striding.
-_CPU_PROGRAMS = 1
+# Row tiles are made smaller (down to one row) until there are at least this many programs.
+_MIN_PROGRAMS = 8
+# Forward partials per program (see _policy_fwd_kernel's stores) and the lanes that add them.
+N_PARTIALS = 12
+_PB = 128
 
 
 # ================================================================================ device code
@@ -139,27 +148,29 @@ def _seq_stats(lp_ptr, old_ptr, m_ptr, r64, rin, T, lp_sb, lp_st, old_sb, old_st
 
 @triton.jit
 def _policy_fwd_kernel(
-        lp_ptr, old_ptr, adv_ptr, m_ptr, ref_ptr, ent_ptr, w_ptr, norm_ptr, loss_ptr, met_ptr,
+        lp_ptr, old_ptr, adv_ptr, m_ptr, ref_ptr, ent_ptr, w_ptr, part_ptr,
         B, T, lp_sb, lp_st, old_sb, old_st, adv_sb, adv_st, m_sb, m_st, ref_sb, ref_st,
         ent_sb, ent_st, w_sb, w_st,
+        lo_f: tl.float64, hi_f: tl.float64, dual_f: tl.float64, delta_f: tl.float64,
+        kl_coef_f: tl.float64, ent_coef_f: tl.float64, clamp_f: tl.float64,
         CDT: tl.constexpr, LOSS: tl.constexpr, SEQ: tl.constexpr, AGG: tl.constexpr,
         KL: tl.constexpr, HAS_REF: tl.constexpr, HAS_ENT: tl.constexpr, HAS_W: tl.constexpr,
-        HAS_NORM: tl.constexpr, HAS_DUAL: tl.constexpr, HAS_DELTA: tl.constexpr,
-        USE_KL: tl.constexpr, USE_ENT: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr,
-        DUAL: tl.constexpr, DELTA: tl.constexpr, KL_COEF: tl.constexpr,
-        ENT_COEF: tl.constexpr, CLAMP: tl.constexpr, IEEE_DIV: tl.constexpr,
+        HAS_DUAL: tl.constexpr, HAS_DELTA: tl.constexpr, IEEE_DIV: tl.constexpr,
         LIBDEVICE_EXP: tl.constexpr, ROWS: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Stage 1 of the forward: program ``pid`` reduces row tile ``pid`` (``ROWS`` rows, T in
+    chunks of ``BLOCK_T``) into the ``N_PARTIALS`` partial sums ``part[k, pid]``."""
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0)
     # hyper-parameters rounded to the compute dtype, as torch does with a Python scalar
-    lo = tl.full([], LO, CDT)
-    hi = tl.full([], HI, CDT)
-    lim = tl.full([], CLAMP, CDT)
-    neg_dual = tl.full([], -DUAL, CDT)
-    delta = tl.full([], DELTA, CDT)
-    kl_coef = tl.full([], KL_COEF, CDT)
-    ent_coef = tl.full([], ENT_COEF, CDT)
-    # masked metric sums over all tiles, and the masked max of the ratio; every masked sum is
-    # where(m != 0, x * m, 0), a select, so that NaN or inf at a masked position (NaN * 0 is
-    # NaN) never reaches a metric or the loss
+    lo = tl.full([], lo_f, CDT)
+    hi = tl.full([], hi_f, CDT)
+    lim = tl.full([], clamp_f, CDT)
+    neg_dual = -tl.full([], dual_f, CDT)
+    delta = tl.full([], delta_f, CDT)
+    kl_coef = tl.full([], kl_coef_f, CDT)
+    ent_coef = tl.full([], ent_coef_f, CDT)
+    # every masked sum is where(m != 0, x * m, 0), a select, so that NaN or inf at a masked
+    # position (NaN * 0 is NaN) never reaches a metric or the loss
     s_high = tl.zeros([ROWS, BLOCK_T], CDT)
     s_low = tl.zeros([ROWS, BLOCK_T], CDT)
     s_dual = tl.zeros([ROWS, BLOCK_T], CDT)
@@ -170,98 +181,133 @@ def _policy_fwd_kernel(
     r_max = tl.zeros([ROWS, BLOCK_T], CDT)
     r_nan = tl.zeros([ROWS, BLOCK_T], tl.int32)
     no_flag = tl.zeros([ROWS, BLOCK_T], tl.int1)
-    total = tl.zeros([], CDT)      # the numerator of aggregate
-    tokens = tl.zeros([], CDT)     # sum(m)
-    nonempty = tl.zeros([], CDT)   # sequences with sum(m) > 0
-    for r0 in range(0, B, ROWS):
-        rows = r0 + tl.arange(0, ROWS)
-        r64 = rows.to(tl.int64)[:, None]
-        rin = (rows < B)[:, None]
-        if SEQ:  # GSPO: first pass over the rows, the sequence log-ratio
-            seq, _ = _seq_stats(lp_ptr, old_ptr, m_ptr, r64, rin, T, lp_sb, lp_st, old_sb,
-                                old_st, m_sb, m_st, lim, CDT, ROWS, BLOCK_T, True, IEEE_DIV)
-            seq_log_r = seq[:, None] + tl.zeros([ROWS, BLOCK_T], CDT)
-        row_loss = tl.zeros([ROWS, BLOCK_T], CDT)
-        row_m = tl.zeros([ROWS, BLOCK_T], CDT)
-        for c0 in range(0, T, BLOCK_T):
-            cols = c0 + tl.arange(0, BLOCK_T)
-            c64 = cols.to(tl.int64)[None, :]
-            inb = rin & (cols < T)[None, :]
-            lp = tl.load(lp_ptr + r64 * lp_sb + c64 * lp_st, mask=inb, other=0).to(CDT)
-            a = tl.load(adv_ptr + r64 * adv_sb + c64 * adv_st, mask=inb, other=0).to(CDT)
-            m = tl.load(m_ptr + r64 * m_sb + c64 * m_st, mask=inb, other=0).to(CDT)
-            if SEQ:
-                log_r = seq_log_r
-            else:
-                old = tl.load(old_ptr + r64 * old_sb + c64 * old_st, mask=inb,
-                              other=0).to(CDT)
-                log_r = tl.maximum(lp - old, -lim, propagate_nan=tl.PropagateNan.ALL)
-                log_r = tl.minimum(log_r, lim, propagate_nan=tl.PropagateNan.ALL)
-            if LIBDEVICE_EXP:
-                r = libdevice.exp(log_r)
-            else:
-                r = tl.exp(log_r)
-            high = no_flag
-            low = no_flag
-            dual = no_flag
-            if LOSS == 0:  # ppo
-                if HAS_DELTA:
-                    unclipped = tl.minimum(r, delta, propagate_nan=tl.PropagateNan.ALL)
-                else:
-                    unclipped = r
-                clipped = tl.clamp(r, lo, hi, propagate_nan=tl.PropagateNan.ALL)
-                pg = tl.maximum(-a * unclipped, -a * clipped, propagate_nan=tl.PropagateNan.ALL)
-                high = (a > 0) & (r > hi)
-                low = (a < 0) & (r < lo)
-                if HAS_DUAL:
-                    bound = neg_dual * a
-                    dual = (a < 0) & (pg > bound)
-                    bounded = tl.minimum(pg, bound, propagate_nan=tl.PropagateNan.ALL)
-                    pg = tl.where(a < 0, bounded, pg)
-            elif LOSS == 1:  # cispo; lo is 0 unless cispo_clip_low (ratio_floor)
-                weight = tl.clamp(r, lo, hi, propagate_nan=tl.PropagateNan.ALL)
-                pg = -weight * a * lp
-                high = r > hi
-                low = r < lo
-            else:  # reinforce
-                pg = -a * lp
-            if HAS_W:
-                pg = pg * tl.load(w_ptr + r64 * w_sb + c64 * w_st, mask=inb, other=0).to(CDT)
-            loss = pg
-            if HAS_REF:
-                ref = tl.load(ref_ptr + r64 * ref_sb + c64 * ref_st, mask=inb,
-                              other=0).to(CDT)
-                kl = _kl_value(lp - ref, KL)
-                if USE_KL:
-                    loss = loss + kl_coef * kl
-                s_kl += tl.where(m != 0, kl * m, 0.0)
-            if HAS_ENT:
-                ent = tl.load(ent_ptr + r64 * ent_sb + c64 * ent_st, mask=inb,
-                              other=0).to(CDT)
-                if USE_ENT:
-                    loss = loss - ent_coef * ent
-                s_ent += tl.where(m != 0, ent * m, 0.0)
-            row_loss += tl.where(m != 0, loss * m, 0.0)
-            row_m += m
-            s_high += high.to(CDT) * m
-            s_low += low.to(CDT) * m
-            s_dual += dual.to(CDT) * m
-            s_akl += tl.where(m != 0, -log_r * m, 0.0)
-            s_r += tl.where(m != 0, r * m, 0.0)
-            active_r = tl.where(m > 0, r, 0.0)
-            r_max = tl.maximum(r_max, active_r)
-            r_nan = r_nan | (active_r != active_r).to(tl.int32)
-        seq_loss = tl.sum(row_loss, axis=1)
-        seq_tokens = tl.sum(row_m, axis=1)
-        if AGG == 1:  # seq-mean-token-mean: the token means of the non-empty sequences
-            nonzero = tl.where(seq_tokens > 0, seq_tokens, 1.0)
-            seq_mean = tl.fdiv(seq_loss, nonzero, ieee_rounding=IEEE_DIV)
-            total += tl.sum(tl.where(seq_tokens > 0, seq_mean, 0.0))
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    r64 = rows.to(tl.int64)[:, None]
+    rin = (rows < B)[:, None]
+    if SEQ:  # GSPO: first pass over the rows, the sequence log-ratio
+        seq, _ = _seq_stats(lp_ptr, old_ptr, m_ptr, r64, rin, T, lp_sb, lp_st, old_sb,
+                            old_st, m_sb, m_st, lim, CDT, ROWS, BLOCK_T, True, IEEE_DIV)
+        seq_log_r = seq[:, None] + tl.zeros([ROWS, BLOCK_T], CDT)
+    row_loss = tl.zeros([ROWS, BLOCK_T], CDT)
+    row_m = tl.zeros([ROWS, BLOCK_T], CDT)
+    for c0 in range(0, T, BLOCK_T):
+        cols = c0 + tl.arange(0, BLOCK_T)
+        c64 = cols.to(tl.int64)[None, :]
+        inb = rin & (cols < T)[None, :]
+        lp = tl.load(lp_ptr + r64 * lp_sb + c64 * lp_st, mask=inb, other=0).to(CDT)
+        a = tl.load(adv_ptr + r64 * adv_sb + c64 * adv_st, mask=inb, other=0).to(CDT)
+        m = tl.load(m_ptr + r64 * m_sb + c64 * m_st, mask=inb, other=0).to(CDT)
+        if SEQ:
+            log_r = seq_log_r
         else:
-            total += tl.sum(seq_loss)
-        tokens += tl.sum(seq_tokens)
-        nonempty += tl.sum((seq_tokens > 0).to(CDT))
+            old = tl.load(old_ptr + r64 * old_sb + c64 * old_st, mask=inb, other=0).to(CDT)
+            log_r = tl.maximum(lp - old, -lim, propagate_nan=tl.PropagateNan.ALL)
+            log_r = tl.minimum(log_r, lim, propagate_nan=tl.PropagateNan.ALL)
+        if LIBDEVICE_EXP:
+            r = libdevice.exp(log_r)
+        else:
+            r = tl.exp(log_r)
+        high = no_flag
+        low = no_flag
+        dual = no_flag
+        if LOSS == 0:  # ppo
+            if HAS_DELTA:
+                unclipped = tl.minimum(r, delta, propagate_nan=tl.PropagateNan.ALL)
+            else:
+                unclipped = r
+            clipped = tl.clamp(r, lo, hi, propagate_nan=tl.PropagateNan.ALL)
+            pg = tl.maximum(-a * unclipped, -a * clipped, propagate_nan=tl.PropagateNan.ALL)
+            high = (a > 0) & (r > hi)
+            low = (a < 0) & (r < lo)
+            if HAS_DUAL:
+                bound = neg_dual * a
+                dual = (a < 0) & (pg > bound)
+                bounded = tl.minimum(pg, bound, propagate_nan=tl.PropagateNan.ALL)
+                pg = tl.where(a < 0, bounded, pg)
+        elif LOSS == 1:  # cispo; lo is 0 unless cispo_clip_low (ratio_floor)
+            weight = tl.clamp(r, lo, hi, propagate_nan=tl.PropagateNan.ALL)
+            pg = -weight * a * lp
+            high = r > hi
+            low = r < lo
+        else:  # reinforce
+            pg = -a * lp
+        if HAS_W:
+            pg = pg * tl.load(w_ptr + r64 * w_sb + c64 * w_st, mask=inb, other=0).to(CDT)
+        loss = pg
+        if HAS_REF:
+            ref = tl.load(ref_ptr + r64 * ref_sb + c64 * ref_st, mask=inb, other=0).to(CDT)
+            kl = _kl_value(lp - ref, KL)
+            # a coefficient of 0 drops the term (as the reference: 0 * inf would be NaN);
+            # a runtime select, so that a coefficient schedule compiles nothing new
+            loss = tl.where(kl_coef != 0, loss + kl_coef * kl, loss)
+            s_kl += tl.where(m != 0, kl * m, 0.0)
+        if HAS_ENT:
+            ent = tl.load(ent_ptr + r64 * ent_sb + c64 * ent_st, mask=inb, other=0).to(CDT)
+            loss = tl.where(ent_coef != 0, loss - ent_coef * ent, loss)
+            s_ent += tl.where(m != 0, ent * m, 0.0)
+        row_loss += tl.where(m != 0, loss * m, 0.0)
+        row_m += m
+        s_high += high.to(CDT) * m
+        s_low += low.to(CDT) * m
+        s_dual += dual.to(CDT) * m
+        s_akl += tl.where(m != 0, -log_r * m, 0.0)
+        s_r += tl.where(m != 0, r * m, 0.0)
+        active_r = tl.where(m > 0, r, 0.0)
+        r_max = tl.maximum(r_max, active_r)
+        r_nan = r_nan | (active_r != active_r).to(tl.int32)
+    seq_loss = tl.sum(row_loss, axis=1)
+    seq_tokens = tl.sum(row_m, axis=1)
+    if AGG == 1:  # seq-mean-token-mean: the token means of the non-empty sequences
+        nonzero = tl.where(seq_tokens > 0, seq_tokens, 1.0)
+        seq_mean = tl.fdiv(seq_loss, nonzero, ieee_rounding=IEEE_DIV)
+        total = tl.sum(tl.where(seq_tokens > 0, seq_mean, 0.0))
+    else:
+        total = tl.sum(seq_loss)
+    out = part_ptr + pid
+    tl.store(out + 0 * n_prog, total)
+    tl.store(out + 1 * n_prog, tl.sum(seq_tokens))
+    tl.store(out + 2 * n_prog, tl.sum((seq_tokens > 0).to(CDT)))
+    tl.store(out + 3 * n_prog, tl.sum(s_high))
+    tl.store(out + 4 * n_prog, tl.sum(s_low))
+    tl.store(out + 5 * n_prog, tl.sum(s_dual))
+    tl.store(out + 6 * n_prog, tl.sum(s_akl))
+    tl.store(out + 7 * n_prog, tl.sum(s_r))
+    tl.store(out + 8 * n_prog, tl.sum(s_kl))
+    tl.store(out + 9 * n_prog, tl.sum(s_ent))
+    tl.store(out + 10 * n_prog, tl.max(r_max))
+    tl.store(out + 11 * n_prog, tl.max(r_nan).to(CDT))
 
+
+@triton.jit
+def _partial_sums(part_ptr, P, K: tl.constexpr, CDT: tl.constexpr, NK: tl.constexpr,
+                  PB: tl.constexpr):
+    """Sums (and maxima) over programs of the partials ``part [K, P]`` (``NK >= K`` lanes,
+    a power of two), each added in the program order in blocks of ``PB`` lanes: a fixed
+    order, so every caller gets the same bits."""
+    k = tl.arange(0, NK)[:, None]
+    acc = tl.zeros([NK, PB], CDT)
+    top = tl.zeros([NK, PB], CDT)
+    for p0 in range(0, P, PB):
+        p = p0 + tl.arange(0, PB)[None, :]
+        x = tl.load(part_ptr + k * P + p, mask=(k < K) & (p < P), other=0).to(CDT)
+        acc += x
+        top = tl.maximum(top, x)
+    return tl.sum(acc, axis=1), tl.max(top, axis=1)
+
+
+@triton.jit
+def _pick(v, k: tl.constexpr, NK: tl.constexpr):
+    return tl.sum(tl.where(tl.arange(0, NK) == k, v, 0.0))
+
+
+@triton.jit
+def _policy_finish_kernel(part_ptr, norm_ptr, loss_ptr, met_ptr, P, T,
+                          CDT: tl.constexpr, AGG: tl.constexpr, HAS_NORM: tl.constexpr,
+                          IEEE_DIV: tl.constexpr, NK: tl.constexpr, PB: tl.constexpr):
+    """Stage 2 of the forward, one program: the loss and the metrics from the partials."""
+    sums, maxes = _partial_sums(part_ptr, P, 12, CDT, NK, PB)
+    total = _pick(sums, 0, NK)
+    tokens = _pick(sums, 1, NK)
     # the denominator of aggregate (its empty value counts as 1)
     if HAS_NORM:
         denom = tl.load(norm_ptr).to(CDT)
@@ -270,148 +316,159 @@ def _policy_fwd_kernel(
     elif AGG == 3:
         denom = tl.zeros([], CDT) + T
     else:
-        denom = nonempty
+        denom = _pick(sums, 2, NK)
     denom = tl.where(denom > 0, denom, 1.0)
     tl.store(loss_ptr, tl.fdiv(total, denom, ieee_rounding=IEEE_DIV))
-
     # METRICS, token-masked means in the compute dtype, stored as fp32
     count = tl.maximum(tokens, 1e-30)
-    high_sum = tl.sum(s_high)
-    low_sum = tl.sum(s_low)
-    sums = (high_sum + low_sum, high_sum, low_sum, tl.sum(s_dual),
-            tl.sum(s_akl), tl.sum(s_r))
-    tl.store(met_ptr + 0, tl.fdiv(sums[0], count, ieee_rounding=IEEE_DIV).to(tl.float32))
-    tl.store(met_ptr + 1, tl.fdiv(sums[1], count, ieee_rounding=IEEE_DIV).to(tl.float32))
-    tl.store(met_ptr + 2, tl.fdiv(sums[2], count, ieee_rounding=IEEE_DIV).to(tl.float32))
-    tl.store(met_ptr + 3, tl.fdiv(sums[3], count, ieee_rounding=IEEE_DIV).to(tl.float32))
-    tl.store(met_ptr + 4, tl.fdiv(sums[4], count, ieee_rounding=IEEE_DIV).to(tl.float32))
-    tl.store(met_ptr + 5, tl.fdiv(sums[5], count, ieee_rounding=IEEE_DIV).to(tl.float32))
-    ratio_max = tl.max(r_max)
-    ratio_max = tl.where(tl.max(r_nan) != 0, float("nan"), ratio_max)
+    high = _pick(sums, 3, NK)
+    low = _pick(sums, 4, NK)
+    tl.store(met_ptr + 0, tl.fdiv(high + low, count, ieee_rounding=IEEE_DIV).to(tl.float32))
+    tl.store(met_ptr + 1, tl.fdiv(high, count, ieee_rounding=IEEE_DIV).to(tl.float32))
+    tl.store(met_ptr + 2, tl.fdiv(low, count, ieee_rounding=IEEE_DIV).to(tl.float32))
+    tl.store(met_ptr + 3, tl.fdiv(_pick(sums, 5, NK), count,
+                                  ieee_rounding=IEEE_DIV).to(tl.float32))
+    tl.store(met_ptr + 4, tl.fdiv(_pick(sums, 6, NK), count,
+                                  ieee_rounding=IEEE_DIV).to(tl.float32))
+    tl.store(met_ptr + 5, tl.fdiv(_pick(sums, 7, NK), count,
+                                  ieee_rounding=IEEE_DIV).to(tl.float32))
+    ratio_max = tl.where(_pick(maxes, 11, NK) != 0, float("nan"), _pick(maxes, 10, NK))
     tl.store(met_ptr + 6, ratio_max.to(tl.float32))
-    kl_sum = tl.sum(s_kl)
-    tl.store(met_ptr + 7, tl.fdiv(kl_sum, count, ieee_rounding=IEEE_DIV).to(tl.float32))
-    ent_sum = tl.sum(s_ent)
-    tl.store(met_ptr + 8, tl.fdiv(ent_sum, count, ieee_rounding=IEEE_DIV).to(tl.float32))
+    tl.store(met_ptr + 7, tl.fdiv(_pick(sums, 8, NK), count,
+                                  ieee_rounding=IEEE_DIV).to(tl.float32))
+    tl.store(met_ptr + 8, tl.fdiv(_pick(sums, 9, NK), count,
+                                  ieee_rounding=IEEE_DIV).to(tl.float32))
+
+
+@triton.jit
+def _policy_rowstat_kernel(lp_ptr, old_ptr, m_ptr, seq_ptr, cnt_ptr, part_ptr, B, T,
+                           lp_sb, lp_st, old_sb, old_st, m_sb, m_st, clamp_f: tl.float64,
+                           CDT: tl.constexpr, SEQ: tl.constexpr, AGG: tl.constexpr,
+                           IEEE_DIV: tl.constexpr, ROWS: tl.constexpr,
+                           BLOCK_T: tl.constexpr):
+    """Stage 1 of the backward: per row of tile ``pid`` its token count and (GSPO) sequence
+    log-ratio, the same sums as the forward's; ``part[pid]``, the tile's share of the
+    denominator (tokens for token-mean, non-empty sequences otherwise)."""
+    pid = tl.program_id(0)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    lim = tl.full([], clamp_f, CDT)
+    seq, seq_tokens = _seq_stats(lp_ptr, old_ptr, m_ptr, rows.to(tl.int64)[:, None],
+                                 (rows < B)[:, None], T, lp_sb, lp_st, old_sb, old_st, m_sb,
+                                 m_st, lim, CDT, ROWS, BLOCK_T, SEQ, IEEE_DIV)
+    tl.store(seq_ptr + rows, seq, mask=rows < B)
+    tl.store(cnt_ptr + rows, seq_tokens, mask=rows < B)
+    if AGG == 0:
+        tl.store(part_ptr + pid, tl.sum(seq_tokens))
+    else:
+        tl.store(part_ptr + pid, tl.sum((seq_tokens > 0).to(CDT)))
 
 
 @triton.jit
 def _policy_bwd_kernel(
-        grad_ptr, lp_ptr, old_ptr, adv_ptr, m_ptr, ref_ptr, w_ptr, norm_ptr, glp_ptr, gent_ptr,
+        grad_ptr, lp_ptr, old_ptr, adv_ptr, m_ptr, ref_ptr, w_ptr, norm_ptr, seq_ptr,
+        cnt_ptr, part_ptr, glp_ptr, gent_ptr,
         B, T, lp_sb, lp_st, old_sb, old_st, adv_sb, adv_st, m_sb, m_st, ref_sb, ref_st,
         w_sb, w_st,
+        lo_f: tl.float64, hi_f: tl.float64, dual_f: tl.float64, delta_f: tl.float64,
+        kl_coef_f: tl.float64, ent_coef_f: tl.float64, clamp_f: tl.float64,
         CDT: tl.constexpr, LOSS: tl.constexpr, SEQ: tl.constexpr, AGG: tl.constexpr,
-        KL: tl.constexpr, HAS_ENT: tl.constexpr, HAS_W: tl.constexpr,
+        KL: tl.constexpr, HAS_REF: tl.constexpr, HAS_ENT: tl.constexpr, HAS_W: tl.constexpr,
         HAS_NORM: tl.constexpr, HAS_DUAL: tl.constexpr, HAS_DELTA: tl.constexpr,
-        USE_KL: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr, DUAL: tl.constexpr,
-        DELTA: tl.constexpr, KL_COEF: tl.constexpr, ENT_COEF: tl.constexpr,
-        CLAMP: tl.constexpr, IEEE_DIV: tl.constexpr, LIBDEVICE_EXP: tl.constexpr,
-        ROWS: tl.constexpr, BLOCK_T: tl.constexpr):
+        IEEE_DIV: tl.constexpr, LIBDEVICE_EXP: tl.constexpr, ROWS: tl.constexpr,
+        BLOCK_T: tl.constexpr, PB: tl.constexpr):
+    """Stage 2 of the backward: the gradients of row tile ``pid``."""
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
-    lo = tl.full([], LO, CDT)
-    hi = tl.full([], HI, CDT)
-    lim = tl.full([], CLAMP, CDT)
-    neg_dual = tl.full([], -DUAL, CDT)
-    delta = tl.full([], DELTA, CDT)
-    kl_coef = tl.full([], KL_COEF, CDT)
-    neg_ent_coef = tl.full([], -ENT_COEF, CDT)
+    lo = tl.full([], lo_f, CDT)
+    hi = tl.full([], hi_f, CDT)
+    lim = tl.full([], clamp_f, CDT)
+    neg_dual = -tl.full([], dual_f, CDT)
+    delta = tl.full([], delta_f, CDT)
+    kl_coef = tl.full([], kl_coef_f, CDT)
+    neg_ent_coef = -tl.full([], ent_coef_f, CDT)
 
     # the denominator of aggregate (its empty value counts as 1)
     if HAS_NORM:
         denom = tl.load(norm_ptr).to(CDT)
     elif AGG == 3:
         denom = tl.zeros([], CDT) + T
-    else:  # a count over the whole batch: every program reads the mask for it
-        acc = tl.zeros([ROWS], CDT)
-        for r0 in range(0, B, ROWS):
-            rows = r0 + tl.arange(0, ROWS)
-            _, seq_tokens = _seq_stats(lp_ptr, old_ptr, m_ptr, rows.to(tl.int64)[:, None],
-                                       (rows < B)[:, None], T, lp_sb, lp_st, old_sb, old_st,
-                                       m_sb, m_st, lim, CDT, ROWS, BLOCK_T, False, IEEE_DIV)
-            if AGG == 0:
-                acc += seq_tokens
-            else:
-                acc += (seq_tokens > 0).to(CDT)
-        denom = tl.sum(acc)
+    else:  # the partial counts of stage 1, added in a fixed order
+        sums, _ = _partial_sums(part_ptr, n_prog, 1, CDT, 1, PB)
+        denom = tl.sum(sums)
     denom = tl.where(denom > 0, denom, 1.0)
     g_loss = tl.load(grad_ptr).to(CDT)
 
-    for r0 in range(pid * ROWS, B, n_prog * ROWS):
-        rows = r0 + tl.arange(0, ROWS)
-        r64 = rows.to(tl.int64)[:, None]
-        rin = (rows < B)[:, None]
-        if SEQ or AGG == 1:  # the row's token count and (GSPO) sequence log-ratio
-            seq, seq_tokens = _seq_stats(lp_ptr, old_ptr, m_ptr, r64, rin, T, lp_sb, lp_st,
-                                         old_sb, old_st, m_sb, m_st, lim, CDT, ROWS, BLOCK_T,
-                                         SEQ, IEEE_DIV)
-            seq_log_r = seq[:, None] + tl.zeros([ROWS, BLOCK_T], CDT)
-            n_seq = seq_tokens[:, None] + tl.zeros([ROWS, BLOCK_T], CDT)
-        for c0 in range(0, T, BLOCK_T):
-            cols = c0 + tl.arange(0, BLOCK_T)
-            c64 = cols.to(tl.int64)[None, :]
-            inb = rin & (cols < T)[None, :]
-            m = tl.load(m_ptr + r64 * m_sb + c64 * m_st, mask=inb, other=0).to(CDT)
-            # c = upstream gradient * aggregate_weights
-            weight = tl.fdiv(m, denom, ieee_rounding=IEEE_DIV)
-            if AGG == 1:
-                nonzero = tl.where(n_seq > 0, n_seq, 1.0)
-                weight = tl.where(n_seq > 0, tl.fdiv(weight, nonzero, ieee_rounding=IEEE_DIV), 0.0)
-            c = g_loss * weight
-            lp = tl.load(lp_ptr + r64 * lp_sb + c64 * lp_st, mask=inb, other=0).to(CDT)
-            a = tl.load(adv_ptr + r64 * adv_sb + c64 * adv_st, mask=inb, other=0).to(CDT)
-            # d pg / d logp, as _policy_grad
-            if LOSS == 2:  # reinforce
-                g = -a
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    r64 = rows.to(tl.int64)[:, None]
+    rin = (rows < B)[:, None]
+    if SEQ:
+        seq_log_r = tl.load(seq_ptr + r64, mask=rin, other=0) + tl.zeros([ROWS, BLOCK_T], CDT)
+    if AGG == 1:
+        n_seq = tl.load(cnt_ptr + r64, mask=rin, other=0) + tl.zeros([ROWS, BLOCK_T], CDT)
+    for c0 in range(0, T, BLOCK_T):
+        cols = c0 + tl.arange(0, BLOCK_T)
+        c64 = cols.to(tl.int64)[None, :]
+        inb = rin & (cols < T)[None, :]
+        m = tl.load(m_ptr + r64 * m_sb + c64 * m_st, mask=inb, other=0).to(CDT)
+        # c = upstream gradient * aggregate_weights
+        weight = tl.fdiv(m, denom, ieee_rounding=IEEE_DIV)
+        if AGG == 1:
+            nonzero = tl.where(n_seq > 0, n_seq, 1.0)
+            weight = tl.where(n_seq > 0, tl.fdiv(weight, nonzero, ieee_rounding=IEEE_DIV), 0.0)
+        c = g_loss * weight
+        lp = tl.load(lp_ptr + r64 * lp_sb + c64 * lp_st, mask=inb, other=0).to(CDT)
+        a = tl.load(adv_ptr + r64 * adv_sb + c64 * adv_st, mask=inb, other=0).to(CDT)
+        # d pg / d logp, as _policy_grad
+        if LOSS == 2:  # reinforce
+            g = -a
+        else:
+            if SEQ:  # straight-through: d log r / d logp = 1
+                log_r = seq_log_r
+                dlog_r = tl.full([ROWS, BLOCK_T], 1.0, CDT)
             else:
-                if SEQ:  # straight-through: d log r / d logp = 1
-                    log_r = seq_log_r
-                    dlog_r = tl.full([ROWS, BLOCK_T], 1.0, CDT)
-                else:
-                    old = tl.load(old_ptr + r64 * old_sb + c64 * old_st, mask=inb,
-                                  other=0).to(CDT)
-                    d = lp - old
-                    log_r = tl.maximum(d, -lim, propagate_nan=tl.PropagateNan.ALL)
-                    log_r = tl.minimum(log_r, lim, propagate_nan=tl.PropagateNan.ALL)
-                    dlog_r = ((d >= -lim) & (d <= lim)).to(CDT)
-                if LIBDEVICE_EXP:
-                    r = libdevice.exp(log_r)
-                else:
-                    r = tl.exp(log_r)
-                if LOSS == 1:  # cispo: the clipped ratio is a constant factor of -A logp
-                    weight_r = tl.clamp(r, lo, hi, propagate_nan=tl.PropagateNan.ALL)
-                    g = -weight_r * a
-                else:  # ppo
-                    if HAS_DELTA:
-                        unclipped = tl.minimum(r, delta, propagate_nan=tl.PropagateNan.ALL)
-                        d_unclipped = -a * (r <= delta).to(CDT)
-                    else:
-                        unclipped = r
-                        d_unclipped = -a
-                    d_clipped = -a * ((r >= lo) & (r <= hi)).to(CDT)
-                    pg1 = -a * unclipped
-                    pg2 = -a * tl.clamp(r, lo, hi, propagate_nan=tl.PropagateNan.ALL)
-                    # the branch of the max that is active; half each on a tie
-                    dpg = tl.where(pg1 > pg2, d_unclipped,
-                                   tl.where(pg1 < pg2, d_clipped,
-                                            0.5 * (d_unclipped + d_clipped)))
-                    if HAS_DUAL:  # min(pg, bound) where A < 0: 0 when the bound is active
-                        pg = tl.maximum(pg1, pg2, propagate_nan=tl.PropagateNan.ALL)
-                        bound = neg_dual * a
-                        dual = tl.where(pg > bound, 0.0,
-                                        tl.where(pg < bound, dpg, 0.5 * (0.0 + dpg)))
-                        dpg = tl.where(a < 0, dual, dpg)
-                    g = dpg * r * dlog_r
-            if HAS_W:
-                g = g * tl.load(w_ptr + r64 * w_sb + c64 * w_st, mask=inb, other=0).to(CDT)
-            if USE_KL:
-                ref = tl.load(ref_ptr + r64 * ref_sb + c64 * ref_st, mask=inb,
+                old = tl.load(old_ptr + r64 * old_sb + c64 * old_st, mask=inb,
                               other=0).to(CDT)
-                g = g + kl_coef * _kl_grad(lp - ref, KL)
-            out = r64 * T + c64
-            tl.store(glp_ptr + out, tl.where(c != 0, c * g, 0.0), mask=inb)
-            if HAS_ENT:
-                tl.store(gent_ptr + out, tl.where(c != 0, neg_ent_coef * c, 0.0), mask=inb)
+                d = lp - old
+                log_r = tl.maximum(d, -lim, propagate_nan=tl.PropagateNan.ALL)
+                log_r = tl.minimum(log_r, lim, propagate_nan=tl.PropagateNan.ALL)
+                dlog_r = ((d >= -lim) & (d <= lim)).to(CDT)
+            if LIBDEVICE_EXP:
+                r = libdevice.exp(log_r)
+            else:
+                r = tl.exp(log_r)
+            if LOSS == 1:  # cispo: the clipped ratio is a constant factor of -A logp
+                weight_r = tl.clamp(r, lo, hi, propagate_nan=tl.PropagateNan.ALL)
+                g = -weight_r * a
+            else:  # ppo
+                if HAS_DELTA:
+                    unclipped = tl.minimum(r, delta, propagate_nan=tl.PropagateNan.ALL)
+                    d_unclipped = -a * (r <= delta).to(CDT)
+                else:
+                    unclipped = r
+                    d_unclipped = -a
+                d_clipped = -a * ((r >= lo) & (r <= hi)).to(CDT)
+                pg1 = -a * unclipped
+                pg2 = -a * tl.clamp(r, lo, hi, propagate_nan=tl.PropagateNan.ALL)
+                # the branch of the max that is active; half each on a tie
+                dpg = tl.where(pg1 > pg2, d_unclipped,
+                               tl.where(pg1 < pg2, d_clipped,
+                                        0.5 * (d_unclipped + d_clipped)))
+                if HAS_DUAL:  # min(pg, bound) where A < 0: 0 when the bound is active
+                    pg = tl.maximum(pg1, pg2, propagate_nan=tl.PropagateNan.ALL)
+                    bound = neg_dual * a
+                    dual = tl.where(pg > bound, 0.0,
+                                    tl.where(pg < bound, dpg, 0.5 * (0.0 + dpg)))
+                    dpg = tl.where(a < 0, dual, dpg)
+                g = dpg * r * dlog_r
+        if HAS_W:
+            g = g * tl.load(w_ptr + r64 * w_sb + c64 * w_st, mask=inb, other=0).to(CDT)
+        if HAS_REF:
+            ref = tl.load(ref_ptr + r64 * ref_sb + c64 * ref_st, mask=inb, other=0).to(CDT)
+            g = tl.where(kl_coef != 0, g + kl_coef * _kl_grad(lp - ref, KL), g)
+        out = r64 * T + c64
+        tl.store(glp_ptr + out, tl.where(c != 0, c * g, 0.0), mask=inb)
+        if HAS_ENT:
+            tl.store(gent_ptr + out, tl.where(c != 0, neg_ent_coef * c, 0.0), mask=inb)
 
 
 # =============================================================================== launchers
@@ -424,16 +481,16 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
 def _blocks(b: int, t: int) -> Tuple[int, int]:
-    """``(ROWS, BLOCK_T)``: whole rows per tile when T is short, else chunks of a row. The
-    tile depends on T only, not on B: a row's sums (its token count, its GSPO log-ratio)
-    are then reduced the same way whatever the other rows of the call (batch invariance)."""
+    """``(ROWS, BLOCK_T)``: whole rows per tile when T is short, else chunks of a row, and
+    fewer rows per tile when that keeps at least ``_MIN_PROGRAMS`` row tiles (one program
+    each). A row's own sums (its token count, its GSPO log-ratio, its loss) are reduced over
+    ``BLOCK_T`` lanes, which depends on T only: they do not depend on the other rows of the
+    call (batch invariance)."""
     block_t = min(max(triton.next_power_of_2(max(t, 1)), _MIN_BLOCK_T), _TILE)
-    return max(_TILE // block_t, 1), block_t
-
-
-@lru_cache(maxsize=None)
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    rows = max(_TILE // block_t, 1)
+    while rows > 1 and triton.cdiv(b, rows) < _MIN_PROGRAMS:
+        rows //= 2
+    return rows, block_t
 
 
 def _device_guard(x: Tensor):
@@ -451,43 +508,56 @@ def _adv_strides(advantages: Tensor) -> Tuple[int, int]:
     return advantages.stride(0), advantages.stride(1)
 
 
+def _scalars(o: PolicyOptions) -> Tuple[float, ...]:
+    """The float hyper-parameters, runtime fp64 kernel arguments (rounded to the compute
+    dtype in the kernel): ``lo, hi, dual, delta, kl_coef, entropy_coef, clamp``."""
+    return (float(o.ratio_floor), float(1.0 + o.clip_high), float(o.dual_clip or 0.0),
+            float(o.delta or 0.0), float(o.kl_coef), float(o.entropy_coef),
+            float(o.log_ratio_clamp))
+
+
 def _mode_args(o: PolicyOptions, cdt: torch.dtype, device: torch.device) -> dict:
+    """The constexprs: modes and flags only, never a float value."""
     return dict(
         CDT=_TL_DTYPES[cdt], LOSS=_LOSSES[o.loss], SEQ=o.ratio_level == "sequence",
         AGG=_AGGS[o.agg], KL=_KLS[o.kl_estimator],
         HAS_DUAL=o.loss == "ppo" and o.dual_clip is not None,
         HAS_DELTA=o.loss == "ppo" and o.delta is not None,
-        LO=float(o.ratio_floor), HI=float(1.0 + o.clip_high),
-        DUAL=float(o.dual_clip or 0.0), DELTA=float(o.delta or 0.0),
-        KL_COEF=float(o.kl_coef), ENT_COEF=float(o.entropy_coef),
-        CLAMP=float(o.log_ratio_clamp), IEEE_DIV=cdt == torch.float32,
-        LIBDEVICE_EXP=device.type != "cpu")
+        IEEE_DIV=cdt == torch.float32, LIBDEVICE_EXP=device.type != "cpu")
+
+
+def _pb(p: int) -> int:
+    return min(triton.next_power_of_2(max(p, 1)), _PB)
 
 
 def policy_loss_forward(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
                         normalizer: Optional[Tensor], ref_logp: Optional[Tensor],
                         entropy: Optional[Tensor], is_weights: Optional[Tensor],
                         o: PolicyOptions) -> Tuple[Tensor, Tensor]:
-    """Returns ``(loss [], metrics [9] fp32)`` as the reference; one kernel launch."""
+    """Returns ``(loss [], metrics [9] fp32)`` as the reference; two launches (the row tiles'
+    partial sums, then one program that adds them)."""
     b, t = logp.shape
     cdt = _compute_dtype(logp.dtype)
     loss = torch.empty((), dtype=cdt, device=logp.device)
     metrics = torch.empty(N_METRICS, dtype=torch.float32, device=logp.device)
     rows, block_t = _blocks(b, t)
+    p = max(triton.cdiv(b, rows), 1)
+    part = torch.empty((N_PARTIALS, p), dtype=cdt, device=logp.device)
+    modes = _mode_args(o, cdt, logp.device)
     with _device_guard(logp):
-        _policy_fwd_kernel[(1,)](
+        _policy_fwd_kernel[(p,)](
             logp, old_logp, advantages, mask,
             logp if ref_logp is None else ref_logp, logp if entropy is None else entropy,
-            logp if is_weights is None else is_weights,
-            logp if normalizer is None else normalizer, loss, metrics,
+            logp if is_weights is None else is_weights, part,
             b, t, *_strides2d(logp), *_strides2d(old_logp), *_adv_strides(advantages),
             *_strides2d(mask), *_strides2d(ref_logp), *_strides2d(entropy),
-            *_strides2d(is_weights),
+            *_strides2d(is_weights), *_scalars(o),
             HAS_REF=ref_logp is not None, HAS_ENT=entropy is not None,
-            HAS_W=is_weights is not None, HAS_NORM=normalizer is not None,
-            USE_KL=ref_logp is not None and o.kl_coef != 0.0,
-            USE_ENT=entropy is not None and o.entropy_coef != 0.0,
-            ROWS=rows, BLOCK_T=block_t, num_warps=8, **_mode_args(o, cdt, logp.device))
+            HAS_W=is_weights is not None, ROWS=rows, BLOCK_T=block_t, num_warps=8, **modes)
+        _policy_finish_kernel[(1,)](
+            part, logp if normalizer is None else normalizer, loss, metrics, p, t,
+            CDT=modes["CDT"], AGG=modes["AGG"], HAS_NORM=normalizer is not None,
+            IEEE_DIV=modes["IEEE_DIV"], NK=16, PB=_pb(p), num_warps=4)
     return loss, metrics
 
 
@@ -497,7 +567,9 @@ def policy_loss_backward(grad_loss: Tensor, logp: Tensor, old_logp: Tensor,
                          is_weights: Optional[Tensor], o: PolicyOptions
                          ) -> Tuple[Tensor, Optional[Tensor]]:
     """Gradients w.r.t. ``logp`` (its dtype) and ``entropy`` (its dtype, ``None`` when not
-    given), contiguous ``[B, T]``; one kernel launch."""
+    given), contiguous ``[B, T]``. One launch, two when a row statistic (GSPO log-ratio,
+    per-sequence token count) or a batch count (the denominator) is needed: the first
+    launch computes them per row tile, the second reads them."""
     b, t = logp.shape
     cdt = _compute_dtype(logp.dtype)
     g_lp = torch.empty((b, t), dtype=logp.dtype, device=logp.device)
@@ -506,22 +578,30 @@ def policy_loss_backward(grad_loss: Tensor, logp: Tensor, old_logp: Tensor,
     if b * t == 0:
         return g_lp, g_ent
     rows, block_t = _blocks(b, t)
-    n_tiles = triton.cdiv(b, rows)
-    programs = min(n_tiles, _num_sms(logp.device.index or 0) if logp.is_cuda
-                   else _CPU_PROGRAMS)
+    p = triton.cdiv(b, rows)
+    modes = _mode_args(o, cdt, logp.device)
+    seq = cnt = part = g_lp
     with _device_guard(logp):
-        _policy_bwd_kernel[(programs,)](
+        if modes["SEQ"] or o.agg != "seq-mean-token-sum-norm" and (
+                normalizer is None or o.agg == "seq-mean-token-mean"):
+            stats = torch.empty((2 * b + p,), dtype=cdt, device=logp.device)
+            seq, cnt, part = stats[:b], stats[b:2 * b], stats[2 * b:]
+            _policy_rowstat_kernel[(p,)](
+                logp, old_logp, mask, seq, cnt, part, b, t, *_strides2d(logp),
+                *_strides2d(old_logp), *_strides2d(mask), float(o.log_ratio_clamp),
+                CDT=modes["CDT"], SEQ=modes["SEQ"], AGG=modes["AGG"],
+                IEEE_DIV=modes["IEEE_DIV"], ROWS=rows, BLOCK_T=block_t, num_warps=8)
+        _policy_bwd_kernel[(p,)](
             grad_loss, logp, old_logp, advantages, mask,
             logp if ref_logp is None else ref_logp,
             logp if is_weights is None else is_weights,
-            logp if normalizer is None else normalizer, g_lp,
+            logp if normalizer is None else normalizer, seq, cnt, part, g_lp,
             g_lp if g_ent is None else g_ent,
             b, t, *_strides2d(logp), *_strides2d(old_logp), *_adv_strides(advantages),
-            *_strides2d(mask), *_strides2d(ref_logp), *_strides2d(is_weights),
-            HAS_ENT=entropy is not None, HAS_W=is_weights is not None,
-            HAS_NORM=normalizer is not None,
-            USE_KL=ref_logp is not None and o.kl_coef != 0.0,
-            ROWS=rows, BLOCK_T=block_t, num_warps=8, **_mode_args(o, cdt, logp.device))
+            *_strides2d(mask), *_strides2d(ref_logp), *_strides2d(is_weights), *_scalars(o),
+            HAS_REF=ref_logp is not None, HAS_ENT=entropy is not None,
+            HAS_W=is_weights is not None, HAS_NORM=normalizer is not None, ROWS=rows,
+            BLOCK_T=block_t, PB=_pb(p), num_warps=8, **modes)
     return g_lp, g_ent
 
 

@@ -234,36 +234,94 @@ def test_through_the_public_op():
 # ============================================================================ GPU build
 
 _BUILD_SCRIPT = r"""
-import triton, triton.language as tl
-from triton.compiler import ASTSource
-from triton.backends.compiler import GPUTarget
-from rlkernels.triton import advantage as ta
+import sys, torch
+sys.path.insert(0, "benchmarks")
+import sm90_compile as S
+from rlkernels.triton import advantage as K
 
-fn = ta._group_advantages_kernel
-for method in (0, 3):
-    for cdt, ft in ((tl.float32, "*fp32"), (tl.float64, "*fp64")):
-        consts = dict(CDT=cdt, INDEXED=method == 0, METHOD=method, UNBIASED=True, EPS=1e-6,
-                      IEEE_DIV=cdt == tl.float32, BLOCK=ta._BLOCK, BATCH_BLOCK=1024)
-        types = dict(x_ptr="*bf16", perm_ptr="*i64", starts_ptr="*i64", out_ptr=ft)
-        sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
-        triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": 4})
-print("built")
+def launches(settings, dtype=torch.float32, b=2048, t=512):
+    def run():
+        r, gid = S.gpu(b, dtype=dtype), S.gpu(b, dtype=torch.int64)
+        rt, vt, mt = S.gpu(b, t, dtype=dtype), S.gpu(b, t, dtype=dtype), S.gpu(b, t, dtype=torch.bool)
+        for eps, gamma, lam in settings:
+            for method in ("grpo", "batch_std"):
+                K.group_advantages_forward(r, gid if method == "grpo" else None, 8, method,
+                                           eps, True)
+            K.gae_forward(rt, vt, mt, gamma, lam)
+            K.discounted_returns_forward(rt, mt, gamma)
+            out, st = K.masked_whiten_forward(vt, mt, True, eps, True)
+            K.masked_whiten_backward(out, vt, mt, st, True, True)
+    found, errors = S.capture_launches([("advantage", run)], 90)
+    assert not errors, errors
+    return found
+
+if sys.argv[1] == "recompile":
+    one = launches([(1e-6, 0.99, 0.95)])
+    two = launches([(1e-6, 0.99, 0.95), (1e-8, 0.999, 0.9)])
+    for launch in two.values():
+        assert not [v for v in launch.constexprs.values() if isinstance(v, float)], launch.kernel
+        # a float argument is bound as fp64 (a plain Python float would be fp32)
+        assert "fp32" not in launch.signature.values(), (launch.kernel, launch.signature)
+    assert set(one) == set(two), sorted(l.kernel for l in two.values())
+    print("same")
+else:
+    found = dict(launches([(1e-6, 0.99, 0.95)]))
+    found.update(launches([(1e-6, 0.99, 0.95)], torch.float64))
+    for launch in found.values():
+        res = S.compile_launch(launch, 90)
+        assert res.ok, (res.kernel, res.config, res.error)
+    print("built", len(found))
 """
 
 
-def test_kernel_builds_for_sm90(tmp_path):
-    """The interpreter compiles nothing: build the kernel for sm_90 (PTX and cubin with
-    Triton's bundled ptxas, no GPU needed) in a subprocess without TRITON_INTERPRET."""
+def _run_build_script(tmp_path, mode):
     import os
+    import pathlib
     import subprocess
     import sys
     pytest.importorskip("triton.backends.nvidia.compiler")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
-    proc = subprocess.run([sys.executable, "-c", _BUILD_SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0 and "built" in proc.stdout, proc.stderr[-3000:]
+    root = pathlib.Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", _BUILD_SCRIPT, mode], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_kernel_builds_for_sm90(tmp_path):
+    """The interpreter compiles nothing: capture the launchers' launches on GPU-like meta
+    tensors (benchmarks/sm90_compile.py) and build them for sm_90 (PTX and cubin with
+    Triton's bundled ptxas, no GPU needed) in a subprocess without TRITON_INTERPRET."""
+    assert "built" in _run_build_script(tmp_path, "build")
+
+
+def test_float_hyper_parameters_compile_nothing_new(tmp_path):
+    """Two settings of ``eps``, ``gamma`` and ``lam`` bind to the same compiled kernels as
+    one: the floats are runtime arguments, not constexprs."""
+    assert "same" in _run_build_script(tmp_path, "recompile")
+
+
+def test_fp64_hyper_parameters_keep_fp64():
+    """fp64 inputs with hyper-parameters that fp32 rounding would move by ~1e-8 relative,
+    against the reference at 1e-13. The interpreter keeps Python floats in double anyway;
+    on a GPU build a plain float argument would be fp32, which the capture in
+    ``test_float_hyper_parameters_compile_nothing_new`` rules out (fp64 in the signature)."""
+    x = rewards_of(24, seed=31, dtype=torch.float64) * 0.1
+    got, want = both(x, None, 4, "grpo", eps=0.1)
+    torch.testing.assert_close(got, want, atol=1e-14, rtol=1e-13)
+    g = torch.Generator().manual_seed(32)
+    r, v = torch.randn(3, 40, generator=g, dtype=torch.float64), torch.randn(
+        3, 40, generator=g, dtype=torch.float64)
+    m = torch.rand(3, 40, generator=g) > 0.2
+    for got, want in zip(ta.gae_forward(r, v, m, 0.9, 0.7), ref.gae(r, v, m, 0.9, 0.7)):
+        torch.testing.assert_close(got, want, atol=1e-13, rtol=1e-13)
+    torch.testing.assert_close(ta.discounted_returns_forward(r, m, 0.9),
+                               ref.discounted_returns(r, m, 0.9), atol=1e-13, rtol=1e-13)
+    small = r * 1e-3  # variance ~1e-6: eps = 0.1 dominates rsqrt(var + eps)
+    got, _ = ta.masked_whiten_forward(small, m, True, 0.1, True)
+    want, _ = ref.masked_whiten_forward(small, m, True, 0.1, True)
+    torch.testing.assert_close(got, want, atol=1e-15, rtol=1e-13)
 
 
 # ================================================================================== GPU

@@ -273,14 +273,15 @@ def test_rows_streamed_in_chunks(small_tiles, level, agg):
     assert_match(*both(inp, o, use_isw=True))
 
 
-@pytest.mark.parametrize("programs", [1, 3])
+@pytest.mark.parametrize("min_programs,tiling", [(1, (4, 16)), (3, (2, 16)), (8, (1, 16))])
 @pytest.mark.parametrize("agg", AGGS)
-def test_partial_row_tiles_and_strided_programs(monkeypatch, programs, agg):
-    """B=7, T=5 in tiles of 4 rows x 16 (the last tile has 3 rows); backward with 3
-    programs striding over the 2 row tiles (one idle), each counting the denominator."""
+def test_partial_row_tiles(monkeypatch, min_programs, tiling, agg):
+    """B=7, T=5 with ``_TILE`` 64: tiles of 4 rows (2 tiles, the last one has 3 rows), of 2
+    rows when at least 3 programs are asked for (4 tiles), of one row for 8 (7 tiles); the
+    forward's partials and the backward's counts are added over the tiles."""
     monkeypatch.setattr(tp, "_TILE", 64)
-    monkeypatch.setattr(tp, "_CPU_PROGRAMS", programs)
-    assert tp._blocks(7, 5) == (4, 16)
+    monkeypatch.setattr(tp, "_MIN_PROGRAMS", min_programs)
+    assert tp._blocks(7, 5) == tiling
     inp = make_inputs(B=7, T=5, seed=8)
     inp["mask"][2] = False
     o = PolicyOptions.from_kwargs(agg=agg, ratio_level="sequence", kl_coef=0.1,
@@ -399,53 +400,119 @@ def test_through_the_public_op():
 
 # ============================================================================ GPU build
 
-# The interpreter does not compile anything: this builds the kernels for sm_90 (TTIR -> PTX
-# -> cubin with Triton's bundled ptxas, no GPU needed) in a subprocess without
-# TRITON_INTERPRET. It caught two fp64-only build failures the CPU tests cannot see
+# The interpreter does not compile anything: these capture the launches of the real launchers
+# on GPU-like meta tensors (benchmarks/sm90_compile.py, in a subprocess without
+# TRITON_INTERPRET) and build them for sm_90 (TTIR -> PTX -> cubin with Triton's bundled
+# ptxas, no GPU needed). The build caught two fp64-only failures the CPU tests cannot see
 # (tl.fdiv's precise fp64 division, tl.clamp(x, -c, c)'s fp32-only xorsign intrinsic).
 _BUILD_SCRIPT = r"""
-import torch, triton, triton.language as tl
-from triton.compiler import ASTSource
-from triton.backends.compiler import GPUTarget
-from rlkernels._policy_options import PolicyOptions
-from rlkernels.triton import policy as tp
+import sys, torch
+sys.path.insert(0, "benchmarks")
+import sm90_compile as S
+from rlkernels._policy_options import PolicyOptions as O
+from rlkernels.triton import policy as K
 
-def build(fn, ptr_types, consts):
-    sig = {n: "constexpr" if n in consts else ptr_types.get(n, "i32") for n in fn.arg_names}
-    triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
-                   options={"num_warps": 8})
+def launches(options, dtype, b=512, t=4096):
+    def run():
+        lp, old, ref, ent, w = (S.gpu(b, t, dtype=dtype) for _ in range(5))
+        adv, mask = S.gpu(b, dtype=dtype), S.gpu(b, t, dtype=torch.bool)
+        for o in options:
+            args = (lp, old, adv, mask, None, ref, ent, w, o)
+            loss, _ = K.policy_loss_forward(*args)
+            K.policy_loss_backward(loss, *args)
+    found, errors = S.capture_launches([("policy", run)], 90)
+    assert not errors, errors
+    return found
 
-for cdt, ft, kw in ((torch.float32, "*fp32", dict(loss="ppo", ratio_level="sequence",
-                     agg="seq-mean-token-mean", kl_estimator="k3", dual_clip=2.0, delta=1.5)),
-                    (torch.float64, "*fp64", dict(loss="cispo", agg="token-mean",
-                     kl_estimator="abs")),
-                    (torch.float64, "*fp64", dict(loss="ppo", ratio_level="sequence",
-                     agg="seq-mean-token-sum", kl_estimator="k3", dual_clip=2.0))):
-    o = PolicyOptions.from_kwargs(kl_coef=0.1, entropy_coef=0.01, **kw)
-    rows, block_t = tp._blocks(512, 4096)
-    modes = dict(tp._mode_args(o, cdt, torch.device("cuda")), ROWS=rows, BLOCK_T=block_t)
-    ptrs = {n: ft for n in tp._policy_fwd_kernel.arg_names if n.endswith("_ptr")}
-    ptrs.update(old_ptr="*bf16", m_ptr="*i1", norm_ptr="*i64", met_ptr="*fp32")
-    build(tp._policy_fwd_kernel, ptrs, dict(modes, HAS_REF=True, HAS_ENT=True, HAS_W=True,
-                                            HAS_NORM=True, USE_KL=True, USE_ENT=True))
-    ptrs = {n: ft for n in tp._policy_bwd_kernel.arg_names if n.endswith("_ptr")}
-    ptrs.update(m_ptr="*fp32", glp_ptr="*bf16" if ft == "*fp32" else ft)
-    build(tp._policy_bwd_kernel, ptrs, dict(modes, HAS_ENT=True, HAS_W=True, HAS_NORM=False,
-                                            USE_KL=True))
-print("built")
+MODE = sys.argv[1]
+if MODE == "recompile":
+    # two settings that differ only in float hyper-parameters: the same compiled kernels
+    base = dict(dual_clip=3.0, delta=1.5, kl_estimator="k3", agg="seq-mean-token-mean")
+    one = launches([O.from_kwargs(clip_low=0.2, kl_coef=0.0, entropy_coef=0.0, **base)],
+                   torch.float32)
+    two = launches([O.from_kwargs(clip_low=0.2, kl_coef=0.0, entropy_coef=0.0, **base),
+                    O.from_kwargs(clip_low=0.1, clip_high=0.28, kl_coef=0.05,
+                                  entropy_coef=0.01, log_ratio_clamp=10.0,
+                                  **dict(base, dual_clip=2.5, delta=1.8))], torch.float32)
+    print("variants", len(one), len(two))
+    for launch in two.values():
+        floats = [v for v in launch.constexprs.values() if isinstance(v, float)]
+        assert not floats, (launch.kernel, floats)
+        # a float argument is bound as fp64 (a plain Python float would be fp32)
+        assert "fp32" not in launch.signature.values(), (launch.kernel, launch.signature)
+    assert set(one) == set(two), sorted(l.kernel for l in two.values())
+    print("same")
+else:
+    found = {}
+    for dtype, kw in ((torch.float32, dict(ratio_level="sequence", agg="seq-mean-token-mean",
+                                           dual_clip=2.0, delta=1.5)),
+                      (torch.float64, dict(loss="cispo", kl_estimator="abs")),
+                      (torch.float64, dict(ratio_level="sequence", agg="seq-mean-token-sum",
+                                           dual_clip=2.0))):
+        found.update(launches([O.from_kwargs(kl_coef=0.1, entropy_coef=0.01, **kw)], dtype))
+    for launch in found.values():
+        res = S.compile_launch(launch, 90)
+        assert res.ok and not res.flags, (res.kernel, res.config, res.error, res.flags)
+    print("built", len(found))
 """
 
 
-def test_kernels_build_for_sm90(tmp_path):
+def _run_build_script(tmp_path, mode):
     import os
+    import pathlib
     import subprocess
     import sys
     pytest.importorskip("triton.backends.nvidia.compiler")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
-    proc = subprocess.run([sys.executable, "-c", _BUILD_SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0 and "built" in proc.stdout, proc.stderr[-3000:]
+    root = pathlib.Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", _BUILD_SCRIPT, mode], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_kernels_build_for_sm90(tmp_path):
+    """Every policy kernel compiles for sm_90 at 512 x 4096, fp32 and fp64, without spills."""
+    assert "built" in _run_build_script(tmp_path, "build")
+
+
+def test_float_hyper_parameters_compile_nothing_new(tmp_path):
+    """Launches of two settings that differ only in ``clip_low``, ``clip_high``,
+    ``dual_clip``, ``delta``, ``kl_coef``, ``entropy_coef`` and ``log_ratio_clamp`` bind to
+    the same compiled kernels (the same signature, constexprs and attributes) as one
+    setting: no float reaches a kernel as a constexpr, and no flag depends on a value."""
+    assert "same" in _run_build_script(tmp_path, "recompile")
+
+
+def test_many_programs(monkeypatch):
+    """At B=64, T=512 every policy kernel runs on at least 8 programs (row tiles of 2 rows,
+    32 programs), except the one program that adds the forward's partials."""
+    grids = {}
+
+    def spy(kernel):
+        class Spy:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    grids.setdefault(kernel.__name__ if hasattr(kernel, "__name__")
+                                     else kernel.fn.__name__, []).append(grid)
+                    return kernel[grid](*args, **kwargs)
+                return launch
+        return Spy()
+
+    for name in ("_policy_fwd_kernel", "_policy_finish_kernel", "_policy_rowstat_kernel",
+                 "_policy_bwd_kernel"):
+        monkeypatch.setattr(tp, name, spy(getattr(tp, name)))
+    inp = make_inputs(B=64, T=512, seed=30, dtype=torch.float32)
+    o = PolicyOptions.from_kwargs(ratio_level="sequence", agg="seq-mean-token-mean")
+    args = tuple(inp[k] for k in ("logp", "old_logp", "advantages", "mask"))
+    loss, _ = tp.policy_loss_forward(*args, None, None, None, None, o)
+    tp.policy_loss_backward(torch.ones_like(loss), *args, None, None, None, None, o)
+    assert set(grids) == {"_policy_fwd_kernel", "_policy_finish_kernel",
+                          "_policy_rowstat_kernel", "_policy_bwd_kernel"}
+    for name, launched in grids.items():
+        want = 1 if name == "_policy_finish_kernel" else 32
+        assert launched == [(want,)], (name, launched)
 
 
 # ================================================================================== GPU
