@@ -104,32 +104,61 @@ __device__ __forceinline__ bool aligned16(const T* p) {
   return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0;
 }
 
-// Chunk c of a row (c < V / kVec), in the accumulation type. kAligned: the row is 16-byte
-// aligned (one 16-byte load), else kVec element loads, all issued before any is used.
+// Chunk c of a row (c < V / kVec) as stored: 16 bytes as four 32-bit words (one 16-byte
+// load when the row is aligned), or kVec elements loaded one by one (all issued before any
+// is used).
 template <bool kAligned, class T>
-__device__ __forceinline__ void load_chunk(const T* row, int c, Chunk<T>& ch) {
+struct Raw {
+  using type = uint4;
+};
+template <class T>
+struct Raw<false, T> {
+  using type = Pack<T, Chunk<T>::N>;
+};
+
+template <bool kAligned, class T>
+__device__ __forceinline__ typename Raw<kAligned, T>::type load_raw(const T* row, int c) {
   constexpr int N = Chunk<T>::N;
   if constexpr (kAligned) {
-    const Pack<T, N> p = reinterpret_cast<const Pack<T, N>*>(row)[c];
-    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-      // bf16 -> fp32 is a 16-bit shift: one integer op per column (no PRMT + shift pair)
-      const uint32_t* w = reinterpret_cast<const uint32_t*>(&p);
-#pragma unroll
-      for (int i = 0; i < N / 2; ++i) {
-        ch.v[2 * i] = __uint_as_float(w[i] << 16);
-        ch.v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-      }
-    } else {
-#pragma unroll
-      for (int k = 0; k < N; ++k) ch.v[k] = to_acc(p.v[k]);
-    }
+    return reinterpret_cast<const uint4*>(row)[c];
   } else {
-    T t[N];
+    Pack<T, N> p;
 #pragma unroll
-    for (int k = 0; k < N; ++k) t[k] = row[c * N + k];  // all loads in flight before use
-#pragma unroll
-    for (int k = 0; k < N; ++k) ch.v[k] = to_acc(t[k]);
+    for (int k = 0; k < N; ++k) p.v[k] = row[c * N + k];
+    return p;
   }
+}
+
+// Stored chunk -> accumulation type.
+template <class T>
+__device__ __forceinline__ void unpack(const uint4& q, Chunk<T>& ch) {
+  const uint32_t w[4] = {q.x, q.y, q.z, q.w};
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    // bf16 -> fp32 is a 16-bit shift: one integer op per column
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      ch.v[2 * i] = __uint_as_float(w[i] << 16);
+      ch.v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+  } else if constexpr (std::is_same_v<T, __half>) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w[i]));
+      ch.v[2 * i] = f.x;
+      ch.v[2 * i + 1] = f.y;
+    }
+  } else if constexpr (std::is_same_v<T, float>) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) ch.v[i] = __uint_as_float(w[i]);
+  } else {
+    ch.v[0] = __hiloint2double(static_cast<int>(w[1]), static_cast<int>(w[0]));
+    ch.v[1] = __hiloint2double(static_cast<int>(w[3]), static_cast<int>(w[2]));
+  }
+}
+template <class T>
+__device__ __forceinline__ void unpack(const Pack<T, Chunk<T>::N>& p, Chunk<T>& ch) {
+#pragma unroll
+  for (int k = 0; k < Chunk<T>::N; ++k) ch.v[k] = to_acc(p.v[k]);
 }
 
 // The last, partial chunk (columns >= V read as -inf).
@@ -144,17 +173,37 @@ __device__ __forceinline__ void load_tail(const T* row, int c, int V, Chunk<T>& 
 }
 
 // f(c, chunk) for this thread's chunks of a row, in increasing c (the tail chunk last). The
-// loop is compiled twice, for an aligned row and for any other; V < 2^31 (launchers check).
-template <class T, class F>
+// loop is compiled twice, for an aligned row and for any other, and loads the thread's next
+// chunk before f works on the current one (two loads in flight per thread). In place (f
+// writes chunk c of the same row) is safe: chunk c + blockDim.x belongs to this thread too
+// and is read before it is written. V < 2^31 (launchers check). kPrefetch = false: one load
+// at a time (the sparse tail loop, whose body is longer: fewer instructions per chunk).
+template <bool kPrefetch = true, class T, class F>
 __device__ __forceinline__ void for_each_chunk(const T* row, int V, F&& f) {
   constexpr int N = Chunk<T>::N;
   const int full = V / N;
   int c = threadIdx.x;
   auto loop = [&](auto aligned) {
-    for (; c < full; c += blockDim.x) {
+    constexpr bool kAl = decltype(aligned)::value;
+    if constexpr (sizeof(T) == 8 || !kPrefetch) {  // fp64: registers; not a bandwidth path
+      for (; c < full; c += blockDim.x) {
+        Chunk<T> ch;
+        unpack(load_raw<kAl>(row, c), ch);
+        f(c, ch);
+      }
+      return;
+    }
+    if (c >= full) return;
+    typename Raw<kAl, T>::type nxt = load_raw<kAl>(row, c);
+    while (true) {
+      const typename Raw<kAl, T>::type cur = nxt;
+      const int cn = c + static_cast<int>(blockDim.x);
+      if (cn < full) nxt = load_raw<kAl>(row, cn);
       Chunk<T> ch;
-      load_chunk<decltype(aligned)::value>(row, c, ch);
+      unpack(cur, ch);
       f(c, ch);
+      c = cn;
+      if (c >= full) break;
     }
   };
   if (aligned16(row)) loop(std::true_type{});
@@ -166,22 +215,42 @@ __device__ __forceinline__ void for_each_chunk(const T* row, int V, F&& f) {
   }
 }
 
-// Same over a pair of rows (x, y), both loaded before f.
+// Same over a pair of rows (x, y), both loaded before f (and both prefetched).
 template <class T, class F>
 __device__ __forceinline__ void for_each_chunk2(const T* x, const T* y, int V, F&& f) {
   constexpr int N = Chunk<T>::N;
   const int full = V / N;
   int c = threadIdx.x;
-  auto loop = [&](auto ax, auto ay) {
-    for (; c < full; c += blockDim.x) {
+  auto loop = [&](auto aligned) {
+    constexpr bool kAl = decltype(aligned)::value;
+    if constexpr (sizeof(T) == 8) {  // fp64: no prefetch (registers; not a bandwidth path)
+      for (; c < full; c += blockDim.x) {
+        Chunk<T> a, b;
+        unpack(load_raw<kAl>(x, c), a);
+        unpack(load_raw<kAl>(y, c), b);
+        f(c, a, b);
+      }
+      return;
+    }
+    if (c >= full) return;
+    typename Raw<kAl, T>::type nx = load_raw<kAl>(x, c), ny = load_raw<kAl>(y, c);
+    while (true) {
+      const typename Raw<kAl, T>::type cx = nx, cy = ny;
+      const int cn = c + static_cast<int>(blockDim.x);
+      if (cn < full) {
+        nx = load_raw<kAl>(x, cn);
+        ny = load_raw<kAl>(y, cn);
+      }
       Chunk<T> a, b;
-      load_chunk<decltype(ax)::value>(x, c, a);
-      load_chunk<decltype(ay)::value>(y, c, b);
+      unpack(cx, a);
+      unpack(cy, b);
       f(c, a, b);
+      c = cn;
+      if (c >= full) break;
     }
   };
-  if (aligned16(x) && aligned16(y)) loop(std::true_type{}, std::true_type{});
-  else loop(std::false_type{}, std::false_type{});
+  if (aligned16(x) && aligned16(y)) loop(std::true_type{});
+  else loop(std::false_type{});
   if (c == full && full * N < V) {
     Chunk<T> a, b;
     load_tail(x, c, V, a);
@@ -826,7 +895,7 @@ __global__ void __launch_bounds__(max_threads<T>())
         for (int w = threadIdx.x; w < words; w += blockDim.x) c += __popc(bits[w]);
         distinct += block_sum(c, count_scratch);
       }
-      for_each_chunk(xr + s0, static_cast<int>(len), [&](int c, const Chunk<T>& ch) {
+      for_each_chunk<false>(xr + s0, static_cast<int>(len), [&](int c, const Chunk<T>& ch) {
         const A m_old = st.m;
         A e[N];
         const ChunkSum<A> cs = run_chunk<false, false>(st, ch.v, scale, e);
@@ -867,7 +936,7 @@ __global__ void __launch_bounds__(max_threads<T>())
     // thread) sums the outside columns against their own maximum.
     Run<A> o2 = run_empty<A>();
     segments([&](int64_t s0, int64_t len, int) {
-      for_each_chunk(xr + s0, static_cast<int>(len), [&](int c, const Chunk<T>& ch) {
+      for_each_chunk<false>(xr + s0, static_cast<int>(len), [&](int c, const Chunk<T>& ch) {
         const uint32_t member = member_bits(c);
         A v[N], e[N];
 #pragma unroll
