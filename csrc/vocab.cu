@@ -311,9 +311,10 @@ __device__ __forceinline__ Run<A> run_empty() {
 template <bool kS1, bool kA, class A>
 __device__ __forceinline__ void run_rebase(Run<A>& r, A nm, A scale) {
   if (r.m == neg_inf<A>()) {
-    r.s = A(0);
-    if (kS1) r.s1 = A(0);
-    if (kA) r.a = A(0);
+    // only -inf (weight 0) and NaN columns so far: s, s1, a are 0 or NaN; keep the NaN
+    r.s *= A(0);
+    if (kS1) r.s1 *= A(0);
+    if (kA) r.a *= A(0);
   } else {
     const A d = (r.m - nm) * scale;
     const A f = uexp(d);
@@ -900,7 +901,8 @@ __global__ void __launch_bounds__(max_threads<T>())
         A e[N];
         const ChunkSum<A> cs = run_chunk<false, false>(st, ch.v, scale, e);
         if (st.m != m_old) {  // st was rebased: so follows (same maximum)
-          so.s = m_old == neg_inf<A>() ? A(0) : (so.s + so.n) * uexp((m_old - st.m) * scale);
+          so.s = m_old == neg_inf<A>() ? so.s * A(0)  // 0, or NaN from a NaN column
+                                       : (so.s + so.n) * uexp((m_old - st.m) * scale);
           so.n = A(0);
         }
         const uint32_t member = member_bits(c);

@@ -588,6 +588,27 @@ def test_sparse_tail_far_below_the_maximum():
 
 
 @gpu_cuda
+@pytest.mark.parametrize("dtype", LOW_DTYPES, ids=str)
+def test_nan_in_a_leading_chunk_reaches_the_row(dtype):
+    # a thread's first chunk all NaN, its later chunks finite (a new maximum rebases the
+    # running state): the NaN must survive the rebase; other rows stay finite
+    x = make_logits(3, 50257, dtype, kind="normal", seed=14, device="cuda")
+    x[1, :16] = float("nan")
+    tok = torch.tensor([5, 700, 9], device="cuda")
+    lp, h, _ = cv.token_logprobs_forward(x, tok, 1.0, -100, True)
+    assert torch.isnan(lp[1]) and torch.isnan(h[1])
+    assert torch.isfinite(lp[[0, 2]]).all() and torch.isfinite(h[[0, 2]]).all()
+    y = make_logits(3, 50257, dtype, kind="normal", seed=15, device="cuda")
+    for kind in ("reverse", "forward", "jsd"):
+        kl, _, _ = cv.kl_divergence_forward(x, y, None, kind, 0.5, 1.0)
+        assert torch.isnan(kl[1]) and torch.isfinite(kl[[0, 2]]).all(), kind
+    idx = make_indices(x, 8, seed=14, unused=False)
+    lp_s, tail, _ = cv.sparse_logprobs_forward(x, idx, 1.0, "full", True)
+    assert torch.isnan(tail[1]) and torch.isnan(lp_s[1]).all()
+    assert torch.isfinite(tail[[0, 2]]).all()
+
+
+@gpu_cuda
 def test_kl_more_than_2_31_elements():
     n, vocab = 14200, 151936  # N * V = 2.16e9 > 2**31
     if torch.cuda.get_device_properties(0).total_memory < 24 * 2**30:
