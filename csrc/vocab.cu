@@ -387,9 +387,20 @@ __device__ __forceinline__ Run<A> run_merge(const Run<A>& a, const Run<A>& b, A 
   if (a.m == b.m) {
     return {a.m, a.s + b.s, a.n + b.n, kS1 ? a.s1 + b.s1 : A(0), kA ? a.a + b.a : A(0)};
   }
+  // winner / loser picked field by field (selects; references to either state would put
+  // both in local memory)
   const bool b_wins = b.m > a.m;
-  const Run<A>& w = b_wins ? b : a;
-  const Run<A>& l = b_wins ? a : b;
+  Run<A> w, l;
+  w.m = b_wins ? b.m : a.m;
+  w.s = b_wins ? b.s : a.s;
+  w.n = b_wins ? b.n : a.n;
+  w.s1 = b_wins ? b.s1 : a.s1;
+  w.a = b_wins ? b.a : a.a;
+  l.m = b_wins ? a.m : b.m;
+  l.s = b_wins ? a.s : b.s;
+  l.n = b_wins ? a.n : b.n;
+  l.s1 = b_wins ? a.s1 : b.s1;
+  l.a = b_wins ? a.a : b.a;
   Run<A> o = w;
   if (l.m != neg_inf<A>()) {
     const A d = (l.m - w.m) * scale;
@@ -671,8 +682,8 @@ __global__ void __launch_bounds__(max_threads<T>())
   const A ls_p = d_log1p(run_rest(rp)), ls_q = d_log1p(run_rest(rq));
   if (kKind != kJsd) {
     if (threadIdx.x != 0) return;
-    const Run<A>& r = kP ? rp : rq;
-    const Run<A>& o = kP ? rq : rp;
+    const Run<A> r = kP ? rp : rq;
+    const Run<A> o = kP ? rq : rp;
     const A ls_r = kP ? ls_p : ls_q, ls_o = kP ? ls_q : ls_p;
     // an all -inf front row: every r_j = 0, KL = 0 (as the two-pass form gave)
     const A v = r.m == neg_inf<A>()
