@@ -8,7 +8,7 @@ into a mode string and a list of floats (constants for ``torch.compile``), and
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from . import _checks
 
@@ -86,7 +86,45 @@ class PolicyOptions:
 
     @classmethod
     def decode(cls, modes: str, nums: List[float]) -> "PolicyOptions":
-        loss, ratio_level, agg, kl_estimator, cispo_clip_low = modes.split("|")
-        clip_low, clip_high, dual_clip, delta, kl_coef, entropy_coef, clamp = nums
-        return cls(loss, clip_low, clip_high, dual_clip or None, delta or None, ratio_level,
-                   agg, kl_coef, kl_estimator, entropy_coef, clamp, bool(cispo_clip_low))
+        key = (modes, *nums)
+        opts = _DECODED.get(key)
+        if opts is None:
+            loss, ratio_level, agg, kl_estimator, cispo_clip_low = modes.split("|")
+            clip_low, clip_high, dual_clip, delta, kl_coef, entropy_coef, clamp = nums
+            opts = cls(loss, clip_low, clip_high, dual_clip or None, delta or None,
+                       ratio_level, agg, kl_coef, kl_estimator, entropy_coef, clamp,
+                       bool(cispo_clip_low))
+            _remember(_DECODED, key, opts)
+        return opts
+
+
+# Memos of validated and decoded options. A training loop calls the ops with a few settings
+# (a coefficient schedule adds one per step: hence the bound), and validation, encoding and
+# decoding cost microseconds per call that the op would otherwise spend on every call.
+_MEMO_LIMIT = 1024
+_DECODED: Dict[tuple, PolicyOptions] = {}
+_ENCODED: Dict[tuple, Tuple[PolicyOptions, str, List[float]]] = {}
+
+
+def _remember(memo: dict, key, value) -> None:
+    if len(memo) >= _MEMO_LIMIT:
+        memo.clear()
+    memo[key] = value
+
+
+def encoded_options(**kwargs) -> Tuple[PolicyOptions, str, List[float]]:
+    """``(options, modes, nums)``: :meth:`PolicyOptions.from_kwargs` and its
+    :meth:`~PolicyOptions.encode`, memoized on the type and value of every argument (so
+    ``True`` and ``1`` stay apart; an unhashable argument is validated afresh, and rejected
+    there). The returned ``nums`` list is shared between calls: never mutate it."""
+    try:
+        key = tuple((name, type(value), value) for name, value in kwargs.items())
+        hit = _ENCODED.get(key)
+    except TypeError:
+        key = hit = None
+    if hit is None:
+        opts = PolicyOptions.from_kwargs(**kwargs)
+        hit = (opts, *opts.encode())
+        if key is not None:
+            _remember(_ENCODED, key, hit)
+    return hit

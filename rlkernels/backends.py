@@ -42,6 +42,12 @@ def _load_auto_table() -> Dict[tuple, str]:
 _AUTO_TABLE: Dict[tuple, str] = _load_auto_table()
 
 _default: Optional[str] = None
+# _resolve's answers by (backend argument, default, env, family, op, device type); cleared
+# by set_backend. Errors are raised again each call, never cached.
+_RESOLVED: Dict[tuple, str] = {}
+# backend modules by (backend, family): import_module costs microseconds per call; functions
+# are still looked up on the module at each call (so a patched function is seen)
+_MODULES: Dict[tuple, Optional[ModuleType]] = {}
 
 
 def _triton_status() -> str:
@@ -94,6 +100,7 @@ def set_backend(name: Optional[str]) -> None:
         if name != "auto" and _status(name) != "ok":
             raise RuntimeError(f"backend {name!r} is not available: {_status(name)}")
     _default = name
+    _RESOLVED.clear()
 
 
 def get_backend() -> str:
@@ -107,12 +114,18 @@ def get_backend() -> str:
 
 
 def _module(name: str, family: str) -> Optional[ModuleType]:
+    key = (name, family)
+    if key in _MODULES:
+        return _MODULES[key]
     try:
-        return importlib.import_module(f"{_PACKAGES[name]}.{family}")
+        mod = importlib.import_module(f"{_PACKAGES[name]}.{family}")
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.startswith(_PACKAGES[name]):
-            return None  # the backend has no kernels for this family (yet)
-        raise
+            mod = None  # the backend has no kernels for this family (yet)
+        else:
+            raise
+    _MODULES[key] = mod
+    return mod
 
 
 def implements(name: str, family: str, op: str) -> bool:
@@ -135,6 +148,16 @@ def resolve(backend: Optional[str], family: str, op: str, device: torch.device) 
 
 @torch.compiler.assume_constant_result
 def _resolve(backend: Optional[str], family: str, op: str, device_type: str) -> str:
+    # everything the answer depends on that can change while the process runs
+    key = (backend, _default, os.environ.get("RLKERNELS_BACKEND"),
+           os.environ.get("TRITON_INTERPRET"), id(_AUTO_TABLE), family, op, device_type)
+    name = _RESOLVED.get(key)
+    if name is None:
+        name = _RESOLVED[key] = _resolve_uncached(backend, family, op, device_type)
+    return name
+
+
+def _resolve_uncached(backend: Optional[str], family: str, op: str, device_type: str) -> str:
     name = get_backend() if backend is None else _check_name(backend)
     if name == "auto":
         preferred = _AUTO_TABLE.get((op, device_type))

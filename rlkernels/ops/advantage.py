@@ -23,6 +23,7 @@ import torch
 from .. import _checks, backends
 from ..reference import advantage as _ref
 from ._common import call, out_dtype
+from ._eager import eager
 
 Tensor = torch.Tensor
 _FAMILY = "advantage"
@@ -136,6 +137,10 @@ def group_advantages(rewards: Tensor, *, group_size: Optional[int] = None,
     _checks.flag("unbiased", unbiased)
     _check_no_nan("rewards", rewards)
     name = backends.resolve(backend, _FAMILY, "group_advantages", rewards.device)
+    if eager(rewards, group_index):
+        with torch.no_grad():  # as the custom op: below autograd
+            return call(name, _FAMILY, "group_advantages_forward", rewards, group_index, size,
+                        method, eps, unbiased)
     return _group_advantages_op(rewards.detach(), group_index, size, method, eps, unbiased,
                                 name)
 
@@ -185,12 +190,30 @@ def _masked_whiten_setup(ctx, inputs, output):
 def _masked_whiten_grad(ctx, grad_out, _grad_stats):
     values, mask, stats = ctx.saved_tensors
     shift_mean, unbiased, backend = ctx.options
-    grad = _masked_whiten_backward_op(grad_out.contiguous(), values, mask, stats, shift_mean,
-                                      unbiased, backend)
+    grad_out = grad_out.contiguous()
+    if eager(grad_out, values, mask, stats):  # e.g. not under compiled autograd
+        grad = call(backend, _FAMILY, "masked_whiten_backward", grad_out, values, mask, stats,
+                    shift_mean, unbiased).to(values.dtype)
+    else:
+        grad = _masked_whiten_backward_op(grad_out, values, mask, stats, shift_mean, unbiased,
+                                          backend)
     return grad, None, None, None, None, None
 
 
 _masked_whiten_op.register_autograd(_masked_whiten_grad, setup_context=_masked_whiten_setup)
+
+
+class _MaskedWhitenFn(torch.autograd.Function):
+    """The eager fast path (see ``ops/_eager.py``): the custom op's body, setup and backward."""
+
+    @staticmethod
+    def forward(ctx, values, mask, shift_mean, eps, unbiased, backend):
+        output = call(backend, _FAMILY, "masked_whiten_forward", values, mask, shift_mean, eps,
+                      unbiased)
+        _masked_whiten_setup(ctx, (values, mask, shift_mean, eps, unbiased, backend), output)
+        return output
+
+    backward = staticmethod(_masked_whiten_grad)
 
 
 def masked_whiten(values: Tensor, mask: Tensor, *, shift_mean: bool = True, eps: float = 1e-8,
@@ -229,6 +252,8 @@ def masked_whiten(values: Tensor, mask: Tensor, *, shift_mean: bool = True, eps:
     eps = _checks.positive("eps", eps, allow_zero=True)
     _checks.flag("unbiased", unbiased)
     name = backends.resolve(backend, _FAMILY, "masked_whiten", values.device)
+    if eager(values, mask):
+        return _MaskedWhitenFn.apply(values, mask, shift_mean, eps, unbiased, name)[0]
     return _masked_whiten_op(values, mask, shift_mean, eps, unbiased, name)[0]
 
 
@@ -307,6 +332,9 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float = 1.0,
     gamma = _checks.number("gamma", gamma, lo=0.0, hi=1.0)
     lam = _checks.number("lam", lam, lo=0.0, hi=1.0)
     name = backends.resolve(backend, _FAMILY, "gae", rewards.device)
+    if eager(rewards, values, mask):
+        with torch.no_grad():  # as the custom op: below autograd
+            return call(name, _FAMILY, "gae_forward", rewards, values, mask, gamma, lam)
     return _gae_op(rewards.detach(), values.detach(), mask, gamma, lam, name)
 
 
@@ -332,6 +360,9 @@ def discounted_returns(rewards: Tensor, mask: Tensor, *, gamma: float = 1.0,
     _check_sequences(rewards, mask)
     gamma = _checks.number("gamma", gamma, lo=0.0, hi=1.0)
     name = backends.resolve(backend, _FAMILY, "discounted_returns", rewards.device)
+    if eager(rewards, mask):
+        with torch.no_grad():  # as the custom op: below autograd
+            return call(name, _FAMILY, "discounted_returns_forward", rewards, mask, gamma)
     return _discounted_returns_op(rewards.detach(), mask, gamma, name)
 
 

@@ -10,9 +10,10 @@ import torch
 from .. import _checks, backends
 from .. import distributed as _dist
 from .._fused import fused_forward
-from .._policy_options import KL_ESTIMATORS, PolicyOptions
+from .._policy_options import KL_ESTIMATORS, PolicyOptions, encoded_options
 from ..reference import policy as _ref
 from ._common import call, check_tokens_for, out_dtype, rows
+from ._eager import eager
 
 Tensor = torch.Tensor
 _FAMILY = "policy"
@@ -23,6 +24,10 @@ _FAMILY = "policy"
 @torch.library.custom_op("rlkernels::kl_penalty", mutates_args=())
 def _kl_penalty_op(logp: Tensor, ref_logp: Tensor, estimator: str, clamp_lo: Optional[float],
                    clamp_hi: Optional[float]) -> Tensor:
+    return _kl_penalty_impl(logp, ref_logp, estimator, clamp_lo, clamp_hi)
+
+
+def _kl_penalty_impl(logp, ref_logp, estimator, clamp_lo, clamp_hi) -> Tensor:
     value = _ref.kl_penalty_forward(logp.to(_kl_dtype(logp, ref_logp)), ref_logp, estimator)
     if clamp_lo is not None:
         value = torch.clamp(value, clamp_lo, clamp_hi)
@@ -59,6 +64,18 @@ def _kl_penalty_grad(ctx, grad):
 _kl_penalty_op.register_autograd(_kl_penalty_grad, setup_context=_kl_penalty_setup)
 
 
+class _KLPenaltyFn(torch.autograd.Function):
+    """The eager fast path (see ``ops/_eager.py``): the custom op's body, setup and backward."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _kl_penalty_impl(*inputs)
+        _kl_penalty_setup(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(_kl_penalty_grad)
+
+
 def kl_penalty(logp: Tensor, ref_logp: Tensor, *, estimator: str = "k3",
                clamp: Optional[Tuple[float, float]] = None) -> Tensor:
     """Elementwise KL penalty estimators on the log-probs of sampled tokens.
@@ -85,6 +102,8 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, *, estimator: str = "k3",
         hi = _checks.number("clamp[1]", clamp[1])
         if lo > hi:
             raise ValueError(f"clamp: expected lo <= hi, got ({lo}, {hi})")
+    if eager(logp, ref_logp):
+        return _KLPenaltyFn.apply(logp, ref_logp, estimator, lo, hi)
     return _kl_penalty_op(logp, ref_logp, estimator, lo, hi)
 
 
@@ -136,12 +155,31 @@ def _policy_loss_grad(ctx, grad_loss, _grad_metrics):
     need_lp, need_ent = ctx.needs_input_grad[0], ctx.needs_input_grad[6]
     if not (need_lp or need_ent):
         return (None,) * 11
-    g_lp, g_ent = _policy_loss_backward_op(grad_loss, *tensors, *ctx.args)
+    if eager(grad_loss, *tensors):  # e.g. not under compiled autograd
+        modes, nums, backend = ctx.args
+        g_lp, g_ent = call(backend, _FAMILY, "policy_loss_backward", grad_loss, *tensors,
+                           PolicyOptions.decode(modes, nums))
+    else:
+        g_lp, g_ent = _policy_loss_backward_op(grad_loss, *tensors, *ctx.args)
     return ((g_lp if need_lp else None,) + (None,) * 5
             + (g_ent if need_ent else None,) + (None,) * 4)
 
 
 _policy_loss_op.register_autograd(_policy_loss_grad, setup_context=_policy_loss_setup)
+
+
+class _PolicyLossFn(torch.autograd.Function):
+    """The eager fast path (see ``ops/_eager.py``): the custom op's body, setup and backward."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        *tensors, modes, nums, backend = inputs
+        output = call(backend, _FAMILY, "policy_loss_forward", *tensors,
+                      PolicyOptions.decode(modes, nums))
+        _policy_loss_setup(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(_policy_loss_grad)
 
 
 _POLICY_ARGS = ("loss", "clip_low", "clip_high", "dual_clip", "delta", "ratio_level", "agg",
@@ -179,19 +217,34 @@ def _check_policy_inputs(logp: Tensor, old_logp, advantages, mask, ref_logp, ent
         _checks.same_device("logp", logp, normalizer=normalizer)
         return normalizer.detach()
     value = _checks.positive("normalizer", normalizer)
-    return torch.tensor(value, dtype=torch.float64 if logp.dtype == torch.float64
-                        else torch.float32, device=logp.device)
+    dtype = torch.float64 if logp.dtype == torch.float64 else torch.float32
+    if torch.compiler.is_compiling():  # a graph constant; no global state in a trace
+        return torch.tensor(value, dtype=dtype, device=logp.device)
+    key = (value, dtype, logp.device)
+    norm = _NORMALIZERS.get(key)
+    if norm is None:
+        if len(_NORMALIZERS) >= 256:
+            _NORMALIZERS.clear()
+        norm = _NORMALIZERS[key] = torch.tensor(value, dtype=dtype, device=logp.device)
+    return norm
 
 
-def _options(kwargs: dict, entropy_coef: float, ref_logp, has_entropy: bool) -> PolicyOptions:
-    opts = PolicyOptions.from_kwargs(entropy_coef=entropy_coef, **kwargs)
+# 0-dim tensors of the number normalizers seen, by (value, dtype, device): the kernels only
+# read them, and a repeated value then costs no host-to-device copy (and a CUDA graph that
+# captured the call keeps reading the same tensor)
+_NORMALIZERS: Dict[tuple, Tensor] = {}
+
+
+def _options(kwargs: dict, entropy_coef: float, ref_logp, has_entropy: bool):
+    """``(options, modes, nums)`` (validated once per distinct setting, then memoized)."""
+    opts, modes, nums = encoded_options(entropy_coef=entropy_coef, **kwargs)
     if opts.kl_coef != 0.0 and ref_logp is None:
         raise ValueError(f"ref_logp: expected a [B, T] tensor because kl_coef = "
                          f"{opts.kl_coef} != 0, got None")
     if opts.entropy_coef != 0.0 and not has_entropy:
         raise ValueError(f"entropy: expected a [B, T] tensor because entropy_coef = "
                          f"{opts.entropy_coef} != 0, got None")
-    return opts
+    return opts, modes, nums
 
 
 def _fused_policy_inputs(op: str, policy_loss_options: dict, tokens: Tensor, old_logp,
@@ -209,16 +262,23 @@ def _fused_policy_inputs(op: str, policy_loss_options: dict, tokens: Tensor, old
     _checks.shape("old_logp", old_logp, tokens.shape, "the shape of tokens, [B, T]")
     norm = _check_policy_inputs(old_logp, old_logp, advantages, mask, ref_logp, None,
                                 is_weights, normalizer)
-    return _options(kwargs, entropy_coef, ref_logp, True), norm, is_weights
+    return _options(kwargs, entropy_coef, ref_logp, True)[0], norm, is_weights
 
 
 def _metrics_dict(vector: Tensor, with_kl: bool, with_entropy: bool) -> Dict[str, Tensor]:
-    out = {name: vector[i] for i, name in enumerate(_ref.METRICS)}
+    # one unbind (nine views in one call) instead of nine indexing ops
+    out = dict(zip(_ref.METRICS, vector.unbind(0)))
     if not with_kl:
         del out["kl"]
     if not with_entropy:
         del out["entropy"]
     return out
+
+
+def _const(x: Optional[Tensor]) -> Optional[Tensor]:
+    """``x`` detached (an input that gets no gradient), without a new tensor when it needs
+    none."""
+    return x if x is None or not x.requires_grad else x.detach()
 
 
 def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *,
@@ -280,17 +340,19 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
     _checks.tensor("logp", logp, dtypes=_checks.FLOAT_DTYPES, ndim=2)
     norm = _check_policy_inputs(logp, old_logp, advantages, mask, ref_logp, entropy,
                                 is_weights, normalizer)
-    opts = _options(dict(loss=loss, clip_low=clip_low, clip_high=clip_high,
-                         dual_clip=dual_clip, delta=delta, ratio_level=ratio_level, agg=agg,
-                         kl_coef=kl_coef, kl_estimator=kl_estimator,
-                         log_ratio_clamp=log_ratio_clamp, cispo_clip_low=cispo_clip_low),
-                    entropy_coef, ref_logp, entropy is not None)
+    _, modes, nums = _options(dict(loss=loss, clip_low=clip_low, clip_high=clip_high,
+                                   dual_clip=dual_clip, delta=delta, ratio_level=ratio_level,
+                                   agg=agg, kl_coef=kl_coef, kl_estimator=kl_estimator,
+                                   log_ratio_clamp=log_ratio_clamp,
+                                   cispo_clip_low=cispo_clip_low),
+                              entropy_coef, ref_logp, entropy is not None)
     name = backends.resolve(backend, _FAMILY, "policy_loss", logp.device)
-    modes, nums = opts.encode()
-    value, metrics = _policy_loss_op(
-        logp, old_logp.detach(), advantages.detach(), mask.detach(), norm,
-        None if ref_logp is None else ref_logp.detach(), entropy,
-        None if is_weights is None else is_weights.detach(), modes, nums, name)
+    args = (logp, _const(old_logp), _const(advantages), _const(mask), norm, _const(ref_logp),
+            entropy, _const(is_weights), modes, nums, name)
+    if eager(*args[:8]):
+        value, metrics = _PolicyLossFn.apply(*args)
+    else:
+        value, metrics = _policy_loss_op(*args)
     return value, _metrics_dict(metrics, ref_logp is not None, entropy is not None)
 
 

@@ -727,3 +727,47 @@ def test_nan_rewards_raise_in_debug_mode(debug_mode):
         group_advantages(rewards, group_size=2)
     # finite rewards pass, and the check costs nothing when off
     group_advantages(torch.ones(4), group_size=2)
+
+
+# ========================================================================= eager fast path
+
+def test_eager_fast_path_skips_the_custom_ops_and_matches_them(backend, device, monkeypatch):
+    """Plain eager calls run the backend functions directly (ops/_eager.py); under a
+    ``TorchDispatchMode`` (what ``opcheck`` / ``make_fx`` push) the custom ops run. Same bits,
+    forward and ``masked_whiten``'s backward; no gradient reaches the rewards either way."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from rlkernels.ops import advantage as ops_adv
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    calls = []
+    for name in ("_group_advantages_op", "_masked_whiten_op", "_gae_op",
+                 "_discounted_returns_op"):
+        real = getattr(ops_adv, name)
+        monkeypatch.setattr(ops_adv, name,
+                            lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    g = torch.Generator().manual_seed(41)
+    rewards = torch.randn(4, 7, generator=g).to(device).requires_grad_()
+    values = torch.randn(4, 7, generator=g).to(device).requires_grad_()
+    mask = (torch.rand(4, 7, generator=g) > 0.3).to(device)
+
+    def run():
+        ga = group_advantages(rewards.sum(1), group_size=2, backend=backend)
+        adv, ret = gae(rewards, values, mask, gamma=0.9, lam=0.8, backend=backend)
+        dr = discounted_returns(rewards, mask, gamma=0.9, backend=backend)
+        w = masked_whiten(values, mask, backend=backend)
+        (grad,) = torch.autograd.grad(w.square().sum(), values)
+        assert not (ga.requires_grad or adv.requires_grad or dr.requires_grad)
+        return ga, adv, ret, dr, w.detach(), grad
+
+    fast = run()
+    assert calls == []
+    with Passthrough():
+        slow = run()
+    assert sorted(calls) == ["_discounted_returns_op", "_gae_op", "_group_advantages_op",
+                             "_masked_whiten_op"]
+    for a, b in zip(fast, slow):
+        assert torch.equal(a, b)

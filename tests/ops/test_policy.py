@@ -778,3 +778,98 @@ def test_kl_penalty_errors():
 
 def test_public_names():
     assert rlkernels.policy_loss is policy_loss and rlkernels.kl_penalty is kl_penalty
+
+
+# ========================================================================= eager fast path
+
+def test_eager_fast_path_skips_the_custom_op_and_matches_it(backend, monkeypatch):
+    """Plain eager calls of ``policy_loss`` and ``kl_penalty`` run the backend functions
+    through an ``autograd.Function`` (ops/_eager.py: the custom-op dispatcher costs several
+    times the op's own host time at small shapes); under a dispatch mode (here
+    ``FakeTensorMode``'s sibling, a ``TorchDispatchMode`` as ``opcheck`` / ``make_fx`` push)
+    the custom op runs. Both give the same bits, forward and backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from rlkernels.ops import policy as ops_policy
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    calls = []
+    for name in ("_policy_loss_op", "_kl_penalty_op"):
+        real = getattr(ops_policy, name)
+        monkeypatch.setattr(ops_policy, name,
+                            lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    g = torch.Generator().manual_seed(40)
+    logp = (-torch.rand(3, 6, generator=g, dtype=F64)).to(DEV).requires_grad_()
+    old = logp.detach() + 0.3 * torch.randn(3, 6, generator=g, dtype=F64).to(DEV)
+    adv = torch.randn(3, generator=g, dtype=F64).to(DEV)
+    mask = (torch.rand(3, 6, generator=g) > 0.2).to(DEV)
+    ent = torch.rand(3, 6, generator=g, dtype=F64).to(DEV).requires_grad_()
+
+    def run():
+        loss, metrics = policy_loss(logp, old, adv, mask, ref_logp=old, kl_coef=0.1,
+                                    entropy=ent, entropy_coef=0.01, backend=backend)
+        kl = kl_penalty(logp, old, clamp=(-10.0, 10.0))
+        total = loss + kl.sum()
+        grads = torch.autograd.grad(total, (logp, ent))
+        return (loss.detach(), *metrics.values(), kl.detach(), *grads)
+
+    fast = run()
+    assert calls == []
+    with Passthrough():
+        slow = run()
+    assert calls == ["_policy_loss_op", "_kl_penalty_op"]
+    for a, b in zip(fast, slow):
+        assert torch.equal(a, b) or (a.isnan().all() and b.isnan().all())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["triton", "cuda"])
+def test_gpu_public_policy_and_grpo_loss_cuda_graph(name):
+    """The public ``policy_loss`` and ``grpo_loss`` paths, forward and backward, capture into
+    one CUDA graph (no host sync, no host tensor: a number ``normalizer`` is a cached device
+    tensor) and a replay on new input values gives the eager results."""
+    if rlkernels.available_backends()[name] != "ok":
+        pytest.skip(f"{name}: {rlkernels.available_backends()[name]}")
+    g = torch.Generator().manual_seed(42)
+    b, t, v = 8, 64, 512
+
+    def fresh():
+        logits = torch.randn(b, t, v, generator=g)
+        tokens = torch.randint(0, v, (b, t), generator=g)
+        old = torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0]
+        old = old + 0.2 * torch.randn(b, t, generator=g)
+        return [x.cuda() for x in (logits, tokens, old, torch.randn(b, generator=g),
+                                   torch.rand(b, t, generator=g) > 0.2)]
+
+    static = fresh()
+    logits = static[0].requires_grad_()
+    logp = static[2].detach().clone().requires_grad_()
+
+    def step():
+        logits_, tokens, old, adv, mask = static
+        loss, metrics = policy_loss(logp, old, adv, mask, ref_logp=old, kl_coef=0.1,
+                                    normalizer=512.0, backend=name)
+        (g_lp,) = torch.autograd.grad(loss, logp)
+        loss2, metrics2 = rlkernels.grpo_loss(logits, tokens, old, adv, mask, backend=name)
+        (g_logits,) = torch.autograd.grad(loss2, logits)
+        return loss, metrics["clipfrac"], g_lp, loss2, metrics2["entropy"], g_logits
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # warm-up: compiles, caches, allocator
+            step()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = step()
+    torch.cuda.current_stream().wait_stream(side)
+    for dst, src in zip(static, fresh()):
+        dst.data.copy_(src)
+    logp.data.copy_(static[2] - 0.05)
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, want in zip(outs, step()):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
