@@ -336,6 +336,12 @@ def _sparse_bwd_kernel(
         g_t = tl.load(gtail_ptr + row).to(CDT)
         c_out = -g_t * _expm1(tail_v, tl.exp(tail_v), NT)
 
+    # expm1(log p) needs its series only where |log p| < 1/2, i.e. p > 0.6: only a column
+    # equal to the row max can be there (any other has p < p_max and p + p_max <= 1), and
+    # its log p is exactly -log s (z - m = 0). So the series runs once per row, not per
+    # column; elsewhere p - 1 is what _expm1 returns.
+    em1_top = _expm1(-log_s, tl.exp(-log_s), NT)
+
     lo = tl.load(seg_row)
     n_blocks = tl.cdiv(V, BLOCK_V)
     for b in range(0, n_blocks):
@@ -365,7 +371,7 @@ def _sparse_bwd_kernel(
 
         if MODE == 0:
             # g_c - p G = g_c (1 - p) - p (G - g_c), 1 - p = -expm1(log p): exact on a peak
-            g = -scat * _expm1(lp, p, NT) - p * (total - scat)
+            g = -scat * tl.where(z == m, em1_top, p - 1.0) - p * (total - scat)
         elif MODE == 1:
             g = scat
         else:
