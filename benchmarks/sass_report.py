@@ -12,10 +12,13 @@ What it does, per kernel configuration the launchers would use at the realistic 
   CMakeLists.txt) and disassembles every ``__global__`` instantiation; the template arguments
   are named from the ``template <...>`` line in front of each kernel in the source.
 
-For each kernel it reports registers, stack bytes and spill instructions (``STL``/``LDL``),
-then finds the **hot loops** and counts, per loop iteration and per thread: SASS instructions,
-bytes loaded and stored (``LDG``/``STG`` widths), ``BAR``, ``SHFL``, ``MUFU`` and wgmma
-(``HGMMA``) instructions.
+For each kernel it reports registers, spills (``spill B``: the spill store + load bytes of
+``ptxas -v``; triton's own ptxas log is not kept, so its PTX goes through ptxas again with
+the flags of triton's ``make_cubin``; cuda adds ``-Xptxas -v`` to nvcc) and ``local ops``
+(``STL``/``LDL`` in the function: local memory, which is a spill or a local array such as a
+state passed by reference), then finds the **hot loops** and counts, per loop iteration and
+per thread: SASS instructions, bytes loaded and stored (``LDG``/``STG`` widths), ``BAR``,
+``SHFL``, ``MUFU`` and wgmma (``HGMMA``) instructions.
 
 Method and assumptions (state them with every number):
 
@@ -35,15 +38,31 @@ Method and assumptions (state them with every number):
    The JSON lists every loop, so these choices can be checked. The loops of a misaligned
    row (scalar accesses) are reported (``misaligned`` column) but not in the ratio, which is
    the aligned common case.
-3. **Per iteration = the common path**: the layout path from the loop's head to its
-   back-edge, falling through conditional branches and following unconditional ones
-   (compilers put the likely side in line and move rare sides such as "a new row max:
-   rescale" out of line; an ``if`` body without ``else`` is counted, so a rare one
-   over-counts). Where an alignment test sits inside the loop and the layout path took the
-   scalar side, the walk is redone towards the 16-byte accesses. A nested loop's body on
-   that path counts once. A Triton loop is straight line code (predication), so its path is
-   the whole body. Bytes, ``BAR``, ``SHFL``, ``MUFU``
-   are counted on the same path; ``NOP`` is not counted.
+3. **Per iteration = the common path**, from two walks from the loop's head to its
+   back-edge:
+
+   * the *layout path* (``instr (layout)``): falls through conditional branches and follows
+     unconditional ones. Compilers move some rare sides out of line, but ptxas also lays a
+     rare ``if`` body without ``else`` (a rebase of the running maximum, a ``0 * -inf``
+     recompute, a sparse chunk holding an id) out as the fall-through, skipped by a taken
+     branch, so this path counts it as if every iteration ran it;
+   * the *min path*: the shortest path (fewest instructions) from the head back to it that
+     moves exactly the layout path's global memory (same bytes loaded and stored, same
+     number of 16-byte accesses). Every block it leaves out (``skipped`` in the JSON) is
+     then the side of a conditional branch (``@P BRA`` per thread, ``BRA.U UP`` uniform)
+     that moves no global memory, and the rule also requires that no left-out block holds
+     a ``BAR``.
+
+   The ratio uses the min path (``instr``). Rule: a block that moves no memory and that a
+   branch in the loop can skip is taken to be rare. That holds for the vocabulary loops
+   (their rare sides are the rebase, the recompute, the id / token chunk; the per-chunk
+   work always loads and stores), not in general: a common side that does arithmetic
+   only and that a rare branch skips would be under-counted, so check ``skipped`` against
+   the source when a kernel's two counts differ. Where an alignment test sits inside the
+   loop and the layout path took the scalar side, the walk is redone towards the 16-byte
+   accesses. A nested loop's body on the path counts once. A Triton loop is straight line
+   code (predication), so both paths are the whole body. Bytes, ``BAR``, ``SHFL``, ``MUFU``
+   are counted on the counted path; ``NOP`` is not counted.
 4. **The ratio** of a loop is its issue time over the DRAM time of the bytes it moves::
 
        issue  = I / (132 SMs x 4 warp-instructions/cycle x 1.98e9 cycles/s)   per warp-iteration
@@ -57,8 +76,14 @@ Method and assumptions (state them with every number):
    kernel's ratio is the issue time of all its hot loops over the DRAM time of all the bytes
    they move (issue 18's convention: a two-pass kernel gets the mean of its passes, and
    ``passes`` says that it reads its input twice; a main loop and its remainder loop are
-   weighted by their bytes per iteration, not by their trip counts). ``passes`` counts the
-   hot loops that load.
+   weighted by their bytes per iteration, not by their trip counts). **Exclusive loops**:
+   two loops of which neither reaches the other in the control-flow graph (back-edges of
+   loops around both cut) are alternatives of one row, e.g. the copies ptxas makes of one
+   loop for aligned / misaligned inputs and outputs behind a per-row test; they form a
+   group, and a group counts once, by its member with the most 16-byte accesses (the
+   aligned row; the costliest of ties); its other members go to the ``misaligned``
+   column. Loops that follow each other (two passes) are in different groups and add up.
+   ``passes`` counts the groups that load, ``(loops)`` the hot loops before grouping.
 5. **MUFU** (``ex2``, ``lg2``, ``rcp``) issue from a 16 lanes/cycle/SM unit: the ``mufu``
    column is that pipe's time over the DRAM time, ``M x 3.0e12 / (16 x 132 x 1.98e9 x B)``.
 6. Static counts: no latency, no occupancy, no L2 hits, no dual issue, no memory-level
@@ -201,7 +226,12 @@ class Loop:
     mufu: int = 0
     hgmma: int = 0
     vector: bool = False          # 16-byte global accesses on the common path
+    vec16: int = 0                # how many
     nested: bool = False          # holds a loop
+    instr_layout: int = 0         # the layout path's instructions (point 3)
+    instr_min: int = 0            # the shortest head -> back-edge path moving the same bytes
+    skipped: List[str] = field(default_factory=list)  # blocks the counted path leaves out
+    group: int = -1               # loops of one group are exclusive alternatives (point 4)
 
     @property
     def ratio(self) -> float:
@@ -364,6 +394,92 @@ def _distance_to(targets: set, succ, body: set, head: int):
     return dist
 
 
+def _mem_sig(instrs) -> Tuple[int, int, int]:
+    """(bytes loaded, bytes stored, 16-byte accesses) of a list of instructions."""
+    ld = st = n16 = 0
+    for c in instrs:
+        a, b = c.mem_bytes()
+        ld, st, n16 = ld + a, st + b, n16 + ((a or b) == 16)
+    return ld, st, n16
+
+
+def min_path(code: List[Instr], blocks, succ, head: int, body: set, want) -> Optional[
+        List[int]]:
+    """The shortest path (fewest non-``NOP`` instructions) from the loop's header back to it
+    through the body whose global accesses are exactly ``want`` = (bytes loaded, bytes
+    stored, 16-byte accesses), as a list of blocks; None when there is none. Every block
+    such a path leaves out is the side of a conditional branch (``@P BRA`` per thread or
+    ``BRA.U UP`` uniform) that moves no global memory and holds no barrier (module
+    docstring, point 3)."""
+    import heapq
+
+    def cost(b):
+        return sum(code[i].base != "NOP" for i in range(*blocks[b]))
+
+    def sig(b):
+        return _mem_sig(code[i] for i in range(*blocks[b]))
+
+    start = (cost(head),) + sig(head)
+    heap = [(start[0], start[1:], head, (head,))]
+    best = {}
+    while heap:
+        c, m, b, path = heapq.heappop(heap)
+        if best.get((b, m), 1 << 30) <= c:
+            continue
+        best[(b, m)] = c
+        if any(m[i] > want[i] for i in range(3)):
+            continue
+        for nxt in succ[b]:
+            if nxt == head:
+                if tuple(m) == tuple(want):
+                    return list(path)
+                continue
+            if nxt not in body or nxt in path:
+                continue
+            sm = sig(nxt)
+            heapq.heappush(heap, (c + cost(nxt), tuple(x + y for x, y in zip(m, sm)), nxt,
+                                  path + (nxt,)))
+    return None
+
+
+def _exclusive_groups(succ, loops_raw, heads: List[int]) -> Dict[int, int]:
+    """``{loop header: group}``: two loops are exclusive alternatives when neither reaches
+    the other (back-edges of loops holding both removed), e.g. the aligned, misaligned and
+    zero-row loops in the branches of one per-row test; groups are the connected sets of
+    that relation, numbered by their first header."""
+    body_of = dict(loops_raw)
+
+    def reaches(a: int, b: int) -> bool:
+        # back-edges of the loops around both (a per-row loop), and of a itself, are cut
+        cut = {(u, h) for h, bd in loops_raw if h == a or (a in bd and b in bd and h not in (a, b))
+               for u in bd if h in succ[u]}
+        seen, stack = {a}, [a]
+        while stack:
+            x = stack.pop()
+            for c in succ[x]:
+                if (x, c) in cut or c in seen:
+                    continue
+                if c == b:
+                    return True
+                seen.add(c)
+                stack.append(c)
+        return False
+
+    group = {h: h for h in heads}
+
+    def find(h):
+        while group[h] != h:
+            h = group[h]
+        return h
+    for i, a in enumerate(heads):
+        for b in heads[i + 1:]:
+            if b in body_of[a] or a in body_of[b]:
+                continue
+            if not reaches(a, b) and not reaches(b, a):
+                group[find(b)] = find(a)
+    return {h: find(h) for h in heads}
+
+
 def find_loops(code: List[Instr]) -> List[Loop]:
     """Every natural loop of a function, with its common-path counts."""
     blocks, succ, loops_raw = natural_loops(code)
@@ -382,17 +498,35 @@ def find_loops(code: List[Instr]) -> List[Loop]:
                     max(code[blocks[b][1] - 1].addr for b in body), nested=bool(inner),
                     static=sum(code[i].base != "NOP" for b in body for i in range(*blocks[b])))
         loop.direct = any(sum(c.mem_bytes()) for c in own)
-        loop.instr = len(path)
+        loop.instr = loop.instr_layout = loop.instr_min = len(path)
+        want = _mem_sig(path)
+        short = min_path(code, blocks, succ, head, body, want)
+        if short is not None:
+            short_code = [code[i] for b in short for i in range(*blocks[b])
+                          if code[i].base != "NOP"]
+            on_path = {id(c) for c in path}
+            left = sorted({b for b in body if any(id(code[i]) in on_path
+                                                  for i in range(*blocks[b]))} - set(short))
+            bar_left = any(code[i].base == "BAR" for b in left for i in range(*blocks[b]))
+            if len(short_code) < len(path) and not bar_left:
+                loop.instr = loop.instr_min = len(short_code)
+                loop.skipped = [hex(code[blocks[b][0]].addr) for b in left]
+                path = short_code
         for c in path:
             ld, st = c.mem_bytes()
             loop.load_b += ld
             loop.store_b += st
             loop.vector |= (ld or st) == 16
+            loop.vec16 += (ld or st) == 16
             loop.bar += c.base == "BAR"
             loop.shfl += c.base == "SHFL"
             loop.mufu += c.base == "MUFU"
             loop.hgmma += c.base in ("HGMMA", "WGMMA")
+        loop.group = code[blocks[head][0]].addr
         loops.append(loop)
+    groups = _exclusive_groups(succ, loops_raw, [h for h, _ in loops_raw])
+    for loop, (h, _) in zip(loops, loops_raw):
+        loop.group = code[blocks[groups[h]][0]].addr
     return loops
 
 
@@ -434,8 +568,11 @@ class Row:
     shape: str
     regs: int = -1
     stack: int = -1
-    spill_instr: int = -1
+    local_instr: int = -1     # STL/LDL in the function: local memory, spilled or not
+    spill_b: int = -1         # spill stores + loads in bytes (ptxas -v); -1: unknown
     passes: int = 0
+    loops_hot: int = 0        # hot loops, exclusive alternatives included
+    instr_layout: int = 0     # the layout paths' instructions (point 3), for comparison
     instr: int = 0            # common-path instructions per iteration, summed over hot loops
     load_b: int = 0
     store_b: int = 0
@@ -454,18 +591,32 @@ class Row:
 def analyze(code: List[Instr], row: Row) -> Row:
     loops = find_loops(code)
     hot, scalar = hot_loops(loops)
-    row.spill_instr = sum(c.base in ("STL", "LDL") for c in code)
-    row.passes = sum(1 for lp in hot if lp.load_b)
+    row.local_instr = sum(c.base in ("STL", "LDL") for c in code)
+    # of exclusive alternatives (one runs per row) one counts: the aligned one (most 16-byte
+    # accesses; a variant with a misaligned input or output has fewer), the costliest if
+    # several; the others go to the misaligned column
+    chosen: Dict[int, Loop] = {}
+    for lp in hot:
+        old = chosen.get(lp.group)
+        if old is None or (lp.vec16, lp.ratio) > (old.vec16, old.ratio):
+            chosen[lp.group] = lp
+    counted = list(chosen.values())
+    scalar = scalar + [lp for lp in hot if lp.vec16 < chosen[lp.group].vec16]
+    row.passes = sum(1 for lp in counted if lp.load_b)
+    row.loops_hot = len(hot)
     for name in ("instr", "load_b", "store_b", "bar", "shfl", "mufu", "hgmma"):
-        setattr(row, name, sum(getattr(lp, name) for lp in hot))
+        setattr(row, name, sum(getattr(lp, name) for lp in counted))
+    row.instr_layout = sum(lp.instr_layout for lp in counted)
     # issue time of all hot loops over the DRAM time of all they move (two passes over the
     # same row: the mean; a main loop and its remainder loop: weighted by bytes per iteration)
     row.ratio = issue_dram_ratio(row.instr, row.load_b + row.store_b) if hot else float("nan")
     row.mufu_ratio = mufu_dram_ratio(row.mufu, row.load_b + row.store_b) if hot else float("nan")
     if scalar:
         row.misaligned_ratio = max(lp.ratio for lp in scalar)
-    row.loops = [dict(asdict(lp), ratio=round(lp.ratio, 3), hot=lp in hot,
-                      misaligned=lp in scalar, head=hex(lp.head), tail=hex(lp.tail))
+    row.loops = [dict(asdict(lp), ratio=round(lp.ratio, 3), hot=any(lp is h for h in hot),
+                      counted=any(lp is c for c in counted),
+                      misaligned=any(lp is c for c in scalar), head=hex(lp.head),
+                      tail=hex(lp.tail), group=hex(lp.group))
                  for lp in loops]
     return row
 
@@ -542,6 +693,36 @@ _VOCAB_MODULES = ("rlkernels.triton.vocab", "rlkernels.triton._sparse")
 _LAUNCHES: List[S.Launch] = []
 
 
+_PTXAS_ENTRY = re.compile(r"entry function '(\w+)'")
+_PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def ptxas_spills(log: str) -> Dict[str, int]:
+    """``{function: spill store + load bytes}`` from a ``ptxas -v`` log."""
+    out, fn = {}, None
+    for line in log.splitlines():
+        m = _PTXAS_ENTRY.search(line)
+        if m:
+            fn = m.group(1)
+        m = _PTXAS_SPILL.search(line)
+        if m and fn:
+            out[fn] = int(m.group(1)) + int(m.group(2))
+    return out
+
+
+def _triton_spills(ptx: str, arch: str = "sm_90a") -> Dict[str, int]:
+    """ptxas -v of the kernel's PTX with the flags triton's make_cubin passes (its log is
+    not kept, and a cache hit skips ptxas)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        from triton.backends.nvidia.compiler import get_ptxas  # the ptxas triton runs
+        proc = subprocess.run([get_ptxas(90).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
+                               f"--gpu-name={arch}", str(src), "-o", str(Path(tmp) / "k.o")],
+                              capture_output=True, text=True)
+    return ptxas_spills(proc.stderr + proc.stdout)
+
+
 def _triton_one(launch: S.Launch) -> dict:
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
@@ -549,7 +730,7 @@ def _triton_one(launch: S.Launch) -> dict:
         kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                                 options=launch.options.__dict__)
     sass, usage = sass_of_cubin(kernel.asm["cubin"])
-    return {"sass": sass, "usage": usage}
+    return {"sass": sass, "usage": usage, "spills": _triton_spills(kernel.asm["ptx"])}
 
 
 def _child(index: int, conn) -> None:
@@ -598,6 +779,7 @@ def triton_rows(dtype: torch.dtype, quick: bool, jobs: int, pattern: Optional[st
         funcs = parse_sass(out["sass"])
         name = next(iter(funcs))
         row.regs, row.stack = out["usage"].get(name, (-1, -1))
+        row.spill_b = out["spills"].get(name, -1)
         rows.append((analyze(funcs[name], row), out["sass"]))
     return rows
 
@@ -677,6 +859,7 @@ def cuda_rows(source: Path, dtype: str, pattern: Optional[str],
             source = out / rel / source.name
         cubin = Path(tmp) / "k.cubin"
         proc = subprocess.run([nvcc, "-std=c++17", "-O3", "-lineinfo", "-arch=sm_90a",
+                               "-Xptxas", "-v",
                                "-cubin", f"-I{source.parent}", "-o", str(cubin), str(source)],
                               capture_output=True, text=True)
         if proc.returncode != 0:
@@ -684,6 +867,7 @@ def cuda_rows(source: Path, dtype: str, pattern: Optional[str],
             return [(Row("cuda", "(all)", "-", source.name, "", dtype, "",
                           error="nvcc failed: " + " | ".join(err)[:400]), "")]
         sass, usage = _sass_of_file(cubin)
+        spills = ptxas_spills(proc.stderr + proc.stdout)
         params = _template_params(source.read_text())
     funcs = parse_sass(sass)
     demangled = subprocess.run(["c++filt"], input="\n".join(funcs), capture_output=True,
@@ -705,6 +889,7 @@ def cuda_rows(source: Path, dtype: str, pattern: Optional[str],
         op, direction = _cuda_op(kernel, named)
         row = Row("cuda", op, direction, kernel, config, tdt, "any N, V (one block per row)")
         row.regs, row.stack = usage.get(mangled, (-1, -1))
+        row.spill_b = spills.get(mangled, -1)
         text = _function_text(sass, mangled)
         rows.append((analyze(funcs[mangled], row), text))
     return rows
@@ -725,6 +910,7 @@ def from_dump(folder: Path, backends: List[str]) -> List[Tuple[Row, str]]:
         text = (folder / entry["sass_file"]).read_text()
         keep = {k: entry[k] for k in ("backend", "op", "direction", "kernel", "config",
                                       "dtype", "shape", "regs", "stack", "error")}
+        keep["spill_b"] = entry.get("spill_b", -1)
         row = Row(**keep)
         if not row.error:
             funcs = parse_sass(text)
@@ -736,19 +922,21 @@ def from_dump(folder: Path, backends: List[str]) -> List[Tuple[Row, str]]:
 # ================================================================================== output
 
 def table(rows: List[Row]) -> str:
-    lines = ["| backend | op | dir | kernel config | regs | spill | passes | instr/it | "
-             "ld+st B/thr/it | BAR | SHFL | MUFU | ratio | mufu | misaligned |",
+    lines = ["| backend | op | dir | kernel config | regs | spill B | local ops | passes "
+             "(loops) | instr/it (layout) | ld+st B/thr/it | BAR | SHFL | MUFU | ratio | mufu "
+             "| misaligned |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- "
-             "| --- | --- |"]
+             "| --- | --- | --- |"]
     for r in rows:
         if r.error:
             lines.append(f"| {r.backend} | {r.op} | {r.direction} | {r.config} | | | | | | | "
-                         f"| | ERROR {r.error[:120]} | | |")
+                         f"| | | ERROR {r.error[:120]} | | |")
             continue
         flag = "" if r.ratio <= TARGET else " **>0.5**"
         lines.append(
             f"| {r.backend} | {r.op} | {r.direction} | {r.kernel} {r.config} | {r.regs} | "
-            f"{r.spill_instr} | {r.passes} | {r.instr} | {r.load_b}+{r.store_b} | {r.bar} | "
+            f"{'?' if r.spill_b < 0 else r.spill_b} | {r.local_instr} | {r.passes} "
+            f"({r.loops_hot}) | {r.instr} ({r.instr_layout}) | {r.load_b}+{r.store_b} | {r.bar} | "
             f"{r.shfl} | {r.mufu} | {r.ratio:.2f}{flag} | {r.mufu_ratio:.2f} | "
             f"{r.misaligned_ratio:.2f} |")
     return "\n".join(lines)

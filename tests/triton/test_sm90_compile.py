@@ -183,6 +183,54 @@ def test_sass_loop_counting_on_a_known_function():
     assert lp.ratio == pytest.approx(12 * 3.0e12 / (32 * 24 * 132 * 4 * 1.98e9))
 
 
+# A loop whose rare block (0x0080, a rebase) is laid out in line, skipped by a taken branch,
+# and two exclusive copies of one loop (an aligned and a misaligned row) behind one test.
+_SASS_RARE = """
+\t\tFunction : rare
+        /*0000*/                   ISETP.NE.AND P2, PT, R9, RZ, PT ;
+        /*0010*/               @P2 BRA 0x100 ;
+        /*0020*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0030*/                   FSETP.GT.AND P1, PT, R4, R0, PT ;
+        /*0040*/              @!P1 BRA 0xa0 ;
+        /*0050*/                   FMUL R6, R6, R5 ;
+        /*0060*/                   FMUL R8, R8, R5 ;
+        /*0070*/                   MOV R0, R4 ;
+        /*0080*/                   FADD R6, R6, 1 ;
+        /*0090*/                   FADD R8, R8, 1 ;
+        /*00a0*/                   MUFU.EX2 R5, R4 ;
+        /*00b0*/                   IADD3 R2, R2, 0x10, RZ ;
+        /*00c0*/                   ISETP.LT.AND P0, PT, R2, R9, PT ;
+        /*00d0*/                @P0 BRA 0x20 ;
+        /*00e0*/                   EXIT ;
+        /*00f0*/                   NOP ;
+        /*0100*/                   LDG.E.64 R4, desc[UR4][R2.64] ;
+        /*0110*/                   LDG.E.64 R6, desc[UR4][R2.64+0x8] ;
+        /*0120*/                   IADD3 R2, R2, 0x4, RZ ;
+        /*0130*/                   ISETP.LT.AND P0, PT, R2, R9, PT ;
+        /*0140*/                @P0 BRA 0x100 ;
+        /*0150*/                   EXIT ;
+"""
+
+
+def test_sass_min_path_and_exclusive_loops():
+    """The layout path counts the in-line rare block (10 instructions); the counted path is
+    the shortest one moving the same bytes (5), with the block listed as skipped. The scalar
+    loop is the other side of the row's test: one group, reported as misaligned, not a
+    second pass."""
+    R = _report_module()
+    code = R.parse_sass(_SASS_RARE)["rare"]
+    loops = R.find_loops(code)
+    assert len(loops) == 2, loops
+    vec = next(lp for lp in loops if lp.head == 0x20)
+    assert (vec.instr_layout, vec.instr_min, vec.instr) == (12, 7, 7)
+    assert vec.skipped == ["0x50"] and (vec.load_b, vec.vec16) == (16, 1)
+    scal = next(lp for lp in loops if lp.head == 0x100)
+    assert scal.group == vec.group
+    row = R.analyze(code, R.Row("x", "op", "fwd", "rare", "", "bf16", ""))
+    assert row.passes == 1 and row.loops_hot == 1 and row.instr == 7
+    assert row.misaligned_ratio == pytest.approx(R.issue_dram_ratio(5, 16))
+
+
 def test_sass_report_quick(tmp_path):
     """``--quick`` (triton token_logprobs kernels at N=16384, V=151936 bf16): every kernel
     compiles, has one streaming pass with 16-byte accesses, and the dump holds its SASS."""
@@ -202,7 +250,7 @@ def test_sass_report_quick(tmp_path):
     for r in rows:
         assert r["error"] == "" and r["passes"] == 1, r
         assert r["load_b"] >= 16 and r["instr"] > 0 and r["regs"] > 0, r
-        assert r["spill_instr"] == 0, r
+        assert r["local_instr"] == 0 and r["spill_b"] == 0, r
     index = json.loads((tmp_path / "dump" / "index.json").read_text())
     assert len(index) == len(rows)
     for entry in index:
