@@ -339,9 +339,9 @@ def _whiten_sums(ws_ptr, P, PB: tl.constexpr, CDT: tl.constexpr):
 
 @triton.jit
 def _whiten_fwd_kernel(v_ptr, m_ptr, out_ptr, ws1_ptr, ws2_ptr, stats_ptr, n,
-                       eps_f: tl.float64, STAGE: tl.constexpr, SHIFT: tl.constexpr, UNBIASED: tl.constexpr,
-                       CDT: tl.constexpr, IEEE_DIV: tl.constexpr, BLOCK: tl.constexpr,
-                       PB: tl.constexpr):
+                       eps_f: tl.float64, STAGE: tl.constexpr, SHIFT: tl.constexpr,
+                       UNBIASED: tl.constexpr, CDT: tl.constexpr, IEEE_DIV: tl.constexpr,
+                       BLOCK: tl.constexpr, PB: tl.constexpr):
     pid = tl.program_id(0)
     P = tl.num_programs(0)
     lanes = tl.arange(0, BLOCK)

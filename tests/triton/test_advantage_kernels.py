@@ -242,7 +242,8 @@ from rlkernels.triton import advantage as K
 def launches(settings, dtype=torch.float32, b=2048, t=512):
     def run():
         r, gid = S.gpu(b, dtype=dtype), S.gpu(b, dtype=torch.int64)
-        rt, vt, mt = S.gpu(b, t, dtype=dtype), S.gpu(b, t, dtype=dtype), S.gpu(b, t, dtype=torch.bool)
+        rt, vt = S.gpu(b, t, dtype=dtype), S.gpu(b, t, dtype=dtype)
+        mt = S.gpu(b, t, dtype=torch.bool)
         for eps, gamma, lam in settings:
             for method in ("grpo", "batch_std"):
                 K.group_advantages_forward(r, gid if method == "grpo" else None, 8, method,
