@@ -10,7 +10,8 @@ times
 
 * ``public``: the public call (forward), or the public call plus ``torch.autograd.backward``
   on its differentiable outputs with precomputed upstream gradients (forward+backward);
-* ``direct``: the recorded kernel calls replayed on the same argument objects, in order;
+* ``direct``: the recorded kernel calls replayed on the same argument objects, in order,
+  under ``torch.no_grad`` (as the kernels run inside the ops);
 
 and prints ``overhead = public - direct`` in microseconds. Each time is the minimum over
 ``--repeat`` blocks of the mean of ``--number`` calls (the minimum is the estimate least
@@ -207,8 +208,12 @@ def measure(op: str, make, grad: bool, repeat: int, number: int) -> Dict[str, fl
     calls = list(rec.calls)
 
     def direct():
-        for fn, args, kwargs in calls:
-            fn(*args, **kwargs)
+        # no_grad: inside the ops the kernels run below autograd (a custom op's body, an
+        # autograd.Function's forward and every backward); with grad mode on, a torch-backend
+        # kernel given an input that requires grad would also record an autograd graph here
+        with torch.no_grad():
+            for fn, args, kwargs in calls:
+                fn(*args, **kwargs)
 
     t_pub = _time_us(public, repeat, number)
     t_dir = _time_us(direct, repeat, number)
