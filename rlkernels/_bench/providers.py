@@ -168,10 +168,10 @@ def _rlkernels_fn(op: str, backend: str) -> Fn:
     return table[op]
 
 
-def _rlkernels(backend: str, linear_gemms: Optional[str] = None) -> Callable[[str], Fn]:
-    """``linear_gemms`` ("triton" / "cublas"): which GEMMs the triton linear backward uses
-    (``rlkernels.triton.linear._BWD_GEMMS``), set before every call of the linear ops: the
-    runner times one provider at a time, forward and backward inside one call."""
+def _rlkernels(backend: str, linear_path: Optional[str] = None) -> Callable[[str], Fn]:
+    """``linear_path`` ("triton" / "cublas"): which implementation the triton backend's
+    linear ops run (the private ``path`` option of ``rlkernels.ops.linear``; ``None``: the
+    default, ``"auto"``, which is cuBLAS on GPUs)."""
     def build(op: str) -> Fn:
         from rlkernels import backends
         from .cases import OPS
@@ -181,17 +181,19 @@ def _rlkernels(backend: str, linear_gemms: Optional[str] = None) -> Callable[[st
         spec = OPS[op]
         if not backends.implements(backend, spec.backend_family, spec.backend_op):
             raise Skip(f"backend {backend!r} has no {spec.backend_op} kernels yet")
-        fn = _rlkernels_fn(op, backend)
-        if linear_gemms is None or spec.family != "linear":
-            if linear_gemms == "cublas":
-                raise Skip("only the linear ops have a cuBLAS variant")
-            return fn
-        from rlkernels.triton import linear
+        if linear_path is None or spec.family != "linear":
+            if linear_path == "cublas":
+                raise Skip("only the linear ops have a cuBLAS path")
+            return _rlkernels_fn(op, backend)
+        from rlkernels.ops import linear
 
-        def run(d, s):
-            linear._BWD_GEMMS = linear_gemms
-            return fn(d, s)
-        return run
+        if op == "linear_token_logprobs":
+            return lambda d, s: linear._linear_token_logprobs(
+                d["hidden"], d["weight"], d["tokens"], None, 1.0, -100, False, None, backend,
+                None, linear_path)
+        return lambda d, s: linear.linear_grpo_loss(
+            d["hidden"], d["weight"], d["tokens"], d["old_logp"], d["advantages"], d["mask"],
+            backend=backend, _path=linear_path)[0]
     return build
 
 
@@ -330,7 +332,8 @@ PROVIDERS: List[Provider] = [
     Provider("rlkernels-torch", "rlkernels", _rlkernels("torch")),
     Provider("rlkernels-triton", "rlkernels", _rlkernels("triton", "triton")),
     Provider("rlkernels-triton-cublas", "rlkernels", _rlkernels("triton", "cublas"),
-             "linear ops: the triton kernels with the backward's two GEMMs through cuBLAS"),
+             "linear ops: the cuBLAS path (GEMMs through torch.mm on fixed-size row chunks, "
+             "the triton vocabulary kernels on each chunk)"),
     Provider("rlkernels-cuda", "rlkernels", _rlkernels("cuda")),
     Provider("torch-naive", "baseline", _wrap(_naive),
              "log_softmax(fp32) + gather; entropy from softmax; [N, V] intermediates"),

@@ -3,6 +3,7 @@ materializing the ``[N, V]`` logits."""
 
 from __future__ import annotations
 
+import functools
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
@@ -45,14 +46,16 @@ def _input_grads(ctx, grads, bias_index: int, n_inputs: int):
 @torch.library.custom_op("rlkernels::linear_token_logprobs", mutates_args=())
 def _linear_token_logprobs_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                               tokens: Tensor, temperature: float, ignore_index: int,
-                              with_entropy: bool, backend: str
+                              with_entropy: bool, backend: str,
+                              head_precision: Optional[str] = None, path: str = "auto"
                               ) -> Tuple[Tensor, Tensor, Tensor]:
     return call(backend, _FAMILY, "linear_token_logprobs_forward", hidden, weight, bias,
-                tokens, temperature, ignore_index, with_entropy)
+                tokens, temperature, ignore_index, with_entropy, head_precision, path)
 
 
 @_linear_token_logprobs_op.register_fake
-def _(hidden, weight, bias, tokens, temperature, ignore_index, with_entropy, backend):
+def _(hidden, weight, bias, tokens, temperature, ignore_index, with_entropy, backend,
+      head_precision=None, path="auto"):
     dt = out_dtype(hidden.dtype)
     n = hidden.shape[0]
     return (hidden.new_empty(n, dtype=dt), hidden.new_empty(n, dtype=dt),
@@ -64,34 +67,37 @@ def _linear_token_logprobs_backward_op(grad_logp: Optional[Tensor],
                                        grad_entropy: Optional[Tensor], hidden: Tensor,
                                        weight: Tensor, bias: Optional[Tensor], tokens: Tensor,
                                        stats: Tensor, temperature: float, ignore_index: int,
-                                       backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+                                       backend: str, head_precision: Optional[str] = None,
+                                       path: str = "auto") -> Tuple[Tensor, Tensor, Tensor]:
     grads = call(backend, _FAMILY, "linear_token_logprobs_backward", grad_logp, grad_entropy,
-                 hidden, weight, bias, tokens, stats, temperature, ignore_index)
+                 hidden, weight, bias, tokens, stats, temperature, ignore_index, head_precision,
+                 path)
     return _grads_or_empty(grads, hidden, weight, bias)
 
 
 @_linear_token_logprobs_backward_op.register_fake
 def _(grad_logp, grad_entropy, hidden, weight, bias, tokens, stats, temperature,
-      ignore_index, backend):
+      ignore_index, backend, head_precision=None, path="auto"):
     return _fake_grads(hidden, weight, bias)
 
 
 def _linear_token_logprobs_setup(ctx, inputs, output):
-    hidden, weight, bias, tokens, temperature, ignore_index, with_entropy, backend = inputs
+    (hidden, weight, bias, tokens, temperature, ignore_index, with_entropy, backend,
+     head_precision, path) = inputs
     ctx.save_for_backward(hidden, weight, bias, tokens, output[2])
-    ctx.args = (temperature, ignore_index, backend)
+    ctx.args = (temperature, ignore_index, backend, head_precision, path)
     ctx.with_entropy = with_entropy
     ctx.mark_non_differentiable(output[2])
 
 
 def _linear_token_logprobs_grad(ctx, grad_logp, grad_entropy, _grad_lse):
     if not any(ctx.needs_input_grad[:3]):
-        return (None,) * 8
+        return (None,) * 10
     hidden, weight, bias, tokens, stats = ctx.saved_tensors
     grads = _linear_token_logprobs_backward_op(
         grad_logp, grad_entropy if ctx.with_entropy else None, hidden, weight, bias, tokens,
         stats, *ctx.args)
-    return _input_grads(ctx, grads, 2, 8)
+    return _input_grads(ctx, grads, 2, 10)
 
 
 _linear_token_logprobs_op.register_autograd(_linear_token_logprobs_grad,
@@ -108,15 +114,26 @@ _linear_token_logprobs_op.register_autograd(_linear_token_logprobs_grad,
 @torch.library.custom_op("rlkernels::linear_token_logprobs_vp", mutates_args=())
 def _linear_token_logprobs_vp_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                                  tokens: Tensor, temperature: float, ignore_index: int,
-                                 with_entropy: bool, group: int, backend: str
+                                 with_entropy: bool, group: int, backend: str,
+                                 head_precision: Optional[str] = None
                                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     return _dist.linear_token_logprobs_forward(
-        backends.kernel(backend, _FAMILY, "linear_token_logprobs_forward"), hidden, weight,
-        bias, tokens, temperature, ignore_index, with_entropy, _dist.group_of(group))
+        _with_precision(backend, "linear_token_logprobs_forward", head_precision), hidden,
+        weight, bias, tokens, temperature, ignore_index, with_entropy, _dist.group_of(group))
+
+
+def _with_precision(backend: str, fn: str, head_precision: Optional[str]):
+    """The backend's kernel ``fn`` with ``head_precision`` bound (for the collective
+    helpers of :mod:`rlkernels.distributed`, which call it with the plain arguments)."""
+    kernel = backends.kernel(backend, _FAMILY, fn)
+    if head_precision is None:
+        return kernel
+    return functools.partial(kernel, head_precision=head_precision)
 
 
 @_linear_token_logprobs_vp_op.register_fake
-def _(hidden, weight, bias, tokens, temperature, ignore_index, with_entropy, group, backend):
+def _(hidden, weight, bias, tokens, temperature, ignore_index, with_entropy, group, backend,
+      head_precision=None):
     dt = out_dtype(hidden.dtype)
     n = hidden.shape[0]
     return (hidden.new_empty(n, dtype=dt), hidden.new_empty(n, dtype=dt),
@@ -127,10 +144,11 @@ def _(hidden, weight, bias, tokens, temperature, ignore_index, with_entropy, gro
 def _linear_token_logprobs_vp_backward_op(
         grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor], hidden: Tensor,
         weight: Tensor, bias: Optional[Tensor], local_tokens: Tensor, stats: Tensor,
-        temperature: float, ignore_index: int, group: int, reduce_hidden: bool, backend: str
-        ) -> Tuple[Tensor, Tensor, Tensor]:
+        temperature: float, ignore_index: int, group: int, reduce_hidden: bool, backend: str,
+        head_precision: Optional[str] = None) -> Tuple[Tensor, Tensor, Tensor]:
     grads = call(backend, _FAMILY, "linear_token_logprobs_backward", grad_logp, grad_entropy,
-                 hidden, weight, bias, local_tokens, stats, temperature, ignore_index)
+                 hidden, weight, bias, local_tokens, stats, temperature, ignore_index,
+                 head_precision)
     return _reduce_hidden_grad(grads, hidden, weight, bias, group, reduce_hidden)
 
 
@@ -149,23 +167,25 @@ def _reduce_hidden_grad(grads, hidden, weight, bias, group: int, reduce_hidden: 
 
 
 def _linear_token_logprobs_vp_setup(ctx, inputs, output):
-    hidden, weight, bias, tokens, temperature, ignore_index, with_entropy, group, backend = \
-        inputs
+    (hidden, weight, bias, tokens, temperature, ignore_index, with_entropy, group, backend,
+     head_precision) = inputs
     ctx.save_for_backward(hidden, weight, bias, output[3], output[2])
     ctx.args = (temperature, ignore_index, group)
     ctx.backend = backend
+    ctx.head_precision = head_precision
     ctx.with_entropy = with_entropy
     ctx.mark_non_differentiable(output[2], output[3])
 
 
 def _linear_token_logprobs_vp_grad(ctx, grad_logp, grad_entropy, _grad_stats, _grad_tokens):
     if not any(ctx.needs_input_grad[:3]):
-        return (None,) * 9
+        return (None,) * 10
     hidden, weight, bias, local_tokens, stats = ctx.saved_tensors
     grads = _linear_token_logprobs_vp_backward_op(
         grad_logp, grad_entropy if ctx.with_entropy else None, hidden, weight, bias,
-        local_tokens, stats, *ctx.args, ctx.needs_input_grad[0], ctx.backend)
-    return _input_grads(ctx, grads, 2, 9)
+        local_tokens, stats, *ctx.args, ctx.needs_input_grad[0], ctx.backend,
+        ctx.head_precision)
+    return _input_grads(ctx, grads, 2, 10)
 
 
 _linear_token_logprobs_vp_op.register_autograd(_linear_token_logprobs_vp_grad,
@@ -187,6 +207,19 @@ def _check_linear(hidden, weight, bias) -> None:
         _checks.shape("bias", bias, (weight.shape[0],), "[V], one per row of weight")
 
 
+HEAD_PRECISIONS = ("bf16", "tf32", "fp32")
+_PATHS = ("auto", "triton", "cublas")
+
+
+def _check_head_options(head_precision, path: str) -> None:
+    if head_precision is not None and head_precision not in HEAD_PRECISIONS:
+        raise ValueError(f"head_precision: expected None or one of "
+                         f"{', '.join(map(repr, HEAD_PRECISIONS))}, got {head_precision!r}")
+    if path not in _PATHS:
+        raise ValueError(f"path: expected one of {', '.join(map(repr, _PATHS))}, got "
+                         f"{path!r}")
+
+
 def _check_group_tokens(process_group, tokens: Tensor, weight: Tensor,
                         ignore_index: int) -> Optional[int]:
     """The group's handle (None without a group), and the token-range check: against the
@@ -205,6 +238,7 @@ def _check_group_tokens(process_group, tokens: Tensor, weight: Tensor,
 def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *,
                           bias: Optional[Tensor] = None, temperature: float = 1.0,
                           ignore_index: int = -100, return_entropy: bool = False,
+                          head_precision: Optional[str] = None,
                           backend: Optional[str] = None, process_group=None
                           ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """``token_logprobs(hidden @ weight^T + bias, tokens)`` without materializing the logits.
@@ -214,6 +248,16 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *,
     outputs and options as :func:`token_logprobs` (temperature, padding, entropy on request).
     Differentiable w.r.t. ``hidden``, ``weight`` and ``bias`` (gradients in their dtype,
     accumulated in fp32).
+
+    ``head_precision`` (SPEC 6): the precision of the GEMMs' operands (``hidden``,
+    ``weight``, and in backward ``d logits``); accumulation is fp32 always (fp64 for fp64
+    inputs). ``None`` (default): the inputs as they are (bf16 inputs: bf16 GEMMs, ``d
+    logits`` rounded to bf16 for the backward GEMMs on GPUs; fp32 inputs: full fp32).
+    ``"bf16"``: every operand rounded to bf16 first. ``"tf32"``: fp32 operands on TF32
+    tensor cores on a GPU (10-bit mantissa); on CPU, and in the ``torch`` reference, it is
+    computed as ``"fp32"``. ``"fp32"``: fp32 operands (exact for bf16 / fp16 inputs) and ``d
+    logits`` kept in fp32 (the fp32 lm_head of ScaleRL / TRL #4303). Padding rows
+    (``ignore_index``) cost no GEMM work in the triton kernels' all-padding row blocks.
 
     ``process_group``: vocabulary (tensor) parallelism (SPEC 3.5). ``weight [V_local, H]``
     and ``bias [V_local]`` are this rank's contiguous shard of the lm_head rows (ranks in
@@ -235,17 +279,27 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *,
     t = _checks.positive("temperature", temperature)
     _checks.integer("ignore_index", ignore_index)
     _checks.flag("return_entropy", return_entropy)
+    return _linear_token_logprobs(hidden, weight, tokens, bias, t, ignore_index,
+                                  return_entropy, head_precision, backend, process_group,
+                                  "auto")
+
+
+def _linear_token_logprobs(hidden, weight, tokens, bias, t, ignore_index, return_entropy,
+                           head_precision, backend, process_group, path):
+    """:func:`linear_token_logprobs` after its own checks, with the fused backends' ``path``
+    (``"auto"``, ``"triton"`` or ``"cublas"``; the benchmarks compare them)."""
+    _check_head_options(head_precision, path)
     handle = _check_group_tokens(process_group, tokens, weight, ignore_index)
     name = backends.resolve(backend, _FAMILY, "linear_token_logprobs", hidden.device)
     if handle is not None:
         logp, ent, _, _ = _linear_token_logprobs_vp_op(
             hidden.reshape(-1, hidden.shape[-1]), weight, bias, tokens.reshape(-1), t,
-            ignore_index, return_entropy, handle, name)
+            ignore_index, return_entropy, handle, name, head_precision)
         shape = tokens.shape
         return (logp.view(shape), ent.view(shape)) if return_entropy else logp.view(shape)
     logp, ent, _ = _linear_token_logprobs_op(hidden.reshape(-1, hidden.shape[-1]), weight,
                                              bias, tokens.reshape(-1), t, ignore_index,
-                                             return_entropy, name)
+                                             return_entropy, name, head_precision, path)
     shape = tokens.shape
     return (logp.view(shape), ent.view(shape)) if return_entropy else logp.view(shape)
 
@@ -369,11 +423,12 @@ def _linear_grpo_loss_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                          tokens: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
                          normalizer: Optional[Tensor], ref_logp: Optional[Tensor],
                          is_weights: Optional[Tensor], temperature: float, modes: str,
-                         nums: List[float], backend: str
+                         nums: List[float], backend: str, head_precision: Optional[str] = None,
+                         path: str = "auto"
                          ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return call(backend, _FAMILY, "linear_grpo_loss_forward", hidden, weight, bias, tokens,
                 old_logp, advantages, mask, normalizer, ref_logp, is_weights, temperature,
-                PolicyOptions.decode(modes, nums))
+                PolicyOptions.decode(modes, nums), head_precision, path)
 
 
 @_linear_grpo_loss_op.register_fake
@@ -391,11 +446,13 @@ def _linear_grpo_loss_backward_op(grad_loss: Tensor, hidden: Tensor, weight: Ten
                                   normalizer: Optional[Tensor], ref_logp: Optional[Tensor],
                                   is_weights: Optional[Tensor], logp: Tensor, ent: Tensor,
                                   stats: Tensor, temperature: float, modes: str,
-                                  nums: List[float], backend: str
+                                  nums: List[float], backend: str,
+                                  head_precision: Optional[str] = None, path: str = "auto"
                                   ) -> Tuple[Tensor, Tensor, Tensor]:
     grads = call(backend, _FAMILY, "linear_grpo_loss_backward", grad_loss, hidden, weight,
                  bias, tokens, old_logp, advantages, mask, normalizer, ref_logp, is_weights,
-                 logp, ent, stats, temperature, PolicyOptions.decode(modes, nums))
+                 logp, ent, stats, temperature, PolicyOptions.decode(modes, nums),
+                 head_precision, path)
     return _grads_or_empty(grads, hidden, weight, bias)
 
 
@@ -412,9 +469,9 @@ def _linear_grpo_loss_setup(ctx, inputs, output):
 
 def _linear_grpo_loss_grad(ctx, grad_loss, *_unused):
     if not any(ctx.needs_input_grad[:3]):
-        return (None,) * 14
+        return (None,) * 16
     grads = _linear_grpo_loss_backward_op(grad_loss, *ctx.saved_tensors, *ctx.args)
-    return _input_grads(ctx, grads, 2, 14)
+    return _input_grads(ctx, grads, 2, 16)
 
 
 _linear_grpo_loss_op.register_autograd(_linear_grpo_loss_grad,
@@ -430,9 +487,10 @@ def _linear_grpo_loss_vp_op(hidden: Tensor, weight: Tensor, bias: Optional[Tenso
                             tokens: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
                             normalizer: Optional[Tensor], ref_logp: Optional[Tensor],
                             is_weights: Optional[Tensor], temperature: float, modes: str,
-                            nums: List[float], group: int, backend: str
+                            nums: List[float], group: int, backend: str,
+                            head_precision: Optional[str] = None
                             ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    linear_forward = backends.kernel(backend, _FAMILY, "linear_token_logprobs_forward")
+    linear_forward = _with_precision(backend, "linear_token_logprobs_forward", head_precision)
     local = {}
 
     def logprobs(flat_tokens):
@@ -464,10 +522,12 @@ def _linear_grpo_loss_vp_backward_op(grad_loss: Tensor, hidden: Tensor, weight: 
                                      is_weights: Optional[Tensor], logp: Tensor, ent: Tensor,
                                      stats: Tensor, temperature: float, modes: str,
                                      nums: List[float], group: int, reduce_hidden: bool,
-                                     backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+                                     backend: str, head_precision: Optional[str] = None
+                                     ) -> Tuple[Tensor, Tensor, Tensor]:
     grads = call(backend, _FAMILY, "linear_grpo_loss_backward", grad_loss, hidden, weight,
                  bias, local_tokens, old_logp, advantages, mask, normalizer, ref_logp,
-                 is_weights, logp, ent, stats, temperature, PolicyOptions.decode(modes, nums))
+                 is_weights, logp, ent, stats, temperature, PolicyOptions.decode(modes, nums),
+                 head_precision)
     return _reduce_hidden_grad(grads, hidden, weight, bias, group, reduce_hidden)
 
 
@@ -479,18 +539,20 @@ def _(grad_loss, hidden, weight, bias, *args):
 def _linear_grpo_loss_vp_setup(ctx, inputs, output):
     # the shard-local tokens (output 5) replace the global ones (input 3) for backward
     ctx.save_for_backward(*inputs[:3], output[5], *inputs[4:10], *output[2:5])
-    temperature, modes, nums, group, backend = inputs[10:]
+    temperature, modes, nums, group, backend, head_precision = inputs[10:]
     ctx.args = (temperature, modes, nums, group)
     ctx.backend = backend
+    ctx.head_precision = head_precision
     ctx.mark_non_differentiable(*output[1:])
 
 
 def _linear_grpo_loss_vp_grad(ctx, grad_loss, *_unused):
     if not any(ctx.needs_input_grad[:3]):
-        return (None,) * 15
+        return (None,) * 16
     grads = _linear_grpo_loss_vp_backward_op(grad_loss, *ctx.saved_tensors, *ctx.args,
-                                             ctx.needs_input_grad[0], ctx.backend)
-    return _input_grads(ctx, grads, 2, 15)
+                                             ctx.needs_input_grad[0], ctx.backend,
+                                             ctx.head_precision)
+    return _input_grads(ctx, grads, 2, 16)
 
 
 _linear_grpo_loss_vp_op.register_autograd(_linear_grpo_loss_vp_grad,
@@ -500,16 +562,17 @@ _linear_grpo_loss_vp_op.register_autograd(_linear_grpo_loss_vp_grad,
 def linear_grpo_loss(hidden: Tensor, weight: Tensor, tokens: Tensor, old_logp: Tensor,
                      advantages: Tensor, mask: Tensor, *, bias: Optional[Tensor] = None,
                      temperature: float = 1.0, ref_logp: Optional[Tensor] = None,
-                     entropy_coef: float = 0.0, backend: Optional[str] = None,
-                     process_group=None, **policy_loss_options
-                     ) -> Tuple[Tensor, Dict[str, Tensor]]:
+                     entropy_coef: float = 0.0, head_precision: Optional[str] = None,
+                     backend: Optional[str] = None, process_group=None,
+                     **policy_loss_options) -> Tuple[Tensor, Dict[str, Tensor]]:
     """:func:`grpo_loss` from hidden states and the lm_head, never materializing the logits.
 
     ``hidden [B, T, H]``, ``weight [V, H]``, ``bias [V]`` or ``None``, ``tokens [B, T]``
     (``-100`` marks padding), the other inputs and ``policy_loss_options`` as in
     :func:`policy_loss`. The entropy is always computed (``metrics["entropy"]``) and enters
     the loss as ``- entropy_coef * H``. Returns ``(loss, metrics)``; differentiable w.r.t.
-    ``hidden``, ``weight`` and ``bias``.
+    ``hidden``, ``weight`` and ``bias``. ``head_precision``: the GEMMs' operand precision,
+    as in :func:`linear_token_logprobs`.
 
     ``process_group``: vocabulary (tensor) parallelism, as in :func:`linear_token_logprobs`
     (``weight`` / ``bias`` are this rank's shard, every other input is the same on every
@@ -523,6 +586,8 @@ def linear_grpo_loss(hidden: Tensor, weight: Tensor, tokens: Tensor, old_logp: T
                          f"{tuple(hidden.shape)}")
     check_tokens_for("tokens", tokens, "hidden", hidden)
     t = _checks.positive("temperature", temperature)
+    path = policy_loss_options.pop("_path", "auto")  # private: the benchmarks' path choice
+    _check_head_options(head_precision, path)
     handle = _check_group_tokens(process_group, tokens, weight, -100)
     opts, norm, is_weights = _fused_policy_inputs("linear_grpo_loss", policy_loss_options,
                                                   tokens, old_logp, advantages, mask,
@@ -534,11 +599,13 @@ def linear_grpo_loss(hidden: Tensor, weight: Tensor, tokens: Tensor, old_logp: T
             hidden.reshape(-1, hidden.shape[-1]), weight, bias, tokens, old_logp.detach(),
             advantages.detach(), mask.detach(), norm,
             None if ref_logp is None else ref_logp.detach(),
-            None if is_weights is None else is_weights.detach(), t, modes, nums, handle, name)
+            None if is_weights is None else is_weights.detach(), t, modes, nums, handle, name,
+            head_precision)
         return value, _metrics_dict(metrics, ref_logp is not None, True)
     value, metrics, _, _, _ = _linear_grpo_loss_op(
         hidden.reshape(-1, hidden.shape[-1]), weight, bias, tokens, old_logp.detach(),
         advantages.detach(), mask.detach(), norm,
         None if ref_logp is None else ref_logp.detach(),
-        None if is_weights is None else is_weights.detach(), t, modes, nums, name)
+        None if is_weights is None else is_weights.detach(), t, modes, nums, name,
+        head_precision, path)
     return value, _metrics_dict(metrics, ref_logp is not None, True)

@@ -12,6 +12,13 @@ of :func:`_head_map` is applied to each chunk before the vocabulary kernels, and
 multiplies ``d z`` in backward. They also give the extra per-row statistics of
 :func:`_extra_stats` (what TRL's fused lm_head reports for its metrics).
 
+``head_precision`` (SPEC 6) is the precision of the GEMMs' operands: ``None`` keeps the
+inputs' values; ``"bf16"`` rounds ``hidden``, ``weight`` and, in backward, ``d z`` to bf16
+before each GEMM; ``"fp32"`` and ``"tf32"`` round them to fp32 (a no-op unless the inputs are
+fp64). The reference computes ``"tf32"`` as ``"fp32"``: TF32 is a GPU tensor-core mode whose
+10-bit operand rounding the fused backends may apply; the ground truth stays exact.
+Accumulation is in the compute dtype (fp32, fp64 for fp64) always.
+
 For exactness the reference keeps an fp32 copy of a half-precision ``weight`` and an fp32
 gradient accumulator (``2 V H`` floats); the fused kernels of other backends do not.
 """
@@ -45,6 +52,22 @@ def _rows_matmul(a: Tensor, b: Tensor, rows: int) -> Tensor:
     return (padded @ b)[:a.shape[0]]
 
 
+HEAD_PRECISIONS = ("bf16", "tf32", "fp32")
+
+
+def _round(x: Tensor, head_precision: Optional[str], cdt: torch.dtype) -> Tensor:
+    """A GEMM operand rounded to the head precision, then held in the compute dtype."""
+    if head_precision is None:
+        return x.to(cdt)
+    if head_precision not in HEAD_PRECISIONS:
+        raise ValueError(f"head_precision: expected None or one of {HEAD_PRECISIONS}, got "
+                         f"{head_precision!r}")
+    rounded = torch.bfloat16 if head_precision == "bf16" else torch.float32
+    if x.dtype == rounded or x.dtype.itemsize < rounded.itemsize:
+        return x.to(cdt)  # exact in the head precision already
+    return x.to(rounded).to(cdt)
+
+
 def _logits_chunk(h: Tensor, w: Tensor, b: Optional[Tensor], rows: int) -> Tensor:
     z = _rows_matmul(h, w.T, rows)
     return z + b if b is not None else z
@@ -75,20 +98,22 @@ def _extra_stats(z: Tensor, tok: Tensor, temperature: float, ignore_index: int) 
 def linear_token_stats_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                                tokens: Tensor, temperature: float, ignore_index: int,
                                with_entropy: bool, logit_scale: float, softcap: Optional[float],
-                               extras: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                               extras: bool, head_precision: Optional[str] = None
+                               ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``token_logprobs`` of the logits ``z = f(hidden @ weight^T + bias)`` (``f``: see
     :func:`_head_map`; the temperature divides ``f``'s output). Returns ``(logp [N], entropy
     [N], stats [N, 3], extra [N, 3])``; ``extra`` (:func:`_extra_stats`) is all zeros unless
-    ``extras``."""
+    ``extras``. ``head_precision``: :func:`_round` of ``hidden`` and ``weight``."""
     n, vocab = hidden.shape[0], weight.shape[0]
     cdt = compute_dtype(hidden.dtype)
-    w = weight.to(cdt)
+    w = _round(weight, head_precision, cdt)
     b = None if bias is None else bias.to(cdt)
     outs = [hidden.new_empty(n, dtype=cdt), hidden.new_empty(n, dtype=cdt),
             hidden.new_empty(n, 3, dtype=cdt), hidden.new_zeros(n, 3, dtype=cdt)]
     step = rows_per_chunk(vocab)
     for rows in row_chunks(n, vocab):
-        z, _ = _head_map(_logits_chunk(hidden[rows].to(cdt), w, b, step), logit_scale, softcap)
+        z, _ = _head_map(_logits_chunk(_round(hidden[rows], head_precision, cdt), w, b, step),
+                         logit_scale, softcap)
         chunk = _vocab.token_logprobs_forward(z, tokens[rows], temperature, ignore_index,
                                               with_entropy)
         for out, value in zip(outs, chunk):
@@ -100,29 +125,33 @@ def linear_token_stats_forward(hidden: Tensor, weight: Tensor, bias: Optional[Te
 
 def linear_token_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                                   tokens: Tensor, temperature: float, ignore_index: int,
-                                  with_entropy: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """Returns ``(logp [N], entropy [N], stats [N, 3])`` as ``token_logprobs`` of the logits."""
+                                  with_entropy: bool, head_precision: Optional[str] = None,
+                                  path: str = "auto") -> Tuple[Tensor, Tensor, Tensor]:
+    """Returns ``(logp [N], entropy [N], stats [N, 3])`` as ``token_logprobs`` of the logits.
+    ``path``: the fused backends' implementation choice; the reference has one (ignored)."""
     return linear_token_stats_forward(hidden, weight, bias, tokens, temperature, ignore_index,
-                                      with_entropy, 1.0, None, False)[:3]
+                                      with_entropy, 1.0, None, False, head_precision)[:3]
 
 
 def linear_token_stats_backward(grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor],
                                 hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                                 tokens: Tensor, stats: Tensor, temperature: float,
-                                ignore_index: int, logit_scale: float, softcap: Optional[float]
+                                ignore_index: int, logit_scale: float, softcap: Optional[float],
+                                head_precision: Optional[str] = None
                                 ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """Gradients w.r.t. ``hidden``, ``weight`` and ``bias`` (``None`` without bias), each in the
-    dtype of its input: ``d y = d z * f'(y)`` (chain rule through :func:`_head_map`)."""
+    dtype of its input: ``d y = d z * f'(y)`` (chain rule through :func:`_head_map`);
+    ``head_precision``: :func:`_round` of every GEMM operand (``d z`` included)."""
     n, vocab = hidden.shape[0], weight.shape[0]
     cdt = compute_dtype(hidden.dtype)
-    w = weight.to(cdt)
+    w = _round(weight, head_precision, cdt)
     b = None if bias is None else bias.to(cdt)
     grad_h = torch.empty_like(hidden)
     grad_w = torch.zeros(weight.shape, dtype=cdt, device=weight.device)
     grad_b = None if bias is None else torch.zeros(vocab, dtype=cdt, device=weight.device)
     step = rows_per_chunk(vocab)
     for rows in row_chunks(n, vocab):
-        h = hidden[rows].to(cdt)
+        h = _round(hidden[rows], head_precision, cdt)
         z, dzdy = _head_map(_logits_chunk(h, w, b, step), logit_scale, softcap)
         dz = _vocab.token_logprobs_backward(
             None if grad_logp is None else grad_logp[rows],
@@ -132,6 +161,7 @@ def linear_token_stats_backward(grad_logp: Optional[Tensor], grad_entropy: Optio
             dz = dz * dzdy
         elif logit_scale != 1.0:
             dz = dz * logit_scale
+        dz = _round(dz, head_precision, cdt)
         grad_h[rows] = _rows_matmul(dz, w, step)
         grad_w += dz.T @ h
         if grad_b is not None:
@@ -143,23 +173,27 @@ def linear_token_stats_backward(grad_logp: Optional[Tensor], grad_entropy: Optio
 def linear_token_logprobs_backward(grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor],
                                    hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                                    tokens: Tensor, stats: Tensor, temperature: float,
-                                   ignore_index: int) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+                                   ignore_index: int, head_precision: Optional[str] = None,
+                                   path: str = "auto"
+                                   ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """Gradients w.r.t. ``hidden``, ``weight`` and ``bias`` (``None`` without bias), each in the
     dtype of its input."""
     return linear_token_stats_backward(grad_logp, grad_entropy, hidden, weight, bias, tokens,
-                                       stats, temperature, ignore_index, 1.0, None)
+                                       stats, temperature, ignore_index, 1.0, None,
+                                       head_precision)
 
 
 def linear_grpo_loss_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                              tokens: Tensor, old_logp: Tensor, advantages: Tensor,
                              mask: Tensor, normalizer: Optional[Tensor],
                              ref_logp: Optional[Tensor], is_weights: Optional[Tensor],
-                             temperature: float, o: PolicyOptions):
+                             temperature: float, o: PolicyOptions,
+                             head_precision: Optional[str] = None, path: str = "auto"):
     """``policy_loss`` of the log-probs and entropies of ``hidden @ weight^T``: returns
     ``(loss, metrics, logp [B, T], entropy [B, T], stats [B*T, 3])``."""
     return fused_forward(
         lambda tok: linear_token_logprobs_forward(hidden, weight, bias, tok, temperature, -100,
-                                                  True),
+                                                  True, head_precision),
         _policy.policy_loss_forward, tokens, old_logp, advantages, mask, normalizer, ref_logp,
         is_weights, o)
 
@@ -169,10 +203,12 @@ def linear_grpo_loss_backward(grad_loss: Tensor, hidden: Tensor, weight: Tensor,
                               advantages: Tensor, mask: Tensor, normalizer: Optional[Tensor],
                               ref_logp: Optional[Tensor], is_weights: Optional[Tensor],
                               logp: Tensor, ent: Tensor, stats: Tensor, temperature: float,
-                              o: PolicyOptions):
+                              o: PolicyOptions, head_precision: Optional[str] = None,
+                              path: str = "auto"):
     """Gradients w.r.t. ``hidden``, ``weight``, ``bias``: the policy-loss gradients of the
     per-token log-probs and entropies pushed through the lm_head backward."""
     g_lp, g_ent = row_grads(_policy.policy_loss_backward, grad_loss, logp, ent, old_logp,
                             advantages, mask, normalizer, ref_logp, is_weights, o)
     return linear_token_logprobs_backward(g_lp, g_ent, hidden, weight, bias,
-                                          tokens.reshape(-1), stats, temperature, -100)
+                                          tokens.reshape(-1), stats, temperature, -100,
+                                          head_precision)

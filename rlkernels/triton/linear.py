@@ -35,8 +35,15 @@ uses atomics (bit-identical reruns).
   Peak extra memory at N=16384, H=3584, V=151936 bf16: 256 MiB (``d z``) + 224 MiB
   (``d hidden`` accumulator), under the 1 GiB target. Slices split the ``d hidden`` GEMM's
   K at multiples of its block, so the bits do not depend on the slice width (hence on N).
-  The GEMMs can also run through cuBLAS (``gemms="cublas"``, for the measurement issue #5
-  asks for; not batch invariant).
+  Row blocks whose rows are all padding run no dot in any kernel (SPEC 6).
+
+* The cuBLAS path (``path="cublas"``, what ``"auto"`` takes on CUDA tensors): the GEMMs
+  through ``torch.mm`` on fixed-size row chunks (the last one zero-padded, so every call has
+  the same shape and cuBLAS the same algorithm: batch invariant by construction), the
+  vocabulary kernels on each chunk of fp32 logits; see :func:`_cublas_forward` and
+  :func:`_cublas_backward`. The private TRL head (``MAP`` / ``EXTRAS``) runs the triton path.
+* ``head_precision`` (:func:`_head_precision`): the GEMMs' operand precision, ``None`` (the
+  inputs' own), ``"bf16"``, ``"tf32"`` or ``"fp32"``; accumulation in fp32 always.
 
   ``d z = (g_lp (onehot - p) - g_H p ((z - m) - sum p (z - m))) / T``; the token column uses
   ``-g_lp expm1(log p_y)`` (exact on peaked rows). Padding rows (``tokens == ignore_index``):
@@ -62,7 +69,8 @@ forward's split width, and the Triton against the cuBLAS backward GEMMs.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import contextlib
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -98,14 +106,42 @@ def _head_map(y, fm, MAP: tl.constexpr, IS_FP64: tl.constexpr):
 
 
 @triton.jit
+def _to_bf16(x):
+    """``x`` rounded to bf16, to nearest even as torch rounds; fp64 goes through fp32 first,
+    as torch's conversion does. The rounding is done on the bits (then the cast is exact):
+    Triton 3.9's interpreter rounds fp32 -> bf16 casts wrongly even with
+    ``fp_downcast_rounding="rtne"`` (-1.2167 -> -1.2109), and the tests run there."""
+    if x.dtype != tl.bfloat16:
+        f = x.to(tl.float32)
+        bits = f.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        f = tl.where(f != f, f, bits.to(tl.float32, bitcast=True))  # NaN stays NaN
+        x = f.to(tl.bfloat16)
+    return x
+
+
+@triton.jit
+def _store_value(x, ptr):
+    """``x`` converted for a store through ``ptr``: to bf16 by :func:`_to_bf16` (nearest even
+    from any float, in the interpreter too), else by a plain cast."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        return _to_bf16(x)
+    return x.to(ptr.dtype.element_ty)
+
+
+@triton.jit
 def _logits_tile(h_ptr, stride_h, w_ptr, stride_w, b_ptr, rows, row_ok, cols, col_ok, H,
                  inv_t_hi, inv_t_lo, fm, HAS_BIAS: tl.constexpr, MAP: tl.constexpr,
                  UPCAST: tl.constexpr, IS_FP64: tl.constexpr, CDT: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                 ROUND: tl.constexpr = 0, DOT_PREC: tl.constexpr = "ieee"):
     """``(z, f'(y))``: ``z = f(y) / T``, ``y = h[rows] @ w[cols]^T + b[cols]``, as a
     ``[BLOCK_N, BLOCK_V]`` tile in ``CDT``, ``-inf`` in columns past ``V`` (``f`` the identity
     when ``MAP`` is 0, else :func:`_head_map`; ``f'`` is ``y`` itself, unused, when ``MAP`` is
-    0). Rows with ``row_ok`` False load hidden as 0."""
+    0). Rows with ``row_ok`` False load hidden as 0. ``ROUND`` / ``DOT_PREC``: the head
+    precision (:func:`_head_precision`): operands rounded to bf16 (1) or fp32 (2) before the
+    dot, and ``tl.dot``'s ``input_precision``. ``H`` may be 0 (a block of padding rows: no
+    dot at all)."""
     offs_h = tl.arange(0, BLOCK_H)
     r64 = rows.to(tl.int64)
     c64 = cols.to(tl.int64)
@@ -117,10 +153,16 @@ def _logits_tile(h_ptr, stride_h, w_ptr, stride_w, b_ptr, rows, row_ok, cols, co
                     mask=row_ok[:, None] & km[None, :], other=0.0)
         w = tl.load(w_ptr + c64[:, None] * stride_w + ks[None, :],
                     mask=col_ok[:, None] & km[None, :], other=0.0)
+        if ROUND == 1:
+            h = _to_bf16(h)
+            w = _to_bf16(w)
+        if ROUND == 2:
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
         if UPCAST:
             h = h.to(CDT)
             w = w.to(CDT)
-        acc = tl.dot(h, tl.trans(w), acc, input_precision="ieee", out_dtype=CDT)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PREC, out_dtype=CDT)
     if HAS_BIAS:
         b = tl.load(b_ptr + c64, mask=col_ok, other=0.0).to(CDT)
         acc = acc + b[None, :]
@@ -247,13 +289,15 @@ def _fwd_kernel(h_ptr, stride_h, w_ptr, stride_w, b_ptr, tok_ptr, logp_ptr, ent_
                 HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, MAP: tl.constexpr,
                 EXTRAS: tl.constexpr, UPCAST: tl.constexpr, IS_FP64: tl.constexpr,
                 CDT: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+                BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, ROUND: tl.constexpr = 0,
+                DOT_PREC: tl.constexpr = "ieee"):
     """Program ``(i, j)``: rows ``i * BLOCK_N + [0, BLOCK_N)`` over vocabulary split ``j``
     (columns ``[j * split_cols, (j + 1) * split_cols)``). Without ``SPLIT`` (one split) it
     stores the outputs; with ``SPLIT`` the split's ``(m, rest, S1, z_y)`` (and with
     ``EXTRAS`` ``(rest2, zsum, hit)``) go to ``part [4 or 7, splits, N]`` for
     :func:`_fwd_merge_kernel`. ``MAP`` and ``s_hi .. ic_lo``: the pre-softmax map
-    (:func:`_head_map`); ``EXTRAS``: the statistics of ``extra`` (:func:`_fwd_finish`)."""
+    (:func:`_head_map`); ``EXTRAS``: the statistics of ``extra`` (:func:`_fwd_finish`).
+    A block whose rows are all padding runs no tile (its outputs are the 0 of padding)."""
     pid = tl.program_id(0)
     sid = tl.program_id(1)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -272,12 +316,14 @@ def _fwd_kernel(h_ptr, stride_h, w_ptr, stride_w, b_ptr, tok_ptr, logp_ptr, ent_
     fm = (s_hi, s_lo, c_hi, c_lo, ic_hi, ic_lo)
     v_lo = sid * split_cols
     v_hi = tl.minimum(V, v_lo + split_cols)
-    for start in range(v_lo, v_hi, BLOCK_V):
+    # padding rows cost no GEMM work (SPEC 6): an all-padding block loops over no tile
+    v_end = tl.where(tl.max(live.to(tl.int32), 0) > 0, v_hi, v_lo)
+    for start in range(v_lo, v_end, BLOCK_V):
         cols = start + offs
         col_ok = cols < v_hi
         z, _ = _logits_tile(h_ptr, stride_h, w_ptr, stride_w, b_ptr, rows, live, cols, col_ok,
                             H, inv_t_hi, inv_t_lo, fm, HAS_BIAS, MAP, UPCAST, IS_FP64, CDT,
-                            BLOCK_N, BLOCK_V, BLOCK_H)
+                            BLOCK_N, BLOCK_V, BLOCK_H, ROUND, DOT_PREC)
         m, rest, s1, rest2, amax = _online_tile(z, offs, start, m, rest, s1, rest2, amax,
                                                 WITH_ENTROPY, EXTRAS)
         # the token's logit, when its column is in this tile (exactly one tile has it)
@@ -370,12 +416,16 @@ def _dz_kernel(glp_ptr, gh_ptr, h_ptr, stride_h, w_ptr, stride_w, b_ptr, tok_ptr
                HAS_BIAS: tl.constexpr, HAS_GLP: tl.constexpr, HAS_GH: tl.constexpr,
                UPCAST: tl.constexpr, IS_FP64: tl.constexpr, CDT: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-               GROUP: tl.constexpr):
+               GROUP: tl.constexpr, ROUND: tl.constexpr = 0, DOT_PREC: tl.constexpr = "ieee",
+               FROM_LOGITS: tl.constexpr = False):
     """``dz[:, j] = d z[:, v0 + j]`` for ``j < cnt`` (one ``[BLOCK_N, BLOCK_V]`` tile per
     program, stored in ``dz``'s dtype) and, with a bias, this row block's fp32 column sums of
     ``d z`` into row ``pid_n`` of ``dbp``. Padding rows get exact zeros. With a pre-softmax
     map (``MAP``, :func:`_head_map`) ``d z`` here is the gradient w.r.t. ``y``: times
-    ``f'(y)``."""
+    ``f'(y)``. A block of padding rows only: no dot (``H`` taken as 0), zeros stored.
+    ``FROM_LOGITS`` (the cuBLAS path): ``h_ptr`` / ``stride_h`` is ``y [N, cnt]``, the logits
+    ``h @ W[v0 : v0 + cnt]^T + b`` already formed (bias included; ``HAS_BIAS`` then only asks
+    for the column sums), read instead of the GEMM."""
     pid_n, pid_v = _grouped(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(cnt, BLOCK_V),
                             GROUP)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -386,16 +436,24 @@ def _dz_kernel(glp_ptr, gh_ptr, h_ptr, stride_h, w_ptr, stride_w, b_ptr, tok_ptr
     tok, live, m, log_s, sum_pzs, g_lp, g_h = _row_grad_inputs(
         glp_ptr, gh_ptr, tok_ptr, stats_ptr, stride_s0, stride_s1, rows, row_in, ignore_index,
         inv_t_hi, inv_t_lo, HAS_GLP, HAS_GH, IS_FP64, CDT)
-    z, dfdy = _logits_tile(h_ptr, stride_h, w_ptr, stride_w, b_ptr, rows, live, cols, col_ok,
-                           H, inv_t_hi, inv_t_lo, (s_hi, s_lo, c_hi, c_lo, ic_hi, ic_lo),
-                           HAS_BIAS, MAP, UPCAST, IS_FP64, CDT, BLOCK_N, BLOCK_V, BLOCK_H)
+    if FROM_LOGITS:
+        y = tl.load(h_ptr + rows.to(tl.int64)[:, None] * stride_h + local.to(tl.int64)[None, :],
+                    mask=live[:, None] & col_ok[None, :], other=0.0).to(CDT)
+        z = tl.where(col_ok[None, :], mul_hl(y, inv_t_hi, inv_t_lo, IS_FP64), float("-inf"))
+        dfdy = y
+    else:
+        h_end = tl.where(tl.max(live.to(tl.int32), 0) > 0, H, 0)
+        z, dfdy = _logits_tile(h_ptr, stride_h, w_ptr, stride_w, b_ptr, rows, live, cols,
+                               col_ok, h_end, inv_t_hi, inv_t_lo,
+                               (s_hi, s_lo, c_hi, c_lo, ic_hi, ic_lo), HAS_BIAS, MAP, UPCAST,
+                               IS_FP64, CDT, BLOCK_N, BLOCK_V, BLOCK_H, ROUND, DOT_PREC)
     dz = _dz_tile(z, cols, col_ok, tok, live, m, log_s, sum_pzs, g_lp, g_h, HAS_GLP, HAS_GH,
                   IS_FP64)
     if MAP != 0:  # dz is 0 on padding rows and tail columns, f'(y) finite there
         dz = dz * dfdy
     l64 = local.to(tl.int64)
     tl.store(dz_ptr + rows.to(tl.int64)[:, None] * stride_dz + l64[None, :],
-             dz.to(dz_ptr.dtype.element_ty), mask=row_in[:, None] & col_ok[None, :])
+             _store_value(dz, dz_ptr), mask=row_in[:, None] & col_ok[None, :])
     if HAS_BIAS:
         tl.store(dbp_ptr + pid_n.to(tl.int64) * stride_dbp + l64, tl.sum(dz, 0), mask=col_ok)
 
@@ -405,13 +463,17 @@ def _gemm_kernel(a_ptr, stride_am, stride_ak, b_ptr, stride_bk, stride_bn, cin_p
                  stride_c, tok_ptr, ignore_index, M, NC, K,
                  ACC_IN: tl.constexpr, SKIP_PADDING_K: tl.constexpr, CAST: tl.constexpr,
                  CDT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_NC: tl.constexpr,
-                 BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
+                 BLOCK_K: tl.constexpr, GROUP: tl.constexpr, SKIP_PADDING_M: tl.constexpr = False,
+                 ROUND: tl.constexpr = 0, DOT_PREC: tl.constexpr = "ieee"):
     """``c = (cin if ACC_IN else 0) + a @ b`` for ``a [M, K]``, ``b [K, NC]`` (any strides),
     accumulated in ``CDT`` over ``K`` in ``BLOCK_K`` steps from 0 up (so splitting ``K`` at
     multiples of ``BLOCK_K`` across calls with ``ACC_IN`` gives the same bits), stored in
     ``c``'s dtype. ``SKIP_PADDING_K``: ``K`` indexes token rows, and the rows of ``b`` whose
     token is ``ignore_index`` are never read (read as 0: NaN hidden there is harmless).
-    ``CAST``: both operands go to ``CDT`` before the dot (interpreter, fp16, mixed dtypes)."""
+    ``CAST``: both operands go to ``CDT`` before the dot (interpreter, fp16, mixed dtypes).
+    ``SKIP_PADDING_M``: ``M`` indexes token rows whose ``a`` rows are 0 on padding; a block of
+    padding rows only runs no K step (``c = cin``). ``ROUND`` / ``DOT_PREC``: as in
+    :func:`_logits_tile`."""
     pid_m, pid_n = _grouped(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(NC, BLOCK_NC),
                             GROUP)
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -425,7 +487,11 @@ def _gemm_kernel(a_ptr, stride_am, stride_ak, b_ptr, stride_bk, stride_bn, cin_p
         acc = tl.load(cin_ptr + c_offs, mask=c_mask, other=0.0).to(CDT)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_NC], CDT)
-    for k in range(0, K, BLOCK_K):
+    k_end = K
+    if SKIP_PADDING_M:
+        tok_m = tl.load(tok_ptr + rm, mask=m_ok, other=ignore_index)
+        k_end = tl.where(tl.max((tok_m != ignore_index).to(tl.int32), 0) > 0, K, 0)
+    for k in range(0, k_end, BLOCK_K):
         ks = (k + offs_k).to(tl.int64)
         k_ok = ks < K
         a = tl.load(a_ptr + rm[:, None] * stride_am + ks[None, :] * stride_ak,
@@ -436,18 +502,34 @@ def _gemm_kernel(a_ptr, stride_am, stride_ak, b_ptr, stride_bk, stride_bn, cin_p
             b_mask = b_mask & (tok != ignore_index)[:, None]
         b = tl.load(b_ptr + ks[:, None] * stride_bk + rn[None, :] * stride_bn, mask=b_mask,
                     other=0.0)
+        if ROUND == 1:
+            a = _to_bf16(a)
+            b = _to_bf16(b)
+        if ROUND == 2:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
         if CAST:
             a = a.to(CDT)
             b = b.to(CDT)
-        acc = tl.dot(a, b, acc, input_precision="ieee", out_dtype=CDT)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PREC, out_dtype=CDT)
     tl.store(c_ptr + c_offs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
 # ================================================================================== launchers
 
-def _blocks(hidden: Tensor, vocab: int, dim: int) -> Tuple[int, int, int, int]:
-    """``(BLOCK_N, BLOCK_V, BLOCK_H, num_warps)``: from H, V, the dtype and the device only,
-    never from N (batch invariance). ``tl.dot`` needs every block >= 16."""
+def _blocks(hidden: Tensor, vocab: int, dim: int, dz: bool = False
+            ) -> Tuple[int, int, int, int]:
+    """``(BLOCK_N, BLOCK_V, BLOCK_H, num_warps)`` of the forward (``dz``: of
+    :func:`_dz_kernel`): from H, V, the dtype and the device only, never from N (batch
+    invariance). ``tl.dot`` needs every block >= 16.
+
+    bf16 on sm_90a (``tests/triton/linear_sm90_check.py``, ptxas / cuobjdump of the compiled
+    kernels): ``_dz_kernel`` at 128 x 128 x 64, 8 warps issues ``HGMMA.64x128x16`` (two
+    warpgroups stacked along the rows, so each row's reductions stay inside a warp), 210
+    registers, no spill; at 64 x 128 it issued ``HGMMA.64x64x16``. The forward's online-softmax
+    epilogue does not fit a 128-wide wgmma in 255 registers: 128 x 128 (8 warps) spills 20 B,
+    64 x 256 (8 warps) 16 B, 64 x 128 (4 warps) 28 B, so it keeps 64 x 128 x 64 on 8 warps
+    (``HGMMA.64x64x16``, 140 registers, no spill)."""
     def fit(n: int, cap: int) -> int:
         return max(16, min(triton.next_power_of_2(max(n, 1)), cap))
 
@@ -460,7 +542,15 @@ def _blocks(hidden: Tensor, vocab: int, dim: int) -> Tuple[int, int, int, int]:
     # the shorter H chunk
     if hidden.dtype == torch.float32:
         return 64, fit(vocab, 128), fit(dim, 32), 8
+    if dz and hidden.dtype == torch.bfloat16:
+        return 128, fit(vocab, 128), fit(dim, 64), 8
     return 64, fit(vocab, 128), fit(dim, 64), 8
+
+
+def _upcast(h: Tensor, prec: _Prec) -> bool:
+    """Operands go to the compute dtype before ``tl.dot``: always in the interpreter (numpy
+    dots), and for fp64 inputs whose operands were rounded to bf16 / fp32."""
+    return (not h.is_cuda) or (prec.round != 0 and h.dtype == torch.float64)
 
 
 def _prep(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
@@ -478,6 +568,37 @@ def _rstride(x: Tensor) -> int:
 # programs per row block, so that a few thousand rows already fill the GPU; a function of V
 # only, never of N (batch invariance)
 _SPLIT_COLS = 16384
+
+
+HEAD_PRECISIONS = ("bf16", "tf32", "fp32")
+
+
+class _Prec(NamedTuple):
+    """How a head precision reaches the kernels: ``ROUND`` (operands rounded to bf16: 1, to
+    fp32: 2, kept: 0), the forward dot's ``input_precision``, and the dtype ``d z`` is stored
+    in for the backward GEMMs (whose operands are rounded like the forward's)."""
+    round: int
+    fwd_dot: str
+    dz_dtype: torch.dtype
+
+
+def _head_precision(dtype: torch.dtype, head_precision: Optional[str]) -> _Prec:
+    """``None``: the inputs' own precision (bf16 / fp16 operands as they are, fp32 "ieee"
+    dots, fp64 in fp64; ``d z`` in :func:`_dz_dtype`). ``"bf16"``: every GEMM operand
+    (``hidden``, ``weight``, ``d z``) rounded to bf16. ``"tf32"``: fp32 operands on TF32
+    tensor cores (a no-op in the interpreter, whose dots are exact fp32: "tf32" = "fp32" on
+    CPU). ``"fp32"``: fp32 operands, "ieee" dots; bf16 / fp16 inputs are exact in fp32, so
+    their forward dot keeps its operands (exact products, fp32 accumulation) and only ``d z``
+    changes (fp32 instead of bf16). Accumulation is fp32 (fp64 for fp64 inputs) always."""
+    if head_precision is None:
+        return _Prec(0, "ieee", _dz_dtype(dtype))
+    if head_precision not in HEAD_PRECISIONS:
+        raise ValueError(f"head_precision: expected None or one of {HEAD_PRECISIONS}, got "
+                         f"{head_precision!r}")
+    if head_precision == "bf16":
+        return _Prec(0 if dtype == torch.bfloat16 else 1, "ieee", torch.bfloat16)
+    fwd_dot = "tf32" if head_precision == "tf32" and dtype == torch.float32 else "ieee"
+    return _Prec(2 if dtype == torch.float64 else 0, fwd_dot, torch.float32)
 
 
 def _map_args(logit_scale: float, softcap: Optional[float]):
@@ -506,7 +627,8 @@ def linear_token_stats_forward(hidden: Tensor, weight: Tensor, bias: Optional[Te
 def _forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tokens: Tensor,
              temperature: float, ignore_index: int, with_entropy: bool, logit_scale: float,
              softcap: Optional[float], extras: bool, blocks: Optional[Tuple],
-             split_cols: Optional[int]) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+             split_cols: Optional[int], head_precision: Optional[str] = None
+             ) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """``(logp [N], entropy [N], stats [N, 3], extra [N, 3])`` of ``f(hidden @ weight^T +
     bias) / T``, like :func:`rlkernels.reference.linear.linear_token_stats_forward` (fp32;
     fp64 for fp64 inputs; ``f`` is :func:`_head_map`; ``extra`` is ``None`` unless ``extras``).
@@ -514,8 +636,9 @@ def _forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tokens: Ten
     block sizes and ``split_cols`` the vocabulary split (tests; rounded up to a multiple of
     ``BLOCK_V``). With more than one split, each (row block, split) program writes its
     running statistics to an fp32 ``[4, splits, N]`` buffer (``[7, ...]`` with ``extras``)
-    that :func:`_fwd_merge_kernel` merges."""
+    that :func:`_fwd_merge_kernel` merges. ``head_precision``: :func:`_head_precision`."""
     n, dim = hidden.shape
+    prec = _head_precision(hidden.dtype, head_precision)
     vocab = weight.shape[0]
     cdt = compute_dtype(hidden.dtype)
     logp = hidden.new_empty(n, dtype=cdt)
@@ -544,8 +667,9 @@ def _forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tokens: Ten
             h, _rstride(h), w, _rstride(w), w if b is None else b, tok, logp, ent, stats,
             stats if extra is None else extra, part, n, vocab, dim, split_cols, hi, lo,
             int(ignore_index), *fm,
-            HAS_BIAS=b is not None, MAP=mode, UPCAST=not h.is_cuda, SPLIT=splits > 1,
-            BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, num_warps=warps, **flags)
+            HAS_BIAS=b is not None, MAP=mode, UPCAST=_upcast(h, prec), SPLIT=splits > 1,
+            BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, ROUND=prec.round, DOT_PREC=prec.fwd_dot,
+            num_warps=warps, **flags)
         if splits > 1:
             block = 256 if h.is_cuda else 16
             _fwd_merge_kernel[(triton.cdiv(n, block),)](
@@ -557,14 +681,26 @@ def _forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tokens: Ten
 
 def linear_token_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                                   tokens: Tensor, temperature: float, ignore_index: int,
-                                  with_entropy: bool, *, blocks: Optional[Tuple] = None,
-                                  split_cols: Optional[int] = None
+                                  with_entropy: bool, head_precision: Optional[str] = None,
+                                  path: str = "auto", *, blocks: Optional[Tuple] = None,
+                                  split_cols: Optional[int] = None,
+                                  chunk_rows: Optional[int] = None,
+                                  rows: Optional[Tensor] = None
                                   ) -> Tuple[Tensor, Tensor, Tensor]:
     """``(logp [N], entropy [N], stats [N, 3])`` of ``(hidden @ weight^T + bias) / T``, like
-    the reference (fp32; fp64 for fp64 inputs): :func:`linear_token_stats_forward` without a
-    map or the extra statistics."""
+    the reference (fp32; fp64 for fp64 inputs). ``head_precision``: :func:`_head_precision`.
+    ``path`` (:func:`_resolve_path`): ``"triton"`` is :func:`linear_token_stats_forward`
+    without a map or the extra statistics; ``"cublas"`` is :func:`_cublas_forward`
+    (``chunk_rows`` overrides its row chunk; ``rows``: see there)."""
+    if _resolve_path(path, hidden) == "cublas":
+        return _cublas_forward(hidden, weight, bias, tokens, temperature, ignore_index,
+                               with_entropy, head_precision, chunk_rows, rows)
+    if rows is not None:
+        raise ValueError("rows: only the 'cublas' path takes a row selection (the triton "
+                         "path skips padding row blocks by itself), got a tensor with "
+                         "path='triton'")
     return _forward(hidden, weight, bias, tokens, temperature, ignore_index, with_entropy, 1.0,
-                    None, False, blocks, split_cols)[:3]
+                    None, False, blocks, split_cols, head_precision)[:3]
 
 
 def _dz_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -577,95 +713,93 @@ def _dz_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.bfloat16 else compute_dtype(dtype)
 
 
-def _gemm_blocks(hidden: Tensor) -> Tuple[int, int, int, int, int]:
+def _gemm_blocks(hidden: Tensor, cast: bool) -> Tuple[int, int, int, int, int]:
     """``(BLOCK_M, BLOCK_NC, BLOCK_K, num_warps, num_stages)`` of the two backward GEMMs; from
-    the dtype and the device only (batch invariance)."""
+    the dtype, the head precision's operand conversions (``cast``) and the device only (batch
+    invariance)."""
     if not hidden.is_cuda:  # the interpreter: several tiles with tails at the tests' shapes
         return 16, 16, 16, 4, 1
     if hidden.dtype == torch.float64:
         return 32, 32, 16, 4, 2
     # untuned first guesses (NOTE at the end), free of spills in benchmarks/sm90_compile.py
+    if cast:  # operands converted in registers (fp16 inputs, mixed d z / weight dtypes)
+        return 32, 64, 16, 4, 3
     if hidden.dtype == torch.bfloat16:  # bf16 tensor cores
         return 128, 128, 64, 8, 3
-    if hidden.dtype == torch.float16:  # fp16 operands converted to fp32 in registers
-        return 32, 64, 16, 4, 3
     return 64, 64, 32, 4, 3  # fp32 "ieee" dots
 
 
 def _bwd_gemms(dz: Tensor, cnt: int, w_slice: Tensor, h: Tensor, tok: Tensor,
                ignore_index: int, dh_in: Optional[Tensor], dh_out: Tensor, dw_out: Tensor,
-               gb: Tuple[int, int, int, int, int]) -> None:
+               gb: Tuple[int, int, int, int, int], kmeta: dict) -> None:
     """``dh_out = (dh_in or 0) + dz[:, :cnt] @ w_slice`` and ``dw_out = dz[:, :cnt]^T @ h``
-    (padding rows of ``h`` never read), with :func:`_gemm_kernel`."""
+    (padding rows of ``h`` never read; row blocks of padding only run no K step), with
+    :func:`_gemm_kernel` (``kmeta``: its ``CAST`` / ``ROUND`` / ``DOT_PREC``)."""
     n, dim = h.shape
     bm, bnc, bk, warps, stages = gb
     cdt = compute_dtype(h.dtype)
-    cast = (not h.is_cuda) or dz.dtype != h.dtype
-    meta = dict(CAST=cast, CDT=tl_compute_dtype(cdt), BLOCK_M=bm, BLOCK_NC=bnc, BLOCK_K=bk,
-                GROUP=8, num_warps=warps, num_stages=stages)
+    meta = dict(CDT=tl_compute_dtype(cdt), BLOCK_M=bm, BLOCK_NC=bnc, BLOCK_K=bk,
+                GROUP=8, num_warps=warps, num_stages=stages, **kmeta)
     cols_h = triton.cdiv(dim, bnc)
     _gemm_kernel[(triton.cdiv(n, bm) * cols_h,)](
         dz, dz.stride(0), 1, w_slice, _rstride(w_slice), 1,
         dh_out if dh_in is None else dh_in, dh_out, dim, tok, int(ignore_index), n, dim, cnt,
-        ACC_IN=dh_in is not None, SKIP_PADDING_K=False, **meta)
+        ACC_IN=dh_in is not None, SKIP_PADDING_K=False, SKIP_PADDING_M=True, **meta)
     _gemm_kernel[(triton.cdiv(cnt, bm) * cols_h,)](
         dz, 1, dz.stride(0), h, _rstride(h), 1, dw_out, dw_out, dim, tok, int(ignore_index),
         cnt, dim, n, ACC_IN=False, SKIP_PADDING_K=True, **meta)
 
 
-def _bwd_gemms_cublas(dz: Tensor, cnt: int, w_slice: Tensor, h: Tensor, tok: Tensor,
-                      ignore_index: int, dh_in: Optional[Tensor], dh_out: Tensor,
-                      dw_out: Tensor, h_live: Tensor) -> None:
-    """:func:`_bwd_gemms` through ``torch.mm`` (cuBLAS on a GPU; the fp32 ``d hidden`` part of
-    bf16 products through ``out_dtype``), the alternative issue #5 asks to measure (``h_live``:
-    ``h`` with padding rows zeroed). Not the default: cuBLAS picks its algorithm (split-K
-    included) from the shape, so a row's ``d hidden`` may change with ``N``."""
-    d = dz[:, :cnt]
-    cdt = compute_dtype(h.dtype)
-    if d.dtype == h.dtype and (h.is_cuda or d.dtype == cdt):
-        part = torch.mm(d, w_slice, out_dtype=cdt) if d.dtype != cdt else d @ w_slice
-        torch.mm(d.t(), h_live, out=dw_out)  # fp32 accumulation inside, one rounding out
-    else:  # fp16 (d z in fp32) and the interpreter's bf16: fp32 products
-        part = d.to(cdt) @ w_slice.to(cdt)
-        dw_out.copy_(d.t().to(cdt) @ h_live.to(cdt))
-    if dh_in is None:
-        dh_out.copy_(part)
-    else:
-        torch.add(dh_in, part, out=dh_out)
+def _gemm_kmeta(h: Tensor, dzt: torch.dtype, prec: _Prec, head_precision: Optional[str]):
+    """``CAST`` / ``ROUND`` / ``DOT_PREC`` of the backward GEMMs for ``d z`` in ``dzt``."""
+    fp64 = h.dtype == torch.float64
+    both_bf16 = prec.round == 1 or (dzt == h.dtype == torch.bfloat16)
+    cast = (not h.is_cuda) or fp64 or (not both_bf16 and dzt != h.dtype)
+    fp32_dot = not fp64 and not both_bf16
+    dot = "tf32" if head_precision == "tf32" and fp32_dot else "ieee"
+    return dict(CAST=cast, ROUND=prec.round, DOT_PREC=dot)
 
 
 # d z is materialized one vocabulary slice [N, span] at a time, at most this many bytes
 _DZ_BYTES = 1 << 28
-# which GEMMs the backward uses: "triton" (default; batch invariant) or "cublas" (benchmarks)
-_BWD_GEMMS = "triton"
 
 
 def linear_token_logprobs_backward(grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor],
                                    hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                                    tokens: Tensor, stats: Tensor, temperature: float,
-                                   ignore_index: int, *, blocks: Optional[Tuple] = None,
-                                   dz_bytes: int = _DZ_BYTES, gemms: Optional[str] = None,
-                                   logit_scale: float = 1.0, softcap: Optional[float] = None
+                                   ignore_index: int, head_precision: Optional[str] = None,
+                                   path: str = "auto", *, blocks: Optional[Tuple] = None,
+                                   dz_bytes: int = _DZ_BYTES, logit_scale: float = 1.0,
+                                   softcap: Optional[float] = None,
+                                   chunk_rows: Optional[int] = None,
+                                   slice_cols: Optional[int] = None,
+                                   rows: Optional[Tensor] = None
                                    ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """``(d hidden, d weight, d bias or None)``, each in the dtype of its input, accumulated in
     fp32 (fp64 for fp64) without atomics. ``logit_scale`` / ``softcap``: the pre-softmax map
-    of :func:`_head_map` (``d y = d z f'(y)``, formed in :func:`_dz_kernel`).
+    of :func:`_head_map` (``d y = d z f'(y)``, formed in :func:`_dz_kernel`). ``path``
+    ``"cublas"``: :func:`_cublas_backward` (``chunk_rows``, ``slice_cols``, ``rows``: its
+    options); ``"triton"``:
 
     Per vocabulary slice of ``span`` columns (a multiple of every K block, sized so that the
     slice of ``d z`` takes at most ``dz_bytes``): :func:`_dz_kernel` writes ``d z [N, span]``
-    (in :func:`_dz_dtype`), then ``d hidden += d z @ W[slice]`` (an fp32 ``[N, H]``
-    accumulator across slices; the last slice writes ``grad_hidden`` in its dtype) and
-    ``d weight[slice] = d z^T @ hidden`` (complete over all rows in one GEMM, written in the
-    weight's dtype: no ``[V, H]`` fp32 buffer). ``d bias`` sums fp32 per-row-block partials.
-    Peak extra memory at N=16384, H=3584, V=151936 bf16: 256 MiB of ``d z`` + 224 MiB of
-    ``d hidden`` accumulator + 8 MiB of bias partials. ``gemms`` (default ``_BWD_GEMMS``)
-    picks the GEMMs' implementation: ``"triton"`` or ``"cublas"``."""
+    (in :func:`_dz_dtype`, or the head precision's), then ``d hidden += d z @ W[slice]`` (an
+    fp32 ``[N, H]`` accumulator across slices; the last slice writes ``grad_hidden`` in its
+    dtype) and ``d weight[slice] = d z^T @ hidden`` (complete over all rows in one GEMM,
+    written in the weight's dtype: no ``[V, H]`` fp32 buffer). ``d bias`` sums fp32
+    per-row-block partials. Peak extra memory at N=16384, H=3584, V=151936 bf16: 256 MiB of
+    ``d z`` + 224 MiB of ``d hidden`` accumulator + 8 MiB of bias partials."""
+    if _resolve_path(path, hidden) == "cublas" and logit_scale == 1.0 and softcap is None:
+        return _cublas_backward(grad_logp, grad_entropy, hidden, weight, bias, tokens, stats,
+                                temperature, ignore_index, head_precision, chunk_rows,
+                                slice_cols, rows, dz_bytes)
+    if rows is not None:
+        raise ValueError("rows: only the 'cublas' path takes a row selection, got a tensor "
+                         "with path='triton'")
     n, dim = hidden.shape
     vocab = weight.shape[0]
     cdt = compute_dtype(hidden.dtype)
-    gemms = _BWD_GEMMS if gemms is None else gemms
-    if gemms not in ("triton", "cublas"):
-        raise ValueError(f"gemms: expected 'triton' or 'cublas', got {gemms!r}")
+    prec = _head_precision(hidden.dtype, head_precision)
     has_glp = grad_logp is not None
     has_gh = grad_entropy is not None
     if n == 0 or not (has_glp or has_gh):
@@ -675,13 +809,14 @@ def linear_token_logprobs_backward(grad_logp: Optional[Tensor], grad_entropy: Op
     tok = tokens.contiguous()
     glp = grad_logp.contiguous() if has_glp else stats
     gh = grad_entropy.contiguous() if has_gh else stats
-    bn, bv, bh, warps = _blocks(hidden, vocab, dim)
+    bn, bv, bh, warps = _blocks(hidden, vocab, dim, dz=True)
     if blocks is not None:
         bn, bv, bh = blocks
-    gb = _gemm_blocks(hidden)
+    dzt = prec.dz_dtype
+    kmeta = _gemm_kmeta(h, dzt, prec, head_precision)
+    gb = _gemm_blocks(hidden, kmeta["CAST"] and h.is_cuda)
     hi, lo = split(1.0 / temperature)
     mode, fm = _map_args(logit_scale, softcap)
-    dzt = _dz_dtype(hidden.dtype)
     # slices split K of the d hidden GEMM at multiples of its BLOCK_K: same bits for any span
     step = max(bv, gb[2])
     span = max(step, dz_bytes // (dzt.itemsize * n) // step * step)
@@ -697,10 +832,10 @@ def linear_token_logprobs_backward(grad_logp: Optional[Tensor], grad_entropy: Op
     # d hidden accumulates in grad_h itself for fp32 / fp64, else in an fp32 buffer
     dh_acc = grad_h if (hidden.dtype == cdt or n_slices == 1) else torch.empty(
         (n, dim), dtype=cdt, device=hidden.device)
-    h_live = torch.where((tok != ignore_index)[:, None], h, 0) if gemms == "cublas" else None
-    meta = dict(HAS_BIAS=b is not None, HAS_GLP=has_glp, HAS_GH=has_gh, UPCAST=not h.is_cuda,
-                IS_FP64=cdt == torch.float64, CDT=tl_compute_dtype(cdt), BLOCK_N=bn,
-                BLOCK_V=bv, BLOCK_H=bh, GROUP=8, num_warps=warps)
+    meta = dict(HAS_BIAS=b is not None, HAS_GLP=has_glp, HAS_GH=has_gh,
+                UPCAST=_upcast(h, prec), IS_FP64=cdt == torch.float64,
+                CDT=tl_compute_dtype(cdt), BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, GROUP=8,
+                ROUND=prec.round, DOT_PREC=prec.fwd_dot, num_warps=warps)
     with device_guard(h):
         for i, v0 in enumerate(range(0, vocab, span)):
             cnt = min(span, vocab - v0)
@@ -711,12 +846,8 @@ def linear_token_logprobs_backward(grad_logp: Optional[Tensor], grad_entropy: Op
                 *fm, MAP=mode, **meta)
             if dim > 0:
                 dh_out = grad_h if i == n_slices - 1 else dh_acc
-                args = (dz, cnt, w[v0:v0 + cnt], h, tok, ignore_index,
-                        None if i == 0 else dh_acc, dh_out, grad_w[v0:v0 + cnt])
-                if gemms == "cublas":
-                    _bwd_gemms_cublas(*args, h_live)
-                else:
-                    _bwd_gemms(*args, gb)
+                _bwd_gemms(dz, cnt, w[v0:v0 + cnt], h, tok, ignore_index,
+                           None if i == 0 else dh_acc, dh_out, grad_w[v0:v0 + cnt], gb, kmeta)
             if grad_b is not None:
                 torch.sum(dbp[:, :cnt], 0, out=grad_b[v0:v0 + cnt])
     return (grad_h, grad_w, None if grad_b is None else grad_b.to(bias.dtype))
@@ -727,11 +858,275 @@ def linear_token_stats_backward(grad_logp: Optional[Tensor], grad_entropy: Optio
                                 tokens: Tensor, stats: Tensor, temperature: float,
                                 ignore_index: int, logit_scale: float, softcap: Optional[float],
                                 **kw) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-    """The backward of :func:`linear_token_stats_forward`:
+    """The backward of :func:`linear_token_stats_forward` (the triton path):
     :func:`linear_token_logprobs_backward` through the map (``kw``: its test options)."""
     return linear_token_logprobs_backward(grad_logp, grad_entropy, hidden, weight, bias, tokens,
-                                          stats, temperature, ignore_index,
+                                          stats, temperature, ignore_index, None, "triton",
                                           logit_scale=logit_scale, softcap=softcap, **kw)
+
+
+# ====================================================================== the cuBLAS path
+
+PATHS = ("auto", "triton", "cublas")
+
+
+def _resolve_path(path: str, hidden: Tensor) -> str:
+    """``"auto"``: ``"cublas"`` on CUDA tensors (its GEMMs are the ones known to run near the
+    tensor-core rate; no GPU has measured the two paths against each other yet), ``"triton"``
+    elsewhere (the interpreter)."""
+    if path not in PATHS:
+        raise ValueError(f"path: expected one of {PATHS}, got {path!r}")
+    if path == "auto":
+        # (is_available: benchmarks/sm90_compile.py captures launches on meta tensors posing
+        # as CUDA ones on a machine without CUDA; it compiles the triton path's kernels)
+        return "cublas" if hidden.is_cuda and torch.cuda.is_available() else "triton"
+    return path
+
+
+# the cuBLAS forward holds one fp32 [C, V] logits chunk of at most this many bytes; C is a
+# multiple of _CHUNK_ALIGN rows (a function of V only: batch invariance)
+_LOGITS_BYTES = 1 << 29
+_CHUNK_ALIGN = 128
+# the cuBLAS backward forms d z in vocabulary slices of this many columns
+_SLICE_COLS = 8192
+
+
+def _chunk_rows(vocab: int, chunk_rows: Optional[int]) -> int:
+    """Rows per GEMM call of the cuBLAS path: ``chunk_rows`` (tests) or the most
+    ``_CHUNK_ALIGN``-multiple whose fp32 logits fit ``_LOGITS_BYTES``; never a function of N,
+    so every logits / ``d hidden`` GEMM has the same M whatever the batch."""
+    if chunk_rows is not None:
+        return int(chunk_rows)
+    return max(_CHUNK_ALIGN, _LOGITS_BYTES // (4 * vocab) // _CHUNK_ALIGN * _CHUNK_ALIGN)
+
+
+@contextlib.contextmanager
+def _tf32(enabled: bool, device: torch.device):
+    """cuBLAS fp32 GEMMs on TF32 tensor cores inside the block (``head_precision="tf32"``);
+    restores the process setting. No-op off CUDA (CPU GEMMs are fp32)."""
+    if not enabled or device.type != "cuda":
+        yield
+        return
+    flags = torch.backends.cuda.matmul
+    old = flags.allow_tf32
+    flags.allow_tf32 = True
+    try:
+        yield
+    finally:
+        flags.allow_tf32 = old
+
+
+def _mm(a: Tensor, b: Tensor, cdt: torch.dtype, out: Optional[Tensor] = None) -> Tensor:
+    """``a @ b`` with exact products and ``cdt`` accumulation and result: bf16 / fp16 operands
+    go to cuBLAS as they are with an fp32 output (``out_dtype``); on CPU, and for mixed
+    dtypes, both operands are converted to ``cdt`` first (exact)."""
+    if a.is_cuda and a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16):
+        if out is None:
+            return torch.mm(a, b, out_dtype=cdt)
+        return torch.mm(a, b, out_dtype=cdt, out=out)
+    a, b = a.to(cdt), b.to(cdt)
+    return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
+
+
+def _round_operand(x: Tensor, prec: _Prec) -> Tensor:
+    """A GEMM operand rounded as the head precision says (``ROUND`` of :class:`_Prec`)."""
+    if prec.round == 1:
+        return x.to(torch.bfloat16)
+    if prec.round == 2:
+        return x.to(torch.float32)
+    return x
+
+
+def _select(rows: Optional[Tensor], *xs):
+    """The selected rows (``index_select``: a gather on device, no host sync)."""
+    if rows is None:
+        return xs
+    return tuple(None if x is None else x.index_select(0, rows) for x in xs)
+
+
+def _cublas_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tokens: Tensor,
+                    temperature: float, ignore_index: int, with_entropy: bool,
+                    head_precision: Optional[str], chunk_rows: Optional[int],
+                    rows: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    """The forward with the GEMM through ``torch.mm`` (cuBLAS on a GPU).
+
+    Per chunk of ``C`` rows (:func:`_chunk_rows`; the last chunk zero-padded to ``C``, so every
+    GEMM call has the same shape ``[C, H] x [H, V]`` and cuBLAS the same algorithm whatever N:
+    batch invariant by construction): ``y = h_c @ W^T (+ b)`` in fp32 (fp64 for fp64), then
+    :func:`rlkernels.triton.vocab.token_logprobs_forward` on the chunk (one program per row,
+    padding rows skipped). Padding rows of ``hidden`` are zeroed in the chunk (NaN there is
+    harmless). Extra memory: the ``[C, V]`` logits (<= 512 MiB) and the ``[C, H]`` chunk; with
+    ``head_precision="bf16"`` and non-bf16 weights, a bf16 copy of ``W`` (``2 V H`` bytes).
+
+    ``rows`` (int64 ``[R]``, caller's choice, e.g. the response tokens): only those rows are
+    computed (gathered on device, no host sync); the other rows get the outputs of padding
+    rows (0)."""
+    from . import vocab as _vocab  # the vocabulary kernels run on each chunk of logits
+
+    n, dim = hidden.shape
+    vocab = weight.shape[0]
+    cdt = compute_dtype(hidden.dtype)
+    prec = _head_precision(hidden.dtype, head_precision)
+    if rows is not None:
+        _check_rows(rows, hidden)
+        sel = _cublas_forward(hidden.index_select(0, rows), weight, bias,
+                              tokens.index_select(0, rows), temperature, ignore_index,
+                              with_entropy, head_precision, chunk_rows, None)
+        return tuple(torch.zeros((n,) + x.shape[1:], dtype=x.dtype, device=x.device)
+                     .index_copy_(0, rows, x) for x in sel)
+    logp = hidden.new_empty(n, dtype=cdt)
+    ent = hidden.new_empty(n, dtype=cdt)
+    stats = hidden.new_empty(n, 3, dtype=cdt)
+    if n == 0:
+        return logp, ent, stats
+    c = _chunk_rows(vocab, chunk_rows)
+    w_t = _round_operand(weight, prec).t()
+    live = (tokens != ignore_index)[:, None]
+    hbuf = torch.zeros((c, dim), dtype=w_t.dtype, device=hidden.device)
+    y = torch.empty((c, vocab), dtype=cdt, device=hidden.device)
+    with _tf32(head_precision == "tf32", hidden.device):
+        for r0 in range(0, n, c):
+            cnt = min(c, n - r0)
+            hbuf[:cnt] = torch.where(live[r0:r0 + cnt], hidden[r0:r0 + cnt], 0)
+            if cnt < c:
+                hbuf[cnt:] = 0
+            _mm(hbuf, w_t, cdt, out=y)
+            if bias is not None:
+                y += bias.to(cdt)
+            out = _vocab.token_logprobs_forward(y[:cnt], tokens[r0:r0 + cnt], temperature,
+                                                ignore_index, with_entropy)
+            logp[r0:r0 + cnt] = out[0]
+            ent[r0:r0 + cnt] = out[1]
+            stats[r0:r0 + cnt] = out[2]
+    return logp, ent, stats
+
+
+def _check_rows(rows: Tensor, hidden: Tensor) -> None:
+    if not isinstance(rows, Tensor) or rows.dim() != 1 or rows.dtype != torch.int64:
+        raise ValueError(f"rows: expected a 1-d int64 tensor of row indices, got "
+                         f"{rows.dtype if isinstance(rows, Tensor) else type(rows).__name__} "
+                         f"{tuple(rows.shape) if isinstance(rows, Tensor) else ''}")
+    if rows.device != hidden.device:
+        raise ValueError(f"rows: expected a tensor on {hidden.device} (hidden's device), got "
+                         f"{rows.device}")
+
+
+def _cublas_backward(grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor],
+                     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tokens: Tensor,
+                     stats: Tensor, temperature: float, ignore_index: int,
+                     head_precision: Optional[str], chunk_rows: Optional[int],
+                     slice_cols: Optional[int], rows: Optional[Tensor], dz_bytes: int
+                     ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """The backward with its three GEMMs through ``torch.mm`` (cuBLAS on a GPU).
+
+    Per vocabulary slice ``s`` of ``S`` columns (``_SLICE_COLS``; a function of V only), per
+    group of ``G`` rows (the most whole chunks whose ``d z [G, S]`` fits ``dz_bytes``; a
+    function of V and the dtype only), per chunk of ``C`` rows (zero-padded to ``C`` like the
+    forward's): ``y = h_c @ W_s^T`` (fp32), :func:`_dz_kernel` (``FROM_LOGITS``) writes
+    ``d z`` of the chunk into the group's buffer (in the head precision's dtype), ``d hidden_c
+    += d z_c @ W_s`` (an fp32 ``[N, H]`` accumulator across slices; every call ``[C, S] x [S, H]``);
+    then ``d W_s = d z_G^T @ h_G`` (fp32 ``[S, H]`` accumulator when N spans several groups,
+    else written once in the weight's dtype). The logits and ``d hidden`` GEMMs have the same
+    shapes whatever N, so a row's ``d hidden`` does not depend on the batch; ``d W`` sums over
+    all rows (deterministic: same shapes, same algorithm, fixed order).
+
+    Extra memory: ``d z [G, S]`` (<= ``dz_bytes``, 256 MiB), the fp32 ``[N, H]`` accumulator
+    (224 MiB at N=16384, H=3584), ``y [C, S]`` fp32, ``[S, H]`` fp32 (only with several
+    groups: 112 MiB), a zero-padded copy of ``hidden`` (its size), ``W_s`` converted (bf16 head
+    on fp32 weights, fp32 head on bf16 weights: ``S H`` elements)."""
+    n, dim = hidden.shape
+    vocab = weight.shape[0]
+    cdt = compute_dtype(hidden.dtype)
+    prec = _head_precision(hidden.dtype, head_precision)
+    has_glp = grad_logp is not None
+    has_gh = grad_entropy is not None
+    if rows is not None:
+        _check_rows(rows, hidden)
+        h_s, tok_s, st_s, glp_s, gh_s = _select(rows, hidden, tokens, stats, grad_logp,
+                                                 grad_entropy)
+        g_h, g_w, g_b = _cublas_backward(glp_s, gh_s, h_s, weight, bias, tok_s, st_s,
+                                         temperature, ignore_index, head_precision, chunk_rows,
+                                         slice_cols, None, dz_bytes)
+        return (torch.zeros_like(hidden).index_copy_(0, rows, g_h), g_w, g_b)
+    if n == 0 or not (has_glp or has_gh):
+        return (torch.zeros_like(hidden), torch.zeros_like(weight),
+                None if bias is None else torch.zeros_like(bias))
+    c = _chunk_rows(vocab, chunk_rows)
+    s_cols = _SLICE_COLS if slice_cols is None else int(slice_cols)
+    dzt = prec.dz_dtype
+    group = max(c, dz_bytes // (dzt.itemsize * s_cols) // c * c)
+    tok = tokens.contiguous()
+    glp = grad_logp.contiguous() if has_glp else stats
+    gh = grad_entropy.contiguous() if has_gh else stats
+    live = (tok != ignore_index)[:, None]
+    # hidden with padding rows zeroed (NaN there is harmless) and rows past N zero: every
+    # chunk, the last one included, is a [C, H] view
+    n_pad = triton.cdiv(n, c) * c
+    h_op = _round_operand(hidden, prec)
+    h_pad = torch.zeros((n_pad, dim), dtype=h_op.dtype, device=hidden.device)
+    h_pad[:n] = torch.where(live, h_op, 0)
+    dz = torch.empty((min(group, n_pad), s_cols), dtype=dzt, device=hidden.device)
+    y = torch.empty((c, s_cols), dtype=cdt, device=hidden.device)
+    bn, bv = (16, 16) if not hidden.is_cuda else (64, 128)
+    row_blocks = triton.cdiv(n_pad, bn)
+    dbp = (torch.empty((row_blocks, s_cols), dtype=cdt, device=hidden.device)
+           if bias is not None else None)
+    dh = torch.zeros((n_pad, dim), dtype=cdt, device=hidden.device)
+    grad_w = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    grad_b = None if bias is None else torch.empty(vocab, dtype=cdt, device=weight.device)
+    dw_acc = (torch.empty((s_cols, dim), dtype=cdt, device=hidden.device)
+              if n_pad > group else None)
+    hi, lo = split(1.0 / temperature)
+    fm = _map_args(1.0, None)[1]
+    meta = dict(HAS_BIAS=bias is not None, HAS_GLP=has_glp, HAS_GH=has_gh, UPCAST=False,
+                IS_FP64=cdt == torch.float64, CDT=tl_compute_dtype(cdt), BLOCK_N=bn,
+                BLOCK_V=bv, BLOCK_H=16, GROUP=8, FROM_LOGITS=True,
+                num_warps=4 if not hidden.is_cuda else 8)
+    with _tf32(head_precision == "tf32", hidden.device), device_guard(hidden):
+        for v0 in range(0, vocab, s_cols):
+            cnt_v = min(s_cols, vocab - v0)
+            w_op = _round_operand(weight[v0:v0 + cnt_v], prec)
+            b_s = None if bias is None else bias[v0:v0 + cnt_v].to(cdt)
+            ys = y[:, :cnt_v]
+            for g0 in range(0, n_pad, group):
+                g_cnt = min(group, n_pad - g0)
+                for r0 in range(g0, g0 + g_cnt, c):
+                    n_live = max(0, min(c, n - r0))
+                    _mm(h_pad[r0:r0 + c], w_op.t(), cdt, out=ys)
+                    if b_s is not None:
+                        ys += b_s
+                    dz_c = dz[r0 - g0:r0 - g0 + c, :cnt_v]
+                    if n_live < c:
+                        dz_c[n_live:] = 0  # rows past N: zero, out of d W's sum
+                    _dz_kernel[(triton.cdiv(n_live, bn) * triton.cdiv(cnt_v, bv),)](
+                        glp[r0:] if has_glp else glp, gh[r0:] if has_gh else gh, ys,
+                        ys.stride(0), ys, 0, ys, tok[r0:], stats[r0:], stats.stride(0),
+                        stats.stride(1), dz_c, dz_c.stride(0),
+                        dz_c if dbp is None else dbp[r0 // bn:], s_cols, n_live, 0, v0, cnt_v,
+                        hi, lo, int(ignore_index), *fm, MAP=0, **meta)
+                    if dim > 0:
+                        dh[r0:r0 + c] += _mm(dz_c, w_op, cdt)
+                if dim > 0:
+                    part = dz[:g_cnt, :cnt_v].t()
+                    h_g = h_pad[g0:g0 + g_cnt]
+                    if dw_acc is None:
+                        if part.dtype == h_g.dtype == weight.dtype and part.is_cuda:
+                            torch.mm(part, h_g, out=grad_w[v0:v0 + cnt_v])  # one rounding
+                        else:
+                            grad_w[v0:v0 + cnt_v] = _mm(part, h_g, cdt)
+                    elif g0 == 0:
+                        _mm(part, h_g, cdt, out=dw_acc[:cnt_v])
+                    else:
+                        dw_acc[:cnt_v] += _mm(part, h_g, cdt)
+            if dw_acc is not None and dim > 0:
+                grad_w[v0:v0 + cnt_v] = dw_acc[:cnt_v]
+            if dim == 0:
+                grad_w[v0:v0 + cnt_v] = 0
+            if grad_b is not None:
+                # the row blocks holding rows < N (later ones are never written)
+                torch.sum(dbp[:triton.cdiv(n, bn), :cnt_v], 0, out=grad_b[v0:v0 + cnt_v])
+    grad_h = dh[:n].to(hidden.dtype)
+    return (grad_h, grad_w, None if grad_b is None else grad_b.to(bias.dtype))
 
 
 # =========================================================================== linear_grpo_loss
@@ -740,12 +1135,13 @@ def linear_grpo_loss_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tens
                              tokens: Tensor, old_logp: Tensor, advantages: Tensor,
                              mask: Tensor, normalizer: Optional[Tensor],
                              ref_logp: Optional[Tensor], is_weights: Optional[Tensor],
-                             temperature: float, o: PolicyOptions):
+                             temperature: float, o: PolicyOptions,
+                             head_precision: Optional[str] = None, path: str = "auto"):
     """``(loss, metrics, logp [B, T], entropy [B, T], stats [B*T, 3])``: the fused lm_head
-    forward kernel (log-probs and entropies) then the policy kernel."""
+    forward (log-probs and entropies) then the policy kernel."""
     return fused_forward(
         lambda tok: linear_token_logprobs_forward(hidden, weight, bias, tok, temperature, -100,
-                                                  True),
+                                                  True, head_precision, path),
         policy_loss_forward, tokens, old_logp, advantages, mask, normalizer, ref_logp,
         is_weights, o)
 
@@ -755,22 +1151,26 @@ def linear_grpo_loss_backward(grad_loss: Tensor, hidden: Tensor, weight: Tensor,
                               advantages: Tensor, mask: Tensor, normalizer: Optional[Tensor],
                               ref_logp: Optional[Tensor], is_weights: Optional[Tensor],
                               logp: Tensor, ent: Tensor, stats: Tensor, temperature: float,
-                              o: PolicyOptions):
+                              o: PolicyOptions, head_precision: Optional[str] = None,
+                              path: str = "auto"):
     """``(d hidden, d weight, d bias or None)``: the policy kernel's gradients w.r.t. the
     log-probs (and entropies when ``entropy_coef != 0``) through the lm_head backward."""
     g_lp, g_ent = row_grads(policy_loss_backward, grad_loss, logp, ent, old_logp,
                             advantages, mask, normalizer, ref_logp, is_weights, o)
     return linear_token_logprobs_backward(g_lp, g_ent, hidden, weight, bias,
-                                          tokens.reshape(-1), stats, temperature, -100)
+                                          tokens.reshape(-1), stats, temperature, -100,
+                                          head_precision, path)
 
 
-# NOTE (GPU work left, issue #5): all of this was verified in the interpreter only, and the
-# sm_90 compile (benchmarks/sm90_compile.py) shows no register spills.
-# * Block sizes / num_warps / num_stages are untuned guesses; autotune keyed on (H, V, dtype)
-#   only (never N, for batch invariance).
-# * Forward: the split width (_SPLIT_COLS) trades grid size (small N) against the partial
-#   statistics' traffic and L2 reuse of the weight tiles.
-# * Backward: four GEMMs' worth in all (forward, the recompute in _dz_kernel, d hidden,
-#   d weight) plus ~3 bytes per logit of d z traffic and the fp32 d hidden read-modify-write
-#   once per slice; measure Triton against cuBLAS GEMMs (gemms="cublas") and the slice size.
-# * fp32 / fp16 inputs run "ieee" fp32 dots (no tensor cores): measure "tf32x3".
+# NOTE (GPU work left, issues #5 and #20): all of this was verified in the interpreter only
+# (torch.mm on CPU for the cuBLAS path), and the sm_90 compile shows no register spills.
+# * Measure path="triton" against path="cublas" (rlkernels-triton vs rlkernels-triton-cublas
+#   in the benchmarks) and write the winner into auto's choice (_resolve_path).
+# * Triton forward: still HGMMA.64x64x16 (every 128-wide tile spilled, see _blocks); the
+#   split width (_SPLIT_COLS) and the grid order (row blocks fastest) trade grid size
+#   against L2 reuse of hidden; a flattened V x K loop is not done.
+# * cuBLAS backward: the d hidden accumulation is mm + add_ (an fp32 [C, H] round trip per
+#   call); torch.addmm with an fp32 output would fuse it. Chunk rows (768) and slice width
+#   (8192) are untuned.
+# * fp32 / fp16 inputs run "ieee" fp32 dots on the triton path (no tensor cores) unless
+#   head_precision="tf32".

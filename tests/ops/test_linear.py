@@ -456,6 +456,59 @@ def test_linear_token_stats_errors():
         _linear_token_stats(inp["hidden"][..., :12], *args[1:])
 
 
+# ========================================================================== head_precision
+
+@pytest.mark.parametrize("prec", ["bf16", "tf32", "fp32"])
+def test_head_precision_against_fp64(backend, prec):
+    """``head_precision`` on the public ops (SPEC 6), fp32 inputs that bf16 does not hold
+    exactly: ``"bf16"`` equals the fp64 ops on hidden / weight rounded to bf16 (log-probs
+    within 1e-5, gradients within bf16's bound: ``d logits`` is rounded to bf16 too),
+    ``"fp32"`` and ``"tf32"`` (fp32 off a GPU) the fp64 ops on the inputs as they are. The
+    same for ``linear_grpo_loss``'s loss and gradients."""
+    if prec == "tf32" and DEV == "cuda":
+        pytest.skip("tf32 on a GPU rounds the operands to 10 bits: not fp32-exact")
+    inp = make_inputs(3)
+    tok = inp["tokens"].to(DEV)
+    h, w, b = leaves(inp, torch.float32, True, DEV)
+    lp, ent = linear_token_logprobs(h, w, tok, bias=b, return_entropy=True,
+                                    head_precision=prec, backend=backend)
+    u_lp, u_ent = upstreams(0, tok.shape)
+    grads = grads_of([lp, ent], [h, w, b], [u_lp.to(lp), u_ent.to(lp)])
+    ref_inp = dict(inp)
+    rounding = torch.bfloat16 if prec == "bf16" else torch.float32
+    for key in ("hidden", "weight"):
+        ref_inp[key] = inp[key].to(rounding).double()
+    ref_inp["bias"] = inp["bias"].float().double()
+    lp_r, ent_r, grads_r = naive_logprobs(ref_inp)
+    torch.testing.assert_close(lp.detach().cpu().double(), lp_r, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent.detach().cpu().double(), ent_r, atol=1e-5, rtol=1e-5)
+    for g, g_r in zip(grads, grads_r):
+        if prec == "bf16":  # d logits rounded to bf16 before the backward GEMMs
+            tol = (2 + H) * torch.finfo(torch.bfloat16).eps * g_r.abs().max().item() + 1e-7
+            assert (g.double() - g_r).abs().max().item() <= tol
+        else:
+            linear_grad_bound(g, g_r)
+    if prec == "bf16":  # the rounding happened: far from the unrounded fp64 log-probs
+        lp_exact = naive_logprobs(inp)[0]
+        assert (lp.detach().cpu().double() - lp_exact).abs().max() > 1e-4
+    # linear_grpo_loss: the loss of the log-probs above, its gradients through the same head
+    pol = {k: inp[k].to(DEV) for k in ("old_logp", "advantages", "mask")}
+    h2, w2, _ = leaves(inp, torch.float32, False, DEV)
+    loss, _ = linear_grpo_loss(h2, w2, tok, pol["old_logp"].float(), pol["advantages"].float(),
+                               pol["mask"], head_precision=prec, backend=backend)
+    h3, w3, _ = leaves(ref_inp, F64, False)
+    loss_r, _ = linear_grpo_loss(h3, w3, inp["tokens"], inp["old_logp"], inp["advantages"],
+                                 inp["mask"], backend="torch")
+    torch.testing.assert_close(loss.detach().cpu().double(), loss_r.detach(), atol=1e-5,
+                               rtol=1e-5)
+    g_loss = torch.autograd.grad(loss, [h2, w2])
+    g_loss_r = torch.autograd.grad(loss_r, [h3, w3])
+    for g, g_r in zip(g_loss, g_loss_r):
+        eps = torch.finfo(torch.bfloat16 if prec == "bf16" else torch.float32).eps
+        tol = (2 + H) * eps * g_r.abs().max().item() + 1e-7
+        assert (g.cpu().double() - g_r).abs().max().item() <= tol
+
+
 # ================================================================================ opcheck
 
 def test_linear_opcheck():
@@ -468,6 +521,8 @@ def test_linear_opcheck():
                           (h, w, b, tokens.reshape(-1), 0.8, -100, True, "torch"))
     torch.library.opcheck(torch.ops.rlkernels.linear_token_logprobs.default,
                           (h, w, None, tokens.reshape(-1), 1.0, -100, False, "torch"))
+    torch.library.opcheck(torch.ops.rlkernels.linear_token_logprobs.default,
+                          (h, w, b, tokens.reshape(-1), 0.8, -100, True, "torch", "bf16"))
     torch.library.opcheck(torch.ops.rlkernels.linear_token_stats.default,
                           (h, w, b, tokens.reshape(-1), 0.8, -100, True, 1.3, 2.0, True,
                            "torch"))
@@ -508,6 +563,9 @@ def test_linear_errors():
             f(hd, w, tok[:, :4])
         with pytest.raises(ValueError, match=r"temperature: expected a finite number > 0"):
             f(hd, w, tok, temperature=-1.0)
+        with pytest.raises(ValueError, match=r"head_precision: expected None or one of 'bf16', "
+                                             r"'tf32', 'fp32', got 'fp16'"):
+            f(hd, w, tok, head_precision="fp16")
     with pytest.raises(ValueError, match=r"hidden: expected a 3-d tensor \[B, T, H\]"):
         linear_grpo_loss(hd.reshape(15, 13), w, tok.reshape(15), *pol)
     with pytest.raises(TypeError, match=r"linear_grpo_loss: unexpected keyword argument\(s\) "

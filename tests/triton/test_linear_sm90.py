@@ -1,0 +1,78 @@
+"""The fused lm_head's Triton kernels compiled for sm_90a (H100 / H200) on CPU: wgmma shapes,
+registers, spills (``tests/triton/linear_sm90_check.py``, run in a subprocess because it needs
+Triton without the interpreter; a private cache makes it really compile, ~1 min on 2 cores).
+
+What must hold at N=16384, H=3584, V=151936 bf16 (compiler outputs, not measurements):
+
+* no spills in any linear kernel, on either path;
+* the backward's GEMM kernels (``_dz_kernel``'s recompute, both ``_gemm_kernel`` products)
+  issue only ``HGMMA.64x128x16`` or wider (N >= 128);
+* the forward (``_fwd_kernel``) issues ``HGMMA.64x64x16``: its online-softmax epilogue spills
+  at every 128-wide tile tried (see ``rlkernels.triton.linear._blocks``); this test pins that
+  so a change to either side is noticed;
+* the cuBLAS path's ``_dz_kernel`` (``FROM_LOGITS``) runs no GEMM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "tests" / "triton" / "linear_sm90_check.py"
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        if not os.access(get_ptxas(90).path, os.X_OK):
+            pytest.skip("triton's bundled ptxas is missing")
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"triton's NVIDIA backend is not importable ({exc})")
+    tmp = tmp_path_factory.mktemp("linear_sm90")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp / "cache")
+    out = tmp / "report.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(out), "--quick"], env=env,
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["errors"] == []
+    return data["results"]
+
+
+def _width(shape: str) -> int:
+    return int(re.match(r"HGMMA\.\d+x(\d+)x\d+", shape).group(1))
+
+
+def test_compiles_without_spills(results):
+    kernels = {r["kernel"] for r in results}
+    assert {"_fwd_kernel", "_fwd_merge_kernel", "_dz_kernel", "_gemm_kernel"} <= kernels
+    for r in results:
+        assert "error" not in r, r
+        assert r["spill_store"] == 0 and r["spill_load"] == 0, r
+
+
+def test_backward_gemms_are_128_wide(results):
+    for r in results:
+        if r["kernel"] == "_gemm_kernel" or (r["kernel"] == "_dz_kernel"
+                                            and "FROM_LOGITS=0" in r["config"]):
+            assert r["hgmma"], r
+            assert min(_width(s) for s in r["hgmma"]) >= 128, r
+            if r["kernel"] == "_dz_kernel":
+                assert "BLOCK_N=128" in r["config"].split(), r
+
+
+def test_forward_tile_and_cublas_dz(results):
+    fwd = [r for r in results if r["kernel"] == "_fwd_kernel"]
+    assert fwd and all(r["hgmma"] == ["HGMMA.64x64x16"] for r in fwd)
+    from_logits = [r for r in results if r["kernel"] == "_dz_kernel"
+                   and "FROM_LOGITS=1" in r["config"]]
+    assert from_logits and all(r["hgmma"] == [] for r in from_logits)
