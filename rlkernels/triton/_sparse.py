@@ -17,21 +17,23 @@ Design (one program per row, fixed reduction order: deterministic and batch inva
   keeps its arg-max out). The tail is ``(m_out - m) + log1p(rest_out) - log s`` (the
   reference's ``_log_tail``), the log of a sum of the outside columns, never
   ``log(1 - sum)``.
-* **Membership in the backward without a [BLOCK_V, K] comparison.** A block compares its
-  columns only with its own ids, ``KC`` at a time: ``O(V * KC + BLOCK_V * K)`` comparisons
-  per row instead of ``O(V * K)``, whatever ``K`` is (a top-p support can hold thousands of
-  ids). Duplicated ids are adjacent in the sorted order and simply match the same column.
+* **Membership in the forward without a [BLOCK_V, K] comparison.** A block compares its
+  columns only with its own ids, one at a time: ``O(V * ids per block)`` comparisons per row
+  instead of ``O(V * K)``, whatever ``K`` is (a top-p support can hold thousands of ids).
+  Duplicated ids are adjacent in the sorted order and simply match the same column.
 * **Gathered values**: ``z`` at each valid id is loaded directly (int64 addresses) after the
   row pass, ``K`` at most ``BLOCK_K`` at a time (any ``K`` works). "support" normalizes with
   the same online ``(max, log1p(rest))`` pair over the valid slots, so that ``1 - s_k`` of a
   peaked support survives into the backward.
-* **Backward**, one pass over the row recomputing ``p = exp((z - m) - log s)``; the per-column
-  sum of the slot terms at the ids is built inside the block from the sorted ids (and the
-  permutation back to the slots), so every gradient element is written exactly once, by one
-  program, with no atomics. Cancellation-prone differences are rewritten exactly:
-  ``g_c - p G = -g_c expm1(log p) - p (G - g_c)`` (a row peaked on its only id),
-  ``q - p = -q expm1(tail)`` outside the ids, ``g_k - s_k G = -g_k expm1(log s_k) -
-  s_k (G - g_k)`` under "support".
+* **Backward**, one pass over the row recomputing ``p = exp((z - m) - log s)`` that writes
+  every column as if it held no id (no id match in the streaming loop), then, after a
+  barrier, the id columns rewritten by the same program: each sorted position sums the slot
+  terms of every position with its id (duplicates are adjacent; only id chunks whose ranges
+  overlap are compared, so ``O(K)`` chunk pairs for distinct ids) and writes its column, so
+  duplicates write identical values; no atomics. Cancellation-prone differences are
+  rewritten exactly: ``g_c - p G = -g_c expm1(log p) - p (G - g_c)`` (a row peaked on its
+  only id), ``q - p = -q expm1(tail)`` outside the ids, ``g_k - s_k G = -g_k expm1(log s_k)
+  - s_k (G - g_k)`` under "support".
 
 ``log1p`` and ``expm1`` are written with ``exp``, ``log`` and series (the Triton interpreter
 has no libdevice): accurate to a few ulps in fp32 and fp64.
@@ -108,16 +110,6 @@ def _expm1(x, ex, NT: tl.constexpr):
     for i in tl.static_range(NT - 1):
         acc = 1.0 + xs * acc / (NT - i)
     return tl.where(small, xs * acc, ex - 1.0)
-
-
-@triton.jit
-def _block_ids(cols, sid_row, kk, hi, KC: tl.constexpr):
-    """Sorted ids ``kk .. kk + KC`` (those below ``hi``): their mask, and the
-    ``[BLOCK_V, KC]`` match of the block's columns with them."""
-    koffs = kk + tl.arange(0, KC)
-    kmask = koffs < hi
-    ids = tl.load(sid_row + koffs, mask=kmask, other=-1)
-    return koffs, kmask, cols[:, None] == ids[None, :]
 
 
 @triton.jit
@@ -286,7 +278,7 @@ def _sparse_bwd_kernel(
     tail_ptr, gtail_ptr, gkl_ptr, stats_ptr,
     inv_t32: tl.float32, inv_t64: tl.float64,
     MODE: tl.constexpr, WITH_TAIL: tl.constexpr, CDT: tl.constexpr, NT: tl.constexpr,
-    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, KC: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, KF: tl.constexpr,
 ):
     """``gk_ptr``: ``grad_logp`` (MODE 0/1) or ``target_logprobs`` (MODE 2); ``lp_ptr``: the
     forward's log-probs (MODE 1). ``WITH_TAIL``: a tail gradient (MODE 0/1) or the tail bucket
@@ -342,43 +334,22 @@ def _sparse_bwd_kernel(
     # column; elsewhere p - 1 is what _expm1 returns.
     em1_top = _expm1(-log_s, tl.exp(-log_s), NT)
 
-    lo = tl.load(seg_row)
+    # 1. every column as if it held no id: a pure stream (no id match in the loop)
     n_blocks = tl.cdiv(V, BLOCK_V)
     for b in range(0, n_blocks):
         cols = b * BLOCK_V + lanes
         z = _scaled(x_row, cols, cols < V, inv_t32, inv_t64, CDT)
         lp = (z - m) - log_s
         p = tl.exp(lp)
-        hi = tl.load(seg_row + b + 1)
-        scat = tl.zeros([BLOCK_V], CDT)
-        member = tl.zeros([BLOCK_V], tl.int32)
-        for kk in range(lo, hi, KC):
-            koffs, kmask, eq = _block_ids(cols, sid_row, kk, hi, KC)
-            pos = tl.load(perm_row + koffs, mask=kmask, other=0)  # the ids' slots
-            v = tl.load(gk_row + pos, mask=kmask, other=0.0).to(CDT)
-            if MODE == 1:
-                # support: g_k - s_k G = -g_k expm1(log s_k) - s_k (G - g_k)
-                lpk = tl.load(lp_ptr + row * stride_lp + pos, mask=kmask, other=0.0).to(CDT)
-                sk = tl.exp(lpk)
-                v = -v * _expm1(lpk, sk, NT) - sk * (total - v)
-            elif MODE == 2:
-                v = tl.exp(v)
-            v = tl.where(kmask, v, 0.0)
-            scat += tl.sum(tl.where(eq, v[None, :], 0.0), axis=1)
-            if WITH_TAIL:
-                member = tl.maximum(member, tl.max(eq.to(tl.int32), axis=1))
-        lo = hi
-
         if MODE == 0:
-            # g_c - p G = g_c (1 - p) - p (G - g_c), 1 - p = -expm1(log p): exact on a peak
-            g = -scat * tl.where(z == m, em1_top, p - 1.0) - p * (total - scat)
+            g = -p * total
         elif MODE == 1:
-            g = scat
+            g = tl.zeros([BLOCK_V], CDT)
         else:
-            g = p * coef - scat
+            g = p * coef
         if WITH_TAIL:
             # no outside column is finite when the tail is -inf (q is then never used)
-            outside = (member == 0) & (z > float("-inf"))
+            outside = z > float("-inf")
             q = tl.exp(lp - tail_v)
             if MODE == 2:
                 g = tl.where(outside, p * coef - t_tail * q, g)
@@ -391,6 +362,58 @@ def _sparse_bwd_kernel(
         else:
             g = g * inv_t32
         tl.store(g_row_ptr + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < V)
+
+    # 2. the id columns rewritten, after a barrier (other threads of this program wrote
+    # them in 1.): each sorted position computes its column's value from the sum of the
+    # slot terms of every position with the same id (duplicates are adjacent: only id
+    # chunks whose range overlaps are compared), so duplicates write identical bits.
+    tl.debug_barrier()
+    for k0 in range(0, K, KF):
+        j = k0 + tl.arange(0, KF)
+        cid = tl.load(sid_row + j, mask=j < K, other=_SENTINEL_C)
+        real = (j < K) & (cid < V)
+        c_first = tl.load(sid_row + k0)
+        c_last = tl.max(tl.where(real, cid, -1), axis=0)
+        S = tl.zeros([KF], CDT)
+        for k1 in range(0, K, KF):
+            j1 = k1 + tl.arange(0, KF)
+            if tl.load(sid_row + k1) <= c_last:
+                if tl.load(sid_row + tl.minimum(k1 + KF, K) - 1) >= c_first:
+                    cid1 = tl.load(sid_row + j1, mask=j1 < K, other=_SENTINEL_C)
+                    m1 = (j1 < K) & (cid1 < V)
+                    pos = tl.load(perm_row + j1, mask=m1, other=0)  # the ids' slots
+                    v = tl.load(gk_row + pos, mask=m1, other=0.0).to(CDT)
+                    if MODE == 1:
+                        # support: g_k - s_k G = -g_k expm1(log s_k) - s_k (G - g_k)
+                        lpk = tl.load(lp_ptr + row * stride_lp + pos, mask=m1,
+                                      other=0.0).to(CDT)
+                        sk = tl.exp(lpk)
+                        v = -v * _expm1(lpk, sk, NT) - sk * (total - v)
+                    elif MODE == 2:
+                        v = tl.exp(v)
+                    v = tl.where(m1, v, 0.0)
+                    eq = cid[:, None] == cid1[None, :]
+                    S += tl.sum(tl.where(eq, v[None, :], 0.0), axis=1)
+        z = _scaled(x_row, cid, real, inv_t32, inv_t64, CDT)
+        lp = (z - m) - log_s
+        p = tl.exp(lp)
+        if MODE == 0:
+            # g_c - p G = g_c (1 - p) - p (G - g_c), 1 - p = -expm1(log p): exact on a peak
+            g = -S * tl.where(z == m, em1_top, p - 1.0) - p * (total - S)
+        elif MODE == 1:
+            g = S
+        else:
+            g = p * coef - S
+        if WITH_TAIL:
+            if MODE != 2:
+                g += -g_t * p
+        if MODE == 2:
+            g = g * g_kl
+        if CDT == tl.float64:
+            g = g * inv_t64
+        else:
+            g = g * inv_t32
+        tl.store(g_row_ptr + cid, g.to(grad_ptr.dtype.element_ty), mask=real)
 
 
 # ================================================================================ launchers
@@ -408,12 +431,15 @@ def _series_terms(dtype: torch.dtype) -> int:
     return 17 if dtype == torch.float64 else 10
 
 
-# Block sizes: not tuned on a GPU yet. Compiled for sm_90 (ptxas -v), BLOCK_V=1024, KC=4,
-# 8 warps use 48 (forward) / 97 (backward) registers and no spills; BLOCK_V=2048, KC=8 took
-# up to 254 in the backward (the [BLOCK_V, KC] id match is the register-hungry part).
-def _default_block_v(vocab: int) -> int:
-    """Depends on ``V`` only (batch invariance)."""
-    return min(1024, triton.next_power_of_2(max(vocab, 1)))
+# Block sizes: not tuned on a GPU yet. The backward's streaming loop holds no id match since
+# the id columns are rewritten after it: 4096 columns (16 a thread at 8 warps, 16-byte bf16
+# accesses) compile for sm_90a to 48-64 registers, no spills (benchmarks/sass_report.py);
+# fp64 at 1024 (4096 spilled in the sparse_kl tail kernel).
+def _default_block_v(vocab: int, dtype: torch.dtype = torch.float32) -> int:
+    """Depends on ``V`` (and the dtype) only (batch invariance); fp64 takes a quarter (the
+    fp64 tail kernels spill at 4096)."""
+    cap = 1024 if dtype == torch.float64 else 4096
+    return min(cap, triton.next_power_of_2(max(vocab, 1)))
 
 
 # The forward streams with per-lane statistics and compares each column with the block's ids
@@ -503,7 +529,7 @@ def _backward(logits: Tensor, indices: Tensor, gk: Optional[Tensor], lp: Optiona
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     if n == 0:
         return grad
-    block_v = block_v or _default_block_v(vocab)
+    block_v = block_v or _default_block_v(vocab, logits.dtype)
     logits = _rows2d(logits)
     indices = indices.contiguous()
     sid, perm, seg = _sorted_segments(indices, vocab, block_v)
@@ -523,7 +549,8 @@ def _backward(logits: Tensor, indices: Tensor, gk: Optional[Tensor], lp: Optiona
         tail, g_tail, g_kl, stats,
         1.0 / temperature, 1.0 / temperature,
         MODE=mode, WITH_TAIL=with_tail, CDT=_tl_cdt(logits.dtype),
-        NT=_series_terms(logits.dtype), BLOCK_V=block_v, BLOCK_K=_block_k(k), KC=_kc(k),
+        NT=_series_terms(logits.dtype), BLOCK_V=block_v, BLOCK_K=_block_k(k),
+        KF=min(_block_k(k), 64),
         num_warps=_num_warps(block_v))
     return grad
 
