@@ -334,6 +334,8 @@ def _sparse_bwd_kernel(
     # column; elsewhere p - 1 is what _expm1 returns.
     em1_top = _expm1(-log_s, tl.exp(-log_s), NT)
 
+    tail_q = tl.where(tail_v == float("-inf"), 0.0, tail_v)
+
     # 1. every column as if it held no id: a pure stream (no id match in the loop)
     n_blocks = tl.cdiv(V, BLOCK_V)
     for b in range(0, n_blocks):
@@ -348,13 +350,13 @@ def _sparse_bwd_kernel(
         else:
             g = p * coef
         if WITH_TAIL:
-            # no outside column is finite when the tail is -inf (q is then never used)
-            outside = z > float("-inf")
-            q = tl.exp(lp - tail_v)
+            # a -inf column has p = q = 0 and gets 0 either way; a -inf tail means no
+            # outside column is finite, and tail_q = 0 keeps q = exp(-inf) = 0 (not NaN)
+            q = tl.exp(lp - tail_q)
             if MODE == 2:
-                g = tl.where(outside, p * coef - t_tail * q, g)
+                g = g - t_tail * q
             else:
-                g += tl.where(outside, q * c_out, -g_t * p)
+                g += q * c_out
         if MODE == 2:
             g = g * g_kl
         if CDT == tl.float64:
