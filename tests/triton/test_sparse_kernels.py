@@ -292,6 +292,24 @@ def test_unused_and_duplicate_ids(idx_dtype):
         check_kl(x, idx, target, 1.0, with_tail, what="dup")
 
 
+def test_duplicate_ids_across_id_chunks(monkeypatch):
+    """The backward rewrites the id columns from the sorted ids KF at a time: a run of one
+    repeated id that spans several chunks (and ids on both sides of it) sums every slot of
+    the run, whichever chunk its position is in."""
+    monkeypatch.setattr(sp, "_MAX_BLOCK_K", 16)
+    x = _logits(3, 200, torch.float32, seed=31, kind="normal")
+    idx = torch.randint(0, 200, (3, 60), generator=torch.Generator().manual_seed(31)).to(DEV)
+    idx[:, 10:45] = 17          # a run of 35 equal sorted ids: three 16-id chunks
+    idx[1, 50:] = -1
+    idx[2, :] = 5               # every slot the same column
+    for normalize in ("full", "support"):
+        check_logprobs(x, idx, 1.0, normalize, True, block_v=64, what="dup chunks")
+        check_logprobs(x, idx, 1.0, normalize, False, block_v=64, what="dup chunks")
+    target = make_targets(x, idx, seed=5).to(DEV)
+    for with_tail in (True, False):
+        check_kl(x, idx, target, 1.0, with_tail, block_v=64, what="dup chunks")
+
+
 def test_int32_and_int64_indices_agree_bitwise():
     x = _logits(4, 300, torch.bfloat16, seed=22)
     idx = make_indices(x, 9, seed=1)
