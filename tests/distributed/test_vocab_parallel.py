@@ -314,11 +314,16 @@ def _linear_data(g, sizes, dtype, with_bias):
     return (hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), tok)
 
 
-def _check_linear_grads(got, ref, whole, dtype, what):
+def _check_linear_grads(got, ref, whole, dtype, what, whole64=None):
     """Against the unsharded op (``ref`` its slices for this shard, ``whole`` its gradients):
     in fp32 the bound of tests/ops/test_linear.py for H-term dot products, in fp64 1e-10
-    relative to the largest gradient."""
-    for name, a, b, c in zip(("d hidden", "d weight", "d bias"), got, ref, whole):
+    relative to the largest gradient. ``whole64``: the unsharded gradients in fp64; twice the
+    unsharded op's own error against them is allowed where it exceeds that bound (``d hidden``
+    sums V products whose terms cancel on peaked rows, so its rounding scales with
+    ``sum |d z| |W|``, not with the largest gradient): sharding, which only reorders the sums,
+    must not make the op worse than that."""
+    for i, (name, a, b, c) in enumerate(zip(("d hidden", "d weight", "d bias"), got, ref,
+                                            whole)):
         if b is None:
             continue
         assert a.dtype == dtype and a.shape == b.shape, f"{what} {name}"
@@ -328,6 +333,10 @@ def _check_linear_grads(got, ref, whole, dtype, what):
             tol = 1e-10 * max(1.0, scale)
         else:
             tol = (2 + 8) * torch.finfo(dtype).eps * scale + 1e-7
+            if whole64 is not None:
+                fin = ~whole64[i].isnan()
+                own = (c.double()[fin] - whole64[i][fin]).abs().max().item()
+                tol = max(tol, 2 * own)
         assert err <= tol, f"{what} {name}: error {err:.3g} > {tol:.3g}"
 
 
@@ -383,19 +392,23 @@ def _linear_cases(rank: int, world: int, backend: str, dtypes) -> None:
             # may change is only the order of the sums
             leaves_ref, ref_val = full(f, dtype)
             grads_ref = torch.autograd.grad(reduce(ref_val), leaves_ref)
+            whole64 = None
+            if dtype != torch.float64:
+                leaves64, val64 = full(f, torch.float64)
+                whole64 = torch.autograd.grad(reduce(val64), leaves64)
             ref_w = [grads_ref[0], grads_ref[1][lo:hi]] + \
                     ([grads_ref[2][lo:hi]] if bias is not None else [])
             leaves, out = shard(f)
             _check_values(out, ref_val.detach(), dtype, f"{what} {name}")
             with _OnlyHiddenReduce(1):
                 grads = torch.autograd.grad(reduce(out), leaves)
-            _check_linear_grads(grads, ref_w, grads_ref, dtype, f"{what} {name}")
+            _check_linear_grads(grads, ref_w, grads_ref, dtype, f"{what} {name}", whole64)
             # the lm_head shard alone: no communication at all
             leaves, out = shard(f, with_hidden_grad=False)
             with _NoCollectives():
                 grads = torch.autograd.grad(reduce(out), leaves[1:])
             _check_linear_grads([None] + list(grads), [None] + ref_w[1:], grads_ref,
-                                dtype, f"{what} {name} (no d hidden)")
+                                dtype, f"{what} {name} (no d hidden)", whole64)
 
 
 def _naive_is_wrong(rank: int, world: int) -> None:
