@@ -106,6 +106,16 @@ def _kl_value(d, KL: tl.constexpr):
 
 
 @triton.jit
+def _hyper(lo_f, hi_f, clamp_f, dual_f, delta_f, kl_coef_f, ent_coef_f, CDT: tl.constexpr):
+    """The runtime fp64 hyper-parameters rounded to the compute dtype, as torch does with a
+    Python scalar: ``(clip lo, clip hi, log-ratio clamp, -dual clip, delta, kl_coef,
+    entropy_coef)``."""
+    return (tl.full([], lo_f, CDT), tl.full([], hi_f, CDT), tl.full([], clamp_f, CDT),
+            -tl.full([], dual_f, CDT), tl.full([], delta_f, CDT),
+            tl.full([], kl_coef_f, CDT), tl.full([], ent_coef_f, CDT))
+
+
+@triton.jit
 def _kl_grad(d, KL: tl.constexpr):
     """``kl_penalty_grad``: d penalty / d logp (k3+ is straight-through: k2's)."""
     if KL == 0:
@@ -161,14 +171,8 @@ def _policy_fwd_kernel(
     chunks of ``BLOCK_T``) into the ``N_PARTIALS`` partial sums ``part[k, pid]``."""
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
-    # hyper-parameters rounded to the compute dtype, as torch does with a Python scalar
-    lo = tl.full([], lo_f, CDT)
-    hi = tl.full([], hi_f, CDT)
-    lim = tl.full([], clamp_f, CDT)
-    neg_dual = -tl.full([], dual_f, CDT)
-    delta = tl.full([], delta_f, CDT)
-    kl_coef = tl.full([], kl_coef_f, CDT)
-    ent_coef = tl.full([], ent_coef_f, CDT)
+    lo, hi, lim, neg_dual, delta, kl_coef, ent_coef = _hyper(
+        lo_f, hi_f, clamp_f, dual_f, delta_f, kl_coef_f, ent_coef_f, CDT)
     # every masked sum is where(m != 0, x * m, 0), a select, so that NaN or inf at a masked
     # position (NaN * 0 is NaN) never reaches a metric or the loss
     s_high = tl.zeros([ROWS, BLOCK_T], CDT)
@@ -379,13 +383,9 @@ def _policy_bwd_kernel(
     """Stage 2 of the backward: the gradients of row tile ``pid``."""
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
-    lo = tl.full([], lo_f, CDT)
-    hi = tl.full([], hi_f, CDT)
-    lim = tl.full([], clamp_f, CDT)
-    neg_dual = -tl.full([], dual_f, CDT)
-    delta = tl.full([], delta_f, CDT)
-    kl_coef = tl.full([], kl_coef_f, CDT)
-    neg_ent_coef = -tl.full([], ent_coef_f, CDT)
+    lo, hi, lim, neg_dual, delta, kl_coef, ent_coef = _hyper(
+        lo_f, hi_f, clamp_f, dual_f, delta_f, kl_coef_f, ent_coef_f, CDT)
+    neg_ent_coef = -ent_coef
 
     # the denominator of aggregate (its empty value counts as 1)
     if HAS_NORM:
