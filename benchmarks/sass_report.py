@@ -4,7 +4,7 @@ without a GPU: how close can each hot loop get to the DRAM bandwidth?
 What it does, per kernel configuration the launchers would use at the realistic shape
 (``N = 16384, V = 151936``, bf16 unless ``--dtype``):
 
-* **triton**: captures every launch of ``rlkernels/triton/vocab.py`` and ``_sparse.py`` (and
+* **triton**: captures every launch of ``rlkernels/triton/vocab.py`` and ``sparse.py`` (and
   the vocabulary half of ``grpo_loss``) with :func:`sm90_compile.capture_launches` on GPU-like
   meta tensors, compiles each with ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` and
   disassembles its cubin with the bundled ``cuobjdump -sass``;
@@ -689,7 +689,7 @@ def triton_cases(dtype: torch.dtype, quick: bool):
             + S.grpo_cases(4, N_ROWS // 4, VOCAB, dtype))
 
 
-_VOCAB_MODULES = ("rlkernels.triton.vocab", "rlkernels.triton._sparse")
+_VOCAB_MODULES = ("rlkernels.triton.vocab", "rlkernels.triton.sparse")
 _LAUNCHES: List[S.Launch] = []
 
 

@@ -207,7 +207,7 @@ def vocab_cases(n: int, v: int, dtype: torch.dtype):
 
 
 def sparse_cases(n: int, v: int, k: int, dtype: torch.dtype):
-    from rlkernels.triton import _sparse as K
+    from rlkernels.triton import sparse as K
 
     def run():
         x, idx = gpu(n, v, dtype=dtype), gpu(n, k, dtype=torch.int64)

@@ -132,6 +132,8 @@ def implements(name: str, family: str, op: str) -> bool:
     """Whether backend ``name`` has kernels for ``op`` (its ``<op>_forward`` function)."""
     if _status(name) != "ok":
         return False
+    if op.startswith("sparse_"):
+        family = "sparse"
     mod = _module(name, family)
     return mod is not None and hasattr(mod, f"{op}_forward")
 

@@ -15,11 +15,12 @@ import torch
 
 from .. import _checks, backends
 from .. import distributed as _dist
-from ..reference import vocab as _ref
+from ..reference import sparse as _ref_sparse
 from ._common import call, check_tokens_for, out_dtype, rows
 
 Tensor = torch.Tensor
 _FAMILY = "vocab"
+_SPARSE = "sparse"
 
 
 def _n_rows(logits: Tensor) -> int:
@@ -223,7 +224,7 @@ _NORMALIZE = ("full", "support")
 @torch.library.custom_op("rlkernels::sparse_logprobs", mutates_args=())
 def _sparse_logprobs_op(logits: Tensor, indices: Tensor, temperature: float, normalize: str,
                         with_tail: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    return call(backend, _FAMILY, "sparse_logprobs_forward", logits, indices, temperature,
+    return call(backend, _SPARSE, "sparse_logprobs_forward", logits, indices, temperature,
                 normalize, with_tail)
 
 
@@ -240,7 +241,7 @@ def _sparse_logprobs_backward_op(grad_logp: Tensor, grad_tail: Optional[Tensor],
                                  logits: Tensor, indices: Tensor, logp: Tensor, tail: Tensor,
                                  stats: Tensor, temperature: float, normalize: str,
                                  backend: str) -> Tensor:
-    return call(backend, _FAMILY, "sparse_logprobs_backward", grad_logp, grad_tail, logits,
+    return call(backend, _SPARSE, "sparse_logprobs_backward", grad_logp, grad_tail, logits,
                 indices, logp, tail, stats, temperature, normalize)
 
 
@@ -316,7 +317,7 @@ def sparse_logprobs(logits: Tensor, indices: Tensor, *, temperature: float = 1.0
     t = _checks.positive("temperature", temperature)
     _checks.choice("normalize", normalize, _NORMALIZE)
     _checks.flag("return_tail", return_tail)
-    name = backends.resolve(backend, _FAMILY, "sparse_logprobs", logits.device)
+    name = backends.resolve(backend, _SPARSE, "sparse_logprobs", logits.device)
     k = indices.shape[-1]
     logp, tail, _ = _sparse_logprobs_op(_rows_for(logits, name), indices.reshape(-1, k), t,
                                         normalize, return_tail, name)
@@ -348,7 +349,7 @@ def sampling_support(logits: Tensor, *, top_k: Optional[int] = None,
         _checks.integer("top_k", top_k, lo=1)
     if top_p is not None:
         _checks.number("top_p", top_p, lo=0.0, lo_open=True, hi=1.0)
-    ids = _ref.sampling_support(rows(logits), top_k, top_p, t)
+    ids = _ref_sparse.sampling_support(rows(logits), top_k, top_p, t)
     return ids.view(*logits.shape[:-1], ids.shape[-1])
 
 
@@ -357,7 +358,7 @@ def sampling_support(logits: Tensor, *, top_k: Optional[int] = None,
 @torch.library.custom_op("rlkernels::sparse_kl", mutates_args=())
 def _sparse_kl_op(logits: Tensor, indices: Tensor, target_logprobs: Tensor, temperature: float,
                   with_tail: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    return call(backend, _FAMILY, "sparse_kl_forward", logits, indices, target_logprobs,
+    return call(backend, _SPARSE, "sparse_kl_forward", logits, indices, target_logprobs,
                 temperature, with_tail)
 
 
@@ -373,7 +374,7 @@ def _(logits, indices, target_logprobs, temperature, with_tail, backend):
 def _sparse_kl_backward_op(grad_kl: Tensor, logits: Tensor, indices: Tensor,
                            target_logprobs: Tensor, s_tail: Tensor, stats: Tensor,
                            temperature: float, with_tail: bool, backend: str) -> Tensor:
-    return call(backend, _FAMILY, "sparse_kl_backward", grad_kl, logits, indices,
+    return call(backend, _SPARSE, "sparse_kl_backward", grad_kl, logits, indices,
                 target_logprobs, s_tail, stats, temperature, with_tail)
 
 
@@ -427,7 +428,7 @@ def sparse_kl(logits: Tensor, indices: Tensor, target_logprobs: Tensor, *,
     _checks.same_device("logits", logits, target_logprobs=target_logprobs)
     t = _checks.positive("temperature", temperature)
     _checks.flag("tail", tail)
-    name = backends.resolve(backend, _FAMILY, "sparse_kl", logits.device)
+    name = backends.resolve(backend, _SPARSE, "sparse_kl", logits.device)
     k = indices.shape[-1]
     kl, _, _ = _sparse_kl_op(_rows_for(logits, name), indices.reshape(-1, k),
                              target_logprobs.detach().reshape(-1, k), t, tail, name)

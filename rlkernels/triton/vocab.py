@@ -631,12 +631,5 @@ def kl_divergence_backward(grad_kl: Tensor, logits: Tensor, ref_logits: Tensor,
     return grad_z, grad_w
 
 
-# The sparse ops live in their own module (a second kernel pair with its own membership
-# logic); the registry looks them up here, under the family's stem.
-from ._sparse import (sparse_kl_backward, sparse_kl_forward,  # noqa: E402
-                      sparse_logprobs_backward, sparse_logprobs_forward)
-
 __all__ = ["token_logprobs_forward", "token_logprobs_backward", "kl_divergence_forward",
-           "kl_divergence_partial_forward", "kl_divergence_backward",
-           "sparse_logprobs_forward", "sparse_logprobs_backward", "sparse_kl_forward",
-           "sparse_kl_backward"]
+           "kl_divergence_partial_forward", "kl_divergence_backward"]

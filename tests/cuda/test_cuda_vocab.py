@@ -15,11 +15,13 @@ import pytest
 import torch
 
 import rlkernels
+import rlkernels.reference.sparse
 import rlkernels.reference.vocab
 from _cuda_gpu import HAS_GPU, gpu_cuda
 from _naive import (LOW_DTYPES, assert_grad_close, assert_values_close, bit_equal,
                     fp32_floor, make_indices, make_logits, make_targets, make_tokens,
                     row_weight)
+from rlkernels.cuda import sparse as cs
 from rlkernels.cuda import vocab as cv
 
 # V, each for a reason: 1 (degenerate), 7 (below one 16-byte chunk, odd), 1031 (just above
@@ -253,9 +255,9 @@ def _check_sparse_logprobs(x, idx, temperature, normalize, with_tail, what=""):
     dtype = x.dtype
     cdt = torch.float64 if dtype == torch.float64 else torch.float32
     what = f"{what} {dtype} {normalize} tail={with_tail}"
-    lp, tail, stats = cv.sparse_logprobs_forward(x, idx, temperature, normalize, with_tail)
+    lp, tail, stats = cs.sparse_logprobs_forward(x, idx, temperature, normalize, with_tail)
     x64 = x.double()
-    lp_r, tail_r, stats_r = rlkernels.reference.vocab.sparse_logprobs_forward(
+    lp_r, tail_r, stats_r = rlkernels.reference.sparse.sparse_logprobs_forward(
         x64, idx, temperature, normalize, with_tail)
     _values_close(lp, lp_r, dtype, f"{what} logp")
     _values_close(tail, tail_r, dtype, f"{what} tail")
@@ -263,8 +265,8 @@ def _check_sparse_logprobs(x, idx, temperature, normalize, with_tail, what=""):
     assert (lp[idx < 0] == float("-inf")).all()
     g = _slot_grads(idx, 7, cdt)
     gt = _weights(x.shape[0], 8, x.device).to(cdt) if with_tail else None
-    grad = cv.sparse_logprobs_backward(g, gt, x, idx, lp, tail, stats, temperature, normalize)
-    grad_r = rlkernels.reference.vocab.sparse_logprobs_backward(
+    grad = cs.sparse_logprobs_backward(g, gt, x, idx, lp, tail, stats, temperature, normalize)
+    grad_r = rlkernels.reference.sparse.sparse_logprobs_backward(
         torch.where(idx >= 0, g, 0.0).double(), None if gt is None else gt.double(), x64, idx,
         lp_r, tail_r, stats_r, temperature, normalize)
     up = _upstream(torch.where(idx >= 0, g, 0.0)) + (0.0 if gt is None else _upstream(gt))
@@ -275,15 +277,15 @@ def _check_sparse_logprobs(x, idx, temperature, normalize, with_tail, what=""):
 def _check_sparse_kl(x, idx, target, temperature, with_tail, what=""):
     dtype = x.dtype
     what = f"{what} {dtype} kl tail={with_tail}"
-    kl, s_tail, stats = cv.sparse_kl_forward(x, idx, target, temperature, with_tail)
+    kl, s_tail, stats = cs.sparse_kl_forward(x, idx, target, temperature, with_tail)
     x64 = x.double()
-    kl_r, s_tail_r, stats_r = rlkernels.reference.vocab.sparse_kl_forward(
+    kl_r, s_tail_r, stats_r = rlkernels.reference.sparse.sparse_kl_forward(
         x64, idx, target.double(), temperature, with_tail)
     _values_close(kl, kl_r, dtype, f"{what} kl")
     _values_close(s_tail, s_tail_r, dtype, f"{what} s_tail")
     g = _weights(x.shape[0], 9, x.device).to(kl.dtype)
-    grad = cv.sparse_kl_backward(g, x, idx, target, s_tail, stats, temperature, with_tail)
-    grad_r = rlkernels.reference.vocab.sparse_kl_backward(
+    grad = cs.sparse_kl_backward(g, x, idx, target, s_tail, stats, temperature, with_tail)
+    grad_r = rlkernels.reference.sparse.sparse_kl_backward(
         g.double(), x64, idx, target.double(), s_tail_r, stats_r, temperature, with_tail)
     _sparse_grad_close(grad, grad_r, dtype, x, temperature, _upstream(g), f"{what} grad")
     return kl, s_tail, stats, grad
@@ -352,7 +354,7 @@ def test_sparse_strided_inputs_and_int32_ids():
     idx = make_indices(x, 33, seed=5, dtype=torch.int32)
     idx_t = idx.t().contiguous().t()  # column-major ids: other strides, same values
     a = _check_sparse_logprobs(x, idx_t, 0.9, "support", True, what="strided")
-    b = cv.sparse_logprobs_forward(x.contiguous(), idx.long(), 0.9, "support", True)
+    b = cs.sparse_logprobs_forward(x.contiguous(), idx.long(), 0.9, "support", True)
     assert all(bit_equal(u, v) for u, v in zip(a[:3], b))
 
 
@@ -361,18 +363,18 @@ def test_sparse_determinism_and_batch_invariance():
     x = make_logits(9, 50257, torch.bfloat16, seed=11, device="cuda")
     idx = make_indices(x, 64, seed=11)
     target = make_targets(x.cpu(), idx.cpu(), seed=11).cuda()
-    a = cv.sparse_logprobs_forward(x, idx, 0.7, "full", True)
-    b = cv.sparse_logprobs_forward(x, idx, 0.7, "full", True)
+    a = cs.sparse_logprobs_forward(x, idx, 0.7, "full", True)
+    b = cs.sparse_logprobs_forward(x, idx, 0.7, "full", True)
     assert all(bit_equal(u, v) for u, v in zip(a, b))
     g = _slot_grads(idx, 1, torch.float32)
     gt = torch.randn(9, device="cuda")
-    ga = cv.sparse_logprobs_backward(g, gt, x, idx, *a, 0.7, "full")
-    assert bit_equal(ga, cv.sparse_logprobs_backward(g, gt, x, idx, *a, 0.7, "full"))
-    k1 = cv.sparse_kl_forward(x, idx, target, 0.7, True)
-    assert all(bit_equal(u, v) for u, v in zip(k1, cv.sparse_kl_forward(x, idx, target, 0.7,
+    ga = cs.sparse_logprobs_backward(g, gt, x, idx, *a, 0.7, "full")
+    assert bit_equal(ga, cs.sparse_logprobs_backward(g, gt, x, idx, *a, 0.7, "full"))
+    k1 = cs.sparse_kl_forward(x, idx, target, 0.7, True)
+    assert all(bit_equal(u, v) for u, v in zip(k1, cs.sparse_kl_forward(x, idx, target, 0.7,
                                                                         True)))
     for r in (0, 4, 8):
-        alone = cv.sparse_logprobs_forward(x[r:r + 1].clone(), idx[r:r + 1], 0.7, "full", True)
+        alone = cs.sparse_logprobs_forward(x[r:r + 1].clone(), idx[r:r + 1], 0.7, "full", True)
         assert all(bit_equal(full[r:r + 1], one) for full, one in zip(a, alone)), r
 
 
@@ -448,8 +450,8 @@ def test_strided_views_give_the_same_bits(dtype, vocab):
     if vocab >= 7:
         idx = make_indices(base, 5, seed=vocab)
         for normalize in ("full", "support"):
-            a = cv.sparse_logprobs_forward(base, idx, 0.8, normalize, True)
-            b = cv.sparse_logprobs_forward(sliced, idx, 0.8, normalize, True)
+            a = cs.sparse_logprobs_forward(base, idx, 0.8, normalize, True)
+            b = cs.sparse_logprobs_forward(sliced, idx, 0.8, normalize, True)
             assert _all_bit_equal(a, b), normalize
 
 
@@ -603,7 +605,7 @@ def test_nan_in_a_leading_chunk_reaches_the_row(dtype):
         kl, _, _ = cv.kl_divergence_forward(x, y, None, kind, 0.5, 1.0)
         assert torch.isnan(kl[1]) and torch.isfinite(kl[[0, 2]]).all(), kind
     idx = make_indices(x, 8, seed=14, unused=False)
-    lp_s, tail, _ = cv.sparse_logprobs_forward(x, idx, 1.0, "full", True)
+    lp_s, tail, _ = cs.sparse_logprobs_forward(x, idx, 1.0, "full", True)
     assert torch.isnan(tail[1]) and torch.isnan(lp_s[1]).all()
     assert torch.isfinite(tail[[0, 2]]).all()
 
@@ -639,9 +641,9 @@ def test_launchers_reject_cpu_tensors():
         cv.token_logprobs_forward([1.0], tok, 1.0, -100, False)
     idx = torch.zeros(2, 3, dtype=torch.int64)
     with pytest.raises(ValueError, match="logits: expected a CUDA tensor"):
-        cv.sparse_logprobs_forward(x, idx, 1.0, "full", False)
+        cs.sparse_logprobs_forward(x, idx, 1.0, "full", False)
     with pytest.raises(ValueError, match="logits: expected a CUDA tensor"):
-        cv.sparse_kl_forward(x, idx, torch.zeros(2, 3), 1.0, True)
+        cs.sparse_kl_forward(x, idx, torch.zeros(2, 3), 1.0, True)
 
 
 def test_backend_cuda_on_cpu_tensors_raises():

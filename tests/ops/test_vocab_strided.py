@@ -41,7 +41,7 @@ class _Spy:
 @pytest.fixture
 def spied(monkeypatch):
     """``{kernel name: [pointers of each launch]}`` of the vocabulary kernels launched."""
-    from rlkernels.triton import _sparse
+    from rlkernels.triton import sparse as _sparse
     seen = {}
     for module, name in ((triton_vocab, "_token_logprobs_fwd_kernel"),
                          (triton_vocab, "_token_logprobs_bwd_kernel"),

@@ -1,7 +1,7 @@
 """The Triton kernels of ``sparse_logprobs`` and ``sparse_kl`` against the ``torch`` reference.
 
-The launchers of ``rlkernels/triton/_sparse.py`` are called directly (the same arguments as
-``rlkernels.reference.vocab.sparse_*``) and compared with the reference functions evaluated in
+The launchers of ``rlkernels/triton/sparse.py`` are called directly (the same arguments as
+``rlkernels.reference.sparse.sparse_*``) and compared with the reference functions evaluated in
 fp64 on the same input values (SPEC section 5):
 
 * per-token outputs (log-probs, tail, KL, the row statistics): ``atol = rtol = 1e-5`` for
@@ -31,7 +31,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 import _naive as naive  # noqa: E402  (tests/ on sys.path: conftest)
 from _naive import bit_equal, fp32_floor, make_indices, make_logits, make_targets  # noqa: E402
-from rlkernels.reference import vocab as ref  # noqa: E402
+from rlkernels.reference import sparse as ref  # noqa: E402
 
 if not torch.cuda.is_available():
     import os
@@ -39,7 +39,7 @@ if not torch.cuda.is_available():
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
 
-from rlkernels.triton import _sparse as sp  # noqa: E402
+from rlkernels.triton import sparse as sp  # noqa: E402
 
 # where() evaluates both branches: the interpreter's numpy warns about the unused 0 * inf
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")

@@ -1,0 +1,177 @@
+"""Launchers for the sparse vocabulary kernels of csrc: ``sparse_logprobs`` and ``sparse_kl``
+(K given ids per row, with the tail bucket).
+
+Same signatures, outputs and saved row statistics as :mod:`rlkernels.reference.sparse`
+(which states the math) and :mod:`rlkernels.triton.sparse`. Logits reach the kernels as in
+:mod:`rlkernels.cuda.vocab` (pointer and row stride, no copy for unit column stride).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ._common import (DTYPE_CODES, FLOAT_DTYPES, INDEX_DTYPES, check_cuda_tensor, check_shape,
+                      compute_dtype, extension, ptr, row_stride, stream_of, unit_stride)
+from .vocab import _check_logits, _check_temperature, _row_vector
+
+Tensor = torch.Tensor
+
+
+_MODES = {"full": 0, "support": 1}
+_MODE_KL = 2
+_SENTINEL = 2 ** 31 - 1  # csrc/vocab.cu kSparseSentinel: the sorted id of an unused slot
+
+
+def _check_indices(indices: Tensor, n: int, like: Tensor) -> Tuple[Tensor, int]:
+    check_cuda_tensor("indices", indices, INDEX_DTYPES, ndim=2, like=like)
+    if indices.shape[0] != n:
+        raise ValueError(f"indices: expected shape ({n}, K) (one row of ids per logits row), "
+                         f"got {tuple(indices.shape)}")
+    return indices.to(torch.int64), indices.shape[1]  # the kernels read int64 ids
+
+
+def _rows_k(name: str, t: Optional[Tensor], n: int, k: int, cdt: torch.dtype,
+            like: Tensor) -> Optional[Tensor]:
+    """An ``[n, K]`` float tensor (any strides) in the math dtype, or None."""
+    if t is None:
+        return None
+    check_cuda_tensor(name, t, FLOAT_DTYPES, ndim=2, like=like)
+    check_shape(name, t, (n, k))
+    return t.to(cdt)
+
+
+def _check_stats(stats: Tensor, n: int, cdt: torch.dtype, like: Tensor) -> None:
+    check_cuda_tensor("stats", stats, (cdt,), ndim=2, like=like)
+    check_shape("stats", stats, (n, 3))
+
+
+def _sorted_ids(indices: Tensor, vocab: int) -> Tuple[Tensor, Tensor]:
+    """Each row's ids sorted (stable: duplicates keep their slot order) with unused and
+    out-of-range ids last as ``_SENTINEL``, and their slots; int32 ``[N, K]`` contiguous."""
+    ok = (indices >= 0) & (indices < vocab)
+    ids = torch.where(ok, indices, torch.full_like(indices, _SENTINEL)).to(torch.int32)
+    sid, perm = torch.sort(ids, dim=1, stable=True)
+    return sid.contiguous(), perm.to(torch.int32).contiguous()
+
+
+def _strides(t: Optional[Tensor]) -> Tuple[int, int]:
+    return (0, 0) if t is None else (t.stride(0), t.stride(1))
+
+
+def _sparse_forward(logits: Tensor, indices: Tensor, target: Optional[Tensor],
+                    temperature: float, mode: int, with_tail: bool
+                    ) -> Tuple[Tensor, Tensor, Tensor]:
+    C = extension()
+    n, vocab = _check_logits("logits", logits)
+    t = _check_temperature(temperature)
+    x = unit_stride(logits)
+    cdt = compute_dtype(x.dtype)
+    idx, k = _check_indices(indices, n, x)
+    tgt = _rows_k("target_logprobs", target, n, k, cdt, x)
+    out = torch.empty((n,) if mode == _MODE_KL else (n, k), dtype=cdt, device=x.device)
+    tail = torch.zeros(n, dtype=cdt, device=x.device)
+    stats = torch.empty(n, 3, dtype=cdt, device=x.device)
+    if n == 0:
+        return out, tail, stats
+    with torch.cuda.device(x.device):
+        C.sparse_forward(x.data_ptr(), row_stride(x), ptr(idx), *_strides(idx), ptr(tgt),
+                         *_strides(tgt), ptr(out), out.stride(0) if mode != _MODE_KL else 1,
+                         tail.data_ptr(), stats.data_ptr(), n, vocab, k, DTYPE_CODES[x.dtype],
+                         mode, bool(with_tail), 1.0 / t, stream_of(x))
+    return out, tail, stats
+
+
+def _sparse_backward(logits: Tensor, indices: Tensor, gk: Optional[Tensor],
+                     lp: Optional[Tensor], tail: Optional[Tensor], g_tail: Optional[Tensor],
+                     g_kl: Optional[Tensor], stats: Tensor, temperature: float, mode: int,
+                     with_tail: bool) -> Tensor:
+    C = extension()
+    n, vocab = _check_logits("logits", logits)
+    t = _check_temperature(temperature)
+    x = unit_stride(logits)
+    cdt = compute_dtype(x.dtype)
+    idx, k = _check_indices(indices, n, x)
+    _check_stats(stats, n, cdt, x)
+    names = ("target_logprobs" if mode == _MODE_KL else "grad_logp", "logp")
+    gk = _rows_k(names[0], gk, n, k, cdt, x)
+    lp = _rows_k(names[1], lp, n, k, cdt, x)
+    tail = _row_vector("tail", tail, n, cdt, x)
+    g_tail = _row_vector("grad_tail", g_tail, n, cdt, x)
+    g_kl = _row_vector("grad_kl", g_kl, n, cdt, x)
+    grad = torch.empty((n, vocab), dtype=logits.dtype, device=logits.device)
+    if n == 0:
+        return grad
+    sid, perm = _sorted_ids(idx, vocab)
+    with torch.cuda.device(x.device):
+        C.sparse_backward(x.data_ptr(), row_stride(x), grad.data_ptr(), row_stride(grad),
+                          ptr(idx), *_strides(idx), ptr(sid), ptr(perm), ptr(gk), *_strides(gk),
+                          ptr(lp), *_strides(lp), ptr(tail), ptr(g_tail), ptr(g_kl),
+                          stats.data_ptr(), stats.stride(0), stats.stride(1), n, vocab, k,
+                          DTYPE_CODES[x.dtype], mode, bool(with_tail), 1.0 / t, stream_of(x))
+    return grad
+
+
+def _normalize_mode(normalize: str) -> int:
+    if normalize not in _MODES:
+        raise ValueError(f"normalize: expected one of {sorted(_MODES)}, got {normalize!r}")
+    return _MODES[normalize]
+
+
+def sparse_logprobs_forward(logits: Tensor, indices: Tensor, temperature: float,
+                            normalize: str, with_tail: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(logp [N, K], tail [N], stats [N, 3])``, as
+    :func:`rlkernels.reference.vocab.sparse_logprobs_forward`: ``"full"``: ``(z_k - m) -
+    log s``; ``"support"``: ``z_k - logsumexp`` over the valid slots; -1 slots give ``-inf``;
+    ``tail`` (``with_tail``) = log of the mass outside the distinct valid ids, from those
+    columns' own log-sum-exp (0 otherwise). One block per row, one read of the row (16-byte
+    loads), membership from a shared-memory bitmap of the ids. fp32 (fp64 for fp64 logits).
+    Status: compiled, NOT yet run on a GPU.
+    """
+    return _sparse_forward(logits, indices, None, temperature, _normalize_mode(normalize),
+                           with_tail)
+
+
+def sparse_logprobs_backward(grad_logp: Optional[Tensor], grad_tail: Optional[Tensor],
+                             logits: Tensor, indices: Tensor, logp: Tensor, tail: Tensor,
+                             stats: Tensor, temperature: float, normalize: str) -> Tensor:
+    """Gradient w.r.t. ``logits`` (its dtype), as
+    :func:`rlkernels.reference.vocab.sparse_logprobs_backward`: full ``scatter(g_k) - p sum g``;
+    support ``scatter(g_k - s_k sum g)``; tail ``g_tail (1[outside] q - p)``; times ``1/T``.
+    ``grad_logp=None``: no log-prob gradient; ``grad_tail=None``: no tail term. Duplicate ids
+    sum their slots (stable sort: deterministic). One dense pass over the row, then the
+    member columns are overwritten by the first slot of their id.
+    Status: compiled, NOT yet run on a GPU.
+    """
+    mode = _normalize_mode(normalize)
+    return _sparse_backward(logits, indices, grad_logp, logp if mode == 1 else None,
+                            tail if grad_tail is not None else None, grad_tail, None, stats,
+                            temperature, mode, grad_tail is not None)
+
+
+def sparse_kl_forward(logits: Tensor, indices: Tensor, target_logprobs: Tensor,
+                      temperature: float, with_tail: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(kl [N], student log tail [N], stats [N, 3])``, as
+    :func:`rlkernels.reference.vocab.sparse_kl_forward`: ``sum_k t_k (log t_k - log s_k)``
+    ``[+ t_tail (log t_tail - s_tail)]``, ``t_tail = max(1 - sum t_k, 0)`` (0 when the ids
+    cover every column), ``0 log 0 = 0``; unused slots' targets are never read.
+    Status: compiled, NOT yet run on a GPU.
+    """
+    return _sparse_forward(logits, indices, target_logprobs, temperature, _MODE_KL, with_tail)
+
+
+def sparse_kl_backward(grad_kl: Tensor, logits: Tensor, indices: Tensor,
+                       target_logprobs: Tensor, s_tail: Tensor, stats: Tensor,
+                       temperature: float, with_tail: bool) -> Tensor:
+    """Gradient w.r.t. ``logits``, as :func:`rlkernels.reference.vocab.sparse_kl_backward`:
+    ``g (p (sum t_k + t_tail) - scatter(t_k) - t_tail 1[outside] q) / T``.
+    Status: compiled, NOT yet run on a GPU.
+    """
+    return _sparse_backward(logits, indices, target_logprobs, None,
+                            s_tail if with_tail else None, None, grad_kl, stats, temperature,
+                            _MODE_KL, with_tail)
+
+
+__all__ = ["sparse_logprobs_forward", "sparse_logprobs_backward", "sparse_kl_forward",
+           "sparse_kl_backward"]

@@ -1,0 +1,216 @@
+"""Reference kernels of the sparse vocabulary ops: ``sparse_logprobs`` and ``sparse_kl``
+(log-probs and KL at K given ids per row, with the tail bucket), and ``sampling_support``
+(the ids a top-k / top-p sampler can emit).
+
+Same conventions as :mod:`rlkernels.reference.vocab` (row chunks, ``z = logits / T``, the
+saved row statistics ``(m, log s, .)``, ``0 log 0 = 0``), whose row helpers they share.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from . import compute_dtype, row_chunks
+from .vocab import (_max_and_log_rest, _row_lse, _row_stats, _row_sum, _scaled, _shifted,
+                    _xlogy0)
+
+Tensor = torch.Tensor
+
+
+# --------------------------------------------------------------------------- sparse log-probs
+
+def _ids(indices: Tensor, rows: slice) -> Tuple[Tensor, Tensor]:
+    """The chunk's ids as int64 with unused slots (-1) sent to column 0, and their mask."""
+    idx = indices[rows].long()
+    valid = idx >= 0
+    return torch.where(valid, idx, 0), valid
+
+
+def _membership(z: Tensor, idx: Tensor, valid: Tensor) -> Tensor:
+    """Bool ``[rows, V]``: column j is one of the row's valid ids (duplicates allowed)."""
+    member = torch.zeros(z.shape, dtype=torch.int8, device=z.device)
+    # amax, not a plain scatter: an unused slot (-1, sent to column 0) must not erase a
+    # valid id 0 that another slot of the same row wrote.
+    member.scatter_reduce_(1, idx, valid.to(torch.int8), reduce="amax")
+    return member.bool()
+
+
+def _log_tail(z: Tensor, member: Tensor, stats: Tensor) -> Tensor:
+    """log of the probability mass outside the ids: ``logsumexp(z[not member]) - lse``."""
+    zs, log_s = _shifted(z, stats)
+    m_out, log_s_out = _max_and_log_rest(zs.masked_fill(member, -math.inf))
+    return (m_out + log_s_out - log_s)[:, 0]
+
+
+def sparse_logprobs_forward(logits: Tensor, indices: Tensor, temperature: float,
+                            normalize: str, with_tail: bool
+                            ) -> Tuple[Tensor, Tensor, Tensor]:
+    """Returns ``(logp [N, K], tail [N], stats [N, 3])``.
+
+    ``normalize="full"``: ``z_k - lse``; ``"support"``: ``z_k - logsumexp_{valid k} z_k``.
+    Slots with id -1 give ``-inf``. ``tail`` (only when ``with_tail``) is the log of the
+    full-vocabulary probability mass outside the valid ids, whatever ``normalize`` is.
+    """
+    n, vocab = logits.shape
+    cdt = compute_dtype(logits.dtype)
+    logp = logits.new_empty(indices.shape, dtype=cdt)
+    tail = logits.new_zeros(n, dtype=cdt)
+    stats = logits.new_empty(n, 3, dtype=cdt)
+    for rows in row_chunks(n, vocab):
+        z = _scaled(logits, rows, temperature)
+        idx, valid = _ids(indices, rows)
+        stats[rows] = _row_stats(z)
+        z_k = z.gather(1, idx).masked_fill(~valid, -math.inf)
+        if normalize == "full":
+            zs_k, log_s = _shifted(z_k, stats[rows])
+            values = zs_k - log_s
+        else:
+            values = z_k - _row_lse(z_k, keepdim=True)
+        logp[rows] = torch.where(valid, values, -math.inf)
+        if with_tail:
+            tail[rows] = _log_tail(z, _membership(z, idx, valid), stats[rows])
+    return logp, tail, stats
+
+
+def sparse_logprobs_backward(grad_logp: Tensor, grad_tail: Optional[Tensor], logits: Tensor,
+                             indices: Tensor, logp: Tensor, tail: Tensor, stats: Tensor,
+                             temperature: float, normalize: str) -> Tensor:
+    """Gradient w.r.t. ``logits``.
+
+    full:    ``scatter(g_k) - p sum_k g_k``
+    support: ``scatter(g_k - s_k sum_k g_k)`` with ``s_k = exp(logp_k)`` (support softmax)
+    tail:    ``g_tail (1[j outside] q_j - p_j)``, ``q = softmax over the columns outside``.
+    """
+    n, vocab = logits.shape
+    cdt = compute_dtype(logits.dtype)
+    grad = torch.empty_like(logits)
+    for rows in row_chunks(n, vocab):
+        z = _scaled(logits, rows, temperature)
+        idx, valid = _ids(indices, rows)
+        g_k = torch.where(valid, grad_logp[rows].to(cdt), 0.0)
+        zs, log_s = _shifted(z, stats[rows])
+        p = torch.exp(zs - log_s)
+        g = torch.zeros_like(z)
+        if normalize == "full":
+            g -= p * _row_sum(g_k, keepdim=True)
+        else:
+            s_k = torch.exp(logp[rows])  # 0 on unused slots
+            g_k = g_k - s_k * _row_sum(g_k, keepdim=True)
+        g.scatter_add_(1, idx, g_k)
+        if grad_tail is not None:
+            g_t = grad_tail[rows].to(cdt)[:, None]
+            outside = ~_membership(z, idx, valid) & (z > -math.inf)
+            q = torch.where(outside, torch.exp(zs - log_s - tail[rows, None]), 0.0)
+            g += g_t * (q - p)
+        grad[rows] = g / temperature if temperature != 1.0 else g
+    return grad
+
+
+# -------------------------------------------------------------------------------- sparse KL
+
+def sparse_kl_forward(logits: Tensor, indices: Tensor, target_logprobs: Tensor,
+                      temperature: float, with_tail: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """Returns ``(kl [N], student log tail [N], stats [N, 3])``.
+
+    ``sum_k t_k (log t_k - log s_k) [+ t_tail (log t_tail - log s_tail)]`` with
+    ``t_tail = max(1 - sum_k t_k, 0)``, ``s_tail`` the student mass outside the ids, and
+    ``0 log 0 = 0``.
+    """
+    n, vocab = logits.shape
+    cdt = compute_dtype(logits.dtype)
+    kl = logits.new_empty(n, dtype=cdt)
+    s_tail = logits.new_zeros(n, dtype=cdt)
+    stats = logits.new_empty(n, 3, dtype=cdt)
+    for rows in row_chunks(n, vocab):
+        z = _scaled(logits, rows, temperature)
+        idx, valid = _ids(indices, rows)
+        stats[rows] = _row_stats(z)
+        t_log = target_logprobs[rows].to(cdt)
+        t = torch.where(valid, torch.exp(t_log), 0.0)
+        zs_k, log_s = _shifted(z.gather(1, idx), stats[rows])
+        s_log = zs_k - log_s
+        value = _row_sum(_xlogy0(t, t_log - s_log))
+        if with_tail:
+            member = _membership(z, idx, valid)
+            s_tail[rows] = _log_tail(z, member, stats[rows])
+            t_tail = (1.0 - _row_sum(t)).clamp_min(0.0)
+            # ids covering every column: the tail bucket is empty and 1 - sum t_k is only the
+            # rounding of the targets (it would meet s_tail = -inf and give inf)
+            t_tail = torch.where(member.all(-1), 0.0, t_tail)
+            value = value + _xlogy0(t_tail, torch.log(t_tail) - s_tail[rows])
+        kl[rows] = value
+    return kl, s_tail, stats
+
+
+def sparse_kl_backward(grad_kl: Tensor, logits: Tensor, indices: Tensor,
+                       target_logprobs: Tensor, s_tail: Tensor, stats: Tensor,
+                       temperature: float, with_tail: bool) -> Tensor:
+    """Gradient w.r.t. ``logits``:
+    ``g (p (sum_k t_k + t_tail) - scatter(t_k) - t_tail 1[j outside] q_j)``."""
+    n, vocab = logits.shape
+    cdt = compute_dtype(logits.dtype)
+    grad = torch.empty_like(logits)
+    for rows in row_chunks(n, vocab):
+        z = _scaled(logits, rows, temperature)
+        idx, valid = _ids(indices, rows)
+        g_row = grad_kl[rows].to(cdt)[:, None]
+        t = torch.where(valid, torch.exp(target_logprobs[rows].to(cdt)), 0.0)
+        zs, log_s = _shifted(z, stats[rows])
+        p = torch.exp(zs - log_s)
+        mass = _row_sum(t, keepdim=True)
+        g = torch.zeros_like(z)
+        g.scatter_add_(1, idx, -t)
+        if with_tail:
+            member = _membership(z, idx, valid)
+            t_tail = (1.0 - mass).clamp_min(0.0)
+            t_tail = torch.where(member.all(-1, keepdim=True), 0.0, t_tail)  # as in forward
+            outside = ~member & (z > -math.inf)
+            q = torch.where(outside, torch.exp(zs - log_s - s_tail[rows, None]), 0.0)
+            g -= t_tail * q
+            mass = mass + t_tail
+        g += p * mass
+        g = g * g_row
+        grad[rows] = g / temperature if temperature != 1.0 else g
+    return grad
+
+
+# ------------------------------------------------------------------------- sampling support
+
+def sampling_support(logits: Tensor, top_k: Optional[int], top_p: Optional[float],
+                     temperature: float) -> Tensor:
+    """Ids a top-k then top-p sampler can emit, ``[N, K]`` int64 padded with -1.
+
+    Ranked by decreasing ``z`` (ties: increasing id, a stable sort); an id survives top-p iff
+    the renormalized probability mass ranked above it is ``< top_p``.
+    """
+    n, vocab = logits.shape
+    width = vocab if top_k is None else min(top_k, vocab)
+    chunks = []
+    for rows in row_chunks(n, vocab):
+        z = _scaled(logits, rows, temperature)
+        vals, order = torch.sort(z, dim=-1, descending=True, stable=True)
+        vals, order = vals[:, :width], order[:, :width]
+        keep = vals > -math.inf
+        # top_p = 1 keeps every id of non-zero probability (every finite logit), as vLLM and
+        # HF do; the fp32 running sum below can reach 1.0 early on peaked rows and would drop
+        # ids of tiny but non-zero probability
+        if top_p is not None and top_p < 1.0:
+            probs = torch.softmax(vals, dim=-1)
+            mass_above = torch.cumsum(probs, dim=-1) - probs
+            keep &= mass_above < top_p
+        ids = torch.where(keep, order, -1)
+        if top_k is None:
+            # top-p alone: keep only the widest support of the chunk (a host sync, documented),
+            # so that no [N, V] id tensor is ever held
+            ids = ids[:, :max(int(keep.sum(-1).max()), 1)]
+        chunks.append(ids)
+    width = max((c.shape[1] for c in chunks), default=1) if top_k is None else width
+    out = torch.full((n, width), -1, dtype=torch.int64, device=logits.device)
+    start = 0
+    for c in chunks:
+        out[start:start + c.shape[0], :c.shape[1]] = c
+        start += c.shape[0]
+    return out
