@@ -16,7 +16,7 @@ namespace {
 constexpr int kWarp = 32;
 constexpr int kBatchThreads = 1024;
 
-enum Method : int { kGrpo = 0, kDrGrpo = 1, kRloo = 2, kBatchStd = 3 };
+// method: rlk::AdvantageMethod (rlkernels.h).
 
 // Standard deviation of the whole batch, two passes (mean, then squared deviations), one
 // block: sqrt(sum (x - mean)^2 / max(B - unbiased, 1)).

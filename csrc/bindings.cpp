@@ -6,6 +6,8 @@
 #include <pybind11/stl.h>
 
 #include <array>
+#include <initializer_list>
+#include <utility>
 
 #include "rlkernels.h"
 
@@ -57,16 +59,34 @@ PYBIND11_MODULE(_C, m) {
       "dtype code and the cudaStream_t as Python ints. Private API: use the launchers in\n"
       "rlkernels.cuda, which validate tensors and allocate outputs.";
 
-  // Dtype codes shared with Python (csrc/common.cuh: rlk::DType).
-  m.attr("DTYPE_FLOAT32") = 0;
-  m.attr("DTYPE_FLOAT16") = 1;
-  m.attr("DTYPE_BFLOAT16") = 2;
-  m.attr("DTYPE_FLOAT64") = 3;
-  // kl_penalty_forward estimator codes (csrc/rlkernels.h: rlk::KlEstimator).
-  m.attr("KL_K1") = static_cast<int>(rlk::kKlK1);
-  m.attr("KL_ABS") = static_cast<int>(rlk::kKlAbs);
-  m.attr("KL_K2") = static_cast<int>(rlk::kKlK2);
-  m.attr("KL_K3") = static_cast<int>(rlk::kKlK3);
+  // Option codes (csrc/rlkernels.h), one dict per option: {table: {name: code}}. Same
+  // numbers as rlkernels/_codes.py, which lists the Python-only aliases as well.
+  auto table = [](std::initializer_list<std::pair<const char*, int>> entries) {
+    py::dict d;
+    for (const auto& e : entries) d[py::str(e.first)] = e.second;
+    return d;
+  };
+  py::dict codes;
+  codes["dtype"] = table({{"float32", static_cast<int>(rlk::DType::kFloat32)},
+                          {"float16", static_cast<int>(rlk::DType::kFloat16)},
+                          {"bfloat16", static_cast<int>(rlk::DType::kBFloat16)},
+                          {"float64", static_cast<int>(rlk::DType::kFloat64)}});
+  codes["kl_kind"] = table({{"reverse", rlk::kReverse}, {"forward", rlk::kForward},
+                            {"jsd", rlk::kJsd}});
+  codes["sparse_mode"] = table({{"full", rlk::kSparseFull}, {"support", rlk::kSparseSupport},
+                                {"kl", rlk::kSparseKl}});
+  codes["policy_loss"] = table({{"ppo", rlk::kPpo}, {"cispo", rlk::kCispo},
+                                {"reinforce", rlk::kReinforce}});
+  codes["ratio_level"] = table({{"token", rlk::kTokenLevel}, {"sequence", rlk::kSequenceLevel}});
+  codes["agg"] = table({{"token-mean", rlk::kTokenMean},
+                        {"seq-mean-token-mean", rlk::kSeqMeanTokenMean},
+                        {"seq-mean-token-sum", rlk::kSeqMeanTokenSum},
+                        {"seq-mean-token-sum-norm", rlk::kSeqMeanTokenSumNorm}});
+  codes["kl_estimator"] = table({{"k1", rlk::kKlK1}, {"abs", rlk::kKlAbs}, {"k2", rlk::kKlK2},
+                                 {"k3", rlk::kKlK3}, {"k3+", rlk::kKlK3Plus}});
+  codes["advantage_method"] = table({{"grpo", rlk::kGrpo}, {"dr_grpo", rlk::kDrGrpo},
+                                     {"rloo", rlk::kRloo}, {"batch_std", rlk::kBatchStd}});
+  m.attr("CODES") = codes;
 
   m.def("version", &rlk::version,
         "version() -> str\n\nVersion of rlkernels this extension was built from (equals "

@@ -14,6 +14,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "rlkernels.h"
+
 namespace rlk {
 
 // ---------------------------------------------------------------------------------------------
@@ -47,11 +49,8 @@ namespace rlk {
   } while (0)
 
 // ---------------------------------------------------------------------------------------------
-// Dtype codes, shared with Python (rlkernels/cuda/ maps torch dtypes to these integers and
-// reads them back from the module attributes DTYPE_*).
+// Dtype codes: rlk::DType of rlkernels.h (shared with Python through rlkernels/_codes.py).
 // ---------------------------------------------------------------------------------------------
-
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
 
 inline const char* dtype_name(int code) {
   switch (code) {

@@ -94,18 +94,18 @@ __device__ __forceinline__ A kl_value_rt(A d, int est) {
     case kKlK1: return d;
     case kKlAbs: return d < A(0) ? -d : d;
     case kKlK2: return A(0.5) * d * d;
-    default: return d_expm1(-d) + d;  // k3, k3+ (value of k3)
+    default: return d_expm1(-d) + d;  // kKlK3, kKlK3Plus (the value of k3)
   }
 }
 
-// d penalty / d logp; "k3+" (code 4) is straight-through: the gradient of k2.
+// d penalty / d logp; kKlK3Plus is straight-through: the gradient of k2.
 template <class A>
 __device__ __forceinline__ A kl_grad_rt(A d, int est) {
   switch (est) {
     case kKlK1: return A(1);
     case kKlAbs: return d > A(0) ? A(1) : (d < A(0) ? A(-1) : (d == d ? A(0) : d));
     case kKlK3: return -d_expm1(-d);
-    default: return d;  // k2, k3+
+    default: return d;  // kKlK2, kKlK3Plus
   }
 }
 
@@ -178,7 +178,7 @@ __global__ void __launch_bounds__(kRowThreads)
     const A r = d_exp(log_r);
     bool high = false, low = false, dual = false;
     A pg;
-    if (pp.loss == 0) {  // ppo
+    if (pp.loss == kPpo) {
       const A unclipped = pp.has_delta ? min_nan(r, delta) : r;
       pg = max_nan(-a * unclipped, -a * clamp_nan(r, lo, hi));
       high = a > A(0) && r > hi;
@@ -188,7 +188,7 @@ __global__ void __launch_bounds__(kRowThreads)
         dual = a < A(0) && pg > bound;
         if (a < A(0)) pg = min_nan(pg, bound);
       }
-    } else if (pp.loss == 1) {  // cispo (lo = 0 unless the ratio is also clamped below)
+    } else if (pp.loss == kCispo) {  // lo = 0 unless the ratio is also clamped below
       pg = -clamp_nan(r, lo, hi) * a * l;
       high = r > hi;
       low = r < lo;
@@ -248,7 +248,7 @@ __global__ void __launch_bounds__(kFinalThreads)
   for (int64_t b = threadIdx.x; b < B; b += blockDim.x) {
     const A* p = partials + b * kPartials;
     const A n = p[kPTokens];
-    total += agg == 1 ? (n > A(0) ? p[kPLoss] / n : A(0)) : p[kPLoss];
+    total += agg == kSeqMeanTokenMean ? (n > A(0) ? p[kPLoss] / n : A(0)) : p[kPLoss];
     tokens += n;
     nonempty += n > A(0) ? A(1) : A(0);
     for (int k = 0; k < 7; ++k) sums[k] += p[kPHigh + k];
@@ -265,8 +265,8 @@ __global__ void __launch_bounds__(kFinalThreads)
   if (threadIdx.x != 0) return;
   A denom;
   if (normalizer != nullptr) denom = *normalizer;
-  else if (agg == 0) denom = tokens;
-  else if (agg == 3) denom = A(T);
+  else if (agg == kTokenMean) denom = tokens;
+  else if (agg == kSeqMeanTokenSumNorm) denom = A(T);
   else denom = nonempty;
   denom = denom > A(0) ? denom : A(1);
   *loss = total / denom;
@@ -311,8 +311,8 @@ __global__ void __launch_bounds__(kFinalThreads)
   if (threadIdx.x != 0) return;
   A denom;
   if (normalizer != nullptr) denom = *normalizer;
-  else if (agg == 0) denom = tokens;
-  else if (agg == 3) denom = A(T);
+  else if (agg == kTokenMean) denom = tokens;
+  else if (agg == kSeqMeanTokenSumNorm) denom = A(T);
   else denom = nonempty;
   *denom_out = denom > A(0) ? denom : A(1);
 }
@@ -348,7 +348,7 @@ __global__ void __launch_bounds__(kRowThreads)
     const int64_t b = i / pt.T, t = i - b * pt.T;
     const A m = at(mk, b, t, pt.mask_sb, pt.mask_st);
     A weight = m / denom;
-    if (pp.agg == 1) {
+    if (pp.agg == kSeqMeanTokenMean) {
       const A n_seq = seqstat[b * 2];
       weight = n_seq > A(0) ? weight / n_seq : A(0);
     }
@@ -356,7 +356,7 @@ __global__ void __launch_bounds__(kRowThreads)
     const A l = at(lp, b, t, pt.logp_sb, pt.logp_st);
     const A a = at(adv, b, t, pt.adv_sb, pt.adv_st);
     A g;
-    if (pp.loss == 2) {  // reinforce
+    if (pp.loss == kReinforce) {
       g = -a;
     } else {
       A log_r, dlog_r;
@@ -369,7 +369,7 @@ __global__ void __launch_bounds__(kRowThreads)
         dlog_r = (d >= -lim && d <= lim) ? A(1) : A(0);
       }
       const A r = d_exp(log_r);
-      if (pp.loss == 1) {  // cispo
+      if (pp.loss == kCispo) {
         g = -clamp_nan(r, lo, hi) * a;
       } else {  // ppo
         const A unclipped = pp.has_delta ? min_nan(r, delta) : r;
@@ -398,12 +398,15 @@ void check_policy(const PolicyTensors& pt, const PolicyParams& pp, const char* o
   RLK_CHECK_ARG(pt.B >= 0 && pt.T >= 0 && pt.B <= 0x7fffffffLL,
                 name + ": B must be in [0, 2**31) and T >= 0, got B=" + std::to_string(pt.B) +
                     ", T=" + std::to_string(pt.T));
-  RLK_CHECK_ARG(pp.loss >= 0 && pp.loss <= 2,
+  RLK_CHECK_ARG(pp.loss >= kPpo && pp.loss <= kReinforce,
                 name + ": loss code must be 0 (ppo), 1 (cispo) or 2 (reinforce), got " +
                     std::to_string(pp.loss));
-  RLK_CHECK_ARG(pp.agg >= 0 && pp.agg <= 3,
+  RLK_CHECK_ARG(pp.seq == kTokenLevel || pp.seq == kSequenceLevel,
+                name + ": seq (ratio level) code must be 0 (token) or 1 (sequence), got " +
+                    std::to_string(pp.seq));
+  RLK_CHECK_ARG(pp.agg >= kTokenMean && pp.agg <= kSeqMeanTokenSumNorm,
                 name + ": agg code must be in [0, 3], got " + std::to_string(pp.agg));
-  RLK_CHECK_ARG(pp.kl_estimator >= 0 && pp.kl_estimator <= 4,
+  RLK_CHECK_ARG(pp.kl_estimator >= kKlK1 && pp.kl_estimator <= kKlK3Plus,
                 name + ": kl_estimator code must be in [0, 4], got " +
                     std::to_string(pp.kl_estimator));
   RLK_CHECK_ARG(pt.logp != 0 && pt.old_logp != 0 && pt.adv != 0 && pt.mask != 0,

@@ -15,9 +15,30 @@ int device_count();           // CUDA devices usable by this runtime; 0 (no exce
 std::string cuda_archs();     // CMAKE_CUDA_ARCHITECTURES of the build, e.g. "80,90a"
 std::string nvcc_version();   // version of the nvcc that compiled the kernels
 
+// ---- option codes --------------------------------------------------------------------------
+// The integer each string option reaches the kernels as. Same numbers as rlkernels/_codes.py
+// (the Triton kernels use that table); bindings.cpp exports these as rlkernels._C.CODES and
+// tests/cuda/test_codes.py checks that the two agree.
+
+// Storage dtype of the tensors a kernel reads.
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+// kl_divergence: KL(p || q), KL(q || p), generalized Jensen-Shannon with weight beta.
+enum KlKind : int { kReverse = 0, kForward = 1, kJsd = 2 };
+// sparse_logprobs normalize="full" / "support", and sparse_kl.
+enum SparseMode : int { kSparseFull = 0, kSparseSupport = 1, kSparseKl = 2 };
+// policy_loss options.
+enum PolicyLoss : int { kPpo = 0, kCispo = 1, kReinforce = 2 };
+enum RatioLevel : int { kTokenLevel = 0, kSequenceLevel = 1 };
+enum Agg : int {
+  kTokenMean = 0, kSeqMeanTokenMean = 1, kSeqMeanTokenSum = 2, kSeqMeanTokenSumNorm = 3
+};
+// "low_var_kl" is an alias of k3 (Python side only). k3+ has the value of k3 and the gradient
+// of k2, so it needs its own code wherever a gradient is computed.
+enum KlEstimator : int { kKlK1 = 0, kKlAbs = 1, kKlK2 = 2, kKlK3 = 3, kKlK3Plus = 4 };
+// group_advantages(method=...).
+enum AdvantageMethod : int { kGrpo = 0, kDrGrpo = 1, kRloo = 2, kBatchStd = 3 };
+
 // ---- policy.cu: ops on per-token log-probs -----------------------------------------------
-// Estimator codes of kl_penalty_forward.
-enum KlEstimator : int { kKlK1 = 0, kKlAbs = 1, kKlK2 = 2, kKlK3 = 3 };
 
 // out[i] = kl(logp[i] - ref_logp[i]) for i < n, optionally clamped to [clamp_lo, clamp_hi].
 // logp, ref_logp, out: contiguous device buffers of n elements of `dtype` (0 = fp32,
@@ -148,9 +169,8 @@ struct PolicyTensors {
   int64_t B, T;
 };
 
-// loss: 0 ppo, 1 cispo, 2 reinforce. agg: 0 token-mean, 1 seq-mean-token-mean,
-// 2 seq-mean-token-sum, 3 seq-mean-token-sum-norm. kl_estimator: 0 k1, 1 abs, 2 k2, 3 k3,
-// 4 k3+ (value of k3, gradient of k2). lo = 1 - clip_low, hi = 1 + clip_high.
+// loss: PolicyLoss, seq: RatioLevel, agg: Agg, kl_estimator: KlEstimator (codes above).
+// lo = 1 - clip_low, hi = 1 + clip_high.
 struct PolicyParams {
   int loss, seq, agg, kl_estimator;
   int has_ref, has_ent, has_w, has_dual, has_delta, use_kl, use_ent;

@@ -590,7 +590,7 @@ __global__ void __launch_bounds__(max_threads<T>())
 
 // ============================================================================= kl_divergence
 
-enum KlKind : int { kReverse = 0, kForward = 1, kJsd = 2 };
+// kind: rlk::KlKind (rlkernels.h).
 
 template <class A>
 __device__ __forceinline__ A logaddexp(A a, A b) {
@@ -839,7 +839,7 @@ __global__ void __launch_bounds__(max_threads<T>())
 // so duplicate ids sum in slot order: deterministic) overwrites its column with the member
 // gradient. Every value comes from one thread in a fixed order: no atomics.
 
-enum SparseMode : int { kSparseFull = 0, kSparseSupport = 1, kSparseKl = 2 };
+// mode: rlk::SparseMode (rlkernels.h).
 constexpr int kSparseWords = 8192;                   // 32 KiB of bitmap
 constexpr int64_t kSparseSegCols = 32 * kSparseWords;
 constexpr int32_t kSparseSentinel = 0x7fffffff;      // sorted id of an unused / bad slot

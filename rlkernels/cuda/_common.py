@@ -11,12 +11,13 @@ from typing import Optional, Tuple
 
 import torch
 
+from rlkernels import _codes
 from rlkernels.cuda._loader import cuda_status, load_extension
 
 Tensor = torch.Tensor
 
-# torch dtype -> dtype code of csrc/common.cuh (rlk::DType).
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+# torch dtype -> dtype code of the kernels (rlkernels/_codes.py, csrc/rlkernels.h rlk::DType).
+DTYPE_CODES = {getattr(torch, name): code for name, code in _codes.DTYPES.items()}
 FLOAT_DTYPES = tuple(DTYPE_CODES)
 INDEX_DTYPES = (torch.int32, torch.int64)
 

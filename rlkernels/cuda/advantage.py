@@ -17,12 +17,13 @@ from typing import Optional, Tuple
 
 import torch
 
+from .. import _codes
 from ._common import (DTYPE_CODES, FLOAT_DTYPES, INDEX_DTYPES, check_cuda_tensor, check_shape,
                       compute_dtype, extension, ptr, stream_of)
 
 Tensor = torch.Tensor
 
-_METHODS = {"grpo": 0, "dr_grpo": 1, "rloo": 2, "batch_std": 3}
+_METHODS = _codes.ADVANTAGE_METHODS
 
 
 def group_advantages_forward(rewards: Tensor, group_index: Optional[Tensor], group_size: int,

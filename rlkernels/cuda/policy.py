@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from rlkernels import _codes
 from rlkernels.cuda._common import DTYPE_CODES as _DTYPE_CODES
 from rlkernels.cuda._common import check_cuda_tensor
 from rlkernels.cuda._common import extension as _extension
@@ -79,11 +80,10 @@ def kl_penalty_forward(
 
 # ============================================================================== policy_loss
 
-# Codes of csrc/rlkernels.h (PolicyParams).
-_LOSSES = {"ppo": 0, "cispo": 1, "reinforce": 2}
-_AGGS = {"token-mean": 0, "seq-mean-token-mean": 1, "seq-mean-token-sum": 2,
-         "seq-mean-token-sum-norm": 3}
-_KLS = {"k1": 0, "abs": 1, "k2": 2, "k3": 3, "low_var_kl": 3, "k3+": 4}
+# Codes of PolicyParams (rlkernels/_codes.py = csrc/rlkernels.h).
+_LOSSES = _codes.POLICY_LOSSES
+_AGGS = _codes.AGGS
+_KLS = _codes.KL_ESTIMATORS
 N_METRICS = 9  # rlkernels.reference.policy.METRICS
 _N_PARTIALS = 11  # csrc/policy.cu kPartials
 
@@ -158,7 +158,7 @@ def _policy_codes(o, has_ref: bool, has_ent: bool, has_w: bool):
         raise ValueError(f"ratio_level: expected 'token' or 'sequence', got {o.ratio_level!r}")
     has_dual = o.loss == "ppo" and o.dual_clip is not None
     has_delta = o.loss == "ppo" and o.delta is not None
-    modes = (_LOSSES[o.loss], int(o.ratio_level == "sequence"), _AGGS[o.agg],
+    modes = (_LOSSES[o.loss], _codes.RATIO_LEVELS[o.ratio_level], _AGGS[o.agg],
              _KLS[o.kl_estimator], int(has_ref), int(has_ent), int(has_w), int(has_dual),
              int(has_delta), int(has_ref and o.kl_coef != 0.0),
              int(has_ent and o.entropy_coef != 0.0))

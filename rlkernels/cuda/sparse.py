@@ -12,6 +12,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .. import _codes
 from ._common import (DTYPE_CODES, FLOAT_DTYPES, INDEX_DTYPES, check_cuda_tensor, check_shape,
                       compute_dtype, extension, ptr, row_stride, stream_of, unit_stride)
 from .vocab import _check_logits, _check_temperature, _row_vector
@@ -19,8 +20,8 @@ from .vocab import _check_logits, _check_temperature, _row_vector
 Tensor = torch.Tensor
 
 
-_MODES = {"full": 0, "support": 1}
-_MODE_KL = 2
+_MODES = {name: _codes.SPARSE_MODES[name] for name in ("full", "support")}  # sparse_logprobs
+_MODE_KL = _codes.SPARSE_MODES["kl"]  # sparse_kl
 _SENTINEL = 2 ** 31 - 1  # csrc/vocab.cu kSparseSentinel: the sorted id of an unused slot
 
 
@@ -145,7 +146,7 @@ def sparse_logprobs_backward(grad_logp: Optional[Tensor], grad_tail: Optional[Te
     Status: compiled, NOT yet run on a GPU.
     """
     mode = _normalize_mode(normalize)
-    return _sparse_backward(logits, indices, grad_logp, logp if mode == 1 else None,
+    return _sparse_backward(logits, indices, grad_logp, logp if normalize == "support" else None,
                             tail if grad_tail is not None else None, grad_tail, None, stats,
                             temperature, mode, grad_tail is not None)
 

@@ -23,12 +23,13 @@ from typing import Optional, Tuple
 
 import torch
 
+from .. import _codes
 from ._common import (DTYPE_CODES, FLOAT_DTYPES, INDEX_DTYPES, check_cuda_tensor, check_shape,
                       compute_dtype, extension, ptr, row_stride, stream_of, unit_stride)
 
 Tensor = torch.Tensor
 
-_KINDS = {"reverse": 0, "forward": 1, "jsd": 2}
+_KINDS = _codes.KL_KINDS
 
 
 def _check_logits(name: str, logits: Tensor) -> Tuple[int, int]:

@@ -35,11 +35,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _codes
 from ._common import device_guard
 
 Tensor = torch.Tensor
 
-_METHODS = {"grpo": 0, "dr_grpo": 1, "rloo": 2, "batch_std": 3}
+_METHODS = _codes.ADVANTAGE_METHODS  # rlkernels/_codes.py
 _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 _BLOCK = 128  # group members per step (fixed: the same sums in both paths, any group size)
 _BATCH_BLOCK = 1024  # elements per step of the batch_std passes

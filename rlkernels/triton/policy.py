@@ -44,17 +44,17 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from .. import _codes
 from .._fused import fused_forward, row_grads
 from .._policy_options import PolicyOptions
 
 Tensor = torch.Tensor
 
 N_METRICS = 9  # rlkernels.reference.policy.METRICS
-_LOSSES = {"ppo": 0, "cispo": 1, "reinforce": 2}
-_AGGS = {"token-mean": 0, "seq-mean-token-mean": 1, "seq-mean-token-sum": 2,
-         "seq-mean-token-sum-norm": 3}
-# k3+ has the value of k3 and the gradient of k2
-_KLS = {"k1": 0, "abs": 1, "k2": 2, "k3": 3, "low_var_kl": 3, "k3+": 4}
+# Option codes (rlkernels/_codes.py); k3+ (4) has the value of k3 and the gradient of k2.
+_LOSSES = _codes.POLICY_LOSSES
+_AGGS = _codes.AGGS
+_KLS = _codes.KL_ESTIMATORS
 
 # Elements of one tile. A tile is ROWS whole rows when T is short, one chunk of a row
 # otherwise; 1024 keeps the ~10 tile accumulators of the forward in registers.

@@ -56,9 +56,8 @@ def test_extension_reports_itself():
     assert C.cuda_archs() and C.nvcc_version()
     info = extension_info()
     assert info["version"] == __version__ and info["device_count"] == count
-    # Codes shared with rlkernels/cuda/policy.py.
-    assert (C.DTYPE_FLOAT32, C.DTYPE_FLOAT16, C.DTYPE_BFLOAT16, C.DTYPE_FLOAT64) == (0, 1, 2, 3)
-    assert (C.KL_K1, C.KL_ABS, C.KL_K2, C.KL_K3) == (0, 1, 2, 3)
+    # Option codes: rlkernels/_codes.py (tests/cuda/test_codes.py compares them).
+    assert dict(C.CODES["dtype"]) == {"float32": 0, "float16": 1, "bfloat16": 2, "float64": 3}
 
 
 @needs_ext

@@ -1,0 +1,53 @@
+"""The integer codes of the string options, one table per option, shared by every compiled
+backend: the Triton kernels take them as ``tl.constexpr`` and branch on them (``if KL == 3``),
+the CUDA kernels as ``int`` (csrc/rlkernels.h ``namespace rlk::codes``, exported by
+rlkernels._C as ``_C.CODES``; tests/cuda/test_codes.py checks that both sides agree).
+
+A code is what the kernel branches on, not the option's position in a list: aliases share
+a code (``"low_var_kl"`` is verl's name for ``"k3"``), and ``"k3+"`` has a code of its own
+because the kernels that also compute a gradient must tell it apart from ``"k3"`` (the value
+of k3, the gradient of k2). Kernels that compute a value only (no gradient) may treat codes
+3 and 4 alike; none of them may map ``"k3+"`` to 3.
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+# Storage dtype of the tensors a CUDA kernel reads (csrc/common.cuh rlk::DType), by torch name.
+DTYPES: Dict[str, int] = {"float32": 0, "float16": 1, "bfloat16": 2, "float64": 3}
+
+# kl_divergence(kind=...).
+KL_KINDS: Dict[str, int] = {"reverse": 0, "forward": 1, "jsd": 2}
+
+# sparse_logprobs(normalize="full" | "support") and sparse_kl ("kl"): one kernel, three modes.
+SPARSE_MODES: Dict[str, int] = {"full": 0, "support": 1, "kl": 2}
+
+# policy_loss / grpo_loss options (rlkernels/_policy_options.py lists the accepted names).
+POLICY_LOSSES: Dict[str, int] = {"ppo": 0, "cispo": 1, "reinforce": 2}
+RATIO_LEVELS: Dict[str, int] = {"token": 0, "sequence": 1}
+AGGS: Dict[str, int] = {"token-mean": 0, "seq-mean-token-mean": 1, "seq-mean-token-sum": 2,
+                        "seq-mean-token-sum-norm": 3}
+KL_ESTIMATORS: Dict[str, int] = {"k1": 0, "abs": 1, "k2": 2, "k3": 3, "low_var_kl": 3,
+                                 "k3+": 4}
+
+# group_advantages(method=...).
+ADVANTAGE_METHODS: Dict[str, int] = {"grpo": 0, "dr_grpo": 1, "rloo": 2, "batch_std": 3}
+
+# Names that share another name's code (not exported by the C++ side).
+ALIASES: Dict[str, str] = {"low_var_kl": "k3"}
+
+# Every table, by the name rlkernels._C.CODES uses for it.
+TABLES: Dict[str, Dict[str, int]] = {
+    "dtype": DTYPES,
+    "kl_kind": KL_KINDS,
+    "sparse_mode": SPARSE_MODES,
+    "policy_loss": POLICY_LOSSES,
+    "ratio_level": RATIO_LEVELS,
+    "agg": AGGS,
+    "kl_estimator": KL_ESTIMATORS,
+    "advantage_method": ADVANTAGE_METHODS,
+}
+
+__all__ = ["ADVANTAGE_METHODS", "AGGS", "ALIASES", "DTYPES", "KL_ESTIMATORS", "KL_KINDS",
+           "POLICY_LOSSES", "RATIO_LEVELS", "SPARSE_MODES", "TABLES"]
