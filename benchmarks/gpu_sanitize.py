@@ -119,12 +119,6 @@ def calls(torch, rk) -> List[Tuple[str, Callable[[], None]]]:
             loss, _ = rk.policy_loss(logp, old, adv, mask, backend="cuda", **kw)
             loss.backward()
 
-    def kl_penalty():
-        from rlkernels.cuda import kl_penalty_forward
-        a, b = torch.randn(bsz, t, device=dev), torch.randn(bsz, t, device=dev)
-        for est in ("k1", "abs", "k2", "k3"):
-            kl_penalty_forward(a, b, est, clamp=(-10.0, 10.0) if est == "k3" else None)
-
     def advantages():
         r = torch.randint(0, 3, (1000,), generator=g, device=dev).float()
         for m in ("grpo", "rloo", "dr_grpo", "batch_std"):
@@ -139,8 +133,7 @@ def calls(torch, rk) -> List[Tuple[str, Callable[[], None]]]:
         w = val.clone().requires_grad_(True)
         rk.masked_whiten(w, mask, backend="cuda").sum().backward()
 
-    return out + [("policy_loss ppo/gspo/cispo", policy), ("kl_penalty (rlkernels.cuda)",
-                                                              kl_penalty),
+    return out + [("policy_loss ppo/gspo/cispo", policy),
                   ("group_advantages 4 methods + group_index", advantages),
                   ("gae, discounted_returns, masked_whiten", scans)]
 

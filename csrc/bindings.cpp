@@ -107,20 +107,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("nvcc_version", &rlk::nvcc_version,
         "nvcc_version() -> str\n\nVersion of the nvcc that compiled the kernels.");
 
-  m.def("kl_penalty_forward", &rlk::kl_penalty_forward, py::arg("logp"), py::arg("ref_logp"),
-        py::arg("out"), py::arg("n"), py::arg("dtype"), py::arg("estimator"), py::arg("clamp"),
-        py::arg("clamp_lo"), py::arg("clamp_hi"), py::arg("stream"),
-        py::call_guard<py::gil_scoped_release>(),
-        "kl_penalty_forward(logp, ref_logp, out, n, dtype, estimator, clamp, clamp_lo, "
-        "clamp_hi, stream) -> None\n\n"
-        "Elementwise KL penalty on log-probs of sampled tokens, d = logp - ref_logp:\n"
-        "  estimator 0 (k1): d;  1 (abs): |d|;  2 (k2): d*d/2;  3 (k3): exp(-d) + d - 1.\n"
-        "If clamp is true the result is clamped to [clamp_lo, clamp_hi] (NaN kept).\n\n"
-        "logp, ref_logp, out: device pointers (int) to n contiguous elements of dtype\n"
-        "(0 = float32, 3 = float64; out has the same dtype). Math in the input precision.\n"
-        "stream: cudaStream_t as int (0 = legacy default stream); runs asynchronously on the\n"
-        "current device. Raises ValueError on bad codes, RuntimeError on CUDA errors.");
-
   // ---- vocab.cu ----
   m.def("token_logprobs_forward", &rlk::token_logprobs_forward, py::arg("logits"),
         py::arg("stride_x"), py::arg("tokens"), py::arg("stride_tok"), py::arg("logp"),

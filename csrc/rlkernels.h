@@ -38,16 +38,6 @@ enum KlEstimator : int { kKlK1 = 0, kKlAbs = 1, kKlK2 = 2, kKlK3 = 3, kKlK3Plus 
 // group_advantages(method=...).
 enum AdvantageMethod : int { kGrpo = 0, kDrGrpo = 1, kRloo = 2, kBatchStd = 3 };
 
-// ---- policy.cu: ops on per-token log-probs -----------------------------------------------
-
-// out[i] = kl(logp[i] - ref_logp[i]) for i < n, optionally clamped to [clamp_lo, clamp_hi].
-// logp, ref_logp, out: contiguous device buffers of n elements of `dtype` (0 = fp32,
-// 3 = fp64). Runs asynchronously on `stream` on the current device.
-void kl_penalty_forward(std::uintptr_t logp, std::uintptr_t ref_logp, std::uintptr_t out,
-                        int64_t n, int dtype, int estimator, bool clamp, double clamp_lo,
-                        double clamp_hi, std::uintptr_t stream);
-
-
 // ---- vocab.cu: ops on logits [n, vocab] ---------------------------------------------------
 // Common conventions: logits rows have unit column stride and row stride `stride_x`
 // (elements); `dtype` is the logits' code (0 fp32, 1 fp16, 2 bf16, 3 fp64); per-row outputs,

@@ -5,13 +5,11 @@ the current CUDA stream to the extension. Importing this package never raises; w
 extension or a GPU, `cuda_status()` says why the backend is unavailable.
 
 Families (the registry, rlkernels/backends.py, finds ``<op>_forward`` in
-``rlkernels.cuda.<family>``): vocab (token_logprobs + entropy, kl_divergence,
-sparse_logprobs, sparse_kl), advantage (group_advantages, gae, discounted_returns,
-masked_whiten), policy (policy_loss, grpo_loss, and the elementwise kl_penalty_forward).
-The kernels are compiled but have NOT yet been run on a GPU.
+``rlkernels.cuda.<family>``): vocab (token_logprobs + entropy, kl_divergence), sparse
+(sparse_logprobs, sparse_kl), advantage (group_advantages, gae, discounted_returns,
+masked_whiten), policy (policy_loss, grpo_loss).
 """
 
 from rlkernels.cuda._loader import cuda_status, extension_info, load_extension
-from rlkernels.cuda.policy import kl_penalty_forward
 
-__all__ = ["cuda_status", "extension_info", "kl_penalty_forward", "load_extension"]
+__all__ = ["cuda_status", "extension_info", "load_extension"]
