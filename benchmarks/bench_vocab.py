@@ -5,7 +5,7 @@
 
 import sys
 
-from rlkernels._bench.runner import main_family
+from rlkernels.cli import bench_family
 
 if __name__ == "__main__":
-    sys.exit(main_family("vocab"))
+    sys.exit(bench_family("vocab"))

@@ -9,8 +9,8 @@ from .backends import available_backends, set_backend
 from .ops.advantage import discounted_returns, gae, group_advantages, masked_whiten
 from .ops.linear import linear_grpo_loss, linear_token_logprobs
 from .ops.policy import grpo_loss, kl_penalty, policy_loss
-from .ops.vocab import (entropy, kl_divergence, sampling_support, sparse_kl, sparse_logprobs,
-                        token_logprobs)
+from .ops.sparse import sampling_support, sparse_kl, sparse_logprobs
+from .ops.vocab import entropy, kl_divergence, token_logprobs
 
 __all__ = [
     "__version__", "available_backends", "set_backend", "set_debug",

@@ -17,6 +17,10 @@ RATIO_LEVELS = ("token", "sequence")
 AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "abs", "k2", "k3", "low_var_kl", "k3+")
 
+# the metrics of a policy loss, in the order of the kernels' metric vector
+METRICS = ("clipfrac", "clipfrac_high", "clipfrac_low", "dual_clipfrac", "approx_kl",
+           "ratio_mean", "ratio_max", "kl", "entropy")
+
 
 @dataclass(frozen=True)
 class PolicyOptions:

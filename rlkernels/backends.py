@@ -128,52 +128,65 @@ def _module(name: str, family: str) -> Optional[ModuleType]:
     return mod
 
 
-def implements(name: str, family: str, op: str) -> bool:
-    """Whether backend ``name`` has kernels for ``op`` (its ``<op>_forward`` function)."""
-    if _status(name) != "ok":
+def _op(op: str):
+    # the op table fills itself when rlkernels.ops is imported (rlkernels/__init__ does)
+    from rlkernels.ops._table import OPS
+    return OPS.get(op)
+
+
+def implements(name: str, *key: str, parallel: bool = False) -> bool:
+    """Whether backend ``name`` is available and declares kernels for op ``key`` in the op
+    table (:mod:`rlkernels.ops._table`); with ``parallel``, for its vocabulary-parallel form
+    (``process_group=``). ``key`` is the op name; the older ``(family, op)`` form is
+    accepted too."""
+    if len(key) not in (1, 2):
+        raise TypeError(f"implements: expected (name, op), got {len(key) + 1} arguments")
+    spec = _op(key[-1])
+    if spec is None or _status(name) != "ok":
         return False
-    if op.startswith("sparse_"):
-        family = "sparse"
-    mod = _module(name, family)
-    return mod is not None and hasattr(mod, f"{op}_forward")
+    return spec.implemented_by(name, parallel)
 
 
-def resolve(backend: Optional[str], family: str, op: str, device: torch.device) -> str:
-    """Turn the ``backend=`` argument into the concrete backend that runs ``op``.
+def resolve(backend: Optional[str], op: str, device: torch.device,
+            parallel: bool = False) -> str:
+    """Turn the ``backend=`` argument into the concrete backend that runs ``op`` (in its
+    vocabulary-parallel form with ``parallel``).
 
     Under ``torch.compile`` the answer is computed once at trace time and baked into the
     graph as a constant (Dynamo cannot trace the imports below): a later ``set_backend``
     does not retrace a function that was already compiled.
     """
-    return _resolve(backend, family, op, device.type)
+    return _resolve(backend, op, device.type, parallel)
 
 
 @torch.compiler.assume_constant_result
-def _resolve(backend: Optional[str], family: str, op: str, device_type: str) -> str:
+def _resolve(backend: Optional[str], op: str, device_type: str, parallel: bool) -> str:
     # everything the answer depends on that can change while the process runs
     key = (backend, _default, os.environ.get("RLKERNELS_BACKEND"),
-           os.environ.get("TRITON_INTERPRET"), id(_AUTO_TABLE), family, op, device_type)
+           os.environ.get("TRITON_INTERPRET"), id(_AUTO_TABLE), op, device_type, parallel)
     name = _RESOLVED.get(key)
     if name is None:
-        name = _RESOLVED[key] = _resolve_uncached(backend, family, op, device_type)
+        name = _RESOLVED[key] = _resolve_uncached(backend, op, device_type, parallel)
     return name
 
 
-def _resolve_uncached(backend: Optional[str], family: str, op: str, device_type: str) -> str:
+def _resolve_uncached(backend: Optional[str], op: str, device_type: str,
+                      parallel: bool) -> str:
     name = get_backend() if backend is None else _check_name(backend)
+    form = " with a process_group" if parallel else ""
     if name == "auto":
         preferred = _AUTO_TABLE.get((op, device_type))
         candidates = [preferred] if preferred else []
         if device_type == "cuda":
             candidates += ["triton", "cuda"]
         for cand in candidates:
-            if implements(cand, family, op):
+            if implements(cand, op, parallel=parallel):
                 return cand
         return "torch"
     if _status(name) != "ok":
         raise RuntimeError(f"backend {name!r} is not available: {_status(name)}")
-    if not implements(name, family, op):
-        raise RuntimeError(f"backend {name!r} has no implementation of {op} yet; "
+    if not implements(name, op, parallel=parallel):
+        raise RuntimeError(f"backend {name!r} has no implementation of {op}{form}; "
                            f"use backend='torch' or 'auto'")
     if name == "triton" and device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("backend 'triton' got CPU tensors: Triton kernels run on GPUs, or on "

@@ -211,14 +211,12 @@ def _check_train(cfg) -> None:
         raise UserError(f"--device: expected cpu or cuda[:N], got {device!r}")
     if cfg.ops == "torch":
         return
-    ops = [("vocab", "token_logprobs"), ("advantage", "group_advantages"),
-           ("policy", "grpo_loss")]
+    ops = ["token_logprobs", "group_advantages", "grpo_loss"]
     if cfg.fused_head:
-        ops = [("linear", "linear_token_logprobs"), ("advantage", "group_advantages"),
-               ("linear", "linear_grpo_loss")]
-    for family, op in ops:
+        ops = ["linear_token_logprobs", "group_advantages", "linear_grpo_loss"]
+    for op in ops:
         try:
-            backends.resolve(cfg.backend, family, op, dev)
+            backends.resolve(cfg.backend, op, dev)
         except (RuntimeError, ValueError) as exc:
             raise UserError(f"--backend: {exc}" if cfg.backend else str(exc)) from exc
 
@@ -347,3 +345,13 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def bench_family(family: str, argv: Optional[List[str]] = None) -> int:
+    """Entry point of ``benchmarks/bench_<family>.py``: ``rlkernels bench`` on one family."""
+    from rlkernels._bench.cases import FAMILIES
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--op" not in argv:
+        argv = ["--op", *FAMILIES[family]] + argv
+    return main(["bench", *argv])
+

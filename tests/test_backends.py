@@ -45,17 +45,17 @@ def test_available_backends_returns_a_copy():
 def test_default_is_auto_and_resolves_to_torch_on_cpu(monkeypatch):
     monkeypatch.delenv("RLKERNELS_BACKEND", raising=False)
     assert backends.get_backend() == "auto"
-    assert backends.resolve(None, "vocab", "token_logprobs", CPU) == "torch"
-    assert backends.resolve("auto", "vocab", "token_logprobs", CPU) == "torch"
+    assert backends.resolve(None, "token_logprobs", CPU) == "torch"
+    assert backends.resolve("auto", "token_logprobs", CPU) == "torch"
     for op in ("sparse_logprobs", "sparse_kl", "kl_divergence"):
-        assert backends.resolve("auto", "vocab", op, CPU) == "torch"
+        assert backends.resolve("auto", op, CPU) == "torch"
 
 
 def test_set_backend_valid(monkeypatch):
     monkeypatch.delenv("RLKERNELS_BACKEND", raising=False)
     rlkernels.set_backend("torch")
     assert backends.get_backend() == "torch"
-    assert backends.resolve(None, "vocab", "token_logprobs", CPU) == "torch"
+    assert backends.resolve(None, "token_logprobs", CPU) == "torch"
     out = rlkernels.token_logprobs(X, TOK)
     assert torch.equal(out, rlkernels.token_logprobs(X, TOK, backend="torch"))
     rlkernels.set_backend("auto")
@@ -66,9 +66,9 @@ def test_set_backend_valid(monkeypatch):
 
 def test_explicit_backend_argument_wins_over_default():
     rlkernels.set_backend("torch")
-    assert backends.resolve("auto", "vocab", "token_logprobs", CPU) == "torch"
+    assert backends.resolve("auto", "token_logprobs", CPU) == "torch"
     with pytest.raises(ValueError, match=r"backend: expected one of"):
-        backends.resolve("nope", "vocab", "token_logprobs", CPU)
+        backends.resolve("nope", "token_logprobs", CPU)
 
 
 @pytest.mark.parametrize("bad", ["pytorch", "", "TORCH", 3])
@@ -93,7 +93,7 @@ def test_set_backend_unavailable(name):
 def test_env_var_valid(monkeypatch):
     monkeypatch.setenv("RLKERNELS_BACKEND", "torch")
     assert backends.get_backend() == "torch"
-    assert backends.resolve(None, "vocab", "kl_divergence", CPU) == "torch"
+    assert backends.resolve(None, "kl_divergence", CPU) == "torch"
     rlkernels.kl_divergence(X, X)
     monkeypatch.setenv("RLKERNELS_BACKEND", " auto ")  # surrounding blanks are ignored
     assert backends.get_backend() == "auto"
@@ -132,11 +132,32 @@ def test_env_var_unavailable_backend(monkeypatch, name):
 
 
 def test_implements():
-    assert backends.implements("torch", "vocab", "token_logprobs")
-    assert not backends.implements("torch", "vocab", "no_such_op")
+    assert backends.implements("torch", "token_logprobs")
+    assert backends.implements("torch", "vocab", "token_logprobs")  # the older (family, op)
+    assert not backends.implements("torch", "no_such_op")
     for name, status in rlkernels.available_backends().items():
         if status != "ok":
-            assert not backends.implements(name, "vocab", "token_logprobs")
+            assert not backends.implements(name, "token_logprobs")
+
+
+def test_implements_is_truthful_about_the_parallel_form(monkeypatch):
+    """The op table says which backends run an op's vocabulary-parallel form: cuda has no
+    partial-forward kernel for kl_divergence, so kl_divergence with a process_group fails at
+    resolution with a message that says so (not inside the custom op)."""
+    monkeypatch.setattr(backends, "_status", lambda name: "ok")
+    backends._RESOLVED.clear()
+    assert backends.implements("cuda", "kl_divergence")
+    assert not backends.implements("cuda", "kl_divergence", parallel=True)
+    assert backends.implements("triton", "kl_divergence", parallel=True)
+    assert backends.implements("cuda", "token_logprobs", parallel=True)
+    assert not backends.implements("cuda", "linear_token_logprobs")
+    assert not backends.implements("torch", "policy_loss", parallel=True)
+    with pytest.raises(RuntimeError, match=r"backend 'cuda' has no implementation of "
+                                           r"kl_divergence with a process_group"):
+        backends.resolve("cuda", "kl_divergence", torch.device("cuda"), parallel=True)
+    assert backends.resolve("auto", "kl_divergence", torch.device("cuda"),
+                            parallel=True) == "triton"
+    backends._RESOLVED.clear()
 
 
 def test_backend_fixture_lists_runnable_backends(backend):

@@ -31,8 +31,7 @@ K_SPARSE = 64
 class OpSpec:
     name: str
     family: str                     # benchmark script group: vocab, policy, advantage, linear
-    backend_family: str             # rlkernels backend module family
-    backend_op: str                 # the op key backends.implements() knows
+    backend_op: str                 # the op of the op table (rlkernels/ops/_table.py) it runs
     make: Callable                  # (shape, device, dtype, gen) -> dict of tensors
     grad: Tuple[str, ...]           # inputs that receive gradients in fwd+bwd
     min_bytes: Callable             # (shape, mode, b) -> bytes
@@ -187,33 +186,33 @@ LINEAR_QUICK = [{"N": 32, "H": 64, "V": 1000}]
 
 
 OPS: Dict[str, OpSpec] = {o.name: o for o in [
-    OpSpec("token_logprobs", "vocab", "vocab", "token_logprobs", _make_logits_tokens,
+    OpSpec("token_logprobs", "vocab", "token_logprobs", _make_logits_tokens,
            ("logits",), _vocab_bytes(1, 8 + 4), full=VOCAB_FULL, quick=VOCAB_QUICK),
-    OpSpec("token_logprobs_entropy", "vocab", "vocab", "token_logprobs", _make_logits_tokens,
+    OpSpec("token_logprobs_entropy", "vocab", "token_logprobs", _make_logits_tokens,
            ("logits",), _vocab_bytes(1, 8 + 8), full=VOCAB_FULL, quick=VOCAB_QUICK,
            note="token_logprobs(..., return_entropy=True)"),
-    OpSpec("entropy", "vocab", "vocab", "token_logprobs", _make_logits, ("logits",),
+    OpSpec("entropy", "vocab", "token_logprobs", _make_logits, ("logits",),
            _vocab_bytes(1, 4), full=VOCAB_FULL, quick=VOCAB_QUICK),
-    OpSpec("kl_divergence", "vocab", "vocab", "kl_divergence", _make_kl, ("logits",),
+    OpSpec("kl_divergence", "vocab", "kl_divergence", _make_kl, ("logits",),
            _vocab_bytes(2, 4), full=VOCAB_FULL, quick=VOCAB_QUICK, note="kind='reverse'"),
-    OpSpec("sparse_logprobs", "vocab", "vocab", "sparse_logprobs", _make_sparse, ("logits",),
+    OpSpec("sparse_logprobs", "vocab", "sparse_logprobs", _make_sparse, ("logits",),
            _vocab_bytes(1, K_SPARSE * (8 + 4)), full=VOCAB_FULL, quick=VOCAB_QUICK,
            note=f"K={K_SPARSE}, normalize='full'"),
-    OpSpec("grpo_loss", "policy", "policy", "grpo_loss", _make_grpo, ("logits",), _grpo_bytes,
+    OpSpec("grpo_loss", "policy", "grpo_loss", _make_grpo, ("logits",), _grpo_bytes,
            full=GRPO_FULL, quick=GRPO_QUICK, note="PPO clip 0.2, token-mean"),
-    OpSpec("policy_loss", "policy", "policy", "policy_loss", _make_policy, ("logp",),
+    OpSpec("policy_loss", "policy", "policy_loss", _make_policy, ("logp",),
            _policy_bytes, full=POLICY_FULL, quick=POLICY_QUICK, note="PPO clip 0.2, token-mean"),
-    OpSpec("group_advantages", "advantage", "advantage", "group_advantages", _make_adv, (),
+    OpSpec("group_advantages", "advantage", "group_advantages", _make_adv, (),
            lambda s, m, b: 8 * s["B"], full=ADV_FULL, quick=ADV_QUICK, modes=("fwd",),
            note="method='grpo', contiguous groups of G"),
-    OpSpec("gae", "advantage", "advantage", "gae", _make_gae, (),
+    OpSpec("gae", "advantage", "gae", _make_gae, (),
            lambda s, m, b: s["B"] * s["T"] * (4 + 4 + 1 + 4 + 4), full=POLICY_FULL,
            quick=POLICY_QUICK, modes=("fwd",), note="gamma 1, lam 0.95; (advantages, returns); verl's function also whitens "
                 "the advantages (its err column compares whitened values)"),
-    OpSpec("linear_token_logprobs", "linear", "linear", "linear_token_logprobs", _make_linear,
+    OpSpec("linear_token_logprobs", "linear", "linear_token_logprobs", _make_linear,
            ("hidden", "weight"), _linear_bytes, _linear_flops, full=LINEAR_FULL,
            quick=LINEAR_QUICK),
-    OpSpec("linear_grpo_loss", "linear", "linear", "linear_grpo_loss", _make_linear_grpo,
+    OpSpec("linear_grpo_loss", "linear", "linear_grpo_loss", _make_linear_grpo,
            ("hidden", "weight"), _linear_bytes, _linear_flops, full=LINEAR_FULL,
            quick=LINEAR_QUICK, note="PPO clip 0.2, token-mean, B x 1024 tokens"),
 ]}

@@ -179,7 +179,7 @@ def _rlkernels(backend: str, linear_path: Optional[str] = None) -> Callable[[str
         if status != "ok":
             raise Skip(status)
         spec = OPS[op]
-        if not backends.implements(backend, spec.backend_family, spec.backend_op):
+        if not backends.implements(backend, spec.backend_op):
             raise Skip(f"backend {backend!r} has no {spec.backend_op} kernels yet")
         if linear_path is None or spec.family != "linear":
             if linear_path == "cublas":

@@ -22,7 +22,6 @@ import math
 import os
 import re
 import subprocess
-import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -460,12 +459,3 @@ def run_bench(ops: Optional[Sequence[str]] = None, *, peers: bool = False,
     log(f"total {time.monotonic() - start:.1f} s")
     return {"csv": csv_path, "md": md_path, "summary": sum_path, "plots": pngs,
             "rows": bench.rows, "roofline": roof}
-
-
-def main_family(family: str, argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``benchmarks/bench_<family>.py``: ``rlkernels bench`` on one family."""
-    from rlkernels.cli import main
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--op" not in argv:
-        argv = ["--op", *cases.FAMILIES[family]] + argv
-    return main(["bench", *argv])

@@ -1,4 +1,4 @@
-"""Helpers shared by the public op modules: flattening, backend dispatch, fake tensors."""
+"""Helpers shared by the public op modules: flattening rows, output dtypes, token checks."""
 
 from __future__ import annotations
 
@@ -30,6 +30,18 @@ def rows(x: Tensor, strided: bool = False) -> Tensor:
     return x.reshape(-1, v)
 
 
+def rows_for(x: Tensor, backend: str, family: str) -> Tensor:
+    """``rows(x)``, as a two-stride ``[A, B, V]`` view instead of a copy when the backend's
+    kernels of ``family`` read such rows (its module says ``STRIDED_ROWS = True``)."""
+    return rows(x, strided=_strided_rows(backend, family))
+
+
+@torch.compiler.assume_constant_result
+def _strided_rows(backend: str, family: str) -> bool:
+    # a constant under torch.compile: Dynamo cannot trace the module import
+    return bool(getattr(backends._module(backend, family), "STRIDED_ROWS", False))
+
+
 def _merged(shape) -> tuple:
     n = 1
     for d in shape:
@@ -40,11 +52,6 @@ def _merged(shape) -> tuple:
 def out_dtype(dtype: torch.dtype) -> torch.dtype:
     """Per-token outputs are fp32, or fp64 for fp64 inputs (SPEC section 1)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def call(backend: str, family: str, fn: str, *args):
-    """Run kernel ``fn`` of ``family`` on the resolved ``backend``."""
-    return backends.kernel(backend, family, fn)(*args)
 
 
 def check_tokens_for(name: str, tokens, logits_name: str, logits: Tensor) -> Tensor:

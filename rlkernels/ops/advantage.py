@@ -1,7 +1,7 @@
 """Advantage ops: functions that read rewards (and values), SPEC section 3.2.
 
-Each is a ``torch.library.custom_op`` (namespace ``rlkernels``) dispatched to a backend like
-the vocabulary ops (SPEC section 2: every op takes ``backend``):
+Each is declared in the op table (:mod:`rlkernels.ops._table`) and dispatched to a backend
+like the vocabulary ops (SPEC section 2: every op takes ``backend``):
 
 * :func:`group_advantages` (GRPO-family baselines), :func:`gae` and
   :func:`discounted_returns` take detached inputs: advantages and returns are targets, so the
@@ -20,10 +20,10 @@ from typing import Optional, Tuple
 
 import torch
 
-from .. import _checks, backends
+from .. import _checks
 from ..reference import advantage as _ref
-from ._common import call, out_dtype
-from ._eager import eager
+from ._common import out_dtype
+from ._table import Backward, Op
 
 Tensor = torch.Tensor
 _FAMILY = "advantage"
@@ -40,16 +40,15 @@ _MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, t
 
 # ========================================================================= group_advantages
 
-@torch.library.custom_op("rlkernels::group_advantages", mutates_args=())
-def _group_advantages_op(rewards: Tensor, group_index: Optional[Tensor], group_size: int,
-                         method: str, eps: float, unbiased: bool, backend: str) -> Tensor:
-    return call(backend, _FAMILY, "group_advantages_forward", rewards, group_index, group_size,
-                method, eps, unbiased)
+def _per_reward(a) -> Tensor:
+    """The fake of a ``rewards``-shaped output (fp32, fp64 for fp64 rewards)."""
+    return a.rewards.new_empty(a.rewards.shape, dtype=out_dtype(a.rewards.dtype))
 
 
-@_group_advantages_op.register_fake
-def _(rewards, group_index, group_size, method, eps, unbiased, backend):
-    return rewards.new_empty(rewards.shape, dtype=out_dtype(rewards.dtype))
+GROUP_ADVANTAGES = Op(
+    "group_advantages(Tensor rewards, Tensor? group_index, int group_size, str method, "
+    "float eps, bool unbiased, str backend) -> (advantages)",
+    _FAMILY, fake=_per_reward, eager=True)
 
 
 def _check_no_nan(name: str, x: Tensor) -> None:
@@ -136,13 +135,8 @@ def group_advantages(rewards: Tensor, *, group_size: Optional[int] = None,
     eps = _checks.positive("eps", eps, allow_zero=True)
     _checks.flag("unbiased", unbiased)
     _check_no_nan("rewards", rewards)
-    name = backends.resolve(backend, _FAMILY, "group_advantages", rewards.device)
-    if eager(rewards, group_index):
-        with torch.no_grad():  # as the custom op: below autograd
-            return call(name, _FAMILY, "group_advantages_forward", rewards, group_index, size,
-                        method, eps, unbiased)
-    return _group_advantages_op(rewards.detach(), group_index, size, method, eps, unbiased,
-                                name)
+    name = GROUP_ADVANTAGES.resolve(backend, rewards.device)
+    return GROUP_ADVANTAGES(rewards, group_index, size, method, eps, unbiased, name)
 
 
 # ============================================================================ masked_whiten
@@ -154,66 +148,16 @@ def _check_mask(name: str, mask, ref_name: str, ref: Tensor) -> Tensor:
     return mask
 
 
-@torch.library.custom_op("rlkernels::masked_whiten", mutates_args=())
-def _masked_whiten_op(values: Tensor, mask: Tensor, shift_mean: bool, eps: float,
-                      unbiased: bool, backend: str) -> Tuple[Tensor, Tensor]:
-    return call(backend, _FAMILY, "masked_whiten_forward", values, mask, shift_mean, eps,
-                unbiased)
-
-
-@_masked_whiten_op.register_fake
-def _(values, mask, shift_mean, eps, unbiased, backend):
-    cdt = out_dtype(values.dtype)
-    return (values.new_empty(values.shape, dtype=cdt),
-            values.new_empty((_WHITEN_STATS,), dtype=cdt))
-
-
-@torch.library.custom_op("rlkernels::masked_whiten_backward", mutates_args=())
-def _masked_whiten_backward_op(grad_out: Tensor, values: Tensor, mask: Tensor, stats: Tensor,
-                               shift_mean: bool, unbiased: bool, backend: str) -> Tensor:
-    grad = call(backend, _FAMILY, "masked_whiten_backward", grad_out, values, mask, stats,
-                shift_mean, unbiased)
-    return grad.to(values.dtype)
-
-
-@_masked_whiten_backward_op.register_fake
-def _(grad_out, values, mask, stats, shift_mean, unbiased, backend):
-    return torch.empty_like(values)
-
-
-def _masked_whiten_setup(ctx, inputs, output):
-    values, mask, shift_mean, _eps, unbiased, backend = inputs
-    ctx.save_for_backward(values, mask, output[1])
-    ctx.options = (shift_mean, unbiased, backend)
-
-
-def _masked_whiten_grad(ctx, grad_out, _grad_stats):
-    values, mask, stats = ctx.saved_tensors
-    shift_mean, unbiased, backend = ctx.options
-    grad_out = grad_out.contiguous()
-    if eager(grad_out, values, mask, stats):  # e.g. not under compiled autograd
-        grad = call(backend, _FAMILY, "masked_whiten_backward", grad_out, values, mask, stats,
-                    shift_mean, unbiased).to(values.dtype)
-    else:
-        grad = _masked_whiten_backward_op(grad_out, values, mask, stats, shift_mean, unbiased,
-                                          backend)
-    return grad, None, None, None, None, None
-
-
-_masked_whiten_op.register_autograd(_masked_whiten_grad, setup_context=_masked_whiten_setup)
-
-
-class _MaskedWhitenFn(torch.autograd.Function):
-    """The eager fast path (see ``ops/_eager.py``): the custom op's body, setup and backward."""
-
-    @staticmethod
-    def forward(ctx, values, mask, shift_mean, eps, unbiased, backend):
-        output = call(backend, _FAMILY, "masked_whiten_forward", values, mask, shift_mean, eps,
-                      unbiased)
-        _masked_whiten_setup(ctx, (values, mask, shift_mean, eps, unbiased, backend), output)
-        return output
-
-    backward = staticmethod(_masked_whiten_grad)
+MASKED_WHITEN = Op(
+    "masked_whiten(Tensor values, Tensor mask, bool shift_mean, float eps, bool unbiased, "
+    "str backend) -> (out, stats)",
+    _FAMILY,
+    fake=lambda a: (a.values.new_empty(a.values.shape, dtype=out_dtype(a.values.dtype)),
+                    a.values.new_empty((_WHITEN_STATS,), dtype=out_dtype(a.values.dtype))),
+    differentiable=("values",), nondiff=("stats",), saved=("values", "mask", "stats"),
+    backward=Backward(("grad_out", "values", "mask", "stats", "shift_mean", "unbiased"),
+                      grads=("values",)),
+    contiguous_grads=True, eager=True)
 
 
 def masked_whiten(values: Tensor, mask: Tensor, *, shift_mean: bool = True, eps: float = 1e-8,
@@ -251,10 +195,8 @@ def masked_whiten(values: Tensor, mask: Tensor, *, shift_mean: bool = True, eps:
     _checks.flag("shift_mean", shift_mean)
     eps = _checks.positive("eps", eps, allow_zero=True)
     _checks.flag("unbiased", unbiased)
-    name = backends.resolve(backend, _FAMILY, "masked_whiten", values.device)
-    if eager(values, mask):
-        return _MaskedWhitenFn.apply(values, mask, shift_mean, eps, unbiased, name)[0]
-    return _masked_whiten_op(values, mask, shift_mean, eps, unbiased, name)[0]
+    name = MASKED_WHITEN.resolve(backend, values.device)
+    return MASKED_WHITEN(values, mask, shift_mean, eps, unbiased, name)[0]
 
 
 # ====================================================================== gae / discounted returns
@@ -268,27 +210,21 @@ def _check_sequences(rewards, mask, **others) -> None:
     _check_mask("mask", mask, "rewards", rewards)
 
 
-@torch.library.custom_op("rlkernels::gae", mutates_args=())
-def _gae_op(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float,
-            backend: str) -> Tuple[Tensor, Tensor]:
-    return call(backend, _FAMILY, "gae_forward", rewards, values, mask, gamma, lam)
+def _gae_fake(a):
+    cdt = torch.float64 if torch.float64 in (a.rewards.dtype, a.values.dtype) else torch.float32
+    return (a.rewards.new_empty(a.rewards.shape, dtype=cdt),
+            a.rewards.new_empty(a.rewards.shape, dtype=cdt))
 
 
-@_gae_op.register_fake
-def _(rewards, values, mask, gamma, lam, backend):
-    cdt = torch.float64 if torch.float64 in (rewards.dtype, values.dtype) else torch.float32
-    return (rewards.new_empty(rewards.shape, dtype=cdt),
-            rewards.new_empty(rewards.shape, dtype=cdt))
+GAE = Op(
+    "gae(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam, str backend) "
+    "-> (advantages, returns)",
+    _FAMILY, fake=_gae_fake, eager=True)
 
-
-@torch.library.custom_op("rlkernels::discounted_returns", mutates_args=())
-def _discounted_returns_op(rewards: Tensor, mask: Tensor, gamma: float, backend: str) -> Tensor:
-    return call(backend, _FAMILY, "discounted_returns_forward", rewards, mask, gamma)
-
-
-@_discounted_returns_op.register_fake
-def _(rewards, mask, gamma, backend):
-    return rewards.new_empty(rewards.shape, dtype=out_dtype(rewards.dtype))
+DISCOUNTED_RETURNS = Op(
+    "discounted_returns(Tensor rewards, Tensor mask, float gamma, str backend) -> "
+    "(returns)",
+    _FAMILY, fake=_per_reward, eager=True)
 
 
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float = 1.0,
@@ -331,11 +267,8 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float = 1.0,
     _check_sequences(rewards, mask, values=values)
     gamma = _checks.number("gamma", gamma, lo=0.0, hi=1.0)
     lam = _checks.number("lam", lam, lo=0.0, hi=1.0)
-    name = backends.resolve(backend, _FAMILY, "gae", rewards.device)
-    if eager(rewards, values, mask):
-        with torch.no_grad():  # as the custom op: below autograd
-            return call(name, _FAMILY, "gae_forward", rewards, values, mask, gamma, lam)
-    return _gae_op(rewards.detach(), values.detach(), mask, gamma, lam, name)
+    name = GAE.resolve(backend, rewards.device)
+    return GAE(rewards, values, mask, gamma, lam, name)
 
 
 def discounted_returns(rewards: Tensor, mask: Tensor, *, gamma: float = 1.0,
@@ -359,11 +292,8 @@ def discounted_returns(rewards: Tensor, mask: Tensor, *, gamma: float = 1.0,
     """
     _check_sequences(rewards, mask)
     gamma = _checks.number("gamma", gamma, lo=0.0, hi=1.0)
-    name = backends.resolve(backend, _FAMILY, "discounted_returns", rewards.device)
-    if eager(rewards, mask):
-        with torch.no_grad():  # as the custom op: below autograd
-            return call(name, _FAMILY, "discounted_returns_forward", rewards, mask, gamma)
-    return _discounted_returns_op(rewards.detach(), mask, gamma, name)
+    name = DISCOUNTED_RETURNS.resolve(backend, rewards.device)
+    return DISCOUNTED_RETURNS(rewards, mask, gamma, name)
 
 
 __all__ = ["group_advantages", "masked_whiten", "gae", "discounted_returns"]

@@ -1,195 +1,81 @@
 """Fused lm_head ops: log-probs and the GRPO loss straight from hidden states, without ever
-materializing the ``[N, V]`` logits."""
+materializing the ``[N, V]`` logits; declared in the op table (:mod:`rlkernels.ops._table`).
+
+Vocabulary parallelism (SPEC 3.5): ``weight`` / ``bias`` are this rank's vocabulary shard
+and ``hidden`` is replicated. Forward: per-shard statistics combined by collectives
+(:mod:`rlkernels.distributed`). Backward: the plain backward kernels with the shard-local
+tokens and the global statistics give this rank's ``d weight`` / ``d bias`` shards and its
+part of ``d hidden``; the one collective of backward sums ``d hidden`` over the ranks.
+"""
 
 from __future__ import annotations
 
 import functools
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 
-from .. import _checks, backends
+from .. import _checks
 from .. import distributed as _dist
 from .._fused import fused_forward
 from .._policy_options import PolicyOptions
-from ._common import call, check_tokens_for, out_dtype
-from .policy import _fused_policy_inputs, _metrics_dict
-from ..reference.policy import METRICS
+from ._common import check_tokens_for, out_dtype
+from ._policy_args import fused_policy_inputs, metrics_dict
+from ._table import Backward, Op, Parallel
+from .policy import grpo_outputs
 
 Tensor = torch.Tensor
 _FAMILY = "linear"
+_BACKENDS = ("torch", "triton")
+_OPTIONS = {"options": (("modes", "nums"), PolicyOptions.decode)}
+_HEAD = ("hidden", "weight", "bias")
 
 
-def _grads_or_empty(grads, hidden, weight, bias):
-    """Custom ops cannot return ``None``: an empty tensor stands for "no bias"."""
-    g_h, g_w, g_b = grads
-    return g_h, g_w, g_b if g_b is not None else weight.new_empty(0)
+def _row_outputs(a, *widths):
+    n, dt = a.hidden.shape[0], out_dtype(a.hidden.dtype)
+    return tuple(a.hidden.new_empty((n, w) if w else (n,), dtype=dt) for w in widths)
 
 
-def _fake_grads(hidden, weight, bias):
-    return (torch.empty_like(hidden), torch.empty_like(weight),
-            torch.empty_like(bias) if bias is not None else weight.new_empty(0))
+def _local_forward(kernel, head_precision: Optional[str]):
+    """The backend's fused forward with ``head_precision`` bound (the collective helpers of
+    :mod:`rlkernels.distributed` call it with the plain arguments)."""
+    fn = kernel("linear_token_logprobs_forward")
+    return fn if head_precision is None else functools.partial(fn,
+                                                               head_precision=head_precision)
 
 
-def _input_grads(ctx, grads, bias_index: int, n_inputs: int):
-    """Map ``(d hidden, d weight, d bias)`` onto the op's inputs (hidden 0, weight 1)."""
-    out = [None] * n_inputs
-    need = ctx.needs_input_grad
-    out[0] = grads[0] if need[0] else None
-    out[1] = grads[1] if need[1] else None
-    out[bias_index] = grads[2] if need[bias_index] else None
-    return tuple(out)
+def _reduce_hidden(a, grads):
+    """This rank's ``d hidden`` is the sum over its vocabulary columns only: the all-shard
+    ``d hidden`` is its sum over the ranks (skipped when ``hidden`` needs no gradient)."""
+    if a.need_hidden:
+        grads["hidden"] = _dist.all_reduce_sum(grads["hidden"].contiguous(),
+                                               _dist.group_of(a.group))
+    return grads
 
 
 # ==================================================================== linear_token_logprobs
 
-@torch.library.custom_op("rlkernels::linear_token_logprobs", mutates_args=())
-def _linear_token_logprobs_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
-                              tokens: Tensor, temperature: float, ignore_index: int,
-                              with_entropy: bool, backend: str,
-                              head_precision: Optional[str] = None, path: str = "auto"
-                              ) -> Tuple[Tensor, Tensor, Tensor]:
-    return call(backend, _FAMILY, "linear_token_logprobs_forward", hidden, weight, bias,
-                tokens, temperature, ignore_index, with_entropy, head_precision, path)
-
-
-@_linear_token_logprobs_op.register_fake
-def _(hidden, weight, bias, tokens, temperature, ignore_index, with_entropy, backend,
-      head_precision=None, path="auto"):
-    dt = out_dtype(hidden.dtype)
-    n = hidden.shape[0]
-    return (hidden.new_empty(n, dtype=dt), hidden.new_empty(n, dtype=dt),
-            hidden.new_empty(n, 3, dtype=dt))
-
-
-@torch.library.custom_op("rlkernels::linear_token_logprobs_backward", mutates_args=())
-def _linear_token_logprobs_backward_op(grad_logp: Optional[Tensor],
-                                       grad_entropy: Optional[Tensor], hidden: Tensor,
-                                       weight: Tensor, bias: Optional[Tensor], tokens: Tensor,
-                                       stats: Tensor, temperature: float, ignore_index: int,
-                                       backend: str, head_precision: Optional[str] = None,
-                                       path: str = "auto") -> Tuple[Tensor, Tensor, Tensor]:
-    grads = call(backend, _FAMILY, "linear_token_logprobs_backward", grad_logp, grad_entropy,
-                 hidden, weight, bias, tokens, stats, temperature, ignore_index, head_precision,
-                 path)
-    return _grads_or_empty(grads, hidden, weight, bias)
-
-
-@_linear_token_logprobs_backward_op.register_fake
-def _(grad_logp, grad_entropy, hidden, weight, bias, tokens, stats, temperature,
-      ignore_index, backend, head_precision=None, path="auto"):
-    return _fake_grads(hidden, weight, bias)
-
-
-def _linear_token_logprobs_setup(ctx, inputs, output):
-    (hidden, weight, bias, tokens, temperature, ignore_index, with_entropy, backend,
-     head_precision, path) = inputs
-    ctx.save_for_backward(hidden, weight, bias, tokens, output[2])
-    ctx.args = (temperature, ignore_index, backend, head_precision, path)
-    ctx.with_entropy = with_entropy
-    ctx.mark_non_differentiable(output[2])
-
-
-def _linear_token_logprobs_grad(ctx, grad_logp, grad_entropy, _grad_lse):
-    if not any(ctx.needs_input_grad[:3]):
-        return (None,) * 10
-    hidden, weight, bias, tokens, stats = ctx.saved_tensors
-    grads = _linear_token_logprobs_backward_op(
-        grad_logp, grad_entropy if ctx.with_entropy else None, hidden, weight, bias, tokens,
-        stats, *ctx.args)
-    return _input_grads(ctx, grads, 2, 10)
-
-
-_linear_token_logprobs_op.register_autograd(_linear_token_logprobs_grad,
-                                            setup_context=_linear_token_logprobs_setup)
-
-
-# vocabulary parallelism (SPEC 3.5): weight / bias are this rank's vocabulary shard and hidden
-# is replicated. Forward: per-shard statistics combined by collectives
-# (rlkernels.distributed). Backward: the plain backward kernels with the shard-local tokens
-# and the global statistics give this rank's d weight / d bias shards and its part of d
-# hidden; the one collective of backward sums d hidden over the ranks (see
-# linear_token_logprobs).
-
-@torch.library.custom_op("rlkernels::linear_token_logprobs_vp", mutates_args=())
-def _linear_token_logprobs_vp_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
-                                 tokens: Tensor, temperature: float, ignore_index: int,
-                                 with_entropy: bool, group: int, backend: str,
-                                 head_precision: Optional[str] = None
-                                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def _linear_token_logprobs_parallel(a, kernel):
     return _dist.linear_token_logprobs_forward(
-        _with_precision(backend, "linear_token_logprobs_forward", head_precision), hidden,
-        weight, bias, tokens, temperature, ignore_index, with_entropy, _dist.group_of(group))
+        _local_forward(kernel, a.head_precision), a.hidden, a.weight, a.bias, a.tokens,
+        a.temperature, a.ignore_index, a.with_entropy, _dist.group_of(a.group))
 
 
-def _with_precision(backend: str, fn: str, head_precision: Optional[str]):
-    """The backend's kernel ``fn`` with ``head_precision`` bound (for the collective
-    helpers of :mod:`rlkernels.distributed`, which call it with the plain arguments)."""
-    kernel = backends.kernel(backend, _FAMILY, fn)
-    if head_precision is None:
-        return kernel
-    return functools.partial(kernel, head_precision=head_precision)
-
-
-@_linear_token_logprobs_vp_op.register_fake
-def _(hidden, weight, bias, tokens, temperature, ignore_index, with_entropy, group, backend,
-      head_precision=None):
-    dt = out_dtype(hidden.dtype)
-    n = hidden.shape[0]
-    return (hidden.new_empty(n, dtype=dt), hidden.new_empty(n, dtype=dt),
-            hidden.new_empty(n, 3, dtype=dt), hidden.new_empty(n, dtype=torch.int64))
-
-
-@torch.library.custom_op("rlkernels::linear_token_logprobs_vp_backward", mutates_args=())
-def _linear_token_logprobs_vp_backward_op(
-        grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor], hidden: Tensor,
-        weight: Tensor, bias: Optional[Tensor], local_tokens: Tensor, stats: Tensor,
-        temperature: float, ignore_index: int, group: int, reduce_hidden: bool, backend: str,
-        head_precision: Optional[str] = None) -> Tuple[Tensor, Tensor, Tensor]:
-    grads = call(backend, _FAMILY, "linear_token_logprobs_backward", grad_logp, grad_entropy,
-                 hidden, weight, bias, local_tokens, stats, temperature, ignore_index,
-                 head_precision)
-    return _reduce_hidden_grad(grads, hidden, weight, bias, group, reduce_hidden)
-
-
-@_linear_token_logprobs_vp_backward_op.register_fake
-def _(grad_logp, grad_entropy, hidden, weight, bias, *args):
-    return _fake_grads(hidden, weight, bias)
-
-
-def _reduce_hidden_grad(grads, hidden, weight, bias, group: int, reduce_hidden: bool):
-    """This rank's ``d hidden`` is the sum over its vocabulary columns only: the all-shard
-    ``d hidden`` is its sum over the ranks (skipped when ``hidden`` needs no gradient)."""
-    g_h, g_w, g_b = _grads_or_empty(grads, hidden, weight, bias)
-    if reduce_hidden:
-        g_h = _dist.all_reduce_sum(g_h.contiguous(), _dist.group_of(group))
-    return g_h, g_w, g_b
-
-
-def _linear_token_logprobs_vp_setup(ctx, inputs, output):
-    (hidden, weight, bias, tokens, temperature, ignore_index, with_entropy, group, backend,
-     head_precision) = inputs
-    ctx.save_for_backward(hidden, weight, bias, output[3], output[2])
-    ctx.args = (temperature, ignore_index, group)
-    ctx.backend = backend
-    ctx.head_precision = head_precision
-    ctx.with_entropy = with_entropy
-    ctx.mark_non_differentiable(output[2], output[3])
-
-
-def _linear_token_logprobs_vp_grad(ctx, grad_logp, grad_entropy, _grad_stats, _grad_tokens):
-    if not any(ctx.needs_input_grad[:3]):
-        return (None,) * 10
-    hidden, weight, bias, local_tokens, stats = ctx.saved_tensors
-    grads = _linear_token_logprobs_vp_backward_op(
-        grad_logp, grad_entropy if ctx.with_entropy else None, hidden, weight, bias,
-        local_tokens, stats, *ctx.args, ctx.needs_input_grad[0], ctx.backend,
-        ctx.head_precision)
-    return _input_grads(ctx, grads, 2, 10)
-
-
-_linear_token_logprobs_vp_op.register_autograd(_linear_token_logprobs_vp_grad,
-                                               setup_context=_linear_token_logprobs_vp_setup)
+LINEAR_TOKEN_LOGPROBS = Op(
+    "linear_token_logprobs(Tensor hidden, Tensor weight, Tensor? bias, Tensor tokens, "
+    "float temperature, int ignore_index, bool with_entropy, str backend, str? "
+    "head_precision=None, str path='auto') -> (logp, entropy, stats)",
+    _FAMILY, backends=_BACKENDS,
+    fake=lambda a: _row_outputs(a, 0, 0, 3),
+    differentiable=_HEAD, nondiff=("stats",), saved=_HEAD + ("tokens", "stats"),
+    grad_if={"entropy": lambda a: a.with_entropy},
+    backward=Backward(("grad_logp", "grad_entropy") + _HEAD
+                      + ("tokens", "stats", "temperature", "ignore_index", "head_precision",
+                         "path"), grads=_HEAD),
+    parallel=Parallel(
+        _linear_token_logprobs_parallel, backends=_BACKENDS, extra_outputs=("local_tokens",),
+        extra_fake=lambda a: (a.hidden.new_empty(a.hidden.shape[0], dtype=torch.int64),),
+        save_as={"tokens": "local_tokens"}, reduce=_reduce_hidden))
 
 
 def _check_linear(hidden, weight, bias) -> None:
@@ -290,79 +176,27 @@ def _linear_token_logprobs(hidden, weight, tokens, bias, t, ignore_index, return
     (``"auto"``, ``"triton"`` or ``"cublas"``; the benchmarks compare them)."""
     _check_head_options(head_precision, path)
     handle = _check_group_tokens(process_group, tokens, weight, ignore_index)
-    name = backends.resolve(backend, _FAMILY, "linear_token_logprobs", hidden.device)
-    if handle is not None:
-        logp, ent, _, _ = _linear_token_logprobs_vp_op(
-            hidden.reshape(-1, hidden.shape[-1]), weight, bias, tokens.reshape(-1), t,
-            ignore_index, return_entropy, handle, name, head_precision)
-        shape = tokens.shape
-        return (logp.view(shape), ent.view(shape)) if return_entropy else logp.view(shape)
-    logp, ent, _ = _linear_token_logprobs_op(hidden.reshape(-1, hidden.shape[-1]), weight,
-                                             bias, tokens.reshape(-1), t, ignore_index,
-                                             return_entropy, name, head_precision, path)
+    name = LINEAR_TOKEN_LOGPROBS.resolve(backend, hidden.device, handle is not None)
+    logp, ent = LINEAR_TOKEN_LOGPROBS(hidden.reshape(-1, hidden.shape[-1]), weight, bias,
+                                      tokens.reshape(-1), t, ignore_index, return_entropy,
+                                      name, head_precision, path, group=handle)[:2]
     shape = tokens.shape
     return (logp.view(shape), ent.view(shape)) if return_entropy else logp.view(shape)
 
 
 # ==================================================== _linear_token_stats (private: the TRL head)
 
-@torch.library.custom_op("rlkernels::linear_token_stats", mutates_args=())
-def _linear_token_stats_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
-                           tokens: Tensor, temperature: float, ignore_index: int,
-                           with_entropy: bool, logit_scale: float, softcap: Optional[float],
-                           extras: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    return call(backend, _FAMILY, "linear_token_stats_forward", hidden, weight, bias, tokens,
-                temperature, ignore_index, with_entropy, logit_scale, softcap, extras)
-
-
-@_linear_token_stats_op.register_fake
-def _(hidden, weight, bias, tokens, temperature, ignore_index, with_entropy, logit_scale,
-      softcap, extras, backend):
-    dt = out_dtype(hidden.dtype)
-    n = hidden.shape[0]
-    return (hidden.new_empty(n, dtype=dt), hidden.new_empty(n, dtype=dt),
-            hidden.new_empty(n, 3, dtype=dt), hidden.new_empty(n, 3, dtype=dt))
-
-
-@torch.library.custom_op("rlkernels::linear_token_stats_backward", mutates_args=())
-def _linear_token_stats_backward_op(grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor],
-                                    hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
-                                    tokens: Tensor, stats: Tensor, temperature: float,
-                                    ignore_index: int, logit_scale: float,
-                                    softcap: Optional[float], backend: str
-                                    ) -> Tuple[Tensor, Tensor, Tensor]:
-    grads = call(backend, _FAMILY, "linear_token_stats_backward", grad_logp, grad_entropy,
-                 hidden, weight, bias, tokens, stats, temperature, ignore_index, logit_scale,
-                 softcap)
-    return _grads_or_empty(grads, hidden, weight, bias)
-
-
-@_linear_token_stats_backward_op.register_fake
-def _(grad_logp, grad_entropy, hidden, weight, bias, *args):
-    return _fake_grads(hidden, weight, bias)
-
-
-def _linear_token_stats_setup(ctx, inputs, output):
-    (hidden, weight, bias, tokens, temperature, ignore_index, with_entropy, logit_scale,
-     softcap, _extras, backend) = inputs
-    ctx.save_for_backward(hidden, weight, bias, tokens, output[2])
-    ctx.args = (temperature, ignore_index, logit_scale, softcap, backend)
-    ctx.with_entropy = with_entropy
-    ctx.mark_non_differentiable(output[2], output[3])
-
-
-def _linear_token_stats_grad(ctx, grad_logp, grad_entropy, _grad_stats, _grad_extra):
-    if not any(ctx.needs_input_grad[:3]):
-        return (None,) * 11
-    hidden, weight, bias, tokens, stats = ctx.saved_tensors
-    grads = _linear_token_stats_backward_op(
-        grad_logp, grad_entropy if ctx.with_entropy else None, hidden, weight, bias, tokens,
-        stats, *ctx.args)
-    return _input_grads(ctx, grads, 2, 11)
-
-
-_linear_token_stats_op.register_autograd(_linear_token_stats_grad,
-                                         setup_context=_linear_token_stats_setup)
+LINEAR_TOKEN_STATS = Op(
+    "linear_token_stats(Tensor hidden, Tensor weight, Tensor? bias, Tensor tokens, float "
+    "temperature, int ignore_index, bool with_entropy, float logit_scale, float? softcap, "
+    "bool extras, str backend) -> (logp, entropy, stats, extra)",
+    _FAMILY, backends=_BACKENDS,
+    fake=lambda a: _row_outputs(a, 0, 0, 3, 3),
+    differentiable=_HEAD, nondiff=("stats", "extra"), saved=_HEAD + ("tokens", "stats"),
+    grad_if={"entropy": lambda a: a.with_entropy},
+    backward=Backward(("grad_logp", "grad_entropy") + _HEAD
+                      + ("tokens", "stats", "temperature", "ignore_index", "logit_scale",
+                         "softcap"), grads=_HEAD))
 
 
 def _linear_token_stats(hidden: Tensor, weight: Tensor, tokens: Tensor, *,
@@ -405,8 +239,8 @@ def _linear_token_stats(hidden: Tensor, weight: Tensor, tokens: Tensor, *,
             raise ValueError("softcap: expected None or a nonzero float (the cap c of "
                              "c * tanh(u / c)), got 0.0")
     _checks.token_range("tokens", tokens, weight.shape[0], ignore_index)
-    name = backends.resolve(backend, _FAMILY, "linear_token_stats", hidden.device)
-    logp, ent, _, extra = _linear_token_stats_op(
+    name = LINEAR_TOKEN_STATS.resolve(backend, hidden.device)
+    logp, ent, _, extra = LINEAR_TOKEN_STATS(
         hidden.reshape(-1, hidden.shape[-1]), weight, bias, tokens.reshape(-1), t,
         ignore_index, return_entropy, scale, softcap, extras, name)
     shape = tokens.shape
@@ -418,145 +252,45 @@ def _linear_token_stats(hidden: Tensor, weight: Tensor, tokens: Tensor, *,
 
 # ========================================================================= linear_grpo_loss
 
-@torch.library.custom_op("rlkernels::linear_grpo_loss", mutates_args=())
-def _linear_grpo_loss_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
-                         tokens: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
-                         normalizer: Optional[Tensor], ref_logp: Optional[Tensor],
-                         is_weights: Optional[Tensor], temperature: float, modes: str,
-                         nums: List[float], backend: str, head_precision: Optional[str] = None,
-                         path: str = "auto"
-                         ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return call(backend, _FAMILY, "linear_grpo_loss_forward", hidden, weight, bias, tokens,
-                old_logp, advantages, mask, normalizer, ref_logp, is_weights, temperature,
-                PolicyOptions.decode(modes, nums), head_precision, path)
+_GRPO_INPUTS = _HEAD + ("tokens", "old_logp", "advantages", "mask", "normalizer", "ref_logp",
+                        "is_weights")
 
 
-@_linear_grpo_loss_op.register_fake
-def _(hidden, weight, bias, tokens, *args):
-    dt = out_dtype(hidden.dtype)
-    return (hidden.new_empty((), dtype=dt), hidden.new_empty(len(METRICS), dtype=torch.float32),
-            hidden.new_empty(tokens.shape, dtype=dt), hidden.new_empty(tokens.shape, dtype=dt),
-            hidden.new_empty(hidden.shape[0], 3, dtype=dt))
-
-
-@torch.library.custom_op("rlkernels::linear_grpo_loss_backward", mutates_args=())
-def _linear_grpo_loss_backward_op(grad_loss: Tensor, hidden: Tensor, weight: Tensor,
-                                  bias: Optional[Tensor], tokens: Tensor, old_logp: Tensor,
-                                  advantages: Tensor, mask: Tensor,
-                                  normalizer: Optional[Tensor], ref_logp: Optional[Tensor],
-                                  is_weights: Optional[Tensor], logp: Tensor, ent: Tensor,
-                                  stats: Tensor, temperature: float, modes: str,
-                                  nums: List[float], backend: str,
-                                  head_precision: Optional[str] = None, path: str = "auto"
-                                  ) -> Tuple[Tensor, Tensor, Tensor]:
-    grads = call(backend, _FAMILY, "linear_grpo_loss_backward", grad_loss, hidden, weight,
-                 bias, tokens, old_logp, advantages, mask, normalizer, ref_logp, is_weights,
-                 logp, ent, stats, temperature, PolicyOptions.decode(modes, nums),
-                 head_precision, path)
-    return _grads_or_empty(grads, hidden, weight, bias)
-
-
-@_linear_grpo_loss_backward_op.register_fake
-def _(grad_loss, hidden, weight, bias, *args):
-    return _fake_grads(hidden, weight, bias)
-
-
-def _linear_grpo_loss_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:10], *output[2:])
-    ctx.args = inputs[10:]
-    ctx.mark_non_differentiable(*output[1:])
-
-
-def _linear_grpo_loss_grad(ctx, grad_loss, *_unused):
-    if not any(ctx.needs_input_grad[:3]):
-        return (None,) * 16
-    grads = _linear_grpo_loss_backward_op(grad_loss, *ctx.saved_tensors, *ctx.args)
-    return _input_grads(ctx, grads, 2, 16)
-
-
-_linear_grpo_loss_op.register_autograd(_linear_grpo_loss_grad,
-                                       setup_context=_linear_grpo_loss_setup)
-
-
-# vocabulary parallelism: the same composition with the log-probs of
-# _linear_token_logprobs_vp_op's forward; backward as the unsharded op's, then the sum of
-# d hidden over the group (as in linear_token_logprobs).
-
-@torch.library.custom_op("rlkernels::linear_grpo_loss_vp", mutates_args=())
-def _linear_grpo_loss_vp_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
-                            tokens: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
-                            normalizer: Optional[Tensor], ref_logp: Optional[Tensor],
-                            is_weights: Optional[Tensor], temperature: float, modes: str,
-                            nums: List[float], group: int, backend: str,
-                            head_precision: Optional[str] = None
-                            ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    linear_forward = _with_precision(backend, "linear_token_logprobs_forward", head_precision)
+def _linear_grpo_loss_parallel(a, kernel):
+    # the same composition with the log-probs of linear_token_logprobs' parallel forward
+    local_forward = _local_forward(kernel, a.head_precision)
     local = {}
 
     def logprobs(flat_tokens):
         logp, ent, stats, local["tokens"] = _dist.linear_token_logprobs_forward(
-            linear_forward, hidden, weight, bias, flat_tokens, temperature, -100, True,
-            _dist.group_of(group))
+            local_forward, a.hidden, a.weight, a.bias, flat_tokens, a.temperature, -100, True,
+            _dist.group_of(a.group))
         return logp, ent, stats
 
-    out = fused_forward(logprobs, backends.kernel(backend, "policy", "policy_loss_forward"),
-                        tokens, old_logp, advantages, mask, normalizer, ref_logp, is_weights,
-                        PolicyOptions.decode(modes, nums))
-    return (*out, local["tokens"].view(tokens.shape))
+    out = fused_forward(logprobs, kernel("policy_loss_forward", "policy"), a.tokens,
+                        a.old_logp, a.advantages, a.mask, a.normalizer, a.ref_logp,
+                        a.is_weights, PolicyOptions.decode(a.modes, a.nums))
+    return (*out, local["tokens"].view(a.tokens.shape))
 
 
-@_linear_grpo_loss_vp_op.register_fake
-def _(hidden, weight, bias, tokens, *args):
-    dt = out_dtype(hidden.dtype)
-    return (hidden.new_empty((), dtype=dt), hidden.new_empty(len(METRICS), dtype=torch.float32),
-            hidden.new_empty(tokens.shape, dtype=dt), hidden.new_empty(tokens.shape, dtype=dt),
-            hidden.new_empty(hidden.shape[0], 3, dtype=dt),
-            hidden.new_empty(tokens.shape, dtype=torch.int64))
-
-
-@torch.library.custom_op("rlkernels::linear_grpo_loss_vp_backward", mutates_args=())
-def _linear_grpo_loss_vp_backward_op(grad_loss: Tensor, hidden: Tensor, weight: Tensor,
-                                     bias: Optional[Tensor], local_tokens: Tensor,
-                                     old_logp: Tensor, advantages: Tensor, mask: Tensor,
-                                     normalizer: Optional[Tensor], ref_logp: Optional[Tensor],
-                                     is_weights: Optional[Tensor], logp: Tensor, ent: Tensor,
-                                     stats: Tensor, temperature: float, modes: str,
-                                     nums: List[float], group: int, reduce_hidden: bool,
-                                     backend: str, head_precision: Optional[str] = None
-                                     ) -> Tuple[Tensor, Tensor, Tensor]:
-    grads = call(backend, _FAMILY, "linear_grpo_loss_backward", grad_loss, hidden, weight,
-                 bias, local_tokens, old_logp, advantages, mask, normalizer, ref_logp,
-                 is_weights, logp, ent, stats, temperature, PolicyOptions.decode(modes, nums),
-                 head_precision)
-    return _reduce_hidden_grad(grads, hidden, weight, bias, group, reduce_hidden)
-
-
-@_linear_grpo_loss_vp_backward_op.register_fake
-def _(grad_loss, hidden, weight, bias, *args):
-    return _fake_grads(hidden, weight, bias)
-
-
-def _linear_grpo_loss_vp_setup(ctx, inputs, output):
-    # the shard-local tokens (output 5) replace the global ones (input 3) for backward
-    ctx.save_for_backward(*inputs[:3], output[5], *inputs[4:10], *output[2:5])
-    temperature, modes, nums, group, backend, head_precision = inputs[10:]
-    ctx.args = (temperature, modes, nums, group)
-    ctx.backend = backend
-    ctx.head_precision = head_precision
-    ctx.mark_non_differentiable(*output[1:])
-
-
-def _linear_grpo_loss_vp_grad(ctx, grad_loss, *_unused):
-    if not any(ctx.needs_input_grad[:3]):
-        return (None,) * 16
-    grads = _linear_grpo_loss_vp_backward_op(grad_loss, *ctx.saved_tensors, *ctx.args,
-                                             ctx.needs_input_grad[0], ctx.backend,
-                                             ctx.head_precision)
-    return _input_grads(ctx, grads, 2, 16)
-
-
-_linear_grpo_loss_vp_op.register_autograd(_linear_grpo_loss_vp_grad,
-                                          setup_context=_linear_grpo_loss_vp_setup)
+LINEAR_GRPO_LOSS = Op(
+    "linear_grpo_loss(Tensor hidden, Tensor weight, Tensor? bias, Tensor tokens, Tensor "
+    "old_logp, Tensor advantages, Tensor mask, Tensor? normalizer, Tensor? ref_logp, "
+    "Tensor? is_weights, float temperature, str modes, float[] nums, str backend, str? "
+    "head_precision=None, str path='auto') -> (loss, metrics, logp, entropy, stats)",
+    _FAMILY, backends=_BACKENDS,
+    fake=lambda a: grpo_outputs(a.hidden, a.tokens),
+    derive=_OPTIONS,
+    kernel_args=_GRPO_INPUTS + ("temperature", "options", "head_precision", "path"),
+    differentiable=_HEAD, nondiff=("metrics", "logp", "entropy", "stats"),
+    saved=_GRPO_INPUTS + ("logp", "entropy", "stats"),
+    backward=Backward(("grad_loss",) + _GRPO_INPUTS
+                      + ("logp", "entropy", "stats", "temperature", "options",
+                         "head_precision", "path"), grads=_HEAD),
+    parallel=Parallel(
+        _linear_grpo_loss_parallel, backends=_BACKENDS, extra_outputs=("local_tokens",),
+        extra_fake=lambda a: (a.hidden.new_empty(a.tokens.shape, dtype=torch.int64),),
+        save_as={"tokens": "local_tokens"}, reduce=_reduce_hidden))
 
 
 def linear_grpo_loss(hidden: Tensor, weight: Tensor, tokens: Tensor, old_logp: Tensor,
@@ -589,23 +323,13 @@ def linear_grpo_loss(hidden: Tensor, weight: Tensor, tokens: Tensor, old_logp: T
     path = policy_loss_options.pop("_path", "auto")  # private: the benchmarks' path choice
     _check_head_options(head_precision, path)
     handle = _check_group_tokens(process_group, tokens, weight, -100)
-    opts, norm, is_weights = _fused_policy_inputs("linear_grpo_loss", policy_loss_options,
-                                                  tokens, old_logp, advantages, mask,
-                                                  ref_logp, entropy_coef)
-    name = backends.resolve(backend, _FAMILY, "linear_grpo_loss", hidden.device)
+    opts, norm, is_weights = fused_policy_inputs("linear_grpo_loss", policy_loss_options,
+                                                 tokens, old_logp, advantages, mask,
+                                                 ref_logp, entropy_coef)
+    name = LINEAR_GRPO_LOSS.resolve(backend, hidden.device, handle is not None)
     modes, nums = opts.encode()
-    if handle is not None:
-        value, metrics, _, _, _, _ = _linear_grpo_loss_vp_op(
-            hidden.reshape(-1, hidden.shape[-1]), weight, bias, tokens, old_logp.detach(),
-            advantages.detach(), mask.detach(), norm,
-            None if ref_logp is None else ref_logp.detach(),
-            None if is_weights is None else is_weights.detach(), t, modes, nums, handle, name,
-            head_precision)
-        return value, _metrics_dict(metrics, ref_logp is not None, True)
-    value, metrics, _, _, _ = _linear_grpo_loss_op(
-        hidden.reshape(-1, hidden.shape[-1]), weight, bias, tokens, old_logp.detach(),
-        advantages.detach(), mask.detach(), norm,
-        None if ref_logp is None else ref_logp.detach(),
-        None if is_weights is None else is_weights.detach(), t, modes, nums, name,
-        head_precision, path)
-    return value, _metrics_dict(metrics, ref_logp is not None, True)
+    value, metrics = LINEAR_GRPO_LOSS(
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias, tokens, old_logp, advantages, mask,
+        norm, ref_logp, is_weights, t, modes, nums, name, head_precision, path,
+        group=handle)[:2]
+    return value, metrics_dict(metrics, ref_logp is not None, True)

@@ -1,79 +1,48 @@
 """Policy-loss ops: ``kl_penalty``, ``policy_loss`` (log-probs in) and ``grpo_loss`` (the same
-fused with the log-prob computation from logits)."""
+fused with the log-prob computation from logits), declared in the op table
+(:mod:`rlkernels.ops._table`)."""
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
-from .. import _checks, backends
+from .. import _checks
 from .. import distributed as _dist
 from .._fused import fused_forward
-from .._policy_options import KL_ESTIMATORS, PolicyOptions, encoded_options
-from ..reference import policy as _ref
-from ._common import call, check_tokens_for, out_dtype, rows
-from ._eager import eager
+from .._policy_options import KL_ESTIMATORS, METRICS, PolicyOptions
+from ._common import check_tokens_for, out_dtype, rows
+from ._policy_args import check_policy_inputs, fused_policy_inputs, metrics_dict, options
+from ._table import Backward, Op, Parallel
 
 Tensor = torch.Tensor
 _FAMILY = "policy"
 
+# the options travel through the custom ops as (modes, nums) and reach the kernels decoded
+_OPTIONS = {"options": (("modes", "nums"), PolicyOptions.decode)}
+
+
+def loss_outputs(x: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """Empty ``(loss [], metrics [len(METRICS)] fp32)`` of the fakes."""
+    return x.new_empty((), dtype=out_dtype(dtype)), x.new_empty(len(METRICS),
+                                                                dtype=torch.float32)
+
 
 # ================================================================================ kl_penalty
 
-@torch.library.custom_op("rlkernels::kl_penalty", mutates_args=())
-def _kl_penalty_op(logp: Tensor, ref_logp: Tensor, estimator: str, clamp_lo: Optional[float],
-                   clamp_hi: Optional[float]) -> Tensor:
-    return _kl_penalty_impl(logp, ref_logp, estimator, clamp_lo, clamp_hi)
-
-
-def _kl_penalty_impl(logp, ref_logp, estimator, clamp_lo, clamp_hi) -> Tensor:
-    value = _ref.kl_penalty_forward(logp.to(_kl_dtype(logp, ref_logp)), ref_logp, estimator)
-    if clamp_lo is not None:
-        value = torch.clamp(value, clamp_lo, clamp_hi)
-    return value
-
-
-def _kl_dtype(logp: Tensor, ref_logp: Tensor) -> torch.dtype:
-    return out_dtype(torch.promote_types(logp.dtype, ref_logp.dtype))
-
-
-@_kl_penalty_op.register_fake
-def _(logp, ref_logp, estimator, clamp_lo, clamp_hi):
-    return logp.new_empty(logp.shape, dtype=_kl_dtype(logp, ref_logp))
-
-
-def _kl_penalty_setup(ctx, inputs, output):
-    logp, ref_logp, estimator, clamp_lo, clamp_hi = inputs
-    ctx.save_for_backward(logp, ref_logp, output)
-    ctx.args = (estimator, clamp_lo, clamp_hi)
-
-
-def _kl_penalty_grad(ctx, grad):
-    logp, ref_logp, value = ctx.saved_tensors
-    estimator, lo, hi = ctx.args
-    g = grad * _ref.kl_penalty_grad(logp.to(value.dtype), ref_logp.to(value.dtype), estimator)
-    if lo is not None:  # like torch.clamp: no gradient where the clamp is active
-        unclamped = _ref.kl_penalty_forward(logp.to(value.dtype), ref_logp, estimator)
-        g = torch.where((unclamped >= lo) & (unclamped <= hi), g, torch.zeros_like(g))
-    g_lp = g.to(logp.dtype) if ctx.needs_input_grad[0] else None
-    g_ref = (-g).to(ref_logp.dtype) if ctx.needs_input_grad[1] else None
-    return g_lp, g_ref, None, None, None
-
-
-_kl_penalty_op.register_autograd(_kl_penalty_grad, setup_context=_kl_penalty_setup)
-
-
-class _KLPenaltyFn(torch.autograd.Function):
-    """The eager fast path (see ``ops/_eager.py``): the custom op's body, setup and backward."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _kl_penalty_impl(*inputs)
-        _kl_penalty_setup(ctx, inputs, output)
-        return output
-
-    backward = staticmethod(_kl_penalty_grad)
+# elementwise on [B, T]: the reference is the kernel on every device (a fused kernel would
+# save nothing over the few elementwise launches)
+KL_PENALTY = Op(
+    "kl_penalty(Tensor logp, Tensor ref_logp, str estimator, float? clamp_lo, float? "
+    "clamp_hi, str backend='torch') -> (value)",
+    _FAMILY, backends=("torch",),
+    fake=lambda a: a.logp.new_empty(
+        a.logp.shape, dtype=out_dtype(torch.promote_types(a.logp.dtype, a.ref_logp.dtype))),
+    differentiable=("logp", "ref_logp"), saved=("logp", "ref_logp"),
+    backward=Backward(("grad_value", "logp", "ref_logp", "estimator", "clamp_lo", "clamp_hi"),
+                      grads=("logp", "ref_logp")),
+    eager=True)
 
 
 def kl_penalty(logp: Tensor, ref_logp: Tensor, *, estimator: str = "k3",
@@ -102,183 +71,25 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, *, estimator: str = "k3",
         hi = _checks.number("clamp[1]", clamp[1])
         if lo > hi:
             raise ValueError(f"clamp: expected lo <= hi, got ({lo}, {hi})")
-    if eager(logp, ref_logp):
-        return _KLPenaltyFn.apply(logp, ref_logp, estimator, lo, hi)
-    return _kl_penalty_op(logp, ref_logp, estimator, lo, hi)
+    return KL_PENALTY(logp, ref_logp, estimator, lo, hi, "torch")
 
 
 # =============================================================================== policy_loss
 
-@torch.library.custom_op("rlkernels::policy_loss", mutates_args=())
-def _policy_loss_op(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
-                    normalizer: Optional[Tensor], ref_logp: Optional[Tensor],
-                    entropy: Optional[Tensor], is_weights: Optional[Tensor], modes: str,
-                    nums: List[float], backend: str) -> Tuple[Tensor, Tensor]:
-    return call(backend, _FAMILY, "policy_loss_forward", logp, old_logp, advantages, mask,
-                normalizer, ref_logp, entropy, is_weights, PolicyOptions.decode(modes, nums))
+_POLICY_TENSORS = ("logp", "old_logp", "advantages", "mask", "normalizer", "ref_logp",
+                   "entropy", "is_weights")
 
-
-@_policy_loss_op.register_fake
-def _(logp, old_logp, advantages, mask, normalizer, ref_logp, entropy, is_weights, modes,
-      nums, backend):
-    return (logp.new_empty((), dtype=out_dtype(logp.dtype)),
-            logp.new_empty(len(_ref.METRICS), dtype=torch.float32))
-
-
-@torch.library.custom_op("rlkernels::policy_loss_backward", mutates_args=())
-def _policy_loss_backward_op(grad_loss: Tensor, logp: Tensor, old_logp: Tensor,
-                             advantages: Tensor, mask: Tensor, normalizer: Optional[Tensor],
-                             ref_logp: Optional[Tensor], entropy: Optional[Tensor],
-                             is_weights: Optional[Tensor], modes: str, nums: List[float],
-                             backend: str) -> Tuple[Tensor, Tensor]:
-    g_lp, g_ent = call(backend, _FAMILY, "policy_loss_backward", grad_loss, logp, old_logp,
-                       advantages, mask, normalizer, ref_logp, entropy, is_weights,
-                       PolicyOptions.decode(modes, nums))
-    return g_lp, g_ent if g_ent is not None else logp.new_empty(0)
-
-
-@_policy_loss_backward_op.register_fake
-def _(grad_loss, logp, old_logp, advantages, mask, normalizer, ref_logp, entropy, is_weights,
-      modes, nums, backend):
-    return (torch.empty_like(logp),
-            torch.empty_like(entropy) if entropy is not None else logp.new_empty(0))
-
-
-def _policy_loss_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:8])
-    ctx.args = inputs[8:]
-    ctx.mark_non_differentiable(output[1])
-
-
-def _policy_loss_grad(ctx, grad_loss, _grad_metrics):
-    tensors = ctx.saved_tensors
-    need_lp, need_ent = ctx.needs_input_grad[0], ctx.needs_input_grad[6]
-    if not (need_lp or need_ent):
-        return (None,) * 11
-    if eager(grad_loss, *tensors):  # e.g. not under compiled autograd
-        modes, nums, backend = ctx.args
-        g_lp, g_ent = call(backend, _FAMILY, "policy_loss_backward", grad_loss, *tensors,
-                           PolicyOptions.decode(modes, nums))
-    else:
-        g_lp, g_ent = _policy_loss_backward_op(grad_loss, *tensors, *ctx.args)
-    return ((g_lp if need_lp else None,) + (None,) * 5
-            + (g_ent if need_ent else None,) + (None,) * 4)
-
-
-_policy_loss_op.register_autograd(_policy_loss_grad, setup_context=_policy_loss_setup)
-
-
-class _PolicyLossFn(torch.autograd.Function):
-    """The eager fast path (see ``ops/_eager.py``): the custom op's body, setup and backward."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        *tensors, modes, nums, backend = inputs
-        output = call(backend, _FAMILY, "policy_loss_forward", *tensors,
-                      PolicyOptions.decode(modes, nums))
-        _policy_loss_setup(ctx, inputs, output)
-        return output
-
-    backward = staticmethod(_policy_loss_grad)
-
-
-_POLICY_ARGS = ("loss", "clip_low", "clip_high", "dual_clip", "delta", "ratio_level", "agg",
-                "normalizer", "kl_coef", "kl_estimator", "is_weights", "log_ratio_clamp",
-                "cispo_clip_low")
-
-
-def _check_policy_inputs(logp: Tensor, old_logp, advantages, mask, ref_logp, entropy,
-                         is_weights, normalizer) -> Optional[Tensor]:
-    """Shapes, dtypes and devices of the ``[B, T]`` inputs; returns ``normalizer`` as a 0-dim
-    tensor (or ``None``)."""
-    b_t = tuple(logp.shape)
-    for name, x in (("old_logp", old_logp), ("ref_logp", ref_logp), ("entropy", entropy),
-                    ("is_weights", is_weights)):
-        if x is not None:
-            _checks.tensor(name, x, dtypes=_checks.FLOAT_DTYPES)
-            _checks.shape(name, x, b_t, "the shape of logp, [B, T]")
-    _checks.tensor("advantages", advantages, dtypes=_checks.FLOAT_DTYPES)
-    if tuple(advantages.shape) not in (b_t, b_t[:1]):
-        raise ValueError(f"advantages: expected shape {b_t[:1]} or {b_t} ([B] or [B, T] "
-                         f"for logp of shape {b_t}), got {tuple(advantages.shape)}")
-    _checks.tensor("mask", mask)
-    if mask.dtype.is_complex:
-        raise TypeError(f"mask: expected a bool, integer or float tensor, got {mask.dtype}")
-    _checks.shape("mask", mask, b_t, "the shape of logp, [B, T]")
-    _checks.same_device("logp", logp, old_logp=old_logp, advantages=advantages, mask=mask,
-                        ref_logp=ref_logp, entropy=entropy, is_weights=is_weights)
-    if normalizer is None:
-        return None
-    if isinstance(normalizer, torch.Tensor):
-        if normalizer.dim() != 0 or not normalizer.is_floating_point() and \
-                normalizer.dtype not in _checks.INDEX_DTYPES:
-            raise ValueError(f"normalizer: expected a number or a 0-dim tensor, got a tensor "
-                             f"of shape {tuple(normalizer.shape)} and dtype {normalizer.dtype}")
-        _checks.same_device("logp", logp, normalizer=normalizer)
-        return normalizer.detach()
-    value = _checks.positive("normalizer", normalizer)
-    dtype = torch.float64 if logp.dtype == torch.float64 else torch.float32
-    if torch.compiler.is_compiling():  # a graph constant; no global state in a trace
-        return torch.tensor(value, dtype=dtype, device=logp.device)
-    key = (value, dtype, logp.device)
-    norm = _NORMALIZERS.get(key)
-    if norm is None:
-        if len(_NORMALIZERS) >= 256:
-            _NORMALIZERS.clear()
-        norm = _NORMALIZERS[key] = torch.tensor(value, dtype=dtype, device=logp.device)
-    return norm
-
-
-# 0-dim tensors of the number normalizers seen, by (value, dtype, device): the kernels only
-# read them, and a repeated value then costs no host-to-device copy (and a CUDA graph that
-# captured the call keeps reading the same tensor)
-_NORMALIZERS: Dict[tuple, Tensor] = {}
-
-
-def _options(kwargs: dict, entropy_coef: float, ref_logp, has_entropy: bool):
-    """``(options, modes, nums)`` (validated once per distinct setting, then memoized)."""
-    opts, modes, nums = encoded_options(entropy_coef=entropy_coef, **kwargs)
-    if opts.kl_coef != 0.0 and ref_logp is None:
-        raise ValueError(f"ref_logp: expected a [B, T] tensor because kl_coef = "
-                         f"{opts.kl_coef} != 0, got None")
-    if opts.entropy_coef != 0.0 and not has_entropy:
-        raise ValueError(f"entropy: expected a [B, T] tensor because entropy_coef = "
-                         f"{opts.entropy_coef} != 0, got None")
-    return opts, modes, nums
-
-
-def _fused_policy_inputs(op: str, policy_loss_options: dict, tokens: Tensor, old_logp,
-                         advantages, mask, ref_logp, entropy_coef):
-    """Validate the policy part of ``grpo_loss`` / ``linear_grpo_loss``; returns
-    ``(options, normalizer tensor or None, is_weights)``."""
-    unknown = sorted(set(policy_loss_options) - set(_POLICY_ARGS))
-    if unknown:
-        raise TypeError(f"{op}: unexpected keyword argument(s) {', '.join(unknown)}; "
-                        f"expected policy_loss options among {', '.join(_POLICY_ARGS)}")
-    kwargs = dict(policy_loss_options)
-    is_weights = kwargs.pop("is_weights", None)
-    normalizer = kwargs.pop("normalizer", None)
-    _checks.tensor("old_logp", old_logp, dtypes=_checks.FLOAT_DTYPES)
-    _checks.shape("old_logp", old_logp, tokens.shape, "the shape of tokens, [B, T]")
-    norm = _check_policy_inputs(old_logp, old_logp, advantages, mask, ref_logp, None,
-                                is_weights, normalizer)
-    return _options(kwargs, entropy_coef, ref_logp, True)[0], norm, is_weights
-
-
-def _metrics_dict(vector: Tensor, with_kl: bool, with_entropy: bool) -> Dict[str, Tensor]:
-    # one unbind (nine views in one call) instead of nine indexing ops
-    out = dict(zip(_ref.METRICS, vector.unbind(0)))
-    if not with_kl:
-        del out["kl"]
-    if not with_entropy:
-        del out["entropy"]
-    return out
-
-
-def _const(x: Optional[Tensor]) -> Optional[Tensor]:
-    """``x`` detached (an input that gets no gradient), without a new tensor when it needs
-    none."""
-    return x if x is None or not x.requires_grad else x.detach()
+POLICY_LOSS = Op(
+    "policy_loss(Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, Tensor? "
+    "normalizer, Tensor? ref_logp, Tensor? entropy, Tensor? is_weights, str modes, "
+    "float[] nums, str backend) -> (loss, metrics)",
+    _FAMILY,
+    fake=lambda a: loss_outputs(a.logp, a.logp.dtype),
+    derive=_OPTIONS, kernel_args=_POLICY_TENSORS + ("options",),
+    differentiable=("logp", "entropy"), nondiff=("metrics",), saved=_POLICY_TENSORS,
+    backward=Backward(("grad_loss",) + _POLICY_TENSORS + ("options",),
+                      grads=("logp", "entropy")),
+    eager=True)
 
 
 def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *,
@@ -338,162 +149,73 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
     ``advantages`` ``[B]`` or ``[B, T]``; ``mask`` bool or float (weights).
     """
     _checks.tensor("logp", logp, dtypes=_checks.FLOAT_DTYPES, ndim=2)
-    norm = _check_policy_inputs(logp, old_logp, advantages, mask, ref_logp, entropy,
+    norm = check_policy_inputs(logp, old_logp, advantages, mask, ref_logp, entropy,
                                 is_weights, normalizer)
-    _, modes, nums = _options(dict(loss=loss, clip_low=clip_low, clip_high=clip_high,
+    _, modes, nums = options(dict(loss=loss, clip_low=clip_low, clip_high=clip_high,
                                    dual_clip=dual_clip, delta=delta, ratio_level=ratio_level,
                                    agg=agg, kl_coef=kl_coef, kl_estimator=kl_estimator,
                                    log_ratio_clamp=log_ratio_clamp,
                                    cispo_clip_low=cispo_clip_low),
                               entropy_coef, ref_logp, entropy is not None)
-    name = backends.resolve(backend, _FAMILY, "policy_loss", logp.device)
-    args = (logp, _const(old_logp), _const(advantages), _const(mask), norm, _const(ref_logp),
-            entropy, _const(is_weights), modes, nums, name)
-    if eager(*args[:8]):
-        value, metrics = _PolicyLossFn.apply(*args)
-    else:
-        value, metrics = _policy_loss_op(*args)
-    return value, _metrics_dict(metrics, ref_logp is not None, entropy is not None)
+    name = POLICY_LOSS.resolve(backend, logp.device)
+    value, metrics = POLICY_LOSS(logp, old_logp, advantages, mask, norm, ref_logp, entropy,
+                                 is_weights, modes, nums, name)
+    return value, metrics_dict(metrics, ref_logp is not None, entropy is not None)
 
 
 # ================================================================================= grpo_loss
 
-@torch.library.custom_op("rlkernels::grpo_loss", mutates_args=())
-def _grpo_loss_op(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages: Tensor,
-                  mask: Tensor, normalizer: Optional[Tensor], ref_logp: Optional[Tensor],
-                  is_weights: Optional[Tensor], temperature: float, modes: str,
-                  nums: List[float], backend: str, inplace_backward: bool
-                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    # inplace_backward only matters to backward: it is an argument so that it reaches
-    # setup_context while the forward stays a pure function
-    return call(backend, _FAMILY, "grpo_loss_forward", logits, tokens, old_logp, advantages,
-                mask, normalizer, ref_logp, is_weights, temperature,
-                PolicyOptions.decode(modes, nums))
+_GRPO_INPUTS = ("logits", "tokens", "old_logp", "advantages", "mask", "normalizer",
+                "ref_logp", "is_weights")
 
 
-@_grpo_loss_op.register_fake
-def _(logits, tokens, old_logp, advantages, mask, normalizer, ref_logp, is_weights,
-      temperature, modes, nums, backend, inplace_backward):
-    dt = out_dtype(logits.dtype)
-    return (logits.new_empty((), dtype=dt),
-            logits.new_empty(len(_ref.METRICS), dtype=torch.float32),
-            logits.new_empty(tokens.shape, dtype=dt), logits.new_empty(tokens.shape, dtype=dt),
-            logits.new_empty(logits.shape[0], 3, dtype=dt))
-
-
-@torch.library.custom_op("rlkernels::grpo_loss_backward", mutates_args=())
-def _grpo_loss_backward_op(grad_loss: Tensor, logits: Tensor, tokens: Tensor,
-                           old_logp: Tensor, advantages: Tensor, mask: Tensor,
-                           normalizer: Optional[Tensor], ref_logp: Optional[Tensor],
-                           is_weights: Optional[Tensor], logp: Tensor, ent: Tensor,
-                           stats: Tensor, temperature: float, modes: str, nums: List[float],
-                           backend: str) -> Tensor:
-    return call(backend, _FAMILY, "grpo_loss_backward", grad_loss, logits, tokens, old_logp,
-                advantages, mask, normalizer, ref_logp, is_weights, logp, ent, stats,
-                temperature, PolicyOptions.decode(modes, nums), False)
-
-
-@_grpo_loss_backward_op.register_fake
-def _(grad_loss, logits, *args):
-    return torch.empty_like(logits)
-
-
-@torch.library.custom_op("rlkernels::grpo_loss_backward_", mutates_args=("logits",))
-def _grpo_loss_backward_inplace_op(grad_loss: Tensor, logits: Tensor, tokens: Tensor,
-                                   old_logp: Tensor, advantages: Tensor, mask: Tensor,
-                                   normalizer: Optional[Tensor], ref_logp: Optional[Tensor],
-                                   is_weights: Optional[Tensor], logp: Tensor, ent: Tensor,
-                                   stats: Tensor, temperature: float, modes: str,
-                                   nums: List[float], backend: str) -> None:
-    call(backend, _FAMILY, "grpo_loss_backward", grad_loss, logits, tokens, old_logp,
-         advantages, mask, normalizer, ref_logp, is_weights, logp, ent, stats, temperature,
-         PolicyOptions.decode(modes, nums), True)
-
-
-@_grpo_loss_backward_inplace_op.register_fake
-def _(*args):
-    return None
-
-
-def _grpo_loss_setup(ctx, inputs, output):
-    (logits, tokens, old_logp, advantages, mask, normalizer, ref_logp, is_weights,
-     temperature, modes, nums, backend, inplace_backward) = inputs
-    _, _, logp, ent, stats = output
-    ctx.save_for_backward(logits, tokens, old_logp, advantages, mask, normalizer, ref_logp,
-                          is_weights, logp, ent, stats)
-    ctx.args = (temperature, modes, nums, backend)
-    ctx.inplace = inplace_backward
-    ctx.mark_non_differentiable(*output[1:])
-
-
-def _grpo_loss_grad(ctx, grad_loss, *_unused):
-    if not ctx.needs_input_grad[0]:
-        return (None,) * 13
-    saved = ctx.saved_tensors
-    if ctx.inplace:
-        _grpo_loss_backward_inplace_op(grad_loss, *saved, *ctx.args)
-        grad = saved[0]  # the logits' storage now holds their gradient
-    else:
-        grad = _grpo_loss_backward_op(grad_loss, *saved, *ctx.args)
-    return (grad,) + (None,) * 12
-
-
-_grpo_loss_op.register_autograd(_grpo_loss_grad, setup_context=_grpo_loss_setup)
-
-
-# vocabulary parallelism (SPEC 3.5): the forward is the same composition with the log-probs
-# and entropies of rlkernels.distributed (collectives on the group); backward is the plain
-# backward op above with the shard-local tokens and the global statistics: no communication.
-
-@torch.library.custom_op("rlkernels::grpo_loss_vp", mutates_args=())
-def _grpo_loss_vp_op(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages: Tensor,
-                     mask: Tensor, normalizer: Optional[Tensor], ref_logp: Optional[Tensor],
-                     is_weights: Optional[Tensor], temperature: float, modes: str,
-                     nums: List[float], group: int, backend: str, inplace_backward: bool
-                     ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    vocab_forward = backends.kernel(backend, "vocab", "token_logprobs_forward")
+def _grpo_loss_parallel(a, kernel):
+    # SPEC 3.5: the same composition with the log-probs and entropies of
+    # rlkernels.distributed (collectives on the group); backward is the plain backward
+    # kernel with the shard-local tokens and the global statistics: no communication
+    vocab_forward = kernel("token_logprobs_forward", "vocab")
     local = {}
 
     def logprobs(flat_tokens):
         logp, ent, stats, local["tokens"] = _dist.token_logprobs_forward(
-            vocab_forward, logits, flat_tokens, temperature, -100, True,
-            _dist.group_of(group))
+            vocab_forward, a.logits, flat_tokens, a.temperature, -100, True,
+            _dist.group_of(a.group))
         return logp, ent, stats
 
-    out = fused_forward(logprobs, backends.kernel(backend, _FAMILY, "policy_loss_forward"),
-                        tokens, old_logp, advantages, mask, normalizer, ref_logp, is_weights,
-                        PolicyOptions.decode(modes, nums))
-    return (*out, local["tokens"].view(tokens.shape))
+    out = fused_forward(logprobs, kernel("policy_loss_forward"), a.tokens, a.old_logp,
+                        a.advantages, a.mask, a.normalizer, a.ref_logp, a.is_weights,
+                        PolicyOptions.decode(a.modes, a.nums))
+    return (*out, local["tokens"].view(a.tokens.shape))
 
 
-@_grpo_loss_vp_op.register_fake
-def _(logits, tokens, old_logp, advantages, mask, normalizer, ref_logp, is_weights,
-      temperature, modes, nums, group, backend, inplace_backward):
-    dt = out_dtype(logits.dtype)
-    return (logits.new_empty((), dtype=dt),
-            logits.new_empty(len(_ref.METRICS), dtype=torch.float32),
-            logits.new_empty(tokens.shape, dtype=dt), logits.new_empty(tokens.shape, dtype=dt),
-            logits.new_empty(logits.shape[0], 3, dtype=dt),
-            logits.new_empty(tokens.shape, dtype=torch.int64))
+def grpo_outputs(x: Tensor, tokens: Tensor) -> Tuple[Tensor, ...]:
+    """Empty outputs of the fused losses' fakes, for ``[N, V]`` logits or ``[N, H]`` hidden
+    states ``x``: loss, metrics, and the per-token log-probs, entropies, row statistics."""
+    dt = out_dtype(x.dtype)
+    return (*loss_outputs(x, x.dtype), x.new_empty(tokens.shape, dtype=dt),
+            x.new_empty(tokens.shape, dtype=dt), x.new_empty(x.shape[0], 3, dtype=dt))
 
 
-def _grpo_loss_vp_setup(ctx, inputs, output):
-    (logits, tokens, old_logp, advantages, mask, normalizer, ref_logp, is_weights,
-     temperature, modes, nums, group, backend, inplace_backward) = inputs
-    _, _, logp, ent, stats, local_tokens = output
-    # the backward of the unsharded op, with the tokens in this shard's ids
-    ctx.save_for_backward(logits, local_tokens, old_logp, advantages, mask, normalizer,
-                          ref_logp, is_weights, logp, ent, stats)
-    ctx.args = (temperature, modes, nums, backend)
-    ctx.inplace = inplace_backward
-    ctx.mark_non_differentiable(*output[1:])
-
-
-def _grpo_loss_vp_grad(ctx, grad_loss, *_unused):
-    return _grpo_loss_grad(ctx, grad_loss) + (None,)
-
-
-_grpo_loss_vp_op.register_autograd(_grpo_loss_vp_grad, setup_context=_grpo_loss_vp_setup)
+GRPO_LOSS = Op(
+    "grpo_loss(Tensor logits, Tensor tokens, Tensor old_logp, Tensor advantages, Tensor "
+    "mask, Tensor? normalizer, Tensor? ref_logp, Tensor? is_weights, float temperature, "
+    "str modes, float[] nums, str backend, bool inplace_backward) -> (loss, metrics, "
+    "logp, entropy, stats)",
+    _FAMILY,
+    fake=lambda a: grpo_outputs(a.logits, a.tokens),
+    derive=_OPTIONS, kernel_args=_GRPO_INPUTS + ("temperature", "options"),
+    differentiable=("logits",), nondiff=("metrics", "logp", "entropy", "stats"),
+    saved=_GRPO_INPUTS + ("logp", "entropy", "stats"),
+    backward=Backward(("grad_loss",) + _GRPO_INPUTS
+                      + ("logp", "entropy", "stats", "temperature", "options", "inplace"),
+                      grads=("logits",)),
+    # inplace_backward=True: backward writes d logits into the logits' storage
+    inplace=("inplace_backward", "logits"),
+    parallel=Parallel(
+        _grpo_loss_parallel, backends=("torch", "triton", "cuda"),
+        extra_outputs=("local_tokens",),
+        extra_fake=lambda a: (a.logits.new_empty(a.tokens.shape, dtype=torch.int64),),
+        save_as={"tokens": "local_tokens"}))
 
 
 def grpo_loss(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages: Tensor,
@@ -541,21 +263,12 @@ def grpo_loss(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages: Tens
             _dist.check_global_tokens("tokens", tokens, logits.shape[-1], -100, process_group)
     else:
         _checks.token_range("tokens", tokens, logits.shape[-1], -100)
-    opts, norm, is_weights = _fused_policy_inputs("grpo_loss", policy_loss_options, tokens,
-                                                  old_logp, advantages, mask, ref_logp,
-                                                  entropy_coef)
-    name = backends.resolve(backend, _FAMILY, "grpo_loss", logits.device)
+    opts, norm, is_weights = fused_policy_inputs("grpo_loss", policy_loss_options, tokens,
+                                                 old_logp, advantages, mask, ref_logp,
+                                                 entropy_coef)
+    name = GRPO_LOSS.resolve(backend, logits.device, handle is not None)
     modes, nums = opts.encode()
-    if handle is not None:
-        value, metrics, _, _, _, _ = _grpo_loss_vp_op(
-            rows(logits), tokens, old_logp.detach(), advantages.detach(), mask.detach(), norm,
-            None if ref_logp is None else ref_logp.detach(),
-            None if is_weights is None else is_weights.detach(), t, modes, nums, handle, name,
-            inplace_backward)
-        return value, _metrics_dict(metrics, ref_logp is not None, True)
-    value, metrics, _, _, _ = _grpo_loss_op(
-        rows(logits), tokens, old_logp.detach(), advantages.detach(), mask.detach(), norm,
-        None if ref_logp is None else ref_logp.detach(),
-        None if is_weights is None else is_weights.detach(), t, modes, nums, name,
-        inplace_backward)
-    return value, _metrics_dict(metrics, ref_logp is not None, True)
+    value, metrics = GRPO_LOSS(rows(logits), tokens, old_logp, advantages, mask, norm,
+                               ref_logp, is_weights, t, modes, nums, name, inplace_backward,
+                               group=handle)[:2]
+    return value, metrics_dict(metrics, ref_logp is not None, True)

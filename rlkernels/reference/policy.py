@@ -13,19 +13,47 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from .._fused import fused_forward, row_grads
-from .._policy_options import PolicyOptions
+from .._policy_options import METRICS, PolicyOptions
 from . import compute_dtype
 from . import vocab as _vocab
 
 Tensor = torch.Tensor
 
-METRICS = ("clipfrac", "clipfrac_high", "clipfrac_low", "dual_clipfrac", "approx_kl",
-           "ratio_mean", "ratio_max", "kl", "entropy")
+__all__ = ["METRICS"]  # re-exported: the order of the metric vector
 
 
 # ------------------------------------------------------------------------------ KL penalty
 
-def kl_penalty_forward(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
+def kl_penalty_forward(logp: Tensor, ref_logp: Tensor, estimator: str,
+                       clamp_lo: Optional[float], clamp_hi: Optional[float]) -> Tensor:
+    """The ``kl_penalty`` op: :func:`kl_estimate` in the output dtype (fp32, fp64 if either
+    input is fp64), clamped to ``[clamp_lo, clamp_hi]`` when they are given."""
+    value = kl_estimate(logp.to(_kl_dtype(logp, ref_logp)), ref_logp, estimator)
+    if clamp_lo is not None:
+        value = torch.clamp(value, clamp_lo, clamp_hi)
+    return value
+
+
+def _kl_dtype(logp: Tensor, ref_logp: Tensor) -> torch.dtype:
+    return compute_dtype(torch.promote_types(logp.dtype, ref_logp.dtype))
+
+
+def kl_penalty_backward(grad: Tensor, logp: Tensor, ref_logp: Tensor, estimator: str,
+                        clamp_lo: Optional[float], clamp_hi: Optional[float]
+                        ) -> Tuple[Tensor, Tensor]:
+    """``(d/d logp, d/d ref_logp)`` of :func:`kl_penalty_forward`; like ``torch.clamp``, no
+    gradient where the clamp is active."""
+    cdt = _kl_dtype(logp, ref_logp)
+    lp, ref = logp.to(cdt), ref_logp.to(cdt)
+    g = grad * kl_estimate_grad(lp, ref, estimator)
+    if clamp_lo is not None:
+        unclamped = kl_estimate(lp, ref, estimator)
+        g = torch.where((unclamped >= clamp_lo) & (unclamped <= clamp_hi), g,
+                        torch.zeros_like(g))
+    return g, -g
+
+
+def kl_estimate(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
     """Elementwise estimators of ``KL(pi || ref)`` from sampled-token log-probs,
     ``d = logp - ref_logp``: k1 ``d``, abs ``|d|``, k2 ``d^2/2``, k3 ``exp(-d) + d - 1``
     ("k3+" has the value of k3)."""
@@ -39,7 +67,7 @@ def kl_penalty_forward(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor
     return torch.expm1(-d) + d  # k3, low_var_kl, k3+: exp(-d) - 1 + d without cancellation
 
 
-def kl_penalty_grad(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
+def kl_estimate_grad(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
     """``d penalty / d logp`` (the gradient w.r.t. ``ref_logp`` is its negative).
     "k3+" is straight-through: the value of k3 with the gradient of k2."""
     d = logp - ref_logp
@@ -54,9 +82,9 @@ def kl_penalty_grad(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
 
 def kl_penalty_value(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
     """Differentiable ``kl_penalty`` in plain autograd (for the policy-loss formulas)."""
-    value = kl_penalty_forward(logp, ref_logp, estimator)
+    value = kl_estimate(logp, ref_logp, estimator)
     if estimator == "k3+":
-        k2 = kl_penalty_forward(logp, ref_logp, "k2")
+        k2 = kl_estimate(logp, ref_logp, "k2")
         value = k2 + (value - k2).detach()
     return value
 
@@ -237,7 +265,7 @@ def policy_loss_backward(grad_loss: Tensor, logp: Tensor, old_logp: Tensor,
     if isw is not None:
         g = g * isw
     if ref is not None and o.kl_coef != 0.0:
-        g = g + o.kl_coef * kl_penalty_grad(lp, ref, o.kl_estimator)
+        g = g + o.kl_coef * kl_estimate_grad(lp, ref, o.kl_estimator)
     g_lp = torch.where(c != 0, c * g, 0.0)
     g_ent = None
     if entropy is not None:

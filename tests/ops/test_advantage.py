@@ -744,11 +744,10 @@ def test_eager_fast_path_skips_the_custom_ops_and_matches_them(backend, device, 
             return func(*args, **(kwargs or {}))
 
     calls = []
-    for name in ("_group_advantages_op", "_masked_whiten_op", "_gae_op",
-                 "_discounted_returns_op"):
-        real = getattr(ops_adv, name)
-        monkeypatch.setattr(ops_adv, name,
-                            lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    for spec in (ops_adv.GROUP_ADVANTAGES, ops_adv.MASKED_WHITEN, ops_adv.GAE,
+                 ops_adv.DISCOUNTED_RETURNS):
+        monkeypatch.setattr(spec, "op", lambda *a, _real=spec.op, _name=spec.name:
+                            calls.append(_name) or _real(*a))
     g = torch.Generator().manual_seed(41)
     rewards = torch.randn(4, 7, generator=g).to(device).requires_grad_()
     values = torch.randn(4, 7, generator=g).to(device).requires_grad_()
@@ -767,7 +766,6 @@ def test_eager_fast_path_skips_the_custom_ops_and_matches_them(backend, device, 
     assert calls == []
     with Passthrough():
         slow = run()
-    assert sorted(calls) == ["_discounted_returns_op", "_gae_op", "_group_advantages_op",
-                             "_masked_whiten_op"]
+    assert sorted(calls) == ["discounted_returns", "gae", "group_advantages", "masked_whiten"]
     for a, b in zip(fast, slow):
         assert torch.equal(a, b)

@@ -797,10 +797,10 @@ def test_eager_fast_path_skips_the_custom_op_and_matches_it(backend, monkeypatch
             return func(*args, **(kwargs or {}))
 
     calls = []
-    for name in ("_policy_loss_op", "_kl_penalty_op"):
-        real = getattr(ops_policy, name)
-        monkeypatch.setattr(ops_policy, name,
-                            lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    for name, spec in (("policy_loss", ops_policy.POLICY_LOSS),
+                       ("kl_penalty", ops_policy.KL_PENALTY)):
+        monkeypatch.setattr(spec, "op", lambda *a, _real=spec.op, _name=name:
+                            calls.append(_name) or _real(*a))
     g = torch.Generator().manual_seed(40)
     logp = (-torch.rand(3, 6, generator=g, dtype=F64)).to(DEV).requires_grad_()
     old = logp.detach() + 0.3 * torch.randn(3, 6, generator=g, dtype=F64).to(DEV)
@@ -820,7 +820,7 @@ def test_eager_fast_path_skips_the_custom_op_and_matches_it(backend, monkeypatch
     assert calls == []
     with Passthrough():
         slow = run()
-    assert calls == ["_policy_loss_op", "_kl_penalty_op"]
+    assert calls == ["policy_loss", "kl_penalty"]
     for a, b in zip(fast, slow):
         assert torch.equal(a, b) or (a.isnan().all() and b.isnan().all())
 

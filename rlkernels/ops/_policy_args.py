@@ -1,0 +1,106 @@
+"""Validation shared by the policy-loss ops (``policy_loss``, ``grpo_loss``,
+``linear_grpo_loss``): the ``[B, T]`` inputs, the options, the normalizer, and the metrics
+dict built from the kernels' metric vector."""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+
+from .. import _checks
+from .._policy_options import METRICS, encoded_options
+
+Tensor = torch.Tensor
+
+POLICY_ARGS = ("loss", "clip_low", "clip_high", "dual_clip", "delta", "ratio_level", "agg",
+                "normalizer", "kl_coef", "kl_estimator", "is_weights", "log_ratio_clamp",
+                "cispo_clip_low")
+
+
+def check_policy_inputs(logp: Tensor, old_logp, advantages, mask, ref_logp, entropy,
+                         is_weights, normalizer) -> Optional[Tensor]:
+    """Shapes, dtypes and devices of the ``[B, T]`` inputs; returns ``normalizer`` as a 0-dim
+    tensor (or ``None``)."""
+    b_t = tuple(logp.shape)
+    for name, x in (("old_logp", old_logp), ("ref_logp", ref_logp), ("entropy", entropy),
+                    ("is_weights", is_weights)):
+        if x is not None:
+            _checks.tensor(name, x, dtypes=_checks.FLOAT_DTYPES)
+            _checks.shape(name, x, b_t, "the shape of logp, [B, T]")
+    _checks.tensor("advantages", advantages, dtypes=_checks.FLOAT_DTYPES)
+    if tuple(advantages.shape) not in (b_t, b_t[:1]):
+        raise ValueError(f"advantages: expected shape {b_t[:1]} or {b_t} ([B] or [B, T] "
+                         f"for logp of shape {b_t}), got {tuple(advantages.shape)}")
+    _checks.tensor("mask", mask)
+    if mask.dtype.is_complex:
+        raise TypeError(f"mask: expected a bool, integer or float tensor, got {mask.dtype}")
+    _checks.shape("mask", mask, b_t, "the shape of logp, [B, T]")
+    _checks.same_device("logp", logp, old_logp=old_logp, advantages=advantages, mask=mask,
+                        ref_logp=ref_logp, entropy=entropy, is_weights=is_weights)
+    if normalizer is None:
+        return None
+    if isinstance(normalizer, torch.Tensor):
+        if normalizer.dim() != 0 or not normalizer.is_floating_point() and \
+                normalizer.dtype not in _checks.INDEX_DTYPES:
+            raise ValueError(f"normalizer: expected a number or a 0-dim tensor, got a tensor "
+                             f"of shape {tuple(normalizer.shape)} and dtype {normalizer.dtype}")
+        _checks.same_device("logp", logp, normalizer=normalizer)
+        return normalizer.detach()
+    value = _checks.positive("normalizer", normalizer)
+    dtype = torch.float64 if logp.dtype == torch.float64 else torch.float32
+    if torch.compiler.is_compiling():  # a graph constant; no global state in a trace
+        return torch.tensor(value, dtype=dtype, device=logp.device)
+    key = (value, dtype, logp.device)
+    norm = _NORMALIZERS.get(key)
+    if norm is None:
+        if len(_NORMALIZERS) >= 256:
+            _NORMALIZERS.clear()
+        norm = _NORMALIZERS[key] = torch.tensor(value, dtype=dtype, device=logp.device)
+    return norm
+
+
+# 0-dim tensors of the number normalizers seen, by (value, dtype, device): the kernels only
+# read them, and a repeated value then costs no host-to-device copy (and a CUDA graph that
+# captured the call keeps reading the same tensor)
+_NORMALIZERS: Dict[tuple, Tensor] = {}
+
+
+def options(kwargs: dict, entropy_coef: float, ref_logp, has_entropy: bool):
+    """``(options, modes, nums)`` (validated once per distinct setting, then memoized)."""
+    opts, modes, nums = encoded_options(entropy_coef=entropy_coef, **kwargs)
+    if opts.kl_coef != 0.0 and ref_logp is None:
+        raise ValueError(f"ref_logp: expected a [B, T] tensor because kl_coef = "
+                         f"{opts.kl_coef} != 0, got None")
+    if opts.entropy_coef != 0.0 and not has_entropy:
+        raise ValueError(f"entropy: expected a [B, T] tensor because entropy_coef = "
+                         f"{opts.entropy_coef} != 0, got None")
+    return opts, modes, nums
+
+
+def fused_policy_inputs(op: str, policy_loss_options: dict, tokens: Tensor, old_logp,
+                         advantages, mask, ref_logp, entropy_coef):
+    """Validate the policy part of ``grpo_loss`` / ``linear_grpo_loss``; returns
+    ``(options, normalizer tensor or None, is_weights)``."""
+    unknown = sorted(set(policy_loss_options) - set(POLICY_ARGS))
+    if unknown:
+        raise TypeError(f"{op}: unexpected keyword argument(s) {', '.join(unknown)}; "
+                        f"expected policy_loss options among {', '.join(POLICY_ARGS)}")
+    kwargs = dict(policy_loss_options)
+    is_weights = kwargs.pop("is_weights", None)
+    normalizer = kwargs.pop("normalizer", None)
+    _checks.tensor("old_logp", old_logp, dtypes=_checks.FLOAT_DTYPES)
+    _checks.shape("old_logp", old_logp, tokens.shape, "the shape of tokens, [B, T]")
+    norm = check_policy_inputs(old_logp, old_logp, advantages, mask, ref_logp, None,
+                                is_weights, normalizer)
+    return options(kwargs, entropy_coef, ref_logp, True)[0], norm, is_weights
+
+
+def metrics_dict(vector: Tensor, with_kl: bool, with_entropy: bool) -> Dict[str, Tensor]:
+    # one unbind (nine views in one call) instead of nine indexing ops
+    out = dict(zip(METRICS, vector.unbind(0)))
+    if not with_kl:
+        del out["kl"]
+    if not with_entropy:
+        del out["entropy"]
+    return out

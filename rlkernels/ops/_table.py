@@ -1,0 +1,512 @@
+"""The op table: every op is declared once, by name; its plumbing is generated from that.
+
+An :class:`Op` names its inputs (a schema string, in the order of the custom op), its
+outputs, which inputs are differentiable, what backward needs saved, the backend kernel
+functions (``<name>_forward`` / ``<name>_backward``, looked up on ``rlkernels.<backend>.
+<family>``) and the backends that have them. From that declaration this module builds:
+
+* the ``torch.library.custom_op`` ``rlkernels::<name>`` and its fake (shape function);
+* the backward custom op ``rlkernels::<name>_backward`` (and ``<name>_backward_``, which
+  writes the gradient into an input's storage, when the op declares ``inplace``), and the
+  ``setup_context`` / backward formula that connect them. Everything is matched **by name**:
+  the upstream gradient of output ``x`` is ``grad_x``, ``need_x`` says whether input ``x``
+  needs a gradient, the backward kernel's results are the gradients of the inputs listed in
+  ``Backward.grads``; nothing is indexed by position;
+* the vocabulary-parallel form ``rlkernels::<name>_vp`` (SPEC 3.5) when the op declares a
+  :class:`Parallel`: the same inputs plus ``int group``, a forward that combines the shards'
+  statistics with collectives, and the same backward kernels (fed with shard-local saved
+  tensors), followed by an optional reduction;
+* the eager fast path (``eager=True``): an ``autograd.Function`` with the same forward,
+  setup and backward, used when nothing traces the call (see ``ops/_eager.py``);
+* the registry :data:`OPS` that ``backends.implements``, ``rlkernels verify`` and the
+  benchmarks read, instead of keeping their own op lists.
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+from .. import backends
+from ._eager import eager
+
+Tensor = torch.Tensor
+
+#: every declared op by name, in declaration order
+OPS: Dict[str, "Op"] = {}
+
+_NO_DEFAULT = object()
+
+
+@dataclass(frozen=True)
+class _Arg:
+    name: str
+    type: str
+    default: object = _NO_DEFAULT
+
+    @property
+    def is_tensor(self) -> bool:
+        return self.type in ("Tensor", "Tensor?")
+
+    def schema(self, mutable: bool = False) -> str:
+        typ = "Tensor(a!)" if mutable else self.type
+        if self.default is _NO_DEFAULT:
+            return f"{typ} {self.name}"
+        value = self.default
+        text = "None" if value is None else (f'"{value}"' if isinstance(value, str)
+                                              else repr(value))
+        return f"{typ} {self.name}={text}"
+
+
+_TYPES = ("Tensor", "Tensor?", "float", "float?", "int", "bool", "str", "str?", "float[]")
+
+
+def _parse(signature: str) -> Tuple[_Arg, ...]:
+    """``"Tensor logits, Tensor? tokens, float temperature, str path='auto'"`` -> args."""
+    args = []
+    for part in signature.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        decl, eq, default = part.partition("=")
+        typ, name = decl.split()
+        if typ not in _TYPES:
+            raise TypeError(f"op table: unknown type {typ!r} of argument {name!r}")
+        value = ast.literal_eval(default.strip()) if eq else _NO_DEFAULT
+        args.append(_Arg(name, typ, value))
+    return tuple(args)
+
+
+class Args(dict):
+    """An op's arguments (and derived values) by name, also as attributes: ``a.logits``."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+@dataclass(frozen=True)
+class Backward:
+    """The backward kernel of an op: ``args`` are the names it takes, in its order (inputs,
+    saved outputs, ``grad_<output>``, ``need_<input>``, derived values, and ``inplace``: a
+    flag that is True in the in-place backward op); it returns the gradients of ``grads``
+    (input names), ``None`` for one that was not asked for."""
+
+    args: Tuple[str, ...]
+    grads: Tuple[str, ...]
+    kernel: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Parallel:
+    """The vocabulary-parallel form of an op (SPEC 3.5).
+
+    ``forward(a, kernel)`` computes the op's outputs plus ``extra_outputs`` with collectives
+    on ``_dist.group_of(a.group)``; ``kernel(fn, family=None)`` is the resolved backend's
+    kernel function. ``save_as`` replaces a saved input by an extra output (the shard-local
+    token ids) unless that input is None. ``reduce(a, grads)``, when given, runs after the
+    backward kernel inside its own custom op ``<name>_vp_backward`` (a collective on the
+    gradients); ``a`` then also holds ``group`` and every ``need_<input>``. ``backends``:
+    the backends whose kernels the parallel forward can run on."""
+
+    forward: Callable
+    backends: Tuple[str, ...]
+    extra_outputs: Tuple[str, ...] = ()
+    extra_fake: Optional[Callable] = None
+    save_as: Dict[str, str] = field(default_factory=dict)
+    reduce: Optional[Callable] = None
+
+
+@dataclass(eq=False)
+class Op:
+    """One op, declared once. See the module docstring for what is generated from it.
+
+    ``signature``: ``"name(<inputs>) -> (<outputs>)"``: the custom op's schema arguments
+    in order (``str backend`` included; types ``Tensor``, ``Tensor?``, ``float``, ``float?``,
+    ``int``, ``bool``, ``str``, ``str?``, ``float[]``, defaults allowed) and the output
+    names. ``fake(a)``: the outputs' empty tensors.
+    ``derive``: values computed from inputs for the kernels, ``{name: (sources, fn)}``.
+    ``kernel_args``: the forward kernel's arguments (default: every input but ``backend``).
+    ``grad_if``: ``{output: predicate(a)}``; the output's upstream gradient is passed to the
+    backward kernel as None where the predicate is False (an output the call did not ask
+    for). ``contiguous_grads``: upstream gradients reach the backward kernel contiguous.
+    ``inplace``: ``(flag input, target input)``: when the flag is True the backward
+    writes the gradient of the target into the target's storage.
+    """
+
+    signature: str
+    family: str
+    fake: Callable
+    backends: Tuple[str, ...] = ("torch", "triton", "cuda")
+    kernel_family: Optional[str] = None
+    derive: Dict[str, Tuple[Tuple[str, ...], Callable]] = field(default_factory=dict)
+    kernel_args: Optional[Tuple[str, ...]] = None
+    differentiable: Tuple[str, ...] = ()
+    nondiff: Tuple[str, ...] = ()
+    saved: Tuple[str, ...] = ()
+    backward: Optional[Backward] = None
+    grad_if: Dict[str, Callable] = field(default_factory=dict)
+    eager: bool = False
+    inplace: Optional[Tuple[str, str]] = None
+    parallel: Optional[Parallel] = None
+    contiguous_grads: bool = False
+
+    # ------------------------------------------------------------------------ declaration
+
+    def __post_init__(self):
+        head, arrow, outputs = self.signature.partition("->")
+        name, paren, inputs = head.strip().partition("(")
+        if not (arrow and paren and inputs.endswith(")")):
+            raise ValueError(f"op table: expected 'name(<inputs>) -> (<outputs>)', got "
+                             f"{self.signature!r}")
+        self.name, self.inputs = name.strip(), inputs[:-1]
+        self.outputs = outputs.strip().strip("()")
+        if self.name in OPS:
+            raise ValueError(f"op table: op {self.name!r} declared twice")
+        self.args = _parse(self.inputs)
+        self.input_names = tuple(a.name for a in self.args)
+        self.output_names = tuple(o.strip() for o in self.outputs.split(",") if o.strip())
+        self.kernel_family = self.kernel_family or self.family
+        if self.kernel_args is None:
+            self.kernel_args = tuple(n for n in self.input_names if n != "backend")
+        self._defaults = {a.name: a.default for a in self.args if a.default is not _NO_DEFAULT}
+        self._check_names()
+        self._consts = tuple(a.name for a in self.args if not a.is_tensor)
+        self._detach = tuple(a.name for a in self.args
+                             if a.is_tensor and a.name not in self.differentiable)
+        self.op = self._custom_op(self.name, self.args, self.output_names, self._forward_impl,
+                                  self._fake_impl)
+        if self.backward is not None:
+            self._build_backward()
+        if self.parallel is not None:
+            self._build_parallel()
+        if self.eager:
+            self._fn = self._function(self._forward_from, self.grad_from())
+        OPS[self.name] = self
+
+    def _check_names(self) -> None:
+        """Every name a declaration uses must exist: a typo fails at import, not at the
+        first backward."""
+        known = set(self.input_names) | set(self.output_names) | set(self.derive)
+        if self.parallel is not None:
+            known |= set(self.parallel.extra_outputs) | {"group"}
+        for name in self.kernel_args + self.saved + self.nondiff + tuple(self.grad_if):
+            if name not in known:
+                raise ValueError(f"op table: {self.name}: unknown name {name!r}")
+        for name in self.differentiable:
+            if name not in self.input_names:
+                raise ValueError(f"op table: {self.name}: differentiable {name!r} is not an "
+                                 f"input")
+        if self.backward is not None:
+            extra = ({f"grad_{o}" for o in self.output_names}
+                     | {f"need_{d}" for d in self.differentiable} | {"inplace"})
+            for name in self.backward.args:
+                if name not in known | extra:
+                    raise ValueError(f"op table: {self.name}: backward argument {name!r} is "
+                                     f"neither an input, an output, a derived value, "
+                                     f"grad_<output> nor need_<input>")
+                if (name in self.input_names or name in self.output_names) and \
+                        self._is_tensor(name) and name not in self.saved:
+                    raise ValueError(f"op table: {self.name}: backward needs tensor {name!r} "
+                                     f"but it is not saved")
+            for name in self.backward.grads:
+                if name not in self.differentiable:
+                    raise ValueError(f"op table: {self.name}: backward returns the gradient "
+                                     f"of {name!r}, which is not differentiable")
+
+    def _is_tensor(self, name: str) -> bool:
+        for a in self.args:
+            if a.name == name:
+                return a.is_tensor
+        return name in self.output_names or (self.parallel is not None
+                                             and name in self.parallel.extra_outputs)
+
+    # ----------------------------------------------------------------- the custom ops
+
+    @staticmethod
+    def _custom_op(name: str, args, outputs, impl, fake, mutable: Optional[str] = None):
+        ret = "()" if not outputs else ("Tensor" if len(outputs) == 1
+                                        else "(" + ", ".join(["Tensor"] * len(outputs)) + ")")
+        schema = "(" + ", ".join(a.schema(a.name == mutable) for a in args) + ") -> " + ret
+        op = torch.library.custom_op(f"rlkernels::{name}", impl,
+                                     mutates_args=(mutable,) if mutable else (), schema=schema)
+        op.register_fake(fake)
+        return op
+
+    def bind(self, args) -> Args:
+        """The op's positional arguments (defaults filled) by name."""
+        a = Args(self._defaults)
+        a.update(zip(self.input_names, args))
+        return a
+
+    def _derived(self, a: Args, name: str):
+        if name in a:
+            return a[name]
+        sources, fn = self.derive[name]
+        value = a[name] = fn(*(a[s] for s in sources))
+        return value
+
+    def kernel(self, backend: str, fn: str, family: Optional[str] = None):
+        return backends.kernel(backend, family or self.kernel_family, fn)
+
+    def _forward_from(self, a: Args):
+        fn = self.kernel(a["backend"], f"{self.name}_forward")
+        return fn(*(self._derived(a, n) for n in self.kernel_args))
+
+    def _forward_impl(self, *args):
+        return self._forward_from(self.bind(args))
+
+    def _fake_impl(self, *args):
+        return self.fake(self.bind(args))
+
+    # -------------------------------------------------------------------- autograd
+
+    def _setup(self, ctx, inputs, output, save_as: Optional[Dict[str, str]] = None,
+               output_names: Optional[Tuple[str, ...]] = None):
+        a = self.bind(inputs)
+        outs = output if isinstance(output, (tuple, list)) else (output,)
+        o = dict(zip(output_names or self.output_names, outs))
+        tensors = []
+        for name in self.saved:
+            if save_as and name in save_as and a.get(name) is not None:
+                tensors.append(o[save_as[name]])
+            else:
+                tensors.append(a[name] if name in a else o[name])
+        ctx.save_for_backward(*tensors)
+        ctx.rlk_args = {n: a[n] for n in self._consts}
+        nondiff = [o[n] for n in self.nondiff]
+        if save_as:
+            nondiff += [o[n] for n in self.parallel.extra_outputs]
+        if nondiff:
+            ctx.mark_non_differentiable(*nondiff)
+
+    def _backward_values(self, ctx, grads, input_names, output_names
+                         ) -> Tuple[Args, Dict[str, bool]]:
+        need = dict(zip(input_names, ctx.needs_input_grad))
+        a = Args(ctx.rlk_args)
+        a.update(zip(self.saved, ctx.saved_tensors))
+        for name, g in zip(output_names, grads):
+            if self.contiguous_grads and g is not None:
+                g = g.contiguous()
+            keep = self.grad_if.get(name)
+            a[f"grad_{name}"] = g if keep is None or keep(a) else None
+        for name in self.differentiable:
+            a[f"need_{name}"] = bool(need.get(name, False))
+        return a, need
+
+    def grad_from(self, input_names=None, output_names=None, backward_op=None,
+                  vp: bool = False):
+        """The backward formula for ``register_autograd`` / ``autograd.Function``."""
+        input_names = input_names or self.input_names
+        output_names = output_names or self.output_names
+        backward_op = backward_op or (lambda: self._bw_op)
+        no_grads = tuple(None for _ in input_names)
+
+        def grad(ctx, *grads):
+            a, need = self._backward_values(ctx, grads, input_names, output_names)
+            if not any(need.get(n, False) for n in self.backward.grads):
+                return no_grads
+            if self.inplace is not None and a[self.inplace[0]]:
+                op = self._bw_inplace_op
+                op(*(a[n] for n in op.rlk_arg_names))
+                results = {self.inplace[1]: a[self.inplace[1]]}  # its storage now holds it
+            elif self.eager and not vp and eager(*(a[n] for n in self.saved)):
+                results = dict(zip(self.backward.grads, self._backward_from(a, False)))
+            else:
+                op = backward_op()
+                out = op(*(a[n] for n in op.rlk_arg_names))
+                results = dict(zip(self.backward.grads,
+                                   out if isinstance(out, (tuple, list)) else (out,)))
+            return tuple(results.get(n) if need.get(n) else None for n in input_names)
+
+        return grad
+
+    def _backward_from(self, a: Args, inplace: bool, reduce=None):
+        """Run the backward kernel; gradients in their input's dtype, an empty tensor for
+        one not computed (custom ops cannot return None)."""
+        a["inplace"] = inplace
+        fn = self.kernel(a["backend"], self.backward.kernel or f"{self.name}_backward")
+        out = fn(*(self._derived(a, n) for n in self.backward.args))
+        if inplace:
+            return ()
+        out = out if isinstance(out, (tuple, list)) else (out,)
+        grads = {}
+        for name, g in zip(self.backward.grads, out):
+            x = a[name]
+            if g is None or x is None or not a.get(f"need_{name}", True):
+                g = (x if x is not None else a[self.backward.grads[0]]).new_empty(0)
+            elif g.dtype != x.dtype:
+                g = g.to(x.dtype)
+            grads[name] = g
+        if reduce is not None:
+            grads = reduce(a, grads)
+        return tuple(grads[n] for n in self.backward.grads)
+
+    def _fake_backward(self, a: Args):
+        grads = []
+        for name in self.backward.grads:
+            x = a[name]
+            if x is None or not a.get(f"need_{name}", True):
+                x = a[self.backward.grads[0]].new_empty(0)
+            grads.append(torch.empty_like(x))
+        return tuple(grads) if len(grads) > 1 else grads[0]
+
+    def _backward_arg_names(self, extra: Tuple[str, ...] = ()) -> Tuple[str, ...]:
+        """The backward custom op's arguments: the kernel's, with each derived value
+        replaced by its sources, plus ``extra``, then ``backend``."""
+        names = []
+        for n in self.backward.args + extra:
+            for m in (self.derive[n][0] if n in self.derive else (n,)):
+                if m != "inplace" and m not in names:
+                    names.append(m)
+        return tuple(names) + ("backend",)
+
+    def _arg_of(self, name: str) -> _Arg:
+        for a in self.args:
+            if a.name == name:
+                return _Arg(name, a.type)  # no default: the backward op gets every value
+        if name.startswith("grad_"):
+            return _Arg(name, "Tensor?")
+        if name.startswith("need_"):
+            return _Arg(name, "bool")
+        if name == "group":
+            return _Arg(name, "int")
+        return _Arg(name, "Tensor")  # a saved output
+
+    def _backward_op(self, name: str, arg_names, inplace: bool, reduce=None):
+        args = tuple(self._arg_of(n) for n in arg_names)
+
+        def impl(*values):
+            out = self._backward_from(Args(zip(arg_names, values)), inplace, reduce)
+            return out[0] if len(out) == 1 else out
+
+        def fake(*values):
+            return None if inplace else self._fake_backward(Args(zip(arg_names, values)))
+
+        def impl_inplace(*values):
+            impl(*values)
+
+        grads = () if inplace else self.backward.grads
+        op = self._custom_op(name, args, grads, impl_inplace if inplace else impl, fake,
+                             mutable=self.inplace[1] if inplace else None)
+        op.rlk_arg_names = arg_names
+        return op
+
+    def _build_backward(self) -> None:
+        names = self._backward_arg_names()
+        self._bw_op = self._backward_op(f"{self.name}_backward", names, False)
+        if self.inplace is not None:
+            self._bw_inplace_op = self._backward_op(f"{self.name}_backward_", names, True)
+        self.op.register_autograd(self.grad_from(), setup_context=self._setup)
+
+    # ---------------------------------------------------------- vocabulary parallelism
+
+    def _build_parallel(self) -> None:
+        p = self.parallel
+        i = self.input_names.index("backend")
+        vp_args = self.args[:i] + (_Arg("group", "int"),) + self.args[i:]
+        vp_names = tuple(a.name for a in vp_args)
+        vp_outputs = self.output_names + p.extra_outputs
+
+        def bind(values) -> Args:
+            a = Args(self._defaults)
+            a.update(zip(vp_names, values))
+            return a
+
+        def impl(*values):
+            a = bind(values)
+            return p.forward(a, lambda fn, family=None: self.kernel(a["backend"], fn, family))
+
+        def fake(*values):
+            a = bind(values)
+            return tuple(self.fake(a)) + (tuple(p.extra_fake(a)) if p.extra_fake else ())
+
+        self.vp_op = self._custom_op(f"{self.name}_vp", vp_args, vp_outputs, impl, fake)
+        self._vp_index = i
+        if self.backward is None:
+            return
+
+        def setup(ctx, inputs, output):
+            a = bind(inputs)
+            self._setup(ctx, tuple(a[n] for n in self.input_names), output, p.save_as,
+                        vp_outputs)
+            ctx.rlk_args["group"] = a["group"]
+
+        backward_op = lambda: self._bw_op  # noqa: E731
+        if p.reduce is not None:
+            names = self._backward_arg_names(
+                ("group",) + tuple(f"need_{d}" for d in self.differentiable))
+            self._bw_vp_op = self._backward_op(f"{self.name}_vp_backward", names, False,
+                                               p.reduce)
+            backward_op = lambda: self._bw_vp_op  # noqa: E731
+        self.vp_op.register_autograd(self.grad_from(vp_names, vp_outputs, backward_op, vp=True),
+                                     setup_context=setup)
+
+    # ------------------------------------------------------------------- eager path
+
+    def _function(self, forward_from, grad):
+        op = self
+
+        class _Fn(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, *inputs):
+                output = forward_from(op.bind(inputs))
+                op._setup(ctx, inputs, output)
+                return output
+
+            backward = staticmethod(grad)
+
+        _Fn.__name__ = _Fn.__qualname__ = f"_{self.name}_fn"
+        return _Fn
+
+    # --------------------------------------------------------------------- calling
+
+    def __call__(self, *args, group: Optional[int] = None):
+        """Run the op on its positional arguments (schema order, ``backend`` included).
+        ``group``: a registered process-group handle for the vocabulary-parallel form."""
+        if self._detach:
+            args = self._constants(args)
+        if group is not None:
+            i = self._vp_index
+            return self.vp_op(*args[:i], group, *args[i:])
+        if self.eager and eager(*(x for x in args if isinstance(x, Tensor))):
+            if self.backward is None:
+                with torch.no_grad():  # as the custom op: below autograd
+                    return self._forward_from(self.bind(args))
+            return self._fn.apply(*args)
+        return self.op(*args)
+
+    def _constants(self, args):
+        """Inputs that get no gradient, detached (only those that need it: no new tensor
+        per call otherwise)."""
+        out = list(args)
+        for i, name in enumerate(self.input_names[:len(out)]):
+            x = out[i]
+            if isinstance(x, Tensor) and x.requires_grad and name in self._detach:
+                out[i] = x.detach()
+        return out
+
+    def resolve(self, backend: Optional[str], device: torch.device,
+                parallel: bool = False) -> str:
+        """The concrete backend for this op (``backends.resolve``)."""
+        return backends.resolve(backend, self.name, device, parallel)
+
+    def implemented_by(self, backend: str, parallel: bool = False) -> bool:
+        """Declared for ``backend`` (in parallel form with ``parallel``). The kernels'
+        existence is checked by tests/test_op_table.py."""
+        if parallel:
+            return self.parallel is not None and backend in self.parallel.backends
+        return backend in self.backends
+
+
+def kernel_names(op: Op, parallel: bool = False) -> Tuple[Tuple[str, str], ...]:
+    """``(family, function)`` of each kernel ``op`` declares (for the table's own test)."""
+    names = [(op.kernel_family, f"{op.name}_forward")]
+    if op.backward is not None:
+        names.append((op.kernel_family, op.backward.kernel or f"{op.name}_backward"))
+    return tuple(names)
