@@ -408,13 +408,12 @@ __global__ void __launch_bounds__(kWhitenThreads)
 
 }  // namespace
 
-void group_advantages_forward(std::uintptr_t rewards, int64_t stride, std::uintptr_t perm,
-                              std::uintptr_t starts, std::uintptr_t out,
-                              std::uintptr_t workspace, int64_t b, int64_t group_size,
-                              int64_t slots, int dtype, int method, bool unbiased, double eps,
-                              std::uintptr_t stream) {
+void group_advantages_forward(Rows rewards, std::uintptr_t perm, std::uintptr_t starts,
+                              std::uintptr_t out, std::uintptr_t workspace, int64_t b,
+                              int64_t group_size, int64_t slots, int dtype, int method,
+                              bool unbiased, double eps, std::uintptr_t stream) {
   RLK_CHECK_ARG(b >= 0, "group_advantages_forward: b must be >= 0, got " + std::to_string(b));
-  RLK_CHECK_ARG(method >= 0 && method <= 3,
+  RLK_CHECK_ARG(method >= kGrpo && method <= kBatchStd,
                 "group_advantages_forward: method code must be 0 (grpo), 1 (dr_grpo), 2 (rloo) "
                 "or 3 (batch_std), got " + std::to_string(method));
   RLK_CHECK_ARG((perm == 0) == (starts == 0),
@@ -431,11 +430,13 @@ void group_advantages_forward(std::uintptr_t rewards, int64_t stride, std::uintp
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
     if (b == 0 || slots == 0) return;
-    RLK_CHECK_ARG(rewards != 0 && out != 0, "group_advantages_forward: null device pointer");
+    RLK_CHECK_ARG(rewards.ptr != 0 && out != 0,
+                  "group_advantages_forward: null device pointer");
     RLK_CHECK_ARG(method != kBatchStd || workspace != 0,
                   "group_advantages_forward: batch_std needs a workspace of one element");
     const cudaStream_t s = as_stream(stream);
-    const T* x = as_cptr<T>(rewards);
+    const T* x = as_cptr<T>(rewards.ptr);
+    const int64_t stride = rewards.stride;
     A* ws = as_ptr<A>(workspace);
     if (method == kBatchStd) {
       batch_std_kernel<T><<<1, kBatchThreads, 0, s>>>(x, stride, b, unbiased, ws);
@@ -448,10 +449,9 @@ void group_advantages_forward(std::uintptr_t rewards, int64_t stride, std::uintp
   });
 }
 
-void gae_forward(std::uintptr_t rewards, int64_t r_sb, int64_t r_st, std::uintptr_t values,
-                 int64_t v_sb, int64_t v_st, std::uintptr_t mask, int64_t m_sb, int64_t m_st,
-                 std::uintptr_t advantages, std::uintptr_t returns, int64_t b, int64_t t,
-                 int dtype, double gamma, double lam, std::uintptr_t stream) {
+void gae_forward(Matrix rewards, Matrix values, Matrix mask, std::uintptr_t advantages,
+                 std::uintptr_t returns, int64_t b, int64_t t, int dtype, double gamma,
+                 double lam, std::uintptr_t stream) {
   RLK_CHECK_ARG(b >= 0 && b <= 0x7fffffffLL,
                 "gae_forward: b must be in [0, 2**31), got " + std::to_string(b));
   RLK_CHECK_ARG(t >= 0, "gae_forward: t must be >= 0, got " + std::to_string(t));
@@ -459,21 +459,21 @@ void gae_forward(std::uintptr_t rewards, int64_t r_sb, int64_t r_st, std::uintpt
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
     if (b == 0 || t == 0) return;
-    RLK_CHECK_ARG(rewards != 0 && values != 0 && mask != 0 && advantages != 0 && returns != 0,
+    RLK_CHECK_ARG(rewards.ptr != 0 && values.ptr != 0 && mask.ptr != 0 && advantages != 0 &&
+                      returns != 0,
                   "gae_forward: null device pointer");
     const unsigned grid = static_cast<unsigned>((b + kScanWarps - 1) / kScanWarps);
     reverse_scan_kernel<T, true><<<grid, kScanWarps * 32, 0, as_stream(stream)>>>(
-        as_cptr<T>(rewards), r_sb, r_st, as_cptr<T>(values), v_sb, v_st,
-        as_cptr<uint8_t>(mask), m_sb, m_st, as_ptr<A>(advantages), as_ptr<A>(returns), b, t,
+        as_cptr<T>(rewards.ptr), rewards.stride0, rewards.stride1, as_cptr<T>(values.ptr),
+        values.stride0, values.stride1, as_cptr<uint8_t>(mask.ptr), mask.stride0, mask.stride1,
+        as_ptr<A>(advantages), as_ptr<A>(returns), b, t,
         static_cast<A>(gamma), static_cast<A>(gamma * lam));
     RLK_CHECK_LAUNCH();
   });
 }
 
-void discounted_returns_forward(std::uintptr_t rewards, int64_t r_sb, int64_t r_st,
-                                std::uintptr_t mask, int64_t m_sb, int64_t m_st,
-                                std::uintptr_t out, int64_t b, int64_t t, int dtype,
-                                double gamma, std::uintptr_t stream) {
+void discounted_returns_forward(Matrix rewards, Matrix mask, std::uintptr_t out, int64_t b,
+                                int64_t t, int dtype, double gamma, std::uintptr_t stream) {
   RLK_CHECK_ARG(b >= 0 && b <= 0x7fffffffLL,
                 "discounted_returns_forward: b must be in [0, 2**31), got " + std::to_string(b));
   RLK_CHECK_ARG(t >= 0, "discounted_returns_forward: t must be >= 0, got " + std::to_string(t));
@@ -481,12 +481,13 @@ void discounted_returns_forward(std::uintptr_t rewards, int64_t r_sb, int64_t r_
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
     if (b == 0 || t == 0) return;
-    RLK_CHECK_ARG(rewards != 0 && mask != 0 && out != 0,
+    RLK_CHECK_ARG(rewards.ptr != 0 && mask.ptr != 0 && out != 0,
                   "discounted_returns_forward: null device pointer");
     const unsigned grid = static_cast<unsigned>((b + kScanWarps - 1) / kScanWarps);
     reverse_scan_kernel<T, false><<<grid, kScanWarps * 32, 0, as_stream(stream)>>>(
-        as_cptr<T>(rewards), r_sb, r_st, nullptr, 0, 0, as_cptr<uint8_t>(mask), m_sb, m_st,
-        as_ptr<A>(out), nullptr, b, t, static_cast<A>(gamma), static_cast<A>(gamma));
+        as_cptr<T>(rewards.ptr), rewards.stride0, rewards.stride1, nullptr, 0, 0,
+        as_cptr<uint8_t>(mask.ptr), mask.stride0, mask.stride1, as_ptr<A>(out), nullptr, b, t,
+        static_cast<A>(gamma), static_cast<A>(gamma));
     RLK_CHECK_LAUNCH();
   });
 }

@@ -56,9 +56,10 @@ __device__ __forceinline__ A kl_grad_rt(A d, int est) {
   }
 }
 
+// Element (b, t) of a [B, T] view whose address is p (the view's ptr, cast once).
 template <class A>
-__device__ __forceinline__ A at(const A* p, int64_t b, int64_t t, int64_t sb, int64_t st) {
-  return p[b * sb + t * st];
+__device__ __forceinline__ A at(const A* p, int64_t b, int64_t t, const Matrix& v) {
+  return p[b * v.stride0 + t * v.stride1];
 }
 
 // Sum of m * clamp(logp - old, +-clamp) over the unmasked tokens (m != 0; a select, so that
@@ -67,15 +68,15 @@ __device__ __forceinline__ A at(const A* p, int64_t b, int64_t t, int64_t sb, in
 template <class A>
 __device__ void row_log_ratio(const PolicyTensors& pt, const PolicyParams& pp, int64_t b,
                               bool with_log_r, A* scratch, A& seq, A& count) {
-  const A* lp = reinterpret_cast<const A*>(pt.logp);
-  const A* old = reinterpret_cast<const A*>(pt.old_logp);
-  const A* mk = reinterpret_cast<const A*>(pt.mask);
+  const A* lp = reinterpret_cast<const A*>(pt.logp.ptr);
+  const A* old = reinterpret_cast<const A*>(pt.old_logp.ptr);
+  const A* mk = reinterpret_cast<const A*>(pt.mask.ptr);
   const A lim = A(pp.log_ratio_clamp);
   A s = A(0), c = A(0);
   for (int64_t t = threadIdx.x; t < pt.T; t += blockDim.x) {
-    const A m = at(mk, b, t, pt.mask_sb, pt.mask_st);
+    const A m = at(mk, b, t, pt.mask);
     if (with_log_r) {
-      const A d = at(lp, b, t, pt.logp_sb, pt.logp_st) - at(old, b, t, pt.old_sb, pt.old_st);
+      const A d = at(lp, b, t, pt.logp) - at(old, b, t, pt.old_logp);
       s += m != A(0) ? clamp_nan(d, -lim, lim) * m : A(0);
     }
     c += m;
@@ -101,13 +102,13 @@ __global__ void __launch_bounds__(kRowThreads)
     policy_rows_kernel(PolicyTensors pt, PolicyParams pp, A* __restrict__ partials) {
   __shared__ A scratch[32];
   const int64_t b = blockIdx.x;
-  const A* lp = reinterpret_cast<const A*>(pt.logp);
-  const A* old = reinterpret_cast<const A*>(pt.old_logp);
-  const A* adv = reinterpret_cast<const A*>(pt.adv);
-  const A* mk = reinterpret_cast<const A*>(pt.mask);
-  const A* ref = reinterpret_cast<const A*>(pt.ref_logp);
-  const A* ent = reinterpret_cast<const A*>(pt.entropy);
-  const A* isw = reinterpret_cast<const A*>(pt.is_weights);
+  const A* lp = reinterpret_cast<const A*>(pt.logp.ptr);
+  const A* old = reinterpret_cast<const A*>(pt.old_logp.ptr);
+  const A* adv = reinterpret_cast<const A*>(pt.adv.ptr);
+  const A* mk = reinterpret_cast<const A*>(pt.mask.ptr);
+  const A* ref = reinterpret_cast<const A*>(pt.ref_logp.ptr);
+  const A* ent = reinterpret_cast<const A*>(pt.entropy.ptr);
+  const A* isw = reinterpret_cast<const A*>(pt.is_weights.ptr);
   const A lo = A(pp.lo), hi = A(pp.hi), lim = A(pp.log_ratio_clamp);
   const A neg_dual = A(-pp.dual_clip), delta = A(pp.delta);
   const A kl_coef = A(pp.kl_coef), ent_coef = A(pp.entropy_coef);
@@ -117,11 +118,11 @@ __global__ void __launch_bounds__(kRowThreads)
 #pragma unroll
   for (int k = 0; k < kPartials; ++k) acc[k] = A(0);
   for (int64_t t = threadIdx.x; t < pt.T; t += blockDim.x) {
-    const A l = at(lp, b, t, pt.logp_sb, pt.logp_st);
-    const A a = at(adv, b, t, pt.adv_sb, pt.adv_st);
-    const A m = at(mk, b, t, pt.mask_sb, pt.mask_st);
+    const A l = at(lp, b, t, pt.logp);
+    const A a = at(adv, b, t, pt.adv);
+    const A m = at(mk, b, t, pt.mask);
     const A log_r = pp.seq ? seq
-                           : clamp_nan(l - at(old, b, t, pt.old_sb, pt.old_st), -lim, lim);
+                           : clamp_nan(l - at(old, b, t, pt.old_logp), -lim, lim);
     const A r = d_exp(log_r);
     bool high = false, low = false, dual = false;
     A pg;
@@ -142,15 +143,15 @@ __global__ void __launch_bounds__(kRowThreads)
     } else {  // reinforce
       pg = -a * l;
     }
-    if (pp.has_w) pg = pg * at(isw, b, t, pt.w_sb, pt.w_st);
+    if (pp.has_w) pg = pg * at(isw, b, t, pt.is_weights);
     A loss = pg;
     if (pp.has_ref) {
-      const A kl = kl_value_rt(l - at(ref, b, t, pt.ref_sb, pt.ref_st), pp.kl_estimator);
+      const A kl = kl_value_rt(l - at(ref, b, t, pt.ref_logp), pp.kl_estimator);
       if (pp.use_kl) loss = loss + kl_coef * kl;
       acc[kPKl] += m != A(0) ? kl * m : A(0);
     }
     if (pp.has_ent) {
-      const A h = at(ent, b, t, pt.ent_sb, pt.ent_st);
+      const A h = at(ent, b, t, pt.entropy);
       if (pp.use_ent) loss = loss - ent_coef * h;
       acc[kPEnt] += m != A(0) ? h * m : A(0);
     }
@@ -277,12 +278,12 @@ __global__ void __launch_bounds__(kRowThreads)
     policy_grad_kernel(PolicyTensors pt, PolicyParams pp, const A* __restrict__ grad_loss,
                        const A* __restrict__ seqstat, const A* __restrict__ denom_ptr,
                        A* __restrict__ g_lp, A* __restrict__ g_ent) {
-  const A* lp = reinterpret_cast<const A*>(pt.logp);
-  const A* old = reinterpret_cast<const A*>(pt.old_logp);
-  const A* adv = reinterpret_cast<const A*>(pt.adv);
-  const A* mk = reinterpret_cast<const A*>(pt.mask);
-  const A* ref = reinterpret_cast<const A*>(pt.ref_logp);
-  const A* isw = reinterpret_cast<const A*>(pt.is_weights);
+  const A* lp = reinterpret_cast<const A*>(pt.logp.ptr);
+  const A* old = reinterpret_cast<const A*>(pt.old_logp.ptr);
+  const A* adv = reinterpret_cast<const A*>(pt.adv.ptr);
+  const A* mk = reinterpret_cast<const A*>(pt.mask.ptr);
+  const A* ref = reinterpret_cast<const A*>(pt.ref_logp.ptr);
+  const A* isw = reinterpret_cast<const A*>(pt.is_weights.ptr);
   const A lo = A(pp.lo), hi = A(pp.hi), lim = A(pp.log_ratio_clamp);
   const A neg_dual = A(-pp.dual_clip), delta = A(pp.delta);
   const A kl_coef = A(pp.kl_coef), neg_ent_coef = A(-pp.entropy_coef);
@@ -293,15 +294,15 @@ __global__ void __launch_bounds__(kRowThreads)
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += stride) {
     const int64_t b = i / pt.T, t = i - b * pt.T;
-    const A m = at(mk, b, t, pt.mask_sb, pt.mask_st);
+    const A m = at(mk, b, t, pt.mask);
     A weight = m / denom;
     if (pp.agg == kSeqMeanTokenMean) {
       const A n_seq = seqstat[b * 2];
       weight = n_seq > A(0) ? weight / n_seq : A(0);
     }
     const A c = g_loss * weight;
-    const A l = at(lp, b, t, pt.logp_sb, pt.logp_st);
-    const A a = at(adv, b, t, pt.adv_sb, pt.adv_st);
+    const A l = at(lp, b, t, pt.logp);
+    const A a = at(adv, b, t, pt.adv);
     A g;
     if (pp.loss == kReinforce) {
       g = -a;
@@ -311,7 +312,7 @@ __global__ void __launch_bounds__(kRowThreads)
         log_r = seqstat[b * 2 + 1];
         dlog_r = A(1);  // straight-through: sg(seq) + logp - sg(logp)
       } else {
-        const A d = l - at(old, b, t, pt.old_sb, pt.old_st);
+        const A d = l - at(old, b, t, pt.old_logp);
         log_r = clamp_nan(d, -lim, lim);
         dlog_r = (d >= -lim && d <= lim) ? A(1) : A(0);
       }
@@ -332,8 +333,8 @@ __global__ void __launch_bounds__(kRowThreads)
         g = dpg * r * dlog_r;
       }
     }
-    if (pp.has_w) g = g * at(isw, b, t, pt.w_sb, pt.w_st);
-    if (pp.use_kl) g = g + kl_coef * kl_grad_rt(l - at(ref, b, t, pt.ref_sb, pt.ref_st),
+    if (pp.has_w) g = g * at(isw, b, t, pt.is_weights);
+    if (pp.use_kl) g = g + kl_coef * kl_grad_rt(l - at(ref, b, t, pt.ref_logp),
                                                 pp.kl_estimator);
     g_lp[i] = c != A(0) ? c * g : A(0);
     if (g_ent != nullptr) g_ent[i] = c != A(0) ? neg_ent_coef * c : A(0);
@@ -356,11 +357,12 @@ void check_policy(const PolicyTensors& pt, const PolicyParams& pp, const char* o
   RLK_CHECK_ARG(pp.kl_estimator >= kKlK1 && pp.kl_estimator <= kKlK3Plus,
                 name + ": kl_estimator code must be in [0, 4], got " +
                     std::to_string(pp.kl_estimator));
-  RLK_CHECK_ARG(pt.logp != 0 && pt.old_logp != 0 && pt.adv != 0 && pt.mask != 0,
+  RLK_CHECK_ARG(pt.logp.ptr != 0 && pt.old_logp.ptr != 0 && pt.adv.ptr != 0 &&
+                    pt.mask.ptr != 0,
                 name + ": null device pointer");
-  RLK_CHECK_ARG(!pp.has_ref || pt.ref_logp != 0, name + ": has_ref without ref_logp");
-  RLK_CHECK_ARG(!pp.has_ent || pt.entropy != 0, name + ": has_ent without entropy");
-  RLK_CHECK_ARG(!pp.has_w || pt.is_weights != 0, name + ": has_w without is_weights");
+  RLK_CHECK_ARG(!pp.has_ref || pt.ref_logp.ptr != 0, name + ": has_ref without ref_logp");
+  RLK_CHECK_ARG(!pp.has_ent || pt.entropy.ptr != 0, name + ": has_ent without entropy");
+  RLK_CHECK_ARG(!pp.has_w || pt.is_weights.ptr != 0, name + ": has_w without is_weights");
   RLK_CHECK_ARG(!pp.use_kl || pp.has_ref, name + ": use_kl needs ref_logp");
   RLK_CHECK_ARG(!pp.use_ent || pp.has_ent, name + ": use_ent needs entropy");
 }

@@ -15,6 +15,21 @@ int device_count();           // CUDA devices usable by this runtime; 0 (no exce
 std::string cuda_archs();     // CMAKE_CUDA_ARCHITECTURES of the build, e.g. "80,90a"
 std::string nvcc_version();   // version of the nvcc that compiled the kernels
 
+// ---- tensor views -------------------------------------------------------------------------
+// A device tensor reaches a launcher as its address (0 = absent, where noted) and its strides
+// in elements. bindings.cpp exports both as Python classes with these field names.
+// Rows: rows of unit column stride (logits [n, vocab], a gradient [n, vocab]) or a vector
+// [n] (rows of one element): row i starts at ptr + i * stride.
+struct Rows {
+  std::uintptr_t ptr = 0;
+  int64_t stride = 0;
+};
+// Matrix: any [rows, cols] view; element (i, j) at ptr + i * stride0 + j * stride1.
+struct Matrix {
+  std::uintptr_t ptr = 0;
+  int64_t stride0 = 0, stride1 = 0;
+};
+
 // ---- option codes --------------------------------------------------------------------------
 // The integer each string option reaches the kernels as. Same numbers as rlkernels/_codes.py
 // (the Triton kernels use that table); bindings.cpp exports these as rlkernels._C.CODES and
@@ -39,97 +54,80 @@ enum KlEstimator : int { kKlK1 = 0, kKlAbs = 1, kKlK2 = 2, kKlK3 = 3, kKlK3Plus 
 enum AdvantageMethod : int { kGrpo = 0, kDrGrpo = 1, kRloo = 2, kBatchStd = 3 };
 
 // ---- vocab.cu: ops on logits [n, vocab] ---------------------------------------------------
-// Common conventions: logits rows have unit column stride and row stride `stride_x`
-// (elements); `dtype` is the logits' code (0 fp32, 1 fp16, 2 bf16, 3 fp64); per-row outputs,
-// stats and upstream gradients are in the accumulation type (fp64 for fp64 logits, else
-// fp32); tokens are int64; stats outputs are contiguous [n, 3]; gradients have the logits'
-// dtype. A pointer of 0 means "absent" where noted.
+// Common conventions: n < 2**31 rows, 1 <= vocab < 2**31 - 1; `dtype` is the logits' code;
+// per-row outputs, stats and upstream gradients are in the accumulation type (fp64 for fp64
+// logits, else fp32); tokens are int64; stats outputs are contiguous [n, 3]; gradients have
+// the logits' dtype. A view or pointer of 0 means "absent" where noted.
 
 // logp[n], ent[n], stats[n, 3] = (max z, log1p(rest), sum p (z - m) or 0); z = x * inv_t.
-// tokens == 0: entropy only (logp written 0). with_entropy == false: ent and stats[:, 2] = 0.
-void token_logprobs_forward(std::uintptr_t logits, int64_t stride_x, std::uintptr_t tokens,
-                            int64_t stride_tok, std::uintptr_t logp, std::uintptr_t ent,
+// tokens absent: entropy only (logp written 0). with_entropy == false: ent, stats[:, 2] = 0.
+void token_logprobs_forward(Rows logits, Rows tokens, std::uintptr_t logp, std::uintptr_t ent,
                             std::uintptr_t stats, int64_t n, int64_t vocab, int dtype,
                             double inv_temperature, int64_t ignore_index, bool with_entropy,
                             std::uintptr_t stream);
 
-// out[n, vocab] (row stride stride_out; may equal logits for an in-place backward) =
-// d(sum g_lp logp + g_h H)/d logits. grad_logp / grad_entropy may be 0 (absent);
-// grad_logp needs tokens.
-void token_logprobs_backward(std::uintptr_t grad_logp, int64_t stride_glp,
-                             std::uintptr_t grad_entropy, int64_t stride_gh,
-                             std::uintptr_t logits, int64_t stride_x, std::uintptr_t tokens,
-                             int64_t stride_tok, std::uintptr_t stats, int64_t stride_s0,
-                             int64_t stride_s1, std::uintptr_t out, int64_t stride_out,
-                             int64_t n, int64_t vocab, int dtype, double inv_temperature,
-                             int64_t ignore_index, std::uintptr_t stream);
+// out[n, vocab] (may be logits itself: an in-place backward) = d(sum g_lp logp + g_h H) /
+// d logits. grad_logp / grad_entropy [n] may be absent; grad_logp needs tokens.
+void token_logprobs_backward(Rows grad_logp, Rows grad_entropy, Rows logits, Rows tokens,
+                             Matrix stats, Rows out, int64_t n, int64_t vocab, int dtype,
+                             double inv_temperature, int64_t ignore_index,
+                             std::uintptr_t stream);
 
-// kind: 0 reverse KL(p||q), 1 forward KL(q||p), 2 jsd(beta). ignore_mask: uint8 [n] or 0.
-void kl_divergence_forward(std::uintptr_t logits, int64_t stride_x, std::uintptr_t ref_logits,
-                           int64_t stride_y, std::uintptr_t ignore_mask, int64_t stride_mask,
-                           std::uintptr_t kl, std::uintptr_t stats_p, std::uintptr_t stats_q,
-                           int64_t n, int64_t vocab, int dtype, int kind, double beta,
+// kl[n], stats_p, stats_q [n, 3] of rows p = softmax(logits), q = softmax(ref_logits) for
+// kind (KlKind) with the jsd weight beta. ignore_mask: uint8 [n] (non-zero: row skipped) or
+// absent.
+void kl_divergence_forward(Rows logits, Rows ref_logits, Rows ignore_mask, std::uintptr_t kl,
+                           std::uintptr_t stats_p, std::uintptr_t stats_q, int64_t n,
+                           int64_t vocab, int dtype, int kind, double beta,
                            double inv_temperature, std::uintptr_t stream);
 
-// grad_y == 0: no gradient for ref_logits.
-void kl_divergence_backward(std::uintptr_t grad_kl, int64_t stride_g, std::uintptr_t logits,
-                            int64_t stride_x, std::uintptr_t ref_logits, int64_t stride_y,
-                            std::uintptr_t ignore_mask, int64_t stride_mask,
-                            std::uintptr_t stats_p, int64_t sp0, int64_t sp1,
-                            std::uintptr_t stats_q, int64_t sq0, int64_t sq1,
-                            std::uintptr_t grad_x, int64_t stride_gx, std::uintptr_t grad_y,
-                            int64_t stride_gy, int64_t n, int64_t vocab, int dtype, int kind,
-                            double beta, double inv_temperature, std::uintptr_t stream);
+// grad_logits, grad_ref [n, vocab] from grad_kl [n] and the forward's stats; grad_ref absent:
+// no gradient for ref_logits.
+void kl_divergence_backward(Rows grad_kl, Rows logits, Rows ref_logits, Rows ignore_mask,
+                            Matrix stats_p, Matrix stats_q, Rows grad_logits, Rows grad_ref,
+                            int64_t n, int64_t vocab, int dtype, int kind, double beta,
+                            double inv_temperature, std::uintptr_t stream);
 
-// sparse_logprobs (mode 0 full, 1 support) and sparse_kl (mode 2) over logits [n, vocab] and
-// ids indices int64 [n, k] (strides si0, si1; -1 = unused slot). Forward: out = log-probs
-// [n, k] (row stride so0, unit column stride) or kl [n] (so0 ignored); tail [n] (0 unless
-// with_tail); stats [n, 3] = (m, log1p(rest), 0); target: teacher log-probs [n, k] (kl only,
-// accumulation type, strides st0, st1).
-void sparse_forward(std::uintptr_t logits, int64_t stride_x, std::uintptr_t indices, int64_t si0,
-                    int64_t si1, std::uintptr_t target, int64_t st0, int64_t st1,
-                    std::uintptr_t out, int64_t so0, std::uintptr_t tail, std::uintptr_t stats,
-                    int64_t n, int64_t vocab, int64_t k, int dtype, int mode, bool with_tail,
-                    double inv_temperature, std::uintptr_t stream);
+// ---- sparse.cu: ops on logits [n, vocab] at k given ids per row ---------------------------
+// Conventions of vocab.cu. sparse_logprobs (mode kSparseFull or kSparseSupport) and sparse_kl
+// (mode kSparseKl); indices: int64 [n, k] (-1 = unused slot). Forward: out = log-probs [n, k]
+// or kl [n] (out.stride ignored); tail [n] (0 unless with_tail); stats [n, 3] =
+// (m, log1p(rest), 0); target: teacher log-probs [n, k] (kl only, accumulation type).
+void sparse_forward(Rows logits, Matrix indices, Matrix target, Rows out, std::uintptr_t tail,
+                    std::uintptr_t stats, int64_t n, int64_t vocab, int64_t k, int dtype,
+                    int mode, bool with_tail, double inv_temperature, std::uintptr_t stream);
 
-// Backward: grad [n, vocab] (logits' dtype, row stride stride_g). sorted_ids / perm: int32
-// contiguous [n, k], each row's ids sorted stably (unused and out-of-range ids as 2**31 - 1)
-// and their slots. gk: grad_logp (modes 0, 1; 0 = absent) or the targets (mode 2); lp: the
-// forward's log-probs (mode 1); tail: the forward's tail; grad_tail (modes 0, 1 with
-// with_tail) and grad_kl (mode 2): [n] in the accumulation type.
-void sparse_backward(std::uintptr_t logits, int64_t stride_x, std::uintptr_t grad,
-                     int64_t stride_g, std::uintptr_t indices, int64_t si0, int64_t si1,
-                     std::uintptr_t sorted_ids, std::uintptr_t perm, std::uintptr_t gk,
-                     int64_t sg0, int64_t sg1, std::uintptr_t lp, int64_t sl0, int64_t sl1,
-                     std::uintptr_t tail, std::uintptr_t grad_tail, std::uintptr_t grad_kl,
-                     std::uintptr_t stats, int64_t ss0, int64_t ss1, int64_t n, int64_t vocab,
-                     int64_t k, int dtype, int mode, bool with_tail, double inv_temperature,
-                     std::uintptr_t stream);
+// Backward: grad [n, vocab] (logits' dtype). sorted_ids / perm: int32 contiguous [n, k], each
+// row's ids sorted stably (unused and out-of-range ids as 2**31 - 1) and their slots.
+// slot_values [n, k]: grad_logp (full, support; absent = no log-prob gradient) or the
+// targets (kl); logp: the forward's log-probs (support); tail: the forward's tail; grad_tail
+// (full, support with with_tail) and grad_kl (kl): [n] in the accumulation type.
+void sparse_backward(Rows logits, Rows grad, Matrix indices, std::uintptr_t sorted_ids,
+                     std::uintptr_t perm, Matrix slot_values, Matrix logp, std::uintptr_t tail,
+                     std::uintptr_t grad_tail, std::uintptr_t grad_kl, Matrix stats, int64_t n,
+                     int64_t vocab, int64_t k, int dtype, int mode, bool with_tail,
+                     double inv_temperature, std::uintptr_t stream);
 
 // ---- advantage.cu -------------------------------------------------------------------------
-// out[b] (accumulation type) = advantages of rewards[b] (stride `stride`, any float dtype).
+// out[b] (accumulation type) = advantages of rewards [b] (any float dtype).
 // Contiguous groups: perm = starts = 0, slots = b / group_size. group_index path: perm [b]
 // (stable sort of the ids), starts [slots + 1] (first sorted position of each slot, b past
-// the last group). method: 0 grpo, 1 dr_grpo, 2 rloo, 3 batch_std (needs a workspace of one
-// element of the accumulation type).
-void group_advantages_forward(std::uintptr_t rewards, int64_t stride, std::uintptr_t perm,
-                              std::uintptr_t starts, std::uintptr_t out,
-                              std::uintptr_t workspace, int64_t b, int64_t group_size,
-                              int64_t slots, int dtype, int method, bool unbiased, double eps,
-                              std::uintptr_t stream);
+// the last group). method: AdvantageMethod (kBatchStd needs a workspace of one element of
+// the accumulation type).
+void group_advantages_forward(Rows rewards, std::uintptr_t perm, std::uintptr_t starts,
+                              std::uintptr_t out, std::uintptr_t workspace, int64_t b,
+                              int64_t group_size, int64_t slots, int dtype, int method,
+                              bool unbiased, double eps, std::uintptr_t stream);
 
 // Reverse scans over [b, t] (rewards, values: dtype code `dtype`, any (row, step) strides;
 // mask: uint8, non-zero = valid, any strides). Outputs contiguous [b, t] in the accumulation
 // type, exactly 0 at masked steps. gae: advantages and returns (advantages + values).
-void gae_forward(std::uintptr_t rewards, int64_t r_sb, int64_t r_st, std::uintptr_t values,
-                 int64_t v_sb, int64_t v_st, std::uintptr_t mask, int64_t m_sb, int64_t m_st,
-                 std::uintptr_t advantages, std::uintptr_t returns, int64_t b, int64_t t,
-                 int dtype, double gamma, double lam, std::uintptr_t stream);
+void gae_forward(Matrix rewards, Matrix values, Matrix mask, std::uintptr_t advantages,
+                 std::uintptr_t returns, int64_t b, int64_t t, int dtype, double gamma,
+                 double lam, std::uintptr_t stream);
 
-void discounted_returns_forward(std::uintptr_t rewards, int64_t r_sb, int64_t r_st,
-                                std::uintptr_t mask, int64_t m_sb, int64_t m_st,
-                                std::uintptr_t out, int64_t b, int64_t t, int dtype,
-                                double gamma, std::uintptr_t stream);
+void discounted_returns_forward(Matrix rewards, Matrix mask, std::uintptr_t out, int64_t b,
+                                int64_t t, int dtype, double gamma, std::uintptr_t stream);
 
 // masked_whiten over n contiguous values (dtype code `dtype`); the mask is either uint8
 // (mask_u8, weights 0/1) or weights in the accumulation type (mask_w); the other pointer is 0.
@@ -150,21 +148,21 @@ void masked_whiten_backward(std::uintptr_t grad_out, std::uintptr_t values,
                             std::uintptr_t stream);
 
 // ---- policy.cu: policy_loss ----------------------------------------------------------------
-// Every tensor in the compute dtype (fp32, or fp64: dtype 0 or 3), [B, T] addressed as
-// p[b * sb + t * st] (advantages [B]: st = 0). Absent optional tensors: pointer 0.
+// Every tensor in the compute dtype (fp32, or fp64: dtype 0 or 3), [B, T] (advantages [B]:
+// stride1 = 0). Absent optional tensors: ptr 0.
 struct PolicyTensors {
-  std::uintptr_t logp, old_logp, adv, mask, ref_logp, entropy, is_weights;
-  int64_t logp_sb, logp_st, old_sb, old_st, adv_sb, adv_st, mask_sb, mask_st;
-  int64_t ref_sb, ref_st, ent_sb, ent_st, w_sb, w_st;
-  int64_t B, T;
+  Matrix logp, old_logp, adv, mask, ref_logp, entropy, is_weights;
+  int64_t B = 0, T = 0;
 };
 
 // loss: PolicyLoss, seq: RatioLevel, agg: Agg, kl_estimator: KlEstimator (codes above).
-// lo = 1 - clip_low, hi = 1 + clip_high.
+// lo = 1 - clip_low (0 for cispo without its lower clamp), hi = 1 + clip_high.
 struct PolicyParams {
-  int loss, seq, agg, kl_estimator;
-  int has_ref, has_ent, has_w, has_dual, has_delta, use_kl, use_ent;
-  double lo, hi, dual_clip, delta, kl_coef, entropy_coef, log_ratio_clamp;
+  int loss = 0, seq = 0, agg = 0, kl_estimator = 0;
+  int has_ref = 0, has_ent = 0, has_w = 0, has_dual = 0, has_delta = 0, use_kl = 0,
+      use_ent = 0;
+  double lo = 0, hi = 0, dual_clip = 0, delta = 0, kl_coef = 0, entropy_coef = 0,
+         log_ratio_clamp = 0;
 };
 
 // loss (one element) and metrics (9 fp32, reference/policy.py METRICS order); partials: a

@@ -1147,8 +1147,7 @@ cudaStream_t checked_stream(std::uintptr_t s) { return as_stream(s); }
 
 // ------------------------------------------------------------------------------ launchers
 
-void token_logprobs_forward(std::uintptr_t logits, int64_t stride_x, std::uintptr_t tokens,
-                            int64_t stride_tok, std::uintptr_t logp, std::uintptr_t ent,
+void token_logprobs_forward(Rows logits, Rows tokens, std::uintptr_t logp, std::uintptr_t ent,
                             std::uintptr_t stats, int64_t n, int64_t vocab, int dtype,
                             double inv_temperature, int64_t ignore_index, bool with_entropy,
                             std::uintptr_t stream) {
@@ -1161,19 +1160,20 @@ void token_logprobs_forward(std::uintptr_t logits, int64_t stride_x, std::uintpt
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
     if (n == 0) return;
-    RLK_CHECK_ARG(logits != 0 && logp != 0 && ent != 0 && stats != 0,
+    RLK_CHECK_ARG(logits.ptr != 0 && logp != 0 && ent != 0 && stats != 0,
                   "token_logprobs_forward: null device pointer");
     const int threads = row_threads(vocab, VecWidth<T>::value, max_threads<T>());
     const cudaStream_t s = checked_stream(stream);
-    const T* x = as_cptr<T>(logits);
-    const int64_t* tk = as_cptr<int64_t>(tokens);
+    const T* x = as_cptr<T>(logits.ptr);
+    const int64_t stride_x = logits.stride, stride_tok = tokens.stride;
+    const int64_t* tk = as_cptr<int64_t>(tokens.ptr);
     A* lp = as_ptr<A>(logp);
     A* en = as_ptr<A>(ent);
     A* st = as_ptr<A>(stats);
     const A it = static_cast<A>(inv_temperature);
     const A sc = static_cast<A>(scale_of(dtype, inv_temperature));
     const dim3 grid(static_cast<unsigned>(n));
-    if (tokens != 0) {
+    if (tokens.ptr != 0) {
       if (with_entropy)
         token_logprobs_fwd_kernel<T, true, true><<<grid, threads, 0, s>>>(
             x, stride_x, tk, stride_tok, lp, en, st, vocab, it, sc, ignore_index);
@@ -1192,54 +1192,50 @@ void token_logprobs_forward(std::uintptr_t logits, int64_t stride_x, std::uintpt
   });
 }
 
-void token_logprobs_backward(std::uintptr_t grad_logp, int64_t stride_glp,
-                             std::uintptr_t grad_entropy, int64_t stride_gh,
-                             std::uintptr_t logits, int64_t stride_x, std::uintptr_t tokens,
-                             int64_t stride_tok, std::uintptr_t stats, int64_t stride_s0,
-                             int64_t stride_s1, std::uintptr_t out, int64_t stride_out,
-                             int64_t n, int64_t vocab, int dtype, double inv_temperature,
-                             int64_t ignore_index, std::uintptr_t stream) {
+void token_logprobs_backward(Rows grad_logp, Rows grad_entropy, Rows logits, Rows tokens,
+                             Matrix stats, Rows out, int64_t n, int64_t vocab, int dtype,
+                             double inv_temperature, int64_t ignore_index,
+                             std::uintptr_t stream) {
   RLK_CHECK_ARG(n >= 0 && n <= 0x7fffffffLL,
                 "token_logprobs_backward: n must be in [0, 2**31), got " + std::to_string(n));
   RLK_CHECK_ARG(vocab >= 1 && vocab < 0x7fffffffLL,
                 "token_logprobs_backward: vocab must be in [1, 2**31 - 1), got " +
                                 std::to_string(vocab));
-  RLK_CHECK_ARG(grad_logp == 0 || tokens != 0,
+  RLK_CHECK_ARG(grad_logp.ptr == 0 || tokens.ptr != 0,
                 "token_logprobs_backward: grad_logp needs tokens");
   dispatch_logits(dtype, "token_logprobs_backward", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
     if (n == 0) return;
-    RLK_CHECK_ARG(logits != 0 && stats != 0 && out != 0,
+    RLK_CHECK_ARG(logits.ptr != 0 && stats.ptr != 0 && out.ptr != 0,
                   "token_logprobs_backward: null device pointer");
     const int threads = row_threads(vocab, VecWidth<T>::value, max_threads<T>());
     const cudaStream_t s = checked_stream(stream);
-    const A* glp = as_cptr<A>(grad_logp);
-    const A* gh = as_cptr<A>(grad_entropy);
-    const T* x = as_cptr<T>(logits);
-    const int64_t* tk = as_cptr<int64_t>(tokens);
-    const A* st = as_cptr<A>(stats);
-    T* o = as_ptr<T>(out);
+    const A* glp = as_cptr<A>(grad_logp.ptr);
+    const A* gh = as_cptr<A>(grad_entropy.ptr);
+    const T* x = as_cptr<T>(logits.ptr);
+    const int64_t* tk = as_cptr<int64_t>(tokens.ptr);
+    const A* st = as_cptr<A>(stats.ptr);
+    T* o = as_ptr<T>(out.ptr);
     const A it = static_cast<A>(inv_temperature);
-    const bool has_tok = tokens != 0;
+    const bool has_tok = tokens.ptr != 0;
     const dim3 grid(static_cast<unsigned>(n));
 #define RLK_TLP_BWD(GLP, GH)                                                                 \
   token_logprobs_bwd_kernel<T, GLP, GH><<<grid, threads, 0, s>>>(                            \
-      glp, stride_glp, gh, stride_gh, x, stride_x, tk, stride_tok, has_tok, st, stride_s0,    \
-      stride_s1, o, stride_out, vocab, it, ignore_index)
-    if (grad_logp != 0 && grad_entropy != 0) RLK_TLP_BWD(true, true);
-    else if (grad_logp != 0) RLK_TLP_BWD(true, false);
-    else if (grad_entropy != 0) RLK_TLP_BWD(false, true);
+      glp, grad_logp.stride, gh, grad_entropy.stride, x, logits.stride, tk, tokens.stride,    \
+      has_tok, st, stats.stride0, stats.stride1, o, out.stride, vocab, it, ignore_index)
+    if (glp != nullptr && gh != nullptr) RLK_TLP_BWD(true, true);
+    else if (glp != nullptr) RLK_TLP_BWD(true, false);
+    else if (gh != nullptr) RLK_TLP_BWD(false, true);
     else RLK_TLP_BWD(false, false);
 #undef RLK_TLP_BWD
     RLK_CHECK_LAUNCH();
   });
 }
 
-void kl_divergence_forward(std::uintptr_t logits, int64_t stride_x, std::uintptr_t ref_logits,
-                           int64_t stride_y, std::uintptr_t ignore_mask, int64_t stride_mask,
-                           std::uintptr_t kl, std::uintptr_t stats_p, std::uintptr_t stats_q,
-                           int64_t n, int64_t vocab, int dtype, int kind, double beta,
+void kl_divergence_forward(Rows logits, Rows ref_logits, Rows ignore_mask, std::uintptr_t kl,
+                           std::uintptr_t stats_p, std::uintptr_t stats_q, int64_t n,
+                           int64_t vocab, int dtype, int kind, double beta,
                            double inv_temperature, std::uintptr_t stream) {
   RLK_CHECK_ARG(n >= 0 && n <= 0x7fffffffLL,
                 "kl_divergence_forward: n must be in [0, 2**31), got " + std::to_string(n));
@@ -1254,15 +1250,16 @@ void kl_divergence_forward(std::uintptr_t logits, int64_t stride_x, std::uintptr
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
     if (n == 0) return;
-    RLK_CHECK_ARG(logits != 0 && ref_logits != 0 && kl != 0 && stats_p != 0 && stats_q != 0,
+    RLK_CHECK_ARG(logits.ptr != 0 && ref_logits.ptr != 0 && kl != 0 && stats_p != 0 &&
+                      stats_q != 0,
                   "kl_divergence_forward: null device pointer");
     const int threads = row_threads(vocab, VecWidth<T>::value, max_threads<T>());
     const cudaStream_t s = checked_stream(stream);
     const dim3 grid(static_cast<unsigned>(n));
 #define RLK_KL_FWD(KIND)                                                                      \
   kl_fwd_kernel<T, KIND><<<grid, threads, 0, s>>>(                                            \
-      as_cptr<T>(logits), stride_x, as_cptr<T>(ref_logits), stride_y,                         \
-      as_cptr<uint8_t>(ignore_mask), stride_mask, as_ptr<A>(kl), as_ptr<A>(stats_p),          \
+      as_cptr<T>(logits.ptr), logits.stride, as_cptr<T>(ref_logits.ptr), ref_logits.stride,   \
+      as_cptr<uint8_t>(ignore_mask.ptr), ignore_mask.stride, as_ptr<A>(kl), as_ptr<A>(stats_p), \
       as_ptr<A>(stats_q), vocab, static_cast<A>(inv_temperature),                           \
       static_cast<A>(scale_of(dtype, inv_temperature)), c)
     if (kind == kReverse) RLK_KL_FWD(kReverse);
@@ -1273,14 +1270,10 @@ void kl_divergence_forward(std::uintptr_t logits, int64_t stride_x, std::uintptr
   });
 }
 
-void kl_divergence_backward(std::uintptr_t grad_kl, int64_t stride_g, std::uintptr_t logits,
-                            int64_t stride_x, std::uintptr_t ref_logits, int64_t stride_y,
-                            std::uintptr_t ignore_mask, int64_t stride_mask,
-                            std::uintptr_t stats_p, int64_t sp0, int64_t sp1,
-                            std::uintptr_t stats_q, int64_t sq0, int64_t sq1,
-                            std::uintptr_t grad_x, int64_t stride_gx, std::uintptr_t grad_y,
-                            int64_t stride_gy, int64_t n, int64_t vocab, int dtype, int kind,
-                            double beta, double inv_temperature, std::uintptr_t stream) {
+void kl_divergence_backward(Rows grad_kl, Rows logits, Rows ref_logits, Rows ignore_mask,
+                            Matrix stats_p, Matrix stats_q, Rows grad_logits, Rows grad_ref,
+                            int64_t n, int64_t vocab, int dtype, int kind, double beta,
+                            double inv_temperature, std::uintptr_t stream) {
   RLK_CHECK_ARG(n >= 0 && n <= 0x7fffffffLL,
                 "kl_divergence_backward: n must be in [0, 2**31), got " + std::to_string(n));
   RLK_CHECK_ARG(vocab >= 1 && vocab < 0x7fffffffLL,
@@ -1295,19 +1288,21 @@ void kl_divergence_backward(std::uintptr_t grad_kl, int64_t stride_g, std::uintp
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
     if (n == 0) return;
-    RLK_CHECK_ARG(grad_kl != 0 && logits != 0 && ref_logits != 0 && stats_p != 0 &&
-                      stats_q != 0 && grad_x != 0,
+    RLK_CHECK_ARG(grad_kl.ptr != 0 && logits.ptr != 0 && ref_logits.ptr != 0 &&
+                      stats_p.ptr != 0 && stats_q.ptr != 0 && grad_logits.ptr != 0,
                   "kl_divergence_backward: null device pointer");
     const int threads = row_threads(vocab, VecWidth<T>::value, max_threads<T>());
     const cudaStream_t s = checked_stream(stream);
     const dim3 grid(static_cast<unsigned>(n));
 #define RLK_KL_BWD(KIND, NEED_W)                                                              \
   kl_bwd_kernel<T, KIND, NEED_W><<<grid, threads, 0, s>>>(                                    \
-      as_cptr<A>(grad_kl), stride_g, as_cptr<T>(logits), stride_x, as_cptr<T>(ref_logits),    \
-      stride_y, as_cptr<uint8_t>(ignore_mask), stride_mask, as_cptr<A>(stats_p), sp0, sp1,    \
-      as_cptr<A>(stats_q), sq0, sq1, as_ptr<T>(grad_x), stride_gx, as_ptr<T>(grad_y),         \
-      stride_gy, vocab, static_cast<A>(inv_temperature), c)
-    const bool need_w = grad_y != 0;
+      as_cptr<A>(grad_kl.ptr), grad_kl.stride, as_cptr<T>(logits.ptr), logits.stride,         \
+      as_cptr<T>(ref_logits.ptr), ref_logits.stride, as_cptr<uint8_t>(ignore_mask.ptr),       \
+      ignore_mask.stride, as_cptr<A>(stats_p.ptr), stats_p.stride0, stats_p.stride1,          \
+      as_cptr<A>(stats_q.ptr), stats_q.stride0, stats_q.stride1, as_ptr<T>(grad_logits.ptr),  \
+      grad_logits.stride, as_ptr<T>(grad_ref.ptr), grad_ref.stride, vocab,                    \
+      static_cast<A>(inv_temperature), c)
+    const bool need_w = grad_ref.ptr != 0;
     if (kind == kReverse) { if (need_w) RLK_KL_BWD(kReverse, true); else RLK_KL_BWD(kReverse, false); }
     else if (kind == kForward) { if (need_w) RLK_KL_BWD(kForward, true); else RLK_KL_BWD(kForward, false); }
     else { if (need_w) RLK_KL_BWD(kJsd, true); else RLK_KL_BWD(kJsd, false); }
@@ -1316,11 +1311,9 @@ void kl_divergence_backward(std::uintptr_t grad_kl, int64_t stride_g, std::uintp
   });
 }
 
-void sparse_forward(std::uintptr_t logits, int64_t stride_x, std::uintptr_t indices, int64_t si0,
-                    int64_t si1, std::uintptr_t target, int64_t st0, int64_t st1,
-                    std::uintptr_t out, int64_t so0, std::uintptr_t tail, std::uintptr_t stats,
-                    int64_t n, int64_t vocab, int64_t k, int dtype, int mode, bool with_tail,
-                    double inv_temperature, std::uintptr_t stream) {
+void sparse_forward(Rows logits, Matrix indices, Matrix target, Rows out, std::uintptr_t tail,
+                    std::uintptr_t stats, int64_t n, int64_t vocab, int64_t k, int dtype,
+                    int mode, bool with_tail, double inv_temperature, std::uintptr_t stream) {
   RLK_CHECK_ARG(n >= 0 && n <= 0x7fffffffLL,
                 "sparse_forward: n must be in [0, 2**31), got " + std::to_string(n));
   RLK_CHECK_ARG(vocab >= 1 && vocab < 0x7fffffffLL,
@@ -1332,16 +1325,18 @@ void sparse_forward(std::uintptr_t logits, int64_t stride_x, std::uintptr_t indi
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
     if (n == 0) return;
-    RLK_CHECK_ARG(logits != 0 && (k == 0 || indices != 0) && tail != 0 && stats != 0 &&
-                      (out != 0 || k == 0) && (mode != kSparseKl || target != 0 || k == 0),
+    RLK_CHECK_ARG(logits.ptr != 0 && (k == 0 || indices.ptr != 0) && tail != 0 && stats != 0 &&
+                      (out.ptr != 0 || k == 0) &&
+                      (mode != kSparseKl || target.ptr != 0 || k == 0),
                   "sparse_forward: null device pointer");
     const int threads = row_threads(vocab, VecWidth<T>::value, max_threads<T>());
     const cudaStream_t s = checked_stream(stream);
     const dim3 grid(static_cast<unsigned>(n));
 #define RLK_SPARSE_FWD(MODE, TAIL)                                                             \
   sparse_fwd_kernel<T, MODE, TAIL><<<grid, threads, 0, s>>>(                                   \
-      as_cptr<T>(logits), stride_x, vocab, as_cptr<int64_t>(indices), si0, si1, k,             \
-      as_cptr<A>(target), st0, st1, as_ptr<A>(out), so0, as_ptr<A>(tail), as_ptr<A>(stats),    \
+      as_cptr<T>(logits.ptr), logits.stride, vocab, as_cptr<int64_t>(indices.ptr),             \
+      indices.stride0, indices.stride1, k, as_cptr<A>(target.ptr), target.stride0,             \
+      target.stride1, as_ptr<A>(out.ptr), out.stride, as_ptr<A>(tail), as_ptr<A>(stats),       \
       static_cast<A>(inv_temperature), static_cast<A>(scale_of(dtype, inv_temperature)))
     if (mode == kSparseFull) { if (with_tail) RLK_SPARSE_FWD(kSparseFull, true); else RLK_SPARSE_FWD(kSparseFull, false); }
     else if (mode == kSparseSupport) { if (with_tail) RLK_SPARSE_FWD(kSparseSupport, true); else RLK_SPARSE_FWD(kSparseSupport, false); }
@@ -1351,14 +1346,11 @@ void sparse_forward(std::uintptr_t logits, int64_t stride_x, std::uintptr_t indi
   });
 }
 
-void sparse_backward(std::uintptr_t logits, int64_t stride_x, std::uintptr_t grad,
-                     int64_t stride_g, std::uintptr_t indices, int64_t si0, int64_t si1,
-                     std::uintptr_t sorted_ids, std::uintptr_t perm, std::uintptr_t gk,
-                     int64_t sg0, int64_t sg1, std::uintptr_t lp, int64_t sl0, int64_t sl1,
-                     std::uintptr_t tail, std::uintptr_t grad_tail, std::uintptr_t grad_kl,
-                     std::uintptr_t stats, int64_t ss0, int64_t ss1, int64_t n, int64_t vocab,
-                     int64_t k, int dtype, int mode, bool with_tail, double inv_temperature,
-                     std::uintptr_t stream) {
+void sparse_backward(Rows logits, Rows grad, Matrix indices, std::uintptr_t sorted_ids,
+                     std::uintptr_t perm, Matrix slot_values, Matrix logp, std::uintptr_t tail,
+                     std::uintptr_t grad_tail, std::uintptr_t grad_kl, Matrix stats, int64_t n,
+                     int64_t vocab, int64_t k, int dtype, int mode, bool with_tail,
+                     double inv_temperature, std::uintptr_t stream) {
   RLK_CHECK_ARG(n >= 0 && n <= 0x7fffffffLL,
                 "sparse_backward: n must be in [0, 2**31), got " + std::to_string(n));
   RLK_CHECK_ARG(vocab >= 1 && vocab < 0x7fffffffLL,
@@ -1370,13 +1362,13 @@ void sparse_backward(std::uintptr_t logits, int64_t stride_x, std::uintptr_t gra
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
     if (n == 0) return;
-    RLK_CHECK_ARG(logits != 0 && grad != 0 && stats != 0 &&
-                      (k == 0 || (indices != 0 && sorted_ids != 0 && perm != 0)),
+    RLK_CHECK_ARG(logits.ptr != 0 && grad.ptr != 0 && stats.ptr != 0 &&
+                      (k == 0 || (indices.ptr != 0 && sorted_ids != 0 && perm != 0)),
                   "sparse_backward: null device pointer");
-    RLK_CHECK_ARG(mode != kSparseSupport || k == 0 || lp != 0,
-                  "sparse_backward: support mode needs the forward's log-probs (lp)");
-    RLK_CHECK_ARG(mode != kSparseKl || (grad_kl != 0 && (k == 0 || gk != 0)),
-                  "sparse_backward: kl mode needs grad_kl and the targets (gk)");
+    RLK_CHECK_ARG(mode != kSparseSupport || k == 0 || logp.ptr != 0,
+                  "sparse_backward: support mode needs the forward's log-probs (logp)");
+    RLK_CHECK_ARG(mode != kSparseKl || (grad_kl != 0 && (k == 0 || slot_values.ptr != 0)),
+                  "sparse_backward: kl mode needs grad_kl and the targets (slot_values)");
     RLK_CHECK_ARG(!with_tail || (tail != 0 && (mode == kSparseKl || grad_tail != 0)),
                   "sparse_backward: with_tail needs tail (and grad_tail unless kl)");
     const int threads = row_threads(vocab, VecWidth<T>::value, max_threads<T>());
@@ -1384,11 +1376,12 @@ void sparse_backward(std::uintptr_t logits, int64_t stride_x, std::uintptr_t gra
     const dim3 grid(static_cast<unsigned>(n));
 #define RLK_SPARSE_BWD(MODE, TAIL)                                                             \
   sparse_bwd_kernel<T, MODE, TAIL><<<grid, threads, 0, s>>>(                                   \
-      as_cptr<T>(logits), stride_x, as_ptr<T>(grad), stride_g, vocab,                          \
-      as_cptr<int64_t>(indices), si0, si1, k, as_cptr<int32_t>(sorted_ids),                    \
-      as_cptr<int32_t>(perm), as_cptr<A>(gk), sg0, sg1, as_cptr<A>(lp), sl0, sl1,              \
-      as_cptr<A>(tail), as_cptr<A>(grad_tail), as_cptr<A>(grad_kl), as_cptr<A>(stats), ss0,    \
-      ss1, static_cast<A>(inv_temperature))
+      as_cptr<T>(logits.ptr), logits.stride, as_ptr<T>(grad.ptr), grad.stride, vocab,          \
+      as_cptr<int64_t>(indices.ptr), indices.stride0, indices.stride1, k,                      \
+      as_cptr<int32_t>(sorted_ids), as_cptr<int32_t>(perm), as_cptr<A>(slot_values.ptr),       \
+      slot_values.stride0, slot_values.stride1, as_cptr<A>(logp.ptr), logp.stride0,            \
+      logp.stride1, as_cptr<A>(tail), as_cptr<A>(grad_tail), as_cptr<A>(grad_kl),             \
+      as_cptr<A>(stats.ptr), stats.stride0, stats.stride1, static_cast<A>(inv_temperature))
     if (mode == kSparseFull) { if (with_tail) RLK_SPARSE_BWD(kSparseFull, true); else RLK_SPARSE_BWD(kSparseFull, false); }
     else if (mode == kSparseSupport) { if (with_tail) RLK_SPARSE_BWD(kSparseSupport, true); else RLK_SPARSE_BWD(kSparseSupport, false); }
     else { if (with_tail) RLK_SPARSE_BWD(kSparseKl, true); else RLK_SPARSE_BWD(kSparseKl, false); }

@@ -1,6 +1,6 @@
 """The integer codes of the string options, one table per option, shared by every compiled
 backend: the Triton kernels take them as ``tl.constexpr`` and branch on them (``if KL == 3``),
-the CUDA kernels as ``int`` (csrc/rlkernels.h ``namespace rlk::codes``, exported by
+the CUDA kernels as ``int`` (the enums of csrc/rlkernels.h, exported by
 rlkernels._C as ``_C.CODES``; tests/cuda/test_codes.py checks that both sides agree).
 
 A code is what the kernel branches on, not the option's position in a list: aliases share
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Dict
 
-# Storage dtype of the tensors a CUDA kernel reads (csrc/common.cuh rlk::DType), by torch name.
+# Storage dtype of the tensors a CUDA kernel reads (csrc/rlkernels.h rlk::DType), by torch name.
 DTYPES: Dict[str, int] = {"float32": 0, "float16": 1, "bfloat16": 2, "float64": 3}
 
 # kl_divergence(kind=...).

@@ -71,6 +71,24 @@ def row_stride(x: Tensor) -> int:
     return x.stride(0) if x.dim() == 2 and x.shape[0] > 1 else x.shape[-1]
 
 
+def rows(C, t: Optional[Tensor]):
+    """``_C.Rows`` of ``t``: a vector ``[n]`` (its stride) or rows of unit column stride
+    ``[n, V]`` (:func:`row_stride`); ptr 0 for an absent tensor."""
+    if t is None:
+        return C.Rows()
+    return C.Rows(ptr=t.data_ptr(), stride=t.stride(0) if t.dim() == 1 else row_stride(t))
+
+
+def matrix(C, t: Optional[Tensor], stride1: Optional[int] = None):
+    """``_C.Matrix`` of a 2-d ``t`` (or of a 1-d ``t`` read as ``[n, cols]`` with column
+    stride ``stride1``, e.g. 0 to broadcast); ptr 0 for an absent tensor."""
+    if t is None:
+        return C.Matrix()
+    if stride1 is None:
+        return C.Matrix(ptr=t.data_ptr(), stride0=t.stride(0), stride1=t.stride(1))
+    return C.Matrix(ptr=t.data_ptr(), stride0=t.stride(0), stride1=stride1)
+
+
 def ptr(t: Optional[Tensor]) -> int:
     """Device address, 0 for an absent tensor."""
     return 0 if t is None else t.data_ptr()

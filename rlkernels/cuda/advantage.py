@@ -19,7 +19,7 @@ import torch
 
 from .. import _codes
 from ._common import (DTYPE_CODES, FLOAT_DTYPES, INDEX_DTYPES, check_cuda_tensor, check_shape,
-                      compute_dtype, extension, ptr, stream_of)
+                      compute_dtype, extension, matrix, ptr, rows, stream_of)
 
 Tensor = torch.Tensor
 
@@ -66,10 +66,11 @@ def group_advantages_forward(rewards: Tensor, group_index: Optional[Tensor], gro
     workspace = torch.empty(1, dtype=cdt, device=x.device)
     with torch.cuda.device(x.device):
         C.group_advantages_forward(
-            x.data_ptr(), x.stride(0), 0 if perm is None else perm.data_ptr(),
-            0 if starts is None else starts.data_ptr(), out.data_ptr(), workspace.data_ptr(),
-            b, group_size if group_index is None else 0, slots, DTYPE_CODES[x.dtype],
-            _METHODS[method], bool(unbiased), float(eps), stream_of(x))
+            rewards=rows(C, x), perm=ptr(perm), starts=ptr(starts), out=out.data_ptr(),
+            workspace=workspace.data_ptr(), b=b,
+            group_size=group_size if group_index is None else 0, slots=slots,
+            dtype=DTYPE_CODES[x.dtype], method=_METHODS[method], unbiased=bool(unbiased),
+            eps=float(eps), stream=stream_of(x))
     return out
 
 
@@ -134,10 +135,9 @@ def gae_forward(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam
     if b == 0 or steps == 0:
         return adv, ret
     with torch.cuda.device(r.device):
-        C.gae_forward(r.data_ptr(), r.stride(0), r.stride(1), v.data_ptr(), v.stride(0),
-                      v.stride(1), valid.data_ptr(), valid.stride(0), valid.stride(1),
-                      adv.data_ptr(), ret.data_ptr(), b, steps, DTYPE_CODES[r.dtype], g, lam,
-                      stream_of(r))
+        C.gae_forward(rewards=matrix(C, r), values=matrix(C, v), mask=matrix(C, valid),
+                      advantages=adv.data_ptr(), returns=ret.data_ptr(), b=b, t=steps,
+                      dtype=DTYPE_CODES[r.dtype], gamma=g, lam=lam, stream=stream_of(r))
     return adv, ret
 
 
@@ -157,9 +157,9 @@ def discounted_returns_forward(rewards: Tensor, mask: Tensor, gamma: float) -> T
         return out
     r = rewards
     with torch.cuda.device(r.device):
-        C.discounted_returns_forward(r.data_ptr(), r.stride(0), r.stride(1), valid.data_ptr(),
-                                     valid.stride(0), valid.stride(1), out.data_ptr(), b, steps,
-                                     DTYPE_CODES[r.dtype], g, stream_of(r))
+        C.discounted_returns_forward(rewards=matrix(C, r), mask=matrix(C, valid),
+                                     out=out.data_ptr(), b=b, t=steps,
+                                     dtype=DTYPE_CODES[r.dtype], gamma=g, stream=stream_of(r))
     return out
 
 
@@ -210,9 +210,11 @@ def masked_whiten_forward(values: Tensor, mask: Tensor, shift_mean: bool, eps: f
     stats = torch.empty(WHITEN_STATS, dtype=cdt, device=values.device)
     workspace = torch.empty(blocks, 4, dtype=cdt, device=values.device)
     with torch.cuda.device(values.device):
-        C.masked_whiten_forward(v.data_ptr(), ptr(mb), ptr(mw), out.data_ptr(), stats.data_ptr(),
-                                workspace.data_ptr(), n, blocks, DTYPE_CODES[v.dtype],
-                                bool(shift_mean), eps, bool(unbiased), stream_of(v))
+        C.masked_whiten_forward(values=v.data_ptr(), mask_u8=ptr(mb), mask_w=ptr(mw),
+                                out=out.data_ptr(), stats=stats.data_ptr(),
+                                workspace=workspace.data_ptr(), n=n, blocks=blocks,
+                                dtype=DTYPE_CODES[v.dtype], shift_mean=bool(shift_mean),
+                                eps=eps, unbiased=bool(unbiased), stream=stream_of(v))
     return out, stats
 
 
@@ -248,10 +250,12 @@ def masked_whiten_backward(grad_out: Tensor, values: Tensor, mask: Tensor, stats
     blocks = _whiten_blocks(n)
     workspace = torch.empty(blocks, 2, dtype=cdt, device=values.device)
     with torch.cuda.device(values.device):
-        C.masked_whiten_backward(g.data_ptr(), v.data_ptr(), ptr(mb), ptr(mw),
-                                 stats.contiguous().data_ptr(), workspace.data_ptr(),
-                                 grad.data_ptr(), n, blocks, DTYPE_CODES[v.dtype],
-                                 bool(shift_mean), bool(unbiased), stream_of(v))
+        C.masked_whiten_backward(grad_out=g.data_ptr(), values=v.data_ptr(), mask_u8=ptr(mb),
+                                 mask_w=ptr(mw), stats=stats.contiguous().data_ptr(),
+                                 workspace=workspace.data_ptr(), grad_values=grad.data_ptr(),
+                                 n=n, blocks=blocks, dtype=DTYPE_CODES[v.dtype],
+                                 shift_mean=bool(shift_mean), unbiased=bool(unbiased),
+                                 stream=stream_of(v))
     return grad
 
 

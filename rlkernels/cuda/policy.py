@@ -12,7 +12,7 @@ import torch
 
 from rlkernels import _codes
 from rlkernels.cuda._common import DTYPE_CODES as _DTYPE_CODES
-from rlkernels.cuda._common import check_cuda_tensor
+from rlkernels.cuda._common import check_cuda_tensor, matrix, ptr, stream_of
 from rlkernels.cuda._common import extension as _extension
 
 # ============================================================================== policy_loss
@@ -28,8 +28,8 @@ _N_PARTIALS = 11  # csrc/policy.cu kPartials
 def _policy_inputs(logp, old_logp, advantages, mask, normalizer, ref_logp, entropy,
                    is_weights):
     """Check the [B, T] inputs and bring them to the compute dtype (a copy only when the
-    dtype differs; [B, T] tensors are small next to logits). Returns (cdt, tensors, strides,
-    normalizer)."""
+    dtype differs; [B, T] tensors are small next to logits). Returns (cdt, tensors,
+    _C.PolicyTensors of them, normalizer); the tensors must outlive the launch."""
     check_cuda_tensor("logp", logp, _FLOAT_DTYPES)
     if logp.dim() != 2:
         raise ValueError(f"logp: expected a 2-d tensor [B, T], got shape {tuple(logp.shape)}")
@@ -56,7 +56,6 @@ def _policy_inputs(logp, old_logp, advantages, mask, normalizer, ref_logp, entro
         raise ValueError(f"advantages: expected shape ({b},) or ({b}, {t}), got "
                          f"{tuple(advantages.shape)}")
     adv = advantages.to(cdt)
-    adv_strides = (adv.stride(0), 0) if adv.dim() == 1 else (adv.stride(0), adv.stride(1))
     out["adv"] = adv
     norm = None
     if normalizer is not None:
@@ -66,15 +65,13 @@ def _policy_inputs(logp, old_logp, advantages, mask, normalizer, ref_logp, entro
                              f"{tuple(normalizer.shape)}")
         norm = normalizer.reshape(1).to(cdt)
 
-    def strides(x):
-        return (0, 0) if x is None else (x.stride(0), x.stride(1))
-
-    order = ("logp", "old_logp", "adv", "mask", "ref_logp", "entropy", "is_weights")
-    ptrs = tuple(0 if out[k] is None else out[k].data_ptr() for k in order)
-    st = (*strides(out["logp"]), *strides(out["old_logp"]), *adv_strides,
-          *strides(out["mask"]), *strides(out["ref_logp"]), *strides(out["entropy"]),
-          *strides(out["is_weights"]))
-    return cdt, out, ptrs, st, norm
+    C = _extension()
+    pt = C.PolicyTensors()
+    for name in ("logp", "old_logp", "mask", "ref_logp", "entropy", "is_weights"):
+        setattr(pt, name, matrix(C, out[name]))
+    pt.adv = matrix(C, adv, stride1=0 if adv.dim() == 1 else None)  # [B]: one value per row
+    pt.B, pt.T = b, t
+    return cdt, out, pt, norm
 
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -88,22 +85,39 @@ def _check_same(name, x, logp, shape):
         raise ValueError(f"{name}: expected shape {shape} (that of logp), got {tuple(x.shape)}")
 
 
-def _policy_codes(o, has_ref: bool, has_ent: bool, has_w: bool):
+# _C.PolicyParams per (options, has_ref, has_ent, has_w): a training loop uses a few.
+_PARAMS: dict = {}
+
+
+def _policy_params(C, o, has_ref: bool, has_ent: bool, has_w: bool):
+    key = (o, has_ref, has_ent, has_w)
+    params = _PARAMS.get(key)
+    if params is not None:
+        return params
     if o.loss not in _LOSSES or o.agg not in _AGGS or o.kl_estimator not in _KLS:
         raise ValueError(f"policy options: unknown loss/agg/kl_estimator in {o!r}")
-    if o.ratio_level not in ("token", "sequence"):
+    if o.ratio_level not in _codes.RATIO_LEVELS:
         raise ValueError(f"ratio_level: expected 'token' or 'sequence', got {o.ratio_level!r}")
     has_dual = o.loss == "ppo" and o.dual_clip is not None
     has_delta = o.loss == "ppo" and o.delta is not None
-    modes = (_LOSSES[o.loss], _codes.RATIO_LEVELS[o.ratio_level], _AGGS[o.agg],
-             _KLS[o.kl_estimator], int(has_ref), int(has_ent), int(has_w), int(has_dual),
-             int(has_delta), int(has_ref and o.kl_coef != 0.0),
-             int(has_ent and o.entropy_coef != 0.0))
-    # lo: the ratio's lower clamp (ppo; cispo with cispo_clip_low; 0 for TRL's cispo)
-    nums = (float(o.ratio_floor), 1.0 + o.clip_high, float(o.dual_clip or 0.0),
-            float(o.delta or 0.0), float(o.kl_coef), float(o.entropy_coef),
-            float(o.log_ratio_clamp))
-    return modes, nums
+    params = C.PolicyParams()
+    for name, value in (
+            ("loss", _LOSSES[o.loss]), ("seq", _codes.RATIO_LEVELS[o.ratio_level]),
+            ("agg", _AGGS[o.agg]), ("kl_estimator", _KLS[o.kl_estimator]),
+            ("has_ref", int(has_ref)), ("has_ent", int(has_ent)), ("has_w", int(has_w)),
+            ("has_dual", int(has_dual)), ("has_delta", int(has_delta)),
+            ("use_kl", int(has_ref and o.kl_coef != 0.0)),
+            ("use_ent", int(has_ent and o.entropy_coef != 0.0)),
+            # lo: the ratio's lower clamp (ppo; cispo with cispo_clip_low; 0 for TRL's cispo)
+            ("lo", float(o.ratio_floor)), ("hi", 1.0 + o.clip_high),
+            ("dual_clip", float(o.dual_clip or 0.0)), ("delta", float(o.delta or 0.0)),
+            ("kl_coef", float(o.kl_coef)), ("entropy_coef", float(o.entropy_coef)),
+            ("log_ratio_clamp", float(o.log_ratio_clamp))):
+        setattr(params, name, value)
+    if len(_PARAMS) >= 1024:
+        _PARAMS.clear()
+    _PARAMS[key] = params
+    return params
 
 
 def policy_loss_forward(logp, old_logp, advantages, mask, normalizer, ref_logp, entropy,
@@ -112,19 +126,19 @@ def policy_loss_forward(logp, old_logp, advantages, mask, normalizer, ref_logp, 
     block per row: its masked sums) and a one-block kernel that sums the rows in a fixed
     order (deterministic, no atomics)."""
     C = _extension()
-    cdt, t, ptrs, strides, norm = _policy_inputs(logp, old_logp, advantages, mask, normalizer,
-                                                 ref_logp, entropy, is_weights)
+    cdt, t, pt, norm = _policy_inputs(logp, old_logp, advantages, mask, normalizer, ref_logp,
+                                      entropy, is_weights)
     b, tt = logp.shape
-    modes, nums = _policy_codes(o, ref_logp is not None, entropy is not None,
-                                is_weights is not None)
+    params = _policy_params(C, o, ref_logp is not None, entropy is not None,
+                            is_weights is not None)
     loss = torch.empty((), dtype=cdt, device=logp.device)
     metrics = torch.empty(N_METRICS, dtype=torch.float32, device=logp.device)
     partials = torch.empty(max(b, 1), _N_PARTIALS, dtype=cdt, device=logp.device)
     with torch.cuda.device(logp.device):
-        C.policy_loss_forward(ptrs, strides, b, tt, modes, nums,
-                              0 if norm is None else norm.data_ptr(), partials.data_ptr(),
-                              loss.data_ptr(), metrics.data_ptr(), _DTYPE_CODES[cdt],
-                              torch.cuda.current_stream(logp.device).cuda_stream)
+        C.policy_loss_forward(tensors=pt, params=params, normalizer=ptr(norm),
+                              partials=partials.data_ptr(), loss=loss.data_ptr(),
+                              metrics=metrics.data_ptr(), dtype=_DTYPE_CODES[cdt],
+                              stream=stream_of(logp))
     return loss, metrics
 
 
@@ -133,25 +147,24 @@ def policy_loss_backward(grad_loss, logp, old_logp, advantages, mask, normalizer
     """Gradients w.r.t. ``logp`` (its dtype) and ``entropy`` (its dtype, ``None`` when not
     given), contiguous ``[B, T]``."""
     C = _extension()
-    cdt, t, ptrs, strides, norm = _policy_inputs(logp, old_logp, advantages, mask, normalizer,
-                                                 ref_logp, entropy, is_weights)
+    cdt, t, pt, norm = _policy_inputs(logp, old_logp, advantages, mask, normalizer, ref_logp,
+                                      entropy, is_weights)
     b, tt = logp.shape
     check_cuda_tensor("grad_loss", grad_loss, _FLOAT_DTYPES)
     if grad_loss.numel() != 1:
         raise ValueError(f"grad_loss: expected one element, got shape {tuple(grad_loss.shape)}")
-    modes, nums = _policy_codes(o, ref_logp is not None, entropy is not None,
-                                is_weights is not None)
+    params = _policy_params(C, o, ref_logp is not None, entropy is not None,
+                            is_weights is not None)
     g_lp = torch.empty((b, tt), dtype=cdt, device=logp.device)
     g_ent = None if entropy is None else torch.empty((b, tt), dtype=cdt, device=logp.device)
     if b * tt > 0:
         g = grad_loss.reshape(1).to(cdt)
         workspace = torch.empty(2 * b + 1, dtype=cdt, device=logp.device)
         with torch.cuda.device(logp.device):
-            C.policy_loss_backward(ptrs, strides, b, tt, modes, nums,
-                                   0 if norm is None else norm.data_ptr(), g.data_ptr(),
-                                   workspace.data_ptr(), g_lp.data_ptr(),
-                                   0 if g_ent is None else g_ent.data_ptr(), _DTYPE_CODES[cdt],
-                                   torch.cuda.current_stream(logp.device).cuda_stream)
+            C.policy_loss_backward(tensors=pt, params=params, normalizer=ptr(norm),
+                                   grad_loss=g.data_ptr(), workspace=workspace.data_ptr(),
+                                   g_lp=g_lp.data_ptr(), g_ent=ptr(g_ent),
+                                   dtype=_DTYPE_CODES[cdt], stream=stream_of(logp))
     g_lp = g_lp.to(logp.dtype)
     if g_ent is not None:
         g_ent = g_ent.to(entropy.dtype)

@@ -14,7 +14,7 @@ import torch
 
 from .. import _codes
 from ._common import (DTYPE_CODES, FLOAT_DTYPES, INDEX_DTYPES, check_cuda_tensor, check_shape,
-                      compute_dtype, extension, ptr, row_stride, stream_of, unit_stride)
+                      compute_dtype, extension, matrix, ptr, rows, stream_of, unit_stride)
 from .vocab import _check_logits, _check_temperature, _row_vector
 
 Tensor = torch.Tensor
@@ -57,10 +57,6 @@ def _sorted_ids(indices: Tensor, vocab: int) -> Tuple[Tensor, Tensor]:
     return sid.contiguous(), perm.to(torch.int32).contiguous()
 
 
-def _strides(t: Optional[Tensor]) -> Tuple[int, int]:
-    return (0, 0) if t is None else (t.stride(0), t.stride(1))
-
-
 def _sparse_forward(logits: Tensor, indices: Tensor, target: Optional[Tensor],
                     temperature: float, mode: int, with_tail: bool
                     ) -> Tuple[Tensor, Tensor, Tensor]:
@@ -77,10 +73,11 @@ def _sparse_forward(logits: Tensor, indices: Tensor, target: Optional[Tensor],
     if n == 0:
         return out, tail, stats
     with torch.cuda.device(x.device):
-        C.sparse_forward(x.data_ptr(), row_stride(x), ptr(idx), *_strides(idx), ptr(tgt),
-                         *_strides(tgt), ptr(out), out.stride(0) if mode != _MODE_KL else 1,
-                         tail.data_ptr(), stats.data_ptr(), n, vocab, k, DTYPE_CODES[x.dtype],
-                         mode, bool(with_tail), 1.0 / t, stream_of(x))
+        C.sparse_forward(logits=rows(C, x), indices=matrix(C, idx), target=matrix(C, tgt),
+                         out=rows(C, out), tail=tail.data_ptr(), stats=stats.data_ptr(), n=n,
+                         vocab=vocab, k=k, dtype=DTYPE_CODES[x.dtype], mode=mode,
+                         with_tail=bool(with_tail), inv_temperature=1.0 / t,
+                         stream=stream_of(x))
     return out, tail, stats
 
 
@@ -106,11 +103,13 @@ def _sparse_backward(logits: Tensor, indices: Tensor, gk: Optional[Tensor],
         return grad
     sid, perm = _sorted_ids(idx, vocab)
     with torch.cuda.device(x.device):
-        C.sparse_backward(x.data_ptr(), row_stride(x), grad.data_ptr(), row_stride(grad),
-                          ptr(idx), *_strides(idx), ptr(sid), ptr(perm), ptr(gk), *_strides(gk),
-                          ptr(lp), *_strides(lp), ptr(tail), ptr(g_tail), ptr(g_kl),
-                          stats.data_ptr(), stats.stride(0), stats.stride(1), n, vocab, k,
-                          DTYPE_CODES[x.dtype], mode, bool(with_tail), 1.0 / t, stream_of(x))
+        C.sparse_backward(logits=rows(C, x), grad=rows(C, grad), indices=matrix(C, idx),
+                          sorted_ids=sid.data_ptr(), perm=perm.data_ptr(),
+                          slot_values=matrix(C, gk), logp=matrix(C, lp), tail=ptr(tail),
+                          grad_tail=ptr(g_tail), grad_kl=ptr(g_kl), stats=matrix(C, stats), n=n,
+                          vocab=vocab, k=k, dtype=DTYPE_CODES[x.dtype], mode=mode,
+                          with_tail=bool(with_tail), inv_temperature=1.0 / t,
+                          stream=stream_of(x))
     return grad
 
 

@@ -25,7 +25,7 @@ import torch
 
 from .. import _codes
 from ._common import (DTYPE_CODES, FLOAT_DTYPES, INDEX_DTYPES, check_cuda_tensor, check_shape,
-                      compute_dtype, extension, ptr, row_stride, stream_of, unit_stride)
+                      compute_dtype, extension, matrix, rows, stream_of, unit_stride)
 
 Tensor = torch.Tensor
 
@@ -87,9 +87,10 @@ def token_logprobs_forward(logits: Tensor, tokens: Optional[Tensor], temperature
         return logp, ent, stats
     with torch.cuda.device(x.device):
         C.token_logprobs_forward(
-            x.data_ptr(), row_stride(x), ptr(tok), 0 if tok is None else tok.stride(0),
-            logp.data_ptr(), ent.data_ptr(), stats.data_ptr(), n, vocab, DTYPE_CODES[x.dtype],
-            1.0 / t, int(ignore_index), bool(with_entropy), stream_of(x))
+            logits=rows(C, x), tokens=rows(C, tok), logp=logp.data_ptr(), ent=ent.data_ptr(),
+            stats=stats.data_ptr(), n=n, vocab=vocab, dtype=DTYPE_CODES[x.dtype],
+            inv_temperature=1.0 / t, ignore_index=int(ignore_index),
+            with_entropy=bool(with_entropy), stream=stream_of(x))
     return logp, ent, stats
 
 
@@ -122,11 +123,10 @@ def token_logprobs_backward(grad_logp: Optional[Tensor], grad_entropy: Optional[
     dst = out if (out.stride(-1) == 1 or vocab == 1) else torch.empty_like(x)
     with torch.cuda.device(x.device):
         C.token_logprobs_backward(
-            ptr(glp), 0 if glp is None else glp.stride(0), ptr(gh),
-            0 if gh is None else gh.stride(0), x.data_ptr(), row_stride(x), ptr(tok),
-            0 if tok is None else tok.stride(0), stats.data_ptr(), stats.stride(0),
-            stats.stride(1), dst.data_ptr(), row_stride(dst), n, vocab, DTYPE_CODES[x.dtype],
-            1.0 / t, int(ignore_index), stream_of(x))
+            grad_logp=rows(C, glp), grad_entropy=rows(C, gh), logits=rows(C, x),
+            tokens=rows(C, tok), stats=matrix(C, stats), out=rows(C, dst), n=n, vocab=vocab,
+            dtype=DTYPE_CODES[x.dtype], inv_temperature=1.0 / t,
+            ignore_index=int(ignore_index), stream=stream_of(x))
     if dst is not out:
         out.copy_(dst)
     return out
@@ -168,10 +168,10 @@ def kl_divergence_forward(logits: Tensor, ref_logits: Tensor, ignore_mask: Optio
         return kl, stats_p, stats_q
     with torch.cuda.device(x.device):
         C.kl_divergence_forward(
-            x.data_ptr(), row_stride(x), y.data_ptr(), row_stride(y), ptr(mask),
-            0 if mask is None else mask.stride(0), kl.data_ptr(), stats_p.data_ptr(),
-            stats_q.data_ptr(), n, vocab, DTYPE_CODES[x.dtype], _KINDS[kind], float(beta),
-            1.0 / t, stream_of(x))
+            logits=rows(C, x), ref_logits=rows(C, y), ignore_mask=rows(C, mask),
+            kl=kl.data_ptr(), stats_p=stats_p.data_ptr(), stats_q=stats_q.data_ptr(), n=n,
+            vocab=vocab, dtype=DTYPE_CODES[x.dtype], kind=_KINDS[kind], beta=float(beta),
+            inv_temperature=1.0 / t, stream=stream_of(x))
     return kl, stats_p, stats_q
 
 
@@ -197,12 +197,11 @@ def kl_divergence_backward(grad_kl: Tensor, logits: Tensor, ref_logits: Tensor,
         return grad_z, grad_w
     with torch.cuda.device(x.device):
         C.kl_divergence_backward(
-            g.data_ptr(), g.stride(0), x.data_ptr(), row_stride(x), y.data_ptr(),
-            row_stride(y), ptr(mask), 0 if mask is None else mask.stride(0),
-            stats_p.data_ptr(), stats_p.stride(0), stats_p.stride(1), stats_q.data_ptr(),
-            stats_q.stride(0), stats_q.stride(1), grad_z.data_ptr(), row_stride(grad_z),
-            ptr(grad_w), 0 if grad_w is None else row_stride(grad_w), n, vocab,
-            DTYPE_CODES[x.dtype], _KINDS[kind], float(beta), 1.0 / t, stream_of(x))
+            grad_kl=rows(C, g), logits=rows(C, x), ref_logits=rows(C, y),
+            ignore_mask=rows(C, mask), stats_p=matrix(C, stats_p), stats_q=matrix(C, stats_q),
+            grad_logits=rows(C, grad_z), grad_ref=rows(C, grad_w), n=n, vocab=vocab,
+            dtype=DTYPE_CODES[x.dtype], kind=_KINDS[kind], beta=float(beta),
+            inv_temperature=1.0 / t, stream=stream_of(x))
     return grad_z, grad_w
 
 

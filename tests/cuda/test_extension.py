@@ -8,6 +8,7 @@ test_cuda_advantage_policy.py.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 
@@ -91,3 +92,52 @@ def test_raw_binding_without_gpu_raises_runtime_error():
     with pytest.raises(RuntimeError, match="CUDA error"):
         C.masked_whiten_backward(**{**_WHITEN_BWD, **bogus, "n": 4})
     assert C.device_count() == 0  # the failure above left no error behind
+
+
+def _binding_params(fn):
+    """Parameter names of a pybind11 function, from its signature line."""
+    sig = fn.__doc__.splitlines()[0]
+    inner = sig[sig.index("(") + 1:sig.rindex(") ->")]
+    return [p.split(":")[0].strip() for p in re.split(r",\s*(?=\w+:)", inner) if p.strip()]
+
+
+@needs_ext
+def test_launchers_pass_every_binding_argument_by_name():
+    # Every C.<entry point>(...) call in rlkernels/cuda/*.py names each parameter of the
+    # binding exactly once, and nothing else (a renamed parameter fails here, not on a GPU).
+    import ast
+    import pathlib
+
+    import rlkernels.cuda
+
+    seen = set()
+    for path in pathlib.Path(rlkernels.cuda.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "C"):
+                continue
+            fn = getattr(C, node.func.attr, None)
+            assert fn is not None, f"{path.name}: C.{node.func.attr} is not in rlkernels._C"
+            if node.func.attr[0].isupper():  # a struct: Rows, Matrix, PolicyTensors, ...
+                continue
+            assert not node.args, f"{path.name}: C.{node.func.attr} called with positionals"
+            names = [k.arg for k in node.keywords]
+            assert sorted(names) == sorted(_binding_params(fn)), (path.name, node.func.attr)
+            seen.add(node.func.attr)
+    launch = {n for n in dir(C) if n.endswith(("_forward", "_backward"))}
+    assert seen == launch, launch ^ seen
+
+
+@needs_ext
+def test_views_and_structs_by_name():
+    assert (C.Rows().ptr, C.Rows().stride) == (0, 0)
+    v = C.Matrix(ptr=16, stride0=5, stride1=1)
+    assert (v.ptr, v.stride0, v.stride1) == (16, 5, 1) and "stride0=5" in repr(v)
+    pt = C.PolicyTensors()
+    pt.adv = C.Matrix(ptr=8, stride0=1, stride1=0)
+    assert pt.adv.ptr == 8 and pt.logp.ptr == 0
+    params = C.PolicyParams()
+    params.kl_estimator = C.CODES["kl_estimator"]["k3+"]
+    assert params.kl_estimator == 4
+    with pytest.raises(AttributeError):
+        params.kl_estimater = 3  # a misspelled field is an error, not a new attribute
