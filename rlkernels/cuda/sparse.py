@@ -1,4 +1,4 @@
-"""Launchers for the sparse vocabulary kernels of csrc: ``sparse_logprobs`` and ``sparse_kl``
+"""Launchers for csrc/sparse.cu: ``sparse_logprobs`` and ``sparse_kl``
 (K given ids per row, with the tail bucket).
 
 Same signatures, outputs and saved row statistics as :mod:`rlkernels.reference.sparse`
@@ -22,7 +22,7 @@ Tensor = torch.Tensor
 
 _MODES = {name: _codes.SPARSE_MODES[name] for name in ("full", "support")}  # sparse_logprobs
 _MODE_KL = _codes.SPARSE_MODES["kl"]  # sparse_kl
-_SENTINEL = 2 ** 31 - 1  # csrc/vocab.cu kSparseSentinel: the sorted id of an unused slot
+_SENTINEL = 2 ** 31 - 1  # csrc/sparse.cu kSparseSentinel: the sorted id of an unused slot
 
 
 def _check_indices(indices: Tensor, n: int, like: Tensor) -> Tuple[Tensor, int]:

@@ -1,9 +1,9 @@
-"""The cuda backend's vocabulary kernels (csrc/vocab.cu) against the torch reference in fp64
-(SPEC section 5) on a GPU: peaked, flat, -inf and padded rows, odd and realistic V, every
-dtype, temperature, in-place backward, determinism, batch invariance, CUDA-graph capture,
-N * V > 2**31; sparse_logprobs / sparse_kl (full, support, tail, duplicate ids, -1 slots,
-V above one segment of the membership bitmap). On a machine without GPU only the argument
-checks run (the rest skip).
+"""The cuda backend's vocabulary kernels (csrc/vocab.cu, csrc/sparse.cu) against the torch
+reference in fp64 (SPEC section 5) on a GPU: peaked, flat, -inf and padded rows, odd and
+realistic V, every dtype, temperature, in-place backward, determinism, batch invariance,
+CUDA-graph capture, N * V > 2**31; sparse_logprobs / sparse_kl (full, support, tail,
+duplicate ids, -1 slots, V above one segment of the membership bitmap). On a machine without
+GPU only the argument checks run (the rest skip).
 
 The parametrized parity tests of tests/ops also run on backend="cuda" on a GPU (the
 `backend` fixture of tests/conftest.py includes it), for every op the backend implements.

@@ -1,0 +1,417 @@
+// Sparse vocabulary ops (logits [N, V] at K given ids per row): sparse_logprobs and sparse_kl,
+// forward and backward. Python launchers: rlkernels/cuda/sparse.py. The math is stated in
+// rlkernels/reference/sparse.py; the row streaming and statistics are those of logits.cuh
+// (shared with vocab.cu).
+#include "logits.cuh"
+#include "rlkernels.h"
+
+namespace rlk {
+namespace {
+
+// ============================================================== sparse_logprobs / sparse_kl
+//
+// One block per row, z = x / T, row statistics (m, log s) of the whole row (Run, logits.cuh).
+// Modes:
+//   kFull:    logp_k = (z_k - m) - log s                        (full-vocabulary log-probs)
+//   kSupport: logp_k = (z_k - m_K) - log1p(rest_K)              (softmax over the valid slots)
+//   kKl:      kl = sum_k t_k (log t_k - logp_k) [+ t_tail (log t_tail - tail)],
+//             t_k = exp(target_k), t_tail = max(1 - sum t_k, 0), 0 when the ids cover V
+// Slot k is valid iff its id is >= 0 (-1: unused slot, output -inf); a valid id >= V (only
+// reachable with debug checks off) reads as a -inf logit and is a member of no column.
+// tail = log of the full-vocabulary mass outside the row's distinct valid ids, from its own
+// sums over those columns, kept next to the row's state and relative to the same running
+// maximum (s_out, n_out: never log(1 - sum), exact on peaked rows; an outside set whose
+// every column is more than 87 below the row maximum flushes to 0, tail -inf).
+// A chunk without member columns (nearly all of them) adds its sums to both states at once.
+// Membership (forward): a bitmap of the ids in shared memory, kSparseSegCols columns at a
+// time (one segment covers V <= 262144; a larger V re-reads the ids once per segment).
+// Backward: a dense pass writes every column's non-member gradient; after a barrier, the
+// first slot of each run of equal ids in the row's sorted ids (sorted by the launcher, stable,
+// so duplicate ids sum in slot order: deterministic) overwrites its column with the member
+// gradient. Every value comes from one thread in a fixed order: no atomics.
+
+// mode: rlk::SparseMode (rlkernels.h).
+constexpr int kSparseWords = 8192;                   // 32 KiB of bitmap
+constexpr int64_t kSparseSegCols = 32 * kSparseWords;
+constexpr int32_t kSparseSentinel = 0x7fffffff;      // sorted id of an unused / bad slot
+
+template <class A>
+__device__ __forceinline__ A log_tail_of(const Run<A>& out, A log_s) {
+  // log(sum over the outside columns) - log s, both relative to the row maximum;
+  // -inf when no outside column is finite
+  if (out.m == neg_inf<A>()) return neg_inf<A>();
+  const A log_out = out.n >= A(1) ? d_log1p(out.s + (out.n - A(1))) : d_log(out.s);
+  return log_out - log_s;
+}
+
+template <class T, int kMode, bool kTail>
+__global__ void __launch_bounds__(max_threads<T>())
+    sparse_fwd_kernel(const T* __restrict__ x, int64_t stride_x, int64_t V,
+                      const int64_t* __restrict__ idx, int64_t si0, int64_t si1, int64_t K,
+                      const acc_t<T>* __restrict__ tgt, int64_t st0, int64_t st1,
+                      acc_t<T>* __restrict__ out, int64_t so0, acc_t<T>* __restrict__ tail,
+                      acc_t<T>* __restrict__ stats, acc_t<T> inv_t, acc_t<T> scale) {
+  using A = acc_t<T>;
+  constexpr int N = Chunk<T>::N;
+  __shared__ SoftmaxState<A> scratch[32];
+  __shared__ Run<A> run_scratch[32];
+  __shared__ A max_scratch[32];
+  __shared__ A sum_scratch[32];
+  __shared__ long long count_scratch[32];
+  __shared__ uint32_t bits[kTail ? kSparseWords : 1];
+  const int64_t row = blockIdx.x;
+  const T* xr = x + row * stride_x;
+  const int64_t* ir = idx + row * si0;
+  Run<A> st = run_empty<A>(), so = run_empty<A>();  // so: outside sums, so.m unused until merged
+  long long distinct = 0;
+  A omax = neg_inf<A>();  // max of the outside columns (raw), for the flush check
+  // body(s0, len) once per segment of kSparseSegCols columns, with that segment's bitmap
+  auto segments = [&](auto&& body) {
+    for (int64_t s0 = 0; s0 < V; s0 += kSparseSegCols) {
+      const int64_t len = V - s0 < kSparseSegCols ? V - s0 : kSparseSegCols;
+      const int words = static_cast<int>((len + 31) / 32);
+      for (int w = threadIdx.x; w < words; w += blockDim.x) bits[w] = 0u;
+      __syncthreads();
+      for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
+        const int64_t id = ir[k * si1] - s0;
+        if (id >= 0 && id < len) atomicOr(&bits[id >> 5], 1u << (id & 31));  // integer OR
+      }
+      __syncthreads();
+      body(s0, len, words);
+      __syncthreads();  // the next segment clears the bitmap
+    }
+  };
+  // a segment is a multiple of 32 columns: a chunk's kVec bits lie in one bitmap word
+  auto member_bits = [&](int c) {
+    const int j0 = c * N;
+    return (bits[j0 >> 5] >> (j0 & 31)) & ((1u << N) - 1u);
+  };
+  if constexpr (!kTail) {
+    for_each_chunk(xr, static_cast<int>(V), [&](int, const Chunk<T>& ch) {
+      A e[N];
+      run_chunk<false, false>(st, ch.v, scale, e);
+    });
+  } else {
+    segments([&](int64_t s0, int64_t len, int words) {
+      if (kMode == kSparseKl) {
+        long long c = 0;
+        for (int w = threadIdx.x; w < words; w += blockDim.x) c += __popc(bits[w]);
+        distinct += block_sum(c, count_scratch);
+      }
+      for_each_chunk<false>(xr + s0, static_cast<int>(len), [&](int c, const Chunk<T>& ch) {
+        const A m_old = st.m;
+        A e[N];
+        const ChunkSum<A> cs = run_chunk<false, false>(st, ch.v, scale, e);
+        if (st.m != m_old) {  // st was rebased: so follows (same maximum)
+          so.s = m_old == neg_inf<A>() ? so.s * A(0)  // 0, or NaN from a NaN column
+                                       : (so.s + so.n) * uexp((m_old - st.m) * scale);
+          so.n = A(0);
+        }
+        const uint32_t member = member_bits(c);
+        if (member == 0u) {
+          so.s += cs.t;
+          so.n += cs.n;
+#pragma unroll
+          for (int k = 0; k < N; ++k) omax = vmax(omax, ch.v[k]);
+        } else {
+#pragma unroll
+          for (int k = 0; k < N; ++k) {
+            if ((member >> k) & 1u) continue;
+            omax = vmax(omax, ch.v[k]);
+            if (ch.v[k] != st.m) so.s += e[k];
+            else so.n += A(1);
+          }
+        }
+      });
+    });
+    so.m = st.m;
+    omax = block_reduce(omax, MaxOp{}, neg_inf<A>(), max_scratch);
+  }
+  st = run_block_reduce<false, false>(st, scale, run_scratch);
+  if (kTail) so = run_block_reduce<false, false>(so, scale, run_scratch);
+  const A mref = shift_of(st.m);                 // raw logits
+  const A ms = mref * inv_t, log_s = d_log1p(run_rest(st));
+  A tail_v = kTail ? log_tail_of(so, log_s) : A(0);
+  const bool flushed = kTail && sizeof(A) == 4 && omax != neg_inf<A>() &&
+                       (omax - st.m) * scale < A(-100);
+  if constexpr (kTail) if (flushed) {
+    // Every outside column is over 2^100 below the row maximum, where the shared-maximum sums
+    // flush (ex2.approx.ftz): a second pass (this row only, taken the same way on every
+    // thread) sums the outside columns against their own maximum.
+    Run<A> o2 = run_empty<A>();
+    segments([&](int64_t s0, int64_t len, int) {
+      for_each_chunk<false>(xr + s0, static_cast<int>(len), [&](int c, const Chunk<T>& ch) {
+        const uint32_t member = member_bits(c);
+        A v[N], e[N];
+#pragma unroll
+        for (int k = 0; k < N; ++k) v[k] = ((member >> k) & 1u) ? neg_inf<A>() : ch.v[k];
+        run_chunk<false, false>(o2, v, scale, e);
+      });
+    });
+    o2 = run_block_reduce<false, false>(o2, scale, run_scratch);
+    tail_v = (o2.m - st.m) * inv_t + d_log1p(run_rest(o2)) - log_s;
+  }
+  if (threadIdx.x == 0) {
+    stats[row * 3] = st.m * inv_t;
+    stats[row * 3 + 1] = log_s;
+    stats[row * 3 + 2] = A(0);
+    tail[row] = tail_v;
+  }
+  // (z_id - m) - log s, z - m formed from the raw logits; an id >= V reads nothing: -inf
+  auto lp_at = [&](int64_t id) {
+    return id < V ? (to_acc(xr[id]) - mref) * inv_t - log_s : neg_inf<A>();
+  };
+  auto z_at = [&](int64_t id) {
+    return id < V ? to_acc(xr[id]) * inv_t : neg_inf<A>();
+  };
+  (void)ms;
+  if (kMode == kSparseFull) {
+    for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
+      const int64_t id = ir[k * si1];
+      out[row * so0 + k] = id >= 0 ? lp_at(id) : neg_inf<A>();
+    }
+  } else if (kMode == kSparseSupport) {
+    SoftmaxState<A> sk = softmax_empty<A>();
+    for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
+      const int64_t id = ir[k * si1];
+      if (id >= 0) softmax_add<false>(sk, z_at(id));
+    }
+    sk = softmax_block_reduce<false>(sk, scratch);
+    // log1p(rest): 1 - s_k of a peaked support keeps its digits (backward uses expm1 of it)
+    const A mk = shift_of(sk.m), log_sk = d_log1p(sk.rest);
+    for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
+      const int64_t id = ir[k * si1];
+      out[row * so0 + k] = id >= 0 ? (z_at(id) - mk) - log_sk : neg_inf<A>();
+    }
+  } else {
+    A acc = A(0), mass = A(0);
+    for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
+      const int64_t id = ir[k * si1];
+      if (id < 0) continue;  // an unused slot's target is never read (it may be NaN)
+      const A t_log = tgt[row * st0 + k * st1];
+      const A t = d_exp(t_log);
+      acc += xmul0(t, t_log - lp_at(id));
+      mass += t;
+    }
+    acc = block_sum(acc, sum_scratch);
+    mass = block_sum(mass, sum_scratch);
+    if (threadIdx.x == 0) {
+      if (kTail) {
+        A t_tail = A(1) - mass;
+        t_tail = t_tail < A(0) ? A(0) : t_tail;  // keeps NaN
+        if (distinct >= V) t_tail = A(0);        // no column outside the ids: no tail bucket
+        acc += xmul0(t_tail, d_log(t_tail) - tail_v);
+      }
+      out[row] = acc;
+    }
+  }
+}
+
+// Backward. gk: grad_logp (full, support; 0 = no gradient) or the targets (kl), [N, K] with
+// strides; lp: the forward's log-probs (support); sid / perm: the row's ids sorted (stable,
+// unused and out-of-range ids as kSparseSentinel, last) and their slots, contiguous [N, K].
+// With p = exp(lp_j), lp_j = (z_j - m) - log s, q = exp(lp_j - tail) (0 at -inf columns),
+// G = sum over the valid slots of g_k, and over a column's slots (a run of sid) scat:
+//   full:    member -scat expm1(lp) - p (G - scat)  [= scat - p G];     other: -p G
+//            tail: member -g_t p;  other + q c_out, c_out = -g_t expm1(tail)  [= g_t (q - p)]
+//   support: member scat of (-g_k expm1(lp_k) - s_k (G - g_k)) [= g_k - s_k G]; other 0;
+//            tail terms as for full
+//   kl:      g_kl (p coef - scat_t) (member),  g_kl (p coef - t_tail q) (other),
+//            coef = sum t_k + t_tail
+// all times 1/T. The rewrites keep 1 - p on a peak and q - p outside the ids exact.
+template <class T, int kMode, bool kTail>
+__global__ void __launch_bounds__(max_threads<T>())
+    sparse_bwd_kernel(const T* __restrict__ x, int64_t stride_x, T* __restrict__ grad,
+                      int64_t stride_g, int64_t V, const int64_t* __restrict__ idx, int64_t si0,
+                      int64_t si1, int64_t K, const int32_t* __restrict__ sid,
+                      const int32_t* __restrict__ perm, const acc_t<T>* __restrict__ gk,
+                      int64_t sg0, int64_t sg1, const acc_t<T>* __restrict__ lp, int64_t sl0,
+                      int64_t sl1, const acc_t<T>* __restrict__ tail_in,
+                      const acc_t<T>* __restrict__ g_tail, const acc_t<T>* __restrict__ g_kl,
+                      const acc_t<T>* __restrict__ stats, int64_t ss0, int64_t ss1,
+                      acc_t<T> inv_t) {
+  using A = acc_t<T>;
+  __shared__ A sum_scratch[32];
+  __shared__ long long count_scratch[32];
+  const int64_t row = blockIdx.x;
+  const T* xr = x + row * stride_x;
+  T* gr = grad + row * stride_g;
+  const int64_t* ir = idx + row * si0;
+  const int32_t* sr = sid + row * K;
+  const int32_t* pr = perm + row * K;
+  const A* gkr = gk != nullptr ? gk + row * sg0 : nullptr;
+  auto slot_value = [&](int64_t k) {  // g_k, or t_k for kl (valid slots only)
+    if (gkr == nullptr) return A(0);
+    const A val = gkr[k * sg1];
+    return kMode == kSparseKl ? d_exp(val) : val;
+  };
+  A total = A(0);
+  for (int64_t k = threadIdx.x; k < K; k += blockDim.x)
+    if (ir[k * si1] >= 0) total += slot_value(k);
+  total = block_sum(total, sum_scratch);
+  const A ms = shift_of(stats[row * ss0]);
+  const A log_s = stats[row * ss0 + ss1];
+  const A tail_v = kTail ? tail_in[row] : A(0);
+  A c_out = A(0), gt = A(0), t_tail = A(0), coef = total, gkl = A(1);
+  if (kMode == kSparseKl) {
+    gkl = g_kl[row];
+    if (kTail) {
+      long long c = 0;  // distinct valid ids: the run starts of the sorted ids
+      for (int64_t i = threadIdx.x; i < K; i += blockDim.x)
+        c += sr[i] != kSparseSentinel && (i == 0 || sr[i - 1] != sr[i]);
+      const long long distinct = block_sum(c, count_scratch);
+      t_tail = A(1) - total;
+      t_tail = t_tail < A(0) ? A(0) : t_tail;
+      if (distinct >= V) t_tail = A(0);
+      coef = total + t_tail;
+    }
+  } else if (kTail) {
+    gt = g_tail[row];
+    c_out = -gt * d_expm1(tail_v);
+  }
+  // p = exp(l), l = (z - m) - log s; q = exp(l - tail) (0 at -inf columns)
+  const ProbOf<A> pp = prob_of(inv_t, ms, log_s);
+  const ProbOf<A> pt = prob_of(inv_t, ms, log_s + tail_v);
+  const bool ag = aligned16(gr);
+  // Every non-member column's gradient is exactly 0 (support mode without tail always; full
+  // mode when the slots' gradients sum to 0; a zero tail / kl upstream gradient): write zeros
+  // without reading the row (only the member pass below reads its K columns).
+  const bool dense_zero =
+      kMode == kSparseKl ? gkl == A(0)
+                         : (kMode == kSparseSupport || total == A(0)) && (!kTail || gt == A(0));
+  if (dense_zero) {
+    zero_row(gr, static_cast<int>(V));
+  } else {
+    for_each_chunk(xr, static_cast<int>(V), [&](int ci, const Chunk<T>& ch) {
+      constexpr int N = Chunk<T>::N;
+      A gv[N];
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        const A zs = pp.zs(ch.v[k]);
+        const A p = pp.p(zs);
+        A g;
+        if (kMode == kSparseKl) {
+          g = p * coef;
+          if (kTail) g -= t_tail * (zs == neg_inf<A>() ? A(0) : pt.p(zs));
+          g *= gkl;
+        } else {
+          g = kMode == kSparseFull ? -p * total : A(0);
+          if (kTail) g = fma(zs == neg_inf<A>() ? A(0) : pt.p(zs), c_out, g);
+        }
+        gv[k] = g * inv_t;
+      }
+      store_chunk(gr, ci, static_cast<int>(V), ag, gv);
+    });
+  }
+  __syncthreads();  // the dense values of the member columns are written: overwrite them
+  for (int64_t i = threadIdx.x; i < K; i += blockDim.x) {
+    const int32_t j = sr[i];
+    if (j == kSparseSentinel || (i > 0 && sr[i - 1] == j)) continue;
+    A scat = A(0);
+    for (int64_t r = i; r < K && sr[r] == j; ++r) {
+      const int64_t k = pr[r];
+      A val = slot_value(k);
+      if (kMode == kSparseSupport) {
+        const A lpk = lp[row * sl0 + k * sl1];
+        val = -val * d_expm1(lpk) - d_exp(lpk) * (total - val);
+      }
+      scat += val;
+    }
+    const A z = to_acc(xr[j]) * inv_t;
+    const A l = (z - ms) - log_s;
+    const A p = d_exp(l);
+    A g;
+    if (kMode == kSparseKl) {
+      g = (p * coef - scat) * gkl;
+    } else {
+      g = kMode == kSparseFull ? -scat * d_expm1(l) - p * (total - scat) : scat;
+      if (kTail) g -= gt * p;
+    }
+    gr[j] = from_acc<T>(g * inv_t);
+  }
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------------ launchers
+
+void sparse_forward(Rows logits, Matrix indices, Matrix target, Rows out, std::uintptr_t tail,
+                    std::uintptr_t stats, int64_t n, int64_t vocab, int64_t k, int dtype,
+                    int mode, bool with_tail, double inv_temperature, std::uintptr_t stream) {
+  RLK_CHECK_ARG(n >= 0 && n <= 0x7fffffffLL,
+                "sparse_forward: n must be in [0, 2**31), got " + std::to_string(n));
+  RLK_CHECK_ARG(vocab >= 1 && vocab < 0x7fffffffLL,
+                "sparse_forward: vocab must be in [1, 2**31 - 1), got " + std::to_string(vocab));
+  RLK_CHECK_ARG(k >= 0, "sparse_forward: k must be >= 0, got " + std::to_string(k));
+  RLK_CHECK_ARG(mode >= 0 && mode <= 2, "sparse_forward: mode code must be 0 (full), "
+                                        "1 (support) or 2 (kl), got " + std::to_string(mode));
+  dispatch_logits(dtype, "sparse_forward", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = acc_t<T>;
+    if (n == 0) return;
+    RLK_CHECK_ARG(logits.ptr != 0 && (k == 0 || indices.ptr != 0) && tail != 0 && stats != 0 &&
+                      (out.ptr != 0 || k == 0) &&
+                      (mode != kSparseKl || target.ptr != 0 || k == 0),
+                  "sparse_forward: null device pointer");
+    const int threads = row_threads(vocab, VecWidth<T>::value, max_threads<T>());
+    const cudaStream_t s = checked_stream(stream);
+    const dim3 grid(static_cast<unsigned>(n));
+#define RLK_SPARSE_FWD(MODE, TAIL)                                                             \
+  sparse_fwd_kernel<T, MODE, TAIL><<<grid, threads, 0, s>>>(                                   \
+      as_cptr<T>(logits.ptr), logits.stride, vocab, as_cptr<int64_t>(indices.ptr),             \
+      indices.stride0, indices.stride1, k, as_cptr<A>(target.ptr), target.stride0,             \
+      target.stride1, as_ptr<A>(out.ptr), out.stride, as_ptr<A>(tail), as_ptr<A>(stats),       \
+      static_cast<A>(inv_temperature), static_cast<A>(scale_of(dtype, inv_temperature)))
+    if (mode == kSparseFull) { if (with_tail) RLK_SPARSE_FWD(kSparseFull, true); else RLK_SPARSE_FWD(kSparseFull, false); }
+    else if (mode == kSparseSupport) { if (with_tail) RLK_SPARSE_FWD(kSparseSupport, true); else RLK_SPARSE_FWD(kSparseSupport, false); }
+    else { if (with_tail) RLK_SPARSE_FWD(kSparseKl, true); else RLK_SPARSE_FWD(kSparseKl, false); }
+#undef RLK_SPARSE_FWD
+    RLK_CHECK_LAUNCH();
+  });
+}
+
+void sparse_backward(Rows logits, Rows grad, Matrix indices, std::uintptr_t sorted_ids,
+                     std::uintptr_t perm, Matrix slot_values, Matrix logp, std::uintptr_t tail,
+                     std::uintptr_t grad_tail, std::uintptr_t grad_kl, Matrix stats, int64_t n,
+                     int64_t vocab, int64_t k, int dtype, int mode, bool with_tail,
+                     double inv_temperature, std::uintptr_t stream) {
+  RLK_CHECK_ARG(n >= 0 && n <= 0x7fffffffLL,
+                "sparse_backward: n must be in [0, 2**31), got " + std::to_string(n));
+  RLK_CHECK_ARG(vocab >= 1 && vocab < 0x7fffffffLL,
+                "sparse_backward: vocab must be in [1, 2**31 - 1), got " + std::to_string(vocab));
+  RLK_CHECK_ARG(k >= 0, "sparse_backward: k must be >= 0, got " + std::to_string(k));
+  RLK_CHECK_ARG(mode >= 0 && mode <= 2, "sparse_backward: mode code must be 0 (full), "
+                                        "1 (support) or 2 (kl), got " + std::to_string(mode));
+  dispatch_logits(dtype, "sparse_backward", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = acc_t<T>;
+    if (n == 0) return;
+    RLK_CHECK_ARG(logits.ptr != 0 && grad.ptr != 0 && stats.ptr != 0 &&
+                      (k == 0 || (indices.ptr != 0 && sorted_ids != 0 && perm != 0)),
+                  "sparse_backward: null device pointer");
+    RLK_CHECK_ARG(mode != kSparseSupport || k == 0 || logp.ptr != 0,
+                  "sparse_backward: support mode needs the forward's log-probs (logp)");
+    RLK_CHECK_ARG(mode != kSparseKl || (grad_kl != 0 && (k == 0 || slot_values.ptr != 0)),
+                  "sparse_backward: kl mode needs grad_kl and the targets (slot_values)");
+    RLK_CHECK_ARG(!with_tail || (tail != 0 && (mode == kSparseKl || grad_tail != 0)),
+                  "sparse_backward: with_tail needs tail (and grad_tail unless kl)");
+    const int threads = row_threads(vocab, VecWidth<T>::value, max_threads<T>());
+    const cudaStream_t s = checked_stream(stream);
+    const dim3 grid(static_cast<unsigned>(n));
+#define RLK_SPARSE_BWD(MODE, TAIL)                                                             \
+  sparse_bwd_kernel<T, MODE, TAIL><<<grid, threads, 0, s>>>(                                   \
+      as_cptr<T>(logits.ptr), logits.stride, as_ptr<T>(grad.ptr), grad.stride, vocab,          \
+      as_cptr<int64_t>(indices.ptr), indices.stride0, indices.stride1, k,                      \
+      as_cptr<int32_t>(sorted_ids), as_cptr<int32_t>(perm), as_cptr<A>(slot_values.ptr),       \
+      slot_values.stride0, slot_values.stride1, as_cptr<A>(logp.ptr), logp.stride0,            \
+      logp.stride1, as_cptr<A>(tail), as_cptr<A>(grad_tail), as_cptr<A>(grad_kl),             \
+      as_cptr<A>(stats.ptr), stats.stride0, stats.stride1, static_cast<A>(inv_temperature))
+    if (mode == kSparseFull) { if (with_tail) RLK_SPARSE_BWD(kSparseFull, true); else RLK_SPARSE_BWD(kSparseFull, false); }
+    else if (mode == kSparseSupport) { if (with_tail) RLK_SPARSE_BWD(kSparseSupport, true); else RLK_SPARSE_BWD(kSparseSupport, false); }
+    else { if (with_tail) RLK_SPARSE_BWD(kSparseKl, true); else RLK_SPARSE_BWD(kSparseKl, false); }
+#undef RLK_SPARSE_BWD
+    RLK_CHECK_LAUNCH();
+  });
+}
+
+}  // namespace rlk
