@@ -1,8 +1,9 @@
-"""Shared checks and helpers of the launchers in rlkernels/cuda/ (private).
+"""Shared helpers of the launchers in rlkernels/cuda/ (private).
 
-Every launcher: checks its tensors (CUDA device, dtype, shape) with errors that name the
-argument, the expected and the received value; allocates outputs on the tensors' device;
-launches on that device (``torch.cuda.device`` guard) and on its current stream.
+Every launcher: asserts what its kernel needs to stay in bounds (``expect``: CUDA device,
+dtype, shape; the user-facing validation is the public functions'); allocates outputs on the
+tensors' device; launches on that device (``torch.cuda.device`` guard) and on its current
+stream. Sizes and option codes are checked again in C++ (RLK_CHECK_ARG) before any launch.
 """
 
 from __future__ import annotations
@@ -30,29 +31,28 @@ def extension():
     return module
 
 
-def check_cuda_tensor(name: str, t: object, dtypes: Tuple[torch.dtype, ...],
-                      ndim: Optional[int] = None, like: Optional[Tensor] = None) -> Tensor:
-    """``t`` is a CUDA tensor of one of ``dtypes`` (with ``ndim`` dims, on ``like``'s
-    device)."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.device.type != "cuda":
-        raise ValueError(
-            f"{name}: expected a CUDA tensor for the cuda backend, got device {t.device}"
-        )
-    if t.dtype not in dtypes:
-        names = ", ".join(str(d) for d in dtypes)
-        raise TypeError(f"{name}: expected dtype in ({names}), got {t.dtype}")
-    if ndim is not None and t.dim() != ndim:
-        raise ValueError(f"{name}: expected a {ndim}-d tensor, got shape {tuple(t.shape)}")
-    if like is not None and t.device != like.device:
-        raise ValueError(f"{name}: expected device {like.device}, got {t.device}")
-    return t
-
-
-def check_shape(name: str, t: Tensor, shape: Tuple[int, ...]) -> None:
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
+def expect(name: str, t: object, dtypes: Tuple[torch.dtype, ...],
+           shape: Optional[Tuple[int, ...]] = None, like: Optional[Tensor] = None,
+           ndim: Optional[int] = None) -> Tensor:
+    """The facts a kernel needs to read and write ``t`` safely: a CUDA tensor of one of
+    ``dtypes`` (of ``shape``, or with ``ndim`` dims; on ``like``'s device). An internal
+    precondition, cheap and briefly worded: the public functions (rlkernels/ops) validate user
+    input with full messages; the launchers can also be called directly, so they keep these."""
+    if (isinstance(t, torch.Tensor) and t.device.type == "cuda" and t.dtype in dtypes
+            and (shape is None or tuple(t.shape) == tuple(shape))
+            and (ndim is None or t.dim() == ndim)
+            and (like is None or t.device == like.device)):
+        return t
+    got = (f"{t.dtype} {tuple(t.shape)} on {t.device}" if isinstance(t, torch.Tensor)
+           else type(t).__name__)
+    want = [", ".join(str(d).replace("torch.", "") for d in dtypes)]
+    if shape is not None:
+        want.append(f"shape {tuple(shape)}")
+    if ndim is not None:
+        want.append(f"{ndim}-d")
+    if like is not None:
+        want.append(f"on {like.device}")
+    raise ValueError(f"{name}: expected a CUDA tensor ({'; '.join(want)}), got {got}")
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

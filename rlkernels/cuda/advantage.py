@@ -12,14 +12,13 @@ Status: compiled, NOT yet run on a GPU.
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
 
 from .. import _codes
-from ._common import (DTYPE_CODES, FLOAT_DTYPES, INDEX_DTYPES, check_cuda_tensor, check_shape,
-                      compute_dtype, extension, matrix, ptr, rows, stream_of)
+from ._common import (DTYPE_CODES, FLOAT_DTYPES, INDEX_DTYPES, compute_dtype, expect, extension,
+                      matrix, ptr, rows, stream_of)
 
 Tensor = torch.Tensor
 
@@ -32,27 +31,18 @@ def group_advantages_forward(rewards: Tensor, group_index: Optional[Tensor], gro
     groups of ``group_size``; else a stable sort of the ids (torch, on the device, no host
     sync) gives each group's members in their original order."""
     C = extension()
-    check_cuda_tensor("rewards", rewards, FLOAT_DTYPES, ndim=1)
-    if method not in _METHODS:
-        raise ValueError(f"method: expected one of {sorted(_METHODS)}, got {method!r}")
-    if not (float(eps) >= 0 and math.isfinite(float(eps))):
-        raise ValueError(f"eps: expected a finite number >= 0, got {eps!r}")
-    x = rewards
+    x = expect("rewards", rewards, FLOAT_DTYPES, ndim=1)
     b = x.shape[0]
     cdt = compute_dtype(x.dtype)
     out = torch.empty(b, dtype=cdt, device=x.device)
-    if group_index is None:
-        if not isinstance(group_size, int) or group_size < 1 or b % group_size:
-            raise ValueError(f"group_size: expected an int >= 1 dividing B={b}, got "
-                             f"{group_size!r}")
-    else:
-        check_cuda_tensor("group_index", group_index, INDEX_DTYPES, ndim=1, like=x)
-        check_shape("group_index", group_index, (b,))
+    if group_index is not None:
+        expect("group_index", group_index, INDEX_DTYPES, shape=(b,), like=x)
     if b == 0:
         return out
     perm = starts = None
     if group_index is None:
-        slots = b // group_size
+        # group_size >= 1 dividing b is checked in C++ (a group never reads past b)
+        slots = b // max(int(group_size), 1)
     else:
         sorted_ids, perm = torch.sort(group_index, stable=True)
         new_run = torch.ones(b, dtype=torch.int64, device=x.device)
@@ -81,31 +71,14 @@ MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, to
                *FLOAT_DTYPES)
 
 
-def _number(name: str, x) -> float:
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        raise TypeError(f"{name}: expected a float, got {type(x).__name__} {x!r}")
-    return float(x)
-
-
-def _mask(name: str, mask, ref_name: str, ref: Tensor) -> Tensor:
-    check_cuda_tensor(name, mask, MASK_DTYPES, like=ref)
-    if tuple(mask.shape) != tuple(ref.shape):
-        raise ValueError(f"{name}: expected shape {tuple(ref.shape)} (that of {ref_name}), "
-                         f"got {tuple(mask.shape)}")
-    return mask
+def _mask(name: str, mask, ref: Tensor) -> Tensor:
+    return expect(name, mask, MASK_DTYPES, shape=tuple(ref.shape), like=ref)
 
 
 def _valid_u8(mask: Tensor) -> Tensor:
     """``mask != 0`` as a uint8 view (strides kept; a new tensor only for non-bool masks)."""
     valid = mask if mask.dtype == torch.bool else mask != 0
     return valid.view(torch.uint8)
-
-
-def _rows_steps(name: str, t: Tensor) -> Tuple[int, int]:
-    b, steps = t.shape
-    if b >= 2 ** 31:
-        raise ValueError(f"{name}: expected fewer than 2**31 rows, got {b}")
-    return b, steps
 
 
 def gae_forward(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float
@@ -120,12 +93,11 @@ def gae_forward(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam
     Status: compiled, NOT yet run on a GPU.
     """
     C = extension()
-    check_cuda_tensor("rewards", rewards, FLOAT_DTYPES, ndim=2)
-    check_cuda_tensor("values", values, FLOAT_DTYPES, ndim=2, like=rewards)
-    check_shape("values", values, tuple(rewards.shape))
-    valid = _valid_u8(_mask("mask", mask, "rewards", rewards))
-    g, lam = _number("gamma", gamma), _number("lam", lam)
-    b, steps = _rows_steps("rewards", rewards)
+    expect("rewards", rewards, FLOAT_DTYPES, ndim=2)
+    expect("values", values, FLOAT_DTYPES, shape=tuple(rewards.shape), like=rewards)
+    valid = _valid_u8(_mask("mask", mask, rewards))
+    g, lam = float(gamma), float(lam)
+    b, steps = rewards.shape
     cdt = torch.float64 if torch.float64 in (rewards.dtype, values.dtype) else torch.float32
     r, v = rewards, values
     if r.dtype != v.dtype:  # one storage dtype per kernel: convert the pair to the math dtype
@@ -148,10 +120,10 @@ def discounted_returns_forward(rewards: Tensor, mask: Tensor, gamma: float) -> T
     Status: compiled, NOT yet run on a GPU.
     """
     C = extension()
-    check_cuda_tensor("rewards", rewards, FLOAT_DTYPES, ndim=2)
-    valid = _valid_u8(_mask("mask", mask, "rewards", rewards))
-    g = _number("gamma", gamma)
-    b, steps = _rows_steps("rewards", rewards)
+    expect("rewards", rewards, FLOAT_DTYPES, ndim=2)
+    valid = _valid_u8(_mask("mask", mask, rewards))
+    g = float(gamma)
+    b, steps = rewards.shape
     out = torch.empty((b, steps), dtype=compute_dtype(rewards.dtype), device=rewards.device)
     if b == 0 or steps == 0:
         return out
@@ -199,9 +171,9 @@ def masked_whiten_forward(values: Tensor, mask: Tensor, shift_mean: bool, eps: f
     Status: compiled, NOT yet run on a GPU.
     """
     C = extension()
-    check_cuda_tensor("values", values, FLOAT_DTYPES)
-    _mask("mask", mask, "values", values)
-    eps = _number("eps", eps)
+    expect("values", values, FLOAT_DTYPES)
+    _mask("mask", mask, values)
+    eps = float(eps)
     cdt = compute_dtype(values.dtype)
     v, mb, mw = _whiten_inputs(values, mask, cdt)
     n = v.numel()
@@ -234,13 +206,11 @@ def masked_whiten_backward(grad_out: Tensor, values: Tensor, mask: Tensor, stats
     Status: compiled, NOT yet run on a GPU.
     """
     C = extension()
-    check_cuda_tensor("values", values, FLOAT_DTYPES)
-    _mask("mask", mask, "values", values)
+    expect("values", values, FLOAT_DTYPES)
+    _mask("mask", mask, values)
     cdt = compute_dtype(values.dtype)
-    check_cuda_tensor("grad_out", grad_out, FLOAT_DTYPES, like=values)
-    check_shape("grad_out", grad_out, tuple(values.shape))
-    check_cuda_tensor("stats", stats, (cdt,), ndim=1, like=values)
-    check_shape("stats", stats, (WHITEN_STATS,))
+    expect("grad_out", grad_out, FLOAT_DTYPES, shape=tuple(values.shape), like=values)
+    expect("stats", stats, (cdt,), shape=(WHITEN_STATS,), like=values)
     v, mb, mw = _whiten_inputs(values, mask, cdt)
     g = grad_out.to(cdt).contiguous()
     n = v.numel()

@@ -12,7 +12,7 @@ import torch
 
 from rlkernels import _codes
 from rlkernels.cuda._common import DTYPE_CODES as _DTYPE_CODES
-from rlkernels.cuda._common import check_cuda_tensor, matrix, ptr, stream_of
+from rlkernels.cuda._common import expect, matrix, ptr, stream_of
 from rlkernels.cuda._common import extension as _extension
 
 # ============================================================================== policy_loss
@@ -30,12 +30,8 @@ def _policy_inputs(logp, old_logp, advantages, mask, normalizer, ref_logp, entro
     """Check the [B, T] inputs and bring them to the compute dtype (a copy only when the
     dtype differs; [B, T] tensors are small next to logits). Returns (cdt, tensors,
     _C.PolicyTensors of them, normalizer); the tensors must outlive the launch."""
-    check_cuda_tensor("logp", logp, _FLOAT_DTYPES)
-    if logp.dim() != 2:
-        raise ValueError(f"logp: expected a 2-d tensor [B, T], got shape {tuple(logp.shape)}")
+    expect("logp", logp, _FLOAT_DTYPES, ndim=2)
     b, t = logp.shape
-    if b >= 2 ** 31:
-        raise ValueError(f"logp: expected fewer than 2**31 rows, got {b}")
     cdt = torch.float64 if logp.dtype == torch.float64 else torch.float32
     out = {"logp": logp.to(cdt)}
     for name, x, dtypes in (("old_logp", old_logp, _FLOAT_DTYPES),
@@ -46,24 +42,16 @@ def _policy_inputs(logp, old_logp, advantages, mask, normalizer, ref_logp, entro
         if x is None:
             out[name] = None
             continue
-        check_cuda_tensor(name, x, dtypes)
-        _check_same(name, x, logp, (b, t))
+        expect(name, x, dtypes, shape=(b, t), like=logp)
         out[name] = x.to(cdt)
-    check_cuda_tensor("advantages", advantages, _FLOAT_DTYPES)
-    if advantages.device != logp.device:
-        raise ValueError(f"advantages: expected device {logp.device}, got {advantages.device}")
-    if tuple(advantages.shape) not in ((b,), (b, t)):
-        raise ValueError(f"advantages: expected shape ({b},) or ({b}, {t}), got "
-                         f"{tuple(advantages.shape)}")
+    expect("advantages", advantages, _FLOAT_DTYPES, like=logp)
+    expect("advantages", advantages, _FLOAT_DTYPES, shape=(b,) if advantages.dim() == 1 else (b, t))
     adv = advantages.to(cdt)
     out["adv"] = adv
     norm = None
     if normalizer is not None:
-        check_cuda_tensor("normalizer", normalizer, _FLOAT_DTYPES + _MASK_INT_DTYPES)
-        if normalizer.numel() != 1:
-            raise ValueError(f"normalizer: expected one element, got shape "
-                             f"{tuple(normalizer.shape)}")
-        norm = normalizer.reshape(1).to(cdt)
+        expect("normalizer", normalizer, _FLOAT_DTYPES + _MASK_INT_DTYPES, like=logp)
+        norm = normalizer.reshape(1).to(cdt)  # one element (reshape raises otherwise)
 
     C = _extension()
     pt = C.PolicyTensors()
@@ -78,13 +66,6 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _MASK_INT_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
-def _check_same(name, x, logp, shape):
-    if x.device != logp.device:
-        raise ValueError(f"{name}: expected device {logp.device} (that of logp), got {x.device}")
-    if tuple(x.shape) != shape:
-        raise ValueError(f"{name}: expected shape {shape} (that of logp), got {tuple(x.shape)}")
-
-
 # _C.PolicyParams per (options, has_ref, has_ent, has_w): a training loop uses a few.
 _PARAMS: dict = {}
 
@@ -94,10 +75,6 @@ def _policy_params(C, o, has_ref: bool, has_ent: bool, has_w: bool):
     params = _PARAMS.get(key)
     if params is not None:
         return params
-    if o.loss not in _LOSSES or o.agg not in _AGGS or o.kl_estimator not in _KLS:
-        raise ValueError(f"policy options: unknown loss/agg/kl_estimator in {o!r}")
-    if o.ratio_level not in _codes.RATIO_LEVELS:
-        raise ValueError(f"ratio_level: expected 'token' or 'sequence', got {o.ratio_level!r}")
     has_dual = o.loss == "ppo" and o.dual_clip is not None
     has_delta = o.loss == "ppo" and o.delta is not None
     params = C.PolicyParams()
@@ -150,15 +127,13 @@ def policy_loss_backward(grad_loss, logp, old_logp, advantages, mask, normalizer
     cdt, t, pt, norm = _policy_inputs(logp, old_logp, advantages, mask, normalizer, ref_logp,
                                       entropy, is_weights)
     b, tt = logp.shape
-    check_cuda_tensor("grad_loss", grad_loss, _FLOAT_DTYPES)
-    if grad_loss.numel() != 1:
-        raise ValueError(f"grad_loss: expected one element, got shape {tuple(grad_loss.shape)}")
+    expect("grad_loss", grad_loss, _FLOAT_DTYPES, like=logp)
     params = _policy_params(C, o, ref_logp is not None, entropy is not None,
                             is_weights is not None)
     g_lp = torch.empty((b, tt), dtype=cdt, device=logp.device)
     g_ent = None if entropy is None else torch.empty((b, tt), dtype=cdt, device=logp.device)
     if b * tt > 0:
-        g = grad_loss.reshape(1).to(cdt)
+        g = grad_loss.reshape(1).to(cdt)  # one element (reshape raises otherwise)
         workspace = torch.empty(2 * b + 1, dtype=cdt, device=logp.device)
         with torch.cuda.device(logp.device):
             C.policy_loss_backward(tensors=pt, params=params, normalizer=ptr(norm),

@@ -13,9 +13,9 @@ from typing import Optional, Tuple
 import torch
 
 from .. import _codes
-from ._common import (DTYPE_CODES, FLOAT_DTYPES, INDEX_DTYPES, check_cuda_tensor, check_shape,
-                      compute_dtype, extension, matrix, ptr, rows, stream_of, unit_stride)
-from .vocab import _check_logits, _check_temperature, _row_vector
+from ._common import (DTYPE_CODES, FLOAT_DTYPES, INDEX_DTYPES, compute_dtype, expect, extension,
+                      matrix, ptr, rows, stream_of, unit_stride)
+from .vocab import _logits, _row_vector
 
 Tensor = torch.Tensor
 
@@ -25,12 +25,11 @@ _MODE_KL = _codes.SPARSE_MODES["kl"]  # sparse_kl
 _SENTINEL = 2 ** 31 - 1  # csrc/sparse.cu kSparseSentinel: the sorted id of an unused slot
 
 
-def _check_indices(indices: Tensor, n: int, like: Tensor) -> Tuple[Tensor, int]:
-    check_cuda_tensor("indices", indices, INDEX_DTYPES, ndim=2, like=like)
-    if indices.shape[0] != n:
-        raise ValueError(f"indices: expected shape ({n}, K) (one row of ids per logits row), "
-                         f"got {tuple(indices.shape)}")
-    return indices.to(torch.int64), indices.shape[1]  # the kernels read int64 ids
+def _indices(indices: Tensor, n: int, like: Tensor) -> Tuple[Tensor, int]:
+    expect("indices", indices, INDEX_DTYPES, ndim=2, like=like)
+    k = indices.shape[1]
+    expect("indices", indices, INDEX_DTYPES, shape=(n, k))
+    return indices.to(torch.int64), k  # the kernels read int64 ids
 
 
 def _rows_k(name: str, t: Optional[Tensor], n: int, k: int, cdt: torch.dtype,
@@ -38,14 +37,8 @@ def _rows_k(name: str, t: Optional[Tensor], n: int, k: int, cdt: torch.dtype,
     """An ``[n, K]`` float tensor (any strides) in the math dtype, or None."""
     if t is None:
         return None
-    check_cuda_tensor(name, t, FLOAT_DTYPES, ndim=2, like=like)
-    check_shape(name, t, (n, k))
+    expect(name, t, FLOAT_DTYPES, shape=(n, k), like=like)
     return t.to(cdt)
-
-
-def _check_stats(stats: Tensor, n: int, cdt: torch.dtype, like: Tensor) -> None:
-    check_cuda_tensor("stats", stats, (cdt,), ndim=2, like=like)
-    check_shape("stats", stats, (n, 3))
 
 
 def _sorted_ids(indices: Tensor, vocab: int) -> Tuple[Tensor, Tensor]:
@@ -61,11 +54,10 @@ def _sparse_forward(logits: Tensor, indices: Tensor, target: Optional[Tensor],
                     temperature: float, mode: int, with_tail: bool
                     ) -> Tuple[Tensor, Tensor, Tensor]:
     C = extension()
-    n, vocab = _check_logits("logits", logits)
-    t = _check_temperature(temperature)
+    n, vocab = _logits("logits", logits)
     x = unit_stride(logits)
     cdt = compute_dtype(x.dtype)
-    idx, k = _check_indices(indices, n, x)
+    idx, k = _indices(indices, n, x)
     tgt = _rows_k("target_logprobs", target, n, k, cdt, x)
     out = torch.empty((n,) if mode == _MODE_KL else (n, k), dtype=cdt, device=x.device)
     tail = torch.zeros(n, dtype=cdt, device=x.device)
@@ -76,7 +68,7 @@ def _sparse_forward(logits: Tensor, indices: Tensor, target: Optional[Tensor],
         C.sparse_forward(logits=rows(C, x), indices=matrix(C, idx), target=matrix(C, tgt),
                          out=rows(C, out), tail=tail.data_ptr(), stats=stats.data_ptr(), n=n,
                          vocab=vocab, k=k, dtype=DTYPE_CODES[x.dtype], mode=mode,
-                         with_tail=bool(with_tail), inv_temperature=1.0 / t,
+                         with_tail=bool(with_tail), inv_temperature=1.0 / temperature,
                          stream=stream_of(x))
     return out, tail, stats
 
@@ -86,12 +78,11 @@ def _sparse_backward(logits: Tensor, indices: Tensor, gk: Optional[Tensor],
                      g_kl: Optional[Tensor], stats: Tensor, temperature: float, mode: int,
                      with_tail: bool) -> Tensor:
     C = extension()
-    n, vocab = _check_logits("logits", logits)
-    t = _check_temperature(temperature)
+    n, vocab = _logits("logits", logits)
     x = unit_stride(logits)
     cdt = compute_dtype(x.dtype)
-    idx, k = _check_indices(indices, n, x)
-    _check_stats(stats, n, cdt, x)
+    idx, k = _indices(indices, n, x)
+    expect("stats", stats, (cdt,), shape=(n, 3), like=x)
     names = ("target_logprobs" if mode == _MODE_KL else "grad_logp", "logp")
     gk = _rows_k(names[0], gk, n, k, cdt, x)
     lp = _rows_k(names[1], lp, n, k, cdt, x)
@@ -108,15 +99,9 @@ def _sparse_backward(logits: Tensor, indices: Tensor, gk: Optional[Tensor],
                           slot_values=matrix(C, gk), logp=matrix(C, lp), tail=ptr(tail),
                           grad_tail=ptr(g_tail), grad_kl=ptr(g_kl), stats=matrix(C, stats), n=n,
                           vocab=vocab, k=k, dtype=DTYPE_CODES[x.dtype], mode=mode,
-                          with_tail=bool(with_tail), inv_temperature=1.0 / t,
+                          with_tail=bool(with_tail), inv_temperature=1.0 / temperature,
                           stream=stream_of(x))
     return grad
-
-
-def _normalize_mode(normalize: str) -> int:
-    if normalize not in _MODES:
-        raise ValueError(f"normalize: expected one of {sorted(_MODES)}, got {normalize!r}")
-    return _MODES[normalize]
 
 
 def sparse_logprobs_forward(logits: Tensor, indices: Tensor, temperature: float,
@@ -129,8 +114,7 @@ def sparse_logprobs_forward(logits: Tensor, indices: Tensor, temperature: float,
     loads), membership from a shared-memory bitmap of the ids. fp32 (fp64 for fp64 logits).
     Status: compiled, NOT yet run on a GPU.
     """
-    return _sparse_forward(logits, indices, None, temperature, _normalize_mode(normalize),
-                           with_tail)
+    return _sparse_forward(logits, indices, None, temperature, _MODES[normalize], with_tail)
 
 
 def sparse_logprobs_backward(grad_logp: Optional[Tensor], grad_tail: Optional[Tensor],
@@ -144,7 +128,7 @@ def sparse_logprobs_backward(grad_logp: Optional[Tensor], grad_tail: Optional[Te
     member columns are overwritten by the first slot of their id.
     Status: compiled, NOT yet run on a GPU.
     """
-    mode = _normalize_mode(normalize)
+    mode = _MODES[normalize]
     return _sparse_backward(logits, indices, grad_logp, logp if normalize == "support" else None,
                             tail if grad_tail is not None else None, grad_tail, None, stats,
                             temperature, mode, grad_tail is not None)

@@ -18,42 +18,29 @@ in tests/ops and tests/cuda check them on the first GPU run.
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
 
 from .. import _codes
-from ._common import (DTYPE_CODES, FLOAT_DTYPES, INDEX_DTYPES, check_cuda_tensor, check_shape,
-                      compute_dtype, extension, matrix, rows, stream_of, unit_stride)
+from ._common import (DTYPE_CODES, FLOAT_DTYPES, INDEX_DTYPES, compute_dtype, expect, extension,
+                      matrix, rows, stream_of, unit_stride)
 
 Tensor = torch.Tensor
 
 _KINDS = _codes.KL_KINDS
 
 
-def _check_logits(name: str, logits: Tensor) -> Tuple[int, int]:
-    check_cuda_tensor(name, logits, FLOAT_DTYPES, ndim=2)
-    n, vocab = logits.shape
-    if vocab == 0:
-        raise ValueError(f"{name}: expected a vocabulary of V >= 1 columns, got V = 0")
-    if n >= 2 ** 31:
-        raise ValueError(f"{name}: expected fewer than 2**31 rows, got {n}")
-    return n, vocab
-
-
-def _check_temperature(temperature: float) -> float:
-    t = float(temperature)
-    if not (t > 0 and math.isfinite(t)):
-        raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
-    return t
+def _logits(name: str, logits: Tensor) -> Tuple[int, int]:
+    """``(N, V)`` of 2-d CUDA logits (N < 2**31 and V >= 1 are checked in C++)."""
+    expect(name, logits, FLOAT_DTYPES, ndim=2)
+    return logits.shape[0], logits.shape[1]
 
 
 def _tokens(tokens: Optional[Tensor], n: int, like: Tensor) -> Optional[Tensor]:
     if tokens is None:
         return None
-    check_cuda_tensor("tokens", tokens, INDEX_DTYPES, ndim=1, like=like)
-    check_shape("tokens", tokens, (n,))
+    expect("tokens", tokens, INDEX_DTYPES, shape=(n,), like=like)
     return tokens.to(torch.int64)  # the kernels read int64 ids (a copy only for int32)
 
 
@@ -61,8 +48,7 @@ def _row_vector(name: str, t: Optional[Tensor], n: int, cdt: torch.dtype,
                 like: Tensor) -> Optional[Tensor]:
     if t is None:
         return None
-    check_cuda_tensor(name, t, FLOAT_DTYPES, ndim=1, like=like)
-    check_shape(name, t, (n,))
+    expect(name, t, FLOAT_DTYPES, shape=(n,), like=like)
     return t.to(cdt)
 
 
@@ -75,8 +61,7 @@ def token_logprobs_forward(logits: Tensor, tokens: Optional[Tensor], temperature
     fp64 logits). ``tokens=None``: entropy only, ``logp`` all 0. Padding rows (token ==
     ignore_index): 0 outputs, ``stats`` row 0 (never read)."""
     C = extension()
-    n, vocab = _check_logits("logits", logits)
-    t = _check_temperature(temperature)
+    n, vocab = _logits("logits", logits)
     x = unit_stride(logits)
     cdt = compute_dtype(x.dtype)
     tok = _tokens(tokens, n, x)
@@ -89,7 +74,7 @@ def token_logprobs_forward(logits: Tensor, tokens: Optional[Tensor], temperature
         C.token_logprobs_forward(
             logits=rows(C, x), tokens=rows(C, tok), logp=logp.data_ptr(), ent=ent.data_ptr(),
             stats=stats.data_ptr(), n=n, vocab=vocab, dtype=DTYPE_CODES[x.dtype],
-            inv_temperature=1.0 / t, ignore_index=int(ignore_index),
+            inv_temperature=1.0 / temperature, ignore_index=int(ignore_index),
             with_entropy=bool(with_entropy), stream=stream_of(x))
     return logp, ent, stats
 
@@ -101,8 +86,7 @@ def token_logprobs_backward(grad_logp: Optional[Tensor], grad_entropy: Optional[
     """Gradient w.r.t. ``logits`` in its dtype: ``(g (onehot(y) - p) - g_H p (z - sum p z))
     / T``, exactly 0 on padding rows. ``out`` may be ``logits`` itself (in-place backward)."""
     C = extension()
-    n, vocab = _check_logits("logits", logits)
-    t = _check_temperature(temperature)
+    n, vocab = _logits("logits", logits)
     x = unit_stride(logits)
     cdt = compute_dtype(x.dtype)
     tok = _tokens(tokens, n, x)
@@ -110,13 +94,11 @@ def token_logprobs_backward(grad_logp: Optional[Tensor], grad_entropy: Optional[
         grad_logp = None  # no token, no log-prob term (as the other backends)
     glp = _row_vector("grad_logp", grad_logp, n, cdt, x)
     gh = _row_vector("grad_entropy", grad_entropy, n, cdt, x)
-    check_cuda_tensor("stats", stats, (cdt,), ndim=2, like=x)
-    check_shape("stats", stats, (n, 3))
+    expect("stats", stats, (cdt,), shape=(n, 3), like=x)
     if out is None:
         out = torch.empty((n, vocab), dtype=logits.dtype, device=logits.device)
     else:
-        check_cuda_tensor("out", out, (logits.dtype,), ndim=2, like=x)
-        check_shape("out", out, (n, vocab))
+        expect("out", out, (logits.dtype,), shape=(n, vocab), like=x)
     if n == 0:
         return out
     # the kernel writes unit-stride rows; anything else goes through a temporary
@@ -125,7 +107,7 @@ def token_logprobs_backward(grad_logp: Optional[Tensor], grad_entropy: Optional[
         C.token_logprobs_backward(
             grad_logp=rows(C, glp), grad_entropy=rows(C, gh), logits=rows(C, x),
             tokens=rows(C, tok), stats=matrix(C, stats), out=rows(C, dst), n=n, vocab=vocab,
-            dtype=DTYPE_CODES[x.dtype], inv_temperature=1.0 / t,
+            dtype=DTYPE_CODES[x.dtype], inv_temperature=1.0 / temperature,
             ignore_index=int(ignore_index), stream=stream_of(x))
     if dst is not out:
         out.copy_(dst)
@@ -134,19 +116,13 @@ def token_logprobs_backward(grad_logp: Optional[Tensor], grad_entropy: Optional[
 
 # ============================================================================= kl_divergence
 
-def _check_pair(logits: Tensor, ref_logits: Tensor, ignore_mask: Optional[Tensor], kind: str,
-                beta: float) -> Tuple[int, int, Optional[Tensor]]:
-    n, vocab = _check_logits("logits", logits)
-    check_cuda_tensor("ref_logits", ref_logits, (logits.dtype,), ndim=2, like=logits)
-    check_shape("ref_logits", ref_logits, (n, vocab))
-    if kind not in _KINDS:
-        raise ValueError(f"kind: expected one of {sorted(_KINDS)}, got {kind!r}")
-    if not 0.0 <= float(beta) <= 1.0:
-        raise ValueError(f"beta: expected a number in [0, 1], got {beta!r}")
+def _pair(logits: Tensor, ref_logits: Tensor, ignore_mask: Optional[Tensor]
+          ) -> Tuple[int, int, Optional[Tensor]]:
+    n, vocab = _logits("logits", logits)
+    expect("ref_logits", ref_logits, (logits.dtype,), shape=(n, vocab), like=logits)
     mask = None
     if ignore_mask is not None:
-        check_cuda_tensor("ignore_mask", ignore_mask, (torch.bool,), ndim=1, like=logits)
-        check_shape("ignore_mask", ignore_mask, (n,))
+        expect("ignore_mask", ignore_mask, (torch.bool,), shape=(n,), like=logits)
         mask = ignore_mask.view(torch.uint8)
     return n, vocab, mask
 
@@ -157,8 +133,7 @@ def kl_divergence_forward(logits: Tensor, ref_logits: Tensor, ignore_mask: Optio
     """Returns ``(kl [N], stats_p [N, 3], stats_q [N, 3])`` like the reference; the third
     columns hold ``sum p a_p`` and ``sum q a_q``. ``ignore_mask`` rows: 0, not read."""
     C = extension()
-    n, vocab, mask = _check_pair(logits, ref_logits, ignore_mask, kind, beta)
-    t = _check_temperature(temperature)
+    n, vocab, mask = _pair(logits, ref_logits, ignore_mask)
     x, y = unit_stride(logits), unit_stride(ref_logits)
     cdt = compute_dtype(x.dtype)
     kl = torch.empty(n, dtype=cdt, device=x.device)
@@ -171,7 +146,7 @@ def kl_divergence_forward(logits: Tensor, ref_logits: Tensor, ignore_mask: Optio
             logits=rows(C, x), ref_logits=rows(C, y), ignore_mask=rows(C, mask),
             kl=kl.data_ptr(), stats_p=stats_p.data_ptr(), stats_q=stats_q.data_ptr(), n=n,
             vocab=vocab, dtype=DTYPE_CODES[x.dtype], kind=_KINDS[kind], beta=float(beta),
-            inv_temperature=1.0 / t, stream=stream_of(x))
+            inv_temperature=1.0 / temperature, stream=stream_of(x))
     return kl, stats_p, stats_q
 
 
@@ -182,14 +157,12 @@ def kl_divergence_backward(grad_kl: Tensor, logits: Tensor, ref_logits: Tensor,
     """Gradients w.r.t. ``logits`` and (if ``need_ref_grad``) ``ref_logits``, in their
     dtype, one pass over the row pair; ``ignore_mask`` rows receive exactly 0."""
     C = extension()
-    n, vocab, mask = _check_pair(logits, ref_logits, ignore_mask, kind, beta)
-    t = _check_temperature(temperature)
+    n, vocab, mask = _pair(logits, ref_logits, ignore_mask)
     x, y = unit_stride(logits), unit_stride(ref_logits)
     cdt = compute_dtype(x.dtype)
     g = _row_vector("grad_kl", grad_kl, n, cdt, x)
-    for name, s in (("stats_p", stats_p), ("stats_q", stats_q)):
-        check_cuda_tensor(name, s, (cdt,), ndim=2, like=x)
-        check_shape(name, s, (n, 3))
+    expect("stats_p", stats_p, (cdt,), shape=(n, 3), like=x)
+    expect("stats_q", stats_q, (cdt,), shape=(n, 3), like=x)
     grad_z = torch.empty((n, vocab), dtype=logits.dtype, device=logits.device)
     grad_w = (torch.empty((n, vocab), dtype=ref_logits.dtype, device=ref_logits.device)
               if need_ref_grad else None)
@@ -201,7 +174,7 @@ def kl_divergence_backward(grad_kl: Tensor, logits: Tensor, ref_logits: Tensor,
             ignore_mask=rows(C, mask), stats_p=matrix(C, stats_p), stats_q=matrix(C, stats_q),
             grad_logits=rows(C, grad_z), grad_ref=rows(C, grad_w), n=n, vocab=vocab,
             dtype=DTYPE_CODES[x.dtype], kind=_KINDS[kind], beta=float(beta),
-            inv_temperature=1.0 / t, stream=stream_of(x))
+            inv_temperature=1.0 / temperature, stream=stream_of(x))
     return grad_z, grad_w
 
 

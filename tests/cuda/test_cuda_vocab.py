@@ -637,7 +637,7 @@ def test_launchers_reject_cpu_tensors():
         cv.token_logprobs_forward(x, tok, 1.0, -100, False)
     with pytest.raises(ValueError, match="logits: expected a CUDA tensor"):
         cv.kl_divergence_forward(x, x, None, "reverse", 0.5, 1.0)
-    with pytest.raises(TypeError, match="logits: expected a torch.Tensor"):
+    with pytest.raises(ValueError, match="logits: expected a CUDA tensor .*got list"):
         cv.token_logprobs_forward([1.0], tok, 1.0, -100, False)
     idx = torch.zeros(2, 3, dtype=torch.int64)
     with pytest.raises(ValueError, match="logits: expected a CUDA tensor"):
