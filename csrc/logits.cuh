@@ -15,7 +15,7 @@
 //   (m = max z, log s = log1p(rest), a row sum backward needs)
 // with z = logits * (1 / T), rest = sum exp(z - m) over every column but one arg-max.
 //
-// Hot loop (forward, issue 18): per chunk the running state (m, s, n) of the thread is
+// Hot loop (forward): per chunk the running state (m, s, n) of the thread is
 // rebased at most once (a branch taken only when the chunk holds a new maximum), then each
 // column costs one subtract, one multiply, one ex2 and three adds:
 //   m = max of the raw logits seen (not scaled: max z = m / T for T > 0),

@@ -6,8 +6,6 @@
 * ``gae_forward``, ``discounted_returns_forward``: reverse scans over ``T``, one warp per row;
 * ``masked_whiten_forward`` / ``masked_whiten_backward``: whole-tensor masked statistics with
   deterministic two-stage sums (no atomics).
-
-Status: compiled, NOT yet run on a GPU.
 """
 
 from __future__ import annotations
@@ -90,7 +88,6 @@ def gae_forward(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam
 
     Kernel: one warp per row, a reverse scan of the affine map ``L -> delta + gamma lam L``
     (and of "value at the next valid step") in chunks of 128 steps; any strides.
-    Status: compiled, NOT yet run on a GPU.
     """
     C = extension()
     expect("rewards", rewards, FLOAT_DTYPES, ndim=2)
@@ -117,7 +114,6 @@ def discounted_returns_forward(rewards: Tensor, mask: Tensor, gamma: float) -> T
     """``[B, T]``, as :func:`rlkernels.reference.advantage.discounted_returns`:
     ``G_t = r_t + gamma G_{t'}`` with ``t'`` the next valid step, exactly 0 at masked steps.
     fp32 (fp64 for fp64 rewards). Same kernel as :func:`gae_forward` (one warp per row).
-    Status: compiled, NOT yet run on a GPU.
     """
     C = extension()
     expect("rewards", rewards, FLOAT_DTYPES, ndim=2)
@@ -168,7 +164,6 @@ def masked_whiten_forward(values: Tensor, mask: Tensor, shift_mean: bool, eps: f
     ``S = sum w dev`` (0 up to rounding when ``c >= 1``, not when ``0 < c < 1``).
     A float mask is converted to the math dtype first (an entry that underflows to 0 there
     counts as masked). Three launches, deterministic (no atomics).
-    Status: compiled, NOT yet run on a GPU.
     """
     C = extension()
     expect("values", values, FLOAT_DTYPES)
@@ -203,7 +198,6 @@ def masked_whiten_backward(grad_out: Tensor, values: Tensor, mask: Tensor, stats
     (the second term only where ``w_j != 0``). Derivation: ``d mean / d v_j = w_j / C1``,
     ``d var / d v_j = 2 w_j (dev_j - S / C1) / D``, ``d r / d v_j = -r^3 / 2 d var / d v_j``;
     ``c`` (so ``C1``, ``D``) does not depend on ``v``. Two launches, deterministic.
-    Status: compiled, NOT yet run on a GPU.
     """
     C = extension()
     expect("values", values, FLOAT_DTYPES)

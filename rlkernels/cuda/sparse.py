@@ -107,12 +107,11 @@ def _sparse_backward(logits: Tensor, indices: Tensor, gk: Optional[Tensor],
 def sparse_logprobs_forward(logits: Tensor, indices: Tensor, temperature: float,
                             normalize: str, with_tail: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """``(logp [N, K], tail [N], stats [N, 3])``, as
-    :func:`rlkernels.reference.vocab.sparse_logprobs_forward`: ``"full"``: ``(z_k - m) -
+    :func:`rlkernels.reference.sparse.sparse_logprobs_forward`: ``"full"``: ``(z_k - m) -
     log s``; ``"support"``: ``z_k - logsumexp`` over the valid slots; -1 slots give ``-inf``;
     ``tail`` (``with_tail``) = log of the mass outside the distinct valid ids, from those
     columns' own log-sum-exp (0 otherwise). One block per row, one read of the row (16-byte
     loads), membership from a shared-memory bitmap of the ids. fp32 (fp64 for fp64 logits).
-    Status: compiled, NOT yet run on a GPU.
     """
     return _sparse_forward(logits, indices, None, temperature, _MODES[normalize], with_tail)
 
@@ -121,12 +120,11 @@ def sparse_logprobs_backward(grad_logp: Optional[Tensor], grad_tail: Optional[Te
                              logits: Tensor, indices: Tensor, logp: Tensor, tail: Tensor,
                              stats: Tensor, temperature: float, normalize: str) -> Tensor:
     """Gradient w.r.t. ``logits`` (its dtype), as
-    :func:`rlkernels.reference.vocab.sparse_logprobs_backward`: full ``scatter(g_k) - p sum g``;
+    :func:`rlkernels.reference.sparse.sparse_logprobs_backward`: full ``scatter(g_k) - p sum g``;
     support ``scatter(g_k - s_k sum g)``; tail ``g_tail (1[outside] q - p)``; times ``1/T``.
     ``grad_logp=None``: no log-prob gradient; ``grad_tail=None``: no tail term. Duplicate ids
     sum their slots (stable sort: deterministic). One dense pass over the row, then the
     member columns are overwritten by the first slot of their id.
-    Status: compiled, NOT yet run on a GPU.
     """
     mode = _MODES[normalize]
     return _sparse_backward(logits, indices, grad_logp, logp if normalize == "support" else None,
@@ -137,10 +135,9 @@ def sparse_logprobs_backward(grad_logp: Optional[Tensor], grad_tail: Optional[Te
 def sparse_kl_forward(logits: Tensor, indices: Tensor, target_logprobs: Tensor,
                       temperature: float, with_tail: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """``(kl [N], student log tail [N], stats [N, 3])``, as
-    :func:`rlkernels.reference.vocab.sparse_kl_forward`: ``sum_k t_k (log t_k - log s_k)``
+    :func:`rlkernels.reference.sparse.sparse_kl_forward`: ``sum_k t_k (log t_k - log s_k)``
     ``[+ t_tail (log t_tail - s_tail)]``, ``t_tail = max(1 - sum t_k, 0)`` (0 when the ids
     cover every column), ``0 log 0 = 0``; unused slots' targets are never read.
-    Status: compiled, NOT yet run on a GPU.
     """
     return _sparse_forward(logits, indices, target_logprobs, temperature, _MODE_KL, with_tail)
 
@@ -148,9 +145,8 @@ def sparse_kl_forward(logits: Tensor, indices: Tensor, target_logprobs: Tensor,
 def sparse_kl_backward(grad_kl: Tensor, logits: Tensor, indices: Tensor,
                        target_logprobs: Tensor, s_tail: Tensor, stats: Tensor,
                        temperature: float, with_tail: bool) -> Tensor:
-    """Gradient w.r.t. ``logits``, as :func:`rlkernels.reference.vocab.sparse_kl_backward`:
+    """Gradient w.r.t. ``logits``, as :func:`rlkernels.reference.sparse.sparse_kl_backward`:
     ``g (p (sum t_k + t_tail) - scatter(t_k) - t_tail 1[outside] q) / T``.
-    Status: compiled, NOT yet run on a GPU.
     """
     return _sparse_backward(logits, indices, target_logprobs, None,
                             s_tail if with_tail else None, None, grad_kl, stats, temperature,

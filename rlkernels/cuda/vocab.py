@@ -1,4 +1,4 @@
-"""Launchers for csrc/vocab.cu: ``token_logprobs`` (with entropy), ``kl_divergence``,
+"""Launchers for csrc/vocab.cu: ``token_logprobs`` (with entropy) and ``kl_divergence``
 (``sparse_logprobs`` and ``sparse_kl`` are in :mod:`rlkernels.cuda.sparse`).
 
 Same signatures, outputs and saved row statistics as :mod:`rlkernels.reference.vocab`
@@ -11,9 +11,6 @@ pointer and row stride, no copy, and each row's 16-byte alignment is decided on 
 from its own address (the chunk layout, hence every bit of the result, does not depend on
 it). A column-strided tensor (``stride(-1) != 1``) is still copied to unit stride by
 ``unit_stride`` (an N x V temporary: the one case SPEC's "no [N, V] intermediates" is not met).
-
-Status: compiled, NOT yet run on a GPU (no GPU on the development machine); the parity tests
-in tests/ops and tests/cuda check them on the first GPU run.
 """
 
 from __future__ import annotations
