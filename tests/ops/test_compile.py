@@ -7,10 +7,11 @@ import torch
 import rlkernels as rk
 
 
-def _step(logits, tokens, old_logp, adv, mask):
-    logp, ent = rk.token_logprobs(logits, tokens, temperature=0.8, return_entropy=True)
+def _step(logits, tokens, old_logp, adv, mask, backend):
+    logp, ent = rk.token_logprobs(logits, tokens, temperature=0.8, return_entropy=True,
+                                  backend=backend)
     loss, metrics = rk.policy_loss(logp, old_logp, adv, mask, clip_high=0.28, entropy=ent,
-                                   entropy_coef=0.01)
+                                   entropy_coef=0.01, backend=backend)
     return loss, metrics["clipfrac"]
 
 
@@ -25,7 +26,7 @@ def test_token_logprobs_and_policy_loss_compile_fullgraph(backend):
     adv = torch.tensor([1.0, -1.0])
 
     def step(*args):
-        return _step(*args)
+        return _step(*args, backend)
 
     torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True)
