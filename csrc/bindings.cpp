@@ -65,6 +65,16 @@ PYBIND11_MODULE(_C, m) {
                                  "The [B, T] inputs of policy_loss (compute dtype; adv [B] "
                                  "with stride1 = 0).")
       .def(py::init<>())
+      .def(py::init([](const rlk::Matrix& logp, const rlk::Matrix& old_logp,
+                       const rlk::Matrix& adv, const rlk::Matrix& mask,
+                       const rlk::Matrix& ref_logp, const rlk::Matrix& entropy,
+                       const rlk::Matrix& is_weights, int64_t B, int64_t T) {
+             return rlk::PolicyTensors{logp, old_logp, adv, mask, ref_logp, entropy,
+                                       is_weights, B, T};
+           }),
+           py::arg("logp"), py::arg("old_logp"), py::arg("adv"), py::arg("mask"),
+           py::arg("ref_logp"), py::arg("entropy"), py::arg("is_weights"), py::arg("B"),
+           py::arg("T"))
       .def_readwrite("logp", &rlk::PolicyTensors::logp)
       .def_readwrite("old_logp", &rlk::PolicyTensors::old_logp)
       .def_readwrite("adv", &rlk::PolicyTensors::adv)

@@ -76,7 +76,8 @@ def rows(C, t: Optional[Tensor]):
     ``[n, V]`` (:func:`row_stride`); ptr 0 for an absent tensor."""
     if t is None:
         return C.Rows()
-    return C.Rows(ptr=t.data_ptr(), stride=t.stride(0) if t.dim() == 1 else row_stride(t))
+    # (ptr, stride): positional, a third of the cost of keywords on a hot path
+    return C.Rows(t.data_ptr(), t.stride(0) if t.dim() == 1 else row_stride(t))
 
 
 def matrix(C, t: Optional[Tensor], stride1: Optional[int] = None):
@@ -84,9 +85,8 @@ def matrix(C, t: Optional[Tensor], stride1: Optional[int] = None):
     stride ``stride1``, e.g. 0 to broadcast); ptr 0 for an absent tensor."""
     if t is None:
         return C.Matrix()
-    if stride1 is None:
-        return C.Matrix(ptr=t.data_ptr(), stride0=t.stride(0), stride1=t.stride(1))
-    return C.Matrix(ptr=t.data_ptr(), stride0=t.stride(0), stride1=stride1)
+    # (ptr, stride0, stride1), positional as in rows()
+    return C.Matrix(t.data_ptr(), t.stride(0), t.stride(1) if stride1 is None else stride1)
 
 
 def ptr(t: Optional[Tensor]) -> int:

@@ -54,11 +54,11 @@ def _policy_inputs(logp, old_logp, advantages, mask, normalizer, ref_logp, entro
         norm = normalizer.reshape(1).to(cdt)  # one element (reshape raises otherwise)
 
     C = _extension()
-    pt = C.PolicyTensors()
-    for name in ("logp", "old_logp", "mask", "ref_logp", "entropy", "is_weights"):
-        setattr(pt, name, matrix(C, out[name]))
-    pt.adv = matrix(C, adv, stride1=0 if adv.dim() == 1 else None)  # [B]: one value per row
-    pt.B, pt.T = b, t
+    pt = C.PolicyTensors(
+        logp=matrix(C, out["logp"]), old_logp=matrix(C, out["old_logp"]),
+        adv=matrix(C, adv, stride1=0 if adv.dim() == 1 else None),  # [B]: one value per row
+        mask=matrix(C, out["mask"]), ref_logp=matrix(C, out["ref_logp"]),
+        entropy=matrix(C, out["entropy"]), is_weights=matrix(C, out["is_weights"]), B=b, T=t)
     return cdt, out, pt, norm
 
 
