@@ -80,14 +80,29 @@ def _parse(signature: str) -> Tuple[_Arg, ...]:
     return tuple(args)
 
 
-class Args(dict):
-    """An op's arguments (and derived values) by name, also as attributes: ``a.logits``."""
+class Args:
+    """An op's arguments (and derived values) by name: ``a["logits"]`` or ``a.logits``. Not a
+    dict, so that no input name (``values``, ``items``, ...) is shadowed by a method."""
+
+    __slots__ = ("_d",)
+
+    def __init__(self, *source):
+        self._d = dict(*source)
 
     def __getattr__(self, name):
         try:
-            return self[name]
+            return self._d[name]
         except KeyError:
             raise AttributeError(name) from None
+
+    def __getitem__(self, name):
+        return self._d[name]
+
+    def __setitem__(self, name, value):
+        self._d[name] = value
+
+    def __contains__(self, name) -> bool:
+        return name in self._d
 
 
 @dataclass(frozen=True)
@@ -241,7 +256,7 @@ class Op:
     def bind(self, args) -> Args:
         """The op's positional arguments (defaults filled) by name."""
         a = Args(self._defaults)
-        a.update(zip(self.input_names, args))
+        a._d.update(zip(self.input_names, args))
         return a
 
     def _derived(self, a: Args, name: str):
@@ -273,7 +288,7 @@ class Op:
         o = dict(zip(output_names or self.output_names, outs))
         tensors = []
         for name in self.saved:
-            if save_as and name in save_as and a.get(name) is not None:
+            if save_as and name in save_as and a._d.get(name) is not None:
                 tensors.append(o[save_as[name]])
             else:
                 tensors.append(a[name] if name in a else o[name])
@@ -289,7 +304,7 @@ class Op:
                          ) -> Tuple[Args, Dict[str, bool]]:
         need = dict(zip(input_names, ctx.needs_input_grad))
         a = Args(ctx.rlk_args)
-        a.update(zip(self.saved, ctx.saved_tensors))
+        a._d.update(zip(self.saved, ctx.saved_tensors))
         for name, g in zip(output_names, grads):
             if self.contiguous_grads and g is not None:
                 g = g.contiguous()
@@ -338,7 +353,7 @@ class Op:
         grads = {}
         for name, g in zip(self.backward.grads, out):
             x = a[name]
-            if g is None or x is None or not a.get(f"need_{name}", True):
+            if g is None or x is None or not a._d.get(f"need_{name}", True):
                 g = (x if x is not None else a[self.backward.grads[0]]).new_empty(0)
             elif g.dtype != x.dtype:
                 g = g.to(x.dtype)
@@ -351,7 +366,7 @@ class Op:
         grads = []
         for name in self.backward.grads:
             x = a[name]
-            if x is None or not a.get(f"need_{name}", True):
+            if x is None or not a._d.get(f"need_{name}", True):
                 x = a[self.backward.grads[0]].new_empty(0)
             grads.append(torch.empty_like(x))
         return tuple(grads) if len(grads) > 1 else grads[0]
@@ -415,7 +430,7 @@ class Op:
 
         def bind(values) -> Args:
             a = Args(self._defaults)
-            a.update(zip(vp_names, values))
+            a._d.update(zip(vp_names, values))
             return a
 
         def impl(*values):
