@@ -8,8 +8,8 @@ What it does, per kernel configuration the launchers would use at the realistic 
   the vocabulary half of ``grpo_loss``) with :func:`sm90_compile.capture_launches` on GPU-like
   meta tensors, compiles each with ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` and
   disassembles its cubin with the bundled ``cuobjdump -sass``;
-* **cuda**: compiles ``csrc/vocab.cu`` with ``nvcc -O3 -arch=sm_90a -cubin`` (the flags of
-  CMakeLists.txt) and disassembles every ``__global__`` instantiation; the template arguments
+* **cuda**: compiles ``csrc/vocab.cu`` and ``csrc/sparse.cu`` with ``nvcc -O3 -arch=sm_90a
+  -cubin`` (the flags of CMakeLists.txt) and disassembles every ``__global__`` instantiation; the template arguments
   are named from the ``template <...>`` line in front of each kernel in the source.
 
 For each kernel it reports registers, spills (``spill B``: the spill store + load bytes of
@@ -969,7 +969,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, help="write the rows as JSON")
     ap.add_argument("--from-dump", type=Path,
                     help="re-count the SASS of an earlier --dump instead of compiling")
-    ap.add_argument("--cuda-source", type=Path, default=ROOT / "csrc" / "vocab.cu")
+    ap.add_argument("--cuda-source", type=Path, nargs="+",
+                    default=[ROOT / "csrc" / "vocab.cu", ROOT / "csrc" / "sparse.cu"],
+                    help="the .cu files to compile (default: the vocabulary and sparse ones)")
     ap.add_argument("--cuda-rev", help="compile csrc/ as of this git revision (a 'before')")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args(argv)
@@ -983,7 +985,11 @@ def main(argv=None) -> int:
     if "triton" in args.backend:
         results += triton_rows(tdt, args.quick, args.jobs, args.kernel)
     if "cuda" in args.backend and not args.quick:
-        results += cuda_rows(args.cuda_source, args.dtype, args.kernel, args.cuda_rev)
+        for source in args.cuda_source:
+            if args.cuda_rev is None and not source.exists():
+                print(f"cuda: {source} does not exist, skipped", file=sys.stderr)
+                continue
+            results += cuda_rows(source, args.dtype, args.kernel, args.cuda_rev)
     rows = [r for r, _ in results]
     rows.sort(key=lambda r: (r.op, r.direction, r.backend, r.config))
     if args.dump:
