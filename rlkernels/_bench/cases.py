@@ -207,7 +207,8 @@ OPS: Dict[str, OpSpec] = {o.name: o for o in [
            note="method='grpo', contiguous groups of G"),
     OpSpec("gae", "advantage", "gae", _make_gae, (),
            lambda s, m, b: s["B"] * s["T"] * (4 + 4 + 1 + 4 + 4), full=POLICY_FULL,
-           quick=POLICY_QUICK, modes=("fwd",), note="gamma 1, lam 0.95; (advantages, returns); verl's function also whitens "
+           quick=POLICY_QUICK, modes=("fwd",),
+           note="gamma 1, lam 0.95; (advantages, returns); verl's function also whitens "
                 "the advantages (its err column compares whitened values)"),
     OpSpec("linear_token_logprobs", "linear", "linear_token_logprobs", _make_linear,
            ("hidden", "weight"), _linear_bytes, _linear_flops, full=LINEAR_FULL,
