@@ -52,6 +52,8 @@ _FAMILY = {
     "discounted_returns": "advantage",
     "linear_token_logprobs": "linear", "linear_grpo_loss": "linear",
 }
+# Public ops without a backend argument: the torch reference only.
+TORCH_ONLY = ("kl_penalty", "sampling_support")
 # Public ops that run another op's kernels (entropy is token_logprobs without tokens).
 _KERNEL_OP = {"entropy": "token_logprobs"}
 
@@ -60,7 +62,7 @@ def implements(backend: str, op: str) -> bool:
     """Whether ``backend`` has kernels for public ``op``; works with the new
     ``implements(name, op)`` and the older ``implements(name, family, op)`` signatures.
     ``kl_penalty`` has no ``backend`` argument: it is the torch reference only."""
-    if op == "kl_penalty":
+    if op in TORCH_ONLY:
         return backend == "torch"
     for name in (op, _KERNEL_OP.get(op)):
         if name is None:
@@ -90,6 +92,7 @@ class Pad:
     ``poison``: (input name, bool mask, value) written into the inputs; the outputs at
     ``keep_out`` (output index -> mask, ``None`` = the whole output) and the gradients at
     ``keep_grad`` (input name -> mask over leading dims) must stay bit-identical.
+    ``check(inputs, outputs)``: any other assertion the op's contract makes.
     """
     zero_out: Dict[int, Tensor] = field(default_factory=dict)
     inf_out: Dict[int, Tensor] = field(default_factory=dict)
@@ -98,6 +101,7 @@ class Pad:
     poison: List[Tuple[str, Tensor, float]] = field(default_factory=list)
     keep_out: Dict[int, Optional[Tensor]] = field(default_factory=dict)
     keep_grad: Dict[str, Tensor] = field(default_factory=dict)
+    check: Optional[Callable[[Inputs, Sequence[Tensor]], None]] = None   # anything else
 
 
 @dataclass
@@ -168,7 +172,7 @@ def _tokens(x: Tensor, seed: int) -> Tensor:
     return make_tokens(x, seed=seed, pad_every=5)
 
 
-def _vocab_floor(*names: str, temperature: float = 1.0, row_dims: int = 1):
+def _vocab_floor(*names: str, temperature: float = 1.0):
     """The fp32 arithmetic floor of a logits gradient (tests/_naive.py fp32_floor) with the
     upstream weight of a row = the sum of |upstream| over every output entry of that row."""
     def floor(inp: Inputs, ups: Sequence[Optional[Tensor]]) -> float:
@@ -391,6 +395,33 @@ def kl_divergence_cases() -> List[Case]:
     ]
 
 
+def sampling_support_cases() -> List[Case]:
+    """Not differentiable, torch only (no ``backend`` argument): int64 ids, -1 padded to the
+    widest support of the call (so a row alone may be narrower: the batch-invariance test
+    pads it with -1)."""
+    def build(vocab):
+        return lambda seed: {"logits": _logits(SHAPE, vocab, seed)}
+
+    def check(inp, outs):
+        x, ids = inp["logits"], outs[0].cpu()
+        valid = ids >= 0
+        # -1 only as trailing padding; every id a finite logit; the row's argmax first
+        assert (valid[..., :-1] | ~valid[..., 1:]).all(), ids
+        at = x.gather(-1, ids.clamp_min(0))
+        assert torch.isfinite(at[valid]).all(), "a -inf logit in the support"
+        assert torch.equal(ids[..., 0], x.double().argmax(-1)), ids
+
+    common = dict(primary=("logits",), rows_in={"logits": 0}, rows_out={0: 0},
+                  pad=lambda inp: Pad(check=check))
+    return [
+        Case("sampling_support", "top_k3-top_p0.9-V7", build(7),
+             lambda i, b: (rk.sampling_support(i["logits"], top_k=3, top_p=0.9),), **common),
+        Case("sampling_support", "top_p0.8-T0.7-V33", build(33),
+             lambda i, b: (rk.sampling_support(i["logits"], top_p=0.8, temperature=0.7),),
+             **common),
+    ]
+
+
 # ----------------------------------------------------------------------- policy-loss ops
 
 PB, PT = 3, 5    # [B, T] of the policy cases; sequence 1 fully masked
@@ -510,38 +541,22 @@ def grpo_loss_cases() -> List[Case]:
 
     rows = {"logits": 0, "tokens": 0, "old_logp": 0, "advantages": 0, "mask": 0,
             "ref_logp": 0, "is_weights": 0}
+    # gradients: SPEC 5's bound with no fp32 floor (as tests/ops/test_grpo.py): the per-row
+    # weight of d logits is a loss coefficient / token count, well below 1
     common = dict(primary=("logits",), diff=("logits",), ints=("tokens",), pad=pad)
     return [
-        Case("grpo_loss", "ppo-V7", build(7), call(), floor=_grpo_floor(1.0), compile=True,
+        Case("grpo_loss", "ppo-V7", build(7), call(), compile=True,
              **common),
         Case("grpo_loss", "gspo-kl-entropy-T0.7-V33-normalizer", build(33, 0.7),
              call(temperature=0.7, ratio_level="sequence", clip_low=0.03, clip_high=0.04,
                   ref=True, kl_coef=0.1, entropy_coef=0.01, agg="seq-mean-token-mean",
                   normalizer=2.0),
-             floor=_grpo_floor(0.7), rows_in=rows, **common),
+             rows_in=rows, **common),
         Case("grpo_loss", "cispo-isw-dual-V33-normalizer", build(33),
              call(loss="cispo", clip_high=0.28, isw=True, agg="seq-mean-token-sum-norm",
                   normalizer=7.0, entropy_coef=0.05),
-             floor=_grpo_floor(1.0), rows_in=rows, **common),
+             rows_in=rows, **common),
     ]
-
-
-def _grpo_floor(temperature):
-    """The fp32 floor of d logits (``fp32_floor``) with the per-row upstream weight bounded
-    by ``|u| * (sum over the row of |d loss / d logp| + |d loss / d H|)``; those per-token
-    weights are read off the fp64 reference gradient itself: for a row with token ``y``,
-    ``d z = (w_lp (onehot_y - p) + w_H (...)) / T``, and ``w_lp = T * (d z_y - sum_j d z_j
-    + d z_y)``... which we bound simply by ``T * sum_j |d z_j|`` (>= |w_lp| (1 - p_y) + ...);
-    with peaked rows (p_y -> 1) that under-estimates, so the bound also takes |u| times the
-    largest per-token loss coefficient (4 / count, advantages and ratios of order 1)."""
-    def floor(inp, ups):
-        u = float(ups[0].abs()) if ups and ups[0] is not None else 0.0
-        # per-token coefficient of the loss: |A| * max(r, clip) * is_weight / normalizer
-        # plus kl and entropy terms; 4 is a generous bound for these inputs (|A| < 3,
-        # r < 3 after the clips, normalizer >= 1) -- and we are still at fp32 eps
-        weight = u * 4.0 * (1.0 + float(inp["advantages"].abs().max()))
-        return fp32_floor(inp["logits"], temperature=temperature, upstream=weight)
-    return floor
 
 
 def kl_penalty_cases() -> List[Case]:
@@ -788,7 +803,8 @@ def linear_cases() -> List[Case]:
 
 CASES: List[Case] = [
     *token_logprobs_cases(), *entropy_cases(), *sparse_logprobs_cases(), *sparse_kl_cases(),
-    *kl_divergence_cases(), *kl_penalty_cases(), *policy_loss_cases(), *grpo_loss_cases(),
+    *kl_divergence_cases(), *sampling_support_cases(), *kl_penalty_cases(),
+    *policy_loss_cases(), *grpo_loss_cases(),
     *group_advantages_cases(), *masked_whiten_cases(), *gae_cases(),
     *discounted_returns_cases(), *linear_cases(),
 ]

@@ -73,6 +73,15 @@ ERRORS = [
         X, X[:, :2], backend=b), ValueError, r"^ref_logits: .*got \(2, 2, 7\)"),
     ("kl_divergence", "ignore_mask-float", lambda b: rk.kl_divergence(
         X, X, ignore_mask=LP, backend=b), TypeError, r"^ignore_mask: .*got float32"),
+    # ---------------------------------------------------------------- sampling_support
+    ("sampling_support", "top_k=0", lambda b: rk.sampling_support(
+        X, top_k=0), ValueError, r"^top_k: .*got 0"),
+    ("sampling_support", "top_k-float", lambda b: rk.sampling_support(
+        X, top_k=2.0), TypeError, r"^top_k: .*got float"),
+    ("sampling_support", "top_p>1", lambda b: rk.sampling_support(
+        X, top_p=1.5), ValueError, r"^top_p: .*got 1\.5"),
+    ("sampling_support", "temperature=0", lambda b: rk.sampling_support(
+        X, top_k=2, temperature=0.0), ValueError, r"^temperature: .*got 0\.0"),
     # ---------------------------------------------------------------------- kl_penalty
     ("kl_penalty", "estimator", lambda b: rk.kl_penalty(
         LP, LP, estimator="k4"), ValueError, r"^estimator: .*got 'k4'"),
