@@ -197,33 +197,44 @@ def xmul0(p, x):
 
 
 @triton.jit
-def online_block(z, offs, m, rest, s1, WITH_S1: tl.constexpr):
-    """Fold one block ``z`` of a row into the running statistics ``(m, rest, s1)``.
+def online_block(z, offs, m, rest, s1, rest2, AXIS: tl.constexpr, WITH_S1: tl.constexpr,
+                 WITH_SQ: tl.constexpr):
+    """Fold one block ``z`` into the running softmax statistics, reducing along ``AXIS``: a
+    1-d block of one row (``AXIS = 0``; ``m``, ``rest``, ``s1``, ``rest2`` are scalars) or a
+    2-d tile of rows (``z [BLOCK_N, BLOCK_V]``, ``AXIS = 1``; the statistics are
+    ``[BLOCK_N]``). ``offs`` holds the block's column indices, broadcastable against ``z``
+    (``offs[None, :]`` for a tile). Returns ``(m, rest, s1, rest2, is_new, bi)``.
 
     ``m`` is the running max (from ``-inf``), ``rest`` the sum of ``exp(z - m)`` over every
     column seen but ONE arg-max (so that ``log s = log1p(rest)`` keeps ``1 - p_max`` exact),
-    ``s1 = sum exp(z - m) (z - m)`` over every column (for the entropy; only when
-    ``WITH_S1``). When the block holds a new max ``bm > m``, the old arg-max becomes an
-    ordinary column (``+ exp(m - bm)``), and the block's first arg-max is left out of the
-    block sum; otherwise every column of the block counts (ties with ``m`` count 1 each).
-    Nothing is ever subtracted. ``exp(-inf - -inf)`` is avoided by shifting with 0 while the
-    max is still ``-inf``; NaN logits propagate through the sums.
+    ``s1 = sum exp(z - m) (z - m)`` over every column (entropy; only when ``WITH_S1``),
+    ``rest2`` the ``rest`` of ``exp(2 (z - m))`` (``sum p^2``; only when ``WITH_SQ``). When the
+    block holds a new max ``bm > m`` (``is_new``), the old arg-max becomes an ordinary column
+    (``+ exp(m - bm)``) and the block's first arg-max (index ``bi`` in the block) is left out
+    of the block sum; otherwise every column of the block counts (ties with ``m`` count 1
+    each). Nothing is ever subtracted. ``exp(-inf - -inf)`` is avoided by shifting with 0
+    while the max is still ``-inf``; NaN logits propagate through the sums.
     """
     # the block max and its first index, in one reduction
-    bm, bi = tl.max(z, 0, return_indices=True, return_indices_tie_break_left=True)
+    bm, bi = tl.max(z, AXIS, return_indices=True, return_indices_tie_break_left=True)
     m_new = tl.maximum(m, bm)
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
     scale = tl.exp(m - m_ref)  # 1 when the max did not change, 0 while m = -inf
-    e = tl.exp(z - m_ref)
+    zs = z - tl.expand_dims(m_ref, AXIS)
+    e = tl.exp(zs)
     is_new = bm > m
     if WITH_S1:
         # sum e (z - m) moves with the max: exp(m - m')(S1 + (m - m') S0), S0 = 1 + rest
         d = tl.where(m == float("-inf"), 0.0, m - m_ref)
-        s1 = scale * (s1 + d * (1.0 + rest)) + tl.sum(xmul0(e, z - m_ref), 0)
+        s1 = scale * (s1 + d * (1.0 + rest)) + tl.sum(xmul0(e, zs), AXIS)
     skip_col = tl.where(is_new, bi, -1)  # the column left out of the block sum, if any
-    rest = (rest * scale + tl.where(is_new, scale, 0.0)
-            + tl.sum(tl.where(offs == skip_col, 0.0, e), 0))
-    return m_new, rest, s1
+    skip = offs == tl.expand_dims(skip_col, AXIS)
+    rest = (rest * scale + tl.where(is_new, scale, 0.0) + tl.sum(tl.where(skip, 0.0, e), AXIS))
+    if WITH_SQ:
+        scale2 = scale * scale
+        rest2 = (rest2 * scale2 + tl.where(is_new, scale2, 0.0)
+                 + tl.sum(tl.where(skip, 0.0, e * e), AXIS))
+    return m_new, rest, s1, rest2, is_new, bi
 
 
 # ------------------------------------------------------- per-lane online softmax (hot loops)

@@ -13,8 +13,8 @@ uses atomics (bit-identical reruns).
 
 * Forward (:func:`_fwd_kernel`): one program per (block of ``BLOCK_N`` rows, vocabulary
   split of 16384 columns on a GPU), looping over its split in ``BLOCK_V`` tiles; per row the
-  online ``(m, rest, S1)`` update of :func:`._common.online_block` (here along axis 1 of a
-  2-d tile, :func:`_online_tile`), running max from ``-inf``, ``rest`` over every column but
+  online ``(m, rest, S1)`` update of :func:`._common.online_block` (along axis 1 of the
+  2-d tile), running max from ``-inf``, ``rest`` over every column but
   ONE arg-max, and the token's logit picked when its column falls in the tile. With several
   splits (a function of V only) :func:`_fwd_merge_kernel` merges them in split order. Saves
   ``stats = (m, log1p(rest), sum p (z - m))``.
@@ -78,8 +78,8 @@ import triton.language as tl
 
 from .._fused import fused_forward, row_grads
 from .._policy_options import PolicyOptions
-from ._common import (compute_dtype, const_hl, device_guard, expm1, log1p, mul_hl, split,
-                      tl_compute_dtype, xmul0)
+from ._common import (compute_dtype, const_hl, device_guard, expm1, log1p, mul_hl,
+                      online_block, split, tl_compute_dtype, xmul0)
 from .policy import policy_loss_backward, policy_loss_forward
 
 Tensor = torch.Tensor
@@ -171,36 +171,6 @@ def _logits_tile(h_ptr, stride_h, w_ptr, stride_w, b_ptr, rows, row_ok, cols, co
         acc, dfdy = _head_map(acc, fm, MAP, IS_FP64)
     z = mul_hl(acc, inv_t_hi, inv_t_lo, IS_FP64)
     return tl.where(col_ok[None, :], z, float("-inf")), dfdy
-
-
-@triton.jit
-def _online_tile(z, offs, start, m, rest, s1, rest2, amax, WITH_S1: tl.constexpr,
-                 EXTRAS: tl.constexpr):
-    """:func:`._common.online_block` for every row of a 2-d tile ``z [BLOCK_N, BLOCK_V]``
-    (``m``, ``rest``, ``s1`` are ``[BLOCK_N]``): fold the tile into the running max, the sum
-    of ``exp(z - m)`` over every column but ONE arg-max, and ``sum exp(z - m) (z - m)``.
-    ``EXTRAS``: also ``rest2``, the sum of ``exp(2 (z - m))`` over the same columns, and
-    ``amax``, the column of the row's first maximum (``start`` is the tile's first column;
-    a later tile takes over only with a strictly larger max)."""
-    bm, bi = tl.max(z, 1, return_indices=True, return_indices_tie_break_left=True)
-    m_new = tl.maximum(m, bm)
-    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-    scale = tl.exp(m - m_ref)  # 1 when the max did not change, 0 while m = -inf
-    zs = z - m_ref[:, None]
-    e = tl.exp(zs)
-    is_new = bm > m
-    if WITH_S1:
-        d = tl.where(m == float("-inf"), 0.0, m - m_ref)
-        s1 = scale * (s1 + d * (1.0 + rest)) + tl.sum(xmul0(e, zs), 1)
-    skip_col = tl.where(is_new, bi, -1)  # the column left out of the tile sum, if any
-    skip = offs[None, :] == skip_col[:, None]
-    rest = (rest * scale + tl.where(is_new, scale, 0.0) + tl.sum(tl.where(skip, 0.0, e), 1))
-    if EXTRAS:
-        scale2 = scale * scale
-        rest2 = (rest2 * scale2 + tl.where(is_new, scale2, 0.0)
-                 + tl.sum(tl.where(skip, 0.0, e * e), 1))
-        amax = tl.where(is_new, start + bi, amax)
-    return m_new, rest, s1, rest2, amax
 
 
 @triton.jit
@@ -324,8 +294,10 @@ def _fwd_kernel(h_ptr, stride_h, w_ptr, stride_w, b_ptr, tok_ptr, logp_ptr, ent_
         z, _ = _logits_tile(h_ptr, stride_h, w_ptr, stride_w, b_ptr, rows, live, cols, col_ok,
                             H, inv_t_hi, inv_t_lo, fm, HAS_BIAS, MAP, UPCAST, IS_FP64, CDT,
                             BLOCK_N, BLOCK_V, BLOCK_H, ROUND, DOT_PREC)
-        m, rest, s1, rest2, amax = _online_tile(z, offs, start, m, rest, s1, rest2, amax,
-                                                WITH_ENTROPY, EXTRAS)
+        m, rest, s1, rest2, is_new, bi = online_block(z, offs[None, :], m, rest, s1, rest2, 1,
+                                                      WITH_ENTROPY, EXTRAS)
+        if EXTRAS:  # the column of the row's first max: a later tile takes over only with a
+            amax = tl.where(is_new, start + bi, amax)  # strictly larger max
         # the token's logit, when its column is in this tile (exactly one tile has it)
         z_y += tl.sum(tl.where(cols[None, :] == tok[:, None], z, 0.0), 1)
         if EXTRAS:  # a -inf column makes the mean -inf, as the mean of the logits is

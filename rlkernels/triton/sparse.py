@@ -47,9 +47,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import lane_merge, lane_step, n_rows, row_layout, row_offset
+from ._common import lane_merge, lane_step, n_rows, online_block, row_layout, row_offset
 
 Tensor = torch.Tensor
+
+# The launchers read [A, B, V] logits through two row strides (_common.row_layout), as
+# triton/vocab.py's do.
+STRIDED_ROWS = True
 
 # Sorted-id value of an unused slot (or an id outside [0, V)): larger than any column.
 _SENTINEL = 2 ** 31 - 1
@@ -68,21 +72,6 @@ def _scaled(x_row, cols, mask, inv_t32, inv_t64, CDT: tl.constexpr):
     else:
         z = x.to(tl.float32) * inv_t32
     return z
-
-
-@triton.jit
-def _online(m, rest, z, lanes):
-    """One block of the online ``(max, rest)`` update (see the module docstring)."""
-    bm = tl.max(z, axis=0)
-    am = tl.argmax(z, axis=0)  # first arg-max of the block
-    new = bm > m
-    m_new = tl.maximum(m, bm)
-    ms = tl.where(m_new == float("-inf"), 0.0, m_new)  # an all -inf prefix: exp(-inf) = 0
-    e = tl.exp(z - ms)
-    e = tl.where(lanes == am, tl.where(new, 0.0, e), e)
-    alpha = tl.exp(m - ms)  # 0 when m = -inf
-    rest = tl.where(new, rest * alpha + alpha, rest) + tl.sum(e, axis=0)
-    return m_new, rest
 
 
 @triton.jit
@@ -194,7 +183,8 @@ def _sparse_fwd_kernel(
             prev = tl.load(sid_row + koffs - 1, mask=(koffs < K) & (koffs > 0), other=-1)
             keep = (sk < V) & (sk != prev)
             zk = _scaled(x_row, sk.to(tl.int64), keep, inv_t32, inv_t64, CDT)
-            m_id, r_id = _online(m_id, r_id, zk, klanes)
+            m_id, r_id, _s1, _sq, _new, _bi = online_block(zk, klanes, m_id, r_id, r_id, r_id, 0,
+                                                          False, False)
         # merge (max, rest) of the two parts; the part holding the max keeps its arg-max
         # out (the outside part first on a tie), nothing is subtracted
         m = tl.maximum(m_out, m_id)
@@ -236,7 +226,7 @@ def _sparse_fwd_kernel(
             koffs = k0 + klanes
             ids, valid, inr = _slot_ids(idx_row, koffs, K, V)
             zk = _scaled(x_row, ids, inr, inv_t32, inv_t64, CDT)
-            mk, rk = _online(mk, rk, zk, klanes)
+            mk, rk, _s1, _sq, _new, _bi = online_block(zk, klanes, mk, rk, rk, rk, 0, False, False)
         # log1p: log s_k = (z_k - mk) - log1p(rest) keeps 1 - s_k exact on a peaked support
         log_sk = _log1p(rk, NT)
         for k0 in range(0, K, BLOCK_K):
