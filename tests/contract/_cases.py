@@ -124,6 +124,7 @@ class Case:
     eps_mult: Callable[[torch.dtype], float] = lambda dtype: 2.0
     dtypes: Tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)
     compile: bool = False                     # the op's one torch.compile case
+    big: bool = False                         # realistic V: not run by the Triton interpreter
 
     @property
     def id(self) -> str:
@@ -241,6 +242,12 @@ def token_logprobs_cases() -> List[Case]:
         Case("token_logprobs", "2d-ignore3", _tl_build(33, shape=(6,)), ignore3,
              rows_out={0: 0}, floor=_vocab_floor("logits"),
              dtypes=(torch.float32,), **common),
+        # realistic vocabularies (SPEC 5: 50257, 151936), too big for the interpreter
+        Case("token_logprobs", "V50257-entropy", _tl_build(50257), with_entropy,
+             rows_out={0: 0, 1: 0}, pad=_tl_pad(2),
+             floor=_vocab_floor("logits", temperature=0.7), big=True, **common),
+        Case("token_logprobs", "V151936", _tl_build(151936), plain, rows_out={0: 0},
+             pad=_tl_pad(1), floor=_vocab_floor("logits"), big=True, **common),
     ]
 
 
@@ -324,6 +331,8 @@ def sparse_logprobs_cases() -> List[Case]:
              **{**common, "rows_out": {0: 0}}),
         Case("sparse_logprobs", "cover-V7-K7", _sparse_build(7, 7), cover, pad=pad_cover,
              floor=_vocab_floor("logits"), dtypes=(torch.float32,), **common),
+        Case("sparse_logprobs", "full-tail-V50257-K16", _sparse_build(50257, 16), full_tail,
+             pad=pad_full, floor=_vocab_floor("logits"), big=True, **common),
     ]
 
 
@@ -392,6 +401,8 @@ def kl_divergence_cases() -> List[Case]:
              dtypes=(torch.float32, torch.bfloat16, torch.float16), **common),
         Case("kl_divergence", "jsd0.3-V33-mask", build(33, mask=True), call("jsd", beta=0.3),
              floor=_vocab_floor("logits", "ref_logits"), **common),
+        Case("kl_divergence", "reverse-V50257-mask", build(50257, mask=True),
+             call("reverse"), floor=_vocab_floor("logits", "ref_logits"), big=True, **common),
     ]
 
 
@@ -551,6 +562,9 @@ def grpo_loss_cases() -> List[Case]:
              call(temperature=0.7, ratio_level="sequence", clip_low=0.03, clip_high=0.04,
                   ref=True, kl_coef=0.1, entropy_coef=0.01, agg="seq-mean-token-mean",
                   normalizer=2.0),
+             rows_in=rows, **common),
+        Case("grpo_loss", "kl-entropy-V50257-normalizer", build(50257),
+             call(ref=True, kl_coef=0.1, entropy_coef=0.01, normalizer=4.0), big=True,
              rows_in=rows, **common),
         Case("grpo_loss", "cispo-isw-dual-V33-normalizer", build(33),
              call(loss="cispo", clip_high=0.28, isw=True, agg="seq-mean-token-sum-norm",
