@@ -54,7 +54,10 @@ def test_cuda_graph_capture_replays_eager(case, backend):
     _needs(backend, case.op)
     first = cast(case, case.build(SEED), torch.float32, "cuda")
     second = _perturbed(case, first, SEED + 1)
-    _, _, ups = run(case, first, backend)          # eager warm-up, and the upstream
+    eager_outs, _, ups = run(case, first, backend)  # eager warm-up, and the upstream
+    # on the GPU before the capture (a host-to-device copy cannot be captured)
+    ups_dev = [None if u is None else u.to(device=o.device, dtype=o.dtype)
+               for o, u in zip(eager_outs, ups)]
     static = dict(first)
     for k in case.diff:
         if static.get(k) is not None:
@@ -63,12 +66,11 @@ def test_cuda_graph_capture_replays_eager(case, backend):
 
     def step():
         outs = case.call(static, backend)
-        pairs = [(o, u) for o, u in zip(outs, ups) if u is not None and o.requires_grad]
+        pairs = [(o, u) for o, u in zip(outs, ups_dev) if u is not None and o.requires_grad]
         grads = ()
         if pairs and names:
-            grads = torch.autograd.grad(
-                [o for o, _ in pairs], [static[k] for k in names],
-                [u.to(device=o.device, dtype=o.dtype) for o, u in pairs], allow_unused=True)
+            grads = torch.autograd.grad([o for o, _ in pairs], [static[k] for k in names],
+                                        [u for _, u in pairs], allow_unused=True)
         return tuple(o.detach() for o in outs), grads
 
     side = torch.cuda.Stream()
