@@ -213,9 +213,25 @@ def _other_cases(quick: bool, dev: str = "cpu") -> Dict[str, Callable]:
                                       tok != -100, entropy_coef=0.01, backend=backend)
         return [lp, ent, loss], [hid, w]
 
+    def linear_sparse(dtype, backend, ref):
+        g = torch.Generator().manual_seed(16)
+        hid = torch.randn(b, t, h, generator=g).to(dtype)
+        w = (torch.randn(vocab, h, generator=g) / 4).to(dtype)
+        idx = torch.randint(0, vocab, (b, t, 5), generator=g)
+        idx[0, 0, 2:] = -1  # unused slots
+        if ref:
+            hid, w = hid.double(), w.double()
+        hid, w = hid.to(dev).requires_grad_(True), w.to(dev).requires_grad_(True)
+        idx = idx.to(dev)
+        full, tail = rk.linear_sparse_logprobs(hid, w, idx, temperature=0.8, return_tail=True,
+                                               backend=backend)
+        support = rk.linear_sparse_logprobs(hid, w, idx, normalize="support", backend=backend)
+        return [full, tail, support], [hid, w]
+
     return {"policy_loss": policy_loss, "kl_penalty": kl_penalty,
             "group_advantages": group_advantages, "gae+returns+whiten": gae,
-            "linear_token_logprobs+linear_grpo_loss": linear}
+            "linear_token_logprobs+linear_grpo_loss": linear,
+            "linear_sparse_logprobs": linear_sparse}
 
 
 # The op of the op table (rlkernels/ops/_table.py) whose backends a case exercises.
@@ -224,7 +240,8 @@ _DISPATCH = {"token_logprobs": "token_logprobs", "entropy": "token_logprobs",
              "kl_divergence": "kl_divergence", "grpo_loss": "grpo_loss",
              "policy_loss": "policy_loss", "kl_penalty": "kl_penalty",
              "group_advantages": "group_advantages", "gae+returns+whiten": "gae",
-             "linear_token_logprobs+linear_grpo_loss": "linear_token_logprobs"}
+             "linear_token_logprobs+linear_grpo_loss": "linear_token_logprobs",
+             "linear_sparse_logprobs": "linear_sparse_logprobs"}
 
 
 def _errors(outs: List[Tensor], refs: List[Tensor]):

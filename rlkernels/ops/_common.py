@@ -61,3 +61,21 @@ def check_tokens_for(name: str, tokens, logits_name: str, logits: Tensor) -> Ten
     _checks.same_device(logits_name, logits, **{name: tokens})
     return tokens
 
+
+def check_indices_for(x_name: str, x: Tensor, indices, vocab: int) -> Tensor:
+    """``indices [..., K]``: the leading dims of ``x`` (logits ``[..., V]`` or hidden states
+    ``[..., H]``) plus K ids in ``[0, vocab)`` or -1 (an unused slot), on ``x``'s device."""
+    _checks.indices("indices", indices)
+    if indices.dim() != x.dim():
+        raise ValueError(f"indices: expected shape (*{tuple(x.shape[:-1])}, K) (the leading "
+                         f"dims of {x_name} plus K ids), got {tuple(indices.shape)}")
+    _checks.shape("indices", indices, (*x.shape[:-1], indices.shape[-1]),
+                  f"the leading dims of {x_name} plus K ids")
+    _checks.same_device(x_name, x, indices=indices)
+    if indices.numel() and _checks.data_checks(indices):
+        bad = (indices < -1) | (indices >= vocab)
+        if bool(bad.any()):
+            raise ValueError(f"indices: expected ids in [0, {vocab}) or -1 for an unused slot, "
+                             f"got {indices[bad].flatten()[0].item()}")
+    return indices
+

@@ -19,7 +19,7 @@ from .. import _checks
 from .. import distributed as _dist
 from .._fused import fused_forward
 from .._policy_options import PolicyOptions
-from ._common import check_tokens_for, out_dtype
+from ._common import check_indices_for, check_tokens_for, out_dtype
 from ._policy_args import fused_policy_inputs, metrics_dict
 from ._table import Backward, Op, Parallel
 from .policy import grpo_outputs
@@ -182,6 +182,57 @@ def _linear_token_logprobs(hidden, weight, tokens, bias, t, ignore_index, return
                                       name, head_precision, path, group=handle)[:2]
     shape = tokens.shape
     return (logp.view(shape), ent.view(shape)) if return_entropy else logp.view(shape)
+
+
+# =================================================================== linear_sparse_logprobs
+
+LINEAR_SPARSE_LOGPROBS = Op(
+    "linear_sparse_logprobs(Tensor hidden, Tensor weight, Tensor? bias, Tensor indices, "
+    "float temperature, str normalize, bool with_tail, str backend) -> (logp, tail, stats)",
+    _FAMILY, backends=("torch",),
+    fake=lambda a: (a.hidden.new_empty(a.indices.shape, dtype=out_dtype(a.hidden.dtype)),
+                    *_row_outputs(a, 0, 3)),
+    differentiable=_HEAD, nondiff=("stats",),
+    saved=_HEAD + ("indices", "logp", "tail", "stats"),
+    grad_if={"tail": lambda a: a.with_tail},
+    backward=Backward(("grad_logp", "grad_tail") + _HEAD
+                      + ("indices", "logp", "tail", "stats", "temperature", "normalize"),
+                      grads=_HEAD))
+
+
+def linear_sparse_logprobs(hidden: Tensor, weight: Tensor, indices: Tensor, *,
+                           bias: Optional[Tensor] = None, temperature: float = 1.0,
+                           normalize: str = "full", return_tail: bool = False,
+                           backend: Optional[str] = None
+                           ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """:func:`sparse_logprobs` of the logits ``hidden @ weight^T + bias`` without
+    materializing them: log-probabilities at ``K`` given vocabulary ids per row (a sampler's
+    top-k / top-p support, a teacher's top-k).
+
+    With ``z = (hidden @ weight^T + bias) / temperature``: ``normalize="full"`` gives
+    ``log softmax(z)`` over all ``V`` columns at ``indices``; ``normalize="support"`` gives
+    ``z_k - logsumexp_k z_k`` over the row's valid ids (the log-probs of a top-k / top-p
+    sampler, renormalized over its support; see :func:`sampling_support`). An index of ``-1``
+    is an unused slot (``-inf``, no part in the support). ``return_tail=True`` also returns
+    ``log(1 - sum of the full-vocabulary probabilities of the row's distinct valid ids)``.
+
+    Shapes: ``hidden [..., H]``, ``weight [V, H]``, ``bias [V]`` or ``None`` (one float dtype),
+    ``indices [..., K]`` int32/int64 -> ``[..., K]`` (and ``[...]``), fp32 (fp64 for fp64).
+    Differentiable w.r.t. ``hidden``, ``weight`` and ``bias`` (gradients in their dtype,
+    accumulated in fp32).
+    """
+    _check_linear(hidden, weight, bias)
+    check_indices_for("hidden", hidden, indices, weight.shape[0])
+    t = _checks.positive("temperature", temperature)
+    _checks.choice("normalize", normalize, ("full", "support"))
+    _checks.flag("return_tail", return_tail)
+    name = LINEAR_SPARSE_LOGPROBS.resolve(backend, hidden.device)
+    k = indices.shape[-1]
+    logp, tail, _ = LINEAR_SPARSE_LOGPROBS(hidden.reshape(-1, hidden.shape[-1]), weight, bias,
+                                           indices.reshape(-1, k), t, normalize, return_tail,
+                                           name)
+    logp = logp.view(indices.shape)
+    return (logp, tail.view(indices.shape[:-1])) if return_tail else logp
 
 
 # ==================================================== _linear_token_stats (private: the TRL head)

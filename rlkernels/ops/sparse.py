@@ -13,7 +13,7 @@ import torch
 
 from .. import _checks
 from ..reference import sparse as _ref
-from ._common import rows, rows_for
+from ._common import check_indices_for, rows, rows_for
 from ._table import Backward, Op
 from .vocab import row_outputs
 
@@ -36,23 +36,6 @@ SPARSE_LOGPROBS = Op(
     grad_if={"tail": lambda a: a.with_tail},
     backward=Backward(("grad_logp", "grad_tail", "logits", "indices", "logp", "tail", "stats",
                        "temperature", "normalize"), grads=("logits",)))
-
-
-def _check_indices(logits: Tensor, indices) -> Tensor:
-    _checks.indices("indices", indices)
-    if indices.dim() != logits.dim():
-        raise ValueError(f"indices: expected shape (*{tuple(logits.shape[:-1])}, K) (the "
-                         f"leading dims of logits plus K ids), got {tuple(indices.shape)}")
-    _checks.shape("indices", indices, (*logits.shape[:-1], indices.shape[-1]),
-                  "the leading dims of logits plus K ids")
-    _checks.same_device("logits", logits, indices=indices)
-    if indices.numel() and _checks.data_checks(indices):
-        vocab = logits.shape[-1]
-        bad = (indices < -1) | (indices >= vocab)
-        if bool(bad.any()):
-            raise ValueError(f"indices: expected ids in [0, {vocab}) or -1 for an unused slot, "
-                             f"got {indices[bad].flatten()[0].item()}")
-    return indices
 
 
 def sparse_logprobs(logits: Tensor, indices: Tensor, *, temperature: float = 1.0,
@@ -79,7 +62,7 @@ def sparse_logprobs(logits: Tensor, indices: Tensor, *, temperature: float = 1.0
     ``[...]``), fp32 (fp64 for fp64 logits). Differentiable w.r.t. ``logits``.
     """
     _checks.logits("logits", logits)
-    _check_indices(logits, indices)
+    check_indices_for("logits", logits, indices, logits.shape[-1])
     t = _checks.positive("temperature", temperature)
     _checks.choice("normalize", normalize, _NORMALIZE)
     _checks.flag("return_tail", return_tail)
@@ -151,7 +134,7 @@ def sparse_kl(logits: Tensor, indices: Tensor, target_logprobs: Tensor, *,
     is a constant).
     """
     _checks.logits("logits", logits)
-    _check_indices(logits, indices)
+    check_indices_for("logits", logits, indices, logits.shape[-1])
     _checks.tensor("target_logprobs", target_logprobs, dtypes=_checks.FLOAT_DTYPES)
     _checks.shape("target_logprobs", target_logprobs, indices.shape, "the shape of indices")
     _checks.same_device("logits", logits, target_logprobs=target_logprobs)

@@ -33,6 +33,7 @@ from .._fused import fused_forward, row_grads
 from .._policy_options import PolicyOptions
 from . import compute_dtype, row_chunks, rows_per_chunk
 from . import policy as _policy
+from . import sparse as _sparse
 from . import vocab as _vocab
 
 Tensor = torch.Tensor
@@ -73,6 +74,43 @@ def _logits_chunk(h: Tensor, w: Tensor, b: Optional[Tensor], rows: int) -> Tenso
     return z + b if b is not None else z
 
 
+def _logit_chunks(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                  head_precision: Optional[str]):
+    """``(rows, h, y)`` for each row chunk: the chunk's rounded hidden states and its lm_head
+    output ``y = h @ W^T + b`` in the compute dtype (fp32, fp64 for fp64)."""
+    n, vocab = hidden.shape[0], weight.shape[0]
+    cdt = compute_dtype(hidden.dtype)
+    w = _round(weight, head_precision, cdt)
+    b = None if bias is None else bias.to(cdt)
+    step = rows_per_chunk(vocab)
+    for rows in row_chunks(n, vocab):
+        h = _round(hidden[rows], head_precision, cdt)
+        yield rows, h, _logits_chunk(h, w, b, step)
+
+
+def _head_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                head_precision: Optional[str], chunk_grad
+                ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """``(d hidden, d weight, d bias)`` from ``d y = chunk_grad(rows, y)`` of each row chunk:
+    ``d hidden = d y @ W``, ``d W = sum d y^T h``, ``d b = sum d y`` (accumulated in the
+    compute dtype, returned in each input's dtype; ``d b`` is None without a bias)."""
+    vocab = weight.shape[0]
+    cdt = compute_dtype(hidden.dtype)
+    w = _round(weight, head_precision, cdt)
+    grad_h = torch.empty_like(hidden)
+    grad_w = torch.zeros(weight.shape, dtype=cdt, device=weight.device)
+    grad_b = None if bias is None else torch.zeros(vocab, dtype=cdt, device=weight.device)
+    step = rows_per_chunk(vocab)
+    for rows, h, y in _logit_chunks(hidden, weight, bias, head_precision):
+        dy = _round(chunk_grad(rows, y), head_precision, cdt)
+        grad_h[rows] = _rows_matmul(dy, w, step)
+        grad_w += dy.T @ h
+        if grad_b is not None:
+            grad_b += dy.sum(0)
+    return (grad_h, grad_w.to(weight.dtype),
+            None if grad_b is None else grad_b.to(bias.dtype))
+
+
 def _head_map(y: Tensor, logit_scale: float, softcap: Optional[float]):
     """The elementwise map some models apply to the lm_head output before the softmax:
     ``u = logit_scale * y``, then with a soft cap ``c``: ``c * tanh(u / c)`` (Gemma 2/3),
@@ -104,16 +142,12 @@ def linear_token_stats_forward(hidden: Tensor, weight: Tensor, bias: Optional[Te
     :func:`_head_map`; the temperature divides ``f``'s output). Returns ``(logp [N], entropy
     [N], stats [N, 3], extra [N, 3])``; ``extra`` (:func:`_extra_stats`) is all zeros unless
     ``extras``. ``head_precision``: :func:`_round` of ``hidden`` and ``weight``."""
-    n, vocab = hidden.shape[0], weight.shape[0]
+    n = hidden.shape[0]
     cdt = compute_dtype(hidden.dtype)
-    w = _round(weight, head_precision, cdt)
-    b = None if bias is None else bias.to(cdt)
     outs = [hidden.new_empty(n, dtype=cdt), hidden.new_empty(n, dtype=cdt),
             hidden.new_empty(n, 3, dtype=cdt), hidden.new_zeros(n, 3, dtype=cdt)]
-    step = rows_per_chunk(vocab)
-    for rows in row_chunks(n, vocab):
-        z, _ = _head_map(_logits_chunk(_round(hidden[rows], head_precision, cdt), w, b, step),
-                         logit_scale, softcap)
+    for rows, _, y in _logit_chunks(hidden, weight, bias, head_precision):
+        z, _ = _head_map(y, logit_scale, softcap)
         chunk = _vocab.token_logprobs_forward(z, tokens[rows], temperature, ignore_index,
                                               with_entropy)
         for out, value in zip(outs, chunk):
@@ -142,32 +176,17 @@ def linear_token_stats_backward(grad_logp: Optional[Tensor], grad_entropy: Optio
     """Gradients w.r.t. ``hidden``, ``weight`` and ``bias`` (``None`` without bias), each in the
     dtype of its input: ``d y = d z * f'(y)`` (chain rule through :func:`_head_map`);
     ``head_precision``: :func:`_round` of every GEMM operand (``d z`` included)."""
-    n, vocab = hidden.shape[0], weight.shape[0]
-    cdt = compute_dtype(hidden.dtype)
-    w = _round(weight, head_precision, cdt)
-    b = None if bias is None else bias.to(cdt)
-    grad_h = torch.empty_like(hidden)
-    grad_w = torch.zeros(weight.shape, dtype=cdt, device=weight.device)
-    grad_b = None if bias is None else torch.zeros(vocab, dtype=cdt, device=weight.device)
-    step = rows_per_chunk(vocab)
-    for rows in row_chunks(n, vocab):
-        h = _round(hidden[rows], head_precision, cdt)
-        z, dzdy = _head_map(_logits_chunk(h, w, b, step), logit_scale, softcap)
+    def chunk_grad(rows, y):
+        z, dzdy = _head_map(y, logit_scale, softcap)
         dz = _vocab.token_logprobs_backward(
             None if grad_logp is None else grad_logp[rows],
             None if grad_entropy is None else grad_entropy[rows],
             z, tokens[rows], stats[rows], temperature, ignore_index)
         if dzdy is not None:
-            dz = dz * dzdy
-        elif logit_scale != 1.0:
-            dz = dz * logit_scale
-        dz = _round(dz, head_precision, cdt)
-        grad_h[rows] = _rows_matmul(dz, w, step)
-        grad_w += dz.T @ h
-        if grad_b is not None:
-            grad_b += dz.sum(0)
-    return (grad_h, grad_w.to(weight.dtype),
-            None if grad_b is None else grad_b.to(bias.dtype))
+            return dz * dzdy
+        return dz * logit_scale if logit_scale != 1.0 else dz
+
+    return _head_grads(hidden, weight, bias, head_precision, chunk_grad)
 
 
 def linear_token_logprobs_backward(grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor],
@@ -181,6 +200,40 @@ def linear_token_logprobs_backward(grad_logp: Optional[Tensor], grad_entropy: Op
     return linear_token_stats_backward(grad_logp, grad_entropy, hidden, weight, bias, tokens,
                                        stats, temperature, ignore_index, 1.0, None,
                                        head_precision)
+
+
+def linear_sparse_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                                   indices: Tensor, temperature: float, normalize: str,
+                                   with_tail: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """``sparse_logprobs`` of the logits ``hidden @ weight^T + bias``, one row chunk at a
+    time: ``(logp [N, K], tail [N], stats [N, 3])`` (see
+    :func:`rlkernels.reference.sparse.sparse_logprobs_forward`)."""
+    n, k = indices.shape
+    cdt = compute_dtype(hidden.dtype)
+    outs = (hidden.new_empty(n, k, dtype=cdt), hidden.new_empty(n, dtype=cdt),
+            hidden.new_empty(n, 3, dtype=cdt))
+    for rows, _, z in _logit_chunks(hidden, weight, bias, None):
+        chunk = _sparse.sparse_logprobs_forward(z, indices[rows], temperature, normalize,
+                                                with_tail)
+        for out, value in zip(outs, chunk):
+            out[rows] = value
+    return outs
+
+
+def linear_sparse_logprobs_backward(grad_logp: Tensor, grad_tail: Optional[Tensor],
+                                    hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                                    indices: Tensor, logp: Tensor, tail: Tensor, stats: Tensor,
+                                    temperature: float, normalize: str
+                                    ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Gradients w.r.t. ``hidden``, ``weight`` and ``bias`` (``None`` without bias): ``d z``
+    of :func:`rlkernels.reference.sparse.sparse_logprobs_backward` on each chunk's logits,
+    then the lm_head GEMMs of :func:`_head_grads`."""
+    def chunk_grad(rows, z):
+        return _sparse.sparse_logprobs_backward(
+            grad_logp[rows], None if grad_tail is None else grad_tail[rows], z, indices[rows],
+            logp[rows], tail[rows], stats[rows], temperature, normalize)
+
+    return _head_grads(hidden, weight, bias, None, chunk_grad)
 
 
 def linear_grpo_loss_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
