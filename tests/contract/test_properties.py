@@ -10,7 +10,12 @@ cases of ``_cases.py`` (SPEC sections 1 and 5).
 4. strides and slices: non-contiguous views give the bits of the contiguous inputs;
 5. int32 and int64 ids give bit-identical results;
 6. padding and masks: the values and exactly-zero gradients SPEC states; -inf columns give
-   finite results; masked inputs never reach valid outputs.
+   finite results; masked inputs never reach valid outputs;
+7. NaN isolation: a NaN in a row reaches that row's outputs only;
+8. empty batch: zero rows give empty outputs and finite scalars.
+
+Bad inputs are in test_errors.py, torch.compile in test_compile.py, CUDA graphs and
+``N * V > 2**31`` in test_gpu.py.
 """
 
 from __future__ import annotations
@@ -340,3 +345,35 @@ def test_nan_row_stays_in_its_row(case, backend, fill):
             assert bit_equal(g.index_select(kd, others).cpu(),
                              d_grads[k].index_select(kd, others).cpu()), \
                 f"{what}: d {k} of other rows changed"
+
+
+# ============================================================================ empty batch
+
+EMPTY_CASES = [c for c in CASES if c.rows_in is not None]
+
+
+@pytest.mark.parametrize("case, backend", params(EMPTY_CASES))
+def test_empty_batch(case, backend):
+    """Zero rows (an empty micro-batch): outputs of the right shape and dtype with no row,
+    finite scalars (a loss over no token is 0, not NaN), empty gradients; no kernel
+    launched on an empty grid fails."""
+    inp = _inputs(case, case.dtypes[0])
+    full_outs, _, _ = run(case, inp, backend)
+    none = torch.zeros(0, dtype=torch.long, device=DEVICE)
+    sub = {k: (v.index_select(case.rows_in[k], none)
+               if k in case.rows_in and isinstance(v, torch.Tensor) else v)
+           for k, v in inp.items()}
+    outs, grads, _ = run(case, sub, backend)
+    what = f"{case.id} {backend}: empty batch"
+    assert len(outs) == len(full_outs), what
+    for j, (o, f) in enumerate(zip(outs, full_outs)):
+        assert o.dtype == f.dtype, f"{what}: output #{j} dtype {o.dtype}"
+        if j in case.rows_out:
+            d = case.rows_out[j]
+            assert o.shape[d] == 0 and o.dim() == f.dim(), f"{what}: output #{j} {o.shape}"
+        else:
+            assert o.shape == f.shape, f"{what}: output #{j} {o.shape}"
+            assert torch.isfinite(o).all(), f"{what}: output #{j} = {o}"
+    for k, g in grads.items():
+        if g is not None:
+            assert g.shape == sub[k].shape and torch.isfinite(g).all(), f"{what}: d {k}"
