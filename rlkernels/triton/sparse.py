@@ -47,7 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import lane_merge, lane_step, n_rows, online_block, row_layout, row_offset
+from ._common import (LOG2E, compute_dtype, const_hl, lane_merge, lane_step, mul_hl, n_rows,
+                      online_block, row_layout, row_offset, split, tl_compute_dtype)
 
 Tensor = torch.Tensor
 
@@ -58,20 +59,18 @@ STRIDED_ROWS = True
 # Sorted-id value of an unused slot (or an id outside [0, V)): larger than any column.
 _SENTINEL = 2 ** 31 - 1
 _SENTINEL_C = tl.constexpr(_SENTINEL)
+LOG2E_C = tl.constexpr(LOG2E)
 _MODE_FULL, _MODE_SUPPORT, _MODE_KL = 0, 1, 2
 
 
 # ============================================================================ device helpers
 
 @triton.jit
-def _scaled(x_row, cols, mask, inv_t32, inv_t64, CDT: tl.constexpr):
-    """``z = x * (1/T)`` in the compute dtype; masked columns read as ``-inf``."""
-    x = tl.load(x_row + cols, mask=mask, other=float("-inf"))
-    if CDT == tl.float64:
-        z = x.to(tl.float64) * inv_t64
-    else:
-        z = x.to(tl.float32) * inv_t32
-    return z
+def _scaled(x_row, cols, mask, inv_t_hi, inv_t_lo, IS_FP64: tl.constexpr, CDT: tl.constexpr):
+    """``z = x * (1/T)`` in the compute dtype (``1/T = hi + lo``, :func:`._common.mul_hl`);
+    masked columns read as ``-inf``."""
+    x = tl.load(x_row + cols, mask=mask, other=float("-inf")).to(CDT)
+    return mul_hl(x, inv_t_hi, inv_t_lo, IS_FP64)
 
 
 @triton.jit
@@ -133,17 +132,16 @@ def _sparse_fwd_kernel(
     sid_ptr, seg_ptr, stride_seg,
     tgt_ptr, stride_tgt,
     out_ptr, stride_out, tail_ptr, stats_ptr,
-    inv_t32: tl.float32, inv_t64: tl.float64,
-    MODE: tl.constexpr, WITH_TAIL: tl.constexpr, CDT: tl.constexpr, NT: tl.constexpr,
+    inv_t_hi, inv_t_lo,
+    MODE: tl.constexpr, WITH_TAIL: tl.constexpr, IS_FP64: tl.constexpr, CDT: tl.constexpr,
+    NT: tl.constexpr,
     BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, KC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row_offset(row, inner_x, stride_x, stride_x1)
     lanes = tl.arange(0, BLOCK_V)
-    if CDT == tl.float64:
-        c = inv_t64 * tl.full([], 1.4426950408889634, tl.float64)
-    else:
-        c = inv_t32 * 1.4426950408889634  # log2(e) / T
+    # log2(e) / T, from 1/T as it reaches the kernel (in fp32: exactly the fp32 product)
+    c = const_hl(tl.zeros([], CDT), inv_t_hi, inv_t_lo, IS_FP64) * tl.full([], LOG2E_C, CDT)
 
     # one pass over the row with per-lane statistics (_common.lane_step), no block reduction
     # in the loop; with the tail, over the columns OUTSIDE the row's ids only (the ids' own
@@ -164,12 +162,9 @@ def _sparse_fwd_kernel(
             for kk in range(lo, hi):
                 x = tl.where(cols == tl.load(sid_row + kk).to(tl.int32), float("-inf"), x)
             lo = hi
-        m_l, r_l, _ = lane_step(x, m_l, r_l, r_l, c, False, CDT == tl.float64)
-    mx, rest, _ = lane_merge(m_l, r_l, r_l, lanes, c, BLOCK_V, False, CDT == tl.float64)
-    if CDT == tl.float64:
-        m = mx * inv_t64  # max z, rounded as every z is
-    else:
-        m = mx * inv_t32
+        m_l, r_l, _ = lane_step(x, m_l, r_l, r_l, c, False, IS_FP64)
+    mx, rest, _ = lane_merge(m_l, r_l, r_l, lanes, c, BLOCK_V, False, IS_FP64)
+    m = mul_hl(mx, inv_t_hi, inv_t_lo, IS_FP64)  # max z, rounded as every z is
     if WITH_TAIL:
         m_out = m
         rest_out = rest
@@ -182,7 +177,7 @@ def _sparse_fwd_kernel(
             sk = tl.load(sid_row + koffs, mask=koffs < K, other=_SENTINEL_C)
             prev = tl.load(sid_row + koffs - 1, mask=(koffs < K) & (koffs > 0), other=-1)
             keep = (sk < V) & (sk != prev)
-            zk = _scaled(x_row, sk.to(tl.int64), keep, inv_t32, inv_t64, CDT)
+            zk = _scaled(x_row, sk.to(tl.int64), keep, inv_t_hi, inv_t_lo, IS_FP64, CDT)
             m_id, r_id, _s1, _sq, _new, _bi = online_block(zk, klanes, m_id, r_id, r_id, r_id, 0,
                                                           False, False)
         # merge (max, rest) of the two parts; the part holding the max keeps its arg-max
@@ -214,7 +209,7 @@ def _sparse_fwd_kernel(
         for k0 in range(0, K, BLOCK_K):
             koffs = k0 + tl.arange(0, BLOCK_K)
             ids, valid, inr = _slot_ids(idx_row, koffs, K, V)
-            zk = _scaled(x_row, ids, inr, inv_t32, inv_t64, CDT)
+            zk = _scaled(x_row, ids, inr, inv_t_hi, inv_t_lo, IS_FP64, CDT)
             vals = tl.where(valid, (zk - m) - log_s, float("-inf"))
             tl.store(out_row + koffs, vals, mask=koffs < K)
     elif MODE == 1:  # support: z_k - logsumexp over the valid slots, as (mk, log1p(rest))
@@ -225,14 +220,14 @@ def _sparse_fwd_kernel(
         for k0 in range(0, K, BLOCK_K):
             koffs = k0 + klanes
             ids, valid, inr = _slot_ids(idx_row, koffs, K, V)
-            zk = _scaled(x_row, ids, inr, inv_t32, inv_t64, CDT)
+            zk = _scaled(x_row, ids, inr, inv_t_hi, inv_t_lo, IS_FP64, CDT)
             mk, rk, _s1, _sq, _new, _bi = online_block(zk, klanes, mk, rk, rk, rk, 0, False, False)
         # log1p: log s_k = (z_k - mk) - log1p(rest) keeps 1 - s_k exact on a peaked support
         log_sk = _log1p(rk, NT)
         for k0 in range(0, K, BLOCK_K):
             koffs = k0 + klanes
             ids, valid, inr = _slot_ids(idx_row, koffs, K, V)
-            zk = _scaled(x_row, ids, inr, inv_t32, inv_t64, CDT)
+            zk = _scaled(x_row, ids, inr, inv_t_hi, inv_t_lo, IS_FP64, CDT)
             vals = tl.where(valid, (zk - mk) - log_sk, float("-inf"))
             tl.store(out_row + koffs, vals, mask=koffs < K)
     else:  # sparse KL: sum_k t_k (log t_k - log s_k) [+ the tail bucket]
@@ -242,7 +237,7 @@ def _sparse_fwd_kernel(
         for k0 in range(0, K, BLOCK_K):
             koffs = k0 + tl.arange(0, BLOCK_K)
             ids, valid, inr = _slot_ids(idx_row, koffs, K, V)
-            zk = _scaled(x_row, ids, inr, inv_t32, inv_t64, CDT)
+            zk = _scaled(x_row, ids, inr, inv_t_hi, inv_t_lo, IS_FP64, CDT)
             # unused slots' targets are never read (they may be NaN)
             t_log = tl.load(tgt_row + koffs, mask=valid, other=0.0).to(CDT)
             t = tl.where(valid, tl.exp(t_log), 0.0)
@@ -266,8 +261,9 @@ def _sparse_bwd_kernel(
     sid_ptr, perm_ptr, seg_ptr, stride_seg,
     gk_ptr, stride_gk, lp_ptr, stride_lp,
     tail_ptr, gtail_ptr, gkl_ptr, stats_ptr,
-    inv_t32: tl.float32, inv_t64: tl.float64,
-    MODE: tl.constexpr, WITH_TAIL: tl.constexpr, CDT: tl.constexpr, NT: tl.constexpr,
+    inv_t_hi, inv_t_lo,
+    MODE: tl.constexpr, WITH_TAIL: tl.constexpr, IS_FP64: tl.constexpr, CDT: tl.constexpr,
+    NT: tl.constexpr,
     BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, KF: tl.constexpr,
 ):
     """``gk_ptr``: ``grad_logp`` (MODE 0/1) or ``target_logprobs`` (MODE 2); ``lp_ptr``: the
@@ -330,7 +326,7 @@ def _sparse_bwd_kernel(
     n_blocks = tl.cdiv(V, BLOCK_V)
     for b in range(0, n_blocks):
         cols = b * BLOCK_V + lanes
-        z = _scaled(x_row, cols, cols < V, inv_t32, inv_t64, CDT)
+        z = _scaled(x_row, cols, cols < V, inv_t_hi, inv_t_lo, IS_FP64, CDT)
         lp = (z - m) - log_s
         p = tl.exp(lp)
         if MODE == 0:
@@ -349,10 +345,7 @@ def _sparse_bwd_kernel(
                 g += q * c_out
         if MODE == 2:
             g = g * g_kl
-        if CDT == tl.float64:
-            g = g * inv_t64
-        else:
-            g = g * inv_t32
+        g = mul_hl(g, inv_t_hi, inv_t_lo, IS_FP64)
         tl.store(g_row_ptr + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < V)
 
     # 2. the id columns rewritten, after a barrier (other threads of this program wrote
@@ -386,7 +379,7 @@ def _sparse_bwd_kernel(
                     v = tl.where(m1, v, 0.0)
                     eq = cid[:, None] == cid1[None, :]
                     S += tl.sum(tl.where(eq, v[None, :], 0.0), axis=1)
-        z = _scaled(x_row, cid, real, inv_t32, inv_t64, CDT)
+        z = _scaled(x_row, cid, real, inv_t_hi, inv_t_lo, IS_FP64, CDT)
         lp = (z - m) - log_s
         p = tl.exp(lp)
         if MODE == 0:
@@ -401,22 +394,11 @@ def _sparse_bwd_kernel(
                 g += -g_t * p
         if MODE == 2:
             g = g * g_kl
-        if CDT == tl.float64:
-            g = g * inv_t64
-        else:
-            g = g * inv_t32
+        g = mul_hl(g, inv_t_hi, inv_t_lo, IS_FP64)
         tl.store(g_row_ptr + cid, g.to(grad_ptr.dtype.element_ty), mask=real)
 
 
 # ================================================================================ launchers
-
-def _cdt(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _tl_cdt(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
 
 def _series_terms(dtype: torch.dtype) -> int:
     # expm1 on |x| < 1/2: 0.5^n / n! < eps; log1p: u^2 <= 1/9 per term
@@ -484,7 +466,7 @@ def _forward(logits: Tensor, indices: Tensor, target: Optional[Tensor], temperat
              ) -> Tuple[Tensor, Tensor, Tensor]:
     vocab, n = logits.shape[-1], n_rows(logits)
     k = indices.shape[1]
-    cdt = _cdt(logits.dtype)
+    cdt = compute_dtype(logits.dtype)
     out = logits.new_empty((n,) if mode == _MODE_KL else (n, k), dtype=cdt)
     tail = logits.new_zeros(n, dtype=cdt)
     stats = logits.new_zeros(n, 3, dtype=cdt)
@@ -504,9 +486,10 @@ def _forward(logits: Tensor, indices: Tensor, target: Optional[Tensor], temperat
         sid, seg, seg.stride(0),
         tgt, tgt.stride(0) if target is not None else 0,
         out, out.stride(0) if mode != _MODE_KL else 1, tail, stats,
-        1.0 / temperature, 1.0 / temperature,
-        MODE=mode, WITH_TAIL=with_tail, CDT=_tl_cdt(logits.dtype),
-        NT=_series_terms(logits.dtype), BLOCK_V=block_v, BLOCK_K=_block_k(k), KC=_kc(k),
+        *split(1.0 / temperature),
+        MODE=mode, WITH_TAIL=with_tail, IS_FP64=cdt == torch.float64,
+        CDT=tl_compute_dtype(cdt), NT=_series_terms(logits.dtype), BLOCK_V=block_v,
+        BLOCK_K=_block_k(k), KC=_kc(k),
         num_warps=_num_warps(block_v))
     return out, tail, stats
 
@@ -517,7 +500,7 @@ def _backward(logits: Tensor, indices: Tensor, gk: Optional[Tensor], lp: Optiona
               block_v: Optional[int]) -> Tensor:
     vocab, n = logits.shape[-1], n_rows(logits)
     k = indices.shape[1]
-    cdt = _cdt(logits.dtype)
+    cdt = compute_dtype(logits.dtype)
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     if n == 0:
         return grad
@@ -539,9 +522,10 @@ def _backward(logits: Tensor, indices: Tensor, gk: Optional[Tensor], lp: Optiona
         sid, perm, seg, seg.stride(0),
         gk, gk.stride(0), lp, lp.stride(0),
         tail, g_tail, g_kl, stats,
-        1.0 / temperature, 1.0 / temperature,
-        MODE=mode, WITH_TAIL=with_tail, CDT=_tl_cdt(logits.dtype),
-        NT=_series_terms(logits.dtype), BLOCK_V=block_v, BLOCK_K=_block_k(k),
+        *split(1.0 / temperature),
+        MODE=mode, WITH_TAIL=with_tail, IS_FP64=cdt == torch.float64,
+        CDT=tl_compute_dtype(cdt), NT=_series_terms(logits.dtype), BLOCK_V=block_v,
+        BLOCK_K=_block_k(k),
         KF=min(_block_k(k), 64),
         num_warps=_num_warps(block_v))
     return grad
