@@ -51,6 +51,7 @@ _FAMILY = {
     "group_advantages": "advantage", "masked_whiten": "advantage", "gae": "advantage",
     "discounted_returns": "advantage",
     "linear_token_logprobs": "linear", "linear_grpo_loss": "linear",
+    "linear_sparse_logprobs": "linear",
 }
 # Public ops without a backend argument: the torch reference only.
 TORCH_ONLY = ("kl_penalty", "sampling_support")
@@ -815,11 +816,52 @@ def linear_cases() -> List[Case]:
     ]
 
 
+def _linear_sparse_build(k):
+    def build(seed):
+        out = _linear_build(seed)
+        with torch.no_grad():
+            z = out["hidden"] @ out["weight"].T + out["bias"]
+        idx = make_indices(z, k, seed=seed)
+        idx[0, 1] = -1                       # a row of unused slots only
+        return {"hidden": out["hidden"], "weight": out["weight"], "bias": out["bias"],
+                "indices": idx}
+    return build
+
+
+def linear_sparse_logprobs_cases() -> List[Case]:
+    def full_tail(i, b):
+        return tuple(rk.linear_sparse_logprobs(i["hidden"], i["weight"], i["indices"],
+                                               bias=i["bias"], return_tail=True, backend=b))
+
+    def support(i, b):
+        return (rk.linear_sparse_logprobs(i["hidden"], i["weight"], i["indices"],
+                                          bias=i["bias"], normalize="support",
+                                          temperature=0.8, backend=b),)
+
+    def pad(n_out):
+        def f(inp):
+            empty = (inp["indices"] < 0).all(-1)
+            zero_out = {1: empty} if n_out > 1 else {}
+            return Pad(inf_out={0: inp["indices"] < 0}, zero_out=zero_out,
+                       zero_grad={"hidden": empty})
+        return f
+
+    common = dict(primary=("hidden", "weight", "bias"), diff=("hidden", "weight", "bias"),
+                  ints=("indices",), rows_in={"hidden": 0, "indices": 0},
+                  eps_mult=_linear_eps)
+    return [
+        Case("linear_sparse_logprobs", "full-tail-K5", _linear_sparse_build(5), full_tail,
+             rows_out={0: 0, 1: 0}, pad=pad(2), compile=True, **common),
+        Case("linear_sparse_logprobs", "support-T0.8-K4", _linear_sparse_build(4), support,
+             rows_out={0: 0}, pad=pad(1), **common),
+    ]
+
+
 CASES: List[Case] = [
     *token_logprobs_cases(), *entropy_cases(), *sparse_logprobs_cases(), *sparse_kl_cases(),
     *kl_divergence_cases(), *sampling_support_cases(), *kl_penalty_cases(),
     *policy_loss_cases(), *grpo_loss_cases(),
     *group_advantages_cases(), *masked_whiten_cases(), *gae_cases(),
-    *discounted_returns_cases(), *linear_cases(),
+    *discounted_returns_cases(), *linear_cases(), *linear_sparse_logprobs_cases(),
 ]
 PUBLIC_OPS = sorted({c.op for c in CASES})
