@@ -192,7 +192,8 @@ class Op:
         self._defaults = {a.name: a.default for a in self.args if a.default is not _NO_DEFAULT}
         self._check_names()
         self._consts = tuple(a.name for a in self.args if not a.is_tensor)
-        self._detach = tuple(a.name for a in self.args
+        # positions of the tensor inputs that get no gradient (detached when they need it)
+        self._detach = tuple(i for i, a in enumerate(self.args)
                              if a.is_tensor and a.name not in self.differentiable)
         self.op = self._custom_op(self.name, self.args, self.output_names, self._forward_impl,
                                   self._fake_impl)
@@ -283,7 +284,10 @@ class Op:
 
     def _setup(self, ctx, inputs, output, save_as: Optional[Dict[str, str]] = None,
                output_names: Optional[Tuple[str, ...]] = None):
-        a = self.bind(inputs)
+        self._setup_args(ctx, self.bind(inputs), output, save_as, output_names)
+
+    def _setup_args(self, ctx, a: Args, output, save_as: Optional[Dict[str, str]] = None,
+                    output_names: Optional[Tuple[str, ...]] = None):
         outs = output if isinstance(output, (tuple, list)) else (output,)
         o = dict(zip(output_names or self.output_names, outs))
         tensors = []
@@ -470,8 +474,9 @@ class Op:
         class _Fn(torch.autograd.Function):
             @staticmethod
             def forward(ctx, *inputs):
-                output = forward_from(op.bind(inputs))
-                op._setup(ctx, inputs, output)
+                a = op.bind(inputs)
+                output = forward_from(a)
+                op._setup_args(ctx, a, output)
                 return output
 
             backward = staticmethod(grad)
@@ -499,12 +504,14 @@ class Op:
     def _constants(self, args):
         """Inputs that get no gradient, detached (only those that need it: no new tensor
         per call otherwise)."""
-        out = list(args)
-        for i, name in enumerate(self.input_names[:len(out)]):
-            x = out[i]
-            if isinstance(x, Tensor) and x.requires_grad and name in self._detach:
+        out = None
+        for i in self._detach:
+            x = args[i] if i < len(args) else None
+            if x is not None and x.requires_grad:
+                if out is None:
+                    out = list(args)
                 out[i] = x.detach()
-        return out
+        return args if out is None else out
 
     def resolve(self, backend: Optional[str], device: torch.device,
                 parallel: bool = False) -> str:
