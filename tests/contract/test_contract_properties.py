@@ -14,8 +14,8 @@ cases of ``_cases.py`` (SPEC sections 1 and 5).
 7. NaN isolation: a NaN in a row reaches that row's outputs only;
 8. empty batch: zero rows give empty outputs and finite scalars.
 
-Bad inputs are in test_errors.py, torch.compile in test_compile.py, CUDA graphs and
-``N * V > 2**31`` in test_gpu.py.
+Bad inputs are in test_contract_errors.py, torch.compile in test_contract_compile.py, CUDA
+graphs and ``N * V > 2**31`` in test_contract_gpu.py.
 """
 
 from __future__ import annotations
