@@ -189,7 +189,7 @@ def _linear_token_logprobs(hidden, weight, tokens, bias, t, ignore_index, return
 LINEAR_SPARSE_LOGPROBS = Op(
     "linear_sparse_logprobs(Tensor hidden, Tensor weight, Tensor? bias, Tensor indices, "
     "float temperature, str normalize, bool with_tail, str backend) -> (logp, tail, stats)",
-    _FAMILY, backends=("torch",),
+    _FAMILY, backends=_BACKENDS,
     fake=lambda a: (a.hidden.new_empty(a.indices.shape, dtype=out_dtype(a.hidden.dtype)),
                     *_row_outputs(a, 0, 3)),
     differentiable=_HEAD, nondiff=("stats",),

@@ -1134,6 +1134,88 @@ def linear_grpo_loss_backward(grad_loss: Tensor, hidden: Tensor, weight: Tensor,
                                           head_precision, path)
 
 
+# ===================================================================== linear_sparse_logprobs
+
+def _logit_chunks(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                  chunk_rows: Optional[int]):
+    """``(r0, cnt, hbuf, y)`` per chunk of ``C`` rows: ``y = hbuf @ W^T (+ b)`` in the
+    compute dtype through ``torch.mm`` (cuBLAS on a GPU), every call ``[C, H] x [H, V]`` (the
+    last chunk zero-padded: batch invariant, as :func:`_cublas_forward`). ``hbuf`` and ``y``
+    are reused buffers: consume them before the next chunk."""
+    n, dim = hidden.shape
+    vocab = weight.shape[0]
+    cdt = compute_dtype(hidden.dtype)
+    c = _chunk_rows(vocab, chunk_rows)
+    hbuf = torch.zeros((c, dim), dtype=weight.dtype, device=hidden.device)
+    y = torch.empty((c, vocab), dtype=cdt, device=hidden.device)
+    b = None if bias is None else bias.to(cdt)
+    for r0 in range(0, n, c):
+        cnt = min(c, n - r0)
+        hbuf[:cnt] = hidden[r0:r0 + cnt]
+        if cnt < c:
+            hbuf[cnt:] = 0
+        _mm(hbuf, weight.t(), cdt, out=y)
+        if b is not None:
+            y += b
+        yield r0, cnt, hbuf, y
+
+
+def linear_sparse_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                                   indices: Tensor, temperature: float, normalize: str,
+                                   with_tail: bool, *, chunk_rows: Optional[int] = None
+                                   ) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(logp [N, K], tail [N], stats [N, 3])`` of ``sparse_logprobs`` on the logits
+    ``hidden @ weight^T + bias``: per chunk of rows (:func:`_logit_chunks`, fp32 ``[C, V]``
+    logits, <= 512 MiB), the triton sparse kernels of :mod:`rlkernels.triton.sparse`."""
+    from . import sparse as _sparse  # the sparse kernels run on each chunk of logits
+
+    n, k = indices.shape
+    cdt = compute_dtype(hidden.dtype)
+    outs = (hidden.new_empty(n, k, dtype=cdt), hidden.new_empty(n, dtype=cdt),
+            hidden.new_empty(n, 3, dtype=cdt))
+    for r0, cnt, _, y in _logit_chunks(hidden, weight, bias, chunk_rows):
+        chunk = _sparse.sparse_logprobs_forward(y[:cnt], indices[r0:r0 + cnt], temperature,
+                                                normalize, with_tail)
+        for out, value in zip(outs, chunk):
+            out[r0:r0 + cnt] = value
+    return outs
+
+
+def linear_sparse_logprobs_backward(grad_logp: Tensor, grad_tail: Optional[Tensor],
+                                    hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                                    indices: Tensor, logp: Tensor, tail: Tensor, stats: Tensor,
+                                    temperature: float, normalize: str, *,
+                                    chunk_rows: Optional[int] = None
+                                    ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """``(d hidden, d weight, d bias or None)``: per chunk, the logits again, ``d z`` from
+    the triton sparse backward kernel (fp32 ``[C, V]``), then ``d hidden = d z W``, ``d W +=
+    d z^T h``, ``d b += sum d z`` through ``torch.mm`` in fp32 (``d z`` is not rounded to the
+    inputs' precision; every GEMM has the same shape whatever N)."""
+    from . import sparse as _sparse
+
+    n, dim = hidden.shape
+    cdt = compute_dtype(hidden.dtype)
+    grad_h = hidden.new_empty(n, dim, dtype=cdt)
+    grad_w = torch.zeros(weight.shape, dtype=cdt, device=weight.device)
+    grad_b = None if bias is None else torch.zeros(weight.shape[0], dtype=cdt,
+                                                   device=weight.device)
+    dz = None
+    for r0, cnt, hbuf, y in _logit_chunks(hidden, weight, bias, chunk_rows):
+        rows = slice(r0, r0 + cnt)
+        if dz is None:
+            dz = torch.zeros_like(y)
+        dz[:cnt] = _sparse.sparse_logprobs_backward(
+            grad_logp[rows], None if grad_tail is None else grad_tail[rows], y[:cnt],
+            indices[rows], logp[rows], tail[rows], stats[rows], temperature, normalize)
+        dz[cnt:] = 0
+        grad_h[rows] = _mm(dz, weight, cdt)[:cnt]
+        grad_w += _mm(dz.t(), hbuf, cdt)
+        if grad_b is not None:
+            grad_b += dz.sum(0)
+    return (grad_h.to(hidden.dtype), grad_w.to(weight.dtype),
+            None if grad_b is None else grad_b.to(bias.dtype))
+
+
 # NOTE (GPU work left, issues #5 and #20): all of this was verified in the interpreter only
 # (torch.mm on CPU for the cuBLAS path), and the sm_90 compile shows no register spills.
 # * Measure path="triton" against path="cublas" (rlkernels-triton vs rlkernels-triton-cublas

@@ -292,6 +292,9 @@ KNOWN_NAN_FAILURES = {
     ("entropy:V33-T1.3", "triton", "all"): _ALL_NAN,
     ("sparse_logprobs:full-tail-V33-K4", "triton", "all"): _ALL_NAN,
     ("sparse_logprobs:cover-V7-K7", "triton", "all"): _ALL_NAN,
+    # one NaN in a row of hidden makes the whole row of logits NaN
+    ("linear_sparse_logprobs:full-tail-K5", "triton", "one"): _ALL_NAN,
+    ("linear_sparse_logprobs:full-tail-K5", "triton", "all"): _ALL_NAN,
 }
 
 
