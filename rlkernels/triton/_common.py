@@ -3,11 +3,18 @@ guard, fp32 hyper-parameters) and small ``@triton.jit`` math helpers.
 
 Numerics conventions shared by every kernel (SPEC section 1, DESIGN section 4):
 
-* math in fp32, or fp64 for fp64 logits (``IS_FP64`` constexpr, compute dtype ``CDT``);
-* hyper-parameters reach the kernels as fp32 scalars: a float ``c`` travels as the pair
-  ``hi = fp32(c)``, ``lo = fp32(c - hi)`` (:func:`split`), so that fp64 kernels see ``c`` to
-  ~48 bits while fp32 kernels use ``hi`` only; never as a Python float that Inductor could
-  turn into an fp64 kernel argument;
+* math in fp32, or fp64 for fp64 logits (``IS_FP64`` constexpr, compute dtype ``CDT`` from
+  :func:`compute_dtype`, the torch backend's one definition);
+* float hyper-parameters (``1/T``, ``beta`` and its logs, ``logit_scale``, ``softcap``) reach
+  the kernels as runtime fp32 scalars: a float ``c`` travels as the pair ``hi = fp32(c)``,
+  ``lo = fp32(c - hi)`` (:func:`split`; :func:`mul_hl`, :func:`const_hl` in the kernels), so
+  that fp64 kernels see ``c`` to ~48 bits while fp32 kernels use ``hi`` only; never as a
+  Python float that Inductor could turn into an fp64 kernel argument, never as a
+  ``tl.constexpr`` (those hold flags, modes, dtypes and block sizes only: a new temperature
+  compiles nothing, tests/triton/test_hyper_params.py);
+* the online softmax is written once, in two forms: :func:`online_block` (a block reduction
+  per step: 1-d row blocks, 2-d tiles of the lm_head) and :func:`lane_step` /
+  :func:`lane_merge` (per-lane statistics merged once per row: the streaming loops);
 * row offsets are int64 (``row.to(tl.int64) * stride``): ``N * V > 2**31`` works;
 * ``log1p`` / ``expm1`` are written here (series near 0, the plain formula elsewhere) rather
   than taken from libdevice: the interpreter has no libdevice, and the series do not depend on
@@ -23,6 +30,12 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
+
+# the one definition of the compute dtype (fp64 for fp64 inputs, else fp32; SPEC section 1),
+# re-exported for the triton modules
+from ..reference import compute_dtype
+
+_TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 # Largest vocabulary block one program handles per loop step (a power of two). 4096 fp32
 # values are 16 per thread at 8 warps; the tests shrink it to get many blocks per row.
@@ -49,14 +62,9 @@ def num_warps(block: int) -> int:
     return 16
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp64 inputs compute (and return per-row outputs) in fp64, everything else in fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def tl_compute_dtype(dtype: torch.dtype):
-    """The ``tl`` dtype of :func:`compute_dtype`."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
+    """The ``tl`` dtype of :func:`compute_dtype` (the torch backend's rule, imported above)."""
+    return _TL_DTYPE[compute_dtype(dtype)]
 
 
 def split(value: float) -> Tuple[float, float]:
