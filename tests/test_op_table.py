@@ -14,6 +14,7 @@ from rlkernels.ops._table import OPS, Backward, Op
 
 _PUBLIC_OPS = {"token_logprobs", "sparse_logprobs", "sparse_kl", "kl_divergence", "kl_penalty",
                "policy_loss", "grpo_loss", "linear_token_logprobs", "linear_grpo_loss",
+               "linear_sparse_logprobs",
                "group_advantages", "masked_whiten", "gae", "discounted_returns"}
 
 
@@ -107,3 +108,23 @@ def test_bad_declarations_fail_when_made(kwargs, message):
 def test_declared_twice():
     with pytest.raises(ValueError, match="declared twice"):
         _declare(signature="token_logprobs(Tensor x, str backend) -> (y)")
+
+
+def test_every_op_has_a_verify_case_and_contract_cases():
+    """A new op declared in the table but missing from ``rlkernels verify`` or from the
+    contract suite fails here, not silently."""
+    import sys
+
+    from rlkernels import _verify
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent / "contract"))
+    try:
+        from _cases import CASES
+    finally:
+        sys.path.pop(0)
+    verified = {op for ops in _verify._DISPATCH.values() for op in ops}
+    contract = {c.op for c in CASES}
+    for name in OPS:
+        if name == "linear_token_stats":
+            continue  # private (the TRL head): tests/integrations/test_trl.py
+        assert name in verified, f"{name}: no case in rlkernels/_verify.py"
+        assert name in contract, f"{name}: no case in tests/contract/_cases.py"
