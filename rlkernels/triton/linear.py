@@ -63,8 +63,8 @@ natively on a GPU, whose products are exact in fp32; the backward GEMMs take ``d
 to bf16 for bf16 inputs, see above); fp64 inputs compute in fp64 throughout (``tl.dot`` on
 fp64).
 
-Not measured yet (needs a GPU, see the NOTE at the end of the file): block sizes, the
-forward's split width, and the Triton against the cuBLAS backward GEMMs.
+Block sizes, the forward's split width and the triton against the cuBLAS path: measurements
+and what is left to tune in benchmarks/NOTES.md.
 """
 
 from __future__ import annotations
@@ -509,9 +509,8 @@ def _blocks(hidden: Tensor, vocab: int, dim: int, dz: bool = False
         return 16, fit(vocab, 64), fit(dim, 64), 4
     if hidden.dtype == torch.float64:
         return 32, fit(vocab, 64), fit(dim, 32), 4
-    # untuned first guesses (see the NOTE at the end of the file), free of register spills
-    # in benchmarks/sm90_compile.py; fp32 "ieee" dots keep their operands in registers, hence
-    # the shorter H chunk
+    # free of register spills in benchmarks/sm90_compile.py (tuning: benchmarks/NOTES.md);
+    # fp32 "ieee" dots keep their operands in registers, hence the shorter H chunk
     if hidden.dtype == torch.float32:
         return 64, fit(vocab, 128), fit(dim, 32), 8
     if dz and hidden.dtype == torch.bfloat16:
@@ -693,7 +692,7 @@ def _gemm_blocks(hidden: Tensor, cast: bool) -> Tuple[int, int, int, int, int]:
         return 16, 16, 16, 4, 1
     if hidden.dtype == torch.float64:
         return 32, 32, 16, 4, 2
-    # untuned first guesses (NOTE at the end), free of spills in benchmarks/sm90_compile.py
+    # free of spills in benchmarks/sm90_compile.py (tuning: benchmarks/NOTES.md)
     if cast:  # operands converted in registers (fp16 inputs, mixed d z / weight dtypes)
         return 32, 64, 16, 4, 3
     if hidden.dtype == torch.bfloat16:  # bf16 tensor cores
@@ -844,7 +843,7 @@ PATHS = ("auto", "triton", "cublas")
 
 def _resolve_path(path: str, hidden: Tensor) -> str:
     """``"auto"``: ``"cublas"`` on CUDA tensors (its GEMMs are the ones known to run near the
-    tensor-core rate; no GPU has measured the two paths against each other yet), ``"triton"``
+    tensor-core rate; the two paths compared: benchmarks/NOTES.md), ``"triton"``
     elsewhere (the interpreter)."""
     if path not in PATHS:
         raise ValueError(f"path: expected one of {PATHS}, got {path!r}")
@@ -1214,17 +1213,3 @@ def linear_sparse_logprobs_backward(grad_logp: Tensor, grad_tail: Optional[Tenso
             grad_b += dz.sum(0)
     return (grad_h.to(hidden.dtype), grad_w.to(weight.dtype),
             None if grad_b is None else grad_b.to(bias.dtype))
-
-
-# NOTE (GPU work left, issues #5 and #20): all of this was verified in the interpreter only
-# (torch.mm on CPU for the cuBLAS path), and the sm_90 compile shows no register spills.
-# * Measure path="triton" against path="cublas" (rlkernels-triton vs rlkernels-triton-cublas
-#   in the benchmarks) and write the winner into auto's choice (_resolve_path).
-# * Triton forward: still HGMMA.64x64x16 (every 128-wide tile spilled, see _blocks); the
-#   split width (_SPLIT_COLS) and the grid order (row blocks fastest) trade grid size
-#   against L2 reuse of hidden; a flattened V x K loop is not done.
-# * cuBLAS backward: the d hidden accumulation is mm + add_ (an fp32 [C, H] round trip per
-#   call); torch.addmm with an fp32 output would fuse it. Chunk rows (768) and slice width
-#   (8192) are untuned.
-# * fp32 / fp16 inputs run "ieee" fp32 dots on the triton path (no tensor cores) unless
-#   head_precision="tf32".

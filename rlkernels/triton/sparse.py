@@ -281,6 +281,7 @@ def _sparse_bwd_kernel(
     m = tl.load(stats_ptr + row * 3).to(CDT)
     m = tl.where(m == float("-inf"), 0.0, m)  # a row of only -inf: shifted by 0 (forward)
     log_s = tl.load(stats_ptr + row * 3 + 1).to(CDT)
+    inv_t = const_hl(log_s, inv_t_hi, inv_t_lo, IS_FP64)  # 1/T, exactly hi + lo
 
     # row sums over the valid slots: G = sum g_k, or the teacher mass sum t_k
     total = tl.zeros([], CDT)
@@ -345,7 +346,7 @@ def _sparse_bwd_kernel(
                 g += q * c_out
         if MODE == 2:
             g = g * g_kl
-        g = mul_hl(g, inv_t_hi, inv_t_lo, IS_FP64)
+        g = g * inv_t
         tl.store(g_row_ptr + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < V)
 
     # 2. the id columns rewritten, after a barrier (other threads of this program wrote
@@ -394,7 +395,7 @@ def _sparse_bwd_kernel(
                 g += -g_t * p
         if MODE == 2:
             g = g * g_kl
-        g = mul_hl(g, inv_t_hi, inv_t_lo, IS_FP64)
+        g = g * inv_t
         tl.store(g_row_ptr + cid, g.to(grad_ptr.dtype.element_ty), mask=real)
 
 
@@ -405,8 +406,8 @@ def _series_terms(dtype: torch.dtype) -> int:
     return 17 if dtype == torch.float64 else 10
 
 
-# Block sizes: not tuned on a GPU yet. The backward's streaming loop holds no id match since
-# the id columns are rewritten after it: 4096 columns (16 a thread at 8 warps, 16-byte bf16
+# Block sizes (tuning: benchmarks/NOTES.md). The backward's streaming loop holds no id match
+# since the id columns are rewritten after it: 4096 columns (16 a thread at 8 warps, 16-byte bf16
 # accesses) compile for sm_90a to 48-64 registers, no spills (benchmarks/sass_report.py);
 # fp64 at 1024 (4096 spilled in the sparse_kl tail kernel).
 def _default_block_v(vocab: int, dtype: torch.dtype = torch.float32) -> int:
