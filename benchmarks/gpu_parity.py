@@ -322,12 +322,26 @@ def linear_cases(n: int, h: int, v: int, dtype) -> List[Case]:
                                       backend=b)
         return [lp, ent, loss], [hid, w]
 
+    def linear_sparse(b, ref, dev):
+        hid = _cast(rand((n, h), dev, 44).to(dtype), ref).requires_grad_(True)
+        w = _cast(rand((v, h), dev, 45, h ** -0.5 * 2).to(dtype), ref).requires_grad_(True)
+        k = min(v, 8)
+        # k distinct ids per row (a sampler's support), spread over the vocabulary
+        start = torch.randint(0, v, (n, 1), generator=torch.Generator().manual_seed(46))
+        idx = ((start + torch.arange(k) * max(v // k, 1)) % v).to(dev)
+        idx[::5, -1] = -1  # unused slots
+        full, tail = rk.linear_sparse_logprobs(hid, w, idx, return_tail=True, backend=b)
+        sup = rk.linear_sparse_logprobs(hid, w, idx, normalize="support", backend=b)
+        return [full, tail, sup], [hid, w]
+
     big_h = h >= 256
+    tol = dict(out_tol=1e-4 if big_h else 1e-5, grad_factor=4.0 if big_h else 2.0 + h,
+               note="fp32 GEMM of H terms: outputs 1e-4, grads 4k eps" if big_h else
+               "grads (2 + H) eps as rlkernels verify")
     return [Case("linear_token_logprobs+linear_grpo_loss", "linear_token_logprobs",
-                 ("linear", "linear_token_logprobs"), dtype, s, linear,
-                 out_tol=1e-4 if big_h else 1e-5, grad_factor=4.0 if big_h else 2.0 + h,
-                 note="fp32 GEMM of H terms: outputs 1e-4, grads 4k eps" if big_h else
-                 "grads (2 + H) eps as rlkernels verify")]
+                 ("linear", "linear_token_logprobs"), dtype, s, linear, **tol),
+            Case("linear_sparse_logprobs", "linear_sparse_logprobs",
+                 ("linear", "linear_sparse_logprobs"), dtype, s, linear_sparse, **tol)]
 
 
 def sampling_support_case() -> Case:

@@ -269,7 +269,8 @@ def _errors(outs: List[Tensor], refs: List[Tensor]):
 # factor 2 for exact inputs; the linear ops' logits are themselves an fp32 GEMM of H terms,
 # whose rounding (up to ~H eps) the bound has to admit.
 _LINEAR_H = 16
-_GRAD_FACTOR = {"linear_token_logprobs+linear_grpo_loss": 2 + _LINEAR_H}
+_GRAD_FACTOR = {"linear_token_logprobs+linear_grpo_loss": 2 + _LINEAR_H,
+                "linear_sparse_logprobs": 2 + _LINEAR_H}
 
 
 def _grad_errors(grads: List[Tensor], refs: List[Tensor], dtype: torch.dtype,
