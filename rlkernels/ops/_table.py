@@ -104,6 +104,13 @@ class Args:
     def __contains__(self, name) -> bool:
         return name in self._d
 
+    @classmethod
+    def of(cls, d: dict) -> "Args":
+        """A view of the dict ``d`` (no copy): what the declarations' callbacks receive."""
+        a = cls.__new__(cls)
+        a._d = d
+        return a
+
 
 @dataclass(frozen=True)
 class Backward:
@@ -192,6 +199,8 @@ class Op:
         self._defaults = {a.name: a.default for a in self.args if a.default is not _NO_DEFAULT}
         self._check_names()
         self._consts = tuple(a.name for a in self.args if not a.is_tensor)
+        self._tensor_idx = tuple(i for i, a in enumerate(self.args) if a.is_tensor)
+        self._forward_name = f"{self.name}_forward"
         # positions of the tensor inputs that get no gradient (detached when they need it)
         self._detach = tuple(i for i, a in enumerate(self.args)
                              if a.is_tensor and a.name not in self.differentiable)
@@ -254,13 +263,18 @@ class Op:
         op.register_fake(fake)
         return op
 
-    def bind(self, args) -> Args:
-        """The op's positional arguments (defaults filled) by name."""
-        a = Args(self._defaults)
-        a._d.update(zip(self.input_names, args))
-        return a
+    def _bind(self, args) -> dict:
+        """The op's positional arguments (defaults filled) by name. Internally the values
+        travel as plain dicts (the hot path of the small ops); callbacks get ``Args.of``."""
+        d = dict(self._defaults)
+        d.update(zip(self.input_names, args))
+        return d
 
-    def _derived(self, a: Args, name: str):
+    def bind(self, args) -> Args:
+        """The op's positional arguments (defaults filled) by name, as :class:`Args`."""
+        return Args.of(self._bind(args))
+
+    def _derived(self, a: dict, name: str):
         if name in a:
             return a[name]
         sources, fn = self.derive[name]
@@ -270,12 +284,12 @@ class Op:
     def kernel(self, backend: str, fn: str, family: Optional[str] = None):
         return backends.kernel(backend, family or self.kernel_family, fn)
 
-    def _forward_from(self, a: Args):
-        fn = self.kernel(a["backend"], f"{self.name}_forward")
-        return fn(*(self._derived(a, n) for n in self.kernel_args))
+    def _forward_from(self, a: dict):
+        fn = self.kernel(a["backend"], self._forward_name)
+        return fn(*[a[n] if n in a else self._derived(a, n) for n in self.kernel_args])
 
     def _forward_impl(self, *args):
-        return self._forward_from(self.bind(args))
+        return self._forward_from(self._bind(args))
 
     def _fake_impl(self, *args):
         return self.fake(self.bind(args))
@@ -284,15 +298,15 @@ class Op:
 
     def _setup(self, ctx, inputs, output, save_as: Optional[Dict[str, str]] = None,
                output_names: Optional[Tuple[str, ...]] = None):
-        self._setup_args(ctx, self.bind(inputs), output, save_as, output_names)
+        self._setup_args(ctx, self._bind(inputs), output, save_as, output_names)
 
-    def _setup_args(self, ctx, a: Args, output, save_as: Optional[Dict[str, str]] = None,
+    def _setup_args(self, ctx, a: dict, output, save_as: Optional[Dict[str, str]] = None,
                     output_names: Optional[Tuple[str, ...]] = None):
         outs = output if isinstance(output, (tuple, list)) else (output,)
         o = dict(zip(output_names or self.output_names, outs))
         tensors = []
         for name in self.saved:
-            if save_as and name in save_as and a._d.get(name) is not None:
+            if save_as and name in save_as and a.get(name) is not None:
                 tensors.append(o[save_as[name]])
             else:
                 tensors.append(a[name] if name in a else o[name])
@@ -305,15 +319,15 @@ class Op:
             ctx.mark_non_differentiable(*nondiff)
 
     def _backward_values(self, ctx, grads, input_names, output_names
-                         ) -> Tuple[Args, Dict[str, bool]]:
+                         ) -> Tuple[dict, Dict[str, bool]]:
         need = dict(zip(input_names, ctx.needs_input_grad))
-        a = Args(ctx.rlk_args)
-        a._d.update(zip(self.saved, ctx.saved_tensors))
+        a = dict(ctx.rlk_args)
+        a.update(zip(self.saved, ctx.saved_tensors))
         for name, g in zip(output_names, grads):
             if self.contiguous_grads and g is not None:
                 g = g.contiguous()
             keep = self.grad_if.get(name)
-            a[f"grad_{name}"] = g if keep is None or keep(a) else None
+            a[f"grad_{name}"] = g if keep is None or keep(Args.of(a)) else None
         for name in self.differentiable:
             a[f"need_{name}"] = bool(need.get(name, False))
         return a, need
@@ -345,32 +359,32 @@ class Op:
 
         return grad
 
-    def _backward_from(self, a: Args, inplace: bool, reduce=None):
+    def _backward_from(self, a: dict, inplace: bool, reduce=None):
         """Run the backward kernel; gradients in their input's dtype, an empty tensor for
         one not computed (custom ops cannot return None)."""
         a["inplace"] = inplace
         fn = self.kernel(a["backend"], self.backward.kernel or f"{self.name}_backward")
-        out = fn(*(self._derived(a, n) for n in self.backward.args))
+        out = fn(*[a[n] if n in a else self._derived(a, n) for n in self.backward.args])
         if inplace:
             return ()
         out = out if isinstance(out, (tuple, list)) else (out,)
         grads = {}
         for name, g in zip(self.backward.grads, out):
             x = a[name]
-            if g is None or x is None or not a._d.get(f"need_{name}", True):
+            if g is None or x is None or not a.get(f"need_{name}", True):
                 g = (x if x is not None else a[self.backward.grads[0]]).new_empty(0)
             elif g.dtype != x.dtype:
                 g = g.to(x.dtype)
             grads[name] = g
         if reduce is not None:
-            grads = reduce(a, grads)
+            grads = reduce(Args.of(a), grads)
         return tuple(grads[n] for n in self.backward.grads)
 
-    def _fake_backward(self, a: Args):
+    def _fake_backward(self, a: dict):
         grads = []
         for name in self.backward.grads:
             x = a[name]
-            if x is None or not a._d.get(f"need_{name}", True):
+            if x is None or not a.get(f"need_{name}", True):
                 x = a[self.backward.grads[0]].new_empty(0)
             grads.append(torch.empty_like(x))
         return tuple(grads) if len(grads) > 1 else grads[0]
@@ -401,11 +415,11 @@ class Op:
         args = tuple(self._arg_of(n) for n in arg_names)
 
         def impl(*values):
-            out = self._backward_from(Args(zip(arg_names, values)), inplace, reduce)
+            out = self._backward_from(dict(zip(arg_names, values)), inplace, reduce)
             return out[0] if len(out) == 1 else out
 
         def fake(*values):
-            return None if inplace else self._fake_backward(Args(zip(arg_names, values)))
+            return None if inplace else self._fake_backward(dict(zip(arg_names, values)))
 
         def impl_inplace(*values):
             impl(*values)
@@ -432,17 +446,18 @@ class Op:
         vp_names = tuple(a.name for a in vp_args)
         vp_outputs = self.output_names + p.extra_outputs
 
-        def bind(values) -> Args:
-            a = Args(self._defaults)
-            a._d.update(zip(vp_names, values))
+        def bind(values) -> dict:
+            a = dict(self._defaults)
+            a.update(zip(vp_names, values))
             return a
 
         def impl(*values):
             a = bind(values)
-            return p.forward(a, lambda fn, family=None: self.kernel(a["backend"], fn, family))
+            return p.forward(Args.of(a),
+                             lambda fn, family=None: self.kernel(a["backend"], fn, family))
 
         def fake(*values):
-            a = bind(values)
+            a = Args.of(bind(values))
             return tuple(self.fake(a)) + (tuple(p.extra_fake(a)) if p.extra_fake else ())
 
         self.vp_op = self._custom_op(f"{self.name}_vp", vp_args, vp_outputs, impl, fake)
@@ -474,7 +489,7 @@ class Op:
         class _Fn(torch.autograd.Function):
             @staticmethod
             def forward(ctx, *inputs):
-                a = op.bind(inputs)
+                a = op._bind(inputs)
                 output = forward_from(a)
                 op._setup_args(ctx, a, output)
                 return output
@@ -494,10 +509,10 @@ class Op:
         if group is not None:
             i = self._vp_index
             return self.vp_op(*args[:i], group, *args[i:])
-        if self.eager and eager(*(x for x in args if isinstance(x, Tensor))):
+        if self.eager and eager(*[args[i] for i in self._tensor_idx if i < len(args)]):
             if self.backward is None:
                 with torch.no_grad():  # as the custom op: below autograd
-                    return self._forward_from(self.bind(args))
+                    return self._forward_from(self._bind(args))
             return self._fn.apply(*args)
         return self.op(*args)
 
