@@ -47,6 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._codes import SPARSE_MODES
 from ._common import (LOG2E, compute_dtype, const_hl, lane_merge, lane_step, mul_hl, n_rows,
                       online_block, row_layout, row_offset, split, tl_compute_dtype)
 
@@ -60,7 +61,8 @@ STRIDED_ROWS = True
 _SENTINEL = 2 ** 31 - 1
 _SENTINEL_C = tl.constexpr(_SENTINEL)
 LOG2E_C = tl.constexpr(LOG2E)
-_MODE_FULL, _MODE_SUPPORT, _MODE_KL = 0, 1, 2
+# rlkernels/_codes.py: the MODE constexpr the kernels branch on (0 full, 1 support, 2 kl)
+_MODE_FULL, _MODE_SUPPORT, _MODE_KL = (SPARSE_MODES[m] for m in ("full", "support", "kl"))
 
 
 # ============================================================================ device helpers

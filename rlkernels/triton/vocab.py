@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._codes import KL_KINDS
 from ._common import (LOG2E, block_v, compute_dtype, const_hl, device_guard, exp2_, expm1,
                       lane_merge, lane_step, log1p, logaddexp, mul_hl, n_rows, num_warps,
                       row_layout, row_offset, split, tl_compute_dtype,
@@ -48,7 +49,7 @@ from ._common import (LOG2E, block_v, compute_dtype, const_hl, device_guard, exp
 
 Tensor = torch.Tensor
 
-_KINDS = {"reverse": 0, "forward": 1, "jsd": 2}
+_KINDS = KL_KINDS  # rlkernels/_codes.py: the KIND constexpr the kernels branch on
 
 # The launchers read [A, B, V] logits through two row strides (_common.row_layout): the op
 # layer hands them logits[:, :-1] as a view, not a copy.
