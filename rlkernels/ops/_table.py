@@ -121,7 +121,6 @@ class Backward:
 
     args: Tuple[str, ...]
     grads: Tuple[str, ...]
-    kernel: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -201,6 +200,7 @@ class Op:
         self._consts = tuple(a.name for a in self.args if not a.is_tensor)
         self._tensor_idx = tuple(i for i, a in enumerate(self.args) if a.is_tensor)
         self._forward_name = f"{self.name}_forward"
+        self._backward_name = f"{self.name}_backward"
         # positions of the tensor inputs that get no gradient (detached when they need it)
         self._detach = tuple(i for i, a in enumerate(self.args)
                              if a.is_tensor and a.name not in self.differentiable)
@@ -363,7 +363,7 @@ class Op:
         """Run the backward kernel; gradients in their input's dtype, an empty tensor for
         one not computed (custom ops cannot return None)."""
         a["inplace"] = inplace
-        fn = self.kernel(a["backend"], self.backward.kernel or f"{self.name}_backward")
+        fn = self.kernel(a["backend"], self._backward_name)
         out = fn(*[a[n] if n in a else self._derived(a, n) for n in self.backward.args])
         if inplace:
             return ()
@@ -539,11 +539,3 @@ class Op:
         if parallel:
             return self.parallel is not None and backend in self.parallel.backends
         return backend in self.backends
-
-
-def kernel_names(op: Op, parallel: bool = False) -> Tuple[Tuple[str, str], ...]:
-    """``(family, function)`` of each kernel ``op`` declares (for the table's own test)."""
-    names = [(op.kernel_family, f"{op.name}_forward")]
-    if op.backward is not None:
-        names.append((op.kernel_family, op.backward.kernel or f"{op.name}_backward"))
-    return tuple(names)
