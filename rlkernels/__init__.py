@@ -9,6 +9,7 @@ from .backends import available_backends, set_backend
 from .ops.advantage import discounted_returns, gae, group_advantages, masked_whiten
 from .ops.linear import linear_grpo_loss, linear_sparse_logprobs, linear_token_logprobs
 from .ops.policy import grpo_loss, kl_penalty, policy_loss
+from .ops.rollout import rollout_correction
 from .ops.sparse import sampling_support, sparse_kl, sparse_logprobs
 from .ops.vocab import entropy, kl_divergence, token_logprobs
 
@@ -18,4 +19,5 @@ __all__ = [
     "kl_divergence", "kl_penalty", "policy_loss", "grpo_loss",
     "linear_token_logprobs", "linear_sparse_logprobs", "linear_grpo_loss",
     "group_advantages", "masked_whiten", "gae", "discounted_returns",
+    "rollout_correction",
 ]

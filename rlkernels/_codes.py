@@ -34,6 +34,18 @@ KL_ESTIMATORS: Dict[str, int] = {"k1": 0, "abs": 1, "k2": 2, "k3": 3, "low_var_k
 # group_advantages(method=...).
 ADVANTAGE_METHODS: Dict[str, int] = {"grpo": 0, "dr_grpo": 1, "rloo": 2, "batch_std": 3}
 
+# rollout_correction(level=..., mode=..., reject=...) (rlkernels/ops/rollout.py). A reject
+# code is a bit position: the kernels take the set of criteria as a bit mask (sum of
+# 1 << code), one pair of runtime bounds per criterion. "opsm" is DeepSeek-V3.2's off-policy
+# sequence masking; the others are verl's rollout_rs options.
+ROLLOUT_LEVELS: Dict[str, int] = {"token": 0, "sequence": 1, "geometric": 2}
+ROLLOUT_MODES: Dict[str, int] = {"truncate": 0, "mask": 1}
+ROLLOUT_REJECTS: Dict[str, int] = {
+    "token_k1": 0, "token_k2": 1, "token_k3": 2,
+    "seq_sum_k1": 3, "seq_sum_k2": 4, "seq_sum_k3": 5,
+    "seq_mean_k1": 6, "seq_mean_k2": 7, "seq_mean_k3": 8,
+    "seq_max_k2": 9, "seq_max_k3": 10, "opsm": 11}
+
 # Names that share another name's code (not exported by the C++ side).
 ALIASES: Dict[str, str] = {"low_var_kl": "k3"}
 
@@ -47,7 +59,11 @@ TABLES: Dict[str, Dict[str, int]] = {
     "agg": AGGS,
     "kl_estimator": KL_ESTIMATORS,
     "advantage_method": ADVANTAGE_METHODS,
+    "rollout_level": ROLLOUT_LEVELS,
+    "rollout_mode": ROLLOUT_MODES,
+    "rollout_reject": ROLLOUT_REJECTS,
 }
 
 __all__ = ["ADVANTAGE_METHODS", "AGGS", "ALIASES", "DTYPES", "KL_ESTIMATORS", "KL_KINDS",
-           "POLICY_LOSSES", "RATIO_LEVELS", "SPARSE_MODES", "TABLES"]
+           "POLICY_LOSSES", "RATIO_LEVELS", "ROLLOUT_LEVELS", "ROLLOUT_MODES",
+           "ROLLOUT_REJECTS", "SPARSE_MODES", "TABLES"]
