@@ -3,8 +3,10 @@
 From ``verl.utils.torch_functional``: :func:`logprobs_from_logits`, :func:`entropy_from_logits`.
 From ``verl.trainer.ppo.core_algos``: :func:`kl_penalty`, :func:`agg_loss`,
 :func:`compute_policy_loss_vanilla` (and the older :func:`compute_policy_loss`),
-:func:`compute_policy_loss_cispo`, :func:`compute_gae_advantage_return`,
-:func:`compute_grpo_outcome_advantage`, :func:`compute_rloo_outcome_advantage`.
+:func:`compute_policy_loss_cispo`, :func:`compute_policy_loss_gspo`,
+:func:`compute_policy_loss_gpg`, :func:`compute_gae_advantage_return`,
+:func:`compute_grpo_outcome_advantage` (and ``_vectorized``),
+:func:`compute_rloo_outcome_advantage` (and ``_vectorized``).
 :func:`patch` swaps verl's objects for these when verl is importable; :func:`unpatch` undoes it.
 
 Where verl and rlkernels differ, the function bridges to verl's behaviour (each listed here):
@@ -72,8 +74,10 @@ from . import _ModulePatcher
 __all__ = ["logprobs_from_logits", "entropy_from_logits", "kl_penalty", "agg_loss",
            "compute_policy_loss", "compute_policy_loss_vanilla",
            "compute_policy_loss_vanilla_metrics", "compute_policy_loss_cispo",
-           "compute_gae_advantage_return",
-           "compute_grpo_outcome_advantage", "compute_rloo_outcome_advantage",
+           "compute_policy_loss_gspo", "compute_policy_loss_gpg",
+           "compute_gae_advantage_return", "compute_grpo_outcome_advantage",
+           "compute_grpo_vectorized_outcome_advantage", "compute_rloo_outcome_advantage",
+           "compute_rloo_vectorized_outcome_advantage",
            "VERL_VERSION", "patch", "unpatch", "is_patched"]
 
 _patcher = _ModulePatcher("verl")
@@ -322,6 +326,18 @@ def compute_policy_loss(old_log_prob, log_prob, advantages, response_mask, clipr
                 clip_ratio_c)
 
 
+def _clips(config, what: str):
+    """``(clip_low, clip_high, global_batch_info)`` from verl's actor config."""
+    if config is None:
+        raise ValueError(f"config: expected verl's actor config (clip_ratio, clip_ratio_low, "
+                         f"clip_ratio_high) for {what}, got None")
+    clip_ratio = _cfg(config, "clip_ratio", 0.2)
+    low = _cfg(config, "clip_ratio_low", None)
+    high = _cfg(config, "clip_ratio_high", None)
+    return (clip_ratio if low is None else low, clip_ratio if high is None else high,
+            _cfg(config, "global_batch_info", None))
+
+
 def compute_policy_loss_cispo(old_log_prob: torch.Tensor, log_prob: torch.Tensor,
                               advantages: torch.Tensor, response_mask: torch.Tensor,
                               loss_agg_mode: str = "token-mean", config: Any = None,
@@ -336,15 +352,7 @@ def compute_policy_loss_cispo(old_log_prob: torch.Tensor, log_prob: torch.Tensor
     (floats; ``pg_clipfrac`` counts ratios clamped on either side, ``pg_clipfrac_lower`` is 0
     as in verl). This is :func:`rlkernels.policy_loss` with ``loss="cispo",
     cispo_clip_low=True`` (rlkernels' default cispo has no lower clamp)."""
-    if config is None:
-        raise ValueError("config: expected verl's actor config (clip_ratio, clip_ratio_low, "
-                         "clip_ratio_high), got None")
-    clip_ratio = _cfg(config, "clip_ratio", 0.2)
-    low = _cfg(config, "clip_ratio_low", None)
-    high = _cfg(config, "clip_ratio_high", None)
-    low = clip_ratio if low is None else low
-    high = clip_ratio if high is None else high
-    batch_info = _cfg(config, "global_batch_info", None)
+    low, high, batch_info = _clips(config, "cispo")
     agg, normalizer = _agg_spec(loss_agg_mode, response_mask, **dict(batch_info or {}))
     loss, m = rlkernels.policy_loss(
         log_prob, old_log_prob, advantages, response_mask, loss="cispo", clip_low=low,
@@ -353,6 +361,48 @@ def compute_policy_loss_cispo(old_log_prob: torch.Tensor, log_prob: torch.Tensor
     return loss, {"actor/pg_clipfrac": m["clipfrac"].detach().item(),
                   "actor/ppo_kl": m["approx_kl"].detach().item(),
                   "actor/pg_clipfrac_lower": 0.0}
+
+
+def compute_policy_loss_gspo(old_log_prob: torch.Tensor, log_prob: torch.Tensor,
+                             advantages: torch.Tensor, response_mask: torch.Tensor,
+                             loss_agg_mode: str = "seq-mean-token-mean", config: Any = None,
+                             rollout_is_weights: Optional[torch.Tensor] = None
+                             ) -> Tuple[torch.Tensor, dict]:
+    """verl's GSPO loss (its policy-loss registry's ``"gspo"``): the PPO clip of the
+    sequence-level ratio ``s_i = exp(mean_t (logp - old_logp))`` carried per token as
+    ``sg(s_i) logp / sg(logp)``, times ``rollout_is_weights``, aggregated by :func:`agg_loss`.
+    :func:`rlkernels.policy_loss` with ``loss="ppo", ratio_level="sequence"``. Returns
+    ``(pg_loss, {"actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"})`` (floats,
+    ``pg_clipfrac_lower`` 0 as in verl). verl clamps the sequence log-ratio at 10 from above;
+    here each token's log-ratio is clamped to ``[-20, 20]`` before the mean: the two differ
+    only for a sequence whose mean log-ratio exceeds 10 (a ratio above 22026)."""
+    low, high, batch_info = _clips(config, "gspo")
+    agg, normalizer = _agg_spec(loss_agg_mode, response_mask, **dict(batch_info or {}))
+    loss, m = rlkernels.policy_loss(
+        log_prob, old_log_prob, advantages, response_mask, loss="ppo", clip_low=low,
+        clip_high=high, ratio_level="sequence", agg=agg, normalizer=normalizer,
+        log_ratio_clamp=20.0, is_weights=rollout_is_weights)
+    return loss, {"actor/pg_clipfrac": m["clipfrac"].detach().item(),
+                  "actor/ppo_kl": m["approx_kl"].detach().item(),
+                  "actor/pg_clipfrac_lower": 0.0}
+
+
+def compute_policy_loss_gpg(old_log_prob: torch.Tensor, log_prob: torch.Tensor,
+                            advantages: torch.Tensor, response_mask: torch.Tensor,
+                            loss_agg_mode: str = "token-mean", config: Any = None,
+                            rollout_is_weights: Optional[torch.Tensor] = None
+                            ) -> Tuple[torch.Tensor, dict]:
+    """verl's GPG loss (its policy-loss registry's ``"gpg"``): ``-A logp`` per token, times
+    ``rollout_is_weights``, aggregated by :func:`agg_loss`; ``(pg_loss, {})`` as verl.
+    :func:`rlkernels.policy_loss` with ``loss="reinforce"``."""
+    if config is None:
+        raise ValueError("config: expected verl's actor config for gpg, got None")
+    batch_info = _cfg(config, "global_batch_info", None)
+    agg, normalizer = _agg_spec(loss_agg_mode, response_mask, **dict(batch_info or {}))
+    loss, _ = rlkernels.policy_loss(
+        log_prob, old_log_prob, advantages, response_mask, loss="reinforce", agg=agg,
+        normalizer=normalizer, is_weights=rollout_is_weights)
+    return loss, {}
 
 
 def _at_next_valid(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -432,15 +482,47 @@ def compute_rloo_outcome_advantage(token_level_rewards: torch.Tensor,
     return adv, adv
 
 
+def compute_grpo_vectorized_outcome_advantage(token_level_rewards: torch.Tensor,
+                                              response_mask: torch.Tensor, index,
+                                              epsilon: float = 1e-6,
+                                              norm_adv_by_std_in_grpo: bool = True,
+                                              config: Any = None
+                                              ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """verl's ``"grpo_vectorized"`` estimator: the same values as
+    :func:`compute_grpo_outcome_advantage` (verl computes its group statistics in fp32 with a
+    scatter instead of a Python loop over the groups)."""
+    adv, _ = compute_grpo_outcome_advantage(
+        token_level_rewards.float(), response_mask, index, epsilon, norm_adv_by_std_in_grpo)
+    return adv, adv
+
+
+def compute_rloo_vectorized_outcome_advantage(token_level_rewards: torch.Tensor,
+                                              response_mask: torch.Tensor, index,
+                                              epsilon: float = 1e-6, config: Any = None,
+                                              **kwargs) -> Tuple[torch.Tensor, torch.Tensor]:
+    """verl's ``"rloo_vectorized"`` estimator: score minus the mean of the other members of
+    its group; unlike :func:`compute_rloo_outcome_advantage`, a singleton group gives 0
+    (rlkernels' own convention)."""
+    scores = token_level_rewards.sum(dim=-1)
+    with torch.no_grad():
+        ids, _ = _group_ids(index, scores.device)
+        adv = rlkernels.group_advantages(scores, group_index=ids, method="rloo")
+        adv = adv.to(scores.dtype).unsqueeze(-1) * response_mask
+    return adv, adv
+
+
 # ========================================================================================= patch
 
 _TARGETS = {
     "verl.utils.torch_functional": ("logprobs_from_logits", "entropy_from_logits"),
     "verl.trainer.ppo.core_algos": ("kl_penalty", "agg_loss", "compute_policy_loss",
                                     "compute_policy_loss_vanilla", "compute_policy_loss_cispo",
+                                    "compute_policy_loss_gspo", "compute_policy_loss_gpg",
                                     "compute_gae_advantage_return",
                                     "compute_grpo_outcome_advantage",
-                                    "compute_rloo_outcome_advantage"),
+                                    "compute_grpo_vectorized_outcome_advantage",
+                                    "compute_rloo_outcome_advantage",
+                                    "compute_rloo_vectorized_outcome_advantage"),
 }
 
 

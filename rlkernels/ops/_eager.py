@@ -19,14 +19,18 @@ from __future__ import annotations
 import torch
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+_profiling = torch._C._autograd._profiler_enabled
 
 
 def eager(*tensors) -> bool:
     """True when the op may skip its custom op: not traced by ``torch.compile`` / export /
     compiled autograd, no ``torch.func`` transform active, no ``TorchDispatchMode`` (fake
-    tensors, ``make_fx``, ``opcheck``) on the stack, and every tensor argument a plain
-    tensor (not a subclass such as ``DTensor`` or a fake tensor)."""
+    tensors, ``make_fx``, ``opcheck``) on the stack, no profiler recording (a profiled call
+    takes the custom op, so every call shows as an ``rlkernels::<op>`` event), and every
+    tensor argument a plain tensor (not a subclass such as ``DTensor`` or a fake tensor)."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() != 0:
+        return False
+    if _profiling():
         return False
     if torch._C._are_functorch_transforms_active():
         return False
