@@ -361,6 +361,63 @@ def test_rloo_advantage():
     torch.testing.assert_close(adv, naive_rloo(rew, m, index), atol=1e-6, rtol=1e-5)
 
 
+def test_vectorized_advantages():
+    """verl's grpo_vectorized equals grpo (fp32); rloo_vectorized gives singletons 0."""
+    rew, m, index = _rewards()
+    for norm in (True, False):
+        adv, ret = rv.compute_grpo_vectorized_outcome_advantage(rew, m, index,
+                                                                norm_adv_by_std_in_grpo=norm)
+        torch.testing.assert_close(adv, naive_grpo(rew, m, index, norm=norm), atol=1e-6,
+                                   rtol=1e-5)
+    adv, _ = rv.compute_rloo_vectorized_outcome_advantage(rew, m, index)
+    want = naive_rloo(rew, m, index)
+    single = torch.tensor([list(index).count(k) == 1 for k in index])
+    want[single] = 0
+    assert single.any()
+    torch.testing.assert_close(adv, want, atol=1e-6, rtol=1e-5)
+
+
+def naive_gspo(old, lp, A, m, mode, low, high):
+    """verl's compute_policy_loss_gspo: the sequence-level ratio sg(s) logp / sg(logp)."""
+    seq = ((lp - old) * m).sum(-1) / m.sum(-1).clamp(min=1)
+    log_r = torch.clamp(lp - lp.detach() + seq.detach().unsqueeze(-1), max=10.0)
+    r = torch.exp(log_r)
+    l1, l2 = -A * r, -A * torch.clamp(r, 1 - low, 1 + high)
+    L = torch.maximum(l1, l2)
+    return (naive_agg(L, m, mode, rv._norm_seq_mean(None)),
+            _masked_mean(torch.gt(l2, l1).float(), m), _masked_mean(old - lp, m))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_policy_loss_gspo_and_gpg(mode):
+    g = torch.Generator().manual_seed(13)
+    B, T = 5, 8
+    old = torch.randn(B, T, generator=g, dtype=torch.float64) * 0.5 - 2
+    lp = old + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.3
+    A = torch.randn(B, T, generator=g, dtype=torch.float64)
+    m = (torch.rand(B, T, generator=g) > 0.3).double()
+    m[3] = 0
+    cfg = {"clip_ratio": 0.2, "clip_ratio_low": 0.1, "clip_ratio_high": 0.15}
+    x, y = lp.clone().requires_grad_(True), lp.clone().requires_grad_(True)
+    loss, metrics = rv.compute_policy_loss_gspo(old, x, A, m, mode, cfg)
+    want, clipfrac, ppo_kl = naive_gspo(old, y, A, m, mode, 0.1, 0.15)
+    torch.testing.assert_close(loss, want, atol=1e-9, rtol=1e-7)
+    assert clipfrac > 0 and metrics["actor/pg_clipfrac"] == pytest.approx(clipfrac.item(),
+                                                                           rel=1e-6)
+    assert metrics["actor/ppo_kl"] == pytest.approx(ppo_kl.item(), rel=1e-6)
+    loss.backward()
+    want.backward()
+    torch.testing.assert_close(x.grad, y.grad, atol=1e-9, rtol=1e-7)
+    x.grad = None
+    loss, metrics = rv.compute_policy_loss_gpg(old, x, A, m, mode, cfg)
+    want = naive_agg(-A * lp, m, mode, rv._norm_seq_mean(None))
+    torch.testing.assert_close(loss, want, atol=1e-9, rtol=1e-7)
+    assert metrics == {}
+    for fn in (rv.compute_policy_loss_gspo, rv.compute_policy_loss_gpg):
+        with pytest.raises(ValueError, match="config: expected verl's actor config"):
+            fn(old, lp, A, m, mode)
+
+
 def test_patch_with_a_stand_in_verl(monkeypatch):
     """verl is not installable here: build stand-in modules with its layout and registries and
     check that patch() swaps every reference and unpatch() restores them exactly."""
