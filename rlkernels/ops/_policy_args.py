@@ -9,13 +9,13 @@ from typing import Dict, Optional
 import torch
 
 from .. import _checks
-from .._policy_options import METRICS, encoded_options
+from .._policy_options import LOSS_OPTIONS, METRICS, encoded_options
 
 Tensor = torch.Tensor
 
 POLICY_ARGS = ("loss", "clip_low", "clip_high", "dual_clip", "delta", "ratio_level", "agg",
                 "normalizer", "kl_coef", "kl_estimator", "is_weights", "log_ratio_clamp",
-                "cispo_clip_low")
+                "cispo_clip_low") + tuple(name for name, _, _ in LOSS_OPTIONS)
 
 
 def check_policy_inputs(logp: Tensor, old_logp, advantages, mask, ref_logp, entropy,

@@ -8,6 +8,7 @@ the ground truth a direct transcription of the formulas.
 
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -77,12 +78,19 @@ def kl_estimate_grad(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
         return torch.sign(d)
     if estimator in ("k2", "k3+"):
         return d
-    return -torch.expm1(-d)  # 1 - exp(-d)
+    return -torch.expm1(-d)  # 1 - exp(-d); k3_is / k3_is_sg: times the ratio (the caller)
 
 
-def kl_penalty_value(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
-    """Differentiable ``kl_penalty`` in plain autograd (for the policy-loss formulas)."""
+def kl_penalty_value(logp: Tensor, ref_logp: Tensor, estimator: str,
+                     ratio: Optional[Tensor] = None) -> Tensor:
+    """Differentiable ``kl_penalty`` in plain autograd (for the policy-loss formulas);
+    ``"k3_is"`` is ``ratio * k3`` (TRL's ``use_bias_correction_kl``: the ratio keeps its
+    gradient), ``"k3_is_sg"`` ``sg(ratio) * k3``."""
     value = kl_estimate(logp, ref_logp, estimator)
+    if estimator == "k3_is":
+        value = ratio * value
+    elif estimator == "k3_is_sg":
+        value = ratio.detach() * value
     if estimator == "k3+":
         k2 = kl_estimate(logp, ref_logp, "k2")
         value = k2 + (value - k2).detach()
@@ -99,15 +107,26 @@ def per_token_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Ten
 
     ``log r = clamp(logp - old_logp, +-log_ratio_clamp)``; for ``ratio_level="sequence"``
     (GSPO) ``log r = sg(s) + logp - sg(logp)`` with ``s`` the masked mean of ``log r`` over
-    the sequence. Then
+    the sequence. Then (docs/math.md "Policy losses" has the sources)
 
-    * ppo:       ``max(-A min(r, delta), -A clip(r, 1-clip_low, 1+clip_high))``, and where
+    * ppo, luspo: ``max(-A min(r, delta), -A clip(r, 1-clip_low, 1+clip_high))``, and where
       ``A < 0`` with ``dual_clip = c``: ``min(that, -c A)``
     * cispo:     ``-sg(clip(r, 0, 1+clip_high)) A logp`` (TRL); with ``cispo_clip_low``
       ``-sg(clip(r, 1-clip_low, 1+clip_high)) A logp`` (verl)
     * reinforce: ``-A logp``
+    * sapo:      ``-(4 / tau) sigmoid(tau (r - 1)) A``, ``tau = tau_pos`` if ``A > 0`` else
+      ``tau_neg``
+    * gmpo:      the sequence's ``-mean(A) exp(mean(c)) W`` on each of its tokens, ``c`` the
+      log-ratio clipped on the side of ``sign(A)``, ``W`` the geometric mean of is_weights
+    * clip_cov:  ppo's term, 0 on the covariance-selected tokens (:func:`cov_selection`)
+    * kl_cov:    ``-A r``, ``+ kl_cov_coef |log r|`` on the covariance-selected tokens
+    * dppo_tv / dppo_kl: ``-A sg(min(r, C)) logp`` on the tokens inside the trust region
+      (probability difference / binary KL against ``clip_low`` / ``clip_high``)
+    * dro:       ``-A logp + dro_beta / 2 (log r)^2``
+    * vespo:     ``-sg(phi) A logp``, ``phi`` the gamma weight of the sequence ratio
 
-    times ``is_weights``, ``+ kl_coef kl_penalty(logp, ref_logp)``, ``- entropy_coef H``.
+    times ``is_weights`` (gmpo and vespo fold them into their sequence weight instead),
+    ``+ kl_coef kl_penalty(logp, ref_logp)`` (``k3_is``: ``r k3``), ``- entropy_coef H``.
     """
     adv = advantages[:, None].expand_as(logp) if advantages.dim() == 1 else advantages
     log_r = torch.clamp(logp - old_logp, -o.log_ratio_clamp, o.log_ratio_clamp)
@@ -119,8 +138,9 @@ def per_token_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Ten
     lo, hi = 1.0 - o.clip_low, 1.0 + o.clip_high
     r = ratio.detach()
     zeros = torch.zeros_like(r, dtype=torch.bool)
-    high = low = dual = zeros
-    if o.loss == "ppo":
+    high = low = dual = selected = zeros
+    weighted = is_weights
+    if o.loss in ("ppo", "luspo", "clip_cov"):
         unclipped = ratio if o.delta is None else torch.clamp(ratio, max=o.delta)
         pg = torch.maximum(-adv * unclipped, -adv * torch.clamp(ratio, lo, hi))
         high, low = (adv > 0) & (r > hi), (adv < 0) & (r < lo)
@@ -128,25 +148,156 @@ def per_token_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Ten
             bound = -o.dual_clip * adv
             dual = (adv < 0) & (pg.detach() > bound)
             pg = torch.where(adv < 0, torch.minimum(pg, bound), pg)
+        if o.loss == "clip_cov":
+            selected = cov_selection(logp.detach(), old_logp, advantages, mask, o)
+            pg = torch.where(selected, 0.0, pg)
     elif o.loss == "cispo":
         floor = o.ratio_floor
         pg = -torch.clamp(r, floor, hi) * adv * logp
         high, low = r > hi, r < floor
+    elif o.loss == "sapo":
+        tau = torch.where(adv > 0, torch.full_like(adv, o.tau_pos), o.tau_neg)
+        pg = -torch.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau) * adv
+    elif o.loss == "gmpo":
+        factor = _gmpo_factor(log_r, adv, mask, is_weights, o)
+        clipped = _gmpo_clipped(log_r, adv, o)
+        # the sequence's value on each token, with the gradient of its own token's share
+        # (exact: the aggregation weights are proportional to m within a sequence)
+        pg = factor * (1.0 + clipped - clipped.detach())
+        high = (adv > 0) & (log_r.detach() > o.clip_high)
+        low = (adv < 0) & (log_r.detach() < -o.clip_low)
+        weighted = None
+    elif o.loss == "kl_cov":
+        selected = cov_selection(logp.detach(), old_logp, advantages, mask, o)
+        pg = -adv * ratio + torch.where(selected, o.kl_cov_coef * log_r.abs(), 0.0)
+    elif o.loss in ("dppo_tv", "dppo_kl"):
+        valid = _dppo_valid(logp.detach(), old_logp, adv, o)
+        pg = torch.where(valid, -adv * torch.clamp(r, max=o.dual_clip) * logp, 0.0)
+        high, low = (adv > 0) & ~valid, (adv <= 0) & ~valid
+        dual = valid & (r > o.dual_clip)
+    elif o.loss == "dro":
+        pg = -adv * logp + 0.5 * o.dro_beta * log_r * log_r
+    elif o.loss == "vespo":
+        pg = -_vespo_phi(log_r.detach(), adv, mask, is_weights, o) * adv * logp
+        weighted = None
     else:
         pg = -adv * logp
-    if is_weights is not None:
-        pg = pg * is_weights
+    if weighted is not None:
+        pg = pg * weighted
     loss = pg
     kl = None
     if ref_logp is not None:
-        kl = kl_penalty_value(logp, ref_logp, o.kl_estimator)
+        kl = kl_penalty_value(logp, ref_logp, o.kl_estimator, ratio)
         if o.kl_coef != 0.0:
             loss = loss + o.kl_coef * kl
     if entropy is not None and o.entropy_coef != 0.0:
         loss = loss - o.entropy_coef * entropy
     parts = {"clipfrac_high": high, "clipfrac_low": low, "dual_clipfrac": dual,
-             "approx_kl": -log_r.detach(), "ratio": r, "kl": kl, "entropy": entropy}
+             "selected": selected, "approx_kl": -log_r.detach(), "ratio": r, "kl": kl,
+             "entropy": entropy}
     return loss, parts
+
+
+def _gmpo_clipped(log_r: Tensor, adv: Tensor, o: PolicyOptions) -> Tensor:
+    """verl's geo_mean: ``sign(A) min(sign(A) log r, sign(A) clamp(log r, -lo, hi))``, i.e.
+    ``min(log r, clip_high)`` where ``A > 0``, ``max(log r, -clip_low)`` where ``A < 0``,
+    0 where ``A == 0``."""
+    return torch.where(adv > 0, torch.clamp(log_r, max=o.clip_high),
+                       torch.where(adv < 0, torch.clamp(log_r, min=-o.clip_low),
+                                   torch.zeros_like(log_r)))
+
+
+def _gmpo_factor(log_r: Tensor, adv: Tensor, mask: Tensor, is_weights: Optional[Tensor],
+                 o: PolicyOptions) -> Tensor:
+    """GMPO's sequence loss ``-mean_m(A) exp(mean_m(c)) W`` per row ``[B, 1]`` (0 for an
+    empty row), ``W`` the masked geometric mean of ``is_weights + 1e-10`` (verl)."""
+    count = mask.sum(-1, keepdim=True)
+    nonzero = torch.where(count > 0, count, torch.ones_like(count))
+    clipped = _gmpo_clipped(log_r.detach(), adv, o)
+    mean_c = _masked(clipped, mask).sum(-1, keepdim=True) / nonzero
+    mean_a = _masked(adv, mask).sum(-1, keepdim=True) / nonzero
+    w = torch.ones_like(mean_c)
+    if is_weights is not None:
+        w = torch.exp(_masked(torch.log(is_weights + 1e-10), mask).sum(-1, keepdim=True)
+                      / nonzero)
+    return torch.where(count > 0, -mean_a * torch.exp(mean_c) * w, 0.0)
+
+
+# TRL's clamp of the VESPO sequence log-weight (and of log is_weights): [log(1e-8), 20]
+_VESPO_LOG_LO, _VESPO_LOG_HI = math.log(1e-8), 20.0
+
+
+def _vespo_phi(log_r: Tensor, adv: Tensor, mask: Tensor, is_weights: Optional[Tensor],
+               o: PolicyOptions) -> Tensor:
+    """TRL's ``get_gamma_weights``: ``phi = exp(lam + k log w - lam w)``, ``log w`` the
+    masked sum of the (clamped) log-ratios of the sequence plus that of the clamped
+    ``log is_weights``, clamped to ``[log 1e-8, 20]``; ``(k, lam)`` the ``_pos`` pair where
+    ``A >= 0``; non-finite ``phi`` -> 0. Constant (no gradient)."""
+    total = _masked(log_r, mask).sum(-1, keepdim=True)
+    if is_weights is not None:
+        log_is = torch.clamp(torch.log(is_weights), _VESPO_LOG_LO, _VESPO_LOG_HI)
+        total = total + _masked(log_is, mask).sum(-1, keepdim=True)
+    log_w = torch.clamp(total, _VESPO_LOG_LO, _VESPO_LOG_HI)
+    k_pos, k_neg, lam_pos, lam_neg, _ = o.loss_scalars
+    k = torch.where(adv >= 0, torch.full_like(adv, k_pos), k_neg)
+    lam = torch.where(adv >= 0, torch.full_like(adv, lam_pos), lam_neg)
+    phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+    return torch.where(torch.isfinite(phi), phi, 0.0)
+
+
+def _dppo_valid(logp: Tensor, old_logp: Tensor, adv: Tensor, o: PolicyOptions) -> Tensor:
+    """DPPO's trust region (verl ``dppo_tv`` / ``dppo_kl``), per token: where ``A > 0``
+    ``p - p_old <= clip_high`` (tv) or ``binary_kl <= clip_high or p <= p_old`` (kl); else
+    ``p - p_old >= -clip_low`` (tv) or ``binary_kl <= clip_low or p >= p_old`` (kl), with
+    ``p = exp(logp)`` and ``binary_kl = p_old (log p_old - log p) + (1 - p_old)
+    log((1 - p_old + 1e-8) / (1 - p + 1e-8))`` (``1 - p`` as ``-expm1(logp)``)."""
+    p, p_old = torch.exp(logp), torch.exp(old_logp)
+    if o.loss == "dppo_tv":
+        return torch.where(adv > 0, p - p_old <= o.clip_high, p - p_old >= -o.clip_low)
+    binary_kl = p_old * (old_logp - logp) + (-torch.expm1(old_logp)) * torch.log(
+        (-torch.expm1(old_logp) + 1e-8) / (-torch.expm1(logp) + 1e-8))
+    return torch.where(adv > 0, (binary_kl <= o.clip_high) | (p <= p_old),
+                       (binary_kl <= o.clip_low) | (p >= p_old))
+
+
+def cov_selection(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
+                  o: PolicyOptions) -> Tensor:
+    """The covariance-selected tokens of clip_cov / kl_cov, a bool ``[B, T]``, on the device,
+    without a host synchronisation (every backend's launcher calls this between its kernel
+    launches, so all backends select the same tokens).
+
+    ``cov = (A - mean_m(A)) (logp - mean_m(logp))`` over the batch (masked means, mask
+    values as weights); ``k = max(floor(ratio sum(m)), 1)`` (``clip_cov_ratio`` /
+    ``kl_cov_ratio``). kl_cov selects the ``k`` unmasked tokens of largest ``cov`` (verl's
+    ``topk``); clip_cov the ``k`` of largest ``cov`` among the candidates ``clip_cov_lb <
+    cov < clip_cov_ub`` not already clipped by ppo's clip (verl draws them at random: here
+    the selection is deterministic). Ties go to the lower flat index (a stable sort)."""
+    cdt = compute_dtype(logp.dtype)
+    lp, old, m = logp.to(cdt), old_logp.to(cdt), mask.to(cdt)
+    adv = advantages.to(cdt)
+    adv = adv[:, None].expand_as(lp) if adv.dim() == 1 else adv
+    valid = m != 0
+    total = m.sum()
+    nonzero = torch.where(total != 0, total, torch.ones_like(total))
+    mean_a = _masked(adv, m).sum() / nonzero
+    mean_lp = _masked(lp, m).sum() / nonzero
+    cov = (adv - mean_a) * (lp - mean_lp)
+    if o.loss == "clip_cov":
+        log_r = torch.clamp(lp - old, -o.log_ratio_clamp, o.log_ratio_clamp)
+        r = torch.exp(log_r)
+        lo, hi = 1.0 - o.clip_low, 1.0 + o.clip_high
+        clipped = ((adv > 0) & (r > hi)) | ((adv < 0) & (r < lo))
+        candidate = valid & ~clipped & (cov > o.clip_cov_lb) & (cov < o.clip_cov_ub)
+        fraction = o.clip_cov_ratio
+    else:
+        candidate = valid
+        fraction = o.kl_cov_ratio
+    k = torch.clamp(torch.floor(total.to(torch.float64) * fraction), min=1.0)
+    keys = torch.where(candidate, cov, float("-inf")).reshape(-1)
+    order = torch.sort(keys, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=order.device)
+    return candidate & (rank.view_as(candidate) < k)
 
 
 def _denominator(mask: Tensor, agg: str, normalizer: Optional[Tensor]) -> Tensor:
@@ -199,14 +350,16 @@ def _masked_mean(x: Tensor, mask: Tensor, count: Tensor) -> Tensor:
 def metrics_vector(parts: Dict[str, Tensor], mask: Tensor) -> Tensor:
     """The ``METRICS`` as one fp32 vector: token-masked means (``ratio_max`` a masked max);
     0 when no token is unmasked, and 0 for ``kl``/``entropy`` when not given. Masked
-    positions are selected away, so their values (NaN, inf) never reach a metric."""
+    positions are selected away, so their values (NaN, inf) never reach a metric.
+    ``clipfrac`` also counts the covariance-selected tokens of clip_cov / kl_cov (disjoint
+    from the clipped ones)."""
     active = mask > 0
     count = mask.sum().clamp_min(1e-30)
     zero = torch.zeros((), dtype=mask.dtype, device=mask.device)
     high, low = parts["clipfrac_high"], parts["clipfrac_low"]
     ratio = parts["ratio"]
     values = [
-        _masked_mean(high | low, mask, count),
+        _masked_mean(high | low | parts["selected"], mask, count),
         _masked_mean(high, mask, count),
         _masked_mean(low, mask, count),
         _masked_mean(parts["dual_clipfrac"], mask, count),
@@ -253,7 +406,13 @@ def policy_loss_backward(grad_loss: Tensor, logp: Tensor, old_logp: Tensor,
       of the max and 0 on a clipped one (half each on an exact tie, like ``torch.maximum``),
       and 0 where the dual-clip bound is active; cispo: ``-clip(r, f, 1 + clip_high) A``
       (``f = 1 - clip_low`` with ``cispo_clip_low``, else 0);
-      reinforce: ``-A``.
+      reinforce: ``-A``; and for the other losses the derivative of their per-token
+      term (see :func:`per_token_loss`): sapo ``-A 4 s (1 - s) r dlog r`` (``s`` the
+      sigmoid); gmpo the sequence value times ``dc/dlogp``; clip_cov ppo's, 0 on the
+      selected tokens; kl_cov ``(-A r + kl_cov_coef sign(log r) [selected]) dlog r``; dppo
+      ``-A min(r, C)`` inside the trust region; dro ``-A + dro_beta log r dlog r``; vespo
+      ``-phi A``. ``k3_is`` adds ``r dlog r k3 + r (1 - exp(-d))``, ``k3_is_sg`` only the
+      second term.
 
     Masked tokens (``c_t = 0``) receive exactly 0.
     """
@@ -261,11 +420,18 @@ def policy_loss_backward(grad_loss: Tensor, logp: Tensor, old_logp: Tensor,
         logp, [logp, old_logp, advantages, mask, ref_logp, entropy, is_weights])
     c = grad_loss.to(lp.dtype) * aggregate_weights(m, o.agg, normalizer)
     a = adv[:, None].expand_as(lp) if adv.dim() == 1 else adv
-    g = _policy_grad(lp, old, a, m, o)
-    if isw is not None:
+    log_r, dlog_r = _log_ratio(lp, old, m, o)
+    g = _policy_grad(lp, old, a, adv, m, isw, log_r, dlog_r, o)
+    if isw is not None and o.loss not in ("gmpo", "vespo"):
         g = g * isw
     if ref is not None and o.kl_coef != 0.0:
-        g = g + o.kl_coef * kl_estimate_grad(lp, ref, o.kl_estimator)
+        g_kl = kl_estimate_grad(lp, ref, o.kl_estimator)
+        if o.kl_estimator in ("k3_is", "k3_is_sg"):
+            r = torch.exp(log_r)
+            g_kl = r * g_kl
+            if o.kl_estimator == "k3_is":
+                g_kl = g_kl + r * dlog_r * kl_estimate(lp, ref, "k3")
+        g = g + o.kl_coef * g_kl
     g_lp = torch.where(c != 0, c * g, 0.0)
     g_ent = None
     if entropy is not None:
@@ -279,11 +445,10 @@ def _half_where_tied(x: Tensor, y: Tensor, if_greater: Tensor, if_less: Tensor) 
                                                       0.5 * (if_greater + if_less)))
 
 
-def _policy_grad(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor,
-                 o: PolicyOptions) -> Tensor:
-    """``d pg_t / d logp_t`` of the policy term (before ``is_weights``)."""
-    if o.loss == "reinforce":
-        return -adv
+def _log_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor, o: PolicyOptions
+               ) -> Tuple[Tensor, Tensor]:
+    """``(log r, d log r / d logp)``: 1 inside the log-ratio clamp, and always 1 for the
+    GSPO straight-through."""
     d = logp - old_logp
     c = o.log_ratio_clamp
     log_r = torch.clamp(d, -c, c)
@@ -295,10 +460,41 @@ def _policy_grad(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor,
         dlog_r = torch.ones_like(logp)  # straight-through: sg(seq) + logp - sg(logp)
     else:
         dlog_r = ((d >= -c) & (d <= c)).to(logp.dtype)
+    return log_r, dlog_r
+
+
+def _policy_grad(logp: Tensor, old_logp: Tensor, adv: Tensor, advantages: Tensor,
+                 mask: Tensor, is_weights: Optional[Tensor], log_r: Tensor, dlog_r: Tensor,
+                 o: PolicyOptions) -> Tensor:
+    """``d pg_t / d logp_t`` of the policy term (before ``is_weights``, except for gmpo and
+    vespo, which fold them into their sequence weight); ``adv`` is ``[B, T]``,
+    ``advantages`` as given."""
+    if o.loss == "reinforce":
+        return -adv
     r = torch.exp(log_r)
     hi = 1.0 + o.clip_high
     if o.loss == "cispo":
         return -torch.clamp(r, o.ratio_floor, hi) * adv
+    if o.loss == "sapo":
+        tau = torch.where(adv > 0, torch.full_like(adv, o.tau_pos), o.tau_neg)
+        s = torch.sigmoid(tau * (r - 1.0))
+        return -adv * 4.0 * s * (1.0 - s) * r * dlog_r
+    if o.loss == "gmpo":
+        inside = ((adv > 0) & (log_r <= o.clip_high)) | ((adv < 0) & (log_r >= -o.clip_low))
+        factor = _gmpo_factor(log_r, adv, mask, is_weights, o)
+        return factor * inside.to(r.dtype) * dlog_r
+    if o.loss == "kl_cov":
+        selected = cov_selection(logp, old_logp, advantages, mask, o)
+        penalty = torch.where(selected, o.kl_cov_coef * torch.sign(log_r), 0.0)
+        return (-adv * r + penalty) * dlog_r
+    if o.loss in ("dppo_tv", "dppo_kl"):
+        valid = _dppo_valid(logp, old_logp, adv, o)
+        return torch.where(valid, -adv * torch.clamp(r, max=o.dual_clip), 0.0)
+    if o.loss == "dro":
+        return -adv + o.dro_beta * log_r * dlog_r
+    if o.loss == "vespo":
+        return -_vespo_phi(log_r, adv, mask, is_weights, o) * adv
+    # ppo, luspo, clip_cov
     lo = 1.0 - o.clip_low
     unclipped = r if o.delta is None else torch.clamp(r, max=o.delta)
     d_unclipped = -adv * (1.0 if o.delta is None else (r <= o.delta).to(r.dtype))
@@ -309,7 +505,10 @@ def _policy_grad(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor,
         pg, bound = torch.maximum(pg1, pg2), -o.dual_clip * adv
         dual = _half_where_tied(pg, bound, torch.zeros_like(dpg), dpg)
         dpg = torch.where(adv < 0, dual, dpg)
-    return dpg * r * dlog_r
+    g = dpg * r * dlog_r
+    if o.loss == "clip_cov":
+        g = torch.where(cov_selection(logp, old_logp, advantages, mask, o), 0.0, g)
+    return g
 
 
 # -------------------------------------------------------------------------------- grpo loss
