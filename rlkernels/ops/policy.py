@@ -11,7 +11,7 @@ import torch
 from .. import _checks
 from .. import distributed as _dist
 from .._fused import fused_forward
-from .._policy_options import KL_ESTIMATORS, METRICS, PolicyOptions
+from .._policy_options import METRICS, PENALTY_ESTIMATORS, PolicyOptions
 from ._common import check_tokens_for, out_dtype, rows
 from ._policy_args import check_policy_inputs, fused_policy_inputs, metrics_dict, options
 from ._table import Backward, Op, Parallel
@@ -62,7 +62,7 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, *, estimator: str = "k3",
     _checks.tensor("ref_logp", ref_logp, dtypes=_checks.FLOAT_DTYPES)
     _checks.shape("ref_logp", ref_logp, logp.shape, "the shape of logp")
     _checks.same_device("logp", logp, ref_logp=ref_logp)
-    _checks.choice("estimator", estimator, KL_ESTIMATORS)
+    _checks.choice("estimator", estimator, PENALTY_ESTIMATORS)
     lo = hi = None
     if clamp is not None:
         if not isinstance(clamp, (tuple, list)) or len(clamp) != 2:
@@ -95,32 +95,78 @@ POLICY_LOSS = Op(
 def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *,
                 loss: str = "ppo", clip_low: float = 0.2, clip_high: Optional[float] = None,
                 dual_clip: Optional[float] = None, delta: Optional[float] = None,
-                ratio_level: str = "token", agg: str = "token-mean", normalizer=None,
+                ratio_level: str = "token", agg: Optional[str] = None, normalizer=None,
                 ref_logp: Optional[Tensor] = None, kl_coef: float = 0.0,
                 kl_estimator: str = "k3", entropy: Optional[Tensor] = None,
                 entropy_coef: float = 0.0, is_weights: Optional[Tensor] = None,
                 log_ratio_clamp: float = 20.0, cispo_clip_low: bool = False,
+                tau_pos: Optional[float] = None, tau_neg: Optional[float] = None,
+                clip_cov_ratio: Optional[float] = None, clip_cov_lb: Optional[float] = None,
+                clip_cov_ub: Optional[float] = None, kl_cov_ratio: Optional[float] = None,
+                kl_cov_coef: Optional[float] = None, dro_beta: Optional[float] = None,
+                vespo_k_pos: Optional[float] = None, vespo_lambda_pos: Optional[float] = None,
+                vespo_k_neg: Optional[float] = None, vespo_lambda_neg: Optional[float] = None,
                 backend: Optional[str] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
-    """Clipped policy-gradient loss (PPO / GSPO / CISPO / REINFORCE) with KL and entropy terms.
+    """Policy-gradient losses (PPO / GSPO / CISPO / REINFORCE / SAPO / GMPO / Clip-Cov /
+    KL-Cov / DPPO / DRO / VESPO / LUSPO) with KL and entropy terms.
 
     ``log r = clamp(logp - old_logp, -log_ratio_clamp, log_ratio_clamp)``;
     ``ratio_level="sequence"`` (GSPO) uses ``sg(s) + logp - sg(logp)`` per token, ``s`` the
-    masked mean of ``log r`` over the sequence. Per-token policy term (``A`` = advantages,
-    broadcast over T when ``[B]``):
+    masked mean of ``log r`` over the sequence (ppo, cispo, reinforce, sapo, luspo only: the
+    other losses define their own ratio and reject it). Per-token policy term (``A`` =
+    advantages, broadcast over T when ``[B]``); docs/math.md "Policy losses" gives each
+    formula with its source:
 
     * ``"ppo"``: ``-min(r A, clip(r, 1 - clip_low, 1 + clip_high) A)``; ``clip_high=None``
       means ``clip_low``; ``delta`` caps the unclipped ``r`` from above (two-sided clip,
       ``delta > 1 + clip_high``); ``dual_clip=c > 1`` bounds the loss by ``-c A`` where
       ``A < 0``.
+    * ``"luspo"``: ppo's term (TRL's LUSPO, meant with ``ratio_level="sequence"``), whose
+      default aggregation is ``"seq-mean-token-sum"`` (each sequence's token sum).
     * ``"cispo"``: ``-sg(clip(r, 0, 1 + clip_high)) A logp`` (MiniMax-M1 / TRL: no lower
       bound, ``clip_low`` unused); with ``cispo_clip_low=True``
       ``-sg(clip(r, 1 - clip_low, 1 + clip_high)) A logp`` (verl's ``cispo``).
     * ``"reinforce"``: ``-A logp`` (ratios only through ``is_weights``).
+    * ``"sapo"`` (verl / TRL): ``-(4 / tau) sigmoid(tau (r - 1)) A``, ``tau = tau_pos``
+      (default 1.0) where ``A > 0``, else ``tau_neg`` (default 1.05); default aggregation
+      ``"seq-mean-token-mean"`` (what verl forces and TRL uses).
+    * ``"gmpo"`` (verl's ``geo_mean``): per sequence ``-mean_m(A) exp(mean_m(c)) W``, ``c =
+      min(log r, clip_high)`` where ``A > 0``, ``max(log r, -clip_low)`` where ``A < 0`` (the
+      clip range is in log space), 0 where ``A = 0``; ``W`` the masked geometric mean of
+      ``is_weights + 1e-10`` (1 without); every token of the sequence carries that value, so
+      the default aggregation ``"seq-mean-token-mean"`` with ``normalizer=B`` is verl's mean
+      over sequences. Gradients are exact.
+    * ``"clip_cov"`` (verl): ppo's term (no ``delta`` / ``dual_clip``), set to 0 on the
+      ``max(floor(clip_cov_ratio * sum m), 1)`` tokens of largest ``cov = (A - mean A)
+      (logp - mean logp)`` (batch masked means) among those with ``clip_cov_lb < cov <
+      clip_cov_ub`` not clipped by the ppo clip (defaults 2e-4, 1.0, 5.0). verl draws them
+      at random among the candidates; here the choice is deterministic (largest ``cov``,
+      ties to the lower index), on the device, without a host synchronisation.
+    * ``"kl_cov"`` (verl): ``-A r`` (no clip), ``+ kl_cov_coef |log r|`` (default 0.1,
+      verl's ``ppo_kl_coef``) on the ``max(floor(kl_cov_ratio * sum m), 1)`` tokens of
+      largest ``cov`` (default ratio 2e-4).
+    * ``"dppo_tv"`` / ``"dppo_kl"`` (verl, DPPO-Binary-TV / -KL): ``-A sg(min(r, C)) logp``
+      on the tokens inside the trust region, 0 outside: where ``A > 0`` ``p - p_old <=
+      clip_high`` (tv) / ``binary_kl(p_old, p) <= clip_high or p <= p_old`` (kl), else
+      ``p - p_old >= -clip_low`` / ``binary_kl <= clip_low or p >= p_old``, ``p =
+      exp(logp)``; ``clip_low`` / ``clip_high`` are the divergence thresholds; ``C =
+      dual_clip`` (verl passes its ``clip_ratio_c``, 3.0 by default), 20 when ``None``.
+    * ``"dro"`` (verl): ``-A logp + dro_beta / 2 (log r)^2`` (``dro_beta > 0`` required).
+    * ``"vespo"`` (TRL): ``-sg(phi) A logp``, ``phi = exp(lam + k log w - lam w)``, ``log w
+      = clamp(sum_m log r [+ sum_m clamp(log is_weights, log 1e-8, 20)], log 1e-8, 20)`` per
+      sequence, ``(k, lam) = (vespo_k_pos, vespo_lambda_pos)`` (2, 3) where ``A >= 0``, else
+      ``(vespo_k_neg, vespo_lambda_neg)`` (3, 2); non-finite ``phi`` counts 0.
 
-    times ``is_weights`` (constant rollout-correction weights), ``+ kl_coef *
-    kl_penalty(logp, ref_logp, estimator=kl_estimator)``, ``- entropy_coef * entropy``.
+    times ``is_weights`` (constant rollout-correction weights; gmpo and vespo fold them into
+    their sequence weight as their peers do), ``+ kl_coef * kl_penalty(logp, ref_logp,
+    estimator=kl_estimator)``, ``- entropy_coef * entropy``. ``kl_estimator`` also takes
+    ``"k3_is"``: ``r * k3`` with the ratio ``r`` of the policy term (TRL's
+    ``use_bias_correction_kl``, DeepSeek-V3.2: the ratio keeps its gradient, which makes the
+    KL gradient the unbiased reverse-KL one), and ``"k3_is_sg"``: ``sg(r) * k3``. Options of
+    a loss other than ``loss`` must stay ``None``.
 
-    ``agg`` (``m`` = mask, ``L`` = per-token loss):
+    ``agg`` (``m`` = mask, ``L`` = per-token loss; ``None`` = ``"token-mean"`` except the
+    defaults named above):
     ``"token-mean"`` ``sum(m L) / (normalizer or sum m)``; ``"seq-mean-token-mean"`` the
     sum over non-empty sequences of their token means ``/ (normalizer or their number)``;
     ``"seq-mean-token-sum"`` ``sum(m L) / (normalizer or number of non-empty sequences)``;
@@ -134,12 +180,16 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
     0-dim fp32 tensors (no host sync), token-masked means: ``clipfrac`` (the clipped term is
     active: ``A > 0 and r > 1 + clip_high`` or ``A < 0 and r < 1 - clip_low``;
     for cispo: ``r > 1 + clip_high`` or, with ``cispo_clip_low``, ``r < 1 - clip_low``,
-    whatever the sign of ``A``; 0 for reinforce), ``clipfrac_high``, ``clipfrac_low``,
-    ``dual_clipfrac``, ``approx_kl`` (mean of ``-log r``), ``ratio_mean``, ``ratio_max`` (a
-    masked max), and ``kl`` (mean penalty, with ``ref_logp``) and ``entropy`` (with
-    ``entropy``). Every metric is a masked statistic: values at masked positions (NaN, inf)
-    are selected away and never reach a metric, the loss or a gradient. Gradient flows to
-    ``logp`` and ``entropy``; every other input is a constant.
+    whatever the sign of ``A``; gmpo: ``A > 0 and log r > clip_high`` or ``A < 0 and log r <
+    -clip_low``; dppo: outside the trust region (``A > 0`` high, else low); clip_cov and
+    kl_cov: also the covariance-selected tokens, so ``clipfrac - clipfrac_high -
+    clipfrac_low`` is their share; 0 for reinforce, sapo, dro, vespo), ``clipfrac_high``,
+    ``clipfrac_low``, ``dual_clipfrac`` (dppo: the truncation ``r > C`` is active inside the
+    trust region), ``approx_kl`` (mean of ``-log r``), ``ratio_mean``, ``ratio_max`` (a
+    masked max; both of the token ratio ``r``), and ``kl`` (mean penalty, with ``ref_logp``)
+    and ``entropy`` (with ``entropy``). Every metric is a masked statistic: values at masked
+    positions (NaN, inf) are selected away and never reach a metric, the loss or a gradient.
+    Gradient flows to ``logp`` and ``entropy``; every other input is a constant.
 
     The entropy term is aggregated with ``agg`` like the rest of the loss (verl's actor does
     the same); TRL adds its bonus as a plain token mean whatever the loss type. The two agree
@@ -155,12 +205,26 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
                                    dual_clip=dual_clip, delta=delta, ratio_level=ratio_level,
                                    agg=agg, kl_coef=kl_coef, kl_estimator=kl_estimator,
                                    log_ratio_clamp=log_ratio_clamp,
-                                   cispo_clip_low=cispo_clip_low),
+                                   cispo_clip_low=cispo_clip_low, **_given(
+                                       tau_pos=tau_pos, tau_neg=tau_neg,
+                                       clip_cov_ratio=clip_cov_ratio, clip_cov_lb=clip_cov_lb,
+                                       clip_cov_ub=clip_cov_ub, kl_cov_ratio=kl_cov_ratio,
+                                       kl_cov_coef=kl_cov_coef, dro_beta=dro_beta,
+                                       vespo_k_pos=vespo_k_pos,
+                                       vespo_lambda_pos=vespo_lambda_pos,
+                                       vespo_k_neg=vespo_k_neg,
+                                       vespo_lambda_neg=vespo_lambda_neg)),
                               entropy_coef, ref_logp, entropy is not None)
     name = POLICY_LOSS.resolve(backend, logp.device)
     value, metrics = POLICY_LOSS(logp, old_logp, advantages, mask, norm, ref_logp, entropy,
                                  is_weights, modes, nums, name)
     return value, metrics_dict(metrics, ref_logp is not None, entropy is not None)
+
+
+def _given(**options) -> dict:
+    """The loss-specific options that were passed (not ``None``): the memo key of the
+    options stays short for the losses that take none."""
+    return {k: v for k, v in options.items() if v is not None}
 
 
 # ================================================================================= grpo_loss
