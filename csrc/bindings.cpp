@@ -134,6 +134,23 @@ PYBIND11_MODULE(_C, m) {
                                  {"k3", rlk::kKlK3}, {"k3+", rlk::kKlK3Plus}});
   codes["advantage_method"] = table({{"grpo", rlk::kGrpo}, {"dr_grpo", rlk::kDrGrpo},
                                      {"rloo", rlk::kRloo}, {"batch_std", rlk::kBatchStd}});
+  codes["rollout_level"] = table({{"token", rlk::kRolloutToken},
+                                  {"sequence", rlk::kRolloutSequence},
+                                  {"geometric", rlk::kRolloutGeometric}});
+  codes["rollout_mode"] = table({{"truncate", rlk::kRolloutTruncate},
+                                 {"mask", rlk::kRolloutMask}});
+  codes["rollout_reject"] = table({{"token_k1", rlk::kRejectTokenK1},
+                                   {"token_k2", rlk::kRejectTokenK2},
+                                   {"token_k3", rlk::kRejectTokenK3},
+                                   {"seq_sum_k1", rlk::kRejectSeqSumK1},
+                                   {"seq_sum_k2", rlk::kRejectSeqSumK2},
+                                   {"seq_sum_k3", rlk::kRejectSeqSumK3},
+                                   {"seq_mean_k1", rlk::kRejectSeqMeanK1},
+                                   {"seq_mean_k2", rlk::kRejectSeqMeanK2},
+                                   {"seq_mean_k3", rlk::kRejectSeqMeanK3},
+                                   {"seq_max_k2", rlk::kRejectSeqMaxK2},
+                                   {"seq_max_k3", rlk::kRejectSeqMaxK3},
+                                   {"opsm", rlk::kRejectOpsm}});
   m.attr("CODES") = codes;
 
   m.def("version", &rlk::version,
@@ -242,4 +259,14 @@ PYBIND11_MODULE(_C, m) {
         py::arg("g_lp"), py::arg("g_ent"), py::arg("dtype"), py::arg("stream"),
         py::call_guard<py::gil_scoped_release>(),
         "policy_loss backward: gradients w.r.t. logp and (g_ent != 0) entropy.");
+  // ---- rollout.cu: rollout_correction ----
+  m.def("rollout_correction_forward", &rlk::rollout_correction_forward, py::arg("old_logp"),
+        py::arg("rollout_logp"), py::arg("mask"), py::arg("advantages"), py::arg("weights"),
+        py::arg("keep"), py::arg("partials"), py::arg("metrics"), py::arg("b"), py::arg("t"),
+        py::arg("dtype"), py::arg("level"), py::arg("mode"), py::arg("reject"), py::arg("lo"),
+        py::arg("hi"), py::arg("log_ratio_clamp"), py::arg("reject_bounds"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>(),
+        "rollout_correction: importance weights, keep flags and the 15 mismatch metrics "
+        "(level / mode: CODES['rollout_level'] / ['rollout_mode'], reject: a bit mask of "
+        "CODES['rollout_reject']). See csrc/rlkernels.h.");
 }

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace rlk {
 
@@ -52,6 +53,17 @@ enum Agg : int {
 enum KlEstimator : int { kKlK1 = 0, kKlAbs = 1, kKlK2 = 2, kKlK3 = 3, kKlK3Plus = 4 };
 // group_advantages(method=...).
 enum AdvantageMethod : int { kGrpo = 0, kDrGrpo = 1, kRloo = 2, kBatchStd = 3 };
+
+// rollout_correction(level=..., mode=..., reject=...). A reject code is a bit position of
+// the `reject` mask the kernel takes.
+enum RolloutLevel : int { kRolloutToken = 0, kRolloutSequence = 1, kRolloutGeometric = 2 };
+enum RolloutMode : int { kRolloutTruncate = 0, kRolloutMask = 1 };
+enum RolloutReject : int {
+  kRejectTokenK1 = 0, kRejectTokenK2 = 1, kRejectTokenK3 = 2,
+  kRejectSeqSumK1 = 3, kRejectSeqSumK2 = 4, kRejectSeqSumK3 = 5,
+  kRejectSeqMeanK1 = 6, kRejectSeqMeanK2 = 7, kRejectSeqMeanK3 = 8,
+  kRejectSeqMaxK2 = 9, kRejectSeqMaxK3 = 10, kRejectOpsm = 11
+};
 
 // ---- vocab.cu: ops on logits [n, vocab] ---------------------------------------------------
 // Common conventions: n < 2**31 rows, 1 <= vocab < 2**31 - 1; `dtype` is the logits' code;
@@ -178,5 +190,21 @@ void policy_loss_backward(const PolicyTensors& pt, const PolicyParams& pp,
                           std::uintptr_t normalizer, std::uintptr_t grad_loss,
                           std::uintptr_t workspace, std::uintptr_t g_lp, std::uintptr_t g_ent,
                           int dtype, std::uintptr_t stream);
+
+// ---- rollout.cu: rollout_correction -------------------------------------------------------
+// old_logp, rollout_logp, mask (weights; 0 = masked), advantages ([B]: stride1 = 0; absent
+// unless reject has kRejectOpsm): [b, t] views in the compute dtype (fp32, or fp64: dtype 0
+// or 3). Outputs: weights [b, t] contiguous (compute dtype), keep [b, t] contiguous uint8
+// (bool), metrics 15 fp32 (reference/rollout.py METRICS order); partials: a workspace of
+// b * 17 elements. level: RolloutLevel, mode: RolloutMode, reject: bit mask of RolloutReject
+// codes; lo / hi: weight bounds (0 / inf for none); reject_bounds: (lo, hi) per RolloutReject
+// code, 24 values (k1 criteria in log space).
+void rollout_correction_forward(Matrix old_logp, Matrix rollout_logp, Matrix mask,
+                                Matrix advantages, std::uintptr_t weights, std::uintptr_t keep,
+                                std::uintptr_t partials, std::uintptr_t metrics, int64_t b,
+                                int64_t t, int dtype, int level, int mode, int reject,
+                                double lo, double hi, double log_ratio_clamp,
+                                const std::vector<double>& reject_bounds,
+                                std::uintptr_t stream);
 
 }  // namespace rlk
