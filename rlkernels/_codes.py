@@ -24,15 +24,22 @@ KL_KINDS: Dict[str, int] = {"reverse": 0, "forward": 1, "jsd": 2}
 SPARSE_MODES: Dict[str, int] = {"full": 0, "support": 1, "kl": 2}
 
 # policy_loss / grpo_loss options (rlkernels/_policy_options.py lists the accepted names).
-POLICY_LOSSES: Dict[str, int] = {"ppo": 0, "cispo": 1, "reinforce": 2}
+# "luspo" is ppo's per-token term (its own default aggregation only): an alias of "ppo".
+POLICY_LOSSES: Dict[str, int] = {"ppo": 0, "cispo": 1, "reinforce": 2, "sapo": 3, "gmpo": 4,
+                                 "clip_cov": 5, "kl_cov": 6, "dppo_tv": 7, "dppo_kl": 8,
+                                 "dro": 9, "vespo": 10, "luspo": 0}
 RATIO_LEVELS: Dict[str, int] = {"token": 0, "sequence": 1}
 AGGS: Dict[str, int] = {"token-mean": 0, "seq-mean-token-mean": 1, "seq-mean-token-sum": 2,
                         "seq-mean-token-sum-norm": 3}
+# "k3_is" / "k3_is_sg": r * k3 (policy_loss only), r differentiable / detached.
 KL_ESTIMATORS: Dict[str, int] = {"k1": 0, "abs": 1, "k2": 2, "k3": 3, "low_var_kl": 3,
-                                 "k3+": 4}
+                                 "k3+": 4, "k3_is": 5, "k3_is_sg": 6}
 
-# group_advantages(method=...).
-ADVANTAGE_METHODS: Dict[str, int] = {"grpo": 0, "dr_grpo": 1, "rloo": 2, "batch_std": 3}
+# group_advantages(method=...); verl's "*_vectorized" estimators are the same math.
+ADVANTAGE_METHODS: Dict[str, int] = {"grpo": 0, "dr_grpo": 1, "rloo": 2, "batch_std": 3,
+                                     "opo": 4, "gpg": 5, "grpo_passk": 6,
+                                     "reinforce_plus_plus_baseline": 7, "gdpo": 8,
+                                     "grpo_vectorized": 0, "rloo_vectorized": 2}
 
 # rollout_correction(level=..., mode=..., reject=...) (rlkernels/ops/rollout.py). A reject
 # code is a bit position: the kernels take the set of criteria as a bit mask (sum of
@@ -47,7 +54,8 @@ ROLLOUT_REJECTS: Dict[str, int] = {
     "seq_max_k2": 9, "seq_max_k3": 10, "opsm": 11}
 
 # Names that share another name's code (not exported by the C++ side).
-ALIASES: Dict[str, str] = {"low_var_kl": "k3"}
+ALIASES: Dict[str, str] = {"low_var_kl": "k3", "luspo": "ppo", "grpo_vectorized": "grpo",
+                           "rloo_vectorized": "rloo"}
 
 # Every table, by the name rlkernels._C.CODES uses for it.
 TABLES: Dict[str, Dict[str, int]] = {

@@ -184,6 +184,27 @@ def _other_cases(quick: bool, dev: str = "cpu") -> Dict[str, Callable]:
                 for m in ("grpo", "rloo", "dr_grpo", "batch_std")] + \
                [rk.group_advantages(r, group_index=idx, backend=backend)], []
 
+    def estimators(dtype, backend, ref):
+        # verl's other estimators: group methods that read a response mask or the batch,
+        # and discounted returns with a baseline (ReMax) or whitening (REINFORCE++)
+        g = torch.Generator().manual_seed(17)
+        r = torch.randint(0, 3, (24, 2), generator=g).to(dtype)
+        r = (r.double() if ref else r).to(dev)
+        idx = (torch.randperm(24, generator=g) % 5).to(dev)
+        m = (torch.rand(24, t, generator=g) > 0.3).to(dev)
+        outs = [rk.group_advantages(r[:, 0], group_index=idx, method=meth, mask=m,
+                                    backend=backend)
+                for meth in ("opo", "gpg", "grpo_passk", "reinforce_plus_plus_baseline")]
+        outs.append(rk.group_advantages(r, group_size=4, method="gdpo", mask=m,
+                                        reward_weights=[1.0, 0.5], backend=backend))
+        rt = torch.randn(b, t, generator=g)
+        base = torch.randn(b, generator=g)
+        rt, base = ((rt.double(), base.double()) if ref else (rt, base))
+        seq_m = (torch.rand(b, t, generator=g) > 0.2).to(dev)
+        outs += rk.discounted_returns(rt.to(dev), seq_m, gamma=0.9, baseline=base.to(dev),
+                                      whiten=True, backend=backend)
+        return outs, []
+
     def gae(dtype, backend, ref):
         g = torch.Generator().manual_seed(14)
         r, v = torch.randn(b, t, generator=g), torch.randn(b, t, generator=g)
@@ -230,6 +251,7 @@ def _other_cases(quick: bool, dev: str = "cpu") -> Dict[str, Callable]:
 
     return {"policy_loss": policy_loss, "kl_penalty": kl_penalty,
             "group_advantages": group_advantages, "gae+returns+whiten": gae,
+            "advantage_estimators": estimators,
             "linear_token_logprobs+linear_grpo_loss": linear,
             "linear_sparse_logprobs": linear_sparse}
 
@@ -242,6 +264,7 @@ _DISPATCH = {"token_logprobs": ("token_logprobs",), "entropy": ("token_logprobs"
              "policy_loss": ("policy_loss",), "kl_penalty": ("kl_penalty",),
              "group_advantages": ("group_advantages",),
              "gae+returns+whiten": ("gae", "discounted_returns", "masked_whiten"),
+             "advantage_estimators": ("group_advantages", "discounted_advantages"),
              "linear_token_logprobs+linear_grpo_loss": ("linear_token_logprobs",
                                                         "linear_grpo_loss"),
              "linear_sparse_logprobs": ("linear_sparse_logprobs",)}

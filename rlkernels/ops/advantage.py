@@ -47,8 +47,11 @@ def _per_reward(a) -> Tensor:
 
 GROUP_ADVANTAGES = Op(
     "group_advantages(Tensor rewards, Tensor? group_index, int group_size, str method, "
-    "float eps, bool unbiased, str backend) -> (advantages)",
-    _FAMILY, fake=_per_reward, eager=True)
+    "float eps, bool unbiased, Tensor? mask, Tensor? reward_weights, bool norm_by_std, "
+    "float whiten_eps, str backend) -> (advantages)",
+    _FAMILY, fake=lambda a: a.rewards.new_empty(a.rewards.shape[:1],
+                                                dtype=out_dtype(a.rewards.dtype)),
+    eager=True)
 
 
 def _check_no_nan(name: str, x: Tensor) -> None:
@@ -64,7 +67,8 @@ def _check_no_nan(name: str, x: Tensor) -> None:
 
 def group_advantages(rewards: Tensor, *, group_size: Optional[int] = None,
                      group_index: Optional[Tensor] = None, method: str = "grpo",
-                     eps: float = 1e-6, unbiased: bool = True,
+                     eps: float = 1e-6, unbiased: bool = True, mask: Optional[Tensor] = None,
+                     reward_weights=None, norm_by_std: bool = True, whiten_eps: float = 1e-8,
                      backend: Optional[str] = None) -> Tensor:
     """Advantage of each reward relative to the other rewards of its group.
 
@@ -76,13 +80,42 @@ def group_advantages(rewards: Tensor, *, group_size: Optional[int] = None,
     * ``"rloo"``:      ``r - (sum_g - r) / (n_g - 1)``, i.e. ``r`` minus the mean of the *other*
       members (leave-one-out baseline; equals ``n_g / (n_g - 1) (r - mean_g)``)
     * ``"batch_std"``: ``(r - mean_g) / (std_B + eps)``, ``std_B`` over the whole batch
-      (group mean as the baseline, batch std as the scale, as in REINFORCE++-baseline)
+      (group mean as the baseline, batch std as the scale)
+
+    verl's other outcome estimators (``verl.trainer.ppo.core_algos``, docs/math.md), with
+    ``L_i`` the number of valid (non-zero) tokens of row ``i`` of ``mask``:
+
+    * ``"grpo_vectorized"``, ``"rloo_vectorized"``: verl's names of ``"grpo"`` / ``"rloo"``.
+    * ``"opo"``: ``r - sum_g(L r) / sum_g(L)`` (baseline weighted by response length; a group
+      without any valid token gets 0). Needs ``mask``.
+    * ``"gpg"``: ``(B / max(m, 1)) (r - mean_g)``, ``m`` the number of non-zero rewards in the
+      batch (verl's ``alpha``; ``f_norm = 1``).
+    * ``"grpo_passk"``: only the best member of a group gets ``(r_max - r_2nd) / (std_g +
+      eps)`` (Pass@k training), the others 0; a tie for the best gives 0 to every member.
+    * ``"reinforce_plus_plus_baseline"``: ``d = r - mean_g``, then whitened over the batch
+      with token weights: ``(d - mu) / sqrt(var + whiten_eps)``, ``mu = sum L d / sum L``,
+      ``var = sum L (d - mu)^2 / (sum L - 1)`` (verl's ``masked_whiten`` of ``d`` broadcast
+      over the valid tokens). Needs ``mask``.
+    * ``"gdpo"``: ``rewards [B, K]`` holds K reward components; each is normalized as
+      ``"grpo"`` in its group, the results summed with ``reward_weights`` (default 1 each) in
+      component order, and the sum whitened as ``"reinforce_plus_plus_baseline"``'s ``d``.
+      Needs ``mask``.
+
+    ``norm_by_std=False`` (verl's ``norm_adv_by_std_in_grpo``) drops the ``/ (std_g + eps)``
+    of ``"grpo"`` (= ``"dr_grpo"``), ``"grpo_passk"`` and ``"gdpo"``. Outputs stay ``[B]`` (one
+    advantage per response): broadcast them over tokens with ``adv[:, None] * mask``, which
+    is verl's ``[B, T]`` output (``policy_loss`` takes ``[B]`` advantages as they are).
+    Where rlkernels differs from verl: a group of one member gets 0 (verl: baseline 0, std 1,
+    or an error for ``grpo_passk``), before the whitening of the two whitened methods;
+    whitening denominators are clamped instead of raising on fewer than 2 valid tokens.
 
     ``unbiased`` picks the ``n - 1`` (default, like ``torch.std``) or ``n`` denominator in
     every std. A group of one member gets advantage exactly 0 for every method (``r - r``: NaN
     only if ``r`` is not finite); with ``batch_std`` and ``B == 1`` that is the only group.
     A group whose rewards are all equal gets ``0 / (0 + eps) = 0`` with ``"grpo"`` (NaN if
     ``eps == 0``).
+    Every method is one kernel launch (the whitened ones: two, a group pass and a batch
+    pass); no host synchronisation.
 
     Groups, exactly one of:
 
@@ -102,19 +135,33 @@ def group_advantages(rewards: Tensor, *, group_size: Optional[int] = None,
     makes ``std_B`` NaN, hence every group of two or more members).
 
     Args:
-        rewards: ``[B]`` bf16/fp16/fp32/fp64 (``B = 0`` gives an empty result).
+        rewards: ``[B]`` bf16/fp16/fp32/fp64 (``B = 0`` gives an empty result); ``[B, K]``
+            reward components with ``"gdpo"`` (``[B]``: one component).
         group_size: int ``>= 1``, or ``None`` when ``group_index`` is given.
         group_index: int32/int64 ``[B]`` on the device of ``rewards``, or ``None``.
-        method: ``"grpo"``, ``"dr_grpo"``, ``"rloo"`` or ``"batch_std"``.
-        eps: finite ``>= 0``, added to the std (``"grpo"``, ``"batch_std"``).
-        unbiased: Bessel's correction in the std.
+        method: one of :data:`METHODS` (above).
+        eps: finite ``>= 0``, added to the std (``"grpo"``, ``"batch_std"``,
+            ``"grpo_passk"``, ``"gdpo"``).
+        unbiased: Bessel's correction in every std and whitening variance.
+        mask: ``[B, T]`` response mask (bool, integer or float; non-zero is a valid token),
+            needed by ``"opo"``, ``"reinforce_plus_plus_baseline"`` and ``"gdpo"``; the other
+            methods do not read it.
+        reward_weights: ``"gdpo"`` only: ``K`` weights (a float tensor on the device of
+            ``rewards``, or a sequence of numbers), default all 1.
+        norm_by_std: divide by the group std (see above).
+        whiten_eps: finite ``>= 0``, added to the variance of the batch whitening.
         backend: ``"torch"``, ``"triton"``, ``"cuda"``, ``"auto"`` or ``None`` (process default).
 
     Returns:
         ``[B]`` fp32 (fp64 for fp64 rewards), computed in that precision. Not differentiable:
         ``rewards`` is detached (advantages are constants in the policy gradient).
     """
-    _checks.tensor("rewards", rewards, dtypes=_checks.FLOAT_DTYPES, ndim=1)
+    _checks.choice("method", method, METHODS)
+    _checks.tensor("rewards", rewards, dtypes=_checks.FLOAT_DTYPES,
+                   ndim=None if method == "gdpo" else 1)
+    if rewards.dim() not in (1, 2):
+        raise ValueError("rewards: expected a 1-d tensor [B] or, with method='gdpo', [B, K] "
+                         f"reward components, got shape {tuple(rewards.shape)}")
     b = rewards.shape[0]
     if (group_size is None) == (group_index is None):
         got = "both" if group_size is not None else "neither"
@@ -131,12 +178,50 @@ def group_advantages(rewards: Tensor, *, group_size: Optional[int] = None,
         _checks.shape("group_index", group_index, (b,), "one group id per reward")
         _checks.same_device("rewards", rewards, group_index=group_index)
         size = 0
-    _checks.choice("method", method, METHODS)
     eps = _checks.positive("eps", eps, allow_zero=True)
     _checks.flag("unbiased", unbiased)
+    _checks.flag("norm_by_std", norm_by_std)
+    if not norm_by_std and method not in _ref.STD_METHODS:
+        raise ValueError(f"norm_by_std: expected True with method={method!r} (only "
+                         f"{', '.join(repr(m) for m in _ref.STD_METHODS)} divide by a group "
+                         "std), got False")
+    whiten_eps = _checks.positive("whiten_eps", whiten_eps, allow_zero=True)
+    if mask is not None:
+        _checks.tensor("mask", mask, dtypes=_MASK_DTYPES, ndim=2)
+        if mask.shape[0] != b:
+            raise ValueError(f"mask: expected shape ({b}, T) (one row per reward), got "
+                             f"{tuple(mask.shape)}")
+        _checks.same_device("rewards", rewards, mask=mask)
+    elif method in _ref.MASK_METHODS:
+        raise ValueError(f"mask: expected a [B, T] response mask with method={method!r} (it "
+                         "weighs responses by their valid tokens), got None")
+    reward_weights = _reward_weights(reward_weights, method, rewards)
     _check_no_nan("rewards", rewards)
     name = GROUP_ADVANTAGES.resolve(backend, rewards.device)
-    return GROUP_ADVANTAGES(rewards, group_index, size, method, eps, unbiased, name)
+    return GROUP_ADVANTAGES(rewards, group_index, size, method, eps, unbiased, mask,
+                            reward_weights, norm_by_std, whiten_eps, name)
+
+
+def _reward_weights(weights, method: str, rewards: Tensor) -> Optional[Tensor]:
+    """``gdpo``'s component weights as a ``[K]`` tensor in the math dtype (or None)."""
+    if weights is None:
+        return None
+    if method != "gdpo":
+        raise ValueError(f"reward_weights: expected None with method={method!r} (only 'gdpo' "
+                         f"weighs reward components), got {type(weights).__name__}")
+    k = rewards.shape[1] if rewards.dim() == 2 else 1
+    cdt = out_dtype(rewards.dtype)
+    if not isinstance(weights, Tensor):
+        try:
+            weights = torch.tensor([float(w) for w in weights], dtype=cdt)
+        except (TypeError, ValueError):
+            raise TypeError("reward_weights: expected a float tensor or a sequence of numbers, "
+                            f"got {weights!r}") from None
+        weights = weights.to(rewards.device)
+    _checks.tensor("reward_weights", weights, dtypes=_checks.FLOAT_DTYPES, ndim=1)
+    _checks.shape("reward_weights", weights, (k,), "one weight per reward component")
+    _checks.same_device("rewards", rewards, reward_weights=weights)
+    return weights.to(cdt)
 
 
 # ============================================================================ masked_whiten
@@ -226,6 +311,13 @@ DISCOUNTED_RETURNS = Op(
     "(returns)",
     _FAMILY, fake=_per_reward, eager=True)
 
+# discounted_returns with a baseline (ReMax) and / or whitening (REINFORCE++)
+DISCOUNTED_ADVANTAGES = Op(
+    "discounted_advantages(Tensor rewards, Tensor mask, Tensor? baseline, float gamma, "
+    "bool whiten, float whiten_eps, bool unbiased, str backend) -> (advantages, returns)",
+    _FAMILY, fake=lambda a: (_per_reward(a), _per_reward(a)), backends=("torch", "triton"),
+    eager=True)
+
 
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float = 1.0,
         lam: float = 1.0, backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
@@ -272,7 +364,9 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float = 1.0,
 
 
 def discounted_returns(rewards: Tensor, mask: Tensor, *, gamma: float = 1.0,
-                       backend: Optional[str] = None) -> Tensor:
+                       baseline: Optional[Tensor] = None, whiten: bool = False,
+                       whiten_eps: float = 1e-8, unbiased: bool = True,
+                       backend: Optional[str] = None):
     """Discounted return-to-go ``G_t = r_t + gamma * G_next`` with masked positions skipped.
 
     ``G_next`` is the return at the next valid position (0 after the last one); masked
@@ -281,17 +375,46 @@ def discounted_returns(rewards: Tensor, mask: Tensor, *, gamma: float = 1.0,
     the returns of :func:`gae` with ``values = 0`` and ``lam = 1`` (REINFORCE / ReMax style
     returns).
 
+    With ``baseline`` and / or ``whiten=True`` it also returns advantages (verl's token-level
+    estimators, docs/math.md), exactly 0 at masked positions, at valid ones:
+
+    * ``baseline [B]`` (ReMax: the reward of the greedy response): ``A_t = G_t - baseline``
+      (verl ``remax``, with ``gamma = 1``);
+    * ``whiten=True`` (REINFORCE++: verl ``reinforce_plus_plus``): ``A`` (``G``, or ``G -
+      baseline``) whitened over every valid position of the batch,
+      ``(A - mean) / sqrt(var + whiten_eps)``, ``var`` with Bessel's correction when
+      ``unbiased`` (the clamped denominators of :func:`masked_whiten`).
+
+    One launch (two with ``whiten``: the scan with per-row statistics, then the batch
+    combine), no host synchronisation.
+
     Args:
         rewards: ``[B, T]`` float.
         mask: ``[B, T]`` bool, integer or float (0/1; non-zero is valid), same device.
         gamma: discount in ``[0, 1]``.
+        baseline: ``[B]`` float on the device of ``rewards``, or ``None``.
+        whiten: whiten the advantages over the batch.
+        whiten_eps: finite ``>= 0``, added to the variance.
+        unbiased: Bessel's correction in the variance.
         backend: as for :func:`gae`.
 
     Returns:
-        ``[B, T]`` fp32 (fp64 for fp64 rewards). Not differentiable: ``rewards`` is detached.
+        ``[B, T]`` fp32 (fp64 for fp64 rewards); with ``baseline`` or ``whiten``:
+        ``(advantages, returns)``. Not differentiable: ``rewards`` is detached.
     """
     _check_sequences(rewards, mask)
     gamma = _checks.number("gamma", gamma, lo=0.0, hi=1.0)
+    _checks.flag("whiten", whiten)
+    _checks.flag("unbiased", unbiased)
+    whiten_eps = _checks.positive("whiten_eps", whiten_eps, allow_zero=True)
+    if baseline is not None or whiten:
+        if baseline is not None:
+            _checks.tensor("baseline", baseline, dtypes=_checks.FLOAT_DTYPES, ndim=1)
+            _checks.shape("baseline", baseline, rewards.shape[:1], "one baseline per row")
+            _checks.same_device("rewards", rewards, baseline=baseline)
+        name = DISCOUNTED_ADVANTAGES.resolve(backend, rewards.device)
+        return DISCOUNTED_ADVANTAGES(rewards, mask, baseline, gamma, whiten, whiten_eps,
+                                     unbiased, name)
     name = DISCOUNTED_RETURNS.resolve(backend, rewards.device)
     return DISCOUNTED_RETURNS(rewards, mask, gamma, name)
 

@@ -43,7 +43,8 @@ Tensor = torch.Tensor
 _METHODS = _codes.ADVANTAGE_METHODS  # rlkernels/_codes.py
 _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 _BLOCK = 128  # group members per step (fixed: the same sums in both paths, any group size)
-_BATCH_BLOCK = 1024  # elements per step of the batch_std passes
+_BATCH_BLOCK = 1024  # elements per step of the batch_std / gpg / whitening passes
+_LEN_BLOCK_T = 32  # mask columns per step when counting a response's valid tokens
 _CPU_PROGRAMS = 1  # batch_std programs on the CPU (tests raise it to exercise the striding)
 
 
@@ -58,14 +59,18 @@ def _sqrt(x, CDT: tl.constexpr):
 
 
 @triton.jit
-def _group_advantages_kernel(x_ptr, x_stride, perm_ptr, starts_ptr, out_ptr, B, S, n_slots,
+def _group_advantages_kernel(x_ptr, x_stride, x_col, perm_ptr, starts_ptr, out_ptr, ws_ptr,
+                             m_ptr, m_s0, m_s1, T, w_ptr, K, B, S, n_slots,
                              eps_f: tl.float64, CDT: tl.constexpr, INDEXED: tl.constexpr,
                              METHOD: tl.constexpr, UNBIASED: tl.constexpr,
-                             IEEE_DIV: tl.constexpr, BLOCK: tl.constexpr,
-                             BATCH_BLOCK: tl.constexpr):
+                             NORM: tl.constexpr, IEEE_DIV: tl.constexpr, BLOCK: tl.constexpr,
+                             BLOCK_T: tl.constexpr, BATCH_BLOCK: tl.constexpr):
     # Hot loops are written inline: the interpreter (CPU tests) pays ~1 ms per call of a
     # @triton.jit helper. Divisions are IEEE: tl.fdiv(ieee_rounding=IEEE_DIV) for fp32
     # (Triton's fp32 "/" is the approximate div.full.f32), "/" for fp64 (div.rn.f64).
+    # METHOD: _codes.ADVANTAGE_METHODS. The whitened methods (7, 8) write the pre-whitening
+    # advantage and the response's valid tokens into ws [3, B] (valid tokens, advantage,
+    # 0) for _batch_whiten_kernel.
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     eps = tl.full([], eps_f, CDT)
@@ -87,6 +92,15 @@ def _group_advantages_kernel(x_ptr, x_stride, perm_ptr, starts_ptr, out_ptr, B, 
             denom_b = denom_b - 1.0
         batch_std = _sqrt(tl.fdiv(tl.sum(acc), tl.maximum(denom_b, 1.0), ieee_rounding=IEEE_DIV),
                           CDT)
+    if METHOD == 5:
+        # gpg: alpha = B / max(number of non-zero rewards, 1), once per program (exact count)
+        cnt = tl.zeros([BATCH_BLOCK], tl.int32)
+        for i0 in range(0, B, BATCH_BLOCK):
+            offs = i0 + tl.arange(0, BATCH_BLOCK)
+            v = tl.load(x_ptr + offs.to(tl.int64) * x_stride, mask=offs < B, other=0).to(CDT)
+            cnt += (v != 0).to(tl.int32)
+        alpha = tl.fdiv(tl.zeros([], CDT) + B, tl.maximum(tl.sum(cnt), 1).to(CDT),
+                        ieee_rounding=IEEE_DIV)
     for g in range(pid, n_slots, n_prog):
         # the slot's members are positions [start, end) of the group order
         if INDEXED:
@@ -98,19 +112,11 @@ def _group_advantages_kernel(x_ptr, x_stride, perm_ptr, starts_ptr, out_ptr, B, 
         if end > start:
             n = (end - start).to(CDT)
             n_others = tl.maximum(n - 1.0, 1.0)  # n - 1; singletons are overwritten below
-            # group sums: a block sum per chunk of BLOCK members, the chunks in order
-            total = tl.zeros([], CDT)
-            for c0 in range(start, end, BLOCK):
-                offs = c0 + tl.arange(0, BLOCK)
-                inb = offs < end
-                if INDEXED:
-                    src = tl.load(perm_ptr + offs, mask=inb, other=0)
-                else:
-                    src = offs
-                total += tl.sum(tl.load(x_ptr + src * x_stride, mask=inb, other=0).to(CDT))
-            mean = tl.fdiv(total, n, ieee_rounding=IEEE_DIV)
-            if METHOD == 0:  # two-pass variance
-                ss = tl.zeros([], CDT)
+            if METHOD == 4 or METHOD >= 7:
+                # valid tokens of each member's response (an exact integer count), kept in
+                # ws[B + i]; opo sums them (and L r) over the group
+                sum_len = tl.zeros([], CDT)
+                sum_lr = tl.zeros([], CDT)
                 for c0 in range(start, end, BLOCK):
                     offs = c0 + tl.arange(0, BLOCK)
                     inb = offs < end
@@ -118,32 +124,174 @@ def _group_advantages_kernel(x_ptr, x_stride, perm_ptr, starts_ptr, out_ptr, B, 
                         src = tl.load(perm_ptr + offs, mask=inb, other=0)
                     else:
                         src = offs
-                    v = tl.load(x_ptr + src * x_stride, mask=inb, other=0).to(CDT)
-                    dev = tl.where(inb, v - mean, 0.0)
-                    ss += tl.sum(dev * dev)
-                if UNBIASED:
-                    std = _sqrt(tl.fdiv(ss, n_others, ieee_rounding=IEEE_DIV), CDT)
-                else:
-                    std = _sqrt(tl.fdiv(ss, n, ieee_rounding=IEEE_DIV), CDT)
-                scale = std + eps
-            elif METHOD == 3:
-                scale = batch_std + eps
-            for c0 in range(start, end, BLOCK):
-                offs = c0 + tl.arange(0, BLOCK)
-                inb = offs < end
-                if INDEXED:
-                    src = tl.load(perm_ptr + offs, mask=inb, other=0)
-                else:
-                    src = offs
-                v = tl.load(x_ptr + src * x_stride, mask=inb, other=0).to(CDT)
-                if METHOD == 2:  # rloo: minus the mean of the other members
-                    adv = v - tl.fdiv(total - v, n_others, ieee_rounding=IEEE_DIV)
-                elif METHOD == 1:  # dr_grpo
-                    adv = v - mean
-                else:  # grpo, batch_std
-                    adv = tl.fdiv(v - mean, scale, ieee_rounding=IEEE_DIV)
-                # a group of one member has no baseline: r - r (0, or NaN for a NaN reward)
-                tl.store(out_ptr + src, tl.where(n > 1.0, adv, v - v), mask=inb)
+                    cnt_t = tl.zeros([BLOCK], tl.int32)
+                    for t0 in range(0, T, BLOCK_T):
+                        tt = t0 + tl.arange(0, BLOCK_T)
+                        mv = tl.load(m_ptr + src[:, None] * m_s0 + tt[None, :].to(tl.int64) * m_s1,
+                                     mask=inb[:, None] & (tt[None, :] < T), other=0)
+                        cnt_t += tl.sum((mv != 0).to(tl.int32), 1)
+                    lens = cnt_t.to(CDT)
+                    if METHOD == 4:
+                        v = tl.load(x_ptr + src * x_stride, mask=inb, other=0).to(CDT)
+                        sum_len += tl.sum(lens)
+                        sum_lr += tl.sum(tl.where(inb, lens * v, 0.0))
+                    else:
+                        tl.store(ws_ptr + src, lens, mask=inb)
+            # component loop: K components for gdpo, one otherwise
+            for k in range(0, K):
+                xk_ptr = x_ptr + k * x_col
+                # group sums: a block sum per chunk of BLOCK members, the chunks in order
+                total = tl.zeros([], CDT)
+                for c0 in range(start, end, BLOCK):
+                    offs = c0 + tl.arange(0, BLOCK)
+                    inb = offs < end
+                    if INDEXED:
+                        src = tl.load(perm_ptr + offs, mask=inb, other=0)
+                    else:
+                        src = offs
+                    total += tl.sum(tl.load(xk_ptr + src * x_stride, mask=inb, other=0).to(CDT))
+                mean = tl.fdiv(total, n, ieee_rounding=IEEE_DIV)
+                if METHOD == 6:
+                    # grpo_passk: the best reward, how many members have it, the second best
+                    top = tl.full([], float("-inf"), CDT)
+                    for c0 in range(start, end, BLOCK):
+                        offs = c0 + tl.arange(0, BLOCK)
+                        inb = offs < end
+                        if INDEXED:
+                            src = tl.load(perm_ptr + offs, mask=inb, other=0)
+                        else:
+                            src = offs
+                        v = tl.load(xk_ptr + src * x_stride, mask=inb, other=float("-inf"))
+                        top = tl.maximum(top, tl.max(v.to(CDT)))
+                    n_top = tl.zeros([], tl.int32)
+                    second = tl.full([], float("-inf"), CDT)
+                    for c0 in range(start, end, BLOCK):
+                        offs = c0 + tl.arange(0, BLOCK)
+                        inb = offs < end
+                        if INDEXED:
+                            src = tl.load(perm_ptr + offs, mask=inb, other=0)
+                        else:
+                            src = offs
+                        v = tl.load(xk_ptr + src * x_stride, mask=inb, other=0).to(CDT)
+                        is_top = inb & (v == top)
+                        n_top += tl.sum(is_top.to(tl.int32))
+                        second = tl.maximum(second, tl.max(tl.where(is_top | (inb == 0),
+                                                                    float("-inf"), v)))
+                    gap = top - second
+                if (METHOD == 0 or METHOD == 6 or METHOD == 8) and NORM:
+                    # two-pass variance
+                    ss = tl.zeros([], CDT)
+                    for c0 in range(start, end, BLOCK):
+                        offs = c0 + tl.arange(0, BLOCK)
+                        inb = offs < end
+                        if INDEXED:
+                            src = tl.load(perm_ptr + offs, mask=inb, other=0)
+                        else:
+                            src = offs
+                        v = tl.load(xk_ptr + src * x_stride, mask=inb, other=0).to(CDT)
+                        dev = tl.where(inb, v - mean, 0.0)
+                        ss += tl.sum(dev * dev)
+                    if UNBIASED:
+                        std = _sqrt(tl.fdiv(ss, n_others, ieee_rounding=IEEE_DIV), CDT)
+                    else:
+                        std = _sqrt(tl.fdiv(ss, n, ieee_rounding=IEEE_DIV), CDT)
+                    scale = std + eps
+                elif METHOD == 3:
+                    scale = batch_std + eps
+                if METHOD == 6 and NORM:
+                    gap = tl.fdiv(gap, scale, ieee_rounding=IEEE_DIV)
+                if METHOD == 4:
+                    base = tl.fdiv(sum_lr, sum_len, ieee_rounding=IEEE_DIV)
+                if METHOD == 8:
+                    wk = tl.load(w_ptr + k).to(CDT)
+                for c0 in range(start, end, BLOCK):
+                    offs = c0 + tl.arange(0, BLOCK)
+                    inb = offs < end
+                    if INDEXED:
+                        src = tl.load(perm_ptr + offs, mask=inb, other=0)
+                    else:
+                        src = offs
+                    v = tl.load(xk_ptr + src * x_stride, mask=inb, other=0).to(CDT)
+                    if METHOD == 2:  # rloo: minus the mean of the other members
+                        adv = v - tl.fdiv(total - v, n_others, ieee_rounding=IEEE_DIV)
+                    elif METHOD == 1 or METHOD == 7:  # dr_grpo, rf++ baseline (pre-whitening)
+                        adv = v - mean
+                    elif METHOD == 4:  # opo: no valid token in the group -> no baseline
+                        adv = tl.where(sum_len > 0, v - base, v - v)
+                    elif METHOD == 5:  # gpg
+                        adv = alpha * (v - mean)
+                    elif METHOD == 6:  # grpo_passk; a NaN / inf reward: the group is NaN
+                        adv = tl.where((v == top) & (n_top == 1), gap, 0.0) + (total - total)
+                    elif (METHOD == 0 or METHOD == 8) and not NORM:
+                        adv = v - mean
+                    else:  # grpo, batch_std, gdpo's component
+                        adv = tl.fdiv(v - mean, scale, ieee_rounding=IEEE_DIV)
+                    # a group of one member has no baseline: r - r (0, or NaN for a NaN reward)
+                    adv = tl.where(n > 1.0, adv, v - v)
+                    if METHOD == 8:  # ws starts at 0: 0 + w_0 A_0 + w_1 A_1 + ...
+                        acc = tl.load(ws_ptr + B + src, mask=inb, other=0) + wk * adv
+                        tl.store(ws_ptr + B + src, acc, mask=inb)
+                    elif METHOD == 7:
+                        tl.store(ws_ptr + B + src, adv, mask=inb)
+                    else:
+                        tl.store(out_ptr + src, adv, mask=inb)
+
+
+@triton.jit
+def _batch_whiten_kernel(ws_ptr, out_ptr, m_ptr, m_s0, m_s1, B, T, eps_f: tl.float64,
+                         TOKENS: tl.constexpr, UNBIASED: tl.constexpr, CDT: tl.constexpr,
+                         IEEE_DIV: tl.constexpr, BLOCK: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Whitening over the batch from per-row statistics ``ws [3, B] = (n_i, mean_i, M2_i)``
+    (``n_i`` valid tokens, their mean and sum of squared deviations; a row's advantage
+    broadcast over its tokens has ``M2_i = 0``), combined in a fixed order by every program
+    (the same bits everywhere): ``N = sum n``, ``mean = sum n_i mean_i / max(N, 1)``,
+    ``M2 = sum M2_i + n_i (mean_i - mean)^2`` (Chan et al.), ``var = M2 / max(N - 1, 1)``
+    (``max(N, 1)`` when not ``UNBIASED``). Then each program rewrites its rows: ``TOKENS``:
+    ``out[i, t] = valid ? (out[i, t] - mean) rstd : 0``; else ``out[i] = (mean_i - mean)
+    rstd``."""
+    pid = tl.program_id(0)
+    P = tl.num_programs(0)
+    acc_n = tl.zeros([BLOCK], CDT)
+    acc_s = tl.zeros([BLOCK], CDT)
+    for i0 in range(0, B, BLOCK):
+        offs = i0 + tl.arange(0, BLOCK)
+        inb = offs < B
+        cnt = tl.load(ws_ptr + offs, mask=inb, other=0)
+        mu = tl.load(ws_ptr + B + offs, mask=inb, other=0)
+        acc_n += cnt
+        acc_s += tl.where(cnt > 0, cnt * mu, 0.0)
+    total_n = tl.sum(acc_n)
+    mean = tl.fdiv(tl.sum(acc_s), tl.maximum(total_n, 1.0), ieee_rounding=IEEE_DIV)
+    acc_q = tl.zeros([BLOCK], CDT)
+    for i0 in range(0, B, BLOCK):
+        offs = i0 + tl.arange(0, BLOCK)
+        inb = offs < B
+        cnt = tl.load(ws_ptr + offs, mask=inb, other=0)
+        d = tl.load(ws_ptr + B + offs, mask=inb, other=0) - mean
+        m2 = tl.load(ws_ptr + 2 * B + offs, mask=inb, other=0)
+        acc_q += tl.where(cnt > 0, m2 + cnt * d * d, 0.0)
+    if UNBIASED:
+        denom = tl.maximum(total_n - 1.0, 1.0)
+    else:
+        denom = tl.maximum(total_n, 1.0)
+    var = tl.fdiv(tl.sum(acc_q), denom, ieee_rounding=IEEE_DIV)
+    rstd = tl.fdiv(tl.full([], 1.0, CDT), _sqrt(var + tl.full([], eps_f, CDT), CDT),
+                   ieee_rounding=IEEE_DIV)
+    if TOKENS:
+        for row in range(pid, B, P):
+            r64 = (tl.zeros([], tl.int64) + row)
+            for t0 in range(0, T, BLOCK_T):
+                tt = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
+                inb = tt < T
+                ok = (tl.load(m_ptr + r64 * m_s0 + tt * m_s1, mask=inb, other=0) != 0) & inb
+                a = tl.load(out_ptr + r64 * T + tt, mask=inb, other=0)
+                tl.store(out_ptr + r64 * T + tt, tl.where(ok, (a - mean) * rstd, 0.0), mask=inb)
+    else:
+        for i0 in range(pid * BLOCK, B, P * BLOCK):
+            offs = i0 + tl.arange(0, BLOCK)
+            inb = offs < B
+            mu = tl.load(ws_ptr + B + offs, mask=inb, other=0)
+            tl.store(out_ptr + offs, (mu - mean) * rstd, mask=inb)
 
 
 @lru_cache(maxsize=None)
@@ -152,21 +300,33 @@ def _num_sms(index: int) -> int:
 
 
 def _programs(slots: int, method: str, x: Tensor) -> int:
-    """One program per group slot; with ``batch_std`` every program first reads the whole
-    batch, so then at most one program per SM (each loops over its slots), and one on the
-    CPU (the interpreter runs programs one after the other)."""
-    if method != "batch_std":
+    """One program per group slot; with ``batch_std`` and ``gpg`` every program first reads
+    the whole batch, so then at most one program per SM (each loops over its slots), and one
+    on the CPU (the interpreter runs programs one after the other)."""
+    if method not in ("batch_std", "gpg"):
         return slots
     return min(slots, _num_sms(x.device.index or 0) if x.is_cuda else _CPU_PROGRAMS)
 
 
+def _whiten_grid(rows: int, x: Tensor) -> int:
+    """Programs of _batch_whiten_kernel: each re-reduces the whole batch's statistics."""
+    return max(1, min(rows, _num_sms(x.device.index or 0) if x.is_cuda else _CPU_PROGRAMS))
+
+
+_WHITENED = ("reinforce_plus_plus_baseline", "gdpo")
+
+
 def group_advantages_forward(rewards: Tensor, group_index: Optional[Tensor], group_size: int,
-                             method: str, eps: float, unbiased: bool) -> Tensor:
+                             method: str, eps: float, unbiased: bool,
+                             mask: Optional[Tensor] = None,
+                             reward_weights: Optional[Tensor] = None, norm_by_std: bool = True,
+                             whiten_eps: float = 1e-8) -> Tensor:
     """Advantages ``[B]`` (fp32, fp64 for fp64 rewards); one kernel launch (plus an integer
-    sort and search of the ids when ``group_index`` is given)."""
+    sort and search of the ids when ``group_index`` is given; plus the batch whitening for
+    ``reinforce_plus_plus_baseline`` and ``gdpo``)."""
     cdt = torch.float64 if rewards.dtype == torch.float64 else torch.float32
-    x = rewards.reshape(-1)
-    b = x.numel()
+    x = rewards if rewards.dim() == 2 else rewards.reshape(-1, 1)
+    b, k = x.shape
     out = torch.empty(b, dtype=cdt, device=x.device)
     if b == 0:
         return out
@@ -181,12 +341,27 @@ def group_advantages_forward(rewards: Tensor, group_index: Optional[Tensor], gro
         # starts[g] = first sorted position of run g; B for every g past the last run
         starts = torch.searchsorted(run, torch.arange(b + 1, device=x.device))
         slots, indexed = b, True
+    whitened = method in _WHITENED
+    ws = torch.zeros(3 * b if whitened else 1, dtype=cdt, device=x.device)
+    m = mask if mask is not None else x
+    steps = mask.shape[1] if mask is not None else 0
+    w = reward_weights if reward_weights is not None else torch.ones(k, dtype=cdt,
+                                                                     device=x.device)
+    if method != "gdpo":
+        k = 1
     with device_guard(x):
         _group_advantages_kernel[(_programs(slots, method, x),)](
-            x, x.stride(0), perm, starts, out, b, group_size, slots, float(eps),
+            x, x.stride(0), x.stride(1), perm, starts, out, ws, m,
+            m.stride(0), m.stride(1), steps, w, k, b, group_size, slots, float(eps),
             CDT=_TL_DTYPES[cdt], INDEXED=indexed, METHOD=_METHODS[method],
-            UNBIASED=bool(unbiased), IEEE_DIV=cdt == torch.float32, BLOCK=_BLOCK,
+            UNBIASED=bool(unbiased), NORM=bool(norm_by_std), IEEE_DIV=cdt == torch.float32,
+            BLOCK=_BLOCK, BLOCK_T=_LEN_BLOCK_T,
             BATCH_BLOCK=min(_BATCH_BLOCK, triton.next_power_of_2(b)), num_warps=4)
+        if whitened:
+            _batch_whiten_kernel[(_whiten_grid(b, x),)](
+                ws, out, ws, 0, 0, b, 0, float(whiten_eps), TOKENS=False,
+                UNBIASED=bool(unbiased), CDT=_TL_DTYPES[cdt], IEEE_DIV=cdt == torch.float32,
+                BLOCK=min(_BATCH_BLOCK, triton.next_power_of_2(b)), BLOCK_T=16, num_warps=4)
     return out
 
 
@@ -260,12 +435,23 @@ def _returns_combine(a_p, b_p, a_e, b_e):
 
 
 @triton.jit
-def _returns_kernel(r_ptr, r_s0, r_s1, m_ptr, m_s0, m_s1, out_ptr, T, gamma_f: tl.float64,
-                    CDT: tl.constexpr, BLOCK_T: tl.constexpr):
+def _returns_kernel(r_ptr, r_s0, r_s1, m_ptr, m_s0, m_s1, out_ptr, adv_ptr, base_ptr, base_s,
+                    ws_ptr, B, T, gamma_f: tl.float64, CDT: tl.constexpr, ADV: tl.constexpr,
+                    HAS_BASE: tl.constexpr, WHITEN: tl.constexpr, BLOCK_T: tl.constexpr):
+    # ADV: also write a = G - baseline (0 at masked steps); WHITEN: and the row's statistics
+    # of a over its valid steps, ws [3, B] = (count, mean, M2), chunk by chunk merged with
+    # Chan et al.'s update (each chunk's own statistics are two-pass), for
+    # _batch_whiten_kernel.
     row = tl.program_id(0).to(tl.int64)
     lanes = tl.arange(0, BLOCK_T)
     gamma = tl.full([], gamma_f, CDT)
     ret = tl.zeros([], CDT)
+    if HAS_BASE:
+        base = tl.load(base_ptr + row * base_s).to(CDT)
+    if WHITEN:
+        cnt = tl.zeros([], CDT)
+        mean = tl.zeros([], CDT)
+        m2 = tl.zeros([], CDT)
     for c in range(0, tl.cdiv(T, BLOCK_T)):
         t = (T - 1 - c * BLOCK_T - lanes).to(tl.int64)
         inb = t >= 0
@@ -276,7 +462,28 @@ def _returns_kernel(r_ptr, r_s0, r_s1, m_ptr, m_s0, m_s1, out_ptr, T, gamma_f: t
                                     tl.where(ok, r, zero)), 0, _returns_combine)
         g_t = a * ret + b
         tl.store(out_ptr + row * T + t, tl.where(ok, g_t, zero), mask=inb)
+        if ADV:
+            if HAS_BASE:
+                adv = tl.where(ok, g_t - base, zero)
+            else:
+                adv = tl.where(ok, g_t, zero)
+            tl.store(adv_ptr + row * T + t, adv, mask=inb)
+            if WHITEN:
+                n_c = tl.sum(ok.to(CDT), 0)
+                mean_c = tl.sum(adv, 0) / tl.maximum(n_c, 1.0)
+                d_c = tl.where(ok, adv - mean_c, zero)
+                m2_c = tl.sum(d_c * d_c, 0)
+                n_new = cnt + n_c
+                delta = mean_c - mean
+                frac = n_c / tl.maximum(n_new, 1.0)
+                mean = mean + delta * frac
+                m2 = m2 + m2_c + delta * delta * cnt * frac
+                cnt = n_new
         ret = tl.sum(tl.where(lanes == BLOCK_T - 1, g_t, zero), 0)
+    if WHITEN:
+        tl.store(ws_ptr + row, cnt)
+        tl.store(ws_ptr + B + row, mean)
+        tl.store(ws_ptr + 2 * B + row, m2)
 
 
 _SCAN_BLOCK = 1024  # time steps per chunk (a power of two; fewer for short rows)
@@ -311,10 +518,39 @@ def discounted_returns_forward(rewards: Tensor, mask: Tensor, gamma: float) -> T
     if b == 0 or steps == 0:
         return out
     with device_guard(rewards):
-        _returns_kernel[(b,)](rewards, *rewards.stride(), mask, *mask.stride(), out, steps,
-                              float(gamma), CDT=_TL_DTYPES[cdt], BLOCK_T=_scan_block(steps),
+        _returns_kernel[(b,)](rewards, *rewards.stride(), mask, *mask.stride(), out, out, out,
+                              0, out, b, steps, float(gamma), CDT=_TL_DTYPES[cdt], ADV=False,
+                              HAS_BASE=False, WHITEN=False, BLOCK_T=_scan_block(steps),
                               num_warps=4)
     return out
+
+
+def discounted_advantages_forward(rewards: Tensor, mask: Tensor, baseline: Optional[Tensor],
+                                  gamma: float, whiten: bool, whiten_eps: float,
+                                  unbiased: bool):
+    """``(advantages, returns)`` ``[B, T]``, as
+    :func:`rlkernels.reference.advantage.discounted_advantages`: one launch (the scan writes
+    both), two with ``whiten`` (then _batch_whiten_kernel rescales the advantages)."""
+    cdt = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    b, steps = rewards.shape
+    out = torch.empty((b, steps), dtype=cdt, device=rewards.device)
+    adv = torch.empty_like(out)
+    if b == 0 or steps == 0:
+        return adv, out
+    ws = torch.empty(3 * b if whiten else 1, dtype=cdt, device=rewards.device)
+    base = baseline if baseline is not None else out
+    with device_guard(rewards):
+        _returns_kernel[(b,)](rewards, *rewards.stride(), mask, *mask.stride(), out, adv, base,
+                              base.stride(0), ws, b, steps, float(gamma), CDT=_TL_DTYPES[cdt],
+                              ADV=True, HAS_BASE=baseline is not None, WHITEN=bool(whiten),
+                              BLOCK_T=_scan_block(steps), num_warps=4)
+        if whiten:
+            _batch_whiten_kernel[(_whiten_grid(b, rewards),)](
+                ws, adv, mask, mask.stride(0), mask.stride(1), b, steps, float(whiten_eps),
+                TOKENS=True, UNBIASED=bool(unbiased), CDT=_TL_DTYPES[cdt],
+                IEEE_DIV=cdt == torch.float32, BLOCK=min(_BATCH_BLOCK, triton.next_power_of_2(b)),
+                BLOCK_T=_scan_block(steps), num_warps=4)
+    return adv, out
 
 
 # ============================================================================ masked_whiten

@@ -49,7 +49,7 @@ _FAMILY = {
     "sparse_logprobs": "sparse", "sparse_kl": "sparse",
     "policy_loss": "policy", "grpo_loss": "policy", "kl_penalty": "policy",
     "group_advantages": "advantage", "masked_whiten": "advantage", "gae": "advantage",
-    "discounted_returns": "advantage",
+    "discounted_returns": "advantage", "discounted_advantages": "advantage",
     "linear_token_logprobs": "linear", "linear_grpo_loss": "linear",
     "linear_sparse_logprobs": "linear",
 }
@@ -607,13 +607,26 @@ def group_advantages_cases() -> List[Case]:
         r[8:12] = 0.5                          # a group of equal rewards: std 0
         return {"rewards": r, "group_index": ids.clone()}
 
-    def sized(method, **kw):
-        return lambda i, b: (rk.group_advantages(i["rewards"], group_size=4, method=method,
-                                                 backend=b, **kw),)
+    def with_mask(seed):
+        inp = build(seed)
+        m = torch.rand(12, 5, generator=_gen(seed + 1)) > 0.3
+        m[2] = False                           # an empty response
+        return {**inp, "mask": m}
 
-    def indexed(method, **kw):
+    def with_components(seed):
+        inp = with_mask(seed)
+        extra = torch.randn(12, 2, generator=_gen(seed + 2), dtype=F64)
+        return {**inp, "rewards": torch.cat([inp["rewards"][:, None], extra], 1)}
+
+    def sized(method, mask=False, **kw):
+        return lambda i, b: (rk.group_advantages(i["rewards"], group_size=4, method=method,
+                                                 mask=i["mask"] if mask else None, backend=b,
+                                                 **kw),)
+
+    def indexed(method, mask=False, **kw):
         return lambda i, b: (rk.group_advantages(i["rewards"], group_index=i["group_index"],
-                                                 method=method, backend=b, **kw),)
+                                                 method=method, mask=i["mask"] if mask else None,
+                                                 backend=b, **kw),)
 
     def pad_sized(inp):  # the group of equal rewards has advantage exactly 0
         z = torch.zeros(12, dtype=torch.bool)
@@ -650,6 +663,22 @@ def group_advantages_cases() -> List[Case]:
         # batch_std: the scale is the std of the whole batch, no batch invariance to check
         Case("group_advantages", "batch_std-size4", build, sized("batch_std"),
              **common),
+        # verl's other estimators (tests/ops/test_advantage_estimators.py has their formulas)
+        Case("group_advantages", "opo-index", with_mask, indexed("opo", mask=True),
+             pad=pad_indexed, ints=("group_index",),
+             rows_in={"rewards": 0, "group_index": 0, "mask": 0}, rows_out={0: 0},
+             take=group_of_three, **common),
+        Case("group_advantages", "grpo_passk-size4", build, sized("grpo_passk"),
+             pad=pad_sized, rows_in={"rewards": 0}, rows_out={0: 0}, take=last_group,
+             **common),
+        # gpg (batch count of non-zero rewards), the whitened methods: batch-wide, no rows
+        Case("group_advantages", "gpg-index", build, indexed("gpg"), pad=pad_indexed,
+             ints=("group_index",), **common),
+        Case("group_advantages", "rf++baseline-size4", with_mask,
+             sized("reinforce_plus_plus_baseline", mask=True), **common),
+        Case("group_advantages", "gdpo-index", with_components,
+             indexed("gdpo", mask=True, reward_weights=[1.0, 0.5, 2.0]),
+             ints=("group_index",), **common),
     ]
 
 
@@ -733,6 +762,28 @@ def discounted_returns_cases() -> List[Case]:
              lambda s: {**_seq_build(s), "mask": _seq_build(s)["mask"].double()},
              lambda i, b: (rk.discounted_returns(i["rewards"], i["mask"], backend=b),),
              **common),
+    ]
+
+
+def discounted_advantages_cases() -> List[Case]:
+    """discounted_returns with a baseline (ReMax) or whitening (REINFORCE++): outputs
+    (advantages, returns), both 0 at masked positions."""
+    def with_baseline(seed):
+        inp = _seq_build(seed)
+        return {**inp, "baseline": torch.randn(3, generator=_gen(seed + 1), dtype=F64)}
+
+    pad = _seq_pad(("rewards",), 2)
+    return [
+        Case("discounted_advantages", "remax", with_baseline,
+             lambda i, b: tuple(rk.discounted_returns(i["rewards"], i["mask"],
+                                                      baseline=i["baseline"], backend=b)),
+             primary=("rewards", "baseline"), pad=pad,
+             rows_in={"rewards": 0, "mask": 0, "baseline": 0}, rows_out={0: 0, 1: 0}),
+        # whitened over the batch: no batch invariance
+        Case("discounted_advantages", "reinforce++-g0.9", _seq_build,
+             lambda i, b: tuple(rk.discounted_returns(i["rewards"], i["mask"], gamma=0.9,
+                                                      whiten=True, backend=b)),
+             primary=("rewards",), pad=pad, compile=True),
     ]
 
 
@@ -862,6 +913,6 @@ CASES: List[Case] = [
     *kl_divergence_cases(), *sampling_support_cases(), *kl_penalty_cases(),
     *policy_loss_cases(), *grpo_loss_cases(),
     *group_advantages_cases(), *masked_whiten_cases(), *gae_cases(),
-    *discounted_returns_cases(), *linear_cases(), *linear_sparse_logprobs_cases(),
+    *discounted_returns_cases(), *discounted_advantages_cases(), *linear_cases(), *linear_sparse_logprobs_cases(),
 ]
 PUBLIC_OPS = sorted({c.op for c in CASES})

@@ -36,6 +36,10 @@ CPP_NAMES = {
     "kKlK3Plus": ("kl_estimator", "k3+"),
     "kGrpo": ("advantage_method", "grpo"), "kDrGrpo": ("advantage_method", "dr_grpo"),
     "kRloo": ("advantage_method", "rloo"), "kBatchStd": ("advantage_method", "batch_std"),
+    "kOpo": ("advantage_method", "opo"), "kGpg": ("advantage_method", "gpg"),
+    "kGrpoPassk": ("advantage_method", "grpo_passk"),
+    "kRppBaseline": ("advantage_method", "reinforce_plus_plus_baseline"),
+    "kGdpo": ("advantage_method", "gdpo"),
 }
 
 
