@@ -133,7 +133,11 @@ PYBIND11_MODULE(_C, m) {
   codes["kl_estimator"] = table({{"k1", rlk::kKlK1}, {"abs", rlk::kKlAbs}, {"k2", rlk::kKlK2},
                                  {"k3", rlk::kKlK3}, {"k3+", rlk::kKlK3Plus}});
   codes["advantage_method"] = table({{"grpo", rlk::kGrpo}, {"dr_grpo", rlk::kDrGrpo},
-                                     {"rloo", rlk::kRloo}, {"batch_std", rlk::kBatchStd}});
+                                     {"rloo", rlk::kRloo}, {"batch_std", rlk::kBatchStd},
+                                     {"opo", rlk::kOpo}, {"gpg", rlk::kGpg},
+                                     {"grpo_passk", rlk::kGrpoPassk},
+                                     {"reinforce_plus_plus_baseline", rlk::kRppBaseline},
+                                     {"gdpo", rlk::kGdpo}});
   codes["rollout_level"] = table({{"token", rlk::kRolloutToken},
                                   {"sequence", rlk::kRolloutSequence},
                                   {"geometric", rlk::kRolloutGeometric}});

@@ -52,7 +52,10 @@ enum Agg : int {
 // of k2, so it needs its own code wherever a gradient is computed.
 enum KlEstimator : int { kKlK1 = 0, kKlAbs = 1, kKlK2 = 2, kKlK3 = 3, kKlK3Plus = 4 };
 // group_advantages(method=...).
-enum AdvantageMethod : int { kGrpo = 0, kDrGrpo = 1, kRloo = 2, kBatchStd = 3 };
+enum AdvantageMethod : int {
+  kGrpo = 0, kDrGrpo = 1, kRloo = 2, kBatchStd = 3, kOpo = 4, kGpg = 5, kGrpoPassk = 6,
+  kRppBaseline = 7, kGdpo = 8
+};
 
 // rollout_correction(level=..., mode=..., reject=...). A reject code is a bit position of
 // the `reject` mask the kernel takes.
