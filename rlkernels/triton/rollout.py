@@ -58,6 +58,33 @@ def _exp(x, LIBDEVICE_EXP: tl.constexpr):
 
 
 @triton.jit
+def _maxn(a, b):
+    # NaN-propagating maximum (torch.amax): a NaN statistic at a valid position stays NaN
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _clamp(x, lim):
+    # clamp(x, -lim, lim) that keeps NaN (torch.clamp does; tl.minimum / tl.maximum do not)
+    return tl.where(x < -lim, -lim, tl.where(x > lim, lim, x))
+
+
+@triton.jit
+def _rowmax(x):
+    # NaN-propagating maximum over axis 1 (tl.max drops NaN)
+    nan = tl.max(tl.where(x != x, 1, 0), axis=1) > 0
+    return tl.where(nan, float("nan"), tl.max(x, axis=1))
+
+
+@triton.jit
+def _max2(x):
+    # the NaN-propagating maximum of a [ROWS, BLOCK_T] tile
+    m = _rowmax(x)
+    nan = tl.max(tl.where(m != m, 1, 0), axis=0) > 0
+    return tl.where(nan, float("nan"), tl.max(m, axis=0))
+
+
+@triton.jit
 def _rollout_kernel(
         old_ptr, roll_ptr, m_ptr, adv_ptr, w_ptr, keep_ptr, part_ptr, B, T,
         old_sb, old_st, roll_sb, roll_st, m_sb, m_st, adv_sb, adv_st,
@@ -98,7 +125,7 @@ def _rollout_kernel(
         old = tl.load(old_ptr + r64 * old_sb + t64 * old_st, mask=valid, other=0).to(CDT)
         roll = tl.load(roll_ptr + r64 * roll_sb + t64 * roll_st, mask=valid, other=0).to(CDT)
         lr = tl.where(valid, old - roll, zero)
-        lrc = tl.minimum(tl.maximum(lr, -lim), lim)
+        lrc = _clamp(lr, lim)
         k2 = 0.5 * lrc * lrc
         k3 = _exp(lrc, LIBDEVICE_EXP) - 1.0 - lrc
         a_n += tl.where(valid, 1.0, zero)
@@ -107,8 +134,8 @@ def _rollout_kernel(
         a_lrc += tl.where(valid, m * lrc, zero)
         a_k2 += tl.where(valid, m * k2, zero)
         a_k3 += tl.where(valid, m * k3, zero)
-        x_k2 = tl.maximum(x_k2, tl.where(valid, k2, ninf))
-        x_k3 = tl.maximum(x_k3, tl.where(valid, k3, ninf))
+        x_k2 = _maxn(x_k2, tl.where(valid, k2, ninf))
+        x_k3 = _maxn(x_k3, tl.where(valid, k3, ninf))
     nonempty = tl.sum(a_n, axis=1) > 0
     cnt = tl.sum(a_m, axis=1)
     cnt_safe = tl.where(nonempty, tl.maximum(cnt, 1e-30), 1.0)
@@ -119,9 +146,9 @@ def _rollout_kernel(
     mean_lr = tl.where(nonempty, tl.fdiv(s_lr, cnt_safe, ieee_rounding=IEEE_DIV), zero)
     mean_k1 = tl.where(nonempty, tl.fdiv(-s_lrc, cnt_safe, ieee_rounding=IEEE_DIV), zero)
     if LEVEL == 1:
-        row_logw = tl.minimum(tl.maximum(s_lr, -lim), lim)
+        row_logw = _clamp(s_lr, lim)
     else:
-        row_logw = tl.minimum(tl.maximum(mean_lr, -lim), lim)
+        row_logw = _clamp(mean_lr, lim)
     # the sequence-level rejection tests
     row_pass = rin
     if (REJ >> 3) & 1:
@@ -141,10 +168,10 @@ def _rollout_kernel(
         mk3 = tl.where(nonempty, tl.fdiv(s_k3, cnt_safe, ieee_rounding=IEEE_DIV), zero)
         row_pass = row_pass & (mk3 <= tl.full([], sm3_hi, CDT))
     if (REJ >> 9) & 1:
-        xk2 = tl.where(nonempty, tl.max(x_k2, axis=1), zero)
+        xk2 = tl.where(nonempty, _rowmax(x_k2), zero)
         row_pass = row_pass & (xk2 <= tl.full([], sx2_hi, CDT))
     if (REJ >> 10) & 1:
-        xk3 = tl.where(nonempty, tl.max(x_k3, axis=1), zero)
+        xk3 = tl.where(nonempty, _rowmax(x_k3), zero)
         row_pass = row_pass & (xk3 <= tl.full([], sx3_hi, CDT))
     opsm_low_kl = mean_k1 <= tl.full([], opsm_hi, CDT)
 
@@ -172,7 +199,7 @@ def _rollout_kernel(
         old = tl.load(old_ptr + r64 * old_sb + t64 * old_st, mask=valid, other=0).to(CDT)
         roll = tl.load(roll_ptr + r64 * roll_sb + t64 * roll_st, mask=valid, other=0).to(CDT)
         lr = tl.where(valid, old - roll, zero)
-        lrc = tl.minimum(tl.maximum(lr, -lim), lim)
+        lrc = _clamp(lr, lim)
         if LEVEL == 0:
             logw = lrc
         else:
@@ -206,11 +233,11 @@ def _rollout_kernel(
         p_k1 += tl.where(valid, -m * lr, zero)
         p_k3 += tl.where(valid, m * (e - lr - 1.0), zero)
         p_d += tl.where(valid, m * tl.abs(lr), zero)
-        x_d = tl.maximum(x_d, tl.where(valid, tl.abs(lr), ninf))
+        x_d = _maxn(x_d, tl.where(valid, tl.abs(lr), ninf))
         p_chi += tl.where(valid, m * (_exp(2.0 * lrc, LIBDEVICE_EXP) - 1.0), zero)
         p_w += tl.where(valid, m * w, zero)
-        x_w = tl.maximum(x_w, tl.where(valid, w, ninf))
-        n_w = tl.maximum(n_w, tl.where(valid, -w, ninf))
+        x_w = _maxn(x_w, tl.where(valid, w, ninf))
+        n_w = _maxn(n_w, tl.where(valid, -w, ninf))
         p_w2 += tl.where(valid, m * w * w, zero)
         p_hi += tl.where(valid & above, m, zero)
         p_lo += tl.where(valid & below, m, zero)
@@ -218,7 +245,7 @@ def _rollout_kernel(
         p_rej += tl.where(rejected, m, zero)
         x_rej = tl.maximum(x_rej, tl.where(rejected, 1.0, zero))
     row_rej = (tl.max(x_rej, axis=1) > 0) & nonempty
-    slc = tl.minimum(tl.maximum(s_lr, -lim), lim)
+    slc = _clamp(s_lr, lim)
     chi_seq = tl.where(nonempty, _exp(2.0 * slc, LIBDEVICE_EXP) - 1.0, zero)
     base = part_ptr + pid
     P = tl.num_programs(0)
@@ -226,14 +253,14 @@ def _rollout_kernel(
     tl.store(base + 1 * P, tl.sum(tl.sum(p_k1, axis=1), axis=0))
     tl.store(base + 2 * P, tl.sum(tl.sum(p_k3, axis=1), axis=0))
     tl.store(base + 3 * P, tl.sum(tl.sum(p_d, axis=1), axis=0))
-    tl.store(base + 4 * P, tl.max(tl.max(x_d, axis=1), axis=0))
+    tl.store(base + 4 * P, _max2(x_d))
     tl.store(base + 5 * P, tl.sum(tl.sum(p_chi, axis=1), axis=0))
     tl.store(base + 6 * P, tl.sum(tl.where(nonempty, 1.0, zero), axis=0))
     tl.store(base + 7 * P, tl.sum(chi_seq, axis=0))
     tl.store(base + 8 * P, tl.sum(tl.where(nonempty, -mean_lr, zero), axis=0))
     tl.store(base + 9 * P, tl.sum(tl.sum(p_w, axis=1), axis=0))
-    tl.store(base + 10 * P, tl.max(tl.max(x_w, axis=1), axis=0))
-    tl.store(base + 11 * P, tl.max(tl.max(n_w, axis=1), axis=0))
+    tl.store(base + 10 * P, _max2(x_w))
+    tl.store(base + 11 * P, _max2(n_w))
     tl.store(base + 12 * P, tl.sum(tl.sum(p_w2, axis=1), axis=0))
     tl.store(base + 13 * P, tl.sum(tl.sum(p_hi, axis=1), axis=0))
     tl.store(base + 14 * P, tl.sum(tl.sum(p_lo, axis=1), axis=0))
@@ -259,9 +286,9 @@ def _rollout_finish_kernel(part_ptr, met_ptr, P, CDT: tl.constexpr, IEEE_DIV: tl
         inb = (k < 17) & (p < P)
         x = tl.load(part_ptr + k * P + p, mask=inb, other=0).to(CDT)
         acc += x
-        top = tl.maximum(top, tl.where(inb, x, float("-inf")))
+        top = _maxn(top, tl.where(inb, x, float("-inf")))
     sums = tl.sum(acc, axis=1)
-    maxes = tl.max(top, axis=1)
+    maxes = _rowmax(top)
     zero = tl.zeros([], CDT)
     s0 = _pick(sums, 0, NK)
     tok = s0 > 0
