@@ -64,14 +64,14 @@ def _linear_token_logprobs_parallel(a, kernel):
 LINEAR_TOKEN_LOGPROBS = Op(
     "linear_token_logprobs(Tensor hidden, Tensor weight, Tensor? bias, Tensor tokens, "
     "float temperature, int ignore_index, bool with_entropy, str backend, str? "
-    "head_precision=None, str path='auto') -> (logp, entropy, stats)",
+    "head_precision=None, str path='auto', Tensor? rows=None) -> (logp, entropy, stats)",
     _FAMILY, backends=_BACKENDS,
     fake=lambda a: _row_outputs(a, 0, 0, 3),
-    differentiable=_HEAD, nondiff=("stats",), saved=_HEAD + ("tokens", "stats"),
+    differentiable=_HEAD, nondiff=("stats",), saved=_HEAD + ("tokens", "stats", "rows"),
     grad_if={"entropy": lambda a: a.with_entropy},
     backward=Backward(("grad_logp", "grad_entropy") + _HEAD
                       + ("tokens", "stats", "temperature", "ignore_index", "head_precision",
-                         "path"), grads=_HEAD),
+                         "path", "rows"), grads=_HEAD),
     parallel=Parallel(
         _linear_token_logprobs_parallel, backends=_BACKENDS, extra_outputs=("local_tokens",),
         extra_fake=lambda a: (a.hidden.new_empty(a.hidden.shape[0], dtype=torch.int64),),
@@ -106,6 +106,26 @@ def _check_head_options(head_precision, path: str) -> None:
                          f"{path!r}")
 
 
+def _check_rows(rows, hidden: Tensor, process_group) -> None:
+    """``rows``: ``None`` or distinct int64 row indices in ``[0, N)`` on hidden's device (the
+    range and distinctness are checked in debug mode only: they need a host sync)."""
+    if rows is None:
+        return
+    _checks.tensor("rows", rows, dtypes=(torch.int64,), ndim=1)
+    _checks.same_device("hidden", hidden, rows=rows)
+    if process_group is not None:
+        raise ValueError("rows: expected None with a process_group (the vocabulary-parallel "
+                         "ops compute every row), got a tensor")
+    if _checks.debug_enabled() and rows.numel():
+        n = hidden.reshape(-1, hidden.shape[-1]).shape[0]
+        lo, hi = int(rows.min()), int(rows.max())
+        if lo < 0 or hi >= n:
+            raise ValueError(f"rows: expected indices in [0, {n}) (rows of hidden), got "
+                             f"[{lo}, {hi}]")
+        if torch.unique(rows).numel() != rows.numel():
+            raise ValueError("rows: expected distinct indices, got repeated ones")
+
+
 def _check_group_tokens(process_group, tokens: Tensor, weight: Tensor,
                         ignore_index: int) -> Optional[int]:
     """The group's handle (None without a group), and the token-range check: against the
@@ -125,6 +145,7 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *,
                           bias: Optional[Tensor] = None, temperature: float = 1.0,
                           ignore_index: int = -100, return_entropy: bool = False,
                           head_precision: Optional[str] = None,
+                          rows: Optional[Tensor] = None,
                           backend: Optional[str] = None, process_group=None
                           ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """``token_logprobs(hidden @ weight^T + bias, tokens)`` without materializing the logits.
@@ -144,6 +165,12 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *,
     computed as ``"fp32"``. ``"fp32"``: fp32 operands (exact for bf16 / fp16 inputs) and ``d
     logits`` kept in fp32 (the fp32 lm_head of ScaleRL / TRL #4303). Padding rows
     (``ignore_index``) cost no GEMM work in the triton kernels' all-padding row blocks.
+
+    ``rows`` (int64 ``[R]``, distinct indices into the flattened rows of ``hidden``, e.g.
+    the response positions: verl #7686): only those rows go through the GEMMs, on every
+    backend and path; the other rows are treated as padding (log-prob and entropy 0, no
+    gradient). Gathered and scattered on device, no host sync (``set_debug(True)`` checks
+    range and distinctness). Not with ``process_group``.
 
     ``process_group``: vocabulary (tensor) parallelism (SPEC 3.5). ``weight [V_local, H]``
     and ``bias [V_local]`` are this rank's contiguous shard of the lm_head rows (ranks in
@@ -167,19 +194,20 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *,
     _checks.flag("return_entropy", return_entropy)
     return _linear_token_logprobs(hidden, weight, tokens, bias, t, ignore_index,
                                   return_entropy, head_precision, backend, process_group,
-                                  "auto")
+                                  "auto", rows)
 
 
 def _linear_token_logprobs(hidden, weight, tokens, bias, t, ignore_index, return_entropy,
-                           head_precision, backend, process_group, path):
+                           head_precision, backend, process_group, path, rows=None):
     """:func:`linear_token_logprobs` after its own checks, with the fused backends' ``path``
     (``"auto"``, ``"triton"`` or ``"cublas"``; the benchmarks compare them)."""
     _check_head_options(head_precision, path)
+    _check_rows(rows, hidden, process_group)
     handle = _check_group_tokens(process_group, tokens, weight, ignore_index)
     name = LINEAR_TOKEN_LOGPROBS.resolve(backend, hidden.device, handle is not None)
     logp, ent = LINEAR_TOKEN_LOGPROBS(hidden.reshape(-1, hidden.shape[-1]), weight, bias,
                                       tokens.reshape(-1), t, ignore_index, return_entropy,
-                                      name, head_precision, path, group=handle)[:2]
+                                      name, head_precision, path, rows, group=handle)[:2]
     shape = tokens.shape
     return (logp.view(shape), ent.view(shape)) if return_entropy else logp.view(shape)
 
@@ -328,16 +356,17 @@ LINEAR_GRPO_LOSS = Op(
     "linear_grpo_loss(Tensor hidden, Tensor weight, Tensor? bias, Tensor tokens, Tensor "
     "old_logp, Tensor advantages, Tensor mask, Tensor? normalizer, Tensor? ref_logp, "
     "Tensor? is_weights, float temperature, str modes, float[] nums, str backend, str? "
-    "head_precision=None, str path='auto') -> (loss, metrics, logp, entropy, stats)",
+    "head_precision=None, str path='auto', Tensor? rows=None) -> (loss, metrics, logp, "
+    "entropy, stats)",
     _FAMILY, backends=_BACKENDS,
     fake=lambda a: grpo_outputs(a.hidden, a.tokens),
     derive=_OPTIONS,
-    kernel_args=_GRPO_INPUTS + ("temperature", "options", "head_precision", "path"),
+    kernel_args=_GRPO_INPUTS + ("temperature", "options", "head_precision", "path", "rows"),
     differentiable=_HEAD, nondiff=("metrics", "logp", "entropy", "stats"),
-    saved=_GRPO_INPUTS + ("logp", "entropy", "stats"),
+    saved=_GRPO_INPUTS + ("logp", "entropy", "stats", "rows"),
     backward=Backward(("grad_loss",) + _GRPO_INPUTS
                       + ("logp", "entropy", "stats", "temperature", "options",
-                         "head_precision", "path"), grads=_HEAD),
+                         "head_precision", "path", "rows"), grads=_HEAD),
     parallel=Parallel(
         _linear_grpo_loss_parallel, backends=_BACKENDS, extra_outputs=("local_tokens",),
         extra_fake=lambda a: (a.hidden.new_empty(a.tokens.shape, dtype=torch.int64),),
@@ -348,8 +377,9 @@ def linear_grpo_loss(hidden: Tensor, weight: Tensor, tokens: Tensor, old_logp: T
                      advantages: Tensor, mask: Tensor, *, bias: Optional[Tensor] = None,
                      temperature: float = 1.0, ref_logp: Optional[Tensor] = None,
                      entropy_coef: float = 0.0, head_precision: Optional[str] = None,
-                     backend: Optional[str] = None, process_group=None,
-                     **policy_loss_options) -> Tuple[Tensor, Dict[str, Tensor]]:
+                     rows: Optional[Tensor] = None, backend: Optional[str] = None,
+                     process_group=None, **policy_loss_options
+                     ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """:func:`grpo_loss` from hidden states and the lm_head, never materializing the logits.
 
     ``hidden [B, T, H]``, ``weight [V, H]``, ``bias [V]`` or ``None``, ``tokens [B, T]``
@@ -358,6 +388,11 @@ def linear_grpo_loss(hidden: Tensor, weight: Tensor, tokens: Tensor, old_logp: T
     the loss as ``- entropy_coef * H``. Returns ``(loss, metrics)``; differentiable w.r.t.
     ``hidden``, ``weight`` and ``bias``. ``head_precision``: the GEMMs' operand precision,
     as in :func:`linear_token_logprobs`.
+
+    ``rows`` (int64 ``[R]``, distinct flat indices into ``B * T``, e.g. the response
+    positions): only those positions go through the lm_head GEMMs; every other position is
+    left out of the loss and the metrics, as if ``mask`` were 0 there (so a position outside
+    ``rows`` never contributes a log-prob it did not compute). No host sync.
 
     ``process_group``: vocabulary (tensor) parallelism, as in :func:`linear_token_logprobs`
     (``weight`` / ``bias`` are this rank's shard, every other input is the same on every
@@ -373,14 +408,21 @@ def linear_grpo_loss(hidden: Tensor, weight: Tensor, tokens: Tensor, old_logp: T
     t = _checks.positive("temperature", temperature)
     path = policy_loss_options.pop("_path", "auto")  # private: the benchmarks' path choice
     _check_head_options(head_precision, path)
+    _check_rows(rows, hidden, process_group)
     handle = _check_group_tokens(process_group, tokens, weight, -100)
     opts, norm, is_weights = fused_policy_inputs("linear_grpo_loss", policy_loss_options,
                                                  tokens, old_logp, advantages, mask,
                                                  ref_logp, entropy_coef)
+    if rows is not None:
+        # the positions outside rows leave the loss and the metrics (a select on device)
+        kept = torch.zeros(tokens.numel(), dtype=torch.bool, device=tokens.device)
+        mask = torch.where(kept.index_fill_(0, rows.to(tokens.device), True)
+                           .view(tokens.shape), mask, torch.zeros((), dtype=mask.dtype,
+                                                                  device=mask.device))
     name = LINEAR_GRPO_LOSS.resolve(backend, hidden.device, handle is not None)
     modes, nums = opts.encode()
     value, metrics = LINEAR_GRPO_LOSS(
         hidden.reshape(-1, hidden.shape[-1]), weight, bias, tokens, old_logp, advantages, mask,
-        norm, ref_logp, is_weights, t, modes, nums, name, head_precision, path,
+        norm, ref_logp, is_weights, t, modes, nums, name, head_precision, path, rows,
         group=handle)[:2]
     return value, metrics_dict(metrics, ref_logp is not None, True)

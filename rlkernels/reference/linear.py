@@ -29,6 +29,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .. import _rows
 from .._fused import fused_forward, row_grads
 from .._policy_options import PolicyOptions
 from . import compute_dtype, row_chunks, rows_per_chunk
@@ -160,9 +161,17 @@ def linear_token_stats_forward(hidden: Tensor, weight: Tensor, bias: Optional[Te
 def linear_token_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                                   tokens: Tensor, temperature: float, ignore_index: int,
                                   with_entropy: bool, head_precision: Optional[str] = None,
-                                  path: str = "auto") -> Tuple[Tensor, Tensor, Tensor]:
+                                  path: str = "auto", rows: Optional[Tensor] = None
+                                  ) -> Tuple[Tensor, Tensor, Tensor]:
     """Returns ``(logp [N], entropy [N], stats [N, 3])`` as ``token_logprobs`` of the logits.
-    ``path``: the fused backends' implementation choice; the reference has one (ignored)."""
+    ``path``: the fused backends' implementation choice; the reference has one (ignored).
+    ``rows``: only those rows are computed, the others are padding (:mod:`rlkernels._rows`)."""
+    if rows is not None:
+        return _rows.forward(
+            lambda h, tok: linear_token_logprobs_forward(h, weight, bias, tok, temperature,
+                                                         ignore_index, with_entropy,
+                                                         head_precision),
+            rows, hidden, tokens)
     return linear_token_stats_forward(hidden, weight, bias, tokens, temperature, ignore_index,
                                       with_entropy, 1.0, None, False, head_precision)[:3]
 
@@ -193,10 +202,15 @@ def linear_token_logprobs_backward(grad_logp: Optional[Tensor], grad_entropy: Op
                                    hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                                    tokens: Tensor, stats: Tensor, temperature: float,
                                    ignore_index: int, head_precision: Optional[str] = None,
-                                   path: str = "auto"
+                                   path: str = "auto", rows: Optional[Tensor] = None
                                    ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """Gradients w.r.t. ``hidden``, ``weight`` and ``bias`` (``None`` without bias), each in the
-    dtype of its input."""
+    dtype of its input (``rows``: as the forward's)."""
+    if rows is not None:
+        return _rows.backward(
+            lambda glp, gh, h, tok, st: linear_token_logprobs_backward(
+                glp, gh, h, weight, bias, tok, st, temperature, ignore_index, head_precision),
+            rows, grad_logp, grad_entropy, hidden, tokens, stats)
     return linear_token_stats_backward(grad_logp, grad_entropy, hidden, weight, bias, tokens,
                                        stats, temperature, ignore_index, 1.0, None,
                                        head_precision)
@@ -241,12 +255,13 @@ def linear_grpo_loss_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tens
                              mask: Tensor, normalizer: Optional[Tensor],
                              ref_logp: Optional[Tensor], is_weights: Optional[Tensor],
                              temperature: float, o: PolicyOptions,
-                             head_precision: Optional[str] = None, path: str = "auto"):
+                             head_precision: Optional[str] = None, path: str = "auto",
+                             rows: Optional[Tensor] = None):
     """``policy_loss`` of the log-probs and entropies of ``hidden @ weight^T``: returns
     ``(loss, metrics, logp [B, T], entropy [B, T], stats [B*T, 3])``."""
     return fused_forward(
         lambda tok: linear_token_logprobs_forward(hidden, weight, bias, tok, temperature, -100,
-                                                  True, head_precision),
+                                                  True, head_precision, path, rows),
         _policy.policy_loss_forward, tokens, old_logp, advantages, mask, normalizer, ref_logp,
         is_weights, o)
 
@@ -257,11 +272,11 @@ def linear_grpo_loss_backward(grad_loss: Tensor, hidden: Tensor, weight: Tensor,
                               ref_logp: Optional[Tensor], is_weights: Optional[Tensor],
                               logp: Tensor, ent: Tensor, stats: Tensor, temperature: float,
                               o: PolicyOptions, head_precision: Optional[str] = None,
-                              path: str = "auto"):
+                              path: str = "auto", rows: Optional[Tensor] = None):
     """Gradients w.r.t. ``hidden``, ``weight``, ``bias``: the policy-loss gradients of the
     per-token log-probs and entropies pushed through the lm_head backward."""
     g_lp, g_ent = row_grads(_policy.policy_loss_backward, grad_loss, logp, ent, old_logp,
                             advantages, mask, normalizer, ref_logp, is_weights, o)
     return linear_token_logprobs_backward(g_lp, g_ent, hidden, weight, bias,
                                           tokens.reshape(-1), stats, temperature, -100,
-                                          head_precision)
+                                          head_precision, path, rows)

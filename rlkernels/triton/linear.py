@@ -76,6 +76,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _rows
 from .._fused import fused_forward, row_grads
 from .._policy_options import PolicyOptions
 from ._common import (compute_dtype, const_hl, device_guard, expm1, log1p, mul_hl,
@@ -653,23 +654,27 @@ def _forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tokens: Ten
 def linear_token_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                                   tokens: Tensor, temperature: float, ignore_index: int,
                                   with_entropy: bool, head_precision: Optional[str] = None,
-                                  path: str = "auto", *, blocks: Optional[Tuple] = None,
+                                  path: str = "auto", rows: Optional[Tensor] = None, *,
+                                  blocks: Optional[Tuple] = None,
                                   split_cols: Optional[int] = None,
-                                  chunk_rows: Optional[int] = None,
-                                  rows: Optional[Tensor] = None
+                                  chunk_rows: Optional[int] = None
                                   ) -> Tuple[Tensor, Tensor, Tensor]:
     """``(logp [N], entropy [N], stats [N, 3])`` of ``(hidden @ weight^T + bias) / T``, like
     the reference (fp32; fp64 for fp64 inputs). ``head_precision``: :func:`_head_precision`.
     ``path`` (:func:`_resolve_path`): ``"triton"`` is :func:`linear_token_stats_forward`
     without a map or the extra statistics; ``"cublas"`` is :func:`_cublas_forward`
-    (``chunk_rows`` overrides its row chunk; ``rows``: see there)."""
+    (``chunk_rows`` overrides its row chunk). ``rows``: only those rows are computed, the
+    others are padding (:mod:`rlkernels._rows`), on either path."""
+    if rows is not None:
+        _check_rows(rows, hidden)
+        return _rows.forward(
+            lambda h, tok: linear_token_logprobs_forward(
+                h, weight, bias, tok, temperature, ignore_index, with_entropy, head_precision,
+                path, blocks=blocks, split_cols=split_cols, chunk_rows=chunk_rows),
+            rows, hidden, tokens)
     if _resolve_path(path, hidden) == "cublas":
         return _cublas_forward(hidden, weight, bias, tokens, temperature, ignore_index,
-                               with_entropy, head_precision, chunk_rows, rows)
-    if rows is not None:
-        raise ValueError("rows: only the 'cublas' path takes a row selection (the triton "
-                         "path skips padding row blocks by itself), got a tensor with "
-                         "path='triton'")
+                               with_entropy, head_precision, chunk_rows)
     return _forward(hidden, weight, bias, tokens, temperature, ignore_index, with_entropy, 1.0,
                     None, False, blocks, split_cols, head_precision)[:3]
 
@@ -739,12 +744,12 @@ def linear_token_logprobs_backward(grad_logp: Optional[Tensor], grad_entropy: Op
                                    hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                                    tokens: Tensor, stats: Tensor, temperature: float,
                                    ignore_index: int, head_precision: Optional[str] = None,
-                                   path: str = "auto", *, blocks: Optional[Tuple] = None,
+                                   path: str = "auto", rows: Optional[Tensor] = None, *,
+                                   blocks: Optional[Tuple] = None,
                                    dz_bytes: int = _DZ_BYTES, logit_scale: float = 1.0,
                                    softcap: Optional[float] = None,
                                    chunk_rows: Optional[int] = None,
-                                   slice_cols: Optional[int] = None,
-                                   rows: Optional[Tensor] = None
+                                   slice_cols: Optional[int] = None
                                    ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """``(d hidden, d weight, d bias or None)``, each in the dtype of its input, accumulated in
     fp32 (fp64 for fp64) without atomics. ``logit_scale`` / ``softcap``: the pre-softmax map
@@ -760,13 +765,18 @@ def linear_token_logprobs_backward(grad_logp: Optional[Tensor], grad_entropy: Op
     written in the weight's dtype: no ``[V, H]`` fp32 buffer). ``d bias`` sums fp32
     per-row-block partials. Peak extra memory at N=16384, H=3584, V=151936 bf16: 256 MiB of
     ``d z`` + 224 MiB of ``d hidden`` accumulator + 8 MiB of bias partials."""
+    if rows is not None:
+        _check_rows(rows, hidden)
+        return _rows.backward(
+            lambda glp, gh, h, tok, st: linear_token_logprobs_backward(
+                glp, gh, h, weight, bias, tok, st, temperature, ignore_index, head_precision,
+                path, blocks=blocks, dz_bytes=dz_bytes, logit_scale=logit_scale,
+                softcap=softcap, chunk_rows=chunk_rows, slice_cols=slice_cols),
+            rows, grad_logp, grad_entropy, hidden, tokens, stats)
     if _resolve_path(path, hidden) == "cublas" and logit_scale == 1.0 and softcap is None:
         return _cublas_backward(grad_logp, grad_entropy, hidden, weight, bias, tokens, stats,
                                 temperature, ignore_index, head_precision, chunk_rows,
-                                slice_cols, rows, dz_bytes)
-    if rows is not None:
-        raise ValueError("rows: only the 'cublas' path takes a row selection, got a tensor "
-                         "with path='triton'")
+                                slice_cols, dz_bytes)
     n, dim = hidden.shape
     vocab = weight.shape[0]
     cdt = compute_dtype(hidden.dtype)
@@ -858,17 +868,21 @@ def _resolve_path(path: str, hidden: Tensor) -> str:
 # multiple of _CHUNK_ALIGN rows (a function of V only: batch invariance)
 _LOGITS_BYTES = 1 << 29
 _CHUNK_ALIGN = 128
+_MAX_CHUNK = 4096
 # the cuBLAS backward forms d z in vocabulary slices of this many columns
 _SLICE_COLS = 8192
 
 
 def _chunk_rows(vocab: int, chunk_rows: Optional[int]) -> int:
     """Rows per GEMM call of the cuBLAS path: ``chunk_rows`` (tests) or the most
-    ``_CHUNK_ALIGN``-multiple whose fp32 logits fit ``_LOGITS_BYTES``; never a function of N,
-    so every logits / ``d hidden`` GEMM has the same M whatever the batch."""
+    ``_CHUNK_ALIGN``-multiple whose fp32 logits fit ``_LOGITS_BYTES``, at most
+    ``_MAX_CHUNK`` (a small vocabulary would otherwise pad every call to millions of rows:
+    V = 37 gave 3.6M, and a backward buffer of that many rows); never a function of N, so
+    every logits / ``d hidden`` GEMM has the same M whatever the batch."""
     if chunk_rows is not None:
         return int(chunk_rows)
-    return max(_CHUNK_ALIGN, _LOGITS_BYTES // (4 * vocab) // _CHUNK_ALIGN * _CHUNK_ALIGN)
+    c = _LOGITS_BYTES // (4 * vocab) // _CHUNK_ALIGN * _CHUNK_ALIGN
+    return min(_MAX_CHUNK, max(_CHUNK_ALIGN, c))
 
 
 @contextlib.contextmanager
@@ -908,17 +922,10 @@ def _round_operand(x: Tensor, prec: _Prec) -> Tensor:
     return x
 
 
-def _select(rows: Optional[Tensor], *xs):
-    """The selected rows (``index_select``: a gather on device, no host sync)."""
-    if rows is None:
-        return xs
-    return tuple(None if x is None else x.index_select(0, rows) for x in xs)
-
-
 def _cublas_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tokens: Tensor,
                     temperature: float, ignore_index: int, with_entropy: bool,
-                    head_precision: Optional[str], chunk_rows: Optional[int],
-                    rows: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+                    head_precision: Optional[str], chunk_rows: Optional[int]
+                    ) -> Tuple[Tensor, Tensor, Tensor]:
     """The forward with the GEMM through ``torch.mm`` (cuBLAS on a GPU).
 
     Per chunk of ``C`` rows (:func:`_chunk_rows`; the last chunk zero-padded to ``C``, so every
@@ -927,24 +934,13 @@ def _cublas_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], toke
     :func:`rlkernels.triton.vocab.token_logprobs_forward` on the chunk (one program per row,
     padding rows skipped). Padding rows of ``hidden`` are zeroed in the chunk (NaN there is
     harmless). Extra memory: the ``[C, V]`` logits (<= 512 MiB) and the ``[C, H]`` chunk; with
-    ``head_precision="bf16"`` and non-bf16 weights, a bf16 copy of ``W`` (``2 V H`` bytes).
-
-    ``rows`` (int64 ``[R]``, caller's choice, e.g. the response tokens): only those rows are
-    computed (gathered on device, no host sync); the other rows get the outputs of padding
-    rows (0)."""
+    ``head_precision="bf16"`` and non-bf16 weights, a bf16 copy of ``W`` (``2 V H`` bytes)."""
     from . import vocab as _vocab  # the vocabulary kernels run on each chunk of logits
 
     n, dim = hidden.shape
     vocab = weight.shape[0]
     cdt = compute_dtype(hidden.dtype)
     prec = _head_precision(hidden.dtype, head_precision)
-    if rows is not None:
-        _check_rows(rows, hidden)
-        sel = _cublas_forward(hidden.index_select(0, rows), weight, bias,
-                              tokens.index_select(0, rows), temperature, ignore_index,
-                              with_entropy, head_precision, chunk_rows, None)
-        return tuple(torch.zeros((n,) + x.shape[1:], dtype=x.dtype, device=x.device)
-                     .index_copy_(0, rows, x) for x in sel)
     logp = hidden.new_empty(n, dtype=cdt)
     ent = hidden.new_empty(n, dtype=cdt)
     stats = hidden.new_empty(n, 3, dtype=cdt)
@@ -986,7 +982,7 @@ def _cublas_backward(grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor]
                      hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tokens: Tensor,
                      stats: Tensor, temperature: float, ignore_index: int,
                      head_precision: Optional[str], chunk_rows: Optional[int],
-                     slice_cols: Optional[int], rows: Optional[Tensor], dz_bytes: int
+                     slice_cols: Optional[int], dz_bytes: int
                      ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """The backward with its three GEMMs through ``torch.mm`` (cuBLAS on a GPU).
 
@@ -1011,19 +1007,11 @@ def _cublas_backward(grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor]
     prec = _head_precision(hidden.dtype, head_precision)
     has_glp = grad_logp is not None
     has_gh = grad_entropy is not None
-    if rows is not None:
-        _check_rows(rows, hidden)
-        h_s, tok_s, st_s, glp_s, gh_s = _select(rows, hidden, tokens, stats, grad_logp,
-                                                 grad_entropy)
-        g_h, g_w, g_b = _cublas_backward(glp_s, gh_s, h_s, weight, bias, tok_s, st_s,
-                                         temperature, ignore_index, head_precision, chunk_rows,
-                                         slice_cols, None, dz_bytes)
-        return (torch.zeros_like(hidden).index_copy_(0, rows, g_h), g_w, g_b)
     if n == 0 or not (has_glp or has_gh):
         return (torch.zeros_like(hidden), torch.zeros_like(weight),
                 None if bias is None else torch.zeros_like(bias))
     c = _chunk_rows(vocab, chunk_rows)
-    s_cols = _SLICE_COLS if slice_cols is None else int(slice_cols)
+    s_cols = min(vocab, _SLICE_COLS if slice_cols is None else int(slice_cols))
     dzt = prec.dz_dtype
     group = max(c, dz_bytes // (dzt.itemsize * s_cols) // c * c)
     tok = tokens.contiguous()
@@ -1107,12 +1095,13 @@ def linear_grpo_loss_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tens
                              mask: Tensor, normalizer: Optional[Tensor],
                              ref_logp: Optional[Tensor], is_weights: Optional[Tensor],
                              temperature: float, o: PolicyOptions,
-                             head_precision: Optional[str] = None, path: str = "auto"):
+                             head_precision: Optional[str] = None, path: str = "auto",
+                             rows: Optional[Tensor] = None):
     """``(loss, metrics, logp [B, T], entropy [B, T], stats [B*T, 3])``: the fused lm_head
     forward (log-probs and entropies) then the policy kernel."""
     return fused_forward(
         lambda tok: linear_token_logprobs_forward(hidden, weight, bias, tok, temperature, -100,
-                                                  True, head_precision, path),
+                                                  True, head_precision, path, rows=rows),
         policy_loss_forward, tokens, old_logp, advantages, mask, normalizer, ref_logp,
         is_weights, o)
 
@@ -1123,14 +1112,14 @@ def linear_grpo_loss_backward(grad_loss: Tensor, hidden: Tensor, weight: Tensor,
                               ref_logp: Optional[Tensor], is_weights: Optional[Tensor],
                               logp: Tensor, ent: Tensor, stats: Tensor, temperature: float,
                               o: PolicyOptions, head_precision: Optional[str] = None,
-                              path: str = "auto"):
+                              path: str = "auto", rows: Optional[Tensor] = None):
     """``(d hidden, d weight, d bias or None)``: the policy kernel's gradients w.r.t. the
     log-probs (and entropies when ``entropy_coef != 0``) through the lm_head backward."""
     g_lp, g_ent = row_grads(policy_loss_backward, grad_loss, logp, ent, old_logp,
                             advantages, mask, normalizer, ref_logp, is_weights, o)
     return linear_token_logprobs_backward(g_lp, g_ent, hidden, weight, bias,
                                           tokens.reshape(-1), stats, temperature, -100,
-                                          head_precision, path)
+                                          head_precision, path, rows=rows)
 
 
 # ===================================================================== linear_sparse_logprobs

@@ -338,8 +338,22 @@ def test_rows_errors():
     with pytest.raises(ValueError, match=r"rows: expected a 1-d int64 tensor"):
         fwd(h, w, b, tok, torch.float32, rows=torch.tensor([0, 1], dtype=torch.int32),
             **CUBLAS)
-    with pytest.raises(ValueError, match=r"rows: only the 'cublas' path"):
-        fwd(h, w, b, tok, torch.float32, rows=torch.tensor([0, 1]), path="triton")
+    with pytest.raises(ValueError, match=r"rows: expected a 1-d int64 tensor"):
+        fwd(h, w, b, tok, torch.float32, rows=torch.tensor([[0, 1]]), path="triton")
+
+
+def test_triton_path_rows_selection():
+    """The triton path takes ``rows=`` too (issue 20): the selected rows' outputs are those
+    of the full call, the others are padding."""
+    h, w, b, tok = make(seed=8)
+    rows = torch.tensor([1, 4, 30], device=DEV)
+    full = fwd(h, w, b, tok, torch.float32, path="triton")
+    sel = fwd(h, w, b, tok, torch.float32, rows=rows, path="triton")
+    mask = torch.zeros(N, dtype=torch.bool)
+    mask[rows.cpu()] = True
+    for x, y in zip(full, sel):
+        torch.testing.assert_close(x[mask], y[mask], atol=1e-6, rtol=1e-6)
+        assert (y[~mask] == 0).all()
 
 
 def test_auto_path():
@@ -349,3 +363,6 @@ def test_auto_path():
         assert tk._resolve_path("auto", torch.empty(1, device="cuda")) == "cublas"
     assert tk._chunk_rows(151936, None) == 768  # 768 x 151936 fp32 logits = 445 MiB
     assert tk._chunk_rows(7, None) % tk._CHUNK_ALIGN == 0
+    # a small vocabulary: capped (V = 37 used to pad every call to 3.6M rows and ask the
+    # backward for a 237 GB buffer)
+    assert tk._chunk_rows(37, None) == tk._MAX_CHUNK
