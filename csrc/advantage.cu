@@ -155,7 +155,11 @@ __device__ __forceinline__ void warp_first_rscan(int& h, A& val, int lane) {
   }
 }
 
-// kGae: out0 = advantages, out1 = returns; else out0 = discounted returns (v unused).
+// kGae: out0 = advantages, out1 = returns; else out0 = discounted returns (v unused) and,
+// when out1 is given, out1 = advantages G - base[row] (base may be null: 0) at valid steps,
+// 0 at masked ones; with row_stats (3 * rows elements), each row's (count, mean, sum of
+// squared deviations) of out1 over its valid steps (two passes over the written row), for
+// batch_whiten_kernel (REINFORCE++).
 // Outputs are contiguous [B, T]; inputs have any (row, step) strides. The launch bounds' 8
 // blocks per SM (<= 64 registers) stop ptxas from picking 32 registers and spilling (it did
 // for the fp16 gae variant with the bare bound).
@@ -165,7 +169,9 @@ __global__ void __launch_bounds__(kScanWarps * 32, 8)
                         const T* __restrict__ v, int64_t v_sb, int64_t v_st,
                         const uint8_t* __restrict__ mask, int64_t m_sb, int64_t m_st,
                         acc_t<T>* __restrict__ out0, acc_t<T>* __restrict__ out1, int64_t rows,
-                        int64_t steps, acc_t<T> gamma, acc_t<T> c) {
+                        int64_t steps, acc_t<T> gamma, acc_t<T> c,
+                        const acc_t<T>* __restrict__ base = nullptr,
+                        acc_t<T>* __restrict__ row_stats = nullptr) {
   using A = acc_t<T>;
   const int lane = threadIdx.x & 31;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kScanWarps + (threadIdx.x >> 5);
@@ -174,7 +180,8 @@ __global__ void __launch_bounds__(kScanWarps * 32, 8)
   const T* vr = kGae ? v + row * v_sb : nullptr;
   const uint8_t* mr = mask + row * m_sb;
   A* o0 = out0 + row * steps;
-  A* o1 = kGae ? out1 + row * steps : nullptr;
+  A* o1 = out1 != nullptr ? out1 + row * steps : nullptr;
+  const A bias = (!kGae && base != nullptr) ? base[row] : A(0);
   A carry_n = A(0);  // value at the first valid step of the later chunks (0 after the row)
   A carry_l = A(0);  // L (or G) at the first step of the later chunks
   for (int64_t chunk = (steps + kScanChunk - 1) / kScanChunk - 1; chunk >= 0; --chunk) {
@@ -237,9 +244,36 @@ __global__ void __launch_bounds__(kScanWarps * 32, 8)
       if (t < steps) {
         o0[t] = ok[k] ? l : A(0);
         if (kGae) o1[t] = ok[k] ? l + vv[k] : A(0);
+        else if (o1 != nullptr) o1[t] = ok[k] ? l - bias : A(0);
       }
     }
     carry_l = d0 + a0 * carry_l;
+  }
+  if (!kGae && row_stats != nullptr) {
+    __syncwarp();  // the row's advantages written by every lane, read back by any lane
+    A cnt = A(0), s = A(0);
+    for (int64_t t = lane; t < steps; t += 32) {
+      if (mr[t * m_st] != 0) {
+        cnt += A(1);
+        s += o1[t];
+      }
+    }
+    cnt = __shfl_sync(kFullMask, warp_reduce_down(cnt, SumOp{}), 0);
+    s = __shfl_sync(kFullMask, warp_reduce_down(s, SumOp{}), 0);
+    const A mean = cnt > A(0) ? s / cnt : A(0);
+    A q = A(0);
+    for (int64_t t = lane; t < steps; t += 32) {
+      if (mr[t * m_st] != 0) {
+        const A dv = o1[t] - mean;
+        q += dv * dv;
+      }
+    }
+    q = warp_reduce_down(q, SumOp{});
+    if (lane == 0) {
+      row_stats[row] = cnt;
+      row_stats[rows + row] = mean;
+      row_stats[2 * rows + row] = q;
+    }
   }
 }
 
@@ -406,6 +440,194 @@ __global__ void __launch_bounds__(kWhitenThreads)
   }
 }
 
+// ================================================================ verl's other estimators
+//
+// group_estimators_kernel: one warp per group slot, as group_advantages_kernel, for
+//   opo:       r - sum_g(L r) / sum_g(L)        (L: the response's valid tokens; a group
+//                                                without any valid token: r - r)
+//   gpg:       alpha (r - mean),  alpha = B / max(#non-zero rewards, 1)  (batch_alpha_kernel)
+//   grpo_passk: the unique best member: (max - second max) [/ (std + eps)], others 0; a NaN
+//              or inf reward makes the group NaN (+ total - total)
+//   rf++ baseline: r - mean, then batch_whiten_kernel
+//   gdpo:      sum_k w_k A_k (A_k: grpo [or dr_grpo] of component k), then batch_whiten_kernel
+// and r - r for a group of one member (before the whitening). L is an exact integer count
+// (a warp-cooperative pass over the member's mask row, members in order). The whitened
+// methods write ws [3, b] = (L, advantage, 0) instead of out: the statistics of
+// batch_whiten_kernel with each response weighted by its valid tokens.
+
+constexpr int kBatchWhitenThreads = 256;
+constexpr int kBatchWhitenMaxBlocks = 1024;
+
+__device__ __forceinline__ long long warp_valid_count(const uint8_t* __restrict__ mrow,
+                                                      int64_t ms1, int64_t t, int lane) {
+  long long c = 0;
+  for (int64_t j = lane; j < t; j += kWarp) c += mrow[j * ms1] != 0 ? 1 : 0;
+  return __shfl_sync(kFullMask, warp_reduce_down(c, SumOp{}), 0);
+}
+
+// alpha of gpg: B / max(number of non-zero rewards, 1), one block (an exact count).
+template <class T>
+__global__ void __launch_bounds__(kBatchThreads)
+    batch_alpha_kernel(const T* __restrict__ x, int64_t stride, int64_t b,
+                       acc_t<T>* __restrict__ out) {
+  using A = acc_t<T>;
+  __shared__ long long scratch[32];
+  long long c = 0;
+  for (int64_t i = threadIdx.x; i < b; i += blockDim.x) c += to_acc(x[i * stride]) != A(0);
+  c = block_sum(c, scratch);
+  if (threadIdx.x == 0) *out = A(b) / A(c > 0 ? c : 1);
+}
+
+template <class T>
+__global__ void __launch_bounds__(kWarp)
+    group_estimators_kernel(const T* __restrict__ x, int64_t xs0, int64_t xs1, int64_t comps,
+                            const int64_t* __restrict__ perm, const int64_t* __restrict__ starts,
+                            int64_t group_size, const uint8_t* __restrict__ mask, int64_t ms0,
+                            int64_t ms1, int64_t t, const acc_t<T>* __restrict__ weights,
+                            acc_t<T>* __restrict__ out, acc_t<T>* __restrict__ ws, int64_t b,
+                            int method, bool unbiased, bool norm, acc_t<T> eps,
+                            const acc_t<T>* __restrict__ alpha) {
+  using A = acc_t<T>;
+  const int64_t g = blockIdx.x;
+  int64_t start, end;
+  if (starts != nullptr) {
+    start = starts[g];
+    end = starts[g + 1];
+  } else {
+    start = g * group_size;
+    end = start + group_size;
+  }
+  if (start >= end) return;  // an unused slot of the group_index path
+  const int lane = threadIdx.x;
+  auto src = [&](int64_t k) { return perm != nullptr ? perm[k] : k; };
+  const A n = A(end - start);
+  const bool whitened = method == kRppBaseline || method == kGdpo;
+  A sum_len = A(0), sum_lr = A(0);
+  if (method == kOpo || whitened) {
+    for (int64_t k = start; k < end; ++k) {  // members in order: a fixed summation order
+      const int64_t i = src(k);
+      const A len = A(warp_valid_count(mask + i * ms0, ms1, t, lane));
+      if (method == kOpo) {
+        sum_len += len;
+        sum_lr += len * to_acc(x[i * xs0]);
+      } else if (lane == 0) {
+        ws[i] = len;
+        ws[2 * b + i] = A(0);
+      }
+    }
+  }
+  for (int64_t c = 0; c < comps; ++c) {
+    const T* xc = x + c * xs1;
+    A s = A(0);
+    for (int64_t k = start + lane; k < end; k += kWarp) s += to_acc(xc[src(k) * xs0]);
+    const A total = __shfl_sync(kFullMask, warp_reduce_down(s, SumOp{}), 0);
+    const A mean = total / n;
+    A top = neg_inf<A>(), second = neg_inf<A>(), n_top = A(0);
+    if (method == kGrpoPassk) {
+      for (int64_t k = start + lane; k < end; k += kWarp) {
+        const A r = to_acc(xc[src(k) * xs0]);
+        top = r > top ? r : top;
+      }
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) {
+        const A o = __shfl_xor_sync(kFullMask, top, off);
+        top = o > top ? o : top;
+      }
+      for (int64_t k = start + lane; k < end; k += kWarp) {
+        const A r = to_acc(xc[src(k) * xs0]);
+        if (r == top) n_top += A(1);
+        else second = r > second ? r : second;
+      }
+      n_top = __shfl_sync(kFullMask, warp_reduce_down(n_top, SumOp{}), 0);
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) {
+        const A o = __shfl_xor_sync(kFullMask, second, off);
+        second = o > second ? o : second;
+      }
+    }
+    const bool divide = norm && (method == kGrpoPassk || method == kGdpo);
+    A scale = A(1);
+    if (divide) {  // two-pass variance
+      A ss = A(0);
+      for (int64_t k = start + lane; k < end; k += kWarp) {
+        const A d = to_acc(xc[src(k) * xs0]) - mean;
+        ss += d * d;
+      }
+      ss = __shfl_sync(kFullMask, warp_reduce_down(ss, SumOp{}), 0);
+      scale = d_sqrt(ss / (unbiased ? n - A(1) : n)) + eps;
+    }
+    A gap = top - second;
+    if (divide) gap = gap / scale;
+    const A w = method == kGdpo ? weights[c] : A(1);
+    for (int64_t k = start + lane; k < end; k += kWarp) {
+      const int64_t i = src(k);
+      const A r = to_acc(xc[i * xs0]);
+      A adv;
+      if (method == kOpo) adv = sum_len > A(0) ? r - sum_lr / sum_len : r - r;
+      else if (method == kGpg) adv = *alpha * (r - mean);
+      else if (method == kGrpoPassk)
+        adv = ((r == top && n_top == A(1)) ? gap : A(0)) + (total - total);
+      else if (divide) adv = (r - mean) / scale;
+      else adv = r - mean;
+      adv = n > A(1) ? adv : r - r;  // a group of one member has no baseline
+      if (method == kGdpo) ws[b + i] = (c == 0 ? A(0) : ws[b + i]) + w * adv;
+      else if (whitened) ws[b + i] = adv;
+      else out[i] = adv;
+    }
+  }
+}
+
+// Whitening over the batch from per-row statistics ws [3, b] = (n_i, mean_i, M2_i), combined
+// by every block in the same fixed order (all blocks get the same bits):
+//   N = sum n, mean = sum n_i mean_i / max(N, 1), M2 = sum M2_i + n_i (mean_i - mean)^2,
+//   var = M2 / max(N - 1 (unbiased) or N, 1), r = 1 / sqrt(var + eps);
+// then, with a mask ([b, t] advantages in out, contiguous): out = valid ? (out - mean) r : 0;
+// without: out[i] = (mean_i - mean) r (one advantage per response).
+template <class A>
+__global__ void __launch_bounds__(kBatchWhitenThreads)
+    batch_whiten_kernel(const A* __restrict__ ws, int64_t b, A* __restrict__ out,
+                        const uint8_t* __restrict__ mask, int64_t ms0, int64_t ms1, int64_t t,
+                        bool unbiased, A eps) {
+  __shared__ A scratch[32];
+  A c = A(0), s = A(0);
+  for (int64_t i = threadIdx.x; i < b; i += blockDim.x) {
+    const A ni = ws[i];
+    if (ni > A(0)) {
+      c += ni;
+      s += ni * ws[b + i];
+    }
+  }
+  c = block_sum(c, scratch);
+  s = block_sum(s, scratch);
+  const A mean = s / clamp_min1(c);
+  A q = A(0);
+  for (int64_t i = threadIdx.x; i < b; i += blockDim.x) {
+    const A ni = ws[i];
+    if (ni > A(0)) {
+      const A d = ws[b + i] - mean;
+      q += ws[2 * b + i] + ni * d * d;
+    }
+  }
+  q = block_sum(q, scratch);
+  const A rstd = A(1) / d_sqrt(q / clamp_min1(unbiased ? c - A(1) : c) + eps);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (mask == nullptr) {
+    for (int64_t i = first; i < b; i += stride) out[i] = (ws[b + i] - mean) * rstd;
+  } else {
+    for (int64_t e = first; e < b * t; e += stride) {
+      const int64_t row = e / t, col = e - row * t;
+      out[e] = mask[row * ms0 + col * ms1] != 0 ? (out[e] - mean) * rstd : A(0);
+    }
+  }
+}
+
+int batch_whiten_blocks(int64_t elements) {  // a function of the size only (determinism)
+  const int64_t blocks = (elements + 2047) / 2048;
+  return static_cast<int>(blocks < 1 ? 1 : (blocks > kBatchWhitenMaxBlocks
+                                                 ? kBatchWhitenMaxBlocks : blocks));
+}
+
 }  // namespace
 
 void group_advantages_forward(Rows rewards, std::uintptr_t perm, std::uintptr_t starts,
@@ -554,6 +776,101 @@ void masked_whiten_backward(std::uintptr_t grad_out, std::uintptr_t values,
         g, v, as_cptr<uint8_t>(mask_u8), as_cptr<A>(mask_w), n, st, ws, as_ptr<T>(grad_values),
         shift_mean, unbiased);
     RLK_CHECK_LAUNCH();
+  });
+}
+
+void group_estimators_forward(Matrix rewards, std::uintptr_t perm, std::uintptr_t starts,
+                              Matrix mask, std::uintptr_t weights, std::uintptr_t out,
+                              std::uintptr_t workspace, int64_t b, int64_t k, int64_t t,
+                              int64_t group_size, int64_t slots, int dtype, int method,
+                              bool unbiased, bool norm_by_std, double eps, double whiten_eps,
+                              std::uintptr_t stream) {
+  RLK_CHECK_ARG(b >= 0, "group_estimators_forward: b must be >= 0, got " + std::to_string(b));
+  RLK_CHECK_ARG(method >= kOpo && method <= kGdpo,
+                "group_estimators_forward: method code must be 4 (opo), 5 (gpg), 6 (grpo_passk), "
+                "7 (reinforce_plus_plus_baseline) or 8 (gdpo), got " + std::to_string(method));
+  RLK_CHECK_ARG(k >= 1 && (k == 1 || method == kGdpo),
+                "group_estimators_forward: k (reward components) must be 1, or >= 1 for gdpo, "
+                "got " + std::to_string(k));
+  RLK_CHECK_ARG(t >= 0, "group_estimators_forward: t must be >= 0, got " + std::to_string(t));
+  RLK_CHECK_ARG((perm == 0) == (starts == 0),
+                "group_estimators_forward: perm and starts go together (group_index path)");
+  RLK_CHECK_ARG(slots >= 0 && slots <= 0x7fffffffLL,
+                "group_estimators_forward: slots must be in [0, 2**31), got " +
+                    std::to_string(slots));
+  if (perm == 0) {
+    RLK_CHECK_ARG(group_size >= 1 && b % group_size == 0 && slots * group_size == b,
+                  "group_estimators_forward: contiguous groups need group_size >= 1 dividing b "
+                  "and slots = b / group_size");
+  }
+  const bool whitened = method == kRppBaseline || method == kGdpo;
+  dispatch_logits(dtype, "group_estimators_forward", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = acc_t<T>;
+    if (b == 0 || slots == 0) return;
+    RLK_CHECK_ARG(rewards.ptr != 0 && out != 0, "group_estimators_forward: null device pointer");
+    RLK_CHECK_ARG((method != kOpo && !whitened) || mask.ptr != 0,
+                  "group_estimators_forward: opo, reinforce_plus_plus_baseline and gdpo read the "
+                  "mask (uint8 [b, t])");
+    RLK_CHECK_ARG(method != kGdpo || weights != 0,
+                  "group_estimators_forward: gdpo needs the k component weights");
+    RLK_CHECK_ARG((method != kGpg && !whitened) || workspace != 0,
+                  "group_estimators_forward: gpg needs a workspace of 1 element, the whitened "
+                  "methods one of 3 * b elements (accumulation type)");
+    const cudaStream_t s = as_stream(stream);
+    const T* x = as_cptr<T>(rewards.ptr);
+    A* ws = as_ptr<A>(workspace);
+    if (method == kGpg) {
+      batch_alpha_kernel<T><<<1, kBatchThreads, 0, s>>>(x, rewards.stride0, b, ws);
+      RLK_CHECK_LAUNCH();
+    }
+    group_estimators_kernel<T><<<static_cast<unsigned>(slots), kWarp, 0, s>>>(
+        x, rewards.stride0, rewards.stride1, k, as_cptr<int64_t>(perm), as_cptr<int64_t>(starts),
+        group_size, as_cptr<uint8_t>(mask.ptr), mask.stride0, mask.stride1, t,
+        as_cptr<A>(weights), as_ptr<A>(out), whitened ? ws : nullptr, b, method, unbiased,
+        norm_by_std, static_cast<A>(eps), method == kGpg ? ws : nullptr);
+    RLK_CHECK_LAUNCH();
+    if (whitened) {
+      batch_whiten_kernel<A><<<batch_whiten_blocks(b), kBatchWhitenThreads, 0, s>>>(
+          ws, b, as_ptr<A>(out), nullptr, 0, 0, 0, unbiased, static_cast<A>(whiten_eps));
+      RLK_CHECK_LAUNCH();
+    }
+  });
+}
+
+void discounted_advantages_forward(Matrix rewards, Matrix mask, std::uintptr_t baseline,
+                                   std::uintptr_t advantages, std::uintptr_t returns,
+                                   std::uintptr_t workspace, int64_t b, int64_t t, int dtype,
+                                   double gamma, bool whiten, double whiten_eps, bool unbiased,
+                                   std::uintptr_t stream) {
+  RLK_CHECK_ARG(b >= 0 && b <= 0x7fffffffLL,
+                "discounted_advantages_forward: b must be in [0, 2**31), got " +
+                    std::to_string(b));
+  RLK_CHECK_ARG(t >= 0,
+                "discounted_advantages_forward: t must be >= 0, got " + std::to_string(t));
+  dispatch_logits(dtype, "discounted_advantages_forward", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = acc_t<T>;
+    if (b == 0 || t == 0) return;
+    RLK_CHECK_ARG(rewards.ptr != 0 && mask.ptr != 0 && advantages != 0 && returns != 0 &&
+                      (!whiten || workspace != 0),
+                  "discounted_advantages_forward: null device pointer (whiten needs a "
+                  "workspace of 3 * b elements)");
+    const cudaStream_t s = as_stream(stream);
+    const unsigned grid = static_cast<unsigned>((b + kScanWarps - 1) / kScanWarps);
+    A* ws = whiten ? as_ptr<A>(workspace) : nullptr;
+    reverse_scan_kernel<T, false><<<grid, kScanWarps * 32, 0, s>>>(
+        as_cptr<T>(rewards.ptr), rewards.stride0, rewards.stride1, nullptr, 0, 0,
+        as_cptr<uint8_t>(mask.ptr), mask.stride0, mask.stride1, as_ptr<A>(returns),
+        as_ptr<A>(advantages), b, t, static_cast<A>(gamma), static_cast<A>(gamma),
+        as_cptr<A>(baseline), ws);
+    RLK_CHECK_LAUNCH();
+    if (whiten) {
+      batch_whiten_kernel<A><<<batch_whiten_blocks(b * t), kBatchWhitenThreads, 0, s>>>(
+          ws, b, as_ptr<A>(advantages), as_cptr<uint8_t>(mask.ptr), mask.stride0, mask.stride1,
+          t, unbiased, static_cast<A>(whiten_eps));
+      RLK_CHECK_LAUNCH();
+    }
   });
 }
 

@@ -229,6 +229,14 @@ PYBIND11_MODULE(_C, m) {
         py::call_guard<py::gil_scoped_release>(),
         "GRPO-family advantages, one warp per group (method: CODES['advantage_method']). "
         "See csrc/rlkernels.h.");
+  m.def("group_estimators_forward", &rlk::group_estimators_forward, py::arg("rewards"),
+        py::arg("perm"), py::arg("starts"), py::arg("mask"), py::arg("weights"), py::arg("out"),
+        py::arg("workspace"), py::arg("b"), py::arg("k"), py::arg("t"), py::arg("group_size"),
+        py::arg("slots"), py::arg("dtype"), py::arg("method"), py::arg("unbiased"),
+        py::arg("norm_by_std"), py::arg("eps"), py::arg("whiten_eps"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>(),
+        "verl's opo / gpg / grpo_passk / reinforce_plus_plus_baseline / gdpo advantages, one "
+        "warp per group (+ the batch whitening). See csrc/rlkernels.h.");
   m.def("gae_forward", &rlk::gae_forward, py::arg("rewards"), py::arg("values"),
         py::arg("mask"), py::arg("advantages"), py::arg("returns"), py::arg("b"), py::arg("t"),
         py::arg("dtype"), py::arg("gamma"), py::arg("lam"), py::arg("stream"),
@@ -238,6 +246,13 @@ PYBIND11_MODULE(_C, m) {
         py::arg("mask"), py::arg("out"), py::arg("b"), py::arg("t"), py::arg("dtype"),
         py::arg("gamma"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
         "Discounted return-to-go over [b, t] (masked steps skipped). See csrc/rlkernels.h.");
+  m.def("discounted_advantages_forward", &rlk::discounted_advantages_forward,
+        py::arg("rewards"), py::arg("mask"), py::arg("baseline"), py::arg("advantages"),
+        py::arg("returns"), py::arg("workspace"), py::arg("b"), py::arg("t"), py::arg("dtype"),
+        py::arg("gamma"), py::arg("whiten"), py::arg("whiten_eps"), py::arg("unbiased"),
+        py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+        "Returns and advantages (G - baseline, optionally whitened over the batch) over "
+        "[b, t]. See csrc/rlkernels.h.");
   m.def("masked_whiten_forward", &rlk::masked_whiten_forward, py::arg("values"),
         py::arg("mask_u8"), py::arg("mask_w"), py::arg("out"), py::arg("stats"),
         py::arg("workspace"), py::arg("n"), py::arg("blocks"), py::arg("dtype"),

@@ -134,6 +134,18 @@ void group_advantages_forward(Rows rewards, std::uintptr_t perm, std::uintptr_t 
                               int64_t group_size, int64_t slots, int dtype, int method,
                               bool unbiased, double eps, std::uintptr_t stream);
 
+// verl's other group estimators, method kOpo..kGdpo: rewards [b, k] (k reward components,
+// k = 1 but for kGdpo; dtype code `dtype`, any strides), mask uint8 [b, t] (non-zero = valid
+// token; read by kOpo, kRppBaseline, kGdpo), weights [k] (kGdpo) and out [b] in the
+// accumulation type; perm / starts / group_size / slots as for group_advantages_forward.
+// workspace (accumulation type): 1 element for kGpg, 3 * b for kRppBaseline and kGdpo.
+void group_estimators_forward(Matrix rewards, std::uintptr_t perm, std::uintptr_t starts,
+                              Matrix mask, std::uintptr_t weights, std::uintptr_t out,
+                              std::uintptr_t workspace, int64_t b, int64_t k, int64_t t,
+                              int64_t group_size, int64_t slots, int dtype, int method,
+                              bool unbiased, bool norm_by_std, double eps, double whiten_eps,
+                              std::uintptr_t stream);
+
 // Reverse scans over [b, t] (rewards, values: dtype code `dtype`, any (row, step) strides;
 // mask: uint8, non-zero = valid, any strides). Outputs contiguous [b, t] in the accumulation
 // type, exactly 0 at masked steps. gae: advantages and returns (advantages + values).
@@ -143,6 +155,16 @@ void gae_forward(Matrix rewards, Matrix values, Matrix mask, std::uintptr_t adva
 
 void discounted_returns_forward(Matrix rewards, Matrix mask, std::uintptr_t out, int64_t b,
                                 int64_t t, int dtype, double gamma, std::uintptr_t stream);
+
+// discounted_returns with advantages (ReMax / REINFORCE++): returns as above, advantages
+// [b, t] = G - baseline[row] (baseline: b elements in the accumulation type, or 0) at valid
+// steps, 0 at masked ones; whiten: then whitened over the valid steps of the batch
+// (workspace: 3 * b elements of the accumulation type). Two launches with whiten, else one.
+void discounted_advantages_forward(Matrix rewards, Matrix mask, std::uintptr_t baseline,
+                                   std::uintptr_t advantages, std::uintptr_t returns,
+                                   std::uintptr_t workspace, int64_t b, int64_t t, int dtype,
+                                   double gamma, bool whiten, double whiten_eps, bool unbiased,
+                                   std::uintptr_t stream);
 
 // masked_whiten over n contiguous values (dtype code `dtype`); the mask is either uint8
 // (mask_u8, weights 0/1) or weights in the accumulation type (mask_w); the other pointer is 0.

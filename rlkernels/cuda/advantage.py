@@ -3,7 +3,11 @@
 
 * ``group_advantages_forward``: one warp per group, members in their original order:
   deterministic, and bit-identical for contiguous groups and ``group_index``;
+  verl's opo / gpg / grpo_passk / reinforce_plus_plus_baseline / gdpo go to
+  ``group_estimators_forward`` (same layout, plus the batch pass they need);
 * ``gae_forward``, ``discounted_returns_forward``: reverse scans over ``T``, one warp per row;
+  ``discounted_advantages_forward``: the same scan writing ``G - baseline`` too, then an
+  optional batch whitening (ReMax / REINFORCE++);
 * ``masked_whiten_forward`` / ``masked_whiten_backward``: whole-tensor masked statistics with
   deterministic two-stage sums (no atomics).
 """
@@ -31,8 +35,12 @@ def group_advantages_forward(rewards: Tensor, group_index: Optional[Tensor], gro
     """Advantages ``[B]`` (fp32, fp64 for fp64 rewards). ``group_index=None``: contiguous
     groups of ``group_size``; else a stable sort of the ids (torch, on the device, no host
     sync) gives each group's members in their original order."""
-    if _METHODS[method] > 3 or not norm_by_std:  # in progress: csrc/advantage.cu
-        raise NotImplementedError(f"group_advantages(method={method!r}) on the cuda backend")
+    code = _METHODS[method]
+    if code == _METHODS["grpo"] and not norm_by_std:
+        code = _METHODS["dr_grpo"]  # grpo without the std is dr_grpo
+    if code > _METHODS["batch_std"]:
+        return _estimators(rewards, group_index, group_size, code, eps, unbiased, mask,
+                           reward_weights, norm_by_std, whiten_eps)
     C = extension()
     x = expect("rewards", rewards, FLOAT_DTYPES, ndim=1)
     b = x.shape[0]
@@ -42,28 +50,79 @@ def group_advantages_forward(rewards: Tensor, group_index: Optional[Tensor], gro
         expect("group_index", group_index, INDEX_DTYPES, shape=(b,), like=x)
     if b == 0:
         return out
-    perm = starts = None
-    if group_index is None:
-        # group_size >= 1 dividing b is checked in C++ (a group never reads past b)
-        slots = b // max(int(group_size), 1)
-    else:
-        sorted_ids, perm = torch.sort(group_index, stable=True)
-        new_run = torch.ones(b, dtype=torch.int64, device=x.device)
-        new_run[1:] = (sorted_ids[1:] != sorted_ids[:-1]).to(torch.int64)
-        run = torch.cumsum(new_run, 0) - 1  # run number of each sorted position
-        # starts[g] = first sorted position of run g; b for every g past the last run
-        starts = torch.searchsorted(run, torch.arange(b + 1, device=x.device))
-        perm = perm.to(torch.int64).contiguous()
-        starts = starts.to(torch.int64).contiguous()
-        slots = b
+    perm, starts, slots = _slots(b, group_index, group_size, x.device)
     workspace = torch.empty(1, dtype=cdt, device=x.device)
     with torch.cuda.device(x.device):
         C.group_advantages_forward(
             rewards=rows(C, x), perm=ptr(perm), starts=ptr(starts), out=out.data_ptr(),
             workspace=workspace.data_ptr(), b=b,
             group_size=group_size if group_index is None else 0, slots=slots,
-            dtype=DTYPE_CODES[x.dtype], method=_METHODS[method], unbiased=bool(unbiased),
+            dtype=DTYPE_CODES[x.dtype], method=code, unbiased=bool(unbiased),
             eps=float(eps), stream=stream_of(x))
+    return out
+
+
+def _slots(b: int, group_index: Optional[Tensor], group_size: int, device):
+    """``(perm, starts, slots)`` of the group kernels: ``(None, None, b / group_size)`` for
+    contiguous groups; else a stable sort of the ids (torch, on the device, no host sync)
+    gives each group's members in their original order, ``starts`` the first sorted position
+    of each run of equal ids (``b`` past the last run) and there are ``b`` slots."""
+    if group_index is None:
+        # group_size >= 1 dividing b is checked in C++ (a group never reads past b)
+        return None, None, b // max(int(group_size), 1)
+    sorted_ids, perm = torch.sort(group_index, stable=True)
+    new_run = torch.ones(b, dtype=torch.int64, device=device)
+    new_run[1:] = (sorted_ids[1:] != sorted_ids[:-1]).to(torch.int64)
+    run = torch.cumsum(new_run, 0) - 1  # run number of each sorted position
+    starts = torch.searchsorted(run, torch.arange(b + 1, device=device))
+    return perm.to(torch.int64).contiguous(), starts.to(torch.int64).contiguous(), b
+
+
+_WHITENED = (_METHODS["reinforce_plus_plus_baseline"], _METHODS["gdpo"])
+
+
+def _estimators(rewards: Tensor, group_index: Optional[Tensor], group_size: int, code: int,
+                eps: float, unbiased: bool, mask: Optional[Tensor],
+                reward_weights: Optional[Tensor], norm_by_std: bool,
+                whiten_eps: float) -> Tensor:
+    """verl's opo / gpg / grpo_passk / reinforce_plus_plus_baseline / gdpo: one launch of
+    ``group_estimators_forward`` (+ the batch pass of gpg's alpha or of the whitening, in the
+    same C++ call). ``rewards [B]`` or ``[B, K]`` (gdpo), ``mask [B, T]`` any dtype (read as
+    non-zero = valid token)."""
+    C = extension()
+    x = expect("rewards", rewards, FLOAT_DTYPES)
+    x2 = x if x.dim() == 2 else x.reshape(-1, 1)
+    b, k = x2.shape
+    cdt = compute_dtype(x.dtype)
+    out = torch.empty(b, dtype=cdt, device=x.device)
+    if group_index is not None:
+        expect("group_index", group_index, INDEX_DTYPES, shape=(b,), like=x)
+    valid = None
+    if mask is not None:
+        valid = _valid_u8(expect("mask", mask, MASK_DTYPES, ndim=2, like=x))
+        if valid.shape[0] != b:
+            raise ValueError(f"mask: expected {b} rows, got shape {tuple(valid.shape)}")
+    if b == 0:
+        return out
+    perm, starts, slots = _slots(b, group_index, group_size, x.device)
+    weights = None
+    if code == _METHODS["gdpo"]:
+        weights = (torch.ones(k, dtype=cdt, device=x.device) if reward_weights is None
+                   else expect("reward_weights", reward_weights, FLOAT_DTYPES, shape=(k,),
+                               like=x).to(cdt).contiguous())
+    elif k != 1:
+        raise ValueError(f"rewards: expected [B] (reward components are for gdpo), got shape "
+                         f"{tuple(x.shape)}")
+    workspace = torch.empty(3 * b if code in _WHITENED else 1, dtype=cdt, device=x.device)
+    with torch.cuda.device(x.device):
+        C.group_estimators_forward(
+            rewards=matrix(C, x2), perm=ptr(perm), starts=ptr(starts), mask=matrix(C, valid),
+            weights=ptr(weights), out=out.data_ptr(), workspace=workspace.data_ptr(), b=b,
+            k=k, t=0 if valid is None else valid.shape[1],
+            group_size=group_size if group_index is None else 0, slots=slots,
+            dtype=DTYPE_CODES[x.dtype], method=code, unbiased=bool(unbiased),
+            norm_by_std=bool(norm_by_std), eps=float(eps), whiten_eps=float(whiten_eps),
+            stream=stream_of(x))
     return out
 
 
@@ -134,6 +193,38 @@ def discounted_returns_forward(rewards: Tensor, mask: Tensor, gamma: float) -> T
                                      out=out.data_ptr(), b=b, t=steps,
                                      dtype=DTYPE_CODES[r.dtype], gamma=g, stream=stream_of(r))
     return out
+
+
+def discounted_advantages_forward(rewards: Tensor, mask: Tensor, baseline: Optional[Tensor],
+                                  gamma: float, whiten: bool, whiten_eps: float,
+                                  unbiased: bool) -> Tuple[Tensor, Tensor]:
+    """``(advantages, returns)`` ``[B, T]``, as
+    :func:`rlkernels.reference.advantage.discounted_advantages`: the scan of
+    :func:`discounted_returns_forward` also writes ``G - baseline`` at valid steps (0 at
+    masked ones) and, with ``whiten``, each row's (count, mean, M2); a second launch whitens
+    over the batch. fp32 (fp64 for fp64 rewards)."""
+    C = extension()
+    expect("rewards", rewards, FLOAT_DTYPES, ndim=2)
+    valid = _valid_u8(_mask("mask", mask, rewards))
+    b, steps = rewards.shape
+    cdt = compute_dtype(rewards.dtype)
+    base = None
+    if baseline is not None:
+        base = expect("baseline", baseline, FLOAT_DTYPES, shape=(b,),
+                      like=rewards).to(cdt).contiguous()
+    ret = torch.empty((b, steps), dtype=cdt, device=rewards.device)
+    adv = torch.empty((b, steps), dtype=cdt, device=rewards.device)
+    if b == 0 or steps == 0:
+        return adv, ret
+    workspace = torch.empty(3 * b if whiten else 1, dtype=cdt, device=rewards.device)
+    with torch.cuda.device(rewards.device):
+        C.discounted_advantages_forward(
+            rewards=matrix(C, rewards), mask=matrix(C, valid), baseline=ptr(base),
+            advantages=adv.data_ptr(), returns=ret.data_ptr(),
+            workspace=workspace.data_ptr(), b=b, t=steps, dtype=DTYPE_CODES[rewards.dtype],
+            gamma=float(gamma), whiten=bool(whiten), whiten_eps=float(whiten_eps),
+            unbiased=bool(unbiased), stream=stream_of(rewards))
+    return adv, ret
 
 
 # ============================================================================ masked_whiten
@@ -229,4 +320,5 @@ def masked_whiten_backward(grad_out: Tensor, values: Tensor, mask: Tensor, stats
 
 
 __all__ = ["group_advantages_forward", "gae_forward", "discounted_returns_forward",
+           "discounted_advantages_forward",
            "masked_whiten_forward", "masked_whiten_backward"]

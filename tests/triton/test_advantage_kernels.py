@@ -248,6 +248,13 @@ def launches(settings, dtype=torch.float32, b=2048, t=512):
             for method in ("grpo", "batch_std"):
                 K.group_advantages_forward(r, gid if method == "grpo" else None, 8, method,
                                            eps, True)
+            # verl's other estimators: eps and whiten_eps are runtime values too
+            for method in ("opo", "gpg", "grpo_passk", "reinforce_plus_plus_baseline"):
+                K.group_advantages_forward(r, gid, 0, method, eps, True, mt, None, True, eps)
+            K.group_advantages_forward(S.gpu(b, 3, dtype=dtype), None, 8, "gdpo", eps, True,
+                                       mt, S.gpu(3, dtype=torch.float32), False, eps)
+            K.discounted_advantages_forward(rt, mt, S.gpu(b, dtype=torch.float32), gamma,
+                                            True, eps, True)
             K.gae_forward(rt, vt, mt, gamma, lam)
             K.discounted_returns_forward(rt, mt, gamma)
             out, st = K.masked_whiten_forward(vt, mt, True, eps, True)
