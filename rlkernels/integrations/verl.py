@@ -77,7 +77,11 @@ __all__ = ["logprobs_from_logits", "entropy_from_logits", "kl_penalty", "agg_los
            "compute_policy_loss_gspo", "compute_policy_loss_gpg",
            "compute_gae_advantage_return", "compute_grpo_outcome_advantage",
            "compute_grpo_vectorized_outcome_advantage", "compute_rloo_outcome_advantage",
-           "compute_rloo_vectorized_outcome_advantage",
+           "compute_rloo_vectorized_outcome_advantage", "compute_opo_outcome_advantage",
+           "compute_gpg_outcome_advantage", "compute_grpo_passk_outcome_advantage",
+           "compute_reinforce_plus_plus_baseline_outcome_advantage",
+           "compute_gdpo_outcome_advantage", "compute_reinforce_plus_plus_outcome_advantage",
+           "compute_remax_outcome_advantage",
            "VERL_VERSION", "patch", "unpatch", "is_patched"]
 
 _patcher = _ModulePatcher("verl")
@@ -511,6 +515,166 @@ def compute_rloo_vectorized_outcome_advantage(token_level_rewards: torch.Tensor,
     return adv, adv
 
 
+def _singleton_fix(adv: torch.Tensor, n: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """verl gives a group of one member the baseline 0 (and std 1) where rlkernels gives 0:
+    ``value`` at those rows (a select on device)."""
+    return torch.where(n == 1, value.to(adv.dtype), adv)
+
+
+def compute_opo_outcome_advantage(token_level_rewards: torch.Tensor,
+                                  response_mask: torch.Tensor, index, epsilon: float = 1e-6,
+                                  config: Any = None, **kwargs
+                                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """verl's ``"opo"``: score minus its group's length-weighted mean score (response lengths
+    from ``response_mask``): :func:`rlkernels.group_advantages` ``method="opo"``; a singleton
+    keeps its score as in verl."""
+    scores = token_level_rewards.sum(dim=-1)
+    with torch.no_grad():
+        ids, n = _group_ids(index, scores.device)
+        adv = rlkernels.group_advantages(scores, group_index=ids, method="opo",
+                                         mask=response_mask)
+        adv = _singleton_fix(adv.to(scores.dtype), n, scores).unsqueeze(-1) * response_mask
+    return adv, adv
+
+
+def compute_gpg_outcome_advantage(token_level_rewards: torch.Tensor,
+                                  response_mask: torch.Tensor, index, epsilon: float = 1e-6,
+                                  f_norm: float = 1.0, alpha: float = 1.0, config: Any = None,
+                                  **kwargs) -> Tuple[torch.Tensor, torch.Tensor]:
+    """verl's ``"gpg"`` estimator: ``(B / max(m, 1)) (score - group mean)``, ``m`` the number of
+    non-zero scores (verl recomputes ``alpha`` this way and ignores ``f_norm``'s default 1):
+    :func:`rlkernels.group_advantages` ``method="gpg"``; a singleton has mean 0 as in verl."""
+    scores = token_level_rewards.sum(dim=-1)
+    with torch.no_grad():
+        ids, n = _group_ids(index, scores.device)
+        adv = rlkernels.group_advantages(scores, group_index=ids, method="gpg").to(scores.dtype)
+        scale = scores.shape[0] / torch.count_nonzero(scores).clamp(min=1)
+        adv = _singleton_fix(adv / f_norm, n, scale * scores / f_norm)
+        adv = adv.unsqueeze(-1) * response_mask
+    return adv, adv
+
+
+def compute_grpo_passk_outcome_advantage(token_level_rewards: torch.Tensor,
+                                         response_mask: torch.Tensor, index,
+                                         epsilon: float = 1e-6,
+                                         norm_adv_by_std_in_grpo: bool = True,
+                                         config: Any = None, **kwargs
+                                         ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """verl's ``"grpo_passk"``: only the best member of each group gets ``(r_max - r_2nd) /
+    (std + eps)`` (``norm_adv_by_std_in_grpo`` from ``config`` as verl); verl raises for a
+    group of one member, and so does this (a host check)."""
+    if config is None:
+        raise ValueError("config: expected verl's algorithm config for grpo_passk, got None")
+    norm = _cfg(config, "norm_adv_by_std_in_grpo", True)
+    scores = token_level_rewards.sum(dim=-1)
+    with torch.no_grad():
+        ids, n = _group_ids(index, scores.device)
+        if bool((n < 2).any()):
+            raise ValueError("grpo_passk: Pass@k requires at least 2 samples per group")
+        adv = rlkernels.group_advantages(scores, group_index=ids, method="grpo_passk",
+                                         eps=epsilon, norm_by_std=bool(norm))
+        adv = adv.to(scores.dtype).unsqueeze(-1) * response_mask
+    return adv, adv
+
+
+def _whitened_tokens(d: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """verl's ``masked_whiten(d[:, None] * mask, mask) * mask`` (eps 1e-8)."""
+    tok = d.unsqueeze(-1) * response_mask
+    return rlkernels.masked_whiten(tok, response_mask, eps=1e-8).to(d.dtype) * response_mask
+
+
+def compute_reinforce_plus_plus_baseline_outcome_advantage(
+        token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index,
+        epsilon: float = 1e-6, config: Any = None, **kwargs
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """verl's ``"reinforce_plus_plus_baseline"``: score minus its group mean (a singleton's
+    mean is 0), broadcast over the response and whitened over the batch's valid tokens:
+    :func:`rlkernels.group_advantages` (``"dr_grpo"``) then :func:`rlkernels.masked_whiten`
+    (the fused ``method="reinforce_plus_plus_baseline"`` gives singletons 0 instead)."""
+    scores = token_level_rewards.sum(dim=-1)
+    with torch.no_grad():
+        ids, n = _group_ids(index, scores.device)
+        d = rlkernels.group_advantages(scores, group_index=ids, method="dr_grpo")
+        adv = _whitened_tokens(_singleton_fix(d.to(scores.dtype), n, scores), response_mask)
+    return adv, adv
+
+
+def compute_gdpo_outcome_advantage(token_level_rewards: torch.Tensor,
+                                   response_mask: torch.Tensor, index, epsilon: float = 1e-6,
+                                   norm_adv_by_std_in_grpo: bool = True, config: Any = None,
+                                   non_tensor_batch: Optional[dict] = None,
+                                   batch: Optional[dict] = None, **kwargs
+                                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """verl's ``"gdpo"``: each reward component (``config.gdpo_reward_keys`` of
+    ``non_tensor_batch``, placed at the last response token as verl does; else the token
+    rewards) normalized as GRPO within its group (:func:`compute_grpo_outcome_advantage`),
+    summed with ``config.gdpo_reward_weights``, whitened over the valid tokens
+    (:func:`rlkernels.masked_whiten`)."""
+    components, weights = [token_level_rewards], None
+    if config is not None and non_tensor_batch is not None and batch is not None:
+        keys = _cfg(config, "gdpo_reward_keys", None)
+        if not keys:
+            raise ValueError("config: GDPO requires 'algorithm.gdpo_reward_keys'")
+        device = token_level_rewards.device
+        last = batch["attention_mask"][:, batch["prompts"].size(1):].sum(dim=1) - 1
+        components = []
+        for key in keys:
+            if key not in non_tensor_batch:
+                raise KeyError(f"GDPO reward key {key!r} not found in non_tensor_batch")
+            comp = torch.tensor(np.asarray(non_tensor_batch[key], dtype=np.float32),
+                                device=device)
+            placed = torch.zeros_like(response_mask, dtype=torch.float32)
+            placed[torch.arange(placed.size(0), device=device), last] = comp
+            components.append(placed)
+        weights = _cfg(config, "gdpo_reward_weights", None)
+    w = [1.0] * len(components) if weights is None else [float(x) for x in weights]
+    total = None
+    for wk, comp in zip(w, components):
+        a, _ = compute_grpo_outcome_advantage(comp, response_mask, index, epsilon,
+                                              norm_adv_by_std_in_grpo)
+        total = wk * a if total is None else total + wk * a
+    with torch.no_grad():
+        adv = rlkernels.masked_whiten(total, response_mask, eps=1e-8).to(total.dtype)
+        adv = adv * response_mask
+    return adv, adv
+
+
+def compute_reinforce_plus_plus_outcome_advantage(token_level_rewards: torch.Tensor,
+                                                  response_mask: torch.Tensor,
+                                                  config: Any = None, **kwargs
+                                                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """verl's ``"reinforce_plus_plus"``: discounted returns (``config.gamma``) whitened over
+    the valid tokens: :func:`rlkernels.discounted_returns` with ``whiten=True``. ``returns``
+    are 0 at masked positions, as verl's."""
+    if config is None:
+        raise ValueError("config: expected verl's algorithm config (gamma) for "
+                         "reinforce_plus_plus, got None")
+    with torch.no_grad():
+        dtype = token_level_rewards.dtype
+        adv, ret = rlkernels.discounted_returns(token_level_rewards, response_mask,
+                                                gamma=float(_cfg(config, "gamma", 1.0)),
+                                                whiten=True, whiten_eps=1e-8)
+    return (adv * response_mask).to(dtype), ret.to(dtype)
+
+
+def compute_remax_outcome_advantage(token_level_rewards: torch.Tensor,
+                                    reward_baselines: torch.Tensor,
+                                    response_mask: torch.Tensor, config: Any = None, **kwargs
+                                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """verl's ``"remax"``: undiscounted returns-to-go minus the greedy response's reward
+    (:func:`rlkernels.discounted_returns` with ``baseline=``). At a masked position verl's
+    reverse cumulative sum holds the return of the next valid position (and no baseline is
+    subtracted there); the bridge restores those values."""
+    with torch.no_grad():
+        dtype = token_level_rewards.dtype
+        adv, ret = rlkernels.discounted_returns(token_level_rewards, response_mask, gamma=1.0,
+                                                baseline=reward_baselines)
+        valid = response_mask != 0
+        ret = _at_next_valid(ret, valid)
+        adv = torch.where(valid, adv, ret)
+    return adv.to(dtype), ret.to(dtype)
+
+
 # ========================================================================================= patch
 
 _TARGETS = {
@@ -522,7 +686,18 @@ _TARGETS = {
                                     "compute_grpo_outcome_advantage",
                                     "compute_grpo_vectorized_outcome_advantage",
                                     "compute_rloo_outcome_advantage",
-                                    "compute_rloo_vectorized_outcome_advantage"),
+                                    "compute_rloo_vectorized_outcome_advantage", "compute_opo_outcome_advantage",
+           "compute_gpg_outcome_advantage", "compute_grpo_passk_outcome_advantage",
+           "compute_reinforce_plus_plus_baseline_outcome_advantage",
+           "compute_gdpo_outcome_advantage", "compute_reinforce_plus_plus_outcome_advantage",
+           "compute_remax_outcome_advantage",
+                                    "compute_opo_outcome_advantage",
+                                    "compute_gpg_outcome_advantage",
+                                    "compute_grpo_passk_outcome_advantage",
+                                    "compute_reinforce_plus_plus_baseline_outcome_advantage",
+                                    "compute_gdpo_outcome_advantage",
+                                    "compute_reinforce_plus_plus_outcome_advantage",
+                                    "compute_remax_outcome_advantage"),
 }
 
 

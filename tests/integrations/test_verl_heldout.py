@@ -109,21 +109,63 @@ def _adv_inputs(seed=1, b=8, t=6):
     return rewards, mask, index, values
 
 
+def _algo_config(**kw):
+    from verl.trainer.config import AlgoConfig
+    return AlgoConfig(**kw)
+
+
+def _estimator_call(name, seed=1):
+    """verl's arguments for estimator ``name`` on random inputs."""
+    import numpy as np
+    rewards, mask, index, values = _adv_inputs(seed)
+    if name == "gae":
+        return (rewards, values, mask), dict(gamma=0.99, lam=0.95)
+    if name == "remax":
+        base = torch.randn(rewards.shape[0], generator=torch.Generator().manual_seed(seed))
+        return (rewards,), dict(reward_baselines=base, response_mask=mask)
+    if name == "reinforce_plus_plus":
+        g = torch.Generator().manual_seed(seed)
+        dense = torch.randn(rewards.shape, generator=g) * mask
+        return (dense, mask), dict(config=_algo_config(gamma=0.9))
+    if name == "grpo_passk":  # verl requires >= 2 members per group
+        index = ["a", "a", "a", "b", "b", "b", "c", "c"]
+        return (rewards, mask), dict(index=np.array(index, dtype=object),
+                                     config=_algo_config())
+    return (rewards, mask), dict(index=np.array(index, dtype=object))
+
+
 @pytest.mark.parametrize("name", ESTIMATORS)
 def test_advantage_estimator(name):
     orig = ORIG_ADV[name]
     fn = _patched(vca.ADV_ESTIMATOR_REGISTRY, name, orig)
-    rewards, mask, index, values = _adv_inputs()
-    if name == "gae":
-        args, kwargs = (rewards, values, mask), dict(gamma=0.99, lam=0.95)
-    else:
-        import numpy as np
-        args, kwargs = (rewards, mask), dict(index=np.array(index, dtype=object))
+    args, kwargs = _estimator_call(name)
     want = orig(*args, **kwargs)
     got, used = _profiled(fn, *args, **kwargs)
     assert used, f"{name}: no rlkernels:: op in the profile of the patched call"
     for a, b in zip(got, want):
         _close(a, b)
+
+
+def test_gdpo_reward_components():
+    """verl's GDPO with two reward components read from ``non_tensor_batch`` and weights."""
+    import numpy as np
+    orig = ORIG_ADV["gdpo"]
+    fn = _patched(vca.ADV_ESTIMATOR_REGISTRY, "gdpo", orig)
+    rewards, mask, index, _ = _adv_inputs(4)
+    b, t = mask.shape
+    g = torch.Generator().manual_seed(5)
+    prompts = torch.zeros(b, 3, dtype=torch.long)
+    attention = torch.cat([torch.ones(b, 3), mask], dim=1).long()
+    batch = {"prompts": prompts, "attention_mask": attention}
+    extra = {"fmt": torch.rand(b, generator=g).numpy(), "acc": torch.rand(b, generator=g).numpy()}
+    cfg = _algo_config(gdpo_reward_keys=["fmt", "acc"], gdpo_reward_weights=[0.3, 1.0])
+    kwargs = dict(index=np.array(index, dtype=object), config=cfg, non_tensor_batch=extra,
+                  batch=batch)
+    want = orig(rewards, mask, **kwargs)
+    got, used = _profiled(fn, rewards, mask, **kwargs)
+    assert used
+    for a, b_ in zip(got, want):
+        _close(a, b_)
 
 
 @pytest.mark.parametrize("name", ROLLOUT)
