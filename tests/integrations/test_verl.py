@@ -377,6 +377,85 @@ def test_vectorized_advantages():
     torch.testing.assert_close(adv, want, atol=1e-6, rtol=1e-5)
 
 
+def _groups(index):
+    groups = defaultdict(list)
+    for i, k in enumerate(index):
+        groups[k].append(i)
+    return groups
+
+
+def _whiten(x, m):
+    """verl's masked_whiten (Bessel-corrected variance, eps 1e-8)."""
+    n = m.sum()
+    mean = (x * m).sum() / n
+    var = ((x - mean) ** 2 * m).sum() / n * n / (n - 1)
+    return (x - mean) * torch.rsqrt(var + 1e-8)
+
+
+def naive_estimator(name, rew, m, index):
+    """verl 0.9.1's outcome estimators, from their documented formulas (singleton groups:
+    mean 0, std 1, as verl)."""
+    scores = rew.sum(-1)
+    out = torch.zeros_like(scores)
+    lengths = m.sum(-1)
+    for members in _groups(index).values():
+        s = scores[members]
+        one = len(members) == 1
+        if name == "opo":
+            base = 0.0 if one else (lengths[members] * s).sum() / lengths[members].sum()
+            out[members] = s - base
+        elif name in ("gpg", "rpp_baseline"):
+            out[members] = s - (0.0 if one else s.mean())
+        elif name == "grpo_passk":
+            top = torch.topk(s, 2)
+            out[members[top.indices[0]]] = (top.values[0] - top.values[1]) / (s.std() + 1e-6)
+    if name == "gpg":
+        out = out * len(scores) / max(int(torch.count_nonzero(scores)), 1)
+    tok = out.unsqueeze(-1) * m
+    return _whiten(tok, m) * m if name == "rpp_baseline" else tok
+
+
+@pytest.mark.parametrize("name", ["opo", "gpg", "grpo_passk", "rpp_baseline"])
+def test_outcome_estimators(name):
+    rew, m, index = _rewards()
+    if name == "grpo_passk":  # verl requires >= 2 members per group
+        index = np.array(["a", "b", "a", "b", "b", "a", "d", "d", "b"], dtype=object)
+        adv, _ = rv.compute_grpo_passk_outcome_advantage(rew, m, index, config={})
+    else:
+        fn = {"opo": rv.compute_opo_outcome_advantage, "gpg": rv.compute_gpg_outcome_advantage,
+              "rpp_baseline": rv.compute_reinforce_plus_plus_baseline_outcome_advantage}[name]
+        adv, _ = fn(rew, m, index)
+    torch.testing.assert_close(adv, naive_estimator(name, rew, m, index), atol=1e-5, rtol=1e-5)
+    if name == "grpo_passk":
+        with pytest.raises(ValueError, match="at least 2 samples per group"):
+            rv.compute_grpo_passk_outcome_advantage(rew, m, _rewards()[2], config={})
+
+
+def test_token_estimators():
+    """remax (verl: reverse cumsum of the masked rewards minus the baseline at valid
+    positions) and reinforce_plus_plus (discounted returns, whitened), gdpo without
+    components (= whitened GRPO)."""
+    g = torch.Generator().manual_seed(21)
+    rew, m, index = _rewards()
+    dense = torch.randn(rew.shape, generator=g) * m
+    base = torch.randn(rew.shape[0], generator=g)
+    adv, ret = rv.compute_remax_outcome_advantage(dense, base, m)
+    want_ret = (dense * m).flip(-1).cumsum(-1).flip(-1)
+    torch.testing.assert_close(ret, want_ret, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(adv, want_ret - base.unsqueeze(-1) * m, atol=1e-5, rtol=1e-5)
+    adv, ret = rv.compute_reinforce_plus_plus_outcome_advantage(dense, m, config={"gamma": 0.9})
+    run, rets = torch.zeros(rew.shape[0]), torch.zeros_like(dense)
+    for t in reversed(range(dense.shape[1])):
+        new = dense[:, t] + 0.9 * run
+        rets[:, t] = new * m[:, t]
+        run = new * m[:, t] + run * (1 - m[:, t])
+    torch.testing.assert_close(ret, rets, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(adv, _whiten(rets, m) * m, atol=1e-5, rtol=1e-5)
+    adv, _ = rv.compute_gdpo_outcome_advantage(rew, m, index)
+    torch.testing.assert_close(adv, _whiten(naive_grpo(rew, m, index), m) * m, atol=1e-5,
+                               rtol=1e-5)
+
+
 def naive_gspo(old, lp, A, m, mode, low, high):
     """verl's compute_policy_loss_gspo: the sequence-level ratio sg(s) logp / sg(logp)."""
     seq = ((lp - old) * m).sum(-1) / m.sum(-1).clamp(min=1)
