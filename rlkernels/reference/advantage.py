@@ -154,7 +154,8 @@ def group_advantages_forward(rewards: Tensor, group_index: Optional[Tensor], gro
     if method == "gdpo":
         # one GRPO advantage per reward component, weighted and summed in component order,
         # then whitened over the batch
-        comps = rewards.to(cdt).reshape(rewards.shape[0], -1)
+        comps = rewards.to(cdt)
+        comps = comps if comps.dim() == 2 else comps.reshape(-1, 1)
         w = (torch.ones(comps.shape[1], dtype=cdt, device=comps.device)
              if reward_weights is None else reward_weights.to(cdt))
         pre = torch.zeros(comps.shape[0], dtype=cdt, device=comps.device)
