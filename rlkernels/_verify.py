@@ -249,7 +249,33 @@ def _other_cases(quick: bool, dev: str = "cpu") -> Dict[str, Callable]:
         support = rk.linear_sparse_logprobs(hid, w, idx, normalize="support", backend=backend)
         return [full, tail, support], [hid, w]
 
+    def rollout_correction(dtype, backend, ref):
+        # trainer vs rollout log-probs 0.3 nats apart, a ragged mask with an empty sequence,
+        # NaN at masked positions; thresholds far from the data (the keep flags are exact)
+        g = torch.Generator().manual_seed(17)
+        old = (-torch.rand(b, t, generator=g) * 3).to(dtype)
+        roll = (old.float() + 0.3 * torch.randn(b, t, generator=g)).to(dtype)
+        mask = torch.rand(b, t, generator=g) > 0.2
+        mask[1] = False
+        roll = roll.masked_fill(~mask, float("nan"))
+        adv = torch.randn(b, generator=g)
+        cast = (lambda z: z.double().to(dev)) if ref else (lambda z: z.to(dev))
+        old, roll, adv, mask = cast(old), cast(roll), cast(adv), mask.to(dev)
+        outs = []
+        for level, mode, rej, thr in (
+                ("token", "truncate", "token_k2", 0.02),
+                ("sequence", "mask", "seq_sum_k1,opsm", {"seq_sum_k1": (0.5, 2.0),
+                                                         "opsm": 0.0}),
+                ("geometric", "truncate", "seq_max_k3", 0.2)):
+            w, keep, m = rk.rollout_correction(
+                old, roll, mask, level=level, mode=mode, threshold_high=1.5,
+                threshold_low=0.7, reject=rej, reject_threshold=thr,
+                advantages=adv if "opsm" in rej else None, backend=backend)
+            outs += [w, keep.to(w.dtype)] + list(m.values())
+        return outs, []
+
     return {"policy_loss": policy_loss, "kl_penalty": kl_penalty,
+            "rollout_correction": rollout_correction,
             "group_advantages": group_advantages, "gae+returns+whiten": gae,
             "advantage_estimators": estimators,
             "linear_token_logprobs+linear_grpo_loss": linear,
@@ -267,7 +293,8 @@ _DISPATCH = {"token_logprobs": ("token_logprobs",), "entropy": ("token_logprobs"
              "advantage_estimators": ("group_advantages", "discounted_advantages"),
              "linear_token_logprobs+linear_grpo_loss": ("linear_token_logprobs",
                                                         "linear_grpo_loss"),
-             "linear_sparse_logprobs": ("linear_sparse_logprobs",)}
+             "linear_sparse_logprobs": ("linear_sparse_logprobs",),
+             "rollout_correction": ("rollout_correction",)}
 
 
 def _errors(outs: List[Tensor], refs: List[Tensor]):

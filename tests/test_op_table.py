@@ -15,7 +15,8 @@ from rlkernels.ops._table import OPS, Backward, Op
 _PUBLIC_OPS = {"token_logprobs", "sparse_logprobs", "sparse_kl", "kl_divergence", "kl_penalty",
                "policy_loss", "grpo_loss", "linear_token_logprobs", "linear_grpo_loss",
                "linear_sparse_logprobs",
-               "group_advantages", "masked_whiten", "gae", "discounted_returns"}
+               "group_advantages", "masked_whiten", "gae", "discounted_returns",
+               "rollout_correction"}
 
 
 def _module(backend: str, family: str):
@@ -45,7 +46,8 @@ def test_declared_kernels_exist(name):
 
 
 @pytest.mark.parametrize("backend", backends.BACKENDS)
-@pytest.mark.parametrize("family", ["vocab", "sparse", "policy", "linear", "advantage"])
+@pytest.mark.parametrize("family", ["vocab", "sparse", "policy", "linear", "advantage",
+                                    "rollout"])
 def test_no_backend_kernel_is_undeclared(backend, family):
     """A ``<op>_forward`` in a backend module that the table does not declare for that
     backend would be dead code (as the cuda kl_penalty kernel was)."""

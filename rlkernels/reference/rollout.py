@@ -53,7 +53,10 @@ def rollout_correction_forward(old_logp: Tensor, rollout_logp: Tensor, mask: Ten
                 torch.zeros(old_logp.shape, dtype=torch.bool, device=old_logp.device),
                 torch.zeros(len(METRICS), dtype=torch.float32, device=old_logp.device))
     lo, hi, clamp = float(nums[0]), float(nums[1]), float(nums[2])
-    old, roll = old_logp.to(cdt), rollout_logp.to(cdt)
+    # contiguous: torch's reductions run in memory order, and a row's result must not
+    # depend on the inputs' layout (bit for bit)
+    old, roll = old_logp.to(cdt).contiguous(), rollout_logp.to(cdt).contiguous()
+    mask = mask.contiguous()
     valid = mask != 0
     m = _sel(valid, mask.to(cdt))
     zero = torch.zeros((), dtype=cdt, device=old.device)
@@ -90,7 +93,7 @@ def rollout_correction_forward(old_logp: Tensor, rollout_logp: Tensor, mask: Ten
         r_lo, r_hi = float(nums[3 + 2 * code]), float(nums[4 + 2 * code])
         if name == "opsm":  # keep if A >= 0 or the sequence mean of k1 <= delta
             s = torch.where(nonempty, (m * k1).sum(-1) / count.clamp_min(1e-30), zero)
-            adv = advantages.to(cdt)
+            adv = advantages.to(cdt).contiguous()
             adv = adv[:, None].expand_as(lr) if adv.dim() == 1 else adv
             passed = passed & ((adv >= 0) | (s[:, None] <= r_hi))
             continue

@@ -52,6 +52,7 @@ _FAMILY = {
     "discounted_returns": "advantage", "discounted_advantages": "advantage",
     "linear_token_logprobs": "linear", "linear_grpo_loss": "linear",
     "linear_sparse_logprobs": "linear",
+    "rollout_correction": "rollout",
 }
 # Public ops without a backend argument: the torch reference only.
 TORCH_ONLY = ("kl_penalty", "sampling_support")
@@ -908,11 +909,74 @@ def linear_sparse_logprobs_cases() -> List[Case]:
     ]
 
 
+# ---------------------------------------------------------------------- rollout correction
+
+RB, RT = 4, 7   # [B, T]; sequence 2 fully masked, position (1, 3) valid (the NaN tests)
+
+
+def _rollout_build(float_mask=False):
+    def build(seed):
+        g = _gen(seed)
+        old = -3.0 * torch.rand(RB, RT, generator=g, dtype=F64)
+        roll = old + 0.3 * torch.randn(RB, RT, generator=g, dtype=F64)
+        mask = torch.rand(RB, RT, generator=g) > 0.25
+        mask[:, 3] = True
+        mask[2] = False
+        adv = torch.randn(RB, generator=g, dtype=F64)
+        m = mask.double() * (0.5 + torch.rand(RB, RT, generator=g, dtype=F64)) if float_mask \
+            else mask
+        return dict(old_logp=old, rollout_logp=roll, mask=m, advantages=adv)
+    return build
+
+
+def rollout_correction_cases() -> List[Case]:
+    def call(**kw):
+        def f(i, b):
+            opts = dict(kw)
+            if opts.pop("adv", False):
+                opts["advantages"] = i["advantages"]
+            w, keep, metrics = rk.rollout_correction(i["old_logp"], i["rollout_logp"],
+                                                     i["mask"], backend=b, **opts)
+            # keep as 0/1 plus 0 * w: exact flags that also carry a NaN weight of their
+            # position (the row properties look for the NaN of a NaN row in every row
+            # output; a bool cannot hold one)
+            return (w, keep.to(w.dtype) + 0.0 * w, *(metrics[k] for k in sorted(metrics)))
+        return f
+
+    def pad(inp):
+        off = inp["mask"] == 0
+        # every output (weights, keep, every metric) keeps its bits whatever is at the
+        # masked positions (SPEC 6: metrics never see values at masked positions)
+        return Pad(zero_out={0: off, 1: off},
+                   poison=[("old_logp", off, float("nan")), ("rollout_logp", off, NEG_INF)],
+                   keep_out={j: None for j in range(17)})
+
+    rows = {"old_logp": 0, "rollout_logp": 0, "mask": 0, "advantages": 0}
+    common = dict(primary=("old_logp", "rollout_logp"), pad=pad)
+    return [
+        Case("rollout_correction", "token-truncate-token_k1", _rollout_build(),
+             call(threshold_high=1.5, threshold_low=0.7, reject="token_k1",
+                  reject_threshold=(0.8, 1.25)),
+             rows_in=rows, rows_out={0: 0, 1: 0}, compile=True, **common),
+        Case("rollout_correction", "sequence-truncate-seq_sum_k3-opsm", _rollout_build(),
+             call(level="sequence", threshold_high=3.0, reject="seq_sum_k3,opsm",
+                  reject_threshold={"seq_sum_k3": 0.15, "opsm": 0.02}, adv=True),
+             rows_in=rows, rows_out={0: 0, 1: 0}, **common),
+        # mask mode zeroes a NaN weight (no NaN to see in its row): no row properties
+        Case("rollout_correction", "geometric-mask-seq_mean_k1-floatmask",
+             _rollout_build(float_mask=True),
+             call(level="geometric", mode="mask", threshold_high=1.2, threshold_low=0.8,
+                  reject="seq_mean_k1", reject_threshold=(0.9, 1.1)),
+             primary=("old_logp", "rollout_logp", "mask"), pad=pad),
+    ]
+
+
 CASES: List[Case] = [
     *token_logprobs_cases(), *entropy_cases(), *sparse_logprobs_cases(), *sparse_kl_cases(),
     *kl_divergence_cases(), *sampling_support_cases(), *kl_penalty_cases(),
     *policy_loss_cases(), *grpo_loss_cases(),
     *group_advantages_cases(), *masked_whiten_cases(), *gae_cases(),
     *discounted_returns_cases(), *discounted_advantages_cases(), *linear_cases(), *linear_sparse_logprobs_cases(),
+    *rollout_correction_cases(),
 ]
 PUBLIC_OPS = sorted({c.op for c in CASES})

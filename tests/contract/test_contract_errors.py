@@ -170,6 +170,17 @@ ERRORS = [
         H, W, TOK, LP, A, M[:1], backend=b), ValueError, r"^mask: .*got \(1, 3\)"),
     ("linear_grpo_loss", "weight-dtype", lambda b: rk.linear_grpo_loss(
         H, W.half(), TOK, LP, A, M, backend=b), TypeError, r"^weight: .*got float16"),
+    # -------------------------------------------------------------- rollout_correction
+    ("rollout_correction", "level", lambda b: rk.rollout_correction(
+        LP, LP, M, level="seq", backend=b), ValueError, r"^level: .*got 'seq'"),
+    ("rollout_correction", "rollout_logp-shape", lambda b: rk.rollout_correction(
+        LP, LP[:1], M, backend=b), ValueError, r"^rollout_logp: .*\(2, 3\).*got \(1, 3\)"),
+    ("rollout_correction", "reject", lambda b: rk.rollout_correction(
+        LP, LP, M, reject="seq_max_k1", reject_threshold=2.0, backend=b), ValueError,
+     r"^reject: .*got 'seq_max_k1'"),
+    ("rollout_correction", "opsm-advantages", lambda b: rk.rollout_correction(
+        LP, LP, M, reject="opsm", reject_threshold=0.1, backend=b), ValueError,
+     r"^advantages: .*got None"),
 ]
 
 # an unknown backend name, for every op that takes backend=
@@ -187,6 +198,7 @@ _BACKEND_CALLS = {
     "discounted_returns": lambda b: rk.discounted_returns(LP, M, backend=b),
     "linear_token_logprobs": lambda b: rk.linear_token_logprobs(H, W, TOK, backend=b),
     "linear_grpo_loss": lambda b: rk.linear_grpo_loss(H, W, TOK, LP, A, M, backend=b),
+    "rollout_correction": lambda b: rk.rollout_correction(LP, LP, M, backend=b),
 }
 
 
