@@ -40,6 +40,14 @@ CPP_NAMES = {
     "kGrpoPassk": ("advantage_method", "grpo_passk"),
     "kRppBaseline": ("advantage_method", "reinforce_plus_plus_baseline"),
     "kGdpo": ("advantage_method", "gdpo"),
+    "kRolloutToken": ("rollout_level", "token"),
+    "kRolloutSequence": ("rollout_level", "sequence"),
+    "kRolloutGeometric": ("rollout_level", "geometric"),
+    "kRolloutTruncate": ("rollout_mode", "truncate"), "kRolloutMask": ("rollout_mode", "mask"),
+    **{"kReject" + "".join(p.capitalize() for p in name.split("_")): ("rollout_reject", name)
+       for name in ("token_k1", "token_k2", "token_k3", "seq_sum_k1", "seq_sum_k2",
+                    "seq_sum_k3", "seq_mean_k1", "seq_mean_k2", "seq_mean_k3", "seq_max_k2",
+                    "seq_max_k3", "opsm")},
 }
 
 
@@ -111,6 +119,21 @@ def test_cuda_launchers_use_the_shared_tables():
     assert vocab._KINDS is _codes.KL_KINDS
     assert advantage._METHODS is _codes.ADVANTAGE_METHODS
     assert {**sparse._MODES, "kl": sparse._MODE_KL} == _codes.SPARSE_MODES
+
+
+def test_rollout_backends_use_the_shared_tables():
+    from rlkernels.cuda import rollout as crol
+    from rlkernels.ops import rollout as orol
+
+    assert crol._LEVELS is _codes.ROLLOUT_LEVELS and crol._MODES is _codes.ROLLOUT_MODES
+    assert crol._REJECTS is _codes.ROLLOUT_REJECTS
+    assert orol.LEVELS == tuple(_codes.ROLLOUT_LEVELS)
+    assert orol.MODES == tuple(_codes.ROLLOUT_MODES)
+    assert orol.REJECTS == tuple(_codes.ROLLOUT_REJECTS)
+    pytest.importorskip("triton")
+    trol = importlib.import_module("rlkernels.triton.rollout")
+    assert trol._LEVELS is _codes.ROLLOUT_LEVELS and trol._MODES is _codes.ROLLOUT_MODES
+    assert trol._REJECTS is _codes.ROLLOUT_REJECTS
 
 
 def test_triton_kernels_use_the_same_codes():
