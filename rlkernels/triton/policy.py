@@ -63,7 +63,7 @@ _MIN_BLOCK_T = 16
 # Row tiles are made smaller (down to one row) until there are at least this many programs.
 _MIN_PROGRAMS = 8
 # Forward partials per program (see _policy_fwd_kernel's stores) and the lanes that add them.
-N_PARTIALS = 12
+N_PARTIALS = 13
 _PB = 128
 
 
@@ -92,6 +92,108 @@ def _expm1(x):
 
 
 @triton.jit
+def _exp(x, LIBDEVICE_EXP: tl.constexpr):
+    if LIBDEVICE_EXP:
+        y = libdevice.exp(x)
+    else:
+        y = tl.exp(x)
+    return y
+
+
+@triton.jit
+def _log(x, LIBDEVICE_EXP: tl.constexpr):
+    if LIBDEVICE_EXP:
+        y = libdevice.log(x)
+    else:
+        y = tl.log(x)
+    return y
+
+
+@triton.jit
+def _dppo_valid(lp, old, a, lo, hi, LOSS: tl.constexpr, LIBDEVICE_EXP: tl.constexpr):
+    """DPPO's trust region (reference ``_dppo_valid``): ``lo``, ``hi`` are the divergence
+    thresholds ``clip_low``, ``clip_high``; ``1 - p`` is ``-expm1(logp)``."""
+    p = _exp(lp, LIBDEVICE_EXP)
+    p_old = _exp(old, LIBDEVICE_EXP)
+    if LOSS == 7:  # dppo_tv
+        valid = tl.where(a > 0, p - p_old <= hi, p - p_old >= -lo)
+    else:  # dppo_kl
+        q_old = -_expm1(old)
+        q = -_expm1(lp)
+        binary_kl = p_old * (old - lp) + q_old * _log((q_old + 1e-8) / (q + 1e-8),
+                                                       LIBDEVICE_EXP)
+        valid = tl.where(a > 0, (binary_kl <= hi) | (p <= p_old),
+                         (binary_kl <= lo) | (p >= p_old))
+    return valid
+
+
+@triton.jit
+def _row_value(lp_ptr, old_ptr, adv_ptr, m_ptr, w_ptr, r64, rin, T, lp_sb, lp_st, old_sb,
+               old_st, adv_sb, adv_st, m_sb, m_st, w_sb, w_st, lim, lo, hi,
+               CDT: tl.constexpr, LOSS: tl.constexpr, HAS_W: tl.constexpr, ROWS: tl.constexpr,
+               BLOCK_T: tl.constexpr, IEEE_DIV: tl.constexpr, LIBDEVICE_EXP: tl.constexpr):
+    """Per row of a tile, the sequence value of gmpo (``LOSS == 4``: ``-mean_m(A)
+    exp(mean_m(c)) W``, 0 for an empty row) or vespo (``LOSS == 10``: the clamped log of the
+    sequence weight ``log w``); reference ``_gmpo_factor`` / ``_vespo_phi``."""
+    acc_c = tl.zeros([ROWS, BLOCK_T], CDT)
+    acc_x = tl.zeros([ROWS, BLOCK_T], CDT)
+    acc_a = tl.zeros([ROWS, BLOCK_T], CDT)
+    acc_w = tl.zeros([ROWS, BLOCK_T], CDT)
+    log_lo = tl.full([], -18.420680743952367, tl.float64).to(CDT)  # log(1e-8), TRL's clamp
+    for c0 in range(0, T, BLOCK_T):
+        cols = c0 + tl.arange(0, BLOCK_T)
+        c64 = cols.to(tl.int64)[None, :]
+        inb = rin & (cols < T)[None, :]
+        m = tl.load(m_ptr + r64 * m_sb + c64 * m_st, mask=inb, other=0).to(CDT)
+        lp = tl.load(lp_ptr + r64 * lp_sb + c64 * lp_st, mask=inb, other=0).to(CDT)
+        old = tl.load(old_ptr + r64 * old_sb + c64 * old_st, mask=inb, other=0).to(CDT)
+        log_r = tl.maximum(lp - old, -lim, propagate_nan=tl.PropagateNan.ALL)
+        log_r = tl.minimum(log_r, lim, propagate_nan=tl.PropagateNan.ALL)
+        if LOSS == 4:
+            a = tl.load(adv_ptr + r64 * adv_sb + c64 * adv_st, mask=inb, other=0).to(CDT)
+            x = tl.where(a > 0, tl.minimum(log_r, hi, propagate_nan=tl.PropagateNan.ALL),
+                         tl.where(a < 0, tl.maximum(log_r, -lo,
+                                                    propagate_nan=tl.PropagateNan.ALL), 0.0))
+            acc_a += tl.where(m != 0, a * m, 0.0)
+            if HAS_W:
+                w = tl.load(w_ptr + r64 * w_sb + c64 * w_st, mask=inb, other=1).to(CDT)
+                acc_w += tl.where(m != 0, _log(w + 1e-10, LIBDEVICE_EXP) * m, 0.0)
+        else:
+            x = log_r
+            if HAS_W:
+                w = tl.load(w_ptr + r64 * w_sb + c64 * w_st, mask=inb, other=1).to(CDT)
+                lw = tl.maximum(_log(w, LIBDEVICE_EXP), log_lo,
+                                propagate_nan=tl.PropagateNan.ALL)
+                lw = tl.minimum(lw, 20.0, propagate_nan=tl.PropagateNan.ALL)
+                acc_w += tl.where(m != 0, lw * m, 0.0)
+        acc_x += tl.where(m != 0, x * m, 0.0)
+        acc_c += m
+    count = tl.sum(acc_c, axis=1)
+    sx = tl.sum(acc_x, axis=1)
+    sw = tl.sum(acc_w, axis=1)
+    if LOSS == 4:
+        nonzero = tl.where(count > 0, count, 1.0)
+        mean_a = tl.fdiv(tl.sum(acc_a, axis=1), nonzero, ieee_rounding=IEEE_DIV)
+        value = -mean_a * _exp(tl.fdiv(sx, nonzero, ieee_rounding=IEEE_DIV), LIBDEVICE_EXP)
+        if HAS_W:
+            value = value * _exp(tl.fdiv(sw, nonzero, ieee_rounding=IEEE_DIV), LIBDEVICE_EXP)
+        value = tl.where(count > 0, value, 0.0)
+    else:
+        value = tl.maximum(sx + sw, log_lo, propagate_nan=tl.PropagateNan.ALL)
+        value = tl.minimum(value, 20.0, propagate_nan=tl.PropagateNan.ALL)
+    return value
+
+
+@triton.jit
+def _vespo_phi(log_w, a, k_pos, k_neg, lam_pos, lam_neg, LIBDEVICE_EXP: tl.constexpr):
+    """TRL's gamma weight ``exp(lam + k log w - lam w)``; 0 where it is not finite."""
+    k = tl.where(a >= 0, k_pos, k_neg)
+    lam = tl.where(a >= 0, lam_pos, lam_neg)
+    phi = _exp(lam + k * log_w - lam * _exp(log_w, LIBDEVICE_EXP), LIBDEVICE_EXP)
+    return tl.where(tl.abs(phi) < float("inf"), phi, 0.0)
+
+
+@triton.jit
 def _kl_value(d, KL: tl.constexpr):
     """``kl_penalty_forward`` of ``d = logp - ref_logp``."""
     if KL == 0:
@@ -100,7 +202,7 @@ def _kl_value(d, KL: tl.constexpr):
         v = tl.abs(d)
     elif KL == 2:
         v = 0.5 * d * d
-    else:  # k3, low_var_kl, k3+
+    else:  # k3, low_var_kl, k3+, k3_is, k3_is_sg (times the ratio: the caller)
         v = _expm1(-d) + d
     return v
 
@@ -116,13 +218,21 @@ def _hyper(lo_f, hi_f, clamp_f, dual_f, delta_f, kl_coef_f, ent_coef_f, CDT: tl.
 
 
 @triton.jit
+def _loss_hyper(pa_f, na_f, pb_f, nb_f, coef_f, CDT: tl.constexpr):
+    """The loss-specific runtime floats (``PolicyOptions.loss_scalars``) in the compute
+    dtype: ``(pos_a, neg_a, pos_b, neg_b, coef)``."""
+    return (tl.full([], pa_f, CDT), tl.full([], na_f, CDT), tl.full([], pb_f, CDT),
+            tl.full([], nb_f, CDT), tl.full([], coef_f, CDT))
+
+
+@triton.jit
 def _kl_grad(d, KL: tl.constexpr):
     """``kl_penalty_grad``: d penalty / d logp (k3+ is straight-through: k2's)."""
     if KL == 0:
         g = tl.full(d.shape, 1.0, d.dtype)
     elif KL == 1:  # torch.sign
         g = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, tl.where(d == d, 0.0, d)))
-    elif KL == 3:
+    elif KL == 3 or KL == 5 or KL == 6:  # k3, k3_is, k3_is_sg (times r: the caller)
         g = -_expm1(-d)
     else:  # k2, k3+
         g = d
@@ -158,11 +268,13 @@ def _seq_stats(lp_ptr, old_ptr, m_ptr, r64, rin, T, lp_sb, lp_st, old_sb, old_st
 
 @triton.jit
 def _policy_fwd_kernel(
-        lp_ptr, old_ptr, adv_ptr, m_ptr, ref_ptr, ent_ptr, w_ptr, part_ptr,
+        lp_ptr, old_ptr, adv_ptr, m_ptr, ref_ptr, ent_ptr, w_ptr, sel_ptr, part_ptr,
         B, T, lp_sb, lp_st, old_sb, old_st, adv_sb, adv_st, m_sb, m_st, ref_sb, ref_st,
         ent_sb, ent_st, w_sb, w_st,
         lo_f: tl.float64, hi_f: tl.float64, dual_f: tl.float64, delta_f: tl.float64,
         kl_coef_f: tl.float64, ent_coef_f: tl.float64, clamp_f: tl.float64,
+        pa_f: tl.float64, na_f: tl.float64, pb_f: tl.float64, nb_f: tl.float64,
+        coef_f: tl.float64,
         CDT: tl.constexpr, LOSS: tl.constexpr, SEQ: tl.constexpr, AGG: tl.constexpr,
         KL: tl.constexpr, HAS_REF: tl.constexpr, HAS_ENT: tl.constexpr, HAS_W: tl.constexpr,
         HAS_DUAL: tl.constexpr, HAS_DELTA: tl.constexpr, IEEE_DIV: tl.constexpr,
@@ -173,6 +285,7 @@ def _policy_fwd_kernel(
     n_prog = tl.num_programs(0)
     lo, hi, lim, neg_dual, delta, kl_coef, ent_coef = _hyper(
         lo_f, hi_f, clamp_f, dual_f, delta_f, kl_coef_f, ent_coef_f, CDT)
+    pos_a, neg_a, pos_b, neg_b, coef = _loss_hyper(pa_f, na_f, pb_f, nb_f, coef_f, CDT)
     # every masked sum is where(m != 0, x * m, 0), a select, so that NaN or inf at a masked
     # position (NaN * 0 is NaN) never reaches a metric or the loss
     s_high = tl.zeros([ROWS, BLOCK_T], CDT)
@@ -182,6 +295,7 @@ def _policy_fwd_kernel(
     s_r = tl.zeros([ROWS, BLOCK_T], CDT)
     s_kl = tl.zeros([ROWS, BLOCK_T], CDT)
     s_ent = tl.zeros([ROWS, BLOCK_T], CDT)
+    s_sel = tl.zeros([ROWS, BLOCK_T], CDT)
     r_max = tl.zeros([ROWS, BLOCK_T], CDT)
     r_nan = tl.zeros([ROWS, BLOCK_T], tl.int32)
     no_flag = tl.zeros([ROWS, BLOCK_T], tl.int1)
@@ -192,6 +306,12 @@ def _policy_fwd_kernel(
         seq, _ = _seq_stats(lp_ptr, old_ptr, m_ptr, r64, rin, T, lp_sb, lp_st, old_sb,
                             old_st, m_sb, m_st, lim, CDT, ROWS, BLOCK_T, True, IEEE_DIV)
         seq_log_r = seq[:, None] + tl.zeros([ROWS, BLOCK_T], CDT)
+    if LOSS == 4 or LOSS == 10:  # gmpo / vespo: the sequence value, first pass over the rows
+        row_val = _row_value(lp_ptr, old_ptr, adv_ptr, m_ptr, w_ptr, r64, rin, T, lp_sb,
+                             lp_st, old_sb, old_st, adv_sb, adv_st, m_sb, m_st, w_sb, w_st,
+                             lim, lo, hi, CDT, LOSS, HAS_W, ROWS, BLOCK_T, IEEE_DIV,
+                             LIBDEVICE_EXP)
+        row_val = row_val[:, None] + tl.zeros([ROWS, BLOCK_T], CDT)
     row_loss = tl.zeros([ROWS, BLOCK_T], CDT)
     row_m = tl.zeros([ROWS, BLOCK_T], CDT)
     for c0 in range(0, T, BLOCK_T):
@@ -214,7 +334,10 @@ def _policy_fwd_kernel(
         high = no_flag
         low = no_flag
         dual = no_flag
-        if LOSS == 0:  # ppo
+        selected = no_flag
+        if LOSS == 5 or LOSS == 6:  # clip_cov / kl_cov: the launcher's selection
+            selected = tl.load(sel_ptr + r64 * T + c64, mask=inb, other=0) != 0
+        if LOSS == 0 or LOSS == 5:  # ppo, luspo, clip_cov
             if HAS_DELTA:
                 unclipped = tl.minimum(r, delta, propagate_nan=tl.PropagateNan.ALL)
             else:
@@ -228,19 +351,47 @@ def _policy_fwd_kernel(
                 dual = (a < 0) & (pg > bound)
                 bounded = tl.minimum(pg, bound, propagate_nan=tl.PropagateNan.ALL)
                 pg = tl.where(a < 0, bounded, pg)
+            if LOSS == 5:
+                pg = tl.where(selected, 0.0, pg)
         elif LOSS == 1:  # cispo; lo is 0 unless cispo_clip_low (ratio_floor)
             weight = tl.clamp(r, lo, hi, propagate_nan=tl.PropagateNan.ALL)
             pg = -weight * a * lp
             high = r > hi
             low = r < lo
+        elif LOSS == 3:  # sapo
+            tau = tl.where(a > 0, pos_a, neg_a)
+            gate = tl.fdiv(4.0, tau * (1.0 + _exp(-tau * (r - 1.0), LIBDEVICE_EXP)),
+                           ieee_rounding=IEEE_DIV)
+            pg = -gate * a
+        elif LOSS == 4:  # gmpo: lo, hi are the log-ratio bounds clip_low, clip_high
+            pg = row_val
+            high = (a > 0) & (log_r > hi)
+            low = (a < 0) & (log_r < -lo)
+        elif LOSS == 6:  # kl_cov
+            pg = -a * r + tl.where(selected, coef * tl.abs(log_r), 0.0)
+        elif LOSS == 7 or LOSS == 8:  # dppo: lo, hi are the divergence thresholds
+            valid = _dppo_valid(lp, old, a, lo, hi, LOSS, LIBDEVICE_EXP)
+            pg = tl.where(valid, -a * tl.minimum(r, coef, propagate_nan=tl.PropagateNan.ALL)
+                          * lp, 0.0)
+            high = (a > 0) & (valid == 0)
+            low = (a <= 0) & (valid == 0)
+            dual = valid & (r > coef)
+        elif LOSS == 9:  # dro
+            pg = -a * lp + 0.5 * coef * log_r * log_r
+        elif LOSS == 10:  # vespo (row_val = log w)
+            pg = -_vespo_phi(row_val, a, pos_a, neg_a, pos_b, neg_b, LIBDEVICE_EXP) * a * lp
         else:  # reinforce
             pg = -a * lp
         if HAS_W:
-            pg = pg * tl.load(w_ptr + r64 * w_sb + c64 * w_st, mask=inb, other=0).to(CDT)
+            if LOSS != 4 and LOSS != 10:  # gmpo / vespo fold is_weights into row_val
+                pg = pg * tl.load(w_ptr + r64 * w_sb + c64 * w_st, mask=inb,
+                                  other=0).to(CDT)
         loss = pg
         if HAS_REF:
             ref = tl.load(ref_ptr + r64 * ref_sb + c64 * ref_st, mask=inb, other=0).to(CDT)
             kl = _kl_value(lp - ref, KL)
+            if KL == 5 or KL == 6:  # k3_is, k3_is_sg: r k3
+                kl = kl * r
             # a coefficient of 0 drops the term (as the reference: 0 * inf would be NaN);
             # a runtime select, so that a coefficient schedule compiles nothing new
             loss = tl.where(kl_coef != 0, loss + kl_coef * kl, loss)
@@ -254,6 +405,7 @@ def _policy_fwd_kernel(
         s_high += high.to(CDT) * m
         s_low += low.to(CDT) * m
         s_dual += dual.to(CDT) * m
+        s_sel += selected.to(CDT) * m
         s_akl += tl.where(m != 0, -log_r * m, 0.0)
         s_r += tl.where(m != 0, r * m, 0.0)
         active_r = tl.where(m > 0, r, 0.0)
@@ -280,6 +432,7 @@ def _policy_fwd_kernel(
     tl.store(out + 9 * n_prog, tl.sum(s_ent))
     tl.store(out + 10 * n_prog, tl.max(r_max))
     tl.store(out + 11 * n_prog, tl.max(r_nan).to(CDT))
+    tl.store(out + 12 * n_prog, tl.sum(s_sel))
 
 
 @triton.jit
@@ -309,7 +462,7 @@ def _policy_finish_kernel(part_ptr, norm_ptr, loss_ptr, met_ptr, P, T,
                           CDT: tl.constexpr, AGG: tl.constexpr, HAS_NORM: tl.constexpr,
                           IEEE_DIV: tl.constexpr, NK: tl.constexpr, PB: tl.constexpr):
     """Stage 2 of the forward, one program: the loss and the metrics from the partials."""
-    sums, maxes = _partial_sums(part_ptr, P, 12, CDT, NK, PB)
+    sums, maxes = _partial_sums(part_ptr, P, 13, CDT, NK, PB)
     total = _pick(sums, 0, NK)
     tokens = _pick(sums, 1, NK)
     # the denominator of aggregate (its empty value counts as 1)
@@ -327,7 +480,9 @@ def _policy_finish_kernel(part_ptr, norm_ptr, loss_ptr, met_ptr, P, T,
     count = tl.maximum(tokens, 1e-30)
     high = _pick(sums, 3, NK)
     low = _pick(sums, 4, NK)
-    tl.store(met_ptr + 0, tl.fdiv(high + low, count, ieee_rounding=IEEE_DIV).to(tl.float32))
+    # clipfrac: also the covariance-selected tokens of clip_cov / kl_cov (disjoint)
+    clipped = high + low + _pick(sums, 12, NK)
+    tl.store(met_ptr + 0, tl.fdiv(clipped, count, ieee_rounding=IEEE_DIV).to(tl.float32))
     tl.store(met_ptr + 1, tl.fdiv(high, count, ieee_rounding=IEEE_DIV).to(tl.float32))
     tl.store(met_ptr + 2, tl.fdiv(low, count, ieee_rounding=IEEE_DIV).to(tl.float32))
     tl.store(met_ptr + 3, tl.fdiv(_pick(sums, 5, NK), count,
@@ -345,20 +500,29 @@ def _policy_finish_kernel(part_ptr, norm_ptr, loss_ptr, met_ptr, P, T,
 
 
 @triton.jit
-def _policy_rowstat_kernel(lp_ptr, old_ptr, m_ptr, seq_ptr, cnt_ptr, part_ptr, B, T,
-                           lp_sb, lp_st, old_sb, old_st, m_sb, m_st, clamp_f: tl.float64,
-                           CDT: tl.constexpr, SEQ: tl.constexpr, AGG: tl.constexpr,
-                           IEEE_DIV: tl.constexpr, ROWS: tl.constexpr,
-                           BLOCK_T: tl.constexpr):
+def _policy_rowstat_kernel(lp_ptr, old_ptr, adv_ptr, m_ptr, w_ptr, seq_ptr, cnt_ptr,
+                           part_ptr, B, T, lp_sb, lp_st, old_sb, old_st, adv_sb, adv_st,
+                           m_sb, m_st, w_sb, w_st, clamp_f: tl.float64, lo_f: tl.float64,
+                           hi_f: tl.float64, CDT: tl.constexpr, SEQ: tl.constexpr,
+                           AGG: tl.constexpr, LOSS: tl.constexpr, HAS_W: tl.constexpr,
+                           IEEE_DIV: tl.constexpr, LIBDEVICE_EXP: tl.constexpr,
+                           ROWS: tl.constexpr, BLOCK_T: tl.constexpr):
     """Stage 1 of the backward: per row of tile ``pid`` its token count and (GSPO) sequence
-    log-ratio, the same sums as the forward's; ``part[pid]``, the tile's share of the
-    denominator (tokens for token-mean, non-empty sequences otherwise)."""
+    log-ratio, or the sequence value of gmpo / vespo (``_row_value``), the same sums as the
+    forward's; ``part[pid]``, the tile's share of the denominator (tokens for token-mean,
+    non-empty sequences otherwise)."""
     pid = tl.program_id(0)
     rows = pid * ROWS + tl.arange(0, ROWS)
     lim = tl.full([], clamp_f, CDT)
-    seq, seq_tokens = _seq_stats(lp_ptr, old_ptr, m_ptr, rows.to(tl.int64)[:, None],
-                                 (rows < B)[:, None], T, lp_sb, lp_st, old_sb, old_st, m_sb,
-                                 m_st, lim, CDT, ROWS, BLOCK_T, SEQ, IEEE_DIV)
+    r64 = rows.to(tl.int64)[:, None]
+    rin = (rows < B)[:, None]
+    seq, seq_tokens = _seq_stats(lp_ptr, old_ptr, m_ptr, r64, rin, T, lp_sb, lp_st, old_sb,
+                                 old_st, m_sb, m_st, lim, CDT, ROWS, BLOCK_T, SEQ, IEEE_DIV)
+    if LOSS == 4 or LOSS == 10:  # token-level ratios: the seq slot holds the row value
+        seq = _row_value(lp_ptr, old_ptr, adv_ptr, m_ptr, w_ptr, r64, rin, T, lp_sb, lp_st,
+                         old_sb, old_st, adv_sb, adv_st, m_sb, m_st, w_sb, w_st, lim,
+                         tl.full([], lo_f, CDT), tl.full([], hi_f, CDT), CDT, LOSS, HAS_W,
+                         ROWS, BLOCK_T, IEEE_DIV, LIBDEVICE_EXP)
     tl.store(seq_ptr + rows, seq, mask=rows < B)
     tl.store(cnt_ptr + rows, seq_tokens, mask=rows < B)
     if AGG == 0:
@@ -369,12 +533,14 @@ def _policy_rowstat_kernel(lp_ptr, old_ptr, m_ptr, seq_ptr, cnt_ptr, part_ptr, B
 
 @triton.jit
 def _policy_bwd_kernel(
-        grad_ptr, lp_ptr, old_ptr, adv_ptr, m_ptr, ref_ptr, w_ptr, norm_ptr, seq_ptr,
+        grad_ptr, lp_ptr, old_ptr, adv_ptr, m_ptr, ref_ptr, w_ptr, sel_ptr, norm_ptr, seq_ptr,
         cnt_ptr, part_ptr, glp_ptr, gent_ptr,
         B, T, lp_sb, lp_st, old_sb, old_st, adv_sb, adv_st, m_sb, m_st, ref_sb, ref_st,
         w_sb, w_st,
         lo_f: tl.float64, hi_f: tl.float64, dual_f: tl.float64, delta_f: tl.float64,
         kl_coef_f: tl.float64, ent_coef_f: tl.float64, clamp_f: tl.float64,
+        pa_f: tl.float64, na_f: tl.float64, pb_f: tl.float64, nb_f: tl.float64,
+        coef_f: tl.float64,
         CDT: tl.constexpr, LOSS: tl.constexpr, SEQ: tl.constexpr, AGG: tl.constexpr,
         KL: tl.constexpr, HAS_REF: tl.constexpr, HAS_ENT: tl.constexpr, HAS_W: tl.constexpr,
         HAS_NORM: tl.constexpr, HAS_DUAL: tl.constexpr, HAS_DELTA: tl.constexpr,
@@ -386,6 +552,7 @@ def _policy_bwd_kernel(
     lo, hi, lim, neg_dual, delta, kl_coef, ent_coef = _hyper(
         lo_f, hi_f, clamp_f, dual_f, delta_f, kl_coef_f, ent_coef_f, CDT)
     neg_ent_coef = -ent_coef
+    pos_a, neg_a, pos_b, neg_b, coef = _loss_hyper(pa_f, na_f, pb_f, nb_f, coef_f, CDT)
 
     # the denominator of aggregate (its empty value counts as 1)
     if HAS_NORM:
@@ -403,6 +570,8 @@ def _policy_bwd_kernel(
     rin = (rows < B)[:, None]
     if SEQ:
         seq_log_r = tl.load(seq_ptr + r64, mask=rin, other=0) + tl.zeros([ROWS, BLOCK_T], CDT)
+    if LOSS == 4 or LOSS == 10:  # gmpo / vespo: the sequence value of the first launch
+        row_val = tl.load(seq_ptr + r64, mask=rin, other=0) + tl.zeros([ROWS, BLOCK_T], CDT)
     if AGG == 1:
         n_seq = tl.load(cnt_ptr + r64, mask=rin, other=0) + tl.zeros([ROWS, BLOCK_T], CDT)
     for c0 in range(0, T, BLOCK_T):
@@ -419,52 +588,79 @@ def _policy_bwd_kernel(
         lp = tl.load(lp_ptr + r64 * lp_sb + c64 * lp_st, mask=inb, other=0).to(CDT)
         a = tl.load(adv_ptr + r64 * adv_sb + c64 * adv_st, mask=inb, other=0).to(CDT)
         # d pg / d logp, as _policy_grad
+        if SEQ:  # straight-through: d log r / d logp = 1
+            log_r = seq_log_r
+            dlog_r = tl.full([ROWS, BLOCK_T], 1.0, CDT)
+        else:
+            old = tl.load(old_ptr + r64 * old_sb + c64 * old_st, mask=inb, other=0).to(CDT)
+            d = lp - old
+            log_r = tl.maximum(d, -lim, propagate_nan=tl.PropagateNan.ALL)
+            log_r = tl.minimum(log_r, lim, propagate_nan=tl.PropagateNan.ALL)
+            dlog_r = ((d >= -lim) & (d <= lim)).to(CDT)
+        if LIBDEVICE_EXP:
+            r = libdevice.exp(log_r)
+        else:
+            r = tl.exp(log_r)
+        if LOSS == 5 or LOSS == 6:  # clip_cov / kl_cov: the launcher's selection
+            selected = tl.load(sel_ptr + r64 * T + c64, mask=inb, other=0) != 0
         if LOSS == 2:  # reinforce
             g = -a
-        else:
-            if SEQ:  # straight-through: d log r / d logp = 1
-                log_r = seq_log_r
-                dlog_r = tl.full([ROWS, BLOCK_T], 1.0, CDT)
+        elif LOSS == 1:  # cispo: the clipped ratio is a constant factor of -A logp
+            weight_r = tl.clamp(r, lo, hi, propagate_nan=tl.PropagateNan.ALL)
+            g = -weight_r * a
+        elif LOSS == 3:  # sapo: -A 4 s (1 - s) r dlog r
+            tau = tl.where(a > 0, pos_a, neg_a)
+            e = _exp(-tau * (r - 1.0), LIBDEVICE_EXP)
+            sig = tl.fdiv(1.0, 1.0 + e, ieee_rounding=IEEE_DIV)
+            g = -a * 4.0 * sig * (1.0 - sig) * r * dlog_r
+        elif LOSS == 4:  # gmpo: the sequence value times d c / d logp
+            inside = ((a > 0) & (log_r <= hi)) | ((a < 0) & (log_r >= -lo))
+            g = row_val * inside.to(CDT) * dlog_r
+        elif LOSS == 6:  # kl_cov
+            sign = tl.where(log_r > 0, 1.0, tl.where(log_r < 0, -1.0, 0.0))
+            g = (-a * r + tl.where(selected, coef * sign, 0.0)) * dlog_r
+        elif LOSS == 7 or LOSS == 8:  # dppo
+            valid = _dppo_valid(lp, old, a, lo, hi, LOSS, LIBDEVICE_EXP)
+            g = tl.where(valid, -a * tl.minimum(r, coef, propagate_nan=tl.PropagateNan.ALL),
+                         0.0)
+        elif LOSS == 9:  # dro
+            g = -a + coef * log_r * dlog_r
+        elif LOSS == 10:  # vespo
+            g = -_vespo_phi(row_val, a, pos_a, neg_a, pos_b, neg_b, LIBDEVICE_EXP) * a
+        else:  # ppo, luspo, clip_cov
+            if HAS_DELTA:
+                unclipped = tl.minimum(r, delta, propagate_nan=tl.PropagateNan.ALL)
+                d_unclipped = -a * (r <= delta).to(CDT)
             else:
-                old = tl.load(old_ptr + r64 * old_sb + c64 * old_st, mask=inb,
-                              other=0).to(CDT)
-                d = lp - old
-                log_r = tl.maximum(d, -lim, propagate_nan=tl.PropagateNan.ALL)
-                log_r = tl.minimum(log_r, lim, propagate_nan=tl.PropagateNan.ALL)
-                dlog_r = ((d >= -lim) & (d <= lim)).to(CDT)
-            if LIBDEVICE_EXP:
-                r = libdevice.exp(log_r)
-            else:
-                r = tl.exp(log_r)
-            if LOSS == 1:  # cispo: the clipped ratio is a constant factor of -A logp
-                weight_r = tl.clamp(r, lo, hi, propagate_nan=tl.PropagateNan.ALL)
-                g = -weight_r * a
-            else:  # ppo
-                if HAS_DELTA:
-                    unclipped = tl.minimum(r, delta, propagate_nan=tl.PropagateNan.ALL)
-                    d_unclipped = -a * (r <= delta).to(CDT)
-                else:
-                    unclipped = r
-                    d_unclipped = -a
-                d_clipped = -a * ((r >= lo) & (r <= hi)).to(CDT)
-                pg1 = -a * unclipped
-                pg2 = -a * tl.clamp(r, lo, hi, propagate_nan=tl.PropagateNan.ALL)
-                # the branch of the max that is active; half each on a tie
-                dpg = tl.where(pg1 > pg2, d_unclipped,
-                               tl.where(pg1 < pg2, d_clipped,
-                                        0.5 * (d_unclipped + d_clipped)))
-                if HAS_DUAL:  # min(pg, bound) where A < 0: 0 when the bound is active
-                    pg = tl.maximum(pg1, pg2, propagate_nan=tl.PropagateNan.ALL)
-                    bound = neg_dual * a
-                    dual = tl.where(pg > bound, 0.0,
-                                    tl.where(pg < bound, dpg, 0.5 * (0.0 + dpg)))
-                    dpg = tl.where(a < 0, dual, dpg)
-                g = dpg * r * dlog_r
+                unclipped = r
+                d_unclipped = -a
+            d_clipped = -a * ((r >= lo) & (r <= hi)).to(CDT)
+            pg1 = -a * unclipped
+            pg2 = -a * tl.clamp(r, lo, hi, propagate_nan=tl.PropagateNan.ALL)
+            # the branch of the max that is active; half each on a tie
+            dpg = tl.where(pg1 > pg2, d_unclipped,
+                           tl.where(pg1 < pg2, d_clipped,
+                                    0.5 * (d_unclipped + d_clipped)))
+            if HAS_DUAL:  # min(pg, bound) where A < 0: 0 when the bound is active
+                pg = tl.maximum(pg1, pg2, propagate_nan=tl.PropagateNan.ALL)
+                bound = neg_dual * a
+                dual = tl.where(pg > bound, 0.0,
+                                tl.where(pg < bound, dpg, 0.5 * (0.0 + dpg)))
+                dpg = tl.where(a < 0, dual, dpg)
+            g = dpg * r * dlog_r
+            if LOSS == 5:
+                g = tl.where(selected, 0.0, g)
         if HAS_W:
-            g = g * tl.load(w_ptr + r64 * w_sb + c64 * w_st, mask=inb, other=0).to(CDT)
+            if LOSS != 4 and LOSS != 10:  # gmpo / vespo fold is_weights into row_val
+                g = g * tl.load(w_ptr + r64 * w_sb + c64 * w_st, mask=inb, other=0).to(CDT)
         if HAS_REF:
             ref = tl.load(ref_ptr + r64 * ref_sb + c64 * ref_st, mask=inb, other=0).to(CDT)
-            g = tl.where(kl_coef != 0, g + kl_coef * _kl_grad(lp - ref, KL), g)
+            g_kl = _kl_grad(lp - ref, KL)
+            if KL == 5 or KL == 6:  # r (1 - exp(-d)) [+ r dlog r k3 for k3_is]
+                g_kl = r * g_kl
+                if KL == 5:
+                    g_kl = g_kl + r * dlog_r * _kl_value(lp - ref, KL)
+            g = tl.where(kl_coef != 0, g + kl_coef * g_kl, g)
         out = r64 * T + c64
         tl.store(glp_ptr + out, tl.where(c != 0, c * g, 0.0), mask=inb)
         if HAS_ENT:
@@ -510,19 +706,35 @@ def _adv_strides(advantages: Tensor) -> Tuple[int, int]:
 
 def _scalars(o: PolicyOptions) -> Tuple[float, ...]:
     """The float hyper-parameters, runtime fp64 kernel arguments (rounded to the compute
-    dtype in the kernel): ``lo, hi, dual, delta, kl_coef, entropy_coef, clamp``."""
-    return (float(o.ratio_floor), float(1.0 + o.clip_high), float(o.dual_clip or 0.0),
-            float(o.delta or 0.0), float(o.kl_coef), float(o.entropy_coef),
-            float(o.log_ratio_clamp))
+    dtype in the kernel): ``lo, hi, dual, delta, kl_coef, entropy_coef, clamp`` and the
+    loss-specific ``pos_a, neg_a, pos_b, neg_b, coef`` (``PolicyOptions.loss_scalars``)."""
+    lo, hi = o.kernel_bounds
+    return (float(lo), float(hi), float(o.dual_clip or 0.0), float(o.delta or 0.0),
+            float(o.kl_coef), float(o.entropy_coef), float(o.log_ratio_clamp),
+            *(float(x) for x in o.loss_scalars))
+
+
+def _selection(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
+               o: PolicyOptions, cdt: torch.dtype) -> Tensor:
+    """clip_cov / kl_cov: the covariance-selected tokens (a contiguous ``[B, T]`` 0/1 in
+    the compute dtype), chosen on the device between the launches by the reference's
+    :func:`~rlkernels.reference.policy.cov_selection` (a stable sort, no host
+    synchronisation); a one-element dummy for the other losses."""
+    if o.loss not in ("clip_cov", "kl_cov"):
+        return logp
+    from ..reference.policy import cov_selection
+
+    return cov_selection(logp, old_logp, advantages, mask, o).to(cdt).contiguous()
 
 
 def _mode_args(o: PolicyOptions, cdt: torch.dtype, device: torch.device) -> dict:
     """The constexprs: modes and flags only, never a float value."""
+    ppo = _LOSSES[o.loss] == _LOSSES["ppo"]  # ppo and its alias luspo
     return dict(
         CDT=_TL_DTYPES[cdt], LOSS=_LOSSES[o.loss], SEQ=o.ratio_level == "sequence",
         AGG=_AGGS[o.agg], KL=_KLS[o.kl_estimator],
-        HAS_DUAL=o.loss == "ppo" and o.dual_clip is not None,
-        HAS_DELTA=o.loss == "ppo" and o.delta is not None,
+        HAS_DUAL=ppo and o.dual_clip is not None,
+        HAS_DELTA=ppo and o.delta is not None,
         IEEE_DIV=cdt == torch.float32, LIBDEVICE_EXP=device.type != "cpu")
 
 
@@ -545,10 +757,11 @@ def policy_loss_forward(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask
     part = torch.empty((N_PARTIALS, p), dtype=cdt, device=logp.device)
     modes = _mode_args(o, cdt, logp.device)
     with _device_guard(logp):
+        sel = _selection(logp, old_logp, advantages, mask, o, cdt)
         _policy_fwd_kernel[(p,)](
             logp, old_logp, advantages, mask,
             logp if ref_logp is None else ref_logp, logp if entropy is None else entropy,
-            logp if is_weights is None else is_weights, part,
+            logp if is_weights is None else is_weights, sel, part,
             b, t, *_strides2d(logp), *_strides2d(old_logp), *_adv_strides(advantages),
             *_strides2d(mask), *_strides2d(ref_logp), *_strides2d(entropy),
             *_strides2d(is_weights), *_scalars(o),
@@ -581,24 +794,31 @@ def policy_loss_backward(grad_loss: Tensor, logp: Tensor, old_logp: Tensor,
     p = triton.cdiv(b, rows)
     modes = _mode_args(o, cdt, logp.device)
     seq = cnt = part = g_lp
+    scalars = _scalars(o)
     with _device_guard(logp):
-        if modes["SEQ"] or o.agg != "seq-mean-token-sum-norm" and (
-                normalizer is None or o.agg == "seq-mean-token-mean"):
+        sel = _selection(logp, old_logp, advantages, mask, o, cdt)
+        if modes["SEQ"] or o.loss in ("gmpo", "vespo") or \
+                o.agg != "seq-mean-token-sum-norm" and (
+                    normalizer is None or o.agg == "seq-mean-token-mean"):
             stats = torch.empty((2 * b + p,), dtype=cdt, device=logp.device)
             seq, cnt, part = stats[:b], stats[b:2 * b], stats[2 * b:]
             _policy_rowstat_kernel[(p,)](
-                logp, old_logp, mask, seq, cnt, part, b, t, *_strides2d(logp),
-                *_strides2d(old_logp), *_strides2d(mask), float(o.log_ratio_clamp),
-                CDT=modes["CDT"], SEQ=modes["SEQ"], AGG=modes["AGG"],
-                IEEE_DIV=modes["IEEE_DIV"], ROWS=rows, BLOCK_T=block_t, num_warps=8)
+                logp, old_logp, advantages, mask, logp if is_weights is None else is_weights,
+                seq, cnt, part, b, t, *_strides2d(logp), *_strides2d(old_logp),
+                *_adv_strides(advantages), *_strides2d(mask), *_strides2d(is_weights),
+                float(o.log_ratio_clamp), scalars[0], scalars[1],
+                CDT=modes["CDT"], SEQ=modes["SEQ"], AGG=modes["AGG"], LOSS=modes["LOSS"],
+                HAS_W=is_weights is not None, IEEE_DIV=modes["IEEE_DIV"],
+                LIBDEVICE_EXP=modes["LIBDEVICE_EXP"], ROWS=rows, BLOCK_T=block_t,
+                num_warps=8)
         _policy_bwd_kernel[(p,)](
             grad_loss, logp, old_logp, advantages, mask,
             logp if ref_logp is None else ref_logp,
-            logp if is_weights is None else is_weights,
+            logp if is_weights is None else is_weights, sel,
             logp if normalizer is None else normalizer, seq, cnt, part, g_lp,
             g_lp if g_ent is None else g_ent,
             b, t, *_strides2d(logp), *_strides2d(old_logp), *_adv_strides(advantages),
-            *_strides2d(mask), *_strides2d(ref_logp), *_strides2d(is_weights), *_scalars(o),
+            *_strides2d(mask), *_strides2d(ref_logp), *_strides2d(is_weights), *scalars,
             HAS_REF=ref_logp is not None, HAS_ENT=entropy is not None,
             HAS_W=is_weights is not None, HAS_NORM=normalizer is not None, ROWS=rows,
             BLOCK_T=block_t, PB=_pb(p), num_warps=8, **modes)

@@ -40,7 +40,8 @@ def make_inputs(B=4, T=7, *, seed=0, adv="B", mask="bool", spread=0.4, empty_row
     spread over (0.05, 0.95)."""
     g = torch.Generator().manual_seed(seed)
     old = -torch.rand(B, T, generator=g, dtype=F64) * 3.0 - 0.05
-    logp = old + spread * torch.randn(B, T, generator=g, dtype=F64)
+    # log-probs stay below 0 (dppo_kl takes log(1 - p))
+    logp = (old + spread * torch.randn(B, T, generator=g, dtype=F64)).clamp(max=-0.01)
     advantages = torch.randn((B,) if adv == "B" else (B, T), generator=g, dtype=F64)
     keep = torch.rand(B, T, generator=g, dtype=F64) > 0.25
     keep[:, 0] = True
