@@ -1,11 +1,14 @@
 """Reference kernels of the advantage ops (rewards in), readable PyTorch.
 
 * :func:`group_advantages_forward` normalizes each reward against the other rewards of its
-  group (GRPO, Dr. GRPO, RLOO, batch-std). It is the ``torch`` backend of the
-  ``rlkernels::group_advantages`` custom op.
+  group (GRPO, Dr. GRPO, RLOO, batch-std, and verl's OPO, GPG, GRPO Pass@k,
+  REINFORCE++-baseline and GDPO, the last two followed by a token-weighted batch whitening).
+  It is the ``torch`` backend of the ``rlkernels::group_advantages`` custom op.
 * :func:`gae` and :func:`discounted_returns` (Python loops over ``T``) are the ``torch``
   backend of the ``rlkernels::gae`` / ``rlkernels::discounted_returns`` custom ops, under
-  the registry names :func:`gae_forward` and :func:`discounted_returns_forward`.
+  the registry names :func:`gae_forward` and :func:`discounted_returns_forward`;
+  :func:`discounted_advantages` (ReMax's baseline, REINFORCE++'s whitening) that of
+  ``rlkernels::discounted_advantages``.
 * :func:`masked_whiten_forward` / :func:`masked_whiten_backward` are the ``torch`` backend of
   ``rlkernels::masked_whiten`` (the backward formula written out).
 

@@ -1,6 +1,9 @@
-"""Triton kernel of ``group_advantages`` (rewards in). See
+"""Triton kernels of the advantage ops (rewards in). See
 :mod:`rlkernels.reference.advantage` for the formulas; this file follows them step by step
 (two-pass variance, ``r - r`` for a group of one member, the ``unbiased`` denominators).
+verl's estimators run in the same group kernel (``METHOD`` codes 4-8: the response lengths
+are counted from the mask there); ``reinforce_plus_plus_baseline`` / ``gdpo`` and
+``discounted_returns(whiten=True)`` end with ``_batch_whiten_kernel`` (a second launch).
 
 One kernel launch; each program owns group "slots" ``pid, pid + P, ...``:
 
