@@ -74,7 +74,10 @@ from . import _ModulePatcher
 __all__ = ["logprobs_from_logits", "entropy_from_logits", "kl_penalty", "agg_loss",
            "compute_policy_loss", "compute_policy_loss_vanilla",
            "compute_policy_loss_vanilla_metrics", "compute_policy_loss_cispo",
-           "compute_policy_loss_gspo", "compute_policy_loss_gpg",
+           "compute_policy_loss_gspo", "compute_policy_loss_gpg", "compute_policy_loss_sapo",
+           "compute_policy_loss_clip_cov", "compute_policy_loss_kl_cov",
+           "compute_policy_loss_geo_mean", "compute_policy_loss_dro",
+           "compute_policy_loss_dppo_tv", "compute_policy_loss_dppo_kl",
            "compute_gae_advantage_return", "compute_grpo_outcome_advantage",
            "compute_grpo_vectorized_outcome_advantage", "compute_rloo_outcome_advantage",
            "compute_rloo_vectorized_outcome_advantage", "compute_opo_outcome_advantage",
@@ -409,6 +412,169 @@ def compute_policy_loss_gpg(old_log_prob: torch.Tensor, log_prob: torch.Tensor,
     return loss, {}
 
 
+def _loss_cfg(config, name, default):
+    """``config.policy_loss.<name>`` (verl's PolicyLossConfig), ``default`` when unset."""
+    sub = _cfg(config, "policy_loss", None)
+    value = None if sub is None else _cfg(sub, name, None)
+    return default if value is None else value
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """verl's ``masked_mean`` (a metric of the bridge; values at masked positions selected
+    away)."""
+    m = mask.to(x.dtype)
+    return torch.where(mask != 0, x * m, torch.zeros_like(x)).sum() / (m.sum() + 1e-8)
+
+
+def _floats(metrics: dict) -> dict:
+    return {k: float(v.detach().item()) if isinstance(v, torch.Tensor) else float(v)
+            for k, v in metrics.items()}
+
+
+# no log-ratio clamp (verl's clip_cov / kl_cov / geo_mean / dro exponentiate it as it is)
+_NO_CLAMP = 1e30
+
+
+def _registry_loss(loss: str, old_log_prob, log_prob, advantages, response_mask,
+                   loss_agg_mode, config, rollout_is_weights, **options):
+    """:func:`rlkernels.policy_loss` with verl's aggregation (``config.global_batch_info``)."""
+    batch_info = _cfg(config, "global_batch_info", None)
+    agg, normalizer = _agg_spec(loss_agg_mode, response_mask, **dict(batch_info or {}))
+    return rlkernels.policy_loss(log_prob, old_log_prob, advantages, response_mask, loss=loss,
+                                 agg=agg, normalizer=normalizer,
+                                 is_weights=rollout_is_weights, **options)
+
+
+def compute_policy_loss_sapo(old_log_prob: torch.Tensor, log_prob: torch.Tensor,
+                             advantages: torch.Tensor, response_mask: torch.Tensor,
+                             loss_agg_mode: str = "seq-mean-token-mean", config: Any = None,
+                             rollout_is_weights: Optional[torch.Tensor] = None
+                             ) -> Tuple[torch.Tensor, dict]:
+    """verl's SAPO loss: ``-(4 / tau) sigmoid(tau (r - 1)) A`` (``tau_pos`` / ``tau_neg`` of
+    the actor config), aggregated ``"seq-mean-token-mean"`` whatever ``loss_agg_mode`` (as
+    verl): :func:`rlkernels.policy_loss` ``loss="sapo"``."""
+    if config is None:
+        raise ValueError("config: expected verl's actor config for sapo, got None")
+    loss, m = _registry_loss("sapo", old_log_prob, log_prob, advantages, response_mask,
+                             "seq-mean-token-mean", config, rollout_is_weights,
+                             tau_pos=float(_cfg(config, "tau_pos", 1.0)),
+                             tau_neg=float(_cfg(config, "tau_neg", 1.05)))
+    return loss, _floats({"actor/pg_clipfrac": 0.0, "actor/ppo_kl": m["approx_kl"],
+                          "actor/pg_clipfrac_lower": 0.0})
+
+
+def compute_policy_loss_clip_cov(old_log_prob: torch.Tensor, log_prob: torch.Tensor,
+                                 advantages: torch.Tensor, response_mask: torch.Tensor,
+                                 loss_agg_mode: str = "token-mean", config: Any = None,
+                                 rollout_is_weights: Optional[torch.Tensor] = None
+                                 ) -> Tuple[torch.Tensor, dict]:
+    """verl's Clip-Cov loss: :func:`rlkernels.policy_loss` ``loss="clip_cov"``. verl draws
+    the covariance-selected tokens at random among the candidates; rlkernels takes the ones
+    of largest covariance (deterministic, on device): the two agree whenever there are no
+    more candidates than tokens to select. ``pg_clipfrac`` is the selected tokens' share."""
+    low, high, _ = _clips(config, "clip_cov")
+    loss, m = _registry_loss(
+        "clip_cov", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+        rollout_is_weights, clip_low=low, clip_high=high, log_ratio_clamp=_NO_CLAMP,
+        clip_cov_ratio=float(_loss_cfg(config, "clip_cov_ratio", 2e-4)),
+        clip_cov_lb=float(_loss_cfg(config, "clip_cov_lb", 1.0)),
+        clip_cov_ub=float(_loss_cfg(config, "clip_cov_ub", 5.0)))
+    selected = m["clipfrac"] - m["clipfrac_high"] - m["clipfrac_low"]
+    return loss, _floats({"actor/pg_clipfrac": selected, "actor/ppo_kl": m["approx_kl"]})
+
+
+def compute_policy_loss_kl_cov(old_log_prob: torch.Tensor, log_prob: torch.Tensor,
+                               advantages: torch.Tensor, response_mask: torch.Tensor,
+                               loss_agg_mode: str = "token-mean", config: Any = None,
+                               rollout_is_weights: Optional[torch.Tensor] = None
+                               ) -> Tuple[torch.Tensor, dict]:
+    """verl's KL-Cov loss: :func:`rlkernels.policy_loss` ``loss="kl_cov"`` (``kl_cov_ratio``,
+    ``ppo_kl_coef`` of ``config.policy_loss``); ``ppo_kl`` is verl's masked mean of ``|log
+    r|``."""
+    if config is None:
+        raise ValueError("config: expected verl's actor config for kl_cov, got None")
+    loss, _ = _registry_loss(
+        "kl_cov", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+        rollout_is_weights, log_ratio_clamp=_NO_CLAMP,
+        kl_cov_ratio=float(_loss_cfg(config, "kl_cov_ratio", 2e-4)),
+        kl_cov_coef=float(_loss_cfg(config, "ppo_kl_coef", 1.0)))
+    with torch.no_grad():
+        kl = _masked_mean((log_prob - old_log_prob).abs(), response_mask)
+    return loss, _floats({"actor/ppo_kl": kl})
+
+
+def compute_policy_loss_geo_mean(old_log_prob: torch.Tensor, log_prob: torch.Tensor,
+                                 advantages: torch.Tensor, response_mask: torch.Tensor,
+                                 loss_agg_mode: str = "token-mean", config: Any = None,
+                                 rollout_is_weights: Optional[torch.Tensor] = None
+                                 ) -> Tuple[torch.Tensor, dict]:
+    """verl's GMPO (``"geo_mean"``): :func:`rlkernels.policy_loss` ``loss="gmpo"``, the mean
+    over all ``B`` sequences (verl ignores ``loss_agg_mode`` here). ``pg_clipfrac`` /
+    ``pg_clipfrac_lower``: verl's share of tokens whose log-ratio lies outside ``[-clip_low,
+    clip_high]``, where ``A > 0`` / ``A < 0``."""
+    low, high, _ = _clips(config, "geo_mean")
+    b = response_mask.shape[0]
+    loss, m = rlkernels.policy_loss(log_prob, old_log_prob, advantages, response_mask,
+                                    loss="gmpo", clip_low=low, clip_high=high,
+                                    agg="seq-mean-token-mean", normalizer=b,
+                                    log_ratio_clamp=_NO_CLAMP, is_weights=rollout_is_weights)
+    with torch.no_grad():
+        d = log_prob - old_log_prob
+        out = ((d < -low) | (d > high)).to(d.dtype)
+        adv = advantages if advantages.dim() == 2 else advantages[:, None].expand_as(d)
+        metrics = {"actor/pg_clipfrac": _masked_mean(out * (adv > 0), response_mask),
+                   "actor/ppo_kl": m["approx_kl"],
+                   "actor/pg_clipfrac_lower": _masked_mean(out * (adv < 0), response_mask)}
+    return loss, _floats(metrics)
+
+
+def compute_policy_loss_dro(old_log_prob: torch.Tensor, log_prob: torch.Tensor,
+                            advantages: torch.Tensor, response_mask: torch.Tensor,
+                            loss_agg_mode: str = "token-mean", config: Any = None,
+                            rollout_is_weights: Optional[torch.Tensor] = None
+                            ) -> Tuple[torch.Tensor, dict]:
+    """verl's DRO loss: ``-A logp + beta / 2 (log r)^2`` (``config.policy_loss.dro_beta`` >
+    0): :func:`rlkernels.policy_loss` ``loss="dro"``."""
+    beta = _loss_cfg(config, "dro_beta", None) if config is not None else None
+    if beta is None or beta <= 0:
+        raise ValueError("policy_loss.dro_beta must be a positive value when using DRO")
+    loss, m = _registry_loss("dro", old_log_prob, log_prob, advantages, response_mask,
+                             loss_agg_mode, config, rollout_is_weights,
+                             log_ratio_clamp=_NO_CLAMP, dro_beta=float(beta))
+    return loss, _floats({"actor/ppo_kl": m["approx_kl"]})
+
+
+def _dppo(kind, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+          rollout_is_weights):
+    low, high, _ = _clips(config, kind)
+    loss, m = _registry_loss(kind, old_log_prob, log_prob, advantages, response_mask,
+                             loss_agg_mode, config, rollout_is_weights, clip_low=low,
+                             clip_high=high, dual_clip=float(_cfg(config, "clip_ratio_c", 20.0)))
+    return loss, _floats({"actor/pg_clipfrac": m["clipfrac"], "actor/ppo_kl": m["approx_kl"],
+                          "actor/pg_clipfrac_lower": m["dual_clipfrac"]})
+
+
+def compute_policy_loss_dppo_tv(old_log_prob: torch.Tensor, log_prob: torch.Tensor,
+                                advantages: torch.Tensor, response_mask: torch.Tensor,
+                                loss_agg_mode: str = "token-mean", config: Any = None,
+                                rollout_is_weights: Optional[torch.Tensor] = None
+                                ) -> Tuple[torch.Tensor, dict]:
+    """verl's DPPO-Binary-TV loss: :func:`rlkernels.policy_loss` ``loss="dppo_tv"`` with the
+    config's clip ratios as divergence thresholds and ``clip_ratio_c`` as the truncation."""
+    return _dppo("dppo_tv", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode,
+                 config, rollout_is_weights)
+
+
+def compute_policy_loss_dppo_kl(old_log_prob: torch.Tensor, log_prob: torch.Tensor,
+                                advantages: torch.Tensor, response_mask: torch.Tensor,
+                                loss_agg_mode: str = "token-mean", config: Any = None,
+                                rollout_is_weights: Optional[torch.Tensor] = None
+                                ) -> Tuple[torch.Tensor, dict]:
+    """verl's DPPO-Binary-KL loss: :func:`rlkernels.policy_loss` ``loss="dppo_kl"``."""
+    return _dppo("dppo_kl", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode,
+                 config, rollout_is_weights)
+
+
 def _at_next_valid(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """``x`` at the first valid position at or after each position of its row (0 after the
     last): the value a reverse scan carries through masked positions. No host sync."""
@@ -681,7 +847,15 @@ _TARGETS = {
     "verl.utils.torch_functional": ("logprobs_from_logits", "entropy_from_logits"),
     "verl.trainer.ppo.core_algos": ("kl_penalty", "agg_loss", "compute_policy_loss",
                                     "compute_policy_loss_vanilla", "compute_policy_loss_cispo",
-                                    "compute_policy_loss_gspo", "compute_policy_loss_gpg",
+                                    "compute_policy_loss_gspo", "compute_policy_loss_gpg", "compute_policy_loss_sapo",
+           "compute_policy_loss_clip_cov", "compute_policy_loss_kl_cov",
+           "compute_policy_loss_geo_mean", "compute_policy_loss_dro",
+           "compute_policy_loss_dppo_tv", "compute_policy_loss_dppo_kl",
+                                    "compute_policy_loss_sapo", "compute_policy_loss_clip_cov",
+                                    "compute_policy_loss_kl_cov",
+                                    "compute_policy_loss_geo_mean", "compute_policy_loss_dro",
+                                    "compute_policy_loss_dppo_tv",
+                                    "compute_policy_loss_dppo_kl",
                                     "compute_gae_advantage_return",
                                     "compute_grpo_outcome_advantage",
                                     "compute_grpo_vectorized_outcome_advantage",

@@ -60,11 +60,9 @@ def _close(got, want, atol=1e-5, rtol=1e-5):
 
 
 def _actor_config(**policy_loss):
-    cfg = vcfg.ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1,
-                           clip_ratio_low=0.2, clip_ratio_high=0.28)
-    if policy_loss:
-        cfg.policy_loss = dataclasses.replace(cfg.policy_loss, **policy_loss)
-    return cfg
+    loss_cfg = dataclasses.replace(vcfg.PolicyLossConfig(), **policy_loss)
+    return vcfg.ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1,
+                            clip_ratio_low=0.2, clip_ratio_high=0.28, policy_loss=loss_cfg)
 
 
 def _policy_inputs(seed=0, b=6, t=12):
@@ -77,13 +75,19 @@ def _policy_inputs(seed=0, b=6, t=12):
     return old, logp, adv, mask
 
 
+LOSS_CONFIG = {"dro": dict(dro_beta=0.3), "clip_cov": dict(clip_cov_ratio=0.5, clip_cov_lb=0.05),
+               "kl_cov": dict(kl_cov_ratio=0.1, ppo_kl_coef=0.7)}
+
+
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
 @pytest.mark.parametrize("name", POLICY_LOSSES)
 def test_policy_loss(name, mode):
     orig = ORIG_LOSS[name]
     fn = _patched(vca.POLICY_LOSS_REGISTRY, name, orig)
     old, logp, adv, mask = _policy_inputs()
-    cfg = _actor_config()
+    # clip_cov: verl draws its tokens at random among the candidates, rlkernels takes the
+    # largest covariances: a ratio that selects every candidate makes both the same set
+    cfg = _actor_config(**LOSS_CONFIG.get(name, {}))
     x = logp.clone().requires_grad_(True)
     y = logp.clone().requires_grad_(True)
     want = orig(old, y, adv, mask, loss_agg_mode=mode, config=cfg)
