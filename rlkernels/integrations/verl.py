@@ -4,9 +4,12 @@ From ``verl.utils.torch_functional``: :func:`logprobs_from_logits`, :func:`entro
 From ``verl.trainer.ppo.core_algos``: :func:`kl_penalty`, :func:`agg_loss`,
 :func:`compute_policy_loss_vanilla` (and the older :func:`compute_policy_loss`),
 :func:`compute_policy_loss_cispo`, :func:`compute_policy_loss_gspo`,
-:func:`compute_policy_loss_gpg`, :func:`compute_gae_advantage_return`,
+:func:`compute_policy_loss_gpg`, ``_sapo``, ``_clip_cov``, ``_kl_cov``, ``_geo_mean``,
+``_dro``, ``_dppo_tv``, ``_dppo_kl``, :func:`compute_gae_advantage_return`,
 :func:`compute_grpo_outcome_advantage` (and ``_vectorized``),
-:func:`compute_rloo_outcome_advantage` (and ``_vectorized``).
+:func:`compute_rloo_outcome_advantage` (and ``_vectorized``), and the ``opo``, ``gpg``,
+``grpo_passk``, ``reinforce_plus_plus(_baseline)``, ``gdpo``, ``remax`` estimators
+(``compute_<name>_outcome_advantage``). docs/math.md lists where each differs from verl.
 :func:`patch` swaps verl's objects for these when verl is importable; :func:`unpatch` undoes it.
 
 Where verl and rlkernels differ, the function bridges to verl's behaviour (each listed here):
