@@ -43,7 +43,9 @@ struct RolloutArgs {
 };
 
 // NaN-propagating max (torch.amax).
-template <class A> __device__ __forceinline__ A max_nan(A a, A b) { return (a > b || a != a) ? a : b; }
+template <class A> __device__ __forceinline__ A max_nan(A a, A b) {
+  return (a > b || a != a) ? a : b;
+}
 
 struct MaxNanOp {
   template <class T> __device__ __forceinline__ T operator()(T a, T b) const {
