@@ -22,14 +22,17 @@ _LOSSES = _codes.POLICY_LOSSES
 _AGGS = _codes.AGGS
 _KLS = _codes.KL_ESTIMATORS
 N_METRICS = 9  # rlkernels.reference.policy.METRICS
-_N_PARTIALS = 11  # csrc/policy.cu kPartials
+_N_PARTIALS = 12  # csrc/policy.cu kPartials
 
 
 def _policy_inputs(logp, old_logp, advantages, mask, normalizer, ref_logp, entropy,
-                   is_weights):
+                   is_weights, o=None):
     """Check the [B, T] inputs and bring them to the compute dtype (a copy only when the
     dtype differs; [B, T] tensors are small next to logits). Returns (cdt, tensors,
-    _C.PolicyTensors of them, normalizer); the tensors must outlive the launch."""
+    _C.PolicyTensors of them, normalizer); the tensors must outlive the launch. For clip_cov
+    / kl_cov (options ``o``) the covariance-selected tokens are chosen here, on the device
+    and without a host synchronisation, by the reference's ``cov_selection`` (a stable sort
+    between the launches), and travel as ``PolicyTensors.select``."""
     expect("logp", logp, _FLOAT_DTYPES, ndim=2)
     b, t = logp.shape
     cdt = torch.float64 if logp.dtype == torch.float64 else torch.float32
@@ -59,6 +62,12 @@ def _policy_inputs(logp, old_logp, advantages, mask, normalizer, ref_logp, entro
         adv=matrix(C, adv, stride1=0 if adv.dim() == 1 else None),  # [B]: one value per row
         mask=matrix(C, out["mask"]), ref_logp=matrix(C, out["ref_logp"]),
         entropy=matrix(C, out["entropy"]), is_weights=matrix(C, out["is_weights"]), B=b, T=t)
+    if o is not None and o.loss in ("clip_cov", "kl_cov"):
+        from ..reference.policy import cov_selection
+
+        out["select"] = cov_selection(out["logp"], out["old_logp"], adv, out["mask"],
+                                      o).to(cdt).contiguous()
+        pt.select = matrix(C, out["select"])
     return cdt, out, pt, norm
 
 
@@ -75,8 +84,11 @@ def _policy_params(C, o, has_ref: bool, has_ent: bool, has_w: bool):
     params = _PARAMS.get(key)
     if params is not None:
         return params
-    has_dual = o.loss == "ppo" and o.dual_clip is not None
-    has_delta = o.loss == "ppo" and o.delta is not None
+    ppo = _LOSSES[o.loss] == _LOSSES["ppo"]  # ppo and its alias luspo
+    has_dual = ppo and o.dual_clip is not None
+    has_delta = ppo and o.delta is not None
+    lo, hi = o.kernel_bounds
+    pos_a, neg_a, pos_b, neg_b, coef = o.loss_scalars
     params = C.PolicyParams()
     for name, value in (
             ("loss", _LOSSES[o.loss]), ("seq", _codes.RATIO_LEVELS[o.ratio_level]),
@@ -85,11 +97,14 @@ def _policy_params(C, o, has_ref: bool, has_ent: bool, has_w: bool):
             ("has_dual", int(has_dual)), ("has_delta", int(has_delta)),
             ("use_kl", int(has_ref and o.kl_coef != 0.0)),
             ("use_ent", int(has_ent and o.entropy_coef != 0.0)),
-            # lo: the ratio's lower clamp (ppo; cispo with cispo_clip_low; 0 for TRL's cispo)
-            ("lo", float(o.ratio_floor)), ("hi", 1.0 + o.clip_high),
+            # lo: the ratio's lower clamp (ppo; cispo with cispo_clip_low; 0 for TRL's cispo);
+            # gmpo / dppo: clip_low, clip_high as they are (PolicyOptions.kernel_bounds)
+            ("lo", float(lo)), ("hi", float(hi)),
             ("dual_clip", float(o.dual_clip or 0.0)), ("delta", float(o.delta or 0.0)),
             ("kl_coef", float(o.kl_coef)), ("entropy_coef", float(o.entropy_coef)),
-            ("log_ratio_clamp", float(o.log_ratio_clamp))):
+            ("log_ratio_clamp", float(o.log_ratio_clamp)),
+            ("pos_a", float(pos_a)), ("neg_a", float(neg_a)), ("pos_b", float(pos_b)),
+            ("neg_b", float(neg_b)), ("coef", float(coef))):
         setattr(params, name, value)
     if len(_PARAMS) >= 1024:
         _PARAMS.clear()
@@ -104,7 +119,7 @@ def policy_loss_forward(logp, old_logp, advantages, mask, normalizer, ref_logp, 
     order (deterministic, no atomics)."""
     C = _extension()
     cdt, t, pt, norm = _policy_inputs(logp, old_logp, advantages, mask, normalizer, ref_logp,
-                                      entropy, is_weights)
+                                      entropy, is_weights, o)
     b, tt = logp.shape
     params = _policy_params(C, o, ref_logp is not None, entropy is not None,
                             is_weights is not None)
@@ -125,7 +140,7 @@ def policy_loss_backward(grad_loss, logp, old_logp, advantages, mask, normalizer
     given), contiguous ``[B, T]``."""
     C = _extension()
     cdt, t, pt, norm = _policy_inputs(logp, old_logp, advantages, mask, normalizer, ref_logp,
-                                      entropy, is_weights)
+                                      entropy, is_weights, o)
     b, tt = logp.shape
     expect("grad_loss", grad_loss, _FLOAT_DTYPES, like=logp)
     params = _policy_params(C, o, ref_logp is not None, entropy is not None,
