@@ -43,14 +43,21 @@ enum KlKind : int { kReverse = 0, kForward = 1, kJsd = 2 };
 // sparse_logprobs normalize="full" / "support", and sparse_kl.
 enum SparseMode : int { kSparseFull = 0, kSparseSupport = 1, kSparseKl = 2 };
 // policy_loss options.
-enum PolicyLoss : int { kPpo = 0, kCispo = 1, kReinforce = 2 };
+// "luspo" is an alias of ppo (Python side only).
+enum PolicyLoss : int {
+  kPpo = 0, kCispo = 1, kReinforce = 2, kSapo = 3, kGmpo = 4, kClipCov = 5, kKlCov = 6,
+  kDppoTv = 7, kDppoKl = 8, kDro = 9, kVespo = 10
+};
 enum RatioLevel : int { kTokenLevel = 0, kSequenceLevel = 1 };
 enum Agg : int {
   kTokenMean = 0, kSeqMeanTokenMean = 1, kSeqMeanTokenSum = 2, kSeqMeanTokenSumNorm = 3
 };
 // "low_var_kl" is an alias of k3 (Python side only). k3+ has the value of k3 and the gradient
-// of k2, so it needs its own code wherever a gradient is computed.
-enum KlEstimator : int { kKlK1 = 0, kKlAbs = 1, kKlK2 = 2, kKlK3 = 3, kKlK3Plus = 4 };
+// of k2, so it needs its own code wherever a gradient is computed. k3_is / k3_is_sg: r * k3
+// (policy_loss; the ratio differentiable / detached).
+enum KlEstimator : int {
+  kKlK1 = 0, kKlAbs = 1, kKlK2 = 2, kKlK3 = 3, kKlK3Plus = 4, kKlK3Is = 5, kKlK3IsSg = 6
+};
 // group_advantages(method=...).
 enum AdvantageMethod : int {
   kGrpo = 0, kDrGrpo = 1, kRloo = 2, kBatchStd = 3, kOpo = 4, kGpg = 5, kGrpoPassk = 6,
@@ -186,24 +193,31 @@ void masked_whiten_backward(std::uintptr_t grad_out, std::uintptr_t values,
 
 // ---- policy.cu: policy_loss ----------------------------------------------------------------
 // Every tensor in the compute dtype (fp32, or fp64: dtype 0 or 3), [B, T] (advantages [B]:
-// stride1 = 0). Absent optional tensors: ptr 0.
+// stride1 = 0). Absent optional tensors: ptr 0. select: the covariance-selected tokens of
+// clip_cov / kl_cov (non-zero = selected; chosen by the launcher).
 struct PolicyTensors {
   Matrix logp, old_logp, adv, mask, ref_logp, entropy, is_weights;
   int64_t B = 0, T = 0;
+  Matrix select;
 };
 
 // loss: PolicyLoss, seq: RatioLevel, agg: Agg, kl_estimator: KlEstimator (codes above).
-// lo = 1 - clip_low (0 for cispo without its lower clamp), hi = 1 + clip_high.
+// lo = 1 - clip_low (0 for cispo without its lower clamp), hi = 1 + clip_high; gmpo and dppo:
+// lo = clip_low, hi = clip_high (log-ratio bounds / divergence thresholds). The loss-specific
+// floats (PolicyOptions.loss_scalars): sapo (pos_a, neg_a) = (tau_pos, tau_neg); vespo
+// (pos_a, neg_a, pos_b, neg_b) = (k_pos, k_neg, lambda_pos, lambda_neg); coef = kl_cov_coef
+// (kl_cov), dro_beta (dro), the truncation C (dppo).
 struct PolicyParams {
   int loss = 0, seq = 0, agg = 0, kl_estimator = 0;
   int has_ref = 0, has_ent = 0, has_w = 0, has_dual = 0, has_delta = 0, use_kl = 0,
       use_ent = 0;
   double lo = 0, hi = 0, dual_clip = 0, delta = 0, kl_coef = 0, entropy_coef = 0,
          log_ratio_clamp = 0;
+  double pos_a = 0, neg_a = 0, pos_b = 0, neg_b = 0, coef = 0;
 };
 
 // loss (one element) and metrics (9 fp32, reference/policy.py METRICS order); partials: a
-// workspace of B * 11 elements; normalizer: one element or 0.
+// workspace of B * 12 elements; normalizer: one element or 0.
 void policy_loss_forward(const PolicyTensors& pt, const PolicyParams& pp,
                          std::uintptr_t normalizer, std::uintptr_t partials,
                          std::uintptr_t loss, std::uintptr_t metrics, int dtype,
