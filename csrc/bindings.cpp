@@ -83,7 +83,8 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("entropy", &rlk::PolicyTensors::entropy)
       .def_readwrite("is_weights", &rlk::PolicyTensors::is_weights)
       .def_readwrite("B", &rlk::PolicyTensors::B)
-      .def_readwrite("T", &rlk::PolicyTensors::T);
+      .def_readwrite("T", &rlk::PolicyTensors::T)
+      .def_readwrite("select", &rlk::PolicyTensors::select);
   py::class_<rlk::PolicyParams>(m, "PolicyParams",
                                 "policy_loss options as codes (CODES) and numbers; see "
                                 "csrc/rlkernels.h.")
@@ -105,7 +106,12 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("delta", &rlk::PolicyParams::delta)
       .def_readwrite("kl_coef", &rlk::PolicyParams::kl_coef)
       .def_readwrite("entropy_coef", &rlk::PolicyParams::entropy_coef)
-      .def_readwrite("log_ratio_clamp", &rlk::PolicyParams::log_ratio_clamp);
+      .def_readwrite("log_ratio_clamp", &rlk::PolicyParams::log_ratio_clamp)
+      .def_readwrite("pos_a", &rlk::PolicyParams::pos_a)
+      .def_readwrite("neg_a", &rlk::PolicyParams::neg_a)
+      .def_readwrite("pos_b", &rlk::PolicyParams::pos_b)
+      .def_readwrite("neg_b", &rlk::PolicyParams::neg_b)
+      .def_readwrite("coef", &rlk::PolicyParams::coef);
 
   // Option codes (csrc/rlkernels.h), one dict per option: {table: {name: code}}. Same
   // numbers as rlkernels/_codes.py, which lists the Python-only aliases as well.
@@ -124,14 +130,19 @@ PYBIND11_MODULE(_C, m) {
   codes["sparse_mode"] = table({{"full", rlk::kSparseFull}, {"support", rlk::kSparseSupport},
                                 {"kl", rlk::kSparseKl}});
   codes["policy_loss"] = table({{"ppo", rlk::kPpo}, {"cispo", rlk::kCispo},
-                                {"reinforce", rlk::kReinforce}});
+                                {"reinforce", rlk::kReinforce}, {"sapo", rlk::kSapo},
+                                {"gmpo", rlk::kGmpo}, {"clip_cov", rlk::kClipCov},
+                                {"kl_cov", rlk::kKlCov}, {"dppo_tv", rlk::kDppoTv},
+                                {"dppo_kl", rlk::kDppoKl}, {"dro", rlk::kDro},
+                                {"vespo", rlk::kVespo}});
   codes["ratio_level"] = table({{"token", rlk::kTokenLevel}, {"sequence", rlk::kSequenceLevel}});
   codes["agg"] = table({{"token-mean", rlk::kTokenMean},
                         {"seq-mean-token-mean", rlk::kSeqMeanTokenMean},
                         {"seq-mean-token-sum", rlk::kSeqMeanTokenSum},
                         {"seq-mean-token-sum-norm", rlk::kSeqMeanTokenSumNorm}});
   codes["kl_estimator"] = table({{"k1", rlk::kKlK1}, {"abs", rlk::kKlAbs}, {"k2", rlk::kKlK2},
-                                 {"k3", rlk::kKlK3}, {"k3+", rlk::kKlK3Plus}});
+                                 {"k3", rlk::kKlK3}, {"k3+", rlk::kKlK3Plus},
+                                 {"k3_is", rlk::kKlK3Is}, {"k3_is_sg", rlk::kKlK3IsSg}});
   codes["advantage_method"] = table({{"grpo", rlk::kGrpo}, {"dr_grpo", rlk::kDrGrpo},
                                      {"rloo", rlk::kRloo}, {"batch_std", rlk::kBatchStd},
                                      {"opo", rlk::kOpo}, {"gpg", rlk::kGpg},
