@@ -16,6 +16,12 @@ functions (``<name>_forward`` / ``<name>_backward``, looked up on ``rlkernels.<b
   :class:`Parallel`: the same inputs plus ``int group``, a forward that combines the shards'
   statistics with collectives, and the same backward kernels (fed with shard-local saved
   tensors), followed by an optional reduction;
+* the gradient-in-forward form (``grad_in_forward=`` a :class:`GradInForward`):
+  ``rlkernels::<name>_gif`` (the outputs plus the gradient of one scalar output w.r.t. one
+  input for an upstream gradient of 1, formed in the forward), ``<name>_gif_`` (the same
+  gradient written into that input's storage), ``<name>_gif_attach`` (connects the
+  scalar to the input for autograd; its backward only scales the saved gradient) and
+  ``<name>_gif_scale_`` (that scaling, in place);
 * the eager fast path (``eager=True``): an ``autograd.Function`` with the same forward,
   setup and backward, used when nothing traces the call (see ``ops/_eager.py``);
 * the registry :data:`OPS` that ``backends.implements``, ``rlkernels verify`` and the
@@ -143,6 +149,28 @@ class Parallel:
     reduce: Optional[Callable] = None
 
 
+@dataclass(frozen=True)
+class GradInForward:
+    """The gradient-in-forward form of an op: the forward also forms ``d <loss> / d <wrt>``
+    for an upstream gradient of 1, and backward only multiplies it by the upstream scalar
+    (reads none of the inputs), which is exact for any upstream scalar since ``loss`` is a
+    scalar output. Only ``loss`` is differentiable in this form (every other output must be
+    declared ``nondiff``).
+
+    ``forward(a, kernel, out)`` returns the op's outputs plus that gradient; ``out`` is None
+    (a new buffer) or the ``wrt`` input itself when the op's ``inplace`` flag is set (the
+    gradient overwrites it). ``kernel(fn, family=None)`` is the resolved backend's kernel.
+    ``family``: the backend modules that hold ``<name>_gif_scale_(grad, g)`` (``grad *= g``
+    in place, in the compute dtype, nothing where ``g == 1``) for each of the op's
+    backends. The gradient buffer lives from forward to backward, and backward consumes it
+    (scales it in place and hands it to autograd): such a graph is backpropagated once."""
+
+    forward: Callable
+    family: str
+    loss: str
+    wrt: str
+
+
 @dataclass(eq=False)
 class Op:
     """One op, declared once. See the module docstring for what is generated from it.
@@ -158,6 +186,8 @@ class Op:
     for). ``contiguous_grads``: upstream gradients reach the backward kernel contiguous.
     ``inplace``: ``(flag input, target input)``: when the flag is True the backward
     writes the gradient of the target into the target's storage.
+    ``grad_in_forward``: a :class:`GradInForward`, the form that forms the gradient in the
+    forward (called with ``op(..., grad_in_forward=True)``).
     """
 
     signature: str
@@ -176,6 +206,7 @@ class Op:
     inplace: Optional[Tuple[str, str]] = None
     parallel: Optional[Parallel] = None
     contiguous_grads: bool = False
+    grad_in_forward: Optional[GradInForward] = None
 
     # ------------------------------------------------------------------------ declaration
 
@@ -210,6 +241,8 @@ class Op:
             self._build_backward()
         if self.parallel is not None:
             self._build_parallel()
+        if self.grad_in_forward is not None:
+            self._build_gif()
         if self.eager:
             self._fn = self._function(self._forward_from, self.grad_from())
         OPS[self.name] = self
@@ -227,6 +260,15 @@ class Op:
             if name not in self.input_names:
                 raise ValueError(f"op table: {self.name}: differentiable {name!r} is not an "
                                  f"input")
+        gif = self.grad_in_forward
+        if gif is not None:
+            if gif.wrt not in self.differentiable:
+                raise ValueError(f"op table: {self.name}: grad_in_forward.wrt {gif.wrt!r} "
+                                 f"is not a differentiable input")
+            if gif.loss not in self.output_names or set(self.output_names) - \
+                    set(self.nondiff) != {gif.loss}:
+                raise ValueError(f"op table: {self.name}: grad_in_forward.loss {gif.loss!r} "
+                                 f"must be the one output not declared nondiff")
         if self.backward is not None:
             extra = ({f"grad_{o}" for o in self.output_names}
                      | {f"need_{d}" for d in self.differentiable} | {"inplace"})
@@ -481,6 +523,81 @@ class Op:
         self.vp_op.register_autograd(self.grad_from(vp_names, vp_outputs, backward_op, vp=True),
                                      setup_context=setup)
 
+    # -------------------------------------------------------- gradient in the forward
+
+    def _build_gif(self) -> None:
+        gif = self.grad_in_forward
+        self._gif_wrt = self.input_names.index(gif.wrt)
+        self._gif_loss = self.output_names.index(gif.loss)
+
+        def run(values, inplace: bool):
+            a = self._bind(values)
+            kernel = lambda fn, family=None: self.kernel(a["backend"], fn, family)  # noqa
+            return tuple(gif.forward(Args.of(a), kernel, a[gif.wrt] if inplace else None))
+
+        def fake(*values):
+            a = self.bind(values)
+            x = a[gif.wrt]
+            return tuple(self.fake(a)) + (x.new_empty(x.shape),)
+
+        self._gif_op = self._custom_op(f"{self.name}_gif", self.args,
+                                       self.output_names + ("grad",),
+                                       lambda *v: run(v, False), fake)
+        if self.inplace is not None:
+            self._gif_inplace_op = self._custom_op(
+                f"{self.name}_gif_", self.args, self.output_names,
+                lambda *v: run(v, True)[:-1], lambda *v: fake(*v)[:-1], mutable=gif.wrt)
+
+        def scale(grad, g, backend):
+            backends.kernel(backend, gif.family, f"{self.name}_gif_scale_")(grad, g)
+
+        scale_op = self._custom_op(
+            f"{self.name}_gif_scale_", (_Arg("grad", "Tensor"), _Arg("g", "Tensor"),
+                                        _Arg("backend", "str")),
+            (), scale, lambda grad, g, backend: None, mutable="grad")
+        self._gif_attach_op = self._custom_op(
+            f"{self.name}_gif_attach", (_Arg("x", "Tensor"), _Arg("value", "Tensor"),
+                                        _Arg("grad", "Tensor"), _Arg("backend", "str")),
+            ("value",), lambda x, value, grad, backend: value.clone(),
+            lambda x, value, grad, backend: torch.empty_like(value))
+
+        def setup(ctx, inputs, output):
+            ctx.save_for_backward(inputs[2])
+            ctx.rlk_backend, ctx.rlk_used = inputs[3], False
+
+        def backward(ctx, g):
+            if not ctx.needs_input_grad[0]:
+                return None, None, None, None
+            if ctx.rlk_used:
+                raise RuntimeError(f"{self.name}(grad_in_forward=True): the gradient formed "
+                                   f"in the forward is consumed by the first backward; "
+                                   f"backpropagating twice (retain_graph=True) is not "
+                                   f"supported")
+            ctx.rlk_used = True
+            (grad,) = ctx.saved_tensors
+            scale_op(grad, g, ctx.rlk_backend)
+            return grad, None, None, None
+
+        self._gif_attach_op.register_autograd(backward, setup_context=setup)
+
+    def _call_gif(self, args):
+        """``op(..., grad_in_forward=True)``: the gif forward, then the attach op that makes
+        the loss differentiable w.r.t. ``wrt``. Without anything to differentiate (no grad
+        mode, or ``wrt`` needs no gradient) the plain op runs: no gradient buffer."""
+        x = args[self._gif_wrt]
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return self.op(*args)
+        a = self._bind(args)
+        values = list(args)
+        values[self._gif_wrt] = x.detach()  # the gif ops are below autograd
+        if self.inplace is not None and a[self.inplace[0]]:
+            outs, grad = list(self._gif_inplace_op(*values)), x  # x's storage holds it now
+        else:
+            *outs, grad = self._gif_op(*values)
+        i = self._gif_loss
+        outs[i] = self._gif_attach_op(x, outs[i], grad, a["backend"])
+        return tuple(outs) if len(outs) > 1 else outs[0]
+
     # ------------------------------------------------------------------- eager path
 
     def _function(self, forward_from, grad):
@@ -501,11 +618,17 @@ class Op:
 
     # --------------------------------------------------------------------- calling
 
-    def __call__(self, *args, group: Optional[int] = None):
+    def __call__(self, *args, group: Optional[int] = None, grad_in_forward: bool = False):
         """Run the op on its positional arguments (schema order, ``backend`` included).
-        ``group``: a registered process-group handle for the vocabulary-parallel form."""
+        ``group``: a registered process-group handle for the vocabulary-parallel form.
+        ``grad_in_forward``: the :class:`GradInForward` form (not with ``group``)."""
         if self._detach:
             args = self._constants(args)
+        if grad_in_forward:
+            if self.grad_in_forward is None or group is not None:
+                raise ValueError(f"{self.name}: grad_in_forward=True is not supported"
+                                 + (" with a process group" if group is not None else ""))
+            return self._call_gif(args)
         if group is not None:
             i = self._vp_index
             return self.vp_op(*args[:i], group, *args[i:])

@@ -10,11 +10,11 @@ import torch
 
 from .. import _checks
 from .. import distributed as _dist
-from .._fused import fused_forward
+from .._fused import fused_forward, fused_forward_gif
 from .._policy_options import METRICS, PENALTY_ESTIMATORS, PolicyOptions
 from ._common import check_tokens_for, out_dtype, rows
 from ._policy_args import check_policy_inputs, fused_policy_inputs, metrics_dict, options
-from ._table import Backward, Op, Parallel
+from ._table import Backward, GradInForward, Op, Parallel
 
 Tensor = torch.Tensor
 _FAMILY = "policy"
@@ -252,6 +252,20 @@ def _grpo_loss_parallel(a, kernel):
     return (*out, local["tokens"].view(a.tokens.shape))
 
 
+def _grpo_loss_gif(a, kernel, out):
+    # grad_in_forward=True: the cuda backend's one-read kernel (sm_90a cluster, token-level
+    # ratios, rows that fit a cluster; it returns None otherwise), else the composition of
+    # the backend's kernels (rlkernels/_fused.py)
+    o = PolicyOptions.decode(a.modes, a.nums)
+    tensors = (a.logits, a.tokens, a.old_logp, a.advantages, a.mask, a.normalizer,
+               a.ref_logp, a.is_weights)
+    if a.backend == "cuda":
+        result = kernel("grpo_loss_gif_forward", "grpo")(*tensors, a.temperature, o, out)
+        if result is not None:
+            return result
+    return fused_forward_gif(kernel, *tensors, a.temperature, o, out)
+
+
 def grpo_outputs(x: Tensor, tokens: Tensor) -> Tuple[Tensor, ...]:
     """Empty outputs of the fused losses' fakes, for ``[N, V]`` logits or ``[N, H]`` hidden
     states ``x``: loss, metrics, and the per-token log-probs, entropies, row statistics."""
@@ -279,14 +293,16 @@ GRPO_LOSS = Op(
         _grpo_loss_parallel, backends=("torch", "triton", "cuda"),
         extra_outputs=("local_tokens",),
         extra_fake=lambda a: (a.logits.new_empty(a.tokens.shape, dtype=torch.int64),),
-        save_as={"tokens": "local_tokens"}))
+        save_as={"tokens": "local_tokens"}),
+    # grad_in_forward=True: the forward also forms d loss / d logits (for 1); backward scales
+    grad_in_forward=GradInForward(_grpo_loss_gif, family="grpo", loss="loss", wrt="logits"))
 
 
 def grpo_loss(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages: Tensor,
               mask: Tensor, *, temperature: float = 1.0, ref_logp: Optional[Tensor] = None,
               entropy_coef: float = 0.0, inplace_backward: bool = False,
-              backend: Optional[str] = None, process_group=None, **policy_loss_options
-              ) -> Tuple[Tensor, Dict[str, Tensor]]:
+              grad_in_forward: bool = False, backend: Optional[str] = None,
+              process_group=None, **policy_loss_options) -> Tuple[Tensor, Dict[str, Tensor]]:
     """``policy_loss(token_logprobs(logits, tokens, temperature=T), ...)`` fused: one pass over
     the logits forward, one backward pass that writes ``d logits`` directly.
 
@@ -302,6 +318,28 @@ def grpo_loss(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages: Tens
     ``inplace_backward=True`` writes the gradient into the storage of ``logits`` instead of
     allocating a new ``[B, T, V]`` tensor: the logits are destroyed by ``backward()``, so
     they must not be used afterwards (nor be a leaf whose ``.grad`` you keep).
+
+    ``grad_in_forward=True`` forms ``d loss / d logits`` in the forward, for an upstream
+    gradient of 1, while the forward has every per-token quantity at hand (the softmax
+    statistics, ``d loss / d logp`` and ``d loss / d H``, the aggregation's normalizer); the
+    backward then only multiplies it by the upstream scalar (nothing when it is exactly 1)
+    and reads no logits: the logits may be freed, or overwritten, after the forward. The
+    gradient is exact for any upstream scalar (the loss is a scalar; one extra rounding to
+    the logits' dtype where the scalar is not 1). Memory: the ``[B, T, V]`` gradient buffer
+    (the logits' dtype) is allocated by the forward and lives until the backward hands it
+    to autograd, instead of existing during the backward only; with
+    ``inplace_backward=True`` the forward writes it into the logits' storage instead (no
+    buffer; the logits are destroyed by the forward, not the backward). Only the loss is
+    differentiable (as always: the metrics are constants); the backward consumes the buffer
+    (scales it in place), so such a graph is backpropagated once (a second backward with
+    ``retain_graph=True`` raises in eager mode). Where nothing needs the gradient (no grad
+    mode, logits that do not require grad) the plain forward runs. On the cuda backend
+    with sm_90a, token-level ratios and rows that fit a thread-block cluster, one kernel
+    reads each logit once (two passes over the ``[B, T, V]`` data instead of three, see
+    benchmarks/NOTES.md); elsewhere (every other backend, sequence-level ratios) the
+    forward composes the usual kernels and saves the backward's read instead. ``auto`` does
+    not turn it on: it is off unless asked for (no GPU measurement of it exists yet). Not
+    supported with ``process_group`` (ValueError).
 
     ``process_group``: vocabulary parallelism (SPEC 3.5), as in :func:`token_logprobs`:
     ``logits`` is this rank's vocabulary shard, ``tokens`` are global ids, every other input
@@ -320,6 +358,11 @@ def grpo_loss(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages: Tens
     check_tokens_for("tokens", tokens, "logits", logits)
     t = _checks.positive("temperature", temperature)
     _checks.flag("inplace_backward", inplace_backward)
+    _checks.flag("grad_in_forward", grad_in_forward)
+    if grad_in_forward and process_group is not None:
+        raise ValueError("grad_in_forward: expected False with process_group (the gradient "
+                         "in the forward is not implemented for vocabulary parallelism), "
+                         "got True")
     handle = None
     if process_group is not None:
         handle = _dist.register_group(process_group)
@@ -334,5 +377,5 @@ def grpo_loss(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages: Tens
     modes, nums = opts.encode()
     value, metrics = GRPO_LOSS(rows(logits), tokens, old_logp, advantages, mask, norm,
                                ref_logp, is_weights, t, modes, nums, name, inplace_backward,
-                               group=handle)[:2]
+                               group=handle, grad_in_forward=grad_in_forward)[:2]
     return value, metrics_dict(metrics, ref_logp is not None, True)
