@@ -299,4 +299,20 @@ PYBIND11_MODULE(_C, m) {
         "rollout_correction: importance weights, keep flags and the 15 mismatch metrics "
         "(level / mode: CODES['rollout_level'] / ['rollout_mode'], reject: a bit mask of "
         "CODES['rollout_reject']). See csrc/rlkernels.h.");
+
+  // ---- grpo.cu: grpo_loss(..., grad_in_forward=True) ----
+  m.def("grpo_gif_plan", &rlk::grpo_gif_plan, py::arg("vocab"), py::arg("dtype"),
+        "grpo_gif_plan: the thread-block cluster size for one row (0: the one-read kernel "
+        "does not run here). See csrc/rlkernels.h.");
+  m.def("grpo_gif_forward", &rlk::grpo_gif_forward, py::arg("logits"), py::arg("tokens"),
+        py::arg("tensors"), py::arg("params"), py::arg("stats"), py::arg("out"), py::arg("n"),
+        py::arg("vocab"), py::arg("dtype"), py::arg("inv_temperature"),
+        py::arg("ignore_index"), py::arg("cluster"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>(),
+        "grpo_loss with the gradient in the forward: logp, entropy, stats and d logits "
+        "(upstream 1) from one read of each logit (sm_90 thread-block cluster).");
+  m.def("grpo_gif_scale", &rlk::grpo_gif_scale, py::arg("grad"), py::arg("n"),
+        py::arg("vocab"), py::arg("g"), py::arg("dtype"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>(),
+        "grpo_loss(grad_in_forward=True) backward: grad *= g in place (nothing when g == 1).");
 }

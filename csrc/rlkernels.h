@@ -246,4 +246,24 @@ void rollout_correction_forward(Matrix old_logp, Matrix rollout_logp, Matrix mas
                                 const std::vector<double>& reject_bounds,
                                 std::uintptr_t stream);
 
+// ---- grpo.cu: grpo_loss(..., grad_in_forward=True) ----------------------------------------
+// The cluster size k (1, 2, 4 or 8) with which one row of `vocab` logits of dtype code
+// `dtype` fits the distributed shared memory of a thread-block cluster on the current device,
+// or 0 where the one-read kernel does not run (below sm_90, an extension built without
+// sm_90, vocab * sizeof(T) not a multiple of 16, a row longer than 8 slices).
+int grpo_gif_plan(int64_t vocab, int dtype);
+// One read of each logit: logp and entropy (into tensors.logp / tensors.entropy, [B, T]),
+// stats [n, 3] (as token_logprobs_forward) and out [n, vocab] = d loss / d logits for an
+// upstream gradient of 1 (out may be logits: in place). tensors.mask holds each token's
+// aggregation weight (m / denom, / n_seq for seq-mean-token-mean), not the mask; params:
+// token-level ppo / cispo / reinforce. Rows 16-byte aligned, vocab * sizeof(T) % 16 == 0,
+// n = B * T, cluster from grpo_gif_plan.
+void grpo_gif_forward(Rows logits, Rows tokens, const PolicyTensors& tensors,
+                      const PolicyParams& params, std::uintptr_t stats, Rows out, int64_t n,
+                      int64_t vocab, int dtype, double inv_temperature, int64_t ignore_index,
+                      int cluster, std::uintptr_t stream);
+// grad [n, vocab] *= g (one element in the accumulation type); nothing when g == 1.
+void grpo_gif_scale(Rows grad, int64_t n, int64_t vocab, std::uintptr_t g, int dtype,
+                    std::uintptr_t stream);
+
 }  // namespace rlk
