@@ -440,7 +440,8 @@ def _returns_combine(a_p, b_p, a_e, b_e):
 @triton.jit
 def _returns_kernel(r_ptr, r_s0, r_s1, m_ptr, m_s0, m_s1, out_ptr, adv_ptr, base_ptr, base_s,
                     ws_ptr, B, T, gamma_f: tl.float64, CDT: tl.constexpr, ADV: tl.constexpr,
-                    HAS_BASE: tl.constexpr, WHITEN: tl.constexpr, BLOCK_T: tl.constexpr):
+                    HAS_BASE: tl.constexpr, WHITEN: tl.constexpr, IEEE_DIV: tl.constexpr,
+                    BLOCK_T: tl.constexpr):
     # ADV: also write a = G - baseline (0 at masked steps); WHITEN: and the row's statistics
     # of a over its valid steps, ws [3, B] = (count, mean, M2), chunk by chunk merged with
     # Chan et al.'s update (each chunk's own statistics are two-pass), for
@@ -473,12 +474,12 @@ def _returns_kernel(r_ptr, r_s0, r_s1, m_ptr, m_s0, m_s1, out_ptr, adv_ptr, base
             tl.store(adv_ptr + row * T + t, adv, mask=inb)
             if WHITEN:
                 n_c = tl.sum(ok.to(CDT), 0)
-                mean_c = tl.sum(adv, 0) / tl.maximum(n_c, 1.0)
+                mean_c = tl.fdiv(tl.sum(adv, 0), tl.maximum(n_c, 1.0), ieee_rounding=IEEE_DIV)
                 d_c = tl.where(ok, adv - mean_c, zero)
                 m2_c = tl.sum(d_c * d_c, 0)
                 n_new = cnt + n_c
                 delta = mean_c - mean
-                frac = n_c / tl.maximum(n_new, 1.0)
+                frac = tl.fdiv(n_c, tl.maximum(n_new, 1.0), ieee_rounding=IEEE_DIV)
                 mean = mean + delta * frac
                 m2 = m2 + m2_c + delta * delta * cnt * frac
                 cnt = n_new
@@ -523,8 +524,8 @@ def discounted_returns_forward(rewards: Tensor, mask: Tensor, gamma: float) -> T
     with device_guard(rewards):
         _returns_kernel[(b,)](rewards, *rewards.stride(), mask, *mask.stride(), out, out, out,
                               0, out, b, steps, float(gamma), CDT=_TL_DTYPES[cdt], ADV=False,
-                              HAS_BASE=False, WHITEN=False, BLOCK_T=_scan_block(steps),
-                              num_warps=4)
+                              HAS_BASE=False, WHITEN=False, IEEE_DIV=False,
+                              BLOCK_T=_scan_block(steps), num_warps=4)
     return out
 
 
@@ -546,7 +547,8 @@ def discounted_advantages_forward(rewards: Tensor, mask: Tensor, baseline: Optio
         _returns_kernel[(b,)](rewards, *rewards.stride(), mask, *mask.stride(), out, adv, base,
                               base.stride(0), ws, b, steps, float(gamma), CDT=_TL_DTYPES[cdt],
                               ADV=True, HAS_BASE=baseline is not None, WHITEN=bool(whiten),
-                              BLOCK_T=_scan_block(steps), num_warps=4)
+                              IEEE_DIV=cdt == torch.float32, BLOCK_T=_scan_block(steps),
+                              num_warps=4)
         if whiten:
             _batch_whiten_kernel[(_whiten_grid(b, rewards),)](
                 ws, adv, mask, mask.stride(0), mask.stride(1), b, steps, float(whiten_eps),

@@ -185,6 +185,43 @@ def test_batch_std_strided_programs(monkeypatch, programs):
         assert_close(got, want)
 
 
+@pytest.mark.parametrize("programs", [2, 3])
+def test_batch_passes_of_the_new_estimators_strided(monkeypatch, programs):
+    """gpg's batch count and the batch whitening (group and token forms) run few programs,
+    each re-reducing the whole batch in the same order: any program count gives the same
+    bits as one program (the rows a program writes depend on it, the statistics do not)."""
+    x = rewards_of(30, seed=40)
+    ids = torch.arange(30, device=DEV) % 7
+    mask = torch.rand(30, 45, generator=torch.Generator().manual_seed(41)) > 0.3
+    mask = mask.to(DEV)
+    rt = rewards_of(30 * 45, seed=42).view(30, 45)
+    comps = torch.stack([x, rewards_of(30, seed=43)], 1)
+
+    def run():
+        outs = [ta.group_advantages_forward(x, ids, 0, m, 1e-6, True, mask, None, True, 1e-8)
+                for m in ("gpg", "reinforce_plus_plus_baseline")]
+        outs.append(ta.group_advantages_forward(comps, None, 5, "gdpo", 1e-6, False, mask,
+                                                torch.tensor([1.0, 3.0], device=DEV), True,
+                                                1e-8))
+        outs += ta.discounted_advantages_forward(rt, mask, x, 0.95, True, 1e-8, True)
+        return outs
+
+    monkeypatch.setattr(ta, "_CPU_PROGRAMS", 1)
+    one = run()
+    monkeypatch.setattr(ta, "_CPU_PROGRAMS", programs)
+    for a, b in zip(run(), one):
+        assert torch.equal(a, b)
+    # and the reference agrees (fp64 reference, fp32 kernels)
+    want = ref.group_advantages_forward(x.double(), ids, 0, "reinforce_plus_plus_baseline",
+                                        1e-6, True, mask, None, True, 1e-8)
+    tol = dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(one[1].double(), want, **tol)
+    want_adv, want_ret = ref.discounted_advantages(rt.double(), mask, x.double(), 0.95, True,
+                                                   1e-8, True)
+    torch.testing.assert_close(one[3].double(), want_adv, **tol)
+    torch.testing.assert_close(one[4].double(), want_ret, **tol)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_edge_batches(method):
     for dtype, out_dtype in ((torch.float32, torch.float32), (torch.float16, torch.float32),
