@@ -11,6 +11,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import rlkernels as rk
 from rlkernels.ops import rollout as ro
@@ -142,7 +144,8 @@ def _inputs(b=6, t=19, seed=0, spread=0.3):
     old = -torch.rand(b, t, generator=g, dtype=torch.float64) * 3
     roll = old + spread * torch.randn(b, t, generator=g, dtype=torch.float64)
     mask = torch.rand(b, t, generator=g) > 0.25
-    mask[2] = False
+    if b > 2:
+        mask[2] = False
     mask[0, -3:] = False
     roll = roll.masked_fill(~mask, float("nan"))
     roll[0, -1] = -float("inf")  # masked too
@@ -292,14 +295,13 @@ def test_strided_and_half_inputs():
     _check(a, ref)
 
 
-def test_no_autograd_graph():
-    old, roll, mask, _ = _inputs()
+def test_no_autograd_graph(backend, device):
+    old, roll, mask, _ = _dev(*_inputs(), device=device)
     old = old.float().requires_grad_(True)
     roll = roll.float().requires_grad_(True)
-    for backend in ("torch",):
-        w, k, m = rk.rollout_correction(old, roll, mask, backend=backend)
-        assert not w.requires_grad and w.grad_fn is None and not k.requires_grad
-        assert all(not v.requires_grad for v in m.values())
+    w, k, m = rk.rollout_correction(old, roll, mask, level="sequence", backend=backend)
+    assert not w.requires_grad and w.grad_fn is None and not k.requires_grad
+    assert all(not v.requires_grad and v.grad_fn is None for v in m.values())
 
 
 def test_compiles_without_graph_breaks():
@@ -422,3 +424,31 @@ def test_nan_at_a_valid_position_stays_in_its_row(backend, device):
     others[3] = False
     assert bool(torch.isfinite(w[others.to(device)]).all())
     assert math.isnan(float(m["weight_mean"])) and math.isnan(float(rm["weight_mean"]))
+
+
+# random shapes, options and data: torch and triton against the naive transcription. Block
+# edges: T around the triton tile widths (16, 32, ...), B around its row-tile heights.
+_SPECS = {"token_k1": (0.7, 1.4), "token_k2": 0.05, "token_k3": 0.05,
+          "seq_sum_k1": (0.3, 3.0), "seq_sum_k2": 0.5, "seq_sum_k3": 0.5,
+          "seq_mean_k1": (0.9, 1.1), "seq_mean_k2": 0.05, "seq_mean_k3": 0.05,
+          "seq_max_k2": 0.3, "seq_max_k3": 0.3, "opsm": 0.02}
+
+
+@settings(max_examples=12, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(b=st.integers(1, 19), t=st.integers(1, 40), seed=st.integers(0, 2**16),
+       level=st.sampled_from(["token", "sequence", "geometric"]),
+       mode=st.sampled_from(["truncate", "mask"]),
+       crit=st.lists(st.sampled_from(sorted(_SPECS)), max_size=3, unique=True),
+       bounds=st.sampled_from([(2.0, None), (1.5, 0.7), (None, 0.5)]))
+def test_random_parity(backend, device, b, t, seed, level, mode, crit, bounds):
+    old, roll, mask, adv = _inputs(b, t, seed=seed, spread=0.05 if level == "sequence" else 0.3)
+    spec = {c: _SPECS[c] for c in crit}
+    a = adv if "opsm" in crit else None
+    o, r, msk, aa = _dev(old, roll, mask, a, device=device)
+    out = rk.rollout_correction(o, r, msk, level=level, mode=mode, threshold_high=bounds[0],
+                                threshold_low=bounds[1], reject=crit or None,
+                                reject_threshold=spec or None, advantages=aa, backend=backend)
+    ref = _naive(old, roll, mask, level=level, mode=mode, hi=bounds[0], lo=bounds[1],
+                 reject=tuple(crit), bounds=spec, adv=adv)
+    _check(out, ref, torch.float64)
