@@ -374,8 +374,10 @@ def metrics_vector(parts: Dict[str, Tensor], mask: Tensor) -> Tensor:
 
 
 def _prepared(logp: Tensor, others: List[Optional[Tensor]]) -> List[Optional[Tensor]]:
+    """The inputs in the compute dtype, contiguous: torch's reductions run in memory order,
+    so a strided (e.g. column-major) input would round the sums differently."""
     cdt = compute_dtype(logp.dtype)
-    return [None if x is None else x.to(cdt) for x in others]
+    return [None if x is None else x.to(cdt).contiguous() for x in others]
 
 
 def policy_loss_forward(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
