@@ -837,6 +837,9 @@ def _cuda_op(kernel: str, params: Dict[str, str]) -> Tuple[str, str]:
         mode = {"0": "sparse_logprobs full", "1": "sparse_logprobs support",
                 "2": "sparse_kl"}.get(params.get("kMode", ""), "sparse")
         return mode, direction
+    if kernel.startswith("grpo_gif"):  # csrc/grpo.cu: grpo_loss(grad_in_forward=True)
+        return ("grpo_loss gif " + ("scale" if "scale" in kernel else "one-read"),
+                "bwd" if "scale" in kernel else "fwd")
     return kernel.replace("_kernel", ""), direction
 
 
@@ -970,8 +973,10 @@ def main(argv=None) -> int:
     ap.add_argument("--from-dump", type=Path,
                     help="re-count the SASS of an earlier --dump instead of compiling")
     ap.add_argument("--cuda-source", type=Path, nargs="+",
-                    default=[ROOT / "csrc" / "vocab.cu", ROOT / "csrc" / "sparse.cu"],
-                    help="the .cu files to compile (default: the vocabulary and sparse ones)")
+                    default=[ROOT / "csrc" / "vocab.cu", ROOT / "csrc" / "sparse.cu",
+                             ROOT / "csrc" / "grpo.cu"],
+                    help="the .cu files to compile (default: the vocabulary, sparse and "
+                         "grpo_loss(grad_in_forward=True) ones)")
     ap.add_argument("--cuda-rev", help="compile csrc/ as of this git revision (a 'before')")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args(argv)

@@ -47,8 +47,10 @@ namespace {
 // Copies of policy.cu's helpers (anonymous namespace there) and of policy_grad_kernel's
 // token-level formula; a loss added to policy.cu falls back to the three-pass path until it is
 // added here (rlkernels/cuda/grpo.py ONE_READ_LOSSES).
-template <class A> __device__ __forceinline__ A max_nan(A a, A b) { return (a > b || a != a) ? a : b; }
-template <class A> __device__ __forceinline__ A min_nan(A a, A b) { return (a < b || a != a) ? a : b; }
+template <class A>
+__device__ __forceinline__ A max_nan(A a, A b) { return (a > b || a != a) ? a : b; }
+template <class A>
+__device__ __forceinline__ A min_nan(A a, A b) { return (a < b || a != a) ? a : b; }
 template <class A> __device__ __forceinline__ A clamp_nan(A x, A lo, A hi) {
   return x < lo ? lo : (x > hi ? hi : x);
 }
@@ -145,9 +147,8 @@ __device__ __forceinline__ void cluster_arrive() {
 __device__ __forceinline__ void cluster_wait() {
   asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
 }
-#endif
-
 constexpr uint32_t kBulkPiece = 1u << 15;  // bytes per bulk copy instruction
+#endif
 
 // Statistics a CTA publishes to its cluster (read by the peers through DSMEM).
 template <class A>

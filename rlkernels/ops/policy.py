@@ -337,9 +337,15 @@ def grpo_loss(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages: Tens
     with sm_90a, token-level ratios and rows that fit a thread-block cluster, one kernel
     reads each logit once (two passes over the ``[B, T, V]`` data instead of three, see
     benchmarks/NOTES.md); elsewhere (every other backend, sequence-level ratios) the
-    forward composes the usual kernels and saves the backward's read instead. ``auto`` does
-    not turn it on: it is off unless asked for (no GPU measurement of it exists yet). Not
-    supported with ``process_group`` (ValueError).
+    forward composes the usual kernels and saves the backward's read instead. The saving
+    needs an upstream gradient of exactly 1 (``loss.backward()``): any other scalar
+    (``(loss / accum_steps).backward()``, a GradScaler's scale) costs the backward one read
+    and one write of the buffer, as many passes as the default path; fold such a constant
+    into ``normalizer`` instead (the loss is ``sum / normalizer`` for every ``agg``, so
+    ``normalizer=n * accum_steps`` gives ``loss / accum_steps``). ``auto`` does not turn it
+    on: it is off unless asked for (no GPU measurement of it exists yet). Not supported
+    with ``process_group`` (ValueError). Formulas: docs/math.md, "grpo_loss: the gradient
+    in the forward".
 
     ``process_group``: vocabulary parallelism (SPEC 3.5), as in :func:`token_logprobs`:
     ``logits`` is this rank's vocabulary shard, ``tokens`` are global ids, every other input
