@@ -114,8 +114,9 @@ def group_advantages(rewards: Tensor, *, group_size: Optional[int] = None,
     only if ``r`` is not finite); with ``batch_std`` and ``B == 1`` that is the only group.
     A group whose rewards are all equal gets ``0 / (0 + eps) = 0`` with ``"grpo"`` (NaN if
     ``eps == 0``).
-    Every method is one kernel launch (the whitened ones: two, a group pass and a batch
-    pass); no host synchronisation.
+    Every method is one launch of the group kernel, plus a batch pass where the method needs
+    the whole batch first (cuda: ``batch_std``, ``gpg``; both backends: the whitening of
+    ``reinforce_plus_plus_baseline`` and ``gdpo``); no host synchronisation.
 
     Groups, exactly one of:
 
@@ -128,11 +129,14 @@ def group_advantages(rewards: Tensor, *, group_size: Optional[int] = None,
     passes (mean first, then squared deviations), in a fixed order over each group's members
     (the order they have in ``rewards``), so results are deterministic and batch invariant: a
     group's advantages do not depend on the other groups in the call (except through
-    ``std_B`` with ``"batch_std"``). No host synchronisation, no data-dependent shapes.
+    ``std_B`` with ``"batch_std"``, ``alpha`` with ``"gpg"`` and the batch whitening of
+    ``"reinforce_plus_plus_baseline"`` / ``"gdpo"``). No host synchronisation, no
+    data-dependent shapes.
 
     NaN rewards raise ``ValueError`` in debug mode (:func:`rlkernels.set_debug`); otherwise a
     NaN makes its own group NaN and leaves the other groups untouched (with ``"batch_std"`` it
-    makes ``std_B`` NaN, hence every group of two or more members).
+    makes ``std_B`` NaN, hence every group of two or more members; with the whitened methods
+    the batch statistics, hence every advantage).
 
     Args:
         rewards: ``[B]`` bf16/fp16/fp32/fp64 (``B = 0`` gives an empty result); ``[B, K]``
