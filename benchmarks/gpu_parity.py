@@ -288,8 +288,33 @@ def policy_cases(bsz: int, t: int, adv_b: int) -> List[Case]:
         return [rk.masked_whiten(v, mask, backend=b),
                 rk.masked_whiten(v, mask, shift_mean=False, backend=b)], [v]
 
+    def rollout_correction(b, ref, dev):
+        # keep flags are compared exactly: only sequence-level tests decide them here (a
+        # per-token test on ~10^6 tokens has tokens within fp32 rounding of its threshold)
+        old = rand((bsz, t), dev, 33, 0.5, -2.0)
+        mask = rand((bsz, t), dev, 35) > -0.8
+        mask[0] = False  # an empty sequence
+        adv = _cast(rand((bsz,), dev, 36), ref)
+        outs = []
+        for spread, kw in (
+                (0.3, dict(level="token", threshold_high=2.0, threshold_low=0.5,
+                           reject="seq_max_k2", reject_threshold=0.55)),
+                (0.01, dict(level="sequence", mode="mask", threshold_high=2.0,
+                            threshold_low=0.5, reject="seq_mean_k1,opsm",
+                            reject_threshold={"seq_mean_k1": (0.9998, 1.0002), "opsm": 0.0},
+                            advantages=adv)),
+                (0.3, dict(level="geometric", threshold_high=1.5, threshold_low=0.7))):
+            roll = (old + rand((bsz, t), dev, 34, spread)).masked_fill(~mask, float("nan"))
+            w, keep, m = rk.rollout_correction(_cast(old, ref), _cast(roll, ref), mask,
+                                               backend=b, **kw)
+            outs += [w, keep.to(w.dtype)] + [m[k] for k in sorted(m)]
+        return outs, []
+
     f32 = torch.float32
     return [
+        Case("rollout_correction", "rollout_correction", ("rollout", "rollout_correction"),
+             f32, s, rollout_correction,
+             note="token TIS + seq_max_k2, sequence MIS + seq_mean_k1 + opsm, geometric TIS"),
         Case("policy_loss", "policy_loss", ("policy", "policy_loss"), f32, s, policy_loss,
              note="ppo dual-clip+kl+entropy, GSPO seq-mean, cispo"),
         Case("kl_penalty", "kl_penalty", None, f32, s, kl_penalty, backends=("torch",),
