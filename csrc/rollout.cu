@@ -185,7 +185,7 @@ __global__ void __launch_bounds__(kRowThreads)
   if (threadIdx.x == 0) {
     A* out = partials + b * kRpCount;
 #pragma unroll
-  for (int k = 0; k < kRpCount; ++k) out[k] = p[k];
+    for (int k = 0; k < kRpCount; ++k) out[k] = p[k];
     out[kRpSeq] = nonempty ? A(1) : zero;
     out[kRpChiSeq] = nonempty ? d_exp(A(2) * clampv(s_lr, a.clamp)) - A(1) : zero;
     out[kRpLppl] = nonempty ? -mean_lr : zero;
@@ -206,7 +206,7 @@ __global__ void __launch_bounds__(kFinalThreads)
   for (int64_t b = threadIdx.x; b < B; b += blockDim.x) {
     const A* p = partials + b * kRpCount;
 #pragma unroll
-  for (int k = 0; k < kRpCount; ++k) {
+    for (int k = 0; k < kRpCount; ++k) {
       const bool is_max = k == kRpAbsMax || k == kRpWMax || k == kRpWNegMax;
       v[k] = is_max ? max_nan(v[k], p[k]) : v[k] + p[k];
     }
