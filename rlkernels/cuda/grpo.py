@@ -37,6 +37,8 @@ Tensor = torch.Tensor
 # losses and KL estimators whose per-token gradient csrc/grpo.cu implements (gif_token_grad)
 ONE_READ_LOSSES = ("ppo", "cispo", "reinforce")
 ONE_READ_KL = ("k1", "abs", "k2", "k3", "low_var_kl", "k3+")
+# grpo_gif_plan's answer per (device, vocab, dtype code)
+_PLANS: dict = {}
 
 
 def _aligned(t: Tensor) -> bool:
@@ -88,8 +90,11 @@ def grpo_loss_gif_forward(logits, tokens, old_logp, advantages, mask, normalizer
     if n == 0 or n != b * t or not _aligned(logits) or (out is not None and not _aligned(out)):
         return None
     dtype = DTYPE_CODES[logits.dtype]
-    with torch.cuda.device(logits.device):
-        cluster = C.grpo_gif_plan(vocab=vocab, dtype=dtype)
+    key = (logits.device, vocab, dtype)
+    cluster = _PLANS.get(key)
+    if cluster is None:  # device attribute queries: once per (device, vocab, dtype)
+        with torch.cuda.device(logits.device):
+            cluster = _PLANS[key] = C.grpo_gif_plan(vocab=vocab, dtype=dtype)
     if cluster == 0:
         return None
     from .policy import _policy_params, policy_loss_forward

@@ -74,9 +74,11 @@ def fake(monkeypatch):
         monkeypatch.setattr(P, "policy_loss_forward",
                             lambda *a: (torch.zeros(()), torch.zeros(9)))
         P._PARAMS.clear()
+        G._PLANS.clear()
         return c
     yield install
     P._PARAMS.clear()
+    G._PLANS.clear()
 
 
 def _args(B=2, T=3, V=64, dtype=torch.bfloat16, **opts):
