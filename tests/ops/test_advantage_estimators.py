@@ -270,7 +270,6 @@ def test_vectorized_names_are_grpo_and_rloo(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_reinforce_plus_plus_and_remax_match_verl(backend, dtype):
-    g = torch.Generator().manual_seed(8)
     r = grid((5, 13), 9)
     r[:, -1] += 1.0  # an outcome reward on the last token, and per-token terms elsewhere
     m = response_mask(5, 13, 10)
@@ -287,7 +286,6 @@ def test_reinforce_plus_plus_and_remax_match_verl(backend, dtype):
     _check(torch.where(m, adv.double(), 0.0), np.where(_bt(m), want_adv, 0.0))
     _check(torch.where(m, ret.double(), 0.0), np.where(_bt(m), want_ret, 0.0))
     assert not adv[~m].any() and not ret[~m].any()
-    del g
 
 
 def test_verl_itself_when_importable():
@@ -447,6 +445,23 @@ def test_opcheck_new_arguments():
     adv_op = torch.ops.rlkernels.discounted_advantages.default
     torch.library.opcheck(adv_op, (grid((3, 6), 29).float(), response_mask(3, 6, 30),
                                    grid((3,), 31).float(), 0.9, True, 1e-8, True, "torch"))
+
+
+def test_torch_compile_fullgraph_new_arguments():
+    """mask, reward_weights (a list, made a tensor inside), baseline, whiten: no graph break
+    (aot_eager: Dynamo, fake tensors and AOT autograd without Inductor's code generation)."""
+    def step(r, m):
+        a = group_advantages(r, group_size=4, method="gdpo", mask=m, reward_weights=[1.0, 0.5],
+                             backend="torch")
+        b = group_advantages(r[:, 0], group_size=4, method="opo", mask=m, backend="torch")
+        c = discounted_returns(r.t().contiguous(), m[:, :2].t().contiguous(),
+                               baseline=torch.zeros(2), whiten=True, backend="torch")
+        return (a, b) + c
+
+    r, m = grid((8, 2), 32).float(), response_mask(8, 5, 33)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(r, m), step(r, m)):
+        torch.testing.assert_close(got, want)
 
 
 # ================================================================================= errors
