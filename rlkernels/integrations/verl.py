@@ -9,7 +9,11 @@ From ``verl.trainer.ppo.core_algos``: :func:`kl_penalty`, :func:`agg_loss`,
 :func:`compute_grpo_outcome_advantage` (and ``_vectorized``),
 :func:`compute_rloo_outcome_advantage` (and ``_vectorized``), and the ``opo``, ``gpg``,
 ``grpo_passk``, ``reinforce_plus_plus(_baseline)``, ``gdpo``, ``remax`` estimators
-(``compute_<name>_outcome_advantage``). docs/math.md lists where each differs from verl.
+(``compute_<name>_outcome_advantage``). From ``verl.trainer.ppo.rollout_corr_helper``:
+:func:`compute_rollout_correction_weights`, :func:`compute_rollout_rejection_mask`,
+:func:`compute_rollout_correction_and_rejection_mask`, :func:`compute_offpolicy_metrics`,
+:func:`compute_rollout_corr_metrics_from_logprobs` (on :func:`rlkernels.rollout_correction`).
+docs/math.md lists where each differs from verl.
 :func:`patch` swaps verl's objects for these when verl is importable; :func:`unpatch` undoes it.
 
 Where verl and rlkernels differ, the function bridges to verl's behaviour (each listed here):
@@ -62,8 +66,21 @@ Where verl and rlkernels differ, the function bridges to verl's behaviour (each 
   numpy array of strings, are mapped to ints). verl gives a singleton group mean 0 and std 1
   (GRPO: ``score / (1 + eps)``, or ``score`` without std normalization; RLOO: ``score``),
   whereas rlkernels gives 0: the bridge restores verl's values for singleton groups.
+* rollout correction (``compute_rollout_correction_weights``, ``compute_rollout_rejection_mask``,
+  ``compute_rollout_correction_and_rejection_mask``, ``compute_offpolicy_metrics``): the weights
+  and the rejected mask come from one :func:`rlkernels.rollout_correction` call (TIS:
+  ``mode="truncate"``, IcePop ``"lower_upper"``: ``mode="mask"``; the rejection criteria and
+  thresholds as verl's), verl's metrics (every key) from the op's metrics where they coincide,
+  else plain torch; options are validated with verl's errors. For a binary ``response_mask``
+  (verl's contract); a fractional float mask weights verl's raw weights before truncation,
+  not the op's. Values at masked positions never reach a weight (verl's ``exp(.) * mask``
+  lets a NaN log-ratio there through). ``rollout_is_eff_sample_size`` is ``inf`` where every
+  weight is 0 (verl raises ``ZeroDivisionError``). An infinite threshold (``"inf"``) reaches
+  the op as the largest float: the same result, except ``seq_sum_k1`` whose summed k1 exceeds
+  709 in magnitude. A NaN threshold raises ``ValueError`` (verl accepts it).
 """
 
+import math
 from collections.abc import Mapping
 from typing import Any, Optional, Tuple
 
@@ -88,6 +105,9 @@ __all__ = ["logprobs_from_logits", "entropy_from_logits", "kl_penalty", "agg_los
            "compute_reinforce_plus_plus_baseline_outcome_advantage",
            "compute_gdpo_outcome_advantage", "compute_reinforce_plus_plus_outcome_advantage",
            "compute_remax_outcome_advantage",
+"compute_rollout_correction_weights", "compute_rollout_rejection_mask",
+           "compute_rollout_correction_and_rejection_mask", "compute_offpolicy_metrics",
+           "compute_rollout_corr_metrics_from_logprobs",
            "VERL_VERSION", "patch", "unpatch", "is_patched"]
 
 _patcher = _ModulePatcher("verl")
@@ -844,30 +864,496 @@ def compute_remax_outcome_advantage(token_level_rewards: torch.Tensor,
     return adv.to(dtype), ret.to(dtype)
 
 
+# ============================================================ verl.trainer.ppo.rollout_corr_helper
+
+_SAFETY_BOUND = 20.0  # verl's SAFETY_BOUND: log-ratios are clamped to +-20 before exp
+_RS_OPTIONS = ("token_k1", "token_k2", "token_k3", "seq_sum_k1", "seq_sum_k2", "seq_sum_k3",
+               "seq_mean_k1", "seq_mean_k2", "seq_mean_k3", "seq_max_k2", "seq_max_k3")
+_NO_VALID = "response_mask must contain at least one valid token (1)."
+# An infinite threshold (verl accepts "inf") reaches the op as the largest finite float (fp32's
+# for the importance weights, which never exceed exp(20); fp64's for the rejection bounds).
+_FMAX = float(np.finfo(np.float64).max)
+_FMAX32 = float(np.finfo(np.float32).max)
+
+
+def _msum(x: torch.Tensor, mask: torch.Tensor, axis=None) -> torch.Tensor:
+    """verl's ``masked_sum``: ``where(mask, x, 0) * mask`` summed."""
+    v = torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device)) * mask
+    return v.sum() if axis is None else v.sum(axis)
+
+
+def _mmean(x: torch.Tensor, mask: torch.Tensor, axis=None) -> torch.Tensor:
+    """verl's ``masked_mean``: ``masked_sum / (mask.sum() + 1e-8)``."""
+    return _msum(x, mask, axis) / ((mask.sum() if axis is None else mask.sum(axis)) + 1e-8)
+
+
+def _parse_rollout_is_threshold(spec) -> Tuple[float, Optional[float]]:
+    """verl's ``(upper, lower)`` of ``rollout_is_threshold`` (a number: TIS, ``lower``
+    None; ``"lower_upper"``: IcePop), with verl's errors."""
+    if isinstance(spec, bool):
+        raise TypeError("rollout_is_threshold must be specified as a float or a string "
+                        "threshold specification, not a boolean.")
+    if isinstance(spec, (int, float)):
+        upper, lower = float(spec), None
+    elif isinstance(spec, str):
+        text = spec.strip()
+        if not text:
+            raise ValueError("rollout_is_threshold must not be an empty string.")
+        try:
+            if "_" in text:
+                lo_s, hi_s = text.split("_", 1)
+                lower, upper = float(lo_s), float(hi_s)
+            else:
+                upper, lower = float(text), None
+        except ValueError as exc:
+            raise ValueError(f"Invalid rollout_is_threshold '{spec}'.") from exc
+    else:
+        raise TypeError("rollout_is_threshold must be a float or a string threshold "
+                        "specification.")
+    if upper <= 0:
+        raise ValueError(f"rollout_is_threshold upper bound must be positive, got {upper}.")
+    if lower is not None:
+        if lower <= 0:
+            raise ValueError(f"rollout_is_threshold lower bound must be positive, got {lower}.")
+        if lower > upper:
+            raise ValueError("rollout_is_threshold lower bound must be <= upper bound.")
+    return upper, lower
+
+
+def _rs_options(rollout_rs) -> list:
+    """verl's criteria of a ``rollout_rs`` string (deduplicated, order kept)."""
+    out = []
+    for opt in (o.strip() for o in rollout_rs.split(",")):
+        if not opt:
+            continue
+        if opt not in _RS_OPTIONS:
+            raise ValueError(f"Invalid rollout_rs option: {opt}. Must be one of "
+                             f"{sorted(_RS_OPTIONS)}.")
+        if opt not in out:
+            out.append(opt)
+    if not out:
+        raise ValueError("rollout_rs must contain at least one valid option.")
+    return out
+
+
+def _parse_rollout_rs_thresholds(options: list, spec) -> dict:
+    """verl's ``{option: (lower, upper)}`` (``lower`` None except for k1 options), with
+    verl's errors."""
+    if spec is None:
+        raise ValueError("rollout_rs_threshold must be provided for rejection sampling.")
+    if isinstance(spec, (int, float)):
+        raw = [str(spec)]
+    elif isinstance(spec, str):
+        raw = [p.strip() for p in spec.split(",") if p.strip()]
+    else:
+        raise TypeError("rollout_rs_threshold must be a string or numeric value specifying "
+                        "per-option thresholds.")
+    if not raw:
+        raise ValueError("rollout_rs_threshold must contain at least one threshold value.")
+    if len(raw) not in (1, len(options)):
+        raise ValueError(f"rollout_rs_threshold expects either one threshold shared by all "
+                         f"options or exactly {len(options)} thresholds to match the provided "
+                         f"rollout_rs options.")
+    if len(raw) == 1:
+        raw = raw * len(options)
+    out = {}
+    for opt, s in zip(options, raw):
+        if opt.endswith("k1"):
+            if "_" in s:
+                lo_s, hi_s = s.split("_", 1)
+            else:
+                hi_s, lo_s = s, str(1.0 / float(s))  # verl's (unguarded) reciprocal
+            try:
+                lower, upper = float(lo_s), float(hi_s)
+            except ValueError as exc:
+                raise ValueError(f"Invalid numeric threshold '{s}' for option '{opt}'.") \
+                    from exc
+            if lower <= 0 or upper <= 0:
+                raise ValueError(f"Thresholds for option '{opt}' must be positive, got {s}.")
+            if lower > upper:
+                raise ValueError(f"Thresholds for option '{opt}' must be lower <= upper, "
+                                 f"got {s}.")
+            out[opt] = (lower, upper)
+        else:
+            if "_" in s:
+                raise ValueError(f"rollout_rs_threshold for option '{opt}' must provide a "
+                                 f"single upper bound without '_'. Received '{s}'.")
+            try:
+                upper = float(s)
+            except ValueError as exc:
+                raise ValueError(f"Invalid numeric threshold '{s}' for option '{opt}'.") \
+                    from exc
+            if upper <= 0:
+                raise ValueError(f"Threshold for option '{opt}' must be positive, got {s}.")
+            out[opt] = (None, upper)
+    return out
+
+
+def _fin(x: float, top: float = _FMAX) -> float:
+    return min(x, top)
+
+
+def _rollout_op(old, rollout, mask, is_spec=None, rs_spec=None):
+    """One :func:`rlkernels.rollout_correction` call: ``is_spec = (level, upper, lower)``
+    (verl's ``rollout_is`` and parsed threshold; None: the op's defaults, weights unused),
+    ``rs_spec`` verl's parsed rejection thresholds (None: no rejection)."""
+    kw = {}
+    if is_spec is not None:
+        level, upper, lower = is_spec
+        kw = dict(level=level, mode="truncate" if lower is None else "mask",
+                  threshold_high=_fin(upper, _FMAX32),
+                  threshold_low=None if lower is None else _fin(lower, _FMAX32))
+    if rs_spec:
+        kw["reject"] = tuple(rs_spec)
+        kw["reject_threshold"] = {
+            o: (_fin(lo), _fin(hi)) if o.endswith("k1") else _fin(hi)
+            for o, (lo, hi) in rs_spec.items()}
+    with torch.no_grad():
+        return rlkernels.rollout_correction(old.detach(), rollout.detach(), mask, **kw)
+
+
+def _scalars(metrics: dict, prefix: str = "") -> dict:
+    """``{prefix + key: float}`` with one host transfer for every tensor value."""
+    keys = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
+    values = (torch.stack([metrics[k].detach().reshape(()).double() for k in keys]).tolist()
+              if keys else [])
+    got = dict(zip(keys, values))
+    return {prefix + k: got[k] if k in got else float(v) for k, v in metrics.items()}
+
+
+def _seq_stats(values, valid):
+    """mean, unbiased std (0 for one sequence), max, min over the sequences ``valid``
+    (verl's ``values[valid]`` statistics, without the host sync of boolean indexing)."""
+    v = values
+    n = valid.sum().to(v.dtype)
+    zero = torch.zeros((), dtype=v.dtype, device=v.device)
+    mean = torch.where(valid, v, zero).sum() / n.clamp_min(1)
+    var = torch.where(valid, (v - mean) ** 2, zero).sum() / (n - 1).clamp_min(1)
+    std = torch.where(n > 1, var.sqrt(), zero)
+    vmax = torch.where(valid, v, torch.full_like(v, -float("inf"))).max()
+    vmin = torch.where(valid, v, torch.full_like(v, float("inf"))).min()
+    return mean, std, vmax, vmin
+
+
+def _clamped_std(x, mask, lo, hi):
+    """verl's clamped masked standard deviation (0 unless more than one valid token)."""
+    c = x.clamp(min=lo, max=hi)
+    mean = _mmean(c, mask)
+    std = torch.sqrt(torch.clamp(_mmean(c.square(), mask) - mean.square(), min=0.0))
+    return torch.where(mask.sum() > 1, std, torch.zeros_like(std))
+
+
+def _frac(cond: torch.Tensor) -> torch.Tensor:
+    return cond.float().mean()
+
+
+def _is_metrics(log_ratio, mask, weights, level, upper, lower, op) -> dict:
+    """verl's ``compute_is_metrics`` (and ``rollout_is_oob_ratio``) from the op's weights and
+    metrics; the rest in plain torch."""
+    icepop = lower is not None
+    lower_m = 1.0 / upper if lower is None else lower  # verl's default lower: 1 / upper
+    seq_lr = _msum(log_ratio, mask, -1)
+    if level == "token":
+        raw = torch.exp(log_ratio.clamp(-_SAFETY_BOUND, _SAFETY_BOUND)) * mask
+        out = {"rollout_is_mean": op["weight_mean"],
+               "rollout_is_ratio_fraction_high": op["frac_high"],
+               "rollout_is_ratio_fraction_low": op["frac_low"] if icepop
+               else _mmean((raw < lower_m).float(), mask),
+               "rollout_is_max": op["weight_max"], "rollout_is_min": op["weight_min"]}
+    else:
+        raw = torch.exp(seq_lr.clamp(-_SAFETY_BOUND, _SAFETY_BOUND))[:, None] * mask
+        dev = log_ratio.device
+        log_hi = torch.log(torch.tensor(upper, device=dev))
+        log_lo = torch.log(torch.tensor(lower_m, device=dev))
+        out = {"rollout_is_max": torch.exp(seq_lr.max().clamp(max=_SAFETY_BOUND)),
+               "rollout_is_min": torch.exp(seq_lr.min()),
+               "rollout_is_mean": op["weight_mean"],
+               "rollout_is_ratio_fraction_high": _frac(seq_lr > log_hi),
+               "rollout_is_ratio_fraction_low": _frac(seq_lr < log_lo)}
+    w = weights.clamp(min=0.0, max=upper)
+    out["rollout_is_std"] = _clamped_std(weights, mask, 0.0, upper)
+    out["rollout_is_eff_sample_size"] = 1.0 / _mmean((w / (_mmean(w, mask) + 1e-8)).square(),
+                                                     mask)
+    seq_w = _mmean(weights, mask, -1)
+    std = seq_w.std() if seq_w.numel() > 1 else torch.zeros((), device=seq_w.device)
+    raw_seq = _mmean(raw, mask, -1)
+    out.update({"rollout_is_seq_mean": seq_w.mean(), "rollout_is_seq_std": std,
+                "rollout_is_seq_max": seq_w.max(), "rollout_is_seq_min": seq_w.min(),
+                "rollout_is_seq_max_deviation": (seq_w - 1.0).abs().max(),
+                "rollout_is_seq_fraction_high": _frac(raw_seq > upper),
+                "rollout_is_seq_fraction_low": _frac(raw_seq < lower_m)})
+    if icepop:  # raw outside [lower, upper]: the op's two disjoint fractions
+        out["rollout_is_oob_ratio"] = op["frac_high"] + op["frac_low"]
+    return out
+
+
+def _dist_masked_mean(x, m):
+    """verl's ``distributed_masked_mean`` (an all-reduce of the sums)."""
+    s, n = (x * m).sum(), m.sum()
+    torch.distributed.all_reduce(s, op=torch.distributed.ReduceOp.SUM)
+    torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.SUM)
+    return s / n
+
+
+def _batch_normalize(weights, mask, level):
+    """verl's ``rollout_is_batch_normalize``: ``(weights / mean, factor)`` where the mean
+    (over valid tokens, or over non-empty sequences at ``"sequence"`` level; across ranks when
+    torch.distributed is initialized) exceeds 1e-8, else ``(weights, 1.0)`` (on device)."""
+    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+    mf = mask.to(weights.dtype)
+    if level == "token":
+        mean = _dist_masked_mean(weights, mf) if dist else _mmean(weights, mask)
+    else:
+        seq_w = _mmean(weights, mask, -1)
+        seq_m = (mask.sum(dim=-1) > 0).to(weights.dtype)
+        mean = (_dist_masked_mean(seq_w, seq_m) if dist
+                else (seq_w * seq_m).sum() / seq_m.sum().clamp_min(1e-8))
+    ok = mean > 1e-8
+    weights = torch.where(ok, weights / torch.where(ok, mean, torch.ones_like(mean)), weights)
+    return weights, torch.where(ok, mean, torch.ones_like(mean))
+
+
+def _weights_and_metrics(log_ratio, mask, rollout_is, upper, lower, batch_normalize, w, op):
+    dtype = torch.result_type(log_ratio, mask)
+    w = w.to(dtype)
+    metrics = _is_metrics(log_ratio, mask, w, rollout_is, upper, lower, op)
+    if batch_normalize:
+        w, metrics["rollout_is_batch_norm_factor"] = _batch_normalize(w, mask, rollout_is)
+    return w, metrics
+
+
+def _check_is(rollout_is, rollout_is_threshold):
+    if rollout_is not in {"token", "sequence"}:
+        raise ValueError(f"Invalid rollout_is: {rollout_is}. Must be one of "
+                         f"{ {'token', 'sequence'} }.")
+    return _parse_rollout_is_threshold(rollout_is_threshold)
+
+
+def compute_rollout_correction_weights(log_ratio: torch.Tensor, response_mask: torch.Tensor,
+                                       rollout_is: str = "token",
+                                       rollout_is_threshold=2.0,
+                                       rollout_is_batch_normalize: bool = False
+                                       ) -> Tuple[torch.Tensor, dict]:
+    """verl's importance weights of ``log_ratio = log pi_train - log pi_rollout``:
+    ``rollout_is="token"`` / ``"sequence"`` (:func:`rlkernels.rollout_correction` ``level``),
+    a single ``rollout_is_threshold`` truncates (TIS, ``mode="truncate"``), ``"lower_upper"``
+    zeroes weights outside the range (IcePop, ``mode="mask"``); 0 at padding. Returns
+    ``(weights, metrics)`` with verl's ``rollout_is_*`` metrics (before the optional batch
+    normalization to mean 1, whose factor is ``rollout_is_batch_norm_factor``)."""
+    upper, lower = _check_is(rollout_is, rollout_is_threshold)
+    if not response_mask.any():
+        raise ValueError(_NO_VALID)
+    w, _, op = _rollout_op(log_ratio, torch.zeros_like(log_ratio), response_mask,
+                           (rollout_is, upper, lower))
+    w, metrics = _weights_and_metrics(log_ratio.detach(), response_mask, rollout_is, upper,
+                                      lower, rollout_is_batch_normalize, w, op)
+    return w, _scalars(metrics)
+
+
+def _check_rs(rollout_rs, rollout_rs_threshold):
+    if rollout_rs is None or not isinstance(rollout_rs, str):
+        raise ValueError("rollout_rs must be a non-empty string (comma separated for multiple "
+                         "options).")
+    if rollout_rs_threshold is None:
+        raise ValueError("rollout_rs_threshold must be provided for rejection sampling.")
+
+
+def _rs_metrics(log_ratio, mask, spec, keep, op) -> dict:
+    """verl's ``compute_rs_metrics`` per criterion and its masked fractions in plain torch
+    (the op returns the combined keep mask only); the combined fractions from the op."""
+    lr = log_ratio.clamp(-_SAFETY_BOUND, _SAFETY_BOUND)
+    k = {"k1": lambda: -lr, "k2": lambda: 0.5 * lr ** 2, "k3": lambda: torch.exp(lr) - 1.0 - lr}
+    mb = mask.bool()
+    seq_valid = mask.sum(dim=-1) > 0
+    zero = torch.zeros((), dtype=lr.dtype, device=lr.device)
+    out = {}
+    for opt, (lower, upper) in spec.items():
+        scope, est = opt.rsplit("_", 1)
+        x = k[est]()
+        k1 = est == "k1"
+        hi = math.log(upper) if k1 else upper
+        lo = math.log(lower) if k1 else 0.0
+        if scope == "token":
+            stat, seq = x, _mmean(x, mask, -1)
+        else:
+            if scope == "seq_sum":
+                seq = _msum(x, mask, -1)
+            elif scope == "seq_mean":
+                seq = _mmean(x, mask, -1)
+            else:
+                seq = x.masked_fill(~mb, -float("inf")).max(dim=-1).values
+                seq = torch.where(seq == -float("inf"), zero, seq)
+            stat = seq.unsqueeze(-1).expand_as(mask)
+        passed = (stat >= lo) & (stat <= hi) if k1 else stat <= hi
+        p = f"rollout_rs_{opt}"
+        s_mean, s_std, s_max, s_min = _seq_stats(seq, seq_valid)
+        n_seq = seq_valid.sum().clamp_min(1)
+        s_high = (seq_valid & (seq > hi)).sum() / n_seq
+        s_low = (seq_valid & (seq < lo)).sum() / n_seq
+        if scope == "token":
+            high = _mmean((stat > hi).float(), mask)
+            low = _mmean((stat < lo).float(), mask) if k1 else 0.0
+            vmax = stat.masked_fill(~mb, -float("inf")).max()
+            vmin = stat.masked_fill(~mb, float("inf")).min()
+        else:
+            high, low, vmax, vmin = s_high, s_low if k1 else 0.0, s_max, s_min
+        out.update({f"{p}_mean": _mmean(stat, mask), f"{p}_max": vmax, f"{p}_min": vmin,
+                    f"{p}_fraction_high": high, f"{p}_fraction_low": low,
+                    f"{p}_std": _clamped_std(stat, mask, lo if k1 else 0.0, hi),
+                    f"{p}_seq_mean": s_mean, f"{p}_seq_std": s_std, f"{p}_seq_max": s_max,
+                    f"{p}_seq_min": s_min,
+                    f"{p}_seq_max_deviation": torch.where(seq_valid, seq.abs(), zero).max(),
+                    f"{p}_seq_fraction_high": s_high})
+        if k1:
+            out[f"{p}_seq_fraction_low"] = s_low
+        out[f"{p}_masked_fraction"] = _mmean(1 - passed.to(lr.dtype), mask)
+        seq_rejected = (~passed & mb).any(dim=-1) & seq_valid
+        out[f"{p}_seq_masked_fraction"] = seq_rejected.sum() / n_seq
+    # the op: over non-empty sequences; verl: over all B rows
+    nonempty = mb.any(dim=-1).sum() / mask.shape[0]
+    out["rollout_rs_masked_fraction"] = op["rejected_frac"]
+    out["rollout_rs_seq_masked_fraction"] = op["rejected_seq_frac"] * nonempty
+    return out
+
+
+def _rejected(mask, keep):
+    """verl's ``(response_mask * final_mask).to(response_mask.dtype)``."""
+    return mask & keep if mask.dtype == torch.bool else (mask * keep).to(mask.dtype)
+
+
+def compute_rollout_rejection_mask(log_ratio: torch.Tensor, response_mask: torch.Tensor,
+                                   rollout_rs: str = "token_k1", rollout_rs_threshold=None
+                                   ) -> Tuple[torch.Tensor, dict]:
+    """verl's rejection sampling: ``response_mask`` with 0 wherever a ``rollout_rs``
+    criterion fails (comma-separated ``token_k{1,2,3}``, ``seq_sum_k{1,2,3}``,
+    ``seq_mean_k{1,2,3}``, ``seq_max_k{2,3}``; thresholds as verl: one shared or one per
+    criterion, ``"lower_upper"`` ratio bounds for k1): the keep mask of
+    :func:`rlkernels.rollout_correction` ``reject=``. Returns ``(mask, metrics)`` with verl's
+    ``rollout_rs_*`` metrics (an empty batch: ``(response_mask, {})``)."""
+    _check_rs(rollout_rs, rollout_rs_threshold)
+    if log_ratio.shape[0] == 0:
+        return response_mask, {}
+    options = _rs_options(rollout_rs)
+    spec = _parse_rollout_rs_thresholds(options, rollout_rs_threshold)
+    if not response_mask.any():
+        raise ValueError(_NO_VALID)
+    _, keep, op = _rollout_op(log_ratio, torch.zeros_like(log_ratio), response_mask,
+                              rs_spec=spec)
+    metrics = _rs_metrics(log_ratio.detach(), response_mask, spec, keep, op)
+    return _rejected(response_mask, keep), _scalars(metrics)
+
+
+def _offpolicy_metrics(old, rollout, mask, op) -> dict:
+    """verl's ``compute_offpolicy_metrics``: kl, k3_kl, chi2_token from the op (chi2_seq and
+    log_ppl_diff too, rescaled from the op's mean over non-empty sequences to verl's mean over
+    all B rows, where an empty row counts 0); the perplexities in plain torch."""
+    mean_old = _mmean(old, mask, -1)
+    out = {"training_ppl": torch.exp(-mean_old).mean(), "training_log_ppl": (-mean_old).mean()}
+    if rollout is None:
+        return out
+    nonempty = mask.bool().any(dim=-1).sum() / mask.shape[0]
+    mean_roll = _mmean(rollout, mask, -1)
+    diff = mean_roll - mean_old
+    out.update({"kl": op["k1"], "k3_kl": op["k3"], "rollout_ppl": torch.exp(-mean_roll).mean(),
+                "rollout_log_ppl": (-mean_roll).mean(),
+                "log_ppl_diff": op["log_ppl_diff"] * nonempty,
+                "log_ppl_abs_diff": diff.abs().mean(), "log_ppl_diff_max": diff.max(),
+                "log_ppl_diff_min": diff.min(), "ppl_ratio": torch.exp(diff).mean(),
+                "chi2_token": op["chi2_token"], "chi2_seq": op["chi2_seq"] * nonempty})
+    return out
+
+
+def compute_offpolicy_metrics(old_log_prob: torch.Tensor,
+                              rollout_log_prob: Optional[torch.Tensor],
+                              response_mask: torch.Tensor) -> dict:
+    """verl's off-policy diagnostics (no prefix): ``training_ppl``, ``training_log_ppl`` and,
+    with ``rollout_log_prob``, ``kl``, ``k3_kl``, ``rollout_ppl``, ``rollout_log_ppl``,
+    ``log_ppl_diff`` (``_abs_diff``, ``_max``, ``_min``), ``ppl_ratio``, ``chi2_token``,
+    ``chi2_seq``."""
+    assert response_mask.any(), "Expected at least one valid token in response_mask"
+    old = old_log_prob.detach()
+    op = None
+    if rollout_log_prob is not None:
+        _, _, op = _rollout_op(old, rollout_log_prob, response_mask)
+        rollout_log_prob = rollout_log_prob.detach()
+    return _scalars(_offpolicy_metrics(old, rollout_log_prob, response_mask, op))
+
+
+def compute_rollout_corr_metrics_from_logprobs(log_prob: torch.Tensor,
+                                               rollout_log_prob: torch.Tensor,
+                                               response_mask: torch.Tensor) -> dict:
+    """:func:`compute_offpolicy_metrics` of the current ``log_prob``, keys prefixed with
+    ``"rollout_corr/"``."""
+    metrics = compute_offpolicy_metrics(log_prob, rollout_log_prob, response_mask)
+    return {f"rollout_corr/{k}": v for k, v in metrics.items()}
+
+
+def compute_rollout_correction_and_rejection_mask(
+        old_log_prob: torch.Tensor, rollout_log_prob: torch.Tensor,
+        response_mask: torch.Tensor, rollout_is: Optional[str] = None,
+        rollout_is_threshold=2.0, rollout_is_batch_normalize: bool = False,
+        rollout_rs: Optional[str] = None, rollout_rs_threshold=None):
+    """verl's unified rollout correction, in one :func:`rlkernels.rollout_correction` call:
+    ``(DataProto with "rollout_is_weights" or None, response_mask with rejection applied,
+    metrics)``; the metrics are those of :func:`compute_rollout_correction_weights`,
+    :func:`compute_rollout_rejection_mask` and :func:`compute_offpolicy_metrics`, prefixed
+    with ``"rollout_corr/"``. IS is off when ``rollout_is`` or its threshold is None,
+    rejection when ``rollout_rs`` is None."""
+    if not response_mask.any():
+        raise ValueError(_NO_VALID)
+    if old_log_prob.shape != rollout_log_prob.shape:
+        raise ValueError(f"old_log_prob shape {old_log_prob.shape} does not match "
+                         f"rollout_log_prob shape {rollout_log_prob.shape}.")
+    if old_log_prob.shape != response_mask.shape:
+        raise ValueError(f"log_prob shape {old_log_prob.shape} does not match response_mask "
+                         f"shape {response_mask.shape}.")
+    do_is = rollout_is is not None and rollout_is_threshold is not None
+    is_spec = rs_spec = None
+    if do_is:
+        is_spec = (rollout_is, *_check_is(rollout_is, rollout_is_threshold))
+    if rollout_rs is not None:
+        if rollout_rs_threshold is None:
+            raise ValueError("rollout_rs_threshold must be explicitly provided when rollout_rs "
+                             "is enabled. Set rollout_rs_threshold to the desired threshold "
+                             "value.")
+        _check_rs(rollout_rs, rollout_rs_threshold)
+        rs_spec = _parse_rollout_rs_thresholds(_rs_options(rollout_rs), rollout_rs_threshold)
+    old, roll = old_log_prob.detach(), rollout_log_prob.detach()
+    w, keep, op = _rollout_op(old, roll, response_mask, is_spec, rs_spec)
+    log_ratio = old - roll
+    metrics = {}
+    weights = None
+    if do_is:
+        weights, metrics = _weights_and_metrics(log_ratio, response_mask, is_spec[0],
+                                                is_spec[1], is_spec[2],
+                                                rollout_is_batch_normalize, w, op)
+    mask = response_mask.clone()
+    if rs_spec is not None:
+        metrics.update(_rs_metrics(log_ratio, response_mask, rs_spec, keep, op))
+        mask = _rejected(response_mask, keep)
+    metrics.update(_offpolicy_metrics(old, roll, response_mask, op))
+    proto = None
+    if weights is not None:
+        from verl.protocol import DataProto
+        proto = DataProto.from_dict(tensors={"rollout_is_weights": weights})
+    return proto, mask, _scalars(metrics, "rollout_corr/")
+
+
 # ========================================================================================= patch
 
 _TARGETS = {
     "verl.utils.torch_functional": ("logprobs_from_logits", "entropy_from_logits"),
     "verl.trainer.ppo.core_algos": ("kl_penalty", "agg_loss", "compute_policy_loss",
                                     "compute_policy_loss_vanilla", "compute_policy_loss_cispo",
-                                    "compute_policy_loss_gspo", "compute_policy_loss_gpg", "compute_policy_loss_sapo",
-           "compute_policy_loss_clip_cov", "compute_policy_loss_kl_cov",
-           "compute_policy_loss_geo_mean", "compute_policy_loss_dro",
-           "compute_policy_loss_dppo_tv", "compute_policy_loss_dppo_kl",
+                                    "compute_policy_loss_gspo", "compute_policy_loss_gpg",
                                     "compute_policy_loss_sapo", "compute_policy_loss_clip_cov",
-                                    "compute_policy_loss_kl_cov",
-                                    "compute_policy_loss_geo_mean", "compute_policy_loss_dro",
-                                    "compute_policy_loss_dppo_tv",
-                                    "compute_policy_loss_dppo_kl",
-                                    "compute_gae_advantage_return",
+                                    "compute_policy_loss_kl_cov", "compute_policy_loss_geo_mean",
+                                    "compute_policy_loss_dro", "compute_policy_loss_dppo_tv",
+                                    "compute_policy_loss_dppo_kl", "compute_gae_advantage_return",
                                     "compute_grpo_outcome_advantage",
                                     "compute_grpo_vectorized_outcome_advantage",
                                     "compute_rloo_outcome_advantage",
-                                    "compute_rloo_vectorized_outcome_advantage", "compute_opo_outcome_advantage",
-           "compute_gpg_outcome_advantage", "compute_grpo_passk_outcome_advantage",
-           "compute_reinforce_plus_plus_baseline_outcome_advantage",
-           "compute_gdpo_outcome_advantage", "compute_reinforce_plus_plus_outcome_advantage",
-           "compute_remax_outcome_advantage",
+                                    "compute_rloo_vectorized_outcome_advantage",
                                     "compute_opo_outcome_advantage",
                                     "compute_gpg_outcome_advantage",
                                     "compute_grpo_passk_outcome_advantage",
@@ -875,7 +1361,15 @@ _TARGETS = {
                                     "compute_gdpo_outcome_advantage",
                                     "compute_reinforce_plus_plus_outcome_advantage",
                                     "compute_remax_outcome_advantage"),
+    "verl.trainer.ppo.rollout_corr_helper": ("compute_rollout_correction_weights",
+                                             "compute_rollout_rejection_mask",
+                                             "compute_rollout_correction_and_rejection_mask",
+                                             "compute_offpolicy_metrics",
+                                             "compute_rollout_corr_metrics_from_logprobs"),
 }
+# modules that older verl versions lack (verl < 0.6 has no rollout_corr_helper): skipped when
+# absent, where the rest of verl is patched
+_OPTIONAL = frozenset({"verl.trainer.ppo.rollout_corr_helper"})
 
 
 def _registries():
@@ -906,7 +1400,12 @@ def patch() -> None:
     here = globals()
     pairs = {}
     for modname, names in _TARGETS.items():
-        mod = importlib.import_module(modname)
+        try:
+            mod = importlib.import_module(modname)
+        except ModuleNotFoundError as exc:
+            if modname not in _OPTIONAL or exc.name != modname:
+                raise
+            continue
         for name in names:
             if hasattr(mod, name):
                 orig = getattr(mod, name)

@@ -1,5 +1,6 @@
 """rlkernels.integrations.verl against naive re-implementations of verl's documented formulas
 (written here from verl's docs/semantics, not copied), including edge cases."""
+import math
 import sys
 import types
 from collections import defaultdict
@@ -597,3 +598,322 @@ def test_registry_losses_run(name):
     assert torch.isfinite(lp.grad).all() and lp.grad.abs().sum() > 0
     with pytest.raises(ValueError):
         fn(old, lp, A, m, "token-mean", None if name != "dro" else {"policy_loss": {}})
+
+
+# ------------------------------------------------------------------ rollout correction
+# naive transcriptions of verl 0.9.1's rollout_corr_helper (values vs the real verl in
+# tests/integrations/test_verl_heldout.py)
+
+def _mm(x, m, axis=None):
+    s = torch.where(m.bool(), x, 0.0) * m
+    return (s.sum() if axis is None else s.sum(axis)) / \
+        ((m.sum() if axis is None else m.sum(axis)) + 1e-8)
+
+
+def _msum(x, m, axis):
+    return (torch.where(m.bool(), x, 0.0) * m).sum(axis)
+
+
+def naive_is(lr, m, level, upper, lower=None, bn=False):
+    if level == "token":
+        lfm, raw = lr, torch.exp(lr.clamp(-20, 20))
+    else:
+        lfm = _msum(lr, m, -1)[:, None]
+        raw = torch.exp(lfm.clamp(-20, 20)).expand_as(lr)
+    raw = raw * m
+    w = raw.clamp(max=upper) if lower is None else \
+        torch.where((raw >= lower) & (raw <= upper), raw, torch.zeros_like(raw))
+    lo = 1.0 / upper if lower is None else lower
+    M = {}
+    mb = m.bool()
+    if level == "sequence":
+        M["rollout_is_max"] = math.exp(min(lfm.max().item(), 20))
+        M["rollout_is_min"] = math.exp(lfm.min().item())
+        M["rollout_is_mean"] = _mm(w, m).item()
+        M["rollout_is_ratio_fraction_high"] = (lfm > math.log(upper)).float().mean().item()
+        M["rollout_is_ratio_fraction_low"] = (lfm < math.log(lo)).float().mean().item()
+    else:
+        M["rollout_is_mean"] = _mm(w, m).item()
+        M["rollout_is_ratio_fraction_high"] = _mm((raw > upper).float(), m).item()
+        M["rollout_is_ratio_fraction_low"] = _mm((raw < lo).float(), m).item()
+        M["rollout_is_max"] = w[mb].max().item()
+        M["rollout_is_min"] = w[mb].min().item()
+    c = w.clamp(0, upper)
+    M["rollout_is_std"] = math.sqrt(max(_mm(c * c, m).item() - _mm(c, m).item() ** 2, 0))
+    M["rollout_is_eff_sample_size"] = 1 / _mm((c / (_mm(c, m) + 1e-8)) ** 2, m).item()
+    sw = _mm(w, m, -1)
+    M.update(rollout_is_seq_mean=sw.mean().item(), rollout_is_seq_std=sw.std().item(),
+             rollout_is_seq_max=sw.max().item(), rollout_is_seq_min=sw.min().item(),
+             rollout_is_seq_max_deviation=(sw - 1).abs().max().item())
+    rs = _mm(raw, m, -1)
+    M["rollout_is_seq_fraction_high"] = (rs > upper).float().mean().item()
+    M["rollout_is_seq_fraction_low"] = (rs < lo).float().mean().item()
+    if lower is not None:
+        M["rollout_is_oob_ratio"] = _mm(((raw < lower) | (raw > upper)).float(), m).item()
+    if bn:
+        if level == "token":
+            mean = _mm(w, m)
+        else:
+            sm = (m.sum(-1) > 0).float()
+            mean = (_mm(w, m, -1) * sm).sum() / sm.sum()
+        w = w / mean
+        M["rollout_is_batch_norm_factor"] = mean.item()
+    return w, M
+
+
+def naive_rs(lr, m, opts):
+    """opts: [(name, lower or None, upper)] -> (mask, metrics)."""
+    lc = lr.clamp(-20, 20)
+    k = {"k1": -lc, "k2": 0.5 * lc ** 2, "k3": torch.exp(lc) - 1 - lc}
+    mb, sv = m.bool(), m.sum(-1) > 0
+    keep_all = torch.ones_like(lr)
+    M = {}
+    for name, lower, upper in opts:
+        scope, est = name.rsplit("_", 1)
+        x = k[est]
+        k1 = est == "k1"
+        hi, lo = (math.log(upper), math.log(lower)) if k1 else (upper, 0.0)
+        if scope == "token":
+            stat, seq = x, _mm(x, m, -1)
+        else:
+            seq = {"seq_sum": lambda: _msum(x, m, -1), "seq_mean": lambda: _mm(x, m, -1),
+                   "seq_max": lambda: torch.stack([x[i][mb[i]].max() if mb[i].any()
+                                                   else torch.tensor(0.0)
+                                                   for i in range(len(x))])}[scope]()
+            stat = seq[:, None].expand_as(lr)
+        keep = ((stat >= lo) & (stat <= hi)) if k1 else stat <= hi
+        keep_all = keep_all * keep.float()
+        v = seq[sv]
+        p = f"rollout_rs_{name}"
+        M[f"{p}_mean"] = _mm(stat, m).item()
+        if scope != "token":
+            M[f"{p}_max"], M[f"{p}_min"] = v.max().item(), v.min().item()
+            M[f"{p}_fraction_high"] = (v > hi).float().mean().item()
+            M[f"{p}_fraction_low"] = (v < lo).float().mean().item() if k1 else 0.0
+        else:
+            M[f"{p}_max"], M[f"{p}_min"] = stat[mb].max().item(), stat[mb].min().item()
+            M[f"{p}_fraction_high"] = _mm((stat > hi).float(), m).item()
+            M[f"{p}_fraction_low"] = _mm((stat < lo).float(), m).item() if k1 else 0.0
+        c = stat.clamp(lo, hi)
+        M[f"{p}_std"] = math.sqrt(max(_mm(c * c, m).item() - _mm(c, m).item() ** 2, 0))
+        M.update({f"{p}_seq_mean": v.mean().item(),
+                  f"{p}_seq_std": v.std().item() if len(v) > 1 else 0.0,
+                  f"{p}_seq_max": v.max().item(), f"{p}_seq_min": v.min().item(),
+                  f"{p}_seq_max_deviation": v.abs().max().item(),
+                  f"{p}_seq_fraction_high": (v > hi).float().mean().item()})
+        if k1:
+            M[f"{p}_seq_fraction_low"] = (v < lo).float().mean().item()
+        M[f"{p}_masked_fraction"] = _mm(1 - keep.float(), m).item()
+        rej = (~keep & mb).any(-1)
+        M[f"{p}_seq_masked_fraction"] = rej[sv].float().mean().item()
+    M["rollout_rs_masked_fraction"] = _mm(1 - keep_all, m).item()
+    M["rollout_rs_seq_masked_fraction"] = ((keep_all < 0.5) & mb).any(-1).float().mean().item()
+    return (m * keep_all).to(m.dtype), M
+
+
+def naive_offpolicy(old, roll, m):
+    mo, mr = _mm(old, m, -1), _mm(roll, m, -1)
+    lr = old - roll
+    d = mr - mo
+    return {"training_ppl": torch.exp(-mo).mean().item(), "training_log_ppl": (-mo).mean().item(),
+            "kl": _mm(roll - old, m).item(), "k3_kl": _mm(torch.exp(lr) - lr - 1, m).item(),
+            "rollout_ppl": torch.exp(-mr).mean().item(), "rollout_log_ppl": (-mr).mean().item(),
+            "log_ppl_diff": d.mean().item(), "log_ppl_abs_diff": d.abs().mean().item(),
+            "log_ppl_diff_max": d.max().item(), "log_ppl_diff_min": d.min().item(),
+            "ppl_ratio": torch.exp(d).mean().item(),
+            "chi2_token": _mm(torch.exp(2 * lr.clamp(-20, 20)), m).item() - 1,
+            "chi2_seq": torch.exp(2 * _msum(lr, m, -1).clamp(-20, 20)).mean().item() - 1}
+
+
+def _rc_inputs(seed=3, b=6, t=8):
+    g = torch.Generator().manual_seed(seed)
+    roll = -torch.rand(b, t, generator=g) * 3
+    old = roll + torch.randn(b, t, generator=g) * 0.3
+    m = (torch.rand(b, t, generator=g) > 0.3).float()
+    m[:, 0] = 1
+    m[1] = 0                 # an empty row
+    m[2] = 0
+    m[2, 3] = 1              # one valid token
+    old = torch.where(m.bool(), old, torch.full_like(old, 40.0))  # must not matter
+    return old, roll, m
+
+
+def _metrics_close(got, want):
+    assert list(got) == list(want)
+    for k, v in want.items():
+        assert isinstance(got[k], float), k
+        assert got[k] == pytest.approx(v, rel=1e-5, abs=1e-5), k
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("thr,upper,lower", [(2.0, 2.0, None), ("1.3", 1.3, None),
+                                             ("0.6_1.8", 1.8, 0.6)])
+@pytest.mark.parametrize("bn", [False, True])
+def test_rollout_correction_weights_naive(level, thr, upper, lower, bn):
+    old, roll, m = _rc_inputs()
+    lr = old - roll
+    w, metrics = rv.compute_rollout_correction_weights(lr, m, level, thr, bn)
+    nw, nm = naive_is(lr, m, level, upper, lower, bn)
+    torch.testing.assert_close(w, nw, atol=1e-5, rtol=1e-5)
+    assert (w[m == 0] == 0).all()
+    _metrics_close(metrics, nm)
+
+
+@pytest.mark.parametrize("rs,thr,opts", [
+    ("token_k1", 1.5, [("token_k1", 1 / 1.5, 1.5)]),
+    ("seq_mean_k3", "0.02", [("seq_mean_k3", None, 0.02)]),
+    ("seq_max_k2", 0.1, [("seq_max_k2", None, 0.1)]),
+    ("seq_sum_k1, token_k2,seq_sum_k1", "0.6_1.4,0.05",
+     [("seq_sum_k1", 0.6, 1.4), ("token_k2", None, 0.05)]),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bool])
+def test_rollout_rejection_mask_naive(rs, thr, opts, dtype):
+    old, roll, m = _rc_inputs(seed=5)
+    lr = old - roll
+    m = m.to(dtype)
+    mask, metrics = rv.compute_rollout_rejection_mask(lr, m, rs, thr)
+    nmask, nm = naive_rs(lr, m.float(), opts)
+    assert mask.dtype == dtype and torch.equal(mask, nmask.to(dtype))
+    _metrics_close(metrics, nm)
+    empty = rv.compute_rollout_rejection_mask(lr[:0], m[:0], rs, thr)
+    assert empty[1] == {} and empty[0].shape == (0, m.shape[1])
+
+
+def test_rollout_correction_and_rejection_mask_naive(monkeypatch):
+    """The unified call: one op for weights and mask, verl's prefixed metrics, the weights in
+    a DataProto (a stand-in verl.protocol here)."""
+    class DataProto:
+        def __init__(self, batch):
+            self.batch = batch
+
+        @classmethod
+        def from_dict(cls, tensors):
+            return cls(dict(tensors))
+
+    proto = types.ModuleType("verl.protocol")
+    proto.DataProto = DataProto
+    monkeypatch.setitem(sys.modules, "verl.protocol", proto)
+    old, roll, m = _rc_inputs(seed=9)
+    lr = old - roll
+    data, mask, metrics = rv.compute_rollout_correction_and_rejection_mask(
+        old, roll, m, rollout_is="token", rollout_is_threshold="0.5_2",
+        rollout_rs="seq_mean_k2", rollout_rs_threshold=0.03)
+    nw, nis = naive_is(lr, m, "token", 2.0, 0.5)
+    nmask, nrs = naive_rs(lr, m, [("seq_mean_k2", None, 0.03)])
+    torch.testing.assert_close(data.batch["rollout_is_weights"], nw, atol=1e-5, rtol=1e-5)
+    assert torch.equal(mask, nmask)
+    want = {f"rollout_corr/{k}": v for d in (nis, nrs, naive_offpolicy(old, roll, m))
+            for k, v in d.items()}
+    _metrics_close(metrics, want)
+    data, mask, metrics = rv.compute_rollout_correction_and_rejection_mask(old, roll, m)
+    assert data is None and torch.equal(mask, m) and mask is not m
+    _metrics_close(metrics, {f"rollout_corr/{k}": v
+                             for k, v in naive_offpolicy(old, roll, m).items()})
+    off = rv.compute_rollout_corr_metrics_from_logprobs(old, roll, m)
+    assert off == metrics
+    assert list(rv.compute_offpolicy_metrics(old, None, m)) == ["training_ppl",
+                                                                "training_log_ppl"]
+
+
+@pytest.mark.parametrize("fn,kw,exc", [
+    ("weights", dict(rollout_is="geometric"), ValueError),
+    ("weights", dict(rollout_is_threshold=True), TypeError),
+    ("weights", dict(rollout_is_threshold=[2.0]), TypeError),
+    ("weights", dict(rollout_is_threshold=""), ValueError),
+    ("weights", dict(rollout_is_threshold="2_x"), ValueError),
+    ("weights", dict(rollout_is_threshold="0_2"), ValueError),
+    ("weights", dict(rollout_is_threshold="3_2"), ValueError),
+    ("reject", dict(rollout_rs=None, rollout_rs_threshold=1.0), ValueError),
+    ("reject", dict(rollout_rs="token_k1"), ValueError),
+    ("reject", dict(rollout_rs="opsm", rollout_rs_threshold=1.0), ValueError),
+    ("reject", dict(rollout_rs="seq_max_k1", rollout_rs_threshold=1.0), ValueError),
+    ("reject", dict(rollout_rs=",", rollout_rs_threshold=1.0), ValueError),
+    ("reject", dict(rollout_rs="token_k2", rollout_rs_threshold=[1.0]), TypeError),
+    ("reject", dict(rollout_rs="token_k2,token_k3", rollout_rs_threshold="1,2,3"), ValueError),
+    ("reject", dict(rollout_rs="token_k2", rollout_rs_threshold="0.1_1"), ValueError),
+    ("reject", dict(rollout_rs="token_k1", rollout_rs_threshold="2_1"), ValueError),
+    ("reject", dict(rollout_rs="token_k1", rollout_rs_threshold=0), ZeroDivisionError),
+    ("both", dict(rollout_rs="token_k1"), ValueError),
+    ("both", dict(rollout_is="tok"), ValueError),
+])
+def test_rollout_correction_errors(fn, kw, exc):
+    """verl's exception types for bad options (verl's k1 threshold 0 divides by zero)."""
+    old, roll, m = _rc_inputs()
+    if fn == "both":
+        call = lambda: rv.compute_rollout_correction_and_rejection_mask(old, roll, m, **kw)  # noqa
+    else:
+        f = rv.compute_rollout_correction_weights if fn == "weights" else \
+            rv.compute_rollout_rejection_mask
+        call = lambda: f(old - roll, m, **kw)  # noqa: E731
+    with pytest.raises(exc):
+        call()
+
+
+def test_rollout_correction_no_valid_token_and_shapes():
+    old, roll, m = _rc_inputs()
+    z = torch.zeros_like(m)
+    with pytest.raises(ValueError, match="at least one valid token"):
+        rv.compute_rollout_correction_weights(old - roll, z)
+    with pytest.raises(ValueError, match="at least one valid token"):
+        rv.compute_rollout_rejection_mask(old - roll, z, "token_k2", 1.0)
+    with pytest.raises(ValueError, match="at least one valid token"):
+        rv.compute_rollout_correction_and_rejection_mask(old, roll, z)
+    with pytest.raises(AssertionError):
+        rv.compute_offpolicy_metrics(old, roll, z)
+    with pytest.raises(ValueError, match="does not match"):
+        rv.compute_rollout_correction_and_rejection_mask(old, roll[:, :-1], m)
+    with pytest.raises(ValueError, match="does not match"):
+        rv.compute_rollout_correction_and_rejection_mask(old, roll, m[:, :-1])
+
+
+def test_rollout_correction_infinite_thresholds():
+    """verl accepts "inf": no truncation / no bound (the op gets the largest float)."""
+    old, roll, m = _rc_inputs(seed=4)
+    lr = old - roll
+    w, _ = rv.compute_rollout_correction_weights(lr, m, "token", "inf")
+    torch.testing.assert_close(w, naive_is(lr, m, "token", math.inf)[0])
+    mask, _ = rv.compute_rollout_rejection_mask(lr, m, "token_k2,seq_sum_k1", "inf,0.5_inf")
+    torch.testing.assert_close(mask, naive_rs(lr, m, [("token_k2", None, math.inf),
+                                                      ("seq_sum_k1", 0.5, math.inf)])[0])
+
+
+def test_patch_rollout_module_with_a_stand_in_verl(monkeypatch):
+    """patch() swaps rollout_corr_helper's functions, and the references other verl modules
+    imported by name; a verl without the module (verl < 0.6) is patched without it."""
+    def make(name):
+        return types.ModuleType(name)
+
+    names = ["verl", "verl.utils", "verl.utils.torch_functional", "verl.trainer",
+             "verl.trainer.ppo", "verl.trainer.ppo.core_algos"]
+    mods = {n: make(n) for n in names}
+    mods["verl.trainer.ppo"].__path__ = []  # a package: submodules are looked up
+    mods["verl.utils.torch_functional"].logprobs_from_logits = lambda *a, **k: None
+    for n, v in mods.items():
+        monkeypatch.setitem(sys.modules, n, v)
+    monkeypatch.delitem(sys.modules, "verl.trainer.ppo.rollout_corr_helper", raising=False)
+    rv.patch()  # no rollout_corr_helper: skipped
+    try:
+        assert rv.is_patched()
+    finally:
+        rv.unpatch()
+    rch = make("verl.trainer.ppo.rollout_corr_helper")
+    fns = {n: (lambda *a, **k: None) for n in rv._TARGETS["verl.trainer.ppo.rollout_corr_helper"]}
+    for n, f in fns.items():
+        setattr(rch, n, f)
+    user = make("verl.trainer.ppo.ray_trainer")
+    user.compute_rollout_correction_and_rejection_mask = \
+        fns["compute_rollout_correction_and_rejection_mask"]
+    monkeypatch.setitem(sys.modules, rch.__name__, rch)
+    monkeypatch.setitem(sys.modules, user.__name__, user)
+    rv.patch()
+    try:
+        for n in fns:
+            assert getattr(rch, n) is getattr(rv, n)
+        assert user.compute_rollout_correction_and_rejection_mask is \
+            rv.compute_rollout_correction_and_rejection_mask
+    finally:
+        rv.unpatch()
+    for n, f in fns.items():
+        assert getattr(rch, n) is f
+    assert user.compute_rollout_correction_and_rejection_mask is \
+        fns["compute_rollout_correction_and_rejection_mask"]
