@@ -273,8 +273,9 @@ def cov_selection(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tens
     cov < clip_cov_ub`` not already clipped by ppo's clip (verl draws them at random: here
     the selection is deterministic). Ties go to the lower flat index (a stable sort)."""
     cdt = compute_dtype(logp.dtype)
-    lp, old, m = logp.to(cdt), old_logp.to(cdt), mask.to(cdt)
-    adv = advantages.to(cdt)
+    # contiguous copies: the batch means round alike whatever the callers' layouts
+    lp, old, m = (x.to(cdt).contiguous() for x in (logp, old_logp, mask))
+    adv = advantages.to(cdt).contiguous()
     adv = adv[:, None].expand_as(lp) if adv.dim() == 1 else adv
     valid = m != 0
     total = m.sum()
