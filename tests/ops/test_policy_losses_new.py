@@ -490,3 +490,47 @@ def test_cuda_launcher_passes_the_new_options(monkeypatch):
             pp, pt = call["params"], call["tensors"]
             assert pp.loss == codes["policy_loss"][o.loss if o.loss != "luspo" else "ppo"]
             assert check(pp, pt), (name, kw)
+
+
+# ================================================================== torch.compile, opcheck
+
+@pytest.mark.parametrize("options", [
+    dict(loss="clip_cov", clip_cov_ratio=0.3, clip_cov_lb=-1.0, ref=True, kl_coef=0.1,
+         kl_estimator="k3_is"),
+    dict(loss="sapo", tau_neg=2.0), dict(loss="gmpo"),
+], ids=["clip_cov-k3_is", "sapo", "gmpo"])
+def test_compiles_fullgraph(backend, options):
+    """The new options travel through the custom op under ``torch.compile(fullgraph=True)``
+    (the covariance selection included: no graph break, no host read) with the eager bits."""
+    opts = dict(options)
+    inp = make_inputs(seed=21)
+    extra = {"ref_logp": inp["ref_logp"]} if opts.pop("ref", False) else {}
+
+    def f(lp):
+        loss, metrics = policy_loss(lp, inp["old_logp"], inp["advantages"], inp["mask"],
+                                    backend=backend, **opts, **extra)
+        return loss, metrics["clipfrac"]
+
+    lp = inp["logp"].clone().requires_grad_(True)
+    loss_c, cf_c = torch.compile(f, fullgraph=True, backend="aot_eager")(lp)
+    (g_c,) = torch.autograd.grad(loss_c, lp)
+    loss_e, cf_e = f(lp)
+    (g_e,) = torch.autograd.grad(loss_e, lp)
+    assert torch.equal(loss_c, loss_e) and torch.equal(cf_c, cf_e) and torch.equal(g_c, g_e)
+
+
+@pytest.mark.parametrize("kw", [dict(loss="kl_cov", kl_cov_ratio=0.3),
+                                dict(loss="vespo", vespo_k_neg=2.0),
+                                dict(loss="dppo_kl", clip_low=0.01, kl_coef=0.1,
+                                     kl_estimator="k3_is_sg")],
+                         ids=["kl_cov", "vespo", "dppo_kl-k3_is_sg"])
+def test_opcheck(kw):
+    from rlkernels._policy_options import PolicyOptions
+
+    inp = make_inputs(seed=22)
+    modes, nums = PolicyOptions.from_kwargs(entropy_coef=0.01, **kw).encode()
+    args = (inp["logp"].float().requires_grad_(True), inp["old_logp"].float(),
+            inp["advantages"].float(), inp["mask"], None, inp["ref_logp"].float(),
+            inp["entropy"].float().requires_grad_(True), inp["is_weights"].float(), modes,
+            nums, "torch")
+    torch.library.opcheck(torch.ops.rlkernels.policy_loss.default, args)
