@@ -30,8 +30,10 @@ enum Partial : int {
 };
 
 // NaN-propagating max / min / clamp (torch.maximum / torch.minimum / torch.clamp).
-template <class A> __device__ __forceinline__ A max_nan(A a, A b) { return (a > b || a != a) ? a : b; }
-template <class A> __device__ __forceinline__ A min_nan(A a, A b) { return (a < b || a != a) ? a : b; }
+template <class A>
+__device__ __forceinline__ A max_nan(A a, A b) { return (a > b || a != a) ? a : b; }
+template <class A>
+__device__ __forceinline__ A min_nan(A a, A b) { return (a < b || a != a) ? a : b; }
 template <class A> __device__ __forceinline__ A clamp_nan(A x, A lo, A hi) {
   return x < lo ? lo : (x > hi ? hi : x);
 }
