@@ -1009,7 +1009,8 @@ CASES: List[Case] = [
     *kl_divergence_cases(), *sampling_support_cases(), *kl_penalty_cases(),
     *policy_loss_cases(), *grpo_loss_cases(),
     *group_advantages_cases(), *masked_whiten_cases(), *gae_cases(),
-    *discounted_returns_cases(), *discounted_advantages_cases(), *linear_cases(), *linear_sparse_logprobs_cases(),
+    *discounted_returns_cases(), *discounted_advantages_cases(), *linear_cases(),
+    *linear_sparse_logprobs_cases(),
     *rollout_correction_cases(),
 ]
 PUBLIC_OPS = sorted({c.op for c in CASES})
