@@ -43,6 +43,7 @@ def row_grads(policy_loss_backward: Callable, grad_loss: Tensor, logp: Tensor, e
     return g_lp.reshape(-1), None if g_ent is None else g_ent.reshape(-1)
 
 
+
 def fused_forward_gif(kernel: Callable, logits: Tensor, tokens: Tensor, old_logp: Tensor,
                       advantages: Tensor, mask: Tensor, normalizer: Optional[Tensor],
                       ref_logp: Optional[Tensor], is_weights: Optional[Tensor],
@@ -50,18 +51,29 @@ def fused_forward_gif(kernel: Callable, logits: Tensor, tokens: Tensor, old_logp
     """``grpo_loss`` with the gradient formed in the forward (``grad_in_forward=True``):
     ``(loss, metrics, logp, entropy, stats, d loss / d logits)`` for an upstream gradient of
     1, composed from the backend's kernels (``kernel(fn, family=None)``): the fused forward,
-    the policy backward with ``grad_loss = 1`` and the vocabulary backward, which writes the
-    gradient into ``out`` (``logits`` itself for the in-place form; it reads each row block
-    before it writes it) or a new buffer. Token- and sequence-level ratios alike: the forward
-    has every per-token quantity the policy backward needs. Three passes over the logits;
-    the cuda backend's one-read kernel (rlkernels/cuda/grpo.py) replaces this where it
-    applies."""
+    then :func:`forward_grad`. Token- and sequence-level ratios alike: the forward has every
+    per-token quantity the policy backward needs. Three passes over the logits; the cuda
+    backend's one-read kernel (rlkernels/cuda/grpo.py) replaces this where it applies."""
     loss, metrics, logp, ent, stats = kernel("grpo_loss_forward")(
         logits, tokens, old_logp, advantages, mask, normalizer, ref_logp, is_weights,
         temperature, o)
+    grad = forward_grad(kernel, logits, tokens, loss, logp, ent, stats, old_logp, advantages,
+                        mask, normalizer, ref_logp, is_weights, temperature, o, out)
+    return loss, metrics, logp, ent, stats, grad
+
+
+def forward_grad(kernel: Callable, logits: Tensor, tokens: Tensor, loss: Tensor, logp: Tensor,
+                 ent: Tensor, stats: Tensor, old_logp: Tensor, advantages: Tensor,
+                 mask: Tensor, normalizer: Optional[Tensor], ref_logp: Optional[Tensor],
+                 is_weights: Optional[Tensor], temperature: float, o: PolicyOptions,
+                 out: Optional[Tensor]) -> Tensor:
+    """``d loss / d logits`` for an upstream gradient of 1 from the forward's outputs: the
+    policy backward with ``grad_loss = 1``, then the vocabulary backward, which writes into
+    ``out`` (``logits`` itself for the in-place form: it reads each row block before it
+    writes it) or a new buffer. ``tokens`` may be shard-local ids with the all-shard
+    ``stats`` (vocabulary parallelism): the gradient of this rank's shard."""
     one = torch.ones((), dtype=loss.dtype, device=loss.device)
     g_lp, g_ent = row_grads(kernel("policy_loss_backward"), one, logp, ent, old_logp,
                             advantages, mask, normalizer, ref_logp, is_weights, o)
-    grad = kernel("token_logprobs_backward", "vocab")(
+    return kernel("token_logprobs_backward", "vocab")(
         g_lp, g_ent, logits, tokens.reshape(-1), stats, temperature, -100, out=out)
-    return loss, metrics, logp, ent, stats, grad

@@ -163,12 +163,17 @@ class GradInForward:
     ``family``: the backend modules that hold ``<name>_gif_scale_(grad, g)`` (``grad *= g``
     in place, in the compute dtype, nothing where ``g == 1``) for each of the op's
     backends. The gradient buffer lives from forward to backward, and backward consumes it
-    (scales it in place and hands it to autograd): such a graph is backpropagated once."""
+    (scales it in place and hands it to autograd): such a graph is backpropagated once.
+    ``parallel(a, kernel, out)``, for an op with a :class:`Parallel` form: the same in the
+    vocabulary-parallel form (``a`` also holds ``group``), returning the outputs, the
+    parallel form's extra outputs, then the gradient of this rank's shard of ``wrt``
+    (generates ``<name>_gif_vp`` and ``<name>_gif_vp_``)."""
 
     forward: Callable
     family: str
     loss: str
     wrt: str
+    parallel: Optional[Callable] = None
 
 
 @dataclass(eq=False)
@@ -548,6 +553,9 @@ class Op:
                 f"{self.name}_gif_", self.args, self.output_names,
                 lambda *v: run(v, True)[:-1], lambda *v: fake(*v)[:-1], mutable=gif.wrt)
 
+        if self.parallel is not None and gif.parallel is not None:
+            self._build_gif_vp()
+
         def scale(grad, g, backend):
             backends.kernel(backend, gif.family, f"{self.name}_gif_scale_")(grad, g)
 
@@ -580,20 +588,61 @@ class Op:
 
         self._gif_attach_op.register_autograd(backward, setup_context=setup)
 
-    def _call_gif(self, args):
+    def _build_gif_vp(self) -> None:
+        gif, p = self.grad_in_forward, self.parallel
+        i = self._vp_index
+        vp_args = self.args[:i] + (_Arg("group", "int"),) + self.args[i:]
+        vp_names = tuple(a.name for a in vp_args)
+        outputs = self.output_names + p.extra_outputs
+
+        def bind(values) -> dict:
+            a = dict(self._defaults)
+            a.update(zip(vp_names, values))
+            return a
+
+        def run(values, inplace: bool):
+            a = bind(values)
+            kernel = lambda fn, family=None: self.kernel(a["backend"], fn, family)  # noqa
+            return tuple(gif.parallel(Args.of(a), kernel, a[gif.wrt] if inplace else None))
+
+        def fake(*values):
+            a = Args.of(bind(values))
+            x = a[gif.wrt]
+            return (tuple(self.fake(a)) + (tuple(p.extra_fake(a)) if p.extra_fake else ())
+                    + (x.new_empty(x.shape),))
+
+        self._gif_vp_op = self._custom_op(f"{self.name}_gif_vp", vp_args, outputs + ("grad",),
+                                          lambda *v: run(v, False), fake)
+        if self.inplace is not None:
+            self._gif_vp_inplace_op = self._custom_op(
+                f"{self.name}_gif_vp_", vp_args, outputs, lambda *v: run(v, True)[:-1],
+                lambda *v: fake(*v)[:-1], mutable=gif.wrt)
+
+    def _call_gif(self, args, group: Optional[int] = None):
         """``op(..., grad_in_forward=True)``: the gif forward, then the attach op that makes
         the loss differentiable w.r.t. ``wrt``. Without anything to differentiate (no grad
-        mode, or ``wrt`` needs no gradient) the plain op runs: no gradient buffer."""
+        mode, or ``wrt`` needs no gradient) the plain op runs: no gradient buffer.
+        ``group``: the vocabulary-parallel form (its outputs include the extra ones)."""
         x = args[self._gif_wrt]
         if not (torch.is_grad_enabled() and x.requires_grad):
+            if group is not None:
+                i = self._vp_index
+                return self.vp_op(*args[:i], group, *args[i:])
             return self.op(*args)
         a = self._bind(args)
         values = list(args)
         values[self._gif_wrt] = x.detach()  # the gif ops are below autograd
-        if self.inplace is not None and a[self.inplace[0]]:
-            outs, grad = list(self._gif_inplace_op(*values)), x  # x's storage holds it now
+        inplace = self.inplace is not None and a[self.inplace[0]]
+        if group is not None:
+            i = self._vp_index
+            values = values[:i] + [group] + values[i:]
+            ops = (self._gif_vp_inplace_op if inplace else None, self._gif_vp_op)
         else:
-            *outs, grad = self._gif_op(*values)
+            ops = (self._gif_inplace_op if inplace else None, self._gif_op)
+        if inplace:
+            outs, grad = list(ops[0](*values)), x  # x's storage holds it now
+        else:
+            *outs, grad = ops[1](*values)
         i = self._gif_loss
         outs[i] = self._gif_attach_op(x, outs[i], grad, a["backend"])
         return tuple(outs) if len(outs) > 1 else outs[0]
@@ -625,10 +674,11 @@ class Op:
         if self._detach:
             args = self._constants(args)
         if grad_in_forward:
-            if self.grad_in_forward is None or group is not None:
+            gif = self.grad_in_forward
+            if gif is None or (group is not None and gif.parallel is None):
                 raise ValueError(f"{self.name}: grad_in_forward=True is not supported"
                                  + (" with a process group" if group is not None else ""))
-            return self._call_gif(args)
+            return self._call_gif(args, group)
         if group is not None:
             i = self._vp_index
             return self.vp_op(*args[:i], group, *args[i:])

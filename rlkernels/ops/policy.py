@@ -10,7 +10,7 @@ import torch
 
 from .. import _checks
 from .. import distributed as _dist
-from .._fused import fused_forward, fused_forward_gif
+from .._fused import forward_grad, fused_forward, fused_forward_gif
 from .._policy_options import METRICS, PENALTY_ESTIMATORS, PolicyOptions
 from ._common import check_tokens_for, out_dtype, rows
 from ._policy_args import check_policy_inputs, fused_policy_inputs, metrics_dict, options
@@ -266,6 +266,17 @@ def _grpo_loss_gif(a, kernel, out):
     return fused_forward_gif(kernel, *tensors, a.temperature, o, out)
 
 
+def _grpo_loss_gif_parallel(a, kernel, out):
+    # grad_in_forward=True with vocabulary parallelism: the parallel forward (the global
+    # statistics through collectives), then this rank's shard of d logits from the
+    # shard-local tokens and the global statistics, with no further communication
+    loss, metrics, logp, ent, stats, local = _grpo_loss_parallel(a, kernel)
+    grad = forward_grad(kernel, a.logits, local, loss, logp, ent, stats, a.old_logp,
+                        a.advantages, a.mask, a.normalizer, a.ref_logp, a.is_weights,
+                        a.temperature, PolicyOptions.decode(a.modes, a.nums), out)
+    return loss, metrics, logp, ent, stats, local, grad
+
+
 def grpo_outputs(x: Tensor, tokens: Tensor) -> Tuple[Tensor, ...]:
     """Empty outputs of the fused losses' fakes, for ``[N, V]`` logits or ``[N, H]`` hidden
     states ``x``: loss, metrics, and the per-token log-probs, entropies, row statistics."""
@@ -295,7 +306,8 @@ GRPO_LOSS = Op(
         extra_fake=lambda a: (a.logits.new_empty(a.tokens.shape, dtype=torch.int64),),
         save_as={"tokens": "local_tokens"}),
     # grad_in_forward=True: the forward also forms d loss / d logits (for 1); backward scales
-    grad_in_forward=GradInForward(_grpo_loss_gif, family="grpo", loss="loss", wrt="logits"))
+    grad_in_forward=GradInForward(_grpo_loss_gif, family="grpo", loss="loss", wrt="logits",
+                                  parallel=_grpo_loss_gif_parallel))
 
 
 def grpo_loss(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages: Tensor,
@@ -343,9 +355,10 @@ def grpo_loss(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages: Tens
     and one write of the buffer, as many passes as the default path; fold such a constant
     into ``normalizer`` instead (the loss is ``sum / normalizer`` for every ``agg``, so
     ``normalizer=n * accum_steps`` gives ``loss / accum_steps``). ``auto`` does not turn it
-    on: it is off unless asked for (no GPU measurement of it exists yet). Not supported
-    with ``process_group`` (ValueError). Formulas: docs/math.md, "grpo_loss: the gradient
-    in the forward".
+    on: it is off unless asked for (no GPU measurement of it exists yet). With
+    ``process_group`` the forward forms this rank's shard of the gradient (the three-pass
+    composition; no communication besides the forward's). Formulas: docs/math.md,
+    "grpo_loss: the gradient in the forward".
 
     ``process_group``: vocabulary parallelism (SPEC 3.5), as in :func:`token_logprobs`:
     ``logits`` is this rank's vocabulary shard, ``tokens`` are global ids, every other input
@@ -365,10 +378,6 @@ def grpo_loss(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages: Tens
     t = _checks.positive("temperature", temperature)
     _checks.flag("inplace_backward", inplace_backward)
     _checks.flag("grad_in_forward", grad_in_forward)
-    if grad_in_forward and process_group is not None:
-        raise ValueError("grad_in_forward: expected False with process_group (the gradient "
-                         "in the forward is not implemented for vocabulary parallelism), "
-                         "got True")
     handle = None
     if process_group is not None:
         handle = _dist.register_group(process_group)

@@ -235,15 +235,68 @@ def test_gif_errors():
     args = (inp["logits"], inp["tokens"], inp["old_logp"], inp["advantages"], inp["mask"])
     with pytest.raises(TypeError, match=r"grad_in_forward: expected a bool, got int"):
         grpo_loss(*args, grad_in_forward=1)
-    with pytest.raises(ValueError, match=r"grad_in_forward: expected False with "
-                                         r"process_group .*got True"):
-        grpo_loss(*args, grad_in_forward=True, process_group=object())
-    with pytest.raises(ValueError, match=r"grpo_loss: grad_in_forward=True is not supported "
-                                         r"with a process group"):
-        OPS["grpo_loss"](*[None] * 13, group=0, grad_in_forward=True)
     with pytest.raises(ValueError, match=r"policy_loss: grad_in_forward=True is not "
                                          r"supported$"):
         OPS["policy_loss"](*[None] * 11, grad_in_forward=True)
+    with pytest.raises(ValueError, match=r"policy_loss: grad_in_forward=True is not "
+                                         r"supported with a process group"):
+        OPS["policy_loss"](*[None] * 11, group=0, grad_in_forward=True)
+
+
+# ---------------------------------------------------------------- vocabulary parallelism
+
+def _vp_worker(rank: int, world: int, store: str) -> None:
+    """2 ranks, unequal shards (20 + 17 of V = 37): the gif shard gradient equals the
+    default path's shard (same ranks, same shards) for scalars 0.37 and 1, with and without
+    inplace_backward, and with the shard overwritten by NaN before backward; the loss and
+    metrics are the default path's."""
+    import os
+    import torch.distributed as dist
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                            world_size=world)
+    try:
+        lo, hi = (0, 20) if rank == 0 else (20, 37)
+        inp = {k: v.cpu() for k, v in _inputs(seed=16).items()}
+        for case in ("ppo", "kl-entropy", "gspo"):
+            kw = _kw(inp, case)
+            for scale, inplace in ((0.37, False), (1.0, True)):
+                res = []
+                for gif in (False, True):
+                    leaf = inp["logits"][..., lo:hi].clone().requires_grad_(True)
+                    x = leaf * 1.0
+                    loss, metrics = grpo_loss(x, inp["tokens"], inp["old_logp"],
+                                              inp["advantages"], inp["mask"],
+                                              backend="torch", grad_in_forward=gif,
+                                              inplace_backward=inplace,
+                                              process_group=dist.group.WORLD, **kw)
+                    if gif and not inplace:
+                        x.data.fill_(float("nan"))  # backward reads no logits
+                    (loss * scale).backward()
+                    res.append((loss.detach(), metrics, leaf.grad))
+                (l0, m0, g0), (l1, m1, g1) = res
+                what = f"rank {rank} {case} scale={scale} inplace={inplace}"
+                assert torch.equal(l0, l1), what
+                assert all(torch.equal(m0[k], m1[k]) for k in m0), what
+                torch.testing.assert_close(g1, g0, atol=1e-15, rtol=1e-13,
+                                           msg=lambda m: f"{what}: {m}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gif_vocabulary_parallel():
+    import tempfile
+
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is not available")
+    with tempfile.TemporaryDirectory(prefix="rlkernels-gif-vp-") as tmp:
+        mp.spawn(_vp_worker, args=(2, f"{tmp}/store"), nprocs=2, join=True)
 
 
 def _compile_step(backend, inplace):
