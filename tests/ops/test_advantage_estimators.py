@@ -26,6 +26,8 @@ from collections import defaultdict
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from rlkernels import available_backends
 from rlkernels.ops.advantage import METHODS, discounted_returns, group_advantages
@@ -445,6 +447,27 @@ def test_opcheck_new_arguments():
     adv_op = torch.ops.rlkernels.discounted_advantages.default
     torch.library.opcheck(adv_op, (grid((3, 6), 29).float(), response_mask(3, 6, 30),
                                    grid((3,), 31).float(), 0.9, True, 1e-8, True, "torch"))
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton backend unavailable")
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(sizes=st.lists(st.integers(1, 9), min_size=1, max_size=6), t=st.integers(0, 40),
+       method=st.sampled_from(NEW_METHODS), k=st.integers(1, 3), seed=st.integers(0, 99),
+       unbiased=st.booleans(), norm=st.booleans())
+def test_triton_matches_reference_random(sizes, t, method, k, seed, unbiased, norm):
+    """Random group sizes (singletons included), response lengths (T = 0 included), ids in
+    random order, components: triton in fp32 against the torch reference in fp64."""
+    ids = torch.tensor([g * 3 - 5 for g, n in enumerate(sizes) for _ in range(n)])
+    b = len(ids)
+    perm = torch.randperm(b, generator=torch.Generator().manual_seed(seed))
+    ids = ids[perm]
+    r = grid((b, k) if method == "gdpo" else (b,), seed)
+    m = torch.rand(b, t, generator=torch.Generator().manual_seed(seed + 1)) > 0.4
+    kw = dict(group_index=ids, method=method, mask=m, unbiased=unbiased,
+              norm_by_std=norm if method in ("grpo_passk", "gdpo") else True)
+    got = group_advantages(r.float(), backend="triton", **kw)
+    want = group_advantages(r, backend="torch", **kw)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
 
 
 def test_torch_compile_fullgraph_new_arguments():
