@@ -300,7 +300,7 @@ def lane_merge(m, r, t, lanes, c, BLOCK: tl.constexpr, WITH_T: tl.constexpr,
     :func:`online_block` (every column but one arg-max: the first lane holding the max keeps
     its arg-max out, every other lane's arg-max becomes ordinary), ``T = sum 2^{(x - M) c}
     (x - M) c`` (log2 units, <= 0). A row with no column above ``LANE_FLOOR`` (all ``-inf``)
-    gives ``(-inf, 0, 0)``."""
+    gives ``(-inf, 0, 0)``; a row of only NaN ``(-inf, NaN, NaN)``."""
     big = tl.max(m, 0)
     first = tl.min(tl.where(m == big, lanes, BLOCK), 0)
     dm = (m - big) * c
@@ -312,6 +312,8 @@ def lane_merge(m, r, t, lanes, c, BLOCK: tl.constexpr, WITH_T: tl.constexpr,
         tt = tl.sum(tl.where(sc == 0.0, 0.0, sc * (t + dm * (r + 1.0))), 0)
     empty = big <= -1.0e30
     big = tl.where(empty, float("-inf"), big)
-    rest = tl.where(empty, 0.0, rest)
-    tt = tl.where(empty, 0.0, tt)
+    # "* 0" and not 0: a row of only NaN also leaves every lane at the floor (max ignores
+    # NaN), but its r is NaN, and that NaN must reach the row's outputs
+    rest = tl.where(empty, rest * 0.0, rest)
+    tt = tl.where(empty, tt * 0.0, tt)
     return big, rest, tt

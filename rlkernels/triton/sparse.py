@@ -190,7 +190,7 @@ def _sparse_fwd_kernel(
         a_id = tl.exp(m_id - ms)
         rest = tl.where(m_out >= m_id, rest_out + (r_id + 1.0) * a_id,
                         (rest_out + 1.0) * a_out + r_id)
-        rest = tl.where(m == float("-inf"), 0.0, rest)
+        rest = tl.where(m == float("-inf"), rest * 0.0, rest)  # NaN stays (lane_merge)
 
     log_s = _log1p(rest, NT)
     tl.store(stats_ptr + row * 3, m)
@@ -278,7 +278,6 @@ def _sparse_bwd_kernel(
     gk_row = gk_ptr + row * stride_gk
     sid_row = sid_ptr + row * K
     perm_row = perm_ptr + row * K
-    seg_row = seg_ptr + row * stride_seg
     lanes = tl.arange(0, BLOCK_V)
     m = tl.load(stats_ptr + row * 3).to(CDT)
     m = tl.where(m == float("-inf"), 0.0, m)  # a row of only -inf: shifted by 0 (forward)

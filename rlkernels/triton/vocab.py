@@ -292,6 +292,27 @@ def _kl_logs(z, w, m_p, ls_p, m_q, ls_q):
 
 
 @triton.jit
+def _two_sum(a, b):
+    """``a + b`` as ``(hi, lo)``: ``hi`` the rounded sum, ``lo`` its rounding error (Knuth's
+    TwoSum, any magnitudes); non-finite sums give ``lo = 0``."""
+    hi = a + b
+    bb = hi - a
+    lo = (a - (hi - bb)) + (b - bb)
+    return hi, tl.where(tl.abs(hi) < float("inf"), lo, 0.0)
+
+
+@triton.jit
+def _kl_offset(kl, m_a, m_b, dls):
+    """``kl + (m_a - m_b) + dls`` as an unrounded pair ``(hi, lo)``; a row of only ``-inf``
+    is shifted by 0 (as :func:`_kl_logs`)."""
+    m_a = tl.where(m_a == float("-inf"), 0.0, m_a)
+    m_b = tl.where(m_b == float("-inf"), 0.0, m_b)
+    h1, l1 = _two_sum(kl, dls)
+    h2, l2 = _two_sum(h1, m_a - m_b)
+    return h2, l1 + l2
+
+
+@triton.jit
 def _jsd_a(logp, logq, beta, omb, lb, l1b, IS_FP64: tl.constexpr):
     """``a_p = beta (log p - log m)``, ``a_q = (1 - beta) (log q - log m)`` with
     ``log m = logaddexp(log p + log beta, log q + log(1 - beta))``."""
@@ -300,19 +321,28 @@ def _jsd_a(logp, logq, beta, omb, lb, l1b, IS_FP64: tl.constexpr):
 
 
 @triton.jit
-def _kl_lane_step(xa, xb, m_a, r_a, acc, m_b, r_b, c, IS_FP64: tl.constexpr):
+def _kl_lane_step(xa, xb, m_a, r_a, acc, o, dmax, m_b, r_b, c, IS_FP64: tl.constexpr):
     """One block of the one-pass KL: per-lane (max, rest) of both rows (_common.lane_step)
-    and ``acc = sum 2^{(x_a - m_a) c} (x_a - x_b)`` over the weighting row ``a``, rescaled
-    with its running max (a column with weight 0 adds 0, whatever ``x_a - x_b`` is)."""
+    and ``acc = sum 2^{(x_a - m_a) c} (d - o)`` over the weighting row ``a``, ``d = x_a -
+    x_b``, ``o`` the lane's ``d`` at its running arg-max of ``x_a`` (so the arg-max's own term
+    is exactly 0: a peaked row keeps the digits of its small KL), re-referenced and rescaled
+    whenever ``a``'s running max moves, the same form as the entropy sum of lane_step:
+    ``acc' = acc s + (d - o) (new ? -r' : e)``. ``d`` is formed from logits floored at
+    ``LANE_FLOOR`` (finite: a ``-inf`` column of ``a`` has weight 0 and adds exactly 0);
+    ``dmax`` tracks the largest ``d``: a column with ``x_b = -inf`` under a finite ``x_a``
+    makes it ``>= 1e29`` (the KL is ``inf``)."""
     d = (xa - m_a) * c
     new = d > 0.0
     e = exp2_(-tl.abs(d), IS_FP64)
     s = tl.where(new, e, 1.0)
     r_a = r_a * s + e
-    acc = acc * s + xmul0(tl.where(new, 1.0, e), xa - xb)
+    dab = tl.maximum(xa, -1.0e30) - tl.maximum(xb, -1.0e30)
+    acc = acc * s + (dab - o) * tl.where(new, -r_a, e)
+    o = tl.where(new, dab, o)
+    dmax = tl.maximum(dmax, dab)
     m_a = tl.maximum(m_a, xa)
     m_b, r_b, _ = lane_step(xb, m_b, r_b, r_b, c, False, IS_FP64)
-    return m_a, r_a, acc, m_b, r_b
+    return m_a, r_a, acc, o, dmax, m_b, r_b
 
 
 @triton.jit
@@ -362,9 +392,9 @@ def _kl_fwd_kernel(
         if ONE_PASS:
             # reverse / forward KL in one pass over the pair (docs/math.md): with p the
             # weighting row a (q for "forward") and b the other,
-            #   KL = sum p (z_a - z_b) - lse_a + lse_b,
-            # sum p (z_a - z_b) = A / S_a, A = sum 2^{(x_a - m_a) c} (x_a - x_b) accumulated per
-            # lane and rescaled with a's running max, like the sums of _common.lane_step
+            #   KL = sum p ((z_a - z_b) - (M_a - M_b) / T) - (log s_a - log s_b),
+            # the first sum accumulated per lane relative to the lane's own reference
+            # difference and rescaled with a's running max (_kl_lane_step), merged once
             if KIND == 0:
                 abase = xbase
                 bbase = ybase
@@ -376,33 +406,48 @@ def _kl_fwd_kernel(
             m_b = tl.full([BLOCK_V], -1.0e30, CDT)
             r_b = tl.zeros([BLOCK_V], CDT)
             acc = tl.zeros([BLOCK_V], CDT)
+            o = tl.zeros([BLOCK_V], CDT)
+            dmax = tl.full([BLOCK_V], -3.0e38, CDT)
             v_full = V - V % BLOCK_V
             for start in range(0, v_full, BLOCK_V):
                 xa = tl.load(abase + start + offs).to(CDT)
                 xb = tl.load(bbase + start + offs).to(CDT)
-                m_a, r_a, acc, m_b, r_b = _kl_lane_step(xa, xb, m_a, r_a, acc, m_b, r_b, c,
-                                                        IS_FP64)
+                m_a, r_a, acc, o, dmax, m_b, r_b = _kl_lane_step(
+                    xa, xb, m_a, r_a, acc, o, dmax, m_b, r_b, c, IS_FP64)
             if v_full < V:
                 cols = v_full + offs
                 inb = cols < V
                 xa = tl.load(abase + cols, mask=inb, other=float("-inf")).to(CDT)
                 xb = tl.load(bbase + cols, mask=inb, other=float("-inf")).to(CDT)
-                m_a, r_a, acc, m_b, r_b = _kl_lane_step(xa, xb, m_a, r_a, acc, m_b, r_b, c,
-                                                        IS_FP64)
-            big_a = tl.max(m_a, 0)
-            sc = exp2_((m_a - big_a) * c, IS_FP64)
-            a_sum = tl.sum(xmul0(sc, acc), 0)
+                m_a, r_a, acc, o, dmax, m_b, r_b = _kl_lane_step(
+                    xa, xb, m_a, r_a, acc, o, dmax, m_b, r_b, c, IS_FP64)
             big_a, rest_a, _ = lane_merge(m_a, r_a, r_a, offs, c, BLOCK_V, False, IS_FP64)
             big_b, rest_b, _ = lane_merge(m_b, r_b, r_b, offs, c, BLOCK_V, False, IS_FP64)
+            # a row of only -inf is shifted by 0 (as _kl_logs does)
+            sa = tl.where(big_a == float("-inf"), zero, big_a)
+            sb = tl.where(big_b == float("-inf"), zero, big_b)
+            # the row's reference o* = d at a's arg-max (the first lane holding it): a lane's
+            # sum_j w_j (d_j - o*) = acc + W (o - o*), W = r + 1 its weight, moved to the row
+            # max by sc (0 for a lane with no finite column); the arg-max adds exactly 0
+            top = tl.max(m_a, 0)
+            first = tl.min(tl.where(m_a == top, offs, BLOCK_V), 0)
+            o_top = tl.sum(tl.where(offs == first, o, 0.0), 0)
+            sc = exp2_((m_a - top) * c, IS_FP64)
+            a_sum = tl.sum(sc * (acc + (r_a + 1.0) * (o - o_top)), 0)
             ls_a = log1p(rest_a, IS_FP64)
             ls_b = log1p(rest_b, IS_FP64)
+            # KL = (sum p (d - o*) + (o* - (M_a - M_b))) / T - (log s_a - log s_b)
+            off = mul_hl(o_top - (sa - sb), inv_t_hi, inv_t_lo, IS_FP64) - (ls_a - ls_b)
             # sum p ((x_a - M_a) - (x_b - M_b)) / T - log s_a + log s_b; a row of only -inf is
             # shifted by 0 (as _kl_logs does)
             sa = tl.where(big_a == float("-inf"), zero, big_a)
             sb = tl.where(big_b == float("-inf"), zero, big_b)
-            kl = mul_hl(a_sum / (1.0 + rest_a) - (sa - sb), inv_t_hi, inv_t_lo, IS_FP64)
-            kl = (kl - ls_a) + ls_b
-            kl = tl.where(big_a == float("-inf"), zero, kl)  # p = 0 everywhere: no terms
+            kl = mul_hl(a_sum / (1.0 + rest_a), inv_t_hi, inv_t_lo, IS_FP64) + off
+            # a column with p > 0 and q = 0: inf (NaN logits still give NaN through log s)
+            kl = tl.where(tl.max(dmax, 0) >= 1.0e29, float("inf") + (ls_a + ls_b) * 0.0, kl)
+            # p = 0 everywhere: no terms (kl * 0, not 0: a row of only NaN has no finite max
+            # either, and keeps its NaN)
+            kl = tl.where(big_a == float("-inf"), kl * 0.0, kl)
             m_a = mul_hl(big_a, inv_t_hi, inv_t_lo, IS_FP64)
             m_b = mul_hl(big_b, inv_t_hi, inv_t_lo, IS_FP64)
             tl.store(kl_ptr + row, kl)
@@ -509,23 +554,29 @@ def _kl_bwd_kernel(
         omb = const_hl(zero, omb_hi, omb_lo, IS_FP64)
         lb = const_hl(zero, lb_hi, lb_lo, IS_FP64)
         l1b = const_hl(zero, l1b_hi, l1b_lo, IS_FP64)
+        # reverse / forward KL: a - KL = (z - w) - Y with Y = KL + (M_p - M_q) + (log s_p -
+        # log s_q) = sum p (z - w) (its mirror for forward KL), Y as an unrounded pair
+        # hi + lo: no log s in the per-column term, and at a column holding both maxima
+        # z - w and M_p - M_q round alike (docs/math.md)
+        y_p, y_p_lo = _kl_offset(sum_p, m_p, m_q, ls_p - ls_q)
+        y_q, y_q_lo = _kl_offset(sum_q, m_q, m_p, ls_q - ls_p)
         for start in range(0, V, BLOCK_V):
             cols = start + offs
             inb = cols < V
-            z = mul_hl(tl.load(xbase + cols, mask=inb, other=float("-inf")).to(CDT),
-                       inv_t_hi, inv_t_lo, IS_FP64)
-            w = mul_hl(tl.load(ybase + cols, mask=inb, other=float("-inf")).to(CDT),
-                       inv_t_hi, inv_t_lo, IS_FP64)
+            x = tl.load(xbase + cols, mask=inb, other=float("-inf")).to(CDT)
+            y = tl.load(ybase + cols, mask=inb, other=float("-inf")).to(CDT)
+            z = mul_hl(x, inv_t_hi, inv_t_lo, IS_FP64)
+            w = mul_hl(y, inv_t_hi, inv_t_lo, IS_FP64)
             logp, logq = _kl_logs(z, w, m_p, ls_p, m_q, ls_q)
             p = tl.exp(logp)
             q = tl.exp(logq)
-            # r (a - sum r a) = r a - r sum(r a), the sum saved by forward
+            # r (a - sum r a), the sum saved by forward
             if KIND == 0:
-                d_z = xmul0(p, logp - logq) - p * sum_p
+                d_z = xmul0(p, ((z - w) - y_p) - y_p_lo)
                 d_w = q - p
             elif KIND == 1:
                 d_z = p - q
-                d_w = xmul0(q, logq - logp) - q * sum_q
+                d_w = xmul0(q, ((w - z) - y_q) - y_q_lo)
             else:
                 a_p, a_q = _jsd_a(logp, logq, beta, omb, lb, l1b, IS_FP64)
                 d_z = xmul0(p, a_p) - p * sum_p
@@ -535,13 +586,14 @@ def _kl_bwd_kernel(
                 tl.store(gybase + cols, (g * d_w).to(gy_ptr.dtype.element_ty), mask=inb)
 
 
-# The one-pass reverse/forward KL forward (ONE_PASS) reads each input once, but its KL,
-# formed as ``sum p (z_p - z_q) - (lse_p - lse_q)``, is not the sum ``sum p (log p - log q)``
-# that the backward's ``p (log p - log q) - p KL`` has to cancel against: on a fp32 row with
-# -inf columns (rlkernels verify, V=7) the gradient error rose from 1.6e-7 to 4.0e-7, above
-# SPEC 5's 2 eps max|g| + 1e-7 = 2.3e-7. Off until the backward no longer depends on that
-# agreement; the two-pass forward's sums are formed exactly as the backward forms its terms.
-_KL_ONE_PASS = False
+# The one-pass reverse/forward KL forward (ONE_PASS) reads each input once. Its KL, formed as
+# ``sum p (x_a - x_b) / T - (M_a - M_b) - (log s_a - log s_b)``, is not rounded like the sum
+# ``sum p (log p - log q)`` of the two-pass form, so the backward does not form
+# ``p (log p - log q) - p KL`` (whose accuracy relied on the two matching: verify saw 4.0e-7
+# against a 2.3e-7 bound): it forms ``p ((x_a - x_b) / T - Y)`` with the same per-column
+# difference the forward sums and ``Y = KL + (M_a - M_b) + (log s_a - log s_b)`` as an
+# unrounded pair (docs/math.md). The two-pass form stays for JSD and the partial forward.
+_KL_ONE_PASS = True
 
 
 def _beta_args(beta: float):
