@@ -312,8 +312,13 @@ __global__ void __launch_bounds__(max_threads<T>())
       const int64_t k = pr[r];
       A val = slot_value(k);
       if (kMode == kSparseSupport) {
+        // g_k - s_k G as -g_k expm1(lp_k) - s_k (G - g_k): exact where s_k ~ 1. At most one
+        // distinct id of a row has s_k > 1/2; below, s_k - 1 is expm1 to an ulp (|.| >= 1/2),
+        // so the common path skips the series
         const A lpk = lp[row * sl0 + k * sl1];
-        val = -val * d_expm1(lpk) - d_exp(lpk) * (total - val);
+        const A sk = d_exp(lpk);
+        const A em1 = lpk > A(-0.6931471805599453) ? d_expm1(lpk) : sk - A(1);
+        val = -val * em1 - sk * (total - val);
       }
       scat += val;
     }
