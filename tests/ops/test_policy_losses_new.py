@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import rlkernels
 from rlkernels import grpo_loss, policy_loss
@@ -170,6 +172,39 @@ def test_selection_is_active():
     _, m = policy_loss(inp["logp"], inp["old_logp"], inp["advantages"], inp["mask"],
                        loss="dppo_kl", clip_low=0.005, clip_high=0.05, dual_clip=1.5)
     assert 0 < float(m["clipfrac"]) < 1 and float(m["dual_clipfrac"]) > 0
+
+
+_LOSS_OPTIONS = {
+    "sapo": dict(tau_pos=0.9, tau_neg=1.7), "gmpo": {}, "luspo": {},
+    "clip_cov": dict(clip_cov_ratio=0.25, clip_cov_lb=-2.0, clip_cov_ub=3.0),
+    "kl_cov": dict(kl_cov_ratio=0.25, kl_cov_coef=0.3), "dppo_tv": {}, "dppo_kl": {},
+    "dro": dict(dro_beta=0.4), "vespo": {},
+}
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(B=st.integers(1, 5), T=st.integers(1, 9), seed=st.integers(0, 10_000),
+       loss=st.sampled_from(sorted(_LOSS_OPTIONS)),
+       agg=st.sampled_from(["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                            "seq-mean-token-sum-norm", None]),
+       clip_low=st.floats(0.0, 0.5), clip_high=st.floats(0.0, 0.5),
+       adv=st.sampled_from(["B", "BT"]), isw=st.booleans(),
+       kl_est=st.sampled_from(["k3", "k3_is", "k3_is_sg"]))
+def test_hypothesis_torch_vs_naive(B, T, seed, loss, agg, clip_low, clip_high, adv, isw,
+                                   kl_est):
+    """Random shapes (empty rows included), clip ranges and options against the naive
+    formulas (torch backend; the triton backend runs the fixed cases above). clip_cov /
+    kl_cov take [B, T] advantages: with [B] ones and B = 1, ``A - mean(A)`` is rounding
+    noise and the top-k picks among numerically tied covariances, which two correct sums
+    (the library's, the naive loop's) order differently."""
+    if loss in ("clip_cov", "kl_cov"):
+        adv = "BT"
+    inp = make_inputs(B, T, seed=seed, adv=adv, spread=0.5)
+    keep = torch.rand(B, T, generator=torch.Generator().manual_seed(seed)) > 0.3
+    inp["mask"] = keep.to(DEV)
+    check(*both("torch", inp, loss=loss, agg=agg, clip_low=clip_low, clip_high=clip_high,
+                use_isw=isw, use_ref=True, kl_coef=0.05, kl_estimator=kl_est,
+                use_entropy=True, entropy_coef=0.01, **_LOSS_OPTIONS[loss]))
 
 
 # ====================================================================== gradients, exact
