@@ -328,6 +328,28 @@ def linear_cases(n: int, h: int, v: int, dtype: torch.dtype, grpo: bool = False)
     return [(f"linear N={n} H={h} V={v} {_dt(dtype)}", run)]
 
 
+def rollout_cases(b: int, t: int, dtype: torch.dtype):
+    """``rollout_correction``: every level and mode; no criterion, the token and sequence
+    criteria, and opsm with ``[B]`` advantages (the constexpr bit mask takes those values)."""
+    from rlkernels.ops.rollout import _options
+    from rlkernels.triton import rollout as K
+
+    def run():
+        old, roll, mask = gpu(b, t, dtype=dtype), gpu(b, t, dtype=dtype), gpu(
+            b, t, dtype=torch.bool)
+        adv = gpu(b, dtype=dtype)
+        rejects = ((None, None), ("token_k1,token_k2,token_k3", 1.5),
+                   ("seq_sum_k1,seq_sum_k2,seq_sum_k3,seq_mean_k1,seq_mean_k2,seq_mean_k3,"
+                    "seq_max_k2,seq_max_k3", 2.0), ("opsm", 0.0))
+        for level in ("token", "sequence", "geometric"):
+            for mode in ("truncate", "mask"):
+                for rej, thr in rejects:
+                    o = _options(level, mode, 2.0, 0.5, rej, thr)
+                    K.rollout_correction_forward(old, roll, mask, adv, o.level, o.mode,
+                                                 o.reject, o.nums)
+    return [(f"rollout B={b} T={t} {_dt(dtype)}", run)]
+
+
 def _dt(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "").replace("bfloat16", "bf16").replace(
         "float", "fp")
@@ -341,7 +363,7 @@ def all_cases(quick: bool):
     if quick:
         return (vocab_cases(n, v, bf16) + sparse_cases(n, v, 20, bf16)
                 + advantage_cases(512, 8, fp32) + policy_cases(512, 4096, fp32)
-                + linear_cases(n, 4096, v, bf16))
+                + linear_cases(n, 4096, v, bf16) + rollout_cases(512, 4096, fp32))
     cases = []
     for dtype in (bf16, fp32):
         for vocab in (v, 32000, 128256):
@@ -355,6 +377,8 @@ def all_cases(quick: bool):
     cases += policy_cases(512, 4096, bf16, names=["grpo", "gspo"])
     cases += policy_cases(4096, 512, fp32, names=["grpo", "gspo"])  # ROWS > 1 tiles
     cases += grpo_cases(4, 4096, v, bf16)
+    cases += rollout_cases(512, 4096, fp32) + rollout_cases(512, 4096, bf16)
+    cases += rollout_cases(512, 4096, fp64) + rollout_cases(4096, 64, fp32)  # ROWS > 1
     for h in (2048, 3584, 4096):
         cases += linear_cases(n, h, v, bf16, grpo=h == 4096)
     cases += linear_cases(n, 4096, v, fp32) + linear_cases(n, 4096, v, fp64)

@@ -36,9 +36,10 @@ _LEVELS = _codes.ROLLOUT_LEVELS
 _MODES = _codes.ROLLOUT_MODES
 _REJECTS = _codes.ROLLOUT_REJECTS
 
-_TILE = 1024
+_TILE = 512
 _MIN_BLOCK_T = 16
 _MIN_PROGRAMS = 8
+_NUM_WARPS = 4
 # partials per program (see the stores of _rollout_kernel) and the lanes that add them
 N_PARTIALS = 17
 _NK = 32
@@ -330,12 +331,15 @@ def _rollout_finish_kernel(part_ptr, met_ptr, P, CDT: tl.constexpr, IEEE_DIV: tl
 
 # ================================================================================ launchers
 
-def _blocks(b: int, t: int) -> Tuple[int, int]:
-    """``(ROWS, BLOCK_T)`` as the policy kernels: a function of ``(B, T)`` only, and a row's
-    own sums are reduced over ``BLOCK_T`` lanes, which depends on ``T`` only (a row's weights
-    and keep flags do not depend on the other rows: batch invariance)."""
-    block_t = min(max(triton.next_power_of_2(max(t, 1)), _MIN_BLOCK_T), _TILE)
-    rows = max(_TILE // block_t, 1)
+def _blocks(b: int, t: int, cdt: torch.dtype = torch.float32) -> Tuple[int, int]:
+    """``(ROWS, BLOCK_T)`` as the policy kernels: a function of ``(B, T)`` (and the compute
+    dtype: fp64 tiles are half as large, so that the ~20 tile accumulators stay in registers
+    without spills on sm_90), and a row's own sums are reduced over ``BLOCK_T`` lanes, which
+    depends on ``T`` only (a row's weights and keep flags do not depend on the other rows:
+    batch invariance)."""
+    tile = _TILE if cdt == torch.float32 else _TILE // 2
+    block_t = min(max(triton.next_power_of_2(max(t, 1)), _MIN_BLOCK_T), tile)
+    rows = max(tile // block_t, 1)
     while rows > 1 and triton.cdiv(b, rows) < _MIN_PROGRAMS:
         rows //= 2
     return rows, block_t
@@ -388,7 +392,7 @@ def rollout_correction_forward(old_logp: Tensor, rollout_logp: Tensor, mask: Ten
     if b == 0 or t == 0:
         weights.zero_(), keep.zero_(), metrics.zero_()
         return weights, keep, metrics
-    rows, block_t = _blocks(b, t)
+    rows, block_t = _blocks(b, t, cdt)
     p = triton.cdiv(b, rows)
     part = torch.empty((N_PARTIALS, p), dtype=cdt, device=dev)
     bits = _reject_mask(reject)
@@ -407,7 +411,7 @@ def rollout_correction_forward(old_logp: Tensor, rollout_logp: Tensor, mask: Ten
             float(nums[0]), float(nums[1]), float(nums[2]), *_reject_scalars(nums),
             CDT=_TL_DTYPES[cdt], LEVEL=_LEVELS[level], MODE=_MODES[mode], REJ=bits,
             IEEE_DIV=ieee, LIBDEVICE_EXP=dev.type != "cpu", ROWS=rows, BLOCK_T=block_t,
-            num_warps=8)
+            num_warps=_NUM_WARPS)
         _rollout_finish_kernel[(1,)](part, metrics, p, CDT=_TL_DTYPES[cdt], IEEE_DIV=ieee,
                                      NK=_NK, PB=min(triton.next_power_of_2(p), _PB),
                                      num_warps=4)
