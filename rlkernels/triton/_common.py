@@ -294,6 +294,23 @@ def lane_step(x, m, r, t, c, WITH_T: tl.constexpr, IS_FP64: tl.constexpr):
 
 
 @triton.jit
+def lane_step2(x1, x2, m, r, t, c, WITH_T: tl.constexpr, IS_FP64: tl.constexpr):
+    """:func:`lane_step` over two columns per lane: the larger one ``xm`` first (the only one
+    that can move the lane's max, so one rescale ``s`` per pair), then the smaller one, which
+    is never above the new max: ``r += e_n``, ``t += e_n d_n`` with no rescale."""
+    # NaN-propagating: a NaN column must reach r (a plain GPU max / min would drop it)
+    xm = tl.maximum(x1, x2, propagate_nan=tl.PropagateNan.ALL)
+    xn = tl.minimum(x1, x2, propagate_nan=tl.PropagateNan.ALL)
+    m, r, t = lane_step(xm, m, r, t, c, WITH_T, IS_FP64)
+    dn = (xn - m) * c
+    en = exp2_(dn, IS_FP64)
+    r = r + en
+    if WITH_T:
+        t = t + tl.maximum(dn, -3.0e38) * en
+    return m, r, t
+
+
+@triton.jit
 def lane_merge(m, r, t, lanes, c, BLOCK: tl.constexpr, WITH_T: tl.constexpr,
                IS_FP64: tl.constexpr):
     """The row's ``(max raw logit, rest, T)`` from the per-lane states, ``rest`` as in

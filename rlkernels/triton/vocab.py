@@ -43,7 +43,7 @@ import triton.language as tl
 
 from .._codes import KL_KINDS
 from ._common import (LOG2E, block_v, compute_dtype, const_hl, device_guard, exp2_, expm1,
-                      lane_merge, lane_step, log1p, logaddexp, mul_hl, n_rows, num_warps,
+                      lane_merge, lane_step, lane_step2, log1p, logaddexp, mul_hl, n_rows, num_warps,
                       row_layout, row_offset, split, tl_compute_dtype,
                       unit_stride, xmul0)
 
@@ -81,22 +81,28 @@ def _token_logprobs_fwd_kernel(
         tl.store(stats_ptr + row * 3 + 2, zero)
     else:
         base = x_ptr + row_offset(row, inner_x, stride_x, stride_x1)
-        offs = tl.arange(0, BLOCK_V)
         c = const_hl(zero, c_hi, c_lo, IS_FP64)  # log2(e) / T
-        # per-lane statistics (_common.lane_step): no block reduction inside the loop
-        m = tl.full([BLOCK_V], -1.0e30, CDT)
-        r = tl.zeros([BLOCK_V], CDT)
-        t = tl.zeros([BLOCK_V], CDT)
+        # per-lane statistics: no block reduction inside the loop; two columns per lane and
+        # step (_common.lane_step2: one rescale of the sums per pair), columns j and
+        # j + BLOCK_V / 2 of the block (with or without the entropy: the same bits of lse)
+        HALF: tl.constexpr = BLOCK_V // 2
+        lanes = tl.arange(0, HALF)
+        m = tl.full([HALF], -1.0e30, CDT)
+        r = tl.zeros([HALF], CDT)
+        t = tl.zeros([HALF], CDT)
         # full blocks without a mask, then the partial last block (masked: -inf past V)
         v_full = V - V % BLOCK_V
         for start in range(0, v_full, BLOCK_V):
-            x = tl.load(base + start + offs).to(CDT)
-            m, r, t = lane_step(x, m, r, t, c, WITH_ENTROPY, IS_FP64)
+            x1 = tl.load(base + start + lanes).to(CDT)
+            x2 = tl.load(base + start + HALF + lanes).to(CDT)
+            m, r, t = lane_step2(x1, x2, m, r, t, c, WITH_ENTROPY, IS_FP64)
         if v_full < V:
-            cols = v_full + offs
-            x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(CDT)
-            m, r, t = lane_step(x, m, r, t, c, WITH_ENTROPY, IS_FP64)
-        mx, rest, s1 = lane_merge(m, r, t, offs, c, BLOCK_V, WITH_ENTROPY, IS_FP64)
+            c1 = v_full + lanes
+            c2 = c1 + HALF
+            x1 = tl.load(base + c1, mask=c1 < V, other=float("-inf")).to(CDT)
+            x2 = tl.load(base + c2, mask=c2 < V, other=float("-inf")).to(CDT)
+            m, r, t = lane_step2(x1, x2, m, r, t, c, WITH_ENTROPY, IS_FP64)
+        mx, rest, s1 = lane_merge(m, r, t, lanes, c, HALF, WITH_ENTROPY, IS_FP64)
         m = mul_hl(mx, inv_t_hi, inv_t_lo, IS_FP64)  # max z, rounded as every z is
         log_s = log1p(rest, IS_FP64)
         tl.store(stats_ptr + row * 3, m)
