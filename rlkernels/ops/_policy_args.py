@@ -4,7 +4,7 @@ dict built from the kernels' metric vector."""
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Mapping, Optional
 
 import torch
 
@@ -15,7 +15,12 @@ Tensor = torch.Tensor
 
 POLICY_ARGS = ("loss", "clip_low", "clip_high", "dual_clip", "delta", "ratio_level", "agg",
                 "normalizer", "kl_coef", "kl_estimator", "is_weights", "log_ratio_clamp",
-                "cispo_clip_low") + tuple(name for name, _, _ in LOSS_OPTIONS)
+                "cispo_clip_low", "rollout_logp", "rollout_options") + tuple(
+                    name for name, _, _ in LOSS_OPTIONS)
+
+# the keyword options of rollout_correction that rollout_options= may hold
+ROLLOUT_OPTIONS = ("level", "mode", "threshold_high", "threshold_low", "reject",
+                   "reject_threshold", "log_ratio_clamp")
 
 
 def check_policy_inputs(logp: Tensor, old_logp, advantages, mask, ref_logp, entropy,
@@ -79,9 +84,10 @@ def options(kwargs: dict, entropy_coef: float, ref_logp, has_entropy: bool):
 
 
 def fused_policy_inputs(op: str, policy_loss_options: dict, tokens: Tensor, old_logp,
-                         advantages, mask, ref_logp, entropy_coef):
+                         advantages, mask, ref_logp, entropy_coef, backend=None):
     """Validate the policy part of ``grpo_loss`` / ``linear_grpo_loss``; returns
-    ``(options, normalizer tensor or None, is_weights)``."""
+    ``(options, normalizer tensor or None, is_weights, mask, rollout metrics)`` with the
+    rollout correction applied (:func:`rollout_inputs`)."""
     unknown = sorted(set(policy_loss_options) - set(POLICY_ARGS))
     if unknown:
         raise TypeError(f"{op}: unexpected keyword argument(s) {', '.join(unknown)}; "
@@ -89,11 +95,44 @@ def fused_policy_inputs(op: str, policy_loss_options: dict, tokens: Tensor, old_
     kwargs = dict(policy_loss_options)
     is_weights = kwargs.pop("is_weights", None)
     normalizer = kwargs.pop("normalizer", None)
+    rollout = (kwargs.pop("rollout_logp", None), kwargs.pop("rollout_options", None))
     _checks.tensor("old_logp", old_logp, dtypes=_checks.FLOAT_DTYPES)
     _checks.shape("old_logp", old_logp, tokens.shape, "the shape of tokens, [B, T]")
     norm = check_policy_inputs(old_logp, old_logp, advantages, mask, ref_logp, None,
                                 is_weights, normalizer)
-    return options(kwargs, entropy_coef, ref_logp, True)[0], norm, is_weights
+    opts = options(kwargs, entropy_coef, ref_logp, True)[0]
+    mask, is_weights, metrics = rollout_inputs(*rollout, old_logp, mask, advantages,
+                                               is_weights, backend)
+    return opts, norm, is_weights, mask, metrics
+
+
+def rollout_inputs(rollout_logp: Optional[Tensor], rollout_options, old_logp: Tensor,
+                   mask: Tensor, advantages: Tensor, is_weights: Optional[Tensor],
+                   backend: Optional[str]):
+    """The rollout correction of the policy losses (SPEC 6): ``(mask, is_weights,
+    metrics)``, unchanged (and no metrics) without ``rollout_logp``; else the weights of
+    :func:`rlkernels.rollout_correction` (``rollout_options``: its keyword options, its
+    defaults when ``None``) between ``old_logp`` (the trainer's log-probs at rollout time)
+    and ``rollout_logp`` times ``is_weights``, the mask with rejected tokens removed, and its
+    metrics under ``"rollout/<name>"``."""
+    if rollout_logp is None:
+        if rollout_options is not None:
+            raise ValueError(f"rollout_options: expected None without rollout_logp (they are "
+                             f"the options of the correction rollout_logp enables), got "
+                             f"{rollout_options!r}")
+        return mask, is_weights, {}
+    options = {} if rollout_options is None else rollout_options
+    if not isinstance(options, Mapping):
+        raise TypeError(f"rollout_options: expected None or a dict of rollout_correction's "
+                        f"keyword options, got {type(options).__name__}")
+    unknown = sorted(set(options) - set(ROLLOUT_OPTIONS))
+    if unknown:
+        raise TypeError(f"rollout_options: unexpected key(s) {', '.join(map(repr, unknown))}; "
+                        f"expected among {', '.join(ROLLOUT_OPTIONS)}")
+    from . import rollout as _rollout  # (a sibling op module; imported when first used)
+    weights, mask, metrics = _rollout._apply(old_logp, rollout_logp, mask, is_weights,
+                                             options, advantages, backend)
+    return mask, weights, {f"rollout/{k}": v for k, v in metrics.items()}
 
 
 def metrics_dict(vector: Tensor, with_kl: bool, with_entropy: bool) -> Dict[str, Tensor]:

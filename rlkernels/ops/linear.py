@@ -410,19 +410,21 @@ def linear_grpo_loss(hidden: Tensor, weight: Tensor, tokens: Tensor, old_logp: T
     _check_head_options(head_precision, path)
     _check_rows(rows, hidden, process_group)
     handle = _check_group_tokens(process_group, tokens, weight, -100)
-    opts, norm, is_weights = fused_policy_inputs("linear_grpo_loss", policy_loss_options,
-                                                 tokens, old_logp, advantages, mask,
-                                                 ref_logp, entropy_coef)
     if rows is not None:
         # the positions outside rows leave the loss and the metrics (a select on device)
+        _checks.tensor("mask", mask)
+        _checks.shape("mask", mask, tuple(tokens.shape), "the shape of tokens, [B, T]")
         kept = torch.zeros(tokens.numel(), dtype=torch.bool, device=tokens.device)
         mask = torch.where(kept.index_fill_(0, rows.to(tokens.device), True)
                            .view(tokens.shape), mask, torch.zeros((), dtype=mask.dtype,
                                                                   device=mask.device))
+    opts, norm, is_weights, mask, rollout = fused_policy_inputs(
+        "linear_grpo_loss", policy_loss_options, tokens, old_logp, advantages, mask, ref_logp,
+        entropy_coef, backend)
     name = LINEAR_GRPO_LOSS.resolve(backend, hidden.device, handle is not None)
     modes, nums = opts.encode()
     value, metrics = LINEAR_GRPO_LOSS(
         hidden.reshape(-1, hidden.shape[-1]), weight, bias, tokens, old_logp, advantages, mask,
         norm, ref_logp, is_weights, t, modes, nums, name, head_precision, path, rows,
         group=handle)[:2]
-    return value, metrics_dict(metrics, ref_logp is not None, True)
+    return value, {**metrics_dict(metrics, ref_logp is not None, True), **rollout}

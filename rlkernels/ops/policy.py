@@ -13,7 +13,8 @@ from .. import distributed as _dist
 from .._fused import forward_grad, fused_forward, fused_forward_gif
 from .._policy_options import METRICS, PENALTY_ESTIMATORS, PolicyOptions
 from ._common import check_tokens_for, out_dtype, rows
-from ._policy_args import check_policy_inputs, fused_policy_inputs, metrics_dict, options
+from ._policy_args import (check_policy_inputs, fused_policy_inputs, metrics_dict, options,
+                           rollout_inputs)
 from ._table import Backward, GradInForward, Op, Parallel
 
 Tensor = torch.Tensor
@@ -106,6 +107,7 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
                 kl_cov_coef: Optional[float] = None, dro_beta: Optional[float] = None,
                 vespo_k_pos: Optional[float] = None, vespo_lambda_pos: Optional[float] = None,
                 vespo_k_neg: Optional[float] = None, vespo_lambda_neg: Optional[float] = None,
+                rollout_logp: Optional[Tensor] = None, rollout_options=None,
                 backend: Optional[str] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
     """Policy-gradient losses (PPO / GSPO / CISPO / REINFORCE / SAPO / GMPO / Clip-Cov /
     KL-Cov / DPPO / DRO / VESPO / LUSPO) with KL and entropy terms.
@@ -195,12 +197,27 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
     the same); TRL adds its bonus as a plain token mean whatever the loss type. The two agree
     for ``agg="token-mean"``; see docs/math.md for TRL's and Liger's forms.
 
-    Shapes: ``logp, old_logp, mask, ref_logp, entropy, is_weights`` ``[B, T]``;
-    ``advantages`` ``[B]`` or ``[B, T]``; ``mask`` bool or float (weights).
+    **Rollout correction** (SPEC 6; the trainer / inference-engine mismatch):
+    ``rollout_logp`` (``[B, T]``, the inference engine's log-probs of the sampled tokens)
+    turns on :func:`rlkernels.rollout_correction` between ``old_logp`` (the trainer's
+    log-probs at rollout time) and ``rollout_logp``, with ``rollout_options`` (a dict of its
+    keyword options: ``level`` token / sequence / geometric, ``mode`` truncate / mask,
+    ``threshold_high`` / ``threshold_low``, ``reject`` / ``reject_threshold`` for sequence or
+    token rejection, ``log_ratio_clamp``; its defaults when ``None``: token-level weights
+    truncated at 2). Its weights multiply ``is_weights`` (constants), rejected tokens leave
+    the mask (so the loss, its denominators and the metrics), and its metrics join the
+    returned dict as ``"rollout/<name>"`` (k1 / k3 mismatch, weight mean / max / min, the
+    fractions truncated, masked and rejected, ...). ``"opsm"`` rejection reads
+    ``advantages``.
+
+    Shapes: ``logp, old_logp, mask, ref_logp, entropy, is_weights, rollout_logp`` ``[B,
+    T]``; ``advantages`` ``[B]`` or ``[B, T]``; ``mask`` bool or float (weights).
     """
     _checks.tensor("logp", logp, dtypes=_checks.FLOAT_DTYPES, ndim=2)
     norm = check_policy_inputs(logp, old_logp, advantages, mask, ref_logp, entropy,
                                 is_weights, normalizer)
+    mask, is_weights, rollout = rollout_inputs(rollout_logp, rollout_options, old_logp, mask,
+                                               advantages, is_weights, backend)
     _, modes, nums = options(dict(loss=loss, clip_low=clip_low, clip_high=clip_high,
                                    dual_clip=dual_clip, delta=delta, ratio_level=ratio_level,
                                    agg=agg, kl_coef=kl_coef, kl_estimator=kl_estimator,
@@ -218,7 +235,8 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
     name = POLICY_LOSS.resolve(backend, logp.device)
     value, metrics = POLICY_LOSS(logp, old_logp, advantages, mask, norm, ref_logp, entropy,
                                  is_weights, modes, nums, name)
-    return value, metrics_dict(metrics, ref_logp is not None, entropy is not None)
+    return value, {**metrics_dict(metrics, ref_logp is not None, entropy is not None),
+                   **rollout}
 
 
 def _given(**options) -> dict:
@@ -385,12 +403,12 @@ def grpo_loss(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages: Tens
             _dist.check_global_tokens("tokens", tokens, logits.shape[-1], -100, process_group)
     else:
         _checks.token_range("tokens", tokens, logits.shape[-1], -100)
-    opts, norm, is_weights = fused_policy_inputs("grpo_loss", policy_loss_options, tokens,
-                                                 old_logp, advantages, mask, ref_logp,
-                                                 entropy_coef)
+    opts, norm, is_weights, mask, rollout = fused_policy_inputs(
+        "grpo_loss", policy_loss_options, tokens, old_logp, advantages, mask, ref_logp,
+        entropy_coef, backend)
     name = GRPO_LOSS.resolve(backend, logits.device, handle is not None)
     modes, nums = opts.encode()
     value, metrics = GRPO_LOSS(rows(logits), tokens, old_logp, advantages, mask, norm,
                                ref_logp, is_weights, t, modes, nums, name, inplace_backward,
                                group=handle, grad_in_forward=grad_in_forward)[:2]
-    return value, metrics_dict(metrics, ref_logp is not None, True)
+    return value, {**metrics_dict(metrics, ref_logp is not None, True), **rollout}
