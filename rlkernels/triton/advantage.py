@@ -62,6 +62,20 @@ def _sqrt(x, CDT: tl.constexpr):
 
 
 @triton.jit
+def _members(perm_ptr, c0, end, BLOCK: tl.constexpr, INDEXED: tl.constexpr):
+    """``(src, inb)``: the rows of a group's members ``c0 + [0, BLOCK)`` (through the sorting
+    permutation ``perm`` with ``INDEXED``, else contiguous) and which of them exist
+    (``< end``, the group's end)."""
+    offs = c0 + tl.arange(0, BLOCK)
+    inb = offs < end
+    if INDEXED:
+        src = tl.load(perm_ptr + offs, mask=inb, other=0)
+    else:
+        src = offs
+    return src, inb
+
+
+@triton.jit
 def _group_advantages_kernel(x_ptr, x_stride, x_col, perm_ptr, starts_ptr, out_ptr, ws_ptr,
                              m_ptr, m_s0, m_s1, T, w_ptr, K, B, S, n_slots,
                              eps_f: tl.float64, CDT: tl.constexpr, INDEXED: tl.constexpr,
@@ -121,12 +135,7 @@ def _group_advantages_kernel(x_ptr, x_stride, x_col, perm_ptr, starts_ptr, out_p
                 sum_len = tl.zeros([], CDT)
                 sum_lr = tl.zeros([], CDT)
                 for c0 in range(start, end, BLOCK):
-                    offs = c0 + tl.arange(0, BLOCK)
-                    inb = offs < end
-                    if INDEXED:
-                        src = tl.load(perm_ptr + offs, mask=inb, other=0)
-                    else:
-                        src = offs
+                    src, inb = _members(perm_ptr, c0, end, BLOCK, INDEXED)
                     cnt_t = tl.zeros([BLOCK], tl.int32)
                     for t0 in range(0, T, BLOCK_T):
                         tt = t0 + tl.arange(0, BLOCK_T)
@@ -146,35 +155,20 @@ def _group_advantages_kernel(x_ptr, x_stride, x_col, perm_ptr, starts_ptr, out_p
                 # group sums: a block sum per chunk of BLOCK members, the chunks in order
                 total = tl.zeros([], CDT)
                 for c0 in range(start, end, BLOCK):
-                    offs = c0 + tl.arange(0, BLOCK)
-                    inb = offs < end
-                    if INDEXED:
-                        src = tl.load(perm_ptr + offs, mask=inb, other=0)
-                    else:
-                        src = offs
+                    src, inb = _members(perm_ptr, c0, end, BLOCK, INDEXED)
                     total += tl.sum(tl.load(xk_ptr + src * x_stride, mask=inb, other=0).to(CDT))
                 mean = tl.fdiv(total, n, ieee_rounding=IEEE_DIV)
                 if METHOD == 6:
                     # grpo_passk: the best reward, how many members have it, the second best
                     top = tl.full([], float("-inf"), CDT)
                     for c0 in range(start, end, BLOCK):
-                        offs = c0 + tl.arange(0, BLOCK)
-                        inb = offs < end
-                        if INDEXED:
-                            src = tl.load(perm_ptr + offs, mask=inb, other=0)
-                        else:
-                            src = offs
+                        src, inb = _members(perm_ptr, c0, end, BLOCK, INDEXED)
                         v = tl.load(xk_ptr + src * x_stride, mask=inb, other=float("-inf"))
                         top = tl.maximum(top, tl.max(v.to(CDT)))
                     n_top = tl.zeros([], tl.int32)
                     second = tl.full([], float("-inf"), CDT)
                     for c0 in range(start, end, BLOCK):
-                        offs = c0 + tl.arange(0, BLOCK)
-                        inb = offs < end
-                        if INDEXED:
-                            src = tl.load(perm_ptr + offs, mask=inb, other=0)
-                        else:
-                            src = offs
+                        src, inb = _members(perm_ptr, c0, end, BLOCK, INDEXED)
                         v = tl.load(xk_ptr + src * x_stride, mask=inb, other=0).to(CDT)
                         is_top = inb & (v == top)
                         n_top += tl.sum(is_top.to(tl.int32))
@@ -185,12 +179,7 @@ def _group_advantages_kernel(x_ptr, x_stride, x_col, perm_ptr, starts_ptr, out_p
                     # two-pass variance
                     ss = tl.zeros([], CDT)
                     for c0 in range(start, end, BLOCK):
-                        offs = c0 + tl.arange(0, BLOCK)
-                        inb = offs < end
-                        if INDEXED:
-                            src = tl.load(perm_ptr + offs, mask=inb, other=0)
-                        else:
-                            src = offs
+                        src, inb = _members(perm_ptr, c0, end, BLOCK, INDEXED)
                         v = tl.load(xk_ptr + src * x_stride, mask=inb, other=0).to(CDT)
                         dev = tl.where(inb, v - mean, 0.0)
                         ss += tl.sum(dev * dev)
@@ -208,12 +197,7 @@ def _group_advantages_kernel(x_ptr, x_stride, x_col, perm_ptr, starts_ptr, out_p
                 if METHOD == 8:
                     wk = tl.load(w_ptr + k).to(CDT)
                 for c0 in range(start, end, BLOCK):
-                    offs = c0 + tl.arange(0, BLOCK)
-                    inb = offs < end
-                    if INDEXED:
-                        src = tl.load(perm_ptr + offs, mask=inb, other=0)
-                    else:
-                        src = offs
+                    src, inb = _members(perm_ptr, c0, end, BLOCK, INDEXED)
                     v = tl.load(xk_ptr + src * x_stride, mask=inb, other=0).to(CDT)
                     if METHOD == 2:  # rloo: minus the mean of the other members
                         adv = v - tl.fdiv(total - v, n_others, ieee_rounding=IEEE_DIV)
