@@ -78,9 +78,8 @@ def _rowmax(x):
 
 
 @triton.jit
-def _max2(x):
-    # the NaN-propagating maximum of a [ROWS, BLOCK_T] tile
-    m = _rowmax(x)
+def _max1(m):
+    # the NaN-propagating maximum of a [ROWS] vector
     nan = tl.max(tl.where(m != m, 1, 0), axis=0) > 0
     return tl.where(nan, float("nan"), tl.max(m, axis=0))
 
@@ -108,15 +107,16 @@ def _rollout_kernel(
     lim = tl.full([], clamp_f, CDT)
     ninf = float("-inf")
 
-    # ---- pass 1: the row statistics
-    a_n = tl.zeros([ROWS, BLOCK_T], CDT)    # valid tokens
-    a_m = tl.zeros([ROWS, BLOCK_T], CDT)    # sum m
-    a_lr = tl.zeros([ROWS, BLOCK_T], CDT)   # sum m lr
-    a_lrc = tl.zeros([ROWS, BLOCK_T], CDT)  # sum m lr_c
-    a_k2 = tl.zeros([ROWS, BLOCK_T], CDT)
-    a_k3 = tl.zeros([ROWS, BLOCK_T], CDT)
-    x_k2 = tl.full([ROWS, BLOCK_T], ninf, CDT)
-    x_k3 = tl.full([ROWS, BLOCK_T], ninf, CDT)
+    # ---- pass 1: the row statistics (per-row vectors: each chunk is reduced along T in
+    # its own fixed tree, then added in chunk order; the order depends on T only)
+    a_n = tl.zeros([ROWS], CDT)    # valid tokens
+    a_m = tl.zeros([ROWS], CDT)    # sum m
+    a_lr = tl.zeros([ROWS], CDT)   # sum m lr
+    a_lrc = tl.zeros([ROWS], CDT)  # sum m lr_c
+    a_k2 = tl.zeros([ROWS], CDT)
+    a_k3 = tl.zeros([ROWS], CDT)
+    x_k2 = tl.full([ROWS], ninf, CDT)
+    x_k3 = tl.full([ROWS], ninf, CDT)
     for t0 in range(0, T, BLOCK_T):
         t = t0 + cols
         inb = rin[:, None] & (t < T)
@@ -129,21 +129,21 @@ def _rollout_kernel(
         lrc = _clamp(lr, lim)
         k2 = 0.5 * lrc * lrc
         k3 = _exp(lrc, LIBDEVICE_EXP) - 1.0 - lrc
-        a_n += tl.where(valid, 1.0, zero)
-        a_m += tl.where(valid, m, zero)
-        a_lr += tl.where(valid, m * lr, zero)
-        a_lrc += tl.where(valid, m * lrc, zero)
-        a_k2 += tl.where(valid, m * k2, zero)
-        a_k3 += tl.where(valid, m * k3, zero)
-        x_k2 = _maxn(x_k2, tl.where(valid, k2, ninf))
-        x_k3 = _maxn(x_k3, tl.where(valid, k3, ninf))
-    nonempty = tl.sum(a_n, axis=1) > 0
-    cnt = tl.sum(a_m, axis=1)
+        a_n += tl.sum(tl.where(valid, 1.0, zero), axis=1)
+        a_m += tl.sum(tl.where(valid, m, zero), axis=1)
+        a_lr += tl.sum(tl.where(valid, m * lr, zero), axis=1)
+        a_lrc += tl.sum(tl.where(valid, m * lrc, zero), axis=1)
+        a_k2 += tl.sum(tl.where(valid, m * k2, zero), axis=1)
+        a_k3 += tl.sum(tl.where(valid, m * k3, zero), axis=1)
+        x_k2 = _maxn(x_k2, _rowmax(tl.where(valid, k2, ninf)))
+        x_k3 = _maxn(x_k3, _rowmax(tl.where(valid, k3, ninf)))
+    nonempty = a_n > 0
+    cnt = a_m
     cnt_safe = tl.where(nonempty, tl.maximum(cnt, 1e-30), 1.0)
-    s_lr = tl.sum(a_lr, axis=1)
-    s_lrc = tl.sum(a_lrc, axis=1)
-    s_k2 = tl.sum(a_k2, axis=1)
-    s_k3 = tl.sum(a_k3, axis=1)
+    s_lr = a_lr
+    s_lrc = a_lrc
+    s_k2 = a_k2
+    s_k3 = a_k3
     mean_lr = tl.where(nonempty, tl.fdiv(s_lr, cnt_safe, ieee_rounding=IEEE_DIV), zero)
     mean_k1 = tl.where(nonempty, tl.fdiv(-s_lrc, cnt_safe, ieee_rounding=IEEE_DIV), zero)
     if LEVEL == 1:
@@ -169,28 +169,28 @@ def _rollout_kernel(
         mk3 = tl.where(nonempty, tl.fdiv(s_k3, cnt_safe, ieee_rounding=IEEE_DIV), zero)
         row_pass = row_pass & (mk3 <= tl.full([], sm3_hi, CDT))
     if (REJ >> 9) & 1:
-        xk2 = tl.where(nonempty, _rowmax(x_k2), zero)
+        xk2 = tl.where(nonempty, x_k2, zero)
         row_pass = row_pass & (xk2 <= tl.full([], sx2_hi, CDT))
     if (REJ >> 10) & 1:
-        xk3 = tl.where(nonempty, _rowmax(x_k3), zero)
+        xk3 = tl.where(nonempty, x_k3, zero)
         row_pass = row_pass & (xk3 <= tl.full([], sx3_hi, CDT))
     opsm_low_kl = mean_k1 <= tl.full([], opsm_hi, CDT)
 
     # ---- pass 2: weights, keep flags and the metrics' partial sums
-    p_m = tl.zeros([ROWS, BLOCK_T], CDT)
-    p_k1 = tl.zeros([ROWS, BLOCK_T], CDT)
-    p_k3 = tl.zeros([ROWS, BLOCK_T], CDT)
-    p_d = tl.zeros([ROWS, BLOCK_T], CDT)
-    x_d = tl.full([ROWS, BLOCK_T], ninf, CDT)
-    p_chi = tl.zeros([ROWS, BLOCK_T], CDT)
-    p_w = tl.zeros([ROWS, BLOCK_T], CDT)
-    x_w = tl.full([ROWS, BLOCK_T], ninf, CDT)
-    n_w = tl.full([ROWS, BLOCK_T], ninf, CDT)  # max of -w
-    p_w2 = tl.zeros([ROWS, BLOCK_T], CDT)
-    p_hi = tl.zeros([ROWS, BLOCK_T], CDT)
-    p_lo = tl.zeros([ROWS, BLOCK_T], CDT)
-    p_rej = tl.zeros([ROWS, BLOCK_T], CDT)
-    x_rej = tl.zeros([ROWS, BLOCK_T], CDT)  # 1 where a valid token was rejected
+    p_m = tl.zeros([ROWS], CDT)
+    p_k1 = tl.zeros([ROWS], CDT)
+    p_k3 = tl.zeros([ROWS], CDT)
+    p_d = tl.zeros([ROWS], CDT)
+    x_d = tl.full([ROWS], ninf, CDT)
+    p_chi = tl.zeros([ROWS], CDT)
+    p_w = tl.zeros([ROWS], CDT)
+    x_w = tl.full([ROWS], ninf, CDT)
+    n_w = tl.full([ROWS], ninf, CDT)  # max of -w
+    p_w2 = tl.zeros([ROWS], CDT)
+    p_hi = tl.zeros([ROWS], CDT)
+    p_lo = tl.zeros([ROWS], CDT)
+    p_rej = tl.zeros([ROWS], CDT)
+    x_rej = tl.zeros([ROWS], CDT)  # 1 where a valid token was rejected
     for t0 in range(0, T, BLOCK_T):
         t = t0 + cols
         inb = rin[:, None] & (t < T)
@@ -230,42 +230,42 @@ def _rollout_kernel(
         tl.store(wp, w, mask=inb)
         tl.store(keep_ptr + r64 * T + t64, keep.to(tl.int8), mask=inb)
         e = _exp(lr, LIBDEVICE_EXP)
-        p_m += tl.where(valid, m, zero)
-        p_k1 += tl.where(valid, -m * lr, zero)
-        p_k3 += tl.where(valid, m * (e - lr - 1.0), zero)
-        p_d += tl.where(valid, m * tl.abs(lr), zero)
-        x_d = _maxn(x_d, tl.where(valid, tl.abs(lr), ninf))
-        p_chi += tl.where(valid, m * (_exp(2.0 * lrc, LIBDEVICE_EXP) - 1.0), zero)
-        p_w += tl.where(valid, m * w, zero)
-        x_w = _maxn(x_w, tl.where(valid, w, ninf))
-        n_w = _maxn(n_w, tl.where(valid, -w, ninf))
-        p_w2 += tl.where(valid, m * w * w, zero)
-        p_hi += tl.where(valid & above, m, zero)
-        p_lo += tl.where(valid & below, m, zero)
+        p_m += tl.sum(tl.where(valid, m, zero), axis=1)
+        p_k1 += tl.sum(tl.where(valid, -m * lr, zero), axis=1)
+        p_k3 += tl.sum(tl.where(valid, m * (e - lr - 1.0), zero), axis=1)
+        p_d += tl.sum(tl.where(valid, m * tl.abs(lr), zero), axis=1)
+        x_d = _maxn(x_d, _rowmax(tl.where(valid, tl.abs(lr), ninf)))
+        p_chi += tl.sum(tl.where(valid, m * (_exp(2.0 * lrc, LIBDEVICE_EXP) - 1.0), zero), axis=1)
+        p_w += tl.sum(tl.where(valid, m * w, zero), axis=1)
+        x_w = _maxn(x_w, _rowmax(tl.where(valid, w, ninf)))
+        n_w = _maxn(n_w, _rowmax(tl.where(valid, -w, ninf)))
+        p_w2 += tl.sum(tl.where(valid, m * w * w, zero), axis=1)
+        p_hi += tl.sum(tl.where(valid & above, m, zero), axis=1)
+        p_lo += tl.sum(tl.where(valid & below, m, zero), axis=1)
         rejected = valid & (passed == 0)
-        p_rej += tl.where(rejected, m, zero)
-        x_rej = tl.maximum(x_rej, tl.where(rejected, 1.0, zero))
-    row_rej = (tl.max(x_rej, axis=1) > 0) & nonempty
+        p_rej += tl.sum(tl.where(rejected, m, zero), axis=1)
+        x_rej = tl.maximum(x_rej, tl.max(tl.where(rejected, 1.0, zero), axis=1))
+    row_rej = (x_rej > 0) & nonempty
     slc = _clamp(s_lr, lim)
     chi_seq = tl.where(nonempty, _exp(2.0 * slc, LIBDEVICE_EXP) - 1.0, zero)
     base = part_ptr + pid
     P = tl.num_programs(0)
-    tl.store(base + 0 * P, tl.sum(tl.sum(p_m, axis=1), axis=0))
-    tl.store(base + 1 * P, tl.sum(tl.sum(p_k1, axis=1), axis=0))
-    tl.store(base + 2 * P, tl.sum(tl.sum(p_k3, axis=1), axis=0))
-    tl.store(base + 3 * P, tl.sum(tl.sum(p_d, axis=1), axis=0))
-    tl.store(base + 4 * P, _max2(x_d))
-    tl.store(base + 5 * P, tl.sum(tl.sum(p_chi, axis=1), axis=0))
+    tl.store(base + 0 * P, tl.sum(p_m, axis=0))
+    tl.store(base + 1 * P, tl.sum(p_k1, axis=0))
+    tl.store(base + 2 * P, tl.sum(p_k3, axis=0))
+    tl.store(base + 3 * P, tl.sum(p_d, axis=0))
+    tl.store(base + 4 * P, _max1(x_d))
+    tl.store(base + 5 * P, tl.sum(p_chi, axis=0))
     tl.store(base + 6 * P, tl.sum(tl.where(nonempty, 1.0, zero), axis=0))
     tl.store(base + 7 * P, tl.sum(chi_seq, axis=0))
     tl.store(base + 8 * P, tl.sum(tl.where(nonempty, -mean_lr, zero), axis=0))
-    tl.store(base + 9 * P, tl.sum(tl.sum(p_w, axis=1), axis=0))
-    tl.store(base + 10 * P, _max2(x_w))
-    tl.store(base + 11 * P, _max2(n_w))
-    tl.store(base + 12 * P, tl.sum(tl.sum(p_w2, axis=1), axis=0))
-    tl.store(base + 13 * P, tl.sum(tl.sum(p_hi, axis=1), axis=0))
-    tl.store(base + 14 * P, tl.sum(tl.sum(p_lo, axis=1), axis=0))
-    tl.store(base + 15 * P, tl.sum(tl.sum(p_rej, axis=1), axis=0))
+    tl.store(base + 9 * P, tl.sum(p_w, axis=0))
+    tl.store(base + 10 * P, _max1(x_w))
+    tl.store(base + 11 * P, _max1(n_w))
+    tl.store(base + 12 * P, tl.sum(p_w2, axis=0))
+    tl.store(base + 13 * P, tl.sum(p_hi, axis=0))
+    tl.store(base + 14 * P, tl.sum(p_lo, axis=0))
+    tl.store(base + 15 * P, tl.sum(p_rej, axis=0))
     tl.store(base + 16 * P, tl.sum(tl.where(row_rej, 1.0, zero), axis=0))
 
 
