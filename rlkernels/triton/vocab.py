@@ -651,7 +651,9 @@ def _kl_forward(logits, ref_logits, ignore_mask, given_p, given_q, kind, beta, t
             kl, stats_p, stats_q, gp, gq, vocab, *split(1.0 / temperature),
             *split(LOG2E / temperature), *_beta_args(beta), KIND=_KINDS[kind],
             HAS_MASK=has_mask, GIVEN_STATS=given,
-            ONE_PASS=_KL_ONE_PASS and kind != "jsd" and not given,
+            # fp64: the two-pass form (the one-pass state, 7 fp64 arrays, spills 56 B at 255
+            # registers on sm_90a; the two-pass one does not)
+            ONE_PASS=_KL_ONE_PASS and kind != "jsd" and not given and cdt != torch.float64,
             IS_FP64=cdt == torch.float64, CDT=tl_compute_dtype(cdt), BLOCK_V=block,
             num_warps=num_warps(block))
     return kl, stats_p, stats_q
