@@ -124,8 +124,9 @@ def test_launchers_pass_every_binding_argument_by_name():
             names = [k.arg for k in node.keywords]
             assert sorted(names) == sorted(_binding_params(fn)), (path.name, node.func.attr)
             seen.add(node.func.attr)
+    # every kernel entry point is called (helpers such as grpo_gif_plan may be called too)
     launch = {n for n in dir(C) if n.endswith(("_forward", "_backward"))}
-    assert seen == launch, launch ^ seen
+    assert launch <= seen, launch - seen
 
 
 @needs_ext
