@@ -10,7 +10,8 @@ to the CSV and flushed as it is measured, so a run cut at any point keeps what i
 
 * ``headline``: one realistic shape per op, every provider (peers included, each only if it
   imports), forward and forward+backward: vocabulary ops at N=16384, V=151936 bf16; grpo_loss
-  B=16 x T=1024, V=151936; policy_loss and gae at B=512, T=4096; group_advantages B=16384;
+  B=16 x T=1024, V=151936, with and without ``grad_in_forward`` (``grpo_loss_gif``);
+  policy_loss and gae at B=512, T=4096; group_advantages B=16384;
   the linear ops at N=16384, H=3584, V=151936. Two passes over the ops in priority order,
   each op with an equal share of its pass's time: first the providers that answer the
   questions (rlkernels triton and cuda, torch-naive, the peers; 70% of the budget), then
@@ -37,6 +38,7 @@ from typing import Dict, List
 HEADLINE: Dict[str, dict] = {
     "token_logprobs": {"N": 16384, "V": 151936},
     "grpo_loss": {"B": 16, "T": 1024, "V": 151936},
+    "grpo_loss_gif": {"B": 16, "T": 1024, "V": 151936},
     "linear_grpo_loss": {"N": 16384, "H": 3584, "V": 151936},
     "linear_token_logprobs": {"N": 16384, "H": 3584, "V": 151936},
     "kl_divergence": {"N": 16384, "V": 151936},
@@ -51,6 +53,7 @@ HEADLINE: Dict[str, dict] = {
 # per kernel), the grid one extra shape of two ops; no torch.compile.
 DRY_HEADLINE: Dict[str, dict] = {
     "token_logprobs": {"N": 4, "V": 257}, "grpo_loss": {"B": 2, "T": 2, "V": 257},
+    "grpo_loss_gif": {"B": 2, "T": 2, "V": 257},
     "linear_grpo_loss": {"N": 4, "H": 32, "V": 257},
     "linear_token_logprobs": {"N": 4, "H": 32, "V": 257},
     "kl_divergence": {"N": 4, "V": 257}, "token_logprobs_entropy": {"N": 4, "V": 257},

@@ -131,6 +131,15 @@ def _grpo_bytes(s, mode, b):
     return nv + small if mode == "fwd" else 3 * nv + 2 * small
 
 
+def _grpo_gif_bytes(s, mode, b):
+    """grad_in_forward: the forward reads the logits and writes ``d logits`` (the one-read
+    CUDA kernel; the other backends read the logits twice); the backward reads nothing more
+    for an upstream gradient of 1."""
+    nv = _n(s) * s["V"] * b
+    small = _n(s) * (8 + 4 + 1) + s["B"] * 4
+    return 2 * nv + small
+
+
 def _make_adv(s, device, dtype, gen):
     return {"rewards": _rand((s["B"],), device, gen)}
 
@@ -200,6 +209,9 @@ OPS: Dict[str, OpSpec] = {o.name: o for o in [
            note=f"K={K_SPARSE}, normalize='full'"),
     OpSpec("grpo_loss", "policy", "grpo_loss", _make_grpo, ("logits",), _grpo_bytes,
            full=GRPO_FULL, quick=GRPO_QUICK, note="PPO clip 0.2, token-mean"),
+    OpSpec("grpo_loss_gif", "policy", "grpo_loss", _make_grpo, ("logits",), _grpo_gif_bytes,
+           full=GRPO_FULL, quick=GRPO_QUICK,
+           note="grpo_loss(grad_in_forward=True): d logits formed in the forward (issue 22)"),
     OpSpec("policy_loss", "policy", "policy_loss", _make_policy, ("logp",),
            _policy_bytes, full=POLICY_FULL, quick=POLICY_QUICK, note="PPO clip 0.2, token-mean"),
     OpSpec("group_advantages", "advantage", "group_advantages", _make_adv, (),

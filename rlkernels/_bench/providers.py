@@ -120,6 +120,8 @@ NAIVE: Dict[str, Fn] = {
         naive_token_logprobs(d["hidden"] @ d["weight"].T, d["tokens"]), d["old_logp"],
         d["advantages"], d["mask"]),
 }
+# grpo_loss(grad_in_forward=True) computes the same loss: the same baseline
+NAIVE["grpo_loss_gif"] = NAIVE["grpo_loss"]
 
 
 def _naive(op: str) -> Fn:
@@ -153,6 +155,9 @@ def _rlkernels_fn(op: str, backend: str) -> Fn:
                                                            backend=b),
         "grpo_loss": lambda d, s: rk.grpo_loss(d["logits"], d["tokens"], d["old_logp"],
                                                d["advantages"], d["mask"], backend=b)[0],
+        "grpo_loss_gif": lambda d, s: rk.grpo_loss(d["logits"], d["tokens"], d["old_logp"],
+                                                   d["advantages"], d["mask"], backend=b,
+                                                   grad_in_forward=True)[0],
         "policy_loss": lambda d, s: rk.policy_loss(d["logp"], d["old_logp"], d["advantages"],
                                                    d["mask"], backend=b)[0],
         "group_advantages": lambda d, s: rk.group_advantages(d["rewards"], group_size=s["G"],
