@@ -125,7 +125,7 @@ def _vocab_cases(vocab: int, n: int, dev: str = "cpu") -> Dict[str, Callable]:
                 for kind in ("reverse", "forward", "jsd")]
         return outs, [x, y]
 
-    def grpo_loss(dtype, backend, ref):
+    def grpo_loss(dtype, backend, ref, gif=False):
         b, t = 2, max(n // 2, 1)
         x = _logits(b * t, vocab, dtype, 9)
         tok = _tokens(x, 10).view(b, t).to(dev)
@@ -141,12 +141,18 @@ def _vocab_cases(vocab: int, n: int, dev: str = "cpu") -> Dict[str, Callable]:
         if ref:
             old, adv, ref_lp = old.double(), adv.double(), ref_lp.double()
         loss, m = rk.grpo_loss(x, tok, old, adv, mask, ref_logp=ref_lp, kl_coef=0.05,
-                               entropy_coef=0.01, temperature=0.9, backend=backend)
+                               entropy_coef=0.01, temperature=0.9, backend=backend,
+                               grad_in_forward=gif)
         return [loss, m["clipfrac"], m["entropy"]], [x]
+
+    def grpo_loss_gif(dtype, backend, ref):
+        # issue 22: d logits formed in the forward; the same values and gradients
+        return grpo_loss(dtype, backend, ref, gif=True)
 
     return {"token_logprobs": token_logprobs, "entropy": entropy,
             "sparse_logprobs": sparse_logprobs, "sparse_kl": sparse_kl,
-            "kl_divergence": kl_divergence, "grpo_loss": grpo_loss}
+            "kl_divergence": kl_divergence, "grpo_loss": grpo_loss,
+            "grpo_loss grad_in_forward": grpo_loss_gif}
 
 
 def _other_cases(quick: bool, dev: str = "cpu") -> Dict[str, Callable]:
@@ -287,6 +293,7 @@ def _other_cases(quick: bool, dev: str = "cpu") -> Dict[str, Callable]:
 _DISPATCH = {"token_logprobs": ("token_logprobs",), "entropy": ("token_logprobs",),
              "sparse_logprobs": ("sparse_logprobs",), "sparse_kl": ("sparse_kl",),
              "kl_divergence": ("kl_divergence",), "grpo_loss": ("grpo_loss",),
+             "grpo_loss grad_in_forward": ("grpo_loss",),
              "policy_loss": ("policy_loss",), "kl_penalty": ("kl_penalty",),
              "group_advantages": ("group_advantages",),
              "gae+returns+whiten": ("gae", "discounted_returns", "masked_whiten"),
