@@ -198,7 +198,7 @@ def vocab_cases(n: int, v: int, dtype, label: str) -> List[Case]:
         return [rk.kl_divergence(x, y, kind=kd, ignore_mask=mask, backend=b)
                 for kd in ("reverse", "forward", "jsd")], [x, y]
 
-    def grpo_loss(b, ref, dev):
+    def grpo_loss(b, ref, dev, gif=False):
         bb = 4 if n >= 4 else 1
         t = n // bb
         x0 = make_logits(bb * t, v, dtype, dev, 9)
@@ -213,8 +213,12 @@ def vocab_cases(n: int, v: int, dtype, label: str) -> List[Case]:
         x = _cast(x0, ref).view(bb, t, v).requires_grad_(True)
         loss, m = rk.grpo_loss(x, tok, _cast(old, ref), _cast(adv, ref), tok != -100,
                                ref_logp=_cast(ref_lp, ref), kl_coef=0.05, entropy_coef=0.01,
-                               temperature=0.9, backend=b)
+                               temperature=0.9, backend=b, grad_in_forward=gif)
         return [loss, m["clipfrac"], m["entropy"]], [x]
+
+    def grpo_loss_gif(b, ref, dev):
+        # issue 22: the same loss with d logits formed in the forward (cuda: one read)
+        return grpo_loss(b, ref, dev, gif=True)
 
     fam = "vocab"
     return [
@@ -229,6 +233,9 @@ def vocab_cases(n: int, v: int, dtype, label: str) -> List[Case]:
              kl_divergence),
         Case(f"grpo_loss {label}", "grpo_loss", ("policy", "grpo_loss"), dtype,
              {"B": 4 if n >= 4 else 1, "T": n // (4 if n >= 4 else 1), "V": v}, grpo_loss),
+        Case(f"grpo_loss grad_in_forward {label}", "grpo_loss", ("policy", "grpo_loss"),
+             dtype, {"B": 4 if n >= 4 else 1, "T": n // (4 if n >= 4 else 1), "V": v},
+             grpo_loss_gif),
     ]
 
 
@@ -253,7 +260,11 @@ def policy_cases(bsz: int, t: int, adv_b: int) -> List[Case]:
         for kw in (dict(clip_high=0.28, dual_clip=3.0, ref_logp=old - 0.05, kl_coef=0.1,
                         entropy=ent, entropy_coef=0.01),
                    dict(agg="seq-mean-token-mean", ratio_level="sequence"),
-                   dict(loss="cispo", clip_high=0.28, agg="seq-mean-token-sum-norm")):
+                   dict(loss="cispo", clip_high=0.28, agg="seq-mean-token-sum-norm"),
+                   # issue 21's losses (a few; tests/ops/test_policy_losses_new.py has all)
+                   dict(loss="sapo"), dict(loss="gmpo"), dict(loss="dppo_kl", dual_clip=3.0),
+                   dict(loss="dro", dro_beta=0.1), dict(loss="vespo"),
+                   dict(ref_logp=old - 0.05, kl_coef=0.1, kl_estimator="k3_is")):
             loss, m = rk.policy_loss(logp, old, adv, mask, backend=b, **kw)
             outs += [loss] + [m[k] for k in sorted(m)]
         return outs, [logp, ent]
@@ -267,9 +278,15 @@ def policy_cases(bsz: int, t: int, adv_b: int) -> List[Case]:
         g = torch.Generator(device=dev).manual_seed(25)
         r = _cast(torch.randint(0, 3, (adv_b,), generator=g, device=dev).float(), ref)
         idx = torch.randperm(adv_b, generator=g, device=dev) % max(1, adv_b // 7)
+        tm = torch.rand(adv_b, 48, generator=g, device=dev) > 0.3  # response tokens
+        comps = _cast(torch.randint(0, 3, (adv_b, 3), generator=g, device=dev).float(), ref)
         return [rk.group_advantages(r, group_size=16, method=m, backend=b)
-                for m in ("grpo", "rloo", "dr_grpo", "batch_std")] + \
-               [rk.group_advantages(r, group_index=idx, backend=b)], []
+                for m in ("grpo", "rloo", "dr_grpo", "batch_std", "gpg", "grpo_passk")] + \
+               [rk.group_advantages(r, group_size=16, method=m, mask=tm, backend=b)
+                for m in ("opo", "reinforce_plus_plus_baseline")] + \
+               [rk.group_advantages(comps, group_size=16, method="gdpo", mask=tm,
+                                    reward_weights=[1.0, 0.5, 2.0], backend=b),
+                rk.group_advantages(r, group_index=idx, backend=b)], []
 
     def gae(b, ref, dev):
         r, v = _cast(rand((bsz, t), dev, 26), ref), _cast(rand((bsz, t), dev, 27), ref)
@@ -280,7 +297,10 @@ def policy_cases(bsz: int, t: int, adv_b: int) -> List[Case]:
     def discounted_returns(b, ref, dev):
         r = _cast(rand((bsz, t), dev, 29), ref)
         mask = rand((bsz, t), dev, 30) > -0.8
-        return [rk.discounted_returns(r, mask, gamma=0.9, backend=b)], []
+        base = _cast(rand((bsz,), dev, 37), ref)
+        return [rk.discounted_returns(r, mask, gamma=0.9, backend=b),
+                *rk.discounted_returns(r, mask, gamma=1.0, baseline=base, backend=b),
+                *rk.discounted_returns(r, mask, gamma=0.9, whiten=True, backend=b)], []
 
     def masked_whiten(b, ref, dev):
         v = _cast(rand((bsz, t), dev, 31, 2.0, 1.0), ref).requires_grad_(True)
@@ -316,7 +336,8 @@ def policy_cases(bsz: int, t: int, adv_b: int) -> List[Case]:
              f32, s, rollout_correction,
              note="token TIS + seq_max_k2, sequence MIS + seq_mean_k1 + opsm, geometric TIS"),
         Case("policy_loss", "policy_loss", ("policy", "policy_loss"), f32, s, policy_loss,
-             note="ppo dual-clip+kl+entropy, GSPO seq-mean, cispo"),
+             note="ppo dual-clip+kl+entropy, GSPO seq-mean, cispo, sapo, gmpo, dppo_kl, "
+                  "dro, vespo, k3_is"),
         Case("kl_penalty", "kl_penalty", None, f32, s, kl_penalty, backends=("torch",),
              note="no backend= argument: torch on the device"),
         Case("group_advantages", "group_advantages", ("advantage", "group_advantages"), f32,
