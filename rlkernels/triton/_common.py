@@ -111,6 +111,12 @@ def row_stride(x: torch.Tensor) -> int:
     return x.stride(0) if x.dim() == 2 else 0
 
 
+def fast_bf16(x: torch.Tensor) -> bool:
+    """Whether a kernel may unpack ``x``'s bf16 values with :func:`load_bf16_f32`'s inline PTX:
+    bf16 on a GPU (the interpreter, on CPU tensors, runs no PTX)."""
+    return x.dtype == torch.bfloat16 and x.is_cuda
+
+
 def device_guard(t: torch.Tensor):
     """Launch on ``t``'s GPU (Triton launches on the current device). On CPU (the
     interpreter runs the kernels with numpy), silence numpy's floating-point warnings: the
@@ -308,6 +314,21 @@ def lane_step2(x1, x2, m, r, t, c, WITH_T: tl.constexpr, IS_FP64: tl.constexpr):
     if WITH_T:
         t = t + tl.maximum(dn, -3.0e38) * en
     return m, r, t
+
+
+@triton.jit
+def load_bf16_f32(ptrs, FAST: tl.constexpr):
+    """``tl.load(ptrs).to(float32)`` of bf16 values; with ``FAST`` (compiled, not under the
+    interpreter) each 32-bit word of two bf16 unpacks in two integer instructions (``shl 16``,
+    ``and 0xffff0000``: bf16 -> fp32 is exact, NaN / inf bits included), where the plain
+    conversion spends three (a ``PRMT`` and a shift for the high half)."""
+    x = tl.load(ptrs)
+    if FAST:
+        return tl.inline_asm_elementwise(
+            "{ shl.b32 $0, $2, 16; and.b32 $1, $2, 0xffff0000; }", "=r,=r,r", [x],
+            dtype=tl.float32, is_pure=True, pack=2)
+    else:
+        return x.to(tl.float32)
 
 
 @triton.jit

@@ -43,9 +43,9 @@ import triton.language as tl
 
 from .._codes import KL_KINDS
 from ._common import (LOG2E, block_v, compute_dtype, const_hl, device_guard, exp2_, expm1,
-                      lane_merge, lane_step, lane_step2, log1p, logaddexp, mul_hl, n_rows, num_warps,
-                      row_layout, row_offset, split, tl_compute_dtype,
-                      unit_stride, xmul0)
+                      fast_bf16, lane_merge, lane_step, lane_step2, load_bf16_f32, log1p,
+                      logaddexp, mul_hl, n_rows, num_warps, row_layout, row_offset, split,
+                      tl_compute_dtype, unit_stride, xmul0)
 
 Tensor = torch.Tensor
 
@@ -63,7 +63,7 @@ def _token_logprobs_fwd_kernel(
         x_ptr, inner_x, stride_x, stride_x1, tok_ptr, stride_tok, logp_ptr, ent_ptr, stats_ptr,
         V, inv_t_hi, inv_t_lo, c_hi, c_lo, ignore_index,
         HAS_TOKENS: tl.constexpr, WITH_ENTROPY: tl.constexpr, IS_FP64: tl.constexpr,
-        CDT: tl.constexpr, BLOCK_V: tl.constexpr):
+        CDT: tl.constexpr, BLOCK_V: tl.constexpr, FAST_BF16: tl.constexpr = False):
     row = tl.program_id(0).to(tl.int64)
     if HAS_TOKENS:
         tok = tl.load(tok_ptr + row * stride_tok).to(tl.int64)
@@ -93,8 +93,12 @@ def _token_logprobs_fwd_kernel(
         # full blocks without a mask, then the partial last block (masked: -inf past V)
         v_full = V - V % BLOCK_V
         for start in range(0, v_full, BLOCK_V):
-            x1 = tl.load(base + start + lanes).to(CDT)
-            x2 = tl.load(base + start + HALF + lanes).to(CDT)
+            if FAST_BF16:
+                x1 = load_bf16_f32(base + start + lanes, True)
+                x2 = load_bf16_f32(base + start + HALF + lanes, True)
+            else:
+                x1 = tl.load(base + start + lanes).to(CDT)
+                x2 = tl.load(base + start + HALF + lanes).to(CDT)
             m, r, t = lane_step2(x1, x2, m, r, t, c, WITH_ENTROPY, IS_FP64)
         if v_full < V:
             c1 = v_full + lanes
@@ -240,7 +244,7 @@ def token_logprobs_forward(logits: Tensor, tokens: Optional[Tensor], temperature
             vocab, hi, lo, *split(LOG2E / temperature), int(ignore_index),
             HAS_TOKENS=has_tokens, WITH_ENTROPY=bool(with_entropy),
             IS_FP64=cdt == torch.float64, CDT=tl_compute_dtype(cdt), BLOCK_V=block,
-            num_warps=num_warps(block))
+            FAST_BF16=fast_bf16(x), num_warps=num_warps(block))
     return logp, ent, stats
 
 
