@@ -382,7 +382,7 @@ def _kl_fwd_kernel(
         l1b_hi, l1b_lo,
         KIND: tl.constexpr, HAS_MASK: tl.constexpr, GIVEN_STATS: tl.constexpr,
         ONE_PASS: tl.constexpr, IS_FP64: tl.constexpr, CDT: tl.constexpr,
-        BLOCK_V: tl.constexpr):
+        BLOCK_V: tl.constexpr, FAST_BF16: tl.constexpr = False):
     row = tl.program_id(0).to(tl.int64)
     if HAS_MASK:
         skip = tl.load(mask_ptr + row * stride_mask) != 0
@@ -420,8 +420,12 @@ def _kl_fwd_kernel(
             dmax = tl.full([BLOCK_V], -3.0e38, CDT)
             v_full = V - V % BLOCK_V
             for start in range(0, v_full, BLOCK_V):
-                xa = tl.load(abase + start + offs).to(CDT)
-                xb = tl.load(bbase + start + offs).to(CDT)
+                if FAST_BF16:
+                    xa = load_bf16_f32(abase + start + offs, True)
+                    xb = load_bf16_f32(bbase + start + offs, True)
+                else:
+                    xa = tl.load(abase + start + offs).to(CDT)
+                    xb = tl.load(bbase + start + offs).to(CDT)
                 m_a, r_a, acc, o, dmax, m_b, r_b = _kl_lane_step(
                     xa, xb, m_a, r_a, acc, o, dmax, m_b, r_b, c, IS_FP64)
             if v_full < V:
@@ -659,7 +663,7 @@ def _kl_forward(logits, ref_logits, ignore_mask, given_p, given_q, kind, beta, t
             # registers on sm_90a; the two-pass one does not)
             ONE_PASS=_KL_ONE_PASS and kind != "jsd" and not given and cdt != torch.float64,
             IS_FP64=cdt == torch.float64, CDT=tl_compute_dtype(cdt), BLOCK_V=block,
-            num_warps=num_warps(block))
+            FAST_BF16=fast_bf16(x) and y.dtype == torch.bfloat16, num_warps=num_warps(block))
     return kl, stats_p, stats_q
 
 
