@@ -243,6 +243,16 @@ def advantage_cases(b: int, group_size: int, dtype: torch.dtype, t: int = 4096):
                 for unbiased in (False, True):
                     out, st = K.masked_whiten_forward(vt, mt, shift, 1e-8, unbiased)
                     K.masked_whiten_backward(out, vt, mt, st, shift, unbiased)
+        # verl's estimators (issue 21): the group methods that read the response mask, the
+        # multi-component gdpo, and the ReMax / REINFORCE++ returns (with the batch whitening)
+        for method in ("opo", "gpg", "grpo_passk", "reinforce_plus_plus_baseline"):
+            for index in (None, gid):
+                K.group_advantages_forward(r, index, group_size, method, 1e-6, True, mask=mt)
+        comps = gpu(b, 3, dtype=dtype)
+        K.group_advantages_forward(comps, None, group_size, "gdpo", 1e-6, True, mask=mt,
+                                   reward_weights=gpu(3, dtype=dtype))
+        for baseline, whiten in ((gpu(b, dtype=dtype), False), (None, True)):
+            K.discounted_advantages_forward(rt, mt, baseline, 0.99, whiten, 1e-8, True)
     return [(f"advantage B={b} S={group_size} T={t} {_dt(dtype)}", run)]
 
 
@@ -300,7 +310,17 @@ def grpo_cases(b: int, t: int, v: int, dtype: torch.dtype):
                                                    None, 1.0, o)
         K.grpo_loss_backward(loss, logits, tok, old, adv, mask, None, None, None, lp, ent, st,
                              1.0, o, True)
-    return [(f"grpo_loss B={b} T={t} V={v} {_dt(dtype)}", run)]
+    return [(f"grpo_loss B={b} T={t} V={v} {_dt(dtype)}", run)] + gif_cases(b * t, v, dtype)
+
+
+def gif_cases(n: int, v: int, dtype: torch.dtype):
+    """``grpo_loss(grad_in_forward=True)``'s backward: the gradient formed in the forward,
+    scaled by the upstream scalar (issue 22)."""
+    from rlkernels.triton import grpo as G
+
+    def run():
+        G.grpo_loss_gif_scale_(gpu(n, v, dtype=dtype), gpu(1))
+    return [(f"grpo_loss_gif_scale N={n} V={v} {_dt(dtype)}", run)]
 
 
 def linear_cases(n: int, h: int, v: int, dtype: torch.dtype, grpo: bool = False):
@@ -363,7 +383,8 @@ def all_cases(quick: bool):
     if quick:
         return (vocab_cases(n, v, bf16) + sparse_cases(n, v, 20, bf16)
                 + advantage_cases(512, 8, fp32) + policy_cases(512, 4096, fp32)
-                + linear_cases(n, 4096, v, bf16) + rollout_cases(512, 4096, fp32))
+                + linear_cases(n, 4096, v, bf16) + rollout_cases(512, 4096, fp32)
+                + gif_cases(n, v, bf16))
     cases = []
     for dtype in (bf16, fp32):
         for vocab in (v, 32000, 128256):
