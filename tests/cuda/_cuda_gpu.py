@@ -18,3 +18,12 @@ def gpu_cuda(fn):
     fn = pytest.mark.skipif(HAS_GPU and STATUS != "ok",
                             reason=f"cuda backend unavailable: {STATUS}")(fn)
     return pytest.mark.gpu(fn)
+
+
+def cpu_expect(name, t, dtypes, shape=None, like=None, ndim=None):
+    """A stand-in for rlkernels.cuda._common.expect in the launcher tests that run without a
+    GPU: the same checks on CPU tensors (dtype, shape, rank), returning the tensor."""
+    assert isinstance(t, torch.Tensor) and t.dtype in dtypes, name
+    assert shape is None or tuple(t.shape) == tuple(shape), (name, tuple(t.shape), shape)
+    assert ndim is None or t.dim() == ndim, name
+    return t

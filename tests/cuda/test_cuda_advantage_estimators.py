@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import rlkernels
-from _cuda_gpu import gpu_cuda
+from _cuda_gpu import gpu_cuda, cpu_expect
 from _naive import bit_equal
 from rlkernels import _codes
 from rlkernels.cuda import advantage as ca
@@ -73,19 +73,12 @@ class _Recorder:
         return self.calls[-1]
 
 
-def _cpu_expect(name, t, dtypes, shape=None, like=None, ndim=None):
-    assert isinstance(t, torch.Tensor) and t.dtype in dtypes, name
-    assert shape is None or tuple(t.shape) == tuple(shape), (name, tuple(t.shape), shape)
-    assert ndim is None or t.dim() == ndim, name
-    return t
-
-
 @pytest.fixture
 def rec(monkeypatch):
     r = _Recorder()
     monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
     for attr, value in (("extension", lambda: r), ("stream_of", lambda t: 0),
-                        ("expect", _cpu_expect)):
+                        ("expect", cpu_expect)):
         monkeypatch.setattr(ca, attr, value)
     return r
 

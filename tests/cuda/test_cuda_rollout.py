@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import rlkernels as rk
-from _cuda_gpu import gpu_cuda
+from _cuda_gpu import gpu_cuda, cpu_expect
 from rlkernels import _codes
 from rlkernels.cuda import rollout as cr
 from rlkernels.ops import rollout as ro
@@ -55,20 +55,13 @@ class _Recorder:
         self.calls.append(kw)
 
 
-def _cpu_expect(name, t, dtypes, shape=None, like=None, ndim=None):
-    assert isinstance(t, torch.Tensor) and t.dtype in dtypes, name
-    assert shape is None or tuple(t.shape) == tuple(shape), (name, tuple(t.shape), shape)
-    assert ndim is None or t.dim() == ndim, name
-    return t
-
-
 @pytest.fixture
 def rec(monkeypatch):
     r = _Recorder()
     monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
     monkeypatch.setattr(cr, "extension", lambda: r)
     monkeypatch.setattr(cr, "stream_of", lambda t: 0)
-    monkeypatch.setattr(cr, "expect", _cpu_expect)
+    monkeypatch.setattr(cr, "expect", cpu_expect)
     return r
 
 

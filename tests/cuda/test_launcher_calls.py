@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from rlkernels.cuda import load_extension
+from _cuda_gpu import cpu_expect  # noqa: E402
 
 RC = load_extension()
 pytestmark = pytest.mark.skipif(RC is None, reason="rlkernels._C not built")
@@ -43,13 +44,6 @@ class _Recorder:
         return [kw for n, kw in self.calls if n == name][-1]
 
 
-def _cpu_expect(name, t, dtypes, shape=None, like=None, ndim=None):
-    assert isinstance(t, torch.Tensor) and t.dtype in dtypes, name
-    assert shape is None or tuple(t.shape) == tuple(shape), (name, tuple(t.shape), shape)
-    assert ndim is None or t.dim() == ndim, name
-    return t
-
-
 @pytest.fixture
 def rec(monkeypatch):
     from rlkernels.cuda import advantage, policy, sparse, vocab
@@ -58,7 +52,7 @@ def rec(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
     for m in (vocab, sparse, advantage, policy):
         for attr, value in (("extension", lambda: r), ("_extension", lambda: r),
-                            ("stream_of", lambda t: 0), ("expect", _cpu_expect)):
+                            ("stream_of", lambda t: 0), ("expect", cpu_expect)):
             if hasattr(m, attr):
                 monkeypatch.setattr(m, attr, value)
     monkeypatch.setattr(policy, "_PARAMS", {})
