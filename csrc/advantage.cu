@@ -39,6 +39,13 @@ __global__ void __launch_bounds__(kBatchThreads)
   if (threadIdx.x == 0) *out = d_sqrt(ss / A(denom > 1 ? denom : 1));
 }
 
+// Group g's first member: starts[g] on the group_index path (sorted ids; starts[G] = B),
+// else g * group_size (contiguous groups of equal size).
+__device__ __forceinline__ int64_t group_start(const int64_t* __restrict__ starts,
+                                               int64_t group_size, int64_t g) {
+  return starts != nullptr ? starts[g] : g * group_size;
+}
+
 // For the members of slot g (sorted positions [start, end)), with n members, total = sum r,
 // mean = total / n:
 //   grpo:      (r - mean) / (std + eps),  std = sqrt(sum (r - mean)^2 / (n - unbiased))
@@ -55,14 +62,8 @@ __global__ void __launch_bounds__(kWarp)
                             acc_t<T> eps, const acc_t<T>* __restrict__ batch_std) {
   using A = acc_t<T>;
   const int64_t g = blockIdx.x;
-  int64_t start, end;
-  if (starts != nullptr) {
-    start = starts[g];
-    end = starts[g + 1];
-  } else {
-    start = g * group_size;
-    end = start + group_size;
-  }
+  const int64_t start = group_start(starts, group_size, g);
+  const int64_t end = group_start(starts, group_size, g + 1);
   if (start >= end) return;  // an unused slot of the group_index path
   const int lane = threadIdx.x;
   auto src = [&](int64_t k) { return perm != nullptr ? perm[k] : k; };
@@ -491,14 +492,8 @@ __global__ void __launch_bounds__(kWarp, 16)
                             const acc_t<T>* __restrict__ alpha) {
   using A = acc_t<T>;
   const int64_t g = blockIdx.x;
-  int64_t start, end;
-  if (starts != nullptr) {
-    start = starts[g];
-    end = starts[g + 1];
-  } else {
-    start = g * group_size;
-    end = start + group_size;
-  }
+  const int64_t start = group_start(starts, group_size, g);
+  const int64_t end = group_start(starts, group_size, g + 1);
   if (start >= end) return;  // an unused slot of the group_index path
   const int lane = threadIdx.x;
   auto src = [&](int64_t k) { return perm != nullptr ? perm[k] : k; };

@@ -19,16 +19,17 @@ in the kernel, as torch rounds a Python scalar: a new threshold compiles nothing
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
 from .. import _codes
 from ..reference.rollout import METRICS, N_NUMS, compute_dtype
+from ._common import device_guard
+# tl.exp is ex2.approx on GPUs; the policy kernels' _exp takes libdevice's accurate exp there
+from .policy import _exp
 
 Tensor = torch.Tensor
 
@@ -45,17 +46,6 @@ N_PARTIALS = 17
 _NK = 32
 _PB = 128
 _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
-
-
-@triton.jit
-def _exp(x, LIBDEVICE_EXP: tl.constexpr):
-    # tl.exp is ex2.approx on GPUs; libdevice's exp is accurate (no libdevice in the
-    # interpreter, whose numpy exp is)
-    if LIBDEVICE_EXP:
-        y = libdevice.exp(x)
-    else:
-        y = tl.exp(x)
-    return y
 
 
 @triton.jit
@@ -345,10 +335,6 @@ def _blocks(b: int, t: int, cdt: torch.dtype = torch.float32) -> Tuple[int, int]
     return rows, block_t
 
 
-def _device_guard(x: Tensor):
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
-
 def _reject_scalars(nums) -> Tuple[float, ...]:
     """The bounds the kernel reads, from ``nums`` (code c: ``nums[3 + 2c], nums[4 + 2c]``)."""
     def lo(name):
@@ -403,7 +389,7 @@ def rollout_correction_forward(old_logp: Tensor, rollout_logp: Tensor, mask: Ten
         adv, adv_s = old_logp, (0, 0)
     m = _mask_view(mask)
     ieee = cdt == torch.float32
-    with _device_guard(old_logp):
+    with device_guard(old_logp):
         _rollout_kernel[(p,)](
             old_logp, rollout_logp, m, adv, weights, keep.view(torch.int8), part, b, t,
             old_logp.stride(0), old_logp.stride(1), rollout_logp.stride(0),
