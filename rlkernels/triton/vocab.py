@@ -609,6 +609,15 @@ def _kl_bwd_kernel(
 # unrounded pair (docs/math.md). The two-pass form stays for JSD and the partial forward.
 _KL_ONE_PASS = True
 
+# the f-divergences beyond KL / JSD (alpha: ``beta`` carries alpha; tv) have their own
+# kernels in :mod:`rlkernels.triton._divergence`, same functions and signatures as below
+_FDIV_KINDS = ("alpha", "tv")
+
+
+def _fdiv():
+    from . import _divergence
+    return _divergence
+
 
 def _beta_args(beta: float):
     """``beta, 1 - beta, log beta, log(1 - beta)`` as fp32 (hi, lo) pairs."""
@@ -624,6 +633,9 @@ def kl_divergence_forward(logits: Tensor, ref_logits: Tensor, ignore_mask: Optio
     """Returns ``(kl [N], stats_p [N, 3], stats_q [N, 3])`` like the reference; the third
     columns hold ``sum p a_p`` and ``sum q a_q``. ``ignore_mask`` rows: kl 0, stats 0 (never
     read), the rows are not read."""
+    if kind in _FDIV_KINDS:
+        return _fdiv().kl_divergence_forward(logits, ref_logits, ignore_mask, kind, beta,
+                                             temperature)
     return _kl_forward(logits, ref_logits, ignore_mask, None, None, kind, beta, temperature)
 
 
@@ -634,6 +646,9 @@ def kl_divergence_partial_forward(logits: Tensor, ref_logits: Tensor,
     """:func:`kl_divergence_forward` with ``(max, log s)`` of both rows given (columns 0, 1 of
     ``stats_p`` / ``stats_q``): only the second pass runs. Vocabulary parallelism: with the
     all-shard statistics the outputs are this shard's part of the KL sums."""
+    if kind in _FDIV_KINDS:
+        return _fdiv().kl_divergence_partial_forward(logits, ref_logits, ignore_mask, stats_p,
+                                                     stats_q, kind, beta, temperature)
     return _kl_forward(logits, ref_logits, ignore_mask, stats_p, stats_q, kind, beta,
                        temperature)
 
@@ -674,6 +689,10 @@ def kl_divergence_backward(grad_kl: Tensor, logits: Tensor, ref_logits: Tensor,
     """Gradients w.r.t. ``logits`` and (if ``need_ref_grad``) ``ref_logits``, in their
     dtypes, one pass over the row pair; ``ignore_mask`` rows receive exactly 0. The
     gradients are contiguous, of the inputs' shapes."""
+    if kind in _FDIV_KINDS:
+        return _fdiv().kl_divergence_backward(grad_kl, logits, ref_logits, ignore_mask,
+                                              stats_p, stats_q, kind, beta, temperature,
+                                              need_ref_grad)
     vocab, n = logits.shape[-1], n_rows(logits)
     x, y = unit_stride(logits), unit_stride(ref_logits)
     cdt = compute_dtype(x.dtype)
