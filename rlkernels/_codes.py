@@ -18,7 +18,7 @@ from typing import Dict
 DTYPES: Dict[str, int] = {"float32": 0, "float16": 1, "bfloat16": 2, "float64": 3}
 
 # kl_divergence(kind=...).
-KL_KINDS: Dict[str, int] = {"reverse": 0, "forward": 1, "jsd": 2}
+KL_KINDS: Dict[str, int] = {"reverse": 0, "forward": 1, "jsd": 2, "alpha": 3, "tv": 4}
 
 # sparse_logprobs(normalize="full" | "support") and sparse_kl ("kl"): one kernel, three modes.
 SPARSE_MODES: Dict[str, int] = {"full": 0, "support": 1, "kl": 2}

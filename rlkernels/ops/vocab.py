@@ -141,7 +141,27 @@ def entropy(logits: Tensor, *, temperature: float = 1.0, backend: Optional[str] 
 
 # ============================================================================ kl_divergence
 
-_KL_KINDS = ("reverse", "forward", "jsd")
+_KL_KINDS = ("reverse", "forward", "jsd", "alpha", "tv")
+
+
+def _alpha_kind(kind: str, alpha, beta: float) -> Tuple[str, float]:
+    """``(kind, beta)`` the kernels receive: for ``kind="alpha"`` the op's ``beta`` argument
+    carries alpha, strictly inside ``(0, 1)``; its limits are the KL kinds (``a = 1``:
+    ``KL(p||q)``, ``a = 0``: ``KL(q||p)``), computed by their own kernels."""
+    if kind != "alpha":
+        if alpha is not None:
+            # a silent no-op would hide a typo (kind="jsd", alpha=... meant beta)
+            raise ValueError(f"alpha: only used with kind='alpha', got alpha={alpha!r} with "
+                             f"kind={kind!r}")
+        return kind, beta
+    if alpha is None:
+        raise ValueError("alpha: kind='alpha' needs alpha, a number in [0, 1], got None")
+    a = _checks.number("alpha", alpha, lo=0.0, hi=1.0)
+    if a == 1.0:
+        return "reverse", beta
+    if a == 0.0:
+        return "forward", beta
+    return kind, a
 
 
 def _kl_divergence_parallel(a, kernel):
@@ -167,10 +187,11 @@ KL_DIVERGENCE = Op(
 
 
 def kl_divergence(logits: Tensor, ref_logits: Tensor, *, kind: str = "reverse",
-                  beta: float = 0.5, temperature: float = 1.0,
+                  beta: float = 0.5, alpha: Optional[float] = None, temperature: float = 1.0,
                   ignore_mask: Optional[Tensor] = None, backend: Optional[str] = None,
                   process_group=None) -> Tensor:
-    """Row-wise KL divergence between two logits tensors, computed in one chunked pass.
+    """Row-wise KL divergence (or another f-divergence) between two logits tensors, computed
+    in chunked passes over the vocabulary.
 
     ``p = softmax(logits / T)`` (the model being trained), ``q = softmax(ref_logits / T)``:
 
@@ -178,6 +199,12 @@ def kl_divergence(logits: Tensor, ref_logits: Tensor, *, kind: str = "reverse",
     * ``"forward"``: ``KL(q || p) = sum q (log q - log p)``
     * ``"jsd"``: ``beta KL(p || m) + (1 - beta) KL(q || m)``, ``m = beta p + (1 - beta) q``,
       ``beta`` in ``[0, 1]``
+    * ``"alpha"``: Amari's alpha-divergence ``(1 - sum p^a q^(1-a)) / (a (1 - a))`` with
+      ``a = alpha`` in ``[0, 1]`` (required for this kind, an error with the others);
+      ``a = 1`` is ``"reverse"``, ``a = 0`` is ``"forward"`` (the limits, computed as those
+      kinds), and values near them stay accurate (docs/math.md)
+    * ``"tv"``: total variation ``0.5 sum |p - q|`` (gradient: the subgradient with
+      ``sign(0) = 0``)
 
     with ``0 log 0 = 0`` (``-inf`` columns in both rows contribute nothing).
     ``ignore_mask`` (bool ``[...]``): ``True`` rows give 0 and an exactly-zero gradient.
@@ -200,6 +227,7 @@ def kl_divergence(logits: Tensor, ref_logits: Tensor, *, kind: str = "reverse",
     _checks.same_device("logits", logits, ref_logits=ref_logits)
     _checks.choice("kind", kind, _KL_KINDS)
     beta = _checks.number("beta", beta, lo=0.0, hi=1.0)
+    kind, beta = _alpha_kind(kind, alpha, beta)
     t = _checks.positive("temperature", temperature)
     handle = _dist.register_group(process_group) if process_group is not None else None
     mask = None

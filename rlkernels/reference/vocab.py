@@ -219,8 +219,11 @@ def _kl_terms(logp: Tensor, logq: Tensor, kind: str, beta: float, need_grads: bo
     forward ``KL(q||p)``: ``dz = p - q``,                  ``dw = q (log q - log p - KL)``
     jsd: ``beta KL(p||m) + (1-beta) KL(q||m)``: ``dz = p (a - sum(p a))`` with
     ``a = beta (log p - log m)``, and ``dw`` likewise with ``(1-beta) (log q - log m)``.
+    alpha (``beta`` carries alpha) and tv: :func:`_fdiv_terms` (their ``sums`` differ).
     """
     p, q = logp.exp(), logq.exp()
+    if kind in ("alpha", "tv"):
+        return _fdiv_terms(logp, logq, p, q, kind, beta, need_grads, saved)
     if kind == "reverse":
         a_p = logp - logq
         kl = _row_sum(_xlogy0(p, a_p))
@@ -247,6 +250,59 @@ def _kl_terms(logp: Tensor, logq: Tensor, kind: str, beta: float, need_grads: bo
     return kl, _softmax_vjp(p, a_p, saved[:, :1]), _softmax_vjp(q, a_q, saved[:, 1:]), sums
 
 
+def _fdiv_terms(logp: Tensor, logq: Tensor, p: Tensor, q: Tensor, kind: str, a: float,
+                need_grads: bool, saved: Optional[Tensor]):
+    """:func:`_kl_terms` for the f-divergences ``kind="alpha"`` (``a`` strictly inside
+    ``(0, 1)``) and ``kind="tv"`` (docs/math.md, "f-divergences: alpha and total variation").
+
+    alpha, ``r = p^a q^(1-a)``, ``D = (1 - sum r) / (a (1 - a))``: summed per column as the
+    nonnegative ``(a p + (1-a) q - r) / (a (1 - a))`` (weighted AM-GM; the row total is the
+    same since ``sum p = sum q = 1``), which keeps every digit as ``a -> 0`` or ``1`` where
+    ``sum (p - r)`` would cancel. ``sums = (D, 0)``; with ``S = 1 - a (1-a) D``:
+    ``dz = (p S - r) / (1-a) = (p - r) / (1-a) - a p D``,
+    ``dw = (q S - r) / a = (q - r) / a - (1-a) q D``.
+
+    tv, ``s = sign(p - q)``, ``D = 0.5 sum |p - q|``: ``sums = (0.5 sum p s, -0.5 sum q s)``
+    (their sum is ``D``; each is what one gradient needs, and both add over vocabulary
+    shards, so the backward stays local under vocabulary parallelism):
+    ``dz = 0.5 p (s - sum p s)``, ``dw = -0.5 q (s - sum q s)``.
+    """
+    if kind == "tv":
+        s = torch.sign(p - q)
+        sums = torch.stack([0.5 * _row_sum(p * s), -0.5 * _row_sum(q * s)], dim=-1)
+        kl = 0.5 * _row_sum((p - q).abs())
+        if not need_grads:
+            return kl, None, None, sums
+        if saved is None:
+            saved = sums
+        return kl, 0.5 * p * s - p * saved[:, :1], -0.5 * q * s - q * saved[:, 1:], sums
+    b = 1.0 - a
+    # the expm1 form is taken around the larger weight's distribution (u below), where the
+    # small exponent b (log v - log u) keeps the digits of the AM-GM gap
+    if a >= 0.5:
+        t = b * (q - p) - _pow_gap(p, logp, logq, b)
+    else:
+        t = a * (p - q) - _pow_gap(q, logq, logp, a)
+    kl = _row_sum(t) / (a * b)
+    sums = torch.stack([kl, torch.zeros_like(kl)], dim=-1)
+    if not need_grads:
+        return kl, None, None, sums
+    d = (sums if saved is None else saved).sum(-1, keepdim=True)
+    d_z = -_pow_gap(p, logp, logq, b) / b - a * p * d
+    d_w = -_pow_gap(q, logq, logp, a) / a - b * q * d
+    return kl, d_z, d_w, sums
+
+
+def _pow_gap(u: Tensor, logu: Tensor, logv: Tensor, b: float) -> Tensor:
+    """``u^(1-b) v^b - u`` without cancellation: ``u expm1(b (log v - log u))`` while the
+    exponent is <= 1 (small ``b`` or ``v ~ u``), the plain difference above (there
+    ``u^(1-b) v^b > e u``, and ``expm1`` could overflow where ``u`` underflows). Columns where
+    ``u`` is 0 give 0 (with ``v`` 0 too: ``log v - log u`` is NaN, the second branch)."""
+    e = b * (logv - logu)
+    r = torch.exp((1.0 - b) * logu + b * logv)
+    return torch.where(e <= 1.0, u * torch.expm1(e), r - u)
+
+
 def _softmax_vjp(r: Tensor, a: Tensor, sum_ra: Optional[Tensor] = None) -> Tensor:
     """``r (a - sum(r a))``: the gradient w.r.t. ``x`` of a loss with ``dL/d log r = a``
     through ``r = softmax(x)``, with ``0 * a = 0`` where ``r == 0``; ``sum_ra [rows, 1]``
@@ -264,7 +320,10 @@ def kl_divergence_forward(logits: Tensor, ref_logits: Tensor, ignore_mask: Optio
                           ) -> Tuple[Tensor, Tensor, Tensor]:
     """Returns ``(kl [N], stats_p [N, 3], stats_q [N, 3])``; ``ignore_mask`` rows give 0.
 
-    The third columns hold ``sum p a_p`` and ``sum q a_q`` of :func:`_kl_terms`."""
+    The third columns hold ``sum p a_p`` and ``sum q a_q`` of :func:`_kl_terms` (alpha:
+    ``D`` and 0; tv: ``0.5 sum p s`` and ``-0.5 sum q s``, see :func:`_fdiv_terms`): their
+    sum is the divergence for every kind. ``kind="alpha"``: ``beta`` carries alpha, strictly
+    inside ``(0, 1)`` (the ops layer maps 0 and 1 to ``"forward"`` and ``"reverse"``)."""
     return _kl_forward(logits, ref_logits, ignore_mask, None, None, kind, beta, temperature)
 
 
