@@ -325,7 +325,8 @@ GRPO_LOSS = Op(
         save_as={"tokens": "local_tokens"}),
     # grad_in_forward=True: the forward also forms d loss / d logits (for 1); backward scales
     grad_in_forward=GradInForward(_grpo_loss_gif, family="grpo", loss="loss", wrt="logits",
-                                  parallel=_grpo_loss_gif_parallel))
+                                  parallel=_grpo_loss_gif_parallel),
+    eager=True)
 
 
 def grpo_loss(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages: Tensor,
