@@ -36,6 +36,7 @@
 #include <cooperative_groups.h>
 
 #include "logits.cuh"
+#include "policy_math.cuh"
 #include "rlkernels.h"
 
 namespace cg = cooperative_groups;
@@ -44,27 +45,9 @@ namespace rlk {
 namespace {
 
 // ------------------------------------------------- the per-token loss gradient (token level)
-// Copies of policy.cu's helpers (anonymous namespace there) and of policy_grad_kernel's
-// token-level formula; a loss added to policy.cu falls back to the three-pass path until it is
-// added here (rlkernels/cuda/grpo.py ONE_READ_LOSSES).
-template <class A>
-__device__ __forceinline__ A max_nan(A a, A b) { return (a > b || a != a) ? a : b; }
-template <class A>
-__device__ __forceinline__ A min_nan(A a, A b) { return (a < b || a != a) ? a : b; }
-template <class A> __device__ __forceinline__ A clamp_nan(A x, A lo, A hi) {
-  return x < lo ? lo : (x > hi ? hi : x);
-}
-
-template <class A>
-__device__ __forceinline__ A kl_grad_rt(A d, int est) {
-  switch (est) {
-    case kKlK1: return A(1);
-    case kKlAbs: return d > A(0) ? A(1) : (d < A(0) ? A(-1) : (d == d ? A(0) : d));
-    case kKlK3: return -d_expm1(-d);
-    default: return d;  // kKlK2, kKlK3Plus
-  }
-}
-
+// policy_grad_kernel's token-level formula (policy.cu); the helpers are policy_math.cuh's. A
+// loss added to policy.cu falls back to the three-pass path until it is added here
+// (rlkernels/cuda/grpo.py ONE_READ_LOSSES).
 // d L_t / d logp_t of the per-token loss (before the aggregation weight), token-level ratio.
 template <class A>
 __device__ A gif_token_grad(A l, A old_lp, A a, A ref, A w, const PolicyParams& pp) {
