@@ -126,7 +126,7 @@ PYBIND11_MODULE(_C, m) {
                           {"bfloat16", static_cast<int>(rlk::DType::kBFloat16)},
                           {"float64", static_cast<int>(rlk::DType::kFloat64)}});
   codes["kl_kind"] = table({{"reverse", rlk::kReverse}, {"forward", rlk::kForward},
-                            {"jsd", rlk::kJsd}});
+                            {"jsd", rlk::kJsd}, {"alpha", rlk::kAlpha}, {"tv", rlk::kTv}});
   codes["sparse_mode"] = table({{"full", rlk::kSparseFull}, {"support", rlk::kSparseSupport},
                                 {"kl", rlk::kSparseKl}});
   codes["policy_loss"] = table({{"ppo", rlk::kPpo}, {"cispo", rlk::kCispo},

@@ -38,8 +38,9 @@ struct Matrix {
 
 // Storage dtype of the tensors a kernel reads.
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
-// kl_divergence: KL(p || q), KL(q || p), generalized Jensen-Shannon with weight beta.
-enum KlKind : int { kReverse = 0, kForward = 1, kJsd = 2 };
+// kl_divergence: KL(p || q), KL(q || p), generalized Jensen-Shannon with weight beta, the
+// alpha-divergence (alpha passed as beta, in (0, 1)), total variation.
+enum KlKind : int { kReverse = 0, kForward = 1, kJsd = 2, kAlpha = 3, kTv = 4 };
 // sparse_logprobs normalize="full" / "support", and sparse_kl.
 enum SparseMode : int { kSparseFull = 0, kSparseSupport = 1, kSparseKl = 2 };
 // policy_loss options.
@@ -96,8 +97,8 @@ void token_logprobs_backward(Rows grad_logp, Rows grad_entropy, Rows logits, Row
                              std::uintptr_t stream);
 
 // kl[n], stats_p, stats_q [n, 3] of rows p = softmax(logits), q = softmax(ref_logits) for
-// kind (KlKind) with the jsd weight beta. ignore_mask: uint8 [n] (non-zero: row skipped) or
-// absent.
+// kind (KlKind) with the jsd weight beta (kind alpha: beta carries alpha, in (0, 1)).
+// ignore_mask: uint8 [n] (non-zero: row skipped) or absent.
 void kl_divergence_forward(Rows logits, Rows ref_logits, Rows ignore_mask, std::uintptr_t kl,
                            std::uintptr_t stats_p, std::uintptr_t stats_q, int64_t n,
                            int64_t vocab, int dtype, int kind, double beta,

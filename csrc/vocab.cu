@@ -157,6 +157,22 @@ __device__ __forceinline__ void kl_column(A logp, A logq, A beta, A omb, A lb, A
   }
 }
 
+// alpha's column term without cancellation: f (1 - e^x) = f - r with f = base^lf, o =
+// base^lo (uexp units: log2 for fp32, natural for fp64), x = c (lo - lf) in those units
+// (natural: xn), c in (0, 1), r = f^(1-c) o^c. While xn <= 1, -f expm1(xn) (the accurate
+// expm1: no cancellation, and r <= e f cannot overflow); above, f - base^(lf + x) directly
+// (r > e f: at most log2(e / (e - 1)) ~ 0.7 bits lost to the subtraction, and lf + x =
+// (1-c) lf + c lo <= 0 never overflows where expm1 would, f tiny and xn huge). Same split as
+// the reference's _pow_gap. f = 0 gives 0 (lo - lf is +inf or NaN there).
+template <class A>
+__device__ __forceinline__ A f_minus_r(A lf, A lo, A c) {
+  const A f = uexp(lf);
+  const A x = c * (lo - lf);
+  const A xn = x * A(Unit<A>::ln_base);
+  const A v = xn <= A(1) ? -f * d_expm1(xn) : f - uexp(lf + x);
+  return f == A(0) ? A(0) : v;
+}
+
 // Forward, one block per row pair.
 // reverse / forward: ONE pass. With r the distribution in front (p for reverse, q for
 // forward) and o the other,
@@ -169,9 +185,22 @@ __device__ __forceinline__ void kl_column(A logp, A logq, A beta, A omb, A lb, A
 // jsd: two passes (log m = logaddexp(log p + log beta, log q + log(1 - beta)) needs both
 // normalizers, so no online form exists): the statistics of both rows, then
 //   beta sum p (log p - log m) + (1 - beta) sum q (log q - log m).
+// alpha (a = c.beta in (0, 1)) and tv: two passes as jsd (every column term needs both
+// normalizers: the sign of p - q for tv; for alpha the one-pass form, an online logsumexp of
+// a z + (1 - a) w, gives S = sum p^a q^(1-a) and D = (1 - S) / (a (1 - a)), which loses all
+// digits as a -> 0 or 1, where 1 - S = O(a (1 - a))). The second pass sums, per column,
+//   alpha: f_minus_r(log p, log q, 1 - a) = p - r   (a >= 1/2: p in front)
+//          f_minus_r(log q, log p, a)     = q - r   (a <  1/2: q in front),   r = p^a q^(1-a),
+//          D = sum / (a (1 - a))  (sum (p - r) = sum (q - r) = 1 - S; the front distribution
+//          is the one whose exponent 1 - c is near 1, so each term is O(c) like the sum and
+//          the error is ~eps sum f |log o - log f| / max(a, 1 - a), not eps / (a (1 - a)));
+//   tv:    0.5 |p - q|, and the sums 0.5 p s, -0.5 q s (s = sign(p - q), 0 where p == q
+//          as computed) that the backward needs.
 // Saves stats_p = (m_p, log s_p, sum p a_p) and stats_q alike (the row sums the one-pass
-// backward needs: KL itself on r's side, 0 on the other for reverse / forward).
-// ignore_mask rows: 0 everywhere, not read.
+// backward needs: KL itself on r's side, 0 on the other for reverse / forward; alpha: D and
+// 0; tv: 0.5 sum p s and -0.5 sum q s, which add over vocabulary shards), so kl =
+// stats_p[2] + stats_q[2] for every kind (tv's kl is summed from |p - q| directly: the same
+// value without the cancellation of the two O(1) sums). ignore_mask rows: 0, not read.
 template <class T, int kKind>
 __global__ void __launch_bounds__(max_threads<T>())
     kl_fwd_kernel(const T* __restrict__ x, int64_t stride_x, const T* __restrict__ y,
@@ -214,7 +243,7 @@ __global__ void __launch_bounds__(max_threads<T>())
   rp = run_block_reduce<false, kP>(rp, scale, scratch);
   rq = run_block_reduce<false, kQ>(rq, scale, scratch);
   const A ls_p = d_log1p(run_rest(rp)), ls_q = d_log1p(run_rest(rq));
-  if (kKind != kJsd) {
+  if constexpr (kKind == kReverse || kKind == kForward) {
     if (threadIdx.x != 0) return;
     const Run<A> r = kP ? rp : rq;
     const Run<A> o = kP ? rq : rp;
@@ -235,7 +264,36 @@ __global__ void __launch_bounds__(max_threads<T>())
   const A m_p = shift_of(rp.m) * inv_t, m_q = shift_of(rq.m) * inv_t;
   const A beta = A(c.beta), omb = A(c.omb), lb = A(c.log_beta), l1b = A(c.log_omb);
   A acc_p = A(0), acc_q = A(0);
-  if constexpr (std::is_same_v<A, float>) {
+  [[maybe_unused]] A acc = A(0);  // tv: sum |p - q|
+  if constexpr (kKind == kTv) {
+    const ProbOf<A> pp = prob_of(inv_t, m_p, ls_p), pq = prob_of(inv_t, m_q, ls_q);
+    for_each_chunk2(xr, yr, static_cast<int>(V), [&](int, const Chunk<T>& a, const Chunk<T>& b) {
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        const A p = pp.p(pp.zs(a.v[k])), q = pq.p(pq.zs(b.v[k]));
+        const A sg = A(p > q) - A(p < q);
+        acc = acc + fabs(p - q);  // a -inf column: the other's mass
+        acc_p = fma(p, sg, acc_p);
+        acc_q = fma(q, sg, acc_q);
+      }
+    });
+    acc = block_sum(acc, sum_scratch) * A(0.5);
+    acc_p *= A(0.5);
+    acc_q *= A(-0.5);
+  } else if constexpr (kKind == kAlpha) {
+    const ProbOf<A> pp = prob_of(inv_t, m_p, ls_p), pq = prob_of(inv_t, m_q, ls_q);
+    const bool p_front = c.beta >= 0.5;  // uniform over the grid
+    const A cf = p_front ? omb : beta;
+    for_each_chunk2(xr, yr, static_cast<int>(V), [&](int, const Chunk<T>& a, const Chunk<T>& b) {
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        const A lp = fma(pp.zs(a.v[k]), pp.unit, -pp.lsu);
+        const A lq = fma(pq.zs(b.v[k]), pq.unit, -pq.lsu);
+        acc_p += f_minus_r(p_front ? lp : lq, p_front ? lq : lp, cf);
+      }
+    });
+    acc_p *= A(1.0 / (c.beta * c.omb));
+  } else if constexpr (std::is_same_v<A, float>) {
     // log2 units: l = log2 p, log2 m = lg2(beta p + (1 - beta) q); the sums
     // sum p (log2 p - log2 m) are scaled by beta ln 2 (and (1 - beta) ln 2) at the end. A
     // column with p = 0 adds 0 (the difference is clamped finite, NaN included).
@@ -268,7 +326,7 @@ __global__ void __launch_bounds__(max_threads<T>())
   acc_p = block_sum(acc_p, sum_scratch);
   acc_q = block_sum(acc_q, sum_scratch);
   if (threadIdx.x == 0) {
-    kl[row] = acc_p + acc_q;
+    kl[row] = kKind == kTv ? acc : acc_p + acc_q;
     sp[row * 3] = rp.m * inv_t;
     sp[row * 3 + 1] = ls_p;
     sp[row * 3 + 2] = acc_p;
@@ -282,8 +340,15 @@ __global__ void __launch_bounds__(max_threads<T>())
 //   reverse: dz = p (log p - log q) - p sum_p,  dw = q - p
 //   forward: dz = p - q,                        dw = q (log q - log p) - q sum_q
 //   jsd:     dz = p a_p - p sum_p,              dw = q a_q - q sum_q
-// (r (a - sum r a), with the row sums saved by forward). 16-byte stores where the output row
-// is aligned. ignore_mask rows, and rows with grad_kl exactly 0, get exactly 0 unread.
+// (r (a - sum r a), with the row sums saved by forward);
+//   alpha:   dz = (p - r) / (1 - a) - a D p,   dw = (q - r) / a - (1 - a) D q
+// (= (p S - r) / (1 - a) and (q S - r) / a with S = 1 - a (1 - a) D, D = stats_p[2] +
+// stats_q[2]; p - r and q - r by f_minus_r, so the 1 / (1 - a) and 1 / a factors multiply
+// accurate differences: a -> 1 gives p (log p - log q - D), a -> 0 q (log q - log p - D));
+//   tv:      dz = 0.5 p s - p sum_p,    dw = -0.5 q s - q sum_q,   s = sign(p - q)
+// (sum_p = 0.5 sum p s, sum_q = -0.5 sum q s as saved by forward, whose p, q and signs are
+// bit-identical to these). 16-byte stores where the output row is aligned. ignore_mask
+// rows, and rows with grad_kl exactly 0, get exactly 0 unread.
 template <class T, int kKind, bool kNeedW>
 __global__ void __launch_bounds__(max_threads<T>())
     kl_bwd_kernel(const acc_t<T>* __restrict__ grad, int64_t stride_g, const T* __restrict__ x,
@@ -314,13 +379,24 @@ __global__ void __launch_bounds__(max_threads<T>())
   const A beta = A(c.beta), omb = A(c.omb), lb = A(c.log_beta), l1b = A(c.log_omb);
   [[maybe_unused]] const A bl = beta * A(Unit<A>::ln_base), obl = omb * A(Unit<A>::ln_base);
   const bool agx = aligned16(gxr), agy = kNeedW && aligned16(gyr);
+  [[maybe_unused]] const A dsum = sum_p + sum_q;  // alpha: D
+  [[maybe_unused]] const A ia = A(1.0 / c.beta), ioma = A(1.0 / c.omb);
   for_each_chunk2(xr, yr, static_cast<int>(V), [&](int ci, const Chunk<T>& a, const Chunk<T>& b) {
     A dzs[N], dws[N];
 #pragma unroll
     for (int k = 0; k < N; ++k) {
       const A zp = pp.zs(a.v[k]), zq = pq.zs(b.v[k]);
       A dz, dw;
-      if constexpr (kKind == kJsd && std::is_same_v<A, float>) {
+      if constexpr (kKind == kTv) {
+        const A p = pp.p(zp), q = pq.p(zq);
+        const A sg = A(p > q) - A(p < q);
+        dz = p * fma(A(0.5), sg, -sum_p);
+        dw = q * fma(A(-0.5), sg, -sum_q);
+      } else if constexpr (kKind == kAlpha) {
+        const A lp = fma(zp, pp.unit, -pp.lsu), lq = fma(zq, pq.unit, -pq.lsu);
+        dz = fma(f_minus_r(lp, lq, omb), ioma, -beta * dsum * uexp(lp));
+        dw = kNeedW ? fma(f_minus_r(lq, lp, beta), ia, -omb * dsum * uexp(lq)) : A(0);
+      } else if constexpr (kKind == kJsd && std::is_same_v<A, float>) {
         // as the forward's second pass, in log2 units: dz = p (beta ln2 (l_p - l_m) - sum_p)
         const A lp = fma(zp, pp.unit, -pp.lsu), lq = fma(zq, pq.unit, -pq.lsu);
         const A p = uexp(lp), q = uexp(lq);
@@ -451,8 +527,12 @@ void kl_divergence_forward(Rows logits, Rows ref_logits, Rows ignore_mask, std::
   RLK_CHECK_ARG(vocab >= 1 && vocab < 0x7fffffffLL,
                 "kl_divergence_forward: vocab must be in [1, 2**31 - 1), got " +
                                 std::to_string(vocab));
-  RLK_CHECK_ARG(kind >= 0 && kind <= 2, "kl_divergence_forward: kind code must be 0 (reverse), "
-                                        "1 (forward) or 2 (jsd), got " + std::to_string(kind));
+  RLK_CHECK_ARG(kind >= 0 && kind <= 4, "kl_divergence_forward: kind code must be 0 (reverse), "
+                                        "1 (forward), 2 (jsd), 3 (alpha) or 4 (tv), got " +
+                                            std::to_string(kind));
+  RLK_CHECK_ARG(kind != kAlpha || (beta > 0 && beta < 1),
+                "kl_divergence_forward: alpha (passed as beta) must lie strictly inside (0, 1) "
+                "(0 and 1 are the kinds forward and reverse), got " + std::to_string(beta));
   const JsdConst c{beta, 1.0 - beta, beta > 0 ? std::log(beta) : -INFINITY,
                    beta < 1 ? std::log(1.0 - beta) : -INFINITY};
   dispatch_logits(dtype, "kl_divergence_forward", [&](auto tag) {
@@ -473,7 +553,9 @@ void kl_divergence_forward(Rows logits, Rows ref_logits, Rows ignore_mask, std::
       static_cast<A>(scale_of(dtype, inv_temperature)), c)
     if (kind == kReverse) RLK_KL_FWD(kReverse);
     else if (kind == kForward) RLK_KL_FWD(kForward);
-    else RLK_KL_FWD(kJsd);
+    else if (kind == kJsd) RLK_KL_FWD(kJsd);
+    else if (kind == kAlpha) RLK_KL_FWD(kAlpha);
+    else RLK_KL_FWD(kTv);
 #undef RLK_KL_FWD
     RLK_CHECK_LAUNCH();
   });
@@ -488,9 +570,12 @@ void kl_divergence_backward(Rows grad_kl, Rows logits, Rows ref_logits, Rows ign
   RLK_CHECK_ARG(vocab >= 1 && vocab < 0x7fffffffLL,
                 "kl_divergence_backward: vocab must be in [1, 2**31 - 1), got " +
                                 std::to_string(vocab));
-  RLK_CHECK_ARG(kind >= 0 && kind <= 2, "kl_divergence_backward: kind code must be 0 "
-                                        "(reverse), 1 (forward) or 2 (jsd), got " +
-                                            std::to_string(kind));
+  RLK_CHECK_ARG(kind >= 0 && kind <= 4, "kl_divergence_backward: kind code must be 0 "
+                                        "(reverse), 1 (forward), 2 (jsd), 3 (alpha) or 4 (tv), "
+                                        "got " + std::to_string(kind));
+  RLK_CHECK_ARG(kind != kAlpha || (beta > 0 && beta < 1),
+                "kl_divergence_backward: alpha (passed as beta) must lie strictly inside (0, 1) "
+                "(0 and 1 are the kinds forward and reverse), got " + std::to_string(beta));
   const JsdConst c{beta, 1.0 - beta, beta > 0 ? std::log(beta) : -INFINITY,
                    beta < 1 ? std::log(1.0 - beta) : -INFINITY};
   dispatch_logits(dtype, "kl_divergence_backward", [&](auto tag) {
@@ -512,9 +597,17 @@ void kl_divergence_backward(Rows grad_kl, Rows logits, Rows ref_logits, Rows ign
       grad_logits.stride, as_ptr<T>(grad_ref.ptr), grad_ref.stride, vocab,                    \
       static_cast<A>(inv_temperature), c)
     const bool need_w = grad_ref.ptr != 0;
-    if (kind == kReverse) { if (need_w) RLK_KL_BWD(kReverse, true); else RLK_KL_BWD(kReverse, false); }
-    else if (kind == kForward) { if (need_w) RLK_KL_BWD(kForward, true); else RLK_KL_BWD(kForward, false); }
-    else { if (need_w) RLK_KL_BWD(kJsd, true); else RLK_KL_BWD(kJsd, false); }
+#define RLK_KL_BWD_W(KIND)                                                                    \
+  do {                                                                                        \
+    if (need_w) RLK_KL_BWD(KIND, true);                                                       \
+    else RLK_KL_BWD(KIND, false);                                                             \
+  } while (0)
+    if (kind == kReverse) RLK_KL_BWD_W(kReverse);
+    else if (kind == kForward) RLK_KL_BWD_W(kForward);
+    else if (kind == kJsd) RLK_KL_BWD_W(kJsd);
+    else if (kind == kAlpha) RLK_KL_BWD_W(kAlpha);
+    else RLK_KL_BWD_W(kTv);
+#undef RLK_KL_BWD_W
 #undef RLK_KL_BWD
     RLK_CHECK_LAUNCH();
   });

@@ -128,7 +128,10 @@ def kl_divergence_forward(logits: Tensor, ref_logits: Tensor, ignore_mask: Optio
                           kind: str, beta: float, temperature: float
                           ) -> Tuple[Tensor, Tensor, Tensor]:
     """Returns ``(kl [N], stats_p [N, 3], stats_q [N, 3])`` like the reference; the third
-    columns hold ``sum p a_p`` and ``sum q a_q``. ``ignore_mask`` rows: 0, not read."""
+    columns hold ``sum p a_p`` and ``sum q a_q`` (kinds ``"alpha"`` and ``"tv"``: the
+    divergence and 0, so ``kl = stats_p[:, 2] + stats_q[:, 2]`` for every kind). Kind
+    ``"alpha"``: ``beta`` carries alpha, strictly inside (0, 1) (the ops layer maps 0 and 1
+    to ``"forward"`` and ``"reverse"``). ``ignore_mask`` rows: 0, not read."""
     C = extension()
     n, vocab, mask = _pair(logits, ref_logits, ignore_mask)
     x, y = unit_stride(logits), unit_stride(ref_logits)
@@ -152,7 +155,9 @@ def kl_divergence_backward(grad_kl: Tensor, logits: Tensor, ref_logits: Tensor,
                            kind: str, beta: float, temperature: float, need_ref_grad: bool
                            ) -> Tuple[Tensor, Optional[Tensor]]:
     """Gradients w.r.t. ``logits`` and (if ``need_ref_grad``) ``ref_logits``, in their
-    dtype, one pass over the row pair; ``ignore_mask`` rows receive exactly 0."""
+    dtype, one pass over the row pair (kind ``"tv"``: two, the first sums ``sum p s`` and
+    ``sum q s``, ``s = sign(p - q)``, which the ``[N, 3]`` statistics do not hold);
+    ``ignore_mask`` rows receive exactly 0."""
     C = extension()
     n, vocab, mask = _pair(logits, ref_logits, ignore_mask)
     x, y = unit_stride(logits), unit_stride(ref_logits)

@@ -22,7 +22,7 @@ CPP_NAMES = {
     "kFloat32": ("dtype", "float32"), "kFloat16": ("dtype", "float16"),
     "kBFloat16": ("dtype", "bfloat16"), "kFloat64": ("dtype", "float64"),
     "kReverse": ("kl_kind", "reverse"), "kForward": ("kl_kind", "forward"),
-    "kJsd": ("kl_kind", "jsd"),
+    "kJsd": ("kl_kind", "jsd"), "kAlpha": ("kl_kind", "alpha"), "kTv": ("kl_kind", "tv"),
     "kSparseFull": ("sparse_mode", "full"), "kSparseSupport": ("sparse_mode", "support"),
     "kSparseKl": ("sparse_mode", "kl"),
     "kPpo": ("policy_loss", "ppo"), "kCispo": ("policy_loss", "cispo"),
