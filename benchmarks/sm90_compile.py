@@ -197,12 +197,14 @@ def vocab_cases(n: int, v: int, dtype: torch.dtype):
                 if not ent and gh is not None:
                     continue
                 K.token_logprobs_backward(glp, gh, x, tokens, st, 0.7, -100)
-        for kind in ("reverse", "forward", "jsd"):
+        # "alpha" / "tv" run the kernels of triton/_divergence.py (beta carries alpha)
+        for kind, beta in (("reverse", 0.5), ("forward", 0.5), ("jsd", 0.5), ("alpha", 0.3),
+                           ("tv", 0.5)):
             for m in (None, mask):
-                kl, sp, sq = K.kl_divergence_forward(x, ref, m, kind, 0.5, 1.0)
-                K.kl_divergence_partial_forward(x, ref, m, sp, sq, kind, 0.5, 1.0)
+                kl, sp, sq = K.kl_divergence_forward(x, ref, m, kind, beta, 1.0)
+                K.kl_divergence_partial_forward(x, ref, m, sp, sq, kind, beta, 1.0)
                 for need_ref in (False, True):
-                    K.kl_divergence_backward(kl, x, ref, m, sp, sq, kind, 0.5, 1.0, need_ref)
+                    K.kl_divergence_backward(kl, x, ref, m, sp, sq, kind, beta, 1.0, need_ref)
     return [(f"vocab N={n} V={v} {_dt(dtype)}", run)]
 
 

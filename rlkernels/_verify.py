@@ -125,6 +125,26 @@ def _vocab_cases(vocab: int, n: int, dev: str = "cpu") -> Dict[str, Callable]:
                 for kind in ("reverse", "forward", "jsd")]
         return outs, [x, y]
 
+    def kl_divergence_fdiv(dtype, backend, ref):
+        # issue 21: alpha on both sides of 1/2 and total variation; ref_logits with
+        # -inf columns of their own (alpha's p^a q^(1-a) is 0 there, tv counts p's mass)
+        x, y = _logits(n, vocab, dtype, 7), _logits(n, vocab, dtype, 12)
+        if vocab > 2:
+            y[::2, 2::5] = -math.inf
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[1::4] = True
+        if ref:
+            x, y = x.double(), y.double()
+        x, y, mask = x.to(dev).requires_grad_(True), y.to(dev).requires_grad_(True), mask.to(dev)
+        # alpha at T = 1: at T != 1 the rounding of z = x / T (a relative error of every p)
+        # reaches alpha's gradient amplified by 1 / (1 - a), beyond the bound here (the fp32
+        # floor of tests/ops/test_kl_alpha_tv.py admits it)
+        outs = [rk.kl_divergence(x, y, kind="alpha", alpha=a, ignore_mask=mask,
+                                 backend=backend) for a in (0.3, 0.9)]
+        outs.append(rk.kl_divergence(x, y, kind="tv", temperature=0.8, ignore_mask=mask,
+                                     backend=backend))
+        return outs, [x, y]
+
     def grpo_loss(dtype, backend, ref, gif=False):
         b, t = 2, max(n // 2, 1)
         x = _logits(b * t, vocab, dtype, 9)
@@ -151,7 +171,8 @@ def _vocab_cases(vocab: int, n: int, dev: str = "cpu") -> Dict[str, Callable]:
 
     return {"token_logprobs": token_logprobs, "entropy": entropy,
             "sparse_logprobs": sparse_logprobs, "sparse_kl": sparse_kl,
-            "kl_divergence": kl_divergence, "grpo_loss": grpo_loss,
+            "kl_divergence": kl_divergence, "kl_divergence alpha/tv": kl_divergence_fdiv,
+            "grpo_loss": grpo_loss,
             "grpo_loss grad_in_forward": grpo_loss_gif}
 
 
@@ -292,7 +313,8 @@ def _other_cases(quick: bool, dev: str = "cpu") -> Dict[str, Callable]:
 # the case when it implements all of them (tests/test_op_table.py: every op has a case).
 _DISPATCH = {"token_logprobs": ("token_logprobs",), "entropy": ("token_logprobs",),
              "sparse_logprobs": ("sparse_logprobs",), "sparse_kl": ("sparse_kl",),
-             "kl_divergence": ("kl_divergence",), "grpo_loss": ("grpo_loss",),
+             "kl_divergence": ("kl_divergence",),
+             "kl_divergence alpha/tv": ("kl_divergence",), "grpo_loss": ("grpo_loss",),
              "grpo_loss grad_in_forward": ("grpo_loss",),
              "policy_loss": ("policy_loss",), "kl_penalty": ("kl_penalty",),
              "group_advantages": ("group_advantages",),

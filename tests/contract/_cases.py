@@ -378,11 +378,11 @@ def kl_divergence_cases() -> List[Case]:
             return out
         return b
 
-    def call(kind, beta=0.5, temperature=1.0):
+    def call(kind, beta=0.5, temperature=1.0, alpha=None):
         def f(i, b):
             return (rk.kl_divergence(i["logits"], i["ref_logits"], kind=kind, beta=beta,
-                                     temperature=temperature, ignore_mask=i.get("ignore_mask"),
-                                     backend=b),)
+                                     alpha=alpha, temperature=temperature,
+                                     ignore_mask=i.get("ignore_mask"), backend=b),)
         return f
 
     def pad(inp):
@@ -405,6 +405,14 @@ def kl_divergence_cases() -> List[Case]:
              floor=_vocab_floor("logits", "ref_logits"), **common),
         Case("kl_divergence", "reverse-V50257-mask", build(50257, mask=True),
              call("reverse"), floor=_vocab_floor("logits", "ref_logits"), big=True, **common),
+        # issue 21: the f-divergences beyond KL (alpha near 1 and inside; total variation)
+        Case("kl_divergence", "alpha0.3-T0.7-V33-mask", build(33, mask=True),
+             call("alpha", alpha=0.3, temperature=0.7),
+             floor=_vocab_floor("logits", "ref_logits", temperature=0.7), **common),
+        Case("kl_divergence", "alpha0.9-V7", build(7), call("alpha", alpha=0.9),
+             floor=_vocab_floor("logits", "ref_logits"), **common),
+        Case("kl_divergence", "tv-V33-mask", build(33, mask=True), call("tv"),
+             floor=_vocab_floor("logits", "ref_logits"), **common),
     ]
 
 

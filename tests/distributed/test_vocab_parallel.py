@@ -198,7 +198,9 @@ def _shard(rank: int, world: int):
 
 
 def _kl_cases(rank: int, world: int, backend: str, dtypes) -> None:
-    """kl_divergence, every kind, both gradients, an ignored row, -inf columns in both."""
+    """kl_divergence, every kind (alpha and tv included: their saved sums add over shards,
+    and their backward needs no collective), both gradients, an ignored row, -inf columns in
+    both."""
     sizes, lo, hi = _shard(rank, world)
     g = torch.Generator().manual_seed(5)
     mask = torch.zeros(2, 6, dtype=torch.bool)
@@ -209,18 +211,22 @@ def _kl_cases(rank: int, world: int, backend: str, dtypes) -> None:
         w = (z.double() * 0.5 + torch.randn(z.shape, generator=g, dtype=torch.float64))
         w = w.to(dtype)
         up = torch.randn(2, 6, generator=g, dtype=torch.float64)
-        for kind, beta, temperature in (("reverse", 0.5, 1.0), ("forward", 0.5, 0.7),
-                                         ("jsd", 0.3, 1.0)):
-            what = f"rank {rank}/{world} {backend} {dtype} kl {kind} T={temperature}"
+        for kind, beta, alpha, temperature in (("reverse", 0.5, None, 1.0),
+                                                ("forward", 0.5, None, 0.7),
+                                                ("jsd", 0.3, None, 1.0),
+                                                ("alpha", 0.5, 0.3, 0.7),
+                                                ("alpha", 0.5, 0.9, 1.0),
+                                                ("tv", 0.5, None, 1.0)):
+            what = f"rank {rank}/{world} {backend} {dtype} kl {kind} a={alpha} T={temperature}"
             # SPEC 5: the reference is the torch backend in fp64 on the same values
             zf = z.double().requires_grad_(True)
             wf = w.double().requires_grad_(True)
-            ref = rlkernels.kl_divergence(zf, wf, kind=kind, beta=beta,
+            ref = rlkernels.kl_divergence(zf, wf, kind=kind, beta=beta, alpha=alpha,
                                           temperature=temperature, ignore_mask=mask,
                                           backend="torch")
             zs = z[..., lo:hi].clone().requires_grad_(True)
             ws = w[..., lo:hi].clone().requires_grad_(True)
-            out = rlkernels.kl_divergence(zs, ws, kind=kind, beta=beta,
+            out = rlkernels.kl_divergence(zs, ws, kind=kind, beta=beta, alpha=alpha,
                                           temperature=temperature, ignore_mask=mask,
                                           backend=backend, process_group=dist.group.WORLD)
             _check_values(out, ref.to(out.dtype), dtype, what)
@@ -228,7 +234,7 @@ def _kl_cases(rank: int, world: int, backend: str, dtypes) -> None:
             # the unsharded op of this backend (the triton kernels round a little more than
             # the SPEC bound on the peaked rows at T = 0.7)
             zb, wb = z.clone().requires_grad_(True), w.clone().requires_grad_(True)
-            base = rlkernels.kl_divergence(zb, wb, kind=kind, beta=beta,
+            base = rlkernels.kl_divergence(zb, wb, kind=kind, beta=beta, alpha=alpha,
                                            temperature=temperature, ignore_mask=mask,
                                            backend=backend)
             gz_base, gw_base = torch.autograd.grad(base, (zb, wb), up.to(base.dtype))
