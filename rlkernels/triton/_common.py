@@ -332,6 +332,37 @@ def load_bf16_f32(ptrs, FAST: tl.constexpr):
 
 
 @triton.jit
+def load_floor_f32(ptrs, FAST: tl.constexpr, CDT: tl.constexpr):
+    """``max(tl.load(ptrs), -1e30)`` in ``CDT``, NaN kept: logits at ``-inf`` become a finite
+    floor (about ``LANE_FLOOR``, which the lane helpers count as ``-inf``), so that a
+    difference of two floored columns is finite. With ``FAST`` (bf16 on a GPU, compiled, not
+    under the interpreter) the floor is one packed ``max.NaN.bf16x2`` per 32-bit word of two
+    bf16, at bf16 ``0xF14A`` = -1.00026e30, before :func:`load_bf16_f32`'s two-instruction
+    unpack; otherwise a NaN-propagating fp32 / fp64 max at -1e30."""
+    x = tl.load(ptrs)
+    if FAST:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 f, t; mov.b32 f, 0xF14AF14A; max.NaN.bf16x2 t, $2, f; "
+            "shl.b32 $0, t, 16; and.b32 $1, t, 0xffff0000; }", "=r,=r,r", [x],
+            dtype=tl.float32, is_pure=True, pack=2)
+    else:
+        return tl.maximum(x.to(CDT), -1.0e30, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def lg2_1p(v, PTX: tl.constexpr):
+    """``log2(1 + v)`` for ``0 <= v <= 1`` (fp32): its argument lies in ``[1, 2]``, so with
+    ``PTX`` (compiled for a GPU) it is one ``lg2.approx.ftz`` (no subnormal fix-up; absolute
+    error about 2^-22); the interpreter takes ``tl.log2``."""
+    u = 1.0 + v
+    if PTX:
+        return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [u],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.log2(u)
+
+
+@triton.jit
 def lane_merge(m, r, t, lanes, c, BLOCK: tl.constexpr, WITH_T: tl.constexpr,
                IS_FP64: tl.constexpr):
     """The row's ``(max raw logit, rest, T)`` from the per-lane states, ``rest`` as in

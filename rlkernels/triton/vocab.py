@@ -43,7 +43,8 @@ import triton.language as tl
 
 from .._codes import KL_KINDS
 from ._common import (LOG2E, block_v, compute_dtype, const_hl, device_guard, exp2_, expm1,
-                      fast_bf16, lane_merge, lane_step, lane_step2, load_bf16_f32, log1p,
+                      fast_bf16, lane_merge, lane_step, lane_step2, lg2_1p, load_bf16_f32,
+                      load_floor_f32, log1p,
                       logaddexp, mul_hl, n_rows, num_warps, row_layout, row_offset, split,
                       tl_compute_dtype, unit_stride, xmul0)
 
@@ -331,6 +332,71 @@ def _jsd_a(logp, logq, beta, omb, lb, l1b, IS_FP64: tl.constexpr):
 
 
 @triton.jit
+def _jsd_cols(x, y, m_p, m_q, lp2, lq2, inv_t, k, PTX: tl.constexpr):
+    """The JSD terms of a block (fp32; ``x``, ``y`` raw logits floored at about -1e30, ``m``
+    the saved max of ``z = x / T`` (0 for a row of only ``-inf``), ``lp2 = log2 s_p``,
+    ``k = log2 beta - log2 (1 - beta) + lq2 - lp2``): returns ``p``, ``q``, ``a = D - S``
+    and ``S`` in log2 units with ``D = log2(beta p) - log2((1 - beta) q)`` and ``S =
+    log2(1 + 2^D) = max(D, 0) + log2(1 + 2^-|D|)``, so that ``log2 p - log2 m = a - log2
+    beta`` and ``log2 q - log2 m = -S - log2(1 - beta)`` (docs/math.md). Four MUFU per
+    column of the pair (``ex2`` for ``p``, ``q``, ``2^-|D|``; one ``lg2`` of an argument in
+    ``[1, 2]``) and no series; ``p ~ q`` loses nothing: ``D`` is formed from the difference
+    of the two rows' shifted logits and ``S`` is smooth in it (equal rows give the same
+    ``a``, ``S`` in every column, so their terms cancel against the row sums); at beta = 0
+    or 1, ``|D| >= ~1000`` makes ``2^-|D| = 0``: the terms are exactly 0."""
+    ux = x * inv_t - m_p
+    uy = y * inv_t - m_q
+    p = tl.exp2(ux * 1.4426950408889634 - lp2)
+    q = tl.exp2(uy * 1.4426950408889634 - lq2)
+    d = (ux - uy) * 1.4426950408889634 + k
+    s = tl.maximum(d, 0.0) + lg2_1p(tl.exp2(-tl.abs(d)), PTX)
+    return p, q, d - s, s
+
+
+@triton.jit
+def _jsd_pass2(xbase, ybase, offs, V, m_p, ls_p, m_q, ls_q, inv_t, kd,
+               SUM_PQ: tl.constexpr, FAST_BF16: tl.constexpr, PTX: tl.constexpr,
+               BLOCK_V: tl.constexpr):
+    """The second pass of the fp32 JSD forward: per-lane sums of ``p a``, ``q S``
+    (:func:`_jsd_cols`) and, with ``SUM_PQ``, of ``p`` and ``q``, reduced once per row.
+    Full blocks load without a mask; ``-inf`` columns are floored (``load_floor_f32``):
+    their ``p`` or ``q`` is 0 and their terms exactly 0."""
+    mp = tl.where(m_p == float("-inf"), 0.0, m_p)  # a row of only -inf: shifted by 0
+    mq = tl.where(m_q == float("-inf"), 0.0, m_q)
+    lp2 = ls_p * 1.4426950408889634
+    lq2 = ls_q * 1.4426950408889634
+    k = kd + (lq2 - lp2)
+    acc_p = tl.zeros([BLOCK_V], tl.float32)
+    acc_q = tl.zeros([BLOCK_V], tl.float32)
+    sum_p = tl.zeros([BLOCK_V], tl.float32)
+    sum_q = tl.zeros([BLOCK_V], tl.float32)
+    v_full = V - V % BLOCK_V
+    for start in range(0, v_full, BLOCK_V):
+        x = load_floor_f32(xbase + start + offs, FAST_BF16, tl.float32)
+        y = load_floor_f32(ybase + start + offs, FAST_BF16, tl.float32)
+        p, q, a, s = _jsd_cols(x, y, mp, mq, lp2, lq2, inv_t, k, PTX)
+        acc_p += p * a
+        acc_q += q * s
+        if SUM_PQ:
+            sum_p += p
+            sum_q += q
+    if v_full < V:
+        cols = v_full + offs
+        inb = cols < V
+        x = tl.maximum(tl.load(xbase + cols, mask=inb, other=float("-inf")).to(tl.float32),
+                       -1.0e30, propagate_nan=tl.PropagateNan.ALL)
+        y = tl.maximum(tl.load(ybase + cols, mask=inb, other=float("-inf")).to(tl.float32),
+                       -1.0e30, propagate_nan=tl.PropagateNan.ALL)
+        p, q, a, s = _jsd_cols(x, y, mp, mq, lp2, lq2, inv_t, k, PTX)
+        acc_p += p * a
+        acc_q += q * s
+        if SUM_PQ:
+            sum_p += p
+            sum_q += q
+    return tl.sum(acc_p, 0), tl.sum(acc_q, 0), tl.sum(sum_p, 0), tl.sum(sum_q, 0)
+
+
+@triton.jit
 def _kl_lane_step(xa, xb, m_a, r_a, acc, o, dmax, m_b, r_b, c, IS_FP64: tl.constexpr):
     """One block of the one-pass KL: per-lane (max, rest) of both rows (_common.lane_step)
     and ``acc = sum 2^{(x_a - m_a) c} (d - o)`` over the weighting row ``a``, ``d = x_a -
@@ -379,10 +445,10 @@ def _kl_fwd_kernel(
         mask_ptr, stride_mask, kl_ptr, sp_ptr, sq_ptr,
         gp_ptr, gq_ptr,
         V, inv_t_hi, inv_t_lo, c_hi, c_lo, beta_hi, beta_lo, omb_hi, omb_lo, lb_hi, lb_lo,
-        l1b_hi, l1b_lo,
+        l1b_hi, l1b_lo, jk_hi, jk_lo, jb_hi, jb_lo, jo_hi, jo_lo,
         KIND: tl.constexpr, HAS_MASK: tl.constexpr, GIVEN_STATS: tl.constexpr,
         ONE_PASS: tl.constexpr, IS_FP64: tl.constexpr, CDT: tl.constexpr,
-        BLOCK_V: tl.constexpr, FAST_BF16: tl.constexpr = False):
+        BLOCK_V: tl.constexpr, FAST_BF16: tl.constexpr = False, PTX: tl.constexpr = False):
     row = tl.program_id(0).to(tl.int64)
     if HAS_MASK:
         skip = tl.load(mask_ptr + row * stride_mask) != 0
@@ -502,22 +568,36 @@ def _kl_fwd_kernel(
             l1b = const_hl(zero, l1b_hi, l1b_lo, IS_FP64)
             acc_p = zero
             acc_q = zero
-            for start in range(0, V, BLOCK_V):
-                cols = start + offs
-                inb = cols < V
-                z = mul_hl(tl.load(xbase + cols, mask=inb, other=float("-inf")).to(CDT),
-                           inv_t_hi, inv_t_lo, IS_FP64)
-                w = mul_hl(tl.load(ybase + cols, mask=inb, other=float("-inf")).to(CDT),
-                           inv_t_hi, inv_t_lo, IS_FP64)
-                logp, logq = _kl_logs(z, w, m_p, ls_p, m_q, ls_q)
-                if KIND == 0:
-                    acc_p += tl.sum(xmul0(tl.exp(logp), logp - logq), 0)
-                elif KIND == 1:
-                    acc_q += tl.sum(xmul0(tl.exp(logq), logq - logp), 0)
-                else:
-                    a_p, a_q = _jsd_a(logp, logq, beta, omb, lb, l1b, IS_FP64)
-                    acc_p += tl.sum(xmul0(tl.exp(logp), a_p), 0)
-                    acc_q += tl.sum(xmul0(tl.exp(logq), a_q), 0)
+            if (KIND == 2) & (IS_FP64 == 0):
+                # fp32 JSD (_jsd_cols): sum p a_p = beta ln2 sum p a - beta log(beta) sum p,
+                # sum q a_q = -(1 - beta) ln2 sum q S - (1 - beta) log(1 - beta) sum q; the
+                # sums of p and q are 1 on a whole row (0 on a row of only -inf), summed only
+                # for a shard's part (GIVEN_STATS)
+                t_p, t_q, n_p, n_q = _jsd_pass2(xbase, ybase, offs, V, m_p, ls_p, m_q, ls_q,
+                                                inv_t_hi, jk_hi, GIVEN_STATS, FAST_BF16, PTX,
+                                                BLOCK_V)
+                if not GIVEN_STATS:
+                    n_p = tl.where(m_p == float("-inf"), 0.0, 1.0)
+                    n_q = tl.where(m_q == float("-inf"), 0.0, 1.0)
+                acc_p = beta * (0.6931471805599453 * t_p) - jb_hi * n_p
+                acc_q = -omb * (0.6931471805599453 * t_q) - jo_hi * n_q
+            else:
+                for start in range(0, V, BLOCK_V):
+                    cols = start + offs
+                    inb = cols < V
+                    z = mul_hl(tl.load(xbase + cols, mask=inb, other=float("-inf")).to(CDT),
+                               inv_t_hi, inv_t_lo, IS_FP64)
+                    w = mul_hl(tl.load(ybase + cols, mask=inb, other=float("-inf")).to(CDT),
+                               inv_t_hi, inv_t_lo, IS_FP64)
+                    logp, logq = _kl_logs(z, w, m_p, ls_p, m_q, ls_q)
+                    if KIND == 0:
+                        acc_p += tl.sum(xmul0(tl.exp(logp), logp - logq), 0)
+                    elif KIND == 1:
+                        acc_q += tl.sum(xmul0(tl.exp(logq), logq - logp), 0)
+                    else:
+                        a_p, a_q = _jsd_a(logp, logq, beta, omb, lb, l1b, IS_FP64)
+                        acc_p += tl.sum(xmul0(tl.exp(logp), a_p), 0)
+                        acc_q += tl.sum(xmul0(tl.exp(logq), a_q), 0)
             tl.store(kl_ptr + row, acc_p + acc_q)
             tl.store(sp_ptr + row * 3, m_p)
             tl.store(sp_ptr + row * 3 + 1, ls_p)
@@ -534,8 +614,10 @@ def _kl_bwd_kernel(
         sp_ptr, stride_sp0, stride_sp1, sq_ptr, stride_sq0, stride_sq1,
         gx_ptr, stride_gx, gy_ptr, stride_gy,
         V, inv_t_hi, inv_t_lo, beta_hi, beta_lo, omb_hi, omb_lo, lb_hi, lb_lo, l1b_hi, l1b_lo,
+        jk_hi, jk_lo, jb_hi, jb_lo, jo_hi, jo_lo,
         KIND: tl.constexpr, HAS_MASK: tl.constexpr, NEED_W: tl.constexpr,
-        IS_FP64: tl.constexpr, CDT: tl.constexpr, BLOCK_V: tl.constexpr):
+        IS_FP64: tl.constexpr, CDT: tl.constexpr, BLOCK_V: tl.constexpr,
+        FAST_BF16: tl.constexpr = False, PTX: tl.constexpr = False):
     row = tl.program_id(0).to(tl.int64)
     if HAS_MASK:
         skip = tl.load(mask_ptr + row * stride_mask) != 0
@@ -574,30 +656,66 @@ def _kl_bwd_kernel(
         # z - w and M_p - M_q round alike (docs/math.md)
         y_p, y_p_lo = _kl_offset(sum_p, m_p, m_q, ls_p - ls_q)
         y_q, y_q_lo = _kl_offset(sum_q, m_q, m_p, ls_q - ls_p)
-        for start in range(0, V, BLOCK_V):
-            cols = start + offs
-            inb = cols < V
-            x = tl.load(xbase + cols, mask=inb, other=float("-inf")).to(CDT)
-            y = tl.load(ybase + cols, mask=inb, other=float("-inf")).to(CDT)
-            z = mul_hl(x, inv_t_hi, inv_t_lo, IS_FP64)
-            w = mul_hl(y, inv_t_hi, inv_t_lo, IS_FP64)
-            logp, logq = _kl_logs(z, w, m_p, ls_p, m_q, ls_q)
-            p = tl.exp(logp)
-            q = tl.exp(logq)
-            # r (a - sum r a), the sum saved by forward
-            if KIND == 0:
-                d_z = xmul0(p, ((z - w) - y_p) - y_p_lo)
-                d_w = q - p
-            elif KIND == 1:
-                d_z = p - q
-                d_w = xmul0(q, ((w - z) - y_q) - y_q_lo)
-            else:
-                a_p, a_q = _jsd_a(logp, logq, beta, omb, lb, l1b, IS_FP64)
-                d_z = xmul0(p, a_p) - p * sum_p
-                d_w = xmul0(q, a_q) - q * sum_q
-            tl.store(gxbase + cols, (g * d_z).to(gx_ptr.dtype.element_ty), mask=inb)
-            if NEED_W:
-                tl.store(gybase + cols, (g * d_w).to(gy_ptr.dtype.element_ty), mask=inb)
+        if (KIND == 2) & (IS_FP64 == 0):
+            # fp32 JSD (_jsd_cols): a_p - sum p a_p = beta ln2 a - (beta log beta + sum p a_p),
+            # a_q - sum q a_q = -(1 - beta) ln2 S - ((1 - beta) log(1 - beta) + sum q a_q),
+            # the upstream gradient g / T folded into the two coefficients
+            mp = tl.where(m_p == float("-inf"), 0.0, m_p)
+            mq = tl.where(m_q == float("-inf"), 0.0, m_q)
+            lp2 = ls_p * 1.4426950408889634
+            lq2 = ls_q * 1.4426950408889634
+            k = jk_hi + (lq2 - lp2)
+            cp = g * beta * 0.6931471805599453
+            kp = g * (jb_hi + sum_p)
+            cq = g * omb * 0.6931471805599453
+            kq = g * (jo_hi + sum_q)
+            v_full = V - V % BLOCK_V
+            for start in range(0, v_full, BLOCK_V):
+                x = load_floor_f32(xbase + start + offs, FAST_BF16, CDT)
+                y = load_floor_f32(ybase + start + offs, FAST_BF16, CDT)
+                p, q, a, s = _jsd_cols(x, y, mp, mq, lp2, lq2, inv_t_hi, k, PTX)
+                tl.store(gxbase + start + offs, (p * (cp * a - kp)).to(gx_ptr.dtype.element_ty))
+                if NEED_W:
+                    tl.store(gybase + start + offs,
+                             (-q * (cq * s + kq)).to(gy_ptr.dtype.element_ty))
+            if v_full < V:
+                cols = v_full + offs
+                inb = cols < V
+                x = tl.maximum(tl.load(xbase + cols, mask=inb, other=float("-inf")).to(CDT),
+                               -1.0e30, propagate_nan=tl.PropagateNan.ALL)
+                y = tl.maximum(tl.load(ybase + cols, mask=inb, other=float("-inf")).to(CDT),
+                               -1.0e30, propagate_nan=tl.PropagateNan.ALL)
+                p, q, a, s = _jsd_cols(x, y, mp, mq, lp2, lq2, inv_t_hi, k, PTX)
+                tl.store(gxbase + cols, (p * (cp * a - kp)).to(gx_ptr.dtype.element_ty),
+                         mask=inb)
+                if NEED_W:
+                    tl.store(gybase + cols, (-q * (cq * s + kq)).to(gy_ptr.dtype.element_ty),
+                             mask=inb)
+        else:
+            for start in range(0, V, BLOCK_V):
+                cols = start + offs
+                inb = cols < V
+                x = tl.load(xbase + cols, mask=inb, other=float("-inf")).to(CDT)
+                y = tl.load(ybase + cols, mask=inb, other=float("-inf")).to(CDT)
+                z = mul_hl(x, inv_t_hi, inv_t_lo, IS_FP64)
+                w = mul_hl(y, inv_t_hi, inv_t_lo, IS_FP64)
+                logp, logq = _kl_logs(z, w, m_p, ls_p, m_q, ls_q)
+                p = tl.exp(logp)
+                q = tl.exp(logq)
+                # r (a - sum r a), the sum saved by forward
+                if KIND == 0:
+                    d_z = xmul0(p, ((z - w) - y_p) - y_p_lo)
+                    d_w = q - p
+                elif KIND == 1:
+                    d_z = p - q
+                    d_w = xmul0(q, ((w - z) - y_q) - y_q_lo)
+                else:
+                    a_p, a_q = _jsd_a(logp, logq, beta, omb, lb, l1b, IS_FP64)
+                    d_z = xmul0(p, a_p) - p * sum_p
+                    d_w = xmul0(q, a_q) - q * sum_q
+                tl.store(gxbase + cols, (g * d_z).to(gx_ptr.dtype.element_ty), mask=inb)
+                if NEED_W:
+                    tl.store(gybase + cols, (g * d_w).to(gy_ptr.dtype.element_ty), mask=inb)
 
 
 # The one-pass reverse/forward KL forward (ONE_PASS) reads each input once. Its KL, formed as
@@ -625,6 +743,28 @@ def _beta_args(beta: float):
     lb = math.log(beta) if beta > 0 else -math.inf
     l1b = math.log(omb) if omb > 0 else -math.inf
     return (*split(beta), *split(omb), *split(lb), *split(l1b))
+
+
+# log2 beta - log2 (1 - beta) when beta is 0 or 1: a finite stand-in for -inf / +inf that
+# keeps the fp32 JSD's D (_jsd_cols) far enough from 0 that 2^-|D| = 0 (its terms then are
+# exactly 0, as the reference's are)
+_JSD_FAR = 1000.0
+
+
+def _jsd_args(beta: float):
+    """The fp32 JSD's constants (_jsd_cols) as (hi, lo) pairs: ``k = log2 beta - log2(1 -
+    beta)`` (+-_JSD_FAR at the ends), ``beta log beta`` and ``(1 - beta) log(1 - beta)`` (0 at
+    the ends)."""
+    omb = 1.0 - beta
+    if beta <= 0.0:
+        k = -_JSD_FAR
+    elif omb <= 0.0:
+        k = _JSD_FAR
+    else:
+        k = max(-_JSD_FAR, min(_JSD_FAR, math.log2(beta) - math.log2(omb)))
+    jb = beta * math.log(beta) if beta > 0 else 0.0
+    jo = omb * math.log(omb) if omb > 0 else 0.0
+    return (*split(k), *split(jb), *split(jo))
 
 
 def kl_divergence_forward(logits: Tensor, ref_logits: Tensor, ignore_mask: Optional[Tensor],
@@ -672,13 +812,15 @@ def _kl_forward(logits, ref_logits, ignore_mask, given_p, given_q, kind, beta, t
         _kl_fwd_kernel[(n,)](
             x, *row_layout(x), y, *row_layout(y), mask, mask.stride(0) if has_mask else 0,
             kl, stats_p, stats_q, gp, gq, vocab, *split(1.0 / temperature),
-            *split(LOG2E / temperature), *_beta_args(beta), KIND=_KINDS[kind],
+            *split(LOG2E / temperature), *_beta_args(beta), *_jsd_args(beta),
+            KIND=_KINDS[kind],
             HAS_MASK=has_mask, GIVEN_STATS=given,
             # fp64: the two-pass form (the one-pass state, 7 fp64 arrays, spills 56 B at 255
             # registers on sm_90a; the two-pass one does not)
             ONE_PASS=_KL_ONE_PASS and kind != "jsd" and not given and cdt != torch.float64,
             IS_FP64=cdt == torch.float64, CDT=tl_compute_dtype(cdt), BLOCK_V=block,
-            FAST_BF16=fast_bf16(x) and y.dtype == torch.bfloat16, num_warps=num_warps(block))
+            FAST_BF16=fast_bf16(x) and y.dtype == torch.bfloat16, PTX=x.is_cuda,
+            num_warps=num_warps(block))
     return kl, stats_p, stats_q
 
 
@@ -712,9 +854,10 @@ def kl_divergence_backward(grad_kl: Tensor, logits: Tensor, ref_logits: Tensor,
             stats_p, stats_p.stride(0), stats_p.stride(1),
             stats_q, stats_q.stride(0), stats_q.stride(1),
             grad_z, vocab, gw, vocab,  # both contiguous
-            vocab, *split(1.0 / temperature), *_beta_args(beta),
+            vocab, *split(1.0 / temperature), *_beta_args(beta), *_jsd_args(beta),
             KIND=_KINDS[kind], HAS_MASK=has_mask, NEED_W=bool(need_ref_grad),
             IS_FP64=cdt == torch.float64, CDT=tl_compute_dtype(cdt), BLOCK_V=block,
+            FAST_BF16=fast_bf16(x) and y.dtype == torch.bfloat16, PTX=x.is_cuda,
             num_warps=num_warps(block))
     return grad_z, grad_w
 
