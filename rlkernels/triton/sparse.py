@@ -9,18 +9,26 @@ Design (one program per row, fixed reduction order: deterministic and batch inva
   statistics of the raw logits (:func:`._common.lane_step`: no block reduction inside the
   loop), merged once per row into ``(m, log s)`` with ``log s = log1p(rest)``, ``rest`` the
   sum over every column but one arg-max of ``exp(z - m)``: nothing ever subtracts 1 from a
-  sum, so ``1 - p_max`` keeps its digits on peaked rows. With the tail, the stream skips the
-  row's id columns (each block compares its columns with its own sorted ids, one id at a
-  time: ``seg [N, n_blocks + 1]`` from ``searchsorted`` gives each block's slice), which
-  gives the outside part ``(m_out, rest_out)`` directly; the distinct valid ids' columns
-  are gathered after the pass and merged in (two positive parts, the part holding the max
-  keeps its arg-max out). The tail is ``(m_out - m) + log1p(rest_out) - log s`` (the
-  reference's ``_log_tail``), the log of a sum of the outside columns, never
-  ``log(1 - sum)``.
-* **Membership in the forward without a [BLOCK_V, K] comparison.** A block compares its
-  columns only with its own ids, one at a time: ``O(V * ids per block)`` comparisons per row
-  instead of ``O(V * K)``, whatever ``K`` is (a top-p support can hold thousands of ids).
-  Duplicated ids are adjacent in the sorted order and simply match the same column.
+  sum, so ``1 - p_max`` keeps its digits on peaked rows. The stream never looks at the
+  ids, with or without the tail (the loop of the no-tail kernel: ``lane_step`` only).
+* **The tail after the stream, lane by lane** (:func:`_log_tail`). Column ``c`` is in lane
+  ``c % BLOCK_V``, whose state ``(m_L, r_L)`` keeps its max column out of ``r_L``; the ids
+  are sorted by ``(lane, id)`` (:func:`_lane_sorted_ids`, with a bitmap of the id lanes).
+  A lane without ids is all outside, ``1 + r_L`` relative to ``m_L``. A lane with ids
+  (:func:`_lane_state`, from the gathered ``(m_L, r_L)`` and the ids' logits): if no id is
+  at the lane max, its outside is ``1 + (r_L - sum e_id)`` (>= 1: subtracting cannot
+  cancel); if an id is the lane max, ``r_L - sum e_{other ids}``, used only when what is
+  subtracted is at most half of ``r_L`` and the rest is >= 2^-60. Otherwise (a second id
+  dominating the lane's other columns, an outside flushed or far below an id max, three or
+  more positions in one lane) the lane is *bad*: its ``V / BLOCK_V`` columns are read
+  again (strided, ids masked by a bitmap of their blocks) into their own ``(max, rest)``.
+  At K = 64 and 4096 lanes a row has ~0.5 lanes with two ids (handled without re-reading)
+  and ~0.003 with three; bad lanes need a peaked row whose ids hold nearly all of a lane.
+  Every part is ``(m, s, h)``: a sum ``h + s`` relative to its max, ``h = 1`` when a column
+  at the max is kept out (:func:`_merge_part`: nothing is subtracted), so the tail
+  ``(m_out - m) + log1p(s) - log s`` (or ``log(s)`` when ``h = 0``) is the log of a sum of
+  the outside columns, never ``log(1 - sum)``: the reference's ``_log_tail``. A tail mass
+  of 1e-30 keeps its digits (the ids' lanes carry it, or are read again).
 * **Gathered values**: ``z`` at each valid id is loaded directly (int64 addresses) after the
   row pass, ``K`` at most ``BLOCK_K`` at a time (any ``K`` works). "support" normalizes with
   the same online ``(max, log1p(rest))`` pair over the valid slots, so that ``1 - s_k`` of a
@@ -48,8 +56,8 @@ import triton
 import triton.language as tl
 
 from .._codes import SPARSE_MODES
-from ._common import (LOG2E, compute_dtype, const_hl, lane_merge, lane_step, mul_hl, n_rows,
-                      online_block, row_layout, row_offset, split, tl_compute_dtype)
+from ._common import (LOG2E, compute_dtype, const_hl, exp2_, lane_merge, lane_step, mul_hl,
+                      n_rows, online_block, row_layout, row_offset, split, tl_compute_dtype)
 
 Tensor = torch.Tensor
 
@@ -128,79 +136,200 @@ def _slot_ids(idx_row, koffs, K, V):
 # ================================================================================== forward
 
 @triton.jit
+def _lane_state(x_row, sid_row, j, K, V, m_l, r_l, c, IS_FP64: tl.constexpr,
+                CDT: tl.constexpr, BLOCK_V: tl.constexpr):
+    """The outside state of the lane of each owner among the lane-sorted positions ``j``
+    (ids sorted by ``(id % BLOCK_V, id)``: a lane's ids are adjacent, its first position
+    owns it): ``(lane, owner, ref, s, n, bad)``, the lane's outside columns summing to
+    ``(n + s) 2^((. - ref) c)`` relative to ``ref = m_L``, the lane max, with ``(m_L, r_L)``
+    gathered from the per-lane state (r_L: every column of the lane but its max):
+
+    * no id at the lane max: ``n = 1``, ``s = r_L - sum_ids e`` (the max column is outside:
+      the sum is >= 1, the subtraction cannot cancel);
+    * an id at the lane max: ``n = 0``, ``s = r_L - sum_{other ids} e``; ``bad`` (the lane is
+      read again, ids masked) when what is subtracted exceeds half of ``r_L`` (cancellation)
+      or ``s < 2^-60`` (the outside may be flushed or far below the lane max);
+    * three or more positions in the lane (rare at K << BLOCK_V): ``bad``.
+
+    ``e = 2^((x - m_L) c)`` is the id's term in ``r_L``; an empty lane (no finite column)
+    gives ``n = s = 0``."""
+    ids = tl.load(sid_row + j, mask=j < K, other=_SENTINEL_C)
+    prev = tl.load(sid_row + j - 1, mask=(j < K) & (j > 0), other=0)
+    nxt1 = tl.load(sid_row + j + 1, mask=j + 1 < K, other=_SENTINEL_C)
+    nxt2 = tl.load(sid_row + j + 2, mask=j + 2 < K, other=_SENTINEL_C)
+    valid = ids < V
+    lane = tl.where(valid, ids % BLOCK_V, 0)
+    # sentinels sort last: the position before a valid id holds a valid id
+    owner = valid & ((j == 0) | ((prev % BLOCK_V) != lane))
+    dist1 = (nxt1 < V) & ((nxt1 % BLOCK_V) == lane) & (nxt1 != ids)  # a second id, not a dup
+    run3 = (nxt2 < V) & ((nxt2 % BLOCK_V) == lane)
+    ml = tl.gather(m_l, lane, 0)
+    rl = tl.gather(r_l, lane, 0)
+    x0 = tl.load(x_row + ids.to(tl.int64), mask=owner, other=float("-inf")).to(CDT)
+    x1 = tl.load(x_row + nxt1.to(tl.int64), mask=owner & dist1, other=float("-inf")).to(CDT)
+    top0 = x0 == ml
+    top1 = dist1 & (x1 == ml)
+    # x <= m_L: e <= 1; a -inf column gives 0
+    e0 = tl.where(top0, 0.0, exp2_((x0 - ml) * c, IS_FP64))
+    e1 = tl.where(top1 | ~dist1, 0.0, exp2_((x1 - ml) * c, IS_FP64))
+    ntop = top0.to(tl.int32) + top1.to(tl.int32)
+    sub = e0 + e1 + tl.where(ntop == 2, 1.0, 0.0)  # two ids tied at the max: one stays out
+    s = rl - sub
+    s = tl.where(s < 0.0, 0.0, s)  # rounding (a NaN stays)
+    n = tl.where(ntop == 0, 1.0, 0.0).to(CDT)
+    empty = ml <= -1.0e30
+    bad = run3 | ((ntop > 0) & ((sub > 0.5 * rl) | (s < 8.673617379884035e-19)))
+    bad = owner & ~empty & bad
+    n = tl.where(empty, 0.0, n)
+    s = tl.where(empty, rl * 0.0, s)
+    return lane, owner, ml, s, n, bad
+
+
+@triton.jit
+def _lanes_part(ok, ref, s, n, idx, c, IS_FP64: tl.constexpr, NOT: tl.constexpr):
+    """Lanes ``ok`` with outside ``(n + s) 2^((. - ref) c)`` as one part ``(m, s, h)`` (see
+    :func:`_merge_part`): the first lane at the max with ``n = 1`` keeps its max column out
+    (``h = 1``); the other lanes give ``s * 0`` (a NaN stays)."""
+    refc = tl.where(ok, ref, float("-inf"))
+    m = tl.max(refc, 0)
+    ms = tl.where(m == float("-inf"), 0.0, m)
+    a = exp2_((refc - ms) * c, IS_FP64)
+    first = tl.min(tl.where(ok & (n > 0.0) & (refc == m), idx, NOT), 0)
+    tot = tl.sum(tl.where(ok, a * (s + tl.where(idx == first, 0.0, n)), s * 0.0), 0)
+    h = tl.where(first < NOT, 1.0, 0.0).to(tot.dtype)
+    return m, tot, h
+
+
+@triton.jit
+def _merge_part(m1, s1, h1, m2, s2, h2, c, IS_FP64: tl.constexpr):
+    """Union of two parts, each summing to ``h + s`` relative to its raw max ``m`` (``h`` in
+    {0, 1}: 1 when a column equal to ``m`` is kept out of ``s``, so that ``log1p(s)`` keeps
+    the digits of a sum near 1); nothing is subtracted."""
+    m = tl.maximum(m1, m2)
+    ms = tl.where(m == float("-inf"), 0.0, m)
+    a1 = exp2_((m1 - ms) * c, IS_FP64)  # a -inf part scales to 0
+    a2 = exp2_((m2 - ms) * c, IS_FP64)
+    tie = m1 == m2
+    h = tl.where(tie, tl.maximum(h1, h2), tl.where(m1 > m2, h1, h2))
+    s = tl.where(tie, s1 + s2 + (h1 + h2 - h),
+                 tl.where(m1 > m2, s1 + (s2 + h2) * a2, s2 + (s1 + h1) * a1))
+    return m, s, h
+
+
+@triton.jit
+def _log_tail(x_row, sid_row, words_row, K, V, m_l, r_l, lanes, c, m, log_s, inv_t_hi,
+              inv_t_lo, IS_FP64: tl.constexpr, CDT: tl.constexpr, NT: tl.constexpr,
+              BLOCK_V: tl.constexpr, KF: tl.constexpr):
+    """``log(sum over the columns outside the row's ids of e^{z - m}) - log s`` from the
+    per-lane states of the whole row (the stream did not look at the ids): the lanes
+    without ids (``words_row``: a bitmap of the id lanes, 64 lanes a word) as they are, the
+    id lanes from :func:`_lane_state`, its bad lanes read again. ``m``: the row max z (0 on
+    a row of only -inf). The id lanes' parts merge slot by slot across id chunks (no block
+    reduction per chunk), into one part after the chunks."""
+    kl_ = tl.arange(0, KF)
+    mi = tl.full([KF], float("-inf"), CDT)  # per slot: the id lanes' part (m, s, h)
+    si = tl.zeros([KF], CDT)
+    hi = tl.zeros([KF], CDT)
+    bad_any = tl.zeros([KF], tl.int32)
+    for k0 in range(0, K, KF):
+        lane, owner, ref, s, n, bad = _lane_state(x_row, sid_row, k0 + kl_, K, V, m_l, r_l, c,
+                                                  IS_FP64, CDT, BLOCK_V)
+        use = owner & ~bad
+        mi, si, hi = _merge_part(mi, si, hi, tl.where(use, ref, float("-inf")),
+                                 tl.where(use, s, 0.0), tl.where(use, n, 0.0), c, IS_FP64)
+        bad_any = tl.maximum(bad_any, bad.to(tl.int32))
+    if tl.max(bad_any, 0) > 0:
+        # the bad lanes' columns again, one block at a time, their ids masked by a bitmap
+        # of the blocks that hold them (64 blocks a window)
+        n_blocks = tl.cdiv(V, BLOCK_V)
+        one = tl.full([KF], 1, tl.int64)
+        for k0 in range(0, K, KF):
+            j = k0 + kl_
+            lane, owner, ref, s, n, bad = _lane_state(x_row, sid_row, j, K, V, m_l, r_l, c,
+                                                      IS_FP64, CDT, BLOCK_V)
+            mo = tl.full([KF], -1.0e30, CDT)
+            ro = tl.zeros([KF], CDT)
+            for w0 in range(0, n_blocks, 64):
+                bits = tl.zeros([KF], tl.int64)
+                r = tl.zeros([], tl.int32)
+                live = bad
+                while tl.max(live.to(tl.int32), 0) > 0:  # the lane's run of positions
+                    idr = tl.load(sid_row + j + r, mask=live & (j + r < K), other=_SENTINEL_C)
+                    live = live & (idr < V) & ((idr % BLOCK_V) == lane)
+                    blk = idr // BLOCK_V - w0
+                    inw = live & (blk >= 0) & (blk < 64)
+                    bits = bits | tl.where(inw, one << tl.where(inw, blk, 0).to(tl.int64), 0)
+                    r += 1
+                for b in range(w0, tl.minimum(w0 + 64, n_blocks)):
+                    col = lane.to(tl.int64) + b * BLOCK_V  # b * BLOCK_V < V + BLOCK_V
+                    member = ((bits >> (b - w0)) & 1) != 0
+                    xv = tl.load(x_row + col, mask=bad & (col < V) & ~member,
+                                 other=float("-inf")).to(CDT)
+                    mo, ro, _ = lane_step(xv, mo, ro, ro, c, False, IS_FP64)
+            # (mo, ro): the lane's outside max and the rest; no finite column: nothing
+            fin = bad & (mo > -1.0e30)
+            mi, si, hi = _merge_part(mi, si, hi, tl.where(fin, mo, float("-inf")),
+                                     tl.where(bad, ro, 0.0), tl.where(fin, 1.0, 0.0), c,
+                                     IS_FP64)
+    m2, s2, h2 = _lanes_part((mi > float("-inf")) | (si != 0.0), mi, si, hi, kl_, c, IS_FP64,
+                             KF)
+    # the lanes without ids, as lane_merge forms the row's rest
+    wl = tl.load(words_row + lanes // 64)
+    has = ((wl >> (lanes % 64).to(tl.int64)) & 1) != 0
+    ok = ~has & (m_l > -1.0e30)
+    m1, s1, h1 = _lanes_part(ok, m_l, r_l, tl.full([BLOCK_V], 1.0, CDT), lanes, c, IS_FP64,
+                             BLOCK_V)
+    mo_, so_, ho_ = _merge_part(m1, s1, h1, m2, s2, h2, c, IS_FP64)
+    # the reference's _log_tail: the log of the outside sum relative to the row max, never
+    # log(1 - sum); no finite outside column: -inf (a NaN stays)
+    log_out = tl.where(ho_ > 0.0, _log1p(so_, NT), tl.log(so_))
+    tail = (mul_hl(mo_, inv_t_hi, inv_t_lo, IS_FP64) - m) + log_out - log_s
+    return tl.where(mo_ == float("-inf"), float("-inf") + so_ * 0.0, tail)
+
+
+@triton.jit
 def _sparse_fwd_kernel(
     x_ptr, inner_x, stride_x, stride_x1, V,
     idx_ptr, stride_idx, K,
-    sid_ptr, seg_ptr, stride_seg,
+    sid_ptr, words_ptr,
     tgt_ptr, stride_tgt,
     out_ptr, stride_out, tail_ptr, stats_ptr,
     inv_t_hi, inv_t_lo,
     MODE: tl.constexpr, WITH_TAIL: tl.constexpr, IS_FP64: tl.constexpr, CDT: tl.constexpr,
     NT: tl.constexpr,
-    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, KC: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, KF: tl.constexpr, NW: tl.constexpr,
 ):
+    """``sid_ptr``, ``words_ptr``: the row's ids sorted by ``(id % BLOCK_V, id)`` and the
+    bitmap of their lanes (:func:`_lane_sorted_ids`, ``WITH_TAIL`` only)."""
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row_offset(row, inner_x, stride_x, stride_x1)
     lanes = tl.arange(0, BLOCK_V)
     # log2(e) / T, from 1/T as it reaches the kernel (in fp32: exactly the fp32 product)
     c = const_hl(tl.zeros([], CDT), inv_t_hi, inv_t_lo, IS_FP64) * tl.full([], LOG2E_C, CDT)
 
-    # one pass over the row with per-lane statistics (_common.lane_step), no block reduction
-    # in the loop; with the tail, over the columns OUTSIDE the row's ids only (the ids' own
-    # columns are gathered after the pass and merged in: a sum of two positive parts)
+    # one pass over the whole row with per-lane statistics (_common.lane_step: a lane's max
+    # column is kept out of its sum r), no block reduction and no id in the loop, with or
+    # without the tail: the outside sums are formed after the pass from the lane states
     m_l = tl.full([BLOCK_V], -1.0e30, CDT)
     r_l = tl.zeros([BLOCK_V], CDT)
     n_blocks = tl.cdiv(V, BLOCK_V)
-    if WITH_TAIL:
-        sid_row = sid_ptr + row * K
-        seg_row = seg_ptr + row * stride_seg
-        lo = tl.load(seg_row)
     for b in range(0, n_blocks):
         cols = (b * BLOCK_V + lanes).to(tl.int32)
         x = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(CDT)
-        if WITH_TAIL:
-            # the block's sorted ids, one at a time (about K BLOCK_V / V of them)
-            hi = tl.load(seg_row + b + 1)
-            for kk in range(lo, hi):
-                x = tl.where(cols == tl.load(sid_row + kk).to(tl.int32), float("-inf"), x)
-            lo = hi
         m_l, r_l, _ = lane_step(x, m_l, r_l, r_l, c, False, IS_FP64)
     mx, rest, _ = lane_merge(m_l, r_l, r_l, lanes, c, BLOCK_V, False, IS_FP64)
     m = mul_hl(mx, inv_t_hi, inv_t_lo, IS_FP64)  # max z, rounded as every z is
-    if WITH_TAIL:
-        m_out = m
-        rest_out = rest
-        # the distinct valid ids' columns (sorted: a repeated id follows itself)
-        klanes = tl.arange(0, BLOCK_K)
-        m_id = tl.full([], float("-inf"), CDT)
-        r_id = tl.zeros([], CDT)
-        for k0 in range(0, K, BLOCK_K):
-            koffs = k0 + klanes
-            sk = tl.load(sid_row + koffs, mask=koffs < K, other=_SENTINEL_C)
-            prev = tl.load(sid_row + koffs - 1, mask=(koffs < K) & (koffs > 0), other=-1)
-            keep = (sk < V) & (sk != prev)
-            zk = _scaled(x_row, sk.to(tl.int64), keep, inv_t_hi, inv_t_lo, IS_FP64, CDT)
-            m_id, r_id, _s1, _sq, _new, _bi = online_block(zk, klanes, m_id, r_id, r_id, r_id, 0,
-                                                          False, False)
-        # merge (max, rest) of the two parts; the part holding the max keeps its arg-max
-        # out (the outside part first on a tie), nothing is subtracted
-        m = tl.maximum(m_out, m_id)
-        ms = tl.where(m == float("-inf"), 0.0, m)
-        a_out = tl.exp(m_out - ms)
-        a_id = tl.exp(m_id - ms)
-        rest = tl.where(m_out >= m_id, rest_out + (r_id + 1.0) * a_id,
-                        (rest_out + 1.0) * a_out + r_id)
-        rest = tl.where(m == float("-inf"), rest * 0.0, rest)  # NaN stays (lane_merge)
-
     log_s = _log1p(rest, NT)
     tl.store(stats_ptr + row * 3, m)
     # a row of only -inf is shifted by 0, as the reference does: -inf log-probs, not NaN
     m = tl.where(m == float("-inf"), 0.0, m)
     tl.store(stats_ptr + row * 3 + 1, log_s)
     tl.store(stats_ptr + row * 3 + 2, tl.zeros([], CDT))
+
     if WITH_TAIL:
-        # the reference's _log_tail: (m_out - m) is the max of the shifted outside columns
-        tail = (m_out - m) + _log1p(rest_out, NT) - log_s
+        sid_row = sid_ptr + row * K
+        tail = _log_tail(x_row, sid_row, words_ptr + row * NW, K, V, m_l, r_l, lanes, c, m,
+                         log_s, inv_t_hi, inv_t_lo, IS_FP64, CDT, NT, BLOCK_V, KF)
     else:
         tail = tl.zeros([], CDT)
     tl.store(tail_ptr + row, tail)
@@ -437,10 +566,6 @@ def _block_k(k: int) -> int:
     return min(_MAX_BLOCK_K, max(16, triton.next_power_of_2(max(k, 1))))
 
 
-def _kc(k: int) -> int:
-    return min(4, max(2, triton.next_power_of_2(max(k, 1))))
-
-
 def _rows2d(t: Tensor) -> Tensor:
     """``t`` with unit stride along its last dim (a copy only when it has not); its rows
     may have any layout :func:`._common.row_layout` describes."""
@@ -463,6 +588,34 @@ def _sorted_segments(indices: Tensor, vocab: int, block_v: int
     return sid.contiguous(), perm.to(torch.int32).contiguous(), seg
 
 
+_LANE_KEY = 2 ** 31  # > any id: the lane-sorted key is lane * _LANE_KEY + id
+_LANE_LAST = 2 ** 62  # key of an unused slot / an id outside [0, V): sorts last
+
+
+def _lane_sorted_ids(indices: Tensor, vocab: int, block_v: int) -> Tuple[Tensor, Tensor]:
+    """``(sid int32 [N, K], words int64 [N, max(block_v // 64, 1)])``: the row's ids sorted
+    by ``(id % block_v, id)`` (unused slots and ids outside ``[0, V)`` last, as
+    ``_SENTINEL``; equal ids adjacent), and the bitmap of the lanes that hold an id (lane
+    ``l``: bit ``l % 64`` of word ``l // 64``). The forward's tail reads the ids lane by lane
+    of its per-lane statistics (column ``c`` is in lane ``c % block_v``). [N, K] work, and
+    ``N * block_v / 8`` bytes."""
+    n, _ = indices.shape
+    ok = (indices >= 0) & (indices < vocab)
+    ids = indices.to(torch.int64)
+    key = torch.where(ok, (ids % block_v) * _LANE_KEY + ids, torch.full_like(ids, _LANE_LAST))
+    key = torch.sort(key, dim=1).values
+    valid = key < _LANE_LAST
+    sid = torch.where(valid, key % _LANE_KEY, torch.full_like(key, _SENTINEL))
+    lane = torch.where(valid, key // _LANE_KEY, torch.zeros_like(key))
+    prev = torch.cat([torch.full_like(lane[:, :1], -1), lane[:, :-1]], dim=1)
+    first = valid & (lane != prev)  # one bit per lane: the sum below is an OR
+    bits = torch.where(first, torch.bitwise_left_shift(torch.ones_like(lane), lane % 64),
+                       torch.zeros_like(lane))
+    words = torch.zeros(n, max(block_v // 64, 1), dtype=torch.int64, device=indices.device)
+    words.scatter_add_(1, lane // 64, bits)
+    return sid.to(torch.int32).contiguous(), words
+
+
 def _forward(logits: Tensor, indices: Tensor, target: Optional[Tensor], temperature: float,
              mode: int, with_tail: bool, block_v: Optional[int]
              ) -> Tuple[Tensor, Tensor, Tensor]:
@@ -478,20 +631,20 @@ def _forward(logits: Tensor, indices: Tensor, target: Optional[Tensor], temperat
     logits = _rows2d(logits)
     indices = indices.contiguous()
     if with_tail:
-        sid, _, seg = _sorted_segments(indices, vocab, block_v)
+        sid, words = _lane_sorted_ids(indices, vocab, block_v)
     else:
-        sid = seg = indices  # unused
+        sid = words = indices  # unused
     tgt = target.contiguous() if target is not None else out
     _sparse_fwd_kernel[(n,)](
         logits, *row_layout(logits), vocab,
         indices, indices.stride(0), k,
-        sid, seg, seg.stride(0),
+        sid, words,
         tgt, tgt.stride(0) if target is not None else 0,
         out, out.stride(0) if mode != _MODE_KL else 1, tail, stats,
         *split(1.0 / temperature),
         MODE=mode, WITH_TAIL=with_tail, IS_FP64=cdt == torch.float64,
         CDT=tl_compute_dtype(cdt), NT=_series_terms(logits.dtype), BLOCK_V=block_v,
-        BLOCK_K=_block_k(k), KC=_kc(k),
+        BLOCK_K=_block_k(k), KF=min(_block_k(k), 64), NW=max(block_v // 64, 1),
         num_warps=_num_warps(block_v))
     return out, tail, stats
 

@@ -600,3 +600,57 @@ def test_gpu_deterministic_and_batch_invariant():
     assert all(bit_equal(u, v) for u, v in zip(a, b))
     alone = run(slice(7, 8))
     assert all(bit_equal(u, v[7:8]) for u, v in zip(alone, a))
+
+
+# ========================================================= the tail from the lane states
+
+def _lane_rows(dtype):
+    """Rows at V = 160 for ``block_v = 16`` (column c in lane c % 16), each built to take one
+    branch of the lane-wise tail (sparse._lane_state): ``(x [R, 160], idx [R, 4])``."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(10, 160, generator=g, dtype=torch.float64)
+    idx = torch.full((10, 4), -1, dtype=torch.int64)
+    x[0, 3], x[0, 19] = 60.0, 40.0          # two ids in lane 3, the second dominates: re-read
+    idx[0, :2] = torch.tensor([19, 3])
+    x[1, [3, 19, 35]] = torch.tensor([30.0, 29.0, 28.0], dtype=torch.float64)  # 3 ids: re-read
+    idx[1, :3] = torch.tensor([35, 3, 19])
+    x[2, 5] = 100.0                          # the lane's rest is ~e^-100: below 2^-60
+    idx[2, 0] = 5
+    x[3, [0, 1, 2, 3]] = 0.0                 # ids hold all but ~1e-28 of the mass
+    x[3, 4:] = -70.0
+    idx[3] = torch.tensor([0, 1, 2, 3])
+    x[4, [7, 40, 90]] = -30.0                # ids hold almost no mass
+    idx[4, :3] = torch.tensor([7, 40, 90])
+    x[5, 10::16] = NEG_INF                   # lane 10 all -inf, an id on it; -inf elsewhere
+    x[5, 100:104] = NEG_INF
+    idx[5, :3] = torch.tensor([26, 101, 7])
+    x[6, [9, 25]] = 20.0                     # two ids tied at the max of lane 9, a dup
+    idx[6] = torch.tensor([25, 9, 25, 41])
+    x[8, 12], x[8, 28] = 50.0, 49.0          # a second id just below the max, duplicated
+    idx[8] = torch.tensor([28, 12, 28, 28])
+    x[9, 64] = 90.0                          # peak on an id, the rest of the row far below
+    x[9, 65:] -= 60.0
+    idx[9, :2] = torch.tensor([64, 80])
+    # row 7: every slot unused
+    return x.to(dtype).to(DEV), idx.to(DEV)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_tail_from_lane_states(dtype):
+    """The forward's tail from the per-lane states: lanes with two / three ids, an id at the
+    lane max with the rest of the lane below 2^-60 (read again), ids holding ~all or ~no
+    mass, -inf columns (an id on one), tied and duplicated ids, a row of unused slots, at
+    T = 1 and 0.6; the tail stays finite and within tolerance where the fp64 reference is."""
+    x, idx = _lane_rows(dtype)
+    target = torch.log_softmax(torch.randn(idx.shape, generator=torch.Generator().manual_seed(3),
+                                           dtype=torch.float64), -1).to(_cdt(dtype)).to(DEV)
+    for temperature in (1.0, 0.6):
+        for normalize in ("full", "support"):
+            _, tail, _, _ = check_logprobs(x, idx, temperature, normalize, True, block_v=16,
+                                           what="lanes")
+            _, tail_r, _ = ref.sparse_logprobs_forward(x.double(), idx, temperature, normalize,
+                                                       True)
+            fin = torch.isfinite(tail_r)
+            assert torch.isfinite(tail[fin]).all(), "finite reference tail, finite tail"
+            assert tail[3] < -50  # ~1e-28 of the mass stays, not 0
+        check_kl(x, idx, target, temperature, True, block_v=16, what="lanes")
