@@ -7,6 +7,7 @@ Declared in the op table like the dense vocabulary ops (:mod:`rlkernels.ops.voca
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple, Union
 
 import torch
@@ -115,19 +116,47 @@ SPARSE_KL = Op(
                        "temperature", "with_tail"), grads=("logits",)))
 
 
+_SPARSE_KL_KINDS = ("forward", "reverse", "jsd", "alpha", "tv")
+
+
 def sparse_kl(logits: Tensor, indices: Tensor, target_logprobs: Tensor, *,
+              kind: str = "forward", alpha: Optional[float] = None, beta: float = 0.5,
               temperature: float = 1.0, tail: bool = True,
               backend: Optional[str] = None) -> Tensor:
-    """KL(teacher || student) over the teacher's top-K support, with an optional tail bucket.
+    """A divergence between student and teacher over the teacher's top-K ids and a tail bucket.
 
-    ``sum_k t_k (log t_k - log s_k) [+ t_tail (log t_tail - log s_tail)]`` where
-    ``t_k = exp(target_logprobs_k)`` are the teacher's full-vocabulary probabilities at
-    ``indices``, ``s = softmax(logits / temperature)`` is the student over all ``V`` columns,
-    ``t_tail = max(1 - sum_k t_k, 0)`` and ``s_tail`` the student mass outside the ids.
-    ``0 log 0 = 0``; slots with id ``-1`` are ignored (their target value is not read).
-    When the ids cover every column there is no tail bucket: ``t_tail`` is taken as 0 (its
-    value would only be the rounding of the targets, against a student tail of mass 0).
-    Temperature applies to the student logits only.
+    Buckets: the row's ``K`` slots and, with ``tail=True``, the rest of the vocabulary.
+    Student ``s = softmax(logits / temperature)`` over all ``V`` columns: ``s_k`` at the
+    ids, ``s_tail`` its mass outside them. Teacher ``t_k = exp(target_logprobs_k)`` (its
+    full-vocabulary probabilities at the ids), ``t_tail = max(1 - sum_k t_k, 0)``. Slots with
+    id ``-1`` are ignored (their target value is not read). When the ids cover every column
+    there is no tail bucket: ``t_tail`` is taken as 0 (its value would only be the rounding
+    of the targets, against a student tail of mass 0). Temperature applies to the student
+    only. ``kind`` names the divergence as :func:`rlkernels.kl_divergence` does, with the
+    student in the place of ``p`` (the model being trained) and the teacher in that of ``q``:
+
+    * ``"forward"``: ``KL(teacher || student) = sum_b t_b (log t_b - log s_b)``
+    * ``"reverse"``: ``KL(student || teacher) = sum_b s_b (log s_b - log t_b)`` (``+inf``
+      when a bucket has student mass and no teacher mass, e.g. ``sum_k t_k >= 1``)
+    * ``"jsd"``: ``beta KL(s || m) + (1 - beta) KL(t || m)``, ``m = beta s + (1 - beta) t``
+    * ``"alpha"``: ``sum_b (a s_b + (1-a) t_b - s_b^a t_b^(1-a)) / (a (1 - a))``,
+      ``a = alpha`` in ``[0, 1]`` (required for this kind, an error with the others): Amari's
+      alpha-divergence, ``(1 - sum_b s_b^a t_b^(1-a)) / (a (1 - a))`` when both bucket sets
+      sum to 1; ``a = 0`` is ``"forward"``, ``a = 1`` is ``"reverse"``
+    * ``"tv"``: ``0.5 sum_b |s_b - t_b|``
+
+    with ``0 log 0 = 0``. ``tail=False`` drops the tail bucket and renormalizes nothing: the
+    same per-bucket terms summed over the ``K`` slots only, as ``"forward"`` has always
+    done (a renormalized student would need the support softmax, a different gradient). The
+    buckets then sum to less than 1 and ``"alpha"`` is the alpha-divergence of these
+    positive measures (nonnegative, continuous in ``a``), whose limits ``a -> 0, 1`` are the
+    generalized KLs (``"forward"`` / ``"reverse"`` plus ``sum_k (s_k - t_k)`` and minus it);
+    with the tail bucket the limits are exact. docs/math.md, "sparse_kl kinds (issue 21)".
+
+    ``"forward"`` runs its own fused kernel. The other kinds take the student's bucket
+    log-probs from :func:`sparse_logprobs` (``normalize="full"``, ``return_tail=tail``: one
+    pass over the logits, differentiable) and the divergence is an O(N K) function of those
+    ``K + 1`` numbers per row, whose gradient flows back through sparse_logprobs' backward.
 
     Shapes: ``logits [..., V]``, ``indices [..., K]``, ``target_logprobs [..., K]`` float ->
     ``[...]`` fp32 (fp64 for fp64 logits). Differentiable w.r.t. ``logits`` only (the teacher
@@ -138,13 +167,140 @@ def sparse_kl(logits: Tensor, indices: Tensor, target_logprobs: Tensor, *,
     _checks.tensor("target_logprobs", target_logprobs, dtypes=_checks.FLOAT_DTYPES)
     _checks.shape("target_logprobs", target_logprobs, indices.shape, "the shape of indices")
     _checks.same_device("logits", logits, target_logprobs=target_logprobs)
+    _checks.choice("kind", kind, _SPARSE_KL_KINDS)
+    beta = _checks.number("beta", beta, lo=0.0, hi=1.0)
+    kind, weight = _sparse_kind(kind, alpha, beta)
     t = _checks.positive("temperature", temperature)
     _checks.flag("tail", tail)
-    name = SPARSE_KL.resolve(backend, logits.device)
     k = indices.shape[-1]
+    if kind != "forward":
+        return _bucket_kl(logits, indices, target_logprobs, kind, weight, t, tail, backend)
+    name = SPARSE_KL.resolve(backend, logits.device)
     kl = SPARSE_KL(rows_for(logits, name, _FAMILY), indices.reshape(-1, k),
                    target_logprobs.reshape(-1, k), t, tail, name)[0]
     return kl.view(logits.shape[:-1])
+
+
+def _sparse_kind(kind: str, alpha, beta: float) -> Tuple[str, float]:
+    """``(kind, weight)``: beta for ``"jsd"``, alpha strictly inside ``(0, 1)`` for
+    ``"alpha"`` (0 and 1 are the KL kinds, computed as those); alpha rules of
+    :func:`rlkernels.kl_divergence`."""
+    if kind != "alpha":
+        if alpha is not None:
+            # a silent no-op would hide a typo (kind="jsd", alpha=... meant beta)
+            raise ValueError(f"alpha: only used with kind='alpha', got alpha={alpha!r} with "
+                             f"kind={kind!r}")
+        return kind, beta
+    if alpha is None:
+        raise ValueError("alpha: kind='alpha' needs alpha, a number in [0, 1], got None")
+    a = _checks.number("alpha", alpha, lo=0.0, hi=1.0)
+    if a == 1.0:
+        return "reverse", beta
+    if a == 0.0:
+        return "forward", beta
+    return kind, a
+
+
+def _bucket_kl(logits: Tensor, indices: Tensor, target_logprobs: Tensor, kind: str,
+               weight: float, temperature: float, tail: bool, backend: Optional[str]) -> Tensor:
+    """The kinds other than ``"forward"``: the student's bucket log-probs from
+    :func:`sparse_logprobs`, the teacher's from the targets, then :func:`_bucket_divergence`."""
+    out = sparse_logprobs(logits, indices, temperature=temperature, normalize="full",
+                          return_tail=tail, backend=backend)
+    ls = out[0] if tail else out
+    valid = indices >= 0
+    # unused slots: -inf (t = 0), their target never read (torch.where selects, a NaN there
+    # stays out)
+    lt = torch.where(valid, target_logprobs.to(ls.dtype), -math.inf).detach()
+    if tail:
+        t_tail = (1.0 - lt.exp().sum(-1)).clamp_min(0.0)
+        t_tail = torch.where(_covers(indices, logits.shape[-1]), 0.0, t_tail)
+        ls = torch.cat([ls, out[1].unsqueeze(-1)], dim=-1)
+        lt = torch.cat([lt, t_tail.log().unsqueeze(-1)], dim=-1)
+    return _bucket_divergence(ls, lt, kind, weight)
+
+
+def _covers(indices: Tensor, vocab: int) -> Tensor:
+    """Bool ``[...]``: the row's valid ids are every column (possible only when K >= V; a
+    sort of the K ids, O(K log K) per row, no host synchronisation)."""
+    if indices.shape[-1] < vocab:
+        return torch.zeros(indices.shape[:-1], dtype=torch.bool, device=indices.device)
+    ids = indices.long().sort(dim=-1).values
+    first = torch.ones_like(ids, dtype=torch.bool)
+    first[..., 1:] = ids[..., 1:] != ids[..., :-1]
+    return ((ids >= 0) & first).sum(-1) == vocab
+
+
+def _bucket_divergence(ls: Tensor, lt: Tensor, kind: str, weight: float) -> Tensor:
+    """``D [...]`` of the bucket distributions ``s = exp(ls)``, ``t = exp(lt)`` (``[..., B]``
+    log-probs, ``-inf`` for an empty bucket), differentiable w.r.t. ``ls``: the formulas of
+    :func:`sparse_kl`, per bucket ``b`` (``0 log 0 = 0``; ``r = s^a t^(1-a)``)
+
+    ============  ==============================================  ==========================
+    kind          value term                                      ``dD / d ls_b``
+    ============  ==============================================  ==========================
+    ``reverse``   ``s (ls - lt)``                                 ``s (ls - lt + 1)``
+    ``jsd``       ``beta s (ls - lm) + (1-beta) t (lt - lm)``      ``beta s (ls - lm)``
+    ``alpha``     ``(a s + (1-a) t - r) / (a (1-a))``             ``(s - r) / (1 - a)``
+    ``tv``        ``0.5 |s - t|``                                 ``0.5 sign(s - t) s``
+    ============  ==============================================  ==========================
+
+    (``lm = log(beta s + (1-beta) t)``; jsd's ``d lm / d ls`` terms cancel). Every gradient
+    has the factor ``s``: an empty student bucket gets exactly 0. O(N B) elementwise work.
+    """
+    return _BucketDivergence.apply(ls, lt, kind, weight)
+
+
+def _gap(u: Tensor, lu: Tensor, lv: Tensor, c: float) -> Tensor:
+    """``u - u^(1-c) v^c`` without cancellation (``c`` in ``(0, 1)``): ``-u expm1(c (lv -
+    lu))`` while the exponent is ``<= 1``, the plain difference above (where ``u^(1-c) v^c >
+    e u``: no cancellation, and no overflow where ``expm1`` would give inf); 0 where u = 0
+    (NaN where u is NaN)."""
+    e = c * (lv - lu)
+    v = torch.where(e <= 1.0, -u * torch.expm1(e), u - torch.exp((1.0 - c) * lu + c * lv))
+    return torch.where(u == 0, 0.0, v)  # NaN propagates
+
+
+def _bucket_terms(ls: Tensor, lt: Tensor, kind: str, w: float) -> Tuple[Tensor, Tensor]:
+    """Per-bucket ``(value term, dD / d ls)`` of :func:`_bucket_divergence`."""
+    s, t = ls.exp(), lt.exp()
+    s0 = s == 0  # an empty student bucket (not NaN: a NaN logit's row must come out NaN)
+    zero = torch.zeros_like(s)
+    if kind == "reverse":
+        d = ls - lt  # +inf where t = 0 < s: KL = inf
+        return torch.where(s0, 0.0, s * d), torch.where(s0, 0.0, s * (d + 1.0))
+    if kind == "tv":
+        return 0.5 * (s - t).abs(), 0.5 * torch.sign(s - t) * s
+    if kind == "jsd":
+        if w in (0.0, 1.0):  # m = t or s: both KLs 0 (0 KL(s || t) = 0 even where it is inf)
+            return zero, zero
+        lm = torch.logaddexp(ls + math.log(w), lt + math.log1p(-w))
+        a_s = torch.where(s0, 0.0, s * (ls - lm))
+        a_t = torch.where(t == 0, 0.0, t * (lt - lm))
+        return w * a_s + (1.0 - w) * a_t, w * a_s
+    # alpha, a = w in (0, 1): a s + (1-a) t - r = (s - r) + (1-a) (t - s) = (t - r) + a (s - t)
+    # (the expm1 form around the distribution with the larger weight, as kl_divergence's
+    # reference: each term is O(the smaller weight), like the sum)
+    a, b = w, 1.0 - w
+    gap_s = _gap(s, ls, lt, b)
+    value = gap_s + b * (t - s) if a >= 0.5 else _gap(t, lt, ls, a) + a * (s - t)
+    return value / (a * b), gap_s / b
+
+
+class _BucketDivergence(torch.autograd.Function):
+    """:func:`_bucket_divergence` with its explicit gradient (no NaN from ``0 * inf`` on
+    empty buckets, which autograd through the value formulas would give)."""
+
+    @staticmethod
+    def forward(ctx, ls: Tensor, lt: Tensor, kind: str, weight: float) -> Tensor:
+        value, grad = _bucket_terms(ls, lt, kind, weight)
+        ctx.save_for_backward(grad)
+        return value.sum(-1)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        (grad,) = ctx.saved_tensors
+        return g.unsqueeze(-1) * grad, None, None, None
 
 
 __all__ = ["sparse_logprobs", "sampling_support", "sparse_kl"]

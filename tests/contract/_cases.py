@@ -357,11 +357,39 @@ def sparse_kl_cases() -> List[Case]:
     common = dict(primary=("logits",), diff=("logits",), ints=("indices",),
                   rows_in={"logits": 0, "indices": 0, "target": 0}, rows_out={0: 0},
                   pad=pad)
+
+    def kind_call(kind, alpha=None, temperature=1.0, with_tail=True):
+        def f(i, b):
+            return (rk.sparse_kl(i["logits"], i["indices"], i["target"], kind=kind,
+                                 alpha=alpha, temperature=temperature, tail=with_tail,
+                                 backend=b),)
+        return f
+
+    def pad_bounded(inp):
+        # issue 21's kinds: the student's -inf ids weigh 0 in KL(s || t), jsd, alpha and tv
+        # (the teacher's K masses stay below 1 here: KL(s || t) is finite too)
+        empty = (inp["indices"] < 0).all(-1)
+        return Pad(zero_out={0: empty}, zero_grad={"logits": empty})
+
+    def scaled(floor, k):
+        # alpha's gradient terms are (s - r) / (1 - a) and a D s: k = 1 + 1 / (a (1 - a))
+        # times the size of a KL's
+        return lambda i, u: k * floor(i, u)
+
+    kinds = {**common, "pad": pad_bounded}
     return [
         Case("sparse_kl", "tail-V33-K4", _sparse_build(33, 4, targets=True), tail,
              floor=_vocab_floor("logits"), compile=True, **common),
         Case("sparse_kl", "no-tail-T0.9-V7-K3", _sparse_build(7, 3, targets=True), no_tail,
              floor=_vocab_floor("logits", temperature=0.9), **common),
+        # issue 21: the other kinds over the same buckets
+        Case("sparse_kl", "reverse-tail-V33-K4", _sparse_build(33, 4, targets=True),
+             kind_call("reverse"), floor=_vocab_floor("logits"), **kinds),
+        Case("sparse_kl", "alpha0.7-no-tail-T0.9-V7-K3", _sparse_build(7, 3, targets=True),
+             kind_call("alpha", alpha=0.7, temperature=0.9, with_tail=False),
+             floor=scaled(_vocab_floor("logits", temperature=0.9), 1 + 1 / 0.21), **kinds),
+        Case("sparse_kl", "tv-tail-V33-K4", _sparse_build(33, 4, targets=True),
+             kind_call("tv"), floor=_vocab_floor("logits"), **kinds),
     ]
 
 
