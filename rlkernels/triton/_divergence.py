@@ -49,15 +49,24 @@ def _logs(z, w, m_p, ls_p, m_q, ls_q):
 
 
 @triton.jit
-def _pow_gap(u, logu, logv, b, omb, IS_FP64: tl.constexpr):
-    """``u^(1-b) v^b - u`` (``omb = 1 - b``) without cancellation, as the reference's
-    ``_pow_gap``: ``u expm1(b (log v - log u))`` while that exponent is <= 1, the plain
-    difference above (``u^(1-b) v^b > e u``: no cancellation, and no ``expm1`` overflow where
-    ``u`` underflows). ``u = 0`` gives 0 (with ``v = 0`` the exponent is NaN: second
-    branch, ``0 - 0``)."""
-    e = b * (logv - logu)
+def _pow_gap(u, logu, logv, c, IS_FP64: tl.constexpr):
+    """``u^(1-c) v^c - u = u expm1(c (log v - log u))`` for ``c <= 1/2`` (the forward's
+    terms; the reference's ``_pow_gap`` without its second branch, one ``exp``): ``u > 0``
+    bounds the exponent (``log u >= -104`` in fp32, ``-745`` in fp64, so ``c (log v - log u)
+    <= 52``, ``373``: no overflow); where ``u`` underflows to 0 the gap is ``u^(1-c) v^c <=
+    sqrt(u v) < 1e-22``, taken as 0, which also covers ``u = v = 0`` (exponent NaN) and ``u =
+    0 < v`` (``0 * inf``). ``v = 0 < u``: ``expm1(-inf) = -1``, the gap is ``-u``."""
+    return tl.where(u == 0.0, 0.0, u * expm1(c * (logv - logu), IS_FP64))
+
+
+@triton.jit
+def _pow_gap_r(u, logu, logv, c, r, IS_FP64: tl.constexpr):
+    """``r - u`` with ``r = u^(1-c) v^c`` given, any ``c`` in ``(0, 1)`` (the backward's two
+    gaps share ``r``): ``u expm1(c (log v - log u))`` while that exponent is ``<= 1``, the
+    plain difference above (no cancellation: ``r > e u``; for ``c > 1/2`` a subnormal ``u``
+    could overflow ``expm1``), as the reference's ``_pow_gap``."""
+    e = c * (logv - logu)
     small = e <= 1.0
-    r = tl.exp(omb * logu + b * logv)
     return tl.where(small, u * expm1(tl.where(small, e, 0.0), IS_FP64), r - u)
 
 
@@ -70,9 +79,8 @@ def _alpha_term(p, logp, q, logq, a, b, P_FORM, IS_FP64: tl.constexpr):
     v = tl.where(P_FORM, q, p)
     lu = tl.where(P_FORM, logp, logq)
     lv = tl.where(P_FORM, logq, logp)
-    c = tl.where(P_FORM, b, a)     # the weight of v in the geometric mean
-    oc = tl.where(P_FORM, a, b)
-    return c * (v - u) - _pow_gap(u, lu, lv, c, oc, IS_FP64)
+    c = tl.where(P_FORM, b, a)     # the weight of v in the geometric mean, <= 1/2
+    return c * (v - u) - _pow_gap(u, lu, lv, c, IS_FP64)
 
 
 @triton.jit
@@ -186,7 +194,7 @@ def _fdiv_bwd_kernel(
         stride_y1, mask_ptr, stride_mask,
         sp_ptr, stride_sp0, stride_sp1, sq_ptr, stride_sq0, stride_sq1,
         gx_ptr, stride_gx, gy_ptr, stride_gy,
-        V, inv_t_hi, inv_t_lo, a_hi, a_lo, b_hi, b_lo,
+        V, inv_t_hi, inv_t_lo, a_hi, a_lo, b_hi, b_lo, ia_hi, ia_lo, ib_hi, ib_lo,
         KIND: tl.constexpr, HAS_MASK: tl.constexpr, NEED_W: tl.constexpr,
         IS_FP64: tl.constexpr, CDT: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -219,6 +227,9 @@ def _fdiv_bwd_kernel(
         sum_q = tl.load(sq_ptr + row * stride_sq0 + 2 * stride_sq1).to(CDT)
         a = const_hl(zero, a_hi, a_lo, IS_FP64)
         b = const_hl(zero, b_hi, b_lo, IS_FP64)
+        # 1 / a, 1 / (1 - a): a multiply per column instead of a division (~10 instructions)
+        inv_a = const_hl(zero, ia_hi, ia_lo, IS_FP64)
+        inv_b = const_hl(zero, ib_hi, ib_lo, IS_FP64)
         d = sum_p + sum_q  # alpha: D (the all-shard value under vocabulary parallelism)
         for start in range(0, V, BLOCK_V):
             cols = start + offs
@@ -233,8 +244,9 @@ def _fdiv_bwd_kernel(
             if KIND == 3:
                 # (p S - r) / (1-a) = (p - r) / (1-a) - a p D, and (q S - r) / a likewise:
                 # p - r by expm1 keeps the digits that the division by 1 - a (or a) exposes
-                d_z = -_pow_gap(p, logp, logq, b, a, IS_FP64) / b - a * p * d
-                d_w = -_pow_gap(q, logq, logp, a, b, IS_FP64) / a - b * q * d
+                r = tl.exp(a * logp + b * logq)
+                d_z = -_pow_gap_r(p, logp, logq, b, r, IS_FP64) * inv_b - a * p * d
+                d_w = -_pow_gap_r(q, logq, logp, a, r, IS_FP64) * inv_a - b * q * d
             else:
                 s = _sign(p, q)
                 # 0.5 p (s - sum p s) and -0.5 q (s - sum q s); the saved sums are
@@ -246,10 +258,12 @@ def _fdiv_bwd_kernel(
                 tl.store(gybase + cols, (g * d_w).to(gy_ptr.dtype.element_ty), mask=inb)
 
 
-def _alpha_args(kind: str, beta: float):
-    """``a, 1 - a`` as fp32 (hi, lo) pairs (``beta`` carries alpha; unused for tv)."""
+def _alpha_args(kind: str, beta: float, inverses: bool = False):
+    """``a, 1 - a`` (and with ``inverses`` ``1 / a``, ``1 / (1 - a)``) as fp32 (hi, lo) pairs
+    (``beta`` carries alpha; unused for tv)."""
     a = beta if kind == "alpha" else 0.5
-    return (*split(a), *split(1.0 - a))
+    args = (*split(a), *split(1.0 - a))
+    return (*args, *split(1.0 / a), *split(1.0 / (1.0 - a))) if inverses else args
 
 
 def kl_divergence_forward(logits: Tensor, ref_logits: Tensor, ignore_mask: Optional[Tensor],
@@ -324,7 +338,7 @@ def kl_divergence_backward(grad_kl: Tensor, logits: Tensor, ref_logits: Tensor,
             stats_p, stats_p.stride(0), stats_p.stride(1),
             stats_q, stats_q.stride(0), stats_q.stride(1),
             grad_z, vocab, gw, vocab,  # both contiguous
-            vocab, *split(1.0 / temperature), *_alpha_args(kind, beta),
+            vocab, *split(1.0 / temperature), *_alpha_args(kind, beta, inverses=True),
             KIND=_KINDS[kind], HAS_MASK=has_mask, NEED_W=bool(need_ref_grad),
             IS_FP64=cdt == torch.float64, CDT=tl_compute_dtype(cdt), BLOCK_V=block,
             num_warps=num_warps(block))
