@@ -332,13 +332,19 @@ def load_bf16_f32(ptrs, FAST: tl.constexpr):
 
 
 @triton.jit
+def floor_f(x):
+    """``max(x, -2e30)``, NaN kept: a ``-inf`` logit becomes a finite value below
+    ``LANE_FLOOR`` (the lane helpers give it weight 0 and count it as ``-inf``), so that a
+    difference of two floored columns is finite."""
+    return tl.maximum(x, -2.0e30, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def load_floor_f32(ptrs, FAST: tl.constexpr, CDT: tl.constexpr):
-    """``max(tl.load(ptrs), -1e30)`` in ``CDT``, NaN kept: logits at ``-inf`` become a finite
-    floor (about ``LANE_FLOOR``, which the lane helpers count as ``-inf``), so that a
-    difference of two floored columns is finite. With ``FAST`` (bf16 on a GPU, compiled, not
-    under the interpreter) the floor is one packed ``max.NaN.bf16x2`` per 32-bit word of two
-    bf16, at bf16 ``0xF14A`` = -1.00026e30, before :func:`load_bf16_f32`'s two-instruction
-    unpack; otherwise a NaN-propagating fp32 / fp64 max at -1e30."""
+    """:func:`floor_f` of ``tl.load(ptrs)`` in ``CDT``. With ``FAST`` (bf16 on a GPU,
+    compiled, not under the interpreter) the floor is one packed ``max.NaN.bf16x2`` per 32-bit
+    word of two bf16, at bf16 ``0xF14A`` = -1.00026e30 (also below ``LANE_FLOOR``), before
+    :func:`load_bf16_f32`'s two-instruction unpack: half an instruction per column."""
     x = tl.load(ptrs)
     if FAST:
         return tl.inline_asm_elementwise(
@@ -346,7 +352,7 @@ def load_floor_f32(ptrs, FAST: tl.constexpr, CDT: tl.constexpr):
             "shl.b32 $0, t, 16; and.b32 $1, t, 0xffff0000; }", "=r,=r,r", [x],
             dtype=tl.float32, is_pure=True, pack=2)
     else:
-        return tl.maximum(x.to(CDT), -1.0e30, propagate_nan=tl.PropagateNan.ALL)
+        return floor_f(x.to(CDT))
 
 
 @triton.jit

@@ -44,7 +44,7 @@ import triton.language as tl
 from .._codes import KL_KINDS
 from ._common import (LOG2E, block_v, compute_dtype, const_hl, device_guard, exp2_, expm1,
                       fast_bf16, lane_merge, lane_step, lane_step2, lg2_1p, load_bf16_f32,
-                      load_floor_f32, log1p,
+                      floor_f, load_floor_f32, log1p,
                       logaddexp, mul_hl, n_rows, num_warps, row_layout, row_offset, split,
                       tl_compute_dtype, unit_stride, xmul0)
 
@@ -383,10 +383,8 @@ def _jsd_pass2(xbase, ybase, offs, V, m_p, ls_p, m_q, ls_q, inv_t, kd,
     if v_full < V:
         cols = v_full + offs
         inb = cols < V
-        x = tl.maximum(tl.load(xbase + cols, mask=inb, other=float("-inf")).to(tl.float32),
-                       -1.0e30, propagate_nan=tl.PropagateNan.ALL)
-        y = tl.maximum(tl.load(ybase + cols, mask=inb, other=float("-inf")).to(tl.float32),
-                       -1.0e30, propagate_nan=tl.PropagateNan.ALL)
+        x = floor_f(tl.load(xbase + cols, mask=inb, other=float("-inf")).to(tl.float32))
+        y = floor_f(tl.load(ybase + cols, mask=inb, other=float("-inf")).to(tl.float32))
         p, q, a, s = _jsd_cols(x, y, mp, mq, lp2, lq2, inv_t, k, PTX)
         acc_p += p * a
         acc_q += q * s
@@ -397,27 +395,41 @@ def _jsd_pass2(xbase, ybase, offs, V, m_p, ls_p, m_q, ls_q, inv_t, kd,
 
 
 @triton.jit
-def _kl_lane_step(xa, xb, m_a, r_a, acc, o, dmax, m_b, r_b, c, IS_FP64: tl.constexpr):
-    """One block of the one-pass KL: per-lane (max, rest) of both rows (_common.lane_step)
-    and ``acc = sum 2^{(x_a - m_a) c} (d - o)`` over the weighting row ``a``, ``d = x_a -
-    x_b``, ``o`` the lane's ``d`` at its running arg-max of ``x_a`` (so the arg-max's own term
-    is exactly 0: a peaked row keeps the digits of its small KL), re-referenced and rescaled
-    whenever ``a``'s running max moves, the same form as the entropy sum of lane_step:
-    ``acc' = acc s + (d - o) (new ? -r' : e)``. ``d`` is formed from logits floored at
-    ``LANE_FLOOR`` (finite: a ``-inf`` column of ``a`` has weight 0 and adds exactly 0);
+def _kl_lane_step2(xa1, xa2, xb1, xb2, m_a, r_a, acc, o, dmax, m_b, r_b, c,
+                   IS_FP64: tl.constexpr):
+    """One step of the one-pass KL over two columns per lane (``j``, ``j + HALF``): per-lane
+    (max, rest) of both rows (``_common.lane_step``) and ``acc = sum 2^{(x_a - m_a) c} (d -
+    o)`` over the weighting row ``a``, ``d = x_a - x_b``, ``o`` the lane's ``d`` at its
+    running arg-max of ``x_a`` (so the arg-max's own term is exactly 0: a peaked row keeps
+    the digits of its small KL), re-referenced and rescaled whenever ``a``'s running max
+    moves, the same form as the entropy sum of lane_step: ``acc' = acc s + (d - o) (new ?
+    -r' : e)``. Of the two columns, the one of larger ``x_a`` goes first, with the rescale;
+    the other is never above the new max: ``r += e_n``, ``acc += (d_n - o) e_n``, no rescale
+    (one rescale per pair, as ``_common.lane_step2``, which takes row ``b``). The inputs are
+    floored (``floor_f``: a ``-inf`` column of ``a`` has weight 0 and adds exactly 0);
     ``dmax`` tracks the largest ``d``: a column with ``x_b = -inf`` under a finite ``x_a``
-    makes it ``>= 1e29`` (the KL is ``inf``)."""
-    d = (xa - m_a) * c
+    makes it ``>= 1e29`` (the KL is ``inf``). A NaN ``x_a`` fails the ``>=`` and reaches
+    ``r_a`` from either slot."""
+    d1 = xa1 - xb1
+    d2 = xa2 - xb2
+    dmax = tl.maximum(dmax, tl.maximum(d1, d2))
+    first = xa1 >= xa2
+    xm = tl.where(first, xa1, xa2)
+    xn = tl.where(first, xa2, xa1)
+    dm = tl.where(first, d1, d2)
+    dn = tl.where(first, d2, d1)
+    d = (xm - m_a) * c
     new = d > 0.0
     e = exp2_(-tl.abs(d), IS_FP64)
     s = tl.where(new, e, 1.0)
     r_a = r_a * s + e
-    dab = tl.maximum(xa, -1.0e30) - tl.maximum(xb, -1.0e30)
-    acc = acc * s + (dab - o) * tl.where(new, -r_a, e)
-    o = tl.where(new, dab, o)
-    dmax = tl.maximum(dmax, dab)
-    m_a = tl.maximum(m_a, xa)
-    m_b, r_b, _ = lane_step(xb, m_b, r_b, r_b, c, False, IS_FP64)
+    acc = acc * s + (dm - o) * tl.where(new, -r_a, e)
+    o = tl.where(new, dm, o)
+    m_a = tl.maximum(m_a, xm)
+    en = exp2_((xn - m_a) * c, IS_FP64)
+    r_a = r_a + en
+    acc = acc + (dn - o) * en
+    m_b, r_b, _ = lane_step2(xb1, xb2, m_b, r_b, r_b, c, False, IS_FP64)
     return m_a, r_a, acc, o, dmax, m_b, r_b
 
 
@@ -470,39 +482,42 @@ def _kl_fwd_kernel(
             # weighting row a (q for "forward") and b the other,
             #   KL = sum p ((z_a - z_b) - (M_a - M_b) / T) - (log s_a - log s_b),
             # the first sum accumulated per lane relative to the lane's own reference
-            # difference and rescaled with a's running max (_kl_lane_step), merged once
+            # difference and rescaled with a's running max (_kl_lane_step2), merged once
             if KIND == 0:
                 abase = xbase
                 bbase = ybase
             else:
                 abase = ybase
                 bbase = xbase
-            m_a = tl.full([BLOCK_V], -1.0e30, CDT)
-            r_a = tl.zeros([BLOCK_V], CDT)
-            m_b = tl.full([BLOCK_V], -1.0e30, CDT)
-            r_b = tl.zeros([BLOCK_V], CDT)
-            acc = tl.zeros([BLOCK_V], CDT)
-            o = tl.zeros([BLOCK_V], CDT)
-            dmax = tl.full([BLOCK_V], -3.0e38, CDT)
+            # two columns per lane and step (_kl_lane_step2): j and j + HALF
+            HALF: tl.constexpr = BLOCK_V // 2
+            lanes = tl.arange(0, HALF)
+            m_a = tl.full([HALF], -1.0e30, CDT)
+            r_a = tl.zeros([HALF], CDT)
+            m_b = tl.full([HALF], -1.0e30, CDT)
+            r_b = tl.zeros([HALF], CDT)
+            acc = tl.zeros([HALF], CDT)
+            o = tl.zeros([HALF], CDT)
+            dmax = tl.full([HALF], -3.0e38, CDT)
             v_full = V - V % BLOCK_V
             for start in range(0, v_full, BLOCK_V):
-                if FAST_BF16:
-                    xa = load_bf16_f32(abase + start + offs, True)
-                    xb = load_bf16_f32(bbase + start + offs, True)
-                else:
-                    xa = tl.load(abase + start + offs).to(CDT)
-                    xb = tl.load(bbase + start + offs).to(CDT)
-                m_a, r_a, acc, o, dmax, m_b, r_b = _kl_lane_step(
-                    xa, xb, m_a, r_a, acc, o, dmax, m_b, r_b, c, IS_FP64)
+                xa1 = load_floor_f32(abase + start + lanes, FAST_BF16, CDT)
+                xa2 = load_floor_f32(abase + start + HALF + lanes, FAST_BF16, CDT)
+                xb1 = load_floor_f32(bbase + start + lanes, FAST_BF16, CDT)
+                xb2 = load_floor_f32(bbase + start + HALF + lanes, FAST_BF16, CDT)
+                m_a, r_a, acc, o, dmax, m_b, r_b = _kl_lane_step2(
+                    xa1, xa2, xb1, xb2, m_a, r_a, acc, o, dmax, m_b, r_b, c, IS_FP64)
             if v_full < V:
-                cols = v_full + offs
-                inb = cols < V
-                xa = tl.load(abase + cols, mask=inb, other=float("-inf")).to(CDT)
-                xb = tl.load(bbase + cols, mask=inb, other=float("-inf")).to(CDT)
-                m_a, r_a, acc, o, dmax, m_b, r_b = _kl_lane_step(
-                    xa, xb, m_a, r_a, acc, o, dmax, m_b, r_b, c, IS_FP64)
-            big_a, rest_a, _ = lane_merge(m_a, r_a, r_a, offs, c, BLOCK_V, False, IS_FP64)
-            big_b, rest_b, _ = lane_merge(m_b, r_b, r_b, offs, c, BLOCK_V, False, IS_FP64)
+                c1 = v_full + lanes
+                c2 = c1 + HALF
+                xa1 = floor_f(tl.load(abase + c1, mask=c1 < V, other=float("-inf")).to(CDT))
+                xa2 = floor_f(tl.load(abase + c2, mask=c2 < V, other=float("-inf")).to(CDT))
+                xb1 = floor_f(tl.load(bbase + c1, mask=c1 < V, other=float("-inf")).to(CDT))
+                xb2 = floor_f(tl.load(bbase + c2, mask=c2 < V, other=float("-inf")).to(CDT))
+                m_a, r_a, acc, o, dmax, m_b, r_b = _kl_lane_step2(
+                    xa1, xa2, xb1, xb2, m_a, r_a, acc, o, dmax, m_b, r_b, c, IS_FP64)
+            big_a, rest_a, _ = lane_merge(m_a, r_a, r_a, lanes, c, HALF, False, IS_FP64)
+            big_b, rest_b, _ = lane_merge(m_b, r_b, r_b, lanes, c, HALF, False, IS_FP64)
             # a row of only -inf is shifted by 0 (as _kl_logs does)
             sa = tl.where(big_a == float("-inf"), zero, big_a)
             sb = tl.where(big_b == float("-inf"), zero, big_b)
@@ -510,8 +525,8 @@ def _kl_fwd_kernel(
             # sum_j w_j (d_j - o*) = acc + W (o - o*), W = r + 1 its weight, moved to the row
             # max by sc (0 for a lane with no finite column); the arg-max adds exactly 0
             top = tl.max(m_a, 0)
-            first = tl.min(tl.where(m_a == top, offs, BLOCK_V), 0)
-            o_top = tl.sum(tl.where(offs == first, o, 0.0), 0)
+            first = tl.min(tl.where(m_a == top, lanes, HALF), 0)
+            o_top = tl.sum(tl.where(lanes == first, o, 0.0), 0)
             sc = exp2_((m_a - top) * c, IS_FP64)
             a_sum = tl.sum(sc * (acc + (r_a + 1.0) * (o - o_top)), 0)
             ls_a = log1p(rest_a, IS_FP64)
@@ -681,10 +696,8 @@ def _kl_bwd_kernel(
             if v_full < V:
                 cols = v_full + offs
                 inb = cols < V
-                x = tl.maximum(tl.load(xbase + cols, mask=inb, other=float("-inf")).to(CDT),
-                               -1.0e30, propagate_nan=tl.PropagateNan.ALL)
-                y = tl.maximum(tl.load(ybase + cols, mask=inb, other=float("-inf")).to(CDT),
-                               -1.0e30, propagate_nan=tl.PropagateNan.ALL)
+                x = floor_f(tl.load(xbase + cols, mask=inb, other=float("-inf")).to(CDT))
+                y = floor_f(tl.load(ybase + cols, mask=inb, other=float("-inf")).to(CDT))
                 p, q, a, s = _jsd_cols(x, y, mp, mq, lp2, lq2, inv_t_hi, k, PTX)
                 tl.store(gxbase + cols, (p * (cp * a - kp)).to(gx_ptr.dtype.element_ty),
                          mask=inb)

@@ -396,6 +396,78 @@ def test_kl_nan_propagates_to_its_row(small_blocks):
     assert bit_equal(kl[keep], clean[keep])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_jsd_endpoints_exactly_zero(small_blocks, dtype, beta):
+    """JSD at beta = 0 or 1 is 0 whatever the rows (m = q or m = p): the fp32 form
+    (``_jsd_cols``) gives exactly 0, not a rounding residue: kl, the saved sums and both
+    gradients (its ``D`` lies ~1000 from 0, so ``2^-|D| = 0``); -inf columns and the
+    temperature included."""
+    x, y = _kl_pair(50, dtype)
+    y = y.clone()
+    y[6, 3] = -math.inf  # q = 0 under a finite p (m = beta p + (1 - beta) q is still > 0)
+    kl, sp, sq = tv.kl_divergence_forward(x, y, None, "jsd", beta, 0.7)
+    assert (kl == 0).all() and (sp[:, 2] == 0).all() and (sq[:, 2] == 0).all()
+    g = _upstream(x.shape[0], 21)
+    gz, gw = tv.kl_divergence_backward(g, x, y, None, sp, sq, "jsd", beta, 0.7, True)
+    assert (gz == 0).all() and (gw == 0).all()
+
+
+def test_jsd_nearly_equal_rows_fp32(small_blocks):
+    """p ~ q, where the JSD (~1e-7 here) is a small difference of large terms: the fp32 form
+    (the difference of the rows' shifted logits formed first, docs/math.md) stays within
+    1e-6 absolute (its floor is the rounding of the O(1) per-column terms, ~2e-7; SPEC allows
+    1e-5) and within the SPEC gradient tolerance, at beta = 0.3 and 0.5, on designed rows
+    (peaked, flat, tied, -inf columns)."""
+    x, _ = _kl_pair(50, torch.float32)
+    g_ = torch.Generator().manual_seed(5)
+    y = (x.double() + 1e-3 * torch.randn(x.shape, generator=g_, dtype=torch.float64)).float()
+    y = torch.where(torch.isinf(x), x, y)
+    for beta in (0.3, 0.5):
+        kl, sp, sq = tv.kl_divergence_forward(x, y, None, "jsd", beta, 0.7)
+        kl64, sp64, sq64 = ref.kl_divergence_forward(x.double(), y.double(), None, "jsd",
+                                                     beta, 0.7)
+        assert_values_close(kl, kl64, atol=1e-6, rtol=1e-5, what=f"jsd {beta}")
+        g = _upstream(x.shape[0], 22)
+        gz, gw = tv.kl_divergence_backward(g, x, y, None, sp, sq, "jsd", beta, 0.7, True)
+        gz64, gw64 = ref.kl_divergence_backward(g.double(), x.double(), y.double(), None,
+                                                sp64, sq64, "jsd", beta, 0.7, True)
+        floor = fp32_floor(x, y, temperature=0.7, upstream=float(g.abs().max()))
+        assert_grad_close(gz, gz64, torch.float32, floor, what=f"jsd {beta} grad logits")
+        assert_grad_close(gw, gw64, torch.float32, floor, what=f"jsd {beta} grad ref")
+
+
+@pytest.mark.parametrize("kind", ["reverse", "forward"])
+def test_kl_one_pass_pairs_ties_and_zero_q(small_blocks, kind):
+    """The one-pass forward takes columns j and j + BLOCK_V / 2 in one lane step
+    (``_kl_lane_step2``): the row max tied within a lane pair (exactly one arg-max out of
+    ``rest``), the max in the second half, and a column with ``q = 0`` under a small but
+    positive ``p`` (60 below the max: KL(p || q) is inf, KL(q || p) finite)."""
+    x, y = _kl_pair(50, torch.float32)
+    x, y = x.clone(), y.clone()
+    half = SMALL_BLOCK // 2
+    x[0] = torch.randn(50, generator=torch.Generator().manual_seed(3)).float()
+    x[0, 17], x[0, 17 + half] = 9.0, 9.0  # a tie in one lane pair (block 1)
+    x[1, 40] = x[1].max() + 3.0  # the max in the second half of block 2 (40 = 32 + 8)
+    y[1, 40] = y[1, 40] - 2.0
+    x[2, 5] = x[2].max() - 60.0
+    y[2, 5] = -math.inf
+    kl, sp, sq = tv.kl_divergence_forward(x, y, None, kind, 0.5, 1.0)
+    kl64, sp64, sq64 = ref.kl_divergence_forward(x.double(), y.double(), None, kind, 0.5, 1.0)
+    assert_values_close(kl, kl64, what=f"{kind} kl")
+    assert_values_close(sp, sp64, what=f"{kind} stats_p")
+    assert_values_close(sq, sq64, what=f"{kind} stats_q")
+    assert (kl[2] == math.inf) == (kind == "reverse")
+    g = _upstream(x.shape[0], 23)
+    keep = torch.isfinite(kl)
+    gz, gw = tv.kl_divergence_backward(g, x, y, None, sp, sq, kind, 0.5, 1.0, True)
+    gz64, gw64 = ref.kl_divergence_backward(g.double(), x.double(), y.double(), None, sp64,
+                                            sq64, kind, 0.5, 1.0, True)
+    floor = fp32_floor(x, y, upstream=float(g.abs().max()))
+    assert_grad_close(gz[keep], gz64[keep], torch.float32, floor, what=f"{kind} grad logits")
+    assert_grad_close(gw[keep], gw64[keep], torch.float32, floor, what=f"{kind} grad ref")
+
+
 # ======================================================== fp64, determinism, batch invariance
 
 def test_fp64(small_blocks):
