@@ -77,3 +77,38 @@ def forward_grad(kernel: Callable, logits: Tensor, tokens: Tensor, loss: Tensor,
                             advantages, mask, normalizer, ref_logp, is_weights, o)
     return kernel("token_logprobs_backward", "vocab")(
         g_lp, g_ent, logits, tokens.reshape(-1), stats, temperature, -100, out=out)
+
+
+# the losses whose per-token gradient d L_t / d logp_t depends on the token's own values
+# only (with token-level ratios); gmpo, vespo (sequence weights) and clip_cov / kl_cov (a
+# selection over the whole batch) need every token of the batch first
+ONE_PASS_LOSSES = ("ppo", "cispo", "reinforce", "sapo", "dro", "luspo", "dppo_tv", "dppo_kl")
+
+
+def one_pass(o: PolicyOptions) -> bool:
+    """Whether a chunked forward can form each chunk's gradient as it goes: a loss of
+    :data:`ONE_PASS_LOSSES` with ``ratio_level="token"`` (every KL estimator and the entropy
+    term are per token; the aggregation weights come from the mask alone)."""
+    return o.ratio_level == "token" and o.loss in ONE_PASS_LOSSES
+
+
+def fused_linear_gif(kernel: Callable, inputs: Tuple, temperature: float, o: PolicyOptions,
+                     head_precision: Optional[str], path: str, rows: Optional[Tensor],
+                     needs: Tuple[bool, bool, bool]):
+    """``linear_grpo_loss`` with the gradient formed in the forward, composed from the
+    backend's kernels: its fused forward, then its backward with ``grad_loss = 1`` (four
+    GEMMs: the backward recomputes the logits). ``inputs``: ``(hidden, weight, bias, tokens,
+    old_logp, advantages, mask, normalizer, ref_logp, is_weights)``. Returns the forward's
+    outputs, then ``d hidden``, ``d weight``, ``d bias`` in their inputs' dtypes (an empty
+    tensor for one not needed, ``needs``, or without a bias)."""
+    loss, metrics, logp, ent, stats = kernel("linear_grpo_loss_forward")(
+        *inputs, temperature, o, head_precision, path, rows)
+    one = torch.ones((), dtype=loss.dtype, device=loss.device)
+    grads = kernel("linear_grpo_loss_backward")(one, *inputs, logp, ent, stats, temperature,
+                                                o, head_precision, path, rows)
+    out = []
+    for x, g, need in zip(inputs[:3], grads, needs):
+        # (a fresh empty tensor each: a custom op's outputs may not alias one another)
+        out.append(inputs[1].new_empty(0) if x is None or g is None or not need
+                   else g.to(x.dtype))
+    return (loss, metrics, logp, ent, stats, *out)

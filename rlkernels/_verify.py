@@ -261,6 +261,27 @@ def _other_cases(quick: bool, dev: str = "cpu") -> Dict[str, Callable]:
                                       tok != -100, entropy_coef=0.01, backend=backend)
         return [lp, ent, loss], [hid, w]
 
+    def linear_gif(dtype, backend, ref):
+        # issue 20: d hidden / d weight / d bias formed in the forward (three GEMMs on triton)
+        g = torch.Generator().manual_seed(18)
+        hid = torch.randn(b, t, h, generator=g).to(dtype)
+        w = (torch.randn(vocab, h, generator=g) / 4).to(dtype)
+        bias = (torch.randn(vocab, generator=g) / 4).to(dtype)
+        tok = torch.randint(0, vocab, (b, t), generator=g)
+        tok[0, :2] = -100
+        old = -torch.rand(b, t, generator=g) * 3
+        ref_lp = old - 0.1
+        adv = torch.linspace(-1, 1, b)
+        if ref:
+            hid, w, bias = hid.double(), w.double(), bias.double()
+            old, ref_lp, adv = old.double(), ref_lp.double(), adv.double()
+        hid, w, bias = (x.to(dev).requires_grad_(True) for x in (hid, w, bias))
+        tok, old, ref_lp, adv = tok.to(dev), old.to(dev), ref_lp.to(dev), adv.to(dev)
+        loss, m = rk.linear_grpo_loss(hid, w, tok, old, adv, tok != -100, bias=bias,
+                                      ref_logp=ref_lp, kl_coef=0.05, entropy_coef=0.01,
+                                      temperature=0.9, grad_in_forward=True, backend=backend)
+        return [loss, m["entropy"]], [hid, w, bias]
+
     def linear_sparse(dtype, backend, ref):
         g = torch.Generator().manual_seed(16)
         hid = torch.randn(b, t, h, generator=g).to(dtype)
@@ -306,6 +327,7 @@ def _other_cases(quick: bool, dev: str = "cpu") -> Dict[str, Callable]:
             "group_advantages": group_advantages, "gae+returns+whiten": gae,
             "advantage_estimators": estimators,
             "linear_token_logprobs+linear_grpo_loss": linear,
+            "linear_grpo_loss grad_in_forward": linear_gif,
             "linear_sparse_logprobs": linear_sparse}
 
 
@@ -322,6 +344,7 @@ _DISPATCH = {"token_logprobs": ("token_logprobs",), "entropy": ("token_logprobs"
              "advantage_estimators": ("group_advantages", "discounted_advantages"),
              "linear_token_logprobs+linear_grpo_loss": ("linear_token_logprobs",
                                                         "linear_grpo_loss"),
+             "linear_grpo_loss grad_in_forward": ("linear_grpo_loss",),
              "linear_sparse_logprobs": ("linear_sparse_logprobs",),
              "rollout_correction": ("rollout_correction",)}
 
@@ -349,6 +372,7 @@ def _errors(outs: List[Tensor], refs: List[Tensor]):
 # whose rounding (up to ~H eps) the bound has to admit.
 _LINEAR_H = 16
 _GRAD_FACTOR = {"linear_token_logprobs+linear_grpo_loss": 2 + _LINEAR_H,
+                "linear_grpo_loss grad_in_forward": 2 + _LINEAR_H,
                 "linear_sparse_logprobs": 2 + _LINEAR_H}
 
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import ast
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 
@@ -167,13 +167,24 @@ class GradInForward:
     ``parallel(a, kernel, out)``, for an op with a :class:`Parallel` form: the same in the
     vocabulary-parallel form (``a`` also holds ``group``), returning the outputs, the
     parallel form's extra outputs, then the gradient of this rank's shard of ``wrt``
-    (generates ``<name>_gif_vp`` and ``<name>_gif_vp_``)."""
+    (generates ``<name>_gif_vp`` and ``<name>_gif_vp_``).
+
+    ``wrt`` may name several inputs (a tuple, e.g. ``("hidden", "weight", "bias")``): the
+    forward then returns one gradient per name, in that order, and ``a`` also holds
+    ``need_<wrt>`` (whether that input requires a gradient): a gradient that is not needed,
+    or whose input is None, is returned as an empty tensor (custom ops return no None) and
+    the forward should skip its work. Not with ``inplace`` (one storage to overwrite)."""
 
     forward: Callable
     family: str
     loss: str
-    wrt: str
+    wrt: Union[str, Tuple[str, ...]]
     parallel: Optional[Callable] = None
+
+    @property
+    def wrts(self) -> Tuple[str, ...]:
+        """``wrt`` as a tuple (one name or several)."""
+        return (self.wrt,) if isinstance(self.wrt, str) else tuple(self.wrt)
 
 
 @dataclass(eq=False)
@@ -267,9 +278,13 @@ class Op:
                                  f"input")
         gif = self.grad_in_forward
         if gif is not None:
-            if gif.wrt not in self.differentiable:
-                raise ValueError(f"op table: {self.name}: grad_in_forward.wrt {gif.wrt!r} "
-                                 f"is not a differentiable input")
+            for wrt in gif.wrts:
+                if wrt not in self.differentiable:
+                    raise ValueError(f"op table: {self.name}: grad_in_forward.wrt {wrt!r} "
+                                     f"is not a differentiable input")
+            if len(gif.wrts) > 1 and self.inplace is not None:
+                raise ValueError(f"op table: {self.name}: grad_in_forward with several wrt "
+                                 f"inputs {gif.wrts} cannot be combined with inplace")
             if gif.loss not in self.output_names or set(self.output_names) - \
                     set(self.nondiff) != {gif.loss}:
                 raise ValueError(f"op table: {self.name}: grad_in_forward.loss {gif.loss!r} "
@@ -530,28 +545,58 @@ class Op:
 
     # -------------------------------------------------------- gradient in the forward
 
+    def _gif_schema(self, args):
+        """The gif ops' arguments and gradient outputs: the op's arguments (``args``), plus
+        ``bool need_<wrt>`` per input with several ``wrt`` (one: it always needs it)."""
+        wrts = self.grad_in_forward.wrts
+        if len(wrts) == 1:
+            return tuple(args), ("grad",)
+        return (tuple(args) + tuple(_Arg(f"need_{w}", "bool", True) for w in wrts),
+                tuple(f"grad_{w}" for w in wrts))
+
+    def _gif_fake_grads(self, a) -> tuple:
+        """Empty gradients of the ``wrt`` inputs: the input's shape, or ``[0]`` where the
+        input is None or needs no gradient."""
+        wrts = self.grad_in_forward.wrts
+        first = next(a[w] for w in wrts if a[w] is not None)
+        out = []
+        for w in wrts:
+            x = a[w]
+            needed = len(wrts) == 1 or a[f"need_{w}"]
+            out.append(x.new_empty(x.shape) if x is not None and needed else first.new_empty(0))
+        return tuple(out)
+
     def _build_gif(self) -> None:
         gif = self.grad_in_forward
-        self._gif_wrt = self.input_names.index(gif.wrt)
+        wrts = gif.wrts
+        self._gif_wrt = tuple(self.input_names.index(w) for w in wrts)
         self._gif_loss = self.output_names.index(gif.loss)
+        args, grads = self._gif_schema(self.args)
+        names = tuple(a.name for a in args)
+        # (the dispatcher drops trailing arguments equal to their defaults)
+        defaults = {a.name: a.default for a in args if a.default is not _NO_DEFAULT}
+        k = len(grads)
+
+        def bind(values) -> dict:
+            a = dict(defaults)
+            a.update(zip(names, values))
+            return a
 
         def run(values, inplace: bool):
-            a = self._bind(values)
+            a = bind(values)
             kernel = lambda fn, family=None: self.kernel(a["backend"], fn, family)  # noqa
-            return tuple(gif.forward(Args.of(a), kernel, a[gif.wrt] if inplace else None))
+            return tuple(gif.forward(Args.of(a), kernel, a[wrts[0]] if inplace else None))
 
         def fake(*values):
-            a = self.bind(values)
-            x = a[gif.wrt]
-            return tuple(self.fake(a)) + (x.new_empty(x.shape),)
+            a = bind(values)
+            return tuple(self.fake(Args.of(a))) + self._gif_fake_grads(a)
 
-        self._gif_op = self._custom_op(f"{self.name}_gif", self.args,
-                                       self.output_names + ("grad",),
+        self._gif_op = self._custom_op(f"{self.name}_gif", args, self.output_names + grads,
                                        lambda *v: run(v, False), fake)
         if self.inplace is not None:
             self._gif_inplace_op = self._custom_op(
-                f"{self.name}_gif_", self.args, self.output_names,
-                lambda *v: run(v, True)[:-1], lambda *v: fake(*v)[:-1], mutable=gif.wrt)
+                f"{self.name}_gif_", args, self.output_names,
+                lambda *v: run(v, True)[:-1], lambda *v: fake(*v)[:-1], mutable=wrts[0])
 
         if self.parallel is not None and gif.parallel is not None:
             self._build_gif_vp()
@@ -563,75 +608,93 @@ class Op:
             f"{self.name}_gif_scale_", (_Arg("grad", "Tensor"), _Arg("g", "Tensor"),
                                         _Arg("backend", "str")),
             (), scale, lambda grad, g, backend: None, mutable="grad")
+        # (x_1.., value, grad_1.., backend): one input and its gradient per wrt
+        x_types = {a.name: a.type for a in self.args}
+        attach_args = (tuple(_Arg("x" if k == 1 else f"x_{w}", x_types[w]) for w in wrts)
+                       + (_Arg("value", "Tensor"),)
+                       + tuple(_Arg("grad" if k == 1 else f"grad_{w}", "Tensor")
+                               for w in wrts) + (_Arg("backend", "str"),))
         self._gif_attach_op = self._custom_op(
-            f"{self.name}_gif_attach", (_Arg("x", "Tensor"), _Arg("value", "Tensor"),
-                                        _Arg("grad", "Tensor"), _Arg("backend", "str")),
-            ("value",), lambda x, value, grad, backend: value.clone(),
-            lambda x, value, grad, backend: torch.empty_like(value))
+            f"{self.name}_gif_attach", attach_args, ("value",),
+            lambda *v: v[k].clone(), lambda *v: torch.empty_like(v[k]))
 
         def setup(ctx, inputs, output):
-            ctx.save_for_backward(inputs[2])
-            ctx.rlk_backend, ctx.rlk_used = inputs[3], False
+            ctx.save_for_backward(*inputs[k + 1:2 * k + 1])
+            ctx.rlk_backend, ctx.rlk_used = inputs[-1], False
 
         def backward(ctx, g):
-            if not ctx.needs_input_grad[0]:
-                return None, None, None, None
+            none = (None,) * (2 * k + 2)
+            if not any(ctx.needs_input_grad[:k]):
+                return none
             if ctx.rlk_used:
                 raise RuntimeError(f"{self.name}(grad_in_forward=True): the gradient formed "
                                    f"in the forward is consumed by the first backward; "
                                    f"backpropagating twice (retain_graph=True) is not "
                                    f"supported")
             ctx.rlk_used = True
-            (grad,) = ctx.saved_tensors
-            scale_op(grad, g, ctx.rlk_backend)
-            return grad, None, None, None
+            out = []
+            for need, grad in zip(ctx.needs_input_grad[:k], ctx.saved_tensors):
+                if need:
+                    scale_op(grad, g, ctx.rlk_backend)
+                out.append(grad if need else None)
+            return tuple(out) + none[k:]
 
         self._gif_attach_op.register_autograd(backward, setup_context=setup)
 
     def _build_gif_vp(self) -> None:
         gif, p = self.grad_in_forward, self.parallel
+        wrts = gif.wrts
         i = self._vp_index
-        vp_args = self.args[:i] + (_Arg("group", "int"),) + self.args[i:]
+        vp_args, grads = self._gif_schema(self.args[:i] + (_Arg("group", "int"),)
+                                          + self.args[i:])
         vp_names = tuple(a.name for a in vp_args)
+        defaults = {a.name: a.default for a in vp_args if a.default is not _NO_DEFAULT}
         outputs = self.output_names + p.extra_outputs
 
         def bind(values) -> dict:
-            a = dict(self._defaults)
+            a = dict(defaults)
             a.update(zip(vp_names, values))
             return a
 
         def run(values, inplace: bool):
             a = bind(values)
             kernel = lambda fn, family=None: self.kernel(a["backend"], fn, family)  # noqa
-            return tuple(gif.parallel(Args.of(a), kernel, a[gif.wrt] if inplace else None))
+            return tuple(gif.parallel(Args.of(a), kernel, a[wrts[0]] if inplace else None))
 
         def fake(*values):
-            a = Args.of(bind(values))
-            x = a[gif.wrt]
-            return (tuple(self.fake(a)) + (tuple(p.extra_fake(a)) if p.extra_fake else ())
-                    + (x.new_empty(x.shape),))
+            a = bind(values)
+            return (tuple(self.fake(Args.of(a)))
+                    + (tuple(p.extra_fake(Args.of(a))) if p.extra_fake else ())
+                    + self._gif_fake_grads(a))
 
-        self._gif_vp_op = self._custom_op(f"{self.name}_gif_vp", vp_args, outputs + ("grad",),
+        self._gif_vp_op = self._custom_op(f"{self.name}_gif_vp", vp_args, outputs + grads,
                                           lambda *v: run(v, False), fake)
         if self.inplace is not None:
             self._gif_vp_inplace_op = self._custom_op(
                 f"{self.name}_gif_vp_", vp_args, outputs, lambda *v: run(v, True)[:-1],
-                lambda *v: fake(*v)[:-1], mutable=gif.wrt)
+                lambda *v: fake(*v)[:-1], mutable=wrts[0])
 
     def _call_gif(self, args, group: Optional[int] = None):
         """``op(..., grad_in_forward=True)``: the gif forward, then the attach op that makes
-        the loss differentiable w.r.t. ``wrt``. Without anything to differentiate (no grad
-        mode, or ``wrt`` needs no gradient) the plain op runs: no gradient buffer.
-        ``group``: the vocabulary-parallel form (its outputs include the extra ones)."""
-        x = args[self._gif_wrt]
-        if not (torch.is_grad_enabled() and x.requires_grad):
+        the loss differentiable w.r.t. the ``wrt`` inputs. Without anything to differentiate
+        (no grad mode, or no ``wrt`` input needs a gradient) the plain op runs: no gradient
+        buffer. ``group``: the vocabulary-parallel form (its outputs include the extra
+        ones)."""
+        xs = [args[j] if j < len(args) else self._defaults.get(self.input_names[j])
+              for j in self._gif_wrt]
+        needs = [x is not None and x.requires_grad for x in xs]
+        if not (torch.is_grad_enabled() and any(needs)):
             if group is not None:
                 i = self._vp_index
                 return self.vp_op(*args[:i], group, *args[i:])
             return self.op(*args)
         a = self._bind(args)
-        values = list(args)
-        values[self._gif_wrt] = x.detach()  # the gif ops are below autograd
+        values = [a[n] for n in self.input_names]
+        for j, x in zip(self._gif_wrt, xs):
+            if x is not None:
+                values[j] = x.detach()  # the gif ops are below autograd
+        if len(xs) > 1:
+            values += needs
         inplace = self.inplace is not None and a[self.inplace[0]]
         if group is not None:
             i = self._vp_index
@@ -640,11 +703,12 @@ class Op:
         else:
             ops = (self._gif_inplace_op if inplace else None, self._gif_op)
         if inplace:
-            outs, grad = list(ops[0](*values)), x  # x's storage holds it now
+            outs, grads = list(ops[0](*values)), [xs[0]]  # x's storage holds it now
         else:
-            *outs, grad = ops[1](*values)
+            outs = list(ops[1](*values))
+            outs, grads = outs[:-len(xs)], outs[-len(xs):]
         i = self._gif_loss
-        outs[i] = self._gif_attach_op(x, outs[i], grad, a["backend"])
+        outs[i] = self._gif_attach_op(*xs, outs[i], *grads, a["backend"])
         return tuple(outs) if len(outs) > 1 else outs[0]
 
     # ------------------------------------------------------------------- eager path

@@ -17,11 +17,11 @@ import torch
 
 from .. import _checks
 from .. import distributed as _dist
-from .._fused import fused_forward
+from .._fused import fused_forward, fused_linear_gif, one_pass
 from .._policy_options import PolicyOptions
 from ._common import check_indices_for, check_tokens_for, out_dtype
 from ._policy_args import fused_policy_inputs, metrics_dict
-from ._table import Backward, Op, Parallel
+from ._table import Backward, GradInForward, Op, Parallel
 from .policy import grpo_outputs
 
 Tensor = torch.Tensor
@@ -352,6 +352,21 @@ def _linear_grpo_loss_parallel(a, kernel):
     return (*out, local["tokens"].view(a.tokens.shape))
 
 
+def _linear_grpo_loss_gif(a, kernel, out):
+    # grad_in_forward=True: the triton backend's chunk loop (three GEMMs, cuBLAS through
+    # torch.mm) where the per-token gradient is known per chunk (token-level ratios), else
+    # the composition of the backend's forward and backward (rlkernels/_fused.py)
+    o = PolicyOptions.decode(a.modes, a.nums)
+    inputs = (a.hidden, a.weight, a.bias, a.tokens, a.old_logp, a.advantages, a.mask,
+              a.normalizer, a.ref_logp, a.is_weights)
+    needs = (a.need_hidden, a.need_weight, a.need_bias)
+    if a.backend == "triton" and a.path != "triton" and one_pass(o):
+        return kernel("linear_grpo_loss_gif_forward", "_linear_gif")(
+            *inputs, a.temperature, o, a.head_precision, a.rows, *needs)
+    return fused_linear_gif(kernel, inputs, a.temperature, o, a.head_precision, a.path,
+                            a.rows, needs)
+
+
 LINEAR_GRPO_LOSS = Op(
     "linear_grpo_loss(Tensor hidden, Tensor weight, Tensor? bias, Tensor tokens, Tensor "
     "old_logp, Tensor advantages, Tensor mask, Tensor? normalizer, Tensor? ref_logp, "
@@ -370,15 +385,19 @@ LINEAR_GRPO_LOSS = Op(
     parallel=Parallel(
         _linear_grpo_loss_parallel, backends=_BACKENDS, extra_outputs=("local_tokens",),
         extra_fake=lambda a: (a.hidden.new_empty(a.tokens.shape, dtype=torch.int64),),
-        save_as={"tokens": "local_tokens"}, reduce=_reduce_hidden))
+        save_as={"tokens": "local_tokens"}, reduce=_reduce_hidden),
+    # grad_in_forward=True: the forward also forms d loss / d (hidden, weight, bias) for 1
+    grad_in_forward=GradInForward(_linear_grpo_loss_gif, family="_linear_gif", loss="loss",
+                                  wrt=_HEAD))
 
 
 def linear_grpo_loss(hidden: Tensor, weight: Tensor, tokens: Tensor, old_logp: Tensor,
                      advantages: Tensor, mask: Tensor, *, bias: Optional[Tensor] = None,
                      temperature: float = 1.0, ref_logp: Optional[Tensor] = None,
                      entropy_coef: float = 0.0, head_precision: Optional[str] = None,
-                     rows: Optional[Tensor] = None, backend: Optional[str] = None,
-                     process_group=None, **policy_loss_options
+                     rows: Optional[Tensor] = None, grad_in_forward: bool = False,
+                     backend: Optional[str] = None, process_group=None,
+                     **policy_loss_options
                      ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """:func:`grpo_loss` from hidden states and the lm_head, never materializing the logits.
 
@@ -399,6 +418,31 @@ def linear_grpo_loss(hidden: Tensor, weight: Tensor, tokens: Tensor, old_logp: T
     rank): the loss and metrics are the unsharded ones on every rank; ``d weight`` and ``d
     bias`` are this rank's shards, computed locally; ``d hidden`` is the unsharded gradient
     on every rank, summed over the group by the one all-reduce of backward.
+
+    ``grad_in_forward=True`` forms ``d loss / d hidden``, ``d weight`` and ``d bias`` in the
+    forward, for an upstream gradient of 1, while each chunk of logits is alive: the
+    backward only multiplies them by the upstream scalar (nothing when it is exactly 1)
+    and reads neither ``hidden`` nor ``weight``. On the triton backend (a GPU) with a loss
+    whose per-token gradient is the token's own (``ratio_level="token"`` and ``loss`` one of
+    ppo, cispo, reinforce, sapo, dro, luspo, dppo_tv, dppo_kl; any KL estimator,
+    ``entropy_coef``, ``agg``, ``normalizer``, ``rows``, ``head_precision``) the forward
+    walks the row chunks once: logits by cuBLAS (GEMM 1), log-probs and entropies, the
+    per-token policy gradient (the aggregation weights come from the mask, on device), ``d
+    z`` over the logits chunk, ``d hidden_c = d z_c W`` (GEMM 2) and ``d W += d z_c^T h_c``
+    (GEMM 3): three GEMMs instead of four. Every other case (sequence-level ratios / gspo,
+    gmpo, vespo, clip_cov, kl_cov; the torch backend; the private triton-kernel path) falls
+    back to the composition: the usual forward, then the usual backward with gradient 1
+    inside the forward (four GEMMs, the same results and the same backward-reads-nothing
+    behaviour). Memory: the three gradients are allocated by the forward and live until the
+    backward hands them to autograd; the chunk loop holds an fp32 ``[V, H]`` accumulator
+    for ``d weight`` (``V x H x 4`` bytes: 2.03 GiB at V=151936, H=3584; with fp32
+    weights it is the returned gradient itself), plus the ``[C, V]`` logits chunk (fp32, at
+    most 512 MiB; and a bf16 copy of ``d z`` for bf16 inputs), model in
+    benchmarks/NOTES.md. A ``weight`` (or ``hidden``, ``bias``) that does not require grad
+    gets no gradient and no work (a frozen lm_head: no ``[V, H]`` accumulator). Only the
+    loss is differentiable; the graph is backpropagated once. Off by default, and not with
+    ``process_group`` (ValueError). Formulas: docs/math.md, "linear_grpo_loss: the gradient
+    in the forward".
     """
     _check_linear(hidden, weight, bias)
     if hidden.dim() != 3:
@@ -406,6 +450,11 @@ def linear_grpo_loss(hidden: Tensor, weight: Tensor, tokens: Tensor, old_logp: T
                          f"{tuple(hidden.shape)}")
     check_tokens_for("tokens", tokens, "hidden", hidden)
     t = _checks.positive("temperature", temperature)
+    _checks.flag("grad_in_forward", grad_in_forward)
+    if grad_in_forward and process_group is not None:
+        raise ValueError("grad_in_forward: expected False with a process_group (the "
+                         "vocabulary-parallel linear_grpo_loss forms no gradient in the "
+                         "forward), got True")
     path = policy_loss_options.pop("_path", "auto")  # private: the benchmarks' path choice
     _check_head_options(head_precision, path)
     _check_rows(rows, hidden, process_group)
@@ -426,5 +475,5 @@ def linear_grpo_loss(hidden: Tensor, weight: Tensor, tokens: Tensor, old_logp: T
     value, metrics = LINEAR_GRPO_LOSS(
         hidden.reshape(-1, hidden.shape[-1]), weight, bias, tokens, old_logp, advantages, mask,
         norm, ref_logp, is_weights, t, modes, nums, name, head_precision, path, rows,
-        group=handle)[:2]
+        group=handle, grad_in_forward=grad_in_forward)[:2]
     return value, {**metrics_dict(metrics, ref_logp is not None, True), **rollout}
