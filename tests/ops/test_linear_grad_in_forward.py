@@ -68,6 +68,9 @@ CASES = {
                        agg="seq-mean-token-sum-norm"),
     "normalizer-temperature": dict(normalizer=20, temperature=0.7, entropy_coef=0.05,
                                    ref_logp="ref", kl_coef=0.05, kl_estimator="k3_is"),
+    "sapo": dict(loss="sapo"),
+    "dppo_kl": dict(loss="dppo_kl", clip_low=0.3, clip_high=0.3),
+    "dro-luspo": dict(loss="dro", dro_beta=0.1, agg="seq-mean-token-sum"),
     "gspo": dict(ratio_level="sequence", clip_low=0.03, clip_high=0.04),
     "gmpo": dict(loss="gmpo", entropy_coef=0.01),
 }
