@@ -157,20 +157,55 @@ __device__ __forceinline__ void kl_column(A logp, A logq, A beta, A omb, A lb, A
   }
 }
 
+// expm1(x) for |x| <= 1 in fp32 without a libdevice call: the degree-10 Taylor polynomial
+// (truncation |x|^11 / 11! <= 2.5e-8, relative <= 4e-8 since |expm1(x)| >= 0.63 |x| there; ten
+// fma / mul in Horner form, a few ulp of rounding). fp64 keeps the accurate expm1.
+__device__ __forceinline__ float expm1_small(float x) {
+  float p = 2.5052108e-08f;             // 1 / 11!
+  p = fmaf(p, x, 2.7557319e-07f);       // 1 / 10!
+  p = fmaf(p, x, 2.7557319e-06f);       // 1 / 9!
+  p = fmaf(p, x, 2.4801587e-05f);       // 1 / 8!
+  p = fmaf(p, x, 1.9841270e-04f);       // 1 / 7!
+  p = fmaf(p, x, 1.3888889e-03f);       // 1 / 6!
+  p = fmaf(p, x, 8.3333333e-03f);       // 1 / 5!
+  p = fmaf(p, x, 4.1666667e-02f);       // 1 / 4!
+  p = fmaf(p, x, 1.6666667e-01f);       // 1 / 3!
+  p = fmaf(p, x, 0.5f);
+  return fmaf(p * x, x, x);             // x + x^2 (1/2 + x / 6 + ...)
+}
+__device__ __forceinline__ double expm1_small(double x) { return expm1(x); }
+
 // alpha's column term without cancellation: f (1 - e^x) = f - r with f = base^lf, o =
 // base^lo (uexp units: log2 for fp32, natural for fp64), x = c (lo - lf) in those units
-// (natural: xn), c in (0, 1), r = f^(1-c) o^c. While xn <= 1, -f expm1(xn) (the accurate
-// expm1: no cancellation, and r <= e f cannot overflow); above, f - base^(lf + x) directly
-// (r > e f: at most log2(e / (e - 1)) ~ 0.7 bits lost to the subtraction, and lf + x =
-// (1-c) lf + c lo <= 0 never overflows where expm1 would, f tiny and xn huge). Same split as
-// the reference's _pow_gap. f = 0 gives 0 (lo - lf is +inf or NaN there).
+// (natural: xn), c in (0, 1), r = f^(1-c) o^c. While |xn| <= 1, -f expm1(xn) (expm1_small:
+// no cancellation); beyond, f - base^(lf + x) directly (r > e f or r < f / e: at most
+// log2(e / (e - 1)) ~ 0.7 bits lost to the subtraction, and lf + x = (1-c) lf + c lo <= 0
+// never overflows where expm1 would, f tiny and xn huge). Both sides are computed and one
+// selected (no divergent branch, no libdevice call in the loop). f = 0 gives 0 (lo - lf is
+// +inf or NaN there).
 template <class A>
 __device__ __forceinline__ A f_minus_r(A lf, A lo, A c) {
   const A f = uexp(lf);
   const A x = c * (lo - lf);
   const A xn = x * A(Unit<A>::ln_base);
-  const A v = xn <= A(1) ? -f * d_expm1(xn) : f - uexp(lf + x);
+  const A v = fabs(xn) <= A(1) ? -f * expm1_small(xn) : f - uexp(lf + x);
   return f == A(0) ? A(0) : v;
+}
+
+// Both gaps of a column for alpha's backward, p - r and q - r (r = p^a q^(1-a) = base^(a lp
+// + (1-a) lq), shared; 0 where a factor is 0, as each -inf lands in the exponent), each as
+// f_minus_r: -f expm1 while its exponent (1-a) d or -a d, d = lq - lp, lies in [-1, 1], f - r
+// beyond. One d, one r and three exponentials for the two.
+template <class A>
+__device__ __forceinline__ void alpha_gaps(A lp, A lq, A a, A oma, A& gp, A& gq) {
+  const A p = uexp(lp), q = uexp(lq);
+  const A r = uexp(fma(a, lp, oma * lq));
+  const A dn = (lq - lp) * A(Unit<A>::ln_base);
+  const A xp = oma * dn, xq = -a * dn;
+  const A vp = fabs(xp) <= A(1) ? -p * expm1_small(xp) : p - r;
+  const A vq = fabs(xq) <= A(1) ? -q * expm1_small(xq) : q - r;
+  gp = p == A(0) ? A(0) : vp;
+  gq = q == A(0) ? A(0) : vq;
 }
 
 // Forward, one block per row pair.
@@ -343,8 +378,8 @@ __global__ void __launch_bounds__(max_threads<T>())
 // (r (a - sum r a), with the row sums saved by forward);
 //   alpha:   dz = (p - r) / (1 - a) - a D p,   dw = (q - r) / a - (1 - a) D q
 // (= (p S - r) / (1 - a) and (q S - r) / a with S = 1 - a (1 - a) D, D = stats_p[2] +
-// stats_q[2]; p - r and q - r by f_minus_r, so the 1 / (1 - a) and 1 / a factors multiply
-// accurate differences: a -> 1 gives p (log p - log q - D), a -> 0 q (log q - log p - D));
+// stats_q[2]; p - r and q - r by f_minus_r / alpha_gaps, so the 1 / (1 - a) and 1 / a
+// factors multiply accurate differences: a -> 1 gives p (log p - log q - D), a -> 0 q (log q - log p - D));
 //   tv:      dz = 0.5 p s - p sum_p,    dw = -0.5 q s - q sum_q,   s = sign(p - q)
 // (sum_p = 0.5 sum p s, sum_q = -0.5 sum q s as saved by forward, whose p, q and signs are
 // bit-identical to these). 16-byte stores where the output row is aligned. ignore_mask
@@ -394,8 +429,15 @@ __global__ void __launch_bounds__(max_threads<T>())
         dw = q * fma(A(-0.5), sg, -sum_q);
       } else if constexpr (kKind == kAlpha) {
         const A lp = fma(zp, pp.unit, -pp.lsu), lq = fma(zq, pq.unit, -pq.lsu);
-        dz = fma(f_minus_r(lp, lq, omb), ioma, -beta * dsum * uexp(lp));
-        dw = kNeedW ? fma(f_minus_r(lq, lp, beta), ia, -omb * dsum * uexp(lq)) : A(0);
+        if constexpr (kNeedW) {
+          A gp, gq;
+          alpha_gaps(lp, lq, beta, omb, gp, gq);
+          dz = fma(gp, ioma, -beta * dsum * uexp(lp));
+          dw = fma(gq, ia, -omb * dsum * uexp(lq));
+        } else {
+          dz = fma(f_minus_r(lp, lq, omb), ioma, -beta * dsum * uexp(lp));
+          dw = A(0);
+        }
       } else if constexpr (kKind == kJsd && std::is_same_v<A, float>) {
         // as the forward's second pass, in log2 units: dz = p (beta ln2 (l_p - l_m) - sum_p)
         const A lp = fma(zp, pp.unit, -pp.lsu), lq = fma(zq, pq.unit, -pq.lsu);
