@@ -22,8 +22,9 @@ functions (``<name>_forward`` / ``<name>_backward``, looked up on ``rlkernels.<b
   gradient written into that input's storage), ``<name>_gif_attach`` (connects the
   scalar to the input for autograd; its backward only scales the saved gradient) and
   ``<name>_gif_scale_`` (that scaling, in place);
-* the eager fast path (``eager=True``): an ``autograd.Function`` with the same forward,
-  setup and backward, used when nothing traces the call (see ``ops/_eager.py``);
+* the eager fast path (``eager=True``, the default): an ``autograd.Function`` with the same
+  forward, setup and backward, used when nothing traces, transforms or profiles the call
+  (see ``ops/_eager.py``): a plain eager call skips the custom-op dispatcher's host time;
 * the registry :data:`OPS` that ``backends.implements``, ``rlkernels verify`` and the
   benchmarks read, instead of keeping their own op lists.
 """
@@ -204,6 +205,8 @@ class Op:
     writes the gradient of the target into the target's storage.
     ``grad_in_forward``: a :class:`GradInForward`, the form that forms the gradient in the
     forward (called with ``op(..., grad_in_forward=True)``).
+    ``eager``: plain eager calls skip the custom op (``ops/_eager.py``); ``False`` keeps
+    every call on the custom op.
     """
 
     signature: str
@@ -218,7 +221,7 @@ class Op:
     saved: Tuple[str, ...] = ()
     backward: Optional[Backward] = None
     grad_if: Dict[str, Callable] = field(default_factory=dict)
-    eager: bool = False
+    eager: bool = True
     inplace: Optional[Tuple[str, str]] = None
     parallel: Optional[Parallel] = None
     contiguous_grads: bool = False
