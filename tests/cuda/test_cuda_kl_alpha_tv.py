@@ -158,7 +158,9 @@ def test_saved_statistics_layout(kind, alpha):
     assert_values_close(gz, rz, **fine, what=f"{kind} grad z")
     assert_values_close(gw, rw, **fine, what=f"{kind} grad w")
     gz1, none = cv.kl_divergence_backward(g, x, y, mask, sp, sq, kind, beta, 0.9, False)
-    assert none is None and bit_equal(gz1, gz)
+    # without the ref gradient alpha forms r per gap (with it, once for both): rounding apart
+    assert none is None and (bit_equal(gz1, gz) if kind == "tv" else
+                             torch.allclose(gz1, gz, atol=1e-12, rtol=1e-12))
 
 
 @gpu_cuda
