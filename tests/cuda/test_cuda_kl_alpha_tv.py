@@ -191,7 +191,9 @@ def test_alpha_limits_approach_the_kl_kinds():
     """alpha = 1 - 1e-7 and 1e-7 are within 1e-5 (+ O(alpha) of the true gap) of reverse and
     forward KL computed by their own kernels: no 0 / 0 near the limits."""
     x, y = _pair(6, 1031, torch.float32, seed=41)
-    y = torch.where(torch.isinf(y) & ~torch.isinf(x), torch.zeros_like(y), y)  # KL finite
+    # the same -inf columns in both rows: both KLs finite
+    y = torch.where(torch.isinf(y) & ~torch.isinf(x), torch.zeros_like(y), y)
+    x = torch.where(torch.isinf(x) & ~torch.isinf(y), torch.zeros_like(x), x)
     rev = _public(x, y, "reverse", None, "cuda")
     fwd = _public(x, y, "forward", None, "cuda")
     near1 = _public(x, y, "alpha", 1.0 - 1e-7, "cuda")
