@@ -662,6 +662,8 @@ def _triton_op(kernel: str, config: str) -> Tuple[str, str]:
         if not tok or not glp:
             return "entropy", direction
         return ("token_logprobs+entropy" if ent else "token_logprobs"), direction
+    if "_fdiv" in kernel:  # triton/_divergence.py: the f-divergences beyond KL / JSD
+        return f"kl_divergence {'alpha' if 'KIND=3' in words else 'tv'}", direction
     if "_kl_" in kernel:
         kind = {"KIND=0": "reverse", "KIND=1": "forward", "KIND=2": "jsd"}
         k = next((v for w, v in kind.items() if w in words), "?")
@@ -689,7 +691,8 @@ def triton_cases(dtype: torch.dtype, quick: bool):
             + S.grpo_cases(4, N_ROWS // 4, VOCAB, dtype))
 
 
-_VOCAB_MODULES = ("rlkernels.triton.vocab", "rlkernels.triton.sparse")
+_VOCAB_MODULES = ("rlkernels.triton.vocab", "rlkernels.triton.sparse",
+                  "rlkernels.triton._divergence")
 _LAUNCHES: List[S.Launch] = []
 
 
@@ -831,7 +834,8 @@ def _cuda_op(kernel: str, params: Dict[str, str]) -> Tuple[str, str]:
             return "entropy", direction
         return ("token_logprobs+entropy" if ent else "token_logprobs"), direction
     if kernel.startswith("kl_"):
-        k = {"0": "reverse", "1": "forward", "2": "jsd"}.get(params.get("kKind", ""), "?")
+        k = {"0": "reverse", "1": "forward", "2": "jsd", "3": "alpha",
+             "4": "tv"}.get(params.get("kKind", ""), "?")
         return f"kl_divergence {k}", direction
     if kernel.startswith("sparse"):
         mode = {"0": "sparse_logprobs full", "1": "sparse_logprobs support",
