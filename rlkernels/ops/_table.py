@@ -414,7 +414,8 @@ class Op:
                 op(*(a[n] for n in op.rlk_arg_names))
                 results = {self.inplace[1]: a[self.inplace[1]]}  # its storage now holds it
             elif self.eager and not vp and eager(*(a[n] for n in self.saved)):
-                results = dict(zip(self.backward.grads, self._backward_from(a, False)))
+                results = dict(zip(self.backward.grads,
+                                   self._backward_from(a, False, none_ok=True)))
             else:
                 op = backward_op()
                 out = op(*(a[n] for n in op.rlk_arg_names))
@@ -424,9 +425,10 @@ class Op:
 
         return grad
 
-    def _backward_from(self, a: dict, inplace: bool, reduce=None):
+    def _backward_from(self, a: dict, inplace: bool, reduce=None, none_ok: bool = False):
         """Run the backward kernel; gradients in their input's dtype, an empty tensor for
-        one not computed (custom ops cannot return None)."""
+        one not computed (custom ops cannot return None; the eager path, ``none_ok``, takes
+        None and saves the allocation)."""
         a["inplace"] = inplace
         fn = self.kernel(a["backend"], self._backward_name)
         out = fn(*[a[n] if n in a else self._derived(a, n) for n in self.backward.args])
@@ -437,7 +439,8 @@ class Op:
         for name, g in zip(self.backward.grads, out):
             x = a[name]
             if g is None or x is None or not a.get(f"need_{name}", True):
-                g = (x if x is not None else a[self.backward.grads[0]]).new_empty(0)
+                g = None if none_ok else (
+                    x if x is not None else a[self.backward.grads[0]]).new_empty(0)
             elif g.dtype != x.dtype:
                 g = g.to(x.dtype)
             grads[name] = g
