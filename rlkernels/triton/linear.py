@@ -7,15 +7,17 @@ Logits ``z = (hidden @ weight^T + bias) / T`` are formed tile by tile: a ``[BLOC
 tile is ``tl.dot`` of ``BLOCK_H`` chunks of ``hidden`` rows and ``weight`` rows accumulated in
 fp32 (fp64 for fp64 inputs; ``input_precision="ieee"``: no TF32), bias added, times ``1/T``
 (the ``hi``/``lo`` split of :mod:`._common`); columns past ``V`` are ``-inf``, H tails are
-loaded as 0. Offsets are int64. Block sizes depend only on ``H``, ``V``, the dtype and the
-device, never on ``N``: a row's results do not depend on the batch (SPEC 1), and no kernel
-uses atomics (bit-identical reruns).
+loaded as 0. Offsets are int64. Block sizes depend only on ``H``, ``V``, the dtype, the head
+precision and the device, never on ``N``: a row's results do not depend on the batch (SPEC 1),
+and no kernel uses atomics (bit-identical reruns).
 
 * Forward (:func:`_fwd_kernel`): one program per (block of ``BLOCK_N`` rows, vocabulary
-  split of 16384 columns on a GPU), looping over its split in ``BLOCK_V`` tiles; per row the
+  split of 16384 columns on a GPU), the split index fastest in a 1-d grid, looping over its
+  split in ``BLOCK_V`` tiles (one flattened loop over (tile, ``H`` chunk)); each tile is
+  folded in two halves of ``BLOCK_V / 2`` columns (:func:`_fwd_fold`), per row the
   online ``(m, rest, S1)`` update of :func:`._common.online_block` (along axis 1 of the
-  2-d tile), running max from ``-inf``, ``rest`` over every column but
-  ONE arg-max, and the token's logit picked when its column falls in the tile. With several
+  2-d half), running max from ``-inf``, ``rest`` over every column but
+  ONE arg-max, and the token's logit picked when its column falls in the half. With several
   splits (a function of V only) :func:`_fwd_merge_kernel` merges them in split order. Saves
   ``stats = (m, log1p(rest), sum p (z - m))``.
 * Backward (:func:`linear_token_logprobs_backward`), per vocabulary slice of ``span`` columns
@@ -143,35 +145,58 @@ def _logits_tile(h_ptr, stride_h, w_ptr, stride_w, b_ptr, rows, row_ok, cols, co
     precision (:func:`_head_precision`): operands rounded to bf16 (1) or fp32 (2) before the
     dot, and ``tl.dot``'s ``input_precision``. ``H`` may be 0 (a block of padding rows: no
     dot at all)."""
-    offs_h = tl.arange(0, BLOCK_H)
-    r64 = rows.to(tl.int64)
-    c64 = cols.to(tl.int64)
-    acc = tl.zeros([BLOCK_N, BLOCK_V], CDT)
-    for k in range(0, H, BLOCK_H):
-        ks = k + offs_h
-        km = ks < H
-        h = tl.load(h_ptr + r64[:, None] * stride_h + ks[None, :],
-                    mask=row_ok[:, None] & km[None, :], other=0.0)
-        w = tl.load(w_ptr + c64[:, None] * stride_w + ks[None, :],
-                    mask=col_ok[:, None] & km[None, :], other=0.0)
-        if ROUND == 1:
-            h = _to_bf16(h)
-            w = _to_bf16(w)
-        if ROUND == 2:
-            h = h.to(tl.float32)
-            w = w.to(tl.float32)
-        if UPCAST:
-            h = h.to(CDT)
-            w = w.to(CDT)
-        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PREC, out_dtype=CDT)
+    acc = _dot_tile(h_ptr, stride_h, w_ptr, stride_w, rows, row_ok, cols, col_ok, H, UPCAST,
+                    CDT, BLOCK_N, BLOCK_V, BLOCK_H, ROUND, DOT_PREC)
     if HAS_BIAS:
-        b = tl.load(b_ptr + c64, mask=col_ok, other=0.0).to(CDT)
+        b = tl.load(b_ptr + cols.to(tl.int64), mask=col_ok, other=0.0).to(CDT)
         acc = acc + b[None, :]
     dfdy = acc
     if MAP != 0:
         acc, dfdy = _head_map(acc, fm, MAP, IS_FP64)
     z = mul_hl(acc, inv_t_hi, inv_t_lo, IS_FP64)
     return tl.where(col_ok[None, :], z, float("-inf")), dfdy
+
+
+@triton.jit
+def _dot_tile(h_ptr, stride_h, w_ptr, stride_w, rows, row_ok, cols, col_ok, H,
+              UPCAST: tl.constexpr, CDT: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, ROUND: tl.constexpr,
+              DOT_PREC: tl.constexpr):
+    """``h[rows] @ w[cols]^T`` as a ``[BLOCK_N, BLOCK_V]`` tile in ``CDT``, ``BLOCK_H`` chunks
+    of ``H`` from 0 up (rows with ``row_ok`` False and columns with ``col_ok`` False load 0;
+    ``ROUND`` / ``DOT_PREC`` / ``UPCAST`` as in :func:`_logits_tile`)."""
+    offs_h = tl.arange(0, BLOCK_H)
+    r64 = rows.to(tl.int64)
+    c64 = cols.to(tl.int64)
+    acc = tl.zeros([BLOCK_N, BLOCK_V], CDT)
+    for k in range(0, H, BLOCK_H):
+        h, w = _operands(h_ptr, stride_h, w_ptr, stride_w, r64, row_ok, c64, col_ok,
+                         k + offs_h, H, UPCAST, CDT, ROUND)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PREC, out_dtype=CDT)
+    return acc
+
+
+@triton.jit
+def _operands(h_ptr, stride_h, w_ptr, stride_w, r64, row_ok, c64, col_ok, ks, H,
+              UPCAST: tl.constexpr, CDT: tl.constexpr, ROUND: tl.constexpr):
+    """The ``tl.dot`` operands of one ``H`` chunk ``ks``: ``h[r64, ks]`` and ``w[c64, ks]``
+    (0 where ``row_ok`` / ``col_ok`` is False or ``ks >= H``), rounded per ``ROUND`` and
+    converted per ``UPCAST`` (:func:`_logits_tile`)."""
+    km = ks < H
+    h = tl.load(h_ptr + r64[:, None] * stride_h + ks[None, :],
+                mask=row_ok[:, None] & km[None, :], other=0.0)
+    w = tl.load(w_ptr + c64[:, None] * stride_w + ks[None, :],
+                mask=col_ok[:, None] & km[None, :], other=0.0)
+    if ROUND == 1:
+        h = _to_bf16(h)
+        w = _to_bf16(w)
+    if ROUND == 2:
+        h = h.to(tl.float32)
+        w = w.to(tl.float32)
+    if UPCAST:
+        h = h.to(CDT)
+        w = w.to(CDT)
+    return h, w
 
 
 @triton.jit
@@ -254,23 +279,56 @@ def _fwd_finish(rows, row_in, live, m, rest, s1, z_y, rest2, zsum, hit, V, logp_
 
 
 @triton.jit
+def _fwd_fold(y, b_ptr, c0, v_hi, tcol, m, rest, s1, z_y, rest2, zsum, amax, inv_t_hi,
+              inv_t_lo, fm, HAS_BIAS: tl.constexpr, MAP: tl.constexpr,
+              WITH_ENTROPY: tl.constexpr, EXTRAS: tl.constexpr, IS_FP64: tl.constexpr,
+              WIDTH: tl.constexpr):
+    """Fold the product tile ``y = h @ w^T`` of the ``WIDTH`` columns ``[c0, c0 + WIDTH)``
+    into the running ``(m, rest, S1, z_y)`` (and ``(rest2, zsum, amax)`` with ``EXTRAS``): bias,
+    map and ``1/T`` applied here, columns at or past ``v_hi`` ``-inf``; ``tcol`` is the
+    token's column minus ``c0`` (int32; out of ``[0, WIDTH)`` when not in these columns)."""
+    offs = tl.arange(0, WIDTH)
+    cols = c0 + offs
+    col_ok = cols < v_hi
+    if HAS_BIAS:
+        y = y + tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(y.dtype)[None, :]
+    if MAP != 0:
+        y, _ = _head_map(y, fm, MAP, IS_FP64)
+    z = tl.where(col_ok[None, :], mul_hl(y, inv_t_hi, inv_t_lo, IS_FP64), float("-inf"))
+    m, rest, s1, rest2, is_new, bi = online_block(z, offs[None, :], m, rest, s1, rest2, 1,
+                                                  WITH_ENTROPY, EXTRAS)
+    if EXTRAS:  # the column of the row's first max: a later block takes over only with a
+        amax = tl.where(is_new, c0 + bi, amax)  # strictly larger max
+        # a -inf column makes the mean -inf, as the mean of the logits is
+        zsum += tl.sum(tl.where(col_ok[None, :], z, 0.0), 1)
+    # the token's logit, when its column is here (exactly one block has it)
+    z_y += tl.sum(tl.where(offs[None, :] == tcol[:, None], z, 0.0), 1)
+    return m, rest, s1, z_y, rest2, zsum, amax
+
+
+@triton.jit
 def _fwd_kernel(h_ptr, stride_h, w_ptr, stride_w, b_ptr, tok_ptr, logp_ptr, ent_ptr, stats_ptr,
-                extra_ptr, part_ptr, N, V, H, split_cols, inv_t_hi, inv_t_lo, ignore_index,
-                s_hi, s_lo, c_hi, c_lo, ic_hi, ic_lo,
+                extra_ptr, part_ptr, N, V, H, split_cols, splits, inv_t_hi, inv_t_lo,
+                ignore_index, s_hi, s_lo, c_hi, c_lo, ic_hi, ic_lo,
                 HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, MAP: tl.constexpr,
                 EXTRAS: tl.constexpr, UPCAST: tl.constexpr, IS_FP64: tl.constexpr,
                 CDT: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, ROUND: tl.constexpr = 0,
                 DOT_PREC: tl.constexpr = "ieee"):
-    """Program ``(i, j)``: rows ``i * BLOCK_N + [0, BLOCK_N)`` over vocabulary split ``j``
-    (columns ``[j * split_cols, (j + 1) * split_cols)``). Without ``SPLIT`` (one split) it
-    stores the outputs; with ``SPLIT`` the split's ``(m, rest, S1, z_y)`` (and with
-    ``EXTRAS`` ``(rest2, zsum, hit)``) go to ``part [4 or 7, splits, N]`` for
+    """Program ``pid``: rows ``i * BLOCK_N + [0, BLOCK_N)`` over vocabulary split ``j``
+    (columns ``[j * split_cols, (j + 1) * split_cols)``), ``i, j = divmod(pid, splits)``: the
+    split index runs fastest, so that the programs resident together share a few ``hidden``
+    row blocks (kept in L2) and walk each split's ``weight`` tiles together. Without ``SPLIT``
+    (one split) it stores the outputs; with ``SPLIT`` the split's ``(m, rest, S1, z_y)`` (and
+    with ``EXTRAS`` ``(rest2, zsum, hit)``) go to ``part [4 or 7, splits, N]`` for
     :func:`_fwd_merge_kernel`. ``MAP`` and ``s_hi .. ic_lo``: the pre-softmax map
     (:func:`_head_map`); ``EXTRAS``: the statistics of ``extra`` (:func:`_fwd_finish`).
-    A block whose rows are all padding runs no tile (its outputs are the 0 of padding)."""
-    pid = tl.program_id(0)
-    sid = tl.program_id(1)
+    Each ``[BLOCK_N, BLOCK_V]`` product tile is folded in two halves of ``BLOCK_V / 2``
+    columns (:func:`_fwd_fold`, in column order): half the epilogue's live registers, so
+    that a 128-wide wgmma tile does not spill. A block whose rows are all padding runs no
+    tile (its outputs are the 0 of padding)."""
+    pid = tl.program_id(0) // splits
+    sid = tl.program_id(0) % splits
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_in = rows < N
     r64 = rows.to(tl.int64)
@@ -283,30 +341,43 @@ def _fwd_kernel(h_ptr, stride_h, w_ptr, stride_w, b_ptr, tok_ptr, logp_ptr, ent_
     z_y = tl.zeros([BLOCK_N], CDT)
     rest2 = tl.zeros([BLOCK_N], CDT)
     zsum = tl.zeros([BLOCK_N], CDT)
-    amax = tl.full([BLOCK_N], -1, tl.int64)
+    amax = tl.full([BLOCK_N], -1, tl.int32)
     fm = (s_hi, s_lo, c_hi, c_lo, ic_hi, ic_lo)
     v_lo = sid * split_cols
     v_hi = tl.minimum(V, v_lo + split_cols)
+    # the token's column relative to the split (int32: a split is < 2**31 columns)
+    tcol = tl.where(live, tok - v_lo, -1).to(tl.int32)
     # padding rows cost no GEMM work (SPEC 6): an all-padding block loops over no tile
     v_end = tl.where(tl.max(live.to(tl.int32), 0) > 0, v_hi, v_lo)
-    for start in range(v_lo, v_end, BLOCK_V):
+    HALF: tl.constexpr = BLOCK_V // 2
+    # one flattened (tile, H chunk) loop: the pipeliner issues the next tile's first chunks
+    # before this tile's epilogue runs (no drain and refill per tile)
+    n_k = tl.maximum(tl.cdiv(H, BLOCK_H), 1)  # H = 0: one chunk of zeros
+    n_it = tl.cdiv(v_end - v_lo, BLOCK_V) * n_k
+    offs_h = tl.arange(0, BLOCK_H)
+    acc = tl.zeros([BLOCK_N, BLOCK_V], CDT)
+    for it in range(0, n_it):
+        kk = it % n_k
+        start = v_lo + (it // n_k) * BLOCK_V
         cols = start + offs
-        col_ok = cols < v_hi
-        z, _ = _logits_tile(h_ptr, stride_h, w_ptr, stride_w, b_ptr, rows, live, cols, col_ok,
-                            H, inv_t_hi, inv_t_lo, fm, HAS_BIAS, MAP, UPCAST, IS_FP64, CDT,
-                            BLOCK_N, BLOCK_V, BLOCK_H, ROUND, DOT_PREC)
-        m, rest, s1, rest2, is_new, bi = online_block(z, offs[None, :], m, rest, s1, rest2, 1,
-                                                      WITH_ENTROPY, EXTRAS)
-        if EXTRAS:  # the column of the row's first max: a later tile takes over only with a
-            amax = tl.where(is_new, start + bi, amax)  # strictly larger max
-        # the token's logit, when its column is in this tile (exactly one tile has it)
-        z_y += tl.sum(tl.where(cols[None, :] == tok[:, None], z, 0.0), 1)
-        if EXTRAS:  # a -inf column makes the mean -inf, as the mean of the logits is
-            zsum += tl.sum(tl.where(col_ok[None, :], z, 0.0), 1)
-    hit = (amax == tok).to(CDT)
+        h, w = _operands(h_ptr, stride_h, w_ptr, stride_w, r64, live, cols.to(tl.int64),
+                         cols < v_hi, kk * BLOCK_H + offs_h, H, UPCAST, CDT, ROUND)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PREC, out_dtype=CDT)
+        if kk == n_k - 1:  # the tile is complete: fold its two column halves, in order
+            y_a, y_b = tl.split(tl.permute(tl.reshape(acc, [BLOCK_N, 2, HALF]), (0, 2, 1)))
+            t = tcol - (start - v_lo)
+            m, rest, s1, z_y, rest2, zsum, amax = _fwd_fold(
+                y_a, b_ptr, start, v_hi, t, m, rest, s1, z_y, rest2, zsum, amax, inv_t_hi,
+                inv_t_lo, fm, HAS_BIAS, MAP, WITH_ENTROPY, EXTRAS, IS_FP64, HALF)
+            m, rest, s1, z_y, rest2, zsum, amax = _fwd_fold(
+                y_b, b_ptr, start + HALF, v_hi, t - HALF, m, rest, s1, z_y, rest2, zsum,
+                amax, inv_t_hi, inv_t_lo, fm, HAS_BIAS, MAP, WITH_ENTROPY, EXTRAS, IS_FP64,
+                HALF)
+            acc = tl.zeros([BLOCK_N, BLOCK_V], CDT)
+    hit = (amax.to(tl.int64) == tok).to(CDT)
     if SPLIT:
         base = part_ptr + sid.to(tl.int64) * N + r64
-        plane = tl.num_programs(1).to(tl.int64) * N
+        plane = splits.to(tl.int64) * N
         tl.store(base, m, mask=row_in)
         tl.store(base + plane, rest, mask=row_in)
         tl.store(base + 2 * plane, s1, mask=row_in)
@@ -490,19 +561,25 @@ def _gemm_kernel(a_ptr, stride_am, stride_ak, b_ptr, stride_bk, stride_bn, cin_p
 
 # ================================================================================== launchers
 
-def _blocks(hidden: Tensor, vocab: int, dim: int, dz: bool = False
+def _blocks(hidden: Tensor, vocab: int, dim: int, dz: bool = False,
+            prec: Optional["_Prec"] = None, extras: bool = False
             ) -> Tuple[int, int, int, int]:
     """``(BLOCK_N, BLOCK_V, BLOCK_H, num_warps)`` of the forward (``dz``: of
-    :func:`_dz_kernel`): from H, V, the dtype and the device only, never from N (batch
-    invariance). ``tl.dot`` needs every block >= 16.
+    :func:`_dz_kernel`): from H, V, the dtype, the head precision ``prec``, ``extras`` and the
+    device only, never from N (batch invariance). ``tl.dot`` needs every block >= 16.
 
-    bf16 on sm_90a (``tests/triton/linear_sm90_check.py``, ptxas / cuobjdump of the compiled
-    kernels): ``_dz_kernel`` at 128 x 128 x 64, 8 warps issues ``HGMMA.64x128x16`` (two
-    warpgroups stacked along the rows, so each row's reductions stay inside a warp), 210
-    registers, no spill; at 64 x 128 it issued ``HGMMA.64x64x16``. The forward's online-softmax
-    epilogue does not fit a 128-wide wgmma in 255 registers: 128 x 128 (8 warps) spills 20 B,
-    64 x 256 (8 warps) 16 B, 64 x 128 (4 warps) 28 B, so it keeps 64 x 128 x 64 on 8 warps
-    (``HGMMA.64x64x16``, 140 registers, no spill)."""
+    On sm_90a (``tests/triton/linear_sm90_check.py``, ptxas / cuobjdump of the compiled
+    kernels), 128 x 128 tiles on 8 warps: two warpgroups stacked along the rows (layout
+    ``[8, 1]``: each row's reductions stay inside a warp), each issuing ``HGMMA.64x128x16``
+    (``64x128x8`` for TF32). ``_dz_kernel`` (bf16): 128 x 128 x 64, no spill. The forward
+    (:func:`_fwd_kernel`) folds each tile in two 64-column halves, which is what lets its
+    online-softmax epilogue fit next to a 128-wide accumulator: 128 x 128 x 64 for bf16 /
+    fp16 and 128 x 128 x 32 for fp32 inputs on bf16 or TF32 operands and fp16 inputs on a bf16
+    head, 186-208 registers, no spill (the whole-tile epilogue spilled at every 128-wide tile:
+    255 registers + 20 B).
+    Kept at 64 x 128 (``HGMMA.64x64x16``): fp32 "ieee" dots (FMA, no wgmma; 128 x 128 spills
+    76-280 B) and the private ``EXTRAS`` statistics (128 x 128: 255 registers, 8 B spilled
+    with the soft cap and no bias; 64 x 128: 244-255 registers, no spill)."""
     def fit(n: int, cap: int) -> int:
         return max(16, min(triton.next_power_of_2(max(n, 1)), cap))
 
@@ -512,11 +589,18 @@ def _blocks(hidden: Tensor, vocab: int, dim: int, dz: bool = False
         return 32, fit(vocab, 64), fit(dim, 32), 4
     # free of register spills in benchmarks/sm90_compile.py (tuning: benchmarks/NOTES.md);
     # fp32 "ieee" dots keep their operands in registers, hence the shorter H chunk
+    rounds = prec is not None and prec.round != 0  # operands rounded in registers
     if hidden.dtype == torch.float32:
-        return 64, fit(vocab, 128), fit(dim, 32), 8
+        wide = not dz and not extras and (rounds or (prec is not None
+                                                     and prec.fwd_dot == "tf32"))
+        return 128 if wide else 64, fit(vocab, 128), fit(dim, 32), 8
     if dz and hidden.dtype == torch.bfloat16:
         return 128, fit(vocab, 128), fit(dim, 64), 8
-    return 64, fit(vocab, 128), fit(dim, 64), 8
+    if dz or extras:
+        return 64, fit(vocab, 128), fit(dim, 64), 8
+    # the forward on 16-bit inputs; rounded operands (fp16 on a bf16 head) take H chunks of
+    # 32 like fp32 (64 spills 12 B with a bias and the entropy)
+    return 128, fit(vocab, 128), fit(dim, 32 if rounds else 64), 8
 
 
 def _upcast(h: Tensor, prec: _Prec) -> bool:
@@ -621,7 +705,7 @@ def _forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tokens: Ten
         return logp, ent, stats, extra
     h, w, b = _prep(hidden, weight, bias)
     tok = tokens.contiguous()
-    bn, bv, bh, warps = _blocks(hidden, vocab, dim)
+    bn, bv, bh, warps = _blocks(hidden, vocab, dim, prec=prec, extras=extras)
     if blocks is not None:
         bn, bv, bh = blocks
     if split_cols is None:
@@ -635,9 +719,9 @@ def _forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tokens: Ten
     flags = dict(WITH_ENTROPY=bool(with_entropy), EXTRAS=bool(extras),
                  IS_FP64=cdt == torch.float64, CDT=tl_compute_dtype(cdt))
     with device_guard(h):
-        _fwd_kernel[(triton.cdiv(n, bn), splits)](
+        _fwd_kernel[(triton.cdiv(n, bn) * splits,)](
             h, _rstride(h), w, _rstride(w), w if b is None else b, tok, logp, ent, stats,
-            stats if extra is None else extra, part, n, vocab, dim, split_cols, hi, lo,
+            stats if extra is None else extra, part, n, vocab, dim, split_cols, splits, hi, lo,
             int(ignore_index), *fm,
             HAS_BIAS=b is not None, MAP=mode, UPCAST=_upcast(h, prec), SPLIT=splits > 1,
             BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, ROUND=prec.round, DOT_PREC=prec.fwd_dot,

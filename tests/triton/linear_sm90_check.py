@@ -4,11 +4,12 @@ Run as a script (it needs real JITFunctions, i.e. Triton imported without TRITON
 ``python tests/triton/linear_sm90_check.py OUT.json [--quick]``. Uses the capture API of
 ``benchmarks/sm90_compile.py`` on GPU-like meta tensors at N=16384, H=3584, V=151936: the
 triton path (forward and backward, with and without a bias and the entropy gradient, bf16;
-unless ``--quick`` also a ``"bf16"`` head on fp32 inputs and an ``"fp32"`` head on bf16
-inputs) and the cuBLAS path (its ``_dz_kernel`` ``FROM_LOGITS`` launches). Each distinct launch is compiled with ``triton.compile`` for
-``GPUTarget("cuda", 90, 32)``; registers and spills come from ``ptxas -v``
-(:func:`sm90_compile.ptxas_usage`), the wgmma shapes from ``cuobjdump -sass`` of the cubin
-(every ``HGMMA.MxNxK`` instruction). Compiler outputs, not measurements.
+unless ``--quick`` also fp32 inputs with no head precision, a ``"bf16"`` and a ``"tf32"``
+head, fp16 inputs on a ``"bf16"`` head and an ``"fp32"`` head on bf16 inputs) and the
+cuBLAS path (its ``_dz_kernel`` ``FROM_LOGITS`` launches). Each distinct launch is compiled
+with ``triton.compile`` for ``GPUTarget("cuda", 90, 32)``; registers and spills come from
+``ptxas -v`` (:func:`sm90_compile.ptxas_usage`), the wgmma shapes from ``cuobjdump -sass``
+of the cubin (every ``HGMMA.MxNxK`` instruction). Compiler outputs, not measurements.
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ def cases(quick: bool):
            ("cublas bf16", lambda: run("cublas", torch.bfloat16, None))]
     if not quick:
         out += [("triton fp32 head=bf16", lambda: run("triton", torch.float32, "bf16")),
+                ("triton fp32 head=tf32", lambda: run("triton", torch.float32, "tf32")),
+                ("triton fp32", lambda: run("triton", torch.float32, None)),
+                ("triton fp16 head=bf16", lambda: run("triton", torch.float16, "bf16")),
                 ("triton bf16 head=fp32", lambda: run("triton", torch.bfloat16, "fp32"))]
     return out
 
