@@ -228,6 +228,11 @@ OPS: Dict[str, OpSpec] = {o.name: o for o in [
     OpSpec("linear_grpo_loss", "linear", "linear_grpo_loss", _make_linear_grpo,
            ("hidden", "weight"), _linear_bytes, _linear_flops, full=LINEAR_FULL,
            quick=LINEAR_QUICK, note="PPO clip 0.2, token-mean, B x 1024 tokens"),
+    OpSpec("linear_grpo_loss_gif", "linear", "linear_grpo_loss", _make_linear_grpo,
+           ("hidden", "weight"), _linear_bytes, _linear_flops, full=LINEAR_FULL,
+           quick=LINEAR_QUICK,
+           note="linear_grpo_loss(grad_in_forward=True): 3 GEMMs, d hidden / d weight formed "
+                "in the forward (issue 20)"),
 ]}
 
 FAMILIES = {f: [o for o in OPS if OPS[o].family == f]

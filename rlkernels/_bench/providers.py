@@ -122,6 +122,7 @@ NAIVE: Dict[str, Fn] = {
 }
 # grpo_loss(grad_in_forward=True) computes the same loss: the same baseline
 NAIVE["grpo_loss_gif"] = NAIVE["grpo_loss"]
+NAIVE["linear_grpo_loss_gif"] = NAIVE["linear_grpo_loss"]
 
 
 def _naive(op: str) -> Fn:
@@ -169,6 +170,9 @@ def _rlkernels_fn(op: str, backend: str) -> Fn:
         "linear_grpo_loss": lambda d, s: rk.linear_grpo_loss(
             d["hidden"], d["weight"], d["tokens"], d["old_logp"], d["advantages"], d["mask"],
             backend=b)[0],
+        "linear_grpo_loss_gif": lambda d, s: rk.linear_grpo_loss(
+            d["hidden"], d["weight"], d["tokens"], d["old_logp"], d["advantages"], d["mask"],
+            backend=b, grad_in_forward=True)[0],
     }
     return table[op]
 
@@ -196,9 +200,10 @@ def _rlkernels(backend: str, linear_path: Optional[str] = None) -> Callable[[str
             return lambda d, s: linear._linear_token_logprobs(
                 d["hidden"], d["weight"], d["tokens"], None, 1.0, -100, False, None, backend,
                 None, linear_path)
+        gif = op == "linear_grpo_loss_gif"
         return lambda d, s: linear.linear_grpo_loss(
             d["hidden"], d["weight"], d["tokens"], d["old_logp"], d["advantages"], d["mask"],
-            backend=backend, _path=linear_path)[0]
+            backend=backend, _path=linear_path, grad_in_forward=gif)[0]
     return build
 
 
