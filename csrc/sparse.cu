@@ -19,12 +19,22 @@ namespace {
 // Slot k is valid iff its id is >= 0 (-1: unused slot, output -inf); a valid id >= V (only
 // reachable with debug checks off) reads as a -inf logit and is a member of no column.
 // tail = log of the full-vocabulary mass outside the row's distinct valid ids, from its own
-// sums over those columns, kept next to the row's state and relative to the same running
-// maximum (s_out, n_out: never log(1 - sum), exact on peaked rows; an outside set whose
-// every column is more than 87 below the row maximum flushes to 0, tail -inf).
-// A chunk without member columns (nearly all of them) adds its sums to both states at once.
+// running state over those columns (so: its own maximum, never log(1 - sum): exact on peaked
+// rows), formed in the same pass as the row's state st (one read of the row):
+//   * a chunk without member columns (nearly all of them) adds the chunk sums st just formed
+//     (relative to st.m): as they are while the row maximum is an outside column (so.m ==
+//     st.m), times conv = base^((st.m - so.m) scale) while the outside maximum lies at most
+//     kSparseFar (log2 units; natural for fp64) below st.m ("near": the outside sum is then
+//     >= base^-kSparseFar of st's maximum, so the terms ex2.approx flushes below 2^-126 of it
+//     do not matter), and folded into so against so's own maximum otherwise (a rare branch:
+//     rows whose ids hold all but < 2^-64 of a thread's mass);
+//   * a chunk holding a member folds its outside columns into so against so's own maximum;
+//   * a new row maximum in a chunk without members is an outside column: so moves to it.
+// No second pass (until 3f96e24 rows whose outside lay 2^100 below the maximum read the row
+// again).
 // Membership (forward): a bitmap of the ids in shared memory, kSparseSegCols columns at a
-// time (one segment covers V <= 262144; a larger V re-reads the ids once per segment).
+// time: one segment covers V <= 262144 (kSeg = false, the launcher's choice for such V: no
+// loop around the chunk loop); a larger V re-reads the ids once per segment (kSeg = true).
 // Backward: a dense pass writes every column's non-member gradient; after a barrier, the
 // first slot of each run of equal ids in the row's sorted ids (sorted by the launcher, stable,
 // so duplicate ids sum in slot order: deterministic) overwrites its column with the member
@@ -34,17 +44,18 @@ namespace {
 constexpr int kSparseWords = 8192;                   // 32 KiB of bitmap
 constexpr int64_t kSparseSegCols = 32 * kSparseWords;
 constexpr int32_t kSparseSentinel = 0x7fffffff;      // sorted id of an unused / bad slot
+constexpr float kSparseFar = 64.0f;                  // "near" outside maximum (see above)
 
 template <class A>
-__device__ __forceinline__ A log_tail_of(const Run<A>& out, A log_s) {
-  // log(sum over the outside columns) - log s, both relative to the row maximum;
-  // -inf when no outside column is finite
+__device__ __forceinline__ A log_tail_of(const Run<A>& out, A row_m, A inv_t, A log_s) {
+  // log(sum over the outside columns of e^{z - m}) - log s, the outside state relative to its
+  // own maximum out.m (raw logits; row_m: the row's); -inf when no outside column is finite
   if (out.m == neg_inf<A>()) return neg_inf<A>();
   const A log_out = out.n >= A(1) ? d_log1p(out.s + (out.n - A(1))) : d_log(out.s);
-  return log_out - log_s;
+  return (out.m - row_m) * inv_t + log_out - log_s;
 }
 
-template <class T, int kMode, bool kTail>
+template <class T, int kMode, bool kTail, bool kSeg>
 __global__ void __launch_bounds__(max_threads<T>())
     sparse_fwd_kernel(const T* __restrict__ x, int64_t stride_x, int64_t V,
                       const int64_t* __restrict__ idx, int64_t si0, int64_t si1, int64_t K,
@@ -55,102 +66,97 @@ __global__ void __launch_bounds__(max_threads<T>())
   constexpr int N = Chunk<T>::N;
   __shared__ SoftmaxState<A> scratch[32];
   __shared__ Run<A> run_scratch[32];
-  __shared__ A max_scratch[32];
   __shared__ A sum_scratch[32];
   __shared__ long long count_scratch[32];
   __shared__ uint32_t bits[kTail ? kSparseWords : 1];
   const int64_t row = blockIdx.x;
   const T* xr = x + row * stride_x;
   const int64_t* ir = idx + row * si0;
-  Run<A> st = run_empty<A>(), so = run_empty<A>();  // so: outside sums, so.m unused until merged
+  Run<A> st = run_empty<A>(), so = run_empty<A>();  // so: the outside columns, own maximum
   long long distinct = 0;
-  A omax = neg_inf<A>();  // max of the outside columns (raw), for the flush check
-  // body(s0, len) once per segment of kSparseSegCols columns, with that segment's bitmap
-  auto segments = [&](auto&& body) {
-    for (int64_t s0 = 0; s0 < V; s0 += kSparseSegCols) {
-      const int64_t len = V - s0 < kSparseSegCols ? V - s0 : kSparseSegCols;
-      const int words = static_cast<int>((len + 31) / 32);
-      for (int w = threadIdx.x; w < words; w += blockDim.x) bits[w] = 0u;
-      __syncthreads();
-      for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
-        const int64_t id = ir[k * si1] - s0;
-        if (id >= 0 && id < len) atomicOr(&bits[id >> 5], 1u << (id & 31));  // integer OR
-      }
-      __syncthreads();
-      body(s0, len, words);
-      __syncthreads();  // the next segment clears the bitmap
-    }
+  // how a chunk without members adds its sums (cs, relative to st.m) to so, refreshed
+  // whenever st.m or so.m moves (rare branches): s += t conv + n nconv, n += n ntr with
+  //   tracking (so.m == st.m):  conv = 1, nconv = 0, ntr = 1 (exact: fma(t, 1, s) = s + t)
+  //   near (see the header):    conv = nconv = base^((st.m - so.m) scale), ntr = 0
+  //   far:                      conv = 0 (the chunk goes to so's own maximum instead)
+  A conv = A(1), nconv = A(0), ntr = A(1);
+  auto refresh = [&]() {
+    const bool track = so.m == st.m;
+    const bool near = so.m != neg_inf<A>() && (so.m - st.m) * scale >= A(-kSparseFar);
+    conv = track ? A(1) : near ? uexp((st.m - so.m) * scale) : A(0);
+    nconv = track ? A(0) : conv;
+    ntr = track ? A(1) : A(0);
   };
   // a segment is a multiple of 32 columns: a chunk's kVec bits lie in one bitmap word
   auto member_bits = [&](int c) {
     const int j0 = c * N;
     return (bits[j0 >> 5] >> (j0 & 31)) & ((1u << N) - 1u);
   };
+  // the bitmap of the ids in [s0, s0 + len), then the chunk loop over those columns
+  auto segment = [&](int64_t s0, int64_t len) {
+    const int words = static_cast<int>((len + 31) / 32);
+    for (int w = threadIdx.x; w < words; w += blockDim.x) bits[w] = 0u;
+    __syncthreads();
+    for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
+      const int64_t id = ir[k * si1] - s0;
+      if (id >= 0 && id < len) atomicOr(&bits[id >> 5], 1u << (id & 31));  // integer OR
+    }
+    __syncthreads();
+    if (kMode == kSparseKl) {
+      long long c = 0;
+      for (int w = threadIdx.x; w < words; w += blockDim.x) c += __popc(bits[w]);
+      distinct += block_sum(c, count_scratch);
+    }
+    for_each_chunk<false>(xr + s0, static_cast<int>(len), [&](int c, const Chunk<T>& ch) {
+      const A m_old = st.m;
+      A e[N];
+      const ChunkSum<A> cs = run_chunk<false, false>(st, ch.v, scale, e);
+      const uint32_t member = member_bits(c);
+      if (__builtin_expect(member == 0u, 1)) {
+        if (__builtin_expect(st.m == m_old && conv > A(0), 1)) {
+          so.s = fma(cs.t, conv, so.s);
+          so.s = fma(cs.n, nconv, so.s);
+          so.n = fma(cs.n, ntr, so.n);
+        } else if (st.m != m_old) {
+          // a new row maximum, an outside column (no member here): so moves to it
+          so.s = so.m == neg_inf<A>() ? so.s * A(0)  // 0, or NaN from a NaN column
+                                      : (so.s + so.n) * uexp((so.m - st.m) * scale);
+          so.n = cs.n;
+          so.s += cs.t;
+          so.m = st.m;
+          refresh();
+        } else {  // far: the outside far below the row maximum (or none yet), own maximum
+          run_chunk<false, false>(so, ch.v, scale, e);
+          refresh();
+        }
+      } else {
+        // a chunk holding ids: its outside columns against so's own maximum
+        A v[N];
+#pragma unroll
+        for (int k = 0; k < N; ++k) v[k] = ((member >> k) & 1u) ? neg_inf<A>() : ch.v[k];
+        run_chunk<false, false>(so, v, scale, e);
+        refresh();
+      }
+    });
+  };
   if constexpr (!kTail) {
     for_each_chunk(xr, static_cast<int>(V), [&](int, const Chunk<T>& ch) {
       A e[N];
       run_chunk<false, false>(st, ch.v, scale, e);
     });
+  } else if constexpr (kSeg) {
+    for (int64_t s0 = 0; s0 < V; s0 += kSparseSegCols) {
+      segment(s0, V - s0 < kSparseSegCols ? V - s0 : kSparseSegCols);
+      __syncthreads();  // the next segment clears the bitmap
+    }
   } else {
-    segments([&](int64_t s0, int64_t len, int words) {
-      if (kMode == kSparseKl) {
-        long long c = 0;
-        for (int w = threadIdx.x; w < words; w += blockDim.x) c += __popc(bits[w]);
-        distinct += block_sum(c, count_scratch);
-      }
-      for_each_chunk<false>(xr + s0, static_cast<int>(len), [&](int c, const Chunk<T>& ch) {
-        const A m_old = st.m;
-        A e[N];
-        const ChunkSum<A> cs = run_chunk<false, false>(st, ch.v, scale, e);
-        if (st.m != m_old) {  // st was rebased: so follows (same maximum)
-          so.s = m_old == neg_inf<A>() ? so.s * A(0)  // 0, or NaN from a NaN column
-                                       : (so.s + so.n) * uexp((m_old - st.m) * scale);
-          so.n = A(0);
-        }
-        const uint32_t member = member_bits(c);
-        if (member == 0u) {
-          so.s += cs.t;
-          so.n += cs.n;
-#pragma unroll
-          for (int k = 0; k < N; ++k) omax = vmax(omax, ch.v[k]);
-        } else {
-#pragma unroll
-          for (int k = 0; k < N; ++k) {
-            if ((member >> k) & 1u) continue;
-            omax = vmax(omax, ch.v[k]);
-            if (ch.v[k] != st.m) so.s += e[k];
-            else so.n += A(1);
-          }
-        }
-      });
-    });
-    so.m = st.m;
-    omax = block_reduce(omax, MaxOp{}, neg_inf<A>(), max_scratch);
+    segment(0, V);  // V <= kSparseSegCols: one bitmap, no loop around the chunk loop
   }
   st = run_block_reduce<false, false>(st, scale, run_scratch);
   if (kTail) so = run_block_reduce<false, false>(so, scale, run_scratch);
   const A mref = shift_of(st.m);                 // raw logits
-  const A ms = mref * inv_t, log_s = d_log1p(run_rest(st));
-  A tail_v = kTail ? log_tail_of(so, log_s) : A(0);
-  const bool flushed = kTail && sizeof(A) == 4 && omax != neg_inf<A>() &&
-                       (omax - st.m) * scale < A(-100);
-  if constexpr (kTail) if (flushed) {
-    // Every outside column is over 2^100 below the row maximum, where the shared-maximum sums
-    // flush (ex2.approx.ftz): a second pass (this row only, taken the same way on every
-    // thread) sums the outside columns against their own maximum.
-    Run<A> o2 = run_empty<A>();
-    segments([&](int64_t s0, int64_t len, int) {
-      for_each_chunk<false>(xr + s0, static_cast<int>(len), [&](int c, const Chunk<T>& ch) {
-        const uint32_t member = member_bits(c);
-        A v[N], e[N];
-#pragma unroll
-        for (int k = 0; k < N; ++k) v[k] = ((member >> k) & 1u) ? neg_inf<A>() : ch.v[k];
-        run_chunk<false, false>(o2, v, scale, e);
-      });
-    });
-    o2 = run_block_reduce<false, false>(o2, scale, run_scratch);
-    tail_v = (o2.m - st.m) * inv_t + d_log1p(run_rest(o2)) - log_s;
-  }
+  const A log_s = d_log1p(run_rest(st));
+  const A tail_v = kTail ? log_tail_of(so, st.m, inv_t, log_s) : A(0);
   if (threadIdx.x == 0) {
     stats[row * 3] = st.m * inv_t;
     stats[row * 3 + 1] = log_s;
@@ -164,7 +170,6 @@ __global__ void __launch_bounds__(max_threads<T>())
   auto z_at = [&](int64_t id) {
     return id < V ? to_acc(xr[id]) * inv_t : neg_inf<A>();
   };
-  (void)ms;
   if (kMode == kSparseFull) {
     for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
       const int64_t id = ir[k * si1];
@@ -361,15 +366,21 @@ void sparse_forward(Rows logits, Matrix indices, Matrix target, Rows out, std::u
     const int threads = row_threads(vocab, VecWidth<T>::value, max_threads<T>());
     const cudaStream_t s = checked_stream(stream);
     const dim3 grid(static_cast<unsigned>(n));
-#define RLK_SPARSE_FWD(MODE, TAIL)                                                             \
-  sparse_fwd_kernel<T, MODE, TAIL><<<grid, threads, 0, s>>>(                                   \
+#define RLK_SPARSE_FWD(MODE, TAIL, SEG)                                                        \
+  sparse_fwd_kernel<T, MODE, TAIL, SEG><<<grid, threads, 0, s>>>(                              \
       as_cptr<T>(logits.ptr), logits.stride, vocab, as_cptr<int64_t>(indices.ptr),             \
       indices.stride0, indices.stride1, k, as_cptr<A>(target.ptr), target.stride0,             \
       target.stride1, as_ptr<A>(out.ptr), out.stride, as_ptr<A>(tail), as_ptr<A>(stats),       \
       static_cast<A>(inv_temperature), static_cast<A>(scale_of(dtype, inv_temperature)))
-    if (mode == kSparseFull) { if (with_tail) RLK_SPARSE_FWD(kSparseFull, true); else RLK_SPARSE_FWD(kSparseFull, false); }
-    else if (mode == kSparseSupport) { if (with_tail) RLK_SPARSE_FWD(kSparseSupport, true); else RLK_SPARSE_FWD(kSparseSupport, false); }
-    else { if (with_tail) RLK_SPARSE_FWD(kSparseKl, true); else RLK_SPARSE_FWD(kSparseKl, false); }
+    // the tail kernels: one bitmap segment (no loop around the chunk loop) unless V is larger
+#define RLK_SPARSE_FWD_TAIL(MODE)                                                              \
+  if (!with_tail) RLK_SPARSE_FWD(MODE, false, false);                                         \
+  else if (vocab <= kSparseSegCols) RLK_SPARSE_FWD(MODE, true, false);                        \
+  else RLK_SPARSE_FWD(MODE, true, true)
+    if (mode == kSparseFull) { RLK_SPARSE_FWD_TAIL(kSparseFull); }
+    else if (mode == kSparseSupport) { RLK_SPARSE_FWD_TAIL(kSparseSupport); }
+    else { RLK_SPARSE_FWD_TAIL(kSparseKl); }
+#undef RLK_SPARSE_FWD_TAIL
 #undef RLK_SPARSE_FWD
     RLK_CHECK_LAUNCH();
   });
