@@ -16,7 +16,7 @@ from .. import _checks
 from ..reference import sparse as _ref
 from ._common import check_indices_for, rows, rows_for
 from ._table import Backward, Op
-from .vocab import row_outputs
+from .vocab import _alpha_kind, row_outputs
 
 Tensor = torch.Tensor
 _FAMILY = "sparse"
@@ -169,7 +169,7 @@ def sparse_kl(logits: Tensor, indices: Tensor, target_logprobs: Tensor, *,
     _checks.same_device("logits", logits, target_logprobs=target_logprobs)
     _checks.choice("kind", kind, _SPARSE_KL_KINDS)
     beta = _checks.number("beta", beta, lo=0.0, hi=1.0)
-    kind, weight = _sparse_kind(kind, alpha, beta)
+    kind, weight = _alpha_kind(kind, alpha, beta)  # kl_divergence's alpha rules
     t = _checks.positive("temperature", temperature)
     _checks.flag("tail", tail)
     k = indices.shape[-1]
@@ -179,26 +179,6 @@ def sparse_kl(logits: Tensor, indices: Tensor, target_logprobs: Tensor, *,
     kl = SPARSE_KL(rows_for(logits, name, _FAMILY), indices.reshape(-1, k),
                    target_logprobs.reshape(-1, k), t, tail, name)[0]
     return kl.view(logits.shape[:-1])
-
-
-def _sparse_kind(kind: str, alpha, beta: float) -> Tuple[str, float]:
-    """``(kind, weight)``: beta for ``"jsd"``, alpha strictly inside ``(0, 1)`` for
-    ``"alpha"`` (0 and 1 are the KL kinds, computed as those); alpha rules of
-    :func:`rlkernels.kl_divergence`."""
-    if kind != "alpha":
-        if alpha is not None:
-            # a silent no-op would hide a typo (kind="jsd", alpha=... meant beta)
-            raise ValueError(f"alpha: only used with kind='alpha', got alpha={alpha!r} with "
-                             f"kind={kind!r}")
-        return kind, beta
-    if alpha is None:
-        raise ValueError("alpha: kind='alpha' needs alpha, a number in [0, 1], got None")
-    a = _checks.number("alpha", alpha, lo=0.0, hi=1.0)
-    if a == 1.0:
-        return "reverse", beta
-    if a == 0.0:
-        return "forward", beta
-    return kind, a
 
 
 def _bucket_kl(logits: Tensor, indices: Tensor, target_logprobs: Tensor, kind: str,
