@@ -102,11 +102,6 @@ __global__ void __launch_bounds__(max_threads<T>())
       if (id >= 0 && id < len) atomicOr(&bits[id >> 5], 1u << (id & 31));  // integer OR
     }
     __syncthreads();
-    if (kMode == kSparseKl) {
-      long long c = 0;
-      for (int w = threadIdx.x; w < words; w += blockDim.x) c += __popc(bits[w]);
-      distinct += block_sum(c, count_scratch);
-    }
     for_each_chunk<false>(xr + s0, static_cast<int>(len), [&](int c, const Chunk<T>& ch) {
       const A m_old = st.m;
       A e[N];
@@ -138,6 +133,11 @@ __global__ void __launch_bounds__(max_threads<T>())
         refresh();
       }
     });
+    if (kMode == kSparseKl) {  // after the chunk loop: nothing of it stays live across
+      long long c = 0;
+      for (int w = threadIdx.x; w < words; w += blockDim.x) c += __popc(bits[w]);
+      distinct += block_sum(c, count_scratch);
+    }
   };
   if constexpr (!kTail) {
     for_each_chunk(xr, static_cast<int>(V), [&](int, const Chunk<T>& ch) {
