@@ -395,7 +395,40 @@ def _jsd_pass2(xbase, ybase, offs, V, m_p, ls_p, m_q, ls_q, inv_t, kd,
 
 
 @triton.jit
-def _kl_lane_step2(xa1, xa2, xb1, xb2, m_a, r_a, acc, o, dmax, m_b, r_b, c,
+def _kl_load_pair(pa, pb, HALF: tl.constexpr, FAST: tl.constexpr, CDT: tl.constexpr):
+    """Columns ``j`` and ``j + HALF`` of rows ``a`` (``pa``) and ``b`` (``pb``), floored
+    (``floor_f``), ordered by ``x_a``: ``(x_a max, x_a min, x_b of the max's column, x_b of
+    the other)`` (ties: ``j`` first). With ``FAST`` (bf16 on a GPU) on packed words, per
+    two words of each row: four ``max.NaN.bf16x2`` floors, one ``set.ge`` mask, a packed
+    max and min of ``a`` and two ``lop3`` selects of ``b``, then the unpacks; otherwise with
+    fp32 selects. A NaN ``x_a`` lands in both slots (packed ``max.NaN`` / ``min.NaN``) or
+    in one of them (the failed ``>=``); either way it reaches ``r_a``."""
+    if FAST:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 f, a1, a2, b1, b2, k, t;\n"
+            "mov.b32 f, 0xF14AF14A;\n"
+            "max.NaN.bf16x2 a1, $8, f;\n max.NaN.bf16x2 a2, $9, f;\n"
+            "max.NaN.bf16x2 b1, $10, f;\n max.NaN.bf16x2 b2, $11, f;\n"
+            "set.ge.u32.bf16x2 k, a1, a2;\n"
+            "max.NaN.bf16x2 t, a1, a2;\n shl.b32 $0, t, 16;\n and.b32 $1, t, 0xffff0000;\n"
+            "min.NaN.bf16x2 t, a1, a2;\n shl.b32 $2, t, 16;\n and.b32 $3, t, 0xffff0000;\n"
+            "lop3.b32 t, b1, b2, k, 0xE4;\n shl.b32 $4, t, 16;\n and.b32 $5, t, 0xffff0000;\n"
+            "lop3.b32 t, b1, b2, k, 0xD8;\n shl.b32 $6, t, 16;\n and.b32 $7, t, 0xffff0000;\n"
+            "}", "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r",
+            [tl.load(pa), tl.load(pa + HALF), tl.load(pb), tl.load(pb + HALF)],
+            dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=2)
+    else:
+        xa1 = floor_f(tl.load(pa).to(CDT))
+        xa2 = floor_f(tl.load(pa + HALF).to(CDT))
+        xb1 = floor_f(tl.load(pb).to(CDT))
+        xb2 = floor_f(tl.load(pb + HALF).to(CDT))
+        first = xa1 >= xa2
+        return (tl.where(first, xa1, xa2), tl.where(first, xa2, xa1),
+                tl.where(first, xb1, xb2), tl.where(first, xb2, xb1))
+
+
+@triton.jit
+def _kl_lane_step2(xm, xn, bm, bn, m_a, r_a, acc, o, dmax, m_b, r_b, c,
                    IS_FP64: tl.constexpr):
     """One step of the one-pass KL over two columns per lane (``j``, ``j + HALF``): per-lane
     (max, rest) of both rows (``_common.lane_step``) and ``acc = sum 2^{(x_a - m_a) c} (d -
@@ -403,21 +436,16 @@ def _kl_lane_step2(xa1, xa2, xb1, xb2, m_a, r_a, acc, o, dmax, m_b, r_b, c,
     running arg-max of ``x_a`` (so the arg-max's own term is exactly 0: a peaked row keeps
     the digits of its small KL), re-referenced and rescaled whenever ``a``'s running max
     moves, the same form as the entropy sum of lane_step: ``acc' = acc s + (d - o) (new ?
-    -r' : e)``. Of the two columns, the one of larger ``x_a`` goes first, with the rescale;
+    -r' : e)``. The two columns come ordered by ``x_a`` (:func:`_kl_load_pair`: ``xm >=
+    xn``, ``bm``, ``bn`` their ``x_b``); the one of larger ``x_a`` goes first, with the rescale;
     the other is never above the new max: ``r += e_n``, ``acc += (d_n - o) e_n``, no rescale
     (one rescale per pair, as ``_common.lane_step2``, which takes row ``b``). The inputs are
     floored (``floor_f``: a ``-inf`` column of ``a`` has weight 0 and adds exactly 0);
     ``dmax`` tracks the largest ``d``: a column with ``x_b = -inf`` under a finite ``x_a``
-    makes it ``>= 1e29`` (the KL is ``inf``). A NaN ``x_a`` fails the ``>=`` and reaches
-    ``r_a`` from either slot."""
-    d1 = xa1 - xb1
-    d2 = xa2 - xb2
-    dmax = tl.maximum(dmax, tl.maximum(d1, d2))
-    first = xa1 >= xa2
-    xm = tl.where(first, xa1, xa2)
-    xn = tl.where(first, xa2, xa1)
-    dm = tl.where(first, d1, d2)
-    dn = tl.where(first, d2, d1)
+    makes it ``>= 1e29`` (the KL is ``inf``)."""
+    dm = xm - bm
+    dn = xn - bn
+    dmax = tl.maximum(dmax, tl.maximum(dm, dn))
     d = (xm - m_a) * c
     new = d > 0.0
     e = exp2_(-tl.abs(d), IS_FP64)
@@ -429,7 +457,7 @@ def _kl_lane_step2(xa1, xa2, xb1, xb2, m_a, r_a, acc, o, dmax, m_b, r_b, c,
     en = exp2_((xn - m_a) * c, IS_FP64)
     r_a = r_a + en
     acc = acc + (dn - o) * en
-    m_b, r_b, _ = lane_step2(xb1, xb2, m_b, r_b, r_b, c, False, IS_FP64)
+    m_b, r_b, _ = lane_step2(bm, bn, m_b, r_b, r_b, c, False, IS_FP64)
     return m_a, r_a, acc, o, dmax, m_b, r_b
 
 
@@ -460,7 +488,8 @@ def _kl_fwd_kernel(
         l1b_hi, l1b_lo, jk_hi, jk_lo, jb_hi, jb_lo, jo_hi, jo_lo,
         KIND: tl.constexpr, HAS_MASK: tl.constexpr, GIVEN_STATS: tl.constexpr,
         ONE_PASS: tl.constexpr, IS_FP64: tl.constexpr, CDT: tl.constexpr,
-        BLOCK_V: tl.constexpr, FAST_BF16: tl.constexpr = False, PTX: tl.constexpr = False):
+        BLOCK_V: tl.constexpr, FAST_BF16: tl.constexpr = False, PTX: tl.constexpr = False,
+        PAIR_BLOCKS: tl.constexpr = False):
     row = tl.program_id(0).to(tl.int64)
     if HAS_MASK:
         skip = tl.load(mask_ptr + row * stride_mask) != 0
@@ -500,13 +529,35 @@ def _kl_fwd_kernel(
             o = tl.zeros([HALF], CDT)
             dmax = tl.full([HALF], -3.0e38, CDT)
             v_full = V - V % BLOCK_V
-            for start in range(0, v_full, BLOCK_V):
-                xa1 = load_floor_f32(abase + start + lanes, FAST_BF16, CDT)
-                xa2 = load_floor_f32(abase + start + HALF + lanes, FAST_BF16, CDT)
-                xb1 = load_floor_f32(bbase + start + lanes, FAST_BF16, CDT)
-                xb2 = load_floor_f32(bbase + start + HALF + lanes, FAST_BF16, CDT)
-                m_a, r_a, acc, o, dmax, m_b, r_b = _kl_lane_step2(
-                    xa1, xa2, xb1, xb2, m_a, r_a, acc, o, dmax, m_b, r_b, c, IS_FP64)
+            # the pointers advance (no per-block 64-bit offset products)
+            pa = abase + lanes
+            pb = bbase + lanes
+            if PAIR_BLOCKS:
+                # 16-bit inputs: two blocks per iteration (the loop's own instructions,
+                # pointer increments, compare and branch, count once per 2 BLOCK_V columns;
+                # fp32 inputs would spill at the 128 registers of 8 warps)
+                v_two = V - V % (2 * BLOCK_V)
+                for _ in range(0, v_two, 2 * BLOCK_V):
+                    xm, xn, bm, bn = _kl_load_pair(pa, pb, HALF, FAST_BF16, CDT)
+                    xm2, xn2, bm2, bn2 = _kl_load_pair(pa + BLOCK_V, pb + BLOCK_V, HALF,
+                                                       FAST_BF16, CDT)
+                    m_a, r_a, acc, o, dmax, m_b, r_b = _kl_lane_step2(
+                        xm, xn, bm, bn, m_a, r_a, acc, o, dmax, m_b, r_b, c, IS_FP64)
+                    m_a, r_a, acc, o, dmax, m_b, r_b = _kl_lane_step2(
+                        xm2, xn2, bm2, bn2, m_a, r_a, acc, o, dmax, m_b, r_b, c, IS_FP64)
+                    pa += 2 * BLOCK_V
+                    pb += 2 * BLOCK_V
+                if v_two < v_full:  # an odd number of full blocks: the last one
+                    xm, xn, bm, bn = _kl_load_pair(pa, pb, HALF, FAST_BF16, CDT)
+                    m_a, r_a, acc, o, dmax, m_b, r_b = _kl_lane_step2(
+                        xm, xn, bm, bn, m_a, r_a, acc, o, dmax, m_b, r_b, c, IS_FP64)
+            else:
+                for _ in range(0, v_full, BLOCK_V):
+                    xm, xn, bm, bn = _kl_load_pair(pa, pb, HALF, FAST_BF16, CDT)
+                    m_a, r_a, acc, o, dmax, m_b, r_b = _kl_lane_step2(
+                        xm, xn, bm, bn, m_a, r_a, acc, o, dmax, m_b, r_b, c, IS_FP64)
+                    pa += BLOCK_V
+                    pb += BLOCK_V
             if v_full < V:
                 c1 = v_full + lanes
                 c2 = c1 + HALF
@@ -514,8 +565,11 @@ def _kl_fwd_kernel(
                 xa2 = floor_f(tl.load(abase + c2, mask=c2 < V, other=float("-inf")).to(CDT))
                 xb1 = floor_f(tl.load(bbase + c1, mask=c1 < V, other=float("-inf")).to(CDT))
                 xb2 = floor_f(tl.load(bbase + c2, mask=c2 < V, other=float("-inf")).to(CDT))
+                first = xa1 >= xa2
                 m_a, r_a, acc, o, dmax, m_b, r_b = _kl_lane_step2(
-                    xa1, xa2, xb1, xb2, m_a, r_a, acc, o, dmax, m_b, r_b, c, IS_FP64)
+                    tl.where(first, xa1, xa2), tl.where(first, xa2, xa1),
+                    tl.where(first, xb1, xb2), tl.where(first, xb2, xb1),
+                    m_a, r_a, acc, o, dmax, m_b, r_b, c, IS_FP64)
             big_a, rest_a, _ = lane_merge(m_a, r_a, r_a, lanes, c, HALF, False, IS_FP64)
             big_b, rest_b, _ = lane_merge(m_b, r_b, r_b, lanes, c, HALF, False, IS_FP64)
             # a row of only -inf is shifted by 0 (as _kl_logs does)
@@ -833,6 +887,7 @@ def _kl_forward(logits, ref_logits, ignore_mask, given_p, given_q, kind, beta, t
             ONE_PASS=_KL_ONE_PASS and kind != "jsd" and not given and cdt != torch.float64,
             IS_FP64=cdt == torch.float64, CDT=tl_compute_dtype(cdt), BLOCK_V=block,
             FAST_BF16=fast_bf16(x) and y.dtype == torch.bfloat16, PTX=x.is_cuda,
+            PAIR_BLOCKS=x.element_size() == 2 and y.element_size() == 2,
             num_warps=num_warps(block))
     return kl, stats_p, stats_q
 
