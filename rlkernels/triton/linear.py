@@ -282,11 +282,13 @@ def _fwd_finish(rows, row_in, live, m, rest, s1, z_y, rest2, zsum, hit, V, logp_
 def _fwd_fold(y, b_ptr, c0, v_hi, tcol, m, rest, s1, z_y, rest2, zsum, amax, inv_t_hi,
               inv_t_lo, fm, HAS_BIAS: tl.constexpr, MAP: tl.constexpr,
               WITH_ENTROPY: tl.constexpr, EXTRAS: tl.constexpr, IS_FP64: tl.constexpr,
-              WIDTH: tl.constexpr):
+              WIDTH: tl.constexpr, INTERP: tl.constexpr):
     """Fold the product tile ``y = h @ w^T`` of the ``WIDTH`` columns ``[c0, c0 + WIDTH)``
     into the running ``(m, rest, S1, z_y)`` (and ``(rest2, zsum, amax)`` with ``EXTRAS``): bias,
     map and ``1/T`` applied here, columns at or past ``v_hi`` ``-inf``; ``tcol`` is the
-    token's column minus ``c0`` (int32; out of ``[0, WIDTH)`` when not in these columns)."""
+    token's column minus ``c0`` (int32; out of ``[0, WIDTH)`` when not in these columns).
+    ``INTERP`` (the interpreter): NaN logits enter the softmax update as ``+inf`` (numpy's
+    arg-max raises on an all-NaN half; the outputs are NaN all the same)."""
     offs = tl.arange(0, WIDTH)
     cols = c0 + offs
     col_ok = cols < v_hi
@@ -295,7 +297,10 @@ def _fwd_fold(y, b_ptr, c0, v_hi, tcol, m, rest, s1, z_y, rest2, zsum, amax, inv
     if MAP != 0:
         y, _ = _head_map(y, fm, MAP, IS_FP64)
     z = tl.where(col_ok[None, :], mul_hl(y, inv_t_hi, inv_t_lo, IS_FP64), float("-inf"))
-    m, rest, s1, rest2, is_new, bi = online_block(z, offs[None, :], m, rest, s1, rest2, 1,
+    zu = z
+    if INTERP:
+        zu = tl.where(z != z, float("inf"), z)
+    m, rest, s1, rest2, is_new, bi = online_block(zu, offs[None, :], m, rest, s1, rest2, 1,
                                                   WITH_ENTROPY, EXTRAS)
     if EXTRAS:  # the column of the row's first max: a later block takes over only with a
         amax = tl.where(is_new, c0 + bi, amax)  # strictly larger max
@@ -314,7 +319,7 @@ def _fwd_kernel(h_ptr, stride_h, w_ptr, stride_w, b_ptr, tok_ptr, logp_ptr, ent_
                 EXTRAS: tl.constexpr, UPCAST: tl.constexpr, IS_FP64: tl.constexpr,
                 CDT: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, ROUND: tl.constexpr = 0,
-                DOT_PREC: tl.constexpr = "ieee"):
+                DOT_PREC: tl.constexpr = "ieee", INTERP: tl.constexpr = False):
     """Program ``pid``: rows ``i * BLOCK_N + [0, BLOCK_N)`` over vocabulary split ``j``
     (columns ``[j * split_cols, (j + 1) * split_cols)``), ``i, j = divmod(pid, splits)``: the
     split index runs fastest, so that the programs resident together share a few ``hidden``
@@ -368,11 +373,11 @@ def _fwd_kernel(h_ptr, stride_h, w_ptr, stride_w, b_ptr, tok_ptr, logp_ptr, ent_
             t = tcol - (start - v_lo)
             m, rest, s1, z_y, rest2, zsum, amax = _fwd_fold(
                 y_a, b_ptr, start, v_hi, t, m, rest, s1, z_y, rest2, zsum, amax, inv_t_hi,
-                inv_t_lo, fm, HAS_BIAS, MAP, WITH_ENTROPY, EXTRAS, IS_FP64, HALF)
+                inv_t_lo, fm, HAS_BIAS, MAP, WITH_ENTROPY, EXTRAS, IS_FP64, HALF, INTERP)
             m, rest, s1, z_y, rest2, zsum, amax = _fwd_fold(
                 y_b, b_ptr, start + HALF, v_hi, t - HALF, m, rest, s1, z_y, rest2, zsum,
                 amax, inv_t_hi, inv_t_lo, fm, HAS_BIAS, MAP, WITH_ENTROPY, EXTRAS, IS_FP64,
-                HALF)
+                HALF, INTERP)
             acc = tl.zeros([BLOCK_N, BLOCK_V], CDT)
     hit = (amax.to(tl.int64) == tok).to(CDT)
     if SPLIT:
@@ -725,7 +730,7 @@ def _forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tokens: Ten
             int(ignore_index), *fm,
             HAS_BIAS=b is not None, MAP=mode, UPCAST=_upcast(h, prec), SPLIT=splits > 1,
             BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, ROUND=prec.round, DOT_PREC=prec.fwd_dot,
-            num_warps=warps, **flags)
+            INTERP=not h.is_cuda, num_warps=warps, **flags)
         if splits > 1:
             block = 256 if h.is_cuda else 16
             _fwd_merge_kernel[(triton.cdiv(n, block),)](
