@@ -596,9 +596,12 @@ def _blocks(hidden: Tensor, vocab: int, dim: int, dz: bool = False,
     # fp32 "ieee" dots keep their operands in registers, hence the shorter H chunk
     rounds = prec is not None and prec.round != 0  # operands rounded in registers
     if hidden.dtype == torch.float32:
-        wide = not dz and not extras and (rounds or (prec is not None
-                                                     and prec.fwd_dot == "tf32"))
-        return 128 if wide else 64, fit(vocab, 128), fit(dim, 32), 8
+        tensor_cores = rounds or (prec is not None and prec.fwd_dot == "tf32")
+        wide = not dz and not extras and tensor_cores
+        # d z on fp32 "ieee" dots: H chunks of 16 (32 spilled 8 B without the entropy
+        # gradient and the bias; 192-206 registers at 16)
+        chunk = 16 if dz and not tensor_cores else 32
+        return 128 if wide else 64, fit(vocab, 128), fit(dim, chunk), 8
     if dz and hidden.dtype == torch.bfloat16:
         return 128, fit(vocab, 128), fit(dim, 64), 8
     if dz or extras:
@@ -879,7 +882,7 @@ def linear_token_logprobs_backward(grad_logp: Optional[Tensor], grad_entropy: Op
     tok = tokens.contiguous()
     glp = grad_logp.contiguous() if has_glp else stats
     gh = grad_entropy.contiguous() if has_gh else stats
-    bn, bv, bh, warps = _blocks(hidden, vocab, dim, dz=True)
+    bn, bv, bh, warps = _blocks(hidden, vocab, dim, dz=True, prec=prec)
     if blocks is not None:
         bn, bv, bh = blocks
     dzt = prec.dz_dtype
