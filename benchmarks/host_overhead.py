@@ -292,6 +292,23 @@ def floor(repeat: int, number: int) -> Dict[str, float]:
     return {"fwd": _time_us(fwd, repeat, number), "fwd+bwd": _time_us(fwd_bwd, repeat, number)}
 
 
+def yardstick(repeat: int, number: int) -> float:
+    """The issue's yardstick: a PPO policy-loss forward in plain eager torch at B=4, T=32
+    (ratio, both clip branches, masked token mean; issue 19 measured ~28 us). Its time here
+    says how fast this machine runs small torch calls, to compare the table with the goal."""
+    g = torch.Generator().manual_seed(1)
+    logp, old = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
+    adv, mask = torch.randn(B, 1, generator=g), torch.rand(B, T, generator=g) < 0.9
+
+    def ppo():
+        r = torch.exp(logp - old)
+        pg = torch.maximum(-adv * r, -adv * r.clamp(0.8, 1.2))
+        m = mask.to(pg.dtype)
+        return (pg * m).sum() / m.sum().clamp_min(1.0)
+
+    return _time_us(ppo, repeat, number)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--backend", default="torch")
@@ -323,7 +340,8 @@ def main(argv=None) -> int:
           f"({args.clock} clock)")
     base = floor(args.repeat, args.number)
     print(f"torch floor (an autograd.Function doing nothing): fwd {base['fwd']:.0f} us, "
-          f"fwd+bwd {base['fwd+bwd']:.0f} us")
+          f"fwd+bwd {base['fwd+bwd']:.0f} us; yardstick (a PPO loss forward in eager torch, "
+          f"~28 us where issue 19 measured): {yardstick(args.repeat, args.number):.0f} us")
     print("| op | fwd public | fwd direct | fwd public - direct | **fwd stub** | fwd+bwd public "
           "| fwd+bwd direct | fwd+bwd public - direct | **fwd+bwd stub** | fwd+bwd stub - "
           "floor |")
