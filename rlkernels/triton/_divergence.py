@@ -14,6 +14,11 @@ Layout: one program per row pair (``grid = (N,)``: batch invariance, no atomics)
   the small exponent to the rounding of the three ``lse`` (docs/math.md). The terms are
   accumulated per lane and reduced once per row. ``kl_divergence_partial_forward`` runs
   pass 2 only, on the statistics it is given (vocabulary parallelism: the all-shard ones).
+  Alpha sums ONE gap per column (as csrc/vocab.cu): ``u - r = -u (base^t - 1)``, ``t = c
+  (log v - log u)``, around ``u = p`` (``c = 1 - a``) when ``a >= 1/2``, around ``u = q``
+  (``c = a``) otherwise (the ``U_IS_P`` constexpr), ``D = sum (u - r) / (a (1 - a))``; in
+  fp32 in log2 units (``ex2``) with a degree-7 polynomial for ``|t| <= 1``. Only each
+  loop's last block is masked; bf16 on a GPU unpacks in two integer instructions.
 * Saved ``stats[:, 2]``: alpha ``(D, 0)``; tv ``(0.5 sum p s, -0.5 sum q s)``, ``s =
   sign(p - q)`` (their sum is ``D``, and each is what one gradient needs).
 * Backward: ONE pass over the pair (the row sums it needs are saved).
@@ -39,53 +44,131 @@ Tensor = torch.Tensor
 _KINDS = KL_KINDS  # rlkernels/_codes.py: alpha 3, tv 4 (the KIND constexpr)
 
 
-@triton.jit
-def _logs(z, w, m_p, ls_p, m_q, ls_q):
-    """``log p``, ``log q`` of a block from the row statistics; a row of only ``-inf``
-    (``m = -inf``) is shifted by 0, as the reference does (log-probs ``-inf``, not NaN)."""
-    m_p = tl.where(m_p == float("-inf"), 0.0, m_p)
-    m_q = tl.where(m_q == float("-inf"), 0.0, m_q)
-    return (z - m_p) - ls_p, (w - m_q) - ls_q
+# 2^t - 1 = t Q(t) for |t| <= 1 (fp32, log2 units): Q of degree 6, its coefficients fitted
+# to the relative error of (2^t - 1) / t on [-1, 1] (weighted least squares on Chebyshev
+# nodes, then rounded to fp32): <= 1.5e-7 relative with fp32 Horner, the floor of the ex2
+# beside it, in 7 instructions where the degree-11 Taylor form of csrc/vocab.cu takes 11.
+_Q0 = tl.constexpr(0.6931471824645996)
+_Q1 = tl.constexpr(0.2402266412973404)
+_Q2 = tl.constexpr(0.05550402030348778)
+_Q3 = tl.constexpr(0.00961698591709137)
+_Q4 = tl.constexpr(0.0013335339026525617)
+_Q5 = tl.constexpr(0.00015634509327355772)
+_Q6 = tl.constexpr(1.5252492630679626e-05)
 
 
 @triton.jit
-def _pow_gap(u, logu, logv, c, IS_FP64: tl.constexpr):
-    """``u^(1-c) v^c - u = u expm1(c (log v - log u))`` for ``c <= 1/2`` (the forward's
-    terms; the reference's ``_pow_gap`` without its second branch, one ``exp``): ``u > 0``
-    bounds the exponent (``log u >= -104`` in fp32, ``-745`` in fp64, so ``c (log v - log u)
-    <= 52``, ``373``: no overflow); where ``u`` underflows to 0 the gap is ``u^(1-c) v^c <=
-    sqrt(u v) < 1e-22``, taken as 0, which also covers ``u = v = 0`` (exponent NaN) and ``u =
-    0 < v`` (``0 * inf``). ``v = 0 < u``: ``expm1(-inf) = -1``, the gap is ``-u``."""
-    return tl.where(u == 0.0, 0.0, u * expm1(c * (logv - logu), IS_FP64))
+def _exp2m1_small(t):
+    """``2^t - 1`` for ``|t| <= 1`` (fp32; no cancellation, no call, no branch): ``t Q(t)``
+    by Horner. Larger ``t`` give garbage that the caller does not select."""
+    q = _Q6 * t + _Q5
+    q = q * t + _Q4
+    q = q * t + _Q3
+    q = q * t + _Q2
+    q = q * t + _Q1
+    q = q * t + _Q0
+    return q * t
 
 
 @triton.jit
-def _pow_gap_r(u, logu, logv, c, r, IS_FP64: tl.constexpr):
-    """``r - u`` with ``r = u^(1-c) v^c`` given, any ``c`` in ``(0, 1)`` (the backward's two
-    gaps share ``r``): ``u expm1(c (log v - log u))`` while that exponent is ``<= 1``, the
-    plain difference above (no cancellation: ``r > e u``; for ``c > 1/2`` a subnormal ``u``
-    could overflow ``expm1``), as the reference's ``_pow_gap``."""
-    e = c * (logv - logu)
-    small = e <= 1.0
-    return tl.where(small, u * expm1(tl.where(small, e, 0.0), IS_FP64), r - u)
+def _exp_u(x, IS_FP64: tl.constexpr):
+    """``base^x`` in the kernels' log unit: log2 in fp32 (one MUFU ``ex2``), natural in fp64."""
+    if IS_FP64:
+        return tl.exp(x)
+    else:
+        return tl.exp2(x)
 
 
 @triton.jit
-def _alpha_term(p, logp, q, logq, a, b, P_FORM, IS_FP64: tl.constexpr):
-    """``a p + (1-a) q - p^a q^(1-a) >= 0`` (``b = 1 - a``; the row sum over ``a b`` is
-    ``D``), the expm1 form around ``p`` when ``P_FORM`` (``a >= 1/2``), around ``q``
-    otherwise: the small weight is the exponent's factor."""
-    u = tl.where(P_FORM, p, q)
-    v = tl.where(P_FORM, q, p)
-    lu = tl.where(P_FORM, logp, logq)
-    lv = tl.where(P_FORM, logq, logp)
-    c = tl.where(P_FORM, b, a)     # the weight of v in the geometric mean, <= 1/2
-    return c * (v - u) - _pow_gap(u, lu, lv, c, IS_FP64)
+def _expm1_u(t, IS_FP64: tl.constexpr):
+    """``base^t - 1`` accurate to a few ulps for any ``t <= 100`` (the callers clamp):
+    fp32 (log2 units) :func:`_exp2m1_small` for ``|t| <= 1``, ``2^t - 1`` beyond (at most
+    1 bit lost: ``2^t >= 2`` or ``<= 1/2``); fp64 (natural units) ``_common.expm1``."""
+    if IS_FP64:
+        return expm1(t, True)
+    else:
+        return tl.where(tl.abs(t) <= 1.0, _exp2m1_small(t), tl.exp2(t) - 1.0)
 
 
 @triton.jit
-def _sign(p, q):
-    return tl.where(p > q, 1.0, tl.where(p < q, -1.0, 0.0))
+def _row_consts(m, ls, IS_FP64: tl.constexpr):
+    """``(m, -log s)`` in the units of :func:`_logu`; a row of only ``-inf`` (``m = -inf``) is
+    shifted by 0, as the reference does (log-probs ``-inf``, not NaN)."""
+    m = tl.where(m == float("-inf"), 0.0, m)
+    if IS_FP64:
+        return m, -ls
+    else:
+        return m, -(ls * 1.4426950408889634)
+
+
+@triton.jit
+def _logu(x, inv_t_hi, inv_t_lo, m, nls, IS_FP64: tl.constexpr):
+    """``log p`` in log units (log2 in fp32, natural in fp64) from the raw logit: ``z = x / T``
+    rounded as the statistics' ``m = max z`` was, so the arg-max column's ``z - m`` is exactly
+    0 and the heavy columns carry one rounding of their own ``log p`` (folding ``x log2(e) / T
+    - (m + log s) log2(e)`` into one fma would shift every ``log p`` by up to half an ulp of
+    ``|m| log2 e``: a common relative error ``eps |m|`` of every ``p``, which alpha's ``S = 1 -
+    a (1-a) D`` near ``a = 1`` amplifies); fp32: ``(z - m) log2(e) - log2(s)`` in one fma."""
+    if IS_FP64:
+        return (mul_hl(x, inv_t_hi, inv_t_lo, IS_FP64) - m) + nls
+    else:
+        return tl.fma(x * inv_t_hi - m, 1.4426950408889634, nls)
+
+
+@triton.jit
+def _load_pair(xp, yp, FAST_BF16: tl.constexpr, CDT: tl.constexpr):
+    """An unmasked full block of both rows in ``CDT`` (bf16 on a GPU: the two-instruction
+    unpack of ``_common.load_bf16_f32``)."""
+    if FAST_BF16:
+        return load_bf16_f32(xp, True), load_bf16_f32(yp, True)
+    else:
+        return tl.load(xp).to(CDT), tl.load(yp).to(CDT)
+
+
+@triton.jit
+def _alpha_fwd_col(xu, xv, inv_t_hi, inv_t_lo, m_u, nl_u, cc, ck, IS_FP64: tl.constexpr):
+    """``u expm1(c (log v - log u)) = r - u`` (``<= 0`` summed; the forward's column term,
+    ``D = -sum / (a (1 - a))``) for the raw logits ``xu`` of the row around which the gap is
+    taken and ``xv`` of the other one: ``log u`` by :func:`_logu`, ``t = c (log v - log u) =
+    (xv - xu) c / T + ck`` (``ck`` from the statistics), in log units. ``c <= 1/2`` and ``u >
+    0`` bound ``t <= 75`` (fp32, ``375`` in fp64); the clamp at 100 (NaN-dropping, as a GPU
+    ``min``) only catches ``u = 0`` (``xu = -inf``: ``t`` is ``+inf``, or NaN when ``xv =
+    -inf`` too), whose term ``0 * finite`` is then 0. ``xv = -inf``: ``t = -inf``, the term
+    is ``-u`` (``r = 0``). A NaN logit reaches the row's statistics, hence ``ck``, and the
+    caller adds ``0 * ck``."""
+    u = _exp_u(_logu(xu, inv_t_hi, inv_t_lo, m_u, nl_u, IS_FP64), IS_FP64)
+    t = tl.minimum(tl.fma(xv - xu, cc, ck), 100.0)
+    return u * _expm1_u(t, IS_FP64)
+
+
+@triton.jit
+def _alpha_gap(f, t, r, IS_FP64: tl.constexpr):
+    """``f - r = -f (base^t - 1)`` (``t = c (log o - log f)``, ``r = f^(1-c) o^c``, any ``c`` in
+    ``(0, 1)``; the backward's gaps): the polynomial while ``|t| <= 1`` (log2 units; fp64:
+    natural, ``<= 1/2``), the plain difference beyond (at most 1 bit lost: ``r >= 2 f`` or
+    ``<= f / 2``; and no overflow where ``f`` is tiny and ``t`` large). ``f = 0``: ``t`` is
+    ``+inf`` or NaN, the difference ``0 - r = 0`` (``r`` has a ``-inf`` exponent)."""
+    if IS_FP64:
+        small = tl.abs(t) <= 0.5
+        return tl.where(small, -f * expm1(tl.where(small, t, 0.0), True), f - r)
+    else:
+        return tl.where(tl.abs(t) <= 1.0, -f * _exp2m1_small(t), f - r)
+
+
+@triton.jit
+def _half_sign(diff):
+    """``0.5 sign(diff)`` (0 where ``diff = 0``): TV's subgradient with ``sign(0) = 0``; the
+    forward and the backward take it from the same bits of ``p - q``."""
+    return tl.where(diff > 0.0, 0.5, tl.where(diff < 0.0, -0.5, 0.0))
+
+
+@triton.jit
+def _tv_fwd_cols(x, y, inv_t_hi, inv_t_lo, m_p, nl_p, m_q, nl_q, IS_FP64: tl.constexpr):
+    """TV's column terms ``(|p - q|, 0.5 sign(p - q) p)`` (``-inf`` in a row: ``p = 0``)."""
+    p = _exp_u(_logu(x, inv_t_hi, inv_t_lo, m_p, nl_p, IS_FP64), IS_FP64)
+    q = _exp_u(_logu(y, inv_t_hi, inv_t_lo, m_q, nl_q, IS_FP64), IS_FP64)
+    diff = p - q
+    return tl.abs(diff), _half_sign(diff) * p
 
 
 @triton.jit
@@ -95,7 +178,7 @@ def _fdiv_fwd_kernel(
         V, inv_t_hi, inv_t_lo, c_hi, c_lo, a_hi, a_lo, b_hi, b_lo,
         KIND: tl.constexpr, HAS_MASK: tl.constexpr, GIVEN_STATS: tl.constexpr,
         IS_FP64: tl.constexpr, CDT: tl.constexpr, BLOCK_V: tl.constexpr,
-        FAST_BF16: tl.constexpr = False):
+        FAST_BF16: tl.constexpr = False, U_IS_P: tl.constexpr = True):
     row = tl.program_id(0).to(tl.int64)
     if HAS_MASK:
         skip = tl.load(mask_ptr + row * stride_mask) != 0
@@ -112,6 +195,7 @@ def _fdiv_fwd_kernel(
         ybase = y_ptr + row_offset(row, inner_y, stride_y, stride_y1)
         offs = tl.arange(0, BLOCK_V)
         v_full = V - V % BLOCK_V
+        c = const_hl(zero, c_hi, c_lo, IS_FP64)  # log2(e) / T
         if GIVEN_STATS:
             # vocabulary parallelism: the all-shard (max, log s) of both rows are given
             m_p = tl.load(gp_ptr + row * 3).to(CDT)
@@ -120,18 +204,12 @@ def _fdiv_fwd_kernel(
             ls_q = tl.load(gq_ptr + row * 3 + 1).to(CDT)
         else:
             # pass 1: per-lane (max, rest) of both rows (_common.lane_step), merged once
-            c = const_hl(zero, c_hi, c_lo, IS_FP64)  # log2(e) / T
             mp = tl.full([BLOCK_V], -1.0e30, CDT)
             rp = tl.zeros([BLOCK_V], CDT)
             mq = tl.full([BLOCK_V], -1.0e30, CDT)
             rq = tl.zeros([BLOCK_V], CDT)
             for start in range(0, v_full, BLOCK_V):
-                if FAST_BF16:
-                    x = load_bf16_f32(xbase + start + offs, True)
-                    y = load_bf16_f32(ybase + start + offs, True)
-                else:
-                    x = tl.load(xbase + start + offs).to(CDT)
-                    y = tl.load(ybase + start + offs).to(CDT)
+                x, y = _load_pair(xbase + start + offs, ybase + start + offs, FAST_BF16, CDT)
                 mp, rp, _ = lane_step(x, mp, rp, rp, c, False, IS_FP64)
                 mq, rq, _ = lane_step(y, mq, rq, rq, c, False, IS_FP64)
             if v_full < V:
@@ -147,38 +225,82 @@ def _fdiv_fwd_kernel(
             m_q = mul_hl(big_q, inv_t_hi, inv_t_lo, IS_FP64)
             ls_p = log1p(rest_p, IS_FP64)
             ls_q = log1p(rest_q, IS_FP64)
-        # pass 2: the per-column terms, per lane, from log p and log q
+        # pass 2: the per-column terms, per lane, in log units (log2 in fp32, natural in
+        # fp64): log p by _logu from the saved (rounded) statistics, as the backward has them
+        if IS_FP64:
+            cu = const_hl(zero, inv_t_hi, inv_t_lo, IS_FP64)
+        else:
+            cu = c
+        mm_p, nl_p = _row_consts(m_p, ls_p, IS_FP64)
+        mm_q, nl_q = _row_consts(m_q, ls_q, IS_FP64)
         a = const_hl(zero, a_hi, a_lo, IS_FP64)
         b = const_hl(zero, b_hi, b_lo, IS_FP64)
-        p_form = a >= 0.5
-        acc1 = tl.zeros([BLOCK_V], CDT)   # alpha: AM-GM gaps; tv: |p - q|
-        acc2 = tl.zeros([BLOCK_V], CDT)   # tv: p s
-        acc3 = tl.zeros([BLOCK_V], CDT)   # tv: q s
-        for start in range(0, V, BLOCK_V):
-            cols = start + offs
-            inb = cols < V
-            z = mul_hl(tl.load(xbase + cols, mask=inb, other=float("-inf")).to(CDT),
-                       inv_t_hi, inv_t_lo, IS_FP64)
-            w = mul_hl(tl.load(ybase + cols, mask=inb, other=float("-inf")).to(CDT),
-                       inv_t_hi, inv_t_lo, IS_FP64)
-            logp, logq = _logs(z, w, m_p, ls_p, m_q, ls_q)
-            p = tl.exp(logp)
-            q = tl.exp(logq)
-            if KIND == 3:
-                acc1 += _alpha_term(p, logp, q, logq, a, b, p_form, IS_FP64)
-            else:
-                s = _sign(p, q)
-                acc1 += tl.abs(p - q)
-                acc2 += p * s
-                acc3 += q * s
+        acc1 = tl.zeros([BLOCK_V], CDT)   # alpha: sum (r - u); tv: sum |p - q|
+        acc2 = tl.zeros([BLOCK_V], CDT)   # tv: sum p sign(p - q) / 2
         if KIND == 3:
-            kl = tl.sum(acc1, 0) / (a * b)
+            # the gap around u (p when a >= 1/2, else q; U_IS_P is that choice, made by the
+            # launcher): its exponent's weight is the small one, cw = min(a, 1 - a)
+            if U_IS_P:
+                cw = b
+                m_u, nl_u, m_v, nl_v = mm_p, nl_p, mm_q, nl_q
+            else:
+                cw = a
+                m_u, nl_u, m_v, nl_v = mm_q, nl_q, mm_p, nl_p
+            cc = cw * cu
+            # log v - log u = (xv - xu) c_u + (m_u - m_v) u + nl_v - nl_u (u = log2 e in
+            # fp32): m_u - m_v as an exact hi + lo pair (two-sum), so that the one rounding
+            # of this row constant is of ck's own size
+            dm = m_u - m_v
+            bb = dm - m_u
+            dm_lo = (m_u - (dm - bb)) + (-m_v - bb)
+            if IS_FP64:
+                ck = cw * (dm + (dm_lo + (nl_v - nl_u)))
+            else:
+                ck = cw * tl.fma(dm, 1.4426950408889634,
+                                 tl.fma(dm_lo, 1.4426950408889634, nl_v - nl_u))
+            for start in range(0, v_full, BLOCK_V):
+                x, y = _load_pair(xbase + start + offs, ybase + start + offs, FAST_BF16, CDT)
+                if U_IS_P:
+                    acc1 += _alpha_fwd_col(x, y, inv_t_hi, inv_t_lo, m_u, nl_u, cc, ck,
+                                                   IS_FP64)
+                else:
+                    acc1 += _alpha_fwd_col(y, x, inv_t_hi, inv_t_lo, m_u, nl_u, cc, ck,
+                                                   IS_FP64)
+            if v_full < V:
+                cols = v_full + offs
+                inb = cols < V
+                x = tl.load(xbase + cols, mask=inb, other=float("-inf")).to(CDT)
+                y = tl.load(ybase + cols, mask=inb, other=float("-inf")).to(CDT)
+                if U_IS_P:
+                    acc1 += _alpha_fwd_col(x, y, inv_t_hi, inv_t_lo, m_u, nl_u, cc, ck,
+                                                   IS_FP64)
+                else:
+                    acc1 += _alpha_fwd_col(y, x, inv_t_hi, inv_t_lo, m_u, nl_u, cc, ck,
+                                                   IS_FP64)
+            # sum (r - u) = -a (1 - a) D; "+ 0 * ck": a NaN logit (NaN statistics) gives NaN
+            kl = -tl.sum(acc1, 0) / (a * b) + ck * 0.0
             sum_p = kl
             sum_q = zero
         else:
+            for start in range(0, v_full, BLOCK_V):
+                x, y = _load_pair(xbase + start + offs, ybase + start + offs, FAST_BF16, CDT)
+                t1, t2 = _tv_fwd_cols(x, y, inv_t_hi, inv_t_lo, mm_p, nl_p, mm_q, nl_q,
+                                      IS_FP64)
+                acc1 += t1
+                acc2 += t2
+            if v_full < V:
+                cols = v_full + offs
+                inb = cols < V
+                x = tl.load(xbase + cols, mask=inb, other=float("-inf")).to(CDT)
+                y = tl.load(ybase + cols, mask=inb, other=float("-inf")).to(CDT)
+                t1, t2 = _tv_fwd_cols(x, y, inv_t_hi, inv_t_lo, mm_p, nl_p, mm_q, nl_q,
+                                      IS_FP64)
+                acc1 += t1
+                acc2 += t2
+            # sum q s = sum p s - sum |p - q| (p s - q s = |p - q| per column)
             kl = 0.5 * tl.sum(acc1, 0)
-            sum_p = 0.5 * tl.sum(acc2, 0)
-            sum_q = -0.5 * tl.sum(acc3, 0)
+            sum_p = tl.sum(acc2, 0)
+            sum_q = kl - sum_p
         tl.store(kl_ptr + row, kl)
         tl.store(sp_ptr + row * 3, m_p)
         tl.store(sp_ptr + row * 3 + 1, ls_p)
@@ -189,6 +311,39 @@ def _fdiv_fwd_kernel(
 
 
 @triton.jit
+def _fdiv_bwd_cols(x, y, inv_t_hi, inv_t_lo, m_p, nl_p, m_q, nl_q, a, b, g, ga, gb, gap, gbq,
+                   KIND: tl.constexpr, NEED_W: tl.constexpr, IS_FP64: tl.constexpr):
+    """One block's ``(g dD/dz, g dD/dw)`` (``dD/dw`` only with ``NEED_W``; ``g`` is the
+    incoming gradient over ``T``). Alpha: ``ga = 1 / (1-a)``, ``gb = 1 / a``, ``gap = -a D``,
+    ``gbq = -(1-a) D``, the gaps ``p - r``, ``q - r`` sharing ``r = base^(a log p + (1-a) log
+    q)`` (0 where either factor is 0); tv: ``gap``, ``gbq`` the saved half sums ``0.5 sum p s``,
+    ``-0.5 sum q s``."""
+    lp = _logu(x, inv_t_hi, inv_t_lo, m_p, nl_p, IS_FP64)
+    lq = _logu(y, inv_t_hi, inv_t_lo, m_q, nl_q, IS_FP64)
+    p = _exp_u(lp, IS_FP64)
+    q = _exp_u(lq, IS_FP64)
+    if KIND == 3:
+        # (p S - r) / (1-a) = (p - r) / (1-a) - a p D, and (q S - r) / a likewise
+        d = lq - lp
+        r = _exp_u(tl.fma(a, lp, b * lq), IS_FP64)
+        # g last, and one rounding before the fma: near a = 1 with mass of p where q = 0 the
+        # two terms are ~D p and cancel to p S / (1-a); every extra rounding of a term of
+        # that size is an ulp of D p more in the result
+        d_z = tl.fma(p, gap, _alpha_gap(p, b * d, r, IS_FP64) * ga) * g
+        if NEED_W:
+            d_w = tl.fma(q, gbq, _alpha_gap(q, -(a * d), r, IS_FP64) * gb) * g
+        else:
+            d_w = d_z
+    else:
+        # 0.5 p (s - sum p s) and -0.5 q (s - sum q s); the saved sums are
+        # 0.5 sum p s and -0.5 sum q s
+        hs = _half_sign(p - q)
+        d_z = p * (hs - gap) * g
+        d_w = q * (-hs - gbq) * g
+    return d_z, d_w
+
+
+@triton.jit
 def _fdiv_bwd_kernel(
         g_ptr, stride_g, x_ptr, inner_x, stride_x, stride_x1, y_ptr, inner_y, stride_y,
         stride_y1, mask_ptr, stride_mask,
@@ -196,7 +351,8 @@ def _fdiv_bwd_kernel(
         gx_ptr, stride_gx, gy_ptr, stride_gy,
         V, inv_t_hi, inv_t_lo, a_hi, a_lo, b_hi, b_lo, ia_hi, ia_lo, ib_hi, ib_lo,
         KIND: tl.constexpr, HAS_MASK: tl.constexpr, NEED_W: tl.constexpr,
-        IS_FP64: tl.constexpr, CDT: tl.constexpr, BLOCK_V: tl.constexpr):
+        IS_FP64: tl.constexpr, CDT: tl.constexpr, BLOCK_V: tl.constexpr,
+        FAST_BF16: tl.constexpr = False):
     row = tl.program_id(0).to(tl.int64)
     if HAS_MASK:
         skip = tl.load(mask_ptr + row * stride_mask) != 0
@@ -225,37 +381,41 @@ def _fdiv_bwd_kernel(
         m_q = tl.load(sq_ptr + row * stride_sq0).to(CDT)
         ls_q = tl.load(sq_ptr + row * stride_sq0 + stride_sq1).to(CDT)
         sum_q = tl.load(sq_ptr + row * stride_sq0 + 2 * stride_sq1).to(CDT)
+        # log p by _logu in log units (as the forward's pass 2, bit for bit)
+        mm_p, nl_p = _row_consts(m_p, ls_p, IS_FP64)
+        mm_q, nl_q = _row_consts(m_q, ls_q, IS_FP64)
         a = const_hl(zero, a_hi, a_lo, IS_FP64)
         b = const_hl(zero, b_hi, b_lo, IS_FP64)
-        # 1 / a, 1 / (1 - a): a multiply per column instead of a division (~10 instructions)
-        inv_a = const_hl(zero, ia_hi, ia_lo, IS_FP64)
-        inv_b = const_hl(zero, ib_hi, ib_lo, IS_FP64)
-        d = sum_p + sum_q  # alpha: D (the all-shard value under vocabulary parallelism)
-        for start in range(0, V, BLOCK_V):
-            cols = start + offs
-            inb = cols < V
-            z = mul_hl(tl.load(xbase + cols, mask=inb, other=float("-inf")).to(CDT),
-                       inv_t_hi, inv_t_lo, IS_FP64)
-            w = mul_hl(tl.load(ybase + cols, mask=inb, other=float("-inf")).to(CDT),
-                       inv_t_hi, inv_t_lo, IS_FP64)
-            logp, logq = _logs(z, w, m_p, ls_p, m_q, ls_q)
-            p = tl.exp(logp)
-            q = tl.exp(logq)
-            if KIND == 3:
-                # (p S - r) / (1-a) = (p - r) / (1-a) - a p D, and (q S - r) / a likewise:
-                # p - r by expm1 keeps the digits that the division by 1 - a (or a) exposes
-                r = tl.exp(a * logp + b * logq)
-                d_z = -_pow_gap_r(p, logp, logq, b, r, IS_FP64) * inv_b - a * p * d
-                d_w = -_pow_gap_r(q, logq, logp, a, r, IS_FP64) * inv_a - b * q * d
-            else:
-                s = _sign(p, q)
-                # 0.5 p (s - sum p s) and -0.5 q (s - sum q s); the saved sums are
-                # 0.5 sum p s and -0.5 sum q s
-                d_z = 0.5 * p * s - p * sum_p
-                d_w = -0.5 * q * s - q * sum_q
-            tl.store(gxbase + cols, (g * d_z).to(gx_ptr.dtype.element_ty), mask=inb)
+        if KIND == 3:
+            d = sum_p + sum_q  # D (the all-shard value under vocabulary parallelism)
+            # 1 / (1 - a), 1 / a: multiplies per column instead of divisions
+            ga = const_hl(zero, ib_hi, ib_lo, IS_FP64)
+            gb = const_hl(zero, ia_hi, ia_lo, IS_FP64)
+            gap = -(a * d)
+            gbq = -(b * d)
+        else:
+            ga = zero
+            gb = zero
+            gap = sum_p
+            gbq = sum_q
+        v_full = V - V % BLOCK_V
+        for start in range(0, v_full, BLOCK_V):
+            x, y = _load_pair(xbase + start + offs, ybase + start + offs, FAST_BF16, CDT)
+            d_z, d_w = _fdiv_bwd_cols(x, y, inv_t_hi, inv_t_lo, mm_p, nl_p, mm_q, nl_q, a, b, g,
+                                      ga, gb, gap, gbq, KIND, NEED_W, IS_FP64)
+            tl.store(gxbase + start + offs, d_z.to(gx_ptr.dtype.element_ty))
             if NEED_W:
-                tl.store(gybase + cols, (g * d_w).to(gy_ptr.dtype.element_ty), mask=inb)
+                tl.store(gybase + start + offs, d_w.to(gy_ptr.dtype.element_ty))
+        if v_full < V:
+            cols = v_full + offs
+            inb = cols < V
+            x = tl.load(xbase + cols, mask=inb, other=float("-inf")).to(CDT)
+            y = tl.load(ybase + cols, mask=inb, other=float("-inf")).to(CDT)
+            d_z, d_w = _fdiv_bwd_cols(x, y, inv_t_hi, inv_t_lo, mm_p, nl_p, mm_q, nl_q, a, b, g,
+                                      ga, gb, gap, gbq, KIND, NEED_W, IS_FP64)
+            tl.store(gxbase + cols, d_z.to(gx_ptr.dtype.element_ty), mask=inb)
+            if NEED_W:
+                tl.store(gybase + cols, d_w.to(gy_ptr.dtype.element_ty), mask=inb)
 
 
 def _alpha_args(kind: str, beta: float, inverses: bool = False):
@@ -305,10 +465,12 @@ def _forward(logits, ref_logits, ignore_mask, given_p, given_q, kind, beta, temp
         _fdiv_fwd_kernel[(n,)](
             x, *row_layout(x), y, *row_layout(y), mask, mask.stride(0) if has_mask else 0,
             kl, stats_p, stats_q, gp, gq, vocab, *split(1.0 / temperature),
-            *split(LOG2E / temperature), *_alpha_args(kind, beta), KIND=_KINDS[kind],
+            *split(LOG2E / temperature), *_alpha_args(kind, beta),
+            KIND=_KINDS[kind],
             HAS_MASK=has_mask, GIVEN_STATS=given, IS_FP64=cdt == torch.float64,
             CDT=tl_compute_dtype(cdt), BLOCK_V=block,
-            FAST_BF16=fast_bf16(x) and y.dtype == torch.bfloat16, num_warps=num_warps(block))
+            FAST_BF16=fast_bf16(x) and y.dtype == torch.bfloat16,
+            U_IS_P=kind != "alpha" or beta >= 0.5, num_warps=num_warps(block))
     return kl, stats_p, stats_q
 
 
@@ -341,7 +503,7 @@ def kl_divergence_backward(grad_kl: Tensor, logits: Tensor, ref_logits: Tensor,
             vocab, *split(1.0 / temperature), *_alpha_args(kind, beta, inverses=True),
             KIND=_KINDS[kind], HAS_MASK=has_mask, NEED_W=bool(need_ref_grad),
             IS_FP64=cdt == torch.float64, CDT=tl_compute_dtype(cdt), BLOCK_V=block,
-            num_warps=num_warps(block))
+            FAST_BF16=fast_bf16(x) and y.dtype == torch.bfloat16, num_warps=num_warps(block))
     return grad_z, grad_w
 
 

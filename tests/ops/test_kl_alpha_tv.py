@@ -152,6 +152,21 @@ def test_minus_inf_columns_by_hand(backend, device):
         assert_values_close(d, torch.tensor([0.5 / (a * (1 - a)), 0.0], dtype=torch.float64))
 
 
+@pytest.mark.parametrize("col", [0, 40])
+def test_nan_logit_gives_nan_row(backend, device, col):
+    """A NaN logit in either row makes that row's divergence NaN (and only that row's), for
+    alpha around p (a >= 1/2) and around q, and tv. The triton forward clamps each column's
+    exponent with a NaN-dropping min; the NaN must reach the row through its statistics."""
+    needs(backend, "kl_divergence", device)
+    x, y = _pair(4, 129, torch.float32, 77, device)
+    x[1, col] = float("nan")
+    y[2, col] = float("nan")
+    for kind, alpha in [("alpha", 0.3), ("alpha", 0.8), ("tv", None)]:
+        kl = _kl(x, y, kind, alpha, backend)
+        assert torch.isnan(kl[1]) and torch.isnan(kl[2]), (kind, alpha, kl)
+        assert torch.isfinite(kl[0]) and torch.isfinite(kl[3]), (kind, alpha, kl)
+
+
 def test_identical_inputs(backend, device):
     needs(backend, "kl_divergence", device)
     x = make_logits(8, 129, torch.bfloat16, seed=74, device=device)
