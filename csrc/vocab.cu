@@ -175,6 +175,24 @@ __device__ __forceinline__ float expm1_small(float x) {
 }
 __device__ __forceinline__ double expm1_small(double x) { return expm1(x); }
 
+// expm1(x) for |x| <= 1 in fp32 for alpha's backward (alpha_side): x + x^2 P(x) with P the
+// degree-7 polynomial of least maximal relative error of expm1 on [-1, 1] (Lawson-weighted fit;
+// 1.1e-9 in exact arithmetic, 1.2e-7 (~2 ulp) with fp32 Horner, the Taylor form's 1.0e-7) in
+// nine fma / mul instead of the Taylor form's eleven: the backward with the ref gradient runs
+// two per column pair on its common path (p ~ q). fp64 keeps the accurate expm1.
+__device__ __forceinline__ float expm1_fit(float x) {
+  float p = 2.7570527e-06f;
+  p = fmaf(p, x, 2.5412162e-05f);
+  p = fmaf(p, x, 1.9847693e-04f);
+  p = fmaf(p, x, 1.3884470e-03f);
+  p = fmaf(p, x, 8.3332826e-03f);
+  p = fmaf(p, x, 4.1666783e-02f);
+  p = fmaf(p, x, 1.6666667e-01f);
+  p = fmaf(p, x, 0.5f);
+  return fmaf(p * x, x, x);
+}
+__device__ __forceinline__ double expm1_fit(double x) { return expm1(x); }
+
 // alpha's column term without cancellation: f (1 - e^x) = f - r with f = base^lf, o =
 // base^lo (uexp units: log2 for fp32, natural for fp64), x = c (lo - lf) in those units
 // (natural: xn), c in (0, 1), r = f^(1-c) o^c. While |xn| <= 1, -f expm1(xn) (expm1_small:
@@ -192,20 +210,29 @@ __device__ __forceinline__ A f_minus_r(A lf, A lo, A c) {
   return f == A(0) ? A(0) : v;
 }
 
-// Both gaps of a column for alpha's backward, p - r and q - r (r = p^a q^(1-a) = base^(a lp
-// + (1-a) lq), shared; 0 where a factor is 0, as each -inf lands in the exponent), each as
-// f_minus_r: -f expm1 while its exponent (1-a) d or -a d, d = lq - lp, lies in [-1, 1], f - r
-// beyond. One d, one r and three exponentials for the two.
+// One side of alpha's backward column, g ((f - r) / c - c' D f) (p: c = 1 - a, c' = a; q: c = a,
+// c' = 1 - a), with f its probability, r = p^a q^(1-a) (shared by both sides), x = c (lo - lf)
+// in natural units (r = f e^x) and the row constants gi = g / c, gd = g c' D. While |x| <= 1,
+// f - r = -f expm1(x) (expm1_fit, no cancellation), so the column is f (-expm1(x) gi - gd);
+// beyond, (f - r) gi - gd f directly (at most log2(e / (e - 1)) ~ 0.7 bits lost to f - r).
+// A branch, not a select: p ~ q (|x| <= 1) is the common column, the polynomial its cost.
+// No f == 0 test: f = 0 has x = +-inf or NaN (-inf - -inf), so the direct side, with r = 0
+// too (a -inf in r's exponent) unless f merely underflowed, where -r gi is the right value.
 template <class A>
-__device__ __forceinline__ void alpha_gaps(A lp, A lq, A a, A oma, A& gp, A& gq) {
-  const A p = uexp(lp), q = uexp(lq);
-  const A r = uexp(fma(a, lp, oma * lq));
-  const A dn = (lq - lp) * A(Unit<A>::ln_base);
-  const A xp = oma * dn, xq = -a * dn;
-  const A vp = fabs(xp) <= A(1) ? -p * expm1_small(xp) : p - r;
-  const A vq = fabs(xq) <= A(1) ? -q * expm1_small(xq) : q - r;
-  gp = p == A(0) ? A(0) : vp;
-  gq = q == A(0) ? A(0) : vq;
+__device__ __forceinline__ A alpha_side(A f, A r, A x, A gi, A gd) {
+  return fabs(x) <= A(1) ? f * fma(expm1_fit(x), -gi, -gd) : fma(f - r, gi, -gd * f);
+}
+
+// Both gaps of a column, p - r and q - r (0 where a factor is 0), for the fp64 backward with
+// the ref gradient only: it keeps the earlier form (this, unscaled constants, g applied last),
+// since alpha_side with the g-folded constants took its sm_90a spill from 4 B to 64 B.
+__device__ __forceinline__ void alpha_gaps(double p, double q, double r, double d, double oma,
+                                           double a, double& gp, double& gq) {
+  const double xp = oma * d, xq = -a * d;
+  const double vp = fabs(xp) <= 1.0 ? -p * expm1(xp) : p - r;
+  const double vq = fabs(xq) <= 1.0 ? -q * expm1(xq) : q - r;
+  gp = p == 0.0 ? 0.0 : vp;
+  gq = q == 0.0 ? 0.0 : vq;
 }
 
 // Forward, one block per row pair.
@@ -378,8 +405,8 @@ __global__ void __launch_bounds__(max_threads<T>())
 // (r (a - sum r a), with the row sums saved by forward);
 //   alpha:   dz = (p - r) / (1 - a) - a D p,   dw = (q - r) / a - (1 - a) D q
 // (= (p S - r) / (1 - a) and (q S - r) / a with S = 1 - a (1 - a) D, D = stats_p[2] +
-// stats_q[2]; p - r and q - r by f_minus_r / alpha_gaps, so the 1 / (1 - a) and 1 / a
-// factors multiply accurate differences: a -> 1 gives p (log p - log q - D), a -> 0 q (log q - log p - D));
+// stats_q[2]; p - r and q - r by alpha_side, so the 1 / (1 - a) and 1 / a factors multiply
+// accurate differences: a -> 1 gives p (log p - log q - D), a -> 0 q (log q - log p - D));
 //   tv:      dz = 0.5 p s - p sum_p,    dw = -0.5 q s - q sum_q,   s = sign(p - q)
 // (sum_p = 0.5 sum p s, sum_q = -0.5 sum q s as saved by forward, whose p, q and signs are
 // bit-identical to these). 16-byte stores where the output row is aligned. ignore_mask
@@ -415,7 +442,12 @@ __global__ void __launch_bounds__(max_threads<T>())
   [[maybe_unused]] const A bl = beta * A(Unit<A>::ln_base), obl = omb * A(Unit<A>::ln_base);
   const bool agx = aligned16(gxr), agy = kNeedW && aligned16(gyr);
   [[maybe_unused]] const A dsum = sum_p + sum_q;  // alpha: D
-  [[maybe_unused]] const A ia = A(1.0 / c.beta), ioma = A(1.0 / c.omb);
+  // alpha: g folded into the constants (g / a, g / (1 - a), g a D, g (1 - a) D): the column
+  // writes fma(gap, g / c, -g c' D f) with no trailing g * (one mul less per output)
+  [[maybe_unused]] const A ia = g * A(1.0 / c.beta), ioma = g * A(1.0 / c.omb);
+  [[maybe_unused]] const A bd = g * (beta * dsum), od = g * (omb * dsum);
+  [[maybe_unused]] const A omb_ln = A(c.omb * Unit<A>::ln_base);
+  [[maybe_unused]] const A mb_ln = A(-c.beta * Unit<A>::ln_base);
   for_each_chunk2(xr, yr, static_cast<int>(V), [&](int ci, const Chunk<T>& a, const Chunk<T>& b) {
     A dzs[N], dws[N];
 #pragma unroll
@@ -429,14 +461,18 @@ __global__ void __launch_bounds__(max_threads<T>())
         dw = q * fma(A(-0.5), sg, -sum_q);
       } else if constexpr (kKind == kAlpha) {
         const A lp = fma(zp, pp.unit, -pp.lsu), lq = fma(zq, pq.unit, -pq.lsu);
-        if constexpr (kNeedW) {
+        const A p = uexp(lp), r = uexp(fma(beta, lp, omb * lq));
+        const A d = lq - lp;  // uexp units; xp = (1 - a) d ln_base, xq = -a d ln_base
+        if constexpr (kNeedW && std::is_same_v<A, double>) {
+          // unscaled constants and g applied last, as before: fp64's register allocation
+          const A q = uexp(lq);
           A gp, gq;
-          alpha_gaps(lp, lq, beta, omb, gp, gq);
-          dz = fma(gp, ioma, -beta * dsum * uexp(lp));
-          dw = fma(gq, ia, -omb * dsum * uexp(lq));
+          alpha_gaps(p, q, r, d, omb, beta, gp, gq);
+          dz = g * fma(gp, A(1.0 / c.omb), -beta * dsum * p);
+          dw = g * fma(gq, A(1.0 / c.beta), -omb * dsum * q);
         } else {
-          dz = fma(f_minus_r(lp, lq, omb), ioma, -beta * dsum * uexp(lp));
-          dw = A(0);
+          dz = alpha_side(p, r, d * omb_ln, ioma, bd);
+          dw = kNeedW ? alpha_side(uexp(lq), r, d * mb_ln, ia, od) : A(0);
         }
       } else if constexpr (kKind == kJsd && std::is_same_v<A, float>) {
         // as the forward's second pass, in log2 units: dz = p (beta ln2 (l_p - l_m) - sum_p)
@@ -462,8 +498,8 @@ __global__ void __launch_bounds__(max_threads<T>())
           dw = xmul0(q, -lr - sum_q);
         }
       }
-      dzs[k] = g * dz;
-      dws[k] = g * dw;
+      dzs[k] = kKind == kAlpha ? dz : g * dz;  // alpha: g already in
+      dws[k] = kKind == kAlpha ? dw : g * dw;
     }
     store_chunk(gxr, ci, static_cast<int>(V), agx, dzs);
     if (kNeedW) store_chunk(gyr, ci, static_cast<int>(V), agy, dws);
