@@ -26,7 +26,7 @@ from collections import defaultdict
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from rlkernels import available_backends
@@ -454,6 +454,8 @@ def test_opcheck_new_arguments():
 @given(sizes=st.lists(st.integers(1, 9), min_size=1, max_size=6), t=st.integers(0, 40),
        method=st.sampled_from(NEW_METHODS), k=st.integers(1, 3), seed=st.integers(0, 99),
        unbiased=st.booleans(), norm=st.booleans())
+# found by hypothesis in CI-like runs: an ill-conditioned gdpo sum (see the slack below)
+@example(sizes=[2], t=0, method="gdpo", k=2, seed=2, unbiased=False, norm=True)
 def test_triton_matches_reference_random(sizes, t, method, k, seed, unbiased, norm):
     """Random group sizes (singletons included), response lengths (T = 0 included), ids in
     random order, components: triton in fp32 against the torch reference in fp64."""
@@ -467,7 +469,15 @@ def test_triton_matches_reference_random(sizes, t, method, k, seed, unbiased, no
               norm_by_std=norm if method in ("grpo_passk", "gdpo") else True)
     got = group_advantages(r.float(), backend="triton", **kw)
     want = group_advantages(r, backend="torch", **kw)
-    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    # the same fp32 inputs through the reference: the backends agree to fp32 rounding
+    want32 = group_advantages(r.float(), backend="torch", **kw)
+    torch.testing.assert_close(got, want32, atol=1e-5, rtol=1e-5)
+    # against fp64: within what fp32 itself allows on these inputs (gdpo's sum of
+    # normalized components can cancel to rounding noise, which the batch whitening then
+    # scales up: e.g. components (-0.5, 0.25), (0.5, -0.5) give +-0.0066 in fp32, +-0.0067
+    # in fp64, in both backends)
+    slack = (want32.double() - want).abs()
+    assert ((got.double() - want).abs() <= 1e-5 + 1e-5 * want.abs() + 2 * slack).all()
 
 
 def test_torch_compile_fullgraph_new_arguments():

@@ -145,7 +145,7 @@ def test_unknown_normalize():
 
 def test_unknown_kind():
     with pytest.raises(ValueError, match=r"kind: expected one of 'reverse', 'forward', 'jsd', "
-                                         r"got 'kl'"):
+                                         r"'alpha', 'tv', got 'kl'"):
         rlkernels.kl_divergence(X, X, kind="kl")
 
 
