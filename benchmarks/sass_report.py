@@ -9,8 +9,9 @@ What it does, per kernel configuration the launchers would use at the realistic 
   meta tensors, compiles each with ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` and
   disassembles its cubin with the bundled ``cuobjdump -sass``;
 * **cuda**: compiles ``csrc/vocab.cu`` and ``csrc/sparse.cu`` with ``nvcc -O3 -arch=sm_90a
-  -cubin`` (the flags of CMakeLists.txt) and disassembles every ``__global__`` instantiation; the template arguments
-  are named from the ``template <...>`` line in front of each kernel in the source.
+  -cubin`` (the flags of CMakeLists.txt) and disassembles every ``__global__`` instantiation;
+  the template arguments are named from the ``template <...>`` line in front of each kernel
+  in the source.
 
 For each kernel it reports registers, spills (``spill B``: the spill store + load bytes of
 ``ptxas -v``; triton's own ptxas log is not kept, so its PTX goes through ptxas again with

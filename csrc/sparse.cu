@@ -422,9 +422,14 @@ void sparse_backward(Rows logits, Rows grad, Matrix indices, std::uintptr_t sort
       slot_values.stride0, slot_values.stride1, as_cptr<A>(logp.ptr), logp.stride0,            \
       logp.stride1, as_cptr<A>(tail), as_cptr<A>(grad_tail), as_cptr<A>(grad_kl),             \
       as_cptr<A>(stats.ptr), stats.stride0, stats.stride1, static_cast<A>(inv_temperature))
-    if (mode == kSparseFull) { if (with_tail) RLK_SPARSE_BWD(kSparseFull, true); else RLK_SPARSE_BWD(kSparseFull, false); }
-    else if (mode == kSparseSupport) { if (with_tail) RLK_SPARSE_BWD(kSparseSupport, true); else RLK_SPARSE_BWD(kSparseSupport, false); }
-    else { if (with_tail) RLK_SPARSE_BWD(kSparseKl, true); else RLK_SPARSE_BWD(kSparseKl, false); }
+    if (mode == kSparseFull) {
+      if (with_tail) RLK_SPARSE_BWD(kSparseFull, true); else RLK_SPARSE_BWD(kSparseFull, false);
+    } else if (mode == kSparseSupport) {
+      if (with_tail) RLK_SPARSE_BWD(kSparseSupport, true);
+      else RLK_SPARSE_BWD(kSparseSupport, false);
+    } else {
+      if (with_tail) RLK_SPARSE_BWD(kSparseKl, true); else RLK_SPARSE_BWD(kSparseKl, false);
+    }
 #undef RLK_SPARSE_BWD
     RLK_CHECK_LAUNCH();
   });
