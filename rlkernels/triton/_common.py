@@ -135,6 +135,35 @@ def row_offset(row, inner, stride_outer, stride_inner):
 
 
 @triton.jit
+def zero_grad_rows(gxbase, gybase, V, NEED_W: tl.constexpr, CDT: tl.constexpr,
+                   BLOCK_V: tl.constexpr):
+    """Zeros over the ``V`` columns of a row's ``d x`` (and ``d y`` with ``NEED_W``): the
+    gradient of an ignored row of the two-input (KL / f-divergence) backward kernels, written
+    without reading the row."""
+    offs = tl.arange(0, BLOCK_V)
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs
+        inb = cols < V
+        tl.store(gxbase + cols, tl.zeros([BLOCK_V], CDT).to(gxbase.dtype.element_ty),
+                 mask=inb)
+        if NEED_W:
+            tl.store(gybase + cols, tl.zeros([BLOCK_V], CDT).to(gybase.dtype.element_ty),
+                     mask=inb)
+
+
+@triton.jit
+def load_pair_stats(row, sp_ptr, stride_sp0, stride_sp1, sq_ptr, stride_sq0, stride_sq1,
+                    CDT: tl.constexpr):
+    """A row's saved statistics of both inputs, ``(m_p, log s_p, sum_p, m_q, log s_q,
+    sum_q)`` (columns 0, 1, 2 of ``stats_p`` / ``stats_q``), in the compute dtype."""
+    p = sp_ptr + row * stride_sp0
+    q = sq_ptr + row * stride_sq0
+    return (tl.load(p).to(CDT), tl.load(p + stride_sp1).to(CDT),
+            tl.load(p + 2 * stride_sp1).to(CDT), tl.load(q).to(CDT),
+            tl.load(q + stride_sq1).to(CDT), tl.load(q + 2 * stride_sq1).to(CDT))
+
+
+@triton.jit
 def mul_hl(x, hi, lo, IS_FP64: tl.constexpr):
     """``x * c`` for ``c = hi + lo`` (see :func:`split`); fp32 kernels use ``hi`` only.
     Non-finite ``x`` skips the ``lo`` term (``inf * 0`` would be NaN)."""

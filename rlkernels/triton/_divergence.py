@@ -37,7 +37,8 @@ import triton.language as tl
 from .._codes import KL_KINDS
 from ._common import (LOG2E, block_v, compute_dtype, const_hl, device_guard, expm1, fast_bf16,
                       lane_merge, lane_step, load_bf16_f32, log1p, mul_hl, n_rows, num_warps,
-                      row_layout, row_offset, split, tl_compute_dtype, unit_stride)
+                      load_pair_stats, row_layout, row_offset, split, tl_compute_dtype,
+                      unit_stride, zero_grad_rows)
 
 Tensor = torch.Tensor
 
@@ -362,25 +363,14 @@ def _fdiv_bwd_kernel(
     gybase = gy_ptr + row * stride_gy
     offs = tl.arange(0, BLOCK_V)
     if skip:
-        for start in range(0, V, BLOCK_V):
-            cols = start + offs
-            inb = cols < V
-            tl.store(gxbase + cols, tl.zeros([BLOCK_V], CDT).to(gx_ptr.dtype.element_ty),
-                     mask=inb)
-            if NEED_W:
-                tl.store(gybase + cols, tl.zeros([BLOCK_V], CDT).to(gy_ptr.dtype.element_ty),
-                         mask=inb)
+        zero_grad_rows(gxbase, gybase, V, NEED_W, CDT, BLOCK_V)
     else:
         xbase = x_ptr + row_offset(row, inner_x, stride_x, stride_x1)
         ybase = y_ptr + row_offset(row, inner_y, stride_y, stride_y1)
         zero = tl.zeros([], CDT)
         g = mul_hl(tl.load(g_ptr + row * stride_g).to(CDT), inv_t_hi, inv_t_lo, IS_FP64)
-        m_p = tl.load(sp_ptr + row * stride_sp0).to(CDT)
-        ls_p = tl.load(sp_ptr + row * stride_sp0 + stride_sp1).to(CDT)
-        sum_p = tl.load(sp_ptr + row * stride_sp0 + 2 * stride_sp1).to(CDT)
-        m_q = tl.load(sq_ptr + row * stride_sq0).to(CDT)
-        ls_q = tl.load(sq_ptr + row * stride_sq0 + stride_sq1).to(CDT)
-        sum_q = tl.load(sq_ptr + row * stride_sq0 + 2 * stride_sq1).to(CDT)
+        m_p, ls_p, sum_p, m_q, ls_q, sum_q = load_pair_stats(
+            row, sp_ptr, stride_sp0, stride_sp1, sq_ptr, stride_sq0, stride_sq1, CDT)
         # log p by _logu in log units (as the forward's pass 2, bit for bit)
         mm_p, nl_p = _row_consts(m_p, ls_p, IS_FP64)
         mm_q, nl_q = _row_consts(m_q, ls_q, IS_FP64)

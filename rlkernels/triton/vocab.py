@@ -45,8 +45,8 @@ from .._codes import KL_KINDS
 from ._common import (LOG2E, block_v, compute_dtype, const_hl, device_guard, exp2_, expm1,
                       fast_bf16, lane_merge, lane_step, lane_step2, lg2_1p, load_bf16_f32,
                       floor_f, load_floor_f32, log1p,
-                      logaddexp, mul_hl, n_rows, num_warps, row_layout, row_offset, split,
-                      tl_compute_dtype, unit_stride, xmul0)
+                      load_pair_stats, logaddexp, mul_hl, n_rows, num_warps, row_layout,
+                      row_offset, split, tl_compute_dtype, unit_stride, xmul0, zero_grad_rows)
 
 Tensor = torch.Tensor
 
@@ -696,25 +696,14 @@ def _kl_bwd_kernel(
     gybase = gy_ptr + row * stride_gy
     offs = tl.arange(0, BLOCK_V)
     if skip:
-        for start in range(0, V, BLOCK_V):
-            cols = start + offs
-            inb = cols < V
-            tl.store(gxbase + cols, tl.zeros([BLOCK_V], CDT).to(gx_ptr.dtype.element_ty),
-                     mask=inb)
-            if NEED_W:
-                tl.store(gybase + cols, tl.zeros([BLOCK_V], CDT).to(gy_ptr.dtype.element_ty),
-                         mask=inb)
+        zero_grad_rows(gxbase, gybase, V, NEED_W, CDT, BLOCK_V)
     else:
         xbase = x_ptr + row_offset(row, inner_x, stride_x, stride_x1)
         ybase = y_ptr + row_offset(row, inner_y, stride_y, stride_y1)
         zero = tl.zeros([], CDT)
         g = mul_hl(tl.load(g_ptr + row * stride_g).to(CDT), inv_t_hi, inv_t_lo, IS_FP64)
-        m_p = tl.load(sp_ptr + row * stride_sp0).to(CDT)
-        ls_p = tl.load(sp_ptr + row * stride_sp0 + stride_sp1).to(CDT)
-        sum_p = tl.load(sp_ptr + row * stride_sp0 + 2 * stride_sp1).to(CDT)
-        m_q = tl.load(sq_ptr + row * stride_sq0).to(CDT)
-        ls_q = tl.load(sq_ptr + row * stride_sq0 + stride_sq1).to(CDT)
-        sum_q = tl.load(sq_ptr + row * stride_sq0 + 2 * stride_sq1).to(CDT)
+        m_p, ls_p, sum_p, m_q, ls_q, sum_q = load_pair_stats(
+            row, sp_ptr, stride_sp0, stride_sp1, sq_ptr, stride_sq0, stride_sq1, CDT)
         beta = const_hl(zero, beta_hi, beta_lo, IS_FP64)
         omb = const_hl(zero, omb_hi, omb_lo, IS_FP64)
         lb = const_hl(zero, lb_hi, lb_lo, IS_FP64)
