@@ -34,15 +34,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .._codes import KL_KINDS
-from ._common import (LOG2E, block_v, compute_dtype, const_hl, device_guard, expm1, fast_bf16,
-                      lane_merge, lane_step, load_bf16_f32, log1p, mul_hl, n_rows, num_warps,
-                      load_pair_stats, row_layout, row_offset, split, tl_compute_dtype,
-                      unit_stride, zero_grad_rows)
+from ._common import (const_hl, expm1, lane_merge, lane_step, load_bf16_f32, load_pair_stats,
+                      log1p, mul_hl, row_offset, split, zero_grad_rows)
 
 Tensor = torch.Tensor
-
-_KINDS = KL_KINDS  # rlkernels/_codes.py: alpha 3, tv 4 (the KIND constexpr)
+# KIND: rlkernels/_codes.py KL_KINDS, alpha 3, tv 4 (the launchers of triton/vocab.py map it)
 
 
 # 2^t - 1 = t Q(t) for |t| <= 1 (fp32, log2 units): Q of degree 6, its coefficients fitted
@@ -437,31 +433,10 @@ def kl_divergence_partial_forward(logits: Tensor, ref_logits: Tensor,
 
 
 def _forward(logits, ref_logits, ignore_mask, given_p, given_q, kind, beta, temperature):
-    vocab, n = logits.shape[-1], n_rows(logits)
-    x, y = unit_stride(logits), unit_stride(ref_logits)
-    cdt = compute_dtype(x.dtype)
-    kl = x.new_empty(n, dtype=cdt)
-    stats_p = x.new_empty(n, 3, dtype=cdt)
-    stats_q = x.new_empty(n, 3, dtype=cdt)
-    if n == 0:
-        return kl, stats_p, stats_q
-    has_mask = ignore_mask is not None
-    mask = ignore_mask.view(torch.uint8) if has_mask else kl
-    given = given_p is not None
-    gp = given_p.to(cdt).contiguous() if given else kl   # a dummy pointer when not given
-    gq = given_q.to(cdt).contiguous() if given else kl
-    block = block_v(vocab, x.dtype)
-    with device_guard(x):
-        _fdiv_fwd_kernel[(n,)](
-            x, *row_layout(x), y, *row_layout(y), mask, mask.stride(0) if has_mask else 0,
-            kl, stats_p, stats_q, gp, gq, vocab, *split(1.0 / temperature),
-            *split(LOG2E / temperature), *_alpha_args(kind, beta),
-            KIND=_KINDS[kind],
-            HAS_MASK=has_mask, GIVEN_STATS=given, IS_FP64=cdt == torch.float64,
-            CDT=tl_compute_dtype(cdt), BLOCK_V=block,
-            FAST_BF16=fast_bf16(x) and y.dtype == torch.bfloat16,
-            U_IS_P=kind != "alpha" or beta >= 0.5, num_warps=num_warps(block))
-    return kl, stats_p, stats_q
+    from .vocab import pair_forward  # (vocab imports this module lazily: no cycle at import)
+    return pair_forward(_fdiv_fwd_kernel, logits, ref_logits, ignore_mask, given_p, given_q,
+                        kind, temperature, _alpha_args(kind, beta),
+                        lambda x, y, cdt, given: dict(U_IS_P=kind != "alpha" or beta >= 0.5))
 
 
 def kl_divergence_backward(grad_kl: Tensor, logits: Tensor, ref_logits: Tensor,
@@ -471,30 +446,10 @@ def kl_divergence_backward(grad_kl: Tensor, logits: Tensor, ref_logits: Tensor,
     """Gradients w.r.t. ``logits`` and (if ``need_ref_grad``) ``ref_logits``, in their dtypes,
     one pass over the row pair (formulas: the reference's ``_fdiv_terms``); ``ignore_mask``
     rows receive exactly 0. The gradients are contiguous, of the inputs' shapes."""
-    vocab, n = logits.shape[-1], n_rows(logits)
-    x, y = unit_stride(logits), unit_stride(ref_logits)
-    cdt = compute_dtype(x.dtype)
-    grad_z = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    grad_w = (torch.empty(ref_logits.shape, dtype=ref_logits.dtype, device=ref_logits.device)
-              if need_ref_grad else None)
-    if n == 0:
-        return grad_z, grad_w
-    has_mask = ignore_mask is not None
-    mask = ignore_mask.view(torch.uint8) if has_mask else stats_p
-    gw = grad_w if need_ref_grad else grad_z  # a dummy pointer, never written
-    block = block_v(vocab, x.dtype)
-    with device_guard(x):
-        _fdiv_bwd_kernel[(n,)](
-            grad_kl, grad_kl.stride(0), x, *row_layout(x), y, *row_layout(y),
-            mask, mask.stride(0) if has_mask else 0,
-            stats_p, stats_p.stride(0), stats_p.stride(1),
-            stats_q, stats_q.stride(0), stats_q.stride(1),
-            grad_z, vocab, gw, vocab,  # both contiguous
-            vocab, *split(1.0 / temperature), *_alpha_args(kind, beta, inverses=True),
-            KIND=_KINDS[kind], HAS_MASK=has_mask, NEED_W=bool(need_ref_grad),
-            IS_FP64=cdt == torch.float64, CDT=tl_compute_dtype(cdt), BLOCK_V=block,
-            FAST_BF16=fast_bf16(x) and y.dtype == torch.bfloat16, num_warps=num_warps(block))
-    return grad_z, grad_w
+    from .vocab import pair_backward
+    return pair_backward(_fdiv_bwd_kernel, grad_kl, logits, ref_logits, ignore_mask, stats_p,
+                         stats_q, kind, temperature, need_ref_grad,
+                         _alpha_args(kind, beta, inverses=True), lambda x: {})
 
 
 __all__ = ["kl_divergence_forward", "kl_divergence_partial_forward", "kl_divergence_backward"]

@@ -850,6 +850,23 @@ def kl_divergence_partial_forward(logits: Tensor, ref_logits: Tensor,
 
 
 def _kl_forward(logits, ref_logits, ignore_mask, given_p, given_q, kind, beta, temperature):
+    def meta(x, y, cdt, given):
+        # fp64: the two-pass form (the one-pass state, 7 fp64 arrays, spills 56 B at 255
+        # registers on sm_90a; the two-pass one does not)
+        return dict(ONE_PASS=_KL_ONE_PASS and kind != "jsd" and not given
+                    and cdt != torch.float64, PTX=x.is_cuda,
+                    PAIR_BLOCKS=x.element_size() == 2 and y.element_size() == 2)
+
+    return pair_forward(_kl_fwd_kernel, logits, ref_logits, ignore_mask, given_p, given_q,
+                        kind, temperature, (*_beta_args(beta), *_jsd_args(beta)), meta)
+
+
+def pair_forward(kernel, logits, ref_logits, ignore_mask, given_p, given_q, kind, temperature,
+                 scalars, meta):
+    """Launch a two-input row forward (``_kl_fwd_kernel``, and the f-divergences' of
+    :mod:`rlkernels.triton._divergence`): ``(kl [N], stats_p [N, 3], stats_q [N, 3])``.
+    ``scalars``: the kind's runtime arguments after ``LOG2E / T``; ``meta(x, y, cdt, given)``:
+    the kernel's own constexprs."""
     vocab, n = logits.shape[-1], n_rows(logits)
     x, y = unit_stride(logits), unit_stride(ref_logits)
     cdt = compute_dtype(x.dtype)
@@ -865,19 +882,14 @@ def _kl_forward(logits, ref_logits, ignore_mask, given_p, given_q, kind, beta, t
     gq = given_q.to(cdt).contiguous() if given else kl
     block = block_v(vocab, x.dtype)
     with device_guard(x):
-        _kl_fwd_kernel[(n,)](
+        kernel[(n,)](
             x, *row_layout(x), y, *row_layout(y), mask, mask.stride(0) if has_mask else 0,
             kl, stats_p, stats_q, gp, gq, vocab, *split(1.0 / temperature),
-            *split(LOG2E / temperature), *_beta_args(beta), *_jsd_args(beta),
-            KIND=_KINDS[kind],
-            HAS_MASK=has_mask, GIVEN_STATS=given,
-            # fp64: the two-pass form (the one-pass state, 7 fp64 arrays, spills 56 B at 255
-            # registers on sm_90a; the two-pass one does not)
-            ONE_PASS=_KL_ONE_PASS and kind != "jsd" and not given and cdt != torch.float64,
-            IS_FP64=cdt == torch.float64, CDT=tl_compute_dtype(cdt), BLOCK_V=block,
-            FAST_BF16=fast_bf16(x) and y.dtype == torch.bfloat16, PTX=x.is_cuda,
-            PAIR_BLOCKS=x.element_size() == 2 and y.element_size() == 2,
-            num_warps=num_warps(block))
+            *split(LOG2E / temperature), *scalars, KIND=_KINDS[kind],
+            HAS_MASK=has_mask, GIVEN_STATS=given, IS_FP64=cdt == torch.float64,
+            CDT=tl_compute_dtype(cdt), BLOCK_V=block,
+            FAST_BF16=fast_bf16(x) and y.dtype == torch.bfloat16, num_warps=num_warps(block),
+            **meta(x, y, cdt, given))
     return kl, stats_p, stats_q
 
 
@@ -892,6 +904,17 @@ def kl_divergence_backward(grad_kl: Tensor, logits: Tensor, ref_logits: Tensor,
         return _fdiv().kl_divergence_backward(grad_kl, logits, ref_logits, ignore_mask,
                                               stats_p, stats_q, kind, beta, temperature,
                                               need_ref_grad)
+    return pair_backward(_kl_bwd_kernel, grad_kl, logits, ref_logits, ignore_mask, stats_p,
+                         stats_q, kind, temperature, need_ref_grad,
+                         (*_beta_args(beta), *_jsd_args(beta)),
+                         lambda x: dict(PTX=x.is_cuda))
+
+
+def pair_backward(kernel, grad_kl, logits, ref_logits, ignore_mask, stats_p, stats_q, kind,
+                  temperature, need_ref_grad, scalars, meta):
+    """Launch a two-input row backward (``_kl_bwd_kernel``, and the f-divergences'):
+    ``(d logits, d ref_logits or None)``, contiguous, in the inputs' dtypes. ``scalars``: the
+    kind's runtime arguments after ``1 / T``; ``meta(x)``: the kernel's own constexprs."""
     vocab, n = logits.shape[-1], n_rows(logits)
     x, y = unit_stride(logits), unit_stride(ref_logits)
     cdt = compute_dtype(x.dtype)
@@ -905,17 +928,17 @@ def kl_divergence_backward(grad_kl: Tensor, logits: Tensor, ref_logits: Tensor,
     gw = grad_w if need_ref_grad else grad_z  # a dummy pointer, never written
     block = block_v(vocab, x.dtype)
     with device_guard(x):
-        _kl_bwd_kernel[(n,)](
+        kernel[(n,)](
             grad_kl, grad_kl.stride(0), x, *row_layout(x), y, *row_layout(y),
             mask, mask.stride(0) if has_mask else 0,
             stats_p, stats_p.stride(0), stats_p.stride(1),
             stats_q, stats_q.stride(0), stats_q.stride(1),
             grad_z, vocab, gw, vocab,  # both contiguous
-            vocab, *split(1.0 / temperature), *_beta_args(beta), *_jsd_args(beta),
+            vocab, *split(1.0 / temperature), *scalars,
             KIND=_KINDS[kind], HAS_MASK=has_mask, NEED_W=bool(need_ref_grad),
             IS_FP64=cdt == torch.float64, CDT=tl_compute_dtype(cdt), BLOCK_V=block,
-            FAST_BF16=fast_bf16(x) and y.dtype == torch.bfloat16, PTX=x.is_cuda,
-            num_warps=num_warps(block))
+            FAST_BF16=fast_bf16(x) and y.dtype == torch.bfloat16, num_warps=num_warps(block),
+            **meta(x))
     return grad_z, grad_w
 
 
