@@ -433,10 +433,10 @@ def kl_divergence_partial_forward(logits: Tensor, ref_logits: Tensor,
 
 
 def _forward(logits, ref_logits, ignore_mask, given_p, given_q, kind, beta, temperature):
-    from .vocab import pair_forward  # (vocab imports this module lazily: no cycle at import)
-    return pair_forward(_fdiv_fwd_kernel, logits, ref_logits, ignore_mask, given_p, given_q,
-                        kind, temperature, _alpha_args(kind, beta),
-                        lambda x, y, cdt, given: dict(U_IS_P=kind != "alpha" or beta >= 0.5))
+    from .vocab import _pair_forward  # (vocab imports this module lazily: no cycle at import)
+    return _pair_forward(_fdiv_fwd_kernel, logits, ref_logits, ignore_mask, given_p, given_q,
+                         kind, temperature, _alpha_args(kind, beta),
+                         lambda x, y, cdt, given: dict(U_IS_P=kind != "alpha" or beta >= 0.5))
 
 
 def kl_divergence_backward(grad_kl: Tensor, logits: Tensor, ref_logits: Tensor,
@@ -446,10 +446,10 @@ def kl_divergence_backward(grad_kl: Tensor, logits: Tensor, ref_logits: Tensor,
     """Gradients w.r.t. ``logits`` and (if ``need_ref_grad``) ``ref_logits``, in their dtypes,
     one pass over the row pair (formulas: the reference's ``_fdiv_terms``); ``ignore_mask``
     rows receive exactly 0. The gradients are contiguous, of the inputs' shapes."""
-    from .vocab import pair_backward
-    return pair_backward(_fdiv_bwd_kernel, grad_kl, logits, ref_logits, ignore_mask, stats_p,
-                         stats_q, kind, temperature, need_ref_grad,
-                         _alpha_args(kind, beta, inverses=True), lambda x: {})
+    from .vocab import _pair_backward
+    return _pair_backward(_fdiv_bwd_kernel, grad_kl, logits, ref_logits, ignore_mask, stats_p,
+                          stats_q, kind, temperature, need_ref_grad,
+                          _alpha_args(kind, beta, inverses=True), lambda x: {})
 
 
 __all__ = ["kl_divergence_forward", "kl_divergence_partial_forward", "kl_divergence_backward"]

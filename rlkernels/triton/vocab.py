@@ -857,12 +857,12 @@ def _kl_forward(logits, ref_logits, ignore_mask, given_p, given_q, kind, beta, t
                     and cdt != torch.float64, PTX=x.is_cuda,
                     PAIR_BLOCKS=x.element_size() == 2 and y.element_size() == 2)
 
-    return pair_forward(_kl_fwd_kernel, logits, ref_logits, ignore_mask, given_p, given_q,
-                        kind, temperature, (*_beta_args(beta), *_jsd_args(beta)), meta)
+    return _pair_forward(_kl_fwd_kernel, logits, ref_logits, ignore_mask, given_p, given_q,
+                         kind, temperature, (*_beta_args(beta), *_jsd_args(beta)), meta)
 
 
-def pair_forward(kernel, logits, ref_logits, ignore_mask, given_p, given_q, kind, temperature,
-                 scalars, meta):
+def _pair_forward(kernel, logits, ref_logits, ignore_mask, given_p, given_q, kind, temperature,
+                  scalars, meta):
     """Launch a two-input row forward (``_kl_fwd_kernel``, and the f-divergences' of
     :mod:`rlkernels.triton._divergence`): ``(kl [N], stats_p [N, 3], stats_q [N, 3])``.
     ``scalars``: the kind's runtime arguments after ``LOG2E / T``; ``meta(x, y, cdt, given)``:
@@ -904,14 +904,14 @@ def kl_divergence_backward(grad_kl: Tensor, logits: Tensor, ref_logits: Tensor,
         return _fdiv().kl_divergence_backward(grad_kl, logits, ref_logits, ignore_mask,
                                               stats_p, stats_q, kind, beta, temperature,
                                               need_ref_grad)
-    return pair_backward(_kl_bwd_kernel, grad_kl, logits, ref_logits, ignore_mask, stats_p,
-                         stats_q, kind, temperature, need_ref_grad,
-                         (*_beta_args(beta), *_jsd_args(beta)),
-                         lambda x: dict(PTX=x.is_cuda))
+    return _pair_backward(_kl_bwd_kernel, grad_kl, logits, ref_logits, ignore_mask, stats_p,
+                          stats_q, kind, temperature, need_ref_grad,
+                          (*_beta_args(beta), *_jsd_args(beta)),
+                          lambda x: dict(PTX=x.is_cuda))
 
 
-def pair_backward(kernel, grad_kl, logits, ref_logits, ignore_mask, stats_p, stats_q, kind,
-                  temperature, need_ref_grad, scalars, meta):
+def _pair_backward(kernel, grad_kl, logits, ref_logits, ignore_mask, stats_p, stats_q, kind,
+                   temperature, need_ref_grad, scalars, meta):
     """Launch a two-input row backward (``_kl_bwd_kernel``, and the f-divergences'):
     ``(d logits, d ref_logits or None)``, contiguous, in the inputs' dtypes. ``scalars``: the
     kind's runtime arguments after ``1 / T``; ``meta(x)``: the kernel's own constexprs."""
