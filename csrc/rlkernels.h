@@ -115,10 +115,13 @@ void kl_divergence_backward(Rows grad_kl, Rows logits, Rows ref_logits, Rows ign
 // Conventions of vocab.cu. sparse_logprobs (mode kSparseFull or kSparseSupport) and sparse_kl
 // (mode kSparseKl); indices: int64 [n, k] (-1 = unused slot). Forward: out = log-probs [n, k]
 // or kl [n] (out.stride ignored); tail [n] (0 unless with_tail); stats [n, 3] =
-// (m, log1p(rest), 0); target: teacher log-probs [n, k] (kl only, accumulation type).
+// (m, log1p(rest), 0); target: teacher log-probs [n, k] (kl only, accumulation type);
+// carry: a 64-byte-per-row device workspace, needed with with_tail when vocab > 262144 (one
+// launch per 262144 columns, the row states carried between them), else 0.
 void sparse_forward(Rows logits, Matrix indices, Matrix target, Rows out, std::uintptr_t tail,
                     std::uintptr_t stats, int64_t n, int64_t vocab, int64_t k, int dtype,
-                    int mode, bool with_tail, double inv_temperature, std::uintptr_t stream);
+                    int mode, bool with_tail, double inv_temperature, std::uintptr_t carry,
+                    std::uintptr_t stream);
 
 // Backward: grad [n, vocab] (logits' dtype). sorted_ids / perm: int32 contiguous [n, k], each
 // row's ids sorted stably (unused and out-of-range ids as 2**31 - 1) and their slots.

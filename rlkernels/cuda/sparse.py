@@ -23,6 +23,7 @@ Tensor = torch.Tensor
 _MODES = {name: _codes.SPARSE_MODES[name] for name in ("full", "support")}  # sparse_logprobs
 _MODE_KL = _codes.SPARSE_MODES["kl"]  # sparse_kl
 _SENTINEL = 2 ** 31 - 1  # csrc/sparse.cu kSparseSentinel: the sorted id of an unused slot
+_SEG_COLS = 32 * 8192  # csrc/sparse.cu kSparseSegCols: the columns of one id bitmap
 
 
 def _indices(indices: Tensor, n: int, like: Tensor) -> Tuple[Tensor, int]:
@@ -64,12 +65,16 @@ def _sparse_forward(logits: Tensor, indices: Tensor, target: Optional[Tensor],
     stats = torch.empty(n, 3, dtype=cdt, device=x.device)
     if n == 0:
         return out, tail, stats
+    # the tail above one bitmap segment: one launch per segment, each row's state carried
+    # between them (64 bytes per row, csrc/sparse.cu SparseCarry)
+    carry = (torch.empty(n, 8, dtype=torch.float64, device=x.device)
+             if with_tail and vocab > _SEG_COLS else None)
     with torch.cuda.device(x.device):
         C.sparse_forward(logits=rows(C, x), indices=matrix(C, idx), target=matrix(C, tgt),
                          out=rows(C, out), tail=tail.data_ptr(), stats=stats.data_ptr(), n=n,
                          vocab=vocab, k=k, dtype=DTYPE_CODES[x.dtype], mode=mode,
                          with_tail=bool(with_tail), inv_temperature=1.0 / temperature,
-                         stream=stream_of(x))
+                         carry=ptr(carry), stream=stream_of(x))
     return out, tail, stats
 
 
