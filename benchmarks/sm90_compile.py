@@ -221,6 +221,17 @@ def sparse_cases(n: int, v: int, k: int, dtype: torch.dtype):
         for tail in (False, True):
             kl, t, st = K.sparse_kl_forward(x, idx, tgt, 0.7, tail)
             K.sparse_kl_backward(kl, x, idx, tgt, t, st, 0.7, tail)
+        # CSR supports (issue 21): K ids a row on average, as flat [nnz] arrays
+        ids, off = gpu(n * k, dtype=torch.int64), gpu(n + 1, dtype=torch.int64)
+        tgt1 = gpu(n * k, dtype=torch.float32)
+        for norm in ("full", "support"):
+            for tail in (False, True):
+                lp, t, st = K.sparse_logprobs_forward(x, ids, 0.7, norm, tail, off)
+                K.sparse_logprobs_backward(lp, t if tail else None, x, ids, lp, t, st, 0.7, norm,
+                                           off)
+        for tail in (False, True):
+            kl, t, st = K.sparse_kl_forward(x, ids, tgt1, 0.7, tail, off)
+            K.sparse_kl_backward(kl, x, ids, tgt1, t, st, 0.7, tail, off)
     return [(f"sparse N={n} V={v} K={k} {_dt(dtype)}", run)]
 
 

@@ -24,23 +24,72 @@ _FAMILY = "sparse"
 _NORMALIZE = ("full", "support")
 
 
+# ==================================================================== CSR supports (issue 21)
+
+def _check_csr(x_name: str, x: Tensor, indices, offsets, vocab: int) -> Tensor:
+    """A CSR support as vLLM returns it: ``indices [nnz]`` (int32/int64, ids in ``[0, vocab)``
+    or -1) and ``offsets [N + 1]`` (int32/int64), ``N`` the rows of ``x`` (every leading dim
+    flattened); row ``r``'s ids are ``indices[offsets[r]:offsets[r + 1]]``. Shapes, dtypes
+    and devices without a host sync; the values (``offsets[0] == 0``, non-decreasing,
+    ``offsets[-1] == nnz``, the ids' range) where :func:`rlkernels._checks.data_checks`
+    allows (debug mode, plain CPU tensors). Returns ``offsets``."""
+    _checks.indices("indices", indices)
+    if indices.dim() != 1:
+        raise ValueError(f"indices: expected a 1-d tensor [nnz] of ids with offsets= (a CSR "
+                         f"support), got shape {tuple(indices.shape)}")
+    _checks.tensor("offsets", offsets, dtypes=_checks.INDEX_DTYPES)
+    n = x.numel() // x.shape[-1] if x.shape[-1] else math.prod(x.shape[:-1])
+    if offsets.dim() != 1 or offsets.shape[0] != n + 1:
+        raise ValueError(f"offsets: expected shape ({n + 1},) (N + 1 row offsets, N = {n} rows "
+                         f"of {x_name}), got {tuple(offsets.shape)}")
+    _checks.same_device(x_name, x, indices=indices, offsets=offsets)
+    if _checks.data_checks(offsets):
+        first, last = offsets[0], offsets[-1]
+        if bool(first != 0):
+            raise ValueError(f"offsets: expected offsets[0] == 0, got {int(first)}")
+        step = offsets[1:] < offsets[:-1]
+        if bool(step.any()):
+            r = int(step.nonzero()[0, 0])
+            raise ValueError(f"offsets: expected non-decreasing offsets, got offsets[{r}] = "
+                             f"{int(offsets[r])} > offsets[{r + 1}] = {int(offsets[r + 1])}")
+        if bool(last != indices.shape[0]):
+            raise ValueError(f"offsets: expected offsets[-1] == nnz = {indices.shape[0]} (the "
+                             f"length of indices), got {int(last)}")
+    if indices.numel() and _checks.data_checks(indices):
+        bad = (indices < -1) | (indices >= vocab)
+        if bool(bad.any()):
+            raise ValueError(f"indices: expected ids in [0, {vocab}) or -1 for an unused slot, "
+                             f"got {indices[bad][0].item()}")
+    return offsets
+
+
 # ========================================================================== sparse_logprobs
 
 SPARSE_LOGPROBS = Op(
     "sparse_logprobs(Tensor logits, Tensor indices, float temperature, str normalize, "
-    "bool with_tail, str backend) -> (logp, tail, stats)",
+    "bool with_tail, str backend, Tensor? offsets=None) -> (logp, tail, stats)",
     _FAMILY,
     fake=lambda a: (a.logits.new_empty(a.indices.shape, dtype=row_outputs(a.logits, 0)[0].dtype),
                     *row_outputs(a.logits, 0, 3)),
     differentiable=("logits",), nondiff=("stats",),
-    saved=("logits", "indices", "logp", "tail", "stats"),
+    saved=("logits", "indices", "logp", "tail", "stats", "offsets"),
     grad_if={"tail": lambda a: a.with_tail},
     backward=Backward(("grad_logp", "grad_tail", "logits", "indices", "logp", "tail", "stats",
-                       "temperature", "normalize"), grads=("logits",)))
+                       "temperature", "normalize", "offsets"), grads=("logits",)))
 
 
-def sparse_logprobs(logits: Tensor, indices: Tensor, *, temperature: float = 1.0,
-                    normalize: str = "full", return_tail: bool = False,
+def _support(x_name: str, x: Tensor, indices, offsets, vocab: int) -> Tensor:
+    """The checked ids as the kernels take them: ``[N, K]`` (padded) or ``[nnz]`` (CSR)."""
+    if offsets is None:
+        check_indices_for(x_name, x, indices, vocab)
+        return indices.reshape(-1, indices.shape[-1])
+    _check_csr(x_name, x, indices, offsets, vocab)
+    return indices
+
+
+def sparse_logprobs(logits: Tensor, indices: Tensor, *, offsets: Optional[Tensor] = None,
+                    temperature: float = 1.0, normalize: str = "full",
+                    return_tail: bool = False,
                     backend: Optional[str] = None) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Log-probabilities at ``K`` given vocabulary ids per row.
 
@@ -61,16 +110,23 @@ def sparse_logprobs(logits: Tensor, indices: Tensor, *, temperature: float = 1.0
 
     Shapes: ``logits [..., V]``, ``indices [..., K]`` int32/int64 -> ``[..., K]`` (and
     ``[...]``), fp32 (fp64 for fp64 logits). Differentiable w.r.t. ``logits``.
+
+    **CSR support** (as vLLM returns a sampler's kept set): with ``offsets [N + 1]``
+    (int32/int64, ``N = logits.numel() // V``, every leading dim flattened), ``indices`` is
+    ``[nnz]``, row ``r``'s ids being ``indices[offsets[r]:offsets[r + 1]]`` (rows of any
+    length, 0 included; ``-1`` is still an unused slot); the log-probs come back ``[nnz]``
+    at the ids' positions, the tail ``[...]``. A row without ids has a tail of 0 (all its
+    mass is outside). ``offsets[0] == 0``, non-decreasing, ``offsets[-1] == nnz`` are
+    checked in debug mode (:func:`rlkernels.set_debug`) and on CPU tensors.
     """
     _checks.logits("logits", logits)
-    check_indices_for("logits", logits, indices, logits.shape[-1])
+    ids = _support("logits", logits, indices, offsets, logits.shape[-1])
     t = _checks.positive("temperature", temperature)
     _checks.choice("normalize", normalize, _NORMALIZE)
     _checks.flag("return_tail", return_tail)
     name = SPARSE_LOGPROBS.resolve(backend, logits.device)
-    k = indices.shape[-1]
-    logp, tail, _ = SPARSE_LOGPROBS(rows_for(logits, name, _FAMILY), indices.reshape(-1, k), t,
-                                    normalize, return_tail, name)
+    logp, tail, _ = SPARSE_LOGPROBS(rows_for(logits, name, _FAMILY), ids, t, normalize,
+                                    return_tail, name, offsets)
     logp = logp.view(indices.shape)
     return (logp, tail.view(logits.shape[:-1])) if return_tail else logp
 
@@ -107,22 +163,22 @@ def sampling_support(logits: Tensor, *, top_k: Optional[int] = None,
 
 SPARSE_KL = Op(
     "sparse_kl(Tensor logits, Tensor indices, Tensor target_logprobs, float temperature, "
-    "bool with_tail, str backend) -> (kl, s_tail, stats)",
+    "bool with_tail, str backend, Tensor? offsets=None) -> (kl, s_tail, stats)",
     _FAMILY,
     fake=lambda a: row_outputs(a.logits, 0, 0, 3),
     differentiable=("logits",), nondiff=("s_tail", "stats"),
-    saved=("logits", "indices", "target_logprobs", "s_tail", "stats"),
+    saved=("logits", "indices", "target_logprobs", "s_tail", "stats", "offsets"),
     backward=Backward(("grad_kl", "logits", "indices", "target_logprobs", "s_tail", "stats",
-                       "temperature", "with_tail"), grads=("logits",)))
+                       "temperature", "with_tail", "offsets"), grads=("logits",)))
 
 
 _SPARSE_KL_KINDS = ("forward", "reverse", "jsd", "alpha", "tv")
 
 
 def sparse_kl(logits: Tensor, indices: Tensor, target_logprobs: Tensor, *,
-              kind: str = "forward", alpha: Optional[float] = None, beta: float = 0.5,
-              temperature: float = 1.0, tail: bool = True,
-              backend: Optional[str] = None) -> Tensor:
+              offsets: Optional[Tensor] = None, kind: str = "forward",
+              alpha: Optional[float] = None, beta: float = 0.5, temperature: float = 1.0,
+              tail: bool = True, backend: Optional[str] = None) -> Tensor:
     """A divergence between student and teacher over the teacher's top-K ids and a tail bucket.
 
     Buckets: the row's ``K`` slots and, with ``tail=True``, the rest of the vocabulary.
@@ -160,10 +216,12 @@ def sparse_kl(logits: Tensor, indices: Tensor, target_logprobs: Tensor, *,
 
     Shapes: ``logits [..., V]``, ``indices [..., K]``, ``target_logprobs [..., K]`` float ->
     ``[...]`` fp32 (fp64 for fp64 logits). Differentiable w.r.t. ``logits`` only (the teacher
-    is a constant).
+    is a constant). CSR support (:func:`sparse_logprobs`): ``offsets [N + 1]``, ``indices``
+    and ``target_logprobs [nnz]``; the buckets of a row are its segment's ids and the tail
+    (a row without ids: the tail bucket alone, ``t_tail = 1``, ``s_tail = 1``: 0).
     """
     _checks.logits("logits", logits)
-    check_indices_for("logits", logits, indices, logits.shape[-1])
+    ids = _support("logits", logits, indices, offsets, logits.shape[-1])
     _checks.tensor("target_logprobs", target_logprobs, dtypes=_checks.FLOAT_DTYPES)
     _checks.shape("target_logprobs", target_logprobs, indices.shape, "the shape of indices")
     _checks.same_device("logits", logits, target_logprobs=target_logprobs)
@@ -172,12 +230,14 @@ def sparse_kl(logits: Tensor, indices: Tensor, target_logprobs: Tensor, *,
     kind, weight = _alpha_kind(kind, alpha, beta)  # kl_divergence's alpha rules
     t = _checks.positive("temperature", temperature)
     _checks.flag("tail", tail)
-    k = indices.shape[-1]
     if kind != "forward":
+        if offsets is not None:
+            return _csr_bucket_kl(logits, indices, offsets, target_logprobs, kind, weight, t,
+                                  tail, backend)
         return _bucket_kl(logits, indices, target_logprobs, kind, weight, t, tail, backend)
     name = SPARSE_KL.resolve(backend, logits.device)
-    kl = SPARSE_KL(rows_for(logits, name, _FAMILY), indices.reshape(-1, k),
-                   target_logprobs.reshape(-1, k), t, tail, name)[0]
+    kl = SPARSE_KL(rows_for(logits, name, _FAMILY), ids, target_logprobs.reshape(ids.shape), t,
+                   tail, name, offsets)[0]
     return kl.view(logits.shape[:-1])
 
 
@@ -198,6 +258,44 @@ def _bucket_kl(logits: Tensor, indices: Tensor, target_logprobs: Tensor, kind: s
         ls = torch.cat([ls, out[1].unsqueeze(-1)], dim=-1)
         lt = torch.cat([lt, t_tail.log().unsqueeze(-1)], dim=-1)
     return _bucket_divergence(ls, lt, kind, weight)
+
+
+def _csr_bucket_kl(logits: Tensor, indices: Tensor, offsets: Tensor, target_logprobs: Tensor,
+                   kind: str, weight: float, temperature: float, tail: bool,
+                   backend: Optional[str]) -> Tensor:
+    """:func:`_bucket_kl` of a CSR support: the per-bucket terms of every position (and of
+    every row's tail bucket), summed per row over its segment (``torch.segment_reduce``: one
+    ordered sum per row, differentiable, no host sync)."""
+    out = sparse_logprobs(logits, indices, offsets=offsets, temperature=temperature,
+                          normalize="full", return_tail=tail, backend=backend)
+    ls = out[0] if tail else out
+    lt = torch.where(indices >= 0, target_logprobs.to(ls.dtype), -math.inf).detach()
+    off = offsets.long()
+    # each position as a one-bucket row: the same per-bucket terms and gradients
+    value = torch.segment_reduce(_bucket_divergence(ls[:, None], lt[:, None], kind, weight),
+                                 "sum", offsets=off, unsafe=True)
+    if tail:
+        mass = torch.segment_reduce(lt.exp(), "sum", offsets=off, unsafe=True)
+        t_tail = (1.0 - mass).clamp_min(0.0)
+        t_tail = torch.where(_csr_covers(indices, off, logits.shape[-1]), 0.0, t_tail)
+        s_tail = out[1].reshape(-1)
+        value = value + _bucket_divergence(s_tail[:, None], t_tail.log()[:, None], kind, weight)
+    return value.view(logits.shape[:-1])
+
+
+def _csr_covers(indices: Tensor, offsets: Tensor, vocab: int) -> Tensor:
+    """Bool ``[N]``: the row's valid ids are every column (:func:`_covers` of a CSR support:
+    one sort of the flat ``(row, id)`` keys, the distinct ids counted per segment)."""
+    n, nnz = offsets.shape[0] - 1, indices.shape[0]
+    if nnz < vocab:  # no row can hold V ids (shapes only: no host sync)
+        return torch.zeros(n, dtype=torch.bool, device=indices.device)
+    pos = torch.arange(nnz, device=indices.device)
+    row = torch.searchsorted(offsets, pos, right=True) - 1
+    key = torch.sort(row * (vocab + 1) + torch.where(indices >= 0, indices.long(), vocab)).values
+    first = torch.ones_like(key, dtype=torch.bool)
+    first[1:] = key[1:] != key[:-1]
+    distinct = (first & (key % (vocab + 1) < vocab)).to(torch.int64)
+    return torch.segment_reduce(distinct, "sum", offsets=offsets, unsafe=True) == vocab
 
 
 def _covers(indices: Tensor, vocab: int) -> Tensor:

@@ -218,18 +218,28 @@ def linear_token_logprobs_backward(grad_logp: Optional[Tensor], grad_entropy: Op
 
 def linear_sparse_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                                    indices: Tensor, temperature: float, normalize: str,
-                                   with_tail: bool) -> Tuple[Tensor, Tensor, Tensor]:
+                                   with_tail: bool, offsets: Optional[Tensor] = None
+                                   ) -> Tuple[Tensor, Tensor, Tensor]:
     """``sparse_logprobs`` of the logits ``hidden @ weight^T + bias``, one row chunk at a
     time: ``(logp [N, K], tail [N], stats [N, 3])`` (see
-    :func:`rlkernels.reference.sparse.sparse_logprobs_forward`)."""
-    n, k = indices.shape
+    :func:`rlkernels.reference.sparse.sparse_logprobs_forward`). CSR (``offsets [N + 1]``):
+    ``logp [nnz]``; a chunk of rows ``r0 .. r1`` passes ``offsets[r0:r1 + 1]`` with the
+    whole ``indices`` and writes its positions of ``logp`` (absolute positions)."""
+    n = hidden.shape[0]
     cdt = compute_dtype(hidden.dtype)
-    outs = (hidden.new_empty(n, k, dtype=cdt), hidden.new_empty(n, dtype=cdt),
-            hidden.new_empty(n, 3, dtype=cdt))
+    # CSR: positions of no row (malformed offsets) stay -inf
+    logp = hidden.new_empty(indices.shape, dtype=cdt) if offsets is None else \
+        hidden.new_full(indices.shape, float("-inf"), dtype=cdt)
+    outs = (logp, hidden.new_empty(n, dtype=cdt), hidden.new_empty(n, 3, dtype=cdt))
     for rows, _, z in _logit_chunks(hidden, weight, bias, None):
-        chunk = _sparse.sparse_logprobs_forward(z, indices[rows], temperature, normalize,
-                                                with_tail)
-        for out, value in zip(outs, chunk):
+        if offsets is None:
+            chunk = _sparse.sparse_logprobs_forward(z, indices[rows], temperature, normalize,
+                                                    with_tail)
+        else:
+            chunk = _sparse.sparse_logprobs_forward(
+                z, indices, temperature, normalize, with_tail,
+                offsets[rows.start:rows.stop + 1], _out=outs[0])
+        for out, value in zip(outs[offsets is not None:], chunk[offsets is not None:]):
             out[rows] = value
     return outs
 
@@ -237,14 +247,21 @@ def linear_sparse_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Optiona
 def linear_sparse_logprobs_backward(grad_logp: Tensor, grad_tail: Optional[Tensor],
                                     hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                                     indices: Tensor, logp: Tensor, tail: Tensor, stats: Tensor,
-                                    temperature: float, normalize: str
+                                    temperature: float, normalize: str,
+                                    offsets: Optional[Tensor] = None
                                     ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """Gradients w.r.t. ``hidden``, ``weight`` and ``bias`` (``None`` without bias): ``d z``
     of :func:`rlkernels.reference.sparse.sparse_logprobs_backward` on each chunk's logits,
-    then the lm_head GEMMs of :func:`_head_grads`."""
+    then the lm_head GEMMs of :func:`_head_grads` (CSR: a chunk passes its offsets' view and
+    the whole flat ``indices``, ``grad_logp``, ``logp``)."""
     def chunk_grad(rows, z):
+        g_tail = None if grad_tail is None else grad_tail[rows]
+        if offsets is not None:
+            return _sparse.sparse_logprobs_backward(
+                grad_logp, g_tail, z, indices, logp, tail[rows], stats[rows], temperature,
+                normalize, offsets[rows.start:rows.stop + 1])
         return _sparse.sparse_logprobs_backward(
-            grad_logp[rows], None if grad_tail is None else grad_tail[rows], z, indices[rows],
+            grad_logp[rows], g_tail, z, indices[rows],
             logp[rows], tail[rows], stats[rows], temperature, normalize)
 
     return _head_grads(hidden, weight, bias, None, chunk_grad)

@@ -46,14 +46,22 @@ def _log_tail(z: Tensor, member: Tensor, stats: Tensor) -> Tensor:
 
 
 def sparse_logprobs_forward(logits: Tensor, indices: Tensor, temperature: float,
-                            normalize: str, with_tail: bool
+                            normalize: str, with_tail: bool, offsets: Optional[Tensor] = None,
+                            *, _out: Optional[Tensor] = None
                             ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Returns ``(logp [N, K], tail [N], stats [N, 3])``.
+    """Returns ``(logp [N, K], tail [N], stats [N, 3])`` (``logp [nnz]`` with ``offsets``).
 
     ``normalize="full"``: ``z_k - lse``; ``"support"``: ``z_k - logsumexp_{valid k} z_k``.
     Slots with id -1 give ``-inf``. ``tail`` (only when ``with_tail``) is the log of the
     full-vocabulary probability mass outside the valid ids, whatever ``normalize`` is.
+
+    CSR (``offsets [N + 1]``, ``indices [nnz]``): row ``r``'s ids are ``indices[offsets[r]:
+    offsets[r + 1]]`` (absolute positions); only those positions of ``logp`` are written
+    (``_out``: the ``[nnz]`` buffer to write them into).
     """
+    if offsets is not None:
+        return _csr_logprobs_forward(logits, indices, offsets, temperature, normalize,
+                                     with_tail, _out)
     n, vocab = logits.shape
     cdt = compute_dtype(logits.dtype)
     logp = logits.new_empty(indices.shape, dtype=cdt)
@@ -77,13 +85,18 @@ def sparse_logprobs_forward(logits: Tensor, indices: Tensor, temperature: float,
 
 def sparse_logprobs_backward(grad_logp: Tensor, grad_tail: Optional[Tensor], logits: Tensor,
                              indices: Tensor, logp: Tensor, tail: Tensor, stats: Tensor,
-                             temperature: float, normalize: str) -> Tensor:
+                             temperature: float, normalize: str,
+                             offsets: Optional[Tensor] = None) -> Tensor:
     """Gradient w.r.t. ``logits``.
 
     full:    ``scatter(g_k) - p sum_k g_k``
     support: ``scatter(g_k - s_k sum_k g_k)`` with ``s_k = exp(logp_k)`` (support softmax)
     tail:    ``g_tail (1[j outside] q_j - p_j)``, ``q = softmax over the columns outside``.
+    (the sums over ``k`` run over the row's ids: its slots, or its CSR segment)
     """
+    if offsets is not None:
+        return _csr_logprobs_backward(grad_logp, grad_tail, logits, indices, logp, tail, stats,
+                                      temperature, normalize, offsets)
     n, vocab = logits.shape
     cdt = compute_dtype(logits.dtype)
     grad = torch.empty_like(logits)
@@ -112,13 +125,17 @@ def sparse_logprobs_backward(grad_logp: Tensor, grad_tail: Optional[Tensor], log
 # -------------------------------------------------------------------------------- sparse KL
 
 def sparse_kl_forward(logits: Tensor, indices: Tensor, target_logprobs: Tensor,
-                      temperature: float, with_tail: bool) -> Tuple[Tensor, Tensor, Tensor]:
+                      temperature: float, with_tail: bool, offsets: Optional[Tensor] = None
+                      ) -> Tuple[Tensor, Tensor, Tensor]:
     """Returns ``(kl [N], student log tail [N], stats [N, 3])``.
 
     ``sum_k t_k (log t_k - log s_k) [+ t_tail (log t_tail - log s_tail)]`` with
     ``t_tail = max(1 - sum_k t_k, 0)``, ``s_tail`` the student mass outside the ids, and
-    ``0 log 0 = 0``.
+    ``0 log 0 = 0``. CSR: ``offsets [N + 1]``, ``indices`` and ``target_logprobs [nnz]``.
     """
+    if offsets is not None:
+        return _csr_kl_forward(logits, indices, target_logprobs, temperature, with_tail,
+                               offsets)
     n, vocab = logits.shape
     cdt = compute_dtype(logits.dtype)
     kl = logits.new_empty(n, dtype=cdt)
@@ -147,9 +164,13 @@ def sparse_kl_forward(logits: Tensor, indices: Tensor, target_logprobs: Tensor,
 
 def sparse_kl_backward(grad_kl: Tensor, logits: Tensor, indices: Tensor,
                        target_logprobs: Tensor, s_tail: Tensor, stats: Tensor,
-                       temperature: float, with_tail: bool) -> Tensor:
+                       temperature: float, with_tail: bool,
+                       offsets: Optional[Tensor] = None) -> Tensor:
     """Gradient w.r.t. ``logits``:
     ``g (p (sum_k t_k + t_tail) - scatter(t_k) - t_tail 1[j outside] q_j)``."""
+    if offsets is not None:
+        return _csr_kl_backward(grad_kl, logits, indices, target_logprobs, s_tail, stats,
+                                temperature, with_tail, offsets)
     n, vocab = logits.shape
     cdt = compute_dtype(logits.dtype)
     grad = torch.empty_like(logits)
@@ -167,6 +188,164 @@ def sparse_kl_backward(grad_kl: Tensor, logits: Tensor, indices: Tensor,
             member = _membership(z, idx, valid)
             t_tail = (1.0 - mass).clamp_min(0.0)
             t_tail = torch.where(member.all(-1, keepdim=True), 0.0, t_tail)  # as in forward
+            outside = ~member & (z > -math.inf)
+            q = torch.where(outside, torch.exp(zs - log_s - s_tail[rows, None]), 0.0)
+            g -= t_tail * q
+            mass = mass + t_tail
+        g += p * mass
+        g = g * g_row
+        grad[rows] = g / temperature if temperature != 1.0 else g
+    return grad
+
+
+# ------------------------------------------------------------------------------ CSR supports
+#
+# Row r's ids are indices[offsets[r]:offsets[r + 1]] of a flat [nnz] array (vLLM's form).
+# Every position gets its row from offsets (one searchsorted, no host sync); per-row sums are
+# segment sums over offsets (torch.segment_reduce: one ordered sum per row, deterministic on
+# every device), the membership bitmap a scatter at (row, id). Each row chunk looks at every position and keeps those of its rows (O(nnz) per
+# chunk: a reference, not a kernel). Positions outside offsets[0] .. offsets[-1] belong to no
+# row: their outputs are left as they are (a view of a larger CSR describes a chunk of rows).
+
+def _csr_rows(offsets: Tensor, nnz: int) -> Tensor:
+    """Row of each position ``0 .. nnz - 1``: ``r`` with ``offsets[r] <= p < offsets[r + 1]``
+    (-1 before ``offsets[0]``, ``N`` from ``offsets[-1]`` on)."""
+    pos = torch.arange(nnz, device=offsets.device, dtype=torch.int64)
+    return torch.searchsorted(offsets.long(), pos, right=True) - 1
+
+
+def _csr_chunk(indices: Tensor, prow: Tensor, rows: slice
+               ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(local row, id, valid, in chunk)`` per position for the row chunk ``rows``: ids
+    of unused slots (-1) and of positions outside the chunk are sent to column 0 of local
+    row 0, with ``valid`` False."""
+    inc = (prow >= rows.start) & (prow < rows.stop)
+    lr = torch.where(inc, prow - rows.start, 0)
+    idx = indices.long()
+    valid = inc & (idx >= 0)
+    return lr, torch.where(valid, idx, 0), valid, inc
+
+
+def _seg_sum(x: Tensor, valid: Tensor, offsets: Tensor, rows: slice) -> Tensor:
+    """Per row of the chunk ``rows``, the sum of ``x`` over its valid positions."""
+    x = torch.where(valid, x, 0.0)
+    return torch.segment_reduce(x, "sum", offsets=offsets, unsafe=True)[rows]
+
+
+def _csr_membership(z: Tensor, lr: Tensor, idx: Tensor, valid: Tensor) -> Tensor:
+    """Bool ``[rows, V]`` as :func:`_membership`, from the chunk's CSR positions."""
+    member = torch.zeros(z.numel(), dtype=torch.int8, device=z.device)
+    member.scatter_reduce_(0, lr * z.shape[1] + idx, valid.to(torch.int8), reduce="amax")
+    return member.view(z.shape).bool()
+
+
+def _csr_logprobs_forward(logits: Tensor, indices: Tensor, offsets: Tensor,
+                          temperature: float, normalize: str, with_tail: bool,
+                          out: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    n, vocab = logits.shape
+    cdt = compute_dtype(logits.dtype)
+    logp = logits.new_full(indices.shape, -math.inf, dtype=cdt) if out is None else out
+    tail = logits.new_zeros(n, dtype=cdt)
+    stats = logits.new_empty(n, 3, dtype=cdt)
+    prow = _csr_rows(offsets, indices.shape[0])
+    for rows in row_chunks(n, vocab):
+        z = _scaled(logits, rows, temperature)
+        lr, idx, valid, inc = _csr_chunk(indices, prow, rows)
+        st = stats[rows] = _row_stats(z)
+        z_k = z[lr, idx].masked_fill(~valid, -math.inf)
+        if normalize == "full":
+            zs_k, log_s = _shifted(z_k[:, None], st[lr])  # per position: its row's (m, log s)
+            values = (zs_k - log_s)[:, 0]
+        else:  # logsumexp over the row's valid ids: the segment max, then a segment sum
+            mk = torch.segment_reduce(z_k, "max", offsets=offsets, unsafe=True)[rows]
+            mk = torch.where(mk == -math.inf, 0.0, mk)
+            lse = mk + torch.log(_seg_sum(torch.exp(z_k - mk[lr]), valid, offsets, rows))
+            values = z_k - lse[lr]
+        logp.copy_(torch.where(inc, torch.where(valid, values, -math.inf), logp))
+        if with_tail:
+            tail[rows] = _log_tail(z, _csr_membership(z, lr, idx, valid), st)
+    return logp, tail, stats
+
+
+def _csr_logprobs_backward(grad_logp: Tensor, grad_tail: Optional[Tensor], logits: Tensor,
+                           indices: Tensor, logp: Tensor, tail: Tensor, stats: Tensor,
+                           temperature: float, normalize: str, offsets: Tensor) -> Tensor:
+    n, vocab = logits.shape
+    cdt = compute_dtype(logits.dtype)
+    grad = torch.empty_like(logits)
+    prow = _csr_rows(offsets, indices.shape[0])
+    for rows in row_chunks(n, vocab):
+        z = _scaled(logits, rows, temperature)
+        lr, idx, valid, _ = _csr_chunk(indices, prow, rows)
+        g_k = torch.where(valid, grad_logp.to(cdt), 0.0)
+        zs, log_s = _shifted(z, stats[rows])
+        p = torch.exp(zs - log_s)
+        g = torch.zeros_like(z)
+        total = _seg_sum(g_k, valid, offsets, rows)
+        if normalize == "full":
+            g -= p * total[:, None]
+        else:
+            s_k = torch.where(valid, torch.exp(logp.to(cdt)), 0.0)
+            g_k = g_k - s_k * total[lr]
+        g.view(-1).index_add_(0, lr * vocab + idx, torch.where(valid, g_k, 0.0))
+        if grad_tail is not None:
+            g_t = grad_tail[rows].to(cdt)[:, None]
+            outside = ~_csr_membership(z, lr, idx, valid) & (z > -math.inf)
+            q = torch.where(outside, torch.exp(zs - log_s - tail[rows, None]), 0.0)
+            g += g_t * (q - p)
+        grad[rows] = g / temperature if temperature != 1.0 else g
+    return grad
+
+
+def _csr_kl_forward(logits: Tensor, indices: Tensor, target_logprobs: Tensor,
+                    temperature: float, with_tail: bool, offsets: Tensor
+                    ) -> Tuple[Tensor, Tensor, Tensor]:
+    n, vocab = logits.shape
+    cdt = compute_dtype(logits.dtype)
+    kl = logits.new_empty(n, dtype=cdt)
+    s_tail = logits.new_zeros(n, dtype=cdt)
+    stats = logits.new_empty(n, 3, dtype=cdt)
+    prow = _csr_rows(offsets, indices.shape[0])
+    for rows in row_chunks(n, vocab):
+        z = _scaled(logits, rows, temperature)
+        lr, idx, valid, _ = _csr_chunk(indices, prow, rows)
+        st = stats[rows] = _row_stats(z)
+        t_log = target_logprobs.to(cdt)
+        t = torch.where(valid, torch.exp(t_log), 0.0)
+        zs_k, log_s = _shifted(z[lr, idx][:, None], st[lr])
+        s_log = (zs_k - log_s)[:, 0]
+        value = _seg_sum(_xlogy0(t, t_log - s_log), valid, offsets, rows)
+        if with_tail:
+            member = _csr_membership(z, lr, idx, valid)
+            s_tail[rows] = _log_tail(z, member, st)
+            t_tail = (1.0 - _seg_sum(t, valid, offsets, rows)).clamp_min(0.0)
+            t_tail = torch.where(member.all(-1), 0.0, t_tail)  # as the padded form
+            value = value + _xlogy0(t_tail, torch.log(t_tail) - s_tail[rows])
+        kl[rows] = value
+    return kl, s_tail, stats
+
+
+def _csr_kl_backward(grad_kl: Tensor, logits: Tensor, indices: Tensor,
+                     target_logprobs: Tensor, s_tail: Tensor, stats: Tensor,
+                     temperature: float, with_tail: bool, offsets: Tensor) -> Tensor:
+    n, vocab = logits.shape
+    cdt = compute_dtype(logits.dtype)
+    grad = torch.empty_like(logits)
+    prow = _csr_rows(offsets, indices.shape[0])
+    for rows in row_chunks(n, vocab):
+        z = _scaled(logits, rows, temperature)
+        lr, idx, valid, _ = _csr_chunk(indices, prow, rows)
+        g_row = grad_kl[rows].to(cdt)[:, None]
+        t = torch.where(valid, torch.exp(target_logprobs.to(cdt)), 0.0)
+        zs, log_s = _shifted(z, stats[rows])
+        p = torch.exp(zs - log_s)
+        mass = _seg_sum(t, valid, offsets, rows)[:, None]
+        g = torch.zeros_like(z)
+        g.view(-1).index_add_(0, lr * vocab + idx, -t)
+        if with_tail:
+            member = _csr_membership(z, lr, idx, valid)
+            t_tail = (1.0 - mass).clamp_min(0.0)
+            t_tail = torch.where(member.all(-1, keepdim=True), 0.0, t_tail)
             outside = ~member & (z > -math.inf)
             q = torch.where(outside, torch.exp(zs - log_s - s_tail[rows, None]), 0.0)
             g -= t_tail * q

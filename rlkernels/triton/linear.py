@@ -595,19 +595,11 @@ def _blocks(hidden: Tensor, vocab: int, dim: int, dz: bool = False,
     # free of register spills in benchmarks/sm90_compile.py (tuning: benchmarks/NOTES.md);
     # fp32 "ieee" dots keep their operands in registers, hence the shorter H chunk
     rounds = prec is not None and prec.round != 0  # operands rounded in registers
-    if hidden.dtype == torch.float32:
-        tensor_cores = rounds or (prec is not None and prec.fwd_dot == "tf32")
-        wide = not dz and not extras and tensor_cores
-        # d z on fp32 "ieee" dots: H chunks of 16 (32 spilled 8 B without the entropy
-        # gradient and the bias; 192-206 registers at 16)
-        chunk = 16 if dz and not tensor_cores else 32
-        return 128 if wide else 64, fit(vocab, 128), fit(dim, chunk), 8
-    if dz and hidden.dtype == torch.bfloat16:
-        return 128, fit(vocab, 128), fit(dim, 64), 8
-    if dz or extras:
-        return 64, fit(vocab, 128), fit(dim, 64), 8
-    # the forward on 16-bit inputs; rounded operands (fp16 on a bf16 head) take H chunks of
-    # 32 like fp32 (64 spills 12 B with a bias and the entropy)
+    if hidden.dtype == torch.float32:  # bf16-rounded, TF32 or 3xTF32 tensor cores
+        x3 = prec is not None and prec.fwd_dot == "tf32x3"
+        return 128, fit(vocab, 128), fit(dim, 16 if x3 else 32), 8
+    # 16-bit inputs; rounded operands (fp16 on a bf16 head) take H chunks of 32 like fp32
+    # (64 spills 12 B in the forward with a bias and the entropy)
     return 128, fit(vocab, 128), fit(dim, 32 if rounds else 64), 8
 
 
@@ -654,14 +646,15 @@ def _head_precision(dtype: torch.dtype, head_precision: Optional[str]) -> _Prec:
     CPU). ``"fp32"``: fp32 operands, "ieee" dots; bf16 / fp16 inputs are exact in fp32, so
     their forward dot keeps its operands (exact products, fp32 accumulation) and only ``d z``
     changes (fp32 instead of bf16). Accumulation is fp32 (fp64 for fp64 inputs) always."""
+    fp32_dot = "tf32x3" if dtype == torch.float32 else "ieee"  # fp32 operands' dot
     if head_precision is None:
-        return _Prec(0, "ieee", _dz_dtype(dtype))
+        return _Prec(0, fp32_dot, _dz_dtype(dtype))
     if head_precision not in HEAD_PRECISIONS:
         raise ValueError(f"head_precision: expected None or one of {HEAD_PRECISIONS}, got "
                          f"{head_precision!r}")
     if head_precision == "bf16":
         return _Prec(0 if dtype == torch.bfloat16 else 1, "ieee", torch.bfloat16)
-    fwd_dot = "tf32" if head_precision == "tf32" and dtype == torch.float32 else "ieee"
+    fwd_dot = "tf32" if head_precision == "tf32" and dtype == torch.float32 else fp32_dot
     return _Prec(2 if dtype == torch.float64 else 0, fwd_dot, torch.float32)
 
 
@@ -790,11 +783,9 @@ def _gemm_blocks(hidden: Tensor, cast: bool) -> Tuple[int, int, int, int, int]:
     if hidden.dtype == torch.float64:
         return 32, 32, 16, 4, 2
     # free of spills in benchmarks/sm90_compile.py (tuning: benchmarks/NOTES.md)
-    if cast:  # operands converted in registers (fp16 inputs, mixed d z / weight dtypes)
-        return 32, 64, 16, 4, 3
-    if hidden.dtype == torch.bfloat16:  # bf16 tensor cores
+    if hidden.dtype == torch.bfloat16 and not cast:  # bf16 tensor cores
         return 128, 128, 64, 8, 3
-    return 64, 64, 32, 4, 3  # fp32 "ieee" dots
+    return 128, 128, 32, 8, 3
 
 
 def _bwd_gemms(dz: Tensor, cnt: int, w_slice: Tensor, h: Tensor, tok: Tensor,
@@ -824,7 +815,7 @@ def _gemm_kmeta(h: Tensor, dzt: torch.dtype, prec: _Prec, head_precision: Option
     both_bf16 = prec.round == 1 or (dzt == h.dtype == torch.bfloat16)
     cast = (not h.is_cuda) or fp64 or (not both_bf16 and dzt != h.dtype)
     fp32_dot = not fp64 and not both_bf16
-    dot = "tf32" if head_precision == "tf32" and fp32_dot else "ieee"
+    dot = ("tf32" if head_precision == "tf32" else "tf32x3") if fp32_dot else "ieee"
     return dict(CAST=cast, ROUND=prec.round, DOT_PREC=dot)
 
 
@@ -1242,21 +1233,34 @@ def _logit_chunks(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
 
 def linear_sparse_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                                    indices: Tensor, temperature: float, normalize: str,
-                                   with_tail: bool, *, chunk_rows: Optional[int] = None
+                                   with_tail: bool, offsets: Optional[Tensor] = None, *,
+                                   chunk_rows: Optional[int] = None
                                    ) -> Tuple[Tensor, Tensor, Tensor]:
     """``(logp [N, K], tail [N], stats [N, 3])`` of ``sparse_logprobs`` on the logits
     ``hidden @ weight^T + bias``: per chunk of rows (:func:`_logit_chunks`, fp32 ``[C, V]``
-    logits, <= 512 MiB), the triton sparse kernels of :mod:`rlkernels.triton.sparse`."""
+    logits, <= 512 MiB), the triton sparse kernels of :mod:`rlkernels.triton.sparse`.
+    CSR (``offsets [N + 1]``, ``logp [nnz]``): a chunk of rows ``r0 .. r0 + cnt`` passes
+    ``offsets[r0:r0 + cnt + 1]`` and the whole ``indices`` / ``logp`` (absolute positions:
+    no host sync for the chunk's bounds); the tail's sorted ids are formed once for all rows."""
     from . import sparse as _sparse  # the sparse kernels run on each chunk of logits
 
-    n, k = indices.shape
+    n = hidden.shape[0]
     cdt = compute_dtype(hidden.dtype)
-    outs = (hidden.new_empty(n, k, dtype=cdt), hidden.new_empty(n, dtype=cdt),
+    outs = (hidden.new_empty(indices.shape, dtype=cdt), hidden.new_empty(n, dtype=cdt),
             hidden.new_empty(n, 3, dtype=cdt))
+    csr = offsets is not None
+    if csr and with_tail and n:
+        sid, words = _sparse._csr_lane_sorted_ids(indices, offsets, weight.shape[0],
+                                                  _sparse._default_block_v_fwd(weight.shape[0]))
     for r0, cnt, _, y in _logit_chunks(hidden, weight, bias, chunk_rows):
-        chunk = _sparse.sparse_logprobs_forward(y[:cnt], indices[r0:r0 + cnt], temperature,
-                                                normalize, with_tail)
-        for out, value in zip(outs, chunk):
+        if csr:
+            chunk = _sparse.sparse_logprobs_forward(
+                y[:cnt], indices, temperature, normalize, with_tail, offsets[r0:r0 + cnt + 1],
+                _out=outs[0], _prep=(sid, words[r0:r0 + cnt]) if with_tail else None)
+        else:
+            chunk = _sparse.sparse_logprobs_forward(y[:cnt], indices[r0:r0 + cnt],
+                                                    temperature, normalize, with_tail)
+        for out, value in zip(outs[csr:], chunk[csr:]):
             out[r0:r0 + cnt] = value
     return outs
 
@@ -1264,14 +1268,20 @@ def linear_sparse_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Optiona
 def linear_sparse_logprobs_backward(grad_logp: Tensor, grad_tail: Optional[Tensor],
                                     hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                                     indices: Tensor, logp: Tensor, tail: Tensor, stats: Tensor,
-                                    temperature: float, normalize: str, *,
+                                    temperature: float, normalize: str,
+                                    offsets: Optional[Tensor] = None, *,
                                     chunk_rows: Optional[int] = None
                                     ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """``(d hidden, d weight, d bias or None)``: per chunk, the logits again, ``d z`` from
     the triton sparse backward kernel (fp32 ``[C, V]``), then ``d hidden = d z W``, ``d W +=
     d z^T h``, ``d b += sum d z`` through ``torch.mm`` in fp32 (``d z`` is not rounded to the
-    inputs' precision; every GEMM has the same shape whatever N)."""
+    inputs' precision; every GEMM has the same shape whatever N). CSR: as the forward (the
+    sorted ids formed once, a chunk passes its view of ``offsets``)."""
     from . import sparse as _sparse
+
+    prep = None
+    if offsets is not None and hidden.shape[0]:
+        prep = _sparse._csr_sorted_segments(indices, offsets, weight.shape[0])
 
     n, dim = hidden.shape
     cdt = compute_dtype(hidden.dtype)
@@ -1284,9 +1294,15 @@ def linear_sparse_logprobs_backward(grad_logp: Tensor, grad_tail: Optional[Tenso
         rows = slice(r0, r0 + cnt)
         if dz is None:
             dz = torch.zeros_like(y)
-        dz[:cnt] = _sparse.sparse_logprobs_backward(
-            grad_logp[rows], None if grad_tail is None else grad_tail[rows], y[:cnt],
-            indices[rows], logp[rows], tail[rows], stats[rows], temperature, normalize)
+        g_tail = None if grad_tail is None else grad_tail[rows]
+        if prep is not None:
+            dz[:cnt] = _sparse.sparse_logprobs_backward(
+                grad_logp, g_tail, y[:cnt], indices, logp, tail[rows], stats[rows],
+                temperature, normalize, offsets[r0:r0 + cnt + 1], _prep=prep)
+        else:
+            dz[:cnt] = _sparse.sparse_logprobs_backward(
+                grad_logp[rows], g_tail, y[:cnt], indices[rows], logp[rows], tail[rows],
+                stats[rows], temperature, normalize)
         dz[cnt:] = 0
         grad_h[rows] = _mm(dz, weight, cdt)[:cnt]
         grad_w += _mm(dz.t(), hbuf, cdt)

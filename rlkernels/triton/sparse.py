@@ -290,7 +290,7 @@ def _log_tail(x_row, sid_row, words_row, K, V, m_l, r_l, lanes, c, m, log_s, inv
 @triton.jit
 def _sparse_fwd_kernel(
     x_ptr, inner_x, stride_x, stride_x1, V,
-    idx_ptr, stride_idx, K,
+    idx_ptr, stride_idx, K, off_ptr,
     sid_ptr, words_ptr,
     tgt_ptr, stride_tgt,
     out_ptr, stride_out, tail_ptr, stats_ptr,
@@ -298,10 +298,26 @@ def _sparse_fwd_kernel(
     MODE: tl.constexpr, WITH_TAIL: tl.constexpr, IS_FP64: tl.constexpr, CDT: tl.constexpr,
     NT: tl.constexpr,
     BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, KF: tl.constexpr, NW: tl.constexpr,
+    CSR: tl.constexpr,
 ):
     """``sid_ptr``, ``words_ptr``: the row's ids sorted by ``(id % BLOCK_V, id)`` and the
-    bitmap of their lanes (:func:`_lane_sorted_ids`, ``WITH_TAIL`` only)."""
+    bitmap of their lanes (:func:`_lane_sorted_ids`, ``WITH_TAIL`` only). ``CSR``: the
+    row's ids (and its sorted ids, targets, log-probs) are ``[off[row], off[row + 1])`` of
+    flat arrays (absolute positions); else ``K`` slots at ``row * stride``."""
     row = tl.program_id(0).to(tl.int64)
+    if CSR:
+        start = tl.load(off_ptr + row).to(tl.int64)
+        cnt = (tl.load(off_ptr + row + 1).to(tl.int64) - start).to(tl.int32)
+        idx_row = idx_ptr + start
+        sid_row = sid_ptr + start
+        tgt_row = tgt_ptr + start
+        out_row = out_ptr + start
+    else:
+        cnt = K
+        idx_row = idx_ptr + row * stride_idx
+        sid_row = sid_ptr + row * K
+        tgt_row = tgt_ptr + row * stride_tgt
+        out_row = out_ptr + row * stride_out
     x_row = x_ptr + row_offset(row, inner_x, stride_x, stride_x1)
     lanes = tl.arange(0, BLOCK_V)
     # log2(e) / T, from 1/T as it reaches the kernel (in fp32: exactly the fp32 product)
@@ -327,47 +343,42 @@ def _sparse_fwd_kernel(
     tl.store(stats_ptr + row * 3 + 2, tl.zeros([], CDT))
 
     if WITH_TAIL:
-        sid_row = sid_ptr + row * K
-        tail = _log_tail(x_row, sid_row, words_ptr + row * NW, K, V, m_l, r_l, lanes, c, m,
+        tail = _log_tail(x_row, sid_row, words_ptr + row * NW, cnt, V, m_l, r_l, lanes, c, m,
                          log_s, inv_t_hi, inv_t_lo, IS_FP64, CDT, NT, BLOCK_V, KF)
     else:
         tail = tl.zeros([], CDT)
     tl.store(tail_ptr + row, tail)
 
-    idx_row = idx_ptr + row * stride_idx
     if MODE == 0:  # full: (z_k - m) - log s
-        out_row = out_ptr + row * stride_out
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(0, cnt, BLOCK_K):
             koffs = k0 + tl.arange(0, BLOCK_K)
-            ids, valid, inr = _slot_ids(idx_row, koffs, K, V)
+            ids, valid, inr = _slot_ids(idx_row, koffs, cnt, V)
             zk = _scaled(x_row, ids, inr, inv_t_hi, inv_t_lo, IS_FP64, CDT)
             vals = tl.where(valid, (zk - m) - log_s, float("-inf"))
-            tl.store(out_row + koffs, vals, mask=koffs < K)
+            tl.store(out_row + koffs, vals, mask=koffs < cnt)
     elif MODE == 1:  # support: z_k - logsumexp over the valid slots, as (mk, log1p(rest))
-        out_row = out_ptr + row * stride_out
         klanes = tl.arange(0, BLOCK_K)
         mk = tl.full([], float("-inf"), CDT)
         rk = tl.zeros([], CDT)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(0, cnt, BLOCK_K):
             koffs = k0 + klanes
-            ids, valid, inr = _slot_ids(idx_row, koffs, K, V)
+            ids, valid, inr = _slot_ids(idx_row, koffs, cnt, V)
             zk = _scaled(x_row, ids, inr, inv_t_hi, inv_t_lo, IS_FP64, CDT)
             mk, rk, _s1, _sq, _new, _bi = online_block(zk, klanes, mk, rk, rk, rk, 0, False, False)
         # log1p: log s_k = (z_k - mk) - log1p(rest) keeps 1 - s_k exact on a peaked support
         log_sk = _log1p(rk, NT)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(0, cnt, BLOCK_K):
             koffs = k0 + klanes
-            ids, valid, inr = _slot_ids(idx_row, koffs, K, V)
+            ids, valid, inr = _slot_ids(idx_row, koffs, cnt, V)
             zk = _scaled(x_row, ids, inr, inv_t_hi, inv_t_lo, IS_FP64, CDT)
             vals = tl.where(valid, (zk - mk) - log_sk, float("-inf"))
-            tl.store(out_row + koffs, vals, mask=koffs < K)
+            tl.store(out_row + koffs, vals, mask=koffs < cnt)
     else:  # sparse KL: sum_k t_k (log t_k - log s_k) [+ the tail bucket]
-        tgt_row = tgt_ptr + row * stride_tgt
         kl = tl.zeros([], CDT)
         mass = tl.zeros([], CDT)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(0, cnt, BLOCK_K):
             koffs = k0 + tl.arange(0, BLOCK_K)
-            ids, valid, inr = _slot_ids(idx_row, koffs, K, V)
+            ids, valid, inr = _slot_ids(idx_row, koffs, cnt, V)
             zk = _scaled(x_row, ids, inr, inv_t_hi, inv_t_lo, IS_FP64, CDT)
             # unused slots' targets are never read (they may be NaN)
             t_log = tl.load(tgt_row + koffs, mask=valid, other=0.0).to(CDT)
@@ -378,7 +389,7 @@ def _sparse_fwd_kernel(
         if WITH_TAIL:
             t_tail = tl.maximum(1.0 - mass, 0.0)
             # ids covering every column: no tail bucket (1 - sum t is only rounding)
-            t_tail = tl.where(_n_distinct(sid_row, K, V, BLOCK_K) >= V, 0.0, t_tail)
+            t_tail = tl.where(_n_distinct(sid_row, cnt, V, BLOCK_K) >= V, 0.0, t_tail)
             kl += tl.where(t_tail > 0, t_tail * (tl.log(t_tail) - tail), 0.0)
         tl.store(out_ptr + row, kl)
 
@@ -388,25 +399,36 @@ def _sparse_fwd_kernel(
 @triton.jit
 def _sparse_bwd_kernel(
     x_ptr, inner_x, stride_x, stride_x1, V, grad_ptr, stride_grad,
-    idx_ptr, stride_idx, K,
+    idx_ptr, stride_idx, K, off_ptr,
     sid_ptr, perm_ptr, seg_ptr, stride_seg,
     gk_ptr, stride_gk, lp_ptr, stride_lp,
     tail_ptr, gtail_ptr, gkl_ptr, stats_ptr,
     inv_t_hi, inv_t_lo,
     MODE: tl.constexpr, WITH_TAIL: tl.constexpr, IS_FP64: tl.constexpr, CDT: tl.constexpr,
     NT: tl.constexpr,
-    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, KF: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, KF: tl.constexpr, CSR: tl.constexpr,
 ):
     """``gk_ptr``: ``grad_logp`` (MODE 0/1) or ``target_logprobs`` (MODE 2); ``lp_ptr``: the
     forward's log-probs (MODE 1). ``WITH_TAIL``: a tail gradient (MODE 0/1) or the tail bucket
-    (MODE 2)."""
+    (MODE 2). ``CSR``: the row's slots are ``[off[row], off[row + 1])`` of flat arrays, its
+    sorted ids there too, their slots (``perm``) relative to ``off[row]``."""
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row_offset(row, inner_x, stride_x, stride_x1)
     g_row_ptr = grad_ptr + row * stride_grad
-    idx_row = idx_ptr + row * stride_idx
-    gk_row = gk_ptr + row * stride_gk
-    sid_row = sid_ptr + row * K
-    perm_row = perm_ptr + row * K
+    if CSR:
+        start = tl.load(off_ptr + row).to(tl.int64)
+        K = (tl.load(off_ptr + row + 1).to(tl.int64) - start).to(tl.int32)
+        idx_row = idx_ptr + start
+        gk_row = gk_ptr + start
+        sid_row = sid_ptr + start
+        perm_row = perm_ptr + start
+        lp_row = lp_ptr + start
+    else:
+        idx_row = idx_ptr + row * stride_idx
+        gk_row = gk_ptr + row * stride_gk
+        sid_row = sid_ptr + row * K
+        perm_row = perm_ptr + row * K
+        lp_row = lp_ptr + row * stride_lp
     lanes = tl.arange(0, BLOCK_V)
     m = tl.load(stats_ptr + row * 3).to(CDT)
     m = tl.where(m == float("-inf"), 0.0, m)  # a row of only -inf: shifted by 0 (forward)
@@ -501,8 +523,7 @@ def _sparse_bwd_kernel(
                     v = tl.load(gk_row + pos, mask=m1, other=0.0).to(CDT)
                     if MODE == 1:
                         # support: g_k - s_k G = -g_k expm1(log s_k) - s_k (G - g_k)
-                        lpk = tl.load(lp_ptr + row * stride_lp + pos, mask=m1,
-                                      other=0.0).to(CDT)
+                        lpk = tl.load(lp_row + pos, mask=m1, other=0.0).to(CDT)
                         sk = tl.exp(lpk)
                         v = -v * _expm1(lpk, sk, NT) - sk * (total - v)
                     elif MODE == 2:
@@ -616,13 +637,85 @@ def _lane_sorted_ids(indices: Tensor, vocab: int, block_v: int) -> Tuple[Tensor,
     return sid.to(torch.int32).contiguous(), words
 
 
+# CSR supports (issue 21): row r's ids are indices[offsets[r]:offsets[r + 1]] of a flat [nnz]
+# array. The kernels read them at those absolute positions (a view offsets[r0:r0 + n + 1] of a
+# larger CSR describes rows r0 .. r0 + n); the per-row preprocessing below runs on the flat
+# array: a row per position (searchsorted, no host sync), then one sort of a combined
+# (row, key) int64 key, which keeps every row's ids inside its own segment.
+
+_CSR_BLOCK_K = 64  # ids a CSR row gathers at once: the row lengths are data, not looked at
+
+
+def _csr_rows(offsets: Tensor, nnz: int) -> Tensor:
+    """Row of each position ``0 .. nnz - 1`` (int64): -1 before ``offsets[0]``, ``N`` from
+    ``offsets[-1]`` on (positions of no row, kept in place by the sorts below)."""
+    pos = torch.arange(nnz, device=offsets.device, dtype=torch.int64)
+    return torch.searchsorted(offsets.long(), pos, right=True) - 1
+
+
+def _csr_sort(prow: Tensor, key: Tensor, span: int) -> Tuple[Tensor, Tensor]:
+    """``(sorted key, order)`` of the flat positions by ``(row, key)``, ``0 <= key <= span``:
+    each row's positions stay in its segment (``prow`` is non-decreasing), ties in order."""
+    return torch.sort(prow * (span + 1) + key, stable=True)
+
+
+def _csr_lane_sorted_ids(indices: Tensor, offsets: Tensor, vocab: int, block_v: int
+                         ) -> Tuple[Tensor, Tensor]:
+    """:func:`_lane_sorted_ids` of a CSR support: ``(sid int32 [nnz], words int64 [N, NW])``,
+    each row's segment of ``sid`` sorted by ``(id % block_v, id)`` (unused slots last, as
+    ``_SENTINEL``). The in-row key ``lane * n_blocks + block`` orders ``(lane, id)`` and is
+    ``< n_blocks * block_v``, which the unused slots get."""
+    n = offsets.shape[0] - 1
+    prow = _csr_rows(offsets, indices.shape[0])
+    n_blocks = triton.cdiv(vocab, block_v)
+    span = n_blocks * block_v
+    ids = indices.to(torch.int64)
+    ok = (ids >= 0) & (ids < vocab)
+    key = torch.where(ok, (ids % block_v) * n_blocks + ids // block_v, span)
+    key = _csr_sort(prow, key, span)[0] - prow * (span + 1)
+    valid = key < span
+    lane = torch.where(valid, key // n_blocks, 0)
+    sid = torch.where(valid, (key % n_blocks) * block_v + lane, _SENTINEL)
+    prev_lane = torch.cat([lane.new_full((1,), -1), lane[:-1]])
+    prev_row = torch.cat([prow.new_full((1,), -1), prow[:-1]])
+    owned = (prow >= 0) & (prow < n)
+    first = owned & valid & ((lane != prev_lane) | (prow != prev_row))  # one bit per lane
+    nw = max(block_v // 64, 1)
+    bits = torch.where(first, torch.bitwise_left_shift(torch.ones_like(lane), lane % 64), 0)
+    words = torch.zeros(n * nw, dtype=torch.int64, device=indices.device)
+    words.index_add_(0, torch.where(owned, prow * nw + lane // 64, 0), bits)  # integer: exact
+    return sid.to(torch.int32), words.view(n, nw)
+
+
+def _csr_sorted_segments(indices: Tensor, offsets: Tensor, vocab: int
+                         ) -> Tuple[Tensor, Tensor]:
+    """:func:`_sorted_segments` of a CSR support: ``(sid int32 [nnz], perm int32 [nnz])``,
+    each row's segment of ``sid`` sorted by id (unused slots last as ``_SENTINEL``, a
+    stable sort), ``perm`` the slot of each sorted position relative to its row's start."""
+    prow = _csr_rows(offsets, indices.shape[0])
+    ids = indices.to(torch.int64)
+    key = torch.where((ids >= 0) & (ids < vocab), ids, vocab)
+    skey, order = _csr_sort(prow, key, vocab)
+    key = skey - prow * (vocab + 1)
+    sid = torch.where(key < vocab, key, _SENTINEL).to(torch.int32)
+    start = offsets.long()[prow.clamp(0, offsets.shape[0] - 1)]
+    return sid, (order - start).to(torch.int32)
+
+
 def _forward(logits: Tensor, indices: Tensor, target: Optional[Tensor], temperature: float,
-             mode: int, with_tail: bool, block_v: Optional[int]
-             ) -> Tuple[Tensor, Tensor, Tensor]:
+             mode: int, with_tail: bool, block_v: Optional[int],
+             offsets: Optional[Tensor] = None, out: Optional[Tensor] = None,
+             prep: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """``offsets``: a CSR support (flat ``indices``, ``target`` and log-probs); ``out``: the
+    ``[nnz]`` log-prob buffer to write into (a chunk of a larger CSR); ``prep``: the CSR
+    tail's ``(sid, words)`` already formed for these rows (the linear head's chunks)."""
     vocab, n = logits.shape[-1], n_rows(logits)
-    k = indices.shape[1]
+    csr = offsets is not None
+    k = 0 if csr else indices.shape[1]
     cdt = compute_dtype(logits.dtype)
-    out = logits.new_empty((n,) if mode == _MODE_KL else (n, k), dtype=cdt)
+    if out is None:
+        out = logits.new_empty((n,) if mode == _MODE_KL else
+                               (indices.shape[0],) if csr else (n, k), dtype=cdt)
     tail = logits.new_zeros(n, dtype=cdt)
     stats = logits.new_zeros(n, 3, dtype=cdt)
     if n == 0:
@@ -630,21 +723,26 @@ def _forward(logits: Tensor, indices: Tensor, target: Optional[Tensor], temperat
     block_v = block_v or _default_block_v_fwd(vocab)
     logits = _rows2d(logits)
     indices = indices.contiguous()
-    if with_tail:
-        sid, words = _lane_sorted_ids(indices, vocab, block_v)
-    else:
+    if not with_tail:
         sid = words = indices  # unused
+    elif prep is not None:
+        sid, words = prep
+    elif csr:
+        sid, words = _csr_lane_sorted_ids(indices, offsets, vocab, block_v)
+    else:
+        sid, words = _lane_sorted_ids(indices, vocab, block_v)
     tgt = target.contiguous() if target is not None else out
+    block_k = _CSR_BLOCK_K if csr else _block_k(k)
     _sparse_fwd_kernel[(n,)](
         logits, *row_layout(logits), vocab,
-        indices, indices.stride(0), k,
+        indices, 1 if csr else indices.stride(0), k, offsets if csr else indices,
         sid, words,
-        tgt, tgt.stride(0) if target is not None else 0,
-        out, out.stride(0) if mode != _MODE_KL else 1, tail, stats,
+        tgt, tgt.stride(0) if target is not None and not csr else 0,
+        out, out.stride(0) if mode != _MODE_KL and not csr else 1, tail, stats,
         *split(1.0 / temperature),
         MODE=mode, WITH_TAIL=with_tail, IS_FP64=cdt == torch.float64,
         CDT=tl_compute_dtype(cdt), NT=_series_terms(logits.dtype), BLOCK_V=block_v,
-        BLOCK_K=_block_k(k), KF=min(_block_k(k), 64), NW=max(block_v // 64, 1),
+        BLOCK_K=block_k, KF=min(block_k, 64), NW=max(block_v // 64, 1), CSR=csr,
         num_warps=_num_warps(block_v))
     return out, tail, stats
 
@@ -652,36 +750,47 @@ def _forward(logits: Tensor, indices: Tensor, target: Optional[Tensor], temperat
 def _backward(logits: Tensor, indices: Tensor, gk: Optional[Tensor], lp: Optional[Tensor],
               tail: Optional[Tensor], g_tail: Optional[Tensor], g_kl: Optional[Tensor],
               stats: Tensor, temperature: float, mode: int, with_tail: bool,
-              block_v: Optional[int]) -> Tensor:
+              block_v: Optional[int], offsets: Optional[Tensor] = None,
+              out: Optional[Tensor] = None, prep: Optional[Tuple[Tensor, Tensor]] = None
+              ) -> Tensor:
+    """``offsets``: a CSR support; ``out``: the ``[N, V]`` buffer of the gradient;
+    ``prep``: the CSR ``(sid, perm)`` already formed (:func:`_csr_sorted_segments`)."""
     vocab, n = logits.shape[-1], n_rows(logits)
-    k = indices.shape[1]
+    csr = offsets is not None
+    k = 0 if csr else indices.shape[1]
     cdt = compute_dtype(logits.dtype)
-    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) \
+        if out is None else out
     if n == 0:
         return grad
     block_v = block_v or _default_block_v(vocab, logits.dtype)
     logits = _rows2d(logits)
     indices = indices.contiguous()
-    sid, perm, seg = _sorted_segments(indices, vocab, block_v)
+    if csr:
+        sid, perm = _csr_sorted_segments(indices, offsets, vocab) if prep is None else prep
+        seg = sid.view(1, -1)  # unused by the kernel
+    else:
+        sid, perm, seg = _sorted_segments(indices, vocab, block_v)
     if gk is None:  # no gradient reached the log-probs
-        gk = torch.zeros(n, k, dtype=cdt, device=logits.device)
+        gk = torch.zeros(indices.shape if csr else (n, k), dtype=cdt, device=logits.device)
     gk = gk.contiguous()
     lp = gk if lp is None else lp.contiguous()
     stats = stats.contiguous()
     tail = stats if tail is None else tail.contiguous()
     g_tail = stats if g_tail is None else g_tail.contiguous()
     g_kl = stats if g_kl is None else g_kl.contiguous()
+    block_k = _CSR_BLOCK_K if csr else _block_k(k)
     _sparse_bwd_kernel[(n,)](
         logits, *row_layout(logits), vocab, grad, vocab,  # grad: contiguous
-        indices, indices.stride(0), k,
+        indices, 1 if csr else indices.stride(0), k, offsets if csr else indices,
         sid, perm, seg, seg.stride(0),
-        gk, gk.stride(0), lp, lp.stride(0),
+        gk, 1 if csr else gk.stride(0), lp, 1 if csr else lp.stride(0),
         tail, g_tail, g_kl, stats,
         *split(1.0 / temperature),
         MODE=mode, WITH_TAIL=with_tail, IS_FP64=cdt == torch.float64,
         CDT=tl_compute_dtype(cdt), NT=_series_terms(logits.dtype), BLOCK_V=block_v,
-        BLOCK_K=_block_k(k),
-        KF=min(_block_k(k), 64),
+        BLOCK_K=block_k,
+        KF=min(block_k, 64), CSR=csr,
         num_warps=_num_warps(block_v))
     return grad
 
@@ -689,40 +798,51 @@ def _backward(logits: Tensor, indices: Tensor, gk: Optional[Tensor], lp: Optiona
 # ------------------------------------------------------------------ the backend's functions
 
 def sparse_logprobs_forward(logits: Tensor, indices: Tensor, temperature: float,
-                            normalize: str, with_tail: bool, *, block_v: Optional[int] = None
+                            normalize: str, with_tail: bool, offsets: Optional[Tensor] = None,
+                            *, block_v: Optional[int] = None, _out: Optional[Tensor] = None,
+                            _prep: Optional[Tuple[Tensor, Tensor]] = None
                             ) -> Tuple[Tensor, Tensor, Tensor]:
-    """``(logp [N, K], tail [N], stats [N, 3])``, as
-    :func:`rlkernels.reference.vocab.sparse_logprobs_forward`. ``block_v`` (a power of two)
-    overrides the column block, for tests."""
+    """``(logp [N, K], tail [N], stats [N, 3])`` (``logp [nnz]`` with a CSR ``offsets
+    [N + 1]``), as :func:`rlkernels.reference.sparse.sparse_logprobs_forward`. ``block_v``
+    (a power of two) overrides the column block, for tests. Private: ``_out`` (the ``[nnz]``
+    log-prob buffer a chunk of CSR rows writes into), ``_prep`` (their tail's sorted ids,
+    :func:`_csr_lane_sorted_ids`)."""
     mode = _MODE_FULL if normalize == "full" else _MODE_SUPPORT
-    return _forward(logits, indices, None, temperature, mode, with_tail, block_v)
+    return _forward(logits, indices, None, temperature, mode, with_tail, block_v, offsets,
+                    _out, _prep)
 
 
 def sparse_logprobs_backward(grad_logp: Optional[Tensor], grad_tail: Optional[Tensor],
                              logits: Tensor, indices: Tensor, logp: Tensor, tail: Tensor,
-                             stats: Tensor, temperature: float, normalize: str, *,
-                             block_v: Optional[int] = None) -> Tensor:
-    """Gradient w.r.t. ``logits``, as :func:`rlkernels.reference.vocab.sparse_logprobs_backward`
-    (``grad_tail=None``: no tail term)."""
+                             stats: Tensor, temperature: float, normalize: str,
+                             offsets: Optional[Tensor] = None, *,
+                             block_v: Optional[int] = None, _out: Optional[Tensor] = None,
+                             _prep: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
+    """Gradient w.r.t. ``logits``, as
+    :func:`rlkernels.reference.sparse.sparse_logprobs_backward` (``grad_tail=None``: no tail
+    term). Private: ``_out`` (the gradient's buffer), ``_prep`` (the CSR ``(sid, perm)``,
+    :func:`_csr_sorted_segments`)."""
     mode = _MODE_FULL if normalize == "full" else _MODE_SUPPORT
     return _backward(logits, indices, grad_logp, logp if mode == _MODE_SUPPORT else None,
                      tail, grad_tail, None, stats, temperature, mode, grad_tail is not None,
-                     block_v)
+                     block_v, offsets, _out, _prep)
 
 
 def sparse_kl_forward(logits: Tensor, indices: Tensor, target_logprobs: Tensor,
-                      temperature: float, with_tail: bool, *, block_v: Optional[int] = None
-                      ) -> Tuple[Tensor, Tensor, Tensor]:
+                      temperature: float, with_tail: bool, offsets: Optional[Tensor] = None,
+                      *, block_v: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """``(kl [N], student log tail [N], stats [N, 3])``, as
-    :func:`rlkernels.reference.vocab.sparse_kl_forward`."""
+    :func:`rlkernels.reference.sparse.sparse_kl_forward` (CSR: ``offsets [N + 1]``)."""
     return _forward(logits, indices, target_logprobs, temperature, _MODE_KL, with_tail,
-                    block_v)
+                    block_v, offsets)
 
 
 def sparse_kl_backward(grad_kl: Tensor, logits: Tensor, indices: Tensor,
                        target_logprobs: Tensor, s_tail: Tensor, stats: Tensor,
-                       temperature: float, with_tail: bool, *,
+                       temperature: float, with_tail: bool,
+                       offsets: Optional[Tensor] = None, *,
                        block_v: Optional[int] = None) -> Tensor:
-    """Gradient w.r.t. ``logits``, as :func:`rlkernels.reference.vocab.sparse_kl_backward`."""
+    """Gradient w.r.t. ``logits``, as :func:`rlkernels.reference.sparse.sparse_kl_backward`
+    (CSR: ``offsets [N + 1]``)."""
     return _backward(logits, indices, target_logprobs, None, s_tail, None, grad_kl, stats,
-                     temperature, _MODE_KL, with_tail, block_v)
+                     temperature, _MODE_KL, with_tail, block_v, offsets)

@@ -290,7 +290,28 @@ def _sparse_inf(inp):
     return (idx < 0) | torch.isinf(at)
 
 
+def _as_csr(idx: Tensor) -> Tuple[Tensor, Tensor]:
+    """The padded ``[..., K]`` ids as a CSR support (issue 21): every row's ``K`` slots (its
+    -1 slots kept) flat, ``offsets = K r`` in the ids' dtype; a ``[nnz]`` output views back
+    as ``[..., K]``, so the padded case's contract applies unchanged to the CSR code path
+    (ragged rows: tests/ops/test_sparse_csr.py)."""
+    k = idx.shape[-1]
+    n = idx.numel() // k if k else 0
+    return idx.reshape(-1), torch.arange(n + 1, dtype=idx.dtype, device=idx.device) * k
+
+
 def sparse_logprobs_cases() -> List[Case]:
+    def csr_full_tail(i, b):
+        ids, off = _as_csr(i["indices"])
+        lp, tail = rk.sparse_logprobs(i["logits"], ids, offsets=off, return_tail=True,
+                                      backend=b)
+        return lp.view(i["indices"].shape), tail
+
+    def csr_support(i, b):
+        ids, off = _as_csr(i["indices"])
+        return (rk.sparse_logprobs(i["logits"], ids, offsets=off, normalize="support",
+                                   temperature=0.8, backend=b).view(i["indices"].shape),)
+
     def full_tail(i, b):
         return tuple(rk.sparse_logprobs(i["logits"], i["indices"], return_tail=True, backend=b))
 
@@ -335,6 +356,11 @@ def sparse_logprobs_cases() -> List[Case]:
              floor=_vocab_floor("logits"), dtypes=(torch.float32,), **common),
         Case("sparse_logprobs", "full-tail-V50257-K16", _sparse_build(50257, 16), full_tail,
              pad=pad_full, floor=_vocab_floor("logits"), big=True, **common),
+        Case("sparse_logprobs", "csr-full-tail-V33-K4", _sparse_build(33, 4), csr_full_tail,
+             pad=pad_full, floor=_vocab_floor("logits"), **common),
+        Case("sparse_logprobs", "csr-support-T0.8-V7-K3", _sparse_build(7, 3), csr_support,
+             pad=pad_support, floor=_vocab_floor("logits", temperature=0.8),
+             **{**common, "rows_out": {0: 0}}),
     ]
 
 
@@ -358,8 +384,13 @@ def sparse_kl_cases() -> List[Case]:
                   rows_in={"logits": 0, "indices": 0, "target": 0}, rows_out={0: 0},
                   pad=pad)
 
-    def kind_call(kind, alpha=None, temperature=1.0, with_tail=True):
+    def kind_call(kind, alpha=None, temperature=1.0, with_tail=True, csr=False):
         def f(i, b):
+            if csr:  # issue 21: the same supports as CSR
+                ids, off = _as_csr(i["indices"])
+                return (rk.sparse_kl(i["logits"], ids, i["target"].reshape(ids.shape),
+                                     offsets=off, kind=kind, alpha=alpha,
+                                     temperature=temperature, tail=with_tail, backend=b),)
             return (rk.sparse_kl(i["logits"], i["indices"], i["target"], kind=kind,
                                  alpha=alpha, temperature=temperature, tail=with_tail,
                                  backend=b),)
@@ -390,6 +421,11 @@ def sparse_kl_cases() -> List[Case]:
              floor=scaled(_vocab_floor("logits", temperature=0.9), 1 + 1 / 0.21), **kinds),
         Case("sparse_kl", "tv-tail-V33-K4", _sparse_build(33, 4, targets=True),
              kind_call("tv"), floor=_vocab_floor("logits"), **kinds),
+        Case("sparse_kl", "csr-tail-V33-K4", _sparse_build(33, 4, targets=True),
+             kind_call("forward", csr=True), floor=_vocab_floor("logits"), **common),
+        Case("sparse_kl", "csr-alpha0.7-no-tail-T0.9-V7-K3", _sparse_build(7, 3, targets=True),
+             kind_call("alpha", alpha=0.7, temperature=0.9, with_tail=False, csr=True),
+             floor=scaled(_vocab_floor("logits", temperature=0.9), 1 + 1 / 0.21), **kinds),
     ]
 
 
@@ -959,6 +995,12 @@ def linear_sparse_logprobs_cases() -> List[Case]:
                                           bias=i["bias"], normalize="support",
                                           temperature=0.8, backend=b),)
 
+    def csr_full_tail(i, b):
+        ids, off = _as_csr(i["indices"])
+        lp, tail = rk.linear_sparse_logprobs(i["hidden"], i["weight"], ids, offsets=off,
+                                             bias=i["bias"], return_tail=True, backend=b)
+        return lp.view(i["indices"].shape), tail
+
     def pad(n_out):
         def f(inp):
             empty = (inp["indices"] < 0).all(-1)
@@ -975,6 +1017,8 @@ def linear_sparse_logprobs_cases() -> List[Case]:
              rows_out={0: 0, 1: 0}, pad=pad(2), compile=True, **common),
         Case("linear_sparse_logprobs", "support-T0.8-K4", _linear_sparse_build(4), support,
              rows_out={0: 0}, pad=pad(1), **common),
+        Case("linear_sparse_logprobs", "csr-full-tail-K5", _linear_sparse_build(5),
+             csr_full_tail, rows_out={0: 0, 1: 0}, pad=pad(2), **common),
     ]
 
 
