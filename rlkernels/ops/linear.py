@@ -19,10 +19,11 @@ from .. import _checks
 from .. import distributed as _dist
 from .._fused import fused_forward, fused_linear_gif, one_pass
 from .._policy_options import PolicyOptions
-from ._common import check_indices_for, check_tokens_for, out_dtype
+from ._common import check_tokens_for, out_dtype
 from ._policy_args import fused_policy_inputs, metrics_dict
 from ._table import Backward, GradInForward, Op, Parallel
 from .policy import grpo_outputs
+from .sparse import _support as _sparse_support
 
 Tensor = torch.Tensor
 _FAMILY = "linear"
@@ -216,19 +217,21 @@ def _linear_token_logprobs(hidden, weight, tokens, bias, t, ignore_index, return
 
 LINEAR_SPARSE_LOGPROBS = Op(
     "linear_sparse_logprobs(Tensor hidden, Tensor weight, Tensor? bias, Tensor indices, "
-    "float temperature, str normalize, bool with_tail, str backend) -> (logp, tail, stats)",
+    "float temperature, str normalize, bool with_tail, str backend, Tensor? offsets=None) "
+    "-> (logp, tail, stats)",
     _FAMILY, backends=_BACKENDS,
     fake=lambda a: (a.hidden.new_empty(a.indices.shape, dtype=out_dtype(a.hidden.dtype)),
                     *_row_outputs(a, 0, 3)),
     differentiable=_HEAD, nondiff=("stats",),
-    saved=_HEAD + ("indices", "logp", "tail", "stats"),
+    saved=_HEAD + ("indices", "logp", "tail", "stats", "offsets"),
     grad_if={"tail": lambda a: a.with_tail},
     backward=Backward(("grad_logp", "grad_tail") + _HEAD
-                      + ("indices", "logp", "tail", "stats", "temperature", "normalize"),
-                      grads=_HEAD))
+                      + ("indices", "logp", "tail", "stats", "temperature", "normalize",
+                         "offsets"), grads=_HEAD))
 
 
 def linear_sparse_logprobs(hidden: Tensor, weight: Tensor, indices: Tensor, *,
+                           offsets: Optional[Tensor] = None,
                            bias: Optional[Tensor] = None, temperature: float = 1.0,
                            normalize: str = "full", return_tail: bool = False,
                            backend: Optional[str] = None
@@ -248,19 +251,21 @@ def linear_sparse_logprobs(hidden: Tensor, weight: Tensor, indices: Tensor, *,
     ``indices [..., K]`` int32/int64 -> ``[..., K]`` (and ``[...]``), fp32 (fp64 for fp64).
     Differentiable w.r.t. ``hidden``, ``weight`` and ``bias`` (gradients in their dtype,
     accumulated in fp32).
+
+    CSR support (as :func:`sparse_logprobs`): ``offsets [N + 1]`` (``N`` the rows of
+    ``hidden``, every leading dim flattened) and ``indices [nnz]`` -> log-probs ``[nnz]``,
+    tail ``[...]``.
     """
     _check_linear(hidden, weight, bias)
-    check_indices_for("hidden", hidden, indices, weight.shape[0])
+    ids = _sparse_support("hidden", hidden, indices, offsets, weight.shape[0])
     t = _checks.positive("temperature", temperature)
     _checks.choice("normalize", normalize, ("full", "support"))
     _checks.flag("return_tail", return_tail)
     name = LINEAR_SPARSE_LOGPROBS.resolve(backend, hidden.device)
-    k = indices.shape[-1]
     logp, tail, _ = LINEAR_SPARSE_LOGPROBS(hidden.reshape(-1, hidden.shape[-1]), weight, bias,
-                                           indices.reshape(-1, k), t, normalize, return_tail,
-                                           name)
+                                           ids, t, normalize, return_tail, name, offsets)
     logp = logp.view(indices.shape)
-    return (logp, tail.view(indices.shape[:-1])) if return_tail else logp
+    return (logp, tail.view(hidden.shape[:-1])) if return_tail else logp
 
 
 # ==================================================== _linear_token_stats (private: the TRL head)
