@@ -979,9 +979,9 @@ def main(argv=None) -> int:
                     help="re-count the SASS of an earlier --dump instead of compiling")
     ap.add_argument("--cuda-source", type=Path, nargs="+",
                     default=[ROOT / "csrc" / "vocab.cu", ROOT / "csrc" / "sparse.cu",
-                             ROOT / "csrc" / "grpo.cu"],
-                    help="the .cu files to compile (default: the vocabulary, sparse and "
-                         "grpo_loss(grad_in_forward=True) ones)")
+                             ROOT / "csrc" / "grpo.cu", ROOT / "csrc" / "linear.cu"],
+                    help="the .cu files to compile (default: the vocabulary, sparse, "
+                         "grpo_loss(grad_in_forward=True) and lm_head d z ones)")
     ap.add_argument("--cuda-rev", help="compile csrc/ as of this git revision (a 'before')")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args(argv)

@@ -232,6 +232,16 @@ PYBIND11_MODULE(_C, m) {
         py::call_guard<py::gil_scoped_release>(),
         "Gradient of sparse_logprobs / sparse_kl w.r.t. the logits. See csrc/rlkernels.h.");
 
+  // ---- linear.cu ----
+  m.def("linear_dz", &rlk::linear_dz, py::arg("logits"), py::arg("grad_logp"),
+        py::arg("grad_entropy"), py::arg("tokens"), py::arg("stats"), py::arg("dz"),
+        py::arg("bias_partials"), py::arg("n_rows"), py::arg("n_live"), py::arg("cols"),
+        py::arg("v0"), py::arg("rows_per_block"), py::arg("dtype"), py::arg("dz_dtype"),
+        py::arg("inv_temperature"), py::arg("ignore_index"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>(),
+        "d z of one vocabulary slice of a chunk of logits (the fused lm_head's cuBLAS path) "
+        "and its per-row-block bias partials. See csrc/rlkernels.h.");
+
   // ---- advantage.cu ----
   m.def("group_advantages_forward", &rlk::group_advantages_forward, py::arg("rewards"),
         py::arg("perm"), py::arg("starts"), py::arg("out"), py::arg("workspace"), py::arg("b"),

@@ -134,6 +134,20 @@ void sparse_backward(Rows logits, Rows grad, Matrix indices, std::uintptr_t sort
                      int64_t vocab, int64_t k, int dtype, int mode, bool with_tail,
                      double inv_temperature, std::uintptr_t stream);
 
+// ---- linear.cu: the fused lm_head ops' cuBLAS path (rlkernels/cuda/linear.py) -----------
+// d z of one vocabulary slice of a chunk of logits: logits [n_rows, cols] (accumulation type,
+// dtype 0 or 3: the fp32 / fp64 GEMM output, bias included, columns v0 .. v0 + cols of the
+// vocabulary), tokens int64 [n_rows], stats [n_rows, 3] (token_logprobs_forward's),
+// grad_logp / grad_entropy [n_rows] (accumulation type; absent = no such term). Writes
+// dz [n_rows, cols] (unit column stride; dz_dtype 0 float32, 2 bfloat16, 3 float64 for
+// float64 logits); rows >= n_live, padding rows (ignore_index) and rows whose gradients are
+// both 0 get zeros. bias_partials (absent: none): row b = the column sums of d z over rows
+// [b * rows_per_block, (b + 1) * rows_per_block), accumulation type.
+void linear_dz(Rows logits, Rows grad_logp, Rows grad_entropy, Rows tokens, Matrix stats,
+               Rows dz, Rows bias_partials, int64_t n_rows, int64_t n_live, int64_t cols,
+               int64_t v0, int64_t rows_per_block, int dtype, int dz_dtype,
+               double inv_temperature, int64_t ignore_index, std::uintptr_t stream);
+
 // ---- advantage.cu -------------------------------------------------------------------------
 // out[b] (accumulation type) = advantages of rewards [b] (any float dtype).
 // Contiguous groups: perm = starts = 0, slots = b / group_size. group_index path: perm [b]

@@ -150,7 +150,8 @@ def test_implements_is_truthful_about_the_parallel_form(monkeypatch):
     assert not backends.implements("cuda", "kl_divergence", parallel=True)
     assert backends.implements("triton", "kl_divergence", parallel=True)
     assert backends.implements("cuda", "token_logprobs", parallel=True)
-    assert not backends.implements("cuda", "linear_token_logprobs")
+    assert backends.implements("cuda", "linear_token_logprobs", parallel=True)
+    assert not backends.implements("cuda", "linear_token_stats")  # the private TRL head
     assert not backends.implements("torch", "policy_loss", parallel=True)
     with pytest.raises(RuntimeError, match=r"backend 'cuda' has no implementation of "
                                            r"kl_divergence with a process_group"):

@@ -27,7 +27,9 @@ from .sparse import _support as _sparse_support
 
 Tensor = torch.Tensor
 _FAMILY = "linear"
-_BACKENDS = ("torch", "triton")
+_BACKENDS = ("torch", "triton", "cuda")
+# the private TRL head (pre-softmax map, extra statistics): no cuda kernels
+_STATS_BACKENDS = ("torch", "triton")
 _OPTIONS = {"options": (("modes", "nums"), PolicyOptions.decode)}
 _HEAD = ("hidden", "weight", "bias")
 
@@ -274,7 +276,7 @@ LINEAR_TOKEN_STATS = Op(
     "linear_token_stats(Tensor hidden, Tensor weight, Tensor? bias, Tensor tokens, float "
     "temperature, int ignore_index, bool with_entropy, float logit_scale, float? softcap, "
     "bool extras, str backend) -> (logp, entropy, stats, extra)",
-    _FAMILY, backends=_BACKENDS,
+    _FAMILY, backends=_STATS_BACKENDS,
     fake=lambda a: _row_outputs(a, 0, 0, 3, 3),
     differentiable=_HEAD, nondiff=("stats", "extra"), saved=_HEAD + ("tokens", "stats"),
     grad_if={"entropy": lambda a: a.with_entropy},
