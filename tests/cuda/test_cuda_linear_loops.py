@@ -309,3 +309,57 @@ def test_linear_dz_launcher(monkeypatch):
                                              rc.CODES["dtype"]["bfloat16"])
     cl._dz_slice(y, None, None, tok, st, dz, None, 0, 0, 1.0, -100)
     assert len(calls) == 1  # nothing live: no launch
+
+
+# ------------------------------------------ the triton kernels through the same chunk loops
+
+def test_triton_cublas_path_runs_on_the_shared_loops():
+    """rlkernels/_cublas_head.py is written so that the triton backend's cuBLAS path can run
+    on it unchanged: with the triton vocabulary forward and ``_dz_kernel`` (``FROM_LOGITS``)
+    passed in as the chunk kernels (interpreter here), the loops give the triton path's own
+    results (rlkernels/triton/linear.py ``_cublas_forward`` / ``_cublas_backward``): the
+    same bits for the log-probs, statistics, d hidden and d weight (d bias: its partials
+    are grouped per chunk here; checked against fp64)."""
+    pytest.importorskip("triton")
+    from rlkernels import _cublas_head as head
+    from rlkernels.triton import linear as tlin
+    from rlkernels.triton import vocab as tvocab
+    from rlkernels.triton._common import split, tl_compute_dtype
+
+    bn, bv = 16, 16  # the triton path's d z tile on CPU
+
+    def triton_dz(y, glp, gh, tok, stats, dz, dbp, n_live, v0, temperature, ignore_index):
+        if n_live == 0:
+            return
+        hi, lo = split(1.0 / temperature)
+        cnt = y.shape[1]
+        meta = dict(HAS_BIAS=dbp is not None, HAS_GLP=glp is not None,
+                    HAS_GH=gh is not None, UPCAST=False, IS_FP64=y.dtype == torch.float64,
+                    CDT=tl_compute_dtype(y.dtype), BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=16,
+                    GROUP=8, FROM_LOGITS=True, num_warps=4)
+        tlin._dz_kernel[(-(-n_live // bn) * -(-cnt // bv),)](
+            stats if glp is None else glp, stats if gh is None else gh, y, y.stride(0), y, 0,
+            y, tok, stats, stats.stride(0), stats.stride(1), dz, dz.stride(0),
+            dz if dbp is None else dbp, 0 if dbp is None else dbp.stride(0), n_live, 0, v0,
+            cnt, hi, lo, int(ignore_index), *tlin._map_args(1.0, None)[1], MAP=0, **meta)
+
+    n, v, h = 20, 37, 16
+    hid, w, b, tok = _inputs(n, v, h, torch.bfloat16, True)
+    fwd = head.token_forward(hid, w, b, tok, 0.8, -100, True, None, 8,
+                             vocab_forward=tvocab.token_logprobs_forward)
+    own = tlin._cublas_forward(hid, w, b, tok, 0.8, -100, True, None, 8)
+    for x, y in zip(fwd, own):
+        assert torch.equal(x, y)
+    glp = torch.randn(n, generator=torch.Generator().manual_seed(7))
+    gr = head.token_backward(glp, glp, hid, w, b, tok, fwd[2], 0.8, -100, None, 8, 16,
+                             2 * 16 * 8, dz_kernel=triton_dz, dz_block_rows=bn)
+    own = tlin._cublas_backward(glp, glp, hid, w, b, tok, fwd[2], 0.8, -100, None, 8, 16,
+                                2 * 16 * 8)
+    assert torch.equal(gr[0], own[0]) and torch.equal(gr[1], own[1])
+    # d bias against fp64: C = 8 is not a multiple of the d z tile's 16 rows, where the
+    # triton path's own partials (indexed r0 // 16) overlap; here they are per chunk
+    d = torch.float64
+    ref = ref_linear.linear_token_logprobs_backward(
+        glp.to(d), glp.to(d), hid.to(d).nan_to_num(0.0), w.to(d), b.to(d), tok,
+        fwd[2].to(d), 0.8, -100)[2]
+    torch.testing.assert_close(gr[2].to(d), ref, atol=_tol(gr[2], ref, 2.0 ** -8) * 4, rtol=0)
