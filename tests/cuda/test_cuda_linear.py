@@ -206,7 +206,8 @@ def _dz_reference(y, glp, gh, tok, stats, v0, t):
                                      (torch.float64, torch.bfloat16)])
 @pytest.mark.parametrize("width,v0", [(1024, 0), (1021, 8192), (7, 3)])
 @pytest.mark.parametrize("entropy", [False, True])
-def test_linear_dz_kernel(cdt, dzt, width, v0, entropy):
+@pytest.mark.parametrize("pad", [0, 3])
+def test_linear_dz_kernel(cdt, dzt, width, v0, entropy, pad):
     n, vocab, t = 70, 9300, 0.7
     g = torch.Generator().manual_seed(11)
     logits = torch.randn(n, vocab, generator=g, dtype=F64) * 3
@@ -224,17 +225,20 @@ def test_linear_dz_kernel(cdt, dzt, width, v0, entropy):
         gh[6] = 0.0
     logits[6, v0] = float("nan")        # zero gradients: exact zeros despite the NaN
     dev = lambda x: None if x is None else x.to(DEV)  # noqa: E731
-    buf = torch.empty(n, width + 3, dtype=cdt, device=DEV)  # row stride != width
-    y = buf[:, :width]
+    # pad 0: 16-byte aligned rows where the width allows (the vector loop); 3: misaligned
+    y = torch.empty(n, width + pad, dtype=cdt, device=DEV)[:, :width]
     y.copy_(logits[:, v0:v0 + width])
-    dz = torch.full((n, width + 5), 7.0, dtype=dzt, device=DEV)[:, :width]
+    dz = torch.full((n, width + pad), 7.0, dtype=dzt, device=DEV)[:, :width]
     dbp = torch.full((3, width), 7.0, dtype=cdt, device=DEV)
+    st = dev(stats).to(cdt)
+    glp_d, gh_d = dev(glp).to(cdt), None if gh is None else dev(gh).to(cdt)
     n_live = 66
-    cl._dz_slice(y, dev(glp).to(cdt), None if gh is None else dev(gh).to(cdt), dev(tok),
-                 dev(stats).to(cdt), dz, dbp, n_live, v0, t, -100)
-    want = _dz_reference(logits[:n_live, v0:v0 + width], glp[:n_live],
-                         None if gh is None else gh[:n_live], tok[:n_live],
-                         stats[:n_live], v0, t)
+    cl._dz_slice(y, glp_d, gh_d, dev(tok), st, dz, dbp, n_live, v0, t, -100)
+    # the reference on the kernel's own inputs (logits, stats and gradients in cdt)
+    want = _dz_reference(y[:n_live].cpu(), glp_d[:n_live].cpu(),
+                         None if gh is None else gh_d[:n_live].cpu(), tok[:n_live],
+                         st[:n_live].cpu(), v0, t)
+    want[6] = 0.0  # zero gradients: the kernel's exact zeros (the reference: 0 * NaN)
     got = dz[:n_live].double().cpu()
     eps = 2.0 ** -8 if dzt == torch.bfloat16 else torch.finfo(dzt).eps * 4
     tol = 2 * eps * want.abs().max().item() + 1e-7
