@@ -285,7 +285,7 @@ def _csr_bucket_kl(logits: Tensor, indices: Tensor, offsets: Tensor, target_logp
 
 def _csr_covers(indices: Tensor, offsets: Tensor, vocab: int) -> Tensor:
     """Bool ``[N]``: the row's valid ids are every column (:func:`_covers` of a CSR support:
-    one sort of the flat ``(row, id)`` keys, the distinct ids counted per segment)."""
+    one sort of the flat ``(row, id)`` keys, the distinct ids counted per row)."""
     n, nnz = offsets.shape[0] - 1, indices.shape[0]
     if nnz < vocab:  # no row can hold V ids (shapes only: no host sync)
         return torch.zeros(n, dtype=torch.bool, device=indices.device)
@@ -295,7 +295,8 @@ def _csr_covers(indices: Tensor, offsets: Tensor, vocab: int) -> Tensor:
     first = torch.ones_like(key, dtype=torch.bool)
     first[1:] = key[1:] != key[:-1]
     distinct = (first & (key % (vocab + 1) < vocab)).to(torch.int64)
-    return torch.segment_reduce(distinct, "sum", offsets=offsets, unsafe=True) == vocab
+    count = torch.zeros(n, dtype=torch.int64, device=indices.device)
+    return count.index_add_(0, row, distinct) == vocab  # integers: exact in any order
 
 
 def _covers(indices: Tensor, vocab: int) -> Tensor:
