@@ -683,7 +683,7 @@ def _csr_lane_sorted_ids(indices: Tensor, offsets: Tensor, vocab: int, block_v: 
     nw = max(block_v // 64, 1)
     bits = torch.where(first, torch.bitwise_left_shift(torch.ones_like(lane), lane % 64), 0)
     words = torch.zeros(n * nw, dtype=torch.int64, device=indices.device)
-    words.index_add_(0, torch.where(owned, prow * nw + lane // 64, 0), bits)  # integer: exact
+    words.scatter_add_(0, torch.where(owned, prow * nw + lane // 64, 0), bits)  # ints: exact
     return sid.to(torch.int32), words.view(n, nw)
 
 
