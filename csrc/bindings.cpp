@@ -220,7 +220,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("sparse_forward", &rlk::sparse_forward, py::arg("logits"), py::arg("indices"),
         py::arg("target"), py::arg("out"), py::arg("tail"), py::arg("stats"), py::arg("n"),
         py::arg("vocab"), py::arg("k"), py::arg("dtype"), py::arg("mode"),
-        py::arg("with_tail"), py::arg("inv_temperature"), py::arg("carry"), py::arg("stream"),
+        py::arg("with_tail"), py::arg("inv_temperature"), py::arg("carry"), py::arg("offsets"),
+        py::arg("stream"),
         py::call_guard<py::gil_scoped_release>(),
         "sparse_logprobs / sparse_kl forward (mode: CODES['sparse_mode']), one block per row. "
         "See csrc/rlkernels.h.");
@@ -228,8 +229,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("indices"), py::arg("sorted_ids"), py::arg("perm"), py::arg("slot_values"),
         py::arg("logp"), py::arg("tail"), py::arg("grad_tail"), py::arg("grad_kl"),
         py::arg("stats"), py::arg("n"), py::arg("vocab"), py::arg("k"), py::arg("dtype"),
-        py::arg("mode"), py::arg("with_tail"), py::arg("inv_temperature"), py::arg("stream"),
-        py::call_guard<py::gil_scoped_release>(),
+        py::arg("mode"), py::arg("with_tail"), py::arg("inv_temperature"), py::arg("offsets"),
+        py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
         "Gradient of sparse_logprobs / sparse_kl w.r.t. the logits. See csrc/rlkernels.h.");
 
   // ---- linear.cu ----

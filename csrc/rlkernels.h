@@ -118,21 +118,28 @@ void kl_divergence_backward(Rows grad_kl, Rows logits, Rows ref_logits, Rows ign
 // (m, log1p(rest), 0); target: teacher log-probs [n, k] (kl only, accumulation type);
 // carry: a 64-byte-per-row device workspace, needed with with_tail when vocab > 262144 (one
 // launch per 262144 columns, the row states carried between them), else 0.
+// offsets (0 = the padded form above): a CSR support, int64 [n + 1] (any first value: a view
+// of a larger CSR), row r's ids at flat positions offsets[r] .. offsets[r + 1] of indices
+// [nnz] (indices.stride1; stride0 unused, k = nnz), target [nnz] (target.stride1), out [nnz]
+// contiguous at the same positions (others untouched).
 void sparse_forward(Rows logits, Matrix indices, Matrix target, Rows out, std::uintptr_t tail,
                     std::uintptr_t stats, int64_t n, int64_t vocab, int64_t k, int dtype,
                     int mode, bool with_tail, double inv_temperature, std::uintptr_t carry,
-                    std::uintptr_t stream);
+                    std::uintptr_t offsets, std::uintptr_t stream);
 
 // Backward: grad [n, vocab] (logits' dtype). sorted_ids / perm: int32 contiguous [n, k], each
 // row's ids sorted stably (unused and out-of-range ids as 2**31 - 1) and their slots.
 // slot_values [n, k]: grad_logp (full, support; absent = no log-prob gradient) or the
 // targets (kl); logp: the forward's log-probs (support); tail: the forward's tail; grad_tail
 // (full, support with with_tail) and grad_kl (kl): [n] in the accumulation type.
+// offsets: as the forward's; then indices, slot_values, logp are [nnz] (their stride1) and
+// sorted_ids / perm int32 [nnz] contiguous: each row's positions sorted (stable) by id, perm
+// the slot within the row (position - offsets[r]).
 void sparse_backward(Rows logits, Rows grad, Matrix indices, std::uintptr_t sorted_ids,
                      std::uintptr_t perm, Matrix slot_values, Matrix logp, std::uintptr_t tail,
                      std::uintptr_t grad_tail, std::uintptr_t grad_kl, Matrix stats, int64_t n,
                      int64_t vocab, int64_t k, int dtype, int mode, bool with_tail,
-                     double inv_temperature, std::uintptr_t stream);
+                     double inv_temperature, std::uintptr_t offsets, std::uintptr_t stream);
 
 // ---- linear.cu: the fused lm_head ops' cuBLAS path (rlkernels/cuda/linear.py) -----------
 // d z of one vocabulary slice of a chunk of logits: logits [n_rows, cols] (accumulation type,

@@ -44,6 +44,13 @@ namespace {
 // first slot of each run of equal ids in the row's sorted ids (sorted by the launcher, stable,
 // so duplicate ids sum in slot order: deterministic) overwrites its column with the member
 // gradient. Every value comes from one thread in a fixed order: no atomics.
+// Slots: padded, row r's K slots are ids [r, 0 .. K) (strides si0, si1), its
+// log-probs out [r, k], targets / gradients / log-probs of the backward [r, k]; or CSR (kCsr,
+// vLLM's form): row r's slots are the flat positions offs[r] .. offs[r + 1] of the [nnz]
+// arrays (ids at stride si1, targets st1, grad_logp sg1, logp sl1; out and the sorted ids /
+// slots contiguous), absolute positions, so a view offs[r0 .. r0 + n] of a larger CSR
+// describes rows r0 .. r0 + n - 1 and writes only their positions. A template flag: the
+// padded kernels' machine code is that of before CSR.
 
 // mode: rlk::SparseMode (rlkernels.h).
 constexpr int kSparseWords = 8192;                   // 32 KiB of bitmap
@@ -60,6 +67,32 @@ struct SparseCarry {
 };
 static_assert(sizeof(SparseCarry<double>) <= 64, "rlkernels/cuda/sparse.py allocates 64 B/row");
 
+// A CSR row's slots: (first position, count, its ids). The offsets are read where used, each
+// time (a volatile load: not hoisted, not merged), so that they are not live across the
+// stream (kept there, the fp64 kernels spilled in the chunk loop).
+struct SlotRange {
+  int64_t kb, K;
+  const int64_t* ir;
+};
+
+__device__ __forceinline__ int64_t load_offset(const int64_t* p) {
+  int64_t v;
+  asm volatile("ld.global.nc.s64 %0, [%1];" : "=l"(v) : "l"(p));
+  return v;
+}
+
+template <bool kCsr>
+__device__ __forceinline__ SlotRange slot_range(const int64_t* offs, int64_t row,
+                                                const int64_t* idx, int64_t si0, int64_t si1,
+                                                int64_t k_pad) {
+  if constexpr (kCsr) {
+    const int64_t kb = load_offset(offs + row);
+    return {kb, load_offset(offs + row + 1) - kb, idx + kb * si1};
+  } else {
+    return {0, k_pad, idx + row * si0};
+  }
+}
+
 template <class A>
 __device__ __forceinline__ A log_tail_of(const Run<A>& out, A row_m, A inv_t, A log_s) {
   // log(sum over the outside columns of e^{z - m}) - log s, the outside state relative to its
@@ -69,16 +102,17 @@ __device__ __forceinline__ A log_tail_of(const Run<A>& out, A row_m, A inv_t, A 
   return (out.m - row_m) * inv_t + log_out - log_s;
 }
 
-template <class T, int kMode, bool kTail, bool kSeg>
+template <class T, int kMode, bool kTail, bool kSeg, bool kCsr>
 __global__ void __launch_bounds__(max_threads<T>())
     sparse_fwd_kernel(const T* __restrict__ x, int64_t stride_x, int64_t V,
-                      const int64_t* __restrict__ idx, int64_t si0, int64_t si1, int64_t K,
+                      const int64_t* __restrict__ idx, int64_t si0, int64_t si1, int64_t k_pad,
                       const acc_t<T>* __restrict__ tgt, int64_t st0, int64_t st1,
                       acc_t<T>* __restrict__ out, int64_t so0, acc_t<T>* __restrict__ tail,
                       acc_t<T>* __restrict__ stats, acc_t<T> inv_t, acc_t<T> scale,
                       SparseCarry<acc_t<T>>* __restrict__ carry, int64_t seg0, int64_t seg_len,
-                      bool seg_last) {
-  // carry, seg0, seg_len, seg_last: kSeg only (this launch's columns [seg0, seg0 + seg_len))
+                      bool seg_last, const int64_t* __restrict__ offs) {
+  // carry, seg0, seg_len, seg_last: kSeg only (this launch's columns [seg0, seg0 + seg_len));
+  // offs: kCsr only (Slots, in the header)
   using A = acc_t<T>;
   constexpr int N = Chunk<T>::N;
   __shared__ SoftmaxState<A> scratch[32];
@@ -88,7 +122,10 @@ __global__ void __launch_bounds__(max_threads<T>())
   __shared__ uint32_t bits[kTail ? kSparseWords : 1];
   const int64_t row = blockIdx.x;
   const T* xr = x + row * stride_x;
-  const int64_t* ir = idx + row * si0;
+  // the row's slots (Slots, in the header): padded here (the machine code of before CSR),
+  // CSR read again where used (slot_range)
+  const SlotRange pad = slot_range<false>(offs, row, idx, si0, si1, k_pad);
+  auto slots = [&]() { return kCsr ? slot_range<kCsr>(offs, row, idx, si0, si1, k_pad) : pad; };
   Run<A> st = run_empty<A>(), so = run_empty<A>();  // so: the outside columns, own maximum
   long long distinct = 0;
   // how a chunk without members adds its sums (cs, relative to st.m) to so, refreshed
@@ -114,8 +151,9 @@ __global__ void __launch_bounds__(max_threads<T>())
     const int words = static_cast<int>((len + 31) / 32);
     for (int w = threadIdx.x; w < words; w += blockDim.x) bits[w] = 0u;
     __syncthreads();
-    for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
-      const int64_t id = ir[k * si1] - s0;
+    const SlotRange sl = slots();
+    for (int64_t k = threadIdx.x; k < sl.K; k += blockDim.x) {
+      const int64_t id = sl.ir[k * si1] - s0;
       if (id >= 0 && id < len) atomicOr(&bits[id >> 5], 1u << (id & 31));  // integer OR
     }
     __syncthreads();
@@ -168,6 +206,17 @@ __global__ void __launch_bounds__(max_threads<T>())
   }
   st = run_block_reduce<false, false>(st, scale, run_scratch);
   if (kTail) so = run_block_reduce<false, false>(so, scale, run_scratch);
+  const SlotRange sl = slots();
+  const int64_t K = sl.K;
+  const int64_t* ir = sl.ir;
+  auto out_at = [&](int64_t k) -> int64_t {  // log-prob k of the row: [n, K] or [nnz]
+    if constexpr (kCsr) return sl.kb + k;
+    else return row * so0 + k;
+  };
+  auto tgt_at = [&](int64_t k) -> A {
+    if constexpr (kCsr) return tgt[(sl.kb + k) * st1];
+    else return tgt[row * st0 + k * st1];
+  };
   if constexpr (kSeg) {
     // the earlier segments' states first, then this one's (a fixed order). A launch before
     // the last only hands the merged state on, from thread 0 (the only reader of carry then:
@@ -204,7 +253,7 @@ __global__ void __launch_bounds__(max_threads<T>())
   if (kMode == kSparseFull) {
     for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
       const int64_t id = ir[k * si1];
-      out[row * so0 + k] = id >= 0 ? lp_at(id) : neg_inf<A>();
+      out[out_at(k)] = id >= 0 ? lp_at(id) : neg_inf<A>();
     }
   } else if (kMode == kSparseSupport) {
     SoftmaxState<A> sk = softmax_empty<A>();
@@ -217,14 +266,14 @@ __global__ void __launch_bounds__(max_threads<T>())
     const A mk = shift_of(sk.m), log_sk = d_log1p(sk.rest);
     for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
       const int64_t id = ir[k * si1];
-      out[row * so0 + k] = id >= 0 ? (z_at(id) - mk) - log_sk : neg_inf<A>();
+      out[out_at(k)] = id >= 0 ? (z_at(id) - mk) - log_sk : neg_inf<A>();
     }
   } else {
     A acc = A(0), mass = A(0);
     for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
       const int64_t id = ir[k * si1];
       if (id < 0) continue;  // an unused slot's target is never read (it may be NaN)
-      const A t_log = tgt[row * st0 + k * st1];
+      const A t_log = tgt_at(k);
       const A t = d_exp(t_log);
       acc += xmul0(t, t_log - lp_at(id));
       mass += t;
@@ -255,27 +304,34 @@ __global__ void __launch_bounds__(max_threads<T>())
 //   kl:      g_kl (p coef - scat_t) (member),  g_kl (p coef - t_tail q) (other),
 //            coef = sum t_k + t_tail
 // all times 1/T. The rewrites keep 1 - p on a peak and q - p outside the ids exact.
-template <class T, int kMode, bool kTail>
+template <class T, int kMode, bool kTail, bool kCsr>
 __global__ void __launch_bounds__(max_threads<T>())
     sparse_bwd_kernel(const T* __restrict__ x, int64_t stride_x, T* __restrict__ grad,
                       int64_t stride_g, int64_t V, const int64_t* __restrict__ idx, int64_t si0,
-                      int64_t si1, int64_t K, const int32_t* __restrict__ sid,
+                      int64_t si1, int64_t k_pad, const int32_t* __restrict__ sid,
                       const int32_t* __restrict__ perm, const acc_t<T>* __restrict__ gk,
                       int64_t sg0, int64_t sg1, const acc_t<T>* __restrict__ lp, int64_t sl0,
                       int64_t sl1, const acc_t<T>* __restrict__ tail_in,
                       const acc_t<T>* __restrict__ g_tail, const acc_t<T>* __restrict__ g_kl,
                       const acc_t<T>* __restrict__ stats, int64_t ss0, int64_t ss1,
-                      acc_t<T> inv_t) {
+                      acc_t<T> inv_t, const int64_t* __restrict__ offs) {
   using A = acc_t<T>;
   __shared__ A sum_scratch[32];
   __shared__ long long count_scratch[32];
   const int64_t row = blockIdx.x;
   const T* xr = x + row * stride_x;
   T* gr = grad + row * stride_g;
-  const int64_t* ir = idx + row * si0;
-  const int32_t* sr = sid + row * K;
-  const int32_t* pr = perm + row * K;
-  const A* gkr = gk != nullptr ? gk + row * sg0 : nullptr;
+  // the row's slots (Slots, in the header); CSR reads them again after the dense pass
+  SlotRange sl = slot_range<kCsr>(offs, row, idx, si0, si1, k_pad);
+  int64_t K = sl.K;
+  const int64_t* ir = sl.ir;
+  const int32_t* sr = kCsr ? sid + sl.kb : sid + row * K;
+  const int32_t* pr = kCsr ? perm + sl.kb : perm + row * K;
+  const A* gkr = gk != nullptr ? (kCsr ? gk + sl.kb * sg1 : gk + row * sg0) : nullptr;
+  auto lp_of = [&](int64_t k) -> A {
+    if constexpr (kCsr) return lp[(sl.kb + k) * sl1];
+    else return lp[row * sl0 + k * sl1];
+  };
   auto slot_value = [&](int64_t k) {  // g_k, or t_k for kl (valid slots only)
     if (gkr == nullptr) return A(0);
     const A val = gkr[k * sg1];
@@ -340,6 +396,13 @@ __global__ void __launch_bounds__(max_threads<T>())
     });
   }
   __syncthreads();  // the dense values of the member columns are written: overwrite them
+  if constexpr (kCsr) {  // not kept live across the dense pass (see slot_range)
+    sl = slot_range<kCsr>(offs, row, idx, si0, si1, k_pad);
+    K = sl.K;
+    sr = sid + sl.kb;
+    pr = perm + sl.kb;
+    gkr = gk != nullptr ? gk + sl.kb * sg1 : nullptr;
+  }
   for (int64_t i = threadIdx.x; i < K; i += blockDim.x) {
     const int32_t j = sr[i];
     if (j == kSparseSentinel || (i > 0 && sr[i - 1] == j)) continue;
@@ -351,7 +414,7 @@ __global__ void __launch_bounds__(max_threads<T>())
         // g_k - s_k G as -g_k expm1(lp_k) - s_k (G - g_k): exact where s_k ~ 1. At most one
         // distinct id of a row has s_k > 1/2; below, s_k - 1 is expm1 to an ulp (|.| >= 1/2),
         // so the common path skips the series
-        const A lpk = lp[row * sl0 + k * sl1];
+        const A lpk = lp_of(k);
         const A sk = d_exp(lpk);
         const A em1 = lpk > A(-0.6931471805599453) ? d_expm1(lpk) : sk - A(1);
         val = -val * em1 - sk * (total - val);
@@ -379,7 +442,7 @@ __global__ void __launch_bounds__(max_threads<T>())
 void sparse_forward(Rows logits, Matrix indices, Matrix target, Rows out, std::uintptr_t tail,
                     std::uintptr_t stats, int64_t n, int64_t vocab, int64_t k, int dtype,
                     int mode, bool with_tail, double inv_temperature, std::uintptr_t carry,
-                    std::uintptr_t stream) {
+                    std::uintptr_t offsets, std::uintptr_t stream) {
   RLK_CHECK_ARG(n >= 0 && n <= 0x7fffffffLL,
                 "sparse_forward: n must be in [0, 2**31), got " + std::to_string(n));
   RLK_CHECK_ARG(vocab >= 1 && vocab < 0x7fffffffLL,
@@ -402,13 +465,15 @@ void sparse_forward(Rows logits, Matrix indices, Matrix target, Rows out, std::u
     const cudaStream_t s = checked_stream(stream);
     const dim3 grid(static_cast<unsigned>(n));
     int64_t s0 = 0, seg_len = vocab;  // the launch's columns (kSeg: one segment)
+    auto launch = [&](auto csr) {     // csr: std::bool_constant, kCsr (offsets != 0)
 #define RLK_SPARSE_FWD(MODE, TAIL, SEG)                                                        \
-  sparse_fwd_kernel<T, MODE, TAIL, SEG><<<grid, threads, 0, s>>>(                              \
+  sparse_fwd_kernel<T, MODE, TAIL, SEG, decltype(csr)::value><<<grid, threads, 0, s>>>(       \
       as_cptr<T>(logits.ptr), logits.stride, vocab, as_cptr<int64_t>(indices.ptr),             \
       indices.stride0, indices.stride1, k, as_cptr<A>(target.ptr), target.stride0,             \
       target.stride1, as_ptr<A>(out.ptr), out.stride, as_ptr<A>(tail), as_ptr<A>(stats),       \
       static_cast<A>(inv_temperature), static_cast<A>(scale_of(dtype, inv_temperature)),      \
-      as_ptr<SparseCarry<A>>(carry), s0, seg_len, s0 + seg_len == vocab)
+      as_ptr<SparseCarry<A>>(carry), s0, seg_len, s0 + seg_len == vocab,                      \
+      as_cptr<int64_t>(offsets))
     // the tail kernels: one bitmap segment, or one launch per segment (V > kSparseSegCols;
     // the row states go from launch to launch in carry, on the same stream)
 #define RLK_SPARSE_FWD_TAIL(MODE)                                                              \
@@ -420,11 +485,14 @@ void sparse_forward(Rows logits, Matrix indices, Matrix target, Rows out, std::u
       RLK_SPARSE_FWD(MODE, true, true);                                                        \
     }                                                                                          \
   }
-    if (mode == kSparseFull) { RLK_SPARSE_FWD_TAIL(kSparseFull); }
-    else if (mode == kSparseSupport) { RLK_SPARSE_FWD_TAIL(kSparseSupport); }
-    else { RLK_SPARSE_FWD_TAIL(kSparseKl); }
+      if (mode == kSparseFull) { RLK_SPARSE_FWD_TAIL(kSparseFull); }
+      else if (mode == kSparseSupport) { RLK_SPARSE_FWD_TAIL(kSparseSupport); }
+      else { RLK_SPARSE_FWD_TAIL(kSparseKl); }
 #undef RLK_SPARSE_FWD_TAIL
 #undef RLK_SPARSE_FWD
+    };
+    if (offsets != 0) launch(std::true_type{});
+    else launch(std::false_type{});
     RLK_CHECK_LAUNCH();
   });
 }
@@ -433,7 +501,7 @@ void sparse_backward(Rows logits, Rows grad, Matrix indices, std::uintptr_t sort
                      std::uintptr_t perm, Matrix slot_values, Matrix logp, std::uintptr_t tail,
                      std::uintptr_t grad_tail, std::uintptr_t grad_kl, Matrix stats, int64_t n,
                      int64_t vocab, int64_t k, int dtype, int mode, bool with_tail,
-                     double inv_temperature, std::uintptr_t stream) {
+                     double inv_temperature, std::uintptr_t offsets, std::uintptr_t stream) {
   RLK_CHECK_ARG(n >= 0 && n <= 0x7fffffffLL,
                 "sparse_backward: n must be in [0, 2**31), got " + std::to_string(n));
   RLK_CHECK_ARG(vocab >= 1 && vocab < 0x7fffffffLL,
@@ -457,23 +525,30 @@ void sparse_backward(Rows logits, Rows grad, Matrix indices, std::uintptr_t sort
     const int threads = row_threads(vocab, VecWidth<T>::value, max_threads<T>());
     const cudaStream_t s = checked_stream(stream);
     const dim3 grid(static_cast<unsigned>(n));
+    auto launch = [&](auto csr) {  // csr: std::bool_constant, kCsr (offsets != 0)
 #define RLK_SPARSE_BWD(MODE, TAIL)                                                             \
-  sparse_bwd_kernel<T, MODE, TAIL><<<grid, threads, 0, s>>>(                                   \
+  sparse_bwd_kernel<T, MODE, TAIL, decltype(csr)::value><<<grid, threads, 0, s>>>(            \
       as_cptr<T>(logits.ptr), logits.stride, as_ptr<T>(grad.ptr), grad.stride, vocab,          \
       as_cptr<int64_t>(indices.ptr), indices.stride0, indices.stride1, k,                      \
       as_cptr<int32_t>(sorted_ids), as_cptr<int32_t>(perm), as_cptr<A>(slot_values.ptr),       \
       slot_values.stride0, slot_values.stride1, as_cptr<A>(logp.ptr), logp.stride0,            \
       logp.stride1, as_cptr<A>(tail), as_cptr<A>(grad_tail), as_cptr<A>(grad_kl),             \
-      as_cptr<A>(stats.ptr), stats.stride0, stats.stride1, static_cast<A>(inv_temperature))
-    if (mode == kSparseFull) {
-      if (with_tail) RLK_SPARSE_BWD(kSparseFull, true); else RLK_SPARSE_BWD(kSparseFull, false);
-    } else if (mode == kSparseSupport) {
-      if (with_tail) RLK_SPARSE_BWD(kSparseSupport, true);
-      else RLK_SPARSE_BWD(kSparseSupport, false);
-    } else {
-      if (with_tail) RLK_SPARSE_BWD(kSparseKl, true); else RLK_SPARSE_BWD(kSparseKl, false);
-    }
+      as_cptr<A>(stats.ptr), stats.stride0, stats.stride1, static_cast<A>(inv_temperature),      \
+      as_cptr<int64_t>(offsets))
+      if (mode == kSparseFull) {
+        if (with_tail) RLK_SPARSE_BWD(kSparseFull, true);
+        else RLK_SPARSE_BWD(kSparseFull, false);
+      } else if (mode == kSparseSupport) {
+        if (with_tail) RLK_SPARSE_BWD(kSparseSupport, true);
+        else RLK_SPARSE_BWD(kSparseSupport, false);
+      } else {
+        if (with_tail) RLK_SPARSE_BWD(kSparseKl, true);
+        else RLK_SPARSE_BWD(kSparseKl, false);
+      }
 #undef RLK_SPARSE_BWD
+    };
+    if (offsets != 0) launch(std::true_type{});
+    else launch(std::false_type{});
     RLK_CHECK_LAUNCH();
   });
 }
