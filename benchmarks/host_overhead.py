@@ -170,13 +170,17 @@ def _cases(backend: str) -> Dict[str, Callable[[bool], Callable[[], object]]]:
     """op name -> make(grad) -> a zero-argument public call on fixed inputs."""
     g = torch.Generator().manual_seed(0)
 
-    def randn(*shape, grad=False, dtype=torch.float32):
+    def randn(*shape, grad=False, dtype=torch.float32, shift=0.0):
+        # a leaf, as the floor's input: an input made by `randn(...) - 2` with grad would
+        # add torch's own subtraction node to every backward timed
         x = torch.randn(*shape, generator=g, dtype=dtype)
+        if shift:
+            x += shift
         return x.requires_grad_(grad)
 
     tokens = torch.randint(0, V, (B, T), generator=g)
     mask = torch.rand(B, T, generator=g) < 0.9
-    old = randn(B, T) - 2
+    old = randn(B, T, shift=-2.0)
     adv = randn(B)
     ids = torch.randint(0, V, (B, T, K), generator=g)
     teacher = torch.randn(B, T, K, generator=g).log_softmax(-1)
@@ -199,11 +203,11 @@ def _cases(backend: str) -> Dict[str, Callable[[bool], Callable[[], object]]]:
         "kl_divergence": lambda grad: functools.partial(
             rk.kl_divergence, logits(grad), logits(False), **bk),
         "kl_penalty": lambda grad: functools.partial(
-            rk.kl_penalty, randn(B, T, grad=grad) - 2, old),
+            rk.kl_penalty, randn(B, T, grad=grad, shift=-2.0), old),
         "policy_loss": lambda grad: functools.partial(
-            rk.policy_loss, randn(B, T, grad=grad) - 2, old, adv, mask, **bk),
+            rk.policy_loss, randn(B, T, grad=grad, shift=-2.0), old, adv, mask, **bk),
         "policy_loss+kl+entropy": lambda grad: functools.partial(
-            rk.policy_loss, randn(B, T, grad=grad) - 2, old, adv, mask, ref_logp=old,
+            rk.policy_loss, randn(B, T, grad=grad, shift=-2.0), old, adv, mask, ref_logp=old,
             kl_coef=0.1, entropy=randn(B, T, grad=grad), entropy_coef=0.01, **bk),
         "grpo_loss": lambda grad: functools.partial(
             rk.grpo_loss, logits(grad), tokens, old, adv, mask, **bk),

@@ -153,6 +153,15 @@ class PolicyOptions:
         return 0.0, 0.0, 0.0, 0.0, float(coef or 0.0)
 
     def encode(self) -> Tuple[str, List[float]]:
+        """``(modes, nums)``, the custom ops' form; computed once per options object (the
+        fused losses encode on every call): the ``nums`` list is shared, never mutate it."""
+        cached = self.__dict__.get("_encoded")
+        if cached is None:
+            cached = self._encode()
+            object.__setattr__(self, "_encoded", cached)  # a cache, not a field
+        return cached
+
+    def _encode(self) -> Tuple[str, List[float]]:
         modes = "|".join((self.loss, self.ratio_level, self.agg, self.kl_estimator,
                           "cispo_clip_low" if self.cispo_clip_low else ""))
         nums = [self.clip_low, self.clip_high,

@@ -14,9 +14,10 @@ def rows(x: Tensor, strided: bool = False) -> Tensor:
     ``strided`` (the backend's kernels read rows through two strides), a ``[A, B, V]`` view
     when the leading dims merge into two: ``logits[:, :-1]`` of ``[B, T, V]`` logits (the
     TRL / verl call) reaches the kernels without a copy. Else one copy."""
-    v = x.shape[-1]
-    if x.dim() == 2:
+    shape = x.shape
+    if len(shape) == 2:
         return x
+    v = shape[-1]
     try:
         return x.view(-1, v)
     except RuntimeError:
@@ -36,10 +37,26 @@ def rows_for(x: Tensor, backend: str, family: str) -> Tensor:
     return rows(x, strided=_strided_rows(backend, family))
 
 
-@torch.compiler.assume_constant_result
 def _strided_rows(backend: str, family: str) -> bool:
+    if torch.compiler.is_compiling():  # a trace-time constant, no global state in a trace
+        return _strided_rows_uncached(backend, family)
+    strided = _STRIDED.get((backend, family))
+    if strided is None:
+        strided = _strided_rows_uncached(backend, family)
+    return strided
+
+
+@torch.compiler.assume_constant_result
+def _strided_rows_uncached(backend: str, family: str) -> bool:
     # a constant under torch.compile: Dynamo cannot trace the module import
-    return bool(getattr(backends._module(backend, family), "STRIDED_ROWS", False))
+    strided = _STRIDED[(backend, family)] = bool(
+        getattr(backends._module(backend, family), "STRIDED_ROWS", False))
+    return strided
+
+
+# the backend modules' STRIDED_ROWS by (backend, family): a module attribute that does not
+# change while the process runs (one dict lookup per call instead of the module lookup)
+_STRIDED: dict = {}
 
 
 def _merged(shape) -> tuple:
@@ -52,6 +69,23 @@ def _merged(shape) -> tuple:
 def out_dtype(dtype: torch.dtype) -> torch.dtype:
     """Per-token outputs are fp32, or fp64 for fp64 inputs (SPEC section 1)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+_FLOATS = frozenset(_checks.FLOAT_DTYPES)
+_INDEX = frozenset(_checks.INDEX_DTYPES)
+
+
+def valid_logits_tokens(logits, tokens) -> bool:
+    """The common case of ``_checks.logits`` + :func:`check_tokens_for` in one pass (plain
+    tensors, float logits ``[..., V >= 1]``, integer tokens of the leading shape, one
+    device). False sends the call through those checks, which raise the first error (and
+    accept tensor subclasses)."""
+    if type(logits) is not Tensor or type(tokens) is not Tensor:
+        return False
+    shape = logits.shape
+    return (logits.dtype in _FLOATS and len(shape) >= 1 and shape[-1] != 0
+            and tokens.dtype in _INDEX and tokens.shape == shape[:-1]
+            and tokens.device == logits.device)
 
 
 def check_tokens_for(name: str, tokens, logits_name: str, logits: Tensor) -> Tensor:

@@ -9,7 +9,7 @@ from typing import Dict, Mapping, Optional
 import torch
 
 from .. import _checks
-from .._policy_options import LOSS_OPTIONS, METRICS, encoded_options
+from .._policy_options import LOSS_OPTIONS, METRICS, _remember, encoded_options
 
 Tensor = torch.Tensor
 
@@ -23,10 +23,41 @@ ROLLOUT_OPTIONS = ("level", "mode", "threshold_high", "threshold_low", "reject",
                    "reject_threshold", "log_ratio_clamp")
 
 
+_FLOATS = frozenset(_checks.FLOAT_DTYPES)
+
+
+def _valid(logp: Tensor, old_logp, advantages, mask, ref_logp, entropy, is_weights) -> bool:
+    """The common case of :func:`check_policy_inputs` in one pass (plain tensors of the
+    right dtypes, shapes and device). False sends the call through the checks one by one,
+    which raise the error of the first bad argument (and accept tensor subclasses)."""
+    shape, dev = logp.shape, logp.device
+    for x in (old_logp, ref_logp, entropy, is_weights):
+        if x is not None and (type(x) is not Tensor or x.dtype not in _FLOATS
+                              or x.shape != shape or x.device != dev):
+            return False
+    if (type(advantages) is not Tensor or advantages.dtype not in _FLOATS
+            or advantages.device != dev):
+        return False
+    a = advantages.shape
+    if a != shape and (len(a) != 1 or a[0] != shape[0]):
+        return False
+    return (type(mask) is Tensor and mask.shape == shape and mask.device == dev
+            and not mask.dtype.is_complex)
+
+
 def check_policy_inputs(logp: Tensor, old_logp, advantages, mask, ref_logp, entropy,
                          is_weights, normalizer) -> Optional[Tensor]:
     """Shapes, dtypes and devices of the ``[B, T]`` inputs; returns ``normalizer`` as a 0-dim
     tensor (or ``None``)."""
+    if not _valid(logp, old_logp, advantages, mask, ref_logp, entropy, is_weights):
+        _check_tensors(logp, old_logp, advantages, mask, ref_logp, entropy, is_weights)
+    if normalizer is None:
+        return None
+    return _normalizer(logp, normalizer)
+
+
+def _check_tensors(logp: Tensor, old_logp, advantages, mask, ref_logp, entropy,
+                   is_weights) -> None:
     b_t = tuple(logp.shape)
     for name, x in (("old_logp", old_logp), ("ref_logp", ref_logp), ("entropy", entropy),
                     ("is_weights", is_weights)):
@@ -43,8 +74,9 @@ def check_policy_inputs(logp: Tensor, old_logp, advantages, mask, ref_logp, entr
     _checks.shape("mask", mask, b_t, "the shape of logp, [B, T]")
     _checks.same_device("logp", logp, old_logp=old_logp, advantages=advantages, mask=mask,
                         ref_logp=ref_logp, entropy=entropy, is_weights=is_weights)
-    if normalizer is None:
-        return None
+
+
+def _normalizer(logp: Tensor, normalizer) -> Tensor:
     if isinstance(normalizer, torch.Tensor):
         if normalizer.dim() != 0 or not normalizer.is_floating_point() and \
                 normalizer.dtype not in _checks.INDEX_DTYPES:
@@ -81,6 +113,40 @@ def options(kwargs: dict, entropy_coef: float, ref_logp, has_entropy: bool):
         raise ValueError(f"entropy: expected a [B, T] tensor because entropy_coef = "
                          f"{opts.entropy_coef} != 0, got None")
     return opts, modes, nums
+
+
+# the positional form of the policy options (:func:`policy_options`): these names in order
+POLICY_OPTION_NAMES = ("loss", "clip_low", "clip_high", "dual_clip", "delta", "ratio_level",
+                       "agg", "kl_coef", "kl_estimator", "log_ratio_clamp", "cispo_clip_low",
+                       "entropy_coef") + tuple(name for name, _, _ in LOSS_OPTIONS)
+_LOSS_OPTION_NAMES = frozenset(name for name, _, _ in LOSS_OPTIONS)
+# (values, their types) -> (options, modes, nums); see _policy_options._ENCODED
+_POSITIONAL: Dict[tuple, tuple] = {}
+
+
+def policy_options(values: tuple, ref_logp, has_entropy: bool):
+    """:func:`options` from the values of :data:`POLICY_OPTION_NAMES` in order (a loss
+    option that is None is not given): one tuple as the memo key, no keyword dict per
+    call. Keyed on the type and value of each (so ``True`` and ``1`` stay apart)."""
+    try:
+        key = values + tuple(map(type, values))
+        hit = _POSITIONAL.get(key)
+    except TypeError:  # an unhashable value: validated afresh (and rejected there)
+        key = hit = None
+    if hit is None:
+        kwargs = {n: v for n, v in zip(POLICY_OPTION_NAMES, values)
+                  if v is not None or n not in _LOSS_OPTION_NAMES}
+        hit = encoded_options(**kwargs)
+        if key is not None:
+            _remember(_POSITIONAL, key, hit)
+    opts = hit[0]
+    if opts.kl_coef != 0.0 and ref_logp is None:
+        raise ValueError(f"ref_logp: expected a [B, T] tensor because kl_coef = "
+                         f"{opts.kl_coef} != 0, got None")
+    if opts.entropy_coef != 0.0 and not has_entropy:
+        raise ValueError(f"entropy: expected a [B, T] tensor because entropy_coef = "
+                         f"{opts.entropy_coef} != 0, got None")
+    return hit
 
 
 def fused_policy_inputs(op: str, policy_loss_options: dict, tokens: Tensor, old_logp,
@@ -136,10 +202,12 @@ def rollout_inputs(rollout_logp: Optional[Tensor], rollout_options, old_logp: Te
 
 
 def metrics_dict(vector: Tensor, with_kl: bool, with_entropy: bool) -> Dict[str, Tensor]:
-    # one unbind (nine views in one call) instead of nine indexing ops
-    out = dict(zip(METRICS, vector.unbind(0)))
-    if not with_kl:
-        del out["kl"]
-    if not with_entropy:
-        del out["entropy"]
+    # one unbind (nine views in one call) instead of nine indexing ops; "kl" and "entropy"
+    # are the last two metrics, kept in that order when present
+    views = vector.unbind(0)
+    if with_kl:
+        return dict(zip(METRICS if with_entropy else METRICS[:8], views))
+    out = dict(zip(METRICS[:7], views))
+    if with_entropy:
+        out["entropy"] = views[8]
     return out

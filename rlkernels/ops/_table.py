@@ -40,6 +40,8 @@ import torch
 from .. import backends
 from ._eager import eager
 
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
 Tensor = torch.Tensor
 
 #: every declared op by name, in declaration order
@@ -200,7 +202,8 @@ class Op:
     ``kernel_args``: the forward kernel's arguments (default: every input but ``backend``).
     ``grad_if``: ``{output: predicate(a)}``; the output's upstream gradient is passed to the
     backward kernel as None where the predicate is False (an output the call did not ask
-    for). ``contiguous_grads``: upstream gradients reach the backward kernel contiguous.
+    for); an input's name instead of a predicate means "that input is neither None nor
+    False" (no call per op call). ``contiguous_grads``: upstream gradients reach the backward kernel contiguous.
     ``inplace``: ``(flag input, target input)``: when the flag is True the backward
     writes the gradient of the target into the target's storage.
     ``grad_in_forward``: a :class:`GradInForward`, the form that forms the gradient in the
@@ -263,7 +266,7 @@ class Op:
         if self.grad_in_forward is not None:
             self._build_gif()
         if self.eager:
-            self._fn = self._function(self._forward_from, self.grad_from())
+            self._build_eager()
         OPS[self.name] = self
 
     def _check_names(self) -> None:
@@ -272,7 +275,8 @@ class Op:
         known = set(self.input_names) | set(self.output_names) | set(self.derive)
         if self.parallel is not None:
             known |= set(self.parallel.extra_outputs) | {"group"}
-        for name in self.kernel_args + self.saved + self.nondiff + tuple(self.grad_if):
+        given = tuple(p for p in self.grad_if.values() if isinstance(p, str))
+        for name in self.kernel_args + self.saved + self.nondiff + tuple(self.grad_if) + given:
             if name not in known:
                 raise ValueError(f"op table: {self.name}: unknown name {name!r}")
         for name in self.differentiable:
@@ -392,7 +396,11 @@ class Op:
             if self.contiguous_grads and g is not None:
                 g = g.contiguous()
             keep = self.grad_if.get(name)
-            a[f"grad_{name}"] = g if keep is None or keep(Args.of(a)) else None
+            if isinstance(keep, str):
+                keep = a[keep] is not None and a[keep] is not False
+            elif keep is not None:
+                keep = keep(Args.of(a))
+            a[f"grad_{name}"] = g if keep is None or keep else None
         for name in self.differentiable:
             a[f"need_{name}"] = bool(need.get(name, False))
         return a, need
@@ -409,21 +417,27 @@ class Op:
             a, need = self._backward_values(ctx, grads, input_names, output_names)
             if not any(need.get(n, False) for n in self.backward.grads):
                 return no_grads
-            if self.inplace is not None and a[self.inplace[0]]:
-                op = self._bw_inplace_op
-                op(*(a[n] for n in op.rlk_arg_names))
-                results = {self.inplace[1]: a[self.inplace[1]]}  # its storage now holds it
-            elif self.eager and not vp and eager(*(a[n] for n in self.saved)):
-                results = dict(zip(self.backward.grads,
-                                   self._backward_from(a, False, none_ok=True)))
-            else:
-                op = backward_op()
-                out = op(*(a[n] for n in op.rlk_arg_names))
-                results = dict(zip(self.backward.grads,
-                                   out if isinstance(out, (tuple, list)) else (out,)))
-            return tuple(results.get(n) if need.get(n) else None for n in input_names)
+            return self._grad_of(a, need, input_names, backward_op, vp)
 
         return grad
+
+    def _grad_of(self, a: dict, need: Dict[str, bool], input_names, backward_op,
+                 vp: bool = False) -> tuple:
+        """The gradients of ``input_names`` from the backward values ``a`` (by name): the
+        in-place backward op, the kernel directly (plain eager), or the backward op."""
+        if self.inplace is not None and a[self.inplace[0]]:
+            op = self._bw_inplace_op
+            op(*(a[n] for n in op.rlk_arg_names))
+            results = {self.inplace[1]: a[self.inplace[1]]}  # its storage now holds it
+        elif self.eager and not vp and eager(*(a[n] for n in self.saved)):
+            results = dict(zip(self.backward.grads,
+                               self._backward_from(a, False, none_ok=True)))
+        else:
+            op = backward_op()
+            out = op(*(a[n] for n in op.rlk_arg_names))
+            results = dict(zip(self.backward.grads,
+                               out if isinstance(out, (tuple, list)) else (out,)))
+        return tuple(results.get(n) if need.get(n) else None for n in input_names)
 
     def _backward_from(self, a: dict, inplace: bool, reduce=None, none_ok: bool = False):
         """Run the backward kernel; gradients in their input's dtype, an empty tensor for
@@ -718,46 +732,263 @@ class Op:
         return tuple(outs) if len(outs) > 1 else outs[0]
 
     # ------------------------------------------------------------------- eager path
+    #
+    # A plain eager call (``ops/_eager.py``) runs through one ``autograd.Function`` per op
+    # whose forward and backward index tuples instead of building dicts by name: the plan
+    # below turns every name of the declaration into a position once, at import. What a
+    # backward needs travels on ``ctx`` as saved tensors plus one tuple of constants (the
+    # non-tensor inputs and derived values); the backward decodes no options and repeats no
+    # check. Both paths call the same backend functions with the same arguments.
 
-    def _function(self, forward_from, grad):
+    def _build_eager(self) -> None:
+        names = self.input_names
+        pool = list(names)  # forward values: the inputs, then the derived values used
+        used = set(self.kernel_args) | set(self.saved)
+        if self.backward is not None:
+            used |= set(self.backward.args)
+        self._e_derive = []
+        for n, (sources, fn) in self.derive.items():
+            if n in used:
+                self._e_derive.append((fn, tuple(pool.index(s) for s in sources)))
+                pool.append(n)
+        self._e_pool = tuple(pool)
+        self._e_n = len(names)
+        self._e_defaults = tuple(self._defaults.get(n, _NO_DEFAULT) for n in names)
+        self._e_backend = names.index("backend")
+        self._e_kargs = tuple(pool.index(n) for n in self.kernel_args)
+        full = pool + list(self.output_names)  # inputs win over outputs, as in _setup_args
+        self._e_saved = tuple(full.index(n) for n in self.saved)
+        self._e_nondiff = tuple(self.output_names.index(n) for n in self.nondiff)
+        fn = self._function()
+        self._fn = fn
+        # Function.apply without its Python wrapper (signature binding for setup_context,
+        # unwrapping of dead functorch wrappers): eager() has ruled out functorch, and a
+        # tensor that was a functorch wrapper takes the wrapper (_wrapped below)
+        self._apply = torch._C._FunctionBase.__dict__["apply"].__get__(None, fn)
+        if self.backward is None:
+            return
+        consts = [n for n in self._consts]
+        consts += [n for n in pool[len(names):] if n in self.backward.args and n not in consts]
+        self._e_const_names = tuple(consts)
+        self._e_consts = tuple(pool.index(n) for n in consts)
+        outs, saved = self.output_names, self.saved
+        n_s, n_c, n_o = len(saved), len(consts), len(outs)
+
+        def source(n: str) -> int:
+            # positions in (saved tensors, constants, output grads, needs_input_grad, False)
+            if n in saved:
+                return saved.index(n)
+            if n.startswith("grad_") and n[5:] in outs:
+                return n_s + n_c + outs.index(n[5:])
+            if n.startswith("need_") and n[5:] in names:
+                return n_s + n_c + n_o + names.index(n[5:])
+            if n == "inplace":  # after needs_input_grad: the inputs, views and maps
+                return n_s + n_c + n_o + len(names) + 2
+            return n_s + consts.index(n)
+
+        self._e_bargs = tuple(source(n) for n in self.backward.args)
+        for n in self.backward.grads:
+            if n not in saved:
+                raise ValueError(f"op table: {self.name}: the input {n!r} of a gradient must "
+                                 f"be saved (its dtype is the gradient's)")
+        self._e_grads = tuple((names.index(n), saved.index(n)) for n in self.backward.grads)
+        self._e_none = (None,) * (len(names) + 2)  # the inputs, the views and maps
+        # grad_if per output: None (always), an input's position (a name: kept when that
+        # input is neither None nor False), or a predicate
+        self._e_keep = None if not self.grad_if else tuple(
+            pool.index(p) if isinstance(p, str) else p
+            for p in (self.grad_if.get(o) for o in outs))
+        self._e_bconst_backend = consts.index("backend")
+        self._e_inplace = None if self.inplace is None else consts.index(self.inplace[0])
+        # the upstream gradients of non-differentiable outputs stay None instead of zeros
+        # (autograd's default materializes them): no backward argument reads one
+        self._e_lazy_nondiff = not any(f"grad_{n}" in self.backward.args for n in self.nondiff)
+
+    def _function(self):
         op = self
 
-        class _Fn(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, *inputs):
-                a = op._bind(inputs)
-                output = forward_from(a)
-                op._setup_args(ctx, a, output)
-                return output
+        def forward(ctx, *inputs):
+            # the op's inputs, then the call's output views and input maps (__call__)
+            return op._eager_forward(ctx, inputs[:-2], inputs[-2], inputs[-1])
 
-            backward = staticmethod(grad)
+        def backward(ctx, *grads):
+            return op._eager_backward(ctx, grads)
 
-        _Fn.__name__ = _Fn.__qualname__ = f"_{self.name}_fn"
-        return _Fn
+        # named at creation: autograd names the backward node class after it
+        # (``_<op>_fnBackward``, as the profiler and the graph show it)
+        name = f"_{self.name}_fn"
+        return type(torch.autograd.Function)(name, (torch.autograd.Function,), {
+            "forward": staticmethod(forward), "backward": staticmethod(backward),
+            "__qualname__": name, "__module__": __name__})
+
+    def _eager_forward(self, ctx, args, views=None, maps=None):
+        """The forward kernel on ``args`` (every input, schema order); with ``ctx`` (the
+        Function's), what backward needs saved on it, and the ``views`` and input ``maps``
+        of ``__call__`` applied here: inside the Function, so that they add no node to the
+        autograd graph (an output view is a tensor of its own to autograd, not an autograd
+        view; a mapped input's gradient is reshaped back to the input's shape, as the view
+        node would)."""
+        vals = list(args)
+        if maps:
+            shapes = []
+            for i, fn in maps:
+                x = vals[i]
+                vals[i] = fn(x)
+                if vals[i] is not x:
+                    shapes.append((i, x.shape))
+            if ctx is not None:
+                ctx.rlk_in = shapes
+        for fn, src in self._e_derive:
+            vals.append(fn(*[vals[i] for i in src]))
+        kernel = backends.kernel(vals[self._e_backend], self.kernel_family, self._forward_name)
+        output = kernel(*[vals[i] for i in self._e_kargs])
+        if ctx is None:
+            return output
+        single = not isinstance(output, (tuple, list))
+        outs = (output,) if single else output
+        full = vals + list(outs)
+        ctx.save_for_backward(*[full[i] for i in self._e_saved])
+        if views:
+            ctx.rlk_flat = tuple((i, outs[i].shape) for i, _ in views)
+            outs = list(outs)
+            with torch._C._AutoDispatchBelowADInplaceOrView():
+                # a view below autograd's view tracking: its own tensor to autograd (its
+                # upstream gradient is reshaped back in backward, as a view node would)
+                for i, shape in views:
+                    outs[i] = _view(outs[i], shape)
+            output = outs[0] if single else tuple(outs)
+        if self._e_nondiff:
+            ctx.mark_non_differentiable(*[outs[i] for i in self._e_nondiff])
+        if self.backward is not None:
+            ctx.rlk_consts = tuple([vals[i] for i in self._e_consts])
+            if self._e_lazy_nondiff:
+                ctx._materialize_non_diff_grads = False
+            if self._e_keep is not None:
+                ctx.rlk_keep = keep = []
+                a = None
+                for p in self._e_keep:
+                    if p is None:
+                        keep.append(True)
+                    elif type(p) is int:
+                        v = vals[p]
+                        keep.append(v is not None and v is not False)
+                    else:
+                        a = a or Args.of(dict(zip(self._e_pool, vals)))
+                        keep.append(bool(p(a)))
+        return output
+
+    def _eager_backward(self, ctx, grads):
+        nig = ctx.needs_input_grad
+        for pos, _ in self._e_grads:
+            if nig[pos]:
+                break
+        else:
+            return self._e_none
+        saved = ctx.saved_tensors
+        consts = ctx.rlk_consts
+        flat = getattr(ctx, "rlk_flat", None)
+        if flat:
+            grads = list(grads)
+            for i, shape in flat:
+                if grads[i] is not None:
+                    grads[i] = _reshape(grads[i], shape)
+        if self._e_keep is not None or self.contiguous_grads:
+            grads = list(grads)
+            for j, g in enumerate(grads):
+                if g is not None and self.contiguous_grads:
+                    grads[j] = g = g.contiguous()
+                if self._e_keep is not None and not ctx.rlk_keep[j]:
+                    grads[j] = None
+        if (self._e_inplace is not None and consts[self._e_inplace]) or not eager(*saved):
+            # the in-place backward op, or the backward op (something traces the backward)
+            a = dict(zip(self._e_const_names, consts))
+            a.update(zip(self.saved, saved))
+            for name, g in zip(self.output_names, grads):
+                a[f"grad_{name}"] = g
+            need = dict(zip(self.input_names, nig))
+            for name in self.differentiable:
+                a[f"need_{name}"] = bool(need.get(name, False))
+            res = list(self._grad_of(a, need, self.input_names, lambda: self._bw_op))
+            res += [None, None]
+            return _unmapped(ctx, res)
+        pool = saved + consts + tuple(grads) + nig + (False,)
+        kernel = backends.kernel(consts[self._e_bconst_backend], self.kernel_family,
+                                 self._backward_name)
+        out = kernel(*[pool[i] for i in self._e_bargs])
+        if not isinstance(out, (tuple, list)):
+            out = (out,)
+        res = list(self._e_none)
+        for (pos, si), g in zip(self._e_grads, out):
+            if g is None or not nig[pos]:
+                continue
+            x = saved[si]
+            if x is None:
+                continue
+            res[pos] = g if g.dtype == x.dtype else g.to(x.dtype)
+        return _unmapped(ctx, res)
+
+    def _eager_call(self, args, views, maps):
+        """The plain eager call (``eager()`` said so): the Function, or for an op without a
+        gradient the forward kernel with grad mode off (as the custom op: below autograd)."""
+        if len(args) != self._e_n:
+            args = self._padded(args)
+        if self.backward is None:
+            prev = torch.is_grad_enabled()
+            torch._C._set_grad_enabled(False)
+            try:
+                return _viewed(self._eager_forward(None, args, None, maps), views)
+            finally:
+                torch._C._set_grad_enabled(prev)
+        if _wrapped(args, self._tensor_idx):
+            return self._fn.apply(*args, views, maps)  # unwraps dead functorch wrappers
+        return self._apply(*args, views, maps)
+
+    def _padded(self, args) -> tuple:
+        """``args`` with the defaults of the trailing inputs not given."""
+        args = tuple(args)
+        if len(args) > self._e_n:
+            raise TypeError(f"{self.name}: expected at most {self._e_n} arguments, got "
+                            f"{len(args)}")
+        tail = self._e_defaults[len(args):]
+        for n, v in zip(self.input_names[len(args):], tail):
+            if v is _NO_DEFAULT:
+                raise TypeError(f"{self.name}: missing argument {n!r}")
+        return args + tail
 
     # --------------------------------------------------------------------- calling
 
-    def __call__(self, *args, group: Optional[int] = None, grad_in_forward: bool = False):
+    def __call__(self, *args, group: Optional[int] = None, grad_in_forward: bool = False,
+                 views: Optional[Tuple[Tuple[int, tuple], ...]] = None,
+                 maps: Optional[Tuple[Tuple[int, Callable], ...]] = None):
         """Run the op on its positional arguments (schema order, ``backend`` included).
         ``group``: a registered process-group handle for the vocabulary-parallel form.
-        ``grad_in_forward``: the :class:`GradInForward` form (not with ``group``)."""
+        ``grad_in_forward``: the :class:`GradInForward` form (not with ``group``).
+        ``views``: ``((output index, shape), ...)``: those outputs are returned as
+        ``output.view(shape)`` (the public shape of per-token outputs); on the eager path
+        without a view node in the autograd graph (an output that backward saves must not
+        be listed). ``maps``: ``((input index, fn), ...)``: the op runs on ``fn(input)``
+        instead of that input (the ``[N, V]`` rows of ``[..., V]`` logits, a view or a
+        copy); on the eager path inside the Function, so without a view node either."""
         if self._detach:
             args = self._constants(args)
+        plain = (self.eager and group is None and not grad_in_forward
+                 and eager(*[args[i] for i in self._tensor_idx if i < len(args)]))
+        if plain:
+            return self._eager_call(args, views, maps)
+        if maps:
+            args = list(args)
+            for i, fn in maps:
+                args[i] = fn(args[i])
         if grad_in_forward:
             gif = self.grad_in_forward
             if gif is None or (group is not None and gif.parallel is None):
                 raise ValueError(f"{self.name}: grad_in_forward=True is not supported"
                                  + (" with a process group" if group is not None else ""))
-            return self._call_gif(args, group)
+            return _viewed(self._call_gif(args, group), views)
         if group is not None:
             i = self._vp_index
-            return self.vp_op(*args[:i], group, *args[i:])
-        if self.eager and eager(*[args[i] for i in self._tensor_idx if i < len(args)]):
-            if self.backward is None:
-                with torch.no_grad():  # as the custom op: below autograd
-                    return self._forward_from(self._bind(args))
-            return self._fn.apply(*args)
-        return self.op(*args)
+            return _viewed(self.vp_op(*args[:i], group, *args[i:]), views)
+        return _viewed(self.op(*args), views)
 
     def _constants(self, args):
         """Inputs that get no gradient, detached (only those that need it: no new tensor
@@ -782,3 +1013,46 @@ class Op:
         if parallel:
             return self.parallel is not None and backend in self.parallel.backends
         return backend in self.backends
+
+
+def _viewed(output, views):
+    """``output`` (one tensor or a tuple) with ``output[i].view(shape)`` for each
+    ``(i, shape)`` of ``views``."""
+    if not views:
+        return output
+    if isinstance(output, torch.Tensor):
+        return output.view(views[0][1])
+    outs = list(output)
+    for i, shape in views:
+        outs[i] = outs[i].view(shape)
+    return tuple(outs)
+
+
+def _view(x: Tensor, shape) -> Tensor:
+    # sizes as separate ints: torch parses them faster than a torch.Size (~2 us here)
+    return x.view(*shape) if len(shape) else x.view(())
+
+
+def _reshape(x: Tensor, shape) -> Tensor:
+    return x.reshape(*shape) if len(shape) else x.reshape(())
+
+
+def _unmapped(ctx, res: list) -> tuple:
+    """The gradients ``res`` of the Function's inputs, those of mapped inputs reshaped to
+    the input's shape."""
+    shapes = getattr(ctx, "rlk_in", None)
+    if shapes:
+        for i, shape in shapes:
+            if res[i] is not None:
+                res[i] = _reshape(res[i], shape)
+    return tuple(res)
+
+
+def _wrapped(args, idx) -> bool:
+    """Whether a tensor argument is a functorch wrapper (one that outlived its transform:
+    ``eager()`` has ruled out an active one)."""
+    for i in idx:
+        x = args[i]
+        if x is not None and _is_wrapped(x):
+            return True
+    return False

@@ -13,8 +13,8 @@ from .. import distributed as _dist
 from .._fused import forward_grad, fused_forward, fused_forward_gif
 from .._policy_options import METRICS, PENALTY_ESTIMATORS, PolicyOptions
 from ._common import check_tokens_for, out_dtype, rows
-from ._policy_args import (check_policy_inputs, fused_policy_inputs, metrics_dict, options,
-                           rollout_inputs)
+from ._policy_args import (check_policy_inputs, fused_policy_inputs, metrics_dict,
+                           policy_options, rollout_inputs)
 from ._table import Backward, GradInForward, Op, Parallel
 
 Tensor = torch.Tensor
@@ -218,31 +218,19 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
                                 is_weights, normalizer)
     mask, is_weights, rollout = rollout_inputs(rollout_logp, rollout_options, old_logp, mask,
                                                advantages, is_weights, backend)
-    _, modes, nums = options(dict(loss=loss, clip_low=clip_low, clip_high=clip_high,
-                                   dual_clip=dual_clip, delta=delta, ratio_level=ratio_level,
-                                   agg=agg, kl_coef=kl_coef, kl_estimator=kl_estimator,
-                                   log_ratio_clamp=log_ratio_clamp,
-                                   cispo_clip_low=cispo_clip_low, **_given(
-                                       tau_pos=tau_pos, tau_neg=tau_neg,
-                                       clip_cov_ratio=clip_cov_ratio, clip_cov_lb=clip_cov_lb,
-                                       clip_cov_ub=clip_cov_ub, kl_cov_ratio=kl_cov_ratio,
-                                       kl_cov_coef=kl_cov_coef, dro_beta=dro_beta,
-                                       vespo_k_pos=vespo_k_pos,
-                                       vespo_lambda_pos=vespo_lambda_pos,
-                                       vespo_k_neg=vespo_k_neg,
-                                       vespo_lambda_neg=vespo_lambda_neg)),
-                              entropy_coef, ref_logp, entropy is not None)
+    # in the order of POLICY_OPTION_NAMES
+    _, modes, nums = policy_options(
+        (loss, clip_low, clip_high, dual_clip, delta, ratio_level, agg, kl_coef, kl_estimator,
+         log_ratio_clamp, cispo_clip_low, entropy_coef, tau_pos, tau_neg, clip_cov_ratio,
+         clip_cov_lb, clip_cov_ub, kl_cov_ratio, kl_cov_coef, dro_beta, vespo_k_pos,
+         vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg), ref_logp, entropy is not None)
     name = POLICY_LOSS.resolve(backend, logp.device)
     value, metrics = POLICY_LOSS(logp, old_logp, advantages, mask, norm, ref_logp, entropy,
                                  is_weights, modes, nums, name)
-    return value, {**metrics_dict(metrics, ref_logp is not None, entropy is not None),
-                   **rollout}
-
-
-def _given(**options) -> dict:
-    """The loss-specific options that were passed (not ``None``): the memo key of the
-    options stays short for the losses that take none."""
-    return {k: v for k, v in options.items() if v is not None}
+    metrics = metrics_dict(metrics, ref_logp is not None, entropy is not None)
+    if rollout:
+        metrics.update(rollout)
+    return value, metrics
 
 
 # ================================================================================= grpo_loss
@@ -409,7 +397,15 @@ def grpo_loss(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages: Tens
         entropy_coef, backend)
     name = GRPO_LOSS.resolve(backend, logits.device, handle is not None)
     modes, nums = opts.encode()
-    value, metrics = GRPO_LOSS(rows(logits), tokens, old_logp, advantages, mask, norm,
-                               ref_logp, is_weights, t, modes, nums, name, inplace_backward,
-                               group=handle, grad_in_forward=grad_in_forward)[:2]
-    return value, {**metrics_dict(metrics, ref_logp is not None, True), **rollout}
+    # the [N, V] rows are taken by the op (inside the eager Function: no view node)
+    value, metrics = GRPO_LOSS(logits, tokens, old_logp, advantages, mask, norm, ref_logp,
+                               is_weights, t, modes, nums, name, inplace_backward,
+                               group=handle, grad_in_forward=grad_in_forward,
+                               maps=_ROWS)[:2]
+    metrics = metrics_dict(metrics, ref_logp is not None, True)
+    if rollout:
+        metrics.update(rollout)
+    return value, metrics
+
+
+_ROWS = ((0, rows),)

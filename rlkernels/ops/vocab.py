@@ -16,11 +16,20 @@ import torch
 
 from .. import _checks
 from .. import distributed as _dist
-from ._common import check_tokens_for, out_dtype, rows, rows_for
+from ._common import check_tokens_for, out_dtype, rows, rows_for, valid_logits_tokens
 from ._table import Backward, Op, Parallel
 
 Tensor = torch.Tensor
 _FAMILY = "vocab"
+
+
+def _rows(logits: Tensor, backend: str, handle):
+    """``(x, maps)`` for the op call: the ``[N, V]`` rows of ``logits`` with a process group
+    (``rows``); else ``logits`` itself and the map that the op applies (``rows_for``: inside
+    the eager Function, so the view adds no autograd node)."""
+    if handle is not None:
+        return rows(logits), None
+    return logits, ((0, lambda z: rows_for(z, backend, _FAMILY)),)
 
 
 def n_rows(x: Tensor) -> int:
@@ -56,7 +65,7 @@ TOKEN_LOGPROBS = Op(
     fake=lambda a: row_outputs(a.logits, 0, 0, 3),
     differentiable=("logits",), nondiff=("stats",), saved=("logits", "tokens", "stats"),
     # an output the call did not ask for gets no backward work
-    grad_if={"logp": lambda a: a.tokens is not None, "entropy": lambda a: a.with_entropy},
+    grad_if={"logp": "tokens", "entropy": "with_entropy"},
     backward=Backward(("grad_logp", "grad_entropy", "logits", "tokens", "stats",
                        "temperature", "ignore_index"), grads=("logits",)),
     parallel=Parallel(
@@ -97,8 +106,9 @@ def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
         is ``-inf`` has log-prob ``-inf``. Differentiable w.r.t. ``logits`` (gradient in the
         dtype of ``logits``); memory: no ``[N, V]`` temporary besides that gradient.
     """
-    _checks.logits("logits", logits)
-    check_tokens_for("tokens", tokens, "logits", logits)
+    if not valid_logits_tokens(logits, tokens):
+        _checks.logits("logits", logits)
+        check_tokens_for("tokens", tokens, "logits", logits)
     t = _checks.positive("temperature", temperature)
     _checks.integer("ignore_index", ignore_index)
     _checks.flag("return_entropy", return_entropy)
@@ -111,13 +121,16 @@ def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
     else:
         _checks.token_range("tokens", tokens, logits.shape[-1], ignore_index)
     name = TOKEN_LOGPROBS.resolve(backend, logits.device, process_group is not None)
-    x = rows(logits) if process_group is not None else rows_for(logits, name, _FAMILY)
-    logp, ent = TOKEN_LOGPROBS(x, tokens.reshape(-1), t, ignore_index, return_entropy, name,
-                               group=handle)[:2]
+    x, maps = _rows(logits, name, handle)
     shape = tokens.shape
+    # the per-row outputs come back in the tokens' shape (views taken by the op: no view
+    # node in the autograd graph on the eager path)
+    views = ((0, shape), (1, shape)) if return_entropy else ((0, shape),)
+    logp, ent = TOKEN_LOGPROBS(x, tokens.reshape(-1), t, ignore_index, return_entropy, name,
+                               group=handle, views=views, maps=maps)[:2]
     if return_entropy:
-        return logp.view(shape), ent.view(shape)
-    return logp.view(shape)
+        return logp, ent
+    return logp
 
 
 def entropy(logits: Tensor, *, temperature: float = 1.0, backend: Optional[str] = None,
@@ -134,9 +147,9 @@ def entropy(logits: Tensor, *, temperature: float = 1.0, backend: Optional[str] 
     t = _checks.positive("temperature", temperature)
     handle = _dist.register_group(process_group) if process_group is not None else None
     name = TOKEN_LOGPROBS.resolve(backend, logits.device, handle is not None)
-    x = rows(logits) if handle is not None else rows_for(logits, name, _FAMILY)
-    ent = TOKEN_LOGPROBS(x, None, t, -100, True, name, group=handle)[1]
-    return ent.view(logits.shape[:-1])
+    x, maps = _rows(logits, name, handle)
+    return TOKEN_LOGPROBS(x, None, t, -100, True, name, group=handle,
+                          views=((1, logits.shape[:-1]),), maps=maps)[1]
 
 
 # ============================================================================ kl_divergence
@@ -238,11 +251,13 @@ def kl_divergence(logits: Tensor, ref_logits: Tensor, *, kind: str = "reverse",
         mask = ignore_mask.reshape(-1)
     name = KL_DIVERGENCE.resolve(backend, logits.device, handle is not None)
     if handle is not None:
-        x, y = rows(logits), rows(ref_logits)
+        x, y, maps = rows(logits), rows(ref_logits), None
     else:
-        x, y = rows_for(logits, name, _FAMILY), rows_for(ref_logits, name, _FAMILY)
-    kl = KL_DIVERGENCE(x, y, mask, kind, beta, t, name, group=handle)[0]
-    return kl.view(logits.shape[:-1])
+        x, y = logits, ref_logits
+        maps = ((0, lambda z: rows_for(z, name, _FAMILY)),
+                (1, lambda z: rows_for(z, name, _FAMILY)))
+    return KL_DIVERGENCE(x, y, mask, kind, beta, t, name, group=handle,
+                         views=((0, logits.shape[:-1]),), maps=maps)[0]
 
 
 __all__ = ["token_logprobs", "entropy", "kl_divergence"]
