@@ -203,9 +203,10 @@ def sparse_kl_backward(grad_kl: Tensor, logits: Tensor, indices: Tensor,
 # Row r's ids are indices[offsets[r]:offsets[r + 1]] of a flat [nnz] array (vLLM's form).
 # Every position gets its row from offsets (one searchsorted, no host sync); per-row sums are
 # segment sums over offsets (torch.segment_reduce: one ordered sum per row, deterministic on
-# every device), the membership bitmap a scatter at (row, id). Each row chunk looks at every position and keeps those of its rows (O(nnz) per
-# chunk: a reference, not a kernel). Positions outside offsets[0] .. offsets[-1] belong to no
-# row: their outputs are left as they are (a view of a larger CSR describes a chunk of rows).
+# every device), the membership bitmap a scatter at (row, id). Each row chunk looks at every
+# position and keeps those of its rows (O(nnz) per chunk: a reference, not a kernel).
+# Positions outside offsets[0] .. offsets[-1] belong to no row: their outputs are left as they
+# are (a view of a larger CSR describes a chunk of rows).
 
 def _csr_rows(offsets: Tensor, nnz: int) -> Tensor:
     """Row of each position ``0 .. nnz - 1``: ``r`` with ``offsets[r] <= p < offsets[r + 1]``
