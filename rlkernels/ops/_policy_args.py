@@ -18,6 +18,8 @@ POLICY_ARGS = ("loss", "clip_low", "clip_high", "dual_clip", "delta", "ratio_lev
                 "cispo_clip_low", "rollout_logp", "rollout_options") + tuple(
                     name for name, _, _ in LOSS_OPTIONS)
 
+_POLICY_ARG_SET = frozenset(POLICY_ARGS)
+
 # the keyword options of rollout_correction that rollout_options= may hold
 ROLLOUT_OPTIONS = ("level", "mode", "threshold_high", "threshold_low", "reject",
                    "reject_threshold", "log_ratio_clamp")
@@ -154,8 +156,8 @@ def fused_policy_inputs(op: str, policy_loss_options: dict, tokens: Tensor, old_
     """Validate the policy part of ``grpo_loss`` / ``linear_grpo_loss``; returns
     ``(options, normalizer tensor or None, is_weights, mask, rollout metrics)`` with the
     rollout correction applied (:func:`rollout_inputs`)."""
-    unknown = sorted(set(policy_loss_options) - set(POLICY_ARGS))
-    if unknown:
+    if not _POLICY_ARG_SET.issuperset(policy_loss_options):
+        unknown = sorted(set(policy_loss_options) - _POLICY_ARG_SET)
         raise TypeError(f"{op}: unexpected keyword argument(s) {', '.join(unknown)}; "
                         f"expected policy_loss options among {', '.join(POLICY_ARGS)}")
     kwargs = dict(policy_loss_options)

@@ -203,7 +203,8 @@ class Op:
     ``grad_if``: ``{output: predicate(a)}``; the output's upstream gradient is passed to the
     backward kernel as None where the predicate is False (an output the call did not ask
     for); an input's name instead of a predicate means "that input is neither None nor
-    False" (no call per op call). ``contiguous_grads``: upstream gradients reach the backward kernel contiguous.
+    False" (no call per op call). ``contiguous_grads``: upstream gradients reach the
+    backward kernel contiguous.
     ``inplace``: ``(flag input, target input)``: when the flag is True the backward
     writes the gradient of the target into the target's storage.
     ``grad_in_forward``: a :class:`GradInForward`, the form that forms the gradient in the

@@ -12,7 +12,7 @@ from .. import _checks
 from .. import distributed as _dist
 from .._fused import forward_grad, fused_forward, fused_forward_gif
 from .._policy_options import METRICS, PENALTY_ESTIMATORS, PolicyOptions
-from ._common import check_tokens_for, out_dtype, rows
+from ._common import check_tokens_for, out_dtype, rows, valid_logits_tokens
 from ._policy_args import (check_policy_inputs, fused_policy_inputs, metrics_dict,
                            policy_options, rollout_inputs)
 from ._table import Backward, GradInForward, Op, Parallel
@@ -377,11 +377,12 @@ def grpo_loss(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages: Tens
 
     Returns ``(loss, metrics)`` as :func:`policy_loss`.
     """
-    _checks.logits("logits", logits)
-    if logits.dim() != 3:
-        raise ValueError(f"logits: expected a 3-d tensor [B, T, V], got shape "
-                         f"{tuple(logits.shape)}")
-    check_tokens_for("tokens", tokens, "logits", logits)
+    if not (valid_logits_tokens(logits, tokens) and logits.dim() == 3):
+        _checks.logits("logits", logits)
+        if logits.dim() != 3:
+            raise ValueError(f"logits: expected a 3-d tensor [B, T, V], got shape "
+                             f"{tuple(logits.shape)}")
+        check_tokens_for("tokens", tokens, "logits", logits)
     t = _checks.positive("temperature", temperature)
     _checks.flag("inplace_backward", inplace_backward)
     _checks.flag("grad_in_forward", grad_in_forward)
