@@ -332,7 +332,8 @@ def _jsd_a(logp, logq, beta, omb, lb, l1b, IS_FP64: tl.constexpr):
 
 
 @triton.jit
-def _jsd_cols(x, y, m_p, m_q, lp2, lq2, inv_t, k, PTX: tl.constexpr):
+def _jsd_cols(x, y, m_p, m_q, lp2, lq2, inv_t, k, PTX: tl.constexpr, pc=1.0,
+              FOLD: tl.constexpr = False):
     """The JSD terms of a block (fp32; ``x``, ``y`` raw logits floored at about -1e30, ``m``
     the saved max of ``z = x / T`` (0 for a row of only ``-inf``), ``lp2 = log2 s_p``,
     ``k = log2 beta - log2 (1 - beta) + lq2 - lp2``): returns ``p``, ``q``, ``a = D - S``
@@ -343,24 +344,65 @@ def _jsd_cols(x, y, m_p, m_q, lp2, lq2, inv_t, k, PTX: tl.constexpr):
     ``[1, 2]``) and no series; ``p ~ q`` loses nothing: ``D`` is formed from the difference
     of the two rows' shifted logits and ``S`` is smooth in it (equal rows give the same
     ``a``, ``S`` in every column, so their terms cancel against the row sums); at beta = 0
-    or 1, ``|D| >= ~1000`` makes ``2^-|D| = 0``: the terms are exactly 0."""
+    or 1, ``|D| >= ~1000`` makes ``2^-|D| = 0``: the terms are exactly 0. ``FOLD``: ``S`` is
+    returned as ``S + log2 pc`` (:func:`_lg2_pc`, same cost)."""
     ux = x * inv_t - m_p
     uy = y * inv_t - m_q
     p = tl.exp2(ux * 1.4426950408889634 - lp2)
     q = tl.exp2(uy * 1.4426950408889634 - lq2)
     d = (ux - uy) * 1.4426950408889634 + k
-    s = tl.maximum(d, 0.0) + lg2_1p(tl.exp2(-tl.abs(d)), PTX)
+    if FOLD:
+        s = tl.maximum(d, 0.0) + _lg2_pc(tl.exp2(-tl.abs(d)), pc, PTX)
+    else:
+        s = tl.maximum(d, 0.0) + lg2_1p(tl.exp2(-tl.abs(d)), PTX)
     return p, q, d - s, s
+
+
+@triton.jit
+def _lg2_pc(v, pc, PTX: tl.constexpr):
+    """``log2(pc (1 + v)) = log2(1 + v) + log2 pc`` for ``0 <= v <= 1``, ``1/2 <= pc <= 1``:
+    one ``fma`` where :func:`_common.lg2_1p` adds 1 (its argument lies in ``[1/2, 2]``; with
+    ``PTX`` one ``lg2.approx.ftz``, the interpreter ``tl.log2``): a constant ``log2 pc`` per
+    column at no cost (:func:`_jsd_pass2` with ``SUM_PQ``)."""
+    u = v * pc + pc
+    if PTX:
+        return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [u],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.log2(u)
+
+
+@triton.jit
+def _jsd_acc(acc_p, acc_q, p, q, a, s, kd, FOLD: tl.constexpr, C_ON_P: tl.constexpr):
+    """Add a block's JSD terms: ``p a`` and ``q S``; with ``FOLD`` (:func:`_jsd_pass2`'s
+    ``SUM_PQ``) the terms of the KL parts themselves, ``p (a - log2 beta)`` and ``q (S + log2(1
+    - beta))``: ``s = S + log2 pc`` comes with one of them (``pc = beta`` when ``C_ON_P``,
+    else ``1 - beta``) and the other needs ``kd = log2 beta - log2(1 - beta)`` once."""
+    if FOLD:
+        if C_ON_P:
+            acc_p += p * a
+            acc_q += q * (s - kd)
+        else:
+            acc_p += p * (a - kd)
+            acc_q += q * s
+    else:
+        acc_p += p * a
+        acc_q += q * s
+    return acc_p, acc_q
 
 
 @triton.jit
 def _jsd_pass2(xbase, ybase, offs, V, m_p, ls_p, m_q, ls_q, inv_t, kd,
                SUM_PQ: tl.constexpr, FAST_BF16: tl.constexpr, PTX: tl.constexpr,
-               BLOCK_V: tl.constexpr):
+               BLOCK_V: tl.constexpr, pc=1.0, C_ON_P: tl.constexpr = False):
     """The second pass of the fp32 JSD forward: per-lane sums of ``p a``, ``q S``
-    (:func:`_jsd_cols`) and, with ``SUM_PQ``, of ``p`` and ``q``, reduced once per row.
-    Full blocks load without a mask; ``-inf`` columns are floored (``load_floor_f32``):
-    their ``p`` or ``q`` is 0 and their terms exactly 0."""
+    (:func:`_jsd_cols`), reduced once per row. Full blocks load without a mask; ``-inf``
+    columns are floored (``load_floor_f32``): their ``p`` or ``q`` is 0 and their terms
+    exactly 0. ``SUM_PQ`` (a shard of the row, whose ``sum p``, ``sum q`` are not 1): the
+    constants ``-log2 beta`` and ``log2(1 - beta)`` go into the terms (:func:`_jsd_acc`;
+    ``pc``: ``beta`` if ``C_ON_P``, else ``1 - beta``, at least 1/2 so that the ``lg2``
+    argument stays in ``[1/2, 2]``), one instruction per column pair where summing ``p``
+    and ``q`` took two: returns ``sum p (a - log2 beta)``, ``sum q (S + log2(1 - beta))``."""
     mp = tl.where(m_p == float("-inf"), 0.0, m_p)  # a row of only -inf: shifted by 0
     mq = tl.where(m_q == float("-inf"), 0.0, m_q)
     lp2 = ls_p * 1.4426950408889634
@@ -368,42 +410,64 @@ def _jsd_pass2(xbase, ybase, offs, V, m_p, ls_p, m_q, ls_q, inv_t, kd,
     k = kd + (lq2 - lp2)
     acc_p = tl.zeros([BLOCK_V], tl.float32)
     acc_q = tl.zeros([BLOCK_V], tl.float32)
-    sum_p = tl.zeros([BLOCK_V], tl.float32)
-    sum_q = tl.zeros([BLOCK_V], tl.float32)
     v_full = V - V % BLOCK_V
     for start in range(0, v_full, BLOCK_V):
         x = load_floor_f32(xbase + start + offs, FAST_BF16, tl.float32)
         y = load_floor_f32(ybase + start + offs, FAST_BF16, tl.float32)
-        p, q, a, s = _jsd_cols(x, y, mp, mq, lp2, lq2, inv_t, k, PTX)
-        acc_p += p * a
-        acc_q += q * s
-        if SUM_PQ:
-            sum_p += p
-            sum_q += q
+        p, q, a, s = _jsd_cols(x, y, mp, mq, lp2, lq2, inv_t, k, PTX, pc, SUM_PQ)
+        acc_p, acc_q = _jsd_acc(acc_p, acc_q, p, q, a, s, kd, SUM_PQ, C_ON_P)
     if v_full < V:
         cols = v_full + offs
         inb = cols < V
         x = floor_f(tl.load(xbase + cols, mask=inb, other=float("-inf")).to(tl.float32))
         y = floor_f(tl.load(ybase + cols, mask=inb, other=float("-inf")).to(tl.float32))
-        p, q, a, s = _jsd_cols(x, y, mp, mq, lp2, lq2, inv_t, k, PTX)
-        acc_p += p * a
-        acc_q += q * s
-        if SUM_PQ:
-            sum_p += p
-            sum_q += q
-    return tl.sum(acc_p, 0), tl.sum(acc_q, 0), tl.sum(sum_p, 0), tl.sum(sum_q, 0)
+        p, q, a, s = _jsd_cols(x, y, mp, mq, lp2, lq2, inv_t, k, PTX, pc, SUM_PQ)
+        acc_p, acc_q = _jsd_acc(acc_p, acc_q, p, q, a, s, kd, SUM_PQ, C_ON_P)
+    return tl.sum(acc_p, 0), tl.sum(acc_q, 0)
 
 
 @triton.jit
-def _kl_load_pair(pa, pb, HALF: tl.constexpr, FAST: tl.constexpr, CDT: tl.constexpr):
+def _kl_load_pair(pa, pb, HALF: tl.constexpr, FAST: tl.constexpr, CDT: tl.constexpr,
+                  F16: tl.constexpr = False, PTX: tl.constexpr = False):
     """Columns ``j`` and ``j + HALF`` of rows ``a`` (``pa``) and ``b`` (``pb``), floored
     (``floor_f``), ordered by ``x_a``: ``(x_a max, x_a min, x_b of the max's column, x_b of
     the other)`` (ties: ``j`` first). With ``FAST`` (bf16 on a GPU) on packed words, per
     two words of each row: four ``max.NaN.bf16x2`` floors, one ``set.ge`` mask, a packed
     max and min of ``a`` and two ``lop3`` selects of ``b``, then the unpacks; otherwise with
     fp32 selects. A NaN ``x_a`` lands in both slots (packed ``max.NaN`` / ``min.NaN``) or
-    in one of them (the failed ``>=``); either way it reaches ``r_a``."""
-    if FAST:
+    in one of them (the failed ``>=``); either way it reaches ``r_a``. With ``F16`` (fp16 on
+    fp16 inputs) **no floor** (fp16 cannot hold -1e30, and a floor per unpacked value would
+    cost one instruction each): ``-inf`` stays ``-inf``, and :func:`_kl_lane_step2` with
+    ``FLOOR_D`` floors the two differences instead (2 per pair of columns where these were
+    4); with ``PTX`` (a GPU) the order on packed ``f16x2`` words as for bf16, then one
+    ``cvt.f32.f16`` per value; the interpreter (CPU tests) orders in fp32, unfloored, the
+    same values."""
+    if F16 and not PTX:
+        xa1 = tl.load(pa).to(CDT)
+        xa2 = tl.load(pa + HALF).to(CDT)
+        xb1 = tl.load(pb).to(CDT)
+        xb2 = tl.load(pb + HALF).to(CDT)
+        first = xa1 >= xa2
+        # a NaN x_a lands in one slot (the failed >=) where the packed max.NaN / min.NaN
+        # put it in both: it reaches r_a either way
+        return (tl.where(first, xa1, xa2), tl.where(first, xa2, xa1),
+                tl.where(first, xb1, xb2), tl.where(first, xb2, xb1))
+    elif F16:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 k, t;\n .reg .b16 l, h;\n"
+            "set.ge.u32.f16x2 k, $8, $9;\n"
+            "max.NaN.f16x2 t, $8, $9;\n mov.b32 {l, h}, t;\n"
+            "cvt.f32.f16 $0, l;\n cvt.f32.f16 $1, h;\n"
+            "min.NaN.f16x2 t, $8, $9;\n mov.b32 {l, h}, t;\n"
+            "cvt.f32.f16 $2, l;\n cvt.f32.f16 $3, h;\n"
+            "lop3.b32 t, $10, $11, k, 0xE4;\n mov.b32 {l, h}, t;\n"
+            "cvt.f32.f16 $4, l;\n cvt.f32.f16 $5, h;\n"
+            "lop3.b32 t, $10, $11, k, 0xD8;\n mov.b32 {l, h}, t;\n"
+            "cvt.f32.f16 $6, l;\n cvt.f32.f16 $7, h;\n"
+            "}", "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r",
+            [tl.load(pa), tl.load(pa + HALF), tl.load(pb), tl.load(pb + HALF)],
+            dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=2)
+    elif FAST:
         return tl.inline_asm_elementwise(
             "{ .reg .b32 f, a1, a2, b1, b2, k, t;\n"
             "mov.b32 f, 0xF14AF14A;\n"
@@ -429,7 +493,7 @@ def _kl_load_pair(pa, pb, HALF: tl.constexpr, FAST: tl.constexpr, CDT: tl.conste
 
 @triton.jit
 def _kl_lane_step2(xm, xn, bm, bn, m_a, r_a, acc, o, dmax, m_b, r_b, c,
-                   IS_FP64: tl.constexpr):
+                   IS_FP64: tl.constexpr, FLOOR_D: tl.constexpr = False):
     """One step of the one-pass KL over two columns per lane (``j``, ``j + HALF``): per-lane
     (max, rest) of both rows (``_common.lane_step``) and ``acc = sum 2^{(x_a - m_a) c} (d -
     o)`` over the weighting row ``a``, ``d = x_a - x_b``, ``o`` the lane's ``d`` at its
@@ -442,10 +506,22 @@ def _kl_lane_step2(xm, xn, bm, bn, m_a, r_a, acc, o, dmax, m_b, r_b, c,
     (one rescale per pair, as ``_common.lane_step2``, which takes row ``b``). The inputs are
     floored (``floor_f``: a ``-inf`` column of ``a`` has weight 0 and adds exactly 0);
     ``dmax`` tracks the largest ``d``: a column with ``x_b = -inf`` under a finite ``x_a``
-    makes it ``>= 1e29`` (the KL is ``inf``)."""
+    makes it ``>= 1e29`` (the KL is ``inf``). ``FLOOR_D`` (the fp16 path of
+    :func:`_kl_load_pair`, inputs not floored): the differences are floored instead, with the
+    GPU's NaN-dropping max: ``x_a = -inf`` gives ``d = -inf`` (or NaN when ``x_b = -inf``
+    too), both become -2e30, weight exactly 0, term 0, as with floored inputs; and ``dmax``
+    is not tracked: ``x_b = -inf`` under a finite ``x_a`` gives ``d = +inf``, which makes
+    ``acc`` inf or NaN for good (``inf e``, ``inf 0``, then ``acc s`` keeps it), while with
+    finite fp16 inputs ``|d| <= 131008`` and ``acc`` stays finite: the caller flags a
+    non-finite ``acc`` (NaN inputs give a NaN KL either way, through ``r_a`` / ``r_b``).
+    The lane steps take ``-inf`` as they are (``m`` starts finite)."""
     dm = xm - bm
     dn = xn - bn
-    dmax = tl.maximum(dmax, tl.maximum(dm, dn))
+    if FLOOR_D:
+        dm = tl.maximum(dm, -2.0e30)
+        dn = tl.maximum(dn, -2.0e30)
+    else:
+        dmax = tl.maximum(dmax, tl.maximum(dm, dn))
     d = (xm - m_a) * c
     new = d > 0.0
     e = exp2_(-tl.abs(d), IS_FP64)
@@ -489,7 +565,8 @@ def _kl_fwd_kernel(
         KIND: tl.constexpr, HAS_MASK: tl.constexpr, GIVEN_STATS: tl.constexpr,
         ONE_PASS: tl.constexpr, IS_FP64: tl.constexpr, CDT: tl.constexpr,
         BLOCK_V: tl.constexpr, FAST_BF16: tl.constexpr = False, PTX: tl.constexpr = False,
-        PAIR_BLOCKS: tl.constexpr = False):
+        PAIR_BLOCKS: tl.constexpr = False, FAST_F16: tl.constexpr = False,
+        JSD_C_P: tl.constexpr = False):
     row = tl.program_id(0).to(tl.int64)
     if HAS_MASK:
         skip = tl.load(mask_ptr + row * stride_mask) != 0
@@ -538,24 +615,28 @@ def _kl_fwd_kernel(
                 # fp32 inputs would spill at the 128 registers of 8 warps)
                 v_two = V - V % (2 * BLOCK_V)
                 for _ in range(0, v_two, 2 * BLOCK_V):
-                    xm, xn, bm, bn = _kl_load_pair(pa, pb, HALF, FAST_BF16, CDT)
+                    xm, xn, bm, bn = _kl_load_pair(pa, pb, HALF, FAST_BF16, CDT, FAST_F16, PTX)
                     xm2, xn2, bm2, bn2 = _kl_load_pair(pa + BLOCK_V, pb + BLOCK_V, HALF,
-                                                       FAST_BF16, CDT)
+                                                       FAST_BF16, CDT, FAST_F16, PTX)
                     m_a, r_a, acc, o, dmax, m_b, r_b = _kl_lane_step2(
-                        xm, xn, bm, bn, m_a, r_a, acc, o, dmax, m_b, r_b, c, IS_FP64)
+                        xm, xn, bm, bn, m_a, r_a, acc, o, dmax, m_b, r_b, c, IS_FP64,
+                        FAST_F16)
                     m_a, r_a, acc, o, dmax, m_b, r_b = _kl_lane_step2(
-                        xm2, xn2, bm2, bn2, m_a, r_a, acc, o, dmax, m_b, r_b, c, IS_FP64)
+                        xm2, xn2, bm2, bn2, m_a, r_a, acc, o, dmax, m_b, r_b, c, IS_FP64,
+                        FAST_F16)
                     pa += 2 * BLOCK_V
                     pb += 2 * BLOCK_V
                 if v_two < v_full:  # an odd number of full blocks: the last one
-                    xm, xn, bm, bn = _kl_load_pair(pa, pb, HALF, FAST_BF16, CDT)
+                    xm, xn, bm, bn = _kl_load_pair(pa, pb, HALF, FAST_BF16, CDT, FAST_F16, PTX)
                     m_a, r_a, acc, o, dmax, m_b, r_b = _kl_lane_step2(
-                        xm, xn, bm, bn, m_a, r_a, acc, o, dmax, m_b, r_b, c, IS_FP64)
+                        xm, xn, bm, bn, m_a, r_a, acc, o, dmax, m_b, r_b, c, IS_FP64,
+                        FAST_F16)
             else:
                 for _ in range(0, v_full, BLOCK_V):
-                    xm, xn, bm, bn = _kl_load_pair(pa, pb, HALF, FAST_BF16, CDT)
+                    xm, xn, bm, bn = _kl_load_pair(pa, pb, HALF, FAST_BF16, CDT, FAST_F16, PTX)
                     m_a, r_a, acc, o, dmax, m_b, r_b = _kl_lane_step2(
-                        xm, xn, bm, bn, m_a, r_a, acc, o, dmax, m_b, r_b, c, IS_FP64)
+                        xm, xn, bm, bn, m_a, r_a, acc, o, dmax, m_b, r_b, c, IS_FP64,
+                        FAST_F16)
                     pa += BLOCK_V
                     pb += BLOCK_V
             if v_full < V:
@@ -570,6 +651,10 @@ def _kl_fwd_kernel(
                     tl.where(first, xa1, xa2), tl.where(first, xa2, xa1),
                     tl.where(first, xb1, xb2), tl.where(first, xb2, xb1),
                     m_a, r_a, acc, o, dmax, m_b, r_b, c, IS_FP64)
+            if FAST_F16:
+                # the fp16 loop does not track dmax: a d = +inf left acc non-finite
+                # (_kl_lane_step2, FLOOR_D)
+                dmax = tl.where(tl.abs(acc) < float("inf"), dmax, 3.0e38)
             big_a, rest_a, _ = lane_merge(m_a, r_a, r_a, lanes, c, HALF, False, IS_FP64)
             big_b, rest_b, _ = lane_merge(m_b, r_b, r_b, lanes, c, HALF, False, IS_FP64)
             # a row of only -inf is shifted by 0 (as _kl_logs does)
@@ -640,16 +725,23 @@ def _kl_fwd_kernel(
             if (KIND == 2) & (IS_FP64 == 0):
                 # fp32 JSD (_jsd_cols): sum p a_p = beta ln2 sum p a - beta log(beta) sum p,
                 # sum q a_q = -(1 - beta) ln2 sum q S - (1 - beta) log(1 - beta) sum q; the
-                # sums of p and q are 1 on a whole row (0 on a row of only -inf), summed only
-                # for a shard's part (GIVEN_STATS)
-                t_p, t_q, n_p, n_q = _jsd_pass2(xbase, ybase, offs, V, m_p, ls_p, m_q, ls_q,
-                                                inv_t_hi, jk_hi, GIVEN_STATS, FAST_BF16, PTX,
-                                                BLOCK_V)
-                if not GIVEN_STATS:
+                # sums of p and q are 1 on a whole row (0 on a row of only -inf); a shard's
+                # part (GIVEN_STATS) takes the constants into its terms (_jsd_pass2)
+                if JSD_C_P:
+                    pc = beta
+                else:
+                    pc = omb
+                t_p, t_q = _jsd_pass2(xbase, ybase, offs, V, m_p, ls_p, m_q, ls_q, inv_t_hi,
+                                      jk_hi, GIVEN_STATS, FAST_BF16, PTX, BLOCK_V, pc,
+                                      JSD_C_P)
+                if GIVEN_STATS:
+                    acc_p = beta * (0.6931471805599453 * t_p)
+                    acc_q = -omb * (0.6931471805599453 * t_q)
+                else:
                     n_p = tl.where(m_p == float("-inf"), 0.0, 1.0)
                     n_q = tl.where(m_q == float("-inf"), 0.0, 1.0)
-                acc_p = beta * (0.6931471805599453 * t_p) - jb_hi * n_p
-                acc_q = -omb * (0.6931471805599453 * t_q) - jo_hi * n_q
+                    acc_p = beta * (0.6931471805599453 * t_p) - jb_hi * n_p
+                    acc_q = -omb * (0.6931471805599453 * t_q) - jo_hi * n_q
             else:
                 for start in range(0, V, BLOCK_V):
                     cols = start + offs
@@ -853,9 +945,14 @@ def _kl_forward(logits, ref_logits, ignore_mask, given_p, given_q, kind, beta, t
     def meta(x, y, cdt, given):
         # fp64: the two-pass form (the one-pass state, 7 fp64 arrays, spills 56 B at 255
         # registers on sm_90a; the two-pass one does not)
-        return dict(ONE_PASS=_KL_ONE_PASS and kind != "jsd" and not given
-                    and cdt != torch.float64, PTX=x.is_cuda,
-                    PAIR_BLOCKS=x.element_size() == 2 and y.element_size() == 2)
+        one = _KL_ONE_PASS and kind != "jsd" and not given and cdt != torch.float64
+        # FAST_F16: the one-pass loop's unfloored fp16 pair (_kl_load_pair: packed on a
+        # GPU; the interpreter runs the same arithmetic after a plain load)
+        return dict(ONE_PASS=one, PTX=x.is_cuda,
+                    PAIR_BLOCKS=x.element_size() == 2 and y.element_size() == 2,
+                    FAST_F16=one and x.dtype == y.dtype == torch.float16,
+                    # the partial JSD's log2 beta or log2(1 - beta) per column (_jsd_pass2)
+                    JSD_C_P=kind == "jsd" and given and beta >= 0.5)
 
     return _pair_forward(_kl_fwd_kernel, logits, ref_logits, ignore_mask, given_p, given_q,
                          kind, temperature, (*_beta_args(beta), *_jsd_args(beta)), meta)
