@@ -223,6 +223,40 @@ __device__ __forceinline__ A alpha_side(A f, A r, A x, A gi, A gd) {
   return fabs(x) <= A(1) ? f * fma(expm1_fit(x), -gi, -gd) : fma(f - r, gi, -gd * f);
 }
 
+// alpha's backward on a near-reference column, fp32: |d| ln 2 max(a, 1 - a) <= 1 (d = log2 q -
+// log2 p), so both sides' x = h d (h = (1 - a) ln 2 for p, -a ln 2 for q) lie in expm1_fit's
+// [-1, 1], and a side's value f (-gi expm1(x) - gd) is f times one polynomial in d whose
+// coefficients are the row's: e_k = -gi fit_k h^k (e_1 = -gi h = -+g ln 2 exactly as written),
+// e_0 = -gd. Eight fma and the multiply by f per side: no x, no r (no third ex2), no branch
+// per side; the column takes one branch (near / not) for both sides, and a chunk of only near
+// columns one branch for the chunk. A near column takes this form in every chunk (the result
+// of a column never depends on its neighbours).
+struct AlphaNear {
+  float e[9];  // e[0] = -gd, e[k] = -gi fit_k h^k
+};
+__device__ __forceinline__ AlphaNear alpha_near_coef(float lead, float gd, float h) {
+  // expm1(x) ~ x + x^2 P(x), P of degree 6 of least maximal relative error on [-1, 1]
+  // (Lawson fit as expm1_fit's: 2.4e-8 in exact arithmetic, 1.4e-7 with fp32 Horner where
+  // expm1_fit's degree 7 gives 1.2e-7; one fma less per side)
+  constexpr float fit[8] = {1.0f, 0.50000006f, 0.16666715f, 0.04166626f, 0.00833031f,
+                            0.0013895507f, 0.00020370283f, 2.4760298e-05f};
+  AlphaNear c;
+  c.e[0] = -gd;
+  float t = lead;
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    c.e[k + 1] = fit[k] * t;
+    t *= h;
+  }
+  return c;
+}
+__device__ __forceinline__ float alpha_near(float d, const AlphaNear& c) {
+  float v = c.e[8];
+#pragma unroll
+  for (int k = 7; k >= 0; --k) v = fmaf(v, d, c.e[k]);
+  return v;
+}
+
 // Both gaps of a column, p - r and q - r (0 where a factor is 0), for the fp64 backward with
 // the ref gradient only: it keeps the earlier form (this, unscaled constants, g applied last),
 // since alpha_side with the g-folded constants took its sm_90a spill from 4 B to 64 B.
@@ -448,58 +482,105 @@ __global__ void __launch_bounds__(max_threads<T>())
   [[maybe_unused]] const A bd = g * (beta * dsum), od = g * (omb * dsum);
   [[maybe_unused]] const A omb_ln = A(c.omb * Unit<A>::ln_base);
   [[maybe_unused]] const A mb_ln = A(-c.beta * Unit<A>::ln_base);
+  // alpha, fp32: the near-reference columns' polynomials (AlphaNear) and their bound on |d|
+  [[maybe_unused]] AlphaNear near_p, near_q;
+  [[maybe_unused]] float near_d = 0.0f;
+  if constexpr (kKind == kAlpha && std::is_same_v<A, float>) {
+    const float gl = g * float(Unit<A>::ln_base);
+    near_p = alpha_near_coef(-gl, bd, omb_ln);
+    if (kNeedW) near_q = alpha_near_coef(gl, od, mb_ln);
+    near_d = float(1.0 / (fmax(c.beta, c.omb) * Unit<A>::ln_base));
+  }
   for_each_chunk2(xr, yr, static_cast<int>(V), [&](int ci, const Chunk<T>& a, const Chunk<T>& b) {
     A dzs[N], dws[N];
+    // alpha, fp32: a chunk whose columns are all near-reference (|d| <= near_d, the usual
+    // chunk of a policy near its reference) takes one branch for the chunk and no branch
+    // per column: p, q and the row polynomials (AlphaNear); any other chunk the general
+    // loop below (per column near or alpha_side)
+    bool near_all = false;
+    [[maybe_unused]] A lps[N], lqs[N];
+    if constexpr (kKind == kAlpha && std::is_same_v<A, float>) {
+      near_all = true;
 #pragma unroll
-    for (int k = 0; k < N; ++k) {
-      const A zp = pp.zs(a.v[k]), zq = pq.zs(b.v[k]);
-      A dz, dw;
-      if constexpr (kKind == kTv) {
-        const A p = pp.p(zp), q = pq.p(zq);
-        const A sg = A(p > q) - A(p < q);
-        dz = p * fma(A(0.5), sg, -sum_p);
-        dw = q * fma(A(-0.5), sg, -sum_q);
-      } else if constexpr (kKind == kAlpha) {
-        const A lp = fma(zp, pp.unit, -pp.lsu), lq = fma(zq, pq.unit, -pq.lsu);
-        const A p = uexp(lp), r = uexp(fma(beta, lp, omb * lq));
-        const A d = lq - lp;  // uexp units; xp = (1 - a) d ln_base, xq = -a d ln_base
-        if constexpr (kNeedW && std::is_same_v<A, double>) {
-          // unscaled constants and g applied last, as before: fp64's register allocation
-          const A q = uexp(lq);
-          A gp, gq;
-          alpha_gaps(p, q, r, d, omb, beta, gp, gq);
-          dz = g * fma(gp, A(1.0 / c.omb), -beta * dsum * p);
-          dw = g * fma(gq, A(1.0 / c.beta), -omb * dsum * q);
-        } else {
-          dz = alpha_side(p, r, d * omb_ln, ioma, bd);
-          dw = kNeedW ? alpha_side(uexp(lq), r, d * mb_ln, ia, od) : A(0);
-        }
-      } else if constexpr (kKind == kJsd && std::is_same_v<A, float>) {
-        // as the forward's second pass, in log2 units: dz = p (beta ln2 (l_p - l_m) - sum_p)
-        const A lp = fma(zp, pp.unit, -pp.lsu), lq = fma(zq, pq.unit, -pq.lsu);
-        const A p = uexp(lp), q = uexp(lq);
-        const A lm = ulog2(fma(beta, p, omb * q));
-        dz = p * fma(bl, vmax(lp - lm, lowest<A>()), -sum_p);
-        dw = q * fma(obl, vmax(lq - lm, lowest<A>()), -sum_q);
-      } else if constexpr (kKind == kJsd) {
-        A pa, qa, p, q;
-        kl_column<kKind>(zp - ls_p, zq - ls_q, beta, omb, lb, l1b, pa, qa, p, q);
-        dz = pa - p * sum_p;
-        dw = qa - q * sum_q;
-      } else {
-        const A p = pp.p(zp), q = pq.p(zq);
-        // log p - log q, finite wherever the factor in front is nonzero (else its 0 wins)
-        const A lr = (zp - ls_p) - (zq - ls_q);
-        if constexpr (kKind == kReverse) {
-          dz = xmul0(p, lr - sum_p);
-          dw = q - p;
-        } else {
-          dz = p - q;
-          dw = xmul0(q, -lr - sum_q);
-        }
+      for (int k = 0; k < N; ++k) {
+        lps[k] = fma(pp.zs(a.v[k]), pp.unit, -pp.lsu);
+        lqs[k] = fma(pq.zs(b.v[k]), pq.unit, -pq.lsu);
+        near_all &= fabsf(lqs[k] - lps[k]) <= near_d;  // false for NaN / inf d
       }
-      dzs[k] = kKind == kAlpha ? dz : g * dz;  // alpha: g already in
-      dws[k] = kKind == kAlpha ? dw : g * dw;
+    }
+    if (near_all) {
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        const A d = lqs[k] - lps[k];
+        dzs[k] = uexp(lps[k]) * alpha_near(d, near_p);
+        dws[k] = kNeedW ? uexp(lqs[k]) * alpha_near(d, near_q) : A(0);
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        const A zp = pp.zs(a.v[k]), zq = pq.zs(b.v[k]);
+        A dz, dw;
+        if constexpr (kKind == kTv) {
+          const A p = pp.p(zp), q = pq.p(zq);
+          const A sg = A(p > q) - A(p < q);
+          dz = p * fma(A(0.5), sg, -sum_p);
+          dw = q * fma(A(-0.5), sg, -sum_q);
+        } else if constexpr (kKind == kAlpha) {
+          const A lp = fma(zp, pp.unit, -pp.lsu), lq = fma(zq, pq.unit, -pq.lsu);
+          const A d = lq - lp;  // uexp units; xp = (1 - a) d ln_base, xq = -a d ln_base
+          const A p = uexp(lp);
+          if constexpr (std::is_same_v<A, float>) {
+            // near-reference columns (the common ones when the policy is near its reference):
+            // both sides by their row polynomial in d, no r; the others as alpha_side. NaN / inf
+            // d (a -inf column) fails the test and takes alpha_side.
+            if (fabsf(d) <= near_d) {
+              dz = p * alpha_near(d, near_p);
+              dw = kNeedW ? uexp(lq) * alpha_near(d, near_q) : A(0);
+            } else {
+              const A r = uexp(fma(beta, lp, omb * lq));
+              dz = alpha_side(p, r, d * omb_ln, ioma, bd);
+              dw = kNeedW ? alpha_side(uexp(lq), r, d * mb_ln, ia, od) : A(0);
+            }
+          } else if constexpr (kNeedW) {
+            const A r = uexp(fma(beta, lp, omb * lq));
+            // unscaled constants and g applied last, as before: fp64's register allocation
+            const A q = uexp(lq);
+            A gp, gq;
+            alpha_gaps(p, q, r, d, omb, beta, gp, gq);
+            dz = g * fma(gp, A(1.0 / c.omb), -beta * dsum * p);
+            dw = g * fma(gq, A(1.0 / c.beta), -omb * dsum * q);
+          } else {
+            const A r = uexp(fma(beta, lp, omb * lq));
+            dz = alpha_side(p, r, d * omb_ln, ioma, bd);
+            dw = A(0);
+          }
+        } else if constexpr (kKind == kJsd && std::is_same_v<A, float>) {
+          // as the forward's second pass, in log2 units: dz = p (beta ln2 (l_p - l_m) - sum_p)
+          const A lp = fma(zp, pp.unit, -pp.lsu), lq = fma(zq, pq.unit, -pq.lsu);
+          const A p = uexp(lp), q = uexp(lq);
+          const A lm = ulog2(fma(beta, p, omb * q));
+          dz = p * fma(bl, vmax(lp - lm, lowest<A>()), -sum_p);
+          dw = q * fma(obl, vmax(lq - lm, lowest<A>()), -sum_q);
+        } else if constexpr (kKind == kJsd) {
+          A pa, qa, p, q;
+          kl_column<kKind>(zp - ls_p, zq - ls_q, beta, omb, lb, l1b, pa, qa, p, q);
+          dz = pa - p * sum_p;
+          dw = qa - q * sum_q;
+        } else {
+          const A p = pp.p(zp), q = pq.p(zq);
+          // log p - log q, finite wherever the factor in front is nonzero (else its 0 wins)
+          const A lr = (zp - ls_p) - (zq - ls_q);
+          if constexpr (kKind == kReverse) {
+            dz = xmul0(p, lr - sum_p);
+            dw = q - p;
+          } else {
+            dz = p - q;
+            dw = xmul0(q, -lr - sum_q);
+          }
+        }
+        dzs[k] = kKind == kAlpha ? dz : g * dz;  // alpha: g already in
+        dws[k] = kKind == kAlpha ? dw : g * dw;
+      }
     }
     store_chunk(gxr, ci, static_cast<int>(V), agx, dzs);
     if (kNeedW) store_chunk(gyr, ci, static_cast<int>(V), agy, dws);

@@ -131,6 +131,32 @@ def test_peaked_rows_and_identical_rows(kind, alpha):
 
 
 @gpu_cuda
+@pytest.mark.parametrize("alpha", ALPHAS)
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW_DTYPES], ids=str)
+def test_alpha_near_reference_rows(dtype, alpha):
+    """A policy near its reference, alpha's common case: the backward's near-reference path
+    (csrc/vocab.cu AlphaNear: ``|log2 q - log2 p| max(a, 1 - a) ln 2 <= 1``, one row
+    polynomial in ``d`` per side, whole chunks of such columns without a per-column branch)
+    against the fp64 reference: rows of only near columns (every chunk near), rows where
+    every 13th column is far (|d| ~ 4 nats: the general per-column path in those chunks,
+    near columns beside far ones), columns at the bound on both sides of it, and a row of
+    small ``d`` (~1e-4) where the gradient is nearly ``-a D p``."""
+    n, vocab = 6, 1031
+    x = make_logits(n, vocab, torch.float64, kind="normal", seed=31)
+    g = torch.Generator().manual_seed(32)
+    y = x + 0.2 * torch.randn(n, vocab, generator=g, dtype=torch.float64)
+    y[1, ::13] += 4.0
+    y[2, 5::13] -= 4.0
+    bound = 1.0 / max(alpha, 1.0 - alpha)  # natural units
+    y[3, :40] = x[3, :40] + torch.linspace(-1.02, 1.02, 40, dtype=torch.float64) * bound
+    y[4] = x[4] + 1e-4 * torch.randn(vocab, generator=g, dtype=torch.float64)
+    x[5, 7] += 20.0  # peaked, near
+    y[5, 7] += 19.9
+    _check(x.to(dtype).cuda(), y.to(dtype).cuda(), "alpha", alpha, 1.0, None,
+           f"alpha a={alpha} near-reference {dtype}")
+
+
+@gpu_cuda
 @pytest.mark.parametrize("kind,alpha", CASES, ids=CASE_IDS)
 def test_saved_statistics_layout(kind, alpha):
     """The backend functions' outputs, column by column, against the reference's (fp64 logits:
