@@ -125,10 +125,21 @@ def sparse_logprobs(logits: Tensor, indices: Tensor, *, offsets: Optional[Tensor
     _checks.choice("normalize", normalize, _NORMALIZE)
     _checks.flag("return_tail", return_tail)
     name = SPARSE_LOGPROBS.resolve(backend, logits.device)
-    logp, tail, _ = SPARSE_LOGPROBS(rows_for(logits, name, _FAMILY), ids, t, normalize,
-                                    return_tail, name, offsets)
-    logp = logp.view(indices.shape)
-    return (logp, tail.view(logits.shape[:-1])) if return_tail else logp
+    # the [N, V] rows are taken inside the op (maps: no view node in the eager graph); logp
+    # and tail are saved for backward, so they are viewed here, and only when the shape
+    # differs (a view node each otherwise)
+    logp, tail, _ = SPARSE_LOGPROBS(logits, ids, t, normalize, return_tail, name, offsets,
+                                    maps=_rows_map(name))
+    logp = _reshaped(logp, indices.shape)
+    return (logp, _reshaped(tail, logits.shape[:-1])) if return_tail else logp
+
+
+def _rows_map(name: str):
+    return ((0, lambda z: rows_for(z, name, _FAMILY)),)
+
+
+def _reshaped(x: Tensor, shape) -> Tensor:
+    return x if x.shape == shape else x.view(shape)
 
 
 def sampling_support(logits: Tensor, *, top_k: Optional[int] = None,
@@ -236,9 +247,8 @@ def sparse_kl(logits: Tensor, indices: Tensor, target_logprobs: Tensor, *,
                                   tail, backend)
         return _bucket_kl(logits, indices, target_logprobs, kind, weight, t, tail, backend)
     name = SPARSE_KL.resolve(backend, logits.device)
-    kl = SPARSE_KL(rows_for(logits, name, _FAMILY), ids, target_logprobs.reshape(ids.shape), t,
-                   tail, name, offsets)[0]
-    return kl.view(logits.shape[:-1])
+    return SPARSE_KL(logits, ids, target_logprobs.reshape(ids.shape), t, tail, name, offsets,
+                     maps=_rows_map(name), views=((0, logits.shape[:-1]),))[0]
 
 
 def _bucket_kl(logits: Tensor, indices: Tensor, target_logprobs: Tensor, kind: str,
