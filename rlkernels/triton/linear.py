@@ -5,11 +5,11 @@ holds one tile of logits, the backward one vocabulary slice of ``d z`` (at most 
 
 Logits ``z = (hidden @ weight^T + bias) / T`` are formed tile by tile: a ``[BLOCK_N, BLOCK_V]``
 tile is ``tl.dot`` of ``BLOCK_H`` chunks of ``hidden`` rows and ``weight`` rows accumulated in
-fp32 (fp64 for fp64 inputs; ``input_precision="ieee"``: no TF32), bias added, times ``1/T``
-(the ``hi``/``lo`` split of :mod:`._common`); columns past ``V`` are ``-inf``, H tails are
-loaded as 0. Offsets are int64. Block sizes depend only on ``H``, ``V``, the dtype, the head
-precision and the device, never on ``N``: a row's results do not depend on the batch (SPEC 1),
-and no kernel uses atomics (bit-identical reruns).
+fp32 (fp64 for fp64 inputs; fp32 operands as 3xTF32 on the GPU: :func:`_head_precision`),
+bias added, times ``1/T`` (the ``hi``/``lo`` split of :mod:`._common`); columns past ``V``
+are ``-inf``, H tails are loaded as 0. Offsets are int64. Block sizes depend only on ``H``,
+``V``, the dtype, the head precision and the device, never on ``N``: a row's results do not
+depend on the batch (SPEC 1), and no kernel uses atomics (bit-identical reruns).
 
 * Forward (:func:`_fwd_kernel`): one program per (block of ``BLOCK_N`` rows, vocabulary
   split of 16384 columns on a GPU), the split index fastest in a 1-d grid, looping over its
@@ -133,28 +133,34 @@ def _store_value(x, ptr):
 
 
 @triton.jit
-def _logits_tile(h_ptr, stride_h, w_ptr, stride_w, b_ptr, rows, row_ok, cols, col_ok, H,
-                 inv_t_hi, inv_t_lo, fm, HAS_BIAS: tl.constexpr, MAP: tl.constexpr,
-                 UPCAST: tl.constexpr, IS_FP64: tl.constexpr, CDT: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                 ROUND: tl.constexpr = 0, DOT_PREC: tl.constexpr = "ieee"):
-    """``(z, f'(y))``: ``z = f(y) / T``, ``y = h[rows] @ w[cols]^T + b[cols]``, as a
-    ``[BLOCK_N, BLOCK_V]`` tile in ``CDT``, ``-inf`` in columns past ``V`` (``f`` the identity
-    when ``MAP`` is 0, else :func:`_head_map`; ``f'`` is ``y`` itself, unused, when ``MAP`` is
-    0). Rows with ``row_ok`` False load hidden as 0. ``ROUND`` / ``DOT_PREC``: the head
-    precision (:func:`_head_precision`): operands rounded to bf16 (1) or fp32 (2) before the
-    dot, and ``tl.dot``'s ``input_precision``. ``H`` may be 0 (a block of padding rows: no
-    dot at all)."""
-    acc = _dot_tile(h_ptr, stride_h, w_ptr, stride_w, rows, row_ok, cols, col_ok, H, UPCAST,
-                    CDT, BLOCK_N, BLOCK_V, BLOCK_H, ROUND, DOT_PREC)
-    if HAS_BIAS:
-        b = tl.load(b_ptr + cols.to(tl.int64), mask=col_ok, other=0.0).to(CDT)
-        acc = acc + b[None, :]
-    dfdy = acc
-    if MAP != 0:
-        acc, dfdy = _head_map(acc, fm, MAP, IS_FP64)
-    z = mul_hl(acc, inv_t_hi, inv_t_lo, IS_FP64)
-    return tl.where(col_ok[None, :], z, float("-inf")), dfdy
+def _tf32_split(x):
+    """``(hi, lo)`` of fp32 ``x``: ``hi`` = ``x`` rounded to TF32 (11 significant bits, to
+    nearest on the bits), ``lo`` = ``x - hi`` (exact) rounded the same way; ``x = hi + lo +
+    d`` with ``|d| <= 2^-22 |x|``. Both are TF32 values, so a TF32 tensor core (which ignores
+    the 13 low mantissa bits) multiplies them exactly. Infinite ``x`` gives ``lo`` NaN (and
+    a NaN logit, where an fp32 dot gives inf or NaN); NaN stays NaN."""
+    hi = ((x.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    r = x - hi
+    lo = ((r.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    return hi, lo
+
+
+@triton.jit
+def _mma(a, b, acc, DOT_PREC: tl.constexpr, CDT: tl.constexpr):
+    """``acc + a @ b`` by ``tl.dot`` with ``input_precision=DOT_PREC``, except ``"tf32x3"``,
+    written out here (:func:`_head_precision` states its error): ``a_lo b_hi + a_hi b_lo +
+    a_hi b_hi`` (:func:`_tf32_split`), three TF32 dots into the one accumulator (Triton's own
+    "tf32x3" sums the small products in a second accumulator: +64 registers at 128 x 128,
+    which spilled). GPU only (:func:`_dot_prec`)."""
+    if DOT_PREC == "tf32x3":
+        a_hi, a_lo = _tf32_split(a.to(tl.float32))
+        b_hi, b_lo = _tf32_split(b.to(tl.float32))
+        acc = tl.dot(a_lo, b_hi, acc, input_precision="tf32", out_dtype=CDT)
+        acc = tl.dot(a_hi, b_lo, acc, input_precision="tf32", out_dtype=CDT)
+        acc = tl.dot(a_hi, b_hi, acc, input_precision="tf32", out_dtype=CDT)
+    else:
+        acc = tl.dot(a, b, acc, input_precision=DOT_PREC, out_dtype=CDT)
+    return acc
 
 
 @triton.jit
@@ -163,8 +169,11 @@ def _dot_tile(h_ptr, stride_h, w_ptr, stride_w, rows, row_ok, cols, col_ok, H,
               BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, ROUND: tl.constexpr,
               DOT_PREC: tl.constexpr):
     """``h[rows] @ w[cols]^T`` as a ``[BLOCK_N, BLOCK_V]`` tile in ``CDT``, ``BLOCK_H`` chunks
-    of ``H`` from 0 up (rows with ``row_ok`` False and columns with ``col_ok`` False load 0;
-    ``ROUND`` / ``DOT_PREC`` / ``UPCAST`` as in :func:`_logits_tile`)."""
+    of ``H`` from 0 up (rows with ``row_ok`` False and columns with ``col_ok`` False load 0).
+    ``ROUND`` / ``DOT_PREC``: the head precision (:func:`_head_precision`): operands rounded
+    to bf16 (1) or fp32 (2) before the dot, and ``tl.dot``'s ``input_precision``; ``UPCAST``:
+    operands converted to ``CDT`` (:func:`_upcast`). ``H`` may be 0 (a block of padding rows:
+    no dot at all)."""
     offs_h = tl.arange(0, BLOCK_H)
     r64 = rows.to(tl.int64)
     c64 = cols.to(tl.int64)
@@ -172,7 +181,7 @@ def _dot_tile(h_ptr, stride_h, w_ptr, stride_w, rows, row_ok, cols, col_ok, H,
     for k in range(0, H, BLOCK_H):
         h, w = _operands(h_ptr, stride_h, w_ptr, stride_w, r64, row_ok, c64, col_ok,
                          k + offs_h, H, UPCAST, CDT, ROUND)
-        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PREC, out_dtype=CDT)
+        acc = _mma(h, tl.trans(w), acc, DOT_PREC, CDT)
     return acc
 
 
@@ -181,7 +190,7 @@ def _operands(h_ptr, stride_h, w_ptr, stride_w, r64, row_ok, c64, col_ok, ks, H,
               UPCAST: tl.constexpr, CDT: tl.constexpr, ROUND: tl.constexpr):
     """The ``tl.dot`` operands of one ``H`` chunk ``ks``: ``h[r64, ks]`` and ``w[c64, ks]``
     (0 where ``row_ok`` / ``col_ok`` is False or ``ks >= H``), rounded per ``ROUND`` and
-    converted per ``UPCAST`` (:func:`_logits_tile`)."""
+    converted per ``UPCAST`` (:func:`_dot_tile`)."""
     km = ks < H
     h = tl.load(h_ptr + r64[:, None] * stride_h + ks[None, :],
                 mask=row_ok[:, None] & km[None, :], other=0.0)
@@ -319,7 +328,8 @@ def _fwd_kernel(h_ptr, stride_h, w_ptr, stride_w, b_ptr, tok_ptr, logp_ptr, ent_
                 EXTRAS: tl.constexpr, UPCAST: tl.constexpr, IS_FP64: tl.constexpr,
                 CDT: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, ROUND: tl.constexpr = 0,
-                DOT_PREC: tl.constexpr = "ieee", INTERP: tl.constexpr = False):
+                DOT_PREC: tl.constexpr = "ieee", INTERP: tl.constexpr = False,
+                QUARTERS: tl.constexpr = False):
     """Program ``pid``: rows ``i * BLOCK_N + [0, BLOCK_N)`` over vocabulary split ``j``
     (columns ``[j * split_cols, (j + 1) * split_cols)``), ``i, j = divmod(pid, splits)``: the
     split index runs fastest, so that the programs resident together share a few ``hidden``
@@ -330,8 +340,9 @@ def _fwd_kernel(h_ptr, stride_h, w_ptr, stride_w, b_ptr, tok_ptr, logp_ptr, ent_
     (:func:`_head_map`); ``EXTRAS``: the statistics of ``extra`` (:func:`_fwd_finish`).
     Each ``[BLOCK_N, BLOCK_V]`` product tile is folded in two halves of ``BLOCK_V / 2``
     columns (:func:`_fwd_fold`, in column order): half the epilogue's live registers, so
-    that a 128-wide wgmma tile does not spill. A block whose rows are all padding runs no
-    tile (its outputs are the 0 of padding)."""
+    that a 128-wide wgmma tile does not spill; ``QUARTERS`` (the extra statistics or the soft
+    cap, :func:`_fold_quarters`): four quarters of ``BLOCK_V / 4``. A block whose rows are
+    all padding runs no tile (its outputs are the 0 of padding)."""
     pid = tl.program_id(0) // splits
     sid = tl.program_id(0) % splits
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -367,17 +378,37 @@ def _fwd_kernel(h_ptr, stride_h, w_ptr, stride_w, b_ptr, tok_ptr, logp_ptr, ent_
         cols = start + offs
         h, w = _operands(h_ptr, stride_h, w_ptr, stride_w, r64, live, cols.to(tl.int64),
                          cols < v_hi, kk * BLOCK_H + offs_h, H, UPCAST, CDT, ROUND)
-        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PREC, out_dtype=CDT)
+        acc = _mma(h, tl.trans(w), acc, DOT_PREC, CDT)
         if kk == n_k - 1:  # the tile is complete: fold its two column halves, in order
             y_a, y_b = tl.split(tl.permute(tl.reshape(acc, [BLOCK_N, 2, HALF]), (0, 2, 1)))
             t = tcol - (start - v_lo)
-            m, rest, s1, z_y, rest2, zsum, amax = _fwd_fold(
-                y_a, b_ptr, start, v_hi, t, m, rest, s1, z_y, rest2, zsum, amax, inv_t_hi,
-                inv_t_lo, fm, HAS_BIAS, MAP, WITH_ENTROPY, EXTRAS, IS_FP64, HALF, INTERP)
-            m, rest, s1, z_y, rest2, zsum, amax = _fwd_fold(
-                y_b, b_ptr, start + HALF, v_hi, t - HALF, m, rest, s1, z_y, rest2, zsum,
-                amax, inv_t_hi, inv_t_lo, fm, HAS_BIAS, MAP, WITH_ENTROPY, EXTRAS, IS_FP64,
-                HALF, INTERP)
+            if QUARTERS:  # each half in two quarters, the same relabelling again
+                Q: tl.constexpr = HALF // 2
+                y_0, y_1 = tl.split(tl.permute(tl.reshape(y_a, [BLOCK_N, 2, Q]), (0, 2, 1)))
+                m, rest, s1, z_y, rest2, zsum, amax = _fwd_fold(
+                    y_0, b_ptr, start, v_hi, t, m, rest, s1, z_y, rest2, zsum, amax, inv_t_hi,
+                    inv_t_lo, fm, HAS_BIAS, MAP, WITH_ENTROPY, EXTRAS, IS_FP64, Q, INTERP)
+                m, rest, s1, z_y, rest2, zsum, amax = _fwd_fold(
+                    y_1, b_ptr, start + Q, v_hi, t - Q, m, rest, s1, z_y, rest2, zsum, amax,
+                    inv_t_hi, inv_t_lo, fm, HAS_BIAS, MAP, WITH_ENTROPY, EXTRAS, IS_FP64, Q,
+                    INTERP)
+                y_2, y_3 = tl.split(tl.permute(tl.reshape(y_b, [BLOCK_N, 2, Q]), (0, 2, 1)))
+                m, rest, s1, z_y, rest2, zsum, amax = _fwd_fold(
+                    y_2, b_ptr, start + HALF, v_hi, t - HALF, m, rest, s1, z_y, rest2, zsum,
+                    amax, inv_t_hi, inv_t_lo, fm, HAS_BIAS, MAP, WITH_ENTROPY, EXTRAS, IS_FP64,
+                    Q, INTERP)
+                m, rest, s1, z_y, rest2, zsum, amax = _fwd_fold(
+                    y_3, b_ptr, start + HALF + Q, v_hi, t - HALF - Q, m, rest, s1, z_y, rest2,
+                    zsum, amax, inv_t_hi, inv_t_lo, fm, HAS_BIAS, MAP, WITH_ENTROPY, EXTRAS,
+                    IS_FP64, Q, INTERP)
+            else:
+                m, rest, s1, z_y, rest2, zsum, amax = _fwd_fold(
+                    y_a, b_ptr, start, v_hi, t, m, rest, s1, z_y, rest2, zsum, amax, inv_t_hi,
+                    inv_t_lo, fm, HAS_BIAS, MAP, WITH_ENTROPY, EXTRAS, IS_FP64, HALF, INTERP)
+                m, rest, s1, z_y, rest2, zsum, amax = _fwd_fold(
+                    y_b, b_ptr, start + HALF, v_hi, t - HALF, m, rest, s1, z_y, rest2, zsum,
+                    amax, inv_t_hi, inv_t_lo, fm, HAS_BIAS, MAP, WITH_ENTROPY, EXTRAS, IS_FP64,
+                    HALF, INTERP)
             acc = tl.zeros([BLOCK_N, BLOCK_V], CDT)
     hit = (amax.to(tl.int64) == tok).to(CDT)
     if SPLIT:
@@ -485,17 +516,49 @@ def _dz_kernel(glp_ptr, gh_ptr, h_ptr, stride_h, w_ptr, stride_w, b_ptr, tok_ptr
     tok, live, m, log_s, sum_pzs, g_lp, g_h = _row_grad_inputs(
         glp_ptr, gh_ptr, tok_ptr, stats_ptr, stride_s0, stride_s1, rows, row_in, ignore_index,
         inv_t_hi, inv_t_lo, HAS_GLP, HAS_GH, IS_FP64, CDT)
+    fm = (s_hi, s_lo, c_hi, c_lo, ic_hi, ic_lo)
     if FROM_LOGITS:
         y = tl.load(h_ptr + rows.to(tl.int64)[:, None] * stride_h + local.to(tl.int64)[None, :],
                     mask=live[:, None] & col_ok[None, :], other=0.0).to(CDT)
-        z = tl.where(col_ok[None, :], mul_hl(y, inv_t_hi, inv_t_lo, IS_FP64), float("-inf"))
-        dfdy = y
+        _dz_part(y, local, v0, cnt, b_ptr, rows, row_in, tok, live, m, log_s, sum_pzs, g_lp,
+                 g_h, dz_ptr, stride_dz, dbp_ptr, stride_dbp, pid_n, inv_t_hi, inv_t_lo, fm,
+                 False, HAS_BIAS, MAP, HAS_GLP, HAS_GH, IS_FP64)
     else:
         h_end = tl.where(tl.max(live.to(tl.int32), 0) > 0, H, 0)
-        z, dfdy = _logits_tile(h_ptr, stride_h, w_ptr, stride_w, b_ptr, rows, live, cols,
-                               col_ok, h_end, inv_t_hi, inv_t_lo,
-                               (s_hi, s_lo, c_hi, c_lo, ic_hi, ic_lo), HAS_BIAS, MAP, UPCAST,
-                               IS_FP64, CDT, BLOCK_N, BLOCK_V, BLOCK_H, ROUND, DOT_PREC)
+        acc = _dot_tile(h_ptr, stride_h, w_ptr, stride_w, rows, live, cols, col_ok, h_end,
+                        UPCAST, CDT, BLOCK_N, BLOCK_V, BLOCK_H, ROUND, DOT_PREC)
+        # the epilogue on two column halves (a relabelling of the accumulator's registers, as
+        # in _fwd_kernel): half the live registers, so that the soft cap's map fits at 128 x
+        # 128 (the whole tile spilled 384 B there)
+        HALF: tl.constexpr = BLOCK_V // 2
+        y_a, y_b = tl.split(tl.permute(tl.reshape(acc, [BLOCK_N, 2, HALF]), (0, 2, 1)))
+        half = tl.arange(0, HALF)
+        l_a = pid_v * BLOCK_V + half
+        _dz_part(y_a, l_a, v0, cnt, b_ptr, rows, row_in, tok, live, m, log_s, sum_pzs, g_lp,
+                 g_h, dz_ptr, stride_dz, dbp_ptr, stride_dbp, pid_n, inv_t_hi, inv_t_lo, fm,
+                 HAS_BIAS, HAS_BIAS, MAP, HAS_GLP, HAS_GH, IS_FP64)
+        _dz_part(y_b, l_a + HALF, v0, cnt, b_ptr, rows, row_in, tok, live, m, log_s, sum_pzs,
+                 g_lp, g_h, dz_ptr, stride_dz, dbp_ptr, stride_dbp, pid_n, inv_t_hi, inv_t_lo,
+                 fm, HAS_BIAS, HAS_BIAS, MAP, HAS_GLP, HAS_GH, IS_FP64)
+
+
+@triton.jit
+def _dz_part(y, local, v0, cnt, b_ptr, rows, row_in, tok, live, m, log_s, sum_pzs, g_lp, g_h,
+             dz_ptr, stride_dz, dbp_ptr, stride_dbp, pid_n, inv_t_hi, inv_t_lo, fm,
+             ADD_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr, MAP: tl.constexpr,
+             HAS_GLP: tl.constexpr, HAS_GH: tl.constexpr, IS_FP64: tl.constexpr):
+    """``d z`` of the product columns ``local`` (slice-relative; ``y [BLOCK_N, len(local)]``,
+    rows with ``live`` False already 0): bias added (``ADD_BIAS``), map, ``1/T``, columns at or
+    past ``cnt`` ``-inf``, :func:`_dz_tile`, times ``f'(y)`` with a map; stored in ``dz``'s
+    dtype, and with ``HAS_BIAS`` the block's column sums into row ``pid_n`` of ``dbp``."""
+    col_ok = local < cnt
+    cols = v0 + local
+    if ADD_BIAS:
+        y = y + tl.load(b_ptr + cols.to(tl.int64), mask=col_ok, other=0.0).to(y.dtype)[None, :]
+    dfdy = y
+    if MAP != 0:
+        y, dfdy = _head_map(y, fm, MAP, IS_FP64)
+    z = tl.where(col_ok[None, :], mul_hl(y, inv_t_hi, inv_t_lo, IS_FP64), float("-inf"))
     dz = _dz_tile(z, cols, col_ok, tok, live, m, log_s, sum_pzs, g_lp, g_h, HAS_GLP, HAS_GH,
                   IS_FP64)
     if MAP != 0:  # dz is 0 on padding rows and tail columns, f'(y) finite there
@@ -522,7 +585,7 @@ def _gemm_kernel(a_ptr, stride_am, stride_ak, b_ptr, stride_bk, stride_bn, cin_p
     ``CAST``: both operands go to ``CDT`` before the dot (interpreter, fp16, mixed dtypes).
     ``SKIP_PADDING_M``: ``M`` indexes token rows whose ``a`` rows are 0 on padding; a block of
     padding rows only runs no K step (``c = cin``). ``ROUND`` / ``DOT_PREC``: as in
-    :func:`_logits_tile`."""
+    :func:`_dot_tile`."""
     pid_m, pid_n = _grouped(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(NC, BLOCK_NC),
                             GROUP)
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -560,7 +623,7 @@ def _gemm_kernel(a_ptr, stride_am, stride_ak, b_ptr, stride_bk, stride_bn, cin_p
         if CAST:
             a = a.to(CDT)
             b = b.to(CDT)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PREC, out_dtype=CDT)
+        acc = _mma(a, b, acc, DOT_PREC, CDT)
     tl.store(c_ptr + c_offs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
@@ -574,17 +637,18 @@ def _blocks(hidden: Tensor, vocab: int, dim: int, dz: bool = False,
     device only, never from N (batch invariance). ``tl.dot`` needs every block >= 16.
 
     On sm_90a (``tests/triton/linear_sm90_check.py``, ptxas / cuobjdump of the compiled
-    kernels), 128 x 128 tiles on 8 warps: two warpgroups stacked along the rows (layout
-    ``[8, 1]``: each row's reductions stay inside a warp), each issuing ``HGMMA.64x128x16``
-    (``64x128x8`` for TF32). ``_dz_kernel`` (bf16): 128 x 128 x 64, no spill. The forward
-    (:func:`_fwd_kernel`) folds each tile in two 64-column halves, which is what lets its
-    online-softmax epilogue fit next to a 128-wide accumulator: 128 x 128 x 64 for bf16 /
-    fp16 and 128 x 128 x 32 for fp32 inputs on bf16 or TF32 operands and fp16 inputs on a bf16
-    head, 186-208 registers, no spill (the whole-tile epilogue spilled at every 128-wide tile:
-    255 registers + 20 B).
-    Kept at 64 x 128 (``HGMMA.64x64x16``): fp32 "ieee" dots (FMA, no wgmma; 128 x 128 spills
-    76-280 B) and the private ``EXTRAS`` statistics (128 x 128: 255 registers, 8 B spilled
-    with the soft cap and no bias; 64 x 128: 244-255 registers, no spill)."""
+    kernels, every configuration the launchers pick) the forward and :func:`_dz_kernel` take
+    128 x 128 tiles on 8 warps for every dtype, head precision, bias, entropy gradient, map and
+    ``EXTRAS`` (``dz`` and ``extras`` no longer change the tiles): two warpgroups stacked along
+    the rows (layout ``[8, 1]``: each row's reductions stay inside a warp), each issuing
+    ``HGMMA.64x128x16`` (``64x128x8`` for TF32 and 3xTF32 operands), no spill. What makes the
+    epilogues fit next to a 128-wide accumulator: the forward folds each tile in two 64-column
+    halves (four 32-column quarters with ``EXTRAS`` or the soft cap, :func:`_fold_quarters`),
+    ``_dz_kernel`` forms ``d z`` per half (:func:`_dz_part`); whole-tile epilogues spilled
+    (255 registers + 20 B forward, + 384 B ``d z`` with the soft cap). ``H`` chunks: 64 for
+    bf16 / fp16 operands, 32 for operands rounded to bf16 in registers (fp16 / fp32 inputs on
+    a ``"bf16"`` head; 64 spilled 12 B) and for TF32, 16 for fp32 "tf32x3" dots (32 spilled
+    8 B in the forward with the entropy)."""
     def fit(n: int, cap: int) -> int:
         return max(16, min(triton.next_power_of_2(max(n, 1)), cap))
 
@@ -592,8 +656,7 @@ def _blocks(hidden: Tensor, vocab: int, dim: int, dz: bool = False,
         return 16, fit(vocab, 64), fit(dim, 64), 4
     if hidden.dtype == torch.float64:
         return 32, fit(vocab, 64), fit(dim, 32), 4
-    # free of register spills in benchmarks/sm90_compile.py (tuning: benchmarks/NOTES.md);
-    # fp32 "ieee" dots keep their operands in registers, hence the shorter H chunk
+    # free of register spills (tests/triton/test_linear_sm90.py; tuning: benchmarks/NOTES.md)
     rounds = prec is not None and prec.round != 0  # operands rounded in registers
     if hidden.dtype == torch.float32:  # bf16-rounded, TF32 or 3xTF32 tensor cores
         x3 = prec is not None and prec.fwd_dot == "tf32x3"
@@ -601,6 +664,13 @@ def _blocks(hidden: Tensor, vocab: int, dim: int, dz: bool = False,
     # 16-bit inputs; rounded operands (fp16 on a bf16 head) take H chunks of 32 like fp32
     # (64 spills 12 B in the forward with a bias and the entropy)
     return 128, fit(vocab, 128), fit(dim, 32 if rounds else 64), 8
+
+
+def _fold_quarters(extras: bool, mode: int) -> bool:
+    """:func:`_fwd_kernel` folds each tile in quarters instead of halves with the ``EXTRAS``
+    statistics or the soft cap (``MAP`` 2): their epilogue spilled on halves at 128 x 128
+    (8-44 B, 255 registers; ``tests/triton/linear_sm90_check.py``)."""
+    return bool(extras) or mode == 2
 
 
 def _upcast(h: Tensor, prec: _Prec) -> bool:
@@ -639,13 +709,28 @@ class _Prec(NamedTuple):
 
 
 def _head_precision(dtype: torch.dtype, head_precision: Optional[str]) -> _Prec:
-    """``None``: the inputs' own precision (bf16 / fp16 operands as they are, fp32 "ieee"
-    dots, fp64 in fp64; ``d z`` in :func:`_dz_dtype`). ``"bf16"``: every GEMM operand
-    (``hidden``, ``weight``, ``d z``) rounded to bf16. ``"tf32"``: fp32 operands on TF32
-    tensor cores (a no-op in the interpreter, whose dots are exact fp32: "tf32" = "fp32" on
-    CPU). ``"fp32"``: fp32 operands, "ieee" dots; bf16 / fp16 inputs are exact in fp32, so
-    their forward dot keeps its operands (exact products, fp32 accumulation) and only ``d z``
-    changes (fp32 instead of bf16). Accumulation is fp32 (fp64 for fp64 inputs) always."""
+    """``None``: the inputs' own precision (bf16 / fp16 operands as they are, fp32 operands
+    as for ``"fp32"``, fp64 in fp64; ``d z`` in :func:`_dz_dtype`). ``"bf16"``: every GEMM
+    operand (``hidden``, ``weight``, ``d z``) rounded to bf16. ``"tf32"``: fp32 operands on
+    TF32 tensor cores (a no-op in the interpreter, whose dots are exact fp32: "tf32" = "fp32"
+    on CPU). ``"fp32"``: fp32 operands; bf16 / fp16 inputs are exact in fp32, so their
+    forward dot keeps its operands (exact products, fp32 accumulation) and only ``d z``
+    changes (fp32 instead of bf16). Accumulation is fp32 (fp64 for fp64 inputs) always.
+
+    Every dot of two fp32 operands (fp32 inputs with ``None`` / ``"fp32"``; the backward
+    GEMMs of ``d z`` in fp32 against bf16 / fp16 operands converted to fp32) runs as
+    ``tl.dot(..., input_precision="tf32x3")`` on a GPU: three TF32 wgmmas (tensor cores, not
+    the FMA units). Error model: each operand ``x = x_hi + x_lo + d`` with ``x_hi =
+    tf32(x)``, ``x_lo = tf32(x - x_hi)``, ``|d| <= 2^-22 |x|`` (TF32 keeps 11 significant
+    bits); ``a b`` is formed as ``a_hi b_hi + a_hi b_lo + a_lo b_hi``, each product exact in
+    fp32, dropping ``a_lo b_lo`` and the two ``d`` terms: ``|error| <= 3 * 2^-22 |a b|``
+    (~7e-7, vs 2^-24 = 6e-8 for an fp32 FMA), summed in fp32 on the tensor cores. Over ``H``
+    products that adds at most ``7e-7 sum_k |h_k w_k|`` to a logit, below fp32
+    accumulation's own ``H 2^-24 sum_k |h_k w_k|`` bound at ``H >= 12``: fp32-level accuracy
+    (SPEC 5's 1e-5 against fp64). bf16 / fp16 operands converted to fp32 have ``x_lo = 0``
+    (exact in TF32). The interpreter runs "ieee" dots instead (:func:`_dot_prec`), so the
+    CPU tests against fp64 cannot tell "tf32x3" from "ieee"; the model above is the
+    argument, a GPU run the check."""
     fp32_dot = "tf32x3" if dtype == torch.float32 else "ieee"  # fp32 operands' dot
     if head_precision is None:
         return _Prec(0, fp32_dot, _dz_dtype(dtype))
@@ -725,8 +810,9 @@ def _forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tokens: Ten
             stats if extra is None else extra, part, n, vocab, dim, split_cols, splits, hi, lo,
             int(ignore_index), *fm,
             HAS_BIAS=b is not None, MAP=mode, UPCAST=_upcast(h, prec), SPLIT=splits > 1,
-            BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, ROUND=prec.round, DOT_PREC=prec.fwd_dot,
-            INTERP=not h.is_cuda, num_warps=warps, **flags)
+            BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, ROUND=prec.round, DOT_PREC=_dot_prec(prec.fwd_dot, h),
+            INTERP=not h.is_cuda, QUARTERS=_fold_quarters(extras, mode), num_warps=warps,
+            **flags)
         if splits > 1:
             block = 256 if h.is_cuda else 16
             _fwd_merge_kernel[(triton.cdiv(n, block),)](
@@ -816,7 +902,15 @@ def _gemm_kmeta(h: Tensor, dzt: torch.dtype, prec: _Prec, head_precision: Option
     cast = (not h.is_cuda) or fp64 or (not both_bf16 and dzt != h.dtype)
     fp32_dot = not fp64 and not both_bf16
     dot = ("tf32" if head_precision == "tf32" else "tf32x3") if fp32_dot else "ieee"
-    return dict(CAST=cast, ROUND=prec.round, DOT_PREC=dot)
+    return dict(CAST=cast, ROUND=prec.round, DOT_PREC=_dot_prec(dot, h))
+
+
+def _dot_prec(dot: str, h: Tensor) -> str:
+    """The kernels' ``DOT_PREC``: ``"tf32x3"`` (:func:`_mma`) on a GPU only. The interpreter
+    takes ``"ieee"`` (one exact fp32 numpy dot): its three split dots made a row's bits
+    depend on its position in the row block (numpy's BLAS rounds rows unlike by position),
+    breaking the CPU batch-invariance test; so the CPU tests cannot see the split's error."""
+    return "ieee" if dot == "tf32x3" and not h.is_cuda else dot
 
 
 # d z is materialized one vocabulary slice [N, span] at a time, at most this many bytes
@@ -899,7 +993,7 @@ def linear_token_logprobs_backward(grad_logp: Optional[Tensor], grad_entropy: Op
     meta = dict(HAS_BIAS=b is not None, HAS_GLP=has_glp, HAS_GH=has_gh,
                 UPCAST=_upcast(h, prec), IS_FP64=cdt == torch.float64,
                 CDT=tl_compute_dtype(cdt), BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, GROUP=8,
-                ROUND=prec.round, DOT_PREC=prec.fwd_dot, num_warps=warps)
+                ROUND=prec.round, DOT_PREC=_dot_prec(prec.fwd_dot, h), num_warps=warps)
     with device_guard(h):
         for i, v0 in enumerate(range(0, vocab, span)):
             cnt = min(span, vocab - v0)
