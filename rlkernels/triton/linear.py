@@ -810,9 +810,9 @@ def _forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tokens: Ten
             stats if extra is None else extra, part, n, vocab, dim, split_cols, splits, hi, lo,
             int(ignore_index), *fm,
             HAS_BIAS=b is not None, MAP=mode, UPCAST=_upcast(h, prec), SPLIT=splits > 1,
-            BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, ROUND=prec.round, DOT_PREC=_dot_prec(prec.fwd_dot, h),
-            INTERP=not h.is_cuda, QUARTERS=_fold_quarters(extras, mode), num_warps=warps,
-            **flags)
+            BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, ROUND=prec.round,
+            DOT_PREC=_dot_prec(prec.fwd_dot, h), INTERP=not h.is_cuda,
+            QUARTERS=_fold_quarters(extras, mode), num_warps=warps, **flags)
         if splits > 1:
             block = 256 if h.is_cuda else 16
             _fwd_merge_kernel[(triton.cdiv(n, block),)](
