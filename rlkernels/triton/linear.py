@@ -729,8 +729,8 @@ def _head_precision(dtype: torch.dtype, head_precision: Optional[str]) -> _Prec:
     accumulation's own ``H 2^-24 sum_k |h_k w_k|`` bound at ``H >= 12``: fp32-level accuracy
     (SPEC 5's 1e-5 against fp64). bf16 / fp16 operands converted to fp32 have ``x_lo = 0``
     (exact in TF32). The interpreter runs "ieee" dots instead (:func:`_dot_prec`), so the
-    CPU tests against fp64 cannot tell "tf32x3" from "ieee"; the model above is the
-    argument, a GPU run the check."""
+    ops' CPU tests against fp64 cannot tell "tf32x3" from "ieee";
+    ``tests/triton/test_linear_tf32x3.py`` checks :func:`_mma` itself against the model."""
     fp32_dot = "tf32x3" if dtype == torch.float32 else "ieee"  # fp32 operands' dot
     if head_precision is None:
         return _Prec(0, fp32_dot, _dz_dtype(dtype))
