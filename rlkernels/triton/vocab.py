@@ -392,22 +392,10 @@ def _jsd_acc(acc_p, acc_q, p, q, a, s, kd, FOLD: tl.constexpr, C_ON_P: tl.conste
 
 
 @triton.jit
-def _jsd_pass2(xbase, ybase, offs, V, m_p, ls_p, m_q, ls_q, inv_t, kd,
-               SUM_PQ: tl.constexpr, FAST_BF16: tl.constexpr, PTX: tl.constexpr,
-               BLOCK_V: tl.constexpr, pc=1.0, C_ON_P: tl.constexpr = False):
-    """The second pass of the fp32 JSD forward: per-lane sums of ``p a``, ``q S``
-    (:func:`_jsd_cols`), reduced once per row. Full blocks load without a mask; ``-inf``
-    columns are floored (``load_floor_f32``): their ``p`` or ``q`` is 0 and their terms
-    exactly 0. ``SUM_PQ`` (a shard of the row, whose ``sum p``, ``sum q`` are not 1): the
-    constants ``-log2 beta`` and ``log2(1 - beta)`` go into the terms (:func:`_jsd_acc`;
-    ``pc``: ``beta`` if ``C_ON_P``, else ``1 - beta``, at least 1/2 so that the ``lg2``
-    argument stays in ``[1/2, 2]``), one instruction per column pair where summing ``p``
-    and ``q`` took two: returns ``sum p (a - log2 beta)``, ``sum q (S + log2(1 - beta))``."""
-    mp = tl.where(m_p == float("-inf"), 0.0, m_p)  # a row of only -inf: shifted by 0
-    mq = tl.where(m_q == float("-inf"), 0.0, m_q)
-    lp2 = ls_p * 1.4426950408889634
-    lq2 = ls_q * 1.4426950408889634
-    k = kd + (lq2 - lp2)
+def _jsd_pass2_loop(xbase, ybase, offs, V, mp, mq, lp2, lq2, inv_t, k, kd, pc,
+                    SUM_PQ: tl.constexpr, FAST_BF16: tl.constexpr, PTX: tl.constexpr,
+                    BLOCK_V: tl.constexpr, C_ON_P: tl.constexpr):
+    """The stream of :func:`_jsd_pass2`: per-lane sums of its terms (:func:`_jsd_acc`)."""
     acc_p = tl.zeros([BLOCK_V], tl.float32)
     acc_q = tl.zeros([BLOCK_V], tl.float32)
     v_full = V - V % BLOCK_V
@@ -423,6 +411,38 @@ def _jsd_pass2(xbase, ybase, offs, V, m_p, ls_p, m_q, ls_q, inv_t, kd,
         y = floor_f(tl.load(ybase + cols, mask=inb, other=float("-inf")).to(tl.float32))
         p, q, a, s = _jsd_cols(x, y, mp, mq, lp2, lq2, inv_t, k, PTX, pc, SUM_PQ)
         acc_p, acc_q = _jsd_acc(acc_p, acc_q, p, q, a, s, kd, SUM_PQ, C_ON_P)
+    return acc_p, acc_q
+
+
+@triton.jit
+def _jsd_pass2(xbase, ybase, offs, V, m_p, ls_p, m_q, ls_q, inv_t, kd,
+               SUM_PQ: tl.constexpr, FAST_BF16: tl.constexpr, PTX: tl.constexpr,
+               BLOCK_V: tl.constexpr, beta=0.5, omb=0.5):
+    """The second pass of the fp32 JSD forward: per-lane sums of ``p a``, ``q S``
+    (:func:`_jsd_cols`), reduced once per row. Full blocks load without a mask; ``-inf``
+    columns are floored (``load_floor_f32``): their ``p`` or ``q`` is 0 and their terms
+    exactly 0. ``SUM_PQ`` (a shard of the row, whose ``sum p``, ``sum q`` are not 1): the
+    constants ``-log2 beta`` and ``log2(1 - beta)`` go into the terms (:func:`_jsd_acc`:
+    ``log2 pc`` through the ``lg2``, ``pc = beta`` when beta >= 1/2, else ``1 - beta``, so
+    that its argument stays in ``[1/2, 2]``), one instruction per column pair where summing
+    ``p`` and ``q`` took two: returns ``sum p (a - log2 beta)``, ``sum q (S + log2(1 -
+    beta))``. The side is a runtime choice between two copies of the loop (beta is a runtime
+    argument: no compile per beta)."""
+    mp = tl.where(m_p == float("-inf"), 0.0, m_p)  # a row of only -inf: shifted by 0
+    mq = tl.where(m_q == float("-inf"), 0.0, m_q)
+    lp2 = ls_p * 1.4426950408889634
+    lq2 = ls_q * 1.4426950408889634
+    k = kd + (lq2 - lp2)
+    if SUM_PQ:
+        if beta >= 0.5:
+            acc_p, acc_q = _jsd_pass2_loop(xbase, ybase, offs, V, mp, mq, lp2, lq2, inv_t, k,
+                                           kd, beta, SUM_PQ, FAST_BF16, PTX, BLOCK_V, True)
+        else:
+            acc_p, acc_q = _jsd_pass2_loop(xbase, ybase, offs, V, mp, mq, lp2, lq2, inv_t, k,
+                                           kd, omb, SUM_PQ, FAST_BF16, PTX, BLOCK_V, False)
+    else:
+        acc_p, acc_q = _jsd_pass2_loop(xbase, ybase, offs, V, mp, mq, lp2, lq2, inv_t, k, kd,
+                                       1.0, SUM_PQ, FAST_BF16, PTX, BLOCK_V, False)
     return tl.sum(acc_p, 0), tl.sum(acc_q, 0)
 
 
@@ -565,8 +585,7 @@ def _kl_fwd_kernel(
         KIND: tl.constexpr, HAS_MASK: tl.constexpr, GIVEN_STATS: tl.constexpr,
         ONE_PASS: tl.constexpr, IS_FP64: tl.constexpr, CDT: tl.constexpr,
         BLOCK_V: tl.constexpr, FAST_BF16: tl.constexpr = False, PTX: tl.constexpr = False,
-        PAIR_BLOCKS: tl.constexpr = False, FAST_F16: tl.constexpr = False,
-        JSD_C_P: tl.constexpr = False):
+        PAIR_BLOCKS: tl.constexpr = False, FAST_F16: tl.constexpr = False):
     row = tl.program_id(0).to(tl.int64)
     if HAS_MASK:
         skip = tl.load(mask_ptr + row * stride_mask) != 0
@@ -727,13 +746,8 @@ def _kl_fwd_kernel(
                 # sum q a_q = -(1 - beta) ln2 sum q S - (1 - beta) log(1 - beta) sum q; the
                 # sums of p and q are 1 on a whole row (0 on a row of only -inf); a shard's
                 # part (GIVEN_STATS) takes the constants into its terms (_jsd_pass2)
-                if JSD_C_P:
-                    pc = beta
-                else:
-                    pc = omb
                 t_p, t_q = _jsd_pass2(xbase, ybase, offs, V, m_p, ls_p, m_q, ls_q, inv_t_hi,
-                                      jk_hi, GIVEN_STATS, FAST_BF16, PTX, BLOCK_V, pc,
-                                      JSD_C_P)
+                                      jk_hi, GIVEN_STATS, FAST_BF16, PTX, BLOCK_V, beta, omb)
                 if GIVEN_STATS:
                     acc_p = beta * (0.6931471805599453 * t_p)
                     acc_q = -omb * (0.6931471805599453 * t_q)
@@ -950,9 +964,7 @@ def _kl_forward(logits, ref_logits, ignore_mask, given_p, given_q, kind, beta, t
         # GPU; the interpreter runs the same arithmetic after a plain load)
         return dict(ONE_PASS=one, PTX=x.is_cuda,
                     PAIR_BLOCKS=x.element_size() == 2 and y.element_size() == 2,
-                    FAST_F16=one and x.dtype == y.dtype == torch.float16,
-                    # the partial JSD's log2 beta or log2(1 - beta) per column (_jsd_pass2)
-                    JSD_C_P=kind == "jsd" and given and beta >= 0.5)
+                    FAST_F16=one and x.dtype == y.dtype == torch.float16)
 
     return _pair_forward(_kl_fwd_kernel, logits, ref_logits, ignore_mask, given_p, given_q,
                          kind, temperature, (*_beta_args(beta), *_jsd_args(beta)), meta)
