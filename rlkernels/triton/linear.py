@@ -71,13 +71,13 @@ and what is left to tune in benchmarks/NOTES.md.
 
 from __future__ import annotations
 
-import contextlib
 from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from .. import _cublas_head as _head
 from .. import _rows
 from .._fused import fused_forward, row_grads
 from .._policy_options import PolicyOptions
@@ -914,7 +914,7 @@ def _dot_prec(dot: str, h: Tensor) -> str:
 
 
 # d z is materialized one vocabulary slice [N, span] at a time, at most this many bytes
-_DZ_BYTES = 1 << 28
+_DZ_BYTES = _head.DZ_BYTES
 
 
 def linear_token_logprobs_backward(grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor],
@@ -1041,108 +1041,29 @@ def _resolve_path(path: str, hidden: Tensor) -> str:
     return path
 
 
-# the cuBLAS forward holds one fp32 [C, V] logits chunk of at most this many bytes; C is a
-# multiple of _CHUNK_ALIGN rows (a function of V only: batch invariance)
-_LOGITS_BYTES = 1 << 29
-_CHUNK_ALIGN = 128
-_MAX_CHUNK = 4096
-# the cuBLAS backward forms d z in vocabulary slices of this many columns
-_SLICE_COLS = 8192
-
-
-def _chunk_rows(vocab: int, chunk_rows: Optional[int]) -> int:
-    """Rows per GEMM call of the cuBLAS path: ``chunk_rows`` (tests) or the most
-    ``_CHUNK_ALIGN``-multiple whose fp32 logits fit ``_LOGITS_BYTES``, at most
-    ``_MAX_CHUNK`` (a small vocabulary would otherwise pad every call to millions of rows:
-    V = 37 gave 3.6M, and a backward buffer of that many rows); never a function of N, so
-    every logits / ``d hidden`` GEMM has the same M whatever the batch."""
-    if chunk_rows is not None:
-        return int(chunk_rows)
-    c = _LOGITS_BYTES // (4 * vocab) // _CHUNK_ALIGN * _CHUNK_ALIGN
-    return min(_MAX_CHUNK, max(_CHUNK_ALIGN, c))
-
-
-@contextlib.contextmanager
-def _tf32(enabled: bool, device: torch.device):
-    """cuBLAS fp32 GEMMs on TF32 tensor cores inside the block (``head_precision="tf32"``);
-    restores the process setting. No-op off CUDA (CPU GEMMs are fp32)."""
-    if not enabled or device.type != "cuda":
-        yield
-        return
-    flags = torch.backends.cuda.matmul
-    old = flags.allow_tf32
-    flags.allow_tf32 = True
-    try:
-        yield
-    finally:
-        flags.allow_tf32 = old
-
-
-def _mm(a: Tensor, b: Tensor, cdt: torch.dtype, out: Optional[Tensor] = None) -> Tensor:
-    """``a @ b`` with exact products and ``cdt`` accumulation and result: bf16 / fp16 operands
-    go to cuBLAS as they are with an fp32 output (``out_dtype``); on CPU, and for mixed
-    dtypes, both operands are converted to ``cdt`` first (exact)."""
-    if a.is_cuda and a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16):
-        if out is None:
-            return torch.mm(a, b, out_dtype=cdt)
-        return torch.mm(a, b, out_dtype=cdt, out=out)
-    a, b = a.to(cdt), b.to(cdt)
-    return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
-
-
-def _round_operand(x: Tensor, prec: _Prec) -> Tensor:
-    """A GEMM operand rounded as the head precision says (``ROUND`` of :class:`_Prec`)."""
-    if prec.round == 1:
-        return x.to(torch.bfloat16)
-    if prec.round == 2:
-        return x.to(torch.float32)
-    return x
+# the cuBLAS path's chunk plumbing (chunk size, TF32 context, GEMM helper, operand rounding)
+# is backend-neutral: rlkernels/_cublas_head.py, shared with the cuda backend
+_CHUNK_ALIGN = _head.CHUNK_ALIGN
+_MAX_CHUNK = _head.MAX_CHUNK
+_chunk_rows = _head.chunk_rows
+_tf32 = _head.tf32
+_mm = _head.mm
+_round_operand = _head.round_operand
 
 
 def _cublas_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tokens: Tensor,
                     temperature: float, ignore_index: int, with_entropy: bool,
                     head_precision: Optional[str], chunk_rows: Optional[int]
                     ) -> Tuple[Tensor, Tensor, Tensor]:
-    """The forward with the GEMM through ``torch.mm`` (cuBLAS on a GPU).
-
-    Per chunk of ``C`` rows (:func:`_chunk_rows`; the last chunk zero-padded to ``C``, so every
-    GEMM call has the same shape ``[C, H] x [H, V]`` and cuBLAS the same algorithm whatever N:
-    batch invariant by construction): ``y = h_c @ W^T (+ b)`` in fp32 (fp64 for fp64), then
-    :func:`rlkernels.triton.vocab.token_logprobs_forward` on the chunk (one program per row,
-    padding rows skipped). Padding rows of ``hidden`` are zeroed in the chunk (NaN there is
-    harmless). Extra memory: the ``[C, V]`` logits (<= 512 MiB) and the ``[C, H]`` chunk; with
-    ``head_precision="bf16"`` and non-bf16 weights, a bf16 copy of ``W`` (``2 V H`` bytes)."""
+    """The forward with the GEMM through ``torch.mm`` (cuBLAS on a GPU):
+    :func:`rlkernels._cublas_head.token_forward` (fixed-size zero-padded row chunks: batch
+    invariant by construction) with :func:`rlkernels.triton.vocab.token_logprobs_forward` on
+    each chunk of logits."""
     from . import vocab as _vocab  # the vocabulary kernels run on each chunk of logits
 
-    n, dim = hidden.shape
-    vocab = weight.shape[0]
-    cdt = compute_dtype(hidden.dtype)
-    prec = _head_precision(hidden.dtype, head_precision)
-    logp = hidden.new_empty(n, dtype=cdt)
-    ent = hidden.new_empty(n, dtype=cdt)
-    stats = hidden.new_empty(n, 3, dtype=cdt)
-    if n == 0:
-        return logp, ent, stats
-    c = _chunk_rows(vocab, chunk_rows)
-    w_t = _round_operand(weight, prec).t()
-    live = (tokens != ignore_index)[:, None]
-    hbuf = torch.zeros((c, dim), dtype=w_t.dtype, device=hidden.device)
-    y = torch.empty((c, vocab), dtype=cdt, device=hidden.device)
-    with _tf32(head_precision == "tf32", hidden.device):
-        for r0 in range(0, n, c):
-            cnt = min(c, n - r0)
-            hbuf[:cnt] = torch.where(live[r0:r0 + cnt], hidden[r0:r0 + cnt], 0)
-            if cnt < c:
-                hbuf[cnt:] = 0
-            _mm(hbuf, w_t, cdt, out=y)
-            if bias is not None:
-                y += bias.to(cdt)
-            out = _vocab.token_logprobs_forward(y[:cnt], tokens[r0:r0 + cnt], temperature,
-                                                ignore_index, with_entropy)
-            logp[r0:r0 + cnt] = out[0]
-            ent[r0:r0 + cnt] = out[1]
-            stats[r0:r0 + cnt] = out[2]
-    return logp, ent, stats
+    return _head.token_forward(hidden, weight, bias, tokens, temperature, ignore_index,
+                               with_entropy, head_precision, chunk_rows,
+                               vocab_forward=_vocab.token_logprobs_forward)
 
 
 def _check_rows(rows: Tensor, hidden: Tensor) -> None:
@@ -1161,108 +1082,33 @@ def _cublas_backward(grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor]
                      head_precision: Optional[str], chunk_rows: Optional[int],
                      slice_cols: Optional[int], dz_bytes: int
                      ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-    """The backward with its three GEMMs through ``torch.mm`` (cuBLAS on a GPU).
-
-    Per vocabulary slice ``s`` of ``S`` columns (``_SLICE_COLS``; a function of V only), per
-    group of ``G`` rows (the most whole chunks whose ``d z [G, S]`` fits ``dz_bytes``; a
-    function of V and the dtype only), per chunk of ``C`` rows (zero-padded to ``C`` like the
-    forward's): ``y = h_c @ W_s^T`` (fp32), :func:`_dz_kernel` (``FROM_LOGITS``) writes
-    ``d z`` of the chunk into the group's buffer (in the head precision's dtype), ``d hidden_c
-    += d z_c @ W_s`` (an fp32 ``[N, H]`` accumulator across slices; every call ``[C, S] x [S, H]``);
-    then ``d W_s = d z_G^T @ h_G`` (fp32 ``[S, H]`` accumulator when N spans several groups,
-    else written once in the weight's dtype). The logits and ``d hidden`` GEMMs have the same
-    shapes whatever N, so a row's ``d hidden`` does not depend on the batch; ``d W`` sums over
-    all rows (deterministic: same shapes, same algorithm, fixed order).
-
-    Extra memory: ``d z [G, S]`` (<= ``dz_bytes``, 256 MiB), the fp32 ``[N, H]`` accumulator
-    (224 MiB at N=16384, H=3584), ``y [C, S]`` fp32, ``[S, H]`` fp32 (only with several
-    groups: 112 MiB), a zero-padded copy of ``hidden`` (its size), ``W_s`` converted (bf16 head
-    on fp32 weights, fp32 head on bf16 weights: ``S H`` elements)."""
-    n, dim = hidden.shape
-    vocab = weight.shape[0]
-    cdt = compute_dtype(hidden.dtype)
-    prec = _head_precision(hidden.dtype, head_precision)
-    has_glp = grad_logp is not None
-    has_gh = grad_entropy is not None
-    if n == 0 or not (has_glp or has_gh):
-        return (torch.zeros_like(hidden), torch.zeros_like(weight),
-                None if bias is None else torch.zeros_like(bias))
-    c = _chunk_rows(vocab, chunk_rows)
-    s_cols = min(vocab, _SLICE_COLS if slice_cols is None else int(slice_cols))
-    dzt = prec.dz_dtype
-    group = max(c, dz_bytes // (dzt.itemsize * s_cols) // c * c)
-    tok = tokens.contiguous()
-    glp = grad_logp.contiguous() if has_glp else stats
-    gh = grad_entropy.contiguous() if has_gh else stats
-    live = (tok != ignore_index)[:, None]
-    # hidden with padding rows zeroed (NaN there is harmless) and rows past N zero: every
-    # chunk, the last one included, is a [C, H] view
-    n_pad = triton.cdiv(n, c) * c
-    h_op = _round_operand(hidden, prec)
-    h_pad = torch.zeros((n_pad, dim), dtype=h_op.dtype, device=hidden.device)
-    h_pad[:n] = torch.where(live, h_op, 0)
-    dz = torch.empty((min(group, n_pad), s_cols), dtype=dzt, device=hidden.device)
-    y = torch.empty((c, s_cols), dtype=cdt, device=hidden.device)
+    """The backward with its three GEMMs through ``torch.mm`` (cuBLAS on a GPU):
+    :func:`rlkernels._cublas_head.token_backward` (vocabulary slices, row groups, fixed-size
+    chunks; its docstring states the memory) with :func:`_dz_kernel` (``FROM_LOGITS``)
+    forming ``d z`` of each chunk's slice in the head precision's dtype."""
     bn, bv = (16, 16) if not hidden.is_cuda else (64, 128)
-    row_blocks = triton.cdiv(n_pad, bn)
-    dbp = (torch.empty((row_blocks, s_cols), dtype=cdt, device=hidden.device)
-           if bias is not None else None)
-    dh = torch.zeros((n_pad, dim), dtype=cdt, device=hidden.device)
-    grad_w = torch.empty_like(weight, memory_format=torch.contiguous_format)
-    grad_b = None if bias is None else torch.empty(vocab, dtype=cdt, device=weight.device)
-    dw_acc = (torch.empty((s_cols, dim), dtype=cdt, device=hidden.device)
-              if n_pad > group else None)
-    hi, lo = split(1.0 / temperature)
     fm = _map_args(1.0, None)[1]
-    meta = dict(HAS_BIAS=bias is not None, HAS_GLP=has_glp, HAS_GH=has_gh, UPCAST=False,
-                IS_FP64=cdt == torch.float64, CDT=tl_compute_dtype(cdt), BLOCK_N=bn,
-                BLOCK_V=bv, BLOCK_H=16, GROUP=8, FROM_LOGITS=True,
-                num_warps=4 if not hidden.is_cuda else 8)
-    with _tf32(head_precision == "tf32", hidden.device), device_guard(hidden):
-        for v0 in range(0, vocab, s_cols):
-            cnt_v = min(s_cols, vocab - v0)
-            w_op = _round_operand(weight[v0:v0 + cnt_v], prec)
-            b_s = None if bias is None else bias[v0:v0 + cnt_v].to(cdt)
-            ys = y[:, :cnt_v]
-            for g0 in range(0, n_pad, group):
-                g_cnt = min(group, n_pad - g0)
-                for r0 in range(g0, g0 + g_cnt, c):
-                    n_live = max(0, min(c, n - r0))
-                    _mm(h_pad[r0:r0 + c], w_op.t(), cdt, out=ys)
-                    if b_s is not None:
-                        ys += b_s
-                    dz_c = dz[r0 - g0:r0 - g0 + c, :cnt_v]
-                    if n_live < c:
-                        dz_c[n_live:] = 0  # rows past N: zero, out of d W's sum
-                    _dz_kernel[(triton.cdiv(n_live, bn) * triton.cdiv(cnt_v, bv),)](
-                        glp[r0:] if has_glp else glp, gh[r0:] if has_gh else gh, ys,
-                        ys.stride(0), ys, 0, ys, tok[r0:], stats[r0:], stats.stride(0),
-                        stats.stride(1), dz_c, dz_c.stride(0),
-                        dz_c if dbp is None else dbp[r0 // bn:], s_cols, n_live, 0, v0, cnt_v,
-                        hi, lo, int(ignore_index), *fm, MAP=0, **meta)
-                    if dim > 0:
-                        dh[r0:r0 + c] += _mm(dz_c, w_op, cdt)
-                if dim > 0:
-                    part = dz[:g_cnt, :cnt_v].t()
-                    h_g = h_pad[g0:g0 + g_cnt]
-                    if dw_acc is None:
-                        if part.dtype == h_g.dtype == weight.dtype and part.is_cuda:
-                            torch.mm(part, h_g, out=grad_w[v0:v0 + cnt_v])  # one rounding
-                        else:
-                            grad_w[v0:v0 + cnt_v] = _mm(part, h_g, cdt)
-                    elif g0 == 0:
-                        _mm(part, h_g, cdt, out=dw_acc[:cnt_v])
-                    else:
-                        dw_acc[:cnt_v] += _mm(part, h_g, cdt)
-            if dw_acc is not None and dim > 0:
-                grad_w[v0:v0 + cnt_v] = dw_acc[:cnt_v]
-            if dim == 0:
-                grad_w[v0:v0 + cnt_v] = 0
-            if grad_b is not None:
-                # the row blocks holding rows < N (later ones are never written)
-                torch.sum(dbp[:triton.cdiv(n, bn), :cnt_v], 0, out=grad_b[v0:v0 + cnt_v])
-    grad_h = dh[:n].to(hidden.dtype)
-    return (grad_h, grad_w, None if grad_b is None else grad_b.to(bias.dtype))
+
+    def dz_slice(y, glp, gh, tok, st, dz, dbp, n_live, v0, temp, ignore):
+        if n_live == 0:
+            return
+        hi, lo = split(1.0 / temp)
+        cdt = y.dtype
+        cnt = y.shape[1]
+        _dz_kernel[(triton.cdiv(n_live, bn) * triton.cdiv(cnt, bv),)](
+            st if glp is None else glp, st if gh is None else gh, y, y.stride(0), y, 0, y,
+            tok, st, st.stride(0), st.stride(1), dz, dz.stride(0),
+            dz if dbp is None else dbp, 0 if dbp is None else dbp.stride(0), n_live, 0, v0,
+            cnt, hi, lo, int(ignore), *fm, MAP=0, HAS_BIAS=dbp is not None,
+            HAS_GLP=glp is not None, HAS_GH=gh is not None, UPCAST=False,
+            IS_FP64=cdt == torch.float64, CDT=tl_compute_dtype(cdt), BLOCK_N=bn, BLOCK_V=bv,
+            BLOCK_H=16, GROUP=8, FROM_LOGITS=True, num_warps=4 if not y.is_cuda else 8)
+
+    with device_guard(hidden):
+        return _head.token_backward(grad_logp, grad_entropy, hidden, weight, bias, tokens,
+                                    stats, temperature, ignore_index, head_precision,
+                                    chunk_rows, slice_cols, dz_bytes, dz_kernel=dz_slice,
+                                    dz_block_rows=bn)
 
 
 # =========================================================================== linear_grpo_loss

@@ -314,12 +314,11 @@ def test_linear_dz_launcher(monkeypatch):
 # ------------------------------------------ the triton kernels through the same chunk loops
 
 def test_triton_cublas_path_runs_on_the_shared_loops():
-    """rlkernels/_cublas_head.py is written so that the triton backend's cuBLAS path can run
-    on it unchanged: with the triton vocabulary forward and ``_dz_kernel`` (``FROM_LOGITS``)
-    passed in as the chunk kernels (interpreter here), the loops give the triton path's own
-    results (rlkernels/triton/linear.py ``_cublas_forward`` / ``_cublas_backward``): the
-    same bits for the log-probs, statistics, d hidden and d weight (d bias: its partials
-    are grouped per chunk here; checked against fp64)."""
+    """The triton backend's cuBLAS path runs on rlkernels/_cublas_head.py's loops: with the
+    triton vocabulary forward and ``_dz_kernel`` (``FROM_LOGITS``) passed in as the chunk
+    kernels (interpreter here), the loops give what rlkernels/triton/linear.py
+    ``_cublas_forward`` / ``_cublas_backward`` return: the same bits for the log-probs,
+    statistics, d hidden and d weight; d bias of both checked against fp64."""
     pytest.importorskip("triton")
     from rlkernels import _cublas_head as head
     from rlkernels.triton import linear as tlin
@@ -357,9 +356,11 @@ def test_triton_cublas_path_runs_on_the_shared_loops():
                                 2 * 16 * 8)
     assert torch.equal(gr[0], own[0]) and torch.equal(gr[1], own[1])
     # d bias against fp64: C = 8 is not a multiple of the d z tile's 16 rows, where the
-    # triton path's own partials (indexed r0 // 16) overlap; here they are per chunk
+    # triton path's partials, indexed r0 // 16 before it ran on these loops, overlapped
+    # (their partials are per chunk here)
     d = torch.float64
     ref = ref_linear.linear_token_logprobs_backward(
         glp.to(d), glp.to(d), hid.to(d).nan_to_num(0.0), w.to(d), b.to(d), tok,
         fwd[2].to(d), 0.8, -100)[2]
-    torch.testing.assert_close(gr[2].to(d), ref, atol=_tol(gr[2], ref, 2.0 ** -8) * 4, rtol=0)
+    for got in (gr[2], own[2]):
+        torch.testing.assert_close(got.to(d), ref, atol=_tol(got, ref, 2.0 ** -8) * 4, rtol=0)
