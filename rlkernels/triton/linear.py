@@ -1147,38 +1147,15 @@ def linear_grpo_loss_backward(grad_loss: Tensor, hidden: Tensor, weight: Tensor,
 
 # ===================================================================== linear_sparse_logprobs
 
-def _logit_chunks(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
-                  chunk_rows: Optional[int]):
-    """``(r0, cnt, hbuf, y)`` per chunk of ``C`` rows: ``y = hbuf @ W^T (+ b)`` in the
-    compute dtype through ``torch.mm`` (cuBLAS on a GPU), every call ``[C, H] x [H, V]`` (the
-    last chunk zero-padded: batch invariant, as :func:`_cublas_forward`). ``hbuf`` and ``y``
-    are reused buffers: consume them before the next chunk."""
-    n, dim = hidden.shape
-    vocab = weight.shape[0]
-    cdt = compute_dtype(hidden.dtype)
-    c = _chunk_rows(vocab, chunk_rows)
-    hbuf = torch.zeros((c, dim), dtype=weight.dtype, device=hidden.device)
-    y = torch.empty((c, vocab), dtype=cdt, device=hidden.device)
-    b = None if bias is None else bias.to(cdt)
-    for r0 in range(0, n, c):
-        cnt = min(c, n - r0)
-        hbuf[:cnt] = hidden[r0:r0 + cnt]
-        if cnt < c:
-            hbuf[cnt:] = 0
-        _mm(hbuf, weight.t(), cdt, out=y)
-        if b is not None:
-            y += b
-        yield r0, cnt, hbuf, y
-
-
 def linear_sparse_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                                    indices: Tensor, temperature: float, normalize: str,
                                    with_tail: bool, offsets: Optional[Tensor] = None, *,
                                    chunk_rows: Optional[int] = None
                                    ) -> Tuple[Tensor, Tensor, Tensor]:
     """``(logp [N, K], tail [N], stats [N, 3])`` of ``sparse_logprobs`` on the logits
-    ``hidden @ weight^T + bias``: per chunk of rows (:func:`_logit_chunks`, fp32 ``[C, V]``
-    logits, <= 512 MiB), the triton sparse kernels of :mod:`rlkernels.triton.sparse`.
+    ``hidden @ weight^T + bias``: per chunk of rows (fp32 ``[C, V]`` logits, <= 512 MiB,
+    :func:`rlkernels._cublas_head.logit_chunks`), the triton sparse kernels of
+    :mod:`rlkernels.triton.sparse`.
     CSR (``offsets [N + 1]``, ``logp [nnz]``): a chunk of rows ``r0 .. r0 + cnt`` passes
     ``offsets[r0:r0 + cnt + 1]`` and the whole ``indices`` / ``logp`` (absolute positions:
     no host sync for the chunk's bounds); the tail's sorted ids are formed once for all rows."""
@@ -1192,7 +1169,7 @@ def linear_sparse_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Optiona
     if csr and with_tail and n:
         sid, words = _sparse._csr_lane_sorted_ids(indices, offsets, weight.shape[0],
                                                   _sparse._default_block_v_fwd(weight.shape[0]))
-    for r0, cnt, _, y in _logit_chunks(hidden, weight, bias, chunk_rows):
+    for r0, cnt, _, y in _head.logit_chunks(hidden, weight, bias, chunk_rows):
         if csr:
             chunk = _sparse.sparse_logprobs_forward(
                 y[:cnt], indices, temperature, normalize, with_tail, offsets[r0:r0 + cnt + 1],
@@ -1230,7 +1207,7 @@ def linear_sparse_logprobs_backward(grad_logp: Tensor, grad_tail: Optional[Tenso
     grad_b = None if bias is None else torch.zeros(weight.shape[0], dtype=cdt,
                                                    device=weight.device)
     dz = None
-    for r0, cnt, hbuf, y in _logit_chunks(hidden, weight, bias, chunk_rows):
+    for r0, cnt, hbuf, y in _head.logit_chunks(hidden, weight, bias, chunk_rows):
         rows = slice(r0, r0 + cnt)
         if dz is None:
             dz = torch.zeros_like(y)
