@@ -1086,7 +1086,9 @@ def _cublas_backward(grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor]
     :func:`rlkernels._cublas_head.token_backward` (vocabulary slices, row groups, fixed-size
     chunks; its docstring states the memory) with :func:`_dz_kernel` (``FROM_LOGITS``)
     forming ``d z`` of each chunk's slice in the head precision's dtype."""
-    bn, bv = (16, 16) if not hidden.is_cuda else (64, 128)
+    # (the tile and warps from hidden's device, not the chunk buffers': sm90_compile poses
+    # its inputs as CUDA tensors, and the buffers the loops allocate are not)
+    bn, bv, warps = (16, 16, 4) if not hidden.is_cuda else (64, 128, 8)
     fm = _map_args(1.0, None)[1]
 
     def dz_slice(y, glp, gh, tok, st, dz, dbp, n_live, v0, temp, ignore):
@@ -1102,7 +1104,7 @@ def _cublas_backward(grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor]
             cnt, hi, lo, int(ignore), *fm, MAP=0, HAS_BIAS=dbp is not None,
             HAS_GLP=glp is not None, HAS_GH=gh is not None, UPCAST=False,
             IS_FP64=cdt == torch.float64, CDT=tl_compute_dtype(cdt), BLOCK_N=bn, BLOCK_V=bv,
-            BLOCK_H=16, GROUP=8, FROM_LOGITS=True, num_warps=4 if not y.is_cuda else 8)
+            BLOCK_H=16, GROUP=8, FROM_LOGITS=True, num_warps=warps)
 
     with device_guard(hidden):
         return _head.token_backward(grad_logp, grad_entropy, hidden, weight, bias, tokens,
