@@ -63,8 +63,11 @@ class Prec(NamedTuple):
 
 def dz_dtype(dtype: torch.dtype) -> torch.dtype:
     """``d z``'s dtype for the backward GEMMs with no head precision: bf16 for bf16 inputs
-    (both GEMMs on bf16 tensor cores, the rounding autograd applies to materialized bf16
-    logits), else the compute dtype (fp16 keeps fp32: ~1e-9 entries would flush)."""
+    (both GEMMs on bf16 tensor cores, fp32 accumulation; the rounding autograd applies to
+    materialized bf16 logits, relative ``2**-9`` per element, inside SPEC 5's bf16 gradient
+    bound), else the compute dtype. fp16 is NOT rounded to fp16: ``d z`` of ~1e-9 (a loss
+    normalized over many tokens times a flat row's probabilities) would flush to zero and a
+    large upstream gradient overflow."""
     return torch.bfloat16 if dtype == torch.bfloat16 else compute_dtype(dtype)
 
 

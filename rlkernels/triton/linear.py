@@ -71,7 +71,7 @@ and what is left to tune in benchmarks/NOTES.md.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -696,16 +696,11 @@ def _rstride(x: Tensor) -> int:
 _SPLIT_COLS = 16384
 
 
-HEAD_PRECISIONS = ("bf16", "tf32", "fp32")
-
-
-class _Prec(NamedTuple):
-    """How a head precision reaches the kernels: ``ROUND`` (operands rounded to bf16: 1, to
-    fp32: 2, kept: 0), the forward dot's ``input_precision``, and the dtype ``d z`` is stored
-    in for the backward GEMMs (whose operands are rounded like the forward's)."""
-    round: int
-    fwd_dot: str
-    dz_dtype: torch.dtype
+HEAD_PRECISIONS = _head.HEAD_PRECISIONS
+# how a head precision reaches the kernels: ROUND (operands rounded to bf16: 1, to fp32: 2,
+# kept: 0), the forward dot's input_precision, the dtype d z is stored in (shared with the
+# cuBLAS path, which reads only ROUND and the d z dtype)
+_Prec = _head.Prec
 
 
 def _head_precision(dtype: torch.dtype, head_precision: Optional[str]) -> _Prec:
@@ -850,14 +845,7 @@ def linear_token_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Optional
                     None, False, blocks, split_cols, head_precision)[:3]
 
 
-def _dz_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype ``d z`` is stored in between the kernels. bf16 inputs: bf16, so that both
-    backward GEMMs run on bf16 tensor cores (fp32 accumulation), the rounding autograd applies
-    to materialized bf16 logits (relative ``2**-9`` per element of ``d z``, inside SPEC 5's
-    bf16 gradient bound). fp16 is NOT rounded to fp16: ``d z`` of ~1e-9 (a loss normalized over
-    many tokens times a flat row's probabilities) would flush to zero and a large upstream
-    gradient overflow, so fp16 keeps fp32 (like fp32 and fp64 inputs, which keep their own)."""
-    return torch.bfloat16 if dtype == torch.bfloat16 else compute_dtype(dtype)
+_dz_dtype = _head.dz_dtype
 
 
 def _gemm_blocks(hidden: Tensor, cast: bool) -> Tuple[int, int, int, int, int]:
