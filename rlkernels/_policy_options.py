@@ -173,6 +173,9 @@ class PolicyOptions:
 
     @classmethod
     def decode(cls, modes: str, nums: List[float]) -> "PolicyOptions":
+        last = _LAST_DECODED
+        if modes == last[0] and nums == last[1]:  # the same options as the last call
+            return last[2]
         key = (modes, *nums)
         opts = _DECODED.get(key)
         if opts is None:
@@ -183,6 +186,7 @@ class PolicyOptions:
                        ratio_level, agg, kl_coef, kl_estimator, entropy_coef, clamp,
                        bool(cispo_clip_low), **extra)
             _remember(_DECODED, key, opts)
+        _LAST_DECODED[:] = (modes, list(nums), opts)
         return opts
 
 
@@ -226,6 +230,9 @@ def _loss_options(loss: str, given: dict) -> Dict[str, float]:
 # decoding cost microseconds per call that the op would otherwise spend on every call.
 _MEMO_LIMIT = 1024
 _DECODED: Dict[tuple, PolicyOptions] = {}
+# the last decode call's (modes, nums copy, options): a training loop passes the same options
+# every step (a list compare instead of a 20-item key hashed)
+_LAST_DECODED: list = [None, None, None]
 _ENCODED: Dict[tuple, Tuple[PolicyOptions, str, List[float]]] = {}
 
 

@@ -160,13 +160,15 @@ def resolve(backend: Optional[str], op: str, device: torch.device,
 
 
 def _environ_reader():
-    """``get(name)``: the raw value of an environment variable as ``os.environ`` holds it
-    (encoded; None when unset), one dict lookup instead of ``os.environ.get``'s encode and
-    decode (~1 us each here, twice per op call). Sees every change made through
-    ``os.environ`` (``monkeypatch.setenv`` included), as ``os.environ.get`` does."""
+    """``(get, data, key)``: ``get(name)`` the raw value of an environment variable as
+    ``os.environ`` holds it (encoded; None when unset), one dict lookup instead of
+    ``os.environ.get``'s encode and decode (~1 us each here, twice per op call); ``data``
+    and ``key(name)`` for a caller that inlines the lookup (``data`` None: not CPython's
+    ``os._Environ``, use ``get``). Sees every change made through ``os.environ``
+    (``monkeypatch.setenv`` included), as ``os.environ.get`` does."""
     data, encode = getattr(os.environ, "_data", None), getattr(os.environ, "encodekey", None)
     if not isinstance(data, dict) or encode is None:  # not CPython's os._Environ
-        return os.environ.get
+        return os.environ.get, None, None
     keys = {}
 
     def get(name: str):
@@ -175,18 +177,23 @@ def _environ_reader():
             key = keys[name] = encode(name)
         return data.get(key)
 
-    return get
+    return get, data, encode
 
 
-_env = _environ_reader()
+_env, _ENV_DATA, _env_key = _environ_reader()
+_KEY_BACKEND = _env_key("RLKERNELS_BACKEND") if _ENV_DATA is not None else None
+_KEY_INTERPRET = _env_key("TRITON_INTERPRET") if _ENV_DATA is not None else None
 
 
 @torch.compiler.assume_constant_result
 def _resolve(backend: Optional[str], op: str, device_type: str, parallel: bool) -> str:
     # everything the answer depends on that can change while the process runs (the raw
     # environment values are part of the key only)
-    key = (backend, _default, _env("RLKERNELS_BACKEND"), _env("TRITON_INTERPRET"),
-           id(_AUTO_TABLE), op, device_type, parallel)
+    if _ENV_DATA is not None:
+        env = _ENV_DATA.get(_KEY_BACKEND), _ENV_DATA.get(_KEY_INTERPRET)
+    else:
+        env = _env("RLKERNELS_BACKEND"), _env("TRITON_INTERPRET")
+    key = (backend, _default, env, id(_AUTO_TABLE), op, device_type, parallel)
     name = _RESOLVED.get(key)
     if name is None:
         name = _RESOLVED[key] = _resolve_uncached(backend, op, device_type, parallel)

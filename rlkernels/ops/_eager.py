@@ -22,6 +22,12 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _profiling = torch._C._autograd._profiler_enabled
 
 
+def eager_mode() -> bool:
+    """The part of :func:`eager` that does not look at the tensors."""
+    return not (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() != 0
+                or _profiling() or torch._C._are_functorch_transforms_active())
+
+
 def eager(*tensors) -> bool:
     """True when the op may skip its custom op: not traced by ``torch.compile`` / export /
     compiled autograd, no ``torch.func`` transform active, no ``TorchDispatchMode`` (fake

@@ -32,15 +32,17 @@ functions (``<name>_forward`` / ``<name>_backward``, looked up on ``rlkernels.<b
 from __future__ import annotations
 
 import ast
+import operator
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 
 from .. import backends
-from ._eager import eager
+from ._eager import eager, eager_mode
 
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_unwrap_dead = torch._C._functorch.unwrap_if_dead
 
 Tensor = torch.Tensor
 
@@ -48,6 +50,8 @@ Tensor = torch.Tensor
 OPS: Dict[str, "Op"] = {}
 
 _NO_DEFAULT = object()
+_NOT_PLAIN = object()  # _eager_call: a tensor input is not a plain tensor
+_Parameter = torch.nn.Parameter
 
 
 @dataclass(frozen=True)
@@ -757,14 +761,23 @@ class Op:
         self._e_defaults = tuple(self._defaults.get(n, _NO_DEFAULT) for n in names)
         self._e_backend = names.index("backend")
         self._e_kargs = tuple(pool.index(n) for n in self.kernel_args)
+        self._e_kget = _getter(self._e_kargs)
         full = pool + list(self.output_names)  # inputs win over outputs, as in _setup_args
         self._e_saved = tuple(full.index(n) for n in self.saved)
+        self._e_sget = _getter(self._e_saved)
+        self._e_mods = {}  # backend -> kernel module
         self._e_nondiff = tuple(self.output_names.index(n) for n in self.nondiff)
+        # the Function's inputs: the differentiable tensors (what autograd connects), then
+        # one tuple (every input in schema order, the output views, the input maps): a
+        # constant or a tensor without a gradient costs ``apply`` and the engine nothing
+        self._e_diff = tuple(names.index(n) for n in self.differentiable)
+        self._e_diffpos = {i: k for k, i in enumerate(self._e_diff)}
+        self._e_dget = _getter(self._e_diff)
         fn = self._function()
         self._fn = fn
         # Function.apply without its Python wrapper (signature binding for setup_context,
-        # unwrapping of dead functorch wrappers): eager() has ruled out functorch, and a
-        # tensor that was a functorch wrapper takes the wrapper (_wrapped below)
+        # unwrapping of dead functorch wrappers): eager_mode() has ruled out functorch, and
+        # _eager_call unwraps a differentiable input that was a functorch wrapper
         self._apply = torch._C._FunctionBase.__dict__["apply"].__get__(None, fn)
         if self.backward is None:
             return
@@ -772,8 +785,12 @@ class Op:
         consts += [n for n in pool[len(names):] if n in self.backward.args and n not in consts]
         self._e_const_names = tuple(consts)
         self._e_consts = tuple(pool.index(n) for n in consts)
+        self._e_cget = _getter(self._e_consts)
         outs, saved = self.output_names, self.saved
         n_s, n_c, n_o = len(saved), len(consts), len(outs)
+
+        diff = self.differentiable
+        n_d = len(diff) + 1  # needs_input_grad: the differentiable inputs, the tuple
 
         def source(n: str) -> int:
             # positions in (saved tensors, constants, output grads, needs_input_grad, False)
@@ -781,19 +798,21 @@ class Op:
                 return saved.index(n)
             if n.startswith("grad_") and n[5:] in outs:
                 return n_s + n_c + outs.index(n[5:])
-            if n.startswith("need_") and n[5:] in names:
-                return n_s + n_c + n_o + names.index(n[5:])
-            if n == "inplace":  # after needs_input_grad: the inputs, views and maps
-                return n_s + n_c + n_o + len(names) + 2
+            if n.startswith("need_") and n[5:] in diff:
+                return n_s + n_c + n_o + diff.index(n[5:])
+            if n == "inplace":  # after needs_input_grad
+                return n_s + n_c + n_o + n_d
             return n_s + consts.index(n)
 
         self._e_bargs = tuple(source(n) for n in self.backward.args)
+        self._e_bget = _getter(self._e_bargs)
         for n in self.backward.grads:
             if n not in saved:
                 raise ValueError(f"op table: {self.name}: the input {n!r} of a gradient must "
                                  f"be saved (its dtype is the gradient's)")
-        self._e_grads = tuple((names.index(n), saved.index(n)) for n in self.backward.grads)
-        self._e_none = (None,) * (len(names) + 2)  # the inputs, the views and maps
+        # (position among the Function's inputs, saved index) per gradient the kernel returns
+        self._e_grads = tuple((diff.index(n), saved.index(n)) for n in self.backward.grads)
+        self._e_none = (None,) * n_d
         # grad_if per output: None (always), an input's position (a name: kept when that
         # input is neither None nor False), or a predicate
         self._e_keep = None if not self.grad_if else tuple(
@@ -809,8 +828,9 @@ class Op:
         op = self
 
         def forward(ctx, *inputs):
-            # the op's inputs, then the call's output views and input maps (__call__)
-            return op._eager_forward(ctx, inputs[:-2], inputs[-2], inputs[-1])
+            # the differentiable inputs (also in the tuple), then (inputs, views, maps)
+            args, views, maps = inputs[-1]
+            return op._eager_forward(ctx, args, views, maps)
 
         def backward(ctx, *grads):
             return op._eager_backward(ctx, grads)
@@ -835,20 +855,20 @@ class Op:
             for i, fn in maps:
                 x = vals[i]
                 vals[i] = fn(x)
-                if vals[i] is not x:
-                    shapes.append((i, x.shape))
+                if vals[i] is not x and i in self._e_diffpos:
+                    shapes.append((self._e_diffpos[i], x.shape))
             if ctx is not None:
                 ctx.rlk_in = shapes
         for fn, src in self._e_derive:
             vals.append(fn(*[vals[i] for i in src]))
-        kernel = backends.kernel(vals[self._e_backend], self.kernel_family, self._forward_name)
-        output = kernel(*[vals[i] for i in self._e_kargs])
+        kernel = self._e_kernel(vals[self._e_backend], self._forward_name)
+        output = kernel(*self._e_kget(vals))
         if ctx is None:
             return output
         single = not isinstance(output, (tuple, list))
         outs = (output,) if single else output
-        full = vals + list(outs)
-        ctx.save_for_backward(*[full[i] for i in self._e_saved])
+        vals += outs
+        ctx.save_for_backward(*self._e_sget(vals))
         if views:
             ctx.rlk_flat = tuple((i, outs[i].shape) for i, _ in views)
             outs = list(outs)
@@ -861,7 +881,7 @@ class Op:
         if self._e_nondiff:
             ctx.mark_non_differentiable(*[outs[i] for i in self._e_nondiff])
         if self.backward is not None:
-            ctx.rlk_consts = tuple([vals[i] for i in self._e_consts])
+            ctx.rlk_consts = self._e_cget(vals)
             if self._e_lazy_nondiff:
                 ctx._materialize_non_diff_grads = False
             if self._e_keep is not None:
@@ -877,6 +897,17 @@ class Op:
                         a = a or Args.of(dict(zip(self._e_pool, vals)))
                         keep.append(bool(p(a)))
         return output
+
+    def _e_kernel(self, backend: str, fn: str):
+        """``backends.kernel`` with the module looked up once per backend (the function is
+        read from the module on every call: a patched kernel is seen)."""
+        mod = self._e_mods.get(backend)
+        if mod is None:
+            mod = self._e_mods[backend] = backends._module(backend, self.kernel_family)
+        kernel = getattr(mod, fn, None)
+        if kernel is None:
+            return backends.kernel(backend, self.kernel_family, fn)  # raises
+        return kernel
 
     def _eager_backward(self, ctx, grads):
         nig = ctx.needs_input_grad
@@ -900,22 +931,22 @@ class Op:
                     grads[j] = g = g.contiguous()
                 if self._e_keep is not None and not ctx.rlk_keep[j]:
                     grads[j] = None
-        if (self._e_inplace is not None and consts[self._e_inplace]) or not eager(*saved):
+        if (self._e_inplace is not None and consts[self._e_inplace]) or not eager_mode() \
+                or not _plain(saved):
             # the in-place backward op, or the backward op (something traces the backward)
             a = dict(zip(self._e_const_names, consts))
             a.update(zip(self.saved, saved))
             for name, g in zip(self.output_names, grads):
                 a[f"grad_{name}"] = g
-            need = dict(zip(self.input_names, nig))
+            need = dict(zip(self.differentiable, nig))
             for name in self.differentiable:
-                a[f"need_{name}"] = bool(need.get(name, False))
-            res = list(self._grad_of(a, need, self.input_names, lambda: self._bw_op))
-            res += [None, None]
+                a[f"need_{name}"] = bool(need[name])
+            res = list(self._grad_of(a, need, self.differentiable, lambda: self._bw_op))
+            res.append(None)
             return _unmapped(ctx, res)
         pool = saved + consts + tuple(grads) + nig + (False,)
-        kernel = backends.kernel(consts[self._e_bconst_backend], self.kernel_family,
-                                 self._backward_name)
-        out = kernel(*[pool[i] for i in self._e_bargs])
+        kernel = self._e_kernel(consts[self._e_bconst_backend], self._backward_name)
+        out = kernel(*self._e_bget(pool))
         if not isinstance(out, (tuple, list)):
             out = (out,)
         res = list(self._e_none)
@@ -929,20 +960,54 @@ class Op:
         return _unmapped(ctx, res)
 
     def _eager_call(self, args, views, maps):
-        """The plain eager call (``eager()`` said so): the Function, or for an op without a
-        gradient the forward kernel with grad mode off (as the custom op: below autograd)."""
+        """The plain eager call (``eager_mode()`` said so), after one pass over the tensor
+        inputs: ``_NOT_PLAIN`` when one is not a plain tensor (the caller takes the custom
+        op); the forward kernel when no gradient is to be recorded (an op without a
+        backward, grad mode off, or no differentiable input that requires one: as the
+        Function would, the outputs get no history), with grad mode off only while an
+        input requires a gradient; else the Function, whose inputs are the differentiable
+        tensors (constants that require a gradient detached)."""
         if len(args) != self._e_n:
             args = self._padded(args)
-        if self.backward is None:
-            prev = torch.is_grad_enabled()
+        grad_mode = torch.is_grad_enabled()
+        need = rg = False  # a differentiable input / any input requires a gradient
+        detach = None
+        for i in self._tensor_idx:
+            x = args[i]
+            if x is None:
+                continue
+            if type(x) is not Tensor and type(x) is not _Parameter:
+                return _NOT_PLAIN
+            if grad_mode and x.requires_grad:
+                rg = True
+                if i in self._e_diffpos:
+                    need = True
+                else:
+                    detach = detach or []
+                    detach.append(i)
+        if not need or self.backward is None:
+            if not rg:  # nothing to record: grad mode stays as it is
+                return _viewed(self._eager_forward(None, args, None, maps), views)
             torch._C._set_grad_enabled(False)
             try:
                 return _viewed(self._eager_forward(None, args, None, maps), views)
             finally:
-                torch._C._set_grad_enabled(prev)
-        if _wrapped(args, self._tensor_idx):
-            return self._fn.apply(*args, views, maps)  # unwraps dead functorch wrappers
-        return self._apply(*args, views, maps)
+                torch._C._set_grad_enabled(True)
+        if detach:
+            args = list(args)
+            for i in detach:
+                args[i] = args[i].detach()
+        diff = self._e_dget(args)
+        for x in diff:
+            if x is not None and _is_wrapped(x):
+                # a functorch wrapper that outlived its transform: unwrapped, as
+                # Function.apply's Python wrapper does with its inputs
+                diff = [_unwrap_dead(x) if x is not None else x for x in diff]
+                args = list(args)
+                for i, x in zip(self._e_diff, diff):
+                    args[i] = x
+                break
+        return self._apply(*diff, (args, views, maps))
 
     def _padded(self, args) -> tuple:
         """``args`` with the defaults of the trailing inputs not given."""
@@ -970,12 +1035,12 @@ class Op:
         be listed). ``maps``: ``((input index, fn), ...)``: the op runs on ``fn(input)``
         instead of that input (the ``[N, V]`` rows of ``[..., V]`` logits, a view or a
         copy); on the eager path inside the Function, so without a view node either."""
+        if self.eager and group is None and not grad_in_forward and eager_mode():
+            out = self._eager_call(args, views, maps)
+            if out is not _NOT_PLAIN:
+                return out
         if self._detach:
             args = self._constants(args)
-        plain = (self.eager and group is None and not grad_in_forward
-                 and eager(*[args[i] for i in self._tensor_idx if i < len(args)]))
-        if plain:
-            return self._eager_call(args, views, maps)
         if maps:
             args = list(args)
             for i, fn in maps:
@@ -1006,7 +1071,7 @@ class Op:
     def resolve(self, backend: Optional[str], device: torch.device,
                 parallel: bool = False) -> str:
         """The concrete backend for this op (``backends.resolve``)."""
-        return backends.resolve(backend, self.name, device, parallel)
+        return backends._resolve(backend, self.name, device.type, parallel)
 
     def implemented_by(self, backend: str, parallel: bool = False) -> bool:
         """Declared for ``backend`` (in parallel form with ``parallel``). The kernels'
@@ -1014,6 +1079,23 @@ class Op:
         if parallel:
             return self.parallel is not None and backend in self.parallel.backends
         return backend in self.backends
+
+
+def _getter(idx: Tuple[int, ...]) -> Callable[[list], tuple]:
+    """``lambda seq: tuple(seq[i] for i in idx)``, in C (``operator.itemgetter``)."""
+    if len(idx) == 0:
+        return lambda seq: ()
+    if len(idx) == 1:
+        i = idx[0]
+        return lambda seq: (seq[i],)
+    return operator.itemgetter(*idx)
+
+
+def _plain(tensors) -> bool:
+    for x in tensors:
+        if x is not None and type(x) is not Tensor and type(x) is not _Parameter:
+            return False
+    return True
 
 
 def _viewed(output, views):
@@ -1047,13 +1129,3 @@ def _unmapped(ctx, res: list) -> tuple:
             if res[i] is not None:
                 res[i] = _reshape(res[i], shape)
     return tuple(res)
-
-
-def _wrapped(args, idx) -> bool:
-    """Whether a tensor argument is a functorch wrapper (one that outlived its transform:
-    ``eager()`` has ruled out an active one)."""
-    for i in idx:
-        x = args[i]
-        if x is not None and _is_wrapped(x):
-            return True
-    return False

@@ -208,11 +208,15 @@ def _linear_token_logprobs(hidden, weight, tokens, bias, t, ignore_index, return
     _check_rows(rows, hidden, process_group)
     handle = _check_group_tokens(process_group, tokens, weight, ignore_index)
     name = LINEAR_TOKEN_LOGPROBS.resolve(backend, hidden.device, handle is not None)
-    logp, ent = LINEAR_TOKEN_LOGPROBS(hidden.reshape(-1, hidden.shape[-1]), weight, bias,
-                                      tokens.reshape(-1), t, ignore_index, return_entropy,
-                                      name, head_precision, path, rows, group=handle)[:2]
     shape = tokens.shape
-    return (logp.view(shape), ent.view(shape)) if return_entropy else logp.view(shape)
+    # the [N, H] rows of hidden and the outputs' [...] shape are taken by the op (inside the
+    # eager Function: no view node in the autograd graph)
+    views = ((0, shape), (1, shape)) if return_entropy else ((0, shape),)
+    logp, ent = LINEAR_TOKEN_LOGPROBS(hidden, weight, bias, tokens.reshape(-1), t,
+                                      ignore_index, return_entropy, name, head_precision,
+                                      path, rows, group=handle, maps=_HIDDEN_ROWS,
+                                      views=views)[:2]
+    return (logp, ent) if return_entropy else logp
 
 
 # =================================================================== linear_sparse_logprobs
@@ -264,8 +268,10 @@ def linear_sparse_logprobs(hidden: Tensor, weight: Tensor, indices: Tensor, *,
     _checks.choice("normalize", normalize, ("full", "support"))
     _checks.flag("return_tail", return_tail)
     name = LINEAR_SPARSE_LOGPROBS.resolve(backend, hidden.device)
-    logp, tail, _ = LINEAR_SPARSE_LOGPROBS(hidden.reshape(-1, hidden.shape[-1]), weight, bias,
-                                           ids, t, normalize, return_tail, name, offsets)
+    # the [N, H] rows of hidden are taken by the op (no view node); the outputs are viewed
+    # here: backward saves them, so they stay autograd views (an in-place change is caught)
+    logp, tail, _ = LINEAR_SPARSE_LOGPROBS(hidden, weight, bias, ids, t, normalize,
+                                           return_tail, name, offsets, maps=_HIDDEN_ROWS)
     logp = logp.view(indices.shape)
     return (logp, tail.view(hidden.shape[:-1])) if return_tail else logp
 
@@ -480,7 +486,15 @@ def linear_grpo_loss(hidden: Tensor, weight: Tensor, tokens: Tensor, old_logp: T
     name = LINEAR_GRPO_LOSS.resolve(backend, hidden.device, handle is not None)
     modes, nums = opts.encode()
     value, metrics = LINEAR_GRPO_LOSS(
-        hidden.reshape(-1, hidden.shape[-1]), weight, bias, tokens, old_logp, advantages, mask,
-        norm, ref_logp, is_weights, t, modes, nums, name, head_precision, path, rows,
-        group=handle, grad_in_forward=grad_in_forward)[:2]
+        hidden, weight, bias, tokens, old_logp, advantages, mask, norm, ref_logp, is_weights,
+        t, modes, nums, name, head_precision, path, rows, group=handle,
+        grad_in_forward=grad_in_forward, maps=_HIDDEN_ROWS)[:2]
     return value, {**metrics_dict(metrics, ref_logp is not None, True), **rollout}
+
+
+def _hidden_rows(hidden: Tensor) -> Tensor:
+    return hidden.reshape(-1, hidden.shape[-1])
+
+
+# the op's map of hidden [..., H] to its [N, H] rows (a view, or one copy)
+_HIDDEN_ROWS = ((0, _hidden_rows),)
