@@ -160,14 +160,21 @@ def fused_policy_inputs(op: str, policy_loss_options: dict, tokens: Tensor, old_
         unknown = sorted(set(policy_loss_options) - _POLICY_ARG_SET)
         raise TypeError(f"{op}: unexpected keyword argument(s) {', '.join(unknown)}; "
                         f"expected policy_loss options among {', '.join(POLICY_ARGS)}")
-    kwargs = dict(policy_loss_options)
-    is_weights = kwargs.pop("is_weights", None)
-    normalizer = kwargs.pop("normalizer", None)
-    rollout = (kwargs.pop("rollout_logp", None), kwargs.pop("rollout_options", None))
-    _checks.tensor("old_logp", old_logp, dtypes=_checks.FLOAT_DTYPES)
-    _checks.shape("old_logp", old_logp, tokens.shape, "the shape of tokens, [B, T]")
-    norm = check_policy_inputs(old_logp, old_logp, advantages, mask, ref_logp, None,
-                                is_weights, normalizer)
+    if policy_loss_options:
+        kwargs = dict(policy_loss_options)
+        is_weights = kwargs.pop("is_weights", None)
+        normalizer = kwargs.pop("normalizer", None)
+        rollout = (kwargs.pop("rollout_logp", None), kwargs.pop("rollout_options", None))
+    else:  # every option at its default
+        kwargs, is_weights, normalizer, rollout = policy_loss_options, None, None, (None, None)
+    if not (type(old_logp) is Tensor and old_logp.dtype in _FLOATS
+            and old_logp.shape == tokens.shape
+            and _valid(old_logp, old_logp, advantages, mask, ref_logp, None, is_weights)):
+        # one check at a time: the error names the first bad argument
+        _checks.tensor("old_logp", old_logp, dtypes=_checks.FLOAT_DTYPES)
+        _checks.shape("old_logp", old_logp, tokens.shape, "the shape of tokens, [B, T]")
+        _check_tensors(old_logp, old_logp, advantages, mask, ref_logp, None, is_weights)
+    norm = None if normalizer is None else _normalizer(old_logp, normalizer)
     opts = options(kwargs, entropy_coef, ref_logp, True)[0]
     mask, is_weights, metrics = rollout_inputs(*rollout, old_logp, mask, advantages,
                                                is_weights, backend)
