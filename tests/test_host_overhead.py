@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -79,6 +80,11 @@ def _via_custom_op(fn):
         return fn()
 
 
+def _logp_sum_plus_tail(out):
+    logp, tail = out
+    return logp.sum(-1) + tail
+
+
 def test_eager_graph_is_one_node_per_op():
     """A plain eager call adds exactly one autograd node (its Function) between the leaves
     and the outputs: the ``[N, V]`` rows of the logits and the per-token outputs' final
@@ -96,12 +102,23 @@ def test_eager_graph_is_one_node_per_op():
         "kl_divergence": lambda x: rk.kl_divergence(x, x.detach().flip(-1), backend="torch"),
         "grpo_loss": lambda x: rk.grpo_loss(x, tokens, torch.zeros(2, 5), torch.ones(2),
                                             tokens >= 0, backend="torch")[0],
+        # logp and tail are saved by backward: autograd views made inside the Function
+        "sparse_logprobs": lambda x: _logp_sum_plus_tail(rk.sparse_logprobs(
+            x, ids, return_tail=True, backend="torch")),
+        "linear_token_logprobs": lambda x: rk.linear_token_logprobs(
+            x[..., :4], weight, tokens, backend="torch"),
+        "linear_sparse_logprobs": lambda x: rk.linear_sparse_logprobs(
+            x[..., :4], weight, ids, backend="torch").sum(-1),
     }
+    ids = torch.randint(0, 11, (2, 5, 3), generator=g)
+    weight = torch.randn(11, 4, generator=g)
     for name, fn in cases.items():
         x = torch.randn(2, 5, 11, generator=g, requires_grad=True)
         out = fn(x)
         nodes = _graph_nodes(out)
-        fns = [n for n in nodes if n != "AccumulateGrad" and not n.startswith("Add")]
+        fns = [n for n in nodes if n != "AccumulateGrad" and not n.startswith("Add")
+               and not (name.startswith("linear") and n == "SliceBackward0")
+               and not n.startswith("Sum")]
         assert fns and all(n.endswith("_fnBackward") for n in fns), (name, nodes)
         assert not out._is_view()
         (grad,) = torch.autograd.grad(out.sum(), x)
@@ -122,6 +139,20 @@ def test_eager_outputs_stay_modifiable_in_place():
     (grad,) = torch.autograd.grad(logp.sum(), x)
     (ref,) = torch.autograd.grad(2.0 * rk.token_logprobs(x, tokens, backend="torch").sum(), x)
     assert torch.equal(grad, ref)
+
+
+def test_saved_outputs_cannot_change_unseen():
+    """An output that backward saves (sparse_logprobs' logp and tail) is returned as an
+    autograd view made inside the Function: changing it in place raises instead of feeding
+    the backward changed values."""
+    import rlkernels as rk
+
+    x = torch.randn(2, 3, 7, requires_grad=True)
+    ids = torch.randint(0, 7, (2, 3, 2))
+    logp, tail = rk.sparse_logprobs(x, ids, return_tail=True, backend="torch")
+    for out in (logp, tail):
+        with pytest.raises(RuntimeError, match="inplace|in-place"):
+            out.mul_(2.0)
 
 
 def test_backward_allocates_no_zero_grads_for_metrics():

@@ -765,6 +765,8 @@ class Op:
         full = pool + list(self.output_names)  # inputs win over outputs, as in _setup_args
         self._e_saved = tuple(full.index(n) for n in self.saved)
         self._e_sget = _getter(self._e_saved)
+        self._e_vsaved = frozenset(self.output_names.index(n) for n in self.saved
+                                   if n in self.output_names and n not in names)
         self._e_mods = {}  # backend -> kernel module
         self._e_nondiff = tuple(self.output_names.index(n) for n in self.nondiff)
         # the Function's inputs: the differentiable tensors (what autograd connects), then
@@ -872,10 +874,17 @@ class Op:
         if views:
             ctx.rlk_flat = tuple((i, outs[i].shape) for i, _ in views)
             outs = list(outs)
-            with torch._C._AutoDispatchBelowADInplaceOrView():
-                # a view below autograd's view tracking: its own tensor to autograd (its
-                # upstream gradient is reshaped back in backward, as a view node would)
-                for i, shape in views:
+            for i, shape in views:
+                if i in self._e_vsaved:
+                    # backward saved this output: an autograd view, which shares the saved
+                    # tensor's version counter (autograd forbids changing a view made in
+                    # a Function in place: the saved values cannot change unseen)
+                    outs[i] = _view(outs[i], shape)
+                    continue
+                with torch._C._AutoDispatchBelowADInplaceOrView():
+                    # a view below autograd's view tracking: its own tensor to autograd (its
+                    # upstream gradient is reshaped back in backward, as a view node
+                    # would), and modifiable in place
                     outs[i] = _view(outs[i], shape)
             output = outs[0] if single else tuple(outs)
         if self._e_nondiff:
@@ -1031,8 +1040,8 @@ class Op:
         ``grad_in_forward``: the :class:`GradInForward` form (not with ``group``).
         ``views``: ``((output index, shape), ...)``: those outputs are returned as
         ``output.view(shape)`` (the public shape of per-token outputs); on the eager path
-        without a view node in the autograd graph (an output that backward saves must not
-        be listed). ``maps``: ``((input index, fn), ...)``: the op runs on ``fn(input)``
+        without a view node in the autograd graph (an output that backward saves stays an
+        autograd view of the saved tensor: changing it in place raises). ``maps``: ``((input index, fn), ...)``: the op runs on ``fn(input)``
         instead of that input (the ``[N, V]`` rows of ``[..., V]`` logits, a view or a
         copy); on the eager path inside the Function, so without a view node either."""
         if self.eager and group is None and not grad_in_forward and eager_mode():

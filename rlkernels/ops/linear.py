@@ -24,6 +24,7 @@ from ._policy_args import fused_policy_inputs, metrics_dict
 from ._table import Backward, GradInForward, Op, Parallel
 from .policy import grpo_outputs
 from .sparse import _support as _sparse_support
+from .sparse import _views as _sparse_views
 
 Tensor = torch.Tensor
 _FAMILY = "linear"
@@ -268,12 +269,13 @@ def linear_sparse_logprobs(hidden: Tensor, weight: Tensor, indices: Tensor, *,
     _checks.choice("normalize", normalize, ("full", "support"))
     _checks.flag("return_tail", return_tail)
     name = LINEAR_SPARSE_LOGPROBS.resolve(backend, hidden.device)
-    # the [N, H] rows of hidden are taken by the op (no view node); the outputs are viewed
-    # here: backward saves them, so they stay autograd views (an in-place change is caught)
+    # the [N, H] rows of hidden and the outputs' shapes are taken by the op (no view node;
+    # logp and tail, saved for backward, stay autograd views)
     logp, tail, _ = LINEAR_SPARSE_LOGPROBS(hidden, weight, bias, ids, t, normalize,
-                                           return_tail, name, offsets, maps=_HIDDEN_ROWS)
-    logp = logp.view(indices.shape)
-    return (logp, tail.view(hidden.shape[:-1])) if return_tail else logp
+                                           return_tail, name, offsets, maps=_HIDDEN_ROWS,
+                                           views=_sparse_views(hidden, indices.shape,
+                                                               return_tail))
+    return (logp, tail) if return_tail else logp
 
 
 # ==================================================== _linear_token_stats (private: the TRL head)

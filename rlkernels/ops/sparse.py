@@ -125,21 +125,26 @@ def sparse_logprobs(logits: Tensor, indices: Tensor, *, offsets: Optional[Tensor
     _checks.choice("normalize", normalize, _NORMALIZE)
     _checks.flag("return_tail", return_tail)
     name = SPARSE_LOGPROBS.resolve(backend, logits.device)
-    # the [N, V] rows are taken inside the op (maps: no view node in the eager graph); logp
-    # and tail are saved for backward, so they are viewed here, and only when the shape
-    # differs (a view node each otherwise)
+    # the [N, V] rows and the outputs' shapes are taken inside the op (maps and views: no
+    # view node in the eager graph; logp and tail, saved for backward, stay autograd views)
     logp, tail, _ = SPARSE_LOGPROBS(logits, ids, t, normalize, return_tail, name, offsets,
-                                    maps=_rows_map(name))
-    logp = _reshaped(logp, indices.shape)
-    return (logp, _reshaped(tail, logits.shape[:-1])) if return_tail else logp
+                                    maps=_rows_map(name),
+                                    views=_views(logits, indices.shape, return_tail))
+    return (logp, tail) if return_tail else logp
 
 
 def _rows_map(name: str):
     return ((0, lambda z: rows_for(z, name, _FAMILY)),)
 
 
-def _reshaped(x: Tensor, shape) -> Tensor:
-    return x if x.shape == shape else x.view(shape)
+def _views(x: Tensor, logp_shape, with_tail: bool):
+    """The ``views`` of the sparse log-probs' outputs for ``[..., V]`` logits (or ``[...,
+    H]`` hidden states) ``x``: ``logp`` (and ``tail``) in their public shapes; none for
+    ``[N, V]`` rows (the kernel's shapes already)."""
+    if x.dim() == 2:
+        return None
+    logp = ((0, logp_shape),)
+    return logp + ((1, x.shape[:-1]),) if with_tail else logp
 
 
 def sampling_support(logits: Tensor, *, top_k: Optional[int] = None,
