@@ -19,12 +19,14 @@ from .. import _checks
 from .. import distributed as _dist
 from .._fused import fused_forward, fused_linear_gif, one_pass
 from .._policy_options import PolicyOptions
-from ._common import check_tokens_for, out_dtype
+from ._common import _FLOATS, check_tokens_for, out_dtype, valid_logits_tokens
 from ._policy_args import fused_policy_inputs, metrics_dict
 from ._table import Backward, GradInForward, Op, Parallel
 from .policy import grpo_outputs
 from .sparse import _support as _sparse_support
 from .sparse import _views as _sparse_views
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # tensor types the one-pass checks accept
 
 Tensor = torch.Tensor
 _FAMILY = "linear"
@@ -80,6 +82,22 @@ LINEAR_TOKEN_LOGPROBS = Op(
         _linear_token_logprobs_parallel, backends=_BACKENDS, extra_outputs=("local_tokens",),
         extra_fake=lambda a: (a.hidden.new_empty(a.hidden.shape[0], dtype=torch.int64),),
         save_as={"tokens": "local_tokens"}, reduce=_reduce_hidden))
+
+
+def _valid_linear(hidden, weight, bias, tokens=None) -> bool:
+    """The common case of :func:`_check_linear` (and, with ``tokens``, of
+    ``check_tokens_for``) in one pass. False sends the call through the checks one by one,
+    which raise the error of the first bad argument (and accept tensor subclasses)."""
+    if type(hidden) not in _PLAIN or type(weight) not in _PLAIN:
+        return False
+    hs, ws, dt, dev = hidden.shape, weight.shape, hidden.dtype, hidden.device
+    if not (dt in _FLOATS and len(hs) >= 1 and len(ws) == 2 and ws[0] != 0
+            and hs[-1] == ws[1] and weight.dtype == dt and weight.device == dev):
+        return False
+    if bias is not None and not (type(bias) in _PLAIN and bias.dtype == dt
+                                 and bias.device == dev and bias.shape == ws[:1]):
+        return False
+    return tokens is None or valid_logits_tokens(hidden, tokens)
 
 
 def _check_linear(hidden, weight, bias) -> None:
@@ -191,8 +209,9 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *,
     ``copy_to_tensor_model_parallel_region``, whose backward is that same all-reduce).
     Every rank must call the op with the same rows, tokens and arguments.
     """
-    _check_linear(hidden, weight, bias)
-    check_tokens_for("tokens", tokens, "hidden", hidden)
+    if not _valid_linear(hidden, weight, bias, tokens):
+        _check_linear(hidden, weight, bias)
+        check_tokens_for("tokens", tokens, "hidden", hidden)
     t = _checks.positive("temperature", temperature)
     _checks.integer("ignore_index", ignore_index)
     _checks.flag("return_entropy", return_entropy)
@@ -263,7 +282,8 @@ def linear_sparse_logprobs(hidden: Tensor, weight: Tensor, indices: Tensor, *,
     ``hidden``, every leading dim flattened) and ``indices [nnz]`` -> log-probs ``[nnz]``,
     tail ``[...]``.
     """
-    _check_linear(hidden, weight, bias)
+    if not _valid_linear(hidden, weight, bias):
+        _check_linear(hidden, weight, bias)
     ids = _sparse_support("hidden", hidden, indices, offsets, weight.shape[0])
     t = _checks.positive("temperature", temperature)
     _checks.choice("normalize", normalize, ("full", "support"))
@@ -320,8 +340,9 @@ def _linear_token_stats(hidden: Tensor, weight: Tensor, tokens: Tensor, *,
     ``entropy`` are differentiable w.r.t. ``hidden``, ``weight``, ``bias`` (the chain rule
     through the map: ``dz/dy = logit_scale (1 - tanh(u / c)^2)``); the three extra statistics
     are not (TRL does not differentiate them either)."""
-    _check_linear(hidden, weight, bias)
-    check_tokens_for("tokens", tokens, "hidden", hidden)
+    if not _valid_linear(hidden, weight, bias, tokens):
+        _check_linear(hidden, weight, bias)
+        check_tokens_for("tokens", tokens, "hidden", hidden)
     t = _checks.positive("temperature", temperature)
     _checks.integer("ignore_index", ignore_index)
     _checks.flag("return_entropy", return_entropy)
@@ -459,11 +480,12 @@ def linear_grpo_loss(hidden: Tensor, weight: Tensor, tokens: Tensor, old_logp: T
     ``process_group`` (ValueError). Formulas: docs/math.md, "linear_grpo_loss: the gradient
     in the forward".
     """
-    _check_linear(hidden, weight, bias)
-    if hidden.dim() != 3:
-        raise ValueError(f"hidden: expected a 3-d tensor [B, T, H], got shape "
-                         f"{tuple(hidden.shape)}")
-    check_tokens_for("tokens", tokens, "hidden", hidden)
+    if not (_valid_linear(hidden, weight, bias, tokens) and hidden.dim() == 3):
+        _check_linear(hidden, weight, bias)
+        if hidden.dim() != 3:
+            raise ValueError(f"hidden: expected a 3-d tensor [B, T, H], got shape "
+                             f"{tuple(hidden.shape)}")
+        check_tokens_for("tokens", tokens, "hidden", hidden)
     t = _checks.positive("temperature", temperature)
     _checks.flag("grad_in_forward", grad_in_forward)
     if grad_in_forward and process_group is not None:
