@@ -201,3 +201,17 @@ def test_stub_overhead_within_loose_bound():
     finally:
         torch.set_num_threads(threads)
         ho._clock, _checks._cpu_checks = clock, checks
+
+
+def test_host_instructions_parses_dumps_and_rejects_unknown_ops(tmp_path, capsys):
+    """benchmarks/host_instructions.py (callgrind; too slow to run here): its dump reader
+    returns the totals in dump order, and an unknown op is an error naming it."""
+    import host_instructions as hi
+
+    for i, total in ((2, 700), (10, 5000), (1, 300)):
+        (tmp_path / f"cg.out.{i}").write_text(f"events: Ir\nsummary: {total}\ntotals: {total}\n")
+    assert hi._totals(str(tmp_path)) == [300, 700, 5000]
+    assert hi.main(["--ops", "policy_loss,no_such_op"]) == 2
+    assert "no_such_op" in capsys.readouterr().err
+    calls = []
+    assert oct(hi._Loop(lambda: calls.append(1), 3)) == "0o0" and len(calls) == 3
