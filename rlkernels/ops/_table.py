@@ -1041,9 +1041,10 @@ class Op:
         ``views``: ``((output index, shape), ...)``: those outputs are returned as
         ``output.view(shape)`` (the public shape of per-token outputs); on the eager path
         without a view node in the autograd graph (an output that backward saves stays an
-        autograd view of the saved tensor: changing it in place raises). ``maps``: ``((input index, fn), ...)``: the op runs on ``fn(input)``
-        instead of that input (the ``[N, V]`` rows of ``[..., V]`` logits, a view or a
-        copy); on the eager path inside the Function, so without a view node either."""
+        autograd view of the saved tensor: changing it in place raises). ``maps``:
+        ``((input index, fn), ...)``: the op runs on ``fn(input)`` instead of that input
+        (the ``[N, V]`` rows of ``[..., V]`` logits, a view or a copy); on the eager path
+        inside the Function, so without a view node either."""
         if self.eager and group is None and not grad_in_forward and eager_mode():
             out = self._eager_call(args, views, maps)
             if out is not _NOT_PLAIN:
