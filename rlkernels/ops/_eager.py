@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import torch
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
+#: the tensor types the eager path takes (a subclass such as DTensor or a fake tensor takes
+#: the custom op)
+PLAIN = (torch.Tensor, torch.nn.Parameter)
 _profiling = torch._C._autograd._profiler_enabled
 
 
@@ -34,13 +36,9 @@ def eager(*tensors) -> bool:
     tensors, ``make_fx``, ``opcheck``) on the stack, no profiler recording (a profiled call
     takes the custom op, so every call shows as an ``rlkernels::<op>`` event), and every
     tensor argument a plain tensor (not a subclass such as ``DTensor`` or a fake tensor)."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() != 0:
-        return False
-    if _profiling():
-        return False
-    if torch._C._are_functorch_transforms_active():
+    if not eager_mode():
         return False
     for x in tensors:
-        if x is not None and type(x) not in _PLAIN:
+        if x is not None and type(x) not in PLAIN:
             return False
     return True

@@ -39,7 +39,7 @@ from typing import Callable, Dict, Optional, Tuple, Union
 import torch
 
 from .. import backends
-from ._eager import eager, eager_mode
+from ._eager import PLAIN, eager, eager_mode
 
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _unwrap_dead = torch._C._functorch.unwrap_if_dead
@@ -51,7 +51,6 @@ OPS: Dict[str, "Op"] = {}
 
 _NO_DEFAULT = object()
 _NOT_PLAIN = object()  # _eager_call: a tensor input is not a plain tensor
-_Parameter = torch.nn.Parameter
 
 
 @dataclass(frozen=True)
@@ -940,8 +939,7 @@ class Op:
                     grads[j] = g = g.contiguous()
                 if self._e_keep is not None and not ctx.rlk_keep[j]:
                     grads[j] = None
-        if (self._e_inplace is not None and consts[self._e_inplace]) or not eager_mode() \
-                or not _plain(saved):
+        if (self._e_inplace is not None and consts[self._e_inplace]) or not eager(*saved):
             # the in-place backward op, or the backward op (something traces the backward)
             a = dict(zip(self._e_const_names, consts))
             a.update(zip(self.saved, saved))
@@ -985,7 +983,7 @@ class Op:
             x = args[i]
             if x is None:
                 continue
-            if type(x) is not Tensor and type(x) is not _Parameter:
+            if type(x) not in PLAIN:
                 return _NOT_PLAIN
             if grad_mode and x.requires_grad:
                 rg = True
@@ -1099,13 +1097,6 @@ def _getter(idx: Tuple[int, ...]) -> Callable[[list], tuple]:
         i = idx[0]
         return lambda seq: (seq[i],)
     return operator.itemgetter(*idx)
-
-
-def _plain(tensors) -> bool:
-    for x in tensors:
-        if x is not None and type(x) is not Tensor and type(x) is not _Parameter:
-            return False
-    return True
 
 
 def _viewed(output, views):

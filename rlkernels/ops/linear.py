@@ -20,13 +20,13 @@ from .. import distributed as _dist
 from .._fused import fused_forward, fused_linear_gif, one_pass
 from .._policy_options import PolicyOptions
 from ._common import _FLOATS, check_tokens_for, out_dtype, valid_logits_tokens
+from ._eager import PLAIN
 from ._policy_args import fused_policy_inputs, metrics_dict
 from ._table import Backward, GradInForward, Op, Parallel
 from .policy import grpo_outputs
 from .sparse import _support as _sparse_support
 from .sparse import _views as _sparse_views
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)  # tensor types the one-pass checks accept
 
 Tensor = torch.Tensor
 _FAMILY = "linear"
@@ -88,13 +88,13 @@ def _valid_linear(hidden, weight, bias, tokens=None) -> bool:
     """The common case of :func:`_check_linear` (and, with ``tokens``, of
     ``check_tokens_for``) in one pass. False sends the call through the checks one by one,
     which raise the error of the first bad argument (and accept tensor subclasses)."""
-    if type(hidden) not in _PLAIN or type(weight) not in _PLAIN:
+    if type(hidden) not in PLAIN or type(weight) not in PLAIN:
         return False
     hs, ws, dt, dev = hidden.shape, weight.shape, hidden.dtype, hidden.device
     if not (dt in _FLOATS and len(hs) >= 1 and len(ws) == 2 and ws[0] != 0
             and hs[-1] == ws[1] and weight.dtype == dt and weight.device == dev):
         return False
-    if bias is not None and not (type(bias) in _PLAIN and bias.dtype == dt
+    if bias is not None and not (type(bias) in PLAIN and bias.dtype == dt
                                  and bias.device == dev and bias.shape == ws[:1]):
         return False
     return tokens is None or valid_logits_tokens(hidden, tokens)
