@@ -5,30 +5,9 @@ from __future__ import annotations
 import torch
 
 from .. import _checks, backends
+from ..reference import rows  # noqa: F401  (re-exported: the ops import it from here)
 
 Tensor = torch.Tensor
-
-
-def rows(x: Tensor, strided: bool = False) -> Tensor:
-    """``[..., V] -> [N, V]``: a view when the leading dims merge. Otherwise, with
-    ``strided`` (the backend's kernels read rows through two strides), a ``[A, B, V]`` view
-    when the leading dims merge into two: ``logits[:, :-1]`` of ``[B, T, V]`` logits (the
-    TRL / verl call) reaches the kernels without a copy. Else one copy."""
-    shape = x.shape
-    if len(shape) == 2:
-        return x
-    v = shape[-1]
-    try:
-        return x.view(-1, v)
-    except RuntimeError:
-        pass
-    if strided:
-        for split in range(1, x.dim() - 1):
-            try:
-                return x.view(*_merged(x.shape[:split]), *_merged(x.shape[split:-1]), v)
-            except RuntimeError:
-                continue
-    return x.reshape(-1, v)
 
 
 def rows_for(x: Tensor, backend: str, family: str) -> Tensor:
@@ -57,13 +36,6 @@ def _strided_rows_uncached(backend: str, family: str) -> bool:
 # the backend modules' STRIDED_ROWS by (backend, family): a module attribute that does not
 # change while the process runs (one dict lookup per call instead of the module lookup)
 _STRIDED: dict = {}
-
-
-def _merged(shape) -> tuple:
-    n = 1
-    for d in shape:
-        n *= d
-    return (n,)
 
 
 def out_dtype(dtype: torch.dtype) -> torch.dtype:

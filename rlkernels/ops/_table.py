@@ -767,6 +767,7 @@ class Op:
         self._e_vsaved = frozenset(self.output_names.index(n) for n in self.saved
                                    if n in self.output_names and n not in names)
         self._e_mods = {}  # backend -> kernel module
+        self._e_ndb = {}  # backend -> its module's ND_ROWS
         self._e_nondiff = tuple(self.output_names.index(n) for n in self.nondiff)
         # the Function's inputs: the differentiable tensors (what autograd connects), then
         # one tuple (every input in schema order, the output views, the input maps): a
@@ -906,13 +907,31 @@ class Op:
                         keep.append(bool(p(a)))
         return output
 
-    def _e_kernel(self, backend: str, fn: str):
-        """``backends.kernel`` with the module looked up once per backend (the function is
-        read from the module on every call: a patched kernel is seen)."""
+    def _e_module(self, backend: str):
+        """The kernel module of ``backend`` for this op's family, looked up once."""
         mod = self._e_mods.get(backend)
         if mod is None:
             mod = self._e_mods[backend] = backends._module(backend, self.kernel_family)
-        kernel = getattr(mod, fn, None)
+        return mod
+
+    def _e_nd(self, backend: str) -> bool:
+        """Whether ``backend``'s kernels of this family take the op's public shapes: the
+        module says ``ND_ROWS = True`` (its kernels accept the inputs before the ``maps`` of
+        :meth:`__call__`, e.g. ``[..., V]`` logits and ``[...]`` tokens, and return the
+        outputs after its ``views``, e.g. per-token outputs ``[...]``, gradients in the
+        inputs' shapes; ``[N, V]`` inputs stay accepted, as the custom op passes them). The
+        eager path then makes no view or reshape of its own: each costs ~5-10 us of host
+        time per call on a CPU like the one issue 19 measured on."""
+        nd = self._e_ndb.get(backend)
+        if nd is None:
+            nd = self._e_ndb[backend] = bool(getattr(self._e_module(backend), "ND_ROWS",
+                                                     False))
+        return nd
+
+    def _e_kernel(self, backend: str, fn: str):
+        """``backends.kernel`` with the module looked up once per backend (the function is
+        read from the module on every call: a patched kernel is seen)."""
+        kernel = getattr(self._e_module(backend), fn, None)
         if kernel is None:
             return backends.kernel(backend, self.kernel_family, fn)  # raises
         return kernel
@@ -976,6 +995,9 @@ class Op:
         tensors (constants that require a gradient detached)."""
         if len(args) != self._e_n:
             args = self._padded(args)
+        if (views or maps) and self._e_nd(args[self._e_backend]):
+            # the backend's kernels take the public shapes (ND_ROWS): no map, no view
+            views = maps = None
         grad_mode = torch.is_grad_enabled()
         need = rg = False  # a differentiable input / any input requires a gradient
         detach = None

@@ -23,13 +23,21 @@ Tensor = torch.Tensor
 _FAMILY = "vocab"
 
 
-def _rows(logits: Tensor, backend: str, handle):
+def _rows(logits: Tensor, backend: str, handle, flat: Tuple[int, ...] = ()):
     """``(x, maps)`` for the op call: the ``[N, V]`` rows of ``logits`` with a process group
-    (``rows``); else ``logits`` itself and the map that the op applies (``rows_for``: inside
-    the eager Function, so the view adds no autograd node)."""
+    (``rows``; the per-row inputs at positions ``flat`` are then flattened by the caller);
+    else ``logits`` itself and the maps that the op applies (``rows_for``, and ``[...] ->
+    [N]`` for the inputs at ``flat``: inside the eager Function, so the views add no
+    autograd node; none at all for a backend whose kernels take the public shapes)."""
     if handle is not None:
         return rows(logits), None
-    return logits, ((0, lambda z: rows_for(z, backend, _FAMILY)),)
+    return logits, ((0, lambda z: rows_for(z, backend, _FAMILY)),) + tuple(
+        (i, _flat) for i in flat)
+
+
+def _flat(x: Optional[Tensor]) -> Optional[Tensor]:
+    """A per-row input ``[...] -> [N]``."""
+    return x if x is None or x.dim() == 1 else x.reshape(-1)
 
 
 def n_rows(x: Tensor) -> int:
@@ -121,13 +129,14 @@ def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
     else:
         _checks.token_range("tokens", tokens, logits.shape[-1], ignore_index)
     name = TOKEN_LOGPROBS.resolve(backend, logits.device, process_group is not None)
-    x, maps = _rows(logits, name, handle)
+    x, maps = _rows(logits, name, handle, flat=(1,))
     shape = tokens.shape
     # the per-row outputs come back in the tokens' shape (views taken by the op: no view
     # node in the autograd graph on the eager path)
     views = ((0, shape), (1, shape)) if return_entropy else ((0, shape),)
-    logp, ent = TOKEN_LOGPROBS(x, tokens.reshape(-1), t, ignore_index, return_entropy, name,
-                               group=handle, views=views, maps=maps)[:2]
+    logp, ent = TOKEN_LOGPROBS(x, tokens if maps else _flat(tokens), t, ignore_index,
+                               return_entropy, name, group=handle, views=views,
+                               maps=maps)[:2]
     if return_entropy:
         return logp, ent
     return logp
@@ -248,14 +257,14 @@ def kl_divergence(logits: Tensor, ref_logits: Tensor, *, kind: str = "reverse",
         _checks.tensor("ignore_mask", ignore_mask, dtypes=(torch.bool,))
         _checks.shape("ignore_mask", ignore_mask, logits.shape[:-1], "the leading dims of logits")
         _checks.same_device("logits", logits, ignore_mask=ignore_mask)
-        mask = ignore_mask.reshape(-1)
+        mask = ignore_mask
     name = KL_DIVERGENCE.resolve(backend, logits.device, handle is not None)
     if handle is not None:
-        x, y, maps = rows(logits), rows(ref_logits), None
+        x, y, maps, mask = rows(logits), rows(ref_logits), None, _flat(mask)
     else:
         x, y = logits, ref_logits
         maps = ((0, lambda z: rows_for(z, name, _FAMILY)),
-                (1, lambda z: rows_for(z, name, _FAMILY)))
+                (1, lambda z: rows_for(z, name, _FAMILY)), (2, _flat))
     return KL_DIVERGENCE(x, y, mask, kind, beta, t, name, group=handle,
                          views=((0, logits.shape[:-1]),), maps=maps)[0]
 

@@ -29,6 +29,52 @@ def row_chunks(n_rows: int, vocab: int):
         yield slice(start, min(start + step, n_rows))
 
 
+def rows(x: torch.Tensor, strided: bool = False) -> torch.Tensor:
+    """``[..., V] -> [N, V]``: a view when the leading dims merge. Otherwise, with
+    ``strided`` (the backend's kernels read rows through two strides), a ``[A, B, V]`` view
+    when the leading dims merge into two: ``logits[:, :-1]`` of ``[B, T, V]`` logits (the
+    TRL / verl call) reaches the kernels without a copy. Else one copy."""
+    shape = x.shape
+    if len(shape) == 2:
+        return x
+    v = shape[-1]
+    try:
+        return x.view(-1, v)
+    except RuntimeError:
+        pass
+    if strided:
+        for split in range(1, x.dim() - 1):
+            try:
+                return x.view(*_merged(x.shape[:split]), *_merged(x.shape[split:-1]), v)
+            except RuntimeError:
+                continue
+    return x.reshape(-1, v)
+
+
+def _merged(shape) -> tuple:
+    n = 1
+    for d in shape:
+        n *= d
+    return (n,)
+
+
+def as_rows(x):
+    """``[..., C] -> [N, C]`` (``x`` itself when 2-d, or None): the rows of an input given in
+    its public shape (``ND_ROWS`` modules); a copy only when the leading dims do not merge."""
+    return x if x is None or x.dim() == 2 else x.reshape(-1, x.shape[-1])
+
+
+def as_flat(x):
+    """``[...] -> [N]`` (``x`` itself when 1-d, or None): a per-row input in public shape."""
+    return x if x is None or x.dim() == 1 else x.reshape(-1)
+
+
+def leading(x: torch.Tensor, lead: tuple, *trailing: int) -> torch.Tensor:
+    """A per-row result ``[N, *trailing]`` in the inputs' leading shape ``[*lead,
+    *trailing]`` (``x`` itself when ``lead`` is one dim: the ``[N, V]`` call)."""
+    return x if len(lead) == 1 else x.view((*lead, *trailing))
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp64 inputs compute in fp64, everything else in fp32 (SPEC section 1)."""
     return torch.float64 if dtype == torch.float64 else torch.float32

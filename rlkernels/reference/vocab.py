@@ -1,7 +1,9 @@
 """Reference kernels of the vocabulary ops (logits in), readable and row-chunked.
 
-Every function takes 2-d ``[N, V]`` logits (the public layer flattens leading dims) and works
-on row chunks of about ``CHUNK_ELEMENTS`` logits, in fp32 (fp64 for fp64 inputs). With
+The eager ops' kernels take the public shapes (``ND_ROWS``): logits ``[..., V]`` (``[N, V]``
+too, as the custom ops pass them), per-row inputs ``[...]``, and return per-row outputs
+``[...]`` and gradients in the inputs' shapes; inside, every function works on the ``[N, V]``
+rows, on row chunks of about ``CHUNK_ELEMENTS`` logits, in fp32 (fp64 for fp64 inputs). With
 ``z = logits / T``, ``p = softmax(z)`` and the saved per-row statistics
 ``stats = (m, log s, sum p (z - m))`` with ``m = max(z)`` and ``s = sum exp(z - m)`` (so
 ``lse = m + log s``; the third column is what a one-pass backward needs besides ``p``, here
@@ -26,9 +28,12 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import compute_dtype, row_chunks
+from . import as_flat, as_rows, compute_dtype, leading, row_chunks
 
 Tensor = torch.Tensor
+
+# the eager ops' kernels take the public shapes: rlkernels.ops._table skips its maps and views
+ND_ROWS = True
 
 
 def _scaled(logits: Tensor, rows: slice, temperature: float) -> Tensor:
@@ -110,11 +115,14 @@ def _shifted(z: Tensor, stats: Tensor) -> Tuple[Tensor, Tensor]:
 def token_logprobs_forward(logits: Tensor, tokens: Optional[Tensor], temperature: float,
                            ignore_index: int, with_entropy: bool
                            ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Returns ``(logp [N], entropy [N], stats [N, 3])``.
+    """Returns ``(logp [...], entropy [...], stats [..., 3])`` for ``logits [..., V]`` and
+    ``tokens [...]``.
 
     ``tokens=None`` computes entropy only (``logp`` is all zeros). Rows whose token equals
     ``ignore_index`` get 0 for both outputs; ``entropy`` is all zeros unless ``with_entropy``.
     """
+    lead = logits.shape[:-1]
+    logits, tokens = as_rows(logits), as_flat(tokens)
     n, vocab = logits.shape
     cdt = compute_dtype(logits.dtype)
     logp = logits.new_zeros(n, dtype=cdt)
@@ -134,7 +142,7 @@ def token_logprobs_forward(logits: Tensor, tokens: Optional[Tensor], temperature
             logp[rows] = torch.where(valid, (zs_tok - log_s)[:, 0], 0.0)
             if with_entropy:
                 ent[rows] = torch.where(valid, ent[rows], 0.0)
-    return logp, ent, stats
+    return leading(logp, lead), leading(ent, lead), leading(stats, lead, 3)
 
 
 def _token_logprobs_grad_chunk(z: Tensor, tok: Optional[Tensor], stats: Tensor,
@@ -177,11 +185,15 @@ def token_logprobs_backward(grad_logp: Optional[Tensor], grad_entropy: Optional[
     forward must have computed the entropy when ``grad_entropy`` is given). A token outside
     ``[0, V)`` that is not ``ignore_index`` (vocabulary parallelism: the token lies in another
     rank's shard, ``stats`` are the all-shard statistics) gives no one-hot term, only
-    ``-g p``.
+    ``-g p``. Shapes as :func:`token_logprobs_forward`'s; the gradient has the shape of
+    ``logits``.
     """
+    shape = logits.shape
+    logits, tokens, stats = as_rows(logits), as_flat(tokens), as_rows(stats)
+    grad_logp, grad_entropy = as_flat(grad_logp), as_flat(grad_entropy)
     n, vocab = logits.shape
     cdt = compute_dtype(logits.dtype)
-    grad = torch.empty_like(logits) if out is None else out
+    grad = torch.empty_like(logits) if out is None else as_rows(out)
     for rows in row_chunks(n, vocab):
         z = _scaled(logits, rows, temperature)
         tok = g_lp = g_h = inside = None
@@ -201,7 +213,17 @@ def token_logprobs_backward(grad_logp: Optional[Tensor], grad_entropy: Optional[
             # exactly 0 on padding rows, even when their logits are -inf or NaN
             g = torch.where(valid[:, None], g, 0.0)
         grad[rows] = g / temperature if temperature != 1.0 else g
-    return grad
+    return _shaped(grad, shape, out)
+
+
+def _shaped(grad: Tensor, shape, out: Optional[Tensor]) -> Tensor:
+    """The ``[N, V]`` gradient ``grad`` in the logits' ``shape``; with ``out`` (in-place
+    backward), ``out`` itself, holding it (copied back when ``out``'s rows were a copy)."""
+    if out is None:
+        return grad if len(shape) == 2 else grad.view(shape)
+    if grad.data_ptr() != out.data_ptr():
+        out.copy_(grad.view(shape))
+    return out
 
 
 
@@ -318,7 +340,8 @@ def _log(x: float) -> float:
 def kl_divergence_forward(logits: Tensor, ref_logits: Tensor, ignore_mask: Optional[Tensor],
                           kind: str, beta: float, temperature: float
                           ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Returns ``(kl [N], stats_p [N, 3], stats_q [N, 3])``; ``ignore_mask`` rows give 0.
+    """Returns ``(kl [...], stats_p [..., 3], stats_q [..., 3])`` for logits ``[..., V]``;
+    ``ignore_mask`` (``[...]``) rows give 0.
 
     The third columns hold ``sum p a_p`` and ``sum q a_q`` of :func:`_kl_terms` (alpha:
     ``D`` and 0; tv: ``0.5 sum p s`` and ``-0.5 sum q s``, see :func:`_fdiv_terms`): their
@@ -340,6 +363,9 @@ def kl_divergence_partial_forward(logits: Tensor, ref_logits: Tensor,
 
 
 def _kl_forward(logits, ref_logits, ignore_mask, given_p, given_q, kind, beta, temperature):
+    lead = logits.shape[:-1]
+    logits, ref_logits, ignore_mask = as_rows(logits), as_rows(ref_logits), as_flat(ignore_mask)
+    given_p, given_q = as_rows(given_p), as_rows(given_q)
     n, vocab = logits.shape
     cdt = compute_dtype(logits.dtype)
     kl = logits.new_empty(n, dtype=cdt)
@@ -357,7 +383,7 @@ def _kl_forward(logits, ref_logits, ignore_mask, given_p, given_q, kind, beta, t
         stats_p[rows, 2], stats_q[rows, 2] = sums[:, 0], sums[:, 1]
     if ignore_mask is not None:
         kl = torch.where(ignore_mask, 0.0, kl)
-    return kl, stats_p, stats_q
+    return leading(kl, lead), leading(stats_p, lead, 3), leading(stats_q, lead, 3)
 
 
 def _log_softmax(z: Tensor, stats: Tensor) -> Tensor:
@@ -372,7 +398,11 @@ def kl_divergence_backward(grad_kl: Tensor, logits: Tensor, ref_logits: Tensor,
     """Gradients w.r.t. ``logits`` and (if ``need_ref_grad``) ``ref_logits``, recomputing
     both softmaxes from the saved row statistics and reading the saved sums ``sum p a_p``,
     ``sum q a_q`` from their third columns (formulas in :func:`_kl_terms`), times ``1/T``;
-    ``ignore_mask`` rows receive exactly 0."""
+    ``ignore_mask`` rows receive exactly 0. Shapes as :func:`kl_divergence_forward`'s; the
+    gradients have the inputs' shapes."""
+    shape, ref_shape = logits.shape, ref_logits.shape
+    logits, ref_logits, ignore_mask = as_rows(logits), as_rows(ref_logits), as_flat(ignore_mask)
+    stats_p, stats_q, grad_kl = as_rows(stats_p), as_rows(stats_q), as_flat(grad_kl)
     n, vocab = logits.shape
     cdt = compute_dtype(logits.dtype)
     g_all = grad_kl.to(cdt)
@@ -392,4 +422,5 @@ def kl_divergence_backward(grad_kl: Tensor, logits: Tensor, ref_logits: Tensor,
         grad_z[rows] = g * d_z if keep is None else torch.where(keep, g * d_z, 0.0)
         if grad_w is not None:
             grad_w[rows] = g * d_w if keep is None else torch.where(keep, g * d_w, 0.0)
-    return grad_z, grad_w
+    return _shaped(grad_z, shape, None), None if grad_w is None else _shaped(grad_w, ref_shape,
+                                                                               None)

@@ -33,7 +33,7 @@ import triton.language as tl
 
 # the one definition of the compute dtype (fp64 for fp64 inputs, else fp32; SPEC section 1),
 # re-exported for the triton modules
-from ..reference import compute_dtype
+from ..reference import compute_dtype, rows
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
 
@@ -102,8 +102,41 @@ def row_layout(x: torch.Tensor) -> Tuple[int, int, int]:
     ``x``: Triton specializes an int argument equal to 1 as a constant, so a 2-D row costs
     one multiply, as before."""
     if x.dim() == 3:
-        return max(x.shape[1], 1), x.stride(0), x.stride(1)
+        b, s0, s1 = x.shape[1], x.stride(0), x.stride(1)
+        if s0 == b * s1 or x.shape[0] <= 1:
+            return 1, s1, 0  # the rows merge (contiguous [B, T, V]): the 2-D form
+        if b == 1:
+            return 1, s0, 0
+        return max(b, 1), s0, s1
     return 1, row_stride(x), 0
+
+
+def rows3(x: torch.Tensor) -> torch.Tensor:
+    """``x [..., V]`` as rows :func:`row_layout` reads: ``x`` itself up to 3-D, else
+    ``rows(x, strided=True)`` (a view when the leading dims merge into one or two)."""
+    return x if x.dim() <= 3 else rows(x, strided=True)
+
+
+def per_row(t: torch.Tensor, trailing: int = 0) -> Tuple[torch.Tensor, int]:
+    """``(t, stride)`` for a per-row tensor ``t [..., *C]`` (``trailing`` = ``len(C)``): row
+    ``r`` starts ``r * stride`` elements after ``t``'s pointer. The leading dims are read
+    in place when their strides merge into one (any contiguous tensor, and an expanded
+    upstream gradient: stride 0); else ``t`` is copied to a contiguous one."""
+    shape, strides = t.shape, t.stride()
+    stride = expect = None
+    for i in range(len(shape) - trailing - 1, -1, -1):
+        d = shape[i]
+        if d == 1:
+            continue
+        if stride is None:
+            stride = strides[i]
+            expect = stride * d
+        elif strides[i] != expect:
+            t = t.reshape(-1, *shape[len(shape) - trailing:])
+            return t, t.stride(0)
+        else:
+            expect *= d
+    return t, 0 if stride is None else stride
 
 
 def row_stride(x: torch.Tensor) -> int:

@@ -45,8 +45,9 @@ from .._codes import KL_KINDS
 from ._common import (LOG2E, block_v, compute_dtype, const_hl, device_guard, exp2_, expm1,
                       fast_bf16, lane_merge, lane_step, lane_step2, lg2_1p, load_bf16_f32,
                       floor_f, load_floor_f32, log1p,
-                      load_pair_stats, logaddexp, mul_hl, n_rows, num_warps, row_layout,
-                      row_offset, split, tl_compute_dtype, unit_stride, xmul0, zero_grad_rows)
+                      load_pair_stats, logaddexp, mul_hl, n_rows, num_warps, per_row,
+                      row_layout, row_offset, rows3, split, tl_compute_dtype, unit_stride,
+                      xmul0, zero_grad_rows)
 
 Tensor = torch.Tensor
 
@@ -55,6 +56,9 @@ _KINDS = KL_KINDS  # rlkernels/_codes.py: the KIND constexpr the kernels branch 
 # The launchers read [A, B, V] logits through two row strides (_common.row_layout): the op
 # layer hands them logits[:, :-1] as a view, not a copy.
 STRIDED_ROWS = True
+# the eager ops' kernels take the public shapes (logits [..., V], per-row tensors [...]) and
+# return outputs in them: rlkernels.ops._table makes no view or reshape of its own
+ND_ROWS = True
 
 
 # ================================================================== token_logprobs / entropy
@@ -224,24 +228,25 @@ def _tok_grad(x, cols, tok, tok_grad, g_lp, g_h, m, log_s, sum_pzs, inv_t_hi, in
 def token_logprobs_forward(logits: Tensor, tokens: Optional[Tensor], temperature: float,
                            ignore_index: int, with_entropy: bool
                            ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Returns ``(logp [N], entropy [N], stats [N, 3])`` like the reference (fp32, fp64 for
-    fp64 logits). ``tokens=None``: entropy only, every row computed, ``logp`` all 0. Padding
-    rows: 0 outputs, ``stats`` row 0 (never read)."""
-    vocab, n = logits.shape[-1], n_rows(logits)
-    x = unit_stride(logits)
+    """Returns ``(logp [...], entropy [...], stats [..., 3])`` for ``logits [..., V]`` and
+    ``tokens [...]``, like the reference (fp32, fp64 for fp64 logits). ``tokens=None``:
+    entropy only, every row computed, ``logp`` all 0. Padding rows: 0 outputs, ``stats`` row
+    0 (never read)."""
+    vocab, n, lead = logits.shape[-1], n_rows(logits), logits.shape[:-1]
+    x = unit_stride(rows3(logits))
     cdt = compute_dtype(x.dtype)
-    logp = x.new_empty(n, dtype=cdt)
-    ent = x.new_empty(n, dtype=cdt)
-    stats = x.new_empty(n, 3, dtype=cdt)
+    logp = x.new_empty(lead, dtype=cdt)
+    ent = x.new_empty(lead, dtype=cdt)
+    stats = x.new_empty((*lead, 3), dtype=cdt)
     if n == 0:
         return logp, ent, stats
     hi, lo = split(1.0 / temperature)
     block = block_v(vocab, x.dtype)
     has_tokens = tokens is not None
-    tok = tokens if has_tokens else logp  # a dummy pointer, never read
+    tok, tok_stride = per_row(tokens) if has_tokens else (logp, 0)  # logp: a dummy pointer
     with device_guard(x):
         _token_logprobs_fwd_kernel[(n,)](
-            x, *row_layout(x), tok, tok.stride(0) if has_tokens else 0, logp, ent, stats,
+            x, *row_layout(x), tok, tok_stride, logp, ent, stats,
             vocab, hi, lo, *split(LOG2E / temperature), int(ignore_index),
             HAS_TOKENS=has_tokens, WITH_ENTROPY=bool(with_entropy),
             IS_FP64=cdt == torch.float64, CDT=tl_compute_dtype(cdt), BLOCK_V=block,
@@ -257,37 +262,46 @@ def token_logprobs_backward(grad_logp: Optional[Tensor], grad_entropy: Optional[
     / T``, exactly 0 on padding rows and on rows whose given upstream gradients are all
     exactly 0 (masked positions of a loss): those rows are not read, so NaN / inf there does
     not leak into the gradient. ``out`` may be ``logits`` itself (in-place backward: each
-    program reads a block of its row before it writes it)."""
+    program reads a block of its row before it writes it). Shapes as the forward's; the
+    gradient has the shape of ``logits``."""
     vocab, n = logits.shape[-1], n_rows(logits)
-    x = unit_stride(logits)
+    x = unit_stride(rows3(logits))
     cdt = compute_dtype(x.dtype)
     if out is None:
         out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     if n == 0:
         return out
-    # the kernel writes unit-stride rows; anything else goes through a temporary
-    dst = out if (out.stride(-1) == 1 or vocab == 1) else torch.empty_like(x)
+    dst = _dst(out, x)
     has_tokens = tokens is not None
     has_glp = grad_logp is not None and has_tokens
     has_gh = grad_entropy is not None
     hi, lo = split(1.0 / temperature)
     block = block_v(vocab, x.dtype)
-    dummy = stats
-    glp = grad_logp if has_glp else dummy
-    gh = grad_entropy if has_gh else dummy
-    tok = tokens if has_tokens else dummy
+    none = (stats, 0)  # a dummy pointer, never read
+    glp = per_row(grad_logp) if has_glp else none
+    gh = per_row(grad_entropy) if has_gh else none
+    tok = per_row(tokens) if has_tokens else none
+    st, st_row = per_row(stats, 1)
     with device_guard(x):
         _token_logprobs_bwd_kernel[(n,)](
-            glp, glp.stride(0) if has_glp else 0, gh, gh.stride(0) if has_gh else 0,
-            x, *row_layout(x), tok, tok.stride(0) if has_tokens else 0,
-            stats, stats.stride(0), stats.stride(1), dst, *row_layout(dst),
-            vocab, hi, lo, int(ignore_index),
+            *glp, *gh, x, *row_layout(x), *tok, st, st_row, st.stride(-1),
+            dst, *row_layout(dst), vocab, hi, lo, int(ignore_index),
             HAS_TOKENS=has_tokens, HAS_GLP=has_glp, HAS_GH=has_gh,
             IS_FP64=cdt == torch.float64, CDT=tl_compute_dtype(cdt), BLOCK_V=block,
             num_warps=num_warps(block))
-    if dst is not out:
-        out.copy_(dst)
+    if dst.data_ptr() != out.data_ptr():
+        out.copy_(dst.view(out.shape))
     return out
+
+
+def _dst(out: Tensor, x: Tensor) -> Tensor:
+    """Where a backward kernel writes the gradient ``out`` (``x``: the rows it reads): the
+    rows of ``out`` in place when they have unit stride and merge to at most 3-D, else a
+    contiguous temporary (the caller copies it into ``out``)."""
+    dst = rows3(out)
+    if dst.data_ptr() == out.data_ptr() and (dst.stride(-1) == 1 or x.shape[-1] == 1):
+        return dst
+    return torch.empty(x.shape, dtype=out.dtype, device=out.device)
 
 
 # ============================================================================= kl_divergence
@@ -932,9 +946,9 @@ def _jsd_args(beta: float):
 def kl_divergence_forward(logits: Tensor, ref_logits: Tensor, ignore_mask: Optional[Tensor],
                           kind: str, beta: float, temperature: float
                           ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Returns ``(kl [N], stats_p [N, 3], stats_q [N, 3])`` like the reference; the third
-    columns hold ``sum p a_p`` and ``sum q a_q``. ``ignore_mask`` rows: kl 0, stats 0 (never
-    read), the rows are not read."""
+    """Returns ``(kl [...], stats_p [..., 3], stats_q [..., 3])`` for logits ``[..., V]``
+    like the reference; the third columns hold ``sum p a_p`` and ``sum q a_q``.
+    ``ignore_mask`` (``[...]``) rows: kl 0, stats 0 (never read), the rows are not read."""
     if kind in _FDIV_KINDS:
         return _fdiv().kl_divergence_forward(logits, ref_logits, ignore_mask, kind, beta,
                                              temperature)
@@ -976,23 +990,23 @@ def _pair_forward(kernel, logits, ref_logits, ignore_mask, given_p, given_q, kin
     :mod:`rlkernels.triton._divergence`): ``(kl [N], stats_p [N, 3], stats_q [N, 3])``.
     ``scalars``: the kind's runtime arguments after ``LOG2E / T``; ``meta(x, y, cdt, given)``:
     the kernel's own constexprs."""
-    vocab, n = logits.shape[-1], n_rows(logits)
-    x, y = unit_stride(logits), unit_stride(ref_logits)
+    vocab, n, lead = logits.shape[-1], n_rows(logits), logits.shape[:-1]
+    x, y = unit_stride(rows3(logits)), unit_stride(rows3(ref_logits))
     cdt = compute_dtype(x.dtype)
-    kl = x.new_empty(n, dtype=cdt)
-    stats_p = x.new_empty(n, 3, dtype=cdt)
-    stats_q = x.new_empty(n, 3, dtype=cdt)
+    kl = x.new_empty(lead, dtype=cdt)
+    stats_p = x.new_empty((*lead, 3), dtype=cdt)
+    stats_q = x.new_empty((*lead, 3), dtype=cdt)
     if n == 0:
         return kl, stats_p, stats_q
     has_mask = ignore_mask is not None
-    mask = ignore_mask.view(torch.uint8) if has_mask else kl
+    mask, mask_stride = per_row(ignore_mask.view(torch.uint8)) if has_mask else (kl, 0)
     given = given_p is not None
     gp = given_p.to(cdt).contiguous() if given else kl   # a dummy pointer when not given
     gq = given_q.to(cdt).contiguous() if given else kl
     block = block_v(vocab, x.dtype)
     with device_guard(x):
         kernel[(n,)](
-            x, *row_layout(x), y, *row_layout(y), mask, mask.stride(0) if has_mask else 0,
+            x, *row_layout(x), y, *row_layout(y), mask, mask_stride,
             kl, stats_p, stats_q, gp, gq, vocab, *split(1.0 / temperature),
             *split(LOG2E / temperature), *scalars, KIND=_KINDS[kind],
             HAS_MASK=has_mask, GIVEN_STATS=given, IS_FP64=cdt == torch.float64,
@@ -1023,9 +1037,10 @@ def _pair_backward(kernel, grad_kl, logits, ref_logits, ignore_mask, stats_p, st
                    temperature, need_ref_grad, scalars, meta):
     """Launch a two-input row backward (``_kl_bwd_kernel``, and the f-divergences'):
     ``(d logits, d ref_logits or None)``, contiguous, in the inputs' dtypes. ``scalars``: the
-    kind's runtime arguments after ``1 / T``; ``meta(x)``: the kernel's own constexprs."""
+    kind's runtime arguments after ``1 / T``; ``meta(x)``: the kernel's own constexprs.
+    Shapes as :func:`_pair_forward`'s."""
     vocab, n = logits.shape[-1], n_rows(logits)
-    x, y = unit_stride(logits), unit_stride(ref_logits)
+    x, y = unit_stride(rows3(logits)), unit_stride(rows3(ref_logits))
     cdt = compute_dtype(x.dtype)
     grad_z = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     grad_w = (torch.empty(ref_logits.shape, dtype=ref_logits.dtype, device=ref_logits.device)
@@ -1033,15 +1048,14 @@ def _pair_backward(kernel, grad_kl, logits, ref_logits, ignore_mask, stats_p, st
     if n == 0:
         return grad_z, grad_w
     has_mask = ignore_mask is not None
-    mask = ignore_mask.view(torch.uint8) if has_mask else stats_p
+    mask = per_row(ignore_mask.view(torch.uint8)) if has_mask else (stats_p, 0)
+    sp, sq = per_row(stats_p, 1), per_row(stats_q, 1)
     gw = grad_w if need_ref_grad else grad_z  # a dummy pointer, never written
     block = block_v(vocab, x.dtype)
     with device_guard(x):
         kernel[(n,)](
-            grad_kl, grad_kl.stride(0), x, *row_layout(x), y, *row_layout(y),
-            mask, mask.stride(0) if has_mask else 0,
-            stats_p, stats_p.stride(0), stats_p.stride(1),
-            stats_q, stats_q.stride(0), stats_q.stride(1),
+            *per_row(grad_kl), x, *row_layout(x), y, *row_layout(y), *mask,
+            *sp, sp[0].stride(-1), *sq, sq[0].stride(-1),
             grad_z, vocab, gw, vocab,  # both contiguous
             vocab, *split(1.0 / temperature), *scalars,
             KIND=_KINDS[kind], HAS_MASK=has_mask, NEED_W=bool(need_ref_grad),

@@ -1,0 +1,139 @@
+"""Kernels that take the public shapes (``ND_ROWS``, issue 19).
+
+A backend module that says ``ND_ROWS = True`` receives the eager ops' inputs as the user
+gave them (logits ``[..., V]``, per-row tensors ``[...]``, upstream gradients in the
+outputs' shapes) and returns per-row outputs ``[...]`` and gradients in the inputs' shapes:
+the op layer then makes no view or reshape of its own (each ~5-10 us of host time).
+
+Each kernel called on a layout below must equal, bit for bit, the same kernel called on the
+``[N, V]`` rows (a row's result depends only on its values): contiguous ``[B, T, V]``, the
+``logits[:, :-1]`` slice (rows that do not merge), 4-D (merging into one and into two row
+strides), 1-D ``[V]`` with 0-d tokens, non-contiguous tokens, expanded upstream gradients
+(stride 0) and the in-place backward (``out=logits``).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from _naive import make_logits, make_tokens
+from rlkernels import backends
+
+V = 11  # odd: unaligned rows
+
+
+def _modules():
+    out = []
+    for backend in ("torch", "triton", "cuda"):
+        if backends.available_backends().get(backend) != "ok":
+            continue
+        try:
+            mod = backends._module(backend, "vocab")
+        except Exception:  # pragma: no cover - an unavailable backend
+            continue
+        if getattr(mod, "ND_ROWS", False):
+            out.append(pytest.param(mod, id=backend))
+    return out
+
+
+MODULES = _modules()
+
+
+def _layouts():
+    """name -> (logits, tokens) in public shape; tokens may be a non-contiguous view."""
+    def base(*lead, seed=0):
+        n = 1
+        for d in lead:
+            n *= d
+        return make_logits(n, V, torch.float32, seed=seed).view(*lead, V)
+
+    full = base(2, 4, seed=1)
+    four = base(2, 3, 3, seed=2)
+    tok_wide = make_tokens(base(2, 6, seed=3), pad_every=4)
+    return {
+        "3d": (base(2, 3), None),
+        "slice": (full[:, :-1], None),
+        "4d": (base(2, 2, 2, seed=4), None),
+        "4d_slice": (four[:, :, :-1], None),
+        "1d": (base(1)[0], None),
+        "strided_tokens": (base(2, 3, seed=5), tok_wide[:, ::2]),
+    }
+
+
+LAYOUTS = _layouts()
+
+
+def _case(name):
+    x, tok = LAYOUTS[name]
+    if tok is None:
+        tok = make_tokens(x, pad_every=3)
+    return x, tok
+
+
+def _flat(t):
+    return None if t is None else t.reshape(-1)
+
+
+def _rows(x):
+    return x.reshape(-1, x.shape[-1])
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("mod", MODULES)
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_token_logprobs_kernels_take_public_shapes(mod, layout, with_entropy):
+    x, tok = _case(layout)
+    lead = x.shape[:-1]
+    out = mod.token_logprobs_forward(x, tok, 0.7, -100, with_entropy)
+    ref = mod.token_logprobs_forward(_rows(x), _flat(tok), 0.7, -100, with_entropy)
+    assert [o.shape for o in out] == [lead, lead, (*lead, 3)]
+    for o, r in zip(out, ref):
+        assert torch.equal(_rows(o) if o.dim() > len(lead) else o.reshape(-1),
+                           r if r.dim() == 2 else r.reshape(-1))
+    # upstream gradients in the outputs' shapes: a plain one and an expanded one (stride 0,
+    # as the gradient of a sum arrives)
+    g_lp = torch.linspace(-1, 1, max(tok.numel(), 1))[:tok.numel()].reshape(lead)
+    g_h = torch.full((), 0.5).expand(lead) if with_entropy else None
+    grad = mod.token_logprobs_backward(g_lp, g_h, x, tok, out[2], 0.7, -100)
+    want = mod.token_logprobs_backward(_flat(g_lp), _flat(g_h), _rows(x), _flat(tok), ref[2],
+                                       0.7, -100)
+    assert grad.shape == x.shape and torch.equal(_rows(grad), want)
+    # in place: the gradient lands in the logits' own storage, whatever their layout
+    y = x.clone()
+    if layout.endswith("slice"):  # the same non-merging layout as x
+        big = torch.zeros(*x.shape[:-2], x.shape[-2] + 1, V)
+        big[..., :-1, :] = x
+        y = big[..., :-1, :]
+    res = mod.token_logprobs_backward(g_lp, g_h, y, tok, out[2], 0.7, -100, out=y)
+    assert res is y and torch.equal(_rows(y), want)
+
+
+@pytest.mark.parametrize("layout", ["3d", "slice", "4d", "4d_slice", "1d"])
+@pytest.mark.parametrize("mod", MODULES)
+@pytest.mark.parametrize("kind", ["reverse", "jsd", "tv"])
+def test_kl_kernels_take_public_shapes(mod, layout, kind):
+    x, _ = LAYOUTS[layout]
+    y = (x * 0.5 + 1.0)
+    lead = x.shape[:-1]
+    mask = (torch.arange(max(x.numel() // V, 1)) % 3 == 1)[:x.numel() // V].reshape(lead)
+    beta = 0.3
+    out = mod.kl_divergence_forward(x, y, mask, kind, beta, 1.3)
+    ref = mod.kl_divergence_forward(_rows(x), _rows(y), _flat(mask), kind, beta, 1.3)
+    assert [o.shape for o in out] == [lead, (*lead, 3), (*lead, 3)]
+    assert torch.equal(out[0].reshape(-1), ref[0])
+    assert torch.equal(_rows(out[1]), ref[1]) and torch.equal(_rows(out[2]), ref[2])
+    g = torch.full((), 2.0).expand(lead)
+    gz, gw = mod.kl_divergence_backward(g, x, y, mask, out[1], out[2], kind, beta, 1.3, True)
+    wz, ww = mod.kl_divergence_backward(_flat(g), _rows(x), _rows(y), _flat(mask), ref[1],
+                                        ref[2], kind, beta, 1.3, True)
+    assert gz.shape == gw.shape == x.shape
+    assert torch.equal(_rows(gz), wz) and torch.equal(_rows(gw), ww)
+
+
+def test_nd_modules_found():
+    """The torch backend's vocab kernels take the public shapes (so the tests above ran)."""
+    assert any(p.id == "torch" for p in MODULES)
+    assert importlib.import_module("rlkernels.reference.vocab").ND_ROWS is True
