@@ -17,7 +17,8 @@ def fused_forward(logprobs_forward: Callable, policy_loss_forward: Callable, tok
                   old_logp: Tensor, advantages: Tensor, mask: Tensor,
                   normalizer: Optional[Tensor], ref_logp: Optional[Tensor],
                   is_weights: Optional[Tensor], o: PolicyOptions):
-    """``(loss, metrics, logp [B, T], entropy [B, T], stats [B*T, 3])``.
+    """``(loss, metrics, logp [B, T], entropy [B, T], stats [B*T, 3])`` (``[B, T, 3]`` when
+    the vocabulary kernel takes ``[B, T, V]`` logits: its ``ND_ROWS``).
 
     ``logprobs_forward(flat_tokens)`` returns ``(logp, entropy, stats)`` per row with the
     entropy always computed: it feeds ``metrics["entropy"]`` and the ``entropy_coef`` term."""

@@ -20,6 +20,11 @@ from . import vocab as _vocab
 
 Tensor = torch.Tensor
 
+# grpo_loss (the one op of this family with maps) takes logits [B, T, V] as given (its
+# vocabulary kernels take the public shapes): rlkernels.ops._table skips its map and the
+# gradient's reshape; logits [N, V] stay accepted
+ND_ROWS = True
+
 __all__ = ["METRICS"]  # re-exported: the order of the metric vector
 
 
@@ -521,8 +526,9 @@ def grpo_loss_forward(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantag
                       is_weights: Optional[Tensor], temperature: float, o: PolicyOptions
                       ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``policy_loss(token_logprobs(logits, tokens), ...)``: returns
-    ``(loss, metrics, logp [B, T], entropy [B, T], stats [B*T, 3])``; the entropy is always
-    computed (it feeds the ``entropy`` metric) and enters the loss with ``entropy_coef``."""
+    ``(loss, metrics, logp [B, T], entropy [B, T], stats [B*T, 3])`` (``stats [B, T, 3]``
+    for logits ``[B, T, V]``); the entropy is always computed (it feeds the ``entropy``
+    metric) and enters the loss with ``entropy_coef``."""
     return fused_forward(
         lambda tok: _vocab.token_logprobs_forward(logits, tok, temperature, -100, True),
         policy_loss_forward, tokens, old_logp, advantages, mask, normalizer, ref_logp,

@@ -50,6 +50,11 @@ from .._policy_options import PolicyOptions
 
 Tensor = torch.Tensor
 
+# grpo_loss (the one op of this family with maps) takes logits [B, T, V] as given (its
+# vocabulary kernels take the public shapes): rlkernels.ops._table skips its map and the
+# gradient's reshape; logits [N, V] stay accepted
+ND_ROWS = True
+
 N_METRICS = 9  # rlkernels.reference.policy.METRICS
 # Option codes (rlkernels/_codes.py); k3+ (4) has the value of k3 and the gradient of k2.
 _LOSSES = _codes.POLICY_LOSSES
@@ -831,8 +836,9 @@ def grpo_loss_forward(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantag
                       mask: Tensor, normalizer: Optional[Tensor], ref_logp: Optional[Tensor],
                       is_weights: Optional[Tensor], temperature: float, o: PolicyOptions
                       ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(loss, metrics, logp [B, T], entropy [B, T], stats [B*T, 3])``: the vocabulary
-    kernel (log-probs and entropies in one pass over the logits) then the policy kernel."""
+    """``(loss, metrics, logp [B, T], entropy [B, T], stats [B*T, 3])`` (``stats [B, T, 3]``
+    for logits ``[B, T, V]``): the vocabulary kernel (log-probs and entropies in one pass
+    over the logits) then the policy kernel."""
     from .vocab import token_logprobs_forward
 
     return fused_forward(

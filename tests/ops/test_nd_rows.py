@@ -137,3 +137,65 @@ def test_nd_modules_found():
     """The torch backend's vocab kernels take the public shapes (so the tests above ran)."""
     assert any(p.id == "torch" for p in MODULES)
     assert importlib.import_module("rlkernels.reference.vocab").ND_ROWS is True
+
+
+# ------------------------------------------------- the public ops: ND path == mapped path
+
+def _mapped(monkeypatch):
+    """Turn the ND path off (every module's ``ND_ROWS`` read as False): the op layer maps
+    the inputs to ``[N, V]`` rows and views the outputs, as for a backend without it."""
+    from rlkernels.ops import _table
+    monkeypatch.setattr(_table.Op, "_e_nd", lambda self, backend: False)
+
+
+def _public_cases(backend):
+    import rlkernels as rk
+    full = make_logits(2 * 5, V, torch.float32, seed=7).view(2, 5, V)
+    x = full[:, :-1]  # the TRL / verl slice: rows that do not merge
+    tok = make_tokens(x, pad_every=3)
+    y = make_logits(2 * 4, V, torch.float32, seed=8).view(2, 4, V)
+    mask = torch.rand(2, 4, generator=torch.Generator().manual_seed(0)) < 0.8
+    old = torch.randn(2, 4, generator=torch.Generator().manual_seed(1)) - 2
+    adv = torch.tensor([0.5, -1.0])
+    bk = dict(backend=backend)
+    return {
+        "token_logprobs": (x, lambda z: rk.token_logprobs(z, tok, return_entropy=True,
+                                                          temperature=0.8, **bk)),
+        "entropy": (x, lambda z: rk.entropy(z, **bk)),
+        "kl_divergence": (x, lambda z: rk.kl_divergence(z, y, ignore_mask=~mask, **bk)),
+        "grpo_loss": (x, lambda z: rk.grpo_loss(z, tok, old, adv, mask, entropy_coef=0.01,
+                                                **bk)),
+    }
+
+
+def _tensors(out):
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [out[k] for k in sorted(out)]
+    return [t for o in out for t in _tensors(o)]
+
+
+@pytest.mark.parametrize("op", ["token_logprobs", "entropy", "kl_divergence", "grpo_loss"])
+@pytest.mark.parametrize("backend", [p.id for p in MODULES])
+def test_public_nd_path_equals_mapped_path(op, backend, monkeypatch):
+    """The same values, output shapes, gradients (in the logits' shape and layout-free), and
+    the same autograd behaviour, with and without the ND path."""
+    def run():
+        x, fn = _public_cases(backend)[op]
+        leaf = x.detach().clone().requires_grad_(True)
+        out = _tensors(fn(leaf))
+        first = out[0]
+        weight = torch.linspace(0, 1, first.numel()).view(first.shape)
+        (first.float() * weight).sum().backward()
+        return [o.detach() for o in out], leaf.grad
+
+    nd_out, nd_grad = run()
+    _mapped(monkeypatch)
+    ref_out, ref_grad = run()
+    assert [o.shape for o in nd_out] == [o.shape for o in ref_out]
+    for a, b in zip(nd_out, ref_out):  # bit for bit (NaN where the KL of -inf columns is)
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    assert nd_grad.shape == ref_grad.shape
+    torch.testing.assert_close(nd_grad, ref_grad, rtol=0, atol=0, equal_nan=True)
+
