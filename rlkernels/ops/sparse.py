@@ -79,12 +79,21 @@ SPARSE_LOGPROBS = Op(
 
 
 def _support(x_name: str, x: Tensor, indices, offsets, vocab: int) -> Tensor:
-    """The checked ids as the kernels take them: ``[N, K]`` (padded) or ``[nnz]`` (CSR)."""
+    """The checked ids as ``[N, K]`` rows (padded) or ``[nnz]`` (CSR)."""
+    _check_support(x_name, x, indices, offsets, vocab)
+    return indices if offsets is not None else _k_rows(indices)
+
+
+def _check_support(x_name: str, x: Tensor, indices, offsets, vocab: int) -> None:
     if offsets is None:
         check_indices_for(x_name, x, indices, vocab)
-        return indices.reshape(-1, indices.shape[-1])
-    _check_csr(x_name, x, indices, offsets, vocab)
-    return indices
+    else:
+        _check_csr(x_name, x, indices, offsets, vocab)
+
+
+def _k_rows(t: Tensor) -> Tensor:
+    """``[..., K] -> [N, K]`` (a padded support's ids or targets)."""
+    return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
 
 
 def sparse_logprobs(logits: Tensor, indices: Tensor, *, offsets: Optional[Tensor] = None,
@@ -120,21 +129,26 @@ def sparse_logprobs(logits: Tensor, indices: Tensor, *, offsets: Optional[Tensor
     checked in debug mode (:func:`rlkernels.set_debug`) and on CPU tensors.
     """
     _checks.logits("logits", logits)
-    ids = _support("logits", logits, indices, offsets, logits.shape[-1])
+    _check_support("logits", logits, indices, offsets, logits.shape[-1])
     t = _checks.positive("temperature", temperature)
     _checks.choice("normalize", normalize, _NORMALIZE)
     _checks.flag("return_tail", return_tail)
     name = SPARSE_LOGPROBS.resolve(backend, logits.device)
     # the [N, V] rows and the outputs' shapes are taken inside the op (maps and views: no
     # view node in the eager graph; logp and tail, saved for backward, stay autograd views)
-    logp, tail, _ = SPARSE_LOGPROBS(logits, ids, t, normalize, return_tail, name, offsets,
-                                    maps=_rows_map(name),
+    logp, tail, _ = SPARSE_LOGPROBS(logits, indices, t, normalize, return_tail, name, offsets,
+                                    maps=_rows_map(name, offsets, 1),
                                     views=_views(logits, indices.shape, return_tail))
     return (logp, tail) if return_tail else logp
 
 
-def _rows_map(name: str):
-    return ((0, lambda z: rows_for(z, name, _FAMILY)),)
+def _rows_map(name: str, offsets, *per_slot: int):
+    """The maps of the op call: the logits' rows, and ``[..., K] -> [N, K]`` for the inputs
+    at positions ``per_slot`` of a padded support (a CSR support is ``[nnz]`` already)."""
+    rows_map = (0, lambda z: rows_for(z, name, _FAMILY))
+    if offsets is not None:
+        return (rows_map,)
+    return (rows_map,) + tuple((i, _k_rows) for i in per_slot)
 
 
 def _views(x: Tensor, logp_shape, with_tail: bool):
@@ -237,7 +251,7 @@ def sparse_kl(logits: Tensor, indices: Tensor, target_logprobs: Tensor, *,
     (a row without ids: the tail bucket alone, ``t_tail = 1``, ``s_tail = 1``: 0).
     """
     _checks.logits("logits", logits)
-    ids = _support("logits", logits, indices, offsets, logits.shape[-1])
+    _check_support("logits", logits, indices, offsets, logits.shape[-1])
     _checks.tensor("target_logprobs", target_logprobs, dtypes=_checks.FLOAT_DTYPES)
     _checks.shape("target_logprobs", target_logprobs, indices.shape, "the shape of indices")
     _checks.same_device("logits", logits, target_logprobs=target_logprobs)
@@ -252,8 +266,8 @@ def sparse_kl(logits: Tensor, indices: Tensor, target_logprobs: Tensor, *,
                                   tail, backend)
         return _bucket_kl(logits, indices, target_logprobs, kind, weight, t, tail, backend)
     name = SPARSE_KL.resolve(backend, logits.device)
-    return SPARSE_KL(logits, ids, target_logprobs.reshape(ids.shape), t, tail, name, offsets,
-                     maps=_rows_map(name), views=((0, logits.shape[:-1]),))[0]
+    return SPARSE_KL(logits, indices, target_logprobs, t, tail, name, offsets,
+                     maps=_rows_map(name, offsets, 1, 2), views=((0, logits.shape[:-1]),))[0]
 
 
 def _bucket_kl(logits: Tensor, indices: Tensor, target_logprobs: Tensor, kind: str,

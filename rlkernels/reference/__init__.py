@@ -75,6 +75,16 @@ def leading(x: torch.Tensor, lead: tuple, *trailing: int) -> torch.Tensor:
     return x if len(lead) == 1 else x.view((*lead, *trailing))
 
 
+def grad_in_shape(grad: torch.Tensor, shape, out=None) -> torch.Tensor:
+    """The ``[N, V]`` gradient ``grad`` in the input's ``shape``; with ``out`` (in-place
+    backward), ``out`` itself, holding it (copied back when ``out``'s rows were a copy)."""
+    if out is None:
+        return grad if len(shape) == 2 else grad.view(shape)
+    if grad.data_ptr() != out.data_ptr():
+        out.copy_(grad.view(shape))
+    return out
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp64 inputs compute in fp64, everything else in fp32 (SPEC section 1)."""
     return torch.float64 if dtype == torch.float64 else torch.float32

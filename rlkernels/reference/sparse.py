@@ -13,11 +13,15 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import compute_dtype, row_chunks
+from . import as_flat, as_rows, compute_dtype, grad_in_shape, leading, row_chunks
 from .vocab import (_max_and_log_rest, _row_lse, _row_stats, _row_sum, _scaled, _shifted,
                     _xlogy0)
 
 Tensor = torch.Tensor
+
+# the eager ops' kernels take the public shapes (logits [..., V], indices / targets [..., K]
+# or CSR [nnz]) and return outputs in them: rlkernels.ops._table skips its maps and views
+ND_ROWS = True
 
 
 # --------------------------------------------------------------------------- sparse log-probs
@@ -49,7 +53,8 @@ def sparse_logprobs_forward(logits: Tensor, indices: Tensor, temperature: float,
                             normalize: str, with_tail: bool, offsets: Optional[Tensor] = None,
                             *, _out: Optional[Tensor] = None
                             ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Returns ``(logp [N, K], tail [N], stats [N, 3])`` (``logp [nnz]`` with ``offsets``).
+    """Returns ``(logp [..., K], tail [...], stats [..., 3])`` for ``logits [..., V]`` and
+    ``indices [..., K]`` (``logp [nnz]`` with ``offsets``: CSR ``indices [nnz]``).
 
     ``normalize="full"``: ``z_k - lse``; ``"support"``: ``z_k - logsumexp_{valid k} z_k``.
     Slots with id -1 give ``-inf``. ``tail`` (only when ``with_tail``) is the log of the
@@ -59,9 +64,13 @@ def sparse_logprobs_forward(logits: Tensor, indices: Tensor, temperature: float,
     offsets[r + 1]]`` (absolute positions); only those positions of ``logp`` are written
     (``_out``: the ``[nnz]`` buffer to write them into).
     """
+    lead = logits.shape[:-1]
+    logits = as_rows(logits)
     if offsets is not None:
-        return _csr_logprobs_forward(logits, indices, offsets, temperature, normalize,
-                                     with_tail, _out)
+        logp, tail, stats = _csr_logprobs_forward(logits, indices, offsets, temperature,
+                                                  normalize, with_tail, _out)
+        return logp, leading(tail, lead), leading(stats, lead, 3)
+    indices = as_rows(indices)
     n, vocab = logits.shape
     cdt = compute_dtype(logits.dtype)
     logp = logits.new_empty(indices.shape, dtype=cdt)
@@ -80,7 +89,8 @@ def sparse_logprobs_forward(logits: Tensor, indices: Tensor, temperature: float,
         logp[rows] = torch.where(valid, values, -math.inf)
         if with_tail:
             tail[rows] = _log_tail(z, _membership(z, idx, valid), stats[rows])
-    return logp, tail, stats
+    return (leading(logp, lead, indices.shape[-1]), leading(tail, lead),
+            leading(stats, lead, 3))
 
 
 def sparse_logprobs_backward(grad_logp: Tensor, grad_tail: Optional[Tensor], logits: Tensor,
@@ -94,9 +104,14 @@ def sparse_logprobs_backward(grad_logp: Tensor, grad_tail: Optional[Tensor], log
     tail:    ``g_tail (1[j outside] q_j - p_j)``, ``q = softmax over the columns outside``.
     (the sums over ``k`` run over the row's ids: its slots, or its CSR segment)
     """
+    shape = logits.shape
+    logits, tail, stats = as_rows(logits), as_flat(tail), as_rows(stats)
+    grad_tail = as_flat(grad_tail)
     if offsets is not None:
-        return _csr_logprobs_backward(grad_logp, grad_tail, logits, indices, logp, tail, stats,
-                                      temperature, normalize, offsets)
+        return grad_in_shape(_csr_logprobs_backward(grad_logp, grad_tail, logits, indices,
+                                                    logp, tail, stats, temperature,
+                                                    normalize, offsets), shape)
+    indices, grad_logp, logp = as_rows(indices), as_rows(grad_logp), as_rows(logp)
     n, vocab = logits.shape
     cdt = compute_dtype(logits.dtype)
     grad = torch.empty_like(logits)
@@ -119,7 +134,7 @@ def sparse_logprobs_backward(grad_logp: Tensor, grad_tail: Optional[Tensor], log
             q = torch.where(outside, torch.exp(zs - log_s - tail[rows, None]), 0.0)
             g += g_t * (q - p)
         grad[rows] = g / temperature if temperature != 1.0 else g
-    return grad
+    return grad_in_shape(grad, shape)
 
 
 # -------------------------------------------------------------------------------- sparse KL
@@ -127,15 +142,27 @@ def sparse_logprobs_backward(grad_logp: Tensor, grad_tail: Optional[Tensor], log
 def sparse_kl_forward(logits: Tensor, indices: Tensor, target_logprobs: Tensor,
                       temperature: float, with_tail: bool, offsets: Optional[Tensor] = None
                       ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Returns ``(kl [N], student log tail [N], stats [N, 3])``.
+    """Returns ``(kl [...], student log tail [...], stats [..., 3])`` for ``logits [...,
+    V]``, ``indices`` and ``target_logprobs [..., K]``.
 
     ``sum_k t_k (log t_k - log s_k) [+ t_tail (log t_tail - log s_tail)]`` with
     ``t_tail = max(1 - sum_k t_k, 0)``, ``s_tail`` the student mass outside the ids, and
     ``0 log 0 = 0``. CSR: ``offsets [N + 1]``, ``indices`` and ``target_logprobs [nnz]``.
     """
-    if offsets is not None:
-        return _csr_kl_forward(logits, indices, target_logprobs, temperature, with_tail,
-                               offsets)
+    lead = logits.shape[:-1]
+    logits = as_rows(logits)
+    if offsets is None:
+        indices, target_logprobs = as_rows(indices), as_rows(target_logprobs)
+        out = _padded_kl_forward(logits, indices, target_logprobs, temperature, with_tail)
+    else:
+        out = _csr_kl_forward(logits, indices, target_logprobs, temperature, with_tail,
+                              offsets)
+    kl, s_tail, stats = out
+    return leading(kl, lead), leading(s_tail, lead), leading(stats, lead, 3)
+
+
+def _padded_kl_forward(logits: Tensor, indices: Tensor, target_logprobs: Tensor,
+                       temperature: float, with_tail: bool) -> Tuple[Tensor, Tensor, Tensor]:
     n, vocab = logits.shape
     cdt = compute_dtype(logits.dtype)
     kl = logits.new_empty(n, dtype=cdt)
@@ -168,9 +195,14 @@ def sparse_kl_backward(grad_kl: Tensor, logits: Tensor, indices: Tensor,
                        offsets: Optional[Tensor] = None) -> Tensor:
     """Gradient w.r.t. ``logits``:
     ``g (p (sum_k t_k + t_tail) - scatter(t_k) - t_tail 1[j outside] q_j)``."""
+    shape = logits.shape
+    logits, grad_kl, s_tail = as_rows(logits), as_flat(grad_kl), as_flat(s_tail)
+    stats = as_rows(stats)
     if offsets is not None:
-        return _csr_kl_backward(grad_kl, logits, indices, target_logprobs, s_tail, stats,
-                                temperature, with_tail, offsets)
+        return grad_in_shape(_csr_kl_backward(grad_kl, logits, indices, target_logprobs,
+                                              s_tail, stats, temperature, with_tail, offsets),
+                             shape)
+    indices, target_logprobs = as_rows(indices), as_rows(target_logprobs)
     n, vocab = logits.shape
     cdt = compute_dtype(logits.dtype)
     grad = torch.empty_like(logits)
@@ -195,7 +227,7 @@ def sparse_kl_backward(grad_kl: Tensor, logits: Tensor, indices: Tensor,
         g += p * mass
         g = g * g_row
         grad[rows] = g / temperature if temperature != 1.0 else g
-    return grad
+    return grad_in_shape(grad, shape)
 
 
 # ------------------------------------------------------------------------------ CSR supports

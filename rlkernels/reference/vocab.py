@@ -28,7 +28,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import as_flat, as_rows, compute_dtype, leading, row_chunks
+from . import as_flat, as_rows, compute_dtype, grad_in_shape, leading, row_chunks
 
 Tensor = torch.Tensor
 
@@ -213,17 +213,7 @@ def token_logprobs_backward(grad_logp: Optional[Tensor], grad_entropy: Optional[
             # exactly 0 on padding rows, even when their logits are -inf or NaN
             g = torch.where(valid[:, None], g, 0.0)
         grad[rows] = g / temperature if temperature != 1.0 else g
-    return _shaped(grad, shape, out)
-
-
-def _shaped(grad: Tensor, shape, out: Optional[Tensor]) -> Tensor:
-    """The ``[N, V]`` gradient ``grad`` in the logits' ``shape``; with ``out`` (in-place
-    backward), ``out`` itself, holding it (copied back when ``out``'s rows were a copy)."""
-    if out is None:
-        return grad if len(shape) == 2 else grad.view(shape)
-    if grad.data_ptr() != out.data_ptr():
-        out.copy_(grad.view(shape))
-    return out
+    return grad_in_shape(grad, shape, out)
 
 
 
@@ -422,5 +412,5 @@ def kl_divergence_backward(grad_kl: Tensor, logits: Tensor, ref_logits: Tensor,
         grad_z[rows] = g * d_z if keep is None else torch.where(keep, g * d_z, 0.0)
         if grad_w is not None:
             grad_w[rows] = g * d_w if keep is None else torch.where(keep, g * d_w, 0.0)
-    return _shaped(grad_z, shape, None), None if grad_w is None else _shaped(grad_w, ref_shape,
-                                                                               None)
+    return (grad_in_shape(grad_z, shape),
+            None if grad_w is None else grad_in_shape(grad_w, ref_shape))

@@ -56,14 +56,19 @@ import triton
 import triton.language as tl
 
 from .._codes import SPARSE_MODES
+from ..reference import as_rows
 from ._common import (LOG2E, compute_dtype, const_hl, exp2_, lane_merge, lane_step, mul_hl,
-                      n_rows, online_block, row_layout, row_offset, split, tl_compute_dtype)
+                      n_rows, online_block, per_row, row_layout, row_offset, rows3, split,
+                      tl_compute_dtype)
 
 Tensor = torch.Tensor
 
 # The launchers read [A, B, V] logits through two row strides (_common.row_layout), as
 # triton/vocab.py's do.
 STRIDED_ROWS = True
+# the eager ops' kernels take the public shapes (logits [..., V], indices / targets [..., K]
+# or CSR [nnz]) and return outputs in them: rlkernels.ops._table skips its maps and views
+ND_ROWS = True
 
 # Sorted-id value of an unused slot (or an id outside [0, V)): larger than any column.
 _SENTINEL = 2 ** 31 - 1
@@ -709,19 +714,21 @@ def _forward(logits: Tensor, indices: Tensor, target: Optional[Tensor], temperat
     """``offsets``: a CSR support (flat ``indices``, ``target`` and log-probs); ``out``: the
     ``[nnz]`` log-prob buffer to write into (a chunk of a larger CSR); ``prep``: the CSR
     tail's ``(sid, words)`` already formed for these rows (the linear head's chunks)."""
-    vocab, n = logits.shape[-1], n_rows(logits)
+    vocab, n, lead = logits.shape[-1], n_rows(logits), logits.shape[:-1]
     csr = offsets is not None
+    if not csr:  # [..., K] -> [N, K]
+        indices, target = as_rows(indices), as_rows(target)
     k = 0 if csr else indices.shape[1]
     cdt = compute_dtype(logits.dtype)
     if out is None:
-        out = logits.new_empty((n,) if mode == _MODE_KL else
-                               (indices.shape[0],) if csr else (n, k), dtype=cdt)
-    tail = logits.new_zeros(n, dtype=cdt)
-    stats = logits.new_zeros(n, 3, dtype=cdt)
+        out = logits.new_empty(lead if mode == _MODE_KL else
+                               (indices.shape[0],) if csr else (*lead, k), dtype=cdt)
+    tail = logits.new_zeros(lead, dtype=cdt)
+    stats = logits.new_zeros((*lead, 3), dtype=cdt)
     if n == 0:
         return out, tail, stats
     block_v = block_v or _default_block_v_fwd(vocab)
-    logits = _rows2d(logits)
+    logits = _rows2d(rows3(logits))
     indices = indices.contiguous()
     if not with_tail:
         sid = words = indices  # unused
@@ -738,7 +745,7 @@ def _forward(logits: Tensor, indices: Tensor, target: Optional[Tensor], temperat
         indices, 1 if csr else indices.stride(0), k, offsets if csr else indices,
         sid, words,
         tgt, tgt.stride(0) if target is not None and not csr else 0,
-        out, out.stride(0) if mode != _MODE_KL and not csr else 1, tail, stats,
+        out, per_row(out, 1)[1] if mode != _MODE_KL and not csr else 1, tail, stats,
         *split(1.0 / temperature),
         MODE=mode, WITH_TAIL=with_tail, IS_FP64=cdt == torch.float64,
         CDT=tl_compute_dtype(cdt), NT=_series_terms(logits.dtype), BLOCK_V=block_v,
@@ -757,6 +764,8 @@ def _backward(logits: Tensor, indices: Tensor, gk: Optional[Tensor], lp: Optiona
     ``prep``: the CSR ``(sid, perm)`` already formed (:func:`_csr_sorted_segments`)."""
     vocab, n = logits.shape[-1], n_rows(logits)
     csr = offsets is not None
+    if not csr:  # [..., K] -> [N, K]
+        indices, gk, lp = as_rows(indices), as_rows(gk), as_rows(lp)
     k = 0 if csr else indices.shape[1]
     cdt = compute_dtype(logits.dtype)
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) \
@@ -764,7 +773,7 @@ def _backward(logits: Tensor, indices: Tensor, gk: Optional[Tensor], lp: Optiona
     if n == 0:
         return grad
     block_v = block_v or _default_block_v(vocab, logits.dtype)
-    logits = _rows2d(logits)
+    logits = _rows2d(rows3(logits))
     indices = indices.contiguous()
     if csr:
         sid, perm = _csr_sorted_segments(indices, offsets, vocab) if prep is None else prep
@@ -802,7 +811,7 @@ def sparse_logprobs_forward(logits: Tensor, indices: Tensor, temperature: float,
                             *, block_v: Optional[int] = None, _out: Optional[Tensor] = None,
                             _prep: Optional[Tuple[Tensor, Tensor]] = None
                             ) -> Tuple[Tensor, Tensor, Tensor]:
-    """``(logp [N, K], tail [N], stats [N, 3])`` (``logp [nnz]`` with a CSR ``offsets
+    """``(logp [..., K], tail [...], stats [..., 3])`` (``logp [nnz]`` with a CSR ``offsets
     [N + 1]``), as :func:`rlkernels.reference.sparse.sparse_logprobs_forward`. ``block_v``
     (a power of two) overrides the column block, for tests. Private: ``_out`` (the ``[nnz]``
     log-prob buffer a chunk of CSR rows writes into), ``_prep`` (their tail's sorted ids,
@@ -831,7 +840,7 @@ def sparse_logprobs_backward(grad_logp: Optional[Tensor], grad_tail: Optional[Te
 def sparse_kl_forward(logits: Tensor, indices: Tensor, target_logprobs: Tensor,
                       temperature: float, with_tail: bool, offsets: Optional[Tensor] = None,
                       *, block_v: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor]:
-    """``(kl [N], student log tail [N], stats [N, 3])``, as
+    """``(kl [...], student log tail [...], stats [..., 3])``, as
     :func:`rlkernels.reference.sparse.sparse_kl_forward` (CSR: ``offsets [N + 1]``)."""
     return _forward(logits, indices, target_logprobs, temperature, _MODE_KL, with_tail,
                     block_v, offsets)

@@ -19,7 +19,7 @@ import importlib
 import pytest
 import torch
 
-from _naive import make_logits, make_tokens
+from _naive import make_indices, make_logits, make_tokens
 from rlkernels import backends
 
 V = 11  # odd: unaligned rows
@@ -139,6 +139,47 @@ def test_nd_modules_found():
     assert importlib.import_module("rlkernels.reference.vocab").ND_ROWS is True
 
 
+
+def _sparse_modules():
+    out = []
+    for p in MODULES:
+        mod = backends._module(p.id, "sparse")
+        if getattr(mod, "ND_ROWS", False):
+            out.append(pytest.param(mod, id=p.id))
+    return out
+
+
+@pytest.mark.parametrize("layout", ["3d", "slice", "4d", "4d_slice", "1d"])
+@pytest.mark.parametrize("mod", _sparse_modules())
+@pytest.mark.parametrize("normalize", ["full", "support"])
+def test_sparse_kernels_take_public_shapes(mod, layout, normalize):
+    """Padded supports ``[..., K]`` (logits, ids, targets, upstream gradients in their public
+    shapes) equal the ``[N, V]`` / ``[N, K]`` call bit for bit."""
+    x, _ = LAYOUTS[layout]
+    lead, k = x.shape[:-1], 4
+    idx = make_indices(x, k)
+    out = mod.sparse_logprobs_forward(x, idx, 0.9, normalize, True)
+    ref = mod.sparse_logprobs_forward(_rows(x), _rows(idx), 0.9, normalize, True)
+    assert [o.shape for o in out] == [(*lead, k), lead, (*lead, 3)]
+    assert torch.equal(_rows(out[0]), ref[0]) and torch.equal(out[1].reshape(-1), ref[1])
+    g = torch.linspace(-1, 1, idx.numel()).reshape(idx.shape)
+    g_t = torch.full((), 0.25).expand(lead)
+    grad = mod.sparse_logprobs_backward(g, g_t, x, idx, out[0], out[1], out[2], 0.9,
+                                        normalize)
+    want = mod.sparse_logprobs_backward(_rows(g), _flat(g_t), _rows(x), _rows(idx), ref[0],
+                                        ref[1], ref[2], 0.9, normalize)
+    assert grad.shape == x.shape and torch.equal(_rows(grad), want)
+    target = torch.log_softmax(torch.linspace(0, 1, idx.numel()).reshape(idx.shape), -1)
+    kl = mod.sparse_kl_forward(x, idx, target, 0.9, True)
+    kl_ref = mod.sparse_kl_forward(_rows(x), _rows(idx), _rows(target), 0.9, True)
+    assert [o.shape for o in kl] == [lead, lead, (*lead, 3)]
+    assert torch.equal(kl[0].reshape(-1), kl_ref[0])
+    g_kl = torch.full((), 1.5).expand(lead)
+    gk = mod.sparse_kl_backward(g_kl, x, idx, target, kl[1], kl[2], 0.9, True)
+    gk_ref = mod.sparse_kl_backward(_flat(g_kl), _rows(x), _rows(idx), _rows(target),
+                                    kl_ref[1], kl_ref[2], 0.9, True)
+    assert gk.shape == x.shape and torch.equal(_rows(gk), gk_ref)
+
 # ------------------------------------------------- the public ops: ND path == mapped path
 
 def _mapped(monkeypatch):
@@ -157,6 +198,10 @@ def _public_cases(backend):
     mask = torch.rand(2, 4, generator=torch.Generator().manual_seed(0)) < 0.8
     old = torch.randn(2, 4, generator=torch.Generator().manual_seed(1)) - 2
     adv = torch.tensor([0.5, -1.0])
+    ids = make_indices(x, 3)
+    target = torch.log_softmax(torch.randn(ids.shape, generator=torch.Generator()
+                                           .manual_seed(2)), -1)
+    offsets = torch.arange(0, ids.numel() + 1, 3)
     bk = dict(backend=backend)
     return {
         "token_logprobs": (x, lambda z: rk.token_logprobs(z, tok, return_entropy=True,
@@ -165,6 +210,11 @@ def _public_cases(backend):
         "kl_divergence": (x, lambda z: rk.kl_divergence(z, y, ignore_mask=~mask, **bk)),
         "grpo_loss": (x, lambda z: rk.grpo_loss(z, tok, old, adv, mask, entropy_coef=0.01,
                                                 **bk)),
+        "sparse_logprobs": (x, lambda z: rk.sparse_logprobs(z, ids, return_tail=True,
+                                                            normalize="support", **bk)),
+        "sparse_kl": (x, lambda z: rk.sparse_kl(z, ids, target, tail=True, **bk)),
+        "sparse_logprobs_csr": (x, lambda z: rk.sparse_logprobs(
+            z, ids.reshape(-1), offsets=offsets, return_tail=True, **bk)),
     }
 
 
@@ -176,7 +226,8 @@ def _tensors(out):
     return [t for o in out for t in _tensors(o)]
 
 
-@pytest.mark.parametrize("op", ["token_logprobs", "entropy", "kl_divergence", "grpo_loss"])
+@pytest.mark.parametrize("op", ["token_logprobs", "entropy", "kl_divergence", "grpo_loss",
+                                "sparse_logprobs", "sparse_kl", "sparse_logprobs_csr"])
 @pytest.mark.parametrize("backend", [p.id for p in MODULES])
 def test_public_nd_path_equals_mapped_path(op, backend, monkeypatch):
     """The same values, output shapes, gradients (in the logits' shape and layout-free), and
