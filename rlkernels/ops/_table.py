@@ -924,8 +924,10 @@ class Op:
         time per call on a CPU like the one issue 19 measured on."""
         nd = self._e_ndb.get(backend)
         if nd is None:
-            nd = self._e_ndb[backend] = bool(getattr(self._e_module(backend), "ND_ROWS",
-                                                     False))
+            # True (every op of the family), or the names of the ops that do
+            flag = getattr(self._e_module(backend), "ND_ROWS", False)
+            nd = flag is True or (isinstance(flag, frozenset) and self.name in flag)
+            self._e_ndb[backend] = nd
         return nd
 
     def _e_kernel(self, backend: str, fn: str):

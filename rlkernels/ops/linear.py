@@ -229,13 +229,13 @@ def _linear_token_logprobs(hidden, weight, tokens, bias, t, ignore_index, return
     handle = _check_group_tokens(process_group, tokens, weight, ignore_index)
     name = LINEAR_TOKEN_LOGPROBS.resolve(backend, hidden.device, handle is not None)
     shape = tokens.shape
-    # the [N, H] rows of hidden and the outputs' [...] shape are taken by the op (inside the
-    # eager Function: no view node in the autograd graph)
+    # the [N, H] rows of hidden, the [N] tokens and the outputs' [...] shape are taken by
+    # the op (inside the eager Function: no view node in the autograd graph; none at all for
+    # a backend whose kernels take the public shapes)
     views = ((0, shape), (1, shape)) if return_entropy else ((0, shape),)
-    logp, ent = LINEAR_TOKEN_LOGPROBS(hidden, weight, bias, tokens.reshape(-1), t,
-                                      ignore_index, return_entropy, name, head_precision,
-                                      path, rows, group=handle, maps=_HIDDEN_ROWS,
-                                      views=views)[:2]
+    logp, ent = LINEAR_TOKEN_LOGPROBS(hidden, weight, bias, tokens, t, ignore_index,
+                                      return_entropy, name, head_precision, path, rows,
+                                      group=handle, maps=_HIDDEN_TOKEN_ROWS, views=views)[:2]
     return (logp, ent) if return_entropy else logp
 
 
@@ -520,5 +520,11 @@ def _hidden_rows(hidden: Tensor) -> Tensor:
     return hidden.reshape(-1, hidden.shape[-1])
 
 
-# the op's map of hidden [..., H] to its [N, H] rows (a view, or one copy)
+def _flat_tokens(tokens: Tensor) -> Tensor:
+    return tokens if tokens.dim() == 1 else tokens.reshape(-1)
+
+
+# the op's map of hidden [..., H] to its [N, H] rows (a view, or one copy); and of the
+# tokens [...] to [N] (linear_token_logprobs)
 _HIDDEN_ROWS = ((0, _hidden_rows),)
+_HIDDEN_TOKEN_ROWS = ((0, _hidden_rows), (3, _flat_tokens))

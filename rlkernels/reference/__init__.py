@@ -75,6 +75,13 @@ def leading(x: torch.Tensor, lead: tuple, *trailing: int) -> torch.Tensor:
     return x if len(lead) == 1 else x.view((*lead, *trailing))
 
 
+def head_outputs(out, lead: tuple):
+    """``(logp [N], entropy [N], stats [N, 3])`` of an lm_head kernel in the leading shape
+    ``lead`` of its ``hidden [..., H]``."""
+    logp, ent, stats = out
+    return leading(logp, lead), leading(ent, lead), leading(stats, lead, 3)
+
+
 def grad_in_shape(grad: torch.Tensor, shape, out=None) -> torch.Tensor:
     """The ``[N, V]`` gradient ``grad`` in the input's ``shape``; with ``out`` (in-place
     backward), ``out`` itself, holding it (copied back when ``out``'s rows were a copy)."""

@@ -32,12 +32,18 @@ import torch
 from .. import _rows
 from .._fused import fused_forward, row_grads
 from .._policy_options import PolicyOptions
-from . import compute_dtype, row_chunks, rows_per_chunk
+from . import (as_flat, as_rows, compute_dtype, grad_in_shape, head_outputs, row_chunks,
+               rows_per_chunk)
 from . import policy as _policy
 from . import sparse as _sparse
 from . import vocab as _vocab
 
 Tensor = torch.Tensor
+
+# linear_token_logprobs and linear_grpo_loss take the public shapes (hidden [..., H], tokens
+# [...]; per-token outputs [...], d hidden in hidden's shape): rlkernels.ops._table skips
+# those ops' maps and views (the other ops of this family keep them)
+ND_ROWS = frozenset({"linear_token_logprobs", "linear_grpo_loss"})
 
 
 def _rows_matmul(a: Tensor, b: Tensor, rows: int) -> Tensor:
@@ -163,9 +169,14 @@ def linear_token_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Optional
                                   with_entropy: bool, head_precision: Optional[str] = None,
                                   path: str = "auto", rows: Optional[Tensor] = None
                                   ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Returns ``(logp [N], entropy [N], stats [N, 3])`` as ``token_logprobs`` of the logits.
-    ``path``: the fused backends' implementation choice; the reference has one (ignored).
-    ``rows``: only those rows are computed, the others are padding (:mod:`rlkernels._rows`)."""
+    """Returns ``(logp [...], entropy [...], stats [..., 3])`` as ``token_logprobs`` of the
+    logits, for ``hidden [..., H]`` and ``tokens [...]``. ``path``: the fused backends'
+    implementation choice; the reference has one (ignored). ``rows``: only those of the
+    ``N`` rows are computed, the others are padding (:mod:`rlkernels._rows`)."""
+    if hidden.dim() != 2:
+        return head_outputs(linear_token_logprobs_forward(
+            as_rows(hidden), weight, bias, as_flat(tokens), temperature, ignore_index,
+            with_entropy, head_precision, path, rows), hidden.shape[:-1])
     if rows is not None:
         return _rows.forward(
             lambda h, tok: linear_token_logprobs_forward(h, weight, bias, tok, temperature,
@@ -205,7 +216,13 @@ def linear_token_logprobs_backward(grad_logp: Optional[Tensor], grad_entropy: Op
                                    path: str = "auto", rows: Optional[Tensor] = None
                                    ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """Gradients w.r.t. ``hidden``, ``weight`` and ``bias`` (``None`` without bias), each in the
-    dtype of its input (``rows``: as the forward's)."""
+    dtype and shape of its input (``rows``: as the forward's)."""
+    if hidden.dim() != 2:
+        gh, gw, gb = linear_token_logprobs_backward(
+            as_flat(grad_logp), as_flat(grad_entropy), as_rows(hidden), weight, bias,
+            as_flat(tokens), as_rows(stats), temperature, ignore_index, head_precision, path,
+            rows)
+        return grad_in_shape(gh, hidden.shape), gw, gb
     if rows is not None:
         return _rows.backward(
             lambda glp, gh, h, tok, st: linear_token_logprobs_backward(

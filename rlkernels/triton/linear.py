@@ -79,6 +79,7 @@ import triton.language as tl
 
 from .. import _cublas_head as _head
 from .. import _rows
+from ..reference import as_flat, as_rows, grad_in_shape, head_outputs
 from .._fused import fused_forward, row_grads
 from .._policy_options import PolicyOptions
 from ._common import (compute_dtype, const_hl, device_guard, expm1, log1p, mul_hl,
@@ -86,6 +87,11 @@ from ._common import (compute_dtype, const_hl, device_guard, expm1, log1p, mul_h
 from .policy import policy_loss_backward, policy_loss_forward
 
 Tensor = torch.Tensor
+
+# linear_token_logprobs and linear_grpo_loss take the public shapes (hidden [..., H], tokens
+# [...]; per-token outputs [...], d hidden in hidden's shape): rlkernels.ops._table skips
+# those ops' maps and views (the other ops of this family keep them)
+ND_ROWS = frozenset({"linear_token_logprobs", "linear_grpo_loss"})
 
 
 # ================================================================================ jit helpers
@@ -830,7 +836,13 @@ def linear_token_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Optional
     ``path`` (:func:`_resolve_path`): ``"triton"`` is :func:`linear_token_stats_forward`
     without a map or the extra statistics; ``"cublas"`` is :func:`_cublas_forward`
     (``chunk_rows`` overrides its row chunk). ``rows``: only those rows are computed, the
-    others are padding (:mod:`rlkernels._rows`), on either path."""
+    others are padding (:mod:`rlkernels._rows`), on either path. ``hidden [..., H]`` and
+    ``tokens [...]`` give outputs ``[...]`` (the ``[N, H]`` rows' call, viewed)."""
+    if hidden.dim() != 2:
+        return head_outputs(linear_token_logprobs_forward(
+            as_rows(hidden), weight, bias, as_flat(tokens), temperature, ignore_index,
+            with_entropy, head_precision, path, rows, blocks=blocks, split_cols=split_cols,
+            chunk_rows=chunk_rows), hidden.shape[:-1])
     if rows is not None:
         _check_rows(rows, hidden)
         return _rows.forward(
@@ -929,7 +941,16 @@ def linear_token_logprobs_backward(grad_logp: Optional[Tensor], grad_entropy: Op
     dtype) and ``d weight[slice] = d z^T @ hidden`` (complete over all rows in one GEMM,
     written in the weight's dtype: no ``[V, H]`` fp32 buffer). ``d bias`` sums fp32
     per-row-block partials. Peak extra memory at N=16384, H=3584, V=151936 bf16: 256 MiB of
-    ``d z`` + 224 MiB of ``d hidden`` accumulator + 8 MiB of bias partials."""
+    ``d z`` + 224 MiB of ``d hidden`` accumulator + 8 MiB of bias partials. ``hidden [...,
+    H]`` (tokens, upstream gradients ``[...]``, stats ``[..., 3]``): the ``[N, H]`` rows'
+    call, ``d hidden`` in hidden's shape."""
+    if hidden.dim() != 2:
+        gh, gw, gb = linear_token_logprobs_backward(
+            as_flat(grad_logp), as_flat(grad_entropy), as_rows(hidden), weight, bias,
+            as_flat(tokens), as_rows(stats), temperature, ignore_index, head_precision, path,
+            rows, blocks=blocks, dz_bytes=dz_bytes, logit_scale=logit_scale, softcap=softcap,
+            chunk_rows=chunk_rows, slice_cols=slice_cols)
+        return grad_in_shape(gh, hidden.shape), gw, gb
     if rows is not None:
         _check_rows(rows, hidden)
         return _rows.backward(

@@ -202,6 +202,9 @@ def _public_cases(backend):
     target = torch.log_softmax(torch.randn(ids.shape, generator=torch.Generator()
                                            .manual_seed(2)), -1)
     offsets = torch.arange(0, ids.numel() + 1, 3)
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 5, 16, generator=g)[:, :-1]  # [B, T, H] rows that do not merge
+    weight = torch.randn(V, 16, generator=g) / 4
     bk = dict(backend=backend)
     return {
         "token_logprobs": (x, lambda z: rk.token_logprobs(z, tok, return_entropy=True,
@@ -215,6 +218,10 @@ def _public_cases(backend):
         "sparse_kl": (x, lambda z: rk.sparse_kl(z, ids, target, tail=True, **bk)),
         "sparse_logprobs_csr": (x, lambda z: rk.sparse_logprobs(
             z, ids.reshape(-1), offsets=offsets, return_tail=True, **bk)),
+        "linear_token_logprobs": (hidden, lambda h: rk.linear_token_logprobs(
+            h, weight, tok, return_entropy=True, **bk)),
+        "linear_grpo_loss": (hidden, lambda h: rk.linear_grpo_loss(h, weight, tok, old, adv,
+                                                                   mask, **bk)),
     }
 
 
@@ -227,7 +234,8 @@ def _tensors(out):
 
 
 @pytest.mark.parametrize("op", ["token_logprobs", "entropy", "kl_divergence", "grpo_loss",
-                                "sparse_logprobs", "sparse_kl", "sparse_logprobs_csr"])
+                                "sparse_logprobs", "sparse_kl", "sparse_logprobs_csr",
+                                "linear_token_logprobs", "linear_grpo_loss"])
 @pytest.mark.parametrize("backend", [p.id for p in MODULES])
 def test_public_nd_path_equals_mapped_path(op, backend, monkeypatch):
     """The same values, output shapes, gradients (in the logits' shape and layout-free), and
@@ -241,7 +249,16 @@ def test_public_nd_path_equals_mapped_path(op, backend, monkeypatch):
         (first.float() * weight).sum().backward()
         return [o.detach() for o in out], leaf.grad
 
+    from rlkernels.ops import _table
+    seen, nd = [], _table.Op._e_nd
+
+    def spy(self, b):
+        seen.append(nd(self, b))
+        return seen[-1]
+
+    monkeypatch.setattr(_table.Op, "_e_nd", spy)
     nd_out, nd_grad = run()
+    assert any(seen), "the ND path was not taken"
     _mapped(monkeypatch)
     ref_out, ref_grad = run()
     assert [o.shape for o in nd_out] == [o.shape for o in ref_out]
