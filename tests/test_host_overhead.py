@@ -4,6 +4,7 @@ outputs."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -142,17 +143,36 @@ def test_eager_outputs_stay_modifiable_in_place():
 
 
 def test_saved_outputs_cannot_change_unseen():
-    """An output that backward saves (sparse_logprobs' logp and tail) is returned as an
-    autograd view made inside the Function: changing it in place raises instead of feeding
-    the backward changed values."""
+    """An output that backward saves (sparse_logprobs' logp and tail) never feeds the
+    backward changed values: changed in place, either the change raises (the mapped path
+    returns it as an autograd view made inside the Function) or the backward does
+    (autograd's version check of a saved output: a kernel that takes the public shapes
+    returns the saved tensor itself)."""
     import rlkernels as rk
 
-    x = torch.randn(2, 3, 7, requires_grad=True)
-    ids = torch.randint(0, 7, (2, 3, 2))
-    logp, tail = rk.sparse_logprobs(x, ids, return_tail=True, backend="torch")
-    for out in (logp, tail):
-        with pytest.raises(RuntimeError, match="inplace|in-place"):
-            out.mul_(2.0)
+    for nd in (True, False):
+        for which in (0, 1):
+            x = torch.randn(2, 3, 7, requires_grad=True)
+            ids = torch.randint(0, 7, (2, 3, 2))
+            with _nd_path(nd):
+                out = rk.sparse_logprobs(x, ids, return_tail=True, backend="torch")
+            loss = out[0].sum() + out[1].sum()
+            with pytest.raises(RuntimeError, match="inplace|in-place"):
+                out[which].mul_(2.0)
+                loss.backward()
+
+
+@contextlib.contextmanager
+def _nd_path(on: bool):
+    """The op layer's ND path on (as the torch backend declares) or off (maps and views)."""
+    from rlkernels.ops import _table
+    original = _table.Op._e_nd
+    if not on:
+        _table.Op._e_nd = lambda self, backend: False
+    try:
+        yield
+    finally:
+        _table.Op._e_nd = original
 
 
 def test_backward_allocates_no_zero_grads_for_metrics():

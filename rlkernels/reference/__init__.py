@@ -72,7 +72,16 @@ def as_flat(x):
 def leading(x: torch.Tensor, lead: tuple, *trailing: int) -> torch.Tensor:
     """A per-row result ``[N, *trailing]`` in the inputs' leading shape ``[*lead,
     *trailing]`` (``x`` itself when ``lead`` is one dim: the ``[N, V]`` call)."""
-    return x if len(lead) == 1 else x.view((*lead, *trailing))
+    return x if len(lead) == 1 else _own_view(x, (*lead, *trailing))
+
+
+def _own_view(x: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """``x.view(shape)`` of a tensor the kernel made and drops, as a tensor of its own to
+    autograd: a view made inside the eager ops' ``autograd.Function`` would be an output that
+    autograd forbids changing in place (``logp.masked_fill_(...)``), which ``[N, V]``
+    kernels' outputs allow."""
+    with torch._C._AutoDispatchBelowADInplaceOrView():
+        return x.view(shape)
 
 
 def head_outputs(out, lead: tuple):
@@ -86,7 +95,7 @@ def grad_in_shape(grad: torch.Tensor, shape, out=None) -> torch.Tensor:
     """The ``[N, V]`` gradient ``grad`` in the input's ``shape``; with ``out`` (in-place
     backward), ``out`` itself, holding it (copied back when ``out``'s rows were a copy)."""
     if out is None:
-        return grad if len(shape) == 2 else grad.view(shape)
+        return grad if len(shape) == 2 else _own_view(grad, shape)
     if grad.data_ptr() != out.data_ptr():
         out.copy_(grad.view(shape))
     return out
