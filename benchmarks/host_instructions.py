@@ -17,8 +17,9 @@ Per op: ``fwd`` (inputs that need no gradient) and ``fwd+bwd`` (the public call 
 ``torch.autograd.backward``, the leaves' ``.grad`` reset before each call, as in
 ``host_overhead.py``), in thousands of instructions per call, the stand-ins (the recorded
 results handed back through the recorder) included; and the torch floor (a no-op
-``autograd.Function``). A run takes minutes (valgrind runs Python ~50x slower; the kernels
-run once, for the recording).
+``autograd.Function`` with one input per leaf: the engine's work per leaf gradient is
+torch's, so an op is compared with the floor of its number of leaves). A run takes minutes
+(valgrind runs Python ~50x slower; the kernels run once, for the recording).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import host_overhead as ho  # noqa: E402
 from rlkernels import _checks  # noqa: E402
 
 _MARK = "builtin_oct"  # the C function whose exits delimit the measured loops
+_MAX_LEAVES = 2  # the most inputs requiring grad of a host_overhead.py case
 
 
 class _Loop:
@@ -67,15 +69,17 @@ def _measured(args) -> None:
         labels.append(label)
         oct(_Loop(fn, args.number))
 
-    x = torch.zeros(ho.B, ho.T, requires_grad=True)
+    xs = [torch.zeros(ho.B, ho.T, requires_grad=True) for _ in range(_MAX_LEAVES)]
     one = torch.ones(())
 
-    def floor_fwd_bwd():
-        x.grad = None
-        torch.autograd.backward([ho._Nothing.apply(x)], [one])
+    def floor_fwd_bwd(n):
+        for x in xs[:n]:
+            x.grad = None
+        torch.autograd.backward([ho._Nothing.apply(*xs[:n])], [one])
 
-    loop("floor fwd", lambda: ho._Nothing.apply(x))
-    loop("floor fwd+bwd", floor_fwd_bwd)
+    loop("floor fwd", lambda: ho._Nothing.apply(xs[0]))
+    for n in range(1, _MAX_LEAVES + 1):  # the floor of an op with n leaves
+        loop(f"floor fwd+bwd {n}", lambda n=n: floor_fwd_bwd(n))
     cases = ho._cases(args.backend)
     for op in args.ops:
         for mode, grad in (("fwd", False), ("fwd+bwd", True)):
@@ -162,15 +166,19 @@ def main(argv=None) -> int:
     per_call = {n: t / args.number / 1000 for n, t in zip(names, totals)}
     print(f"torch {torch.__version__}, backend {args.backend}, B={ho.B} T={ho.T} V={ho.V}; "
           f"thousands of instructions per call ({args.number} calls per loop, callgrind)")
-    print(f"torch floor (a no-op autograd.Function): fwd {per_call['floor fwd']:.1f}, "
-          f"fwd+bwd {per_call['floor fwd+bwd']:.1f}")
-    print("| op | fwd | fwd+bwd | fwd+bwd - floor |")
+    floors = ", ".join(f"{n}: {per_call[f'floor fwd+bwd {n}']:.1f}"
+                       for n in range(1, _MAX_LEAVES + 1))
+    print(f"torch floor (a no-op autograd.Function, one input per leaf): fwd "
+          f"{per_call['floor fwd']:.1f}, fwd+bwd by leaves {floors}")
+    print("| op | fwd | fwd+bwd | fwd+bwd - floor of its leaves |")
     print("| --- | ---: | ---: | ---: |")
+    cases = ho._cases(args.backend)
     for op in args.ops:
         fwd = per_call.get(f"{op} fwd")
         both = per_call.get(f"{op} fwd+bwd")
+        leaves = min(max(len(ho._leaves(cases[op](True))), 1), _MAX_LEAVES)
         cells = [f"{fwd:.1f}" if fwd is not None else "n/a"]
-        cells += ([f"{both:.1f}", f"{both - per_call['floor fwd+bwd']:.1f}"]
+        cells += ([f"{both:.1f}", f"{both - per_call[f'floor fwd+bwd {leaves}']:.1f}"]
                   if both is not None else ["n/a", "n/a"])
         print(f"| {op} | " + " | ".join(cells) + " |")
     return 0

@@ -278,7 +278,8 @@ def measure(op: str, make, grad: bool, repeat: int, number: int) -> Dict[str, fl
     t_pub = _time_us(public, repeat, number)
     t_dir = _time_us(direct, repeat, number)
     return {"public_us": t_pub, "direct_us": t_dir, "overhead_us": t_pub - t_dir,
-            "stub_us": t_stub, "standins_us": t_standins, "kernel_calls": len(calls)}
+            "stub_us": t_stub, "standins_us": t_standins, "kernel_calls": len(calls),
+            "leaves": len(leaves)}
 
 
 def _leaves(call) -> List[torch.Tensor]:
@@ -288,35 +289,40 @@ def _leaves(call) -> List[torch.Tensor]:
 
 
 class _Nothing(torch.autograd.Function):
-    """The torch floor: an ``autograd.Function`` whose forward and backward do no work."""
+    """The torch floor: an ``autograd.Function`` whose forward and backward do no work (one
+    input per leaf of the op measured)."""
 
     @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
+    def forward(ctx, *xs):
+        ctx.save_for_backward(*xs)
         return _FLOOR_OUT
 
     @staticmethod
     def backward(ctx, g):
-        return _FLOOR_GRAD
+        return _FLOOR_GRAD if len(ctx.needs_input_grad) == 1 else \
+            (_FLOOR_GRAD,) * len(ctx.needs_input_grad)
 
 
 _FLOOR_OUT = torch.zeros(())
 _FLOOR_GRAD = torch.zeros(B, T)
 
 
-def floor(repeat: int, number: int) -> Dict[str, float]:
-    """torch's own cost of one differentiable op call: ``apply`` of a Function that does
-    nothing (fwd), and that plus ``torch.autograd.backward`` through it (fwd+bwd). No op can
-    cost less host time; ``stub - floor`` is what rlkernels adds on top."""
-    x = torch.zeros(B, T, requires_grad=True)
+def floor(repeat: int, number: int, leaves: int = 1) -> Dict[str, float]:
+    """torch's own cost of one differentiable op call with ``leaves`` inputs that require
+    grad: ``apply`` of a Function that does nothing (fwd), and that plus
+    ``torch.autograd.backward`` through it (fwd+bwd: the engine hands each leaf its
+    gradient, ~9 us per leaf here). No op can cost less host time; ``stub - floor`` (the
+    floor of the op's number of leaves) is what rlkernels adds on top."""
+    xs = [torch.zeros(B, T, requires_grad=True) for _ in range(leaves)]
     one = torch.ones(())
 
     def fwd():
-        return _Nothing.apply(x)
+        return _Nothing.apply(*xs)
 
     def fwd_bwd():
-        x.grad = None  # as public() in measure
-        torch.autograd.backward([_Nothing.apply(x)], [one])
+        for x in xs:
+            x.grad = None  # as public() in measure
+        torch.autograd.backward([_Nothing.apply(*xs)], [one])
 
     return {"fwd": _time_us(fwd, repeat, number), "fwd+bwd": _time_us(fwd_bwd, repeat, number)}
 
@@ -386,12 +392,15 @@ def _run(args) -> int:
           f"({args.clock} clock)")
     # --rounds: the whole table measured that many times, each cell the minimum over the
     # rounds (on a shared machine a slow spell then spoils one round, not the cell)
-    base: Dict[str, float] = {}
+    base: Dict[int, Dict[str, float]] = {}  # leaves -> floor
+    n_leaves = sorted({max(len(_leaves(cases[op](True))), 1) for op in wanted})
     yard = float("inf")
     res: Dict[Tuple[str, str], Dict[str, float]] = {}
     for _ in range(args.rounds):
-        for k, v in floor(args.repeat, args.number).items():
-            base[k] = min(base.get(k, float("inf")), v)
+        for n in n_leaves:
+            for k, v in floor(args.repeat, args.number, n).items():
+                cell = base.setdefault(n, {})
+                cell[k] = min(cell.get(k, float("inf")), v)
         yard = min(yard, yardstick(args.repeat, args.number))
         for op in wanted:
             for mode, grad in (("fwd", False), ("fwd+bwd", True)):
@@ -400,12 +409,14 @@ def _run(args) -> int:
                 for k, v in r.items():
                     cell[k] = min(cell.get(k, float("inf")), v)
     scale = YARDSTICK_ISSUE_US / yard
-    print(f"torch floor (an autograd.Function doing nothing): fwd {base['fwd']:.0f} us, "
-          f"fwd+bwd {base['fwd+bwd']:.0f} us; yardstick (a PPO loss forward in eager torch, "
+    floors = ", ".join(f"{n} leaf{'s' if n > 1 else ''}: fwd {base[n]['fwd']:.0f} us, "
+                       f"fwd+bwd {base[n]['fwd+bwd']:.0f} us" for n in n_leaves)
+    print(f"torch floor (an autograd.Function doing nothing, one input per leaf of the op): "
+          f"{floors}; yardstick (a PPO loss forward in eager torch, "
           f"{YARDSTICK_ISSUE_US:.0f} us where issue 19 measured): {yard:.0f} us, so x"
           f"{scale:.2f} to the issue's machine")
-    print("own = stub - stand-ins (fwd), stub - stand-ins - floor (fwd+bwd); @issue = own x "
-          f"{scale:.2f}")
+    print("own = stub - stand-ins (fwd), stub - stand-ins - floor of the op's leaves "
+          f"(fwd+bwd); @issue = own x {scale:.2f}")
     print("| op | fwd public - direct | fwd stub | fwd stand-ins | **fwd own** | fwd own @issue "
           "| fwd+bwd public - direct | fwd+bwd stub | fwd+bwd stand-ins | **fwd+bwd own** | "
           "fwd+bwd own @issue |")
@@ -418,7 +429,8 @@ def _run(args) -> int:
             if not r:
                 cells += ["n/a"] * 5
                 continue
-            own = r["stub_us"] - r["standins_us"] - (base["fwd+bwd"] if grad else 0.0)
+            own = r["stub_us"] - r["standins_us"] - (
+                base[max(int(r["leaves"]), 1)]["fwd+bwd"] if grad else 0.0)
             worst[mode] = max(worst[mode], own)
             cells += [f"{r['overhead_us']:.0f}", f"{r['stub_us']:.0f}",
                       f"{r['standins_us']:.0f}", f"**{own:.0f}**", f"{own * scale:.0f}"]
