@@ -289,18 +289,34 @@ def _leaves(call) -> List[torch.Tensor]:
 
 
 class _Nothing(torch.autograd.Function):
-    """The torch floor: an ``autograd.Function`` whose forward and backward do no work (one
-    input per leaf of the op measured)."""
+    """The torch floor: an ``autograd.Function`` whose forward and backward do no work."""
 
     @staticmethod
-    def forward(ctx, *xs):
-        ctx.save_for_backward(*xs)
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
         return _FLOOR_OUT
 
     @staticmethod
     def backward(ctx, g):
-        return _FLOOR_GRAD if len(ctx.needs_input_grad) == 1 else \
-            (_FLOOR_GRAD,) * len(ctx.needs_input_grad)
+        return _FLOOR_GRAD
+
+
+class _Nothing2(torch.autograd.Function):
+    """:class:`_Nothing` with two inputs: the floor of an op with two leaves."""
+
+    @staticmethod
+    def forward(ctx, x, y):
+        ctx.save_for_backward(x, y)
+        return _FLOOR_OUT
+
+    @staticmethod
+    def backward(ctx, g):
+        return _FLOOR_GRAD, _FLOOR_GRAD
+
+
+def nothing(leaves: int):
+    """The no-op Function with one input per leaf (1 or 2)."""
+    return {1: _Nothing, 2: _Nothing2}[leaves]
 
 
 _FLOOR_OUT = torch.zeros(())
@@ -315,14 +331,15 @@ def floor(repeat: int, number: int, leaves: int = 1) -> Dict[str, float]:
     floor of the op's number of leaves) is what rlkernels adds on top."""
     xs = [torch.zeros(B, T, requires_grad=True) for _ in range(leaves)]
     one = torch.ones(())
+    fn = nothing(leaves)
 
     def fwd():
-        return _Nothing.apply(*xs)
+        return fn.apply(*xs)
 
     def fwd_bwd():
         for x in xs:
             x.grad = None  # as public() in measure
-        torch.autograd.backward([_Nothing.apply(*xs)], [one])
+        torch.autograd.backward([fn.apply(*xs)], [one])
 
     return {"fwd": _time_us(fwd, repeat, number), "fwd+bwd": _time_us(fwd_bwd, repeat, number)}
 
@@ -409,7 +426,7 @@ def _run(args) -> int:
                 for k, v in r.items():
                     cell[k] = min(cell.get(k, float("inf")), v)
     scale = YARDSTICK_ISSUE_US / yard
-    floors = ", ".join(f"{n} leaf{'s' if n > 1 else ''}: fwd {base[n]['fwd']:.0f} us, "
+    floors = ", ".join(f"{n} {'leaves' if n > 1 else 'leaf'}: fwd {base[n]['fwd']:.0f} us, "
                        f"fwd+bwd {base[n]['fwd+bwd']:.0f} us" for n in n_leaves)
     print(f"torch floor (an autograd.Function doing nothing, one input per leaf of the op): "
           f"{floors}; yardstick (a PPO loss forward in eager torch, "
