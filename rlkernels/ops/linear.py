@@ -19,6 +19,7 @@ from .. import _checks
 from .. import distributed as _dist
 from .._fused import fused_forward, fused_linear_gif, one_pass
 from .._policy_options import PolicyOptions
+from ..reference import as_flat, as_rows
 from ._common import _FLOATS, check_tokens_for, out_dtype, valid_logits_tokens
 from ._eager import PLAIN
 from ._policy_args import fused_policy_inputs, metrics_dict
@@ -516,15 +517,7 @@ def linear_grpo_loss(hidden: Tensor, weight: Tensor, tokens: Tensor, old_logp: T
     return value, {**metrics_dict(metrics, ref_logp is not None, True), **rollout}
 
 
-def _hidden_rows(hidden: Tensor) -> Tensor:
-    return hidden.reshape(-1, hidden.shape[-1])
-
-
-def _flat_tokens(tokens: Tensor) -> Tensor:
-    return tokens if tokens.dim() == 1 else tokens.reshape(-1)
-
-
 # the op's map of hidden [..., H] to its [N, H] rows (a view, or one copy); and of the
 # tokens [...] to [N] (linear_token_logprobs)
-_HIDDEN_ROWS = ((0, _hidden_rows),)
-_HIDDEN_TOKEN_ROWS = ((0, _hidden_rows), (3, _flat_tokens))
+_HIDDEN_ROWS = ((0, as_rows),)
+_HIDDEN_TOKEN_ROWS = ((0, as_rows), (3, as_flat))

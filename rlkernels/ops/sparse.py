@@ -14,6 +14,7 @@ import torch
 
 from .. import _checks
 from ..reference import sparse as _ref
+from ..reference import as_rows
 from ._common import check_indices_for, rows, rows_for
 from ._table import Backward, Op
 from .vocab import _alpha_kind, row_outputs
@@ -81,7 +82,7 @@ SPARSE_LOGPROBS = Op(
 def _support(x_name: str, x: Tensor, indices, offsets, vocab: int) -> Tensor:
     """The checked ids as ``[N, K]`` rows (padded) or ``[nnz]`` (CSR)."""
     _check_support(x_name, x, indices, offsets, vocab)
-    return indices if offsets is not None else _k_rows(indices)
+    return indices if offsets is not None else as_rows(indices)
 
 
 def _check_support(x_name: str, x: Tensor, indices, offsets, vocab: int) -> None:
@@ -89,11 +90,6 @@ def _check_support(x_name: str, x: Tensor, indices, offsets, vocab: int) -> None
         check_indices_for(x_name, x, indices, vocab)
     else:
         _check_csr(x_name, x, indices, offsets, vocab)
-
-
-def _k_rows(t: Tensor) -> Tensor:
-    """``[..., K] -> [N, K]`` (a padded support's ids or targets)."""
-    return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
 
 
 def sparse_logprobs(logits: Tensor, indices: Tensor, *, offsets: Optional[Tensor] = None,
@@ -148,7 +144,7 @@ def _rows_map(name: str, offsets, *per_slot: int):
     rows_map = (0, lambda z: rows_for(z, name, _FAMILY))
     if offsets is not None:
         return (rows_map,)
-    return (rows_map,) + tuple((i, _k_rows) for i in per_slot)
+    return (rows_map,) + tuple((i, as_rows) for i in per_slot)
 
 
 def _views(x: Tensor, logp_shape, with_tail: bool):

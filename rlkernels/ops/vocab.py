@@ -16,6 +16,7 @@ import torch
 
 from .. import _checks
 from .. import distributed as _dist
+from ..reference import as_flat
 from ._common import check_tokens_for, out_dtype, rows, rows_for, valid_logits_tokens
 from ._table import Backward, Op, Parallel
 
@@ -32,12 +33,7 @@ def _rows(logits: Tensor, backend: str, handle, flat: Tuple[int, ...] = ()):
     if handle is not None:
         return rows(logits), None
     return logits, ((0, lambda z: rows_for(z, backend, _FAMILY)),) + tuple(
-        (i, _flat) for i in flat)
-
-
-def _flat(x: Optional[Tensor]) -> Optional[Tensor]:
-    """A per-row input ``[...] -> [N]``."""
-    return x if x is None or x.dim() == 1 else x.reshape(-1)
+        (i, as_flat) for i in flat)
 
 
 def n_rows(x: Tensor) -> int:
@@ -134,7 +130,7 @@ def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
     # the per-row outputs come back in the tokens' shape (views taken by the op: no view
     # node in the autograd graph on the eager path)
     views = ((0, shape), (1, shape)) if return_entropy else ((0, shape),)
-    logp, ent = TOKEN_LOGPROBS(x, tokens if maps else _flat(tokens), t, ignore_index,
+    logp, ent = TOKEN_LOGPROBS(x, tokens if maps else as_flat(tokens), t, ignore_index,
                                return_entropy, name, group=handle, views=views,
                                maps=maps)[:2]
     if return_entropy:
@@ -260,11 +256,11 @@ def kl_divergence(logits: Tensor, ref_logits: Tensor, *, kind: str = "reverse",
         mask = ignore_mask
     name = KL_DIVERGENCE.resolve(backend, logits.device, handle is not None)
     if handle is not None:
-        x, y, maps, mask = rows(logits), rows(ref_logits), None, _flat(mask)
+        x, y, maps, mask = rows(logits), rows(ref_logits), None, as_flat(mask)
     else:
         x, y = logits, ref_logits
         maps = ((0, lambda z: rows_for(z, name, _FAMILY)),
-                (1, lambda z: rows_for(z, name, _FAMILY)), (2, _flat))
+                (1, lambda z: rows_for(z, name, _FAMILY)), (2, as_flat))
     return KL_DIVERGENCE(x, y, mask, kind, beta, t, name, group=handle,
                          views=((0, logits.shape[:-1]),), maps=maps)[0]
 
