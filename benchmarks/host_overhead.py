@@ -144,14 +144,24 @@ _clock = time.perf_counter
 
 
 def _time_us(fn: Callable[[], object], repeat: int, number: int) -> float:
-    fn()  # warm caches (custom-op dispatch tables, lru caches)
-    best = float("inf")
+    return _time_interleaved([fn], repeat, number)[0]
+
+
+def _time_interleaved(fns: List[Callable[[], object]], repeat: int,
+                      number: int) -> List[float]:
+    """Per function, the minimum over ``repeat`` blocks of the mean of ``number`` calls, in
+    us; the blocks of the functions alternate (f, g, h, f, g, h, ...), so that numbers meant
+    to be subtracted from one another see the same spells of a shared machine."""
+    for fn in fns:
+        fn()  # warm caches (custom-op dispatch tables, lru caches)
+    best = [float("inf")] * len(fns)
     for _ in range(repeat):
-        t0 = _clock()
-        for _ in range(number):
-            fn()
-        best = min(best, (_clock() - t0) / number)
-    return best * 1e6
+        for k, fn in enumerate(fns):
+            t0 = _clock()
+            for _ in range(number):
+                fn()
+            best[k] = min(best[k], (_clock() - t0) / number)
+    return [b * 1e6 for b in best]
 
 
 def _differentiable(out) -> List[torch.Tensor]:
@@ -256,7 +266,6 @@ def measure(op: str, make, grad: bool, repeat: int, number: int) -> Dict[str, fl
         calls = list(rec.calls)
         # stub: the public call with every kernel call replaced by its recorded result
         rec.replay, rec.cursor = True, 0
-        t_stub = _time_us(public, repeat, number)
 
         def standins():
             # the stand-ins alone, through the same wrappers: the measuring apparatus's own
@@ -265,7 +274,11 @@ def measure(op: str, make, grad: bool, repeat: int, number: int) -> Dict[str, fl
             for fn, args, kwargs in calls:
                 rec.wrappers[fn](*args, **kwargs)
 
-        t_standins = _time_us(standins, repeat, number)
+        # the stub, its stand-ins and torch's floor for the op's number of leaves, in
+        # alternating blocks: the three numbers "own" is made of see the same machine
+        t_stub, t_standins, t_floor = _time_interleaved(
+            [public, standins, _floor_fns(max(len(leaves), 1))[1 if grad else 0]], repeat,
+            number)
 
     def direct():
         # no_grad: inside the ops the kernels run below autograd (a custom op's body, an
@@ -278,8 +291,8 @@ def measure(op: str, make, grad: bool, repeat: int, number: int) -> Dict[str, fl
     t_pub = _time_us(public, repeat, number)
     t_dir = _time_us(direct, repeat, number)
     return {"public_us": t_pub, "direct_us": t_dir, "overhead_us": t_pub - t_dir,
-            "stub_us": t_stub, "standins_us": t_standins, "kernel_calls": len(calls),
-            "leaves": len(leaves)}
+            "stub_us": t_stub, "standins_us": t_standins, "floor_us": t_floor,
+            "kernel_calls": len(calls), "leaves": len(leaves)}
 
 
 def _leaves(call) -> List[torch.Tensor]:
@@ -329,6 +342,12 @@ def floor(repeat: int, number: int, leaves: int = 1) -> Dict[str, float]:
     ``torch.autograd.backward`` through it (fwd+bwd: the engine hands each leaf its
     gradient, ~9 us per leaf here). No op can cost less host time; ``stub - floor`` (the
     floor of the op's number of leaves) is what rlkernels adds on top."""
+    fwd, fwd_bwd = _floor_fns(leaves)
+    return {"fwd": _time_us(fwd, repeat, number), "fwd+bwd": _time_us(fwd_bwd, repeat, number)}
+
+
+def _floor_fns(leaves: int) -> Tuple[Callable[[], object], Callable[[], object]]:
+    """The floor's forward and forward+backward calls (see :func:`floor`)."""
     xs = [torch.zeros(B, T, requires_grad=True) for _ in range(leaves)]
     one = torch.ones(())
     fn = nothing(leaves)
@@ -341,7 +360,7 @@ def floor(repeat: int, number: int, leaves: int = 1) -> Dict[str, float]:
             x.grad = None  # as public() in measure
         torch.autograd.backward([fn.apply(*xs)], [one])
 
-    return {"fwd": _time_us(fwd, repeat, number), "fwd+bwd": _time_us(fwd_bwd, repeat, number)}
+    return fwd, fwd_bwd
 
 
 def yardstick(repeat: int, number: int) -> float:
@@ -433,7 +452,8 @@ def _run(args) -> int:
           f"{YARDSTICK_ISSUE_US:.0f} us where issue 19 measured): {yard:.0f} us, so x"
           f"{scale:.2f} to the issue's machine")
     print("own = stub - stand-ins (fwd), stub - stand-ins - floor of the op's leaves "
-          f"(fwd+bwd); @issue = own x {scale:.2f}")
+          "(fwd+bwd; that floor timed in blocks alternating with the op's stub and "
+          f"stand-ins, not the one above); @issue = own x {scale:.2f}")
     print("| op | fwd public - direct | fwd stub | fwd stand-ins | **fwd own** | fwd own @issue "
           "| fwd+bwd public - direct | fwd+bwd stub | fwd+bwd stand-ins | **fwd+bwd own** | "
           "fwd+bwd own @issue |")
@@ -446,8 +466,8 @@ def _run(args) -> int:
             if not r:
                 cells += ["n/a"] * 5
                 continue
-            own = r["stub_us"] - r["standins_us"] - (
-                base[max(int(r["leaves"]), 1)]["fwd+bwd"] if grad else 0.0)
+            # the floor measured with the op (alternating blocks), not the one printed above
+            own = r["stub_us"] - r["standins_us"] - (r["floor_us"] if grad else 0.0)
             worst[mode] = max(worst[mode], own)
             cells += [f"{r['overhead_us']:.0f}", f"{r['stub_us']:.0f}",
                       f"{r['standins_us']:.0f}", f"**{own:.0f}**", f"{own * scale:.0f}"]
