@@ -246,7 +246,11 @@ def _grpo_step(tmp_path, patch):
     args = GRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2,
                       num_generations=2, max_completion_length=4, max_steps=1, report_to=[],
                       use_cpu=True, seed=0, logging_steps=1, save_strategy="no",
-                      learning_rate=1e-2, beta=0.04,
+                      # plain SGD at lr 1: the update is the (clipped) gradient itself, so
+                      # the parameters after the step compare the gradients to 1e-5. Adam's
+                      # first step, lr g / (|g| + eps), turns a 1e-12 difference in a
+                      # gradient element near 0 into a 1e-5 one (seen on one CPU)
+                      optim="sgd", learning_rate=1.0, beta=0.04,
                       # transformers turns on CPU bf16 autocast by default; under it both TRL's
                       # head and the patched one project in bf16 (as they should), and bf16
                       # rounding (~1e-3) would hide any real difference
