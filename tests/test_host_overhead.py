@@ -235,3 +235,108 @@ def test_host_instructions_parses_dumps_and_rejects_unknown_ops(tmp_path, capsys
     assert "no_such_op" in capsys.readouterr().err
     calls = []
     assert oct(hi._Loop(lambda: calls.append(1), 3)) == "0o0" and len(calls) == 3
+
+
+def _policy_inputs(g, b=2, t=5):
+    return (torch.randn(b, t, generator=g) - 2.0, torch.randn(b, generator=g),
+            torch.rand(b, t, generator=g) < 0.8)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_fused_losses_eager_function_returns_loss_and_metrics(inplace):
+    """grpo_loss / linear_grpo_loss declare ``eager_outputs=2``: their eager Function returns
+    (loss, metrics) only, the per-token log-probs, entropies and statistics being saved for
+    backward without being outputs; the gradients (the in-place backward included, which
+    takes the backward op) and metrics equal those of the custom-op path bit for bit."""
+    import rlkernels as rk
+    from rlkernels.ops.policy import GRPO_LOSS
+
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, 11, (2, 5), generator=g)
+    old, adv, mask = _policy_inputs(g)
+    seen = []
+    original = GRPO_LOSS._eager_forward
+
+    def spy(ctx, args, views=None, maps=None):
+        out = original(ctx, args, views, maps)
+        seen.append(out)
+        return out
+
+    GRPO_LOSS._eager_forward = spy
+    try:
+        x = torch.randn(2, 5, 11, generator=g)
+        a = x.clone().requires_grad_(True)
+        loss, metrics = rk.grpo_loss(a, tokens, old, adv, mask, backend="torch",
+                                     inplace_backward=inplace)
+        loss.backward()
+    finally:
+        del GRPO_LOSS._eager_forward
+    assert len(seen) == 1 and len(seen[0]) == 2  # (loss, metrics vector): nothing else
+    b = x.clone().requires_grad_(True)
+    ref_loss, ref_metrics = _via_custom_op(lambda: rk.grpo_loss(
+        b, tokens, old, adv, mask, backend="torch", inplace_backward=inplace))
+    ref_loss.backward()
+    assert torch.equal(loss, ref_loss) and torch.equal(a.grad, b.grad)
+    assert metrics.keys() == ref_metrics.keys()
+    assert all(torch.equal(metrics[k], ref_metrics[k]) for k in metrics)
+
+    h = torch.randn(2, 5, 4, generator=g, requires_grad=True)
+    w = torch.randn(11, 4, generator=g, requires_grad=True)
+    loss, _ = rk.linear_grpo_loss(h, w, tokens, old, adv, mask, backend="torch")
+    grads = torch.autograd.grad(loss, (h, w))
+    ref = torch.autograd.grad(_via_custom_op(lambda: rk.linear_grpo_loss(
+        h, w, tokens, old, adv, mask, backend="torch"))[0], (h, w))
+    assert all(torch.equal(p, q) for p, q in zip(grads, ref))
+
+
+def test_metrics_are_tensors_of_their_own():
+    """The metrics are 0-d views of the kernels' metric vector made below autograd's view
+    tracking: not autograd views, fp32, and changing one in place changes no other."""
+    import rlkernels as rk
+
+    g = torch.Generator().manual_seed(6)
+    old, adv, mask = _policy_inputs(g)
+    logp = torch.randn(2, 5, generator=g, requires_grad=True)
+    for with_extras in (False, True):
+        extra = dict(ref_logp=old, kl_coef=0.1, entropy=torch.rand(2, 5, generator=g),
+                     entropy_coef=0.01) if with_extras else {}
+        _, metrics = rk.policy_loss(logp, old, adv, mask, backend="torch", **extra)
+        assert ("kl" in metrics) == ("entropy" in metrics) == with_extras
+        before = {k: v.clone() for k, v in metrics.items()}
+        metrics["clipfrac"].add_(1.0)
+        for k, v in metrics.items():
+            assert v.dim() == 0 and v.dtype == torch.float32 and not v._is_view()
+            assert not v.requires_grad
+            assert torch.equal(v, before[k] + (1.0 if k == "clipfrac" else 0.0)), k
+
+
+def test_fused_options_memo_keeps_types_apart():
+    """The fused losses memoize their validated options keyed on type and value: a bool
+    option given as ``1`` after ``True`` is still rejected, kl_coef without ref_logp still
+    raises, and an unhashable value is validated (and rejected) afresh."""
+    import rlkernels as rk
+
+    g = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, 11, (2, 5), generator=g)
+    old, adv, mask = _policy_inputs(g)
+    x = torch.randn(2, 5, 11, generator=g)
+    kw = dict(loss="cispo", backend="torch")
+    rk.grpo_loss(x, tokens, old, adv, mask, cispo_clip_low=True, **kw)
+    with pytest.raises(TypeError, match="cispo_clip_low"):
+        rk.grpo_loss(x, tokens, old, adv, mask, cispo_clip_low=1, **kw)
+    rk.grpo_loss(x, tokens, old, adv, mask, kl_coef=0.1, ref_logp=old, backend="torch")
+    with pytest.raises(ValueError, match="ref_logp: expected a \\[B, T\\] tensor because "
+                                         "kl_coef"):
+        rk.grpo_loss(x, tokens, old, adv, mask, kl_coef=0.1, backend="torch")
+    with pytest.raises((TypeError, ValueError), match="clip_low"):
+        rk.grpo_loss(x, tokens, old, adv, mask, clip_low=[0.2], backend="torch")
+
+
+def test_resolve_takes_a_tensor_or_a_device():
+    """``Op.resolve`` reads the device kind from a tensor (is_cuda / is_cpu) or a device."""
+    from rlkernels.ops.policy import GRPO_LOSS
+
+    x = torch.zeros(2)
+    assert GRPO_LOSS.resolve(None, x) == GRPO_LOSS.resolve(None, x.device) == "torch"
+    meta = torch.zeros(2, device="meta")
+    assert GRPO_LOSS.resolve("auto", meta) == GRPO_LOSS.resolve("auto", meta.device)

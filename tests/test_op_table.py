@@ -101,6 +101,15 @@ def _declare(**kwargs):
     (dict(signature="_test_table_op(Tensor x, tensor y, str backend) -> (y)"),
      "unknown type 'tensor'"),
     (dict(signature="_test_table_op(Tensor x, str backend)"), "expected 'name\\(<inputs>\\)"),
+    (dict(signature="_test_table_op(Tensor x, str backend) -> (y, z)", eager_outputs=3),
+     "eager_outputs must be in \\[1, 2\\], got 3"),
+    (dict(signature="_test_table_op(Tensor x, str backend) -> (y, z)", eager_outputs=1),
+     "output 'z' beyond eager_outputs must be nondiff"),
+    (dict(signature="_test_table_op(Tensor x, str backend) -> (y, z)", eager_outputs=1,
+          nondiff=("z",), differentiable=("x",), saved=("x",),
+          backward=Backward(("grad_y", "grad_z", "x"), grads=("x",))),
+     "output 'z' beyond eager_outputs must be nondiff, without grad_if, and its gradient "
+     "unread"),
 ])
 def test_bad_declarations_fail_when_made(kwargs, message):
     with pytest.raises((ValueError, TypeError), match=message):

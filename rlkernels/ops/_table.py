@@ -214,6 +214,10 @@ class Op:
     forward (called with ``op(..., grad_in_forward=True)``).
     ``eager``: plain eager calls skip the custom op (``ops/_eager.py``); ``False`` keeps
     every call on the custom op.
+    ``eager_outputs``: the eager ``autograd.Function`` returns only the first n outputs (the
+    rest, non-differentiable and read by the backward only, are saved as the forward's
+    intermediates: each output of a Function costs autograd ~4 k instructions per call); the
+    op's caller reads only the first n outputs of any path.
     """
 
     signature: str
@@ -233,6 +237,7 @@ class Op:
     parallel: Optional[Parallel] = None
     contiguous_grads: bool = False
     grad_in_forward: Optional[GradInForward] = None
+    eager_outputs: Optional[int] = None
 
     # ------------------------------------------------------------------------ declaration
 
@@ -316,6 +321,19 @@ class Op:
                 if name not in self.differentiable:
                     raise ValueError(f"op table: {self.name}: backward returns the gradient "
                                      f"of {name!r}, which is not differentiable")
+        if self.eager_outputs is not None:
+            n = self.eager_outputs
+            if not 1 <= n <= len(self.output_names):
+                raise ValueError(f"op table: {self.name}: eager_outputs must be in [1, "
+                                 f"{len(self.output_names)}], got {n}")
+            for o in self.output_names[n:]:
+                # an output the eager Function does not return: no gradient flows into it,
+                # so it must be non-differentiable, its upstream gradient unread, unviewed
+                grads = () if self.backward is None else self.backward.args
+                if o not in self.nondiff or f"grad_{o}" in grads or o in self.grad_if:
+                    raise ValueError(f"op table: {self.name}: output {o!r} beyond "
+                                     f"eager_outputs must be nondiff, without grad_if, and "
+                                     f"its gradient unread by backward")
 
     def _is_tensor(self, name: str) -> bool:
         for a in self.args:
@@ -768,7 +786,11 @@ class Op:
                                    if n in self.output_names and n not in names)
         self._e_mods = {}  # backend -> kernel module
         self._e_ndb = {}  # backend -> its module's ND_ROWS
-        self._e_nondiff = tuple(self.output_names.index(n) for n in self.nondiff)
+        # the outputs the eager Function returns (eager_outputs); the others are saved only
+        self._e_nout = len(self.output_names) if self.eager_outputs is None \
+            else self.eager_outputs
+        self._e_nondiff = tuple(i for i in (self.output_names.index(n) for n in self.nondiff)
+                                if i < self._e_nout)
         # the Function's inputs: the differentiable tensors (what autograd connects), then
         # one tuple (every input in schema order, the output views, the input maps): a
         # constant or a tensor without a gradient costs ``apply`` and the engine nothing
@@ -788,8 +810,8 @@ class Op:
         self._e_const_names = tuple(consts)
         self._e_consts = tuple(pool.index(n) for n in consts)
         self._e_cget = _getter(self._e_consts)
-        outs, saved = self.output_names, self.saved
-        n_s, n_c, n_o = len(saved), len(consts), len(outs)
+        outs, saved = self.output_names[:self._e_nout], self.saved
+        n_s, n_c, n_o = len(saved), len(consts), len(outs)  # n_o: the Function's outputs
 
         diff = self.differentiable
         n_d = len(diff) + 1  # needs_input_grad: the differentiable inputs, the tuple
@@ -871,6 +893,10 @@ class Op:
         outs = (output,) if single else output
         vals += outs
         ctx.save_for_backward(*self._e_sget(vals))
+        if len(outs) > self._e_nout:  # eager_outputs: the rest were saved, not returned
+            outs = outs[:self._e_nout]
+            output = outs[0] if self._e_nout == 1 else tuple(outs)
+            single = self._e_nout == 1
         if views:
             ctx.rlk_flat = tuple((i, outs[i].shape) for i, _ in views)
             outs = list(outs)
@@ -1100,10 +1126,17 @@ class Op:
                 out[i] = x.detach()
         return args if out is None else out
 
-    def resolve(self, backend: Optional[str], device: torch.device,
+    def resolve(self, backend: Optional[str], where: Union[Tensor, torch.device],
                 parallel: bool = False) -> str:
-        """The concrete backend for this op (``backends.resolve``)."""
-        return backends._resolve(backend, self.name, device.type, parallel)
+        """The concrete backend for this op (``backends.resolve``) on the device of ``where``
+        (a tensor, or a ``torch.device``)."""
+        if isinstance(where, Tensor):
+            # is_cuda / is_cpu: ~3 k instructions per call less than device.type (which
+            # makes a new string each time)
+            kind = "cuda" if where.is_cuda else "cpu" if where.is_cpu else where.device.type
+        else:
+            kind = where.type
+        return backends._resolve(backend, self.name, kind, parallel)
 
     def implemented_by(self, backend: str, parallel: bool = False) -> bool:
         """Declared for ``backend`` (in parallel form with ``parallel``). The kernels'

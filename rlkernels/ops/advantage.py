@@ -201,7 +201,7 @@ def group_advantages(rewards: Tensor, *, group_size: Optional[int] = None,
                          "weighs responses by their valid tokens), got None")
     reward_weights = _reward_weights(reward_weights, method, rewards)
     _check_no_nan("rewards", rewards)
-    name = GROUP_ADVANTAGES.resolve(backend, rewards.device)
+    name = GROUP_ADVANTAGES.resolve(backend, rewards)
     return GROUP_ADVANTAGES(rewards, group_index, size, method, eps, unbiased, mask,
                             reward_weights, norm_by_std, whiten_eps, name)
 
@@ -284,7 +284,7 @@ def masked_whiten(values: Tensor, mask: Tensor, *, shift_mean: bool = True, eps:
     _checks.flag("shift_mean", shift_mean)
     eps = _checks.positive("eps", eps, allow_zero=True)
     _checks.flag("unbiased", unbiased)
-    name = MASKED_WHITEN.resolve(backend, values.device)
+    name = MASKED_WHITEN.resolve(backend, values)
     return MASKED_WHITEN(values, mask, shift_mean, eps, unbiased, name)[0]
 
 
@@ -362,7 +362,7 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float = 1.0,
     _check_sequences(rewards, mask, values=values)
     gamma = _checks.number("gamma", gamma, lo=0.0, hi=1.0)
     lam = _checks.number("lam", lam, lo=0.0, hi=1.0)
-    name = GAE.resolve(backend, rewards.device)
+    name = GAE.resolve(backend, rewards)
     return GAE(rewards, values, mask, gamma, lam, name)
 
 
@@ -415,10 +415,10 @@ def discounted_returns(rewards: Tensor, mask: Tensor, *, gamma: float = 1.0,
             _checks.tensor("baseline", baseline, dtypes=_checks.FLOAT_DTYPES, ndim=1)
             _checks.shape("baseline", baseline, rewards.shape[:1], "one baseline per row")
             _checks.same_device("rewards", rewards, baseline=baseline)
-        name = DISCOUNTED_ADVANTAGES.resolve(backend, rewards.device)
+        name = DISCOUNTED_ADVANTAGES.resolve(backend, rewards)
         return DISCOUNTED_ADVANTAGES(rewards, mask, baseline, gamma, whiten, whiten_eps,
                                      unbiased, name)
-    name = DISCOUNTED_RETURNS.resolve(backend, rewards.device)
+    name = DISCOUNTED_RETURNS.resolve(backend, rewards)
     return DISCOUNTED_RETURNS(rewards, mask, gamma, name)
 
 

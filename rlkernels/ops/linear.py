@@ -11,6 +11,7 @@ part of ``d hidden``; the one collective of backward sums ``d hidden`` over the 
 from __future__ import annotations
 
 import functools
+import math
 from typing import Dict, Optional, Tuple, Union
 
 import torch
@@ -20,7 +21,7 @@ from .. import distributed as _dist
 from .._fused import fused_forward, fused_linear_gif, one_pass
 from .._policy_options import PolicyOptions
 from ..reference import as_flat, as_rows
-from ._common import _FLOATS, check_tokens_for, out_dtype, valid_logits_tokens
+from ._common import _FLOATS, _INDEX, check_tokens_for, out_dtype
 from ._eager import PLAIN
 from ._policy_args import fused_policy_inputs, metrics_dict
 from ._table import Backward, GradInForward, Op, Parallel
@@ -98,7 +99,9 @@ def _valid_linear(hidden, weight, bias, tokens=None) -> bool:
     if bias is not None and not (type(bias) in PLAIN and bias.dtype == dt
                                  and bias.device == dev and bias.shape == ws[:1]):
         return False
-    return tokens is None or valid_logits_tokens(hidden, tokens)
+    # valid_logits_tokens(hidden, tokens) with the shape, dtype and device read above
+    return tokens is None or (type(tokens) is Tensor and tokens.dtype in _INDEX
+                              and tokens.shape == hs[:-1] and tokens.device == dev)
 
 
 def _check_linear(hidden, weight, bias) -> None:
@@ -228,7 +231,7 @@ def _linear_token_logprobs(hidden, weight, tokens, bias, t, ignore_index, return
     _check_head_options(head_precision, path)
     _check_rows(rows, hidden, process_group)
     handle = _check_group_tokens(process_group, tokens, weight, ignore_index)
-    name = LINEAR_TOKEN_LOGPROBS.resolve(backend, hidden.device, handle is not None)
+    name = LINEAR_TOKEN_LOGPROBS.resolve(backend, hidden, handle is not None)
     shape = tokens.shape
     # the [N, H] rows of hidden, the [N] tokens and the outputs' [...] shape are taken by
     # the op (inside the eager Function: no view node in the autograd graph; none at all for
@@ -289,7 +292,7 @@ def linear_sparse_logprobs(hidden: Tensor, weight: Tensor, indices: Tensor, *,
     t = _checks.positive("temperature", temperature)
     _checks.choice("normalize", normalize, ("full", "support"))
     _checks.flag("return_tail", return_tail)
-    name = LINEAR_SPARSE_LOGPROBS.resolve(backend, hidden.device)
+    name = LINEAR_SPARSE_LOGPROBS.resolve(backend, hidden)
     # the [N, H] rows of hidden and the outputs' shapes are taken by the op (no view node;
     # logp and tail, saved for backward, stay autograd views)
     logp, tail, _ = LINEAR_SPARSE_LOGPROBS(hidden, weight, bias, ids, t, normalize,
@@ -355,7 +358,7 @@ def _linear_token_stats(hidden: Tensor, weight: Tensor, tokens: Tensor, *,
             raise ValueError("softcap: expected None or a nonzero float (the cap c of "
                              "c * tanh(u / c)), got 0.0")
     _checks.token_range("tokens", tokens, weight.shape[0], ignore_index)
-    name = LINEAR_TOKEN_STATS.resolve(backend, hidden.device)
+    name = LINEAR_TOKEN_STATS.resolve(backend, hidden)
     logp, ent, _, extra = LINEAR_TOKEN_STATS(
         hidden.reshape(-1, hidden.shape[-1]), weight, bias, tokens.reshape(-1), t,
         ignore_index, return_entropy, scale, softcap, extras, name)
@@ -425,7 +428,9 @@ LINEAR_GRPO_LOSS = Op(
         save_as={"tokens": "local_tokens"}, reduce=_reduce_hidden),
     # grad_in_forward=True: the forward also forms d loss / d (hidden, weight, bias) for 1
     grad_in_forward=GradInForward(_linear_grpo_loss_gif, family="_linear_gif", loss="loss",
-                                  wrt=_HEAD))
+                                  wrt=_HEAD),
+    # the eager Function returns (loss, metrics) only: linear_grpo_loss reads nothing else
+    eager_outputs=2)
 
 
 def linear_grpo_loss(hidden: Tensor, weight: Tensor, tokens: Tensor, old_logp: Tensor,
@@ -487,15 +492,21 @@ def linear_grpo_loss(hidden: Tensor, weight: Tensor, tokens: Tensor, old_logp: T
             raise ValueError(f"hidden: expected a 3-d tensor [B, T, H], got shape "
                              f"{tuple(hidden.shape)}")
         check_tokens_for("tokens", tokens, "hidden", hidden)
-    t = _checks.positive("temperature", temperature)
-    _checks.flag("grad_in_forward", grad_in_forward)
+    # the checks' common case inline: each call costs ~1 us of host time per op call
+    t = (temperature if type(temperature) is float and 0.0 < temperature < math.inf
+         else _checks.positive("temperature", temperature))
+    if type(grad_in_forward) is not bool:
+        _checks.flag("grad_in_forward", grad_in_forward)
     if grad_in_forward and process_group is not None:
         raise ValueError("grad_in_forward: expected False with a process_group (the "
                          "vocabulary-parallel linear_grpo_loss forms no gradient in the "
                          "forward), got True")
-    path = policy_loss_options.pop("_path", "auto")  # private: the benchmarks' path choice
-    _check_head_options(head_precision, path)
-    _check_rows(rows, hidden, process_group)
+    # private: the benchmarks' path choice
+    path = policy_loss_options.pop("_path", "auto") if policy_loss_options else "auto"
+    if head_precision is not None or path != "auto":
+        _check_head_options(head_precision, path)
+    if rows is not None:
+        _check_rows(rows, hidden, process_group)
     handle = _check_group_tokens(process_group, tokens, weight, -100)
     if rows is not None:
         # the positions outside rows leave the loss and the metrics (a select on device)
@@ -505,16 +516,18 @@ def linear_grpo_loss(hidden: Tensor, weight: Tensor, tokens: Tensor, old_logp: T
         mask = torch.where(kept.index_fill_(0, rows.to(tokens.device), True)
                            .view(tokens.shape), mask, torch.zeros((), dtype=mask.dtype,
                                                                   device=mask.device))
-    opts, norm, is_weights, mask, rollout = fused_policy_inputs(
+    _, modes, nums, norm, is_weights, mask, rollout = fused_policy_inputs(
         "linear_grpo_loss", policy_loss_options, tokens, old_logp, advantages, mask, ref_logp,
         entropy_coef, backend)
-    name = LINEAR_GRPO_LOSS.resolve(backend, hidden.device, handle is not None)
-    modes, nums = opts.encode()
+    name = LINEAR_GRPO_LOSS.resolve(backend, hidden, handle is not None)
     value, metrics = LINEAR_GRPO_LOSS(
         hidden, weight, bias, tokens, old_logp, advantages, mask, norm, ref_logp, is_weights,
         t, modes, nums, name, head_precision, path, rows, group=handle,
         grad_in_forward=grad_in_forward, maps=_HIDDEN_ROWS)[:2]
-    return value, {**metrics_dict(metrics, ref_logp is not None, True), **rollout}
+    metrics = metrics_dict(metrics, ref_logp is not None, True)
+    if rollout:
+        metrics.update(rollout)
+    return value, metrics
 
 
 # the op's map of hidden [..., H] to its [N, H] rows (a view, or one copy); and of the

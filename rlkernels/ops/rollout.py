@@ -217,7 +217,7 @@ def _check_inputs(old_logp, rollout_logp, mask, advantages, o: RolloutOptions) -
 
 
 def _run(old_logp, rollout_logp, mask, advantages, o: RolloutOptions, backend):
-    name = ROLLOUT_CORRECTION.resolve(backend, old_logp.device)
+    name = ROLLOUT_CORRECTION.resolve(backend, old_logp)
     weights, keep, metrics = ROLLOUT_CORRECTION(old_logp, rollout_logp, mask, advantages,
                                                 o.level, o.mode, o.reject, list(o.nums), name)
     return weights, keep, dict(zip(METRICS, metrics.unbind(0)))

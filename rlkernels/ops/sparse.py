@@ -129,7 +129,7 @@ def sparse_logprobs(logits: Tensor, indices: Tensor, *, offsets: Optional[Tensor
     t = _checks.positive("temperature", temperature)
     _checks.choice("normalize", normalize, _NORMALIZE)
     _checks.flag("return_tail", return_tail)
-    name = SPARSE_LOGPROBS.resolve(backend, logits.device)
+    name = SPARSE_LOGPROBS.resolve(backend, logits)
     # the [N, V] rows and the outputs' shapes are taken inside the op (maps and views: no
     # view node in the eager graph; logp and tail, saved for backward, stay autograd views)
     logp, tail, _ = SPARSE_LOGPROBS(logits, indices, t, normalize, return_tail, name, offsets,
@@ -261,7 +261,7 @@ def sparse_kl(logits: Tensor, indices: Tensor, target_logprobs: Tensor, *,
             return _csr_bucket_kl(logits, indices, offsets, target_logprobs, kind, weight, t,
                                   tail, backend)
         return _bucket_kl(logits, indices, target_logprobs, kind, weight, t, tail, backend)
-    name = SPARSE_KL.resolve(backend, logits.device)
+    name = SPARSE_KL.resolve(backend, logits)
     return SPARSE_KL(logits, indices, target_logprobs, t, tail, name, offsets,
                      maps=_rows_map(name, offsets, 1, 2), views=((0, logits.shape[:-1]),))[0]
 

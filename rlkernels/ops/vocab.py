@@ -124,7 +124,7 @@ def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
                                       process_group)
     else:
         _checks.token_range("tokens", tokens, logits.shape[-1], ignore_index)
-    name = TOKEN_LOGPROBS.resolve(backend, logits.device, process_group is not None)
+    name = TOKEN_LOGPROBS.resolve(backend, logits, process_group is not None)
     x, maps = _rows(logits, name, handle, flat=(1,))
     shape = tokens.shape
     # the per-row outputs come back in the tokens' shape (views taken by the op: no view
@@ -151,7 +151,7 @@ def entropy(logits: Tensor, *, temperature: float = 1.0, backend: Optional[str] 
     _checks.logits("logits", logits)
     t = _checks.positive("temperature", temperature)
     handle = _dist.register_group(process_group) if process_group is not None else None
-    name = TOKEN_LOGPROBS.resolve(backend, logits.device, handle is not None)
+    name = TOKEN_LOGPROBS.resolve(backend, logits, handle is not None)
     x, maps = _rows(logits, name, handle)
     return TOKEN_LOGPROBS(x, None, t, -100, True, name, group=handle,
                           views=((1, logits.shape[:-1]),), maps=maps)[1]
@@ -254,7 +254,7 @@ def kl_divergence(logits: Tensor, ref_logits: Tensor, *, kind: str = "reverse",
         _checks.shape("ignore_mask", ignore_mask, logits.shape[:-1], "the leading dims of logits")
         _checks.same_device("logits", logits, ignore_mask=ignore_mask)
         mask = ignore_mask
-    name = KL_DIVERGENCE.resolve(backend, logits.device, handle is not None)
+    name = KL_DIVERGENCE.resolve(backend, logits, handle is not None)
     if handle is not None:
         x, y, maps, mask = rows(logits), rows(ref_logits), None, as_flat(mask)
     else:
