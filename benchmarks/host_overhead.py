@@ -28,8 +28,8 @@ disturbed by other processes). ``own`` = stub - stand-ins (forward+backward: min
 floor for the op's number of leaves too), and ``@issue`` scales it by 28 us / the
 yardstick (a PPO forward in eager torch, 28 us where the issue measured); the floor and the
 yardstick are timed in blocks alternating with the op's stub and stand-ins, because this
-VM's speed drifts by up to 2x from minute to minute. The recording is generic, so the script measures whatever
-plumbing the ops have, without knowing each kernel's signature. Goal (issue 19): at most 30 us
+VM's speed drifts by up to 2x from minute to minute. The recording is generic, so the
+script measures whatever plumbing the ops have, without knowing each kernel's signature. Goal (issue 19): at most 30 us
 forward and 60 us forward+backward of overhead per op.
 """
 
