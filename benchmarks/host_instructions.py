@@ -150,7 +150,10 @@ def main(argv=None) -> int:
                f"--callgrind-out-file={os.path.join(tmp, 'cg.out')}", sys.executable,
                os.path.abspath(__file__), "--backend", args.backend, "--ops",
                ",".join(args.ops), "--number", str(args.number), "--labels", labels]
-        run = subprocess.run(cmd, capture_output=True, text=True)
+        # a fixed hash seed: string hashes (dict and set layouts, hence some probe counts)
+        # otherwise differ from run to run by a few thousand instructions per call
+        run = subprocess.run(cmd, capture_output=True, text=True,
+                             env={**os.environ, "PYTHONHASHSEED": "0"})
         if run.returncode != 0 or not os.path.exists(labels):
             print(run.stdout[-4000:] + run.stderr[-4000:], file=sys.stderr)
             return 1
