@@ -93,6 +93,8 @@ def same_dtype(ref_name: str, ref: torch.Tensor, **others: Optional[torch.Tensor
 
 
 def positive(name: str, value, *, allow_zero: bool = False) -> float:
+    if type(value) is float and 0.0 < value < math.inf:  # the common case, at once
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
     value = float(value)

@@ -248,7 +248,8 @@ def encoded_options(**kwargs) -> Tuple[PolicyOptions, str, List[float]]:
     ``True`` and ``1`` stay apart; an unhashable argument is validated afresh, and rejected
     there). The returned ``nums`` list is shared between calls: never mutate it."""
     try:
-        key = tuple((name, type(value), value) for name, value in kwargs.items())
+        # the items, then their values' types: one tuple built in C (no generator)
+        key = (*kwargs.items(), *map(type, kwargs.values()))
         hit = _ENCODED.get(key)
     except TypeError:
         key = hit = None

@@ -110,28 +110,6 @@ def _normalizer(logp: Tensor, normalizer) -> Tensor:
 _NORMALIZERS: Dict[tuple, Tensor] = {}
 
 
-# (entropy_coef and the keyword options, with the type of each) -> (options, modes, nums):
-# the fused ops' memo of encoded_options (one short tuple as key, no keyword dict per call)
-_FUSED: Dict[tuple, tuple] = {}
-
-
-def _fused_options(kwargs: dict, entropy_coef):
-    """``(options, modes, nums)`` of the fused ops' policy options (validated once per
-    distinct setting, then memoized; keyed on the type and value of each, so ``True`` and
-    ``1`` stay apart; an unhashable value is validated afresh, and rejected there)."""
-    try:
-        key = ((entropy_coef, type(entropy_coef), *kwargs.items(), *map(type, kwargs.values()))
-               if kwargs else (entropy_coef, type(entropy_coef)))
-        hit = _FUSED.get(key)
-    except TypeError:
-        key = hit = None
-    if hit is None:
-        hit = encoded_options(entropy_coef=entropy_coef, **kwargs)
-        if key is not None:
-            _remember(_FUSED, key, hit)
-    return hit
-
-
 # the positional form of the policy options (:func:`policy_options`): these names in order
 POLICY_OPTION_NAMES = ("loss", "clip_low", "clip_high", "dual_clip", "delta", "ratio_level",
                        "agg", "kl_coef", "kl_estimator", "log_ratio_clamp", "cispo_clip_low",
@@ -197,7 +175,7 @@ def fused_policy_inputs(op: str, policy_loss_options: dict, tokens: Tensor, old_
         _checks.shape("old_logp", old_logp, tokens.shape, "the shape of tokens, [B, T]")
         _check_tensors(old_logp, old_logp, advantages, mask, ref_logp, None, is_weights)
     norm = None if normalizer is None else _normalizer(old_logp, normalizer)
-    opts, modes, nums = _fused_options(kwargs, entropy_coef)
+    opts, modes, nums = encoded_options(entropy_coef=entropy_coef, **kwargs)
     if opts.kl_coef != 0.0 and ref_logp is None:
         raise ValueError(f"ref_logp: expected a [B, T] tensor because kl_coef = "
                          f"{opts.kl_coef} != 0, got None")
